@@ -1,0 +1,50 @@
+# Entry points. On a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+SMILY := $(VENV)/bin/smily
+PROTOS := $(shell find protos -name '*.proto')
+MODEL := models/efficientnet-lite0/1/model.onnx
+SAMPLES := data/samples/.done
+
+.PHONY: all venv proto model sample-data demo test bench up down clean
+
+all: proto model
+
+venv: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[export,dev]'
+	touch $@
+
+proto: $(VENV)/.installed $(PROTOS)
+	$(PY) -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
+
+model: $(MODEL)
+$(MODEL): $(VENV)/.installed services/embedder/export.py
+	$(SMILY) model export --output-dir models
+
+sample-data: $(SAMPLES)
+$(SAMPLES): $(VENV)/.installed services/tiler/synthetic.py
+	$(SMILY) sample-data --output-dir data/samples
+	touch $@
+
+demo: proto model sample-data
+	$(SMILY) demo --slides data/samples
+
+test: proto model
+	$(PY) -m pytest -q
+
+bench: proto model
+	$(PY) bench/run.py
+
+up: proto model sample-data
+	$(SMILY) up
+
+down:
+	$(SMILY) down
+
+clean:
+	rm -rf $(VENV) models data/samples var build
+	find protos -name '*_pb2*.py*' -delete

@@ -1,0 +1,228 @@
+"""The `smily` command: run services, ingest, search, manage models and data."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+import warnings
+
+import grpc
+
+DEFAULT_GATEWAY = os.environ.get("SMILY_GATEWAY", "127.0.0.1:50050")
+
+
+def _serve(args) -> int:
+    from services import stack
+    from services.common import logs, server
+    from services.common.config import Settings
+
+    settings = Settings.from_env()
+    logs.setup(settings.log_level)
+    names = stack.ORDER if args.service == "all" else (args.service,)
+    server.start_metrics(settings.metrics_port)
+    running, _ = stack.start(names, settings)
+    server.wait_for_signal(list(running.values()), settings.shutdown_grace_s)
+    stack.stop(running, 0)
+    return 0
+
+
+def _client(args):
+    from services.client import Client
+
+    return Client(args.gateway)
+
+
+def _progress(op) -> None:
+    p = op.progress
+    sys.stderr.write(f"\r  {op.slide_id}: {p.tiles_indexed}/{p.tiles_total} tiles indexed   ")
+    sys.stderr.flush()
+
+
+def _ingest(args) -> int:
+    from protos.smily.gateway.v1 import gateway_pb2
+
+    metadata = {}
+    for item in args.meta or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--meta takes key=value, got {item!r}")
+        metadata[key] = value
+    client = _client(args)
+    op = client.ingest(args.slide, args.slide_id or "", metadata)
+    if args.no_wait:
+        print(op.operation_id)
+        return 0
+    op = client.wait(op, on_progress=_progress)
+    sys.stderr.write("\n")
+    if op.state != gateway_pb2.OPERATION_STATE_SUCCEEDED:
+        print(f"ingest failed: {op.error_code}: {op.error_message}", file=sys.stderr)
+        return 1
+    print(f"ingested {op.slide_id}: {op.progress.tiles_indexed} tiles (model {op.model_id})")
+    return 0
+
+
+def _parse_region(text: str) -> dict:
+    try:
+        x, y, w, h = (int(v) for v in text.split(","))
+    except ValueError:
+        raise SystemExit(f"--region takes X,Y,W,H in level-0 pixels, got {text!r}") from None
+    return {"x": x, "y": y, "width": w, "height": h}
+
+
+def print_hits(resp, as_json: bool) -> None:
+    from services.client import hit_dict
+
+    hits = [hit_dict(h) for h in resp.hits]
+    if as_json:
+        print(json.dumps(hits, indent=2))
+        return
+    print(f"{len(hits)} hits (model {resp.model_id}{', cached query' if resp.cached else ''})")
+    print(f"{'rank':>4}  {'score':>6}  {'slide':<24} {'x':>7} {'y':>7} {'w':>5} {'h':>5}  metadata")
+    for i, h in enumerate(hits, 1):
+        meta = ", ".join(f"{k}={v}" for k, v in sorted(h["metadata"].items()))
+        print(f"{i:>4}  {h['score']:>6.3f}  {h['slide_id']:<24} {h['x']:>7} {h['y']:>7} "
+              f"{h['width']:>5} {h['height']:>5}  {meta}")
+
+
+def _search(args) -> int:
+    client = _client(args)
+    if bool(args.image) == bool(args.slide):
+        raise SystemExit("give either --image FILE or --slide ID --region X,Y,W,H")
+    if args.image:
+        with open(args.image, "rb") as fh:
+            resp = client.search(image=fh.read(), k=args.k)
+    else:
+        if not args.region:
+            raise SystemExit("--slide needs --region X,Y,W,H")
+        region = dict(slide_id=args.slide, **_parse_region(args.region))
+        resp = client.search(region=region, k=args.k, exclude_query_slide=args.exclude_query_slide)
+    print_hits(resp, args.json)
+    return 0
+
+
+def _slides(args) -> int:
+    slides = _client(args).slides()
+    if args.json:
+        print(json.dumps([{"slide_id": s.slide_id, "tile_count": s.tile_count, "model_id": s.model_id,
+                           "metadata": dict(s.metadata)} for s in slides], indent=2))
+        return 0
+    for s in slides:
+        meta = ", ".join(f"{k}={v}" for k, v in sorted(s.metadata.items()))
+        print(f"{s.slide_id:<24} {s.tile_count:>7} tiles  {s.model_id}  {meta}")
+    print(f"{len(slides)} slides")
+    return 0
+
+
+def _delete(args) -> int:
+    n = _client(args).delete(args.slide_id)
+    print(f"deleted {args.slide_id} ({n} tiles)")
+    return 0
+
+
+def _model_export(args) -> int:
+    warnings.filterwarnings("ignore")
+    from services.embedder.export import efficientnet_lite0, export
+
+    module, config = efficientnet_lite0()
+    diff = export(module, config, args.output_dir)
+    print(f"exported {config.model_id} to {args.output_dir}/{config.model_id} "
+          f"(max abs difference to PyTorch {diff:.2e})")
+    return 0
+
+
+def _sample_data(args) -> int:
+    from services.tiler.synthetic import write_samples
+
+    for path in write_samples(args.output_dir):
+        print(f"wrote {path}")
+    return 0
+
+
+def _demo(args) -> int:
+    from services.demo import run
+
+    return run(args.slides)
+
+
+def _up(args) -> int:
+    from services.localstack import up
+
+    return up()
+
+
+def _down(args) -> int:
+    from services.localstack import down
+
+    return down()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="smily", description="Reverse image search for whole-slide images.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_gateway(sp):
+        sp.add_argument("--gateway", default=DEFAULT_GATEWAY, help="gateway HOST:PORT (default %(default)s)")
+        return sp
+
+    s = sub.add_parser("serve", help="run services (config from SMILY_* variables)")
+    s.add_argument("service", choices=["all", "tiler", "embedder", "index", "gateway"])
+    s.set_defaults(func=_serve)
+
+    s = with_gateway(sub.add_parser("ingest", help="index a slide (path relative to the slide roots)"))
+    s.add_argument("slide")
+    s.add_argument("--slide-id", help="your opaque id for the slide (default: from its content)")
+    s.add_argument("--meta", action="append", metavar="KEY=VALUE", help="metadata returned with hits")
+    s.add_argument("--no-wait", action="store_true", help="print the operation id and return")
+    s.set_defaults(func=_ingest)
+
+    s = with_gateway(sub.add_parser("search", help="find similar regions"))
+    s.add_argument("--image", help="PNG or JPEG patch")
+    s.add_argument("--slide", help="indexed slide id, with --region")
+    s.add_argument("--region", help="X,Y,W,H in level-0 pixels")
+    s.add_argument("--k", type=int, default=None, help="number of hits (default 10)")
+    s.add_argument("--exclude-query-slide", action="store_true")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_search)
+
+    s = with_gateway(sub.add_parser("slides", help="list indexed slides"))
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_slides)
+
+    s = with_gateway(sub.add_parser("delete", help="remove a slide from the index"))
+    s.add_argument("slide_id")
+    s.set_defaults(func=_delete)
+
+    m = sub.add_parser("model", help="model repository tools").add_subparsers(dest="model_command", required=True)
+    s = m.add_parser("export", help="export the default EfficientNet-Lite0 to ONNX")
+    s.add_argument("--output-dir", default="models")
+    s.set_defaults(func=_model_export)
+
+    s = sub.add_parser("sample-data", help="write synthetic sample slides")
+    s.add_argument("--output-dir", default="data/samples")
+    s.set_defaults(func=_sample_data)
+
+    s = sub.add_parser("demo", help="start the stack, ingest the samples, search, stop")
+    s.add_argument("--slides", default="data/samples")
+    s.set_defaults(func=_demo)
+
+    sub.add_parser("up", help="start the local stack in the background").set_defaults(func=_up)
+    sub.add_parser("down", help="stop the local stack").set_defaults(func=_down)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command != "serve":
+        logging.basicConfig(level=logging.WARNING)
+    try:
+        return args.func(args)
+    except grpc.RpcError as exc:
+        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

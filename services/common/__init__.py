@@ -1,0 +1,1 @@
+"""Shared bootstrap for the four SMILY services: config, logging, errors, server, channels."""

@@ -1,0 +1,52 @@
+"""EmbedderService: decode, preprocess and embed batches of tissue images."""
+from __future__ import annotations
+
+from protos.smily.embedder.v1 import embedder_pb2, embedder_pb2_grpc
+from services.common import images
+from services.common.config import Settings
+from services.common.errors import require
+from services.common.server import Registration
+from services.common.tensors import to_tensor
+
+from . import model_repo
+from .runtime import Model
+
+
+class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
+    def __init__(self, settings: Settings):
+        config, path = model_repo.load(settings.model_repository, settings.model)
+        self.model = Model(config, path, settings.intra_op_threads)
+        self._max_batch = settings.max_batch
+
+    def Embed(self, request, context):
+        n = len(request.images)
+        require(n > 0, "no images to embed")
+        require(n <= self._max_batch, f"at most {self._max_batch} images per request, got {n}")
+        decoded = []
+        for i, img in enumerate(request.images):
+            try:
+                decoded.append(images.decode(img.data, img.encoding, img.width, img.height))
+            except images.InvalidArgument as exc:
+                raise images.InvalidArgument(f"image {i}: {exc}") from None
+        vectors = self.model.embed(decoded)
+        return embedder_pb2.EmbedResponse(
+            embeddings=to_tensor(vectors, embedder_pb2.Tensor), model_id=self.model.config.model_id
+        )
+
+    def GetModelInfo(self, request, context):
+        c = self.model.config
+        return embedder_pb2.GetModelInfoResponse(
+            info=embedder_pb2.ModelInfo(
+                model_id=c.model_id, name=c.name, version=c.version, input_size=c.input_size,
+                embedding_dim=c.embedding_dim, l2_normalized=c.l2_normalize,
+                execution_provider=self.model.provider,
+            )
+        )
+
+
+def registration(settings: Settings) -> Registration:
+    return Registration(
+        embedder_pb2.DESCRIPTOR.services_by_name["EmbedderService"].full_name,
+        EmbedderServicer(settings),
+        embedder_pb2_grpc.add_EmbedderServiceServicer_to_server,
+    )

@@ -1,0 +1,28 @@
+"""Stubs to the three backends, with deadlines derived from the caller's."""
+from __future__ import annotations
+
+from protos.smily.embedder.v1 import embedder_pb2_grpc
+from protos.smily.index.v1 import index_pb2_grpc
+from protos.smily.tiler.v1 import tiler_pb2_grpc
+from services.common.channels import channel
+from services.common.config import Settings
+
+
+class Backends:
+    def __init__(self, settings: Settings):
+        self._channels = [channel(t) for t in (settings.tiler_target, settings.embedder_target, settings.index_target)]
+        self.tiler = tiler_pb2_grpc.TilerServiceStub(self._channels[0])
+        self.embedder = embedder_pb2_grpc.EmbedderServiceStub(self._channels[1])
+        self.index = index_pb2_grpc.IndexServiceStub(self._channels[2])
+        self.default_timeout = settings.backend_timeout_s
+
+    def timeout(self, context=None) -> float:
+        """What is left of the caller's deadline, or the default when it set none."""
+        remaining = context.time_remaining() if context is not None else None
+        if remaining is None:
+            return self.default_timeout
+        return max(0.001, min(remaining, self.default_timeout))
+
+    def close(self) -> None:
+        for ch in self._channels:
+            ch.close()

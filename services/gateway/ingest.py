@@ -1,0 +1,164 @@
+"""Ingest as an operation: tiler -> embedder (batches) -> index, in the background.
+
+IngestSlide returns an operation at once; a bounded pool runs the work and
+the rest wait in its queue. Tiles are staged under a fresh generation and
+published by one CommitSlide, so re-ingesting replaces a slide atomically.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import prometheus_client as prom
+
+from protos.smily.embedder.v1 import embedder_pb2
+from protos.smily.gateway.v1 import gateway_pb2
+from protos.smily.index.v1 import index_pb2
+from protos.smily.tiler.v1 import tiler_pb2
+from services.common.errors import FailedPrecondition, NotFound, ServiceError
+
+from .backends import Backends
+
+log = logging.getLogger("smily.ingest")
+
+INGESTS = prom.Counter("smily_ingests_total", "Finished slide ingests", ["result"])
+TILES = prom.Counter("smily_ingested_tiles_total", "Tiles embedded and indexed")
+
+State = gateway_pb2.OperationState
+MAX_OPERATIONS_KEPT = 10000
+
+
+class Ingestor:
+    def __init__(self, backends: Backends, tiling: tiler_pb2.TilingParams, batch: int, workers: int):
+        self._b = backends
+        self._tiling = tiling
+        self._batch = batch
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ingest")
+        self._lock = threading.Lock()
+        self._ops: dict[str, gateway_pb2.Operation] = {}
+
+    def start(self, source: str, slide_id: str, metadata: dict[str, str], timeout: float) -> gateway_pb2.Operation:
+        # Validates the name and reads the fingerprint now, so bad input fails the call itself.
+        info = self._b.tiler.GetSlideInfo(tiler_pb2.GetSlideInfoRequest(slide=source), timeout=timeout).info
+        slide_id = slide_id or default_slide_id(info.fingerprint, source)
+        with self._lock:
+            for op in self._ops.values():
+                if op.slide_id == slide_id and op.state in (State.OPERATION_STATE_QUEUED, State.OPERATION_STATE_RUNNING):
+                    return _copy(op)  # the same slide is already on its way
+            op = gateway_pb2.Operation(operation_id=uuid.uuid4().hex, slide_id=slide_id,
+                                       state=State.OPERATION_STATE_QUEUED, progress=gateway_pb2.IngestProgress())
+            self._ops[op.operation_id] = op
+            self._trim()
+            snapshot = _copy(op)
+        log.info("ingest queued", extra={"operation_id": op.operation_id, "slide_id": slide_id})
+        self._pool.submit(self._run, op.operation_id, source, slide_id, dict(metadata))
+        return snapshot
+
+    def get(self, operation_id: str) -> gateway_pb2.Operation:
+        with self._lock:
+            op = self._ops.get(operation_id)
+            if op is None:
+                raise NotFound(f"no operation {operation_id!r}")
+            return _copy(op)
+
+    def _update(self, operation_id: str, **fields) -> None:
+        with self._lock:
+            op = self._ops[operation_id]
+            for name, value in fields.items():
+                if name in ("tiles_total", "tiles_embedded", "tiles_indexed"):
+                    setattr(op.progress, name, value)
+                else:
+                    setattr(op, name, value)
+
+    def _trim(self) -> None:
+        done = [k for k, o in self._ops.items()
+                if o.state in (State.OPERATION_STATE_SUCCEEDED, State.OPERATION_STATE_FAILED)]
+        for key in done[: max(0, len(self._ops) - MAX_OPERATIONS_KEPT)]:
+            del self._ops[key]
+
+    def _run(self, op_id: str, source: str, slide_id: str, metadata: dict[str, str]) -> None:
+        self._update(op_id, state=State.OPERATION_STATE_RUNNING)
+        try:
+            model_id = self._ingest(op_id, source, slide_id, metadata)
+        except Exception as exc:
+            code, message = _describe(exc)
+            self._update(op_id, state=State.OPERATION_STATE_FAILED, error_code=code, error_message=message)
+            INGESTS.labels("failed").inc()
+            log.warning("ingest failed", extra={"operation_id": op_id, "slide_id": slide_id, "code": code})
+            return
+        self._update(op_id, state=State.OPERATION_STATE_SUCCEEDED, model_id=model_id)
+        INGESTS.labels("succeeded").inc()
+        log.info("ingest done", extra={"operation_id": op_id, "slide_id": slide_id})
+
+    def _ingest(self, op_id: str, source: str, slide_id: str, metadata: dict[str, str]) -> str:
+        b, timeout = self._b, self._b.default_timeout
+        generation = op_id
+        model_id = ""
+        embedded = 0
+        batch: list[tiler_pb2.Tile] = []
+
+        def flush() -> None:
+            nonlocal model_id, embedded
+            images = [embedder_pb2.Image(data=t.image.data, encoding=t.image.encoding,
+                                         width=t.image.width, height=t.image.height) for t in batch]
+            emb = b.embedder.Embed(embedder_pb2.EmbedRequest(images=images), timeout=timeout)
+            model_id = emb.model_id
+            embedded += len(batch)
+            self._update(op_id, tiles_embedded=embedded)
+            rects = [index_pb2.TileRect(x=t.x, y=t.y, width=t.width, height=t.height, mpp=t.mpp,
+                                        tissue_fraction=t.tissue_fraction) for t in batch]
+            e = emb.embeddings  # passed on as bytes; the index validates them
+            b.index.AddTiles(index_pb2.AddTilesRequest(
+                model_id=model_id, slide_id=slide_id, generation=generation,
+                embeddings=index_pb2.Tensor(data=e.data, shape=e.shape, dtype=e.dtype), tiles=rects), timeout=timeout)
+            self._update(op_id, tiles_indexed=embedded)
+            TILES.inc(len(batch))
+            batch.clear()
+
+        stream = b.tiler.StreamTiles(
+            tiler_pb2.StreamTilesRequest(slide=source, params=self._tiling, encoding=tiler_pb2.IMAGE_ENCODING_RAW_RGB),
+            timeout=max(timeout, 3600.0))
+        total = 0
+        for msg in stream:
+            if total != msg.tiles_total:
+                total = msg.tiles_total
+                self._update(op_id, tiles_total=total)
+            batch.append(msg.tile)
+            if len(batch) >= self._batch:
+                flush()
+        if batch:
+            flush()
+        if embedded == 0:
+            raise FailedPrecondition("no tissue tiles found on the slide at the configured tiling parameters")
+        b.index.CommitSlide(index_pb2.CommitSlideRequest(
+            model_id=model_id, generation=generation, expected_tiles=embedded,
+            slide=index_pb2.Slide(slide_id=slide_id, source=source, metadata=metadata)), timeout=timeout)
+        return model_id
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def default_slide_id(fingerprint: str, source: str) -> str:
+    """An opaque id from the slide's content (file names can hold accession numbers)."""
+    digest = fingerprint or hashlib.sha256(source.encode()).hexdigest()
+    return "s-" + digest[:16]
+
+
+def _describe(exc: Exception) -> tuple[str, str]:
+    if isinstance(exc, ServiceError):
+        return exc.code.name, str(exc)
+    if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
+        return exc.code().name, exc.details() or ""
+    log.error("ingest error", exc_info=exc)
+    return grpc.StatusCode.INTERNAL.name, "internal error"
+
+
+def _copy(op: gateway_pb2.Operation) -> gateway_pb2.Operation:
+    out = gateway_pb2.Operation()
+    out.CopyFrom(op)
+    return out

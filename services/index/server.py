@@ -1,0 +1,72 @@
+"""IndexService: stage, commit, search, list and delete tile embeddings."""
+from __future__ import annotations
+
+from protos.smily.index.v1 import index_pb2, index_pb2_grpc
+from services.common.config import Settings
+from services.common.server import Registration
+from services.common.tensors import from_tensor
+
+from .store import Slide, Tile, TileStore
+
+
+def _slide_pb(s: Slide, model_id: str) -> index_pb2.Slide:
+    return index_pb2.Slide(slide_id=s.slide_id, source=s.source, metadata=s.metadata,
+                           tile_count=s.tile_count, model_id=model_id, indexed_at=s.indexed_at)
+
+
+class IndexServicer(index_pb2_grpc.IndexServiceServicer):
+    def __init__(self, settings: Settings):
+        self.store = TileStore(settings.index_dir)
+
+    def AddTiles(self, request, context):
+        tiles = [Tile(t.x, t.y, t.width, t.height, t.mpp, t.tissue_fraction) for t in request.tiles]
+        n = self.store.stage(request.model_id, request.slide_id, request.generation,
+                             from_tensor(request.embeddings), tiles)
+        return index_pb2.AddTilesResponse(staged=n)
+
+    def CommitSlide(self, request, context):
+        s = request.slide
+        slide, replaced = self.store.commit_slide(
+            request.model_id, request.generation, Slide(s.slide_id, s.source, dict(s.metadata)), request.expected_tiles)
+        return index_pb2.CommitSlideResponse(slide=_slide_pb(slide, self.store.model_id), replaced=replaced)
+
+    def Search(self, request, context):
+        hits = self.store.search(request.model_id, from_tensor(request.query), request.k, list(request.exclude_slide_ids))
+        return index_pb2.SearchResponse(
+            model_id=self.store.model_id,
+            hits=[
+                index_pb2.Hit(
+                    slide_id=h.slide_id, score=h.score, metadata=h.metadata,
+                    tile=index_pb2.TileRect(x=h.tile.x, y=h.tile.y, width=h.tile.w, height=h.tile.h,
+                                            mpp=h.tile.mpp, tissue_fraction=h.tile.tissue),
+                )
+                for h in hits
+            ],
+        )
+
+    def GetSlide(self, request, context):
+        return index_pb2.GetSlideResponse(slide=_slide_pb(self.store.get_slide(request.slide_id), self.store.model_id))
+
+    def ListSlides(self, request, context):
+        slides, token = self.store.list_slides(request.page_size, request.page_token)
+        return index_pb2.ListSlidesResponse(
+            slides=[_slide_pb(s, self.store.model_id) for s in slides], next_page_token=token)
+
+    def DeleteSlide(self, request, context):
+        return index_pb2.DeleteSlideResponse(deleted_tiles=self.store.delete_slide(request.slide_id))
+
+    def GetIndexInfo(self, request, context):
+        tiles, slides = self.store.counts()
+        return index_pb2.GetIndexInfoResponse(
+            model_id=self.store.model_id, dim=self.store.dim, tile_count=tiles, slide_count=slides)
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def registration(settings: Settings) -> Registration:
+    return Registration(
+        index_pb2.DESCRIPTOR.services_by_name["IndexService"].full_name,
+        IndexServicer(settings),
+        index_pb2_grpc.add_IndexServiceServicer_to_server,
+    )

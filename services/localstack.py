@@ -1,0 +1,120 @@
+"""The local stack of `make demo` / `make up`: a redis-server and the services.
+
+Redis is started from the `redis-server` on PATH when there is one (no
+persistence: it is a cache); without it the gateway uses an in-process
+cache and says so.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+RUN_DIR = os.path.join("var", "run")
+LOG_DIR = os.path.join("var", "log")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_redis(port: int | None = None, log_path: str = os.devnull) -> tuple[subprocess.Popen | None, str]:
+    """Start redis-server on loopback; returns (process, url), or (None, "") when not installed."""
+    exe = shutil.which("redis-server")
+    if not exe:
+        return None, ""
+    port = port or free_port()
+    proc = subprocess.Popen(
+        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--maxmemory", "256mb", "--maxmemory-policy", "allkeys-lru"],
+        stdout=open(log_path, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return proc, f"redis://127.0.0.1:{port}/0"
+        except OSError:
+            if proc.poll() is not None:
+                break
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("redis-server did not start")
+
+
+def up() -> int:
+    """Start redis-server and `smily serve all` in the background."""
+    os.makedirs(RUN_DIR, exist_ok=True)
+    os.makedirs(LOG_DIR, exist_ok=True)
+    if _running():
+        print("the local stack is already running; `make down` stops it")
+        return 1
+    env = dict(os.environ)
+    redis_proc, url = start_redis(6390, os.path.join(LOG_DIR, "redis.log"))
+    if redis_proc:
+        _write_pid("redis", redis_proc.pid)
+        env["SMILY_REDIS_URL"] = url
+    else:
+        print("warning: redis-server is not installed; the gateway uses an in-process cache")
+    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "serve", "all"], env=env,
+                            stdout=open(os.path.join(LOG_DIR, "smily.log"), "ab"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    _write_pid("smily", proc.pid)
+    from services.client import Client
+    from protos.smily.gateway.v1 import gateway_pb2
+    client = Client(env.get("SMILY_GATEWAY", "127.0.0.1:50050"), timeout=2)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            print(f"smily serve all exited; see {LOG_DIR}/smily.log")
+            return 1
+        try:
+            client.stub.ListSlides(gateway_pb2.ListSlidesRequest(page_size=1), timeout=1)
+            print(f"local stack up: gateway 127.0.0.1:50050, logs in {LOG_DIR}/, `make down` stops it")
+            return 0
+        except Exception:
+            time.sleep(0.5)
+    print("the stack did not come up in time; see var/log/smily.log")
+    return 1
+
+
+def down() -> int:
+    stopped = 0
+    for name in ("smily", "redis"):
+        path = os.path.join(RUN_DIR, f"{name}.pid")
+        if not os.path.exists(path):
+            continue
+        with open(path) as fh:
+            pid = int(fh.read().strip())
+        try:
+            os.kill(pid, signal.SIGTERM)
+            stopped += 1
+            for _ in range(150):
+                os.kill(pid, 0)
+                time.sleep(0.1)
+        except ProcessLookupError:
+            pass
+        os.remove(path)
+    print("local stack stopped" if stopped else "nothing was running")
+    return 0
+
+
+def _write_pid(name: str, pid: int) -> None:
+    with open(os.path.join(RUN_DIR, f"{name}.pid"), "w") as fh:
+        fh.write(str(pid))
+
+
+def _running() -> bool:
+    path = os.path.join(RUN_DIR, "smily.pid")
+    if not os.path.exists(path):
+        return False
+    try:
+        os.kill(int(open(path).read().strip()), 0)
+        return True
+    except (ProcessLookupError, ValueError):
+        return False

@@ -1,0 +1,109 @@
+"""Finding and opening slides safely.
+
+Slides are named by a path relative to one of the configured roots. The
+name is resolved with realpath (so `..`, absolute paths and symlinks that
+lead out are caught) and must stay inside a root. Only an allow-list of
+facts leaves this module: never associated images (label, macro,
+thumbnail) nor raw vendor properties, which carry patient data.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from urllib.parse import unquote
+
+import openslide
+
+from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
+
+
+class SlideRoots:
+    def __init__(self, roots: tuple[str, ...] | list[str]):
+        if not roots:
+            raise ValueError("at least one slide root is required")
+        self.roots = [os.path.realpath(r) for r in roots]
+
+    def resolve(self, name: str) -> str:
+        """Return the real path of `name` under a root, or raise."""
+        if not name or "\x00" in name:
+            raise InvalidArgument("slide name is empty or malformed")
+        if unquote(name) != name or "\\" in name:
+            raise InvalidArgument("slide name must be a plain relative path (no %-escapes or backslashes)")
+        if os.path.isabs(name) or ".." in name.split("/"):
+            raise InvalidArgument("slide name must be relative to the slide roots, without '..'")
+        for root in self.roots:
+            path = os.path.realpath(os.path.join(root, name))
+            if os.path.commonpath([root, path]) != root:
+                raise InvalidArgument("slide name resolves outside the slide roots")
+            if os.path.exists(path):
+                if not os.path.isfile(path):
+                    raise InvalidArgument("slide name is not a file")
+                return path
+        raise NotFound("no such slide under the slide roots")
+
+
+class SlideCache:
+    """A few open OpenSlide handles, reused across requests (they are thread-safe)."""
+
+    def __init__(self, size: int = 16):
+        self._size = size
+        self._lock = threading.Lock()
+        self._open: OrderedDict[str, tuple[float, openslide.OpenSlide]] = OrderedDict()
+
+    def get(self, path: str) -> openslide.OpenSlide:
+        mtime = os.stat(path).st_mtime
+        with self._lock:
+            hit = self._open.get(path)
+            if hit and hit[0] == mtime:
+                self._open.move_to_end(path)
+                return hit[1]
+        slide = _open(path)
+        with self._lock:
+            self._open[path] = (mtime, slide)
+            self._open.move_to_end(path)
+            while len(self._open) > self._size:
+                self._open.popitem(last=False)  # closed when the last reader lets go
+        return slide
+
+
+def _open(path: str) -> openslide.OpenSlide:
+    try:
+        return openslide.OpenSlide(path)
+    except openslide.OpenSlideUnsupportedFormatError:
+        raise FailedPrecondition("the file is not a whole-slide image format OpenSlide can read") from None
+    except openslide.OpenSlideError as exc:
+        raise FailedPrecondition(f"the slide file is damaged or unreadable: {exc}") from None
+
+
+def mpp(slide: openslide.OpenSlide) -> float:
+    """Micrometres per level-0 pixel, or 0 when the file does not say."""
+    try:
+        x = float(slide.properties.get(openslide.PROPERTY_NAME_MPP_X, 0) or 0)
+        y = float(slide.properties.get(openslide.PROPERTY_NAME_MPP_Y, 0) or 0)
+    except ValueError:
+        return 0.0
+    return (x + y) / 2 if x > 0 and y > 0 else 0.0
+
+
+def info(slide: openslide.OpenSlide) -> dict:
+    """The allow-listed facts about a slide."""
+    props = slide.properties
+    try:
+        objective = float(props.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER, 0) or 0)
+    except ValueError:
+        objective = 0.0
+    w, h = slide.dimensions
+    return {
+        "width": w,
+        "height": h,
+        "levels": [
+            {"width": lw, "height": lh, "downsample": ds}
+            for (lw, lh), ds in zip(slide.level_dimensions, slide.level_downsamples)
+        ],
+        "mpp_x": float(props.get(openslide.PROPERTY_NAME_MPP_X, 0) or 0),
+        "mpp_y": float(props.get(openslide.PROPERTY_NAME_MPP_Y, 0) or 0),
+        "objective_power": objective,
+        "vendor": props.get(openslide.PROPERTY_NAME_VENDOR, ""),
+        "fingerprint": props.get(openslide.PROPERTY_NAME_QUICKHASH1, ""),
+    }

@@ -1,0 +1,74 @@
+"""Cutting a slide into tissue tiles at a physical resolution.
+
+A tile of `tile_size` pixels at `target_mpp` covers tile_size * target_mpp /
+slide_mpp level-0 pixels. It is read from the coarsest pyramid level that is
+still at least as fine as the target, then downsampled by area averaging, so
+a 20x and a 40x scan give the same field of view.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import openslide
+from PIL import Image
+
+from .tissue import tissue_mask
+
+# Mask pixels per tile edge: enough to measure a tissue fraction.
+MASK_PX_PER_TILE = 8
+MAX_THUMBNAIL_SIDE = 4096
+
+
+@dataclass(frozen=True)
+class TileRect:
+    x: int
+    y: int
+    size: int  # level-0 pixels, square
+    tissue_fraction: float
+
+
+def level_for(slide: openslide.OpenSlide, downsample: float) -> int:
+    """The coarsest level whose downsample does not exceed `downsample`."""
+    best = 0
+    for i, ds in enumerate(slide.level_downsamples):
+        if ds <= downsample * 1.001:
+            best = i
+    return best
+
+
+def read(slide: openslide.OpenSlide, x: int, y: int, w: int, h: int, out_w: int, out_h: int) -> np.ndarray:
+    """Read a level-0 rectangle and return it as out_h x out_w x 3 uint8 RGB."""
+    level = level_for(slide, min(w / out_w, h / out_h))
+    ds = slide.level_downsamples[level]
+    lw, lh = max(1, round(w / ds)), max(1, round(h / ds))
+    region = slide.read_region((x, y), level, (lw, lh))
+    # Transparent pixels (outside the scanned area) become white, like glass.
+    rgb = Image.new("RGB", region.size, (255, 255, 255))
+    rgb.paste(region, mask=region.getchannel("A"))
+    if rgb.size != (out_w, out_h):
+        rgb = rgb.resize((out_w, out_h), Image.Resampling.BOX)
+    return np.asarray(rgb)
+
+
+def plan(slide: openslide.OpenSlide, slide_mpp: float, target_mpp: float, tile_size: int, min_tissue: float) -> list[TileRect]:
+    """Tissue tiles of the slide in row-major order; none reaches past the edge."""
+    size = max(1, round(tile_size * target_mpp / slide_mpp))
+    width, height = slide.dimensions
+    cols, rows = width // size, height // size
+    if cols == 0 or rows == 0:
+        return []
+    scale = min(MASK_PX_PER_TILE / size, MAX_THUMBNAIL_SIDE / max(width, height), 1.0)
+    tw, th = max(1, math.ceil(width * scale)), max(1, math.ceil(height * scale))
+    mask = tissue_mask(np.asarray(slide.get_thumbnail((tw, th)).convert("RGB")))
+    sy, sx = mask.shape[0] / height, mask.shape[1] / width
+    tiles = []
+    for r in range(rows):
+        y0, y1 = int(r * size * sy), max(int(r * size * sy) + 1, int((r + 1) * size * sy))
+        for c in range(cols):
+            x0, x1 = int(c * size * sx), max(int(c * size * sx) + 1, int((c + 1) * size * sx))
+            frac = float(mask[y0:y1, x0:x1].mean()) if y1 <= mask.shape[0] and x1 <= mask.shape[1] else 0.0
+            if frac >= min_tissue:
+                tiles.append(TileRect(c * size, r * size, size, frac))
+    return tiles
