@@ -255,7 +255,7 @@ class TileStore:
             raise InvalidArgument("page_size must not be negative")
         page_size = min(page_size or 100, 1000)
         try:
-            after = base64.urlsafe_b64decode(page_token.encode()).decode() if page_token else ""
+            after = base64.b64decode(page_token, altchars=b"-_", validate=True).decode() if page_token else ""
         except Exception:
             raise InvalidArgument("page_token is not one this service issued") from None
         with self._db_lock:

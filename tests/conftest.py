@@ -1,0 +1,107 @@
+"""Fixtures: real slides, a real redis-server and the real services on loopback."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+
+import grpc
+import pytest
+
+from services import stack
+from services.client import Client
+from services.common.config import Settings
+from services.localstack import start_redis
+from services.tiler.synthetic import SlideSpec, write_samples
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA = os.path.join(ROOT, "tests", "data")
+MODELS = os.path.join(ROOT, "models")
+CMU = "cmu_small_region.svs"
+
+# Small enough to write in seconds, big enough for a few dozen tiles each.
+TEST_SLIDES = (
+    SlideSpec("synth-a.tiff", "tiff", 3072, 2304, 0.5, 11),
+    SlideSpec("synth-b.svs", "svs", 3072, 2304, 0.5, 12),
+    SlideSpec("synth-c-40x.svs", "svs", 4096, 3072, 0.25, 13),
+)
+
+
+def need(what: str, why: str):
+    """Skip locally, but fail under CI: a missing dependency must not pass."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{what} is required in CI: {why}")
+    pytest.skip(f"{what} not available: {why}")
+
+
+@pytest.fixture(scope="session")
+def slide_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("slides")
+    write_samples(str(path), TEST_SLIDES)
+    shutil.copy(os.path.join(DATA, CMU), path / CMU)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def model_repo():
+    if not os.path.isfile(os.path.join(MODELS, "efficientnet-lite0", "1", "model.onnx")):
+        pytest.fail("the default model is missing: run `make model` (make test does)")
+    return MODELS
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    proc, url = start_redis()
+    if proc is None:
+        need("redis-server", "install it with `apt-get install redis-server`")
+    yield url
+    proc.terminate()
+    proc.wait()
+
+
+def base_settings(**overrides) -> Settings:
+    return dataclasses.replace(
+        Settings(), bind_host="127.0.0.1", gateway_port=0, tiler_port=0, embedder_port=0, index_port=0,
+        metrics_port=0, **overrides)
+
+
+@pytest.fixture(scope="session")
+def services(slide_dir, model_repo, redis_url, tmp_path_factory):
+    """The four services on free loopback ports, sharing one fresh index."""
+    settings = base_settings(slide_roots=(slide_dir,), model_repository=model_repo,
+                             index_dir=str(tmp_path_factory.mktemp("index")), redis_url=redis_url)
+    running, settings = stack.start(stack.ORDER, settings)
+    yield running, settings
+    stack.stop(running, 0)
+
+
+@pytest.fixture(scope="session")
+def settings(services):
+    return services[1]
+
+
+@pytest.fixture(scope="session")
+def client(settings):
+    c = Client(f"127.0.0.1:{settings.gateway_port}", timeout=300)
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="session")
+def ingested(client):
+    """Every test slide ingested once; returns {file name: operation}."""
+    from protos.smily.gateway.v1 import gateway_pb2
+
+    ops = {}
+    for name in [s.name for s in TEST_SLIDES] + [CMU]:
+        op = client.wait(client.ingest(name, os.path.splitext(name)[0], {"file": name, "organ": "test"}))
+        assert op.state == gateway_pb2.OPERATION_STATE_SUCCEEDED, (name, op.error_code, op.error_message)
+        ops[name] = op
+    return ops
+
+
+def rpc_code(fn, *args, **kwargs) -> grpc.StatusCode:
+    """Call fn and return the status code of the error it raises."""
+    with pytest.raises(grpc.RpcError) as info:
+        fn(*args, **kwargs)
+    return info.value.code()

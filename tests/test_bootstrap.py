@@ -1,0 +1,66 @@
+"""The shared server bootstrap: health, reflection, metrics, error mapping, shutdown, config."""
+from __future__ import annotations
+
+import urllib.request
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from protos.smily.index.v1 import index_pb2, index_pb2_grpc
+from services import stack
+from services.common import server
+from services.common.config import Settings
+from services.localstack import free_port
+
+from .conftest import base_settings, rpc_code
+
+
+def test_every_service_reports_serving(settings):
+    for name, full in [("tiler", "smily.tiler.v1.TilerService"), ("embedder", "smily.embedder.v1.EmbedderService"),
+                       ("index", "smily.index.v1.IndexService"), ("gateway", "smily.gateway.v1.GatewayService")]:
+        ch = grpc.insecure_channel(f"127.0.0.1:{getattr(settings, name + '_port')}")
+        health = health_pb2_grpc.HealthStub(ch)
+        for service in ("", full):
+            status = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+            assert status == health_pb2.HealthCheckResponse.SERVING, (name, service)
+        refl = reflection_pb2_grpc.ServerReflectionStub(ch)
+        reply = next(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+        assert full in {s.name for s in reply.list_services_response.service}
+
+
+def test_errors_are_canonical_not_unknown(settings):
+    index = index_pb2_grpc.IndexServiceStub(grpc.insecure_channel(settings.index_target))
+    bad = index_pb2.SearchRequest(model_id="efficientnet-lite0/1", k=5,
+                                  query=index_pb2.Tensor(data=b"\0" * 7, shape=[1280], dtype=1))
+    assert rpc_code(index.Search, bad) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_metrics_endpoint_counts_rpcs(settings, client, ingested):
+    port = free_port()
+    server.start_metrics(port)
+    client.slides()
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    assert 'smily_grpc_requests_total{code="OK",method="ListSlides",service="gateway"}' in body
+    assert "smily_grpc_request_seconds_bucket" in body
+
+
+def test_graceful_shutdown_says_not_serving(tmp_path):
+    running, s = stack.start(["index"], base_settings(index_dir=str(tmp_path)))
+    ch = grpc.insecure_channel(s.index_target)
+    health = health_pb2_grpc.HealthStub(ch)
+    assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+    srv = running["index"]
+    srv.health.enter_graceful_shutdown()
+    assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == \
+        health_pb2.HealthCheckResponse.NOT_SERVING
+    stack.stop(running, 0.5)
+    assert rpc_code(health.Check, health_pb2.HealthCheckRequest(), timeout=2) == grpc.StatusCode.UNAVAILABLE
+
+
+def test_settings_from_env():
+    s = Settings.from_env({"SMILY_TILER_PORT": "6000", "SMILY_SLIDE_ROOTS": "/a:/b", "SMILY_TILE_MPP": "0.5"})
+    assert (s.tiler_port, s.slide_roots, s.tile_mpp) == (6000, ("/a", "/b"), 0.5)
+    with pytest.raises(ValueError, match="SMILY_INDEX_PORT"):
+        Settings.from_env({"SMILY_INDEX_PORT": "many"})

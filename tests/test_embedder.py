@@ -1,0 +1,75 @@
+"""The embedder over gRPC: batches, encodings, normalisation, model id."""
+from __future__ import annotations
+
+import io
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+
+from protos.smily.embedder.v1 import embedder_pb2, embedder_pb2_grpc
+from services.common.channels import channel
+from services.common.tensors import from_tensor
+from services.embedder.model_repo import load
+from services.embedder.preprocess import Preprocessor
+
+from .conftest import rpc_code
+
+
+@pytest.fixture(scope="module")
+def embedder(settings):
+    return embedder_pb2_grpc.EmbedderServiceStub(channel(settings.embedder_target))
+
+
+def patch(seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 255, (28, 28, 3), dtype=np.uint8)
+    return np.asarray(Image.fromarray(base).resize((224, 224), Image.Resampling.BILINEAR))
+
+
+def png(rgb: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_batch_of_raw_and_png_images(embedder):
+    a, b = patch(1), patch(2)
+    req = embedder_pb2.EmbedRequest(images=[
+        embedder_pb2.Image(data=a.tobytes(), encoding=embedder_pb2.IMAGE_ENCODING_RAW_RGB, width=224, height=224),
+        embedder_pb2.Image(data=png(a), encoding=embedder_pb2.IMAGE_ENCODING_PNG),
+        embedder_pb2.Image(data=png(b)),  # encoding sniffed from the bytes
+    ])
+    resp = embedder.Embed(req)
+    assert resp.model_id == "efficientnet-lite0/1"
+    v = from_tensor(resp.embeddings)
+    assert v.shape == (3, 1280) and v.dtype == np.float32
+    assert np.allclose(np.linalg.norm(v, axis=1), 1, atol=1e-5)
+    assert np.allclose(v[0], v[1], atol=1e-5)  # same pixels, either encoding
+    assert float(v[0] @ v[2]) < 0.999
+
+
+def test_model_info(embedder):
+    info = embedder.GetModelInfo(embedder_pb2.GetModelInfoRequest()).info
+    assert (info.model_id, info.embedding_dim, info.input_size) == ("efficientnet-lite0/1", 1280, 224)
+    assert info.l2_normalized and info.execution_provider == "CPUExecutionProvider"
+
+
+def test_bad_images(embedder):
+    def embed(*images):
+        return embedder.Embed(embedder_pb2.EmbedRequest(images=list(images)))
+
+    assert rpc_code(embed) == grpc.StatusCode.INVALID_ARGUMENT
+    assert rpc_code(embed, embedder_pb2.Image(data=b"GIF89a nonsense")) == grpc.StatusCode.INVALID_ARGUMENT
+    raw = embedder_pb2.Image(data=b"\0" * 10, encoding=embedder_pb2.IMAGE_ENCODING_RAW_RGB, width=224, height=224)
+    code = rpc_code(embed, raw)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_preprocessing_matches_the_config(model_repo):
+    config, _ = load(model_repo, "efficientnet-lite0/1")
+    x = Preprocessor(config)([np.full((224, 224, 3), 255, np.uint8), np.zeros((300, 200, 3), np.uint8)])
+    assert x.shape == (2, 3, 224, 224)
+    assert np.allclose(x[0], (1 - 0.498) / 0.502, atol=1e-4)
+    assert np.allclose(x[1], (0 - 0.498) / 0.502, atol=1e-4)

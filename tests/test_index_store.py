@@ -1,0 +1,98 @@
+"""The index store: staging, atomic replace, model binding, durability."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from services.common.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
+from services.index.store import Slide, Tile, TileStore
+
+MODEL = "m/1"
+
+
+def vecs(n, dim=8, seed=0):
+    v = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def tiles(n, offset=0):
+    return [Tile(offset + i * 10, 0, 10, 10, 1.0, 0.9) for i in range(n)]
+
+
+def put(store, slide_id, vectors, generation="g1", offset=0):
+    store.stage(MODEL, slide_id, generation, vectors, tiles(len(vectors), offset))
+    return store.commit_slide(MODEL, generation, Slide(slide_id, f"{slide_id}.svs", {"k": slide_id}), len(vectors))
+
+
+def test_staged_tiles_are_invisible_until_commit(tmp_path):
+    store = TileStore(str(tmp_path))
+    v = vecs(5)
+    store.stage(MODEL, "a", "g1", v, tiles(5))
+    assert store.search(MODEL, v[0], 3) == []
+    store.commit_slide(MODEL, "g1", Slide("a", "a.svs"), 5)
+    hits = store.search(MODEL, v[2], 3)
+    assert hits[0].slide_id == "a" and hits[0].tile.x == 20 and hits[0].score == pytest.approx(1.0, abs=1e-5)
+
+
+def test_recommit_replaces_and_survives_restart(tmp_path):
+    store = TileStore(str(tmp_path))
+    put(store, "a", vecs(5, seed=1))
+    put(store, "b", vecs(3, seed=2))
+    _, replaced = put(store, "a", vecs(4, seed=3), generation="g2")
+    assert replaced == 5
+    assert store.counts() == (7, 2)
+    store.close()
+    reopened = TileStore(str(tmp_path))
+    assert reopened.counts() == (7, 2)
+    assert reopened.model_id == MODEL and reopened.dim == 8
+    hit = reopened.search(MODEL, vecs(4, seed=3)[1], 1)[0]
+    assert (hit.slide_id, hit.tile.x, hit.metadata) == ("a", 10, {"k": "a"})
+
+
+def test_model_binding(tmp_path):
+    store = TileStore(str(tmp_path))
+    put(store, "a", vecs(2))
+    with pytest.raises(FailedPrecondition):
+        store.stage("other/1", "b", "g", vecs(2), tiles(2))
+    with pytest.raises(FailedPrecondition):
+        store.search("other/1", vecs(1)[0], 1)
+    with pytest.raises(InvalidArgument):
+        store.stage(MODEL, "b", "g", vecs(2, dim=4), tiles(2))
+
+
+def test_incomplete_generation_is_not_published(tmp_path):
+    store = TileStore(str(tmp_path))
+    put(store, "a", vecs(3))
+    store.stage(MODEL, "a", "g2", vecs(2, seed=5), tiles(2))
+    with pytest.raises(Aborted):
+        store.commit_slide(MODEL, "g2", Slide("a", "a.svs"), 4)
+    assert store.counts() == (3, 1)  # the old version still serves
+
+
+def test_retried_batch_is_not_duplicated(tmp_path):
+    store = TileStore(str(tmp_path))
+    v = vecs(4)
+    store.stage(MODEL, "a", "g1", v, tiles(4))
+    store.stage(MODEL, "a", "g1", v, tiles(4))
+    store.commit_slide(MODEL, "g1", Slide("a", "a.svs"), 4)
+    assert store.counts() == (4, 1)
+
+
+def test_exclude_delete_and_pages(tmp_path):
+    store = TileStore(str(tmp_path))
+    for i, name in enumerate("abcde"):
+        put(store, name, vecs(2, seed=i))
+    q = vecs(2, seed=0)[0]
+    assert store.search(MODEL, q, 1)[0].slide_id == "a"
+    assert all(h.slide_id != "a" for h in store.search(MODEL, q, 10, ["a"]))
+    assert len(store.search(MODEL, q, 10, ["a"])) == 8
+    assert store.delete_slide("a") == 2
+    with pytest.raises(NotFound):
+        store.delete_slide("a")
+    page, token = store.list_slides(3, "")
+    rest, end = store.list_slides(3, token)
+    assert [s.slide_id for s in page + rest] == list("bcde") and end == ""
+    with pytest.raises(InvalidArgument):
+        store.search(MODEL, q, 0)
+    with pytest.raises(InvalidArgument):
+        store.list_slides(3, "%%%")

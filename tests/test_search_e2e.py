@@ -1,0 +1,134 @@
+"""Ingest and search end to end through the real gateway, tiler, embedder and index."""
+from __future__ import annotations
+
+import os
+
+import grpc
+import pytest
+
+from protos.smily.gateway.v1 import gateway_pb2
+from protos.smily.tiler.v1 import tiler_pb2, tiler_pb2_grpc
+from services.common.channels import channel
+
+from .conftest import CMU, TEST_SLIDES, rpc_code
+
+
+def _tissue_tile(settings, name: str):
+    """A tile the tiler calls almost all tissue, from the middle of the slide's list."""
+    stub = tiler_pb2_grpc.TilerServiceStub(channel(settings.tiler_target))
+    tiles = [m.tile for m in stub.StreamTiles(tiler_pb2.StreamTilesRequest(
+        slide=name, params=tiler_pb2.TilingParams(min_tissue_fraction=0.9)))]
+    assert tiles, name
+    return tiles[len(tiles) // 2], stub
+
+
+def _overlap(hit, rect) -> float:
+    ox = max(0, min(hit.x + hit.width, rect["x"] + rect["width"]) - max(hit.x, rect["x"]))
+    oy = max(0, min(hit.y + hit.height, rect["y"] + rect["height"]) - max(hit.y, rect["y"]))
+    return ox * oy / (rect["width"] * rect["height"])
+
+
+@pytest.mark.parametrize("name", [TEST_SLIDES[1].name, TEST_SLIDES[2].name, CMU])
+def test_off_grid_crop_finds_its_source(client, settings, ingested, name):
+    tile, _ = _tissue_tile(settings, name)
+    size = tile.width
+    # Shifted a third of a tile off the grid: no indexed tile matches it exactly.
+    rect = dict(x=tile.x + size // 3, y=tile.y + size // 3, width=size, height=size)
+    slide_id = os.path.splitext(name)[0]
+    resp = client.search(region=dict(slide_id=slide_id, **rect), k=5)
+    assert len(resp.hits) == 5
+    assert resp.model_id == "efficientnet-lite0/1"
+    scores = [h.score for h in resp.hits]
+    assert scores == sorted(scores, reverse=True)
+    assert any(h.slide_id == slide_id and _overlap(h, rect) > 0.1 for h in resp.hits), [
+        (h.slide_id, h.x, h.y, round(h.score, 3)) for h in resp.hits]
+
+
+def test_image_query_matches_region_query(client, settings, ingested):
+    name = TEST_SLIDES[0].name
+    tile, tiler = _tissue_tile(settings, name)
+    rect = dict(x=tile.x + tile.width // 4, y=tile.y + tile.height // 4, width=tile.width, height=tile.height)
+    png = tiler.ReadRegion(tiler_pb2.ReadRegionRequest(
+        slide=name, mpp=settings.tile_mpp, encoding=tiler_pb2.IMAGE_ENCODING_PNG, **rect)).image.data
+    by_image = client.search(image=png, k=5)
+    by_region = client.search(region=dict(slide_id="synth-a", **rect), k=5)
+    assert [(h.slide_id, h.x, h.y) for h in by_image.hits][:3] == [(h.slide_id, h.x, h.y) for h in by_region.hits][:3]
+    assert by_image.hits[0].metadata["file"] == name
+    assert any(_overlap(h, rect) > 0.1 and h.slide_id == "synth-a" for h in by_image.hits)
+
+
+def test_second_identical_query_is_served_from_cache(client, ingested):
+    region = dict(slide_id="synth-b", x=1000, y=700, width=448, height=448)
+    first = client.search(region=region, k=3)
+    second = client.search(region=region, k=3)
+    assert second.cached
+    assert [(h.slide_id, h.x, h.y) for h in first.hits] == [(h.slide_id, h.x, h.y) for h in second.hits]
+
+
+def test_exclude_query_slide(client, ingested):
+    resp = client.search(region=dict(slide_id="synth-b", x=1000, y=700, width=448, height=448), k=20,
+                         exclude_query_slide=True)
+    assert resp.hits and all(h.slide_id != "synth-b" for h in resp.hits)
+
+
+def test_reingest_replaces_never_duplicates(client, ingested):
+    before = {s.slide_id: s.tile_count for s in client.slides()}
+    op = client.wait(client.ingest(TEST_SLIDES[0].name, "synth-a", {"file": TEST_SLIDES[0].name, "run": "2"}))
+    assert op.state == gateway_pb2.OPERATION_STATE_SUCCEEDED
+    after = {s.slide_id: s for s in client.slides()}
+    assert {k: v.tile_count for k, v in after.items()} == before
+    assert after["synth-a"].metadata["run"] == "2"
+    hits = client.search(region=dict(slide_id="synth-a", x=900, y=900, width=448, height=448), k=50).hits
+    keys = [(h.slide_id, h.x, h.y, h.width) for h in hits]
+    assert len(keys) == len(set(keys))
+
+
+def test_ingest_reports_progress_and_default_id(client, ingested):
+    op = ingested[TEST_SLIDES[1].name]
+    assert op.progress.tiles_total == op.progress.tiles_indexed > 10
+    # Without a caller id, the id comes from the slide's content, not its file name.
+    op = client.wait(client.ingest(TEST_SLIDES[1].name))
+    assert op.slide_id.startswith("s-") and "synth" not in op.slide_id
+    assert client.delete(op.slide_id) == op.progress.tiles_indexed
+
+
+def test_list_slides_pages(client, ingested):
+    first = client.stub.ListSlides(gateway_pb2.ListSlidesRequest(page_size=2))
+    assert len(first.slides) == 2 and first.next_page_token
+    rest = client.stub.ListSlides(gateway_pb2.ListSlidesRequest(page_size=100, page_token=first.next_page_token))
+    ids = [s.slide_id for s in first.slides] + [s.slide_id for s in rest.slides]
+    assert len(ids) == len(set(ids)) >= 4
+    assert all(s.model_id == "efficientnet-lite0/1" and s.tile_count > 0 for s in rest.slides)
+
+
+def test_delete_slide(client, ingested):
+    op = client.wait(client.ingest(TEST_SLIDES[2].name, "to-delete"))
+    assert client.delete("to-delete") == op.progress.tiles_indexed
+    assert "to-delete" not in {s.slide_id for s in client.slides()}
+    assert rpc_code(client.delete, "to-delete") == grpc.StatusCode.NOT_FOUND
+    hits = client.search(region=dict(slide_id="synth-c-40x", x=1000, y=1000, width=896, height=896), k=100).hits
+    assert all(h.slide_id != "to-delete" for h in hits)
+
+
+@pytest.mark.parametrize("source, code", [
+    ("no-such-slide.svs", grpc.StatusCode.NOT_FOUND),
+    ("../etc/passwd", grpc.StatusCode.INVALID_ARGUMENT),
+    ("/etc/passwd", grpc.StatusCode.INVALID_ARGUMENT),
+    ("%2e%2e/secret.svs", grpc.StatusCode.INVALID_ARGUMENT),
+    ("", grpc.StatusCode.INVALID_ARGUMENT),
+])
+def test_bad_ingest_sources(client, source, code):
+    assert rpc_code(client.ingest, source) == code
+
+
+def test_bad_queries(client, ingested):
+    assert rpc_code(client.search, image=b"this is not an image") == grpc.StatusCode.INVALID_ARGUMENT
+    assert rpc_code(client.search, image=b"") == grpc.StatusCode.INVALID_ARGUMENT
+    region = dict(slide_id="synth-a", x=0, y=0, width=448, height=448)
+    assert rpc_code(client.search, region=region, k=0) == grpc.StatusCode.INVALID_ARGUMENT
+    assert rpc_code(client.search, region=region, k=-3) == grpc.StatusCode.INVALID_ARGUMENT
+    assert rpc_code(client.search, region=dict(region, slide_id="unknown")) == grpc.StatusCode.NOT_FOUND
+    assert rpc_code(client.search, region=dict(region, x=10**7)) == grpc.StatusCode.INVALID_ARGUMENT
+    assert rpc_code(client.stub.Search, gateway_pb2.SearchRequest()) == grpc.StatusCode.INVALID_ARGUMENT
+    assert rpc_code(client.stub.GetOperation, gateway_pb2.GetOperationRequest(operation_id="nope")) == \
+        grpc.StatusCode.NOT_FOUND

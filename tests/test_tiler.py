@@ -1,0 +1,125 @@
+"""The tiler over gRPC: safe names, allow-listed facts, tissue tiles, regions."""
+from __future__ import annotations
+
+import io
+import os
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+
+from protos.smily.tiler.v1 import tiler_pb2, tiler_pb2_grpc
+from services.common.channels import channel
+from services.common.errors import InvalidArgument, NotFound
+from services.tiler.slides import SlideRoots
+from services.tiler.synthetic import FAKE_PHI, SlideSpec, write_slide
+
+from .conftest import CMU, TEST_SLIDES, rpc_code
+
+
+@pytest.fixture(scope="module")
+def tiler(settings):
+    return tiler_pb2_grpc.TilerServiceStub(channel(settings.tiler_target))
+
+
+def test_roots_refuse_escapes(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "ok.svs").write_bytes(b"x")
+    (tmp_path / "secret.svs").write_bytes(b"x")
+    os.symlink(tmp_path / "secret.svs", root / "link.svs")
+    roots = SlideRoots([str(root)])
+    assert roots.resolve("ok.svs") == os.path.realpath(root / "ok.svs")
+    for bad in ("../secret.svs", str(tmp_path / "secret.svs"), "link.svs", "%2e%2e/secret.svs",
+                "a/../../secret.svs", "..\\secret.svs", "ok.svs\x00", ""):
+        with pytest.raises(InvalidArgument):
+            roots.resolve(bad)
+    with pytest.raises(NotFound):
+        roots.resolve("missing.svs")
+
+
+def test_slide_info_is_allow_listed(tiler):
+    info = tiler.GetSlideInfo(tiler_pb2.GetSlideInfoRequest(slide=CMU)).info
+    assert (info.width, info.height) == (2220, 2967)
+    assert info.vendor == "aperio" and info.objective_power == 20
+    assert abs(info.mpp_x - 0.499) < 1e-6 and info.fingerprint
+    synth = tiler.GetSlideInfo(tiler_pb2.GetSlideInfoRequest(slide=TEST_SLIDES[1].name))
+    # The synthetic SVS hides fake PHI in its label and vendor properties: none may leave.
+    wire = synth.SerializeToString()
+    for part in FAKE_PHI.split(" "):
+        assert part.encode() not in wire
+    assert len(synth.info.levels) >= 2 and synth.info.levels[0].downsample == 1
+
+
+def test_tiles_cover_tissue_inside_the_slide(tiler):
+    name = TEST_SLIDES[1].name
+    msgs = list(tiler.StreamTiles(tiler_pb2.StreamTilesRequest(slide=name)))
+    assert msgs and all(m.tiles_total == len(msgs) for m in msgs)
+    keys = [(m.tile.y, m.tile.x) for m in msgs]
+    assert keys == sorted(keys)  # stable row-major order
+    for m in msgs:
+        t = m.tile
+        assert t.x + t.width <= 3072 and t.y + t.height <= 2304
+        assert t.width == 448 and abs(t.mpp - 1.0) < 1e-6 and t.tissue_fraction >= 0.5
+        assert t.image.encoding == tiler_pb2.IMAGE_ENCODING_RAW_RGB
+        assert len(t.image.data) == 224 * 224 * 3
+    again = [(m.tile.x, m.tile.y) for m in tiler.StreamTiles(tiler_pb2.StreamTilesRequest(slide=name))]
+    assert again == [(x, y) for y, x in keys]
+
+
+def test_same_field_of_view_at_20x_and_40x(tiler):
+    t20 = next(iter(tiler.StreamTiles(tiler_pb2.StreamTilesRequest(slide=TEST_SLIDES[1].name)))).tile
+    t40 = next(iter(tiler.StreamTiles(tiler_pb2.StreamTilesRequest(slide=TEST_SLIDES[2].name)))).tile
+    assert t20.width * 0.5 == t40.width * 0.25 == 224.0
+
+
+def test_read_region_png(tiler):
+    resp = tiler.ReadRegion(tiler_pb2.ReadRegionRequest(
+        slide=CMU, x=1000, y=1300, width=400, height=300, mpp=1.0, encoding=tiler_pb2.IMAGE_ENCODING_PNG))
+    img = Image.open(io.BytesIO(resp.image.data))
+    assert img.format == "PNG" and abs(img.size[0] - 200) <= 1 and abs(img.size[1] - 150) <= 1
+    assert np.asarray(img).std() > 5  # real pixels, not a blank
+
+
+def test_region_errors(tiler):
+    def read(**kw):
+        args = dict(slide=CMU, x=0, y=0, width=100, height=100)
+        args.update(kw)
+        return tiler.ReadRegion(tiler_pb2.ReadRegionRequest(**args))
+
+    assert rpc_code(read, width=0) == grpc.StatusCode.INVALID_ARGUMENT
+    assert rpc_code(read, x=2200) == grpc.StatusCode.INVALID_ARGUMENT
+    assert rpc_code(read, width=2220, height=2967, mpp=0.01) == grpc.StatusCode.INVALID_ARGUMENT  # too many pixels
+    assert rpc_code(read, slide="nope.svs") == grpc.StatusCode.NOT_FOUND
+
+
+def test_unreadable_files(tiler, slide_dir):
+    with open(os.path.join(slide_dir, "photo.svs"), "wb") as fh:
+        Image.new("RGB", (64, 64), "red").save(fh, format="JPEG")
+    open(os.path.join(slide_dir, "empty.svs"), "wb").close()
+    os.makedirs(os.path.join(slide_dir, "folder.svs"), exist_ok=True)
+    for name in ("photo.svs", "empty.svs"):
+        assert rpc_code(tiler.GetSlideInfo, tiler_pb2.GetSlideInfoRequest(slide=name)) == \
+            grpc.StatusCode.FAILED_PRECONDITION
+    assert rpc_code(tiler.GetSlideInfo, tiler_pb2.GetSlideInfoRequest(slide="folder.svs")) == \
+        grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_slide_without_resolution(tiler, slide_dir):
+    import tifffile
+
+    path = os.path.join(slide_dir, "no-mpp.tiff")
+    img = np.full((1024, 1024, 3), 200, np.uint8)
+    tifffile.imwrite(path, img, tile=(256, 256), photometric="rgb", metadata=None)
+    with pytest.raises(grpc.RpcError) as info:
+        list(tiler.StreamTiles(tiler_pb2.StreamTilesRequest(slide="no-mpp.tiff")))
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "resolution" in info.value.details()
+
+
+def test_synthetic_slides_are_deterministic(tmp_path):
+    spec = SlideSpec("a.tiff", "tiff", 1024, 768, 0.5, 7)
+    write_slide(spec, str(tmp_path / "1.tiff"))
+    write_slide(spec, str(tmp_path / "2.tiff"))
+    assert (tmp_path / "1.tiff").read_bytes() == (tmp_path / "2.tiff").read_bytes()
