@@ -36,8 +36,9 @@ demo: proto model sample-data
 test: proto model
 	$(PY) -m pytest -q
 
+# Every bench/*.py is a standalone benchmark that prints its figures.
 bench: proto model
-	$(PY) bench/run.py
+	set -e; for b in bench/*.py; do echo "== $$b"; $(PY) $$b; done
 
 up: proto model sample-data
 	$(SMILY) up
