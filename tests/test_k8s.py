@@ -19,10 +19,14 @@ import re
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 yaml = pytest.importorskip("yaml") if os.environ.get("CI") != "true" else __import__("yaml")
 
