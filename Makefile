@@ -49,3 +49,19 @@ down:
 clean:
 	rm -rf $(VENV) models data/samples var build
 	find protos -name '*_pb2*.py*' -delete
+
+# Container images for Kubernetes (deploy/docker/, deploy/k8s/). Needs a
+# container runtime (docker, or IMAGE_BUILDER=podman); not part of `make test`.
+# Names match deploy/k8s/base/kustomization.yaml: $(IMAGE_PREFIX)/<service>:<version>[-cpu|-gpu].
+IMAGE_BUILDER ?= docker
+IMAGE_PREFIX ?= localhost/smily
+IMAGE_TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+
+.PHONY: images
+images:
+	$(IMAGE_BUILDER) build -f deploy/docker/tiler.Dockerfile -t $(IMAGE_PREFIX)/tiler:$(IMAGE_TAG) .
+	$(IMAGE_BUILDER) build -f deploy/docker/gateway.Dockerfile -t $(IMAGE_PREFIX)/gateway:$(IMAGE_TAG) .
+	$(IMAGE_BUILDER) build -f deploy/docker/embedder.Dockerfile --target cpu -t $(IMAGE_PREFIX)/embedder:$(IMAGE_TAG)-cpu .
+	$(IMAGE_BUILDER) build -f deploy/docker/embedder.Dockerfile --target gpu -t $(IMAGE_PREFIX)/embedder:$(IMAGE_TAG)-gpu .
+	$(IMAGE_BUILDER) build -f deploy/docker/index.Dockerfile --target cpu -t $(IMAGE_PREFIX)/index:$(IMAGE_TAG)-cpu .
+	$(IMAGE_BUILDER) build -f deploy/docker/index.Dockerfile --target gpu -t $(IMAGE_PREFIX)/index:$(IMAGE_TAG)-gpu .
