@@ -69,7 +69,3 @@ class Model:
         if self.config.l2_normalize:
             out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
         return out
-
-    def embed(self, images: list[np.ndarray]) -> np.ndarray:
-        """HxWx3 uint8 RGB images -> [N, dim] float32 embeddings."""
-        return self.embed_tensor(self.preprocess(images))
