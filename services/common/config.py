@@ -42,6 +42,14 @@ class Settings:
     model: str = "efficientnet-lite0/1"
     intra_op_threads: int = 0
     max_batch: int = 64
+    # Dynamic batching: concurrent requests are coalesced up to preferred_batch
+    # images or until the oldest has waited max_queue_delay_ms; 1 or 0 turns it
+    # off. At most max_queue images wait; more get RESOURCE_EXHAUSTED.
+    preferred_batch: int = 32
+    max_queue_delay_ms: float = 2.0
+    max_queue: int = 256
+    # TensorRT only (when onnxruntime-gpu finds it): build FP16 engines.
+    gpu_fp16: bool = False
 
     # Index: where vectors and records live.
     index_dir: str = "var/index"

@@ -8,34 +8,51 @@ import onnxruntime as ort
 
 from services.common.errors import FailedPrecondition
 
-from .model_repo import ModelConfig
+from .model_repo import ModelConfig, input_shape
 from .preprocess import Preprocessor
 
 log = logging.getLogger("smily.embedder")
 
-_GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+
+def providers(config: ModelConfig, max_batch: int, fp16: bool) -> list:
+    """TensorRT, then CUDA, then CPU: whichever this onnxruntime build has.
+    TensorRT gets a batch profile of 1..max_batch so no batch size rebuilds an engine."""
+    available = ort.get_available_providers()
+    chosen: list = []
+    if "TensorrtExecutionProvider" in available:
+        lo, hi = ("x".join(map(str, input_shape(config, b))) for b in (1, max_batch))
+        chosen.append(("TensorrtExecutionProvider", {
+            "trt_fp16_enable": fp16,
+            "trt_profile_min_shapes": f"{config.input_name}:{lo}",
+            "trt_profile_opt_shapes": f"{config.input_name}:{hi}",
+            "trt_profile_max_shapes": f"{config.input_name}:{hi}",
+        }))
+    if "CUDAExecutionProvider" in available:
+        chosen.append("CUDAExecutionProvider")
+    return chosen + ["CPUExecutionProvider"]
 
 
 class Model:
-    def __init__(self, config: ModelConfig, onnx_path: str, intra_op_threads: int = 0):
+    def __init__(self, config: ModelConfig, onnx_path: str, intra_op_threads: int = 0,
+                 max_batch: int = 64, fp16: bool = False):
         self.config = config
         self.preprocess = Preprocessor(config)
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if intra_op_threads:
             opts.intra_op_num_threads = intra_op_threads
-        available = ort.get_available_providers()
-        providers = [p for p in _GPU_PROVIDERS if p in available] + ["CPUExecutionProvider"]
         try:
-            self.session = ort.InferenceSession(onnx_path, opts, providers=providers)
+            self.session = ort.InferenceSession(onnx_path, opts, providers=providers(config, max_batch, fp16))
         except Exception as exc:
             raise FailedPrecondition(f"cannot load model {config.model_id}: {exc}") from None
         self.provider = self.session.get_providers()[0]
         self._check_signature()
-        # Warm up so the first real request does not pay for allocation and tuning.
-        self.embed_tensor(np.zeros((1, 3, config.input_size, config.input_size), np.float32) if config.layout == "NCHW"
-                          else np.zeros((1, config.input_size, config.input_size, 3), np.float32))
-        log.info("model loaded", extra={"model_id": config.model_id, "provider": self.provider})
+        # Warm up at both ends of the batch range, so the first real requests
+        # pay for neither allocation nor engine builds.
+        for batch in (1, max_batch):
+            self.embed_tensor(np.zeros(input_shape(config, batch), np.float32))
+        log.info("model loaded", extra={"model_id": config.model_id, "provider": self.provider,
+                                        "fp16": fp16 and self.provider == "TensorrtExecutionProvider"})
 
     def _check_signature(self) -> None:
         inputs = {i.name for i in self.session.get_inputs()}
@@ -52,7 +69,3 @@ class Model:
         if self.config.l2_normalize:
             out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
         return out
-
-    def embed(self, images: list[np.ndarray]) -> np.ndarray:
-        """HxWx3 uint8 RGB images -> [N, dim] float32 embeddings."""
-        return self.embed_tensor(self.preprocess(images))

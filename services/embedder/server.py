@@ -9,14 +9,18 @@ from services.common.server import Registration
 from services.common.tensors import to_tensor
 
 from . import model_repo
+from .batcher import BATCH_SIZE, Batcher
 from .runtime import Model
 
 
 class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
     def __init__(self, settings: Settings):
         config, path = model_repo.load(settings.model_repository, settings.model)
-        self.model = Model(config, path, settings.intra_op_threads)
+        self.model = Model(config, path, settings.intra_op_threads, settings.max_batch, settings.gpu_fp16)
         self._max_batch = settings.max_batch
+        batching = settings.preferred_batch > 1 and settings.max_queue_delay_ms > 0
+        self.batcher = Batcher(self.model.embed_tensor, settings.preferred_batch, settings.max_queue_delay_ms / 1e3,
+                               settings.max_queue) if batching else None
 
     def Embed(self, request, context):
         n = len(request.images)
@@ -28,7 +32,12 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
                 decoded.append(images.decode(img.data, img.encoding, img.width, img.height))
             except images.InvalidArgument as exc:
                 raise images.InvalidArgument(f"image {i}: {exc}") from None
-        vectors = self.model.embed(decoded)
+        tensor = self.model.preprocess(decoded)
+        if self.batcher is not None:
+            vectors = self.batcher.submit(tensor)
+        else:
+            BATCH_SIZE.observe(n)
+            vectors = self.model.embed_tensor(tensor)
         return embedder_pb2.EmbedResponse(
             embeddings=to_tensor(vectors, embedder_pb2.Tensor), model_id=self.model.config.model_id
         )
@@ -42,6 +51,11 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
                 execution_provider=self.model.provider,
             )
         )
+
+
+    def close(self) -> None:
+        if self.batcher is not None:
+            self.batcher.close()
 
 
 def registration(settings: Settings) -> Registration:

@@ -1,0 +1,168 @@
+"""Embedder speed, in one process, on the same model and tiles:
+
+1. ONNX Runtime vs PyTorch eager, images/s at batch 1, 8, 32.
+2. The gRPC service end to end (raw RGB tiles -> decode, preprocess,
+   inference) vs a bare ONNX Runtime session on the same tensors, batch 32.
+3. 16 concurrent single-image clients, dynamic batching on vs off:
+   throughput and p50/p99 latency.
+4. INT8 vs FP32: images/s at batch 32 and recall@10 of nearest neighbours.
+
+Run from the repository root after `make proto model`: .venv/bin/python bench/embedder.py
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import threading
+import time
+import warnings
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from protos.smily.embedder.v1 import embedder_pb2, embedder_pb2_grpc  # noqa: E402
+from services import stack  # noqa: E402
+from services.common.channels import channel  # noqa: E402
+from services.common.config import Settings  # noqa: E402
+from services.embedder import model_repo  # noqa: E402
+from services.embedder.quantize import quantize, synthetic_tiles  # noqa: E402
+from services.embedder.runtime import Model  # noqa: E402
+
+REPO = "models"
+FP32, INT8 = "efficientnet-lite0/1", "efficientnet-lite0/1-int8"
+CLIENTS, PER_CLIENT = 16, 8
+
+
+def rate(fn, images_per_call: int, min_s: float = 3.0, max_calls: int = 50) -> float:
+    """images/s of fn() after one warm-up call, over at least min_s seconds."""
+    fn()
+    calls, start = 0, time.perf_counter()
+    while calls < max_calls and (calls < 2 or time.perf_counter() - start < min_s):
+        fn()
+        calls += 1
+    return calls * images_per_call / (time.perf_counter() - start)
+
+
+def settings(**changes) -> Settings:
+    return dataclasses.replace(Settings(), bind_host="127.0.0.1", embedder_port=0, metrics_port=0,
+                               model_repository=REPO, **changes)
+
+
+def raw(tile: np.ndarray) -> embedder_pb2.Image:
+    return embedder_pb2.Image(data=tile.tobytes(), encoding=embedder_pb2.IMAGE_ENCODING_RAW_RGB,
+                              width=tile.shape[1], height=tile.shape[0])
+
+
+def onnx_vs_torch(model: Model, tiles) -> None:
+    import torch
+
+    from services.embedder.export import efficientnet_lite0
+
+    module, _ = efficientnet_lite0()
+    print("1. ONNX Runtime vs PyTorch eager (FP32, images/s)")
+    for batch in (1, 8, 32):
+        x = model.preprocess(tiles[:batch])
+        ort_rate = rate(lambda: model.session.run(None, {"images": x}), batch)
+        xt = torch.from_numpy(x)
+        with torch.no_grad():
+            torch_rate = rate(lambda: module(xt), batch, max_calls=10)
+        print(f"   batch {batch:>2}: onnxruntime {ort_rate:7.1f}  pytorch {torch_rate:7.1f}  "
+              f"({ort_rate / torch_rate:.1f}x)")
+
+
+def service_vs_bare(model: Model, tiles) -> None:
+    running, s = stack.start(["embedder"], settings())
+    try:
+        stub = embedder_pb2_grpc.EmbedderServiceStub(channel(s.embedder_target))
+        req = embedder_pb2.EmbedRequest(images=[raw(t) for t in tiles[:32]])
+        x = model.preprocess(tiles[:32])
+        bare = rate(lambda: model.session.run(None, {"images": x}), 32)
+        service = rate(lambda: stub.Embed(req), 32)
+        bare2 = rate(lambda: model.session.run(None, {"images": x}), 32)  # again: the shared CPU drifts
+    finally:
+        stack.stop(running, 0)
+    bare = (bare + bare2) / 2
+    print("2. Service end to end (gRPC + raw RGB decode + preprocessing + inference) vs bare session, batch 32")
+    print(f"   bare session {bare:7.1f} images/s, service {service:7.1f} images/s ({service / bare:.2f}x)")
+
+
+def concurrent(tiles, **changes) -> tuple[float, float, float]:
+    running, s = stack.start(["embedder"], settings(**changes))
+    latencies: list[float] = []
+    lock = threading.Lock()
+    try:
+        stub = embedder_pb2_grpc.EmbedderServiceStub(channel(s.embedder_target))
+        stub.Embed(embedder_pb2.EmbedRequest(images=[raw(tiles[0])]))
+
+        def client(i: int) -> None:
+            mine = []
+            for j in range(PER_CLIENT):
+                req = embedder_pb2.EmbedRequest(images=[raw(tiles[(i * PER_CLIENT + j) % len(tiles)])])
+                t0 = time.perf_counter()
+                stub.Embed(req)
+                mine.append(time.perf_counter() - t0)
+            with lock:
+                latencies.extend(mine)
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(CLIENTS)]
+        start = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        elapsed = time.perf_counter() - start
+    finally:
+        stack.stop(running, 0)
+    ms = np.asarray(latencies) * 1e3
+    return len(latencies) / elapsed, float(np.percentile(ms, 50)), float(np.percentile(ms, 99))
+
+
+def batching(tiles) -> None:
+    print(f"3. {CLIENTS} concurrent single-image clients x {PER_CLIENT} requests (raw RGB 224x224)")
+    on = concurrent(tiles)
+    off = concurrent(tiles, preferred_batch=1)
+    for label, (tput, p50, p99) in (("dynamic batching on ", on), ("dynamic batching off", off)):
+        print(f"   {label}: {tput:7.1f} images/s, p50 {p50:7.1f} ms, p99 {p99:7.1f} ms")
+    print(f"   speed-up {on[0] / off[0]:.2f}x")
+
+
+def top10(v: np.ndarray) -> np.ndarray:
+    sim = v @ v.T
+    np.fill_diagonal(sim, -np.inf)
+    return np.argsort(-sim, axis=1)[:, :10]
+
+
+def int8_vs_fp32(fp32: Model, tiles) -> None:
+    if not os.path.isfile(os.path.join(REPO, INT8, model_repo.MODEL_FILE)):
+        quantize(REPO, FP32)  # calibrated on synthetic tiles of other seeds than these
+    int8 = Model(*model_repo.load(REPO, INT8))
+    x = fp32.preprocess(tiles[:32])
+    r32 = rate(lambda: fp32.session.run(None, {"images": x}), 32)
+    r8 = rate(lambda: int8.session.run(None, {"images": x}), 32)
+    r32 = (r32 + rate(lambda: fp32.session.run(None, {"images": x}), 32)) / 2
+    va = np.concatenate([fp32.embed_tensor(fp32.preprocess(tiles[i:i + 32])) for i in range(0, len(tiles), 32)])
+    vb = np.concatenate([int8.embed_tensor(int8.preprocess(tiles[i:i + 32])) for i in range(0, len(tiles), 32)])
+    a, b = top10(va), top10(vb)
+    recall = np.mean([len(set(a[i]) & set(b[i])) / 10 for i in range(len(tiles))])
+    print(f"4. INT8 ({INT8}) vs FP32, batch 32, recall@10 over {len(tiles)} synthetic tissue tiles")
+    print(f"   FP32 {r32:7.1f} images/s, INT8 {r8:7.1f} images/s ({r8 / r32:.2f}x); "
+          f"neighbour recall@10 {recall:.3f}; mean cosine FP32-INT8 {(va * vb).sum(1).mean():.4f}")
+
+
+def main() -> None:
+    warnings.filterwarnings("ignore")
+    t0 = time.perf_counter()
+    tiles = synthetic_tiles(256, seed=7)
+    fp32 = Model(*model_repo.load(REPO, FP32))
+    print(f"model {FP32} on {fp32.provider}, {os.cpu_count()} CPUs, {len(tiles)} tiles "
+          f"(prepared in {time.perf_counter() - t0:.0f} s)")
+    onnx_vs_torch(fp32, tiles)
+    service_vs_bare(fp32, tiles)
+    batching(tiles)
+    int8_vs_fp32(fp32, tiles)
+
+
+if __name__ == "__main__":
+    main()
