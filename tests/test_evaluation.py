@@ -152,7 +152,10 @@ def test_eval_beats_random_on_synthetic_benchmark(eval_stack, tmp_path, capsys):
     assert result["warnings"] == []
 
     tissue = result["columns"]["tissue"]
-    assert len(tissue["classes"]) == 5 and tissue["slides"] == 5
+    print(stdout)
+    # Fat is mostly empty cells: the tiler's tissue detector drops those tiles, so no query.
+    assert set(tissue["classes"]) == {"stroma", "lymphocytes", "glands", "tumour"}, tissue["classes"]
+    assert tissue["slides"] == 5 and result["regions_without_tiles"] >= tissue["classes"].get("fat", 0)
     m = tissue["methods"]
     assert set(m) == {"deployed", "exact", "colour-texture", "random"}
     assert set(m["deployed"]) == {"P@1", "P@5", "P@10", "Acc@5", "mMV@5"}

@@ -9,6 +9,9 @@ slide), each searched with its own slide left out, as SMILY did. Methods:
 """
 from __future__ import annotations
 
+from collections import Counter
+
+import grpc
 import numpy as np
 
 from protos.smily.gateway.v1 import gateway_pb2
@@ -24,8 +27,13 @@ VOTE_K = 5
 def ensure_ingested(client, manifest: Manifest, labeller: Labeller, progress=None) -> dict[str, int]:
     """Ingest the manifest's slides the index lacks; returns slide_id -> indexed tile count."""
     indexed = {s.slide_id: s.tile_count for s in client.slides()}
-    ops = [client.ingest(source, slide_id, labeller.slide_labels(slide_id))
-           for slide_id, source in manifest.slides().items() if slide_id not in indexed]
+    ops = []
+    for slide_id, source in manifest.slides().items():
+        if slide_id not in indexed:
+            try:
+                ops.append(client.ingest(source, slide_id, labeller.slide_labels(slide_id)))
+            except grpc.RpcError as exc:
+                raise EvalError(f"cannot ingest {slide_id}: {exc.code().name}: {exc.details()}") from None
     for op in ops:
         op = client.wait(op)
         if op.state != gateway_pb2.OPERATION_STATE_SUCCEEDED:
@@ -75,11 +83,15 @@ def run(client, archive: Archive, manifest: Manifest, indexed: dict[str, int], k
     rng = np.random.default_rng(seed)
     labeller = Labeller(manifest)
     kmax = max(max(ks), VOTE_K)
-    labels = [labeller(archive.slide_ids[i], *map(int, archive.rects[i])) for i in range(len(archive.slide_ids))]
+    rows = [labeller.row(archive.slide_ids[i], *map(int, archive.rects[i])) for i in range(len(archive.slide_ids))]
+    labels = [row.labels if row else {} for row in rows]
+    reached = {id(row) for row in rows}
     result = {"model_id": archive.model_id, "k": list(ks), "bootstrap": n_boot, "methods": list(METHODS),
               "archive": {"slides": len(set(archive.slide_ids)), "tiles": len(archive.slide_ids),
                           "index_slides": len(indexed)},
-              "warnings": consistency(archive, indexed), "columns": {}}
+              "warnings": consistency(archive, indexed), "columns": {},
+              # Labelled regions no tissue tile covers at least half of (small regions, or glass to the tiler).
+              "regions_without_tiles": sum(1 for r in manifest.rows if r.region and id(r) not in reached)}
     if not manifest.label_columns:
         result["warnings"].append("the manifest has no label columns: no retrieval metrics")
         return result
@@ -96,7 +108,7 @@ def run(client, archive: Archive, manifest: Manifest, indexed: dict[str, int], k
             continue
         q_labels = [labels[q][col] for q in queries[keep]]
         entry = {"queries": int(keep.sum()), "slides": len(set(groups[keep])),
-                 "classes": dict(sorted(zip(*np.unique(q_labels, return_counts=True)))),
+                 "classes": dict(sorted(Counter(q_labels).items())),
                  "methods": {}, "curve": {}}
         for method in METHODS:
             hit_labels = [[labeller(*h).get(col) for h in hits] for hits, kept in zip(ranked[method], keep) if kept]

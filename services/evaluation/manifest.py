@@ -105,18 +105,24 @@ class Labeller:
 
     def __init__(self, manifest: Manifest):
         self._regions: dict[str, list[Row]] = {}
-        self._whole: dict[str, dict[str, str]] = {}
+        self._whole: dict[str, Row] = {}
         for row in manifest.rows:
             if row.region is None:
-                self._whole[row.slide_id] = row.labels
+                self._whole[row.slide_id] = row
             else:
                 self._regions.setdefault(row.slide_id, []).append(row)
 
     def slide_labels(self, slide_id: str) -> dict[str, str]:
         """Labels of a whole-slide row (stored as the slide's metadata at ingest)."""
-        return self._whole.get(slide_id, {})
+        row = self._whole.get(slide_id)
+        return row.labels if row else {}
 
     def __call__(self, slide_id: str, x: int, y: int, width: int, height: int) -> dict[str, str]:
+        row = self.row(slide_id, x, y, width, height)
+        return row.labels if row else {}
+
+    def row(self, slide_id: str, x: int, y: int, width: int, height: int) -> Row | None:
+        """The manifest row that labels this tile, if any."""
         best, best_area = None, 0
         for row in self._regions.get(slide_id, ()):
             rx, ry, rw, rh = row.region
@@ -124,5 +130,5 @@ class Labeller:
             if area > best_area:
                 best, best_area = row, area
         if best is not None and best_area >= MIN_OVERLAP * width * height:
-            return best.labels
-        return self._whole.get(slide_id, {})
+            return best
+        return self._whole.get(slide_id)

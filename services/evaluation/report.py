@@ -30,14 +30,19 @@ def table(result: dict) -> str:
                   f"{'slide':<24}" + "".join(f"{t:>16}" for t in r["all"])]
         for slide_id, rates in [*r["per_slide"].items(), ("all", r["all"])]:
             lines.append(f"{slide_id:<24}" + "".join(f"{v:>16.2f}" for v in rates.values()))
+    if result.get("regions_without_tiles"):
+        lines.append(f"{result['regions_without_tiles']} labelled regions gave no query: no tissue tile "
+                     "lies at least half inside them")
     lines += [f"warning: {w}" for w in result["warnings"]]
     return "\n".join(lines)
 
 
 def plot(result: dict, path: str) -> None:
     """Precision@k against k, one panel per label column, one line per method."""
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:
+        raise RuntimeError("the plot needs matplotlib: pip install -e '.[eval]'") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
