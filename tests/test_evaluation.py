@@ -152,7 +152,6 @@ def test_eval_beats_random_on_synthetic_benchmark(eval_stack, tmp_path, capsys):
     assert result["warnings"] == []
 
     tissue = result["columns"]["tissue"]
-    print(stdout)
     # Fat is mostly empty cells: the tiler's tissue detector drops those tiles, so no query.
     assert set(tissue["classes"]) == {"stroma", "lymphocytes", "glands", "tumour"}, tissue["classes"]
     assert tissue["slides"] == 5 and result["regions_without_tiles"] >= tissue["classes"].get("fat", 0)
