@@ -187,6 +187,39 @@ def _sample_data(args) -> int:
     return 0
 
 
+def _eval(args) -> int:
+    from services.common.config import Settings
+    from services.evaluation import archive, evaluate_manifest, manifest
+
+    overrides = {}
+    if args.slide_root:
+        overrides["slide_roots"] = tuple(args.slide_root)
+    if args.embedder:
+        overrides["embedder_target"] = args.embedder
+    if any(k <= 0 for k in args.k):
+        raise SystemExit("--k takes positive integers")
+    client = _client(args)
+    try:
+        evaluate_manifest(client, Settings.from_env(**overrides), args.manifest, args.out, tuple(sorted(set(args.k))),
+                          args.max_queries_per_slide, args.robustness, args.bootstrap, args.seed)
+    except (manifest.ManifestError, archive.EvalError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        client.close()
+    return 0
+
+
+def _eval_data(args) -> int:
+    from services.common.config import Settings
+    from services.evaluation import synthetic_benchmark as bench
+
+    settings = Settings.from_env()
+    path = bench.write(args.output_dir, bench.FULL if args.full else bench.SMALL, settings.tile_mpp, settings.tile_size)
+    print(f"wrote {path}")
+    return 0
+
+
 def _demo(args) -> int:
     from services.demo import run
 
@@ -276,6 +309,24 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample-data", help="write synthetic sample slides")
     s.add_argument("--output-dir", default="data/samples")
     s.set_defaults(func=_sample_data)
+
+    s = with_gateway(sub.add_parser("eval", help="measure retrieval quality on a labelled manifest"))
+    s.add_argument("--manifest", required=True, help="CSV or JSON: source, slide_id, [x,y,width,height], labels...")
+    s.add_argument("--k", type=int, nargs="+", default=[1, 5, 10], help="precision@k cut-offs (default 1 5 10)")
+    s.add_argument("--out", default="var/eval", help="folder for evaluation.json and the plot")
+    s.add_argument("--slide-root", action="append", help="slide root (default SMILY_SLIDE_ROOTS)")
+    s.add_argument("--embedder", help="embedder HOST:PORT for exact search (default SMILY_EMBEDDER_TARGET)")
+    s.add_argument("--max-queries-per-slide", type=int, default=50)
+    s.add_argument("--robustness", type=int, default=0, metavar="N",
+                   help="also test N perturbed tiles per slide (0: skip)")
+    s.add_argument("--bootstrap", type=int, default=1000, help="bootstrap draws for the 95%% intervals")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=_eval)
+
+    s = sub.add_parser("eval-data", help="write the synthetic labelled benchmark and its manifest")
+    s.add_argument("--output-dir", default="data/eval")
+    s.add_argument("--full", action="store_true", help="the full-size benchmark (default: the small one)")
+    s.set_defaults(func=_eval_data)
 
     s = sub.add_parser("demo", help="start the stack, ingest the samples, search, stop")
     s.add_argument("--slides", default="data/samples")

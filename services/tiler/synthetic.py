@@ -96,8 +96,10 @@ def _texture(kind: str, rng, shape, mpp: float) -> np.ndarray:
     return base * (1 - nuclei) + purple[None, None] * nuclei
 
 
-def render(spec: SlideSpec) -> np.ndarray:
-    """Render level 0 of a slide as HxWx3 uint8."""
+def render(spec: SlideSpec, with_classes: bool = False):
+    """Render level 0 of a slide as HxWx3 uint8; with_classes also returns
+    the HxW int8 map of TEXTURES indices (-1 on glass), the ground truth of
+    the evaluation benchmark."""
     rng = np.random.default_rng(spec.seed)
     h, w = spec.height, spec.width
     # Layout on a coarse grid in physical units, so resolution does not change it.
@@ -138,7 +140,11 @@ def render(spec: SlideSpec) -> np.ndarray:
         box = sel[y0:y1, x0:x1]
         img[y0:y1, x0:x1][box] = tex[box]
     img += rng.normal(0, 3, img.shape).astype(np.float32)
-    return np.clip(img, 0, 255).astype(np.uint8)
+    img = np.clip(img, 0, 255).astype(np.uint8)
+    if not with_classes:
+        return img
+    class_map = np.where(tissue, classes[region], -1).astype(np.int8)
+    return img, class_map
 
 
 def _pyramid(level0: np.ndarray, min_side: int = 512) -> list[np.ndarray]:
@@ -157,10 +163,11 @@ def _label_image() -> np.ndarray:
     return np.asarray(img)
 
 
-def write_slide(spec: SlideSpec, path: str) -> None:
+def write_slide(spec: SlideSpec, path: str, level0: np.ndarray | None = None) -> None:
+    """Write the slide; level0 is render(spec) when the caller already has it."""
     import tifffile
 
-    levels = _pyramid(render(spec))
+    levels = _pyramid(render(spec) if level0 is None else level0)
     h, w = levels[0].shape[:2]
     res = (1e4 / spec.mpp, 1e4 / spec.mpp)  # pixels per centimetre
     tiled = dict(tile=(256, 256), compression="jpeg", compressionargs={"level": 90}, photometric="rgb", metadata=None)

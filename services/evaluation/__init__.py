@@ -1,0 +1,42 @@
+"""Retrieval-quality evaluation (`smily eval`); see docs/evaluation.md."""
+from __future__ import annotations
+
+import sys
+
+from protos.smily.embedder.v1 import embedder_pb2_grpc
+from services.common.channels import channel
+from services.common.config import Settings
+
+from . import archive, evaluate, manifest, report, robustness
+
+
+def evaluate_manifest(client, settings: Settings, manifest_path: str, out_dir: str, ks=(1, 5, 10),
+                      max_queries: int = 50, robustness_per_slide: int = 0, n_boot: int = 1000,
+                      seed: int = 0, quiet: bool = False) -> dict:
+    """Ingest what is missing, evaluate, write JSON + PNG to out_dir, print the table.
+
+    Raises manifest.ManifestError or archive.EvalError with a message for people.
+    """
+    def progress(msg: str) -> None:
+        if not quiet:
+            print(msg, file=sys.stderr)
+
+    m = manifest.load(manifest_path)
+    labeller = manifest.Labeller(m)
+    indexed = evaluate.ensure_ingested(client, m, labeller, progress)
+    opened = archive.open_slides(settings, m.slides())
+    emb_channel = channel(settings.embedder_target)
+    try:
+        arch = archive.build(settings, opened, embedder_pb2_grpc.EmbedderServiceStub(emb_channel), progress)
+    finally:
+        emb_channel.close()
+    result = evaluate.run(client, arch, m, indexed, tuple(ks), max_queries, n_boot, seed)
+    result["tiling"] = {"mpp": settings.tile_mpp, "tile_size": settings.tile_size,
+                        "min_tissue_fraction": settings.min_tissue_fraction}
+    if robustness_per_slide:
+        result["robustness"] = robustness.run(client, arch, opened, settings.tile_size, robustness_per_slide, seed)
+    json_path, png = report.write(result, out_dir)
+    if not quiet:
+        print(report.table(result))
+        print(f"\nwrote {json_path}" + (f" and {png}" if png else ""))
+    return result

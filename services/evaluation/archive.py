@@ -1,0 +1,87 @@
+"""Client-side copy of the archive: the same tiles as the index, read the same way.
+
+Pixels come from OpenSlide directly on the slide files under the configured
+slide roots, cut by the tiler's own code (services.tiler.tiling) with the
+deployment's tiling settings, so every tile here is the one the index holds.
+Each tile gets its embedding (from the embedder service) for exact search
+and its colour-texture features for the classical baseline.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from protos.smily.embedder.v1 import embedder_pb2
+from services.common import images
+from services.common.config import Settings
+from services.common.tensors import from_tensor
+from services.tiler import slides as slide_files
+from services.tiler import tiling
+
+from . import baseline
+
+BATCH = 32
+
+
+class EvalError(RuntimeError):
+    pass
+
+
+@dataclass
+class Archive:
+    slide_ids: np.ndarray  # one per tile
+    rects: np.ndarray  # (n, 4) level-0 x, y, width, height
+    tissue: np.ndarray  # tissue fraction per tile
+    embeddings: np.ndarray
+    features: np.ndarray
+    model_id: str
+
+    def key(self, i: int) -> tuple[str, int, int]:
+        return self.slide_ids[i], int(self.rects[i, 0]), int(self.rects[i, 1])
+
+
+def open_slides(settings: Settings, sources: dict[str, str]) -> dict:
+    """slide_id -> an open OpenSlide handle, resolved under the slide roots."""
+    roots, cache, out = slide_files.SlideRoots(settings.slide_roots), slide_files.SlideCache(), {}
+    for slide_id, source in sources.items():
+        try:
+            out[slide_id] = cache.get(roots.resolve(source))
+        except Exception as exc:  # NotFound, FailedPrecondition...: name the slide id, never the path
+            raise EvalError(f"slide {slide_id}: {exc}") from None
+    return out
+
+
+def embed(embedder, rgbs: list[np.ndarray]) -> tuple[np.ndarray, str]:
+    resp = embedder.Embed(embedder_pb2.EmbedRequest(images=[
+        embedder_pb2.Image(data=images.encode(rgb, images.RAW_RGB), encoding=images.RAW_RGB,
+                           width=rgb.shape[1], height=rgb.shape[0]) for rgb in rgbs]), timeout=300)
+    return from_tensor(resp.embeddings), resp.model_id
+
+
+def build(settings: Settings, opened: dict, embedder, progress=None) -> Archive:
+    ids, rects, tissue, embs, feats, model_ids = [], [], [], [], [], set()
+    size = settings.tile_size
+    for slide_id, slide in opened.items():
+        mpp = slide_files.mpp(slide)
+        if mpp <= 0:
+            raise EvalError(f"slide {slide_id} does not record its resolution (microns per pixel)")
+        plan = tiling.plan(slide, mpp, settings.tile_mpp, size, settings.min_tissue_fraction)
+        for start in range(0, len(plan), BATCH):
+            chunk = plan[start : start + BATCH]
+            rgbs = [tiling.read(slide, t.x, t.y, t.size, t.size, size, size) for t in chunk]
+            vecs, model_id = embed(embedder, rgbs)
+            model_ids.add(model_id)
+            embs.append(vecs)
+            feats.append(np.stack([baseline.features(rgb) for rgb in rgbs]))
+            ids += [slide_id] * len(chunk)
+            rects += [(t.x, t.y, t.size, t.size) for t in chunk]
+            tissue += [t.tissue_fraction for t in chunk]
+        if progress:
+            progress(f"archive: {slide_id}: {len(plan)} tiles")
+    if not ids:
+        raise EvalError("the manifest's slides have no tissue tiles at the configured tiling")
+    if len(model_ids) != 1:
+        raise EvalError(f"the embedder changed model during the evaluation: {sorted(model_ids)}")
+    return Archive(np.array(ids, object), np.array(rects, np.int64), np.array(tissue, np.float32),
+                   np.concatenate(embs), np.concatenate(feats), model_ids.pop())
