@@ -1,4 +1,4 @@
-"""Cutting a slide into tissue tiles at a physical resolution.
+"""Cutting a slide into tissue tiles at one or more physical resolutions.
 
 A tile of `tile_size` pixels at `target_mpp` covers tile_size * target_mpp /
 slide_mpp level-0 pixels. It is read from the coarsest pyramid level that is
@@ -27,6 +27,7 @@ class TileRect:
     y: int
     size: int  # level-0 pixels, square
     tissue_fraction: float
+    mpp: float  # resolution of the tile as sent
 
 
 def level_for(slide: openslide.OpenSlide, downsample: float) -> int:
@@ -38,30 +39,54 @@ def level_for(slide: openslide.OpenSlide, downsample: float) -> int:
     return best
 
 
-def read(slide: openslide.OpenSlide, x: int, y: int, w: int, h: int, out_w: int, out_h: int) -> np.ndarray:
-    """Read a level-0 rectangle and return it as out_h x out_w x 3 uint8 RGB."""
-    level = level_for(slide, min(w / out_w, h / out_h))
+def _read_level(slide: openslide.OpenSlide, x: int, y: int, w: int, h: int, level: int) -> Image.Image:
     ds = slide.level_downsamples[level]
     lw, lh = max(1, round(w / ds)), max(1, round(h / ds))
     region = slide.read_region((x, y), level, (lw, lh))
     # Transparent pixels (outside the scanned area) become white, like glass.
     rgb = Image.new("RGB", region.size, (255, 255, 255))
     rgb.paste(region, mask=region.getchannel("A"))
+    return rgb
+
+
+def read(slide: openslide.OpenSlide, x: int, y: int, w: int, h: int, out_w: int, out_h: int) -> np.ndarray:
+    """Read a level-0 rectangle and return it as out_h x out_w x 3 uint8 RGB."""
+    rgb = _read_level(slide, x, y, w, h, level_for(slide, min(w / out_w, h / out_h)))
     if rgb.size != (out_w, out_h):
         rgb = rgb.resize((out_w, out_h), Image.Resampling.BOX)
     return np.asarray(rgb)
 
 
-def plan(slide: openslide.OpenSlide, slide_mpp: float, target_mpp: float, tile_size: int, min_tissue: float) -> list[TileRect]:
-    """Tissue tiles of the slide in row-major order; none reaches past the edge."""
-    size = max(1, round(tile_size * target_mpp / slide_mpp))
+def read_row(slide: openslide.OpenSlide, x: int, y: int, size: int, count: int, tile_size: int) -> list[np.ndarray]:
+    """`count` side-by-side square tiles starting at level-0 (x, y), read as one
+    region: one OpenSlide call per run decodes each slide tile once and keeps
+    the reads on the slide's own tile grid instead of one ragged read per tile."""
+    level = level_for(slide, size / tile_size)
+    band = _read_level(slide, x, y, size * count, size, level)
+    step = band.size[0] / count
+    tiles = []
+    for i in range(count):
+        tile = band.crop((round(i * step), 0, round((i + 1) * step), band.size[1]))
+        if tile.size != (tile_size, tile_size):
+            tile = tile.resize((tile_size, tile_size), Image.Resampling.BOX)
+        tiles.append(np.asarray(tile))
+    return tiles
+
+
+def plan(slide: openslide.OpenSlide, slide_mpp: float, target_mpps: list[float], tile_size: int,
+         min_tissue: float) -> list[list[TileRect]]:
+    """For each target resolution, its tissue tiles in row-major order; none
+    reaches past the edge. One thumbnail mask serves every resolution."""
+    sizes = [max(1, round(tile_size * m / slide_mpp)) for m in target_mpps]
     width, height = slide.dimensions
-    cols, rows = width // size, height // size
-    if cols == 0 or rows == 0:
-        return []
-    scale = min(MASK_PX_PER_TILE / size, MAX_THUMBNAIL_SIDE / max(width, height), 1.0)
+    scale = min(MASK_PX_PER_TILE / min(sizes), MAX_THUMBNAIL_SIDE / max(width, height), 1.0)
     tw, th = max(1, math.ceil(width * scale)), max(1, math.ceil(height * scale))
     mask = tissue_mask(np.asarray(slide.get_thumbnail((tw, th)).convert("RGB")))
+    return [_grid(mask, width, height, size, size * slide_mpp / tile_size, min_tissue) for size in sizes]
+
+
+def _grid(mask: np.ndarray, width: int, height: int, size: int, mpp: float, min_tissue: float) -> list[TileRect]:
+    cols, rows = width // size, height // size
     sy, sx = mask.shape[0] / height, mask.shape[1] / width
     tiles = []
     for r in range(rows):
@@ -70,5 +95,5 @@ def plan(slide: openslide.OpenSlide, slide_mpp: float, target_mpp: float, tile_s
             x0, x1 = int(c * size * sx), max(int(c * size * sx) + 1, int((c + 1) * size * sx))
             frac = float(mask[y0:y1, x0:x1].mean()) if y1 <= mask.shape[0] and x1 <= mask.shape[1] else 0.0
             if frac >= min_tissue:
-                tiles.append(TileRect(c * size, r * size, size, frac))
+                tiles.append(TileRect(c * size, r * size, size, frac, mpp))
     return tiles
