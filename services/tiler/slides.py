@@ -92,16 +92,26 @@ def _open(path: str) -> openslide.OpenSlide:
     hint = UNSUPPORTED.get(os.path.splitext(path)[1].lower())
     if hint:
         raise FailedPrecondition(hint)
-    if os.path.getsize(path) == 0:
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
         raise FailedPrecondition("the slide file is empty (0 bytes); the upload or copy did not finish")
     try:
         return openslide.OpenSlide(path)
     except openslide.OpenSlideUnsupportedFormatError:
+        if _looks_like_slide_container(path):
+            raise FailedPrecondition(
+                "the file is a TIFF or DICOM file but cannot be read as a slide: it is damaged or truncated "
+                "(an interrupted copy?) or not a tiled whole-slide image") from None
         raise FailedPrecondition(
             "the file is not a whole-slide image OpenSlide can read (Aperio, Hamamatsu, Leica, MIRAX, "
             "Philips TIFF, Ventana, generic tiled TIFF or DICOM WSI)") from None
     except openslide.OpenSlideError:
         raise FailedPrecondition("the slide file is damaged or truncated and cannot be opened") from None
+
+
+def _looks_like_slide_container(path: str) -> bool:
+    with open(path, "rb") as fh:
+        head = fh.read(132)
+    return head[:4] in (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+") or head[128:132] == b"DICM"
 
 
 def mpp(slide: openslide.OpenSlide) -> float:

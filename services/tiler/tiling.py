@@ -14,11 +14,15 @@ import numpy as np
 import openslide
 from PIL import Image
 
+from services.common.errors import FailedPrecondition
+
 from .tissue import tissue_mask
 
 # Mask pixels per tile edge: enough to measure a tissue fraction.
 MASK_PX_PER_TILE = 8
 MAX_THUMBNAIL_SIDE = 4096
+# Largest pyramid level read whole to make the thumbnail.
+MAX_THUMBNAIL_SOURCE_PIXELS = 8192 * 8192
 
 
 @dataclass(frozen=True)
@@ -81,8 +85,22 @@ def plan(slide: openslide.OpenSlide, slide_mpp: float, target_mpps: list[float],
     width, height = slide.dimensions
     scale = min(MASK_PX_PER_TILE / min(sizes), MAX_THUMBNAIL_SIDE / max(width, height), 1.0)
     tw, th = max(1, math.ceil(width * scale)), max(1, math.ceil(height * scale))
-    mask = tissue_mask(np.asarray(slide.get_thumbnail((tw, th)).convert("RGB")))
+    mask = tissue_mask(thumbnail(slide, tw, th))
     return [_grid(mask, width, height, size, size * slide_mpp / tile_size, min_tissue) for size in sizes]
+
+
+def thumbnail(slide: openslide.OpenSlide, tw: int, th: int) -> np.ndarray:
+    """The slide shrunk to tw x th RGB, read from the best pyramid level, which
+    is size-checked first: a file with no small level would otherwise make the
+    reader decode the whole slide at once."""
+    level = slide.get_best_level_for_downsample(max(slide.dimensions[0] / tw, slide.dimensions[1] / th))
+    lw, lh = slide.level_dimensions[level]
+    if lw * lh > MAX_THUMBNAIL_SOURCE_PIXELS:
+        raise FailedPrecondition(
+            f"the slide has no low-resolution level small enough for tissue detection (smallest usable level "
+            f"is {lw}x{lh} pixels); re-save it as a pyramidal (multi-resolution) file")
+    rgb = _read_level(slide, 0, 0, *slide.dimensions, level)
+    return np.asarray(rgb.resize((tw, th), Image.Resampling.BOX))
 
 
 def _grid(mask: np.ndarray, width: int, height: int, size: int, mpp: float, min_tissue: float) -> list[TileRect]:
