@@ -44,3 +44,55 @@ def fake_isyntax(path: str) -> None:
     # iSyntax files start with an XML header; OpenSlide has no reader for them.
     with open(path, "wb") as fh:
         fh.write(b'<?xml version="1.0" encoding="UTF-8" ?>\r\n<DataObject ObjectType="DPUfsImport">\r\n' + b"\0" * 4096)
+
+
+def dicom_wsi(directory: str, levels: list[np.ndarray], mpp: float, tile: int = 256) -> list[str]:
+    """A DICOM WSI series (VL Whole Slide Microscopy, TILED_FULL, one instance
+    per pyramid level, uncompressed frames) as a scanner's PACS export holds it.
+    Returns the file paths, level 0 first."""
+    import os
+
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    wsi = "1.2.840.10008.5.1.4.1.1.77.1.6"
+    study, series, frame_of_ref = generate_uid(), generate_uid(), generate_uid()
+    paths = []
+    for i, rgb in enumerate(levels):
+        h, w = rgb.shape[:2]
+        rows, cols = -(-h // tile), -(-w // tile)
+        padded = np.full((rows * tile, cols * tile, 3), 255, np.uint8)
+        padded[:h, :w] = rgb
+        frames = padded.reshape(rows, tile, cols, tile, 3).transpose(0, 2, 1, 3, 4)
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = wsi
+        ds.file_meta.MediaStorageSOPInstanceUID = sop = generate_uid()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SOPClassUID, ds.SOPInstanceUID = wsi, sop
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame_of_ref
+        ds.Modality = "SM"
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"] if i == 0 else ["DERIVED", "PRIMARY", "VOLUME", "RESAMPLED"]
+        ds.PatientName, ds.PatientID = "ANON", "ANON"
+        ds.InstanceNumber = i + 1
+        ds.DimensionOrganizationType = "TILED_FULL"
+        ds.TotalPixelMatrixColumns, ds.TotalPixelMatrixRows = w, h
+        ds.TotalPixelMatrixFocalPlanes = 1
+        ds.NumberOfOpticalPaths = 1
+        ds.Rows = ds.Columns = tile
+        ds.NumberOfFrames = rows * cols
+        ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+        level_mpp = mpp * levels[0].shape[1] / w
+        ds.ImagedVolumeWidth, ds.ImagedVolumeHeight = w * level_mpp / 1000, h * level_mpp / 1000
+        measures = Dataset()
+        measures.PixelSpacing = [level_mpp / 1000, level_mpp / 1000]  # millimetres
+        measures.SliceThickness = 0.001
+        shared = Dataset()
+        shared.PixelMeasuresSequence = [measures]
+        ds.SharedFunctionalGroupsSequence = [shared]
+        ds.PixelData = frames.tobytes()
+        path = os.path.join(directory, f"level-{i}.dcm")
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
