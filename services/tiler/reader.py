@@ -38,13 +38,11 @@ def plan(path: str, slide_mpp: float, target_mpps: list[float], tile_size: int, 
     return tiling.plan(_cache.get(path), slide_mpp, target_mpps, tile_size, min_tissue)
 
 
-def tiles(path: str, runs: list[tuple[int, int, int, int]], tile_size: int, encoding: int) -> list[bytes]:
-    """Encoded tiles for runs of (x, y, size, count) side-by-side tiles."""
+def tiles(path: str, rects: list[tuple[int, int, int]], tile_size: int, encoding: int) -> list[bytes]:
+    """Encoded square tiles at level-0 (x, y, size), read in the order given."""
     slide = _cache.get(path)
-    out = []
-    for x, y, size, count in runs:
-        out.extend(images.encode(t, encoding) for t in tiling.read_row(slide, x, y, size, count, tile_size))
-    return out
+    return [images.encode(tiling.read(slide, x, y, size, size, tile_size, tile_size), encoding)
+            for x, y, size in rects]
 
 
 def region(path: str, x: int, y: int, w: int, h: int, out_w: int, out_h: int, encoding: int) -> bytes:
@@ -78,6 +76,7 @@ def serve(conn, log_level: str = "INFO") -> None:
 
     logs.setup(log_level)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server process decides when readers stop
+    conn.send("ready")
     while True:
         try:
             op, path, args = conn.recv()

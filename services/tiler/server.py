@@ -17,7 +17,7 @@ from services.common.errors import FailedPrecondition, InvalidArgument, require
 from services.common.server import Registration
 
 from . import slides
-from .tiling import TileRect
+from .tiling import block_order
 from .workers import WorkerPool
 
 log = logging.getLogger("smily.tiler")
@@ -27,9 +27,6 @@ DEFAULT_TILE_SIZE = 224
 DEFAULT_MIN_TISSUE = 0.5
 MAX_TILE_SIZE = 2048
 MAX_RESOLUTIONS = 8
-# Output pixels per reader request: big enough to amortise the round trip,
-# small enough to keep every reader busy and memory flat.
-CHUNK_PIXELS = 16 * 224 * 224
 ENCODINGS = (images.RAW_RGB, images.PNG, images.JPEG)
 
 
@@ -79,16 +76,16 @@ class TilerServicer(tiler_pb2_grpc.TilerServiceServicer):
 
         plans = self.readers.call("plan", path, slide_mpp, targets, tile_size, min_tissue)
         total = sum(len(rects) for rects in plans)
-        chunks = [c for rects in plans for c in _chunks(rects, max(1, CHUNK_PIXELS // tile_size**2))]
+        chunks = [block for rects in plans for block in block_order(rects, tile_size)]
         # Read ahead: every reader has work queued while tiles go out in order.
         pending: deque = deque()
         ahead = 2 * self.readers.size
         try:
             for i in range(len(chunks) + ahead):
                 if i < len(chunks):
-                    runs = _runs(chunks[i])
+                    rects = [(t.x, t.y, t.size) for t in chunks[i]]
                     pending.append((chunks[i], self._pool.submit(
-                        self.readers.call, "tiles", path, runs, tile_size, encoding)))
+                        self.readers.call, "tiles", path, rects, tile_size, encoding)))
                 if i < ahead:
                     continue
                 if not pending or not context.is_active():
@@ -131,22 +128,6 @@ class TilerServicer(tiler_pb2_grpc.TilerServiceServicer):
             image=tiler_pb2.Image(data=data, encoding=encoding, width=out_w, height=out_h),
             mpp=r.mpp or slide_mpp,
         )
-
-
-def _chunks(rects: list[TileRect], n: int) -> list[list[TileRect]]:
-    return [rects[i : i + n] for i in range(0, len(rects), n)]
-
-
-def _runs(rects: list[TileRect]) -> list[tuple[int, int, int, int]]:
-    """Group row-major tiles into runs of side-by-side tiles: (x, y, size, count)."""
-    runs: list[list[int]] = []
-    for t in rects:
-        last = runs[-1] if runs else None
-        if last and last[1] == t.y and last[2] == t.size and last[0] + last[2] * last[3] == t.x:
-            last[3] += 1
-        else:
-            runs.append([t.x, t.y, t.size, 1])
-    return [tuple(r) for r in runs]
 
 
 def registration(settings: Settings) -> Registration:

@@ -21,6 +21,7 @@ from .tissue import tissue_mask
 # Mask pixels per tile edge: enough to measure a tissue fraction.
 MASK_PX_PER_TILE = 8
 MAX_THUMBNAIL_SIDE = 4096
+BLOCK_PIXELS = 1792
 # Largest pyramid level read whole to make the thumbnail.
 MAX_THUMBNAIL_SOURCE_PIXELS = 8192 * 8192
 
@@ -61,22 +62,6 @@ def read(slide: openslide.OpenSlide, x: int, y: int, w: int, h: int, out_w: int,
     return np.asarray(rgb)
 
 
-def read_row(slide: openslide.OpenSlide, x: int, y: int, size: int, count: int, tile_size: int) -> list[np.ndarray]:
-    """`count` side-by-side square tiles starting at level-0 (x, y), read as one
-    region: one OpenSlide call per run decodes each slide tile once and keeps
-    the reads on the slide's own tile grid instead of one ragged read per tile."""
-    level = level_for(slide, size / tile_size)
-    band = _read_level(slide, x, y, size * count, size, level)
-    step = band.size[0] / count
-    tiles = []
-    for i in range(count):
-        tile = band.crop((round(i * step), 0, round((i + 1) * step), band.size[1]))
-        if tile.size != (tile_size, tile_size):
-            tile = tile.resize((tile_size, tile_size), Image.Resampling.BOX)
-        tiles.append(np.asarray(tile))
-    return tiles
-
-
 def plan(slide: openslide.OpenSlide, slide_mpp: float, target_mpps: list[float], tile_size: int,
          min_tissue: float) -> list[list[TileRect]]:
     """For each target resolution, its tissue tiles in row-major order; none
@@ -87,6 +72,25 @@ def plan(slide: openslide.OpenSlide, slide_mpp: float, target_mpps: list[float],
     tw, th = max(1, math.ceil(width * scale)), max(1, math.ceil(height * scale))
     mask = tissue_mask(thumbnail(slide, tw, th))
     return [_grid(mask, width, height, size, size * slide_mpp / tile_size, min_tissue) for size in sizes]
+
+
+def block_side(tile_size: int) -> int:
+    """Tiles per edge of a block: about 1792 output pixels (8 tiles of 224)."""
+    return max(1, min(8, round(BLOCK_PIXELS / tile_size)))
+
+
+def block_order(rects: list[TileRect], tile_size: int) -> list[list[TileRect]]:
+    """Row-major tiles regrouped into square blocks of tiles, blocks in row-major
+    order, tiles row-major inside each block. One block goes to one reader, so
+    the slide tiles a block overlaps are decoded once, in one process, instead
+    of once per reader that holds a neighbouring row."""
+    if not rects:
+        return []
+    side = block_side(tile_size) * rects[0].size
+    blocks: dict[tuple[int, int], list[TileRect]] = {}
+    for t in rects:
+        blocks.setdefault((t.y // side, t.x // side), []).append(t)
+    return [blocks[k] for k in sorted(blocks)]
 
 
 def thumbnail(slide: openslide.OpenSlide, tw: int, th: int) -> np.ndarray:

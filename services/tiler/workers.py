@@ -14,12 +14,15 @@ import logging
 import multiprocessing as mp
 import queue
 import threading
+import time
 
 from services.common.errors import FailedPrecondition, Unavailable
 
 from . import reader
 
 log = logging.getLogger("smily.tiler.workers")
+
+READY_TIMEOUT_S = 60.0
 
 
 class _Worker:
@@ -28,6 +31,10 @@ class _Worker:
         self.process = ctx.Process(target=reader.serve, args=(child, log_level), daemon=True, name="slide-reader")
         self.process.start()
         child.close()
+        # Ready once it has imported OpenSlide: the server only serves after that.
+        if not self.conn.poll(READY_TIMEOUT_S) or self.conn.recv() != "ready":
+            self.kill()
+            raise RuntimeError("a slide reader process did not start")
 
     def kill(self) -> None:
         self.process.kill()
@@ -64,7 +71,15 @@ class WorkerPool:
             self._all.discard(worker)
             self.replaced += 1
         # Starting a process takes a moment: the caller gets its answer now.
-        threading.Thread(target=self._add, daemon=True).start()
+        threading.Thread(target=self._refill, daemon=True).start()
+
+    def _refill(self) -> None:
+        while True:
+            try:
+                return self._add()
+            except RuntimeError:
+                log.error("slide reader failed to start; retrying")
+                time.sleep(1)
 
     def call(self, op: str, path: str, *args):
         """Run reader.OPS[op](path, *args) in a reader process and return its result."""
