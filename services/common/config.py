@@ -36,6 +36,10 @@ class Settings:
     slide_roots: tuple[str, ...] = field(default_factory=lambda: ("data/samples",))
     # Largest region (pixels at the output resolution) one ReadRegion returns.
     max_region_pixels: int = 4096 * 4096
+    # Processes that parse slide files (isolated from the server, in parallel).
+    tiler_readers: int = 2
+    # Seconds one read may take before its process is killed and replaced.
+    tiler_read_timeout_s: float = 60.0
 
     # Embedder: model repository and the model it serves, "<name>/<version>".
     model_repository: str = "models"

@@ -38,18 +38,25 @@ class SlideRoots:
                 raise InvalidArgument("slide name resolves outside the slide roots")
             if os.path.exists(path):
                 if not os.path.isfile(path):
-                    raise InvalidArgument("slide name is not a file")
+                    raise InvalidArgument(
+                        "slide name is a folder, not a slide file (for MIRAX name the .mrxs file, "
+                        "for DICOM WSI one .dcm file of the series)")
                 return path
         raise NotFound("no such slide under the slide roots")
 
 
 class SlideCache:
-    """A few open OpenSlide handles, reused across requests (they are thread-safe)."""
+    """A few open OpenSlide handles, reused across requests (they are thread-safe).
 
-    def __init__(self, size: int = 16):
+    They share one decoded-tile cache, so neighbouring tiles that overlap a
+    slide tile do not decode it twice.
+    """
+
+    def __init__(self, size: int = 16, tile_cache_bytes: int = 128 * 1024 * 1024):
         self._size = size
         self._lock = threading.Lock()
         self._open: OrderedDict[str, tuple[float, openslide.OpenSlide]] = OrderedDict()
+        self._tiles = openslide.OpenSlideCache(tile_cache_bytes)
 
     def get(self, path: str) -> openslide.OpenSlide:
         mtime = os.stat(path).st_mtime
@@ -59,6 +66,7 @@ class SlideCache:
                 self._open.move_to_end(path)
                 return hit[1]
         slide = _open(path)
+        slide.set_cache(self._tiles)
         with self._lock:
             self._open[path] = (mtime, slide)
             self._open.move_to_end(path)
@@ -66,14 +74,44 @@ class SlideCache:
                 self._open.popitem(last=False)  # closed when the last reader lets go
         return slide
 
+    def forget(self, path: str) -> None:
+        """Drop a handle: after an error OpenSlide refuses every later call on it."""
+        with self._lock:
+            self._open.pop(path, None)
+
+
+# Formats OpenSlide cannot read, named so the lab knows what to do instead.
+UNSUPPORTED = {
+    ".isyntax": "Philips iSyntax is not readable here; export the slide as Philips TIFF or DICOM WSI",
+    ".czi": "Zeiss CZI is not readable here; export the slide as OME-TIFF or DICOM WSI",
+}
+
 
 def _open(path: str) -> openslide.OpenSlide:
+    # OpenSlide's messages name the file path: they are not passed on.
+    hint = UNSUPPORTED.get(os.path.splitext(path)[1].lower())
+    if hint:
+        raise FailedPrecondition(hint)
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise FailedPrecondition("the slide file is empty (0 bytes); the upload or copy did not finish")
     try:
         return openslide.OpenSlide(path)
     except openslide.OpenSlideUnsupportedFormatError:
-        raise FailedPrecondition("the file is not a whole-slide image format OpenSlide can read") from None
-    except openslide.OpenSlideError as exc:
-        raise FailedPrecondition(f"the slide file is damaged or unreadable: {exc}") from None
+        if _looks_like_slide_container(path):
+            raise FailedPrecondition(
+                "the file is a TIFF or DICOM file but cannot be read as a slide: it is damaged or truncated "
+                "(an interrupted copy?) or not a tiled whole-slide image") from None
+        raise FailedPrecondition(
+            "the file is not a whole-slide image OpenSlide can read (Aperio, Hamamatsu, Leica, MIRAX, "
+            "Philips TIFF, Ventana, generic tiled TIFF or DICOM WSI)") from None
+    except openslide.OpenSlideError:
+        raise FailedPrecondition("the slide file is damaged or truncated and cannot be opened") from None
+
+
+def _looks_like_slide_container(path: str) -> bool:
+    with open(path, "rb") as fh:
+        head = fh.read(132)
+    return head[:4] in (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+") or head[128:132] == b"DICM"
 
 
 def mpp(slide: openslide.OpenSlide) -> float:

@@ -1,0 +1,94 @@
+"""The code that runs inside a reader process: every byte of a slide file is
+parsed here, never in the gRPC server process (see workers.py).
+
+Each process keeps its own OpenSlide handles and decoded-tile cache. Replies
+are plain picklable values; errors go back as (error class name, message)
+with OpenSlide's text (which names the file path) left out.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import signal
+import uuid
+
+import openslide
+
+from services.common import errors, images  # images sets Pillow's pixel limit
+from services.common.errors import FailedPrecondition, ServiceError
+
+from . import slides, tiling
+
+log = logging.getLogger("smily.tiler.reader")
+
+_cache = slides.SlideCache()
+
+
+def slide_id(path: str) -> str:
+    """An opaque id for logs: the path itself never appears there."""
+    return hashlib.sha256(path.encode()).hexdigest()[:12]
+
+
+def info(path: str) -> tuple[dict, float]:
+    slide = _cache.get(path)
+    return slides.info(slide), slides.mpp(slide)
+
+
+def plan(path: str, slide_mpp: float, target_mpps: list[float], tile_size: int, min_tissue: float):
+    return tiling.plan(_cache.get(path), slide_mpp, target_mpps, tile_size, min_tissue)
+
+
+def tiles(path: str, rects: list[tuple[int, int, int]], tile_size: int, encoding: int) -> list[bytes]:
+    """Encoded square tiles at level-0 (x, y, size), read in the order given."""
+    slide = _cache.get(path)
+    return [images.encode(tiling.read(slide, x, y, size, size, tile_size, tile_size), encoding)
+            for x, y, size in rects]
+
+
+def region(path: str, x: int, y: int, w: int, h: int, out_w: int, out_h: int, encoding: int) -> bytes:
+    return images.encode(tiling.read(_cache.get(path), x, y, w, h, out_w, out_h), encoding)
+
+
+OPS = {"info": info, "plan": plan, "tiles": tiles, "region": region}
+
+
+def _run(op: str, path: str, args: tuple):
+    try:
+        return ("ok", OPS[op](path, *args))
+    except ServiceError as exc:
+        return ("error", type(exc).__name__, str(exc))
+    except openslide.OpenSlideError as exc:
+        _cache.forget(path)
+        log.warning("slide read failed", extra={"slide_id": slide_id(path), "error_type": type(exc).__name__})
+        return ("error", "FailedPrecondition", "the slide file is damaged or truncated: a part of it cannot be read")
+    except MemoryError:
+        return ("error", "ResourceExhausted", "the slide reader ran out of memory; ask for a smaller region")
+    except Exception as exc:  # a bug here must not look like a crash of the reader
+        error_id = uuid.uuid4().hex[:12]
+        log.error("reader error", extra={"slide_id": slide_id(path), "error_type": type(exc).__name__,
+                                         "error_id": error_id})
+        return ("error", "ServiceError", f"internal error in the slide reader (error id {error_id})")
+
+
+def serve(conn, log_level: str = "INFO") -> None:
+    """Answer (op, path, args) requests on `conn` until the server closes it."""
+    from services.common import logs
+
+    logs.setup(log_level)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server process decides when readers stop
+    conn.send("ready")
+    while True:
+        try:
+            op, path, args = conn.recv()
+        except (EOFError, OSError):
+            return
+        conn.send(_run(op, path, args))
+
+
+ERRORS = {cls.__name__: cls for cls in (
+    errors.ServiceError, errors.InvalidArgument, errors.NotFound, errors.FailedPrecondition, errors.ResourceExhausted,
+    errors.Unavailable)}
+
+
+def reraise(name: str, message: str):
+    raise ERRORS.get(name, FailedPrecondition)(message)
