@@ -66,7 +66,7 @@ def build(settings: Settings, opened: dict, embedder, progress=None) -> Archive:
         mpp = slide_files.mpp(slide)
         if mpp <= 0:
             raise EvalError(f"slide {slide_id} does not record its resolution (microns per pixel)")
-        plan = tiling.plan(slide, mpp, settings.tile_mpp, size, settings.min_tissue_fraction)
+        plan = tiling.plan(slide, mpp, [settings.tile_mpp], size, settings.min_tissue_fraction)[0]
         for start in range(0, len(plan), BATCH):
             chunk = plan[start : start + BATCH]
             rgbs = [tiling.read(slide, t.x, t.y, t.size, t.size, size, size) for t in chunk]
