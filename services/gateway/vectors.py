@@ -36,10 +36,12 @@ def concept_vector(with_: np.ndarray, without: np.ndarray, steps: int = 300, lr:
     and its training accuracy."""
     x = np.concatenate([with_, without]).astype(np.float64)
     y = np.concatenate([np.ones(len(with_)), np.zeros(len(without))])
-    # Centre and scale: embeddings share a large common component, which
-    # would otherwise make plain gradient descent crawl.
-    mu, sd = x.mean(0), x.std(0) + 1e-6
-    z = (x - mu) / sd
+    # Centre and scale by one global factor: embeddings share a large common
+    # component that would make gradient descent crawl. Per-dimension
+    # scaling would favour near-constant dimensions, a direction searches
+    # barely feel, so the geometry of the embedding space is kept.
+    z = x - x.mean(0)
+    z /= z.std() + 1e-12
     sample_w = np.where(y == 1, 0.5 / len(with_), 0.5 / len(without))
     w, b = np.zeros(x.shape[1]), 0.0
     for _ in range(steps):
@@ -48,8 +50,7 @@ def concept_vector(with_: np.ndarray, without: np.ndarray, steps: int = 300, lr:
         w -= lr * (z.T @ g + l2 * w)
         b -= lr * g.sum()
     accuracy = float((((z @ w + b) > 0) == (y == 1)).mean())
-    # Back to embedding space: the decision function is (w / sd) . x + const.
-    return unit(w / sd), accuracy
+    return unit(w), accuracy
 
 
 def mosaic(vectors: np.ndarray, size: int, iterations: int = 20, seed: int = 0) -> np.ndarray:
