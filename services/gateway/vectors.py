@@ -68,13 +68,17 @@ def mosaic(vectors: np.ndarray, size: int, iterations: int = 20, seed: int = 0) 
         d2 = np.minimum(d2, ((x - centres[-1]) ** 2).sum(1))
     c = np.stack(centres)
     for _ in range(iterations):
-        assign = ((x[:, None, :] - c[None]) ** 2).sum(2).argmin(1)
+        assign = _sq_dist(x, c).argmin(1)
         new = np.stack([x[assign == j].mean(0) if (assign == j).any() else c[j] for j in range(size)])
         if np.allclose(new, c):
             break
         c = new
-    picked = ((x[:, None, :] - c[None]) ** 2).sum(2).argmin(0)
-    return np.unique(picked)
+    return np.unique(_sq_dist(x, c).argmin(0))
+
+
+def _sq_dist(x: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """[n, k] squared distances without an [n, k, dim] temporary (slides have 10^4+ tiles)."""
+    return (x * x).sum(1)[:, None] - 2 * x @ c.T + (c * c).sum(1)[None]
 
 
 def rank_slides(per_tile_hits: list[list]) -> list[tuple[str, float, int, list]]:
