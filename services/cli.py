@@ -88,19 +88,106 @@ def print_hits(resp, as_json: bool) -> None:
               f"{h['width']:>5} {h['height']:>5}  {meta}")
 
 
+def _example(spec: str):
+    """SLIDE_ID:X,Y,W,H is a region; anything else is an image file."""
+    slide, sep, rect = spec.rpartition(":")
+    if sep and rect.count(",") == 3:
+        return dict(slide_id=slide, **_parse_region(rect))
+    with open(spec, "rb") as fh:
+        return fh.read()
+
+
+def _concept_weights(items) -> dict[str, float]:
+    out = {}
+    for item in items or []:
+        name, sep, weight = item.partition("=")
+        try:
+            out[name] = float(weight)
+        except ValueError:
+            raise SystemExit(f"--concept takes NAME=WEIGHT, got {item!r}") from None
+        if not sep or not name:
+            raise SystemExit(f"--concept takes NAME=WEIGHT, got {item!r}")
+    return out
+
+
 def _search(args) -> int:
     client = _client(args)
-    if bool(args.image) == bool(args.slide):
+    if args.image and args.slide:
         raise SystemExit("give either --image FILE or --slide ID --region X,Y,W,H")
+    if not (args.image or args.slide or args.positive):
+        raise SystemExit("give --image FILE, --slide ID --region X,Y,W,H or --positive examples")
+    query = {}
     if args.image:
         with open(args.image, "rb") as fh:
-            resp = client.search(image=fh.read(), k=args.k)
-    else:
+            query["image"] = fh.read()
+    elif args.slide:
         if not args.region:
             raise SystemExit("--slide needs --region X,Y,W,H")
-        region = dict(slide_id=args.slide, **_parse_region(args.region))
-        resp = client.search(region=region, k=args.k, exclude_query_slide=args.exclude_query_slide)
+        query["region"] = dict(slide_id=args.slide, **_parse_region(args.region))
+    resp = client.search(
+        **query, k=args.k, exclude_query_slide=args.exclude_query_slide,
+        positives=[_example(e) for e in args.positive or []], negatives=[_example(e) for e in args.negative or []],
+        negative_weight=args.negative_weight, concepts=_concept_weights(args.concept),
+        max_hits_per_slide=args.max_per_slide, page_size=args.page_size, page_token=args.page_token)
     print_hits(resp, args.json)
+    if resp.next_page_token:
+        print(f"next page: --page-token {resp.next_page_token}", file=sys.stderr)
+    return 0
+
+
+def _search_slides(args) -> int:
+    from services.client import hit_dict
+
+    if bool(args.slide_id) == bool(args.source):
+        raise SystemExit("give either --slide-id ID or --source PATH")
+    resp = _client(args).search_slides(slide_id=args.slide_id or "", source=args.source or "", k=args.k,
+                                       mosaic_size=args.mosaic_size, exclude_query_slide=args.exclude_query_slide)
+    slides = [{"slide_id": s.slide_id, "score": round(float(s.score), 4), "matched_mosaic_tiles": s.matched_mosaic_tiles,
+               "metadata": dict(s.metadata), "regions": [hit_dict(h) for h in s.regions]} for s in resp.slides]
+    if args.json:
+        print(json.dumps(slides, indent=2))
+        return 0
+    print(f"{len(slides)} slides (mosaic of {resp.mosaic_size} tiles, model {resp.model_id})")
+    for i, s in enumerate(slides, 1):
+        best = s["regions"][0] if s["regions"] else None
+        where = f"best region {best['x']},{best['y']},{best['width']},{best['height']}" if best else ""
+        print(f"{i:>4}  {s['score']:>6.3f}  {s['slide_id']:<24} {s['matched_mosaic_tiles']:>3} tiles matched  {where}")
+    return 0
+
+
+def _read_region(args) -> int:
+    region = dict(slide_id=args.slide_id, **_parse_region(args.region))
+    resp = _client(args).read_region(region, mpp=args.mpp, max_side=args.max_side,
+                                     jpeg=args.output.lower().endswith((".jpg", ".jpeg")))
+    with open(args.output, "wb") as fh:
+        fh.write(resp.image)
+    print(f"wrote {args.output}: {resp.width}x{resp.height} at {resp.mpp:.3f} um/px")
+    return 0
+
+
+def _concept(args) -> int:
+    client = _client(args)
+    if args.concept_command == "create":
+        if not args.with_ or not args.without:
+            raise SystemExit("a concept needs --with and --without examples")
+        c = client.create_concept(args.name, [_example(e) for e in args.with_], [_example(e) for e in args.without])
+        print(f"concept {c.name} ({c.model_id}): {c.with_examples} with, {c.without_examples} without, "
+              f"training accuracy {c.train_accuracy:.2f}")
+    elif args.concept_command == "list":
+        for c in client.concepts():
+            print(f"{c.name:<24} {c.with_examples:>4} with {c.without_examples:>4} without  {c.model_id}")
+    else:
+        client.delete_concept(args.name)
+        print(f"deleted concept {args.name}")
+    return 0
+
+
+def _cancel(args) -> int:
+    from protos.smily.gateway.v1 import gateway_pb2
+
+    op = _client(args).cancel(args.operation_id)
+    print(f"{op.operation_id}: {gateway_pb2.OperationState.Name(op.state)}"
+          f"{' (cancel requested)' if op.cancel_requested else ''}")
     return 0
 
 
@@ -262,9 +349,51 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--slide", help="indexed slide id, with --region")
     s.add_argument("--region", help="X,Y,W,H in level-0 pixels")
     s.add_argument("--k", type=int, default=None, help="number of hits (default 10)")
-    s.add_argument("--exclude-query-slide", action="store_true")
+    s.add_argument("--exclude-query-slide", action="store_true", help="leave the region examples' slides out")
+    example = "an image FILE or SLIDE_ID:X,Y,W,H"
+    s.add_argument("--positive", action="append", metavar="EXAMPLE", help=f"more like this: {example}")
+    s.add_argument("--negative", action="append", metavar="EXAMPLE", help=f"less like this: {example}")
+    s.add_argument("--negative-weight", type=float, default=None, help="Rocchio weight of negatives (default 0.5)")
+    s.add_argument("--concept", action="append", metavar="NAME=WEIGHT", help="steer by a concept (weight < 0: less)")
+    s.add_argument("--max-per-slide", type=int, default=0, help="at most this many hits per slide")
+    s.add_argument("--page-size", type=int, default=0)
+    s.add_argument("--page-token", default="")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_search)
+
+    s = with_gateway(sub.add_parser("search-slides", help="find similar whole slides (Yottixel)"))
+    s.add_argument("--slide-id", help="an indexed slide")
+    s.add_argument("--source", help="a slide path under the slide roots")
+    s.add_argument("--k", type=int, default=None, help="number of slides (default 10)")
+    s.add_argument("--mosaic-size", type=int, default=None, help="tiles in the query's mosaic (default 16)")
+    s.add_argument("--exclude-query-slide", action="store_true")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_search_slides)
+
+    s = with_gateway(sub.add_parser("read-region", help="save the image of a slide region (a hit)"))
+    s.add_argument("slide_id")
+    s.add_argument("region", help="X,Y,W,H in level-0 pixels")
+    s.add_argument("--output", required=True, help=".png or .jpg file")
+    s.add_argument("--mpp", type=float, default=0.0, help="output um/px (default: the tiling resolution)")
+    s.add_argument("--max-side", type=int, default=0, help="longest side in pixels (default 1024)")
+    s.set_defaults(func=_read_region)
+
+    c = sub.add_parser("concept", help="concepts for steering searches").add_subparsers(
+        dest="concept_command", required=True)
+    s = with_gateway(c.add_parser("create", help="learn a concept from examples with and without it"))
+    s.add_argument("name")
+    s.add_argument("--with", dest="with_", action="append", metavar="EXAMPLE", help=example)
+    s.add_argument("--without", action="append", metavar="EXAMPLE", help=example)
+    s.set_defaults(func=_concept)
+    s = with_gateway(c.add_parser("list", help="concepts of the current model"))
+    s.set_defaults(func=_concept)
+    s = with_gateway(c.add_parser("delete", help="delete a concept"))
+    s.add_argument("name")
+    s.set_defaults(func=_concept)
+
+    s = with_gateway(sub.add_parser("cancel", help="cancel an ingest operation"))
+    s.add_argument("operation_id")
+    s.set_defaults(func=_cancel)
 
     s = with_gateway(sub.add_parser("slides", help="list indexed slides"))
     s.add_argument("--json", action="store_true")

@@ -8,7 +8,8 @@ import grpc
 from protos.smily.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from services.common.channels import channel
 
-DONE = (gateway_pb2.OPERATION_STATE_SUCCEEDED, gateway_pb2.OPERATION_STATE_FAILED)
+DONE = (gateway_pb2.OPERATION_STATE_SUCCEEDED, gateway_pb2.OPERATION_STATE_FAILED,
+        gateway_pb2.OPERATION_STATE_CANCELLED)
 
 
 class Client:
@@ -31,15 +32,58 @@ class Client:
         return op
 
     def search(self, *, image: bytes | None = None, region: dict | None = None, k: int | None = None,
-               exclude_query_slide: bool = False) -> gateway_pb2.SearchResponse:
-        req = gateway_pb2.SearchRequest(exclude_query_slide=exclude_query_slide)
+               exclude_query_slide: bool = False, positives=(), negatives=(), negative_weight: float | None = None,
+               concepts: dict[str, float] | None = None, max_hits_per_slide: int = 0, page_size: int = 0,
+               page_token: str = "") -> gateway_pb2.SearchResponse:
+        """Examples in positives/negatives are image bytes or region dicts."""
+        req = gateway_pb2.SearchRequest(
+            exclude_query_slide=exclude_query_slide, positives=[example(e) for e in positives],
+            negatives=[example(e) for e in negatives], max_hits_per_slide=max_hits_per_slide,
+            page_size=page_size, page_token=page_token,
+            concepts=[gateway_pb2.WeightedConcept(name=n, weight=w) for n, w in (concepts or {}).items()])
         if k is not None:
             req.k = k
+        if negative_weight is not None:
+            req.negative_weight = negative_weight
         if image is not None:
             req.image = image
         if region is not None:
             req.region.CopyFrom(gateway_pb2.Region(**region))
         return self.stub.Search(req, timeout=self.timeout)
+
+    def search_slides(self, *, slide_id: str = "", source: str = "", k: int | None = None,
+                      mosaic_size: int | None = None, exclude_query_slide: bool = False) -> gateway_pb2.SearchSlidesResponse:
+        req = gateway_pb2.SearchSlidesRequest(exclude_query_slide=exclude_query_slide)
+        if slide_id:
+            req.slide_id = slide_id
+        if source:
+            req.source = source
+        if k is not None:
+            req.k = k
+        if mosaic_size is not None:
+            req.mosaic_size = mosaic_size
+        return self.stub.SearchSlides(req, timeout=self.timeout)
+
+    def read_region(self, region: dict, mpp: float = 0.0, max_side: int = 0,
+                    jpeg: bool = False) -> gateway_pb2.ReadRegionResponse:
+        fmt = gateway_pb2.IMAGE_FORMAT_JPEG if jpeg else gateway_pb2.IMAGE_FORMAT_PNG
+        return self.stub.ReadRegion(gateway_pb2.ReadRegionRequest(
+            region=gateway_pb2.Region(**region), mpp=mpp, max_side=max_side, format=fmt), timeout=self.timeout)
+
+    def create_concept(self, name: str, with_examples, without_examples) -> gateway_pb2.Concept:
+        return self.stub.CreateConcept(gateway_pb2.CreateConceptRequest(
+            name=name, with_examples=[example(e) for e in with_examples],
+            without_examples=[example(e) for e in without_examples]), timeout=self.timeout).concept
+
+    def concepts(self) -> list[gateway_pb2.Concept]:
+        return list(self.stub.ListConcepts(gateway_pb2.ListConceptsRequest(), timeout=self.timeout).concepts)
+
+    def delete_concept(self, name: str) -> None:
+        self.stub.DeleteConcept(gateway_pb2.DeleteConceptRequest(name=name), timeout=self.timeout)
+
+    def cancel(self, operation_id: str) -> gateway_pb2.Operation:
+        return self.stub.CancelOperation(gateway_pb2.CancelOperationRequest(operation_id=operation_id),
+                                         timeout=self.timeout).operation
 
     def slides(self) -> list[gateway_pb2.Slide]:
         out, token = [], ""
@@ -57,6 +101,13 @@ class Client:
 
     def close(self) -> None:
         self._channel.close()
+
+
+def example(e) -> gateway_pb2.Example:
+    """An Example from image bytes or a region dict."""
+    if isinstance(e, (bytes, bytearray)):
+        return gateway_pb2.Example(image=bytes(e))
+    return gateway_pb2.Example(region=gateway_pb2.Region(**e))
 
 
 def hit_dict(hit: gateway_pb2.Hit) -> dict:

@@ -30,6 +30,11 @@ TILES = prom.Counter("smily_ingested_tiles_total", "Tiles embedded and indexed")
 
 State = gateway_pb2.OperationState
 MAX_OPERATIONS_KEPT = 10000
+FINISHED = (State.OPERATION_STATE_SUCCEEDED, State.OPERATION_STATE_FAILED, State.OPERATION_STATE_CANCELLED)
+
+
+class Cancelled(Exception):
+    pass
 
 
 class Ingestor:
@@ -40,6 +45,8 @@ class Ingestor:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ingest")
         self._lock = threading.Lock()
         self._ops: dict[str, gateway_pb2.Operation] = {}
+        # The tile stream of each running ingest, so a cancel stops it at once.
+        self._streams: dict[str, object] = {}
 
     def start(self, source: str, slide_id: str, metadata: dict[str, str], timeout: float) -> gateway_pb2.Operation:
         # Validates the name and reads the fingerprint now, so bad input fails the call itself.
@@ -47,7 +54,7 @@ class Ingestor:
         slide_id = slide_id or default_slide_id(info.fingerprint, source)
         with self._lock:
             for op in self._ops.values():
-                if op.slide_id == slide_id and op.state in (State.OPERATION_STATE_QUEUED, State.OPERATION_STATE_RUNNING):
+                if op.slide_id == slide_id and op.state not in FINISHED and not op.cancel_requested:
                     return _copy(op)  # the same slide is already on its way
             op = gateway_pb2.Operation(operation_id=uuid.uuid4().hex, slide_id=slide_id,
                                        state=State.OPERATION_STATE_QUEUED, progress=gateway_pb2.IngestProgress())
@@ -65,6 +72,29 @@ class Ingestor:
                 raise NotFound(f"no operation {operation_id!r}")
             return _copy(op)
 
+    def cancel(self, operation_id: str) -> gateway_pb2.Operation:
+        with self._lock:
+            op = self._ops.get(operation_id)
+            if op is None:
+                raise NotFound(f"no operation {operation_id!r}")
+            if op.state not in FINISHED:
+                op.cancel_requested = True
+                if op.state == State.OPERATION_STATE_QUEUED:
+                    op.state = State.OPERATION_STATE_CANCELLED  # its worker will see it and not start
+                stream = self._streams.get(operation_id)
+            else:
+                stream = None
+            snapshot = _copy(op)
+        if stream is not None:
+            stream.cancel()
+        log.info("ingest cancel requested", extra={"operation_id": operation_id})
+        return snapshot
+
+    def _check_cancel(self, operation_id: str) -> None:
+        with self._lock:
+            if self._ops[operation_id].cancel_requested:
+                raise Cancelled()
+
     def _update(self, operation_id: str, **fields) -> None:
         with self._lock:
             op = self._ops[operation_id]
@@ -75,16 +105,28 @@ class Ingestor:
                     setattr(op, name, value)
 
     def _trim(self) -> None:
-        done = [k for k, o in self._ops.items()
-                if o.state in (State.OPERATION_STATE_SUCCEEDED, State.OPERATION_STATE_FAILED)]
+        done = [k for k, o in self._ops.items() if o.state in FINISHED]
         for key in done[: max(0, len(self._ops) - MAX_OPERATIONS_KEPT)]:
             del self._ops[key]
 
     def _run(self, op_id: str, source: str, slide_id: str, metadata: dict[str, str]) -> None:
-        self._update(op_id, state=State.OPERATION_STATE_RUNNING)
+        with self._lock:
+            op = self._ops.get(op_id)
+            if op is None or op.cancel_requested:
+                INGESTS.labels("cancelled").inc()
+                return
+            op.state = State.OPERATION_STATE_RUNNING
         try:
             model_id = self._ingest(op_id, source, slide_id, metadata)
         except Exception as exc:
+            with self._lock:
+                self._streams.pop(op_id, None)
+                cancelled = self._ops[op_id].cancel_requested
+            if cancelled:  # staged tiles stay uncommitted; the index drops stale ones
+                self._update(op_id, state=State.OPERATION_STATE_CANCELLED)
+                INGESTS.labels("cancelled").inc()
+                log.info("ingest cancelled", extra={"operation_id": op_id, "slide_id": slide_id})
+                return
             code, message = _describe(exc)
             self._update(op_id, state=State.OPERATION_STATE_FAILED, error_code=code, error_message=message)
             INGESTS.labels("failed").inc()
@@ -103,6 +145,7 @@ class Ingestor:
 
         def flush() -> None:
             nonlocal model_id, embedded
+            self._check_cancel(op_id)
             images = [embedder_pb2.Image(data=t.image.data, encoding=t.image.encoding,
                                          width=t.image.width, height=t.image.height) for t in batch]
             emb = b.embedder.Embed(embedder_pb2.EmbedRequest(images=images), timeout=timeout)
@@ -122,6 +165,9 @@ class Ingestor:
         stream = b.tiler.StreamTiles(
             tiler_pb2.StreamTilesRequest(slide=source, params=self._tiling, encoding=tiler_pb2.IMAGE_ENCODING_RAW_RGB),
             timeout=max(timeout, 3600.0))
+        with self._lock:
+            self._streams[op_id] = stream
+        self._check_cancel(op_id)  # a cancel that came before the stream was registered
         total = 0
         for msg in stream:
             if total != msg.tiles_total:
@@ -132,6 +178,9 @@ class Ingestor:
                 flush()
         if batch:
             flush()
+        with self._lock:
+            self._streams.pop(op_id, None)
+        self._check_cancel(op_id)  # the last moment: after CommitSlide the slide is in
         if embedded == 0:
             raise FailedPrecondition("no tissue tiles found on the slide at the configured tiling parameters")
         b.index.CommitSlide(index_pb2.CommitSlideRequest(

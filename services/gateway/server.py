@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import hashlib
 import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
 
 from protos.smily.embedder.v1 import embedder_pb2
 from protos.smily.gateway.v1 import gateway_pb2, gateway_pb2_grpc
@@ -10,17 +13,37 @@ from protos.smily.index.v1 import index_pb2
 from protos.smily.tiler.v1 import tiler_pb2
 from services.common import images
 from services.common.config import Settings
-from services.common.errors import InvalidArgument, require
+from services.common.errors import Aborted, InvalidArgument, require
 from services.common.server import Registration
 from services.common.tensors import from_tensor, to_tensor
 
+from . import paging, vectors
 from .backends import Backends
 from .cache import make_cache
 from .ingest import Ingestor
 
 DEFAULT_K = 10
-MAX_K = 1000
 MAX_QUERY_IMAGE_BYTES = 32 * 1024 * 1024
+MAX_EXAMPLES = 32
+MAX_CONCEPTS = 16
+DEFAULT_NEGATIVE_WEIGHT = 0.5
+DEFAULT_SLIDES, MAX_SLIDES = 10, 100
+DEFAULT_MOSAIC, MAX_MOSAIC = 16, 64
+DEFAULT_REGIONS, MAX_REGIONS = 3, 20
+# Index hits per mosaic tile: enough for a few dozen candidate slides.
+MOSAIC_TILE_K = 200
+DEFAULT_MAX_SIDE, MAX_SIDE = 1024, 4096
+
+
+def _hit(h: index_pb2.Hit) -> gateway_pb2.Hit:
+    return gateway_pb2.Hit(slide_id=h.slide_id, x=h.tile.x, y=h.tile.y, width=h.tile.width, height=h.tile.height,
+                           mpp=h.tile.mpp, score=h.score, metadata=h.metadata)
+
+
+def _concept(c: index_pb2.Concept) -> gateway_pb2.Concept:
+    return gateway_pb2.Concept(name=c.name, model_id=c.model_id, with_examples=c.with_examples,
+                               without_examples=c.without_examples, train_accuracy=c.train_accuracy,
+                               created_at=c.created_at)
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
@@ -28,9 +51,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self._b = Backends(settings)
         self._tiling = tiler_pb2.TilingParams(
             mpp=settings.tile_mpp, tile_size=settings.tile_size, min_tissue_fraction=settings.min_tissue_fraction)
+        self._batch = settings.embed_batch
         self._cache = make_cache(settings.redis_url, settings.cache_ttl_s, settings.redis_timeout_s)
         self._ingest = Ingestor(self._b, self._tiling, settings.embed_batch, settings.max_concurrent_ingests)
-        self._model_id = ""
+        # Fans a slide query's mosaic tiles out to the index.
+        self._fanout = ThreadPoolExecutor(max_workers=8, thread_name_prefix="mosaic")
+        self._model_id, self._dim = "", 0
         self._model_lock = threading.Lock()
 
     # -- ingest -------------------------------------------------------------
@@ -42,12 +68,15 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     def GetOperation(self, request, context):
         return gateway_pb2.GetOperationResponse(operation=self._ingest.get(request.operation_id))
 
-    # -- search -------------------------------------------------------------
+    def CancelOperation(self, request, context):
+        return gateway_pb2.CancelOperationResponse(operation=self._ingest.cancel(request.operation_id))
+
+    # -- query embeddings ----------------------------------------------------
     def _current_model(self, context) -> str:
         with self._model_lock:
             if not self._model_id:
                 info = self._b.embedder.GetModelInfo(embedder_pb2.GetModelInfoRequest(), timeout=self._b.timeout(context))
-                self._model_id = info.info.model_id
+                self._model_id, self._dim = info.info.model_id, info.info.embedding_dim
             return self._model_id
 
     def _embed(self, fetch_image, key: str, context):
@@ -64,12 +93,15 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         resp = self._b.embedder.Embed(embedder_pb2.EmbedRequest(images=[fetch_image()]),
                                       timeout=self._b.timeout(context))
         vector = from_tensor(resp.embeddings)[0]
-        if resp.model_id != model_id:  # the embedder was redeployed with another model
-            with self._model_lock:
-                self._model_id = resp.model_id
-        else:
-            self._cache.put(cache_key, vector)
+        self._check_model(resp.model_id, model_id)
+        self._cache.put(cache_key, vector)
         return vector, resp.model_id, False
+
+    def _check_model(self, got: str, expected: str) -> None:
+        if got != expected:  # the embedder was redeployed: cache nothing, mix no models
+            with self._model_lock:
+                self._model_id = ""
+            raise Aborted("the embedder's model changed during the query; retry")
 
     def _region_query(self, region: gateway_pb2.Region, context):
         require(bool(region.slide_id), "region.slide_id is required")
@@ -89,31 +121,194 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
 
         return self._embed(read_region, key, context)
 
+    def _image_query(self, data: bytes, context):
+        require(0 < len(data) <= MAX_QUERY_IMAGE_BYTES, "image must be 1 byte to 32 MiB of PNG or JPEG")
+        images.decode(data)  # reject non-images here, with a clear message
+        return self._embed(lambda: embedder_pb2.Image(data=data), hashlib.sha256(data).hexdigest(), context)
+
+    def _examples(self, examples, what: str, context):
+        """Embeddings of Example messages: (array [n, dim], all cached, region slide ids)."""
+        require(len(examples) <= MAX_EXAMPLES, f"at most {MAX_EXAMPLES} {what} examples")
+        vecs, cached, slides = [], True, []
+        for ex in examples:
+            which = ex.WhichOneof("example")
+            if which == "image":
+                v, _, hit = self._image_query(ex.image, context)
+            elif which == "region":
+                v, _, hit = self._region_query(ex.region, context)
+                slides.append(ex.region.slide_id)
+            else:
+                raise InvalidArgument(f"each {what} example needs an image or a region")
+            vecs.append(v)
+            cached = cached and hit
+        return (np.stack(vecs) if vecs else np.empty((0, 0), np.float32)), cached, slides
+
+    # -- search -------------------------------------------------------------
+    def _query_vector(self, request, context):
+        which = request.WhichOneof("query")
+        head = []
+        if which == "image":
+            head.append(gateway_pb2.Example(image=request.image))
+        elif which == "region":
+            head.append(gateway_pb2.Example(region=request.region))
+        positives = head + list(request.positives)
+        require(bool(positives), "a query needs an image or a region (or positive examples)")
+        pos, cached, slides = self._examples(positives, "positive", context)
+        neg, neg_cached, neg_slides = self._examples(request.negatives, "negative", context)
+        b = request.negative_weight if request.HasField("negative_weight") else DEFAULT_NEGATIVE_WEIGHT
+        require(0 <= b <= 1, "negative_weight must be in 0..1")
+        require(len(request.concepts) <= MAX_CONCEPTS, f"at most {MAX_CONCEPTS} concepts")
+        model_id = self._current_model(context)
+        concepts = []
+        for wc in request.concepts:
+            require(np.isfinite(wc.weight) and abs(wc.weight) <= 10, "a concept weight must be in -10..10")
+            c = self._b.index.GetConcept(index_pb2.GetConceptRequest(name=wc.name, model_id=model_id),
+                                         timeout=self._b.timeout(context)).concept
+            concepts.append((wc.weight, from_tensor(c.vector)))
+        vector = vectors.combine(pos, neg, b, concepts)
+        return vector, model_id, cached and neg_cached, slides + neg_slides
+
     def Search(self, request, context):
         k = request.k if request.HasField("k") else DEFAULT_K
-        require(0 < k <= MAX_K, f"k must be in 1..{MAX_K}, got {k}")
-        exclude = []
+        require(0 < k <= paging.MAX_K, f"k must be in 1..{paging.MAX_K}, got {k}")
+        require(request.page_size >= 0, "page_size must not be negative")
+        require(request.max_hits_per_slide >= 0, "max_hits_per_slide must not be negative")
+        fp = paging.fingerprint(request)
+        offset = paging.read_token(request.page_token, fp)
+        vector, model_id, cached, slides = self._query_vector(request, context)
+        exclude = sorted(set(slides)) if request.exclude_query_slide else []
+        query = to_tensor(vector, index_pb2.Tensor)
+
+        def search(n: int):
+            return self._b.index.Search(index_pb2.SearchRequest(
+                model_id=model_id, query=query, k=n, exclude_slide_ids=exclude),
+                timeout=self._b.timeout(context)).hits
+
+        hits = paging.top_hits(search, k, request.max_hits_per_slide)
+        end = len(hits) if request.page_size == 0 else min(len(hits), offset + request.page_size)
+        token = paging.make_token(end, fp) if end < len(hits) else ""
+        return gateway_pb2.SearchResponse(model_id=model_id, cached=cached, next_page_token=token,
+                                          hits=[_hit(h) for h in hits[offset:end]])
+
+    # -- whole-slide search ----------------------------------------------------
+    def _mosaic(self, source: str, size: int, context):
+        """The slide's mosaic embeddings [m, dim]; computed by streaming every
+        tissue tile through the tiler and embedder, cached by the slide's
+        content fingerprint, model, tiling and mosaic size."""
+        timeout = self._b.timeout(context)
+        info = self._b.tiler.GetSlideInfo(tiler_pb2.GetSlideInfoRequest(slide=source), timeout=timeout).info
+        model_id = self._current_model(context)
+        t = self._tiling
+        key = (f"smily:mosaic:{model_id}:{info.fingerprint}:{t.mpp}:{t.tile_size}:{t.min_tissue_fraction}:{size}")
+        flat = self._cache.get(key)
+        if flat is not None:
+            return flat.reshape(-1, self._dim), model_id, True
+        stream = self._b.tiler.StreamTiles(tiler_pb2.StreamTilesRequest(
+            slide=source, params=t, encoding=tiler_pb2.IMAGE_ENCODING_RAW_RGB), timeout=timeout)
+        chunks, batch = [], []
+
+        def flush():
+            resp = self._b.embedder.Embed(embedder_pb2.EmbedRequest(images=batch), timeout=self._b.timeout(context))
+            self._check_model(resp.model_id, model_id)
+            chunks.append(from_tensor(resp.embeddings))
+            batch.clear()
+
+        for msg in stream:
+            img = msg.tile.image
+            batch.append(embedder_pb2.Image(data=img.data, encoding=img.encoding, width=img.width, height=img.height))
+            if len(batch) >= self._batch:
+                flush()
+        if batch:
+            flush()
+        if not chunks:
+            raise InvalidArgument("the query slide has no tissue tiles at the archive's tiling parameters")
+        tiles = np.concatenate(chunks)
+        picked = tiles[vectors.mosaic(tiles, size)]
+        self._cache.put(key, picked)
+        return picked, model_id, False
+
+    def SearchSlides(self, request, context):
+        k = request.k if request.HasField("k") else DEFAULT_SLIDES
+        size = request.mosaic_size if request.HasField("mosaic_size") else DEFAULT_MOSAIC
+        per_slide = request.regions_per_slide if request.HasField("regions_per_slide") else DEFAULT_REGIONS
+        require(0 < k <= MAX_SLIDES, f"k must be in 1..{MAX_SLIDES}")
+        require(0 < size <= MAX_MOSAIC, f"mosaic_size must be in 1..{MAX_MOSAIC}")
+        require(0 <= per_slide <= MAX_REGIONS, f"regions_per_slide must be in 0..{MAX_REGIONS}")
         which = request.WhichOneof("query")
-        if which == "image":
-            data = request.image
-            require(0 < len(data) <= MAX_QUERY_IMAGE_BYTES, "image must be 1 byte to 32 MiB of PNG or JPEG")
-            images.decode(data)  # reject non-images here, with a clear message
-            vector, model_id, cached = self._embed(
-                lambda: embedder_pb2.Image(data=data), hashlib.sha256(data).hexdigest(), context)
-        elif which == "region":
-            vector, model_id, cached = self._region_query(request.region, context)
+        exclude = []
+        if which == "slide_id":
+            source = self._b.index.GetSlide(index_pb2.GetSlideRequest(slide_id=request.slide_id),
+                                            timeout=self._b.timeout(context)).slide.source
             if request.exclude_query_slide:
-                exclude.append(request.region.slide_id)
+                exclude.append(request.slide_id)
+        elif which == "source":
+            source = request.source
         else:
-            raise InvalidArgument("a query needs an image or a region")
-        resp = self._b.index.Search(index_pb2.SearchRequest(
-            model_id=model_id, query=to_tensor(vector, index_pb2.Tensor), k=k, exclude_slide_ids=exclude),
-            timeout=self._b.timeout(context))
-        return gateway_pb2.SearchResponse(
-            model_id=model_id, cached=cached,
-            hits=[gateway_pb2.Hit(slide_id=h.slide_id, x=h.tile.x, y=h.tile.y, width=h.tile.width,
-                                  height=h.tile.height, mpp=h.tile.mpp, score=h.score, metadata=h.metadata)
-                  for h in resp.hits])
+            raise InvalidArgument("a slide query needs a slide_id or a source")
+        mosaic, model_id, cached = self._mosaic(source, size, context)
+
+        def search(v):
+            return list(self._b.index.Search(index_pb2.SearchRequest(
+                model_id=model_id, query=to_tensor(v, index_pb2.Tensor), k=MOSAIC_TILE_K, exclude_slide_ids=exclude),
+                timeout=self._b.timeout(context)).hits)
+
+        per_tile = list(self._fanout.map(search, mosaic))
+        out = []
+        for slide_id, score, found, hits in vectors.rank_slides(per_tile)[:k]:
+            regions, seen = [], set()
+            for h in hits:
+                key = (h.tile.x, h.tile.y, h.tile.width)
+                if key not in seen and len(regions) < per_slide:
+                    seen.add(key)
+                    regions.append(_hit(h))
+            out.append(gateway_pb2.SlideMatch(slide_id=slide_id, score=score, matched_mosaic_tiles=found,
+                                              regions=regions, metadata=hits[0].metadata))
+        return gateway_pb2.SearchSlidesResponse(slides=out, model_id=model_id, mosaic_size=len(mosaic), cached=cached)
+
+    # -- viewer support --------------------------------------------------------
+    def ReadRegion(self, request, context):
+        r = request.region
+        require(bool(r.slide_id), "region.slide_id is required")
+        require(r.width > 0 and r.height > 0 and r.x >= 0 and r.y >= 0, "region needs x, y >= 0 and a positive size")
+        max_side = request.max_side or DEFAULT_MAX_SIDE
+        require(0 < max_side <= MAX_SIDE, f"max_side must be in 1..{MAX_SIDE}")
+        require(request.mpp >= 0, "mpp must not be negative")
+        fmt = request.format or gateway_pb2.IMAGE_FORMAT_PNG
+        require(fmt in (gateway_pb2.IMAGE_FORMAT_PNG, gateway_pb2.IMAGE_FORMAT_JPEG), "format must be PNG or JPEG")
+        timeout = self._b.timeout(context)
+        source = self._b.index.GetSlide(index_pb2.GetSlideRequest(slide_id=r.slide_id), timeout=timeout).slide.source
+        base = self._b.tiler.GetSlideInfo(tiler_pb2.GetSlideInfoRequest(slide=source), timeout=timeout).info.mpp_x
+        mpp = request.mpp or self._tiling.mpp
+        if base > 0:  # coarsen so the longer side fits max_side
+            mpp = max(mpp, max(r.width, r.height) * base / max_side)
+        resp = self._b.tiler.ReadRegion(tiler_pb2.ReadRegionRequest(
+            slide=source, x=r.x, y=r.y, width=r.width, height=r.height, mpp=mpp, encoding=fmt), timeout=timeout)
+        return gateway_pb2.ReadRegionResponse(image=resp.image.data, format=fmt, width=resp.image.width,
+                                              height=resp.image.height, mpp=resp.mpp)
+
+    # -- concepts ----------------------------------------------------------------
+    def CreateConcept(self, request, context):
+        require(len(request.with_examples) > 0 and len(request.without_examples) > 0,
+                "a concept needs at least one example with it and one without")
+        with_, _, _ = self._examples(request.with_examples, "with", context)
+        without, _, _ = self._examples(request.without_examples, "without", context)
+        direction, accuracy = vectors.concept_vector(with_, without)
+        model_id = self._current_model(context)
+        saved = self._b.index.PutConcept(index_pb2.PutConceptRequest(concept=index_pb2.Concept(
+            name=request.name, model_id=model_id, vector=to_tensor(direction, index_pb2.Tensor),
+            with_examples=len(with_), without_examples=len(without), train_accuracy=accuracy)),
+            timeout=self._b.timeout(context)).concept
+        return gateway_pb2.CreateConceptResponse(concept=_concept(saved))
+
+    def ListConcepts(self, request, context):
+        resp = self._b.index.ListConcepts(index_pb2.ListConceptsRequest(model_id=self._current_model(context)),
+                                          timeout=self._b.timeout(context))
+        return gateway_pb2.ListConceptsResponse(concepts=[_concept(c) for c in resp.concepts])
+
+    def DeleteConcept(self, request, context):
+        self._b.index.DeleteConcept(index_pb2.DeleteConceptRequest(
+            name=request.name, model_id=self._current_model(context)), timeout=self._b.timeout(context))
+        return gateway_pb2.DeleteConceptResponse()
 
     # -- catalogue -----------------------------------------------------------
     def ListSlides(self, request, context):
@@ -132,6 +327,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
 
     def close(self) -> None:
         self._ingest.close()
+        self._fanout.shutdown(wait=False, cancel_futures=True)
         self._b.close()
 
 

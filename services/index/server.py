@@ -4,8 +4,9 @@ from __future__ import annotations
 from protos.smily.index.v1 import index_pb2, index_pb2_grpc
 from services.common.config import Settings
 from services.common.server import Registration
-from services.common.tensors import from_tensor
+from services.common.tensors import from_tensor, to_tensor
 
+from .concepts import Concept, ConceptStore
 from .store import Slide, Tile, TileStore
 
 
@@ -17,6 +18,7 @@ def _slide_pb(s: Slide, model_id: str) -> index_pb2.Slide:
 class IndexServicer(index_pb2_grpc.IndexServiceServicer):
     def __init__(self, settings: Settings):
         self.store = TileStore(settings.index_dir)
+        self.concepts = ConceptStore(settings.index_dir)
 
     def AddTiles(self, request, context):
         tiles = [Tile(t.x, t.y, t.width, t.height, t.mpp, t.tissue_fraction) for t in request.tiles]
@@ -60,8 +62,35 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
         return index_pb2.GetIndexInfoResponse(
             model_id=self.store.model_id, dim=self.store.dim, tile_count=tiles, slide_count=slides)
 
+    # -- concepts (their own table; see concepts.py) -------------------------
+    def PutConcept(self, request, context):
+        c = request.concept
+        saved = self.concepts.put(Concept(c.name, c.model_id, from_tensor(c.vector), c.with_examples,
+                                          c.without_examples, c.train_accuracy))
+        return index_pb2.PutConceptResponse(concept=_concept_pb(saved))
+
+    def GetConcept(self, request, context):
+        return index_pb2.GetConceptResponse(concept=_concept_pb(self.concepts.get(request.name, request.model_id)))
+
+    def ListConcepts(self, request, context):
+        return index_pb2.ListConceptsResponse(concepts=[_concept_pb(c) for c in self.concepts.list(request.model_id)])
+
+    def DeleteConcept(self, request, context):
+        self.concepts.delete(request.name, request.model_id)
+        return index_pb2.DeleteConceptResponse()
+
     def close(self) -> None:
         self.store.close()
+        self.concepts.close()
+
+
+def _concept_pb(c: Concept) -> index_pb2.Concept:
+    out = index_pb2.Concept(name=c.name, model_id=c.model_id, with_examples=c.with_examples,
+                            without_examples=c.without_examples, train_accuracy=c.train_accuracy,
+                            created_at=c.created_at)
+    if c.vector is not None:
+        out.vector.CopyFrom(to_tensor(c.vector, index_pb2.Tensor))
+    return out
 
 
 def registration(settings: Settings) -> Registration:

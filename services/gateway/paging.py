@@ -1,0 +1,64 @@
+"""Pages of hits with a per-slide cap, over-fetching from the index.
+
+Stateless: a page token is the offset plus a fingerprint of the request,
+so any gateway replica serves the next page (the query embedding is
+cached) and a token is refused for a different request.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+
+from services.common.errors import InvalidArgument
+
+MAX_K = 1000  # the index's limit
+
+
+def fingerprint(request) -> str:
+    r = type(request)()
+    r.CopyFrom(request)
+    r.ClearField("page_token")
+    r.ClearField("page_size")
+    return hashlib.sha256(r.SerializeToString(deterministic=True)).hexdigest()[:16]
+
+
+def make_token(offset: int, fp: str) -> str:
+    return base64.urlsafe_b64encode(f"{offset}:{fp}".encode()).decode()
+
+
+def read_token(token: str, fp: str) -> int:
+    if not token:
+        return 0
+    try:
+        offset, got = base64.urlsafe_b64decode(token.encode()).decode().split(":")
+        offset = int(offset)
+    except Exception:
+        raise InvalidArgument("page_token is not one this service issued") from None
+    if got != fp or offset < 0:
+        raise InvalidArgument("page_token belongs to a different search request")
+    return offset
+
+
+def capped(hits, per_slide: int) -> list:
+    if per_slide <= 0:
+        return list(hits)
+    seen: dict[str, int] = {}
+    out = []
+    for h in hits:
+        if seen.get(h.slide_id, 0) < per_slide:
+            seen[h.slide_id] = seen.get(h.slide_id, 0) + 1
+            out.append(h)
+    return out
+
+
+def top_hits(search, k: int, per_slide: int) -> list:
+    """The best k hits with at most per_slide per slide. search(n) returns
+    the index's top n; with a cap, fetch more until k survive it or the
+    index has no more (or its limit is reached)."""
+    n = k if per_slide <= 0 else min(MAX_K, k * 4)
+    while True:
+        raw = search(n)
+        hits = capped(raw, per_slide)
+        if len(hits) >= k or len(raw) < n or n >= MAX_K:
+            return hits[:k]
+        n = min(MAX_K, n * 4)

@@ -1,0 +1,95 @@
+"""Concepts: named query directions per model, in their own SQLite file.
+
+Kept apart from the tile store so that neither's schema or locking
+constrains the other; every gateway replica reads the same rows.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from services.common.errors import InvalidArgument, NotFound
+
+NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+MAX_DIM = 65536
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS concepts (
+  name TEXT NOT NULL, model_id TEXT NOT NULL, vector BLOB NOT NULL,
+  with_examples INTEGER NOT NULL, without_examples INTEGER NOT NULL,
+  train_accuracy REAL NOT NULL, created_at REAL NOT NULL,
+  PRIMARY KEY (name, model_id));
+"""
+
+
+@dataclass
+class Concept:
+    name: str
+    model_id: str
+    vector: np.ndarray | None
+    with_examples: int = 0
+    without_examples: int = 0
+    train_accuracy: float = 0.0
+    created_at: float = 0.0
+
+
+def check_name(name: str) -> None:
+    if not NAME.match(name or ""):
+        raise InvalidArgument("a concept name is 1..64 of letters, digits, '.', '_' and '-'")
+
+
+class ConceptStore:
+    def __init__(self, directory: str):
+        os.makedirs(directory, exist_ok=True)
+        self._db = sqlite3.connect(os.path.join(directory, "concepts.sqlite3"), check_same_thread=False,
+                                   isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+        self._lock = threading.Lock()
+
+    def put(self, c: Concept) -> Concept:
+        check_name(c.name)
+        if not c.model_id:
+            raise InvalidArgument("model_id is required")
+        v = np.asarray(c.vector, np.float32).reshape(-1)
+        norm = float(np.linalg.norm(v))
+        if not 0 < len(v) <= MAX_DIM or not np.isfinite(v).all() or norm == 0:
+            raise InvalidArgument("a concept vector must be non-zero and finite")
+        c.vector, c.created_at = v / norm, time.time()
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO concepts VALUES (?, ?, ?, ?, ?, ?, ?)",
+                             (c.name, c.model_id, c.vector.tobytes(), c.with_examples, c.without_examples,
+                              c.train_accuracy, c.created_at))
+        return c
+
+    def get(self, name: str, model_id: str) -> Concept:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT name, model_id, vector, with_examples, without_examples, train_accuracy, created_at "
+                "FROM concepts WHERE name = ? AND model_id = ?", (name, model_id)).fetchone()
+        if not row:
+            raise NotFound(f"no concept {name!r} for model {model_id}")
+        return Concept(row[0], row[1], np.frombuffer(row[2], np.float32), *row[3:])
+
+    def list(self, model_id: str) -> list[Concept]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT name, model_id, with_examples, without_examples, train_accuracy, created_at "
+                "FROM concepts WHERE model_id = ? ORDER BY name", (model_id,)).fetchall()
+        return [Concept(r[0], r[1], None, *r[2:]) for r in rows]
+
+    def delete(self, name: str, model_id: str) -> None:
+        with self._lock:
+            if not self._db.execute("DELETE FROM concepts WHERE name = ? AND model_id = ?", (name, model_id)).rowcount:
+                raise NotFound(f"no concept {name!r} for model {model_id}")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
