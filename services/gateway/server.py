@@ -92,7 +92,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     def Search(self, request, context):
         k = request.k if request.HasField("k") else DEFAULT_K
         require(0 < k <= MAX_K, f"k must be in 1..{MAX_K}, got {k}")
-        exclude = []
+        require(request.nprobe >= 0, "nprobe must not be negative")
+        exclude = list(request.exclude_slide_ids)
         which = request.WhichOneof("query")
         if which == "image":
             data = request.image
@@ -107,7 +108,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         else:
             raise InvalidArgument("a query needs an image or a region")
         resp = self._b.index.Search(index_pb2.SearchRequest(
-            model_id=model_id, query=to_tensor(vector, index_pb2.Tensor), k=k, exclude_slide_ids=exclude),
+            model_id=model_id, query=to_tensor(vector, index_pb2.Tensor), k=k, exclude_slide_ids=exclude,
+            slide_ids=request.slide_ids, filters=request.filters, nprobe=request.nprobe),
             timeout=self._b.timeout(context))
         return gateway_pb2.SearchResponse(
             model_id=model_id, cached=cached,
