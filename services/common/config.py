@@ -2,7 +2,7 @@
 
 One flat dataclass keeps the knobs of the whole suite in one place: a field
 `foo_bar` is set by the variable `SMILY_FOO_BAR`. Lists use the OS path
-separator (":" on Linux).
+separator (":" on Linux), except lists of addresses, which use ",".
 """
 from __future__ import annotations
 
@@ -25,6 +25,9 @@ class Settings:
     tiler_target: str = "127.0.0.1:50051"
     embedder_target: str = "127.0.0.1:50052"
     index_target: str = "127.0.0.1:50053"
+    # Index shards, ","-separated (addresses hold ":"); empty = index_target alone.
+    # Each slide lives on the shard its id hashes to; a target may resolve to replicas.
+    index_targets: tuple[str, ...] = ()
     # Most RPCs one server runs at once; more get RESOURCE_EXHAUSTED.
     max_concurrent_rpcs: int = 64
     worker_threads: int = 16
@@ -57,6 +60,14 @@ class Settings:
 
     # Index: where vectors and records live.
     index_dir: str = "var/index"
+    # FAISS factory string used once a collection has index_ivf_threshold tiles;
+    # empty = automatic (IVF{sqrt n},PQ{m}); "Flat" = always exact.
+    index_factory: str = ""
+    index_ivf_threshold: int = 200_000
+    index_nprobe: int = 32
+    # ANN candidates per hit re-scored exactly from the journal (<= 1: off).
+    index_rerank: int = 10
+    index_snapshot_interval_s: float = 300.0
 
     # Gateway.
     # redis://host:port/db; empty uses an in-process cache (one replica only).
@@ -83,11 +94,15 @@ class Settings:
         return cls(**values)
 
 
+# Lists of network addresses cannot use ":".
+_SEPARATORS = {"index_targets": ","}
+
+
 def _parse(f: dataclasses.Field, raw: str):
     kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
     try:
         if kind.startswith("tuple"):
-            return tuple(p for p in raw.split(os.pathsep) if p)
+            return tuple(p.strip() for p in raw.split(_SEPARATORS.get(f.name, os.pathsep)) if p.strip())
         if kind == "int":
             return int(raw)
         if kind == "float":

@@ -7,13 +7,16 @@ from protos.smily.tiler.v1 import tiler_pb2_grpc
 from services.common.channels import channel
 from services.common.config import Settings
 
+from .shards import ShardedIndex
+
 
 class Backends:
     def __init__(self, settings: Settings):
-        self._channels = [channel(t) for t in (settings.tiler_target, settings.embedder_target, settings.index_target)]
+        shards = settings.index_targets or (settings.index_target,)
+        self._channels = [channel(t) for t in (settings.tiler_target, settings.embedder_target, *shards)]
         self.tiler = tiler_pb2_grpc.TilerServiceStub(self._channels[0])
         self.embedder = embedder_pb2_grpc.EmbedderServiceStub(self._channels[1])
-        self.index = index_pb2_grpc.IndexServiceStub(self._channels[2])
+        self.index = ShardedIndex([index_pb2_grpc.IndexServiceStub(c) for c in self._channels[2:]])
         self.default_timeout = settings.backend_timeout_s
 
     def timeout(self, context=None) -> float:

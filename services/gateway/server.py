@@ -173,15 +173,17 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         require(0 < k <= paging.MAX_K, f"k must be in 1..{paging.MAX_K}, got {k}")
         require(request.page_size >= 0, "page_size must not be negative")
         require(request.max_hits_per_slide >= 0, "max_hits_per_slide must not be negative")
+        require(request.nprobe >= 0, "nprobe must not be negative")
         fp = paging.fingerprint(request)
         offset = paging.read_token(request.page_token, fp)
         vector, model_id, cached, slides = self._query_vector(request, context)
-        exclude = sorted(set(slides)) if request.exclude_query_slide else []
+        exclude = sorted(set(request.exclude_slide_ids) | (set(slides) if request.exclude_query_slide else set()))
         query = to_tensor(vector, index_pb2.Tensor)
 
         def search(n: int):
             return self._b.index.Search(index_pb2.SearchRequest(
-                model_id=model_id, query=query, k=n, exclude_slide_ids=exclude),
+                model_id=model_id, query=query, k=n, exclude_slide_ids=exclude,
+                slide_ids=request.slide_ids, filters=request.filters, nprobe=request.nprobe),
                 timeout=self._b.timeout(context)).hits
 
         hits = paging.top_hits(search, k, request.max_hits_per_slide)

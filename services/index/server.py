@@ -7,7 +7,7 @@ from services.common.server import Registration
 from services.common.tensors import from_tensor, to_tensor
 
 from .concepts import Concept, ConceptStore
-from .store import Slide, Tile, TileStore
+from .store import IndexConfig, Slide, Tile, TileStore
 
 
 def _slide_pb(s: Slide, model_id: str) -> index_pb2.Slide:
@@ -17,7 +17,9 @@ def _slide_pb(s: Slide, model_id: str) -> index_pb2.Slide:
 
 class IndexServicer(index_pb2_grpc.IndexServiceServicer):
     def __init__(self, settings: Settings):
-        self.store = TileStore(settings.index_dir)
+        self.store = TileStore(settings.index_dir, IndexConfig(
+            factory=settings.index_factory, ivf_threshold=settings.index_ivf_threshold, nprobe=settings.index_nprobe,
+            rerank=settings.index_rerank, snapshot_interval_s=settings.index_snapshot_interval_s))
         self.concepts = ConceptStore(settings.index_dir)
 
     def AddTiles(self, request, context):
@@ -33,7 +35,8 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
         return index_pb2.CommitSlideResponse(slide=_slide_pb(slide, self.store.model_id), replaced=replaced)
 
     def Search(self, request, context):
-        hits = self.store.search(request.model_id, from_tensor(request.query), request.k, list(request.exclude_slide_ids))
+        hits = self.store.search(request.model_id, from_tensor(request.query), request.k, list(request.exclude_slide_ids),
+                                 list(request.slide_ids), dict(request.filters), request.nprobe)
         return index_pb2.SearchResponse(
             model_id=self.store.model_id,
             hits=[
@@ -59,8 +62,12 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
 
     def GetIndexInfo(self, request, context):
         tiles, slides = self.store.counts()
+        info = self.store.info()
         return index_pb2.GetIndexInfoResponse(
-            model_id=self.store.model_id, dim=self.store.dim, tile_count=tiles, slide_count=slides)
+            model_id=self.store.model_id, dim=self.store.dim, tile_count=tiles, slide_count=slides,
+            index_type=info["factory"], train_vectors=info["train_vectors"], train_seconds=info["train_seconds"],
+            nlist=info["nlist"], default_nprobe=info["nprobe"], journal_seq=info["journal_seq"],
+            snapshot_seq=info["snapshot_seq"], load_report=info["load_report"])
 
     # -- concepts (their own table; see concepts.py) -------------------------
     def PutConcept(self, request, context):

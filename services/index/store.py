@@ -1,8 +1,12 @@
-"""Tile embeddings and records: SQLite is the durable truth, FAISS the search.
+"""Tile embeddings and records: SQLite is the durable journal, FAISS the search.
 
-Every vector is written to SQLite (WAL, synchronous=FULL) before a call is
-acknowledged; the FAISS index is rebuilt from it at start-up, so a crash
-loses nothing acknowledged and never leaves a half-written index file.
+Every vector is written to SQLite (WAL, synchronous=FULL: fsynced, with
+checksummed frames) before a call is acknowledged. Each commit or delete
+takes the next journal sequence number: published tiles carry it in
+`committed`, removed tile ids are logged in `removed`. A FAISS snapshot
+records the sequence it holds, so start-up loads the snapshot and replays
+only the journal after it; a snapshot that does not check out is reported
+and the index rebuilt from the journal, never served partial.
 Tiles are staged per ingest generation and published by commit_slide,
 which swaps a slide's old tiles for the new ones in one transaction and
 one exclusive FAISS update: searches never see a half-added slide.
@@ -24,10 +28,18 @@ import numpy as np
 from services.common.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
 from services.common.rwlock import RWLock
 
+from . import ann, snapshot
+
 log = logging.getLogger("smily.index")
 
 STALE_STAGED_S = 24 * 3600
 MAX_K = 1000
+TRAIN_MAX = 100_000
+# Filtered searches over at most this many tiles are scored exactly from SQLite.
+EXACT_FILTER_MAX = 4096
+# Deleted entries past this share of the index trigger a compacting copy.
+COMPACT_FRACTION = 0.25
+SQL_CHUNK = 500
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -37,10 +49,15 @@ CREATE TABLE IF NOT EXISTS slides (
 CREATE TABLE IF NOT EXISTS tiles (
   id INTEGER PRIMARY KEY AUTOINCREMENT, slide_id TEXT NOT NULL, generation TEXT NOT NULL,
   x INTEGER NOT NULL, y INTEGER NOT NULL, w INTEGER NOT NULL, h INTEGER NOT NULL,
+  -- 0 while staged, then the journal sequence number of the commit that published it.
   mpp REAL NOT NULL, tissue REAL NOT NULL, committed INTEGER NOT NULL DEFAULT 0,
   staged_at REAL NOT NULL, vector BLOB NOT NULL,
   UNIQUE (slide_id, generation, x, y, w, h, mpp));
 CREATE INDEX IF NOT EXISTS tiles_by_slide ON tiles (slide_id, generation);
+CREATE INDEX IF NOT EXISTS tiles_by_commit ON tiles (committed);
+-- Tiles dropped from the search by a commit or delete; pruned once a snapshot holds that state.
+CREATE TABLE IF NOT EXISTS removed (seq INTEGER NOT NULL, tile_id INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS removed_by_seq ON removed (seq);
 """
 
 
@@ -71,9 +88,39 @@ class Hit:
     metadata: dict
 
 
+@dataclass
+class IndexConfig:
+    # FAISS factory string used from `ivf_threshold` vectors on; "" = automatic, "Flat" = always exact.
+    factory: str = ""
+    ivf_threshold: int = 200_000
+    nprobe: int = 32
+    # ANN candidates per hit re-scored with the exact vectors from SQLite; <= 1 turns it off.
+    rerank: int = 10
+    snapshot_interval_s: float = 300.0
+
+
+@dataclass
+class IndexState:
+    factory: str = ann.FLAT
+    train_vectors: int = 0
+    train_seconds: float = 0.0
+    snapshot_seq: int = 0
+    removed_since_compaction: int = 0
+    load_report: str = ""
+
+
+def _vectors(blobs, dim: int) -> np.ndarray:
+    data = b"".join(blobs)
+    if len(data) != len(blobs) * dim * 4:
+        raise RuntimeError("the journal holds a vector of the wrong size: the database is corrupt")
+    return np.frombuffer(data, np.float32).reshape(len(blobs), dim)
+
+
 class TileStore:
-    def __init__(self, directory: str):
+    def __init__(self, directory: str, config: IndexConfig | None = None):
         os.makedirs(directory, exist_ok=True)
+        self._dir = directory
+        self.config = config or IndexConfig()
         self._db = sqlite3.connect(os.path.join(directory, "index.sqlite3"), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
@@ -83,8 +130,17 @@ class TileStore:
         meta = dict(self._db.execute("SELECT key, value FROM meta"))
         self.model_id: str = meta.get("model_id", "")
         self.dim: int = int(meta.get("dim", 0))
+        self._seq = max(int(meta.get("seq", 0)), self._db.execute("SELECT COALESCE(MAX(committed), 0) FROM tiles").fetchone()[0])
         self._faiss = None
+        self.state = IndexState()
+        if self.config.factory and self.dim:
+            ann.validate(self.config.factory, self.dim)
         self._load()
+        self._stop = threading.Event()
+        self._snapshotter = None
+        if self.config.snapshot_interval_s > 0:
+            self._snapshotter = threading.Thread(target=self._snapshot_loop, name="index-snapshot", daemon=True)
+            self._snapshotter.start()
 
     # -- start-up ---------------------------------------------------------
     def _load(self) -> None:
@@ -94,13 +150,111 @@ class TileStore:
             ).rowcount
         if not self.dim:
             return
-        self._faiss = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
-        cursor = self._db.execute("SELECT id, vector FROM tiles WHERE committed = 1 ORDER BY id")
+        committed = self._db.execute("SELECT COUNT(*) FROM tiles WHERE committed > 0").fetchone()[0]
+        try:
+            self._load_snapshot(committed)
+        except snapshot.SnapshotError as exc:
+            # Reported loudly, then rebuilt from the journal: never served partial.
+            log.error("index snapshot unusable, rebuilding from the journal", extra={"reason": str(exc)})
+            self._faiss = None
+            self.state.load_report = f"rebuilt from the journal: snapshot unusable: {exc}"
+        if self._faiss is None:
+            self._rebuild(committed)
+            self.state.load_report = self.state.load_report or "built from the journal"
+        log.info("index loaded", extra={"tiles": self._faiss.ntotal, "model_id": self.model_id, "factory": self.state.factory,
+                                        "report": self.state.load_report, "stale_staged_dropped": dropped})
+
+    def _load_snapshot(self, committed: int) -> None:
+        found = snapshot.read(self._dir)
+        if found is None:
+            return
+        index, man = found
+        if (man.get("model_id"), man.get("dim")) != (self.model_id, self.dim):
+            raise snapshot.SnapshotError("the snapshot belongs to another model")
+        if man["seq"] > self._seq:
+            raise snapshot.SnapshotError(f"the snapshot is at journal sequence {man['seq']}, the journal only at {self._seq}")
+        if man["factory"] != self._factory_for(committed, man["factory"]):
+            log.info("index type changed by configuration or size; rebuilding", extra={"was": man["factory"]})
+            return
+        with self._db_lock:
+            gone = np.fromiter((r[0] for r in self._db.execute(
+                "SELECT tile_id FROM removed WHERE seq > ?", (man["seq"],))), np.int64)
+            if len(gone):
+                index.remove_ids(faiss.IDSelectorBatch(gone))
+            replayed = self._add_rows(index, self._db.execute(
+                "SELECT id, vector FROM tiles WHERE committed > ? ORDER BY id", (man["seq"],)))
+        if index.ntotal != committed:
+            raise snapshot.SnapshotError(
+                f"snapshot plus journal replay holds {index.ntotal} vectors, the journal {committed}")
+        self._faiss = index
+        self.state = IndexState(man["factory"], man.get("train_vectors", 0), man.get("train_seconds", 0.0), man["seq"],
+                                load_report=f"snapshot at sequence {man['seq']} plus {replayed} added and "
+                                            f"{len(gone)} removed from the journal")
+
+    def _add_rows(self, index, cursor) -> int:
+        added = 0
         while rows := cursor.fetchmany(8192):
-            ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
-            vecs = np.frombuffer(b"".join(r[1] for r in rows), np.float32).reshape(len(rows), self.dim)
-            self._faiss.add_with_ids(vecs, ids)
-        log.info("index loaded", extra={"tiles": self._faiss.ntotal, "model_id": self.model_id, "stale_staged_dropped": dropped})
+            index.add_with_ids(_vectors([r[1] for r in rows], self.dim), np.fromiter((r[0] for r in rows), np.int64, len(rows)))
+            added += len(rows)
+        return added
+
+    def _factory_for(self, n: int, current: str = ann.FLAT) -> str:
+        """The index type for n vectors; an IVF index once trained is kept as it is."""
+        if self.config.factory == ann.FLAT:
+            return ann.FLAT
+        if current != ann.FLAT and (not self.config.factory or current == self.config.factory):
+            return current
+        if n < self.config.ivf_threshold:
+            return ann.FLAT
+        return self.config.factory or ann.auto_factory(n, self.dim, self.config.ivf_threshold)
+
+    def _rebuild(self, committed: int) -> None:
+        """A fresh index of the right type from every published vector (training it first if needed)."""
+        factory = self._factory_for(committed)
+        train = None
+        if factory != ann.FLAT:
+            with self._db_lock:
+                ids = np.fromiter((r[0] for r in self._db.execute("SELECT id FROM tiles WHERE committed > 0")), np.int64)
+                pick = np.sort(np.random.default_rng(0).choice(ids, min(len(ids), TRAIN_MAX), replace=False))
+                train = np.concatenate([self._fetch_vectors(pick[i:i + SQL_CHUNK])[1] for i in range(0, len(pick), SQL_CHUNK)])
+        index, seconds = ann.build(factory, self.dim, train)
+        with self._db_lock:
+            self._add_rows(index, self._db.execute("SELECT id, vector FROM tiles WHERE committed > 0 ORDER BY id"))
+        self._faiss = index
+        self.state = IndexState(factory, 0 if train is None else len(train), seconds, load_report=self.state.load_report)
+        if train is not None:
+            log.info("index trained", extra={"factory": factory, "train_vectors": len(train),
+                                             "train_seconds": round(seconds, 3), "tiles": index.ntotal})
+
+    def _fetch_vectors(self, ids) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, vectors) of these tiles, in id order; caller holds _db_lock."""
+        ids = [int(i) for i in ids]
+        rows = self._db.execute(
+            f"SELECT id, vector FROM tiles WHERE id IN ({','.join('?' * len(ids))}) ORDER BY id", ids).fetchall()
+        return np.fromiter((r[0] for r in rows), np.int64, len(rows)), _vectors([r[1] for r in rows], self.dim)
+
+    # -- snapshots ----------------------------------------------------------
+    def _snapshot_loop(self) -> None:
+        while not self._stop.wait(self.config.snapshot_interval_s):
+            try:
+                self.snapshot()
+            except Exception:
+                log.exception("index snapshot failed; the journal still holds everything")
+
+    def snapshot(self) -> bool:
+        """Write a snapshot if the journal moved since the last one. Searches go on; mutations wait."""
+        with self._rw.read():
+            if self._faiss is None or self._seq == self.state.snapshot_seq:
+                return False
+            seq = self._seq
+            snapshot.write(self._dir, self._faiss, {
+                "seq": seq, "model_id": self.model_id, "dim": self.dim, "factory": self.state.factory,
+                "train_vectors": self.state.train_vectors, "train_seconds": self.state.train_seconds})
+            self.state.snapshot_seq = seq
+            with self._db_lock:
+                self._db.execute("DELETE FROM removed WHERE seq <= ?", (seq,))
+        log.info("index snapshot written", extra={"seq": seq})
+        return True
 
     # -- model binding ----------------------------------------------------
     def _check_model(self, model_id: str, dim: int | None = None) -> None:
@@ -117,12 +271,17 @@ class TileStore:
     def _bind(self, model_id: str, dim: int) -> None:
         if self.model_id:
             return
+        if self.config.factory:
+            try:
+                ann.validate(self.config.factory, dim)
+            except ValueError as exc:
+                raise FailedPrecondition(str(exc)) from None
         with self._db_lock:
             self._db.execute("BEGIN IMMEDIATE")
             self._db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", [("model_id", model_id), ("dim", str(dim))])
             self._db.execute("COMMIT")
         self.model_id, self.dim = model_id, dim
-        self._faiss = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+        self._faiss, _ = ann.build(ann.FLAT, dim, None)
         log.info("index bound to model", extra={"model_id": model_id, "dim": dim})
 
     # -- writes -------------------------------------------------------------
@@ -150,12 +309,17 @@ class TileStore:
                 self._db.execute("COMMIT")
         return len(rows)
 
+    def _journal_removal(self, seq: int, ids: list[int]) -> None:
+        self._db.executemany("INSERT INTO removed VALUES (?, ?)", [(seq, i) for i in ids])
+        self._db.execute("INSERT OR REPLACE INTO meta VALUES ('seq', ?)", (str(seq),))
+
     def commit_slide(self, model_id: str, generation: str, slide: Slide, expected_tiles: int) -> tuple[Slide, int]:
         if not slide.slide_id or not generation:
             raise InvalidArgument("slide_id and generation are required")
         with self._rw.write():
             if self.model_id:
                 self._check_model(model_id)
+            seq = self._seq + 1
             with self._db_lock:
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
@@ -166,11 +330,12 @@ class TileStore:
                         raise Aborted(
                             f"{len(new)} tiles staged for this ingest, {expected_tiles} expected: ingest the slide again")
                     old = [r[0] for r in self._db.execute(
-                        "SELECT id FROM tiles WHERE slide_id = ? AND generation != ? AND committed = 1",
+                        "SELECT id FROM tiles WHERE slide_id = ? AND generation != ? AND committed > 0",
                         (slide.slide_id, generation))]
                     self._db.execute("DELETE FROM tiles WHERE slide_id = ? AND generation != ?", (slide.slide_id, generation))
-                    self._db.execute("UPDATE tiles SET committed = 1 WHERE slide_id = ? AND generation = ?",
-                                     (slide.slide_id, generation))
+                    self._db.execute("UPDATE tiles SET committed = ? WHERE slide_id = ? AND generation = ?",
+                                     (seq, slide.slide_id, generation))
+                    self._journal_removal(seq, old)
                     slide.tile_count, slide.indexed_at = len(new), time.time()
                     self._db.execute(
                         "INSERT OR REPLACE INTO slides VALUES (?, ?, ?, ?, ?, ?)",
@@ -180,66 +345,141 @@ class TileStore:
                 except BaseException:
                     self._db.execute("ROLLBACK")
                     raise
+            self._seq = seq
             if self._faiss is not None:
-                if old:
-                    self._faiss.remove_ids(np.asarray(old, np.int64))
+                self._remove(old)
                 if new:
                     ids = np.fromiter((r[0] for r in new), np.int64, len(new))
-                    vecs = np.frombuffer(b"".join(r[1] for r in new), np.float32).reshape(len(new), self.dim)
-                    self._faiss.add_with_ids(vecs, ids)
+                    self._faiss.add_with_ids(_vectors([r[1] for r in new], self.dim), ids)
+                if self.state.factory != self._factory_for(self._faiss.ntotal, self.state.factory):
+                    self._rebuild(self._faiss.ntotal)  # grown past the exact-search threshold: train the ANN index
         log.info("slide committed", extra={"slide_id": slide.slide_id, "tiles": len(new), "replaced": len(old)})
         return slide, len(old)
 
     def delete_slide(self, slide_id: str) -> int:
         with self._rw.write():
+            seq = self._seq + 1
             with self._db_lock:
                 self._db.execute("BEGIN IMMEDIATE")
                 if not self._db.execute("SELECT 1 FROM slides WHERE slide_id = ?", (slide_id,)).fetchone():
                     self._db.execute("ROLLBACK")
                     raise NotFound(f"slide {slide_id!r} is not in the index")
                 ids = [r[0] for r in self._db.execute(
-                    "SELECT id FROM tiles WHERE slide_id = ? AND committed = 1", (slide_id,))]
+                    "SELECT id FROM tiles WHERE slide_id = ? AND committed > 0", (slide_id,))]
                 self._db.execute("DELETE FROM tiles WHERE slide_id = ?", (slide_id,))
                 self._db.execute("DELETE FROM slides WHERE slide_id = ?", (slide_id,))
+                self._journal_removal(seq, ids)
                 self._db.execute("COMMIT")
-            if ids and self._faiss is not None:
-                self._faiss.remove_ids(np.asarray(ids, np.int64))
+            self._seq = seq
+            if self._faiss is not None:
+                self._remove(ids)
         log.info("slide deleted", extra={"slide_id": slide_id, "tiles": len(ids)})
         return len(ids)
 
+    def _remove(self, ids: list[int]) -> None:
+        """Drop ids from FAISS; compact once removals are a large share. Caller holds the write lock."""
+        if not ids:
+            return
+        self._faiss.remove_ids(faiss.IDSelectorBatch(np.asarray(ids, np.int64)))
+        self.state.removed_since_compaction += len(ids)
+        if self.state.removed_since_compaction > COMPACT_FRACTION * max(self._faiss.ntotal, 1):
+            self._compact()
+
+    def _compact(self) -> None:
+        # remove_ids shrinks the arrays but keeps their capacity; a copy allocates only what is live.
+        self._faiss = faiss.clone_index(self._faiss)
+        log.info("index compacted", extra={"removed": self.state.removed_since_compaction, "tiles": self._faiss.ntotal})
+        self.state.removed_since_compaction = 0
+
+    def compact(self) -> None:
+        with self._rw.write():
+            if self._faiss is not None:
+                self._compact()
+
     # -- reads --------------------------------------------------------------
-    def search(self, model_id: str, query: np.ndarray, k: int, exclude_slide_ids=()) -> list[Hit]:
+    def _selected_tiles(self, slide_ids, filters: dict, exclude) -> np.ndarray:
+        """Ids of published tiles of the slides matching every filter; caller holds _db_lock."""
+        conds, args = ["t.committed > 0"], []
+        if slide_ids:
+            conds.append(f"s.slide_id IN ({','.join('?' * len(slide_ids))})")
+            args += list(slide_ids)
+        for key, value in sorted(filters.items()):
+            conds.append("EXISTS (SELECT 1 FROM json_each(s.metadata) j WHERE j.key = ? AND j.value = ?)")
+            args += [key, value]
+        if exclude:
+            conds.append(f"s.slide_id NOT IN ({','.join('?' * len(exclude))})")
+            args += list(exclude)
+        return np.fromiter((r[0] for r in self._db.execute(
+            f"SELECT t.id FROM tiles t JOIN slides s ON s.slide_id = t.slide_id WHERE {' AND '.join(conds)}", args)),
+            np.int64)
+
+    def search(self, model_id: str, query: np.ndarray, k: int, exclude_slide_ids=(), slide_ids=(),
+               filters: dict | None = None, nprobe: int = 0) -> list[Hit]:
+        """Top-k tiles; slide_ids / filters (metadata key=value, all must hold) / exclude_slide_ids
+        restrict the search inside FAISS, so k hits come back whenever k tiles match."""
         if not 0 < k <= MAX_K:
             raise InvalidArgument(f"k must be in 1..{MAX_K}, got {k}")
+        if nprobe < 0:
+            raise InvalidArgument("nprobe must not be negative")
         query = query.reshape(1, -1) if query.ndim == 1 else query
         if query.shape[0] != 1:
             raise InvalidArgument(f"one query vector expected, got shape {list(query.shape)}")
+        query = np.ascontiguousarray(query, np.float32)
+        filters = filters or {}
         with self._rw.read():
             if not self.model_id:
                 return []  # nothing indexed yet
             self._check_model(model_id, query.shape[1])
-            params = None
-            if exclude_slide_ids:
+            exact = ann.is_exact(self._faiss)
+            selector, available = None, self._faiss.ntotal
+            if slide_ids or filters:
+                with self._db_lock:
+                    allowed = self._selected_tiles(slide_ids, filters, exclude_slide_ids)
+                if not len(allowed):
+                    return []
+                if not exact and len(allowed) <= EXACT_FILTER_MAX:
+                    with self._db_lock:
+                        ids, vecs = self._fetch_vectors(allowed)
+                    return self._hits(list(zip(ids.tolist(), (vecs @ query[0]).tolist())), k, query, rescore=False)
+                selector, available = faiss.IDSelectorBatch(allowed), len(allowed)
+            elif exclude_slide_ids:
                 with self._db_lock:
                     marks = ",".join("?" * len(exclude_slide_ids))
                     excluded = np.fromiter((r[0] for r in self._db.execute(
-                        f"SELECT id FROM tiles WHERE committed = 1 AND slide_id IN ({marks})", list(exclude_slide_ids))), np.int64)
+                        f"SELECT id FROM tiles WHERE committed > 0 AND slide_id IN ({marks})", list(exclude_slide_ids))), np.int64)
                 if len(excluded):
-                    params = faiss.SearchParameters(sel=faiss.IDSelectorNot(faiss.IDSelectorBatch(excluded)))
-            scores, ids = self._faiss.search(np.ascontiguousarray(query, np.float32), k, params=params)
-            found = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
-            if not found:
-                return []
-            with self._db_lock:
-                marks = ",".join("?" * len(found))
-                rows = {r[0]: r for r in self._db.execute(
-                    f"SELECT t.id, t.slide_id, t.x, t.y, t.w, t.h, t.mpp, t.tissue, s.metadata "
-                    f"FROM tiles t JOIN slides s ON s.slide_id = t.slide_id WHERE t.id IN ({marks})",
-                    [i for i, _ in found])}
-        return [
-            Hit(r[1], Tile(r[2], r[3], r[4], r[5], r[6], r[7]), score, json.loads(r[8]))
-            for i, score in found if (r := rows.get(i))
-        ]
+                    selector, available = faiss.IDSelectorNot(faiss.IDSelectorBatch(excluded)), available - len(excluded)
+            rescore = not exact and self.config.rerank > 1
+            want = min(k * self.config.rerank if rescore else k, available)
+            nprobe = nprobe or self.config.nprobe
+            while True:
+                scores, ids = ann.search(self._faiss, query, max(want, 1), nprobe, selector)
+                found = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
+                # A selective filter can leave the probed lists short of hits: probe more, up to all lists.
+                if len(found) >= want or exact or nprobe >= ann.nlist(self._faiss):
+                    break
+                nprobe *= 2
+            return self._hits(found, k, query, rescore)
+
+    def _hits(self, found: list[tuple[int, float]], k: int, query: np.ndarray, rescore: bool) -> list[Hit]:
+        """Hits with their records, re-scored exactly from the journal's vectors when asked."""
+        if not found:
+            return []
+        rows = {}
+        with self._db_lock:
+            for i in range(0, len(found), SQL_CHUNK):
+                part = [f[0] for f in found[i:i + SQL_CHUNK]]
+                rows.update((r[0], r) for r in self._db.execute(
+                    f"SELECT t.id, t.slide_id, t.x, t.y, t.w, t.h, t.mpp, t.tissue, s.metadata, t.vector "
+                    f"FROM tiles t JOIN slides s ON s.slide_id = t.slide_id WHERE t.id IN ({','.join('?' * len(part))})",
+                    part))
+        found = [(i, s) for i, s in found if i in rows]
+        if rescore and found:
+            exact = _vectors([rows[i][9] for i, _ in found], self.dim) @ query[0]
+            found = [(i, float(s)) for (i, _), s in zip(found, exact)]
+        found.sort(key=lambda f: -f[1])
+        return [Hit(r[1], Tile(r[2], r[3], r[4], r[5], r[6], r[7]), score, json.loads(r[8]))
+                for i, score in found[:k] for r in (rows[i],)]
 
     def get_slide(self, slide_id: str) -> Slide:
         with self._db_lock:
@@ -273,6 +513,15 @@ class TileStore:
             tiles = self._faiss.ntotal if self._faiss is not None else 0
         return tiles, slides
 
+    def info(self) -> dict:
+        with self._rw.read():
+            return {"journal_seq": self._seq, "nlist": ann.nlist(self._faiss) if self._faiss is not None else 0,
+                    "nprobe": self.config.nprobe, **vars(self.state)}
+
     def close(self) -> None:
+        self._stop.set()
+        if self._snapshotter is not None:
+            self._snapshotter.join()
+        self.snapshot()
         with self._rw.write(), self._db_lock:
             self._db.close()
