@@ -90,6 +90,7 @@ def main() -> None:
     from services.tiler import tiling
 
     root = args.keep or tempfile.mkdtemp(prefix="smily-bench-")
+    os.makedirs(root, exist_ok=True)
     path = os.path.join(root, "big-40x.tiff")
     if not os.path.exists(path):
         t = time.perf_counter()
