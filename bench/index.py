@@ -1,9 +1,11 @@
 """Index benchmark: exact vs the automatic IVF-PQ configuration, with re-ranking.
 
-Vectors are synthetic but clustered like real embeddings: a Gaussian mixture
-of --clusters centres in the model's dimension, each point its centre plus a
-low-rank (8-d) variation plus small isotropic noise, L2-normalised. Queries
-are fresh draws from the same mixture. Exact vectors for re-ranking live on
+Vectors are synthetic but clustered like real embeddings: CNN embeddings of
+tissue tiles vary along few directions (their PCA spectrum decays fast; see
+--latent), so points are drawn from a Gaussian mixture of --clusters centres in
+a --latent-dimensional space, mapped to the model's dimension by a fixed random
+linear map, plus small isotropic noise, and L2-normalised. Queries are fresh
+draws from the same mixture. Exact vectors for re-ranking live on
 disk as a float16 memmap (the service re-ranks from SQLite instead), so the
 RAM per vector of the ANN configuration is its codes and ids only.
 
@@ -28,10 +30,10 @@ from services.index import ann  # noqa: E402
 CHUNK = 50_000
 
 
-def mixture(rng, centres, basis, n, spread):
+def mixture(rng, centres, lift, n, spread, noise):
     c = rng.integers(0, len(centres), n)
-    z = rng.standard_normal((n, basis.shape[0]), dtype=np.float32)
-    x = centres[c] + spread[c, None] * (z @ basis) + rng.standard_normal((n, centres.shape[1]), dtype=np.float32) * 0.01
+    z = centres[c] + spread[c, None] * rng.standard_normal((n, centres.shape[1]), dtype=np.float32)
+    x = z @ lift + rng.standard_normal((n, lift.shape[1]), dtype=np.float32) * noise
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
@@ -51,6 +53,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=1_000_000)
     ap.add_argument("--dim", type=int, default=1280)
     ap.add_argument("--clusters", type=int, default=2000)
+    ap.add_argument("--latent", type=int, default=64, help="dimensions the embeddings vary along")
+    ap.add_argument("--noise", type=float, default=0.002, help="isotropic noise per dimension")
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--timed-exact", type=int, default=20, help="single queries timed on the exact index")
     ap.add_argument("--train", type=int, default=64_000)
@@ -58,23 +62,23 @@ def main() -> None:
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     n, d, k = args.n, args.dim, 10
-    centres = rng.standard_normal((args.clusters, d), dtype=np.float32)
-    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    basis = rng.standard_normal((8, d), dtype=np.float32) / np.sqrt(d)
-    spread = rng.uniform(0.1, 0.3, args.clusters).astype(np.float32)
-    print(f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads; n={n} dim={d}")
+    centres = rng.standard_normal((args.clusters, args.latent), dtype=np.float32)
+    lift = rng.standard_normal((args.latent, d), dtype=np.float32) / np.sqrt(d)
+    spread = rng.uniform(0.2, 0.5, args.clusters).astype(np.float32)
+    print(f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads; n={n} dim={d}, "
+          f"{args.clusters} clusters in {args.latent} latent dimensions, noise {args.noise}")
 
     with tempfile.TemporaryDirectory() as tmp:
         disk = np.lib.format.open_memmap(os.path.join(tmp, "vectors.f16.npy"), "w+", np.float16, (n, d))
         exact = faiss.IndexFlatIP(d)
         t0 = time.perf_counter()
         for s in range(0, n, CHUNK):
-            x = mixture(rng, centres, basis, min(CHUNK, n - s), spread)
+            x = mixture(rng, centres, lift, min(CHUNK, n - s), spread, args.noise)
             disk[s:s + len(x)] = x
             exact.add(x)
         disk.flush()
         print(f"generated and added to exact index: {time.perf_counter() - t0:.1f}s")
-        queries = mixture(rng, centres, basis, args.queries, spread)
+        queries = mixture(rng, centres, lift, args.queries, spread, args.noise)
         t0 = time.perf_counter()
         _, truth = exact.search(queries, k)
         batch_exact = args.queries / (time.perf_counter() - t0)
