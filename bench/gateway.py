@@ -7,7 +7,7 @@ concurrent clients for image and region queries, cached and uncached.
 Tiler and embedder request counters (same process, Prometheus registry)
 show whether a cached query touched them.
 
-    .venv/bin/python bench/gateway.py [--tiles 100000] [--queries 40]
+    .venv/bin/python bench/gateway.py [--tiles 100000] [--queries 40] [--ivf-threshold 50000]
 """
 from __future__ import annotations
 
@@ -89,6 +89,9 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiles", type=int, default=100_000)
     ap.add_argument("--queries", type=int, default=40, help="queries per measurement and client count")
+    ap.add_argument("--ivf-threshold", type=int, default=50_000,
+                    help="tiles from which the index trains IVF-PQ (the service default is 200,000; "
+                         "pass a larger value to measure exact search)")
     args = ap.parse_args()
     redis, url = start_redis()
     if redis is None:
@@ -99,7 +102,7 @@ def main() -> int:
     settings = dataclasses.replace(
         Settings(), gateway_port=0, tiler_port=0, embedder_port=0, index_port=0, metrics_port=0,
         slide_roots=(os.path.join(tmp, "slides"),), model_repository=MODELS, index_dir=os.path.join(tmp, "index"),
-        redis_url=url, log_level="WARNING")
+        redis_url=url, log_level="WARNING", index_ivf_threshold=args.ivf_threshold)
     running, settings = stack.start(stack.ORDER, settings)
     client = Client(f"127.0.0.1:{settings.gateway_port}", timeout=120)
     try:
@@ -109,7 +112,8 @@ def main() -> int:
         fill_index(settings.index_target, op.model_id, 1280, args.tiles)
         info = index_pb2_grpc.IndexServiceStub(channel(settings.index_target)).GetIndexInfo(
             index_pb2.GetIndexInfoRequest())
-        print(f"index: {info.tile_count} tiles in {info.slide_count} slides, built in {time.perf_counter() - t0:.0f} s")
+        print(f"index: {info.tile_count} tiles in {info.slide_count} slides ({info.index_type or 'Flat'}, "
+              f"nprobe {info.default_nprobe}), built in {time.perf_counter() - t0:.0f} s")
 
         tiler = tiler_pb2_grpc.TilerServiceStub(channel(settings.tiler_target))
         patch = np.asarray(Image.open(io.BytesIO(tiler.ReadRegion(tiler_pb2.ReadRegionRequest(

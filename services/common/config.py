@@ -66,7 +66,7 @@ class Settings:
     index_ivf_threshold: int = 200_000
     index_nprobe: int = 32
     # ANN candidates per hit re-scored exactly from the journal (<= 1: off).
-    index_rerank: int = 10
+    index_rerank: int = 100
     index_snapshot_interval_s: float = 300.0
 
     # Gateway.
