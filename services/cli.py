@@ -258,7 +258,7 @@ def _model_quantize(args) -> int:
 
     try:
         config = quantize.quantize(args.output_dir, args.model, args.version, args.calibration_dir,
-                                   args.calibration_tiles)
+                                   args.calibration_tiles, args.fp32_convs)
     except FailedPrecondition as exc:
         print(f"quantize failed: {exc}", file=sys.stderr)
         return 1
@@ -432,6 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--version", help="version to write (default <source version>-int8)")
     s.add_argument("--calibration-dir", help="PNG/JPEG tiles to calibrate on (default: synthetic tissue)")
     s.add_argument("--calibration-tiles", type=int, default=128, help="tiles used (default %(default)s)")
+    s.add_argument("--fp32-convs", type=int, default=3,
+                   help="leading convolutions kept in FP32: more is closer to FP32, slower (default %(default)s)")
     s.add_argument("--output-dir", default="models")
     s.set_defaults(func=_model_quantize)
 

@@ -63,21 +63,22 @@ class _Reader:
         return next(self._batches, None)
 
 
-def fp32_tail(onnx_path: str) -> list[str]:
-    """The last convolution and everything after it (pooling, reshapes).
+def leading_convs(onnx_path: str, n: int) -> list[str]:
+    """Names of the first n convolutions, kept in FP32.
 
-    The embedding is read straight off these layers, so their rounding error
-    lands directly in neighbour rankings; they are a small share of the compute.
+    The stem sees raw pixels and its rounding error travels through every
+    later layer: on EfficientNet-Lite0, keeping the first 3 in FP32 raised
+    neighbour recall@10 from 0.89 to 0.94 for a 10% loss of INT8 speed
+    (bench/embedder.py, docs/benchmarks.md).
     """
     import onnx
 
-    nodes = onnx.load(onnx_path, load_external_data=False).graph.node  # topologically sorted
-    last_conv = max((i for i, n in enumerate(nodes) if n.op_type == "Conv"), default=len(nodes))
-    return [n.name for n in nodes[last_conv:] if n.name]
+    nodes = onnx.load(onnx_path, load_external_data=False).graph.node
+    return [node.name for node in nodes if node.op_type == "Conv"][:n]
 
 
 def quantize(repo: str, model_id: str, version: str | None = None, calibration_dir: str | None = None,
-             calibration_tiles: int = 128) -> model_repo.ModelConfig:
+             calibration_tiles: int = 128, fp32_convs: int = 3) -> model_repo.ModelConfig:
     """Write <name>/<version> (default <source version>-int8) and return its config."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -87,13 +88,13 @@ def quantize(repo: str, model_id: str, version: str | None = None, calibration_d
     source = f"calibrated on {len(tiles)} {'operator' if calibration_dir else 'synthetic'} tiles"
     target = dataclasses.replace(
         config, version=version or f"{config.version}-int8",
-        description=f"INT8 (static QDQ, per-channel) of {model_id}, {source}")
+        description=f"INT8 (static QDQ, per-channel; first {fp32_convs} convolutions FP32) of {model_id}, {source}")
     with tempfile.TemporaryDirectory(prefix="smily-quant-") as tmp:
         prepared, out = os.path.join(tmp, "prepared.onnx"), os.path.join(tmp, model_repo.MODEL_FILE)
         # Shape inference and constant folding first, as ONNX Runtime recommends.
         quant_pre_process(src, prepared, skip_symbolic_shape=True)
         quantize_static(prepared, out, _Reader(config, tiles), quant_format=QuantFormat.QDQ, per_channel=True,
                         weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
-                        calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=fp32_tail(prepared))
+                        calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=leading_convs(prepared, fp32_convs))
         model_repo.install(out, target, repo)
     return target
