@@ -40,60 +40,69 @@ def run(slides_dir: str) -> int:
     redis_proc, redis_url = start_redis()
     if redis_proc is None:
         print("warning: redis-server is not installed; using an in-process query cache")
-    running = {}
     try:
         with tempfile.TemporaryDirectory(prefix="smily-demo-") as index_dir:
             settings = Settings.from_env(
                 bind_host="127.0.0.1", gateway_port=0, tiler_port=0, embedder_port=0, index_port=0,
                 metrics_port=0, slide_roots=(slides_dir,), index_dir=index_dir, redis_url=redis_url)
             running, settings = stack.start(stack.ORDER, settings)
-            _step(f"started redis {'(' + redis_url + ')' if redis_url else '(none)'} and 4 services "
-                  f"(gateway on port {settings.gateway_port})", t0)
-            client = Client(f"127.0.0.1:{settings.gateway_port}", timeout=120)
-
-            for name in names:
-                t = time.perf_counter()
-                slide_id = os.path.splitext(name)[0]
-                op = client.wait(client.ingest(name, slide_id, {"sample": name}))
-                if op.error_code:
-                    print(f"ingest of {name} failed: {op.error_code}: {op.error_message}")
+            try:
+                if _ingest_and_search(settings, names, redis_url, t0):
                     return 1
-                print(f"  ingested {slide_id}: {op.progress.tiles_indexed} tissue tiles "
-                      f"in {time.perf_counter() - t:.1f}s")
-            _step(f"ingested {len(names)} slides", t0)
-
-            # A query region off the tile grid: a third of a tile right and down of a tissue tile.
-            tiler = tiler_pb2_grpc.TilerServiceStub(channel(settings.tiler_target))
-            query_slide = names[len(names) // 2]
-            tiles = [m.tile for m in tiler.StreamTiles(tiler_pb2.StreamTilesRequest(
-                slide=query_slide, params=tiler_pb2.TilingParams(min_tissue_fraction=0.9)))]
-            tile = tiles[len(tiles) // 2]
-            size = tile.width
-            region = dict(slide_id=os.path.splitext(query_slide)[0], x=tile.x + size // 3,
-                          y=tile.y + size // 3, width=size, height=size)
-            print(f"\nquery: region {region['x']},{region['y']},{size},{size} of {region['slide_id']}")
-            t = time.perf_counter()
-            resp = client.search(region=region, k=5)
-            print_hits(resp, as_json=False)
-            print(f"  ({(time.perf_counter() - t) * 1000:.0f} ms)")
-            t = time.perf_counter()
-            resp = client.search(region=region, k=5)
-            print(f"same query again: {(time.perf_counter() - t) * 1000:.0f} ms, cached={resp.cached}")
-
-            png = tiler.ReadRegion(tiler_pb2.ReadRegionRequest(
-                slide=query_slide, x=region["x"], y=region["y"], width=size, height=size, mpp=settings.tile_mpp,
-                encoding=tiler_pb2.IMAGE_ENCODING_PNG)).image.data
-            print(f"\nquery: the same patch uploaded as a {len(png) // 1024} KiB PNG")
-            resp = client.search(image=png, k=5)
-            print_hits(resp, as_json=False)
-            _step("searched", t0)
-            client.close()
+            finally:
+                # Inside the with: the index writes its last snapshot into index_dir on stop.
+                stack.stop(running, 0)
     finally:
-        stack.stop(running, 0)
         if redis_proc is not None:
             redis_proc.terminate()
             redis_proc.wait()
     _step("stopped", t0)
+    return 0
+
+
+def _ingest_and_search(settings: Settings, names: list[str], redis_url: str, t0: float) -> int:
+    """Ingest every slide, then search by region and by image; non-zero on failure."""
+    _step(f"started redis {'(' + redis_url + ')' if redis_url else '(none)'} and 4 services "
+          f"(gateway on port {settings.gateway_port})", t0)
+    client = Client(f"127.0.0.1:{settings.gateway_port}", timeout=120)
+
+    for name in names:
+        t = time.perf_counter()
+        slide_id = os.path.splitext(name)[0]
+        op = client.wait(client.ingest(name, slide_id, {"sample": name}))
+        if op.error_code:
+            print(f"ingest of {name} failed: {op.error_code}: {op.error_message}")
+            return 1
+        print(f"  ingested {slide_id}: {op.progress.tiles_indexed} tissue tiles "
+              f"in {time.perf_counter() - t:.1f}s")
+    _step(f"ingested {len(names)} slides", t0)
+
+    # A query region off the tile grid: a third of a tile right and down of a tissue tile.
+    tiler = tiler_pb2_grpc.TilerServiceStub(channel(settings.tiler_target))
+    query_slide = names[len(names) // 2]
+    tiles = [m.tile for m in tiler.StreamTiles(tiler_pb2.StreamTilesRequest(
+        slide=query_slide, params=tiler_pb2.TilingParams(min_tissue_fraction=0.9)))]
+    tile = tiles[len(tiles) // 2]
+    size = tile.width
+    region = dict(slide_id=os.path.splitext(query_slide)[0], x=tile.x + size // 3,
+                  y=tile.y + size // 3, width=size, height=size)
+    print(f"\nquery: region {region['x']},{region['y']},{size},{size} of {region['slide_id']}")
+    t = time.perf_counter()
+    resp = client.search(region=region, k=5)
+    print_hits(resp, as_json=False)
+    print(f"  ({(time.perf_counter() - t) * 1000:.0f} ms)")
+    t = time.perf_counter()
+    resp = client.search(region=region, k=5)
+    print(f"same query again: {(time.perf_counter() - t) * 1000:.0f} ms, cached={resp.cached}")
+
+    png = tiler.ReadRegion(tiler_pb2.ReadRegionRequest(
+        slide=query_slide, x=region["x"], y=region["y"], width=size, height=size, mpp=settings.tile_mpp,
+        encoding=tiler_pb2.IMAGE_ENCODING_PNG)).image.data
+    print(f"\nquery: the same patch uploaded as a {len(png) // 1024} KiB PNG")
+    resp = client.search(image=png, k=5)
+    print_hits(resp, as_json=False)
+    _step("searched", t0)
+    client.close()
     return 0
 
 
