@@ -400,26 +400,44 @@ class TileStore:
                 self._compact()
 
     # -- reads --------------------------------------------------------------
-    def _selected_tiles(self, slide_ids, filters: dict, exclude) -> np.ndarray:
-        """Ids of published tiles of the slides matching every filter; caller holds _db_lock."""
-        conds, args = ["t.committed > 0"], []
+    @staticmethod
+    def _excluded(exclude, exclude_filters: dict) -> tuple[str, list]:
+        """SQL condition (and its args) true for slides left out by id or by any metadata key=value."""
+        conds, args = [], []
+        if exclude:
+            conds.append(f"s.slide_id IN ({','.join('?' * len(exclude))})")
+            args += list(exclude)
+        for key, value in sorted(exclude_filters.items()):
+            conds.append("EXISTS (SELECT 1 FROM json_each(s.metadata) j WHERE j.key = ? AND j.value = ?)")
+            args += [key, value]
+        return " OR ".join(conds), args
+
+    def _tile_ids(self, conds: list[str], args: list) -> np.ndarray:
+        """Ids of published tiles whose slide meets every condition; caller holds _db_lock."""
+        return np.fromiter((r[0] for r in self._db.execute(
+            f"SELECT t.id FROM tiles t JOIN slides s ON s.slide_id = t.slide_id "
+            f"WHERE {' AND '.join(['t.committed > 0', *conds])}", args)), np.int64)
+
+    def _selected_tiles(self, slide_ids, filters: dict, exclude, exclude_filters: dict) -> np.ndarray:
+        """Ids of published tiles of the slides matching every filter and no exclusion; caller holds _db_lock."""
+        conds, args = [], []
         if slide_ids:
             conds.append(f"s.slide_id IN ({','.join('?' * len(slide_ids))})")
             args += list(slide_ids)
         for key, value in sorted(filters.items()):
             conds.append("EXISTS (SELECT 1 FROM json_each(s.metadata) j WHERE j.key = ? AND j.value = ?)")
             args += [key, value]
-        if exclude:
-            conds.append(f"s.slide_id NOT IN ({','.join('?' * len(exclude))})")
-            args += list(exclude)
-        return np.fromiter((r[0] for r in self._db.execute(
-            f"SELECT t.id FROM tiles t JOIN slides s ON s.slide_id = t.slide_id WHERE {' AND '.join(conds)}", args)),
-            np.int64)
+        excluded, excluded_args = self._excluded(exclude, exclude_filters)
+        if excluded:
+            conds.append(f"NOT ({excluded})")
+            args += excluded_args
+        return self._tile_ids(conds, args)
 
     def search(self, model_id: str, query: np.ndarray, k: int, exclude_slide_ids=(), slide_ids=(),
-               filters: dict | None = None, nprobe: int = 0) -> list[Hit]:
-        """Top-k tiles; slide_ids / filters (metadata key=value, all must hold) / exclude_slide_ids
-        restrict the search inside FAISS, so k hits come back whenever k tiles match."""
+               filters: dict | None = None, nprobe: int = 0, exclude_filters: dict | None = None) -> list[Hit]:
+        """Top-k tiles; slide_ids / filters (metadata key=value, all must hold) / exclude_slide_ids /
+        exclude_filters (metadata key=value, any drops the slide) restrict the search inside FAISS,
+        so k hits come back whenever k tiles match."""
         if not 0 < k <= MAX_K:
             raise InvalidArgument(f"k must be in 1..{MAX_K}, got {k}")
         if nprobe < 0:
@@ -428,7 +446,7 @@ class TileStore:
         if query.shape[0] != 1:
             raise InvalidArgument(f"one query vector expected, got shape {list(query.shape)}")
         query = np.ascontiguousarray(query, np.float32)
-        filters = filters or {}
+        filters, exclude_filters = filters or {}, exclude_filters or {}
         with self._rw.read():
             if not self.model_id:
                 return []  # nothing indexed yet
@@ -437,7 +455,7 @@ class TileStore:
             selector, available = None, self._faiss.ntotal
             if slide_ids or filters:
                 with self._db_lock:
-                    allowed = self._selected_tiles(slide_ids, filters, exclude_slide_ids)
+                    allowed = self._selected_tiles(slide_ids, filters, exclude_slide_ids, exclude_filters)
                 if not len(allowed):
                     return []
                 if not exact and len(allowed) <= EXACT_FILTER_MAX:
@@ -445,11 +463,10 @@ class TileStore:
                         ids, vecs = self._fetch_vectors(allowed)
                     return self._hits(list(zip(ids.tolist(), (vecs @ query[0]).tolist())), k, query, rescore=False)
                 selector, available = faiss.IDSelectorBatch(allowed), len(allowed)
-            elif exclude_slide_ids:
+            elif exclude_slide_ids or exclude_filters:
+                cond, args = self._excluded(exclude_slide_ids, exclude_filters)
                 with self._db_lock:
-                    marks = ",".join("?" * len(exclude_slide_ids))
-                    excluded = np.fromiter((r[0] for r in self._db.execute(
-                        f"SELECT id FROM tiles WHERE committed > 0 AND slide_id IN ({marks})", list(exclude_slide_ids))), np.int64)
+                    excluded = self._tile_ids([f"({cond})"], args)
                 if len(excluded):
                     selector, available = faiss.IDSelectorNot(faiss.IDSelectorBatch(excluded)), available - len(excluded)
             rescore = not exact and self.config.rerank > 1
