@@ -110,6 +110,7 @@ def main() -> int:
         op = client.wait(client.ingest(SLIDE.name, "real"))
         assert op.model_id, op.error_message
         fill_index(settings.index_target, op.model_id, 1280, args.tiles)
+        running["index"].servicer.store.wait_trained()  # IVF trains in the background: measure the trained index
         info = index_pb2_grpc.IndexServiceStub(channel(settings.index_target)).GetIndexInfo(
             index_pb2.GetIndexInfoRequest())
         print(f"index: {info.tile_count} tiles in {info.slide_count} slides ({info.index_type or 'Flat'}, "

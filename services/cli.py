@@ -42,15 +42,20 @@ def _progress(op) -> None:
     sys.stderr.flush()
 
 
+def _key_values(items, flag: str) -> dict[str, str]:
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"{flag} takes KEY=VALUE, got {item!r}")
+        out[key] = value
+    return out
+
+
 def _ingest(args) -> int:
     from protos.smily.gateway.v1 import gateway_pb2
 
-    metadata = {}
-    for item in args.meta or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"--meta takes key=value, got {item!r}")
-        metadata[key] = value
+    metadata = _key_values(args.meta, "--meta")
     client = _client(args)
     op = client.ingest(args.slide, args.slide_id or "", metadata)
     if args.no_wait:
@@ -128,7 +133,9 @@ def _search(args) -> int:
         **query, k=args.k, exclude_query_slide=args.exclude_query_slide,
         positives=[_example(e) for e in args.positive or []], negatives=[_example(e) for e in args.negative or []],
         negative_weight=args.negative_weight, concepts=_concept_weights(args.concept),
-        max_hits_per_slide=args.max_per_slide, page_size=args.page_size, page_token=args.page_token)
+        max_hits_per_slide=args.max_per_slide, page_size=args.page_size, page_token=args.page_token,
+        slide_ids=args.slide_id or [], filters=_key_values(args.filter, "--filter"),
+        exclude_slide_ids=args.exclude_slide or [], exclude_query_case=args.exclude_query_case, nprobe=args.nprobe)
     print_hits(resp, args.json)
     if resp.next_page_token:
         print(f"next page: --page-token {resp.next_page_token}", file=sys.stderr)
@@ -350,6 +357,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--region", help="X,Y,W,H in level-0 pixels")
     s.add_argument("--k", type=int, default=None, help="number of hits (default 10)")
     s.add_argument("--exclude-query-slide", action="store_true", help="leave the region examples' slides out")
+    s.add_argument("--exclude-query-case", action="store_true",
+                   help="leave every slide of the query slide's case out (metadata SMILY_CASE_KEY, default case_id)")
+    s.add_argument("--filter", action="append", metavar="KEY=VALUE", help="only slides with this metadata (all must hold)")
+    s.add_argument("--slide-id", action="append", metavar="ID", help="only tiles of these slides")
+    s.add_argument("--exclude-slide", action="append", metavar="ID", help="leave this slide out")
+    s.add_argument("--nprobe", type=int, default=0, help="IVF lists probed (default: the index's)")
     example = "an image FILE or SLIDE_ID:X,Y,W,H"
     s.add_argument("--positive", action="append", metavar="EXAMPLE", help=f"more like this: {example}")
     s.add_argument("--negative", action="append", metavar="EXAMPLE", help=f"less like this: {example}")

@@ -34,10 +34,13 @@ class Client:
     def search(self, *, image: bytes | None = None, region: dict | None = None, k: int | None = None,
                exclude_query_slide: bool = False, positives=(), negatives=(), negative_weight: float | None = None,
                concepts: dict[str, float] | None = None, max_hits_per_slide: int = 0, page_size: int = 0,
-               page_token: str = "") -> gateway_pb2.SearchResponse:
+               page_token: str = "", slide_ids=(), filters: dict[str, str] | None = None, exclude_slide_ids=(),
+               exclude_query_case: bool = False, nprobe: int = 0) -> gateway_pb2.SearchResponse:
         """Examples in positives/negatives are image bytes or region dicts."""
         req = gateway_pb2.SearchRequest(
-            exclude_query_slide=exclude_query_slide, positives=[example(e) for e in positives],
+            exclude_query_slide=exclude_query_slide, exclude_query_case=exclude_query_case, slide_ids=slide_ids,
+            filters=filters or {}, exclude_slide_ids=exclude_slide_ids, nprobe=nprobe,
+            positives=[example(e) for e in positives],
             negatives=[example(e) for e in negatives], max_hits_per_slide=max_hits_per_slide,
             page_size=page_size, page_token=page_token,
             concepts=[gateway_pb2.WeightedConcept(name=n, weight=w) for n, w in (concepts or {}).items()])

@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import glob
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
 from services.common.errors import InvalidArgument
+from services.index import ann
 from services.index.store import IndexConfig, Slide, TileStore
 
 from .test_index_store import MODEL, tiles
@@ -23,11 +26,14 @@ def clustered(n, seed):
     return (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
 
 
-def fill(store, slides=12, per=100, gen="g1", meta=lambda i: {"organ": "lung" if i % 3 else "skin", "site": str(i % 2)}):
+def fill(store, slides=12, per=100, gen="g1", meta=lambda i: {"organ": "lung" if i % 3 else "skin", "site": str(i % 2)},
+         wait=True):
     for i in range(slides):
         sid = f"s{i:02d}"
         store.stage(MODEL, sid, gen, clustered(per, i), tiles(per))
         store.commit_slide(MODEL, gen, Slide(sid, f"{sid}.svs", meta(i)), per)
+    if wait:  # crossing the threshold trains in the background
+        assert store.wait_trained(120)
 
 
 def ivf_config(**kw):
@@ -71,6 +77,11 @@ def test_filters_run_inside_the_search(tmp_path, config):
     rest = store.search(MODEL, q, 1000, exclude_slide_ids=["s00"])
     assert len(rest) == 1000 and "s00" not in {h.slide_id for h in rest}
     assert store.search(MODEL, q, 5, filters={"organ": "brain"}) == []
+    # exclude_filters: any matching key=value drops the slide, alone or with other filters.
+    lung = store.search(MODEL, q, 1000, exclude_filters={"organ": "skin"})
+    assert len(lung) == 800 and {h.metadata["organ"] for h in lung} == {"lung"}
+    odd = store.search(MODEL, q, 1000, filters={"site": "1"}, exclude_filters={"organ": "skin", "x": "y"})
+    assert len(odd) == 400 and {h.slide_id for h in odd} == {"s01", "s05", "s07", "s11"}
 
 
 def test_delete_compacts_and_survives_restart(tmp_path):
@@ -133,3 +144,52 @@ def test_damaged_snapshot_is_reported_and_rebuilt(tmp_path, damage):
     assert report.startswith("rebuilt from the journal: snapshot unusable")
     assert {"truncate": "truncated", "flip": "checksum", "manifest": "unreadable"}[damage] in report
     assert again.counts() == (1200, 12)
+
+
+def test_training_runs_off_the_write_lock(tmp_path, monkeypatch):
+    """While the IVF index trains, searches are served exactly and commits and deletes go
+    through; after the swap the index holds every published tile exactly once."""
+    started, release = threading.Event(), threading.Event()
+    real_build = ann.build
+
+    def held_build(factory, dim, train):
+        if factory != ann.FLAT:  # hold training until the test has searched and written
+            started.set()
+            assert release.wait(120)
+        return real_build(factory, dim, train)
+
+    monkeypatch.setattr(ann, "build", held_build)
+    exact = TileStore(str(tmp_path / "exact"), IndexConfig(factory="Flat", snapshot_interval_s=0))
+    store = TileStore(str(tmp_path / "ivf"), ivf_config())
+    fill(exact)
+    fill(store, slides=10, wait=False)  # 1,000 tiles: training starts
+    assert started.wait(120)
+    fill(store, slides=12, gen="g2", wait=False)  # commits while it trains: s00..s09 re-ingested, s10, s11 new
+
+    def same_as_exact(q):
+        want = [(h.slide_id, h.tile.x, h.tile.y, round(h.score, 5)) for h in exact.search(MODEL, q, 20)]
+        got = [(h.slide_id, h.tile.x, h.tile.y, round(h.score, 5)) for h in store.search(MODEL, q, 20)]
+        return got == want
+
+    other = ThreadPoolExecutor(1)
+    assert all(other.map(same_as_exact, clustered(5, 2000)))
+    assert store.info()["factory"] == "Flat"
+    for s in (store, exact):  # writes while training: a delete, a replacing re-ingest, a new slide
+        s.delete_slide("s00")
+        s.stage(MODEL, "s01", "g3", clustered(50, 101), tiles(50))
+        s.commit_slide(MODEL, "g3", Slide("s01", "s01.svs", {"organ": "lung"}), 50)
+        s.stage(MODEL, "late", "g1", clustered(20, 102), tiles(20))
+        s.commit_slide(MODEL, "g1", Slide("late", "late.svs", {"organ": "skin"}), 20)
+    assert all(other.map(same_as_exact, clustered(5, 3000)))
+    assert store.info()["factory"] == "Flat"
+    release.set()
+    assert store.wait_trained(120)
+    other.shutdown()
+    info = store.info()
+    assert info["factory"].startswith("IVF") and info["train_vectors"] == 1000
+    assert store.counts() == exact.counts() == (1200 - 100 - 50 + 20, 12)  # no tile missing or duplicated
+    everything = store.search(MODEL, clustered(1, 4000)[0], 1000, nprobe=info["nlist"])
+    keys = [(h.slide_id, h.tile.x, h.tile.y) for h in everything]
+    assert len(keys) == len(set(keys)) == 1000  # k at its maximum: all but the 70 least similar
+    assert set(keys) == {(h.slide_id, h.tile.x, h.tile.y) for h in exact.search(MODEL, clustered(1, 4000)[0], 1000)}
+    assert "s00" not in {k[0] for k in keys}

@@ -79,6 +79,8 @@ class Settings:
     min_tissue_fraction: float = 0.5
     embed_batch: int = 32
     max_concurrent_ingests: int = 2
+    # Slide metadata key naming a slide's case (patient/accession), for exclude_query_case.
+    case_key: str = "case_id"
     # Deadline for a downstream call when the caller gave none.
     backend_timeout_s: float = 30.0
 

@@ -13,7 +13,7 @@ from protos.smily.index.v1 import index_pb2
 from protos.smily.tiler.v1 import tiler_pb2
 from services.common import images
 from services.common.config import Settings
-from services.common.errors import Aborted, InvalidArgument, require
+from services.common.errors import Aborted, FailedPrecondition, InvalidArgument, require
 from services.common.server import Registration
 from services.common.tensors import from_tensor, to_tensor
 
@@ -52,6 +52,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self._tiling = tiler_pb2.TilingParams(
             mpp=settings.tile_mpp, tile_size=settings.tile_size, min_tissue_fraction=settings.min_tissue_fraction)
         self._batch = settings.embed_batch
+        self._case_key = settings.case_key
         self._cache = make_cache(settings.redis_url, settings.cache_ttl_s, settings.redis_timeout_s)
         self._ingest = Ingestor(self._b, self._tiling, settings.embed_batch, settings.max_concurrent_ingests)
         # Fans a slide query's mosaic tiles out to the index.
@@ -168,6 +169,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         vector = vectors.combine(pos, neg, b, concepts)
         return vector, model_id, cached and neg_cached, slides + neg_slides
 
+    def _query_case(self, request, context) -> dict[str, str]:
+        """{case key: case id} of the query region's slide, for the index to leave that case out."""
+        require(request.WhichOneof("query") == "region", "exclude_query_case needs a region query")
+        slide = self._b.index.GetSlide(index_pb2.GetSlideRequest(slide_id=request.region.slide_id),
+                                       timeout=self._b.timeout(context)).slide
+        case = slide.metadata.get(self._case_key, "")
+        if not case:
+            raise FailedPrecondition(f"slide {slide.slide_id!r} has no {self._case_key!r} metadata to exclude its case by")
+        return {self._case_key: case}
+
     def Search(self, request, context):
         k = request.k if request.HasField("k") else DEFAULT_K
         require(0 < k <= paging.MAX_K, f"k must be in 1..{paging.MAX_K}, got {k}")
@@ -178,11 +189,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         offset = paging.read_token(request.page_token, fp)
         vector, model_id, cached, slides = self._query_vector(request, context)
         exclude = sorted(set(request.exclude_slide_ids) | (set(slides) if request.exclude_query_slide else set()))
+        exclude_filters = self._query_case(request, context) if request.exclude_query_case else {}
         query = to_tensor(vector, index_pb2.Tensor)
 
         def search(n: int):
             return self._b.index.Search(index_pb2.SearchRequest(
-                model_id=model_id, query=query, k=n, exclude_slide_ids=exclude,
+                model_id=model_id, query=query, k=n, exclude_slide_ids=exclude, exclude_filters=exclude_filters,
                 slide_ids=request.slide_ids, filters=request.filters, nprobe=request.nprobe),
                 timeout=self._b.timeout(context)).hits
 

@@ -36,7 +36,8 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
 
     def Search(self, request, context):
         hits = self.store.search(request.model_id, from_tensor(request.query), request.k, list(request.exclude_slide_ids),
-                                 list(request.slide_ids), dict(request.filters), request.nprobe)
+                                 list(request.slide_ids), dict(request.filters), request.nprobe,
+                                 dict(request.exclude_filters))
         return index_pb2.SearchResponse(
             model_id=self.store.model_id,
             hits=[

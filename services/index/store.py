@@ -135,11 +135,12 @@ class TileStore:
         self.dim: int = int(meta.get("dim", 0))
         self._seq = max(int(meta.get("seq", 0)), self._db.execute("SELECT COALESCE(MAX(committed), 0) FROM tiles").fetchone()[0])
         self._faiss = None
+        self._trainer: threading.Thread | None = None
+        self._stop = threading.Event()
         self.state = IndexState()
         if self.config.factory and self.dim:
             ann.validate(self.config.factory, self.dim)
         self._load()
-        self._stop = threading.Event()
         self._snapshotter = None
         if self.config.snapshot_interval_s > 0:
             self._snapshotter = threading.Thread(target=self._snapshot_loop, name="index-snapshot", daemon=True)
@@ -212,22 +213,82 @@ class TileStore:
         return self.config.factory or ann.auto_factory(n, self.dim, self.config.ivf_threshold)
 
     def _rebuild(self, committed: int) -> None:
-        """A fresh index of the right type from every published vector (training it first if needed)."""
+        """A fresh index of the right type from every published vector (training it first if needed).
+        Start-up only: a live store trains in the background (_train_and_swap)."""
         factory = self._factory_for(committed)
-        train = None
-        if factory != ann.FLAT:
-            with self._db_lock:
-                ids = np.fromiter((r[0] for r in self._db.execute("SELECT id FROM tiles WHERE committed > 0")), np.int64)
-                pick = np.sort(np.random.default_rng(0).choice(ids, min(len(ids), TRAIN_MAX), replace=False))
-                train = np.concatenate([self._fetch_vectors(pick[i:i + SQL_CHUNK])[1] for i in range(0, len(pick), SQL_CHUNK)])
+        train = self._training_sample() if factory != ann.FLAT else None
         index, seconds = ann.build(factory, self.dim, train)
-        with self._db_lock:
-            self._add_rows(index, self._db.execute("SELECT id, vector FROM tiles WHERE committed > 0 ORDER BY id"))
+        self._fill(index)
         self._faiss = index
         self.state = IndexState(factory, 0 if train is None else len(train), seconds, load_report=self.state.load_report)
         if train is not None:
             log.info("index trained", extra={"factory": factory, "train_vectors": len(train),
                                              "train_seconds": round(seconds, 3), "tiles": index.ntotal})
+
+    def _training_sample(self) -> np.ndarray:
+        """Up to TRAIN_MAX published vectors, a fixed-seed random sample."""
+        with self._db_lock:
+            ids = np.fromiter((r[0] for r in self._db.execute("SELECT id FROM tiles WHERE committed > 0")), np.int64)
+            pick = np.sort(np.random.default_rng(0).choice(ids, min(len(ids), TRAIN_MAX), replace=False))
+            return np.concatenate([self._fetch_vectors(pick[i:i + SQL_CHUNK])[1] for i in range(0, len(pick), SQL_CHUNK)])
+
+    def _fill(self, index) -> np.ndarray:
+        """Add every published vector to `index`, a chunk per _db_lock hold so searches and
+        commits interleave; returns the ids added. Tiles committed or removed meanwhile may be
+        missed or included: _train_and_swap reconciles by id."""
+        added, after = [], 0
+        while not self._stop.is_set():
+            with self._db_lock:
+                rows = self._db.execute("SELECT id, vector FROM tiles WHERE committed > 0 AND id > ? ORDER BY id LIMIT 8192",
+                                        (after,)).fetchall()
+            if not rows:
+                break
+            ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
+            index.add_with_ids(_vectors([r[1] for r in rows], self.dim), ids)
+            added.append(ids)
+            after = int(ids[-1])
+        return np.concatenate(added) if added else np.empty(0, np.int64)
+
+    def _training(self) -> bool:
+        return self._trainer is not None and self._trainer.is_alive()
+
+    def wait_trained(self, timeout: float | None = None) -> bool:
+        """Wait for a background training (swap included); True when none is running."""
+        trainer = self._trainer
+        if trainer is not None:
+            trainer.join(timeout)
+        return not self._training()
+
+    def _train_and_swap(self, factory: str) -> None:
+        """Train and fill the ANN index from the journal without the write lock, so searches
+        (on the exact index) and commits go on; then, under the write lock, add what was
+        committed since, drop what was removed, and swap."""
+        try:
+            train = self._training_sample()
+            index, seconds = ann.build(factory, self.dim, train)
+            added = self._fill(index)
+            if self._stop.is_set():
+                return  # closing: the next start-up trains from the journal
+            with self._rw.write():
+                with self._db_lock:
+                    live = np.fromiter((r[0] for r in self._db.execute("SELECT id FROM tiles WHERE committed > 0")),
+                                       np.int64)
+                    # Tile ids are never reused (AUTOINCREMENT), so id sets tell exactly what changed.
+                    missing = np.setdiff1d(live, added, assume_unique=True)
+                    for i in range(0, len(missing), SQL_CHUNK):
+                        ids, vecs = self._fetch_vectors(missing[i:i + SQL_CHUNK])
+                        index.add_with_ids(vecs, ids)
+                gone = np.setdiff1d(added, live, assume_unique=True)
+                if len(gone):
+                    index.remove_ids(faiss.IDSelectorBatch(gone))
+                self._faiss = index
+                self.state = IndexState(factory, len(train), seconds, self.state.snapshot_seq, len(gone),
+                                        self.state.load_report)
+            log.info("index trained", extra={"factory": factory, "train_vectors": len(train),
+                                             "train_seconds": round(seconds, 3), "tiles": index.ntotal,
+                                             "caught_up": len(missing), "dropped": len(gone)})
+        except Exception:
+            log.exception("index training failed; searches stay exact and the next commit retries")
 
     def _fetch_vectors(self, ids) -> tuple[np.ndarray, np.ndarray]:
         """(ids, vectors) of these tiles, in id order; caller holds _db_lock."""
@@ -354,8 +415,12 @@ class TileStore:
                 if new:
                     ids = np.fromiter((r[0] for r in new), np.int64, len(new))
                     self._faiss.add_with_ids(_vectors([r[1] for r in new], self.dim), ids)
-                if self.state.factory != self._factory_for(self._faiss.ntotal, self.state.factory):
-                    self._rebuild(self._faiss.ntotal)  # grown past the exact-search threshold: train the ANN index
+                factory = self._factory_for(self._faiss.ntotal, self.state.factory)
+                if factory != self.state.factory and not self._training():
+                    # Grown past the exact-search threshold: train the ANN index off the write lock.
+                    self._trainer = threading.Thread(target=self._train_and_swap, args=(factory,), name="index-train",
+                                                     daemon=True)
+                    self._trainer.start()
         log.info("slide committed", extra={"slide_id": slide.slide_id, "tiles": len(new), "replaced": len(old)})
         return slide, len(old)
 
@@ -400,26 +465,44 @@ class TileStore:
                 self._compact()
 
     # -- reads --------------------------------------------------------------
-    def _selected_tiles(self, slide_ids, filters: dict, exclude) -> np.ndarray:
-        """Ids of published tiles of the slides matching every filter; caller holds _db_lock."""
-        conds, args = ["t.committed > 0"], []
+    @staticmethod
+    def _excluded(exclude, exclude_filters: dict) -> tuple[str, list]:
+        """SQL condition (and its args) true for slides left out by id or by any metadata key=value."""
+        conds, args = [], []
+        if exclude:
+            conds.append(f"s.slide_id IN ({','.join('?' * len(exclude))})")
+            args += list(exclude)
+        for key, value in sorted(exclude_filters.items()):
+            conds.append("EXISTS (SELECT 1 FROM json_each(s.metadata) j WHERE j.key = ? AND j.value = ?)")
+            args += [key, value]
+        return " OR ".join(conds), args
+
+    def _tile_ids(self, conds: list[str], args: list) -> np.ndarray:
+        """Ids of published tiles whose slide meets every condition; caller holds _db_lock."""
+        return np.fromiter((r[0] for r in self._db.execute(
+            f"SELECT t.id FROM tiles t JOIN slides s ON s.slide_id = t.slide_id "
+            f"WHERE {' AND '.join(['t.committed > 0', *conds])}", args)), np.int64)
+
+    def _selected_tiles(self, slide_ids, filters: dict, exclude, exclude_filters: dict) -> np.ndarray:
+        """Ids of published tiles of the slides matching every filter and no exclusion; caller holds _db_lock."""
+        conds, args = [], []
         if slide_ids:
             conds.append(f"s.slide_id IN ({','.join('?' * len(slide_ids))})")
             args += list(slide_ids)
         for key, value in sorted(filters.items()):
             conds.append("EXISTS (SELECT 1 FROM json_each(s.metadata) j WHERE j.key = ? AND j.value = ?)")
             args += [key, value]
-        if exclude:
-            conds.append(f"s.slide_id NOT IN ({','.join('?' * len(exclude))})")
-            args += list(exclude)
-        return np.fromiter((r[0] for r in self._db.execute(
-            f"SELECT t.id FROM tiles t JOIN slides s ON s.slide_id = t.slide_id WHERE {' AND '.join(conds)}", args)),
-            np.int64)
+        excluded, excluded_args = self._excluded(exclude, exclude_filters)
+        if excluded:
+            conds.append(f"NOT ({excluded})")
+            args += excluded_args
+        return self._tile_ids(conds, args)
 
     def search(self, model_id: str, query: np.ndarray, k: int, exclude_slide_ids=(), slide_ids=(),
-               filters: dict | None = None, nprobe: int = 0) -> list[Hit]:
-        """Top-k tiles; slide_ids / filters (metadata key=value, all must hold) / exclude_slide_ids
-        restrict the search inside FAISS, so k hits come back whenever k tiles match."""
+               filters: dict | None = None, nprobe: int = 0, exclude_filters: dict | None = None) -> list[Hit]:
+        """Top-k tiles; slide_ids / filters (metadata key=value, all must hold) / exclude_slide_ids /
+        exclude_filters (metadata key=value, any drops the slide) restrict the search inside FAISS,
+        so k hits come back whenever k tiles match."""
         if not 0 < k <= MAX_K:
             raise InvalidArgument(f"k must be in 1..{MAX_K}, got {k}")
         if nprobe < 0:
@@ -428,7 +511,7 @@ class TileStore:
         if query.shape[0] != 1:
             raise InvalidArgument(f"one query vector expected, got shape {list(query.shape)}")
         query = np.ascontiguousarray(query, np.float32)
-        filters = filters or {}
+        filters, exclude_filters = filters or {}, exclude_filters or {}
         with self._rw.read():
             if not self.model_id:
                 return []  # nothing indexed yet
@@ -437,7 +520,7 @@ class TileStore:
             selector, available = None, self._faiss.ntotal
             if slide_ids or filters:
                 with self._db_lock:
-                    allowed = self._selected_tiles(slide_ids, filters, exclude_slide_ids)
+                    allowed = self._selected_tiles(slide_ids, filters, exclude_slide_ids, exclude_filters)
                 if not len(allowed):
                     return []
                 if not exact and len(allowed) <= EXACT_FILTER_MAX:
@@ -445,11 +528,10 @@ class TileStore:
                         ids, vecs = self._fetch_vectors(allowed)
                     return self._hits(list(zip(ids.tolist(), (vecs @ query[0]).tolist())), k, query, rescore=False)
                 selector, available = faiss.IDSelectorBatch(allowed), len(allowed)
-            elif exclude_slide_ids:
+            elif exclude_slide_ids or exclude_filters:
+                cond, args = self._excluded(exclude_slide_ids, exclude_filters)
                 with self._db_lock:
-                    marks = ",".join("?" * len(exclude_slide_ids))
-                    excluded = np.fromiter((r[0] for r in self._db.execute(
-                        f"SELECT id FROM tiles WHERE committed > 0 AND slide_id IN ({marks})", list(exclude_slide_ids))), np.int64)
+                    excluded = self._tile_ids([f"({cond})"], args)
                 if len(excluded):
                     selector, available = faiss.IDSelectorNot(faiss.IDSelectorBatch(excluded)), available - len(excluded)
             rescore = not exact and self.config.rerank > 1
@@ -530,6 +612,7 @@ class TileStore:
         self._stop.set()
         if self._snapshotter is not None:
             self._snapshotter.join()
+        self.wait_trained()
         self.snapshot()
         with self._rw.write(), self._db_lock:
             self._db.close()
