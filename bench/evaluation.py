@@ -14,12 +14,11 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from services import stack  # noqa: E402
 from services.client import Client  # noqa: E402
 from services.common import logs  # noqa: E402
 from services.common.config import Settings  # noqa: E402
 from services.evaluation import evaluate_manifest, synthetic_benchmark  # noqa: E402
-from services.localstack import start_redis  # noqa: E402
+from services.localstack import local_stack  # noqa: E402
 
 CMU = os.path.join(ROOT, "tests", "data", "cmu_small_region.svs")
 OUT = os.path.join(ROOT, "var", "eval-bench")
@@ -27,21 +26,15 @@ OUT = os.path.join(ROOT, "var", "eval-bench")
 
 def main() -> int:
     logs.setup("WARNING")
-    redis_proc, redis_url = start_redis()
-    running = {}
-    try:
-        with tempfile.TemporaryDirectory(prefix="smily-eval-") as tmp:
-            slides, index = os.path.join(tmp, "slides"), os.path.join(tmp, "index")
-            settings = Settings.from_env(
-                bind_host="127.0.0.1", gateway_port=0, tiler_port=0, embedder_port=0, index_port=0,
-                metrics_port=0, slide_roots=(slides,), index_dir=index, redis_url=redis_url,
-                model_repository=os.path.join(ROOT, "models"))
-            manifest = synthetic_benchmark.write(slides, synthetic_benchmark.FULL, settings.tile_mpp, settings.tile_size)
-            shutil.copy(CMU, os.path.join(slides, "cmu_small_region.svs"))
-            cmu_manifest = os.path.join(tmp, "cmu.csv")
-            with open(cmu_manifest, "w") as fh:
-                fh.write("source,slide_id\ncmu_small_region.svs,cmu\n")
-            running, settings = stack.start(stack.ORDER, settings)
+    defaults = Settings.from_env()
+    with tempfile.TemporaryDirectory(prefix="smily-eval-") as tmp:
+        slides = os.path.join(tmp, "slides")
+        manifest = synthetic_benchmark.write(slides, synthetic_benchmark.FULL, defaults.tile_mpp, defaults.tile_size)
+        shutil.copy(CMU, os.path.join(slides, "cmu_small_region.svs"))
+        cmu_manifest = os.path.join(tmp, "cmu.csv")
+        with open(cmu_manifest, "w") as fh:
+            fh.write("source,slide_id\ncmu_small_region.svs,cmu\n")
+        with local_stack((slides,), model_repository=os.path.join(ROOT, "models")) as settings:
             client = Client(f"127.0.0.1:{settings.gateway_port}", timeout=600)
             print("== synthetic benchmark (full size)")
             evaluate_manifest(client, settings, manifest, os.path.join(OUT, "synthetic"), max_queries=50,
@@ -49,11 +42,6 @@ def main() -> int:
             print("\n== robustness on the real CC0 slide (in an archive with the synthetic slides)")
             evaluate_manifest(client, settings, cmu_manifest, os.path.join(OUT, "cmu"), robustness_per_slide=20)
             client.close()
-    finally:
-        stack.stop(running, 0)
-        if redis_proc is not None:
-            redis_proc.terminate()
-            redis_proc.wait()
     return 0
 
 

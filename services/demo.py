@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 import time
 
 from protos.smily.tiler.v1 import tiler_pb2, tiler_pb2_grpc
-from services import stack
 from services.cli import print_hits
 from services.client import Client
 from services.common import logs
 from services.common.channels import channel
 from services.common.config import Settings
-from services.localstack import start_redis
+from services.localstack import local_stack
 
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".mrxs", ".bif", ".dcm")
 
@@ -37,32 +35,18 @@ def run(slides_dir: str) -> int:
         print(f"no slides in {slides_dir}; run `make sample-data`")
         return 1
     t0 = time.perf_counter()
-    redis_proc, redis_url = start_redis()
-    if redis_proc is None:
-        print("warning: redis-server is not installed; using an in-process query cache")
-    try:
-        with tempfile.TemporaryDirectory(prefix="smily-demo-") as index_dir:
-            settings = Settings.from_env(
-                bind_host="127.0.0.1", gateway_port=0, tiler_port=0, embedder_port=0, index_port=0,
-                metrics_port=0, slide_roots=(slides_dir,), index_dir=index_dir, redis_url=redis_url)
-            running, settings = stack.start(stack.ORDER, settings)
-            try:
-                if _ingest_and_search(settings, names, redis_url, t0):
-                    return 1
-            finally:
-                # Inside the with: the index writes its last snapshot into index_dir on stop.
-                stack.stop(running, 0)
-    finally:
-        if redis_proc is not None:
-            redis_proc.terminate()
-            redis_proc.wait()
+    with local_stack((slides_dir,)) as settings:
+        if not settings.redis_url:
+            print("warning: redis-server is not installed; using an in-process query cache")
+        if _ingest_and_search(settings, names, t0):
+            return 1
     _step("stopped", t0)
     return 0
 
 
-def _ingest_and_search(settings: Settings, names: list[str], redis_url: str, t0: float) -> int:
+def _ingest_and_search(settings: Settings, names: list[str], t0: float) -> int:
     """Ingest every slide, then search by region and by image; non-zero on failure."""
-    _step(f"started redis {'(' + redis_url + ')' if redis_url else '(none)'} and 4 services "
+    _step(f"started redis {'(' + settings.redis_url + ')' if settings.redis_url else '(none)'} and 4 services "
           f"(gateway on port {settings.gateway_port})", t0)
     client = Client(f"127.0.0.1:{settings.gateway_port}", timeout=120)
 

@@ -12,7 +12,10 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from contextlib import contextmanager
+from typing import Iterator
 
 RUN_DIR = os.path.join("var", "run")
 LOG_DIR = os.path.join("var", "log")
@@ -45,6 +48,32 @@ def start_redis(port: int | None = None, log_path: str = os.devnull) -> tuple[su
             time.sleep(0.05)
     proc.kill()
     raise RuntimeError("redis-server did not start")
+
+
+@contextmanager
+def local_stack(slide_roots: tuple[str, ...], **overrides) -> Iterator:
+    """Redis (when installed) and the four services on free loopback ports with a
+    fresh index; yields their Settings and stops everything in order: the
+    services before their index folder goes (the index snapshots on stop)."""
+    from services import stack
+    from services.common.config import Settings
+
+    redis_proc, redis_url = start_redis()
+    try:
+        with tempfile.TemporaryDirectory(prefix="smily-") as tmp:
+            settings = Settings.from_env(**{
+                "bind_host": "127.0.0.1", "gateway_port": 0, "tiler_port": 0, "embedder_port": 0,
+                "index_port": 0, "metrics_port": 0, "slide_roots": tuple(slide_roots),
+                "index_dir": os.path.join(tmp, "index"), "redis_url": redis_url, **overrides})
+            running, settings = stack.start(stack.ORDER, settings)
+            try:
+                yield settings
+            finally:
+                stack.stop(running, 0)
+    finally:
+        if redis_proc is not None:
+            redis_proc.terminate()
+            redis_proc.wait()
 
 
 def up() -> int:
