@@ -23,6 +23,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from protos.smily.embedder.v1 import embedder_pb2, embedder_pb2_grpc  # noqa: E402
+from protos.smily.types.v1 import types_pb2  # noqa: E402
 from services import stack  # noqa: E402
 from services.common.channels import channel  # noqa: E402
 from services.common.config import Settings  # noqa: E402
@@ -51,8 +52,8 @@ def settings(**changes) -> Settings:
                                model_repository=REPO, **changes)
 
 
-def raw(tile: np.ndarray) -> embedder_pb2.Image:
-    return embedder_pb2.Image(data=tile.tobytes(), encoding=embedder_pb2.IMAGE_ENCODING_RAW_RGB,
+def raw(tile: np.ndarray) -> types_pb2.Image:
+    return types_pb2.Image(data=tile.tobytes(), encoding=types_pb2.IMAGE_ENCODING_RAW_RGB,
                               width=tile.shape[1], height=tile.shape[0])
 
 

@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from protos.smily.index.v1 import index_pb2, index_pb2_grpc  # noqa: E402
 from protos.smily.tiler.v1 import tiler_pb2, tiler_pb2_grpc  # noqa: E402
+from protos.smily.types.v1 import types_pb2  # noqa: E402
 from services import stack  # noqa: E402
 from services.client import Client  # noqa: E402
 from services.common.channels import channel  # noqa: E402
@@ -63,7 +64,7 @@ def fill_index(target: str, model_id: str, dim: int, n: int) -> None:
         tiles = [index_pb2.TileRect(x=(i % 100) * 448, y=(i // 100) * 448, width=448, height=448, mpp=1.0)
                  for i in range(m)]
         stub.AddTiles(index_pb2.AddTilesRequest(model_id=model_id, slide_id=slide_id, generation="g",
-                                                embeddings=to_tensor(v, index_pb2.Tensor), tiles=tiles), timeout=600)
+                                                embeddings=to_tensor(v), tiles=tiles), timeout=600)
         stub.CommitSlide(index_pb2.CommitSlideRequest(model_id=model_id, generation="g", expected_tiles=m,
                                                       slide=index_pb2.Slide(slide_id=slide_id, source="none")),
                          timeout=600)
@@ -119,7 +120,7 @@ def main() -> int:
         tiler = tiler_pb2_grpc.TilerServiceStub(channel(settings.tiler_target))
         patch = np.asarray(Image.open(io.BytesIO(tiler.ReadRegion(tiler_pb2.ReadRegionRequest(
             slide=SLIDE.name, x=1000, y=1000, width=448, height=448, mpp=1.0,
-            encoding=tiler_pb2.IMAGE_ENCODING_PNG)).image.data)))
+            encoding=types_pb2.IMAGE_ENCODING_PNG)).image.data)))
 
         def png(i: int) -> bytes:
             img = patch.copy()

@@ -21,6 +21,7 @@ import time
 
 import numpy as np
 from PIL import Image
+from protos.smily.types.v1 import types_pb2
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -115,7 +116,7 @@ def main() -> None:
             stub.GetSlideInfo(tiler_pb2.GetSlideInfoRequest(slide="big-40x.tiff"), timeout=30)
         req = tiler_pb2.StreamTilesRequest(
             slide="big-40x.tiff", params=tiler_pb2.TilingParams(mpp=args.mpp, tile_size=args.tile_size),
-            encoding=tiler_pb2.IMAGE_ENCODING_RAW_RGB)
+            encoding=types_pb2.IMAGE_ENCODING_RAW_RGB)
         t = time.perf_counter()
         rects, nbytes = [], 0
         for m in stub.StreamTiles(req, timeout=3600):

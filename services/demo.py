@@ -12,6 +12,7 @@ import sys
 import time
 
 from protos.smily.tiler.v1 import tiler_pb2, tiler_pb2_grpc
+from protos.smily.types.v1 import types_pb2
 from services.cli import print_hits
 from services.client import Client
 from services.common import logs
@@ -81,7 +82,7 @@ def _ingest_and_search(settings: Settings, names: list[str], t0: float) -> int:
 
     png = tiler.ReadRegion(tiler_pb2.ReadRegionRequest(
         slide=query_slide, x=region["x"], y=region["y"], width=size, height=size, mpp=settings.tile_mpp,
-        encoding=tiler_pb2.IMAGE_ENCODING_PNG)).image.data
+        encoding=types_pb2.IMAGE_ENCODING_PNG)).image.data
     print(f"\nquery: the same patch uploaded as a {len(png) // 1024} KiB PNG")
     resp = client.search(image=png, k=5)
     print_hits(resp, as_json=False)

@@ -10,6 +10,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from protos.smily.embedder.v1 import embedder_pb2, embedder_pb2_grpc
+from protos.smily.types.v1 import types_pb2
 from services import stack
 from services.common.channels import channel
 from services.common.tensors import from_tensor
@@ -19,8 +20,8 @@ from .test_embedder import patch
 
 
 def request(seed: int) -> embedder_pb2.EmbedRequest:
-    return embedder_pb2.EmbedRequest(images=[embedder_pb2.Image(
-        data=patch(seed).tobytes(), encoding=embedder_pb2.IMAGE_ENCODING_RAW_RGB, width=224, height=224)])
+    return embedder_pb2.EmbedRequest(images=[types_pb2.Image(
+        data=patch(seed).tobytes(), encoding=types_pb2.IMAGE_ENCODING_RAW_RGB, width=224, height=224)])
 
 
 def metric(name: str) -> float:

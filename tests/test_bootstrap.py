@@ -9,6 +9,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from protos.smily.index.v1 import index_pb2, index_pb2_grpc
+from protos.smily.types.v1 import types_pb2
 from services import stack
 from services.common import server
 from services.common.config import Settings
@@ -33,7 +34,7 @@ def test_every_service_reports_serving(settings):
 def test_errors_are_canonical_not_unknown(settings):
     index = index_pb2_grpc.IndexServiceStub(grpc.insecure_channel(settings.index_target))
     bad = index_pb2.SearchRequest(model_id="efficientnet-lite0/1", k=5,
-                                  query=index_pb2.Tensor(data=b"\0" * 7, shape=[1280], dtype=1))
+                                  query=types_pb2.Tensor(data=b"\0" * 7, shape=[1280], dtype=1))
     assert rpc_code(index.Search, bad) == grpc.StatusCode.INVALID_ARGUMENT
 
 

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from protos.smily.embedder.v1 import embedder_pb2, embedder_pb2_grpc
+from protos.smily.types.v1 import types_pb2
 from services.common.channels import channel
 from services.common.tensors import from_tensor
 from services.embedder.model_repo import load
@@ -37,9 +38,9 @@ def png(rgb: np.ndarray) -> bytes:
 def test_batch_of_raw_and_png_images(embedder):
     a, b = patch(1), patch(2)
     req = embedder_pb2.EmbedRequest(images=[
-        embedder_pb2.Image(data=a.tobytes(), encoding=embedder_pb2.IMAGE_ENCODING_RAW_RGB, width=224, height=224),
-        embedder_pb2.Image(data=png(a), encoding=embedder_pb2.IMAGE_ENCODING_PNG),
-        embedder_pb2.Image(data=png(b)),  # encoding sniffed from the bytes
+        types_pb2.Image(data=a.tobytes(), encoding=types_pb2.IMAGE_ENCODING_RAW_RGB, width=224, height=224),
+        types_pb2.Image(data=png(a), encoding=types_pb2.IMAGE_ENCODING_PNG),
+        types_pb2.Image(data=png(b)),  # encoding sniffed from the bytes
     ])
     resp = embedder.Embed(req)
     assert resp.model_id == "efficientnet-lite0/1"
@@ -61,8 +62,8 @@ def test_bad_images(embedder):
         return embedder.Embed(embedder_pb2.EmbedRequest(images=list(images)))
 
     assert rpc_code(embed) == grpc.StatusCode.INVALID_ARGUMENT
-    assert rpc_code(embed, embedder_pb2.Image(data=b"GIF89a nonsense")) == grpc.StatusCode.INVALID_ARGUMENT
-    raw = embedder_pb2.Image(data=b"\0" * 10, encoding=embedder_pb2.IMAGE_ENCODING_RAW_RGB, width=224, height=224)
+    assert rpc_code(embed, types_pb2.Image(data=b"GIF89a nonsense")) == grpc.StatusCode.INVALID_ARGUMENT
+    raw = types_pb2.Image(data=b"\0" * 10, encoding=types_pb2.IMAGE_ENCODING_RAW_RGB, width=224, height=224)
     code = rpc_code(embed, raw)
     assert code == grpc.StatusCode.INVALID_ARGUMENT
 

@@ -66,7 +66,7 @@ class Writer(threading.Thread):
         rects = [index_pb2.TileRect(x=i * 10, y=0, width=10, height=10, mpp=1.0) for i in range(n)]
         for part in (slice(0, n // 2), slice(n // 2, n)):
             self.stub.AddTiles(index_pb2.AddTilesRequest(
-                model_id=MODEL, slide_id=sid, generation=gen, embeddings=to_tensor(v[part], index_pb2.Tensor),
+                model_id=MODEL, slide_id=sid, generation=gen, embeddings=to_tensor(v[part]),
                 tiles=rects[part]), timeout=5)
         self.in_doubt.setdefault(sid, []).append(v)
         self.stub.CommitSlide(index_pb2.CommitSlideRequest(
@@ -105,7 +105,7 @@ def check(stub, writer: Writer) -> None:
         assert slides.get(sid) in {len(x) for x in versions}, sid
         version = next(x for x in versions if len(x) == slides[sid])
         hits = stub.Search(index_pb2.SearchRequest(
-            model_id=MODEL, query=to_tensor(version[0], index_pb2.Tensor), k=len(version), slide_ids=[sid]),
+            model_id=MODEL, query=to_tensor(version[0]), k=len(version), slide_ids=[sid]),
             timeout=10).hits
         assert len(hits) == len(version) and hits[0].tile.x == 0 and hits[0].score > 0.999, sid
 

@@ -37,13 +37,13 @@ def indexes(tmp_path):
 def ingest(index, sid, v, meta):
     rects = [index_pb2.TileRect(x=i, y=0, width=1, height=1, mpp=1.0) for i in range(len(v))]
     index.AddTiles(index_pb2.AddTilesRequest(model_id=MODEL, slide_id=sid, generation="g", tiles=rects,
-                                             embeddings=to_tensor(v, index_pb2.Tensor)))
+                                             embeddings=to_tensor(v)))
     index.CommitSlide(index_pb2.CommitSlideRequest(model_id=MODEL, generation="g", expected_tiles=len(v),
                                                    slide=index_pb2.Slide(slide_id=sid, source="x", metadata=meta)))
 
 
 def search(index, q, k, **kw):
-    hits = index.Search(index_pb2.SearchRequest(model_id=MODEL, query=to_tensor(q, index_pb2.Tensor), k=k, **kw)).hits
+    hits = index.Search(index_pb2.SearchRequest(model_id=MODEL, query=to_tensor(q), k=k, **kw)).hits
     return [(h.slide_id, h.tile.x, round(h.score, 5)) for h in hits]
 
 

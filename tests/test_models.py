@@ -16,6 +16,7 @@ from PIL import Image
 
 from protos.smily.embedder.v1 import embedder_pb2, embedder_pb2_grpc
 from protos.smily.index.v1 import index_pb2, index_pb2_grpc
+from protos.smily.types.v1 import types_pb2
 from services import stack
 from services.common.channels import channel
 from services.common.tensors import from_tensor, to_tensor
@@ -68,7 +69,7 @@ def png(rgb: np.ndarray) -> bytes:
 
 def embed(settings, *rgbs) -> embedder_pb2.EmbedResponse:
     stub = embedder_pb2_grpc.EmbedderServiceStub(channel(settings.embedder_target))
-    return stub.Embed(embedder_pb2.EmbedRequest(images=[embedder_pb2.Image(data=png(x)) for x in rgbs]))
+    return stub.Embed(embedder_pb2.EmbedRequest(images=[types_pb2.Image(data=png(x)) for x in rgbs]))
 
 
 def serve_embedder(repo, model: str):
@@ -143,14 +144,14 @@ def test_a_second_model_is_searched_end_to_end(repo, slide_dir, tmp_path):
         slide = client.slides()[0]
         # Any indexed tile, queried by its own region, finds itself first.
         any_tile = index.Search(index_pb2.SearchRequest(
-            model_id="tiny-resnet/1", query=to_tensor(np.ones(64, np.float32) / 8, index_pb2.Tensor), k=1)).hits[0]
+            model_id="tiny-resnet/1", query=to_tensor(np.ones(64, np.float32) / 8), k=1)).hits[0]
         t = any_tile.tile
         resp = client.search(region=dict(slide_id="synth-a", x=t.x, y=t.y, width=t.width, height=t.height), k=3)
         assert resp.model_id == "tiny-resnet/1" and slide.model_id == "tiny-resnet/1"
         assert (resp.hits[0].x, resp.hits[0].y) == (t.x, t.y) and resp.hits[0].score > 0.999
         # Vectors of another model are refused: changing the model needs a new index.
         other = index_pb2.SearchRequest(model_id="efficientnet-lite0/1",
-                                        query=to_tensor(np.ones(64, np.float32) / 8, index_pb2.Tensor), k=1)
+                                        query=to_tensor(np.ones(64, np.float32) / 8), k=1)
         assert rpc_code(index.Search, other) == grpc.StatusCode.FAILED_PRECONDITION
     finally:
         client.close()

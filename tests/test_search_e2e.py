@@ -8,6 +8,7 @@ import pytest
 
 from protos.smily.gateway.v1 import gateway_pb2
 from protos.smily.tiler.v1 import tiler_pb2, tiler_pb2_grpc
+from protos.smily.types.v1 import types_pb2
 from services.common.channels import channel
 
 from .conftest import CMU, TEST_SLIDES, rpc_code
@@ -49,7 +50,7 @@ def test_image_query_matches_region_query(client, settings, ingested):
     tile, tiler = _tissue_tile(settings, name)
     rect = dict(x=tile.x + tile.width // 4, y=tile.y + tile.height // 4, width=tile.width, height=tile.height)
     png = tiler.ReadRegion(tiler_pb2.ReadRegionRequest(
-        slide=name, mpp=settings.tile_mpp, encoding=tiler_pb2.IMAGE_ENCODING_PNG, **rect)).image.data
+        slide=name, mpp=settings.tile_mpp, encoding=types_pb2.IMAGE_ENCODING_PNG, **rect)).image.data
     by_image = client.search(image=png, k=5)
     by_region = client.search(region=dict(slide_id="synth-a", **rect), k=5)
     assert [(h.slide_id, h.x, h.y) for h in by_image.hits][:3] == [(h.slide_id, h.x, h.y) for h in by_region.hits][:3]

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from protos.smily.tiler.v1 import tiler_pb2, tiler_pb2_grpc
+from protos.smily.types.v1 import types_pb2
 from services.common.channels import channel
 from services.common.errors import InvalidArgument, NotFound
 from services.tiler.slides import SlideRoots
@@ -63,7 +64,7 @@ def test_tiles_cover_tissue_inside_the_slide(tiler):
         t = m.tile
         assert t.x + t.width <= 3072 and t.y + t.height <= 2304
         assert t.width == 448 and abs(t.mpp - 1.0) < 1e-6 and t.tissue_fraction >= 0.5
-        assert t.image.encoding == tiler_pb2.IMAGE_ENCODING_RAW_RGB
+        assert t.image.encoding == types_pb2.IMAGE_ENCODING_RAW_RGB
         assert len(t.image.data) == 224 * 224 * 3
     again = [(m.tile.x, m.tile.y) for m in tiler.StreamTiles(tiler_pb2.StreamTilesRequest(slide=name))]
     assert again == [(x, y) for y, x in keys]
@@ -77,7 +78,7 @@ def test_same_field_of_view_at_20x_and_40x(tiler):
 
 def test_read_region_png(tiler):
     resp = tiler.ReadRegion(tiler_pb2.ReadRegionRequest(
-        slide=CMU, x=1000, y=1300, width=400, height=300, mpp=1.0, encoding=tiler_pb2.IMAGE_ENCODING_PNG))
+        slide=CMU, x=1000, y=1300, width=400, height=300, mpp=1.0, encoding=types_pb2.IMAGE_ENCODING_PNG))
     img = Image.open(io.BytesIO(resp.image.data))
     assert img.format == "PNG" and abs(img.size[0] - 200) <= 1 and abs(img.size[1] - 150) <= 1
     assert np.asarray(img).std() > 5  # real pixels, not a blank

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from protos.smily.tiler.v1 import tiler_pb2, tiler_pb2_grpc
+from protos.smily.types.v1 import types_pb2
 from services.common.channels import channel
 from services.tiler.synthetic import SlideSpec, render
 from services.tiler.tissue import tissue_mask
@@ -16,7 +17,7 @@ from services.tiler.tissue import tissue_mask
 from .conftest import CMU, TEST_SLIDES
 from .tiler_files import dicom_wsi
 
-RAW = tiler_pb2.IMAGE_ENCODING_RAW_RGB
+RAW = types_pb2.IMAGE_ENCODING_RAW_RGB
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import pytest
 import tifffile
 
 from protos.smily.tiler.v1 import tiler_pb2, tiler_pb2_grpc
+from protos.smily.types.v1 import types_pb2
 from services.common.channels import channel
 from services.common.errors import InvalidArgument, Unavailable
 from services.tiler.slides import SlideRoots
@@ -131,7 +132,7 @@ def test_a_slide_without_resolution_needs_the_caller_to_state_it(tiler, slide_di
     assert tiles and all(t.width == 448 and abs(t.mpp - 1.0) < 1e-9 for t in tiles)
     region = tiler.ReadRegion(tiler_pb2.ReadRegionRequest(
         slide="no-mpp-tissue.tiff", x=tiles[0].x, y=tiles[0].y, width=448, height=448, mpp=1.0, slide_mpp=0.5,
-        encoding=tiler_pb2.IMAGE_ENCODING_RAW_RGB))
+        encoding=types_pb2.IMAGE_ENCODING_RAW_RGB))
     assert region.image.data == tiles[0].image.data
     assert tiler.GetSlideInfo(tiler_pb2.GetSlideInfoRequest(slide="no-mpp-tissue.tiff")).info.mpp_x == 0
 
@@ -162,7 +163,7 @@ def test_no_response_carries_the_label_or_vendor_phi(tiler, slide_dir):
     name = TEST_SLIDES[1].name
     secrets = _label_fingerprints(os.path.join(slide_dir, name))
     wire: list[bytes] = [tiler.GetSlideInfo(tiler_pb2.GetSlideInfoRequest(slide=name)).SerializeToString()]
-    for enc in (tiler_pb2.IMAGE_ENCODING_RAW_RGB, tiler_pb2.IMAGE_ENCODING_PNG, tiler_pb2.IMAGE_ENCODING_JPEG):
+    for enc in (types_pb2.IMAGE_ENCODING_RAW_RGB, types_pb2.IMAGE_ENCODING_PNG, types_pb2.IMAGE_ENCODING_JPEG):
         params = tiler_pb2.TilingParams(mpps=[1.0, 4.0], min_tissue_fraction=0.01)
         wire += [m.SerializeToString() for m in tiler.StreamTiles(
             tiler_pb2.StreamTilesRequest(slide=name, params=params, encoding=enc))]

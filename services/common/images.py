@@ -1,6 +1,6 @@
 """Image bytes <-> uint8 RGB arrays, shared by tiler, embedder and gateway.
 
-Encodings use the same numbers in every proto: 1 raw RGB, 2 PNG, 3 JPEG.
+Encodings are smily.types.v1.ImageEncoding values.
 """
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ import io
 import numpy as np
 from PIL import Image
 
+from protos.smily.types.v1 import types_pb2
+
 from .errors import InvalidArgument
 
-RAW_RGB, PNG, JPEG = 1, 2, 3
+RAW_RGB, PNG, JPEG = types_pb2.IMAGE_ENCODING_RAW_RGB, types_pb2.IMAGE_ENCODING_PNG, types_pb2.IMAGE_ENCODING_JPEG
 
 # Decompression-bomb guard for uploaded and stored images.
 MAX_IMAGE_PIXELS = 64 * 1024 * 1024

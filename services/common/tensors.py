@@ -1,23 +1,22 @@
-"""numpy arrays <-> the Tensor messages of the embedder and index protos.
-
-Both protos define Tensor{data, shape, dtype} with the same dtype numbers.
-"""
+"""numpy arrays <-> smily.types.v1.Tensor."""
 from __future__ import annotations
 
 import numpy as np
 
+from protos.smily.types.v1 import types_pb2
+
 from .errors import InvalidArgument
 
-_DTYPES = {1: np.dtype("<f4"), 2: np.dtype("<f2")}
+_DTYPES = {types_pb2.D_TYPE_FLOAT32: np.dtype("<f4"), types_pb2.D_TYPE_FLOAT16: np.dtype("<f2")}
 _CODES = {v: k for k, v in _DTYPES.items()}
 
 
-def to_tensor(array: np.ndarray, tensor_cls):
+def to_tensor(array: np.ndarray) -> types_pb2.Tensor:
     array = np.ascontiguousarray(array)
     dtype = array.dtype.newbyteorder("<")
     if dtype not in _CODES:
         array, dtype = array.astype("<f4"), np.dtype("<f4")
-    return tensor_cls(data=array.astype(dtype, copy=False).tobytes(), shape=list(array.shape), dtype=_CODES[dtype])
+    return types_pb2.Tensor(data=array.astype(dtype, copy=False).tobytes(), shape=list(array.shape), dtype=_CODES[dtype])
 
 
 def from_tensor(tensor) -> np.ndarray:

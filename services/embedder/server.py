@@ -39,7 +39,7 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
             BATCH_SIZE.observe(n)
             vectors = self.model.embed_tensor(tensor)
         return embedder_pb2.EmbedResponse(
-            embeddings=to_tensor(vectors, embedder_pb2.Tensor), model_id=self.model.config.model_id
+            embeddings=to_tensor(vectors), model_id=self.model.config.model_id
         )
 
     def GetModelInfo(self, request, context):

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from protos.smily.embedder.v1 import embedder_pb2
+from protos.smily.types.v1 import types_pb2
 from services.common import images
 from services.common.config import Settings
 from services.common.tensors import from_tensor
@@ -54,7 +55,7 @@ def open_slides(settings: Settings, sources: dict[str, str]) -> dict:
 
 def embed(embedder, rgbs: list[np.ndarray]) -> tuple[np.ndarray, str]:
     resp = embedder.Embed(embedder_pb2.EmbedRequest(images=[
-        embedder_pb2.Image(data=images.encode(rgb, images.RAW_RGB), encoding=images.RAW_RGB,
+        types_pb2.Image(data=images.encode(rgb, images.RAW_RGB), encoding=images.RAW_RGB,
                            width=rgb.shape[1], height=rgb.shape[0]) for rgb in rgbs]), timeout=300)
     return from_tensor(resp.embeddings), resp.model_id
 

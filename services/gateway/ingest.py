@@ -19,6 +19,7 @@ from protos.smily.embedder.v1 import embedder_pb2
 from protos.smily.gateway.v1 import gateway_pb2
 from protos.smily.index.v1 import index_pb2
 from protos.smily.tiler.v1 import tiler_pb2
+from protos.smily.types.v1 import types_pb2
 from services.common.errors import FailedPrecondition, NotFound, ServiceError
 
 from .backends import Backends
@@ -146,24 +147,22 @@ class Ingestor:
         def flush() -> None:
             nonlocal model_id, embedded
             self._check_cancel(op_id)
-            images = [embedder_pb2.Image(data=t.image.data, encoding=t.image.encoding,
-                                         width=t.image.width, height=t.image.height) for t in batch]
-            emb = b.embedder.Embed(embedder_pb2.EmbedRequest(images=images), timeout=timeout)
+            emb = b.embedder.Embed(embedder_pb2.EmbedRequest(images=[t.image for t in batch]), timeout=timeout)
             model_id = emb.model_id
             embedded += len(batch)
             self._update(op_id, tiles_embedded=embedded)
             rects = [index_pb2.TileRect(x=t.x, y=t.y, width=t.width, height=t.height, mpp=t.mpp,
                                         tissue_fraction=t.tissue_fraction) for t in batch]
-            e = emb.embeddings  # passed on as bytes; the index validates them
+            # Passed on as bytes; the index validates them.
             b.index.AddTiles(index_pb2.AddTilesRequest(
                 model_id=model_id, slide_id=slide_id, generation=generation,
-                embeddings=index_pb2.Tensor(data=e.data, shape=e.shape, dtype=e.dtype), tiles=rects), timeout=timeout)
+                embeddings=emb.embeddings, tiles=rects), timeout=timeout)
             self._update(op_id, tiles_indexed=embedded)
             TILES.inc(len(batch))
             batch.clear()
 
         stream = b.tiler.StreamTiles(
-            tiler_pb2.StreamTilesRequest(slide=source, params=self._tiling, encoding=tiler_pb2.IMAGE_ENCODING_RAW_RGB),
+            tiler_pb2.StreamTilesRequest(slide=source, params=self._tiling, encoding=types_pb2.IMAGE_ENCODING_RAW_RGB),
             timeout=max(timeout, 3600.0))
         with self._lock:
             self._streams[op_id] = stream

@@ -11,6 +11,7 @@ from protos.smily.embedder.v1 import embedder_pb2
 from protos.smily.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from protos.smily.index.v1 import index_pb2
 from protos.smily.tiler.v1 import tiler_pb2
+from protos.smily.types.v1 import types_pb2
 from services.common import images
 from services.common.config import Settings
 from services.common.errors import Aborted, FailedPrecondition, InvalidArgument, require
@@ -114,18 +115,17 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             f"region:{slide.slide_id}:{slide.indexed_at}:{region.x},{region.y},{region.width},{region.height}:"
             f"{self._tiling.mpp}:{self._tiling.tile_size}".encode()).hexdigest()
 
-        def read_region() -> embedder_pb2.Image:
-            img = self._b.tiler.ReadRegion(tiler_pb2.ReadRegionRequest(
+        def read_region() -> types_pb2.Image:
+            return self._b.tiler.ReadRegion(tiler_pb2.ReadRegionRequest(
                 slide=slide.source, x=region.x, y=region.y, width=region.width, height=region.height,
-                mpp=self._tiling.mpp, encoding=tiler_pb2.IMAGE_ENCODING_RAW_RGB), timeout=timeout).image
-            return embedder_pb2.Image(data=img.data, encoding=img.encoding, width=img.width, height=img.height)
+                mpp=self._tiling.mpp, encoding=types_pb2.IMAGE_ENCODING_RAW_RGB), timeout=timeout).image
 
         return self._embed(read_region, key, context)
 
     def _image_query(self, data: bytes, context):
         require(0 < len(data) <= MAX_QUERY_IMAGE_BYTES, "image must be 1 byte to 32 MiB of PNG or JPEG")
         images.decode(data)  # reject non-images here, with a clear message
-        return self._embed(lambda: embedder_pb2.Image(data=data), hashlib.sha256(data).hexdigest(), context)
+        return self._embed(lambda: types_pb2.Image(data=data), hashlib.sha256(data).hexdigest(), context)
 
     def _examples(self, examples, what: str, context):
         """Embeddings of Example messages: (array [n, dim], all cached, region slide ids)."""
@@ -190,7 +190,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         vector, model_id, cached, slides = self._query_vector(request, context)
         exclude = sorted(set(request.exclude_slide_ids) | (set(slides) if request.exclude_query_slide else set()))
         exclude_filters = self._query_case(request, context) if request.exclude_query_case else {}
-        query = to_tensor(vector, index_pb2.Tensor)
+        query = to_tensor(vector)
 
         def search(n: int):
             return self._b.index.Search(index_pb2.SearchRequest(
@@ -218,7 +218,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         if flat is not None:
             return flat.reshape(-1, self._dim), model_id, True
         stream = self._b.tiler.StreamTiles(tiler_pb2.StreamTilesRequest(
-            slide=source, params=t, encoding=tiler_pb2.IMAGE_ENCODING_RAW_RGB), timeout=timeout)
+            slide=source, params=t, encoding=types_pb2.IMAGE_ENCODING_RAW_RGB), timeout=timeout)
         chunks, batch = [], []
 
         def flush():
@@ -228,8 +228,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             batch.clear()
 
         for msg in stream:
-            img = msg.tile.image
-            batch.append(embedder_pb2.Image(data=img.data, encoding=img.encoding, width=img.width, height=img.height))
+            batch.append(msg.tile.image)
             if len(batch) >= self._batch:
                 flush()
         if batch:
@@ -263,7 +262,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
 
         def search(v):
             return list(self._b.index.Search(index_pb2.SearchRequest(
-                model_id=model_id, query=to_tensor(v, index_pb2.Tensor), k=MOSAIC_TILE_K, exclude_slide_ids=exclude),
+                model_id=model_id, query=to_tensor(v), k=MOSAIC_TILE_K, exclude_slide_ids=exclude),
                 timeout=self._b.timeout(context)).hits)
 
         per_tile = list(self._fanout.map(search, mosaic))
@@ -309,7 +308,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         direction, accuracy = vectors.concept_vector(with_, without)
         model_id = self._current_model(context)
         saved = self._b.index.PutConcept(index_pb2.PutConceptRequest(concept=index_pb2.Concept(
-            name=request.name, model_id=model_id, vector=to_tensor(direction, index_pb2.Tensor),
+            name=request.name, model_id=model_id, vector=to_tensor(direction),
             with_examples=len(with_), without_examples=len(without), train_accuracy=accuracy)),
             timeout=self._b.timeout(context)).concept
         return gateway_pb2.CreateConceptResponse(concept=_concept(saved))

@@ -97,7 +97,7 @@ def _concept_pb(c: Concept) -> index_pb2.Concept:
                             without_examples=c.without_examples, train_accuracy=c.train_accuracy,
                             created_at=c.created_at)
     if c.vector is not None:
-        out.vector.CopyFrom(to_tensor(c.vector, index_pb2.Tensor))
+        out.vector.CopyFrom(to_tensor(c.vector))
     return out
 
 

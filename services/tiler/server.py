@@ -11,6 +11,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 from protos.smily.tiler.v1 import tiler_pb2, tiler_pb2_grpc
+from protos.smily.types.v1 import types_pb2
 from services.common import images
 from services.common.config import Settings
 from services.common.errors import FailedPrecondition, InvalidArgument, require
@@ -97,7 +98,7 @@ class TilerServicer(tiler_pb2_grpc.TilerServiceServicer):
                         tile=tiler_pb2.Tile(
                             x=rect.x, y=rect.y, width=rect.size, height=rect.size, mpp=rect.mpp,
                             tissue_fraction=rect.tissue_fraction,
-                            image=tiler_pb2.Image(data=data, encoding=encoding, width=tile_size, height=tile_size),
+                            image=types_pb2.Image(data=data, encoding=encoding, width=tile_size, height=tile_size),
                         ),
                     )
         finally:
@@ -125,7 +126,7 @@ class TilerServicer(tiler_pb2_grpc.TilerServiceServicer):
             )
         data = self.readers.call("region", path, r.x, r.y, r.width, r.height, out_w, out_h, encoding)
         return tiler_pb2.ReadRegionResponse(
-            image=tiler_pb2.Image(data=data, encoding=encoding, width=out_w, height=out_h),
+            image=types_pb2.Image(data=data, encoding=encoding, width=out_w, height=out_h),
             mpp=r.mpp or slide_mpp,
         )
 
