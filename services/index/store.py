@@ -466,15 +466,20 @@ class TileStore:
 
     # -- reads --------------------------------------------------------------
     @staticmethod
-    def _excluded(exclude, exclude_filters: dict) -> tuple[str, list]:
-        """SQL condition (and its args) true for slides left out by id or by any metadata key=value."""
+    def _slide_conditions(slide_ids, pairs: dict) -> tuple[list[str], list]:
+        """One SQL condition per slide id list and per metadata key=value, with their args."""
         conds, args = [], []
-        if exclude:
-            conds.append(f"s.slide_id IN ({','.join('?' * len(exclude))})")
-            args += list(exclude)
-        for key, value in sorted(exclude_filters.items()):
+        if slide_ids:
+            conds.append(f"s.slide_id IN ({','.join('?' * len(slide_ids))})")
+            args += list(slide_ids)
+        for key, value in sorted(pairs.items()):
             conds.append("EXISTS (SELECT 1 FROM json_each(s.metadata) j WHERE j.key = ? AND j.value = ?)")
             args += [key, value]
+        return conds, args
+
+    def _excluded(self, exclude, exclude_filters: dict) -> tuple[str, list]:
+        """SQL condition (and its args) true for slides left out by id or by any metadata key=value."""
+        conds, args = self._slide_conditions(exclude, exclude_filters)
         return " OR ".join(conds), args
 
     def _tile_ids(self, conds: list[str], args: list) -> np.ndarray:
@@ -485,13 +490,7 @@ class TileStore:
 
     def _selected_tiles(self, slide_ids, filters: dict, exclude, exclude_filters: dict) -> np.ndarray:
         """Ids of published tiles of the slides matching every filter and no exclusion; caller holds _db_lock."""
-        conds, args = [], []
-        if slide_ids:
-            conds.append(f"s.slide_id IN ({','.join('?' * len(slide_ids))})")
-            args += list(slide_ids)
-        for key, value in sorted(filters.items()):
-            conds.append("EXISTS (SELECT 1 FROM json_each(s.metadata) j WHERE j.key = ? AND j.value = ?)")
-            args += [key, value]
+        conds, args = self._slide_conditions(slide_ids, filters)
         excluded, excluded_args = self._excluded(exclude, exclude_filters)
         if excluded:
             conds.append(f"NOT ({excluded})")
