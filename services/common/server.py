@@ -21,6 +21,7 @@ import prometheus_client as prom
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from . import memory
 from .errors import ServiceError
 
 log = logging.getLogger("smily.server")
@@ -154,6 +155,7 @@ def start(
     worker_threads: int = 16,
 ) -> RunningServer:
     """Start a gRPC server with the given servicers; port 0 picks a free one."""
+    memory.keep_large_buffers()
     regs = list(registrations)
     label = regs[0].name.split(".")[1] if regs else "server"
     server = grpc.server(
