@@ -65,8 +65,8 @@ def _ingest_and_search(settings: Settings, names: list[str], t0: float) -> int:
     # A query region off the tile grid: a third of a tile right and down of a tissue tile.
     tiler = tiler_pb2_grpc.TilerServiceStub(channel(settings.tiler_target))
     query_slide = names[len(names) // 2]
-    tiles = [m.tile for m in tiler.StreamTiles(tiler_pb2.StreamTilesRequest(
-        slide=query_slide, params=tiler_pb2.TilingParams(min_tissue_fraction=0.9)))]
+    tiles = [t for m in tiler.StreamTiles(tiler_pb2.StreamTilesRequest(
+        slide=query_slide, params=tiler_pb2.TilingParams(min_tissue_fraction=0.9))) for t in m.tiles]
     tile = tiles[len(tiles) // 2]
     size = tile.width
     region = dict(slide_id=os.path.splitext(query_slide)[0], x=tile.x + size // 3,

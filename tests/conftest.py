@@ -100,6 +100,14 @@ def ingested(client):
     return ops
 
 
+def streamed_tiles(stub, request) -> list:
+    """Every tile of a StreamTiles call in order; each message must give the stream's true total."""
+    msgs = list(stub.StreamTiles(request))
+    tiles = [t for m in msgs for t in m.tiles]
+    assert all(m.tiles and m.tiles_total == len(tiles) for m in msgs)
+    return tiles
+
+
 def rpc_code(fn, *args, **kwargs) -> grpc.StatusCode:
     """Call fn and return the status code of the error it raises."""
     with pytest.raises(grpc.RpcError) as info:

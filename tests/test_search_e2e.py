@@ -11,14 +11,14 @@ from protos.smily.tiler.v1 import tiler_pb2, tiler_pb2_grpc
 from protos.smily.types.v1 import types_pb2
 from services.common.channels import channel
 
-from .conftest import CMU, TEST_SLIDES, rpc_code
+from .conftest import CMU, TEST_SLIDES, rpc_code, streamed_tiles
 
 
 def _tissue_tile(settings, name: str):
     """A tile the tiler calls almost all tissue, from the middle of the slide's list."""
     stub = tiler_pb2_grpc.TilerServiceStub(channel(settings.tiler_target))
-    tiles = [m.tile for m in stub.StreamTiles(tiler_pb2.StreamTilesRequest(
-        slide=name, params=tiler_pb2.TilingParams(min_tissue_fraction=0.9)))]
+    tiles = streamed_tiles(stub, tiler_pb2.StreamTilesRequest(
+        slide=name, params=tiler_pb2.TilingParams(min_tissue_fraction=0.9)))
     assert tiles, name
     return tiles[len(tiles) // 2], stub
 

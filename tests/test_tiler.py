@@ -6,6 +6,7 @@ import os
 
 import grpc
 import numpy as np
+import openslide
 import pytest
 from PIL import Image
 
@@ -13,10 +14,12 @@ from protos.smily.tiler.v1 import tiler_pb2, tiler_pb2_grpc
 from protos.smily.types.v1 import types_pb2
 from services.common.channels import channel
 from services.common.errors import InvalidArgument, NotFound
+from services.tiler import tiling
+from services.tiler.server import MESSAGE_BYTES
 from services.tiler.slides import SlideRoots
 from services.tiler.synthetic import FAKE_PHI, SlideSpec, write_slide
 
-from .conftest import CMU, TEST_SLIDES, rpc_code
+from .conftest import CMU, TEST_SLIDES, rpc_code, streamed_tiles
 
 
 @pytest.fixture(scope="module")
@@ -55,24 +58,41 @@ def test_slide_info_is_allow_listed(tiler):
 
 def test_tiles_cover_tissue_inside_the_slide(tiler):
     name = TEST_SLIDES[1].name
-    msgs = list(tiler.StreamTiles(tiler_pb2.StreamTilesRequest(slide=name)))
-    assert msgs and all(m.tiles_total == len(msgs) for m in msgs)
-    keys = [(m.tile.y, m.tile.x) for m in msgs]
+    tiles = streamed_tiles(tiler, tiler_pb2.StreamTilesRequest(slide=name))
+    assert tiles
+    keys = [(t.y, t.x) for t in tiles]
     block = 8 * 448  # 8 x 8 tiles of 224 px per block, blocks and tiles row-major
     assert keys == sorted(keys, key=lambda k: (k[0] // block, k[1] // block, k[0], k[1]))
-    for m in msgs:
-        t = m.tile
+    for t in tiles:
         assert t.x + t.width <= 3072 and t.y + t.height <= 2304
         assert t.width == 448 and abs(t.mpp - 1.0) < 1e-6 and t.tissue_fraction >= 0.5
         assert t.image.encoding == types_pb2.IMAGE_ENCODING_RAW_RGB
         assert len(t.image.data) == 224 * 224 * 3
-    again = [(m.tile.x, m.tile.y) for m in tiler.StreamTiles(tiler_pb2.StreamTilesRequest(slide=name))]
+    again = [(t.x, t.y) for t in streamed_tiles(tiler, tiler_pb2.StreamTilesRequest(slide=name))]
     assert again == [(x, y) for y, x in keys]
 
 
+def test_tiles_travel_several_to_a_message(tiler):
+    msgs = list(tiler.StreamTiles(tiler_pb2.StreamTilesRequest(slide=TEST_SLIDES[1].name)))
+    sizes = [sum(len(t.image.data) for t in m.tiles) for m in msgs]
+    assert max(len(m.tiles) for m in msgs) == MESSAGE_BYTES // (224 * 224 * 3) and max(sizes) <= MESSAGE_BYTES
+    big = tiler_pb2.TilingParams(tile_size=1024, min_tissue_fraction=0.1)  # 3 MB a tile: one each
+    assert {len(m.tiles) for m in tiler.StreamTiles(tiler_pb2.StreamTilesRequest(slide=TEST_SLIDES[1].name,
+                                                                                 params=big))} == {1}
+
+
+def test_pixels_outside_the_scan_are_white(slide_dir):
+    slide = openslide.OpenSlide(os.path.join(slide_dir, TEST_SLIDES[0].name))
+    width, height = slide.dimensions
+    inside = tiling.read(slide, width - 300, height - 200, 300, 200, 300, 200)
+    past = tiling.read(slide, width - 300, height - 200, 600, 400, 600, 400)  # OpenSlide: transparent
+    assert np.array_equal(past[:200, :300], inside)
+    assert (past[200:] == 255).all() and (past[:, 300:] == 255).all()
+
+
 def test_same_field_of_view_at_20x_and_40x(tiler):
-    t20 = next(iter(tiler.StreamTiles(tiler_pb2.StreamTilesRequest(slide=TEST_SLIDES[1].name)))).tile
-    t40 = next(iter(tiler.StreamTiles(tiler_pb2.StreamTilesRequest(slide=TEST_SLIDES[2].name)))).tile
+    t20 = next(iter(tiler.StreamTiles(tiler_pb2.StreamTilesRequest(slide=TEST_SLIDES[1].name)))).tiles[0]
+    t40 = next(iter(tiler.StreamTiles(tiler_pb2.StreamTilesRequest(slide=TEST_SLIDES[2].name)))).tiles[0]
     assert t20.width * 0.5 == t40.width * 0.25 == 224.0
 
 

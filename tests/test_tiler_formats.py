@@ -14,7 +14,7 @@ from services.common.channels import channel
 from services.tiler.synthetic import SlideSpec, render
 from services.tiler.tissue import tissue_mask
 
-from .conftest import CMU, TEST_SLIDES
+from .conftest import CMU, TEST_SLIDES, streamed_tiles
 from .tiler_files import dicom_wsi
 
 RAW = types_pb2.IMAGE_ENCODING_RAW_RGB
@@ -49,27 +49,25 @@ def test_dicom_wsi_series(tiler, dicom):
 @pytest.mark.parametrize("name", [s.name for s in TEST_SLIDES] + [CMU, "dicom-series/level-0.dcm"])
 def test_every_flavour_tiles(tiler, dicom, name):
     info = tiler.GetSlideInfo(tiler_pb2.GetSlideInfoRequest(slide=name)).info
-    msgs = list(tiler.StreamTiles(tiler_pb2.StreamTilesRequest(slide=name)))
-    assert msgs, name
+    tiles = streamed_tiles(tiler, tiler_pb2.StreamTilesRequest(slide=name))
+    assert tiles, name
     size = round(224 * 1.0 / info.mpp_x)
-    for m in msgs:
-        t = m.tile
+    for t in tiles:
         assert abs(t.width - size) <= 1 and t.x + t.width <= info.width and t.y + t.height <= info.height
         assert t.tissue_fraction >= 0.5 and len(t.image.data) == 224 * 224 * 3
-    pixels = np.frombuffer(msgs[len(msgs) // 2].tile.image.data, np.uint8)
+    pixels = np.frombuffer(tiles[len(tiles) // 2].image.data, np.uint8)
     assert pixels.std() > 5  # tissue, not glass
 
 
 def test_several_resolutions_in_one_stream(tiler):
     name = TEST_SLIDES[1].name  # 3072 x 2304 at 0.5 um/px
     params = tiler_pb2.TilingParams(mpps=[0.5, 1.0, 2.0], min_tissue_fraction=0.3)
-    msgs = list(tiler.StreamTiles(tiler_pb2.StreamTilesRequest(slide=name, params=params)))
-    assert all(m.tiles_total == len(msgs) for m in msgs)
-    mpps = [m.tile.mpp for m in msgs]
+    streamed = streamed_tiles(tiler, tiler_pb2.StreamTilesRequest(slide=name, params=params))
+    mpps = [t.mpp for t in streamed]
     assert mpps == sorted(mpps) and set(mpps) == {0.5, 1.0, 2.0}  # one resolution after another
     by_mpp = {}
-    for m in msgs:
-        by_mpp.setdefault(m.tile.mpp, []).append(m.tile)
+    for t in streamed:
+        by_mpp.setdefault(t.mpp, []).append(t)
     for mpp, tiles in by_mpp.items():
         assert {t.width for t in tiles} == {round(224 * mpp / 0.5)}
         keys = [(t.y, t.x) for t in tiles]
@@ -77,8 +75,8 @@ def test_several_resolutions_in_one_stream(tiler):
         assert keys == sorted(keys, key=lambda k: (k[0] // block, k[1] // block, k[0], k[1]))
         assert all(t.x + t.width <= 3072 and t.y + t.height <= 2304 for t in tiles)
     # The 1.0 um/px part is exactly what a single-resolution request returns, pixels included.
-    single = [m.tile for m in tiler.StreamTiles(tiler_pb2.StreamTilesRequest(
-        slide=name, params=tiler_pb2.TilingParams(mpp=1.0, min_tissue_fraction=0.3)))]
+    single = streamed_tiles(tiler, tiler_pb2.StreamTilesRequest(
+        slide=name, params=tiler_pb2.TilingParams(mpp=1.0, min_tissue_fraction=0.3)))
     assert [(t.x, t.y, t.image.data) for t in single] == [(t.x, t.y, t.image.data) for t in by_mpp[1.0]]
     # A streamed tile equals the same rectangle read as a region.
     t = by_mpp[2.0][len(by_mpp[2.0]) // 2]
@@ -89,10 +87,10 @@ def test_several_resolutions_in_one_stream(tiler):
 
 def test_tiles_under_the_threshold_never_leave(tiler):
     name = TEST_SLIDES[0].name
-    loose = [m.tile for m in tiler.StreamTiles(tiler_pb2.StreamTilesRequest(
-        slide=name, params=tiler_pb2.TilingParams(min_tissue_fraction=0.01)))]
-    strict = [m.tile for m in tiler.StreamTiles(tiler_pb2.StreamTilesRequest(
-        slide=name, params=tiler_pb2.TilingParams(min_tissue_fraction=0.9)))]
+    loose = streamed_tiles(tiler, tiler_pb2.StreamTilesRequest(
+        slide=name, params=tiler_pb2.TilingParams(min_tissue_fraction=0.01)))
+    strict = streamed_tiles(tiler, tiler_pb2.StreamTilesRequest(
+        slide=name, params=tiler_pb2.TilingParams(min_tissue_fraction=0.9)))
     assert all(t.tissue_fraction >= 0.9 for t in strict)
     assert len(strict) < len(loose) and any(t.tissue_fraction < 0.9 for t in loose)
     assert {(t.x, t.y) for t in strict} <= {(t.x, t.y) for t in loose}

@@ -17,7 +17,7 @@ from services.tiler.slides import SlideRoots
 from services.tiler.synthetic import FAKE_PHI, SlideSpec, render, write_slide
 from services.tiler.workers import WorkerPool
 
-from .conftest import CMU, TEST_SLIDES
+from .conftest import CMU, TEST_SLIDES, streamed_tiles
 from .tiler_files import fake_isyntax, huge_tile_tiff, jpeg_named, truncated_copy
 
 FAIL = grpc.StatusCode.FAILED_PRECONDITION
@@ -128,7 +128,7 @@ def test_a_slide_without_resolution_needs_the_caller_to_state_it(tiler, slide_di
     assert err.code() == FAIL and "slide_mpp" in err.details()
 
     req.slide_mpp = 0.5
-    tiles = [m.tile for m in tiler.StreamTiles(req)]
+    tiles = streamed_tiles(tiler, req)
     assert tiles and all(t.width == 448 and abs(t.mpp - 1.0) < 1e-9 for t in tiles)
     region = tiler.ReadRegion(tiler_pb2.ReadRegionRequest(
         slide="no-mpp-tissue.tiff", x=tiles[0].x, y=tiles[0].y, width=448, height=448, mpp=1.0, slide_mpp=0.5,

@@ -172,9 +172,10 @@ class Ingestor:
             if total != msg.tiles_total:
                 total = msg.tiles_total
                 self._update(op_id, tiles_total=total)
-            batch.append(msg.tile)
-            if len(batch) >= self._batch:
-                flush()
+            for tile in msg.tiles:
+                batch.append(tile)
+                if len(batch) >= self._batch:
+                    flush()
         if batch:
             flush()
         with self._lock:

@@ -227,8 +227,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             chunks.append(from_tensor(resp.embeddings))
             batch.clear()
 
-        for msg in stream:
-            batch.append(msg.tile.image)
+        for tile in (t for msg in stream for t in msg.tiles):
+            batch.append(tile.image)
             if len(batch) >= self._batch:
                 flush()
         if batch:

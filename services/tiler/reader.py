@@ -1,8 +1,9 @@
 """The code that runs inside a reader process: every byte of a slide file is
 parsed here, never in the gRPC server process (see workers.py).
 
-Each process keeps its own OpenSlide handles and decoded-tile cache. Replies
-are plain picklable values; errors go back as (error class name, message)
+Each process keeps its own OpenSlide handles and decoded-tile cache. Tile
+pixels go back through the process's shared arena (arena.py), everything else
+as plain picklable values; errors go back as (error class name, message)
 with OpenSlide's text (which names the file path) left out.
 """
 from __future__ import annotations
@@ -11,17 +12,20 @@ import hashlib
 import logging
 import signal
 import uuid
+from multiprocessing import reduction
 
 import openslide
 
-from services.common import errors, images  # images sets Pillow's pixel limit
+from services.common import errors, images, memory  # images sets Pillow's pixel limit
 from services.common.errors import FailedPrecondition, ServiceError
 
 from . import slides, tiling
+from .arena import Arena, Slot
 
 log = logging.getLogger("smily.tiler.reader")
 
 _cache = slides.SlideCache()
+_arena: Arena | None = None  # set by serve()
 
 
 def slide_id(path: str) -> str:
@@ -38,11 +42,15 @@ def plan(path: str, slide_mpp: float, target_mpps: list[float], tile_size: int, 
     return tiling.plan(_cache.get(path), slide_mpp, target_mpps, tile_size, min_tissue)
 
 
-def tiles(path: str, rects: list[tuple[int, int, int]], tile_size: int, encoding: int) -> list[bytes]:
-    """Encoded square tiles at level-0 (x, y, size), read in the order given."""
+def tiles(path: str, rects: list[tuple[int, int, int]], tile_size: int, encoding: int) -> list[Slot | bytes]:
+    """Encoded square tiles at level-0 (x, y, size), read in the order given, placed in the arena."""
     slide = _cache.get(path)
-    return [images.encode(tiling.read(slide, x, y, size, size, tile_size, tile_size), encoding)
-            for x, y, size in rects]
+    _arena.reset()
+    out = []
+    for x, y, size in rects:
+        pixels = tiling.read(slide, x, y, size, size, tile_size, tile_size)
+        out.append(_arena.put(pixels if encoding == images.RAW_RGB else images.encode(pixels, encoding)))
+    return out
 
 
 def region(path: str, x: int, y: int, w: int, h: int, out_w: int, out_h: int, encoding: int) -> bytes:
@@ -70,12 +78,16 @@ def _run(op: str, path: str, args: tuple):
         return ("error", "ServiceError", f"internal error in the slide reader (error id {error_id})")
 
 
-def serve(conn, log_level: str = "INFO") -> None:
-    """Answer (op, path, args) requests on `conn` until the server closes it."""
+def serve(conn, arena_size: int, log_level: str = "INFO") -> None:
+    """Answer (op, path, args) requests on `conn` until the server closes it;
+    the first thing on `conn` is the arena's file descriptor."""
+    global _arena
     from services.common import logs
 
     logs.setup(log_level)
+    memory.keep_large_buffers()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server process decides when readers stop
+    _arena = Arena(reduction.recv_handle(conn), arena_size)
     conn.send("ready")
     while True:
         try:

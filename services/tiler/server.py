@@ -28,6 +28,7 @@ DEFAULT_TILE_SIZE = 224
 DEFAULT_MIN_TISSUE = 0.5
 MAX_TILE_SIZE = 2048
 MAX_RESOLUTIONS = 8
+MESSAGE_BYTES = 1 << 20  # tiles per stream message: as many raw tiles as fit (measured best, docs/benchmarks.md)
 ENCODINGS = (images.RAW_RGB, images.PNG, images.JPEG)
 
 
@@ -78,6 +79,7 @@ class TilerServicer(tiler_pb2_grpc.TilerServiceServicer):
         plans = self.readers.call("plan", path, slide_mpp, targets, tile_size, min_tissue)
         total = sum(len(rects) for rects in plans)
         chunks = [block for rects in plans for block in block_order(rects, tile_size)]
+        per_message = max(1, MESSAGE_BYTES // (tile_size * tile_size * 3))
         # Read ahead: every reader has work queued while tiles go out in order.
         pending: deque = deque()
         ahead = 2 * self.readers.size
@@ -92,15 +94,16 @@ class TilerServicer(tiler_pb2_grpc.TilerServiceServicer):
                 if not pending or not context.is_active():
                     return
                 rects, future = pending.popleft()
-                for rect, data in zip(rects, future.result()):
-                    yield tiler_pb2.StreamTilesResponse(
-                        tiles_total=total,
-                        tile=tiler_pb2.Tile(
-                            x=rect.x, y=rect.y, width=rect.size, height=rect.size, mpp=rect.mpp,
-                            tissue_fraction=rect.tissue_fraction,
-                            image=types_pb2.Image(data=data, encoding=encoding, width=tile_size, height=tile_size),
-                        ),
-                    )
+                encoded = future.result()
+                for start in range(0, len(rects), per_message):
+                    msg = tiler_pb2.StreamTilesResponse(tiles_total=total)
+                    for rect, data in zip(rects[start:start + per_message], encoded[start:start + per_message]):
+                        tile = msg.tiles.add(x=rect.x, y=rect.y, width=rect.size, height=rect.size, mpp=rect.mpp,
+                                             tissue_fraction=rect.tissue_fraction)
+                        # Set in place: a message built apart would be copied in again, pixels and all.
+                        tile.image.data = data
+                        tile.image.encoding, tile.image.width, tile.image.height = encoding, tile_size, tile_size
+                    yield msg
         finally:
             for _, future in pending:
                 future.cancel()

@@ -7,11 +7,13 @@ a 20x and a 40x scan give the same field of view.
 """
 from __future__ import annotations
 
+import ctypes
 import math
 from dataclasses import dataclass
 
 import numpy as np
 import openslide
+from openslide import lowlevel
 from PIL import Image
 
 from services.common.errors import FailedPrecondition
@@ -47,11 +49,18 @@ def level_for(slide: openslide.OpenSlide, downsample: float) -> int:
 def _read_level(slide: openslide.OpenSlide, x: int, y: int, w: int, h: int, level: int) -> Image.Image:
     ds = slide.level_downsamples[level]
     lw, lh = max(1, round(w / ds)), max(1, round(h / ds))
-    region = slide.read_region((x, y), level, (lw, lh))
-    # Transparent pixels (outside the scanned area) become white, like glass.
-    rgb = Image.new("RGB", region.size, (255, 255, 255))
-    rgb.paste(region, mask=region.getchannel("A"))
-    return rgb
+    # openslide_read_region fills premultiplied BGRA. openslide-python's public
+    # read_region un-premultiplies it into RGBA that must then be composited
+    # again (a fifth of a tile's read time); here it is converted once. The
+    # private _read_region is stable since 2012, and openslide-python is pinned.
+    buf = (ctypes.c_uint32 * (lw * lh))()
+    lowlevel._read_region(slide._osr, buf, x, y, level, lw, lh)
+    if (np.frombuffer(buf, np.uint32) >= 0xFF000000).all():  # opaque: nearly every read
+        return Image.frombuffer("RGB", (lw, lh), buf, "raw", "BGRX", 0, 1)
+    # Transparent pixels (outside the scanned area) become white, like glass:
+    # premultiplied colour + (1 - alpha) * white, which cannot overflow.
+    bgra = np.frombuffer(buf, np.uint8).reshape(lh, lw, 4)
+    return Image.fromarray(bgra[..., 2::-1] + (255 - bgra[..., 3:]))
 
 
 def read(slide: openslide.OpenSlide, x: int, y: int, w: int, h: int, out_w: int, out_h: int) -> np.ndarray:

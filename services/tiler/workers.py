@@ -15,10 +15,12 @@ import multiprocessing as mp
 import queue
 import threading
 import time
+from multiprocessing import reduction
 
 from services.common.errors import FailedPrecondition, Unavailable
 
 from . import reader
+from .arena import Arena
 
 log = logging.getLogger("smily.tiler.workers")
 
@@ -27,10 +29,13 @@ READY_TIMEOUT_S = 60.0
 
 class _Worker:
     def __init__(self, ctx, log_level: str):
+        self.arena = Arena.create()
         self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=reader.serve, args=(child, log_level), daemon=True, name="slide-reader")
+        self.process = ctx.Process(target=reader.serve, args=(child, self.arena.size, log_level), daemon=True,
+                                   name="slide-reader")
         self.process.start()
         child.close()
+        reduction.send_handle(self.conn, self.arena.fd, self.process.pid)
         # Ready once it has imported OpenSlide: the server only serves after that.
         if not self.conn.poll(READY_TIMEOUT_S) or self.conn.recv() != "ready":
             self.kill()
@@ -40,6 +45,7 @@ class _Worker:
         self.process.kill()
         self.process.join(5)
         self.conn.close()
+        self.arena.close()
 
 
 class WorkerPool:
@@ -97,10 +103,14 @@ class WorkerPool:
             raise FailedPrecondition(
                 "the slide file crashed the slide reader; it is damaged or not a format OpenSlide "
                 "reads safely. The service is still running; check or re-scan the file") from None
-        self._idle.put(worker)
-        if reply[0] == "ok":
-            return reply[1]
-        reader.reraise(reply[1], reply[2])
+        if reply[0] != "ok":
+            self._idle.put(worker)
+            reader.reraise(reply[1], reply[2])
+        try:
+            # Tiles are copied out of the arena before the reader may overwrite it.
+            return [worker.arena.take(item) for item in reply[1]] if op == "tiles" else reply[1]
+        finally:
+            self._idle.put(worker)
 
     def close(self) -> None:
         with self._lock:
