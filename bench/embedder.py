@@ -6,6 +6,9 @@
 3. 16 concurrent single-image clients, dynamic batching on vs off:
    throughput and p50/p99 latency.
 4. INT8 vs FP32: images/s at batch 32 and recall@10 of nearest neighbours.
+5. On a GPU: the provider the service chose (CUDA/TensorRT) vs ONNX Runtime's
+   CPU provider on the same machine: embedding parity, images/s at batch 1,
+   32, 128, and the CPU preprocessing rate that feeds the GPU.
 
 Run from the repository root after `make proto model`: .venv/bin/python bench/embedder.py
 """
@@ -90,7 +93,8 @@ def service_vs_bare(model: Model, tiles) -> None:
     print(f"   bare session {bare:7.1f} images/s, service {service:7.1f} images/s ({service / bare:.2f}x)")
 
 
-def concurrent(tiles, **changes) -> tuple[float, float, float]:
+def concurrent(tiles, per_request: int = 1, clients: int = CLIENTS, **changes) -> tuple[float, float, float]:
+    """images/s, p50 and p99 ms of `clients` threads each sending PER_CLIENT requests of per_request tiles."""
     running, s = stack.start(["embedder"], settings(**changes))
     latencies: list[float] = []
     lock = threading.Lock()
@@ -101,14 +105,16 @@ def concurrent(tiles, **changes) -> tuple[float, float, float]:
         def client(i: int) -> None:
             mine = []
             for j in range(PER_CLIENT):
-                req = embedder_pb2.EmbedRequest(images=[raw(tiles[(i * PER_CLIENT + j) % len(tiles)])])
+                first = (i * PER_CLIENT + j) * per_request
+                req = embedder_pb2.EmbedRequest(images=[raw(tiles[k % len(tiles)])
+                                                        for k in range(first, first + per_request)])
                 t0 = time.perf_counter()
                 stub.Embed(req)
                 mine.append(time.perf_counter() - t0)
             with lock:
                 latencies.extend(mine)
 
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(CLIENTS)]
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
         start = time.perf_counter()
         for t in threads:
             t.start()
@@ -118,7 +124,7 @@ def concurrent(tiles, **changes) -> tuple[float, float, float]:
     finally:
         stack.stop(running, 0)
     ms = np.asarray(latencies) * 1e3
-    return len(latencies) / elapsed, float(np.percentile(ms, 50)), float(np.percentile(ms, 99))
+    return len(latencies) * per_request / elapsed, float(np.percentile(ms, 50)), float(np.percentile(ms, 99))
 
 
 def batching(tiles) -> None:
@@ -155,11 +161,39 @@ def int8_vs_fp32(fp32: Model, tiles) -> None:
               f"neighbour recall@10 {recall:.3f}; mean cosine to FP32 {(va * vb).sum(1).mean():.4f}", flush=True)
 
 
+def gpu_vs_cpu(model: Model, tiles) -> None:
+    import onnxruntime as ort
+
+    if model.provider == "CPUExecutionProvider":
+        print("5. GPU vs CPU: skipped, this onnxruntime has no GPU provider (install onnxruntime-gpu)")
+        return
+    config, path = model_repo.load(REPO, FP32)
+    cpu = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    x = model.preprocess(tiles[:128])
+    feed = {config.input_name: x}
+    (a,), (b,) = model.session.run(None, feed), cpu.run(None, feed)
+    a, b = a.reshape(len(x), -1), b.reshape(len(x), -1)
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    print(f"5. {model.provider} vs CPUExecutionProvider ({os.cpu_count()} CPUs), FP32, images/s; "
+          f"parity over {len(x)} tiles: min cosine {cos.min():.6f}, max |diff| {np.abs(a - b).max():.2e}")
+    for batch in (1, 32, 128):
+        xb = {config.input_name: x[:batch]}
+        gpu_rate = rate(lambda: model.session.run(None, xb), batch)
+        cpu_rate = rate(lambda: cpu.run(None, xb), batch, max_calls=20)
+        print(f"   batch {batch:>3}: {model.provider} {gpu_rate:8.1f}  CPU {cpu_rate:7.1f}  ({gpu_rate / cpu_rate:.1f}x)")
+    pre = rate(lambda: model.preprocess(tiles[:128]), 128)
+    print(f"   preprocessing (CPU, one thread, raw RGB -> normalised tensor): {pre:.1f} images/s")
+    clients = settings().max_queue // 32  # as many as the queue admits at once
+    tput, p50, p99 = concurrent(tiles, per_request=32, clients=clients)
+    print(f"   service, {clients} clients x batch 32 (raw RGB over gRPC): {tput:.1f} images/s, "
+          f"p50 {p50:.1f} ms, p99 {p99:.1f} ms")
+
+
 def main() -> None:
     import argparse
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--parts", default="1234", help="which comparisons to run, e.g. 4 for INT8 only")
+    ap.add_argument("--parts", default="12345", help="which comparisons to run, e.g. 4 for INT8 only")
     parts = ap.parse_args().parts
     warnings.filterwarnings("ignore")
     t0 = time.perf_counter()
@@ -167,7 +201,7 @@ def main() -> None:
     fp32 = Model(*model_repo.load(REPO, FP32))
     print(f"model {FP32} on {fp32.provider}, {os.cpu_count()} CPUs, {len(tiles)} tiles "
           f"(prepared in {time.perf_counter() - t0:.0f} s)")
-    for part, run in (("1", onnx_vs_torch), ("2", service_vs_bare), ("4", int8_vs_fp32)):
+    for part, run in (("1", onnx_vs_torch), ("2", service_vs_bare), ("4", int8_vs_fp32), ("5", gpu_vs_cpu)):
         if part in parts:
             run(fp32, tiles)
         if part == "2" and "3" in parts:

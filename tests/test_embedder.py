@@ -14,6 +14,7 @@ from services.common.channels import channel
 from services.common.tensors import from_tensor
 from services.embedder.model_repo import load
 from services.embedder.preprocess import Preprocessor
+from services.embedder.runtime import Model
 
 from .conftest import rpc_code
 
@@ -74,3 +75,15 @@ def test_preprocessing_matches_the_config(model_repo):
     assert x.shape == (2, 3, 224, 224)
     assert np.allclose(x[0], (1 - 0.498) / 0.502, atol=1e-4)
     assert np.allclose(x[1], (0 - 0.498) / 0.502, atol=1e-4)
+
+
+def test_fixed_size_runs_give_the_same_vectors(model_repo):
+    # What a GPU embedder does with every batch: runs of one size, the last one padded.
+    config, path = load(model_repo, "efficientnet-lite0/1")
+    fixed = Model(config, path, max_batch=8, fixed_batch=4)
+    plain = Model(config, path, max_batch=8, fixed_batch=0)
+    x = fixed.preprocess([patch(i) for i in range(6)])  # runs as 4 + (2 and 2 of padding)
+    a, b = fixed.embed_tensor(x), plain.embed_tensor(x)
+    assert a.shape == b.shape == (6, config.embedding_dim)
+    assert np.allclose(a, b, atol=1e-5) and np.allclose(np.linalg.norm(a, axis=1), 1, atol=1e-5)
+    assert fixed.embed_tensor(x[:1]).shape == (1, config.embedding_dim)

@@ -63,7 +63,7 @@ EXPOSE 50052 9100
 ENTRYPOINT ["smily"]
 CMD ["serve", "embedder"]
 
-# ---- gpu: CUDA 12 / cuDNN 9 come as wheels; the NVIDIA runtime adds the driver ----
+# ---- gpu: CUDA 13 / cuDNN 9 come as wheels; the NVIDIA runtime adds the driver ----
 FROM runtime AS gpu
 COPY --from=venv-gpu /opt/venv /opt/venv
 RUN find /opt/venv/lib -type d -path '*/site-packages/nvidia/*/lib' > /etc/ld.so.conf.d/smily-nvidia.conf \

@@ -1,6 +1,7 @@
 """An ONNX Runtime session for one model version, on the best provider here."""
 from __future__ import annotations
 
+import ctypes
 import logging
 
 import numpy as np
@@ -14,12 +15,27 @@ from .preprocess import Preprocessor
 log = logging.getLogger("smily.embedder")
 
 
+# ONNX Runtime 1.31 (pinned for GPU images) links TensorRT 10.
+TENSORRT_LIBRARY = "libnvinfer.so.10"
+
+
+def tensorrt_installed() -> bool:
+    """onnxruntime-gpu lists TensorRT whether or not TensorRT's own (large,
+    separately installed) libraries are there; without them every session
+    would fail once, print an error and retry without it."""
+    try:
+        ctypes.CDLL(TENSORRT_LIBRARY)
+    except OSError:
+        return False
+    return True
+
+
 def providers(config: ModelConfig, max_batch: int, fp16: bool) -> list:
-    """TensorRT, then CUDA, then CPU: whichever this onnxruntime build has.
+    """TensorRT, then CUDA, then CPU: whichever this machine can run.
     TensorRT gets a batch profile of 1..max_batch so no batch size rebuilds an engine."""
     available = ort.get_available_providers()
     chosen: list = []
-    if "TensorrtExecutionProvider" in available:
+    if "TensorrtExecutionProvider" in available and tensorrt_installed():
         lo, hi = ("x".join(map(str, input_shape(config, b))) for b in (1, max_batch))
         chosen.append(("TensorrtExecutionProvider", {
             "trt_fp16_enable": fp16,
@@ -28,13 +44,20 @@ def providers(config: ModelConfig, max_batch: int, fp16: bool) -> list:
             "trt_profile_max_shapes": f"{config.input_name}:{hi}",
         }))
     if "CUDAExecutionProvider" in available:
-        chosen.append("CUDAExecutionProvider")
+        # The default, EXHAUSTIVE, benchmarks every convolution for each new
+        # input shape: with dynamic batching every new batch size stalled for
+        # about a second (p50 1.3 s on an H200, docs/benchmarks.md).
+        chosen.append(("CUDAExecutionProvider", {"cudnn_conv_algo_search": "HEURISTIC"}))
     return chosen + ["CPUExecutionProvider"]
+
+
+# Images per run on a GPU (see Model).
+GPU_BATCH = 32
 
 
 class Model:
     def __init__(self, config: ModelConfig, onnx_path: str, intra_op_threads: int = 0,
-                 max_batch: int = 64, fp16: bool = False):
+                 max_batch: int = 64, fp16: bool = False, fixed_batch: int | None = None):
         self.config = config
         self.preprocess = Preprocessor(config)
         opts = ort.SessionOptions()
@@ -47,9 +70,16 @@ class Model:
             raise FailedPrecondition(f"cannot load model {config.model_id}: {exc}") from None
         self.provider = self.session.get_providers()[0]
         self._check_signature()
-        # Warm up at both ends of the batch range, so the first real requests
-        # pay for neither allocation nor engine builds.
-        for batch in (1, max_batch):
+        # On a GPU, ONNX Runtime re-plans every convolution whenever the batch
+        # size changes: 200-330 ms per change on an H200, so dynamic batching
+        # ran at 30 images/s (docs/benchmarks.md). There every run has one size:
+        # batches go in chunks of fixed_batch images, the last one padded.
+        # A CPU pays per image, so it runs each batch as it comes.
+        if fixed_batch is None:
+            fixed_batch = GPU_BATCH if self.provider != "CPUExecutionProvider" else 0
+        self.fixed_batch = fixed_batch
+        # Warm up, so the first real requests pay for neither allocation nor engine builds.
+        for batch in (fixed_batch,) if fixed_batch else (1, max_batch):
             self.embed_tensor(np.zeros(input_shape(config, batch), np.float32))
         log.info("model loaded", extra={"model_id": config.model_id, "provider": self.provider,
                                         "fp16": fp16 and self.provider == "TensorrtExecutionProvider"})
@@ -64,6 +94,14 @@ class Model:
             )
 
     def embed_tensor(self, batch: np.ndarray) -> np.ndarray:
+        if not self.fixed_batch:
+            return self._run(batch)
+        n, size = len(batch), self.fixed_batch
+        padded = np.zeros((-(-n // size) * size, *batch.shape[1:]), batch.dtype)
+        padded[:n] = batch
+        return np.concatenate([self._run(padded[i:i + size]) for i in range(0, n, size)])[:n]
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
         (out,) = self.session.run([self.config.output_name], {self.config.input_name: batch})
         out = out.reshape(out.shape[0], -1).astype(np.float32, copy=False)
         if self.config.l2_normalize:
