@@ -46,6 +46,22 @@ def test_dicom_wsi_series(tiler, dicom):
     assert np.array_equal(got, rgb[200:600, 300:800])  # uncompressed frames: exact pixels
 
 
+def test_dicom_wsi_series_with_jpeg_frames(tiler, slide_dir):
+    d = os.path.join(slide_dir, "dicom-jpeg")
+    os.makedirs(d, exist_ok=True)
+    rgb = render(SlideSpec("dcm-jpeg", "tiff", 2048, 1536, 0.5, 10))
+    files = dicom_wsi(d, [rgb, np.asarray(Image.fromarray(rgb).reduce(4))], mpp=0.5, jpeg=True)
+    name = os.path.relpath(files[1], slide_dir)  # any file of the series names the slide
+    info = tiler.GetSlideInfo(tiler_pb2.GetSlideInfoRequest(slide=name)).info
+    assert (info.width, info.height, info.vendor) == (2048, 1536, "dicom")
+    region = tiler.ReadRegion(tiler_pb2.ReadRegionRequest(slide=name, x=300, y=200, width=500, height=400,
+                                                          encoding=RAW))
+    got = np.frombuffer(region.image.data, np.uint8).reshape(400, 500, 3).astype(int)
+    assert np.abs(got - rgb[200:600, 300:800]).mean() < 4  # JPEG at quality 95: close, not exact
+    tiles = streamed_tiles(tiler, tiler_pb2.StreamTilesRequest(slide=name))
+    assert tiles and all(len(t.image.data) == 224 * 224 * 3 for t in tiles)
+
+
 @pytest.mark.parametrize("name", [s.name for s in TEST_SLIDES] + [CMU, "dicom-series/level-0.dcm"])
 def test_every_flavour_tiles(tiler, dicom, name):
     info = tiler.GetSlideInfo(tiler_pb2.GetSlideInfoRequest(slide=name)).info

@@ -46,14 +46,18 @@ def fake_isyntax(path: str) -> None:
         fh.write(b'<?xml version="1.0" encoding="UTF-8" ?>\r\n<DataObject ObjectType="DPUfsImport">\r\n' + b"\0" * 4096)
 
 
-def dicom_wsi(directory: str, levels: list[np.ndarray], mpp: float, tile: int = 256) -> list[str]:
+def dicom_wsi(directory: str, levels: list[np.ndarray], mpp: float, tile: int = 256, jpeg: bool = False) -> list[str]:
     """A DICOM WSI series (VL Whole Slide Microscopy, TILED_FULL, one instance
-    per pyramid level, uncompressed frames) as a scanner's PACS export holds it.
+    per pyramid level) as a scanner's PACS export holds it: uncompressed
+    frames, or JPEG baseline ones (YCbCr 4:2:2, what most scanners write).
     Returns the file paths, level 0 first."""
+    import io
     import os
 
+    from PIL import Image
     from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, generate_uid
 
     wsi = "1.2.840.10008.5.1.4.1.1.77.1.6"
     study, series, frame_of_ref = generate_uid(), generate_uid(), generate_uid()
@@ -68,7 +72,7 @@ def dicom_wsi(directory: str, levels: list[np.ndarray], mpp: float, tile: int = 
         ds.file_meta = FileMetaDataset()
         ds.file_meta.MediaStorageSOPClassUID = wsi
         ds.file_meta.MediaStorageSOPInstanceUID = sop = generate_uid()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit if jpeg else ExplicitVRLittleEndian
         ds.SOPClassUID, ds.SOPInstanceUID = wsi, sop
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame_of_ref
         ds.Modality = "SM"
@@ -81,7 +85,8 @@ def dicom_wsi(directory: str, levels: list[np.ndarray], mpp: float, tile: int = 
         ds.NumberOfOpticalPaths = 1
         ds.Rows = ds.Columns = tile
         ds.NumberOfFrames = rows * cols
-        ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+        ds.SamplesPerPixel, ds.PlanarConfiguration = 3, 0
+        ds.PhotometricInterpretation = "YBR_FULL_422" if jpeg else "RGB"
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
         level_mpp = mpp * levels[0].shape[1] / w
         ds.ImagedVolumeWidth, ds.ImagedVolumeHeight = w * level_mpp / 1000, h * level_mpp / 1000
@@ -91,7 +96,17 @@ def dicom_wsi(directory: str, levels: list[np.ndarray], mpp: float, tile: int = 
         shared = Dataset()
         shared.PixelMeasuresSequence = [measures]
         ds.SharedFunctionalGroupsSequence = [shared]
-        ds.PixelData = frames.tobytes()
+        if jpeg:
+            encoded = []
+            for frame in frames.reshape(-1, tile, tile, 3):
+                buf = io.BytesIO()
+                Image.fromarray(frame).save(buf, format="JPEG", quality=95, subsampling="4:2:2")
+                encoded.append(buf.getvalue())
+            ds.PixelData = encapsulate(encoded)
+            ds["PixelData"].VR = "OB"
+            ds.LossyImageCompression = "01"
+        else:
+            ds.PixelData = frames.tobytes()
         path = os.path.join(directory, f"level-{i}.dcm")
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
