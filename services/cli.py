@@ -56,7 +56,7 @@ def _ingest(args) -> int:
 
     metadata = _key_values(args.meta, "--meta")
     client = _client(args)
-    op = client.ingest(args.slide, args.slide_id or "", metadata)
+    op = client.ingest(args.slide, args.slide_id or "", metadata, args.slide_mpp)
     if args.no_wait:
         print(op.operation_id)
         return 0
@@ -147,7 +147,8 @@ def _search_slides(args) -> int:
     if bool(args.slide_id) == bool(args.source):
         raise SystemExit("give either --slide-id ID or --source PATH")
     resp = _client(args).search_slides(slide_id=args.slide_id or "", source=args.source or "", k=args.k,
-                                       mosaic_size=args.mosaic_size, exclude_query_slide=args.exclude_query_slide)
+                                       mosaic_size=args.mosaic_size, exclude_query_slide=args.exclude_query_slide,
+                                       slide_mpp=args.slide_mpp)
     slides = [{"slide_id": s.slide_id, "score": round(float(s.score), 4), "matched_mosaic_tiles": s.matched_mosaic_tiles,
                "metadata": dict(s.metadata), "regions": [hit_dict(h) for h in s.regions]} for s in resp.slides]
     if args.json:
@@ -347,6 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("slide")
     s.add_argument("--slide-id", help="your opaque id for the slide (default: from its content)")
     s.add_argument("--meta", action="append", metavar="KEY=VALUE", help="metadata returned with hits")
+    s.add_argument("--slide-mpp", type=float, default=0.0,
+                   help="microns per level-0 pixel, for a file that records none (e.g. 0.25 at 40x)")
     s.add_argument("--no-wait", action="store_true", help="print the operation id and return")
     s.set_defaults(func=_ingest)
 
@@ -379,6 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--k", type=int, default=None, help="number of slides (default 10)")
     s.add_argument("--mosaic-size", type=int, default=None, help="tiles in the query's mosaic (default 16)")
     s.add_argument("--exclude-query-slide", action="store_true")
+    s.add_argument("--slide-mpp", type=float, default=0.0, help="with --source: as for ingest")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_search_slides)
 

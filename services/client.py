@@ -18,9 +18,11 @@ class Client:
         self.stub = gateway_pb2_grpc.GatewayServiceStub(self._channel)
         self.timeout = timeout
 
-    def ingest(self, source: str, slide_id: str = "", metadata: dict | None = None) -> gateway_pb2.Operation:
+    def ingest(self, source: str, slide_id: str = "", metadata: dict | None = None,
+               slide_mpp: float = 0.0) -> gateway_pb2.Operation:
         return self.stub.IngestSlide(gateway_pb2.IngestSlideRequest(
-            source=source, slide_id=slide_id, metadata=metadata or {}), timeout=self.timeout).operation
+            source=source, slide_id=slide_id, metadata=metadata or {}, slide_mpp=slide_mpp),
+            timeout=self.timeout).operation
 
     def wait(self, op: gateway_pb2.Operation, on_progress=None, poll_s: float = 0.2) -> gateway_pb2.Operation:
         while op.state not in DONE:
@@ -55,8 +57,9 @@ class Client:
         return self.stub.Search(req, timeout=self.timeout)
 
     def search_slides(self, *, slide_id: str = "", source: str = "", k: int | None = None,
-                      mosaic_size: int | None = None, exclude_query_slide: bool = False) -> gateway_pb2.SearchSlidesResponse:
-        req = gateway_pb2.SearchSlidesRequest(exclude_query_slide=exclude_query_slide)
+                      mosaic_size: int | None = None, exclude_query_slide: bool = False,
+                      slide_mpp: float = 0.0) -> gateway_pb2.SearchSlidesResponse:
+        req = gateway_pb2.SearchSlidesRequest(exclude_query_slide=exclude_query_slide, slide_mpp=slide_mpp)
         if slide_id:
             req.slide_id = slide_id
         if source:

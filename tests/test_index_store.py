@@ -1,6 +1,8 @@
 """The index store: staging, atomic replace, model binding, durability."""
 from __future__ import annotations
 
+import sqlite3
+
 import numpy as np
 import pytest
 
@@ -96,3 +98,22 @@ def test_exclude_delete_and_pages(tmp_path):
         store.search(MODEL, q, 0)
     with pytest.raises(InvalidArgument):
         store.list_slides(3, "%%%")
+
+
+def test_stated_resolution_is_kept_and_old_indexes_gain_the_column(tmp_path):
+    store = TileStore(str(tmp_path))
+    put(store, "a", vecs(2, seed=4))
+    store.stage(MODEL, "b", "g1", vecs(2, seed=5), tiles(2))
+    store.commit_slide(MODEL, "g1", Slide("b", "b.tiff", slide_mpp=0.5), 2)
+    store.close()
+    # An index written before slides had a stated resolution: the column is added on open.
+    db = sqlite3.connect(str(tmp_path / "index.sqlite3"))
+    db.execute("ALTER TABLE slides DROP COLUMN slide_mpp")
+    db.commit()
+    db.close()
+    reopened = TileStore(str(tmp_path))
+    assert reopened.get_slide("a").slide_mpp == 0 and reopened.get_slide("b").slide_mpp == 0
+    reopened.stage(MODEL, "b", "g2", vecs(2, seed=5), tiles(2))
+    reopened.commit_slide(MODEL, "g2", Slide("b", "b.tiff", slide_mpp=0.25), 2)
+    listed, _ = reopened.list_slides(10, "")
+    assert {s.slide_id: s.slide_mpp for s in listed} == {"a": 0, "b": 0.25}

@@ -49,9 +49,14 @@ class Ingestor:
         # The tile stream of each running ingest, so a cancel stops it at once.
         self._streams: dict[str, object] = {}
 
-    def start(self, source: str, slide_id: str, metadata: dict[str, str], timeout: float) -> gateway_pb2.Operation:
+    def start(self, source: str, slide_id: str, metadata: dict[str, str], timeout: float,
+              slide_mpp: float = 0.0) -> gateway_pb2.Operation:
         # Validates the name and reads the fingerprint now, so bad input fails the call itself.
         info = self._b.tiler.GetSlideInfo(tiler_pb2.GetSlideInfoRequest(slide=source), timeout=timeout).info
+        if not slide_mpp and info.mpp_x <= 0:
+            raise FailedPrecondition(
+                "the slide does not record its resolution (microns per pixel); state it in the request's "
+                "slide_mpp (e.g. 0.25 for a 40x scan, 0.5 for 20x)")
         slide_id = slide_id or default_slide_id(info.fingerprint, source)
         with self._lock:
             for op in self._ops.values():
@@ -63,7 +68,7 @@ class Ingestor:
             self._trim()
             snapshot = _copy(op)
         log.info("ingest queued", extra={"operation_id": op.operation_id, "slide_id": slide_id})
-        self._pool.submit(self._run, op.operation_id, source, slide_id, dict(metadata))
+        self._pool.submit(self._run, op.operation_id, source, slide_id, dict(metadata), slide_mpp)
         return snapshot
 
     def get(self, operation_id: str) -> gateway_pb2.Operation:
@@ -110,7 +115,7 @@ class Ingestor:
         for key in done[: max(0, len(self._ops) - MAX_OPERATIONS_KEPT)]:
             del self._ops[key]
 
-    def _run(self, op_id: str, source: str, slide_id: str, metadata: dict[str, str]) -> None:
+    def _run(self, op_id: str, source: str, slide_id: str, metadata: dict[str, str], slide_mpp: float) -> None:
         with self._lock:
             op = self._ops.get(op_id)
             if op is None or op.cancel_requested:
@@ -118,7 +123,7 @@ class Ingestor:
                 return
             op.state = State.OPERATION_STATE_RUNNING
         try:
-            model_id = self._ingest(op_id, source, slide_id, metadata)
+            model_id = self._ingest(op_id, source, slide_id, metadata, slide_mpp)
         except Exception as exc:
             with self._lock:
                 self._streams.pop(op_id, None)
@@ -137,7 +142,7 @@ class Ingestor:
         INGESTS.labels("succeeded").inc()
         log.info("ingest done", extra={"operation_id": op_id, "slide_id": slide_id})
 
-    def _ingest(self, op_id: str, source: str, slide_id: str, metadata: dict[str, str]) -> str:
+    def _ingest(self, op_id: str, source: str, slide_id: str, metadata: dict[str, str], slide_mpp: float) -> str:
         b, timeout = self._b, self._b.default_timeout
         generation = op_id
         model_id = ""
@@ -162,7 +167,8 @@ class Ingestor:
             batch.clear()
 
         stream = b.tiler.StreamTiles(
-            tiler_pb2.StreamTilesRequest(slide=source, params=self._tiling, encoding=types_pb2.IMAGE_ENCODING_RAW_RGB),
+            tiler_pb2.StreamTilesRequest(slide=source, params=self._tiling, encoding=types_pb2.IMAGE_ENCODING_RAW_RGB,
+                                         slide_mpp=slide_mpp),
             timeout=max(timeout, 3600.0))
         with self._lock:
             self._streams[op_id] = stream
@@ -185,7 +191,8 @@ class Ingestor:
             raise FailedPrecondition("no tissue tiles found on the slide at the configured tiling parameters")
         b.index.CommitSlide(index_pb2.CommitSlideRequest(
             model_id=model_id, generation=generation, expected_tiles=embedded,
-            slide=index_pb2.Slide(slide_id=slide_id, source=source, metadata=metadata)), timeout=timeout)
+            slide=index_pb2.Slide(slide_id=slide_id, source=source, metadata=metadata, slide_mpp=slide_mpp)),
+            timeout=timeout)
         return model_id
 
     def close(self) -> None:

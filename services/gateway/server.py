@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -41,6 +42,12 @@ def _hit(h: index_pb2.Hit) -> gateway_pb2.Hit:
                            mpp=h.tile.mpp, score=h.score, metadata=h.metadata)
 
 
+def _stated_mpp(value: float) -> float:
+    """A caller's slide_mpp: 0 (use the file's own) or a positive resolution."""
+    require(value >= 0 and math.isfinite(value), "slide_mpp must be 0 or a positive number of microns per pixel")
+    return value
+
+
 def _concept(c: index_pb2.Concept) -> gateway_pb2.Concept:
     return gateway_pb2.Concept(name=c.name, model_id=c.model_id, with_examples=c.with_examples,
                                without_examples=c.without_examples, train_accuracy=c.train_accuracy,
@@ -64,7 +71,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     # -- ingest -------------------------------------------------------------
     def IngestSlide(self, request, context):
         require(bool(request.source), "source (the slide's path under the slide roots) is required")
-        op = self._ingest.start(request.source, request.slide_id, dict(request.metadata), self._b.timeout(context))
+        op = self._ingest.start(request.source, request.slide_id, dict(request.metadata), self._b.timeout(context),
+                                _stated_mpp(request.slide_mpp))
         return gateway_pb2.IngestSlideResponse(operation=op)
 
     def GetOperation(self, request, context):
@@ -118,7 +126,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         def read_region() -> types_pb2.Image:
             return self._b.tiler.ReadRegion(tiler_pb2.ReadRegionRequest(
                 slide=slide.source, x=region.x, y=region.y, width=region.width, height=region.height,
-                mpp=self._tiling.mpp, encoding=types_pb2.IMAGE_ENCODING_RAW_RGB), timeout=timeout).image
+                mpp=self._tiling.mpp, encoding=types_pb2.IMAGE_ENCODING_RAW_RGB, slide_mpp=slide.slide_mpp),
+                timeout=timeout).image
 
         return self._embed(read_region, key, context)
 
@@ -205,20 +214,21 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                                           hits=[_hit(h) for h in hits[offset:end]])
 
     # -- whole-slide search ----------------------------------------------------
-    def _mosaic(self, source: str, size: int, context):
+    def _mosaic(self, source: str, slide_mpp: float, size: int, context):
         """The slide's mosaic embeddings [m, dim]; computed by streaming every
         tissue tile through the tiler and embedder, cached by the slide's
-        content fingerprint, model, tiling and mosaic size."""
+        content fingerprint, resolution, model, tiling and mosaic size."""
         timeout = self._b.timeout(context)
         info = self._b.tiler.GetSlideInfo(tiler_pb2.GetSlideInfoRequest(slide=source), timeout=timeout).info
         model_id = self._current_model(context)
         t = self._tiling
-        key = (f"smily:mosaic:{model_id}:{info.fingerprint}:{t.mpp}:{t.tile_size}:{t.min_tissue_fraction}:{size}")
+        key = (f"smily:mosaic:{model_id}:{info.fingerprint}:{slide_mpp}:{t.mpp}:{t.tile_size}:"
+               f"{t.min_tissue_fraction}:{size}")
         flat = self._cache.get(key)
         if flat is not None:
             return flat.reshape(-1, self._dim), model_id, True
         stream = self._b.tiler.StreamTiles(tiler_pb2.StreamTilesRequest(
-            slide=source, params=t, encoding=types_pb2.IMAGE_ENCODING_RAW_RGB), timeout=timeout)
+            slide=source, params=t, encoding=types_pb2.IMAGE_ENCODING_RAW_RGB, slide_mpp=slide_mpp), timeout=timeout)
         chunks, batch = [], []
 
         def flush():
@@ -250,15 +260,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         which = request.WhichOneof("query")
         exclude = []
         if which == "slide_id":
-            source = self._b.index.GetSlide(index_pb2.GetSlideRequest(slide_id=request.slide_id),
-                                            timeout=self._b.timeout(context)).slide.source
+            slide = self._b.index.GetSlide(index_pb2.GetSlideRequest(slide_id=request.slide_id),
+                                           timeout=self._b.timeout(context)).slide
+            source, slide_mpp = slide.source, slide.slide_mpp
             if request.exclude_query_slide:
                 exclude.append(request.slide_id)
         elif which == "source":
-            source = request.source
+            source, slide_mpp = request.source, _stated_mpp(request.slide_mpp)
         else:
             raise InvalidArgument("a slide query needs a slide_id or a source")
-        mosaic, model_id, cached = self._mosaic(source, size, context)
+        mosaic, model_id, cached = self._mosaic(source, slide_mpp, size, context)
 
         def search(v):
             return list(self._b.index.Search(index_pb2.SearchRequest(
@@ -289,13 +300,15 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         fmt = request.format or gateway_pb2.IMAGE_FORMAT_PNG
         require(fmt in (gateway_pb2.IMAGE_FORMAT_PNG, gateway_pb2.IMAGE_FORMAT_JPEG), "format must be PNG or JPEG")
         timeout = self._b.timeout(context)
-        source = self._b.index.GetSlide(index_pb2.GetSlideRequest(slide_id=r.slide_id), timeout=timeout).slide.source
-        base = self._b.tiler.GetSlideInfo(tiler_pb2.GetSlideInfoRequest(slide=source), timeout=timeout).info.mpp_x
+        slide = self._b.index.GetSlide(index_pb2.GetSlideRequest(slide_id=r.slide_id), timeout=timeout).slide
+        base = slide.slide_mpp or self._b.tiler.GetSlideInfo(
+            tiler_pb2.GetSlideInfoRequest(slide=slide.source), timeout=timeout).info.mpp_x
         mpp = request.mpp or self._tiling.mpp
         if base > 0:  # coarsen so the longer side fits max_side
             mpp = max(mpp, max(r.width, r.height) * base / max_side)
         resp = self._b.tiler.ReadRegion(tiler_pb2.ReadRegionRequest(
-            slide=source, x=r.x, y=r.y, width=r.width, height=r.height, mpp=mpp, encoding=fmt), timeout=timeout)
+            slide=slide.source, x=r.x, y=r.y, width=r.width, height=r.height, mpp=mpp, encoding=fmt,
+            slide_mpp=slide.slide_mpp), timeout=timeout)
         return gateway_pb2.ReadRegionResponse(image=resp.image.data, format=fmt, width=resp.image.width,
                                               height=resp.image.height, mpp=resp.mpp)
 
@@ -330,7 +343,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         return gateway_pb2.ListSlidesResponse(
             next_page_token=resp.next_page_token,
             slides=[gateway_pb2.Slide(slide_id=s.slide_id, metadata=s.metadata, tile_count=s.tile_count,
-                                      model_id=s.model_id, indexed_at=s.indexed_at) for s in resp.slides])
+                                      model_id=s.model_id, indexed_at=s.indexed_at, slide_mpp=s.slide_mpp)
+                    for s in resp.slides])
 
     def DeleteSlide(self, request, context):
         require(bool(request.slide_id), "slide_id is required")

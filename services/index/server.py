@@ -12,7 +12,8 @@ from .store import IndexConfig, Slide, Tile, TileStore
 
 def _slide_pb(s: Slide, model_id: str) -> index_pb2.Slide:
     return index_pb2.Slide(slide_id=s.slide_id, source=s.source, metadata=s.metadata,
-                           tile_count=s.tile_count, model_id=model_id, indexed_at=s.indexed_at)
+                           tile_count=s.tile_count, model_id=model_id, indexed_at=s.indexed_at,
+                           slide_mpp=s.slide_mpp)
 
 
 class IndexServicer(index_pb2_grpc.IndexServiceServicer):
@@ -31,7 +32,8 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
     def CommitSlide(self, request, context):
         s = request.slide
         slide, replaced = self.store.commit_slide(
-            request.model_id, request.generation, Slide(s.slide_id, s.source, dict(s.metadata)), request.expected_tiles)
+            request.model_id, request.generation, Slide(s.slide_id, s.source, dict(s.metadata), slide_mpp=s.slide_mpp),
+            request.expected_tiles)
         return index_pb2.CommitSlideResponse(slide=_slide_pb(slide, self.store.model_id), replaced=replaced)
 
     def Search(self, request, context):

@@ -47,7 +47,8 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS slides (
   slide_id TEXT PRIMARY KEY, source TEXT NOT NULL, metadata TEXT NOT NULL,
-  generation TEXT NOT NULL, tile_count INTEGER NOT NULL, indexed_at REAL NOT NULL);
+  generation TEXT NOT NULL, tile_count INTEGER NOT NULL, indexed_at REAL NOT NULL,
+  slide_mpp REAL NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS tiles (
   id INTEGER PRIMARY KEY AUTOINCREMENT, slide_id TEXT NOT NULL, generation TEXT NOT NULL,
   x INTEGER NOT NULL, y INTEGER NOT NULL, w INTEGER NOT NULL, h INTEGER NOT NULL,
@@ -80,6 +81,7 @@ class Slide:
     metadata: dict = field(default_factory=dict)
     tile_count: int = 0
     indexed_at: float = 0.0
+    slide_mpp: float = 0.0  # stated at ingest; 0: the file's own
 
 
 @dataclass
@@ -128,6 +130,9 @@ class TileStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        if "slide_mpp" not in {r[1] for r in self._db.execute("PRAGMA table_info(slides)")}:
+            # Indexes written before slides could state their resolution.
+            self._db.execute("ALTER TABLE slides ADD COLUMN slide_mpp REAL NOT NULL DEFAULT 0")
         self._db_lock = threading.Lock()
         self._rw = RWLock()
         meta = dict(self._db.execute("SELECT key, value FROM meta"))
@@ -402,9 +407,10 @@ class TileStore:
                     self._journal_removal(seq, old)
                     slide.tile_count, slide.indexed_at = len(new), time.time()
                     self._db.execute(
-                        "INSERT OR REPLACE INTO slides VALUES (?, ?, ?, ?, ?, ?)",
+                        "INSERT OR REPLACE INTO slides (slide_id, source, metadata, generation, tile_count, "
+                        "indexed_at, slide_mpp) VALUES (?, ?, ?, ?, ?, ?, ?)",
                         (slide.slide_id, slide.source, json.dumps(slide.metadata, sort_keys=True), generation,
-                         slide.tile_count, slide.indexed_at))
+                         slide.tile_count, slide.indexed_at, slide.slide_mpp))
                     self._db.execute("COMMIT")
                 except BaseException:
                     self._db.execute("ROLLBACK")
@@ -573,11 +579,11 @@ class TileStore:
     def get_slide(self, slide_id: str) -> Slide:
         with self._db_lock:
             row = self._db.execute(
-                "SELECT slide_id, source, metadata, tile_count, indexed_at FROM slides WHERE slide_id = ?",
+                "SELECT slide_id, source, metadata, tile_count, indexed_at, slide_mpp FROM slides WHERE slide_id = ?",
                 (slide_id,)).fetchone()
         if not row:
             raise NotFound(f"slide {slide_id!r} is not in the index")
-        return Slide(row[0], row[1], json.loads(row[2]), row[3], row[4])
+        return Slide(row[0], row[1], json.loads(row[2]), row[3], row[4], row[5])
 
     def list_slides(self, page_size: int, page_token: str) -> tuple[list[Slide], str]:
         if page_size < 0:
@@ -589,9 +595,9 @@ class TileStore:
             raise InvalidArgument("page_token is not one this service issued") from None
         with self._db_lock:
             rows = self._db.execute(
-                "SELECT slide_id, source, metadata, tile_count, indexed_at FROM slides "
+                "SELECT slide_id, source, metadata, tile_count, indexed_at, slide_mpp FROM slides "
                 "WHERE slide_id > ? ORDER BY slide_id LIMIT ?", (after, page_size + 1)).fetchall()
-        slides = [Slide(r[0], r[1], json.loads(r[2]), r[3], r[4]) for r in rows[:page_size]]
+        slides = [Slide(r[0], r[1], json.loads(r[2]), r[3], r[4], r[5]) for r in rows[:page_size]]
         token = base64.urlsafe_b64encode(slides[-1].slide_id.encode()).decode() if len(rows) > page_size else ""
         return slides, token
 
