@@ -18,7 +18,7 @@ import redis
 log = logging.getLogger("smily.cache")
 
 LOOKUPS = prom.Counter("smily_cache_lookups_total", "Embedding cache lookups", ["result"])
-ERRORS = prom.Counter("smily_cache_errors_total", "Embedding cache errors (counted as misses)")
+ERRORS = prom.Counter("smily_cache_errors_total", "Redis errors (cache misses, operations seen by one replica only)")
 
 BREAKER_OPEN_S = 5.0
 
@@ -57,57 +57,57 @@ class LocalCache:
                 self._data.popitem(last=False)
 
 
-class RedisCache:
-    def __init__(self, url: str, ttl_s: int, timeout_s: float):
-        self._ttl = ttl_s
-        self._client = redis.Redis.from_url(
+class RedisGuard:
+    """A Redis client whose every error or timeout gives the caller a default:
+    the first one is logged, and a breaker skips Redis for a few seconds
+    after a failure so a dead Redis costs callers nothing."""
+
+    def __init__(self, url: str, timeout_s: float):
+        self.client = redis.Redis.from_url(
             url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry_on_timeout=False
         )
         self._closed_until = 0.0
         self._failing = False
         self._lock = threading.Lock()
 
-    def _fail(self, exc: Exception) -> None:
-        ERRORS.inc()
-        with self._lock:
-            self._closed_until = time.monotonic() + BREAKER_OPEN_S
-            if not self._failing:
-                self._failing = True
-                log.warning("redis unavailable; serving without cache", extra={"error": type(exc).__name__})
-
-    def _ok(self) -> None:
+    def call(self, fn, default=None):
+        """fn(client), or default when Redis is failing or fails now."""
+        if time.monotonic() < self._closed_until:
+            return default
+        try:
+            result = fn(self.client)
+        except Exception as exc:  # any Redis trouble: the default
+            ERRORS.inc()
+            with self._lock:
+                self._closed_until = time.monotonic() + BREAKER_OPEN_S
+                if not self._failing:
+                    self._failing = True
+                    log.warning("redis unavailable; serving without it", extra={"error": type(exc).__name__})
+            return default
         if self._failing:
             with self._lock:
                 if self._failing:
                     self._failing = False
                     log.info("redis reachable again")
+        return result
+
+
+class RedisCache:
+    def __init__(self, redis: RedisGuard, ttl_s: int):
+        self._ttl = ttl_s
+        self._redis = redis
 
     def get(self, key: str) -> np.ndarray | None:
-        if time.monotonic() < self._closed_until:
-            LOOKUPS.labels("miss").inc()
-            return None
-        try:
-            data = self._client.get(key)
-        except Exception as exc:  # any Redis trouble is a miss
-            self._fail(exc)
-            LOOKUPS.labels("miss").inc()
-            return None
-        self._ok()
+        data = self._redis.call(lambda r: r.get(key))
         LOOKUPS.labels("hit" if data else "miss").inc()
         return _unpack(data) if data else None
 
     def put(self, key: str, vector: np.ndarray) -> None:
-        if time.monotonic() < self._closed_until:
-            return
-        try:
-            self._client.set(key, _pack(vector), ex=self._ttl)
-            self._ok()
-        except Exception as exc:
-            self._fail(exc)
+        self._redis.call(lambda r: r.set(key, _pack(vector), ex=self._ttl))
 
 
-def make_cache(redis_url: str, ttl_s: int, timeout_s: float):
-    if redis_url:
-        return RedisCache(redis_url, ttl_s, timeout_s)
-    log.warning("SMILY_REDIS_URL is not set: using an in-process cache (fine for one replica only)")
+def make_cache(redis: RedisGuard | None, ttl_s: int):
+    if redis is not None:
+        return RedisCache(redis, ttl_s)
+    log.warning("SMILY_REDIS_URL is not set: using an in-process cache and operations (fine for one replica only)")
     return LocalCache(ttl_s)

@@ -3,12 +3,14 @@
 IngestSlide returns an operation at once; a bounded pool runs the work and
 the rest wait in its queue. Tiles are staged under a fresh generation and
 published by one CommitSlide, so re-ingesting replaces a slide atomically.
+Operations are published for the other gateway replicas (operations.py).
 """
 from __future__ import annotations
 
 import hashlib
 import logging
 import threading
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -23,6 +25,7 @@ from protos.smily.types.v1 import types_pb2
 from services.common.errors import FailedPrecondition, NotFound, ServiceError
 
 from .backends import Backends
+from .operations import FINISHED, HEARTBEAT_S, LocalOperations, SharedOperations, failed_unavailable
 
 log = logging.getLogger("smily.ingest")
 
@@ -31,7 +34,6 @@ TILES = prom.Counter("smily_ingested_tiles_total", "Tiles embedded and indexed")
 
 State = gateway_pb2.OperationState
 MAX_OPERATIONS_KEPT = 10000
-FINISHED = (State.OPERATION_STATE_SUCCEEDED, State.OPERATION_STATE_FAILED, State.OPERATION_STATE_CANCELLED)
 
 
 class Cancelled(Exception):
@@ -39,15 +41,22 @@ class Cancelled(Exception):
 
 
 class Ingestor:
-    def __init__(self, backends: Backends, tiling: tiler_pb2.TilingParams, batch: int, workers: int):
+    def __init__(self, backends: Backends, tiling: tiler_pb2.TilingParams, batch: int, workers: int,
+                 shared: SharedOperations | LocalOperations):
         self._b = backends
         self._tiling = tiling
         self._batch = batch
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ingest")
         self._lock = threading.Lock()
-        self._ops: dict[str, gateway_pb2.Operation] = {}
+        self._ops: dict[str, gateway_pb2.Operation] = {}  # the operations this replica runs
         # The tile stream of each running ingest, so a cancel stops it at once.
         self._streams: dict[str, object] = {}
+        self._shared = shared
+        # Snapshots reach Redis in the order they were taken: a late heartbeat
+        # never overwrites a finished state.
+        self._publish_lock = threading.Lock()
+        self._stop = threading.Event()
+        threading.Thread(target=self._heartbeat, name="ingest-heartbeat", daemon=True).start()
 
     def start(self, source: str, slide_id: str, metadata: dict[str, str], timeout: float,
               slide_mpp: float = 0.0) -> gateway_pb2.Operation:
@@ -66,40 +75,54 @@ class Ingestor:
                                        state=State.OPERATION_STATE_QUEUED, progress=gateway_pb2.IngestProgress())
             self._ops[op.operation_id] = op
             self._trim()
-            snapshot = _copy(op)
         log.info("ingest queued", extra={"operation_id": op.operation_id, "slide_id": slide_id})
+        snapshot = self._publish(op.operation_id)
         self._pool.submit(self._run, op.operation_id, source, slide_id, dict(metadata), slide_mpp)
         return snapshot
 
     def get(self, operation_id: str) -> gateway_pb2.Operation:
         with self._lock:
             op = self._ops.get(operation_id)
-            if op is None:
-                raise NotFound(f"no operation {operation_id!r}")
-            return _copy(op)
+            if op is not None:
+                return _copy(op)
+        return self._elsewhere(operation_id)
+
+    def _elsewhere(self, operation_id: str) -> gateway_pb2.Operation:
+        """An operation another replica runs (or ran)."""
+        op = self._shared.fetch(operation_id)
+        if op is None:
+            raise NotFound(f"no operation {operation_id!r}")
+        return op
 
     def cancel(self, operation_id: str) -> gateway_pb2.Operation:
+        stream = None
         with self._lock:
             op = self._ops.get(operation_id)
-            if op is None:
-                raise NotFound(f"no operation {operation_id!r}")
-            if op.state not in FINISHED:
+            if op is not None and op.state not in FINISHED:
                 op.cancel_requested = True
                 if op.state == State.OPERATION_STATE_QUEUED:
                     op.state = State.OPERATION_STATE_CANCELLED  # its worker will see it and not start
                 stream = self._streams.get(operation_id)
-            else:
-                stream = None
-            snapshot = _copy(op)
+        if op is None:  # run by another replica: it stops the ingest between two batches
+            op = self._elsewhere(operation_id)
+            if op.state not in FINISHED:
+                self._shared.request_cancel(operation_id)
+                op.cancel_requested = True
+            log.info("ingest cancel requested", extra={"operation_id": operation_id})
+            return op
+        log.info("ingest cancel requested", extra={"operation_id": operation_id})
         if stream is not None:
             stream.cancel()
-        log.info("ingest cancel requested", extra={"operation_id": operation_id})
-        return snapshot
+        return self._publish(operation_id)
 
     def _check_cancel(self, operation_id: str) -> None:
         with self._lock:
-            if self._ops[operation_id].cancel_requested:
-                raise Cancelled()
+            requested = self._ops[operation_id].cancel_requested
+        if not requested and self._shared.cancel_requested(operation_id):  # asked on another replica
+            self.cancel(operation_id)
+            requested = True
+        if requested:
+            raise Cancelled()
 
     def _update(self, operation_id: str, **fields) -> None:
         with self._lock:
@@ -109,6 +132,29 @@ class Ingestor:
                     setattr(op.progress, name, value)
                 else:
                     setattr(op, name, value)
+        self._publish(operation_id)
+
+    def _publish(self, operation_id: str) -> gateway_pb2.Operation:
+        """Stamp the operation and show it to the other replicas; returns a copy."""
+        with self._publish_lock:
+            with self._lock:
+                op = self._ops[operation_id]
+                op.updated_at = time.time()
+                snapshot = _copy(op)
+            self._shared.publish(snapshot)
+        return snapshot
+
+    def _heartbeat(self) -> None:
+        """Refresh every unfinished operation (a queued one may wait long), and
+        pick up cancels asked on other replicas between batches."""
+        while not self._stop.wait(HEARTBEAT_S):
+            with self._lock:
+                unfinished = [k for k, o in self._ops.items() if o.state not in FINISHED]
+            for operation_id in unfinished:
+                if self._shared.cancel_requested(operation_id):
+                    self.cancel(operation_id)
+                else:
+                    self._publish(operation_id)
 
     def _trim(self) -> None:
         done = [k for k, o in self._ops.items() if o.state in FINISHED]
@@ -116,18 +162,23 @@ class Ingestor:
             del self._ops[key]
 
     def _run(self, op_id: str, source: str, slide_id: str, metadata: dict[str, str], slide_mpp: float) -> None:
+        if self._shared.cancel_requested(op_id):  # cancelled on another replica while queued
+            self.cancel(op_id)
         with self._lock:
             op = self._ops.get(op_id)
             if op is None or op.cancel_requested:
                 INGESTS.labels("cancelled").inc()
                 return
             op.state = State.OPERATION_STATE_RUNNING
+        self._publish(op_id)
         try:
             model_id = self._ingest(op_id, source, slide_id, metadata, slide_mpp)
         except Exception as exc:
             with self._lock:
                 self._streams.pop(op_id, None)
                 cancelled = self._ops[op_id].cancel_requested
+                if self._ops[op_id].state in FINISHED:  # failed by close(): the gateway is stopping
+                    return
             if cancelled:  # staged tiles stay uncommitted; the index drops stale ones
                 self._update(op_id, state=State.OPERATION_STATE_CANCELLED)
                 INGESTS.labels("cancelled").inc()
@@ -196,6 +247,20 @@ class Ingestor:
         return model_id
 
     def close(self) -> None:
+        """The gateway is stopping: what it has not finished fails now, visibly to
+        every replica, instead of looking alive until it goes stale."""
+        self._stop.set()
+        with self._lock:
+            unfinished = [k for k, o in self._ops.items() if o.state not in FINISHED]
+            streams = [self._streams.get(k) for k in unfinished]
+            for k in unfinished:
+                self._ops[k].cancel_requested = True  # its worker stops at the next batch
+                failed_unavailable(self._ops[k], "the gateway running this ingest was stopped")
+        for stream in streams:
+            if stream is not None:
+                stream.cancel()
+        for operation_id in unfinished:
+            self._publish(operation_id)
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 

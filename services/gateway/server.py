@@ -21,8 +21,9 @@ from services.common.tensors import from_tensor, to_tensor
 
 from . import paging, vectors
 from .backends import Backends
-from .cache import make_cache
+from .cache import RedisGuard, make_cache
 from .ingest import Ingestor
+from .operations import LocalOperations, SharedOperations
 
 DEFAULT_K = 10
 MAX_QUERY_IMAGE_BYTES = 32 * 1024 * 1024
@@ -61,8 +62,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             mpp=settings.tile_mpp, tile_size=settings.tile_size, min_tissue_fraction=settings.min_tissue_fraction)
         self._batch = settings.embed_batch
         self._case_key = settings.case_key
-        self._cache = make_cache(settings.redis_url, settings.cache_ttl_s, settings.redis_timeout_s)
-        self._ingest = Ingestor(self._b, self._tiling, settings.embed_batch, settings.max_concurrent_ingests)
+        redis = RedisGuard(settings.redis_url, settings.redis_timeout_s) if settings.redis_url else None
+        self._cache = make_cache(redis, settings.cache_ttl_s)
+        self._ingest = Ingestor(self._b, self._tiling, settings.embed_batch, settings.max_concurrent_ingests,
+                                SharedOperations(redis) if redis else LocalOperations())
         # Fans a slide query's mosaic tiles out to the index.
         self._fanout = ThreadPoolExecutor(max_workers=8, thread_name_prefix="mosaic")
         self._model_id, self._dim = "", 0
