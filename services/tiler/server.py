@@ -28,7 +28,9 @@ DEFAULT_TILE_SIZE = 224
 DEFAULT_MIN_TISSUE = 0.5
 MAX_TILE_SIZE = 2048
 MAX_RESOLUTIONS = 8
-MESSAGE_BYTES = 1 << 20  # tiles per stream message: as many raw tiles as fit (measured best, docs/benchmarks.md)
+# Pixels per stream message: 8 raw 224-px tiles cost sender and receiver half
+# the CPU of one tile per message, and 64 cost more again (docs/benchmarks.md).
+MESSAGE_BYTES = 1 << 20
 ENCODINGS = (images.RAW_RGB, images.PNG, images.JPEG)
 
 
