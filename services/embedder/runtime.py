@@ -96,10 +96,13 @@ class Model:
     def embed_tensor(self, batch: np.ndarray) -> np.ndarray:
         if not self.fixed_batch:
             return self._run(batch)
-        n, size = len(batch), self.fixed_batch
-        padded = np.zeros((-(-n // size) * size, *batch.shape[1:]), batch.dtype)
-        padded[:n] = batch
-        return np.concatenate([self._run(padded[i:i + size]) for i in range(0, n, size)])[:n]
+        size, out = self.fixed_batch, []
+        for i in range(0, len(batch), size):
+            chunk = batch[i:i + size]
+            if len(chunk) < size:  # only the last chunk is copied, to pad it
+                chunk = np.concatenate([chunk, np.zeros((size - len(chunk), *chunk.shape[1:]), chunk.dtype)])
+            out.append(self._run(chunk)[:len(batch) - i])
+        return np.concatenate(out)
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         (out,) = self.session.run([self.config.output_name], {self.config.input_name: batch})
