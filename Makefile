@@ -19,14 +19,14 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 proto: $(VENV)/.installed $(PROTOS)
-	$(PY) -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
+	$(PY) -m grpc_tools.protoc -I protos --python_out=protos --pyi_out=protos --grpc_python_out=protos $(PROTOS)
 
 model: $(MODEL)
-$(MODEL): $(VENV)/.installed services/embedder/export.py
+$(MODEL): $(VENV)/.installed smily/models/export.py
 	$(SMILY) model export --output-dir models
 
 sample-data: $(SAMPLES)
-$(SAMPLES): $(VENV)/.installed services/tiler/synthetic.py
+$(SAMPLES): $(VENV)/.installed smily/synthetic.py
 	$(SMILY) sample-data --output-dir data/samples
 	touch $@
 

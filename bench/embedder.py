@@ -25,14 +25,14 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from protos.smily.embedder.v1 import embedder_pb2, embedder_pb2_grpc  # noqa: E402
-from protos.smily.types.v1 import types_pb2  # noqa: E402
-from services import stack  # noqa: E402
-from services.common.channels import channel  # noqa: E402
-from services.common.config import Settings  # noqa: E402
-from services.embedder import model_repo  # noqa: E402
-from services.embedder.quantize import quantize, synthetic_tiles  # noqa: E402
-from services.embedder.runtime import Model  # noqa: E402
+from smily.embedder.v1 import embedder_pb2, embedder_pb2_grpc  # noqa: E402
+from smily.types.v1 import types_pb2  # noqa: E402
+from smily import stack  # noqa: E402
+from smily.common.channels import channel  # noqa: E402
+from smily.common.config import Settings  # noqa: E402
+from smily.embedder import model_repo  # noqa: E402
+from smily.models.quantize import quantize, synthetic_tiles  # noqa: E402
+from smily.embedder.runtime import Model  # noqa: E402
 
 REPO = "models"
 FP32 = "efficientnet-lite0/1"
@@ -63,7 +63,7 @@ def raw(tile: np.ndarray) -> types_pb2.Image:
 def onnx_vs_torch(model: Model, tiles) -> None:
     import torch
 
-    from services.embedder.export import efficientnet_lite0
+    from smily.models.export import efficientnet_lite0
 
     module, _ = efficientnet_lite0()
     print("1. ONNX Runtime vs PyTorch eager (FP32, images/s)")

@@ -14,11 +14,11 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from services.client import Client  # noqa: E402
-from services.common import logs  # noqa: E402
-from services.common.config import Settings  # noqa: E402
-from services.evaluation import evaluate_manifest, synthetic_benchmark  # noqa: E402
-from services.localstack import local_stack  # noqa: E402
+from smily.client import Client  # noqa: E402
+from smily.common import logs  # noqa: E402
+from smily.common.config import Settings  # noqa: E402
+from smily.evaluation import evaluate_manifest, synthetic_benchmark  # noqa: E402
+from smily.localstack import local_stack  # noqa: E402
 
 CMU = os.path.join(ROOT, "tests", "data", "cmu_small_region.svs")
 OUT = os.path.join(ROOT, "var", "eval-bench")

@@ -25,7 +25,7 @@ import faiss
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from services.index import ann  # noqa: E402
+from smily.index import ann  # noqa: E402
 
 CHUNK = 50_000
 

@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 from PIL import Image
-from protos.smily.types.v1 import types_pb2
+from smily.types.v1 import types_pb2
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -36,7 +36,7 @@ GLASS = np.array([246, 244, 246], np.uint8)
 def write_big_slide(path: str) -> None:
     import tifffile
 
-    from services.tiler.synthetic import SlideSpec, render
+    from smily.synthetic import SlideSpec, render
 
     texture = render(SlideSpec("texture", "tiff", PERIOD, PERIOD, MPP, 21))
     # A texture that is all tissue: its own glass is replaced by a second copy, shifted.
@@ -77,7 +77,7 @@ def free_port() -> int:
 def start_tiler(root: str, port: int) -> subprocess.Popen:
     env = dict(os.environ, SMILY_SLIDE_ROOTS=root, SMILY_TILER_PORT=str(port), SMILY_METRICS_PORT="0",
                SMILY_LOG_LEVEL="WARNING")
-    return subprocess.Popen([sys.executable, "-m", "services.cli", "serve", "tiler"], env=env,
+    return subprocess.Popen([sys.executable, "-m", "smily.cli", "serve", "tiler"], env=env,
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -92,9 +92,9 @@ def main() -> None:
     import grpc
     import openslide
 
-    from protos.smily.tiler.v1 import tiler_pb2, tiler_pb2_grpc
-    from services.common import memory
-    from services.tiler import tiling
+    from smily.tiler.v1 import tiler_pb2, tiler_pb2_grpc
+    from smily.common import memory
+    from smily.tiler import tiling
 
     # The service's own malloc settings, for the client and the naive loop alike.
     memory.keep_large_buffers()

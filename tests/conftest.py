@@ -8,11 +8,11 @@ import shutil
 import grpc
 import pytest
 
-from services import stack
-from services.client import Client
-from services.common.config import Settings
-from services.localstack import start_redis
-from services.tiler.synthetic import SlideSpec, write_samples
+from smily import stack
+from smily.client import Client
+from smily.common.config import Settings
+from smily.localstack import start_redis
+from smily.synthetic import SlideSpec, write_samples
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "tests", "data")
@@ -90,7 +90,7 @@ def client(settings):
 @pytest.fixture(scope="session")
 def ingested(client):
     """Every test slide ingested once; returns {file name: operation}."""
-    from protos.smily.gateway.v1 import gateway_pb2
+    from smily.gateway.v1 import gateway_pb2
 
     ops = {}
     for name in [s.name for s in TEST_SLIDES] + [CMU]:

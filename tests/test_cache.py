@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from services import stack
-from services.client import Client
-from services.localstack import start_redis
+from smily import stack
+from smily.client import Client
+from smily.localstack import start_redis
 
 from .conftest import need
 

@@ -9,7 +9,7 @@ from .conftest import ROOT
 
 
 def smily(settings, *args):
-    cmd = [sys.executable, "-m", "services.cli", *args, "--gateway", f"127.0.0.1:{settings.gateway_port}"]
+    cmd = [sys.executable, "-m", "smily.cli", *args, "--gateway", f"127.0.0.1:{settings.gateway_port}"]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
 
 

@@ -15,7 +15,7 @@ def test_demo_runs_end_to_end(slide_dir, model_repo, redis_url, tmp_path):
         shutil.copy(os.path.join(slide_dir, name), tmp_path / name)
     shutil.copy(os.path.join(DATA, CMU), tmp_path / CMU)
     env = dict(os.environ, SMILY_MODEL_REPOSITORY=model_repo)
-    out = subprocess.run([sys.executable, "-m", "services.cli", "demo", "--slides", str(tmp_path)],
+    out = subprocess.run([sys.executable, "-m", "smily.cli", "demo", "--slides", str(tmp_path)],
                          capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "ingested 2 slides" in out.stdout

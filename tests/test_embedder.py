@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from protos.smily.embedder.v1 import embedder_pb2, embedder_pb2_grpc
-from protos.smily.types.v1 import types_pb2
-from services.common.channels import channel
-from services.common.tensors import from_tensor
-from services.embedder.model_repo import load
-from services.embedder.preprocess import Preprocessor
-from services.embedder.runtime import Model
+from smily.embedder.v1 import embedder_pb2, embedder_pb2_grpc
+from smily.types.v1 import types_pb2
+from smily.common.channels import channel
+from smily.common.tensors import from_tensor
+from smily.embedder.model_repo import load
+from smily.embedder.preprocess import Preprocessor
+from smily.embedder.runtime import Model
 
 from .conftest import rpc_code
 

@@ -8,10 +8,10 @@ import shutil
 import numpy as np
 import pytest
 
-from services import cli, stack
-from services.client import Client
-from services.evaluation import baseline, metrics, robustness, synthetic_benchmark
-from services.evaluation.manifest import Labeller, ManifestError, load, parse
+from smily import cli, stack
+from smily.client import Client
+from smily.evaluation import baseline, metrics, robustness, synthetic_benchmark
+from smily.evaluation.manifest import Labeller, ManifestError, load, parse
 
 from .conftest import CMU, DATA, base_settings
 

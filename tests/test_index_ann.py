@@ -9,9 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from services.common.errors import InvalidArgument
-from services.index import ann
-from services.index.store import IndexConfig, Slide, TileStore
+from smily.common.errors import InvalidArgument
+from smily.index import ann
+from smily.index.store import IndexConfig, Slide, TileStore
 
 from .test_index_store import MODEL, tiles
 

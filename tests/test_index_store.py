@@ -6,8 +6,8 @@ import sqlite3
 import numpy as np
 import pytest
 
-from services.common.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
-from services.index.store import Slide, Tile, TileStore
+from smily.common.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
+from smily.index.store import Slide, Tile, TileStore
 
 MODEL = "m/1"
 

@@ -30,7 +30,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 yaml = pytest.importorskip("yaml") if os.environ.get("CI") != "true" else __import__("yaml")
 
-from services.common.config import Settings  # noqa: E402
+from smily.common.config import Settings  # noqa: E402
 
 from .conftest import need  # noqa: E402
 
@@ -354,7 +354,7 @@ def test_ports_args_and_images_agree_with_code_and_make_images(render):
     version = project_version()
     for s in SERVICES:
         c = container_of(objs, s)
-        assert c["args"] == ["serve", s]
+        assert c["command"] == ["python", "-m", f"smily.{s}"]
         ports = {p["name"]: p["containerPort"] for p in c["ports"]}
         assert ports == {"grpc": getattr(DEFAULTS, f"{s}_port"), "metrics": DEFAULTS.metrics_port}
         svc = one(objs, "Service", f"smily-{s}")
@@ -552,7 +552,7 @@ def test_dockerfiles(service):
         assert user and user[-1].split(":")[0] not in ("0", "root") and user[-1].split(":")[0].isdigit(), f
         # Serving stages install nothing themselves; torch only in the model stage.
         assert "pip install" not in body and "torch" not in body, f
-    assert f'CMD ["serve", "{service}"]' in text
+    assert f'ENTRYPOINT ["python", "-m", "smily.{service}"]' in text
     assert f"EXPOSE {getattr(DEFAULTS, f'{service}_port')} {DEFAULTS.metrics_port}" in text
     for req in re.findall(r"/req/([a-z-]+\.txt)", text):
         assert (DOCKER / "requirements" / req).exists(), req

@@ -14,14 +14,14 @@ import pytest
 import torch
 from PIL import Image
 
-from protos.smily.embedder.v1 import embedder_pb2, embedder_pb2_grpc
-from protos.smily.index.v1 import index_pb2, index_pb2_grpc
-from protos.smily.types.v1 import types_pb2
-from services import stack
-from services.common.channels import channel
-from services.common.tensors import from_tensor, to_tensor
-from services.embedder.model_repo import load
-from services.embedder.preprocess import Preprocessor
+from smily.embedder.v1 import embedder_pb2, embedder_pb2_grpc
+from smily.index.v1 import index_pb2, index_pb2_grpc
+from smily.types.v1 import types_pb2
+from smily import stack
+from smily.common.channels import channel
+from smily.common.tensors import from_tensor, to_tensor
+from smily.embedder.model_repo import load
+from smily.embedder.preprocess import Preprocessor
 
 from . import backbones
 from .conftest import ROOT, TEST_SLIDES, base_settings, rpc_code
@@ -34,7 +34,7 @@ ARCHITECTURES = {
 
 
 def smily(*args):
-    return subprocess.run([sys.executable, "-m", "services.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "smily.cli", *args], capture_output=True, text=True,
                           timeout=300, cwd=ROOT)
 
 
@@ -127,7 +127,7 @@ def test_export_rejects_bad_factories_and_weights(tmp_path):
 
 def test_a_second_model_is_searched_end_to_end(repo, slide_dir, tmp_path):
     """tiny-resnet/1 through tiler, embedder, index and gateway, with a fresh index."""
-    from services.client import Client
+    from smily.client import Client
 
     path, _ = repo
     settings = base_settings(slide_roots=(slide_dir,), model_repository=str(path), model="tiny-resnet/1",

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from protos.smily.gateway.v1 import gateway_pb2
-from services import stack
-from services.client import Client
+from smily.gateway.v1 import gateway_pb2
+from smily import stack
+from smily.client import Client
 
 from .conftest import CMU, TEST_SLIDES, rpc_code
 

@@ -10,14 +10,14 @@ import openslide
 import pytest
 from PIL import Image
 
-from protos.smily.tiler.v1 import tiler_pb2, tiler_pb2_grpc
-from protos.smily.types.v1 import types_pb2
-from services.common.channels import channel
-from services.common.errors import InvalidArgument, NotFound
-from services.tiler import tiling
-from services.tiler.server import MESSAGE_BYTES
-from services.tiler.slides import SlideRoots
-from services.tiler.synthetic import FAKE_PHI, SlideSpec, write_slide
+from smily.tiler.v1 import tiler_pb2, tiler_pb2_grpc
+from smily.types.v1 import types_pb2
+from smily.common.channels import channel
+from smily.common.errors import InvalidArgument, NotFound
+from smily.tiler import tiling
+from smily.tiler.server import MESSAGE_BYTES
+from smily.tiler.slides import SlideRoots
+from smily.synthetic import FAKE_PHI, SlideSpec, write_slide
 
 from .conftest import CMU, TEST_SLIDES, rpc_code, streamed_tiles
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from services.common import memory
-from services.common.errors import FailedPrecondition
-from services.tiler.arena import Arena, Slot
+from smily.common import memory
+from smily.common.errors import FailedPrecondition
+from smily.tiler.arena import Arena, Slot
 
 
 def test_tiles_round_trip_and_overflow_goes_by_pipe():

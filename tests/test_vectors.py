@@ -7,9 +7,9 @@ import grpc
 import numpy as np
 import pytest
 
-from protos.smily.gateway.v1 import gateway_pb2
-from services.common.errors import InvalidArgument
-from services.gateway import paging, vectors
+from smily.gateway.v1 import gateway_pb2
+from smily.common.errors import InvalidArgument
+from smily.gateway import paging, vectors
 
 
 def _unit_rows(rng, n, dim=32):

@@ -23,7 +23,8 @@ WORKDIR /src
 COPY pyproject.toml ./
 COPY protos/ protos/
 COPY services/ services/
-RUN python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. $(find protos -name '*.proto') \
+COPY smily/ smily/
+RUN python -m grpc_tools.protoc -I protos --python_out=protos --grpc_python_out=protos $(find protos -name '*.proto') \
  && python -m pip wheel --no-deps --no-build-isolation -w /wheels .
 
 # ---- model: export the default model to /models with torch (build only) ----
@@ -60,8 +61,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     SMILY_MODEL_REPOSITORY=/opt/smily/models \
     SMILY_MODEL=efficientnet-lite0/1
 EXPOSE 50052 9100
-ENTRYPOINT ["smily"]
-CMD ["serve", "embedder"]
+ENTRYPOINT ["python", "-m", "smily.embedder"]
 
 # ---- gpu: CUDA 13 / cuDNN 9 come as wheels; the NVIDIA runtime adds the driver ----
 FROM runtime AS gpu

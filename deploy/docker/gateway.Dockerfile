@@ -13,7 +13,8 @@ WORKDIR /src
 COPY pyproject.toml ./
 COPY protos/ protos/
 COPY services/ services/
-RUN python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. $(find protos -name '*.proto') \
+COPY smily/ smily/
+RUN python -m grpc_tools.protoc -I protos --python_out=protos --grpc_python_out=protos $(find protos -name '*.proto') \
  && python -m pip wheel --no-deps --no-build-isolation -w /wheels .
 RUN python -m venv /opt/venv \
  && /opt/venv/bin/pip install -r /req/gateway.txt \
@@ -30,5 +31,4 @@ ENV PATH=/opt/venv/bin:$PATH \
     SMILY_BIND_HOST=0.0.0.0
 USER 10001:10001
 EXPOSE 50050 9100
-ENTRYPOINT ["smily"]
-CMD ["serve", "gateway"]
+ENTRYPOINT ["python", "-m", "smily.gateway"]

@@ -15,7 +15,8 @@ WORKDIR /src
 COPY pyproject.toml ./
 COPY protos/ protos/
 COPY services/ services/
-RUN python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. $(find protos -name '*.proto') \
+COPY smily/ smily/
+RUN python -m grpc_tools.protoc -I protos --python_out=protos --grpc_python_out=protos $(find protos -name '*.proto') \
  && python -m pip wheel --no-deps --no-build-isolation -w /wheels .
 
 # ---- serving venvs: pinned deps per variant ----
@@ -39,8 +40,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     SMILY_BIND_HOST=0.0.0.0 \
     SMILY_INDEX_DIR=/var/lib/smily/index
 EXPOSE 50053 9100
-ENTRYPOINT ["smily"]
-CMD ["serve", "index"]
+ENTRYPOINT ["python", "-m", "smily.index"]
 
 # ---- gpu: faiss-gpu's CUDA wheels registered with ldconfig; the NVIDIA runtime adds the driver ----
 FROM runtime AS gpu

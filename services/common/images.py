@@ -9,7 +9,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from protos.smily.types.v1 import types_pb2
+from smily.types.v1 import types_pb2
 
 from .errors import InvalidArgument
 

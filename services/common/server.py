@@ -21,7 +21,8 @@ import prometheus_client as prom
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from . import memory
+from . import logs, memory
+from .config import Settings
 from .errors import ServiceError
 
 log = logging.getLogger("smily.server")
@@ -201,3 +202,19 @@ def wait_for_signal(servers: list[RunningServer], grace: float) -> None:
         t.start()
     for t in threads:
         t.join()
+
+
+def serve(name: str, registration: Callable[[Settings], Registration]) -> None:
+    """A service's process: settings from SMILY_* variables, metrics, the gRPC
+    server on the service's port, and a graceful stop on SIGTERM."""
+    settings = Settings.from_env()
+    logs.setup(settings.log_level)
+    start_metrics(settings.metrics_port)
+    reg = registration(settings)
+    running = start([reg], settings.bind_host, getattr(settings, f"{name}_port"),
+                    max_concurrent_rpcs=settings.max_concurrent_rpcs,
+                    worker_threads=settings.worker_threads)
+    wait_for_signal([running], settings.shutdown_grace_s)
+    close = getattr(reg.servicer, "close", None)
+    if close:
+        close()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from protos.smily.types.v1 import types_pb2
+from smily.types.v1 import types_pb2
 
 from .errors import InvalidArgument
 

@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 import prometheus_client as prom
 
-from services.common.errors import ResourceExhausted, Unavailable
+from smily.common.errors import ResourceExhausted, Unavailable
 
 QUEUE_SECONDS = prom.Histogram(
     "smily_embedder_queue_seconds", "Time a request waited in the batching queue",

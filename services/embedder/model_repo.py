@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
-from services.common.errors import FailedPrecondition
+from smily.common.errors import FailedPrecondition
 
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.onnx"

@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import onnxruntime as ort
 
-from services.common.errors import FailedPrecondition
+from smily.common.errors import FailedPrecondition
 
 from .model_repo import ModelConfig, input_shape
 from .preprocess import Preprocessor

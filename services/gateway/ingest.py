@@ -17,12 +17,12 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import prometheus_client as prom
 
-from protos.smily.embedder.v1 import embedder_pb2
-from protos.smily.gateway.v1 import gateway_pb2
-from protos.smily.index.v1 import index_pb2
-from protos.smily.tiler.v1 import tiler_pb2
-from protos.smily.types.v1 import types_pb2
-from services.common.errors import FailedPrecondition, NotFound, ServiceError
+from smily.embedder.v1 import embedder_pb2
+from smily.gateway.v1 import gateway_pb2
+from smily.index.v1 import index_pb2
+from smily.tiler.v1 import tiler_pb2
+from smily.types.v1 import types_pb2
+from smily.common.errors import FailedPrecondition, NotFound, ServiceError
 
 from .backends import Backends
 from .operations import FINISHED, HEARTBEAT_S, LocalOperations, SharedOperations, failed_unavailable

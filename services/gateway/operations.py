@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 
-from protos.smily.gateway.v1 import gateway_pb2
+from smily.gateway.v1 import gateway_pb2
 
 from .cache import RedisGuard
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 
-from services.common.errors import InvalidArgument
+from smily.common.errors import InvalidArgument
 
 MAX_K = 1000  # the index's limit
 

@@ -8,16 +8,16 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from protos.smily.embedder.v1 import embedder_pb2
-from protos.smily.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-from protos.smily.index.v1 import index_pb2
-from protos.smily.tiler.v1 import tiler_pb2
-from protos.smily.types.v1 import types_pb2
-from services.common import images
-from services.common.config import Settings
-from services.common.errors import Aborted, FailedPrecondition, InvalidArgument, require
-from services.common.server import Registration
-from services.common.tensors import from_tensor, to_tensor
+from smily.embedder.v1 import embedder_pb2
+from smily.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from smily.index.v1 import index_pb2
+from smily.tiler.v1 import tiler_pb2
+from smily.types.v1 import types_pb2
+from smily.common import images
+from smily.common.config import Settings
+from smily.common.errors import Aborted, FailedPrecondition, InvalidArgument, require
+from smily.common.server import Registration
+from smily.common.tensors import from_tensor, to_tensor
 
 from . import paging, vectors
 from .backends import Backends

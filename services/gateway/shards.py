@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 
-from protos.smily.index.v1 import index_pb2
+from smily.index.v1 import index_pb2
 
 
 def shard_of(slide_id: str, shards: int) -> int:

@@ -7,7 +7,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from services.common.errors import InvalidArgument
+from smily.common.errors import InvalidArgument
 
 
 def unit(v: np.ndarray) -> np.ndarray:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from services.common.errors import InvalidArgument, NotFound
+from smily.common.errors import InvalidArgument, NotFound
 
 NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 MAX_DIM = 65536

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 import faiss
 import numpy as np
 
-from services.common.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
-from services.common.rwlock import RWLock
+from smily.common.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
+from smily.common.rwlock import RWLock
 
 from . import ann, snapshot
 

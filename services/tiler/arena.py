@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from services.common.errors import FailedPrecondition
+from smily.common.errors import FailedPrecondition
 
 DEFAULT_BYTES = 16 * 1024 * 1024  # one block of the largest tiles (8 x 224 px ... 1 x 2048 px) fits
 

@@ -16,8 +16,8 @@ from multiprocessing import reduction
 
 import openslide
 
-from services.common import errors, images, memory  # images sets Pillow's pixel limit
-from services.common.errors import FailedPrecondition, ServiceError
+from smily.common import errors, images, memory  # images sets Pillow's pixel limit
+from smily.common.errors import FailedPrecondition, ServiceError
 
 from . import slides, tiling
 from .arena import Arena, Slot
@@ -82,7 +82,7 @@ def serve(conn, arena_size: int, log_level: str = "INFO") -> None:
     """Answer (op, path, args) requests on `conn` until the server closes it;
     the first thing on `conn` is the arena's file descriptor."""
     global _arena
-    from services.common import logs
+    from smily.common import logs
 
     logs.setup(log_level)
     memory.keep_large_buffers()

@@ -10,12 +10,12 @@ import math
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
-from protos.smily.tiler.v1 import tiler_pb2, tiler_pb2_grpc
-from protos.smily.types.v1 import types_pb2
-from services.common import images
-from services.common.config import Settings
-from services.common.errors import FailedPrecondition, InvalidArgument, require
-from services.common.server import Registration
+from smily.tiler.v1 import tiler_pb2, tiler_pb2_grpc
+from smily.types.v1 import types_pb2
+from smily.common import images
+from smily.common.config import Settings
+from smily.common.errors import FailedPrecondition, InvalidArgument, require
+from smily.common.server import Registration
 
 from . import slides
 from .tiling import block_order

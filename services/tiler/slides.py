@@ -15,7 +15,7 @@ from urllib.parse import unquote
 
 import openslide
 
-from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from smily.common.errors import FailedPrecondition, InvalidArgument, NotFound
 
 
 class SlideRoots:

@@ -16,7 +16,7 @@ import openslide
 from openslide import lowlevel
 from PIL import Image
 
-from services.common.errors import FailedPrecondition
+from smily.common.errors import FailedPrecondition
 
 from .tissue import tissue_mask
 

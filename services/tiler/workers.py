@@ -17,7 +17,7 @@ import threading
 import time
 from multiprocessing import reduction
 
-from services.common.errors import FailedPrecondition, Unavailable
+from smily.common.errors import FailedPrecondition, Unavailable
 
 from . import reader
 from .arena import Arena

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import sys
 
-from protos.smily.embedder.v1 import embedder_pb2_grpc
-from services.common.channels import channel
-from services.common.config import Settings
+from smily.embedder.v1 import embedder_pb2_grpc
+from smily.common.channels import channel
+from smily.common.config import Settings
 
 from . import archive, evaluate, manifest, report, robustness
 

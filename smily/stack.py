@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from services.common import server
-from services.common.config import Settings
+from smily.common import server
+from smily.common.config import Settings
 
 ORDER = ("tiler", "embedder", "index", "gateway")
 
@@ -12,13 +12,13 @@ ORDER = ("tiler", "embedder", "index", "gateway")
 def _registration(name: str, settings: Settings):
     # Imported lazily: a tiler pod never loads ONNX Runtime or FAISS.
     if name == "tiler":
-        from services.tiler.server import registration
+        from smily.tiler.server import registration
     elif name == "embedder":
-        from services.embedder.server import registration
+        from smily.embedder.server import registration
     elif name == "index":
-        from services.index.server import registration
+        from smily.index.server import registration
     elif name == "gateway":
-        from services.gateway.server import registration
+        from smily.gateway.server import registration
     else:
         raise ValueError(f"unknown service {name!r}; choose from {', '.join(ORDER)}")
     return registration(settings)

@@ -15,9 +15,9 @@ DEFAULT_GATEWAY = os.environ.get("SMILY_GATEWAY", "127.0.0.1:50050")
 
 
 def _serve(args) -> int:
-    from services import stack
-    from services.common import logs, server
-    from services.common.config import Settings
+    from smily import stack
+    from smily.common import logs, server
+    from smily.common.config import Settings
 
     settings = Settings.from_env()
     logs.setup(settings.log_level)
@@ -30,7 +30,7 @@ def _serve(args) -> int:
 
 
 def _client(args):
-    from services.client import Client
+    from smily.client import Client
 
     return Client(args.gateway)
 
@@ -52,7 +52,7 @@ def _key_values(items, flag: str) -> dict[str, str]:
 
 
 def _ingest(args) -> int:
-    from protos.smily.gateway.v1 import gateway_pb2
+    from smily.gateway.v1 import gateway_pb2
 
     metadata = _key_values(args.meta, "--meta")
     client = _client(args)
@@ -78,7 +78,7 @@ def _parse_region(text: str) -> dict:
 
 
 def print_hits(resp, as_json: bool) -> None:
-    from services.client import hit_dict
+    from smily.client import hit_dict
 
     hits = [hit_dict(h) for h in resp.hits]
     if as_json:
@@ -142,7 +142,7 @@ def _search(args) -> int:
 
 
 def _search_slides(args) -> int:
-    from services.client import hit_dict
+    from smily.client import hit_dict
 
     if bool(args.slide_id) == bool(args.source):
         raise SystemExit("give either --slide-id ID or --source PATH")
@@ -190,7 +190,7 @@ def _concept(args) -> int:
 
 
 def _cancel(args) -> int:
-    from protos.smily.gateway.v1 import gateway_pb2
+    from smily.gateway.v1 import gateway_pb2
 
     op = _client(args).cancel(args.operation_id)
     print(f"{op.operation_id}: {gateway_pb2.OperationState.Name(op.state)}"
@@ -219,7 +219,7 @@ def _delete(args) -> int:
 
 def _model_export(args) -> int:
     warnings.filterwarnings("ignore")
-    from services.embedder import export
+    from smily.embedder import export
 
     if args.factory:
         if not args.name:
@@ -246,8 +246,8 @@ def _model_export(args) -> int:
 
 
 def _model_import(args) -> int:
-    from services.common.errors import FailedPrecondition
-    from services.embedder import model_repo
+    from smily.common.errors import FailedPrecondition
+    from smily.embedder import model_repo
 
     try:
         config = model_repo.read_config(args.config)
@@ -260,8 +260,8 @@ def _model_import(args) -> int:
 
 
 def _model_quantize(args) -> int:
-    from services.common.errors import FailedPrecondition
-    from services.embedder import quantize
+    from smily.common.errors import FailedPrecondition
+    from smily.embedder import quantize
 
     try:
         config = quantize.quantize(args.output_dir, args.model, args.version, args.calibration_dir,
@@ -274,7 +274,7 @@ def _model_quantize(args) -> int:
 
 
 def _sample_data(args) -> int:
-    from services.tiler.synthetic import write_samples
+    from smily.synthetic import write_samples
 
     for path in write_samples(args.output_dir):
         print(f"wrote {path}")
@@ -282,8 +282,8 @@ def _sample_data(args) -> int:
 
 
 def _eval(args) -> int:
-    from services.common.config import Settings
-    from services.evaluation import archive, evaluate_manifest, manifest
+    from smily.common.config import Settings
+    from smily.evaluation import archive, evaluate_manifest, manifest
 
     overrides = {}
     if args.slide_root:
@@ -305,8 +305,8 @@ def _eval(args) -> int:
 
 
 def _eval_data(args) -> int:
-    from services.common.config import Settings
-    from services.evaluation import synthetic_benchmark as bench
+    from smily.common.config import Settings
+    from smily.evaluation import synthetic_benchmark as bench
 
     settings = Settings.from_env()
     path = bench.write(args.output_dir, bench.FULL if args.full else bench.SMALL, settings.tile_mpp, settings.tile_size)
@@ -315,19 +315,19 @@ def _eval_data(args) -> int:
 
 
 def _demo(args) -> int:
-    from services.demo import run
+    from smily.demo import run
 
     return run(args.slides)
 
 
 def _up(args) -> int:
-    from services.localstack import up
+    from smily.localstack import up
 
     return up()
 
 
 def _down(args) -> int:
-    from services.localstack import down
+    from smily.localstack import down
 
     return down()
 

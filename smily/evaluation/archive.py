@@ -1,7 +1,7 @@
 """Client-side copy of the archive: the same tiles as the index, read the same way.
 
 Pixels come from OpenSlide directly on the slide files under the configured
-slide roots, cut by the tiler's own code (services.tiler.tiling) with the
+slide roots, cut by the tiler's own code (smily.tiler.tiling) with the
 deployment's tiling settings, so every tile here is the one the index holds.
 Each tile gets its embedding (from the embedder service) for exact search
 and its colour-texture features for the classical baseline.
@@ -12,13 +12,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from protos.smily.embedder.v1 import embedder_pb2
-from protos.smily.types.v1 import types_pb2
-from services.common import images
-from services.common.config import Settings
-from services.common.tensors import from_tensor
-from services.tiler import slides as slide_files
-from services.tiler import tiling
+from smily.embedder.v1 import embedder_pb2
+from smily.types.v1 import types_pb2
+from smily.common import images
+from smily.common.config import Settings
+from smily.common.tensors import from_tensor
+from smily.tiler import slides as slide_files
+from smily.tiler import tiling
 
 from . import baseline
 

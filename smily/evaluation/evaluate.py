@@ -14,7 +14,7 @@ from collections import Counter
 import grpc
 import numpy as np
 
-from protos.smily.gateway.v1 import gateway_pb2
+from smily.gateway.v1 import gateway_pb2
 
 from . import baseline, metrics
 from .archive import Archive, EvalError

@@ -1,6 +1,6 @@
 """A labelled benchmark the project generates itself.
 
-Synthetic slides (services.tiler.synthetic) at 0.5 and 0.25 µm/px, each a
+Synthetic slides (smily.synthetic) at 0.5 and 0.25 µm/px, each a
 patchwork of the five textures, so every class appears on several slides
 and at both scan resolutions. The ground-truth texture map labels each
 grid tile of the archive's tiling that is at least half tissue and whose
@@ -14,7 +14,7 @@ import os
 
 import numpy as np
 
-from services.tiler.synthetic import TEXTURES, SlideSpec, render, write_slide
+from smily.synthetic import TEXTURES, SlideSpec, render, write_slide
 
 PURE = 0.8
 CELLULARITY = {"stroma": "low", "fat": "low", "glands": "low", "lymphocytes": "high", "tumour": "high"}
@@ -55,7 +55,7 @@ def write(output_dir: str, specs=SMALL, tile_mpp: float = 1.0, tile_size: int = 
         path = os.path.join(output_dir, spec.name)
         write_slide(spec, path + ".tmp", level0)
         os.replace(path + ".tmp", path)
-        # The same level-0 tile edge as services.tiler.tiling.plan.
+        # The same level-0 tile edge as smily.tiler.tiling.plan.
         size = max(1, round(tile_size * tile_mpp / spec.mpp))
         slide_id = os.path.splitext(spec.name)[0]
         for x, y, texture in labelled_tiles(class_map, size):

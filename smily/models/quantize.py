@@ -13,8 +13,8 @@ import tempfile
 
 import numpy as np
 
-from services.common import images
-from services.common.errors import FailedPrecondition
+from smily.common import images
+from smily.common.errors import FailedPrecondition
 
 from . import model_repo
 from .preprocess import Preprocessor
@@ -22,7 +22,7 @@ from .preprocess import Preprocessor
 
 def synthetic_tiles(n: int, seed: int = 0, size: int = 224) -> list[np.ndarray]:
     """n tissue tiles (size x size RGB at 1 um/px) cut from synthetic slides."""
-    from services.tiler.synthetic import SlideSpec, render
+    from smily.synthetic import SlideSpec, render
 
     tiles: list[np.ndarray] = []
     slide = 0

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from services.common import images
-from services.tiler import tiling
+from smily.common import images
+from smily.tiler import tiling
 
 from .archive import Archive
 

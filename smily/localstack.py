@@ -55,8 +55,8 @@ def local_stack(slide_roots: tuple[str, ...], **overrides) -> Iterator:
     """Redis (when installed) and the four services on free loopback ports with a
     fresh index; yields their Settings and stops everything in order: the
     services before their index folder goes (the index snapshots on stop)."""
-    from services import stack
-    from services.common.config import Settings
+    from smily import stack
+    from smily.common.config import Settings
 
     redis_proc, redis_url = start_redis()
     try:
@@ -90,12 +90,12 @@ def up() -> int:
         env["SMILY_REDIS_URL"] = url
     else:
         print("warning: redis-server is not installed; the gateway uses an in-process cache")
-    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "serve", "all"], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "smily.cli", "serve", "all"], env=env,
                             stdout=open(os.path.join(LOG_DIR, "smily.log"), "ab"), stderr=subprocess.STDOUT,
                             start_new_session=True)
     _write_pid("smily", proc.pid)
-    from services.client import Client
-    from protos.smily.gateway.v1 import gateway_pb2
+    from smily.client import Client
+    from smily.gateway.v1 import gateway_pb2
     client = Client(env.get("SMILY_GATEWAY", "127.0.0.1:50050"), timeout=2)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
