@@ -17,14 +17,13 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import prometheus_client as prom
 
-from smily.embedder.v1 import embedder_pb2
 from smily.gateway.v1 import gateway_pb2
 from smily.index.v1 import index_pb2
 from smily.tiler.v1 import tiler_pb2
-from smily.types.v1 import types_pb2
 from smily.common.errors import FailedPrecondition, NotFound, ServiceError
 
 from .backends import Backends
+from .streaming import embed_slide
 from .operations import FINISHED, HEARTBEAT_S, LocalOperations, SharedOperations, failed_unavailable
 
 log = logging.getLogger("smily.ingest")
@@ -198,43 +197,26 @@ class Ingestor:
         generation = op_id
         model_id = ""
         embedded = 0
-        batch: list[tiler_pb2.Tile] = []
 
-        def flush() -> None:
-            nonlocal model_id, embedded
-            self._check_cancel(op_id)
-            emb = b.embedder.Embed(embedder_pb2.EmbedRequest(images=[t.image for t in batch]), timeout=timeout)
-            model_id = emb.model_id
-            embedded += len(batch)
+        def registered(stream) -> None:
+            with self._lock:
+                self._streams[op_id] = stream
+            self._check_cancel(op_id)  # a cancel that came before the stream was registered
+
+        for tiles, embeddings, model_id in embed_slide(
+                b, source, self._tiling, slide_mpp, self._batch, timeout, max(timeout, 3600.0),
+                on_stream=registered, on_total=lambda n: self._update(op_id, tiles_total=n),
+                before_batch=lambda: self._check_cancel(op_id)):
+            embedded += len(tiles)
             self._update(op_id, tiles_embedded=embedded)
             rects = [index_pb2.TileRect(x=t.x, y=t.y, width=t.width, height=t.height, mpp=t.mpp,
-                                        tissue_fraction=t.tissue_fraction) for t in batch]
+                                        tissue_fraction=t.tissue_fraction) for t in tiles]
             # Passed on as bytes; the index validates them.
             b.index.AddTiles(index_pb2.AddTilesRequest(
                 model_id=model_id, slide_id=slide_id, generation=generation,
-                embeddings=emb.embeddings, tiles=rects), timeout=timeout)
+                embeddings=embeddings, tiles=rects), timeout=timeout)
             self._update(op_id, tiles_indexed=embedded)
-            TILES.inc(len(batch))
-            batch.clear()
-
-        stream = b.tiler.StreamTiles(
-            tiler_pb2.StreamTilesRequest(slide=source, params=self._tiling, encoding=types_pb2.IMAGE_ENCODING_RAW_RGB,
-                                         slide_mpp=slide_mpp),
-            timeout=max(timeout, 3600.0))
-        with self._lock:
-            self._streams[op_id] = stream
-        self._check_cancel(op_id)  # a cancel that came before the stream was registered
-        total = 0
-        for msg in stream:
-            if total != msg.tiles_total:
-                total = msg.tiles_total
-                self._update(op_id, tiles_total=total)
-            for tile in msg.tiles:
-                batch.append(tile)
-                if len(batch) >= self._batch:
-                    flush()
-        if batch:
-            flush()
+            TILES.inc(len(tiles))
         with self._lock:
             self._streams.pop(op_id, None)
         self._check_cancel(op_id)  # the last moment: after CommitSlide the slide is in

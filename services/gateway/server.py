@@ -1,35 +1,26 @@
 """GatewayService: the public API. Orchestrates ingest and search."""
 from __future__ import annotations
 
-import hashlib
 import math
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 
-from smily.embedder.v1 import embedder_pb2
 from smily.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from smily.index.v1 import index_pb2
 from smily.tiler.v1 import tiler_pb2
-from smily.types.v1 import types_pb2
-from smily.common import images
 from smily.common.config import Settings
-from smily.common.errors import Aborted, FailedPrecondition, InvalidArgument, require
+from smily.common.errors import InvalidArgument, require
 from smily.common.server import Registration
-from smily.common.tensors import from_tensor, to_tensor
+from smily.common.tensors import to_tensor
 
 from . import paging, vectors
 from .backends import Backends
 from .cache import RedisGuard, make_cache
 from .ingest import Ingestor
+from .query import QueryEngine
 from .operations import LocalOperations, SharedOperations
 
 DEFAULT_K = 10
-MAX_QUERY_IMAGE_BYTES = 32 * 1024 * 1024
-MAX_EXAMPLES = 32
-MAX_CONCEPTS = 16
-DEFAULT_NEGATIVE_WEIGHT = 0.5
 DEFAULT_SLIDES, MAX_SLIDES = 10, 100
 DEFAULT_MOSAIC, MAX_MOSAIC = 16, 64
 DEFAULT_REGIONS, MAX_REGIONS = 3, 20
@@ -58,18 +49,15 @@ def _concept(c: index_pb2.Concept) -> gateway_pb2.Concept:
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     def __init__(self, settings: Settings):
         self._b = Backends(settings)
-        self._tiling = tiler_pb2.TilingParams(
+        tiling = tiler_pb2.TilingParams(
             mpp=settings.tile_mpp, tile_size=settings.tile_size, min_tissue_fraction=settings.min_tissue_fraction)
-        self._batch = settings.embed_batch
-        self._case_key = settings.case_key
         redis = RedisGuard(settings.redis_url, settings.redis_timeout_s) if settings.redis_url else None
-        self._cache = make_cache(redis, settings.cache_ttl_s)
-        self._ingest = Ingestor(self._b, self._tiling, settings.embed_batch, settings.max_concurrent_ingests,
+        self._q = QueryEngine(self._b, tiling, make_cache(redis, settings.cache_ttl_s), settings.embed_batch,
+                              settings.case_key)
+        self._ingest = Ingestor(self._b, tiling, settings.embed_batch, settings.max_concurrent_ingests,
                                 SharedOperations(redis) if redis else LocalOperations())
         # Fans a slide query's mosaic tiles out to the index.
         self._fanout = ThreadPoolExecutor(max_workers=8, thread_name_prefix="mosaic")
-        self._model_id, self._dim = "", 0
-        self._model_lock = threading.Lock()
 
     # -- ingest -------------------------------------------------------------
     def IngestSlide(self, request, context):
@@ -84,113 +72,6 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     def CancelOperation(self, request, context):
         return gateway_pb2.CancelOperationResponse(operation=self._ingest.cancel(request.operation_id))
 
-    # -- query embeddings ----------------------------------------------------
-    def _current_model(self, context) -> str:
-        with self._model_lock:
-            if not self._model_id:
-                info = self._b.embedder.GetModelInfo(embedder_pb2.GetModelInfoRequest(), timeout=self._b.timeout(context))
-                self._model_id, self._dim = info.info.model_id, info.info.embedding_dim
-            return self._model_id
-
-    def _embed(self, fetch_image, key: str, context):
-        """Embedding of one query image, from the cache when possible.
-
-        fetch_image is called on a miss only, so a cached region query never
-        touches the tiler or the embedder. Returns (vector, model_id, cached).
-        """
-        model_id = self._current_model(context)
-        cache_key = f"smily:emb:{model_id}:{key}"
-        vector = self._cache.get(cache_key)
-        if vector is not None:
-            return vector, model_id, True
-        resp = self._b.embedder.Embed(embedder_pb2.EmbedRequest(images=[fetch_image()]),
-                                      timeout=self._b.timeout(context))
-        vector = from_tensor(resp.embeddings)[0]
-        self._check_model(resp.model_id, model_id)
-        self._cache.put(cache_key, vector)
-        return vector, resp.model_id, False
-
-    def _check_model(self, got: str, expected: str) -> None:
-        if got != expected:  # the embedder was redeployed: cache nothing, mix no models
-            with self._model_lock:
-                self._model_id = ""
-            raise Aborted("the embedder's model changed during the query; retry")
-
-    def _region_query(self, region: gateway_pb2.Region, context):
-        require(bool(region.slide_id), "region.slide_id is required")
-        require(region.width > 0 and region.height > 0, "region width and height must be positive")
-        require(region.x >= 0 and region.y >= 0, "region x and y must not be negative")
-        timeout = self._b.timeout(context)
-        slide = self._b.index.GetSlide(index_pb2.GetSlideRequest(slide_id=region.slide_id), timeout=timeout).slide
-        key = hashlib.sha256(
-            f"region:{slide.slide_id}:{slide.indexed_at}:{region.x},{region.y},{region.width},{region.height}:"
-            f"{self._tiling.mpp}:{self._tiling.tile_size}".encode()).hexdigest()
-
-        def read_region() -> types_pb2.Image:
-            return self._b.tiler.ReadRegion(tiler_pb2.ReadRegionRequest(
-                slide=slide.source, x=region.x, y=region.y, width=region.width, height=region.height,
-                mpp=self._tiling.mpp, encoding=types_pb2.IMAGE_ENCODING_RAW_RGB, slide_mpp=slide.slide_mpp),
-                timeout=timeout).image
-
-        return self._embed(read_region, key, context)
-
-    def _image_query(self, data: bytes, context):
-        require(0 < len(data) <= MAX_QUERY_IMAGE_BYTES, "image must be 1 byte to 32 MiB of PNG or JPEG")
-        images.decode(data)  # reject non-images here, with a clear message
-        return self._embed(lambda: types_pb2.Image(data=data), hashlib.sha256(data).hexdigest(), context)
-
-    def _examples(self, examples, what: str, context):
-        """Embeddings of Example messages: (array [n, dim], all cached, region slide ids)."""
-        require(len(examples) <= MAX_EXAMPLES, f"at most {MAX_EXAMPLES} {what} examples")
-        vecs, cached, slides = [], True, []
-        for ex in examples:
-            which = ex.WhichOneof("example")
-            if which == "image":
-                v, _, hit = self._image_query(ex.image, context)
-            elif which == "region":
-                v, _, hit = self._region_query(ex.region, context)
-                slides.append(ex.region.slide_id)
-            else:
-                raise InvalidArgument(f"each {what} example needs an image or a region")
-            vecs.append(v)
-            cached = cached and hit
-        return (np.stack(vecs) if vecs else np.empty((0, 0), np.float32)), cached, slides
-
-    # -- search -------------------------------------------------------------
-    def _query_vector(self, request, context):
-        which = request.WhichOneof("query")
-        head = []
-        if which == "image":
-            head.append(gateway_pb2.Example(image=request.image))
-        elif which == "region":
-            head.append(gateway_pb2.Example(region=request.region))
-        positives = head + list(request.positives)
-        require(bool(positives), "a query needs an image or a region (or positive examples)")
-        pos, cached, slides = self._examples(positives, "positive", context)
-        neg, neg_cached, neg_slides = self._examples(request.negatives, "negative", context)
-        b = request.negative_weight if request.HasField("negative_weight") else DEFAULT_NEGATIVE_WEIGHT
-        require(0 <= b <= 1, "negative_weight must be in 0..1")
-        require(len(request.concepts) <= MAX_CONCEPTS, f"at most {MAX_CONCEPTS} concepts")
-        model_id = self._current_model(context)
-        concepts = []
-        for wc in request.concepts:
-            require(np.isfinite(wc.weight) and abs(wc.weight) <= 10, "a concept weight must be in -10..10")
-            c = self._b.index.GetConcept(index_pb2.GetConceptRequest(name=wc.name, model_id=model_id),
-                                         timeout=self._b.timeout(context)).concept
-            concepts.append((wc.weight, from_tensor(c.vector)))
-        vector = vectors.combine(pos, neg, b, concepts)
-        return vector, model_id, cached and neg_cached, slides + neg_slides
-
-    def _query_case(self, request, context) -> dict[str, str]:
-        """{case key: case id} of the query region's slide, for the index to leave that case out."""
-        require(request.WhichOneof("query") == "region", "exclude_query_case needs a region query")
-        slide = self._b.index.GetSlide(index_pb2.GetSlideRequest(slide_id=request.region.slide_id),
-                                       timeout=self._b.timeout(context)).slide
-        case = slide.metadata.get(self._case_key, "")
-        if not case:
-            raise FailedPrecondition(f"slide {slide.slide_id!r} has no {self._case_key!r} metadata to exclude its case by")
-        return {self._case_key: case}
-
     def Search(self, request, context):
         k = request.k if request.HasField("k") else DEFAULT_K
         require(0 < k <= paging.MAX_K, f"k must be in 1..{paging.MAX_K}, got {k}")
@@ -199,9 +80,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         require(request.nprobe >= 0, "nprobe must not be negative")
         fp = paging.fingerprint(request)
         offset = paging.read_token(request.page_token, fp)
-        vector, model_id, cached, slides = self._query_vector(request, context)
+        vector, model_id, cached, slides = self._q.query_vector(request, context)
         exclude = sorted(set(request.exclude_slide_ids) | (set(slides) if request.exclude_query_slide else set()))
-        exclude_filters = self._query_case(request, context) if request.exclude_query_case else {}
+        exclude_filters = self._q.query_case(request, context) if request.exclude_query_case else {}
         query = to_tensor(vector)
 
         def search(n: int):
@@ -215,43 +96,6 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         token = paging.make_token(end, fp) if end < len(hits) else ""
         return gateway_pb2.SearchResponse(model_id=model_id, cached=cached, next_page_token=token,
                                           hits=[_hit(h) for h in hits[offset:end]])
-
-    # -- whole-slide search ----------------------------------------------------
-    def _mosaic(self, source: str, slide_mpp: float, size: int, context):
-        """The slide's mosaic embeddings [m, dim]; computed by streaming every
-        tissue tile through the tiler and embedder, cached by the slide's
-        content fingerprint, resolution, model, tiling and mosaic size."""
-        timeout = self._b.timeout(context)
-        info = self._b.tiler.GetSlideInfo(tiler_pb2.GetSlideInfoRequest(slide=source), timeout=timeout).info
-        model_id = self._current_model(context)
-        t = self._tiling
-        key = (f"smily:mosaic:{model_id}:{info.fingerprint}:{slide_mpp}:{t.mpp}:{t.tile_size}:"
-               f"{t.min_tissue_fraction}:{size}")
-        flat = self._cache.get(key)
-        if flat is not None:
-            return flat.reshape(-1, self._dim), model_id, True
-        stream = self._b.tiler.StreamTiles(tiler_pb2.StreamTilesRequest(
-            slide=source, params=t, encoding=types_pb2.IMAGE_ENCODING_RAW_RGB, slide_mpp=slide_mpp), timeout=timeout)
-        chunks, batch = [], []
-
-        def flush():
-            resp = self._b.embedder.Embed(embedder_pb2.EmbedRequest(images=batch), timeout=self._b.timeout(context))
-            self._check_model(resp.model_id, model_id)
-            chunks.append(from_tensor(resp.embeddings))
-            batch.clear()
-
-        for tile in (t for msg in stream for t in msg.tiles):
-            batch.append(tile.image)
-            if len(batch) >= self._batch:
-                flush()
-        if batch:
-            flush()
-        if not chunks:
-            raise InvalidArgument("the query slide has no tissue tiles at the archive's tiling parameters")
-        tiles = np.concatenate(chunks)
-        picked = tiles[vectors.mosaic(tiles, size)]
-        self._cache.put(key, picked)
-        return picked, model_id, False
 
     def SearchSlides(self, request, context):
         k = request.k if request.HasField("k") else DEFAULT_SLIDES
@@ -272,7 +116,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             source, slide_mpp = request.source, _stated_mpp(request.slide_mpp)
         else:
             raise InvalidArgument("a slide query needs a slide_id or a source")
-        mosaic, model_id, cached = self._mosaic(source, slide_mpp, size, context)
+        mosaic, model_id, cached = self._q.mosaic(source, slide_mpp, size, context)
 
         def search(v):
             return list(self._b.index.Search(index_pb2.SearchRequest(
@@ -306,7 +150,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         slide = self._b.index.GetSlide(index_pb2.GetSlideRequest(slide_id=r.slide_id), timeout=timeout).slide
         base = slide.slide_mpp or self._b.tiler.GetSlideInfo(
             tiler_pb2.GetSlideInfoRequest(slide=slide.source), timeout=timeout).info.mpp_x
-        mpp = request.mpp or self._tiling.mpp
+        mpp = request.mpp or self._q.tiling.mpp
         if base > 0:  # coarsen so the longer side fits max_side
             mpp = max(mpp, max(r.width, r.height) * base / max_side)
         resp = self._b.tiler.ReadRegion(tiler_pb2.ReadRegionRequest(
@@ -319,10 +163,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     def CreateConcept(self, request, context):
         require(len(request.with_examples) > 0 and len(request.without_examples) > 0,
                 "a concept needs at least one example with it and one without")
-        with_, _, _ = self._examples(request.with_examples, "with", context)
-        without, _, _ = self._examples(request.without_examples, "without", context)
+        with_, _, _ = self._q.examples(request.with_examples, "with", context)
+        without, _, _ = self._q.examples(request.without_examples, "without", context)
         direction, accuracy = vectors.concept_vector(with_, without)
-        model_id = self._current_model(context)
+        model_id = self._q.current_model(context)
         saved = self._b.index.PutConcept(index_pb2.PutConceptRequest(concept=index_pb2.Concept(
             name=request.name, model_id=model_id, vector=to_tensor(direction),
             with_examples=len(with_), without_examples=len(without), train_accuracy=accuracy)),
@@ -330,13 +174,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         return gateway_pb2.CreateConceptResponse(concept=_concept(saved))
 
     def ListConcepts(self, request, context):
-        resp = self._b.index.ListConcepts(index_pb2.ListConceptsRequest(model_id=self._current_model(context)),
+        resp = self._b.index.ListConcepts(index_pb2.ListConceptsRequest(model_id=self._q.current_model(context)),
                                           timeout=self._b.timeout(context))
         return gateway_pb2.ListConceptsResponse(concepts=[_concept(c) for c in resp.concepts])
 
     def DeleteConcept(self, request, context):
         self._b.index.DeleteConcept(index_pb2.DeleteConceptRequest(
-            name=request.name, model_id=self._current_model(context)), timeout=self._b.timeout(context))
+            name=request.name, model_id=self._q.current_model(context)), timeout=self._b.timeout(context))
         return gateway_pb2.DeleteConceptResponse()
 
     # -- catalogue -----------------------------------------------------------

@@ -1,0 +1,50 @@
+"""One slide's tissue tiles streamed from the tiler and embedded in batches:
+the loop behind both ingest and whole-slide (mosaic) queries."""
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+from smily.embedder.v1 import embedder_pb2
+from smily.tiler.v1 import tiler_pb2
+from smily.types.v1 import types_pb2
+
+from .backends import Backends
+
+
+def embed_slide(b: Backends, source: str, tiling: tiler_pb2.TilingParams, slide_mpp: float, batch: int,
+                timeout: float, stream_timeout: float,
+                on_stream: Callable[[object], None] = lambda stream: None,
+                on_total: Callable[[int], None] = lambda total: None,
+                before_batch: Callable[[], None] = lambda: None,
+                ) -> Iterator[tuple[list[tiler_pb2.Tile], types_pb2.Tensor, str]]:
+    """Yields (tiles, embeddings tensor, model id) per batch of at most `batch` tiles.
+
+    on_stream gets the tiler stream (so a caller can cancel it), on_total the
+    planned tile count whenever it changes, and before_batch runs before each
+    Embed call (a cancellation point)."""
+    stream = b.tiler.StreamTiles(
+        tiler_pb2.StreamTilesRequest(slide=source, params=tiling, encoding=types_pb2.IMAGE_ENCODING_RAW_RGB,
+                                     slide_mpp=slide_mpp),
+        timeout=stream_timeout)
+    on_stream(stream)
+    pending: list[tiler_pb2.Tile] = []
+
+    def embed():
+        before_batch()
+        resp = b.embedder.Embed(embedder_pb2.EmbedRequest(images=[t.image for t in pending]), timeout=timeout)
+        out = (list(pending), resp.embeddings, resp.model_id)
+        pending.clear()
+        return out
+
+    total = 0
+    for msg in stream:
+        if total != msg.tiles_total:
+            total = msg.tiles_total
+            on_total(total)
+        for tile in msg.tiles:
+            pending.append(tile)
+            if len(pending) >= batch:
+                yield embed()
+    if pending:
+        yield embed()
+
