@@ -8,6 +8,7 @@ from smily.common.tensors import from_tensor, to_tensor
 
 from .concepts import Concept, ConceptStore
 from .faiss_index import IndexConfig, TileIndex
+from .replica import Replica
 from .storage import Slide, Tile
 
 
@@ -19,9 +20,13 @@ def _slide_pb(s: Slide, model_id: str) -> index_pb2.Slide:
 
 class IndexServicer(index_pb2_grpc.IndexServiceServicer):
     def __init__(self, settings: Settings):
-        self.store = TileIndex(settings.index_dir, IndexConfig(
+        config = IndexConfig(
             factory=settings.index_factory, ivf_threshold=settings.index_ivf_threshold, nprobe=settings.index_nprobe,
-            rerank=settings.index_rerank, snapshot_interval_s=settings.index_snapshot_interval_s))
+            rerank=settings.index_rerank, snapshot_interval_s=settings.index_snapshot_interval_s)
+        if settings.index_database_url:
+            self.store = Replica(settings.index_dir, config, settings.index_database_url, settings.index_shard)
+        else:
+            self.store = TileIndex(settings.index_dir, config)
         self.concepts = ConceptStore(settings.index_dir)
 
     def AddTiles(self, request, context):
