@@ -21,6 +21,7 @@ import psycopg
 
 from smily.common.errors import Aborted, NotFound, Unavailable
 
+from .concepts import Concept, normalised
 from .storage import Commit, Slide, Tile, vectors_from
 
 SCHEMA = """
@@ -343,3 +344,58 @@ class PgStorage:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+
+
+class PgConcepts:
+    """concepts.ConceptStore's calls on the shard's schema, so every replica reads the same concepts."""
+
+    def __init__(self, url: str, shard: int = 0):
+        self._url, self._timeout = url, 5.0
+        self.s = schema(shard)
+        self._lock = threading.Lock()
+        self._conn: psycopg.Connection | None = None
+        self._create()
+
+    _connect = PgStorage._connect
+    _q = PgStorage._q
+    close = PgStorage.close
+
+    @_db
+    def _create(self) -> None:
+        self._q("CREATE TABLE IF NOT EXISTS {s}.concepts (name TEXT NOT NULL, model_id TEXT NOT NULL, "
+                "vector BYTEA NOT NULL, with_examples INTEGER NOT NULL, without_examples INTEGER NOT NULL, "
+                "train_accuracy DOUBLE PRECISION NOT NULL, created_at DOUBLE PRECISION NOT NULL, "
+                "PRIMARY KEY (name, model_id))")
+
+    def put(self, c: Concept) -> Concept:
+        c = normalised(c)
+        self._put(c)
+        return c
+
+    @_db
+    def _put(self, c: Concept) -> None:
+        self._q("INSERT INTO {s}.concepts VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (name, model_id) DO UPDATE "
+                "SET vector = excluded.vector, with_examples = excluded.with_examples, "
+                "without_examples = excluded.without_examples, train_accuracy = excluded.train_accuracy, "
+                "created_at = excluded.created_at",
+                (c.name, c.model_id, c.vector.tobytes(), c.with_examples, c.without_examples, c.train_accuracy,
+                 c.created_at))
+
+    @_db
+    def get(self, name: str, model_id: str) -> Concept:
+        row = self._q("SELECT name, model_id, vector, with_examples, without_examples, train_accuracy, created_at "
+                      "FROM {s}.concepts WHERE name = %s AND model_id = %s", (name, model_id)).fetchone()
+        if not row:
+            raise NotFound(f"no concept {name!r} for model {model_id}")
+        return Concept(row[0], row[1], np.frombuffer(bytes(row[2]), np.float32), *row[3:])
+
+    @_db
+    def list(self, model_id: str) -> list[Concept]:
+        rows = self._q("SELECT name, model_id, with_examples, without_examples, train_accuracy, created_at "
+                       "FROM {s}.concepts WHERE model_id = %s ORDER BY name COLLATE \"C\"", (model_id,)).fetchall()
+        return [Concept(r[0], r[1], None, *r[2:]) for r in rows]
+
+    @_db
+    def delete(self, name: str, model_id: str) -> None:
+        if not self._q("DELETE FROM {s}.concepts WHERE name = %s AND model_id = %s", (name, model_id)).rowcount:
+            raise NotFound(f"no concept {name!r} for model {model_id}")
