@@ -7,7 +7,7 @@ PROTOS := $(shell find protos -name '*.proto')
 MODEL := models/efficientnet-lite0/1/model.onnx
 SAMPLES := data/samples/.done
 
-.PHONY: all venv proto model sample-data demo test bench up down clean
+.PHONY: all venv proto model sample-data demo test bench up down clean up-cluster
 
 all: proto model
 
@@ -45,6 +45,10 @@ up: proto model sample-data
 
 down:
 	$(SMILY) down
+
+# Index cluster on a local PostgreSQL: SHARDS x REPLICAS index processes.
+up-cluster: proto model sample-data
+	$(SMILY) up --shards $(or $(SHARDS),2) --replicas $(or $(REPLICAS),2)
 
 clean:
 	rm -rf $(VENV) models data/samples var build

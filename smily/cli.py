@@ -321,9 +321,24 @@ def _demo(args) -> int:
 
 
 def _up(args) -> int:
-    from smily.localstack import up
+    from smily.localstack import up, up_cluster
 
+    if args.shards or args.replicas:
+        return up_cluster(args.shards or 1, args.replicas or 1)
     return up()
+
+
+def _reshard(args) -> int:
+    from smily.common.config import Settings
+    from smily.index.reshard import reshard
+
+    url = Settings.from_env().index_database_url
+    if not url:
+        raise SystemExit("set SMILY_INDEX_DATABASE_URL to the index cluster's PostgreSQL")
+    moved = reshard(url, args.from_shards, args.shards)
+    print(f"moved {moved} slides from {args.from_shards} to {args.shards} shards; "
+          f"now set SMILY_INDEX_TARGETS to {args.shards} shards")
+    return 0
 
 
 def _down(args) -> int:
@@ -479,7 +494,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--slides", default="data/samples")
     s.set_defaults(func=_demo)
 
-    sub.add_parser("up", help="start the local stack in the background").set_defaults(func=_up)
+    s = sub.add_parser("up", help="start the local stack in the background")
+    s.add_argument("--shards", type=int, default=0, help="index shards on a local PostgreSQL (cluster mode)")
+    s.add_argument("--replicas", type=int, default=0, help="index replicas per shard (cluster mode)")
+    s.set_defaults(func=_up)
+    ix = sub.add_parser("index", help="index cluster tools").add_subparsers(dest="index_command", required=True)
+    s = ix.add_parser("reshard", help="move slides to their shards for a new shard count "
+                                      "(PostgreSQL at SMILY_INDEX_DATABASE_URL)")
+    s.add_argument("--shards", type=int, required=True, help="the new shard count")
+    s.add_argument("--from", dest="from_shards", type=int, required=True, help="the current shard count")
+    s.set_defaults(func=_reshard)
     sub.add_parser("down", help="stop the local stack").set_defaults(func=_down)
     return p
 

@@ -112,16 +112,74 @@ def up() -> int:
     return 1
 
 
+CLUSTER_PG_PORT = 5439
+CLUSTER_INDEX_PORT = 50100
+
+
+def up_cluster(shards: int, replicas: int) -> int:
+    """PostgreSQL (initdb in var/pg once), shards x replicas index processes and the other
+    services, each its own process, in the background; `make down` stops them."""
+    from smily.localpg import LocalPostgres
+
+    os.makedirs(RUN_DIR, exist_ok=True)
+    os.makedirs(LOG_DIR, exist_ok=True)
+    if _running():
+        print("the local stack is already running; `make down` stops it")
+        return 1
+    pg = LocalPostgres(os.path.join("var", "pg"), CLUSTER_PG_PORT, os.path.abspath(os.path.join(LOG_DIR, "postgres.log")))
+    pg.start()
+    _write_pid("postgres", pg.proc.pid)
+    env = dict(os.environ, SMILY_INDEX_DATABASE_URL=pg.url)
+    redis_proc, url = start_redis(6390, os.path.join(LOG_DIR, "redis.log"))
+    if redis_proc:
+        _write_pid("redis", redis_proc.pid)
+        env["SMILY_REDIS_URL"] = url
+    targets = []
+    for shard in range(shards):
+        ports = [CLUSTER_INDEX_PORT + shard * replicas + r for r in range(replicas)]
+        targets.append("|".join(f"127.0.0.1:{p}" for p in ports))
+        for r, port in enumerate(ports):
+            name = f"index-s{shard}r{r}"
+            _spawn(name, "index", dict(env, SMILY_INDEX_SHARD=str(shard), SMILY_INDEX_PORT=str(port),
+                                       SMILY_INDEX_DIR=os.path.join("var", name), SMILY_METRICS_PORT="0"))
+    for i, service in enumerate(("tiler", "embedder", "gateway")):
+        _spawn(service, service, dict(env, SMILY_INDEX_TARGETS=",".join(targets), SMILY_METRICS_PORT=str(9100 + i)))
+    return _wait_gateway(env, f"{shards} shards x {replicas} replicas on PostgreSQL 127.0.0.1:{CLUSTER_PG_PORT}")
+
+
+def _spawn(name: str, service: str, env: dict) -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "smily.cli", "serve", service], env=env,
+                            stdout=open(os.path.join(LOG_DIR, f"{name}.log"), "ab"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    _write_pid(name, proc.pid)
+
+
+def _wait_gateway(env: dict, what: str) -> int:
+    from smily.client import Client
+    from smily.gateway.v1 import gateway_pb2
+    client = Client(env.get("SMILY_GATEWAY", "127.0.0.1:50050"), timeout=2)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            client.stub.ListSlides(gateway_pb2.ListSlidesRequest(page_size=1), timeout=1)
+            print(f"local cluster up: gateway 127.0.0.1:50050, {what}; logs in {LOG_DIR}/, `make down` stops it")
+            return 0
+        except Exception:
+            time.sleep(0.5)
+    print(f"the cluster did not come up in time; see {LOG_DIR}/")
+    return 1
+
+
 def down() -> int:
     stopped = 0
-    for name in ("smily", "redis"):
+    names = sorted(f[:-4] for f in os.listdir(RUN_DIR) if f.endswith(".pid")) if os.path.isdir(RUN_DIR) else []
+    # PostgreSQL last: the index processes hold connections to it.
+    for name in sorted(names, key=lambda n: n == "postgres"):
         path = os.path.join(RUN_DIR, f"{name}.pid")
-        if not os.path.exists(path):
-            continue
         with open(path) as fh:
             pid = int(fh.read().strip())
         try:
-            os.kill(pid, signal.SIGTERM)
+            os.kill(pid, signal.SIGINT if name == "postgres" else signal.SIGTERM)
             stopped += 1
             for _ in range(150):
                 os.kill(pid, 0)

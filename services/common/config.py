@@ -68,6 +68,10 @@ class Settings:
     # ANN candidates per hit re-scored exactly from the journal (<= 1: off).
     index_rerank: int = 100
     index_snapshot_interval_s: float = 300.0
+    # Cluster mode: postgresql://... makes this process a serving replica of shard
+    # index_shard, with PostgreSQL as the system of record (empty: SQLite in index_dir).
+    index_database_url: str = ""
+    index_shard: int = 0
 
     # Gateway.
     # redis://host:port/db; empty uses an in-process cache (one replica only).

@@ -2,21 +2,19 @@
 from __future__ import annotations
 
 from smily.embedder.v1 import embedder_pb2_grpc
-from smily.index.v1 import index_pb2_grpc
 from smily.tiler.v1 import tiler_pb2_grpc
 from smily.common.channels import channel
 from smily.common.config import Settings
 
-from .shards import ShardedIndex
+from .shards import connect
 
 
 class Backends:
     def __init__(self, settings: Settings):
-        shards = settings.index_targets or (settings.index_target,)
-        self._channels = [channel(t) for t in (settings.tiler_target, settings.embedder_target, *shards)]
+        self.index, index_channels = connect(settings.index_targets or (settings.index_target,))
+        self._channels = [channel(settings.tiler_target), channel(settings.embedder_target), *index_channels]
         self.tiler = tiler_pb2_grpc.TilerServiceStub(self._channels[0])
         self.embedder = embedder_pb2_grpc.EmbedderServiceStub(self._channels[1])
-        self.index = ShardedIndex([index_pb2_grpc.IndexServiceStub(c) for c in self._channels[2:]])
         self.default_timeout = settings.backend_timeout_s
 
     def timeout(self, context=None) -> float:
@@ -27,5 +25,6 @@ class Backends:
         return max(0.001, min(remaining, self.default_timeout))
 
     def close(self) -> None:
+        self.index.close()
         for ch in self._channels:
             ch.close()

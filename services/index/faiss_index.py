@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import faiss
 import numpy as np
@@ -66,6 +67,15 @@ class IndexState:
     snapshot_seq: int = 0
     removed_since_compaction: int = 0
     load_report: str = ""
+
+
+def check_stage(slide_id: str, generation: str, vectors: np.ndarray, tiles: list[Tile]) -> None:
+    if not slide_id or not generation:
+        raise InvalidArgument("slide_id and generation are required")
+    if vectors.ndim != 2 or len(vectors) != len(tiles):
+        raise InvalidArgument(f"{len(tiles)} tiles need a [{len(tiles)}, dim] tensor, got {list(vectors.shape)}")
+    if not np.isfinite(vectors).all():
+        raise InvalidArgument("embeddings contain NaN or infinity")
 
 
 class TileIndex:
@@ -242,15 +252,26 @@ class TileIndex:
 
     # -- model binding ----------------------------------------------------
     def _check_model(self, model_id: str, dim: int | None = None) -> None:
+        self.check_binding((self.model_id, self.dim), model_id, dim)
+
+    @staticmethod
+    def check_binding(bound: tuple[str, int], model_id: str, dim: int | None = None) -> None:
+        """Refuse a model or dimension other than the (model_id, dim) an index is bound to."""
         if not model_id:
             raise InvalidArgument("model_id is required")
-        if self.model_id and model_id != self.model_id:
+        if bound[0] and model_id != bound[0]:
             raise FailedPrecondition(
-                f"this index holds embeddings of model {self.model_id}, not {model_id}: "
+                f"this index holds embeddings of model {bound[0]}, not {model_id}: "
                 "a new model needs a new index (re-ingest the slides into it)"
             )
-        if dim is not None and self.dim and dim != self.dim:
-            raise InvalidArgument(f"embeddings must have {self.dim} dimensions, got {dim}")
+        if dim is not None and bound[1] and dim != bound[1]:
+            raise InvalidArgument(f"embeddings must have {bound[1]} dimensions, got {dim}")
+
+    def bind(self, model_id: str, dim: int) -> None:
+        """Bind an empty index to the model its system of record holds (a replica's first change)."""
+        with self._rw.write():
+            self._check_model(model_id, dim)
+            self._bind(model_id, dim)
 
     def _bind(self, model_id: str, dim: int) -> None:
         if self.model_id:
@@ -267,12 +288,7 @@ class TileIndex:
 
     # -- writes -------------------------------------------------------------
     def stage(self, model_id: str, slide_id: str, generation: str, vectors: np.ndarray, tiles: list[Tile]) -> int:
-        if not slide_id or not generation:
-            raise InvalidArgument("slide_id and generation are required")
-        if vectors.ndim != 2 or len(vectors) != len(tiles):
-            raise InvalidArgument(f"{len(tiles)} tiles need a [{len(tiles)}, dim] tensor, got {list(vectors.shape)}")
-        if not np.isfinite(vectors).all():
-            raise InvalidArgument("embeddings contain NaN or infinity")
+        check_stage(slide_id, generation, vectors, tiles)
         with self._rw.write():
             self._check_model(model_id, vectors.shape[1])
             self._bind(model_id, vectors.shape[1])
@@ -297,6 +313,13 @@ class TileIndex:
             self._apply(commit)
         log.info("slide deleted", extra={"slide_id": slide_id, "tiles": len(commit.removed)})
         return len(commit.removed)
+
+    def apply(self, write: Callable[[], Commit]) -> Commit:
+        """Run a storage write and bring the search to its state, one step as searches see it."""
+        with self._rw.write():
+            commit = write()
+            self._apply(commit)
+        return commit
 
     def _apply(self, commit: Commit) -> None:
         """Bring FAISS to a commit's state; one already held (a retried commit) changes nothing.

@@ -8,6 +8,8 @@ from smily.common.tensors import from_tensor, to_tensor
 
 from .concepts import Concept, ConceptStore
 from .faiss_index import IndexConfig, TileIndex
+from .pg_store import PgConcepts
+from .replica import Replica
 from .storage import Slide, Tile
 
 
@@ -19,10 +21,15 @@ def _slide_pb(s: Slide, model_id: str) -> index_pb2.Slide:
 
 class IndexServicer(index_pb2_grpc.IndexServiceServicer):
     def __init__(self, settings: Settings):
-        self.store = TileIndex(settings.index_dir, IndexConfig(
+        config = IndexConfig(
             factory=settings.index_factory, ivf_threshold=settings.index_ivf_threshold, nprobe=settings.index_nprobe,
-            rerank=settings.index_rerank, snapshot_interval_s=settings.index_snapshot_interval_s))
-        self.concepts = ConceptStore(settings.index_dir)
+            rerank=settings.index_rerank, snapshot_interval_s=settings.index_snapshot_interval_s)
+        if settings.index_database_url:
+            self.store = Replica(settings.index_dir, config, settings.index_database_url, settings.index_shard)
+            self.concepts = PgConcepts(settings.index_database_url, settings.index_shard)
+        else:
+            self.store = TileIndex(settings.index_dir, config)
+            self.concepts = ConceptStore(settings.index_dir)
 
     def AddTiles(self, request, context):
         tiles = [Tile(t.x, t.y, t.width, t.height, t.mpp, t.tissue_fraction) for t in request.tiles]
@@ -35,7 +42,8 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
         slide, replaced = self.store.commit_slide(
             request.model_id, request.generation, Slide(s.slide_id, s.source, dict(s.metadata), slide_mpp=s.slide_mpp),
             request.expected_tiles)
-        return index_pb2.CommitSlideResponse(slide=_slide_pb(slide, self.store.model_id), replaced=replaced)
+        return index_pb2.CommitSlideResponse(slide=_slide_pb(slide, self.store.model_id), replaced=replaced,
+                                             journal_seq=self.store.info()["journal_seq"])
 
     def Search(self, request, context):
         hits = self.store.search(request.model_id, from_tensor(request.query), request.k, list(request.exclude_slide_ids),
