@@ -7,6 +7,7 @@ naming the limit.
 """
 from __future__ import annotations
 
+import math
 import unicodedata
 from typing import Iterable, Mapping
 
@@ -86,3 +87,38 @@ def text(value: str, what: str, max_chars: int) -> str:
     """Any other caller string that is echoed, logged or used as a key."""
     _text(value, what, max_chars)
     return value
+
+
+# Micrometres per level-0 pixel a scan can plausibly have (about 200x down to 0.5x).
+MIN_SLIDE_MPP, MAX_SLIDE_MPP = 0.05, 20.0
+
+
+def slide_mpp(value: float, what: str = "slide_mpp") -> float:
+    """A stated resolution: 0 (the file's own) or a plausible one."""
+    if value == 0:
+        return 0.0
+    if not (math.isfinite(value) and MIN_SLIDE_MPP <= value <= MAX_SLIDE_MPP):
+        raise InvalidArgument(f"{what} must be 0 (the file's own) or {MIN_SLIDE_MPP:g}..{MAX_SLIDE_MPP:g} "
+                              f"microns per pixel, got {value:g}")
+    return value
+
+
+def plausible_mpp(value: float) -> bool:
+    return math.isfinite(value) and MIN_SLIDE_MPP <= value <= MAX_SLIDE_MPP
+
+
+def tile_grid(width: int, height: int, slide_mpp: float, target_mpps, tile_size: int) -> int:
+    """Grid cells a slide is cut into (every tile before the tissue test), as
+    the tiler's planning cuts it: the bound on its tile count and planning work."""
+    total = 0
+    for m in target_mpps:
+        size = max(1, round(tile_size * m / slide_mpp))
+        total += (width // size) * (height // size)
+    return total
+
+
+def tiles_per_slide(grid: int, cap: int, slide_mpp: float) -> None:
+    if grid > cap:
+        raise InvalidArgument(
+            f"the slide would be cut into {grid} tiles at {slide_mpp:g} microns per pixel, over the limit of "
+            f"{cap} tiles per slide; check slide_mpp")
