@@ -72,8 +72,8 @@ def test_a_read_that_hangs_is_stopped_and_the_reader_replaced(tmp_path, slide_di
         with pytest.raises(Unavailable, match="longer than 2 s"):
             pool.call("info", fifo)
         assert pool.replaced == 1
-        facts, mpp = pool.call("info", os.path.join(slide_dir, CMU))
-        assert facts["width"] == 2220 and abs(mpp - 0.499) < 1e-6
+        info, mpp = pool.call("info", os.path.join(slide_dir, CMU))
+        assert info.width == 2220 and abs(mpp - 0.499) < 1e-6
     finally:
         pool.close()
     # The service never gets that far: only regular files are slides.

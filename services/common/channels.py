@@ -20,6 +20,9 @@ IDEMPOTENT = {
     "smily.embedder.v1.EmbedderService": ("Embed", "GetModelInfo"),
     "smily.index.v1.IndexService": ("AddTiles", "CommitSlide", "Search", "GetSlide", "ListSlides", "GetIndexInfo",
                                     "PutConcept", "GetConcept", "ListConcepts"),
+    # The public API, for smily.client.
+    "smily.gateway.v1.GatewayService": ("GetOperation", "CancelOperation", "Search", "SearchSlides", "ReadRegion",
+                                        "ListConcepts", "ListSlides"),
 }
 
 _SERVICE_CONFIG = json.dumps(
