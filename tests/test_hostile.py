@@ -192,7 +192,7 @@ def test_ingests_are_deduplicated_by_id_and_source_and_the_queue_is_bounded(stac
         except grpc.RpcError as exc:
             refused.append(exc)
     # One running (once its worker took it) and three queued; the rest refused.
-    assert len(ops) in (4, 5) and len(refused) == 10 - 1 - len(ops), [o.state for o in ops]
+    assert len(ops) in (4, 5) and len(refused) == 10 - len(ops), [o.state for o in ops]
     ROWS.append(("IngestSlide x10 with 3 queued already", refused[0].code().name, "-", "-"))
     assert refused and all(e.code() == BUSY for e in refused)
     assert "retry in about" in refused[0].details()
@@ -206,13 +206,8 @@ def test_whole_slide_searches_by_file_are_bounded(stack, gw, frozen):
     gw.Search(g.SearchRequest(image=png(Image.new("RGB", (224, 224), (200, 120, 160))), k=1), timeout=60)
     frozen("embedder")  # the first whole-slide search holds its slot
     first = gw.SearchSlides.future(g.SearchSlidesRequest(source=TEST_SLIDES[1].name), timeout=60)
-    deadline = time.monotonic() + 20
-    while True:
-        code, details = status_of(lambda: gw.SearchSlides(g.SearchSlidesRequest(source=TEST_SLIDES[0].name),
-                                                          timeout=5))
-        if code == BUSY or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
+    time.sleep(2)  # it reaches the embedder (a tiler read and a cache miss away) and waits there
+    code, details = status_of(lambda: gw.SearchSlides(g.SearchSlidesRequest(source=TEST_SLIDES[0].name), timeout=5))
     ROWS.append(("SearchSlides by file while one runs", code.name, "-", "-"))
     assert code == BUSY and "whole-slide searches" in details
     os.kill(stack.pid("embedder"), signal.SIGCONT)
