@@ -86,7 +86,7 @@ def message(descriptor, depth: int = 0) -> st.SearchStrategy:
             elem = st.deferred(lambda d=f.message_type: message(d, depth + 1))
         else:
             elem = _scalar(f)
-        if f.label == F.LABEL_REPEATED:
+        if f.is_repeated:
             fields[f.name] = st.lists(elem, max_size=3) | st.lists(elem, min_size=33, max_size=40)
         else:
             fields[f.name] = elem
@@ -103,7 +103,7 @@ def _build(cls, kwargs: dict):
         field = cls.DESCRIPTOR.fields_by_name[name]
         if field.message_type is not None and field.message_type.GetOptions().map_entry:
             getattr(msg, name).update(value)
-        elif field.label == F.LABEL_REPEATED:
+        elif field.is_repeated:
             getattr(msg, name).extend(value)
         elif field.message_type is not None:
             getattr(msg, name).CopyFrom(value)
