@@ -22,7 +22,7 @@ def _serve(args) -> int:
     settings = Settings.from_env()
     logs.setup(settings.log_level)
     names = stack.ORDER if args.service == "all" else (args.service,)
-    server.start_metrics(settings.metrics_port)
+    server.start_metrics(settings.metrics_port, settings.bind_host)
     running, _ = stack.start(names, settings)
     server.wait_for_signal(list(running.values()), settings.shutdown_grace_s)
     stack.stop(running, 0)

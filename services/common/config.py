@@ -88,6 +88,20 @@ class Settings:
     # Deadline for a downstream call when the caller gave none.
     backend_timeout_s: float = 30.0
 
+    # Issue 13: every request bounded.
+    # Largest uploaded image (width x height, read from its header before any decoding).
+    max_image_pixels: int = 4096 * 4096
+    # PNG/JPEG decodes one process runs at once (each holds up to 4 bytes per pixel).
+    image_decodes: int = 2
+    # Tiles one slide may be cut into (the grid, counted before any planning).
+    max_tiles_per_slide: int = 100_000
+    # Ingests waiting for a worker on one gateway; more get RESOURCE_EXHAUSTED.
+    max_queued_ingests: int = 32
+    # Whole-slide queries (SearchSlides) streaming a slide at once on one gateway.
+    max_slide_queries: int = 2
+    # RPCs one caller (callers.caller_of) may have in flight on the gateway; 0 = no quota.
+    max_rpcs_per_caller: int = 32
+
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> "Settings":
         env = os.environ if environ is None else environ

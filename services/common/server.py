@@ -22,8 +22,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from . import logs, memory
+from .callers import caller_of
 from .config import Settings
-from .errors import ServiceError
+from .errors import Busy, ServiceError
 
 log = logging.getLogger("smily.server")
 
@@ -39,6 +40,12 @@ LATENCY = prom.Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
 IN_FLIGHT = prom.Gauge("smily_grpc_in_flight", "RPCs being handled", ["service"])
+REFUSED = prom.Counter("smily_grpc_refused_total", "RPCs refused by the concurrency limits", ["service", "limit"])
+
+# Never counted nor refused: probes must answer while the server is saturated.
+EXEMPT_SERVICES = (health.SERVICE_NAME,)
+# Threads beyond the RPC limit, so health checks and refusals always find one.
+SPARE_THREADS = 8
 
 SERVER_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -49,6 +56,38 @@ SERVER_OPTIONS = [
     ("grpc.max_connection_age_grace_ms", 60 * 1000),
     ("grpc.keepalive_time_ms", 60 * 1000),
 ]
+
+
+class _Admission:
+    """Counts in-flight RPCs, in all and per caller, and refuses those over the limits."""
+
+    def __init__(self, limit: int, per_caller: int):
+        self._limit, self._per_caller = limit, per_caller
+        self._lock = threading.Lock()
+        self._total = 0
+        self._by_caller: dict[str, int] = {}
+
+    def enter(self, service: str, context) -> str:
+        caller = caller_of(context) if self._per_caller else ""
+        with self._lock:
+            if self._total >= self._limit:
+                REFUSED.labels(service, "server").inc()
+                raise Busy(f"the {service} is at its limit of {self._limit} concurrent requests")
+            if self._per_caller and self._by_caller.get(caller, 0) >= self._per_caller:
+                REFUSED.labels(service, "caller").inc()
+                raise Busy(f"this caller has {self._per_caller} requests in flight, the most one caller may have")
+            self._total += 1
+            if self._per_caller:
+                self._by_caller[caller] = self._by_caller.get(caller, 0) + 1
+        return caller
+
+    def leave(self, caller: str) -> None:
+        with self._lock:
+            self._total -= 1
+            if self._per_caller:
+                left = self._by_caller.pop(caller) - 1
+                if left:
+                    self._by_caller[caller] = left
 
 
 def _status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -63,17 +102,22 @@ def _status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 
 
 class _Interceptor(grpc.ServerInterceptor):
-    """Maps exceptions to statuses and records metrics for every RPC."""
+    """Maps exceptions to statuses, records metrics and applies the concurrency
+    limits for every RPC but health checks."""
 
-    def __init__(self, service: str):
+    def __init__(self, service: str, admission: _Admission):
         self._service = service
+        self._admission = admission
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
         if handler is None:
             return None
-        method = handler_call_details.method.rsplit("/", 1)[-1]
+        rpc_service, _, method = handler_call_details.method.lstrip("/").rpartition("/")
+        if rpc_service in EXEMPT_SERVICES:
+            return handler
         service = self._service
+        admission = self._admission
 
         def record(start: float, code: grpc.StatusCode) -> None:
             REQUESTS.labels(service, method, code.name).inc()
@@ -84,6 +128,8 @@ class _Interceptor(grpc.ServerInterceptor):
                 raise exc  # the handler already set its status
             code, message = _status_of(exc)
             record(start, code)
+            if isinstance(exc, Busy):
+                context.set_trailing_metadata((("retry-after-s", f"{exc.retry_after_s:g}"),))
             context.abort(code, message)
 
         if handler.unary_unary:
@@ -91,6 +137,10 @@ class _Interceptor(grpc.ServerInterceptor):
 
             def unary(request, context):
                 start = time.perf_counter()
+                try:
+                    caller = admission.enter(service, context)
+                except Busy as exc:
+                    fail(exc, context, start)
                 IN_FLIGHT.labels(service).inc()
                 try:
                     response = inner(request, context)
@@ -100,6 +150,7 @@ class _Interceptor(grpc.ServerInterceptor):
                     fail(exc, context, start)
                 finally:
                     IN_FLIGHT.labels(service).dec()
+                    admission.leave(caller)
 
             return grpc.unary_unary_rpc_method_handler(
                 unary, handler.request_deserializer, handler.response_serializer
@@ -109,6 +160,10 @@ class _Interceptor(grpc.ServerInterceptor):
 
             def stream(request, context):
                 start = time.perf_counter()
+                try:
+                    caller = admission.enter(service, context)
+                except Busy as exc:
+                    fail(exc, context, start)
                 IN_FLIGHT.labels(service).inc()
                 try:
                     yield from inner_stream(request, context)
@@ -117,6 +172,7 @@ class _Interceptor(grpc.ServerInterceptor):
                     fail(exc, context, start)
                 finally:
                     IN_FLIGHT.labels(service).dec()
+                    admission.leave(caller)
 
             return grpc.unary_stream_rpc_method_handler(
                 stream, handler.request_deserializer, handler.response_serializer
@@ -131,6 +187,8 @@ class Registration:
     name: str  # full proto service name, e.g. smily.tiler.v1.TilerService
     servicer: object
     add_to_server: Callable[[object, grpc.Server], None]
+    # RPCs one caller may have in flight (callers.caller_of); 0 = no quota (internal services).
+    max_rpcs_per_caller: int = 0
 
 
 class RunningServer:
@@ -155,15 +213,20 @@ def start(
     max_concurrent_rpcs: int = 64,
     worker_threads: int = 16,
 ) -> RunningServer:
-    """Start a gRPC server with the given servicers; port 0 picks a free one."""
+    """Start a gRPC server with the given servicers; port 0 picks a free one.
+
+    At most max_concurrent_rpcs RPCs run at once (more get RESOURCE_EXHAUSTED),
+    counted by the interceptor rather than by grpc.server, so health checks
+    are outside the limit; the pool has threads to spare for them."""
     memory.keep_large_buffers()
     regs = list(registrations)
     label = regs[0].name.split(".")[1] if regs else "server"
+    per_caller = max((r.max_rpcs_per_caller for r in regs), default=0)
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=worker_threads, thread_name_prefix=label),
-        interceptors=[_Interceptor(label)],
+        futures.ThreadPoolExecutor(max_workers=max(worker_threads, max_concurrent_rpcs) + SPARE_THREADS,
+                                   thread_name_prefix=label),
+        interceptors=[_Interceptor(label, _Admission(max_concurrent_rpcs, per_caller))],
         options=SERVER_OPTIONS,
-        maximum_concurrent_rpcs=max_concurrent_rpcs,
     )
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -180,14 +243,21 @@ def start(
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     for name in names:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    for r in regs:
+        # Readiness (the service's name) may follow what the servicer depends on;
+        # liveness ("") stays the process's own.
+        watch = getattr(r.servicer, "watch_readiness", None)
+        if watch:
+            watch(lambda ready, name=r.name: health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING
+                                                                  if ready else health_pb2.HealthCheckResponse.NOT_SERVING))
     log.info("serving", extra={"services": names, "port": bound})
     return RunningServer(server, health_servicer, bound, names)
 
 
-def start_metrics(port: int) -> None:
+def start_metrics(port: int, host: str = "127.0.0.1") -> None:
     if port:
-        prom.start_http_server(port)
-        log.info("metrics endpoint", extra={"port": port})
+        prom.start_http_server(port, addr=host)
+        log.info("metrics endpoint", extra={"port": port, "host": host})
 
 
 def wait_for_signal(servers: list[RunningServer], grace: float) -> None:
@@ -209,7 +279,7 @@ def serve(name: str, registration: Callable[[Settings], Registration]) -> None:
     server on the service's port, and a graceful stop on SIGTERM."""
     settings = Settings.from_env()
     logs.setup(settings.log_level)
-    start_metrics(settings.metrics_port)
+    start_metrics(settings.metrics_port, settings.bind_host)
     reg = registration(settings)
     running = start([reg], settings.bind_host, getattr(settings, f"{name}_port"),
                     max_concurrent_rpcs=settings.max_concurrent_rpcs,

@@ -10,11 +10,13 @@ from smily.common.tensors import to_tensor
 
 from . import model_repo
 from .batcher import BATCH_SIZE, Batcher
+from .preprocess import resize
 from .runtime import Model
 
 
 class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
     def __init__(self, settings: Settings):
+        images.configure(settings.max_image_pixels, settings.image_decodes)
         config, path = model_repo.load(settings.model_repository, settings.model)
         self.model = Model(config, path, settings.intra_op_threads, settings.max_batch, settings.gpu_fp16)
         self._max_batch = settings.max_batch
@@ -27,9 +29,12 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
         require(n > 0, "no images to embed")
         require(n <= self._max_batch, f"at most {self._max_batch} images per request, got {n}")
         decoded = []
+        size = self.model.preprocess.size
         for i, img in enumerate(request.images):
             try:
-                decoded.append(images.decode(img.data, img.encoding, img.width, img.height))
+                # Shrunk to the model's input at once: a request holds at most
+                # one full-size decoded image, not max_batch of them.
+                decoded.append(resize(images.decode(img.data, img.encoding, img.width, img.height), size))
             except images.InvalidArgument as exc:
                 raise images.InvalidArgument(f"image {i}: {exc}") from None
         tensor = self.model.preprocess(decoded)

@@ -1,13 +1,12 @@
 """GatewayService: the public API. Orchestrates ingest and search."""
 from __future__ import annotations
 
-import math
 from concurrent.futures import ThreadPoolExecutor
-
 
 from smily.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from smily.index.v1 import index_pb2
 from smily.tiler.v1 import tiler_pb2
+from smily.common import images, limits
 from smily.common.config import Settings
 from smily.common.errors import InvalidArgument, require
 from smily.common.server import Registration
@@ -19,6 +18,7 @@ from .cache import RedisGuard, make_cache
 from .ingest import Ingestor
 from .query import QueryEngine
 from .operations import LocalOperations, SharedOperations
+from .readiness import Readiness
 
 DEFAULT_K = 10
 DEFAULT_SLIDES, MAX_SLIDES = 10, 100
@@ -34,10 +34,12 @@ def _hit(h: index_pb2.Hit) -> gateway_pb2.Hit:
                            mpp=h.tile.mpp, score=h.score, metadata=h.metadata)
 
 
-def _stated_mpp(value: float) -> float:
-    """A caller's slide_mpp: 0 (use the file's own) or a positive resolution."""
-    require(value >= 0 and math.isfinite(value), "slide_mpp must be 0 or a positive number of microns per pixel")
-    return value
+def _search_limits(request) -> None:
+    """The caller's strings and lists of a Search, checked before any backend is called."""
+    limits.filters(request.filters)
+    limits.slide_ids(request.slide_ids, "slide_ids")
+    limits.slide_ids(request.exclude_slide_ids, "exclude_slide_ids")
+    limits.text(request.page_token, "page_token", limits.MAX_TOKEN_CHARS)
 
 
 def _concept(c: index_pb2.Concept) -> gateway_pb2.Concept:
@@ -48,31 +50,43 @@ def _concept(c: index_pb2.Concept) -> gateway_pb2.Concept:
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     def __init__(self, settings: Settings):
+        images.configure(settings.max_image_pixels, settings.image_decodes)
         self._b = Backends(settings)
+        self._readiness = Readiness(self._b.channels)
         tiling = tiler_pb2.TilingParams(
             mpp=settings.tile_mpp, tile_size=settings.tile_size, min_tissue_fraction=settings.min_tissue_fraction)
         redis = RedisGuard(settings.redis_url, settings.redis_timeout_s) if settings.redis_url else None
         self._q = QueryEngine(self._b, tiling, make_cache(redis, settings.cache_ttl_s), settings.embed_batch,
-                              settings.case_key)
+                              settings.case_key, settings.max_slide_queries, settings.max_tiles_per_slide)
         self._ingest = Ingestor(self._b, tiling, settings.embed_batch, settings.max_concurrent_ingests,
-                                SharedOperations(redis) if redis else LocalOperations())
+                                SharedOperations(redis) if redis else LocalOperations(),
+                                settings.max_queued_ingests, settings.max_tiles_per_slide)
         # Fans a slide query's mosaic tiles out to the index.
         self._fanout = ThreadPoolExecutor(max_workers=8, thread_name_prefix="mosaic")
+
+    def watch_readiness(self, set_ready) -> None:
+        self._readiness.watch(set_ready)
 
     # -- ingest -------------------------------------------------------------
     def IngestSlide(self, request, context):
         require(bool(request.source), "source (the slide's path under the slide roots) is required")
-        op = self._ingest.start(request.source, request.slide_id, dict(request.metadata), self._b.timeout(context),
-                                _stated_mpp(request.slide_mpp))
+        limits.text(request.source, "source", limits.MAX_SOURCE_CHARS)
+        if request.slide_id:
+            limits.slide_id(request.slide_id)
+        op = self._ingest.start(request.source, request.slide_id, limits.metadata(request.metadata),
+                                self._b.timeout(context), limits.slide_mpp(request.slide_mpp))
         return gateway_pb2.IngestSlideResponse(operation=op)
 
     def GetOperation(self, request, context):
+        limits.text(request.operation_id, "operation_id", limits.MAX_TOKEN_CHARS)
         return gateway_pb2.GetOperationResponse(operation=self._ingest.get(request.operation_id))
 
     def CancelOperation(self, request, context):
+        limits.text(request.operation_id, "operation_id", limits.MAX_TOKEN_CHARS)
         return gateway_pb2.CancelOperationResponse(operation=self._ingest.cancel(request.operation_id))
 
     def Search(self, request, context):
+        _search_limits(request)
         k = request.k if request.HasField("k") else DEFAULT_K
         require(0 < k <= paging.MAX_K, f"k must be in 1..{paging.MAX_K}, got {k}")
         require(request.page_size >= 0, "page_size must not be negative")
@@ -107,13 +121,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         which = request.WhichOneof("query")
         exclude = []
         if which == "slide_id":
+            limits.slide_id(request.slide_id)
             slide = self._b.index.GetSlide(index_pb2.GetSlideRequest(slide_id=request.slide_id),
                                            timeout=self._b.timeout(context)).slide
             source, slide_mpp = slide.source, slide.slide_mpp
             if request.exclude_query_slide:
                 exclude.append(request.slide_id)
         elif which == "source":
-            source, slide_mpp = request.source, _stated_mpp(request.slide_mpp)
+            require(bool(request.source), "source (the slide's path under the slide roots) is required")
+            limits.text(request.source, "source", limits.MAX_SOURCE_CHARS)
+            source, slide_mpp = request.source, limits.slide_mpp(request.slide_mpp)
         else:
             raise InvalidArgument("a slide query needs a slide_id or a source")
         mosaic, model_id, cached = self._q.mosaic(source, slide_mpp, size, context)
@@ -139,7 +156,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     # -- viewer support --------------------------------------------------------
     def ReadRegion(self, request, context):
         r = request.region
-        require(bool(r.slide_id), "region.slide_id is required")
+        limits.slide_id(r.slide_id, "region.slide_id")
         require(r.width > 0 and r.height > 0 and r.x >= 0 and r.y >= 0, "region needs x, y >= 0 and a positive size")
         max_side = request.max_side or DEFAULT_MAX_SIDE
         require(0 < max_side <= MAX_SIDE, f"max_side must be in 1..{MAX_SIDE}")
@@ -185,6 +202,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
 
     # -- catalogue -----------------------------------------------------------
     def ListSlides(self, request, context):
+        require(request.page_size >= 0, "page_size must not be negative")
+        limits.text(request.page_token, "page_token", limits.MAX_TOKEN_CHARS)
         resp = self._b.index.ListSlides(index_pb2.ListSlidesRequest(
             page_size=request.page_size, page_token=request.page_token), timeout=self._b.timeout(context))
         return gateway_pb2.ListSlidesResponse(
@@ -194,12 +213,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                     for s in resp.slides])
 
     def DeleteSlide(self, request, context):
-        require(bool(request.slide_id), "slide_id is required")
+        limits.slide_id(request.slide_id)
         resp = self._b.index.DeleteSlide(index_pb2.DeleteSlideRequest(slide_id=request.slide_id),
                                          timeout=self._b.timeout(context))
         return gateway_pb2.DeleteSlideResponse(deleted_tiles=resp.deleted_tiles)
 
     def close(self) -> None:
+        self._readiness.close()
         self._ingest.close()
         self._fanout.shutdown(wait=False, cancel_futures=True)
         self._b.close()
@@ -210,4 +230,5 @@ def registration(settings: Settings) -> Registration:
         gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name,
         GatewayServicer(settings),
         gateway_pb2_grpc.add_GatewayServiceServicer_to_server,
+        max_rpcs_per_caller=settings.max_rpcs_per_caller,
     )

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from smily.index.v1 import index_pb2, index_pb2_grpc
+from smily.common import limits
 from smily.common.config import Settings
 from smily.common.server import Registration
 from smily.common.tensors import from_tensor, to_tensor
@@ -32,6 +33,7 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
             self.concepts = ConceptStore(settings.index_dir)
 
     def AddTiles(self, request, context):
+        limits.slide_id(request.slide_id)
         tiles = [Tile(t.x, t.y, t.width, t.height, t.mpp, t.tissue_fraction) for t in request.tiles]
         n = self.store.stage(request.model_id, request.slide_id, request.generation,
                              from_tensor(request.embeddings), tiles)
@@ -39,6 +41,8 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
 
     def CommitSlide(self, request, context):
         s = request.slide
+        limits.slide_id(s.slide_id)  # the gateway checks these too: defence in depth
+        limits.metadata(s.metadata)
         slide, replaced = self.store.commit_slide(
             request.model_id, request.generation, Slide(s.slide_id, s.source, dict(s.metadata), slide_mpp=s.slide_mpp),
             request.expected_tiles)
@@ -46,6 +50,10 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
                                              journal_seq=self.store.info()["journal_seq"])
 
     def Search(self, request, context):
+        limits.filters(request.filters)
+        limits.filters(request.exclude_filters, "exclude_filters")
+        limits.slide_ids(request.slide_ids, "slide_ids")
+        limits.slide_ids(request.exclude_slide_ids, "exclude_slide_ids")
         hits = self.store.search(request.model_id, from_tensor(request.query), request.k, list(request.exclude_slide_ids),
                                  list(request.slide_ids), dict(request.filters), request.nprobe,
                                  dict(request.exclude_filters))
@@ -62,6 +70,7 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
         )
 
     def GetSlide(self, request, context):
+        limits.slide_id(request.slide_id)
         return index_pb2.GetSlideResponse(slide=_slide_pb(self.store.get_slide(request.slide_id), self.store.model_id))
 
     def ListSlides(self, request, context):
@@ -70,6 +79,7 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
             slides=[_slide_pb(s, self.store.model_id) for s in slides], next_page_token=token)
 
     def DeleteSlide(self, request, context):
+        limits.slide_id(request.slide_id)
         return index_pb2.DeleteSlideResponse(deleted_tiles=self.store.delete_slide(request.slide_id))
 
     def GetIndexInfo(self, request, context):
