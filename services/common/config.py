@@ -84,6 +84,42 @@ class Settings:
     # Deadline for a downstream call when the caller gave none.
     backend_timeout_s: float = 30.0
 
+    # Trust boundary (issue 12).
+    # Plaintext gRPC without certificates: only for the local embedded run
+    # (`make demo`, `make up`, tests); otherwise a server without TLS refuses to start.
+    plaintext: bool = False
+    # PEM files, re-read when they change (cert-manager rotates them). The
+    # certificate is also the client certificate the gateway dials backends with.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    # CA that clients verify servers with and, under mTLS, servers verify clients with.
+    tls_ca_file: str = ""
+    # "require": servers demand a client certificate from the CA (mTLS); "none": they do not.
+    tls_client_auth: str = "none"
+    # Under mTLS, the certificate identities (SAN DNS/URI/IP or CN) the backends
+    # accept: the gateway's; the index accepts tls_index_clients too (tooling).
+    tls_backend_clients: tuple[str, ...] = ("smily-gateway",)
+    tls_index_clients: tuple[str, ...] = ("smily-tooling",)
+    # Plaintext port serving only the gRPC health service (kubelet's gRPC probes
+    # cannot speak TLS); 0 = off. One service per process when set.
+    health_port: int = 0
+    # gRPC server reflection, for debugging only.
+    reflection: bool = False
+    # Gateway callers: "oidc" (bearer tokens from the IdP) or "none" (local use only).
+    auth: str = "oidc"
+    oidc_issuer: str = ""
+    oidc_audience: str = ""
+    # Empty: the jwks_uri of {issuer}/.well-known/openid-configuration.
+    oidc_jwks_url: str = ""
+    # Claim holding the caller's roles; a dotted path reaches nested claims
+    # (Keycloak: realm_access.roles).
+    oidc_roles_claim: str = "roles"
+    # Audit trail: JSON lines appended to this file; empty = stdout (logger smily.audit).
+    audit_log: str = ""
+    # HMAC key authenticating cached values in Redis, shared by the gateway replicas
+    # (a Secret). Empty: a random key per process, so a replica trusts only its own writes.
+    cache_key: str = ""
+
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> "Settings":
         env = os.environ if environ is None else environ
@@ -97,7 +133,7 @@ class Settings:
 
 
 # Lists of network addresses cannot use ":".
-_SEPARATORS = {"index_targets": ","}
+_SEPARATORS = {"index_targets": ",", "tls_backend_clients": ",", "tls_index_clients": ","}
 
 
 def _parse(f: dataclasses.Field, raw: str):

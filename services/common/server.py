@@ -1,8 +1,9 @@
 """The one server bootstrap every service uses.
 
 It gives each gRPC server the same things: the standard health service
-(NOT_SERVING until the servicers are built, and again while draining),
-reflection, canonical error mapping, Prometheus metrics, connection ageing
+(NOT_SERVING until the servicers are built, and again while draining; also
+on a plaintext health-only port for kubelet), TLS/mTLS, reflection when asked
+for, canonical error mapping, Prometheus metrics, connection ageing
 for Kubernetes load balancing, and a graceful stop on SIGTERM.
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ import prometheus_client as prom
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from . import logs, memory
+from . import logs, memory, tls
 from .config import Settings
 from .errors import ServiceError
 
@@ -131,20 +132,27 @@ class Registration:
     name: str  # full proto service name, e.g. smily.tiler.v1.TilerService
     servicer: object
     add_to_server: Callable[[object, grpc.Server], None]
+    # The service's own interceptors (the gateway's auth and audit), inside the shared one.
+    interceptors: tuple = ()
 
 
 class RunningServer:
-    def __init__(self, server: grpc.Server, health_servicer, port: int, names: list[str]):
+    def __init__(self, server: grpc.Server, health_servicer, port: int, names: list[str],
+                 health_server: grpc.Server | None = None, health_port: int = 0):
         self.server = server
         self.health = health_servicer
         self.port = port
         self.names = names
+        self.health_server = health_server
+        self.health_port = health_port
 
     def stop(self, grace: float) -> None:
         # Health says NOT_SERVING first, so load balancers stop sending work,
         # then in-flight RPCs get `grace` seconds to finish.
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
+        if self.health_server is not None:
+            self.health_server.stop(0).wait()
 
 
 def start(
@@ -154,14 +162,24 @@ def start(
     *,
     max_concurrent_rpcs: int = 64,
     worker_threads: int = 16,
+    credentials: grpc.ServerCredentials | None = None,
+    allowed_clients: frozenset[str] | None = None,
+    health_port: int | None = None,
+    reflection_on: bool = False,
 ) -> RunningServer:
-    """Start a gRPC server with the given servicers; port 0 picks a free one."""
+    """Start a gRPC server with the given servicers; port 0 picks a free one.
+
+    credentials: TLS (tls.server_credentials), None for plaintext. allowed_clients:
+    under mTLS, the client certificate identities accepted. health_port: also serve
+    the health service alone, in plaintext, on this port (0 picks one) for kubelet."""
     memory.keep_large_buffers()
     regs = list(registrations)
     label = regs[0].name.split(".")[1] if regs else "server"
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=worker_threads, thread_name_prefix=label),
-        interceptors=[_Interceptor(label)],
+        interceptors=[_Interceptor(label)]
+        + ([tls.PeerCheck(allowed_clients)] if allowed_clients is not None else [])
+        + [i for r in regs for i in r.interceptors],
         options=SERVER_OPTIONS,
         maximum_concurrent_rpcs=max_concurrent_rpcs,
     )
@@ -171,17 +189,42 @@ def start(
     for r in regs:
         r.add_to_server(r.servicer, server)
         health_servicer.set(r.name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    reflection.enable_server_reflection(names + [health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    if reflection_on:
+        reflection.enable_server_reflection(names + [health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    if credentials is None:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    else:
+        bound = server.add_secure_port(f"{host}:{port}", credentials)
     if bound == 0:
         raise OSError(f"cannot bind {host}:{port}")
+    health_server, health_bound = None, 0
+    if health_port is not None:
+        health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"{label}-health"))
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+        health_bound = health_server.add_insecure_port(f"{host}:{health_port}")
+        if health_bound == 0:
+            raise OSError(f"cannot bind {host}:{health_port}")
+        health_server.start()
     server.start()
     # Servicers are fully built (model loaded, index opened) before start().
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     for name in names:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("serving", extra={"services": names, "port": bound})
-    return RunningServer(server, health_servicer, bound, names)
+    log.info("serving", extra={"services": names, "port": bound, "tls": credentials is not None,
+                               "health_port": health_bound})
+    return RunningServer(server, health_servicer, bound, names, health_server, health_bound)
+
+
+def security(settings: Settings, service: str) -> dict:
+    """start()'s TLS, client allow-list, health port and reflection from settings."""
+    return dict(credentials=tls.server_credentials(settings), allowed_clients=tls.allowed_clients(settings, service),
+                health_port=settings.health_port or None, reflection_on=settings.reflection)
+
+
+def warn_if_plaintext(settings: Settings) -> None:
+    """The one line a plaintext run prints at start."""
+    if not settings.tls_cert_file and settings.plaintext:
+        log.warning(tls.PLAINTEXT_WARNING)
 
 
 def start_metrics(port: int) -> None:
@@ -210,10 +253,11 @@ def serve(name: str, registration: Callable[[Settings], Registration]) -> None:
     settings = Settings.from_env()
     logs.setup(settings.log_level)
     start_metrics(settings.metrics_port)
+    warn_if_plaintext(settings)
     reg = registration(settings)
     running = start([reg], settings.bind_host, getattr(settings, f"{name}_port"),
                     max_concurrent_rpcs=settings.max_concurrent_rpcs,
-                    worker_threads=settings.worker_threads)
+                    worker_threads=settings.worker_threads, **security(settings, name))
     wait_for_signal([running], settings.shutdown_grace_s)
     close = getattr(reg.servicer, "close", None)
     if close:

@@ -6,6 +6,7 @@ from smily.index.v1 import index_pb2_grpc
 from smily.tiler.v1 import tiler_pb2_grpc
 from smily.common.channels import channel
 from smily.common.config import Settings
+from smily.common.tls import channel_credentials
 
 from .shards import ShardedIndex
 
@@ -13,7 +14,8 @@ from .shards import ShardedIndex
 class Backends:
     def __init__(self, settings: Settings):
         shards = settings.index_targets or (settings.index_target,)
-        self._channels = [channel(t) for t in (settings.tiler_target, settings.embedder_target, *shards)]
+        creds = channel_credentials(settings)
+        self._channels = [channel(t, creds) for t in (settings.tiler_target, settings.embedder_target, *shards)]
         self.tiler = tiler_pb2_grpc.TilerServiceStub(self._channels[0])
         self.embedder = embedder_pb2_grpc.EmbedderServiceStub(self._channels[1])
         self.index = ShardedIndex([index_pb2_grpc.IndexServiceStub(c) for c in self._channels[2:]])
