@@ -76,7 +76,7 @@ def local_stack(slide_roots: tuple[str, ...], **overrides) -> Iterator:
                 "bind_host": "127.0.0.1", "gateway_port": 0, "tiler_port": 0, "embedder_port": 0,
                 "index_port": 0, "metrics_port": 0, "slide_roots": tuple(slide_roots),
                 "index_dir": os.path.join(tmp, "index"), "redis_url": redis_url, "plaintext": True,
-                "auth": "none", **overrides})
+                "auth": "none", "audit_log": os.path.join(tmp, "audit.jsonl"), **overrides})
             running, settings = stack.start(stack.ORDER, settings)
             try:
                 yield settings
@@ -99,6 +99,7 @@ def up() -> int:
     # Local use: plaintext and no identity provider unless the caller's environment says otherwise.
     env.setdefault("SMILY_PLAINTEXT", "1")
     env.setdefault("SMILY_AUTH", "none")
+    env.setdefault("SMILY_AUDIT_LOG", os.path.join(LOG_DIR, "audit.jsonl"))
     redis_proc, url = start_redis(6390, os.path.join(LOG_DIR, "redis.log"))
     if redis_proc:
         _write_pid("redis", redis_proc.pid)

@@ -40,3 +40,11 @@ def require(condition: bool, message: str) -> None:
 
 class Aborted(ServiceError):
     code = grpc.StatusCode.ABORTED
+
+
+class Unauthenticated(ServiceError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(ServiceError):
+    code = grpc.StatusCode.PERMISSION_DENIED

@@ -17,17 +17,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from .config import Settings
-from .errors import ServiceError
+from .errors import PermissionDenied, ServiceError
 
 log = logging.getLogger("smily.tls")
 
 HEALTH_SERVICE = "grpc.health.v1.Health"
 PLAINTEXT_WARNING = ("warning: plaintext gRPC without TLS (SMILY_PLAINTEXT=1): for a local run only, "
                      "never on a network others share")
-
-
-class PermissionDenied(ServiceError):
-    code = grpc.StatusCode.PERMISSION_DENIED
 
 
 def _read(path: str) -> bytes:

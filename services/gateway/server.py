@@ -16,6 +16,7 @@ from smily.common.tensors import to_tensor
 from . import paging, vectors
 from .backends import Backends
 from .cache import RedisGuard, make_cache
+from .guard import Guard
 from .ingest import Ingestor
 from .query import QueryEngine
 from .operations import LocalOperations, SharedOperations
@@ -210,4 +211,5 @@ def registration(settings: Settings) -> Registration:
         gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name,
         GatewayServicer(settings),
         gateway_pb2_grpc.add_GatewayServiceServicer_to_server,
+        interceptors=(Guard(settings),),
     )
