@@ -119,6 +119,8 @@ class Settings:
     # HMAC key authenticating cached values in Redis, shared by the gateway replicas
     # (a Secret). Empty: a random key per process, so a replica trusts only its own writes.
     cache_key: str = ""
+    # Redis password when SMILY_REDIS_URL carries none (kept apart so the URL can live in a ConfigMap).
+    redis_password: str = ""
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> "Settings":

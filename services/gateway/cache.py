@@ -68,12 +68,14 @@ class RedisGuard:
     the first one is logged, and a breaker skips Redis for a few seconds
     after a failure so a dead Redis costs callers nothing."""
 
-    def __init__(self, url: str, timeout_s: float, ca_file: str = ""):
+    def __init__(self, url: str, timeout_s: float, ca_file: str = "", password: str = ""):
         # rediss:// is TLS; the suite's CA verifies the server unless the URL names its own.
-        tls = {"ssl_ca_certs": ca_file} if url.startswith("rediss://") and ca_file and "ssl_ca_certs" not in url \
+        options = {"ssl_ca_certs": ca_file} if url.startswith("rediss://") and ca_file and "ssl_ca_certs" not in url \
             else {}
+        if password:  # a password in the URL wins
+            options["password"] = password
         self.client = redis.Redis.from_url(
-            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry_on_timeout=False, **tls
+            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry_on_timeout=False, **options
         )
         self._closed_until = 0.0
         self._failing = False
