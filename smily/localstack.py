@@ -76,7 +76,8 @@ def local_stack(slide_roots: tuple[str, ...], **overrides) -> Iterator:
                 "bind_host": "127.0.0.1", "gateway_port": 0, "tiler_port": 0, "embedder_port": 0,
                 "index_port": 0, "metrics_port": 0, "slide_roots": tuple(slide_roots),
                 "index_dir": os.path.join(tmp, "index"), "redis_url": redis_url, "plaintext": True,
-                "auth": "none", "audit_log": os.path.join(tmp, "audit.jsonl"), **overrides})
+                "auth": "none", "audit_log": os.path.join(tmp, "audit.jsonl"),
+                "cache_key": secrets.token_urlsafe(32), **overrides})
             running, settings = stack.start(stack.ORDER, settings)
             try:
                 yield settings
@@ -100,6 +101,7 @@ def up() -> int:
     env.setdefault("SMILY_PLAINTEXT", "1")
     env.setdefault("SMILY_AUTH", "none")
     env.setdefault("SMILY_AUDIT_LOG", os.path.join(LOG_DIR, "audit.jsonl"))
+    env.setdefault("SMILY_CACHE_KEY", secrets.token_urlsafe(32))
     redis_proc, url = start_redis(6390, os.path.join(LOG_DIR, "redis.log"))
     if redis_proc:
         _write_pid("redis", redis_proc.pid)

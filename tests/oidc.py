@@ -33,7 +33,7 @@ class IdP:
         idp = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 (http.server's name)
+            def do_GET(self):
                 if self.path == "/realms/test/.well-known/openid-configuration":
                     body = {"issuer": idp.issuer, "jwks_uri": idp.issuer + "/protocol/openid-connect/certs"}
                 elif self.path == "/realms/test/protocol/openid-connect/certs":

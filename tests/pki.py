@@ -36,7 +36,7 @@ class CA:
         with open(self.path, "wb") as fh:
             fh.write(self.cert.public_bytes(serialization.Encoding.PEM))
 
-    def issue(self, name: str, dns=("localhost",), ips=("127.0.0.1",), ca: "CA | None" = None) -> tuple[str, str]:
+    def issue(self, name: str, dns=("localhost",), ips=("127.0.0.1",), ca: CA | None = None) -> tuple[str, str]:
         """A certificate for server and client use, SAN = name + dns + ips; returns (cert path, key path).
 
         ca: sign with another CA (a stranger's certificate)."""

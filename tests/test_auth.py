@@ -26,6 +26,7 @@ from smily.index.v1 import index_pb2, index_pb2_grpc
 from . import oidc
 from .conftest import base_settings
 from .pki import CA
+from .test_tls import read
 
 SEARCH, INGEST, ADMIN = ["smily.search"], ["smily.ingest"], ["smily.admin"]
 
@@ -62,7 +63,7 @@ def secured(idp, pki, slide_dir, model_repo, tmp_path_factory):
 
 
 def gateway(settings, ca_path: str | None = None):
-    ca = open(ca_path or settings.tls_ca_file, "rb").read()
+    ca = read(ca_path or settings.tls_ca_file)
     return gateway_pb2_grpc.GatewayServiceStub(channel(f"127.0.0.1:{settings.gateway_port}",
                                                        grpc.ssl_channel_credentials(ca)))
 
@@ -150,7 +151,7 @@ def test_a_plaintext_client_fails(secured, idp):
 
 
 def test_health_needs_no_token(secured):
-    ca = open(secured.tls_ca_file, "rb").read()
+    ca = read(secured.tls_ca_file)
     ch = channel(f"127.0.0.1:{secured.gateway_port}", grpc.ssl_channel_credentials(ca))
     health = health_pb2_grpc.HealthStub(ch)
     assert health.Check(health_pb2.HealthCheckRequest(service="smily.gateway.v1.GatewayService"),
@@ -158,9 +159,9 @@ def test_health_needs_no_token(secured):
 
 
 def test_a_backend_called_without_the_gateway_certificate_is_refused(secured, pki):
-    ca = open(pki["ca"].path, "rb").read()
+    ca = read(pki["ca"].path)
     cert, key = pki["stranger"]
-    stranger = grpc.ssl_channel_credentials(ca, open(key, "rb").read(), open(cert, "rb").read())
+    stranger = grpc.ssl_channel_credentials(ca, read(key), read(cert))
     for creds, code in ((None, grpc.StatusCode.UNAVAILABLE), (grpc.ssl_channel_credentials(ca),
                                                                 grpc.StatusCode.UNAVAILABLE),
                         (stranger, grpc.StatusCode.PERMISSION_DENIED)):

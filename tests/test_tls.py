@@ -11,8 +11,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from smily import stack
 from smily.common import tls
 from smily.common.channels import channel
-from smily.localstack import free_port
 from smily.index.v1 import index_pb2, index_pb2_grpc
+from smily.localstack import free_port
 from smily.tiler.v1 import tiler_pb2, tiler_pb2_grpc
 
 from .conftest import base_settings, rpc_code
@@ -34,12 +34,15 @@ def mtls_settings(pki, **changes):
                          tls_client_auth="require", **changes)
 
 
+def read(path: str) -> bytes:
+    with open(path, "rb") as fh:
+        return fh.read()
+
+
 def creds(ca_path: str, pair=None) -> grpc.ChannelCredentials:
-    with open(ca_path, "rb") as fh:
-        ca = fh.read()
     if pair is None:
-        return grpc.ssl_channel_credentials(ca)
-    return grpc.ssl_channel_credentials(ca, open(pair[1], "rb").read(), open(pair[0], "rb").read())
+        return grpc.ssl_channel_credentials(read(ca_path))
+    return grpc.ssl_channel_credentials(read(ca_path), read(pair[1]), read(pair[0]))
 
 
 @pytest.fixture(scope="module")

@@ -46,8 +46,9 @@ _CLIENT_ERRORS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, g
 
 
 class _RaisingMixin:
-    def handleError(self, record):  # noqa: N802 (logging's name)
-        raise  # an unwritten audit record must fail the call, not vanish
+    def handleError(self, record):
+        # logging calls this inside its `except`: re-raise, an unwritten record must fail the call.
+        raise  # noqa: PLE0704
 
 
 class _FileHandler(_RaisingMixin, logging.handlers.WatchedFileHandler):

@@ -52,8 +52,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self._b = Backends(settings)
         tiling = tiler_pb2.TilingParams(
             mpp=settings.tile_mpp, tile_size=settings.tile_size, min_tissue_fraction=settings.min_tissue_fraction)
-        redis = RedisGuard(settings.redis_url, settings.redis_timeout_s, settings.tls_ca_file, settings.redis_password) \
-            if settings.redis_url else None
+        redis = RedisGuard(settings.redis_url, settings.redis_timeout_s, settings.tls_ca_file,
+                           settings.redis_password) if settings.redis_url else None
         self._q = QueryEngine(self._b, tiling, make_cache(redis, settings.cache_ttl_s, settings.cache_key),
                               settings.embed_batch, settings.case_key)
         self._ingest = Ingestor(self._b, tiling, settings.embed_batch, settings.max_concurrent_ingests,
