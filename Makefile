@@ -61,6 +61,11 @@ IMAGE_BUILDER ?= docker
 IMAGE_PREFIX ?= localhost/smily
 IMAGE_TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 
+# The base's generated Secret values (Redis password, cache HMAC key); kept if present.
+.PHONY: k8s-secrets
+k8s-secrets:
+	$(PYTHON) -m smily.k8s_secrets
+
 .PHONY: images
 images:
 	$(IMAGE_BUILDER) build -f deploy/docker/tiler.Dockerfile -t $(IMAGE_PREFIX)/tiler:$(IMAGE_TAG) .

@@ -52,7 +52,7 @@ def rate(fn, images_per_call: int, min_s: float = 3.0, max_calls: int = 50) -> f
 
 def settings(**changes) -> Settings:
     return dataclasses.replace(Settings(), bind_host="127.0.0.1", embedder_port=0, metrics_port=0,
-                               model_repository=REPO, **changes)
+                               model_repository=REPO, plaintext=True, **changes)
 
 
 def raw(tile: np.ndarray) -> types_pb2.Image:

@@ -103,7 +103,7 @@ def main() -> int:
     settings = dataclasses.replace(
         Settings(), gateway_port=0, tiler_port=0, embedder_port=0, index_port=0, metrics_port=0,
         slide_roots=(os.path.join(tmp, "slides"),), model_repository=MODELS, index_dir=os.path.join(tmp, "index"),
-        redis_url=url, log_level="WARNING", index_ivf_threshold=args.ivf_threshold)
+        redis_url=url, log_level="WARNING", index_ivf_threshold=args.ivf_threshold, plaintext=True, auth="none")
     running, settings = stack.start(stack.ORDER, settings)
     client = Client(f"127.0.0.1:{settings.gateway_port}", timeout=120)
     try:

@@ -76,7 +76,7 @@ def free_port() -> int:
 
 def start_tiler(root: str, port: int) -> subprocess.Popen:
     env = dict(os.environ, SMILY_SLIDE_ROOTS=root, SMILY_TILER_PORT=str(port), SMILY_METRICS_PORT="0",
-               SMILY_LOG_LEVEL="WARNING")
+               SMILY_LOG_LEVEL="WARNING", SMILY_PLAINTEXT="1")
     return subprocess.Popen([sys.executable, "-m", "smily.cli", "serve", "tiler"], env=env,
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -32,7 +32,10 @@ def _serve(args) -> int:
 def _client(args):
     from smily.client import Client
 
-    return Client(args.gateway)
+    try:
+        return Client(args.gateway, tls_ca=args.tls_ca, token=args.token)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"error: {exc}") from None
 
 
 def _progress(op) -> None:
@@ -353,6 +356,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     def with_gateway(sp):
         sp.add_argument("--gateway", default=DEFAULT_GATEWAY, help="gateway HOST:PORT (default %(default)s)")
+        sp.add_argument("--tls-ca", default=None, metavar="FILE",
+                        help="CA certificate (PEM) to verify the gateway with: TLS (default $SMILY_TLS_CA_FILE)")
+        sp.add_argument("--token", default=None,
+                        help="OIDC bearer token sent with every call (default $SMILY_TOKEN; needs TLS)")
         return sp
 
     s = sub.add_parser("serve", help="run services (config from SMILY_* variables)")

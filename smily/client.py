@@ -1,6 +1,7 @@
 """A small client of the public gateway API, used by the CLI and the demo."""
 from __future__ import annotations
 
+import os
 import time
 
 import grpc
@@ -12,9 +13,40 @@ DONE = (gateway_pb2.OPERATION_STATE_SUCCEEDED, gateway_pb2.OPERATION_STATE_FAILE
         gateway_pb2.OPERATION_STATE_CANCELLED)
 
 
+def credentials(tls_ca: str = "", token: str = "", cert_file: str = "",
+                key_file: str = "") -> grpc.ChannelCredentials | None:
+    """TLS verified with the CA in tls_ca (plus a client certificate when the
+    gateway demands one) and the bearer token on every call; None = plaintext."""
+    if not tls_ca:
+        if token:
+            raise ValueError("a token is only sent over TLS: give the gateway's CA (--tls-ca / SMILY_TLS_CA_FILE)")
+        return None
+    with open(tls_ca, "rb") as fh:
+        ca = fh.read()
+    key = cert = None
+    if cert_file and key_file:
+        with open(key_file, "rb") as fh:
+            key = fh.read()
+        with open(cert_file, "rb") as fh:
+            cert = fh.read()
+    creds = grpc.ssl_channel_credentials(ca, key, cert)
+    if token:
+        creds = grpc.composite_channel_credentials(creds, grpc.access_token_call_credentials(token))
+    return creds
+
+
 class Client:
-    def __init__(self, target: str, timeout: float = 60.0):
-        self._channel = channel(target)
+    """tls_ca, token, cert_file, key_file: see credentials(); they default to
+    SMILY_TLS_CA_FILE, SMILY_TOKEN, SMILY_TLS_CERT_FILE and SMILY_TLS_KEY_FILE."""
+
+    def __init__(self, target: str, timeout: float = 60.0, *, tls_ca: str | None = None, token: str | None = None,
+                 cert_file: str | None = None, key_file: str | None = None):
+        env = os.environ
+        self._channel = channel(target, credentials(
+            env.get("SMILY_TLS_CA_FILE", "") if tls_ca is None else tls_ca,
+            env.get("SMILY_TOKEN", "") if token is None else token,
+            env.get("SMILY_TLS_CERT_FILE", "") if cert_file is None else cert_file,
+            env.get("SMILY_TLS_KEY_FILE", "") if key_file is None else key_file))
         self.stub = gateway_pb2_grpc.GatewayServiceStub(self._channel)
         self.timeout = timeout
 

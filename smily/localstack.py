@@ -1,12 +1,14 @@
 """The local stack of `make demo` / `make up`: a redis-server and the services.
 
 Redis is started from the `redis-server` on PATH when there is one (no
-persistence: it is a cache); without it the gateway uses an in-process
-cache and says so.
+persistence: it is a cache) with a password generated at start; without it
+the gateway uses an in-process cache and says so. The local stack is the
+one place that runs plaintext gRPC without authentication (it says so once).
 """
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -27,21 +29,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_redis(port: int | None = None, log_path: str = os.devnull) -> tuple[subprocess.Popen | None, str]:
-    """Start redis-server on loopback; returns (process, url), or (None, "") when not installed."""
+def start_redis(port: int | None = None, log_path: str = os.devnull,
+                tls: tuple[str, str, str] | None = None) -> tuple[subprocess.Popen | None, str]:
+    """Start redis-server on loopback with a fresh password; returns (process, url),
+    or (None, "") when not installed. tls=(cert, key, ca) serves TLS only (rediss://)."""
     exe = shutil.which("redis-server")
     if not exe:
         return None, ""
     port = port or free_port()
-    proc = subprocess.Popen(
-        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--maxmemory", "256mb", "--maxmemory-policy", "allkeys-lru"],
-        stdout=open(log_path, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+    password = secrets.token_urlsafe(24)
+    # The config goes in on stdin so the password never shows in `ps`.
+    config = [f"port {0 if tls else port}", "bind 127.0.0.1", "protected-mode yes", 'save ""', "appendonly no",
+              "maxmemory 256mb", "maxmemory-policy allkeys-lru", f"requirepass {password}"]
+    if tls:
+        config += [f"tls-port {port}", f"tls-cert-file {tls[0]}", f"tls-key-file {tls[1]}",
+                   f"tls-ca-cert-file {tls[2]}", "tls-auth-clients no"]
+    proc = subprocess.Popen([exe, "-"], stdin=subprocess.PIPE, stdout=open(log_path, "ab"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc.stdin.write("\n".join(config).encode() + b"\n")
+    proc.stdin.close()
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return proc, f"redis://127.0.0.1:{port}/0"
+                return proc, f"{'rediss' if tls else 'redis'}://:{password}@127.0.0.1:{port}/0"
         except OSError:
             if proc.poll() is not None:
                 break
@@ -64,7 +75,9 @@ def local_stack(slide_roots: tuple[str, ...], **overrides) -> Iterator:
             settings = Settings.from_env(**{
                 "bind_host": "127.0.0.1", "gateway_port": 0, "tiler_port": 0, "embedder_port": 0,
                 "index_port": 0, "metrics_port": 0, "slide_roots": tuple(slide_roots),
-                "index_dir": os.path.join(tmp, "index"), "redis_url": redis_url, **overrides})
+                "index_dir": os.path.join(tmp, "index"), "redis_url": redis_url, "plaintext": True,
+                "auth": "none", "audit_log": os.path.join(tmp, "audit.jsonl"),
+                "cache_key": secrets.token_urlsafe(32), **overrides})
             running, settings = stack.start(stack.ORDER, settings)
             try:
                 yield settings
@@ -84,6 +97,11 @@ def up() -> int:
         print("the local stack is already running; `make down` stops it")
         return 1
     env = dict(os.environ)
+    # Local use: plaintext and no identity provider unless the caller's environment says otherwise.
+    env.setdefault("SMILY_PLAINTEXT", "1")
+    env.setdefault("SMILY_AUTH", "none")
+    env.setdefault("SMILY_AUDIT_LOG", os.path.join(LOG_DIR, "audit.jsonl"))
+    env.setdefault("SMILY_CACHE_KEY", secrets.token_urlsafe(32))
     redis_proc, url = start_redis(6390, os.path.join(LOG_DIR, "redis.log"))
     if redis_proc:
         _write_pid("redis", redis_proc.pid)

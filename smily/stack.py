@@ -29,12 +29,15 @@ def start(names, settings: Settings) -> tuple[dict[str, server.RunningServer], S
     gateway is pointed at the backends started here. Returns the servers and
     the settings with the real ports filled in."""
     running: dict[str, server.RunningServer] = {}
+    if settings.health_port and len(set(names)) > 1:
+        raise ValueError("SMILY_HEALTH_PORT serves one service per process; unset it for `serve all`")
+    server.warn_if_plaintext(settings)
     try:
         for name in sorted(set(names), key=ORDER.index):
             reg = _registration(name, settings)
             srv = server.start([reg], settings.bind_host, getattr(settings, f"{name}_port"),
                                max_concurrent_rpcs=settings.max_concurrent_rpcs,
-                               worker_threads=settings.worker_threads)
+                               worker_threads=settings.worker_threads, **server.security(settings, name))
             srv.servicer = reg.servicer
             running[name] = srv
             updates = {f"{name}_port": srv.port}

@@ -62,7 +62,7 @@ def redis_url():
 def base_settings(**overrides) -> Settings:
     return dataclasses.replace(
         Settings(), bind_host="127.0.0.1", gateway_port=0, tiler_port=0, embedder_port=0, index_port=0,
-        metrics_port=0, **overrides)
+        metrics_port=0, **{"plaintext": True, "auth": "none", **overrides})
 
 
 @pytest.fixture(scope="session")

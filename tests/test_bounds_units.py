@@ -6,10 +6,10 @@ import struct
 
 import pytest
 
-from smily.common.callers import caller_of
+from smily.common.caller import caller_of
 from smily.common.channels import IDEMPOTENT
 from smily.common.errors import Busy, NotFound
-from smily.common.server import _Admission
+from smily.common.server import Admission
 from smily.tiler import protocol
 from smily.tiler.arena import Arena, Slot
 
@@ -29,7 +29,7 @@ def test_caller_is_the_peer_host():
 
 
 def test_admission_limits_in_all_and_per_caller():
-    a = _Admission(limit=3, per_caller=2)
+    a = Admission(limit=3, per_caller=2)
     x1, x2 = a.enter("gateway", Peer("ipv4:10.0.0.1:1")), a.enter("gateway", Peer("ipv4:10.0.0.1:2"))
     with pytest.raises(Busy, match="this caller"):
         a.enter("gateway", Peer("ipv4:10.0.0.1:3"))

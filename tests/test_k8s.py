@@ -55,7 +55,6 @@ DEFAULTS = Settings()
 RENDERS = {
     "cpu": ("overlays/cpu", []),
     "gpu": ("overlays/gpu", []),
-    "cpu+netpol+external-redis": ("overlays/cpu", ["components/network-policies", "components/external-redis"]),
     "cpu+external-redis": ("overlays/cpu", ["components/external-redis"]),
     "gpu+external-redis": ("overlays/gpu", ["components/external-redis"]),
 }
@@ -78,6 +77,9 @@ def kubectl() -> str:
 @pytest.fixture(scope="session")
 def rendered(kubectl, tmp_path_factory) -> dict[str, tuple[str, list[dict]]]:
     """name -> (YAML text, objects) of every overlay and combination."""
+    from smily import k8s_secrets
+
+    k8s_secrets.write(str(K8S / "base" / "secrets" / "redis.env"))  # what `make k8s-secrets` does once
     out = {}
     for name, (overlay, components) in RENDERS.items():
         target = K8S / overlay
@@ -161,15 +163,23 @@ def project_version() -> str:
 
 # -- rendering and schema validation ------------------------------------------
 
+# Custom resources kubernetes-validate has no offline schema for: left out of
+# the strict validation and checked by hand in test_offline_custom_resources.
+OFFLINE_CRDS = {("cert-manager.io/v1", "Certificate"), ("cert-manager.io/v1", "Issuer")}
+
+
+def _crd(o) -> bool:
+    return (o["apiVersion"], o["kind"]) in OFFLINE_CRDS
+
 @pytest.mark.parametrize("name", list(RENDERS))
 def test_renders_and_validates_strictly(name, rendered, tmp_path):
     try:
         import kubernetes_validate  # noqa: F401
     except ImportError:
         need("kubernetes-validate", "install the dev extra: pip install -e '.[dev]'")
-    text, objs = rendered[name]
+    _, objs = rendered[name]
     path = tmp_path / f"{name}.yaml"
-    path.write_text(text)
+    path.write_text(yaml.safe_dump_all([o for o in objs if not _crd(o)]))
     proc = subprocess.run(
         [sys.executable, "-m", "kubernetes_validate", "--strict", "--quiet", "-k", KUBERNETES_VERSION, str(path)],
         capture_output=True, text=True, timeout=120)
@@ -255,9 +265,11 @@ def test_every_container_has_probes_and_liveness_is_local(render):
 
 def test_grpc_services_use_native_grpc_probes(render):
     _, objs = render
+    # kubelet's gRPC probes cannot speak TLS: they ask the plaintext health-only port.
+    port = int(config(objs)["SMILY_HEALTH_PORT"])
+    assert port not in (DEFAULTS.metrics_port, *(getattr(DEFAULTS, f"{s}_port") for s in SERVICES))
     for s in SERVICES:
         c = container_of(objs, s)
-        port = getattr(DEFAULTS, f"{s}_port")
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             assert c[probe]["grpc"]["port"] == port, f"{s} {probe}"
         # Readiness names this service; liveness asks the server as a whole
@@ -356,7 +368,8 @@ def test_ports_args_and_images_agree_with_code_and_make_images(render):
         c = container_of(objs, s)
         assert c["command"] == ["python", "-m", f"smily.{s}"]
         ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-        assert ports == {"grpc": getattr(DEFAULTS, f"{s}_port"), "metrics": DEFAULTS.metrics_port}
+        assert ports == {"grpc": getattr(DEFAULTS, f"{s}_port"), "metrics": DEFAULTS.metrics_port,
+                         "health": int(config(objs)["SMILY_HEALTH_PORT"])}
         svc = one(objs, "Service", f"smily-{s}")
         by_name = {p["name"]: p for p in svc["spec"]["ports"]}
         assert by_name["grpc"]["port"] == ports["grpc"] and by_name["grpc"]["targetPort"] == "grpc"
@@ -416,6 +429,14 @@ def test_redis_is_a_bounded_lru_cache_without_persistence(render):
     (redis,) = pod_spec(one(objs, "Deployment", "smily-redis"))["containers"]
     args = redis["args"]
     flags = {args[i]: args[i + 1] for i in range(0, len(args), 2)}
+    # A password from the generated Secret, shared with the gateway only; protected-mode on.
+    assert flags["--protected-mode"] == "yes" and flags["--requirepass"] == "$(REDIS_PASSWORD)"
+    (secret,) = [o for o in find(objs, "Secret") if o["metadata"]["name"].startswith("smily-redis")]
+    redis_env = {e["name"]: e for e in redis["env"]}
+    for ref, key in ((redis_env["REDIS_PASSWORD"], "password"), (env["SMILY_REDIS_PASSWORD"], "password"),
+                     (env["SMILY_CACHE_KEY"], "cache-key")):
+        assert ref["valueFrom"]["secretKeyRef"] == {"name": secret["metadata"]["name"], "key": key}
+        assert len(secret["data"][key]) >= 40
     assert flags["--maxmemory-policy"] == "allkeys-lru"
     assert flags["--maxmemory"] and flags["--save"] == "" and flags["--appendonly"] == "no"
     assert not any("persistentVolumeClaim" in v for v in pod_spec(one(objs, "Deployment", "smily-redis"))["volumes"])
@@ -461,9 +482,6 @@ def _peers_allowed(policies, labels, direction):
 def test_network_policies(render):
     name, objs = render
     policies = find(objs, "NetworkPolicy")
-    if not (name.startswith("gpu") or "netpol" in name):
-        assert not policies
-        return
     deny = [p for p in policies if p["spec"]["podSelector"] == {} and not p["spec"].get("ingress")
             and not p["spec"].get("egress")]
     assert deny and set(deny[0]["spec"]["policyTypes"]) == {"Ingress", "Egress"}
@@ -473,8 +491,12 @@ def test_network_policies(render):
         grpc_rules = [r for r in _peers_allowed(policies, labels(s), "Ingress")
                       if any(p["port"] == getattr(DEFAULTS, f"{s}_port") for p in r.get("ports", []))]
         assert grpc_rules, f"gateway cannot reach {s}"
+        allowed = [{"podSelector": {"matchLabels": gateway_sel}}]
+        if s == "index":  # its own replicas and tooling too
+            allowed += [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": n}}}
+                        for n in ("smily-index", "smily-tooling")]
         for r in grpc_rules:
-            assert r["from"] == [{"podSelector": {"matchLabels": gateway_sel}}], f"{s} open to more than the gateway"
+            assert r["from"] == allowed, f"{s} open to more than {allowed}"
         # Backends dial nobody but DNS.
         for r in _peers_allowed(policies, labels(s), "Egress"):
             assert {p["port"] for p in r["ports"]} == {53}, s
@@ -482,7 +504,11 @@ def test_network_policies(render):
     gw_ports = {p["port"] for r in gw_egress for p in r.get("ports", [])}
     assert {DEFAULTS.tiler_port, DEFAULTS.embedder_port, DEFAULTS.index_port, 6379} <= gw_ports
     gw_ingress = _peers_allowed(policies, labels("gateway"), "Ingress")
-    assert any(p["port"] == DEFAULTS.gateway_port for r in gw_ingress for p in r["ports"])
+    (client_rule,) = [r for r in gw_ingress if any(p["port"] == DEFAULTS.gateway_port for p in r["ports"])]
+    # Only labelled client namespaces and pods (docs/security.md), not the whole cluster.
+    client = {"smily.io/gateway-client": "true"}
+    assert client_rule["from"] == [{"namespaceSelector": {"matchLabels": client}},
+                                   {"podSelector": {"matchLabels": client}}]
     if "external-redis" in name:
         assert not find(objs, "NetworkPolicy", "smily-redis")
         assert any("ipBlock" in peer for r in gw_egress for peer in r.get("to", []))
@@ -560,3 +586,60 @@ def test_dockerfiles(service):
         assert "smily model export" in text and "COPY --from=model /models" in text
     else:
         assert "torch" not in text
+
+
+# -- TLS: certificates as files, cert-manager custom resources checked by hand ------
+
+def test_offline_custom_resources(render):
+    """What kubernetes-validate cannot check offline: cert-manager's Issuers and Certificates."""
+    _, objs = render
+    crds = [o for o in objs if _crd(o)]
+    assert {(o["apiVersion"], o["kind"]) for o in crds} == OFFLINE_CRDS
+    issuers = {o["metadata"]["name"]: o for o in find(objs, "Issuer")}
+    for o in issuers.values():
+        assert set(o["spec"]) <= {"selfSigned", "ca"} and len(o["spec"]) == 1
+        if "ca" in o["spec"]:
+            assert set(o["spec"]["ca"]) == {"secretName"}
+    certs = {o["metadata"]["name"]: o for o in find(objs, "Certificate")}
+    known = {"secretName", "commonName", "dnsNames", "duration", "renewBefore", "privateKey", "usages", "issuerRef",
+             "isCA"}
+    for name, c in certs.items():
+        spec = c["spec"]
+        assert set(spec) <= known, f"{name}: unknown fields {set(spec) - known}"
+        assert spec["issuerRef"]["kind"] == "Issuer" and spec["issuerRef"]["name"] in issuers
+        assert spec["privateKey"]["algorithm"] in ("ECDSA", "RSA", "Ed25519")
+        if not spec.get("isCA"):
+            assert set(spec["usages"]) == {"server auth", "client auth"}
+            assert spec["privateKey"]["rotationPolicy"] == "Always"
+    assert certs["smily-ca"]["spec"]["isCA"] is True
+    assert issuers["smily-ca"]["spec"]["ca"]["secretName"] == certs["smily-ca"]["spec"]["secretName"]
+
+
+def test_every_service_mounts_its_certificate_and_the_names_match(render):
+    _, objs = render
+    cfg = config(objs)
+    certs = {o["spec"]["secretName"]: o["spec"] for o in find(objs, "Certificate")}
+    mount = os.path.dirname(cfg["SMILY_TLS_CERT_FILE"])
+    assert {cfg["SMILY_TLS_KEY_FILE"], cfg["SMILY_TLS_CA_FILE"]} == {f"{mount}/tls.key", f"{mount}/ca.crt"}
+    assert cfg["SMILY_TLS_CLIENT_AUTH"] == "require"
+    for s in SERVICES:
+        vols = {v["name"]: v for v in pod_spec(smily_workload(objs, s))["volumes"]}
+        (m,) = [m for m in container_of(objs, s)["volumeMounts"] if m["mountPath"] == mount]
+        assert m["readOnly"] is True
+        secret = vols[m["name"]]["secret"]["secretName"]
+        assert secret == f"smily-{s}-tls" and secret in certs, s
+        if s != "gateway":  # the host name the gateway dials must be on the backend's certificate
+            host = TARGET.match(cfg[f"SMILY_{s.upper()}_TARGET"])
+            assert f"{host['svc']}.{host['ns']}.svc.cluster.local" in certs[secret]["dnsNames"], s
+    # The identities the backends accept are the gateway's (and tooling's) certificate names.
+    assert cfg["SMILY_TLS_BACKEND_CLIENTS"] in certs["smily-gateway-tls"]["dnsNames"]
+    assert cfg["SMILY_TLS_INDEX_CLIENTS"] in certs["smily-tooling-tls"]["dnsNames"]
+
+
+def test_oidc_and_audit_settings_are_in_the_config(render):
+    _, objs = render
+    cfg = config(objs)
+    s = Settings.from_env(cfg)
+    assert s.auth == "oidc" and s.oidc_issuer.startswith("https://") and s.oidc_audience
+    assert not s.plaintext and s.reflection is False
+    assert "SMILY_AUDIT_LOG" in cfg

@@ -99,8 +99,45 @@ class Settings:
     max_queued_ingests: int = 32
     # Whole-slide queries (SearchSlides) streaming a slide at once on one gateway.
     max_slide_queries: int = 2
-    # RPCs one caller (callers.caller_of) may have in flight on the gateway; 0 = no quota.
+    # RPCs one caller (caller.caller_of: token subject, else peer host) may have in flight on the gateway; 0 = no quota.
     max_rpcs_per_caller: int = 32
+    # Trust boundary (issue 12).
+    # Plaintext gRPC without certificates: only for the local embedded run
+    # (`make demo`, `make up`, tests); otherwise a server without TLS refuses to start.
+    plaintext: bool = False
+    # PEM files, re-read when they change (cert-manager rotates them). The
+    # certificate is also the client certificate the gateway dials backends with.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    # CA that clients verify servers with and, under mTLS, servers verify clients with.
+    tls_ca_file: str = ""
+    # "require": servers demand a client certificate from the CA (mTLS); "none": they do not.
+    tls_client_auth: str = "none"
+    # Under mTLS, the certificate identities (SAN DNS/URI/IP or CN) the backends
+    # accept: the gateway's; the index accepts tls_index_clients too (tooling).
+    tls_backend_clients: tuple[str, ...] = ("smily-gateway",)
+    tls_index_clients: tuple[str, ...] = ("smily-tooling",)
+    # Plaintext port serving only the gRPC health service (kubelet's gRPC probes
+    # cannot speak TLS); 0 = off. One service per process when set.
+    health_port: int = 0
+    # gRPC server reflection, for debugging only.
+    reflection: bool = False
+    # Gateway callers: "oidc" (bearer tokens from the IdP) or "none" (local use only).
+    auth: str = "oidc"
+    oidc_issuer: str = ""
+    oidc_audience: str = ""
+    # Empty: the jwks_uri of {issuer}/.well-known/openid-configuration.
+    oidc_jwks_url: str = ""
+    # Claim holding the caller's roles; a dotted path reaches nested claims
+    # (Keycloak: realm_access.roles).
+    oidc_roles_claim: str = "roles"
+    # Audit trail: JSON lines appended to this file; empty = stdout (logger smily.audit).
+    audit_log: str = ""
+    # HMAC key authenticating cached values in Redis, shared by the gateway replicas
+    # (a Secret). Empty: a random key per process, so a replica trusts only its own writes.
+    cache_key: str = ""
+    # Redis password when SMILY_REDIS_URL carries none (kept apart so the URL can live in a ConfigMap).
+    redis_password: str = ""
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> "Settings":
@@ -115,7 +152,7 @@ class Settings:
 
 
 # Lists of network addresses cannot use ":".
-_SEPARATORS = {"index_targets": ","}
+_SEPARATORS = {"index_targets": ",", "tls_backend_clients": ",", "tls_index_clients": ","}
 
 
 def _parse(f: dataclasses.Field, raw: str):

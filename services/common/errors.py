@@ -54,3 +54,9 @@ class Busy(ServiceError):
     def __init__(self, message: str, retry_after_s: float = 1.0):
         super().__init__(f"{message}; retry in about {retry_after_s:g} s")
         self.retry_after_s = retry_after_s
+class Unauthenticated(ServiceError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(ServiceError):
+    code = grpc.StatusCode.PERMISSION_DENIED

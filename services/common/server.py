@@ -1,8 +1,9 @@
 """The one server bootstrap every service uses.
 
 It gives each gRPC server the same things: the standard health service
-(NOT_SERVING until the servicers are built, and again while draining),
-reflection, canonical error mapping, Prometheus metrics, connection ageing
+(NOT_SERVING until the servicers are built, and again while draining; also
+on a plaintext health-only port for kubelet), TLS/mTLS, reflection when asked
+for, canonical error mapping, Prometheus metrics, connection ageing
 for Kubernetes load balancing, and a graceful stop on SIGTERM.
 """
 from __future__ import annotations
@@ -21,8 +22,8 @@ import prometheus_client as prom
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from . import logs, memory
-from .callers import caller_of
+from . import logs, memory, tls
+from .caller import caller_of
 from .config import Settings
 from .errors import Busy, ServiceError
 
@@ -58,10 +59,10 @@ SERVER_OPTIONS = [
 ]
 
 
-class _Admission:
+class Admission:
     """Counts in-flight RPCs, in all and per caller, and refuses those over the limits."""
 
-    def __init__(self, limit: int, per_caller: int):
+    def __init__(self, limit: int, per_caller: int = 0):
         self._limit, self._per_caller = limit, per_caller
         self._lock = threading.Lock()
         self._total = 0
@@ -105,7 +106,7 @@ class _Interceptor(grpc.ServerInterceptor):
     """Maps exceptions to statuses, records metrics and applies the concurrency
     limits for every RPC but health checks."""
 
-    def __init__(self, service: str, admission: _Admission):
+    def __init__(self, service: str, admission: Admission):
         self._service = service
         self._admission = admission
 
@@ -187,22 +188,27 @@ class Registration:
     name: str  # full proto service name, e.g. smily.tiler.v1.TilerService
     servicer: object
     add_to_server: Callable[[object, grpc.Server], None]
-    # RPCs one caller may have in flight (callers.caller_of); 0 = no quota (internal services).
-    max_rpcs_per_caller: int = 0
+    # The service's own interceptors (the gateway's auth, quota and audit), inside the shared one.
+    interceptors: tuple = ()
 
 
 class RunningServer:
-    def __init__(self, server: grpc.Server, health_servicer, port: int, names: list[str]):
+    def __init__(self, server: grpc.Server, health_servicer, port: int, names: list[str],
+                 health_server: grpc.Server | None = None, health_port: int = 0):
         self.server = server
         self.health = health_servicer
         self.port = port
         self.names = names
+        self.health_server = health_server
+        self.health_port = health_port
 
     def stop(self, grace: float) -> None:
         # Health says NOT_SERVING first, so load balancers stop sending work,
         # then in-flight RPCs get `grace` seconds to finish.
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
+        if self.health_server is not None:
+            self.health_server.stop(0).wait()
 
 
 def start(
@@ -212,20 +218,28 @@ def start(
     *,
     max_concurrent_rpcs: int = 64,
     worker_threads: int = 16,
+    credentials: grpc.ServerCredentials | None = None,
+    allowed_clients: frozenset[str] | None = None,
+    health_port: int | None = None,
+    reflection_on: bool = False,
 ) -> RunningServer:
     """Start a gRPC server with the given servicers; port 0 picks a free one.
 
     At most max_concurrent_rpcs RPCs run at once (more get RESOURCE_EXHAUSTED),
     counted by the interceptor rather than by grpc.server, so health checks
-    are outside the limit; the pool has threads to spare for them."""
+    are outside the limit; the pool has threads to spare for them.
+    credentials: TLS (tls.server_credentials), None for plaintext. allowed_clients:
+    under mTLS, the client certificate identities accepted. health_port: also serve
+    the health service alone, in plaintext, on this port (0 picks one) for kubelet."""
     memory.keep_large_buffers()
     regs = list(registrations)
     label = regs[0].name.split(".")[1] if regs else "server"
-    per_caller = max((r.max_rpcs_per_caller for r in regs), default=0)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max(worker_threads, max_concurrent_rpcs) + SPARE_THREADS,
                                    thread_name_prefix=label),
-        interceptors=[_Interceptor(label, _Admission(max_concurrent_rpcs, per_caller))],
+        interceptors=[_Interceptor(label, Admission(max_concurrent_rpcs))]
+        + ([tls.PeerCheck(allowed_clients)] if allowed_clients is not None else [])
+        + [i for r in regs for i in r.interceptors],
         options=SERVER_OPTIONS,
     )
     health_servicer = health.HealthServicer()
@@ -234,10 +248,22 @@ def start(
     for r in regs:
         r.add_to_server(r.servicer, server)
         health_servicer.set(r.name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    reflection.enable_server_reflection(names + [health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    if reflection_on:
+        reflection.enable_server_reflection(names + [health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    if credentials is None:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    else:
+        bound = server.add_secure_port(f"{host}:{port}", credentials)
     if bound == 0:
         raise OSError(f"cannot bind {host}:{port}")
+    health_server, health_bound = None, 0
+    if health_port is not None:
+        health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"{label}-health"))
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+        health_bound = health_server.add_insecure_port(f"{host}:{health_port}")
+        if health_bound == 0:
+            raise OSError(f"cannot bind {host}:{health_port}")
+        health_server.start()
     server.start()
     # Servicers are fully built (model loaded, index opened) before start().
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -250,8 +276,21 @@ def start(
         if watch:
             watch(lambda ready, name=r.name: health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING
                                                                   if ready else health_pb2.HealthCheckResponse.NOT_SERVING))
-    log.info("serving", extra={"services": names, "port": bound})
-    return RunningServer(server, health_servicer, bound, names)
+    log.info("serving", extra={"services": names, "port": bound, "tls": credentials is not None,
+                               "health_port": health_bound})
+    return RunningServer(server, health_servicer, bound, names, health_server, health_bound)
+
+
+def security(settings: Settings, service: str) -> dict:
+    """start()'s TLS, client allow-list, health port and reflection from settings."""
+    return dict(credentials=tls.server_credentials(settings), allowed_clients=tls.allowed_clients(settings, service),
+                health_port=settings.health_port or None, reflection_on=settings.reflection)
+
+
+def warn_if_plaintext(settings: Settings) -> None:
+    """The one line a plaintext run prints at start."""
+    if not settings.tls_cert_file and settings.plaintext:
+        log.warning(tls.PLAINTEXT_WARNING)
 
 
 def start_metrics(port: int, host: str = "127.0.0.1") -> None:
@@ -280,10 +319,11 @@ def serve(name: str, registration: Callable[[Settings], Registration]) -> None:
     settings = Settings.from_env()
     logs.setup(settings.log_level)
     start_metrics(settings.metrics_port, settings.bind_host)
+    warn_if_plaintext(settings)
     reg = registration(settings)
     running = start([reg], settings.bind_host, getattr(settings, f"{name}_port"),
                     max_concurrent_rpcs=settings.max_concurrent_rpcs,
-                    worker_threads=settings.worker_threads)
+                    worker_threads=settings.worker_threads, **security(settings, name))
     wait_for_signal([running], settings.shutdown_grace_s)
     close = getattr(reg.servicer, "close", None)
     if close:

@@ -20,6 +20,7 @@ from smily.common.config import Settings
 from smily.common.errors import DeadlineExceeded, ServiceError, Unavailable
 from smily.embedder.v1 import embedder_pb2_grpc
 from smily.tiler.v1 import tiler_pb2_grpc
+from smily.common.tls import channel_credentials
 
 from .shards import connect
 
@@ -102,9 +103,10 @@ class Backend:
 
 class Backends:
     def __init__(self, settings: Settings):
-        router, self._shards = connect(settings.index_targets or (settings.index_target,))
+        creds = channel_credentials(settings)
+        router, self._shards = connect(settings.index_targets or (settings.index_target,), creds)
         self._router = router
-        self._tiler, self._embedder = channel(settings.tiler_target), channel(settings.embedder_target)
+        self._tiler, self._embedder = channel(settings.tiler_target, creds), channel(settings.embedder_target, creds)
         self.tiler = Backend("tiler", tiler_pb2_grpc.TilerServiceStub(self._tiler), streams=("StreamTiles",))
         self.embedder = Backend("embedder", embedder_pb2_grpc.EmbedderServiceStub(self._embedder))
         self.index = Backend("index", router)

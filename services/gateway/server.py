@@ -15,6 +15,7 @@ from smily.common.tensors import to_tensor
 from . import paging, vectors
 from .backends import Backends
 from .cache import RedisGuard, make_cache
+from .guard import Guard
 from .ingest import Ingestor
 from .query import QueryEngine
 from .operations import LocalOperations, SharedOperations
@@ -55,9 +56,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self._readiness = Readiness(self._b.channels)
         tiling = tiler_pb2.TilingParams(
             mpp=settings.tile_mpp, tile_size=settings.tile_size, min_tissue_fraction=settings.min_tissue_fraction)
-        redis = RedisGuard(settings.redis_url, settings.redis_timeout_s) if settings.redis_url else None
-        self._q = QueryEngine(self._b, tiling, make_cache(redis, settings.cache_ttl_s), settings.embed_batch,
-                              settings.case_key, settings.max_slide_queries, settings.max_tiles_per_slide)
+        redis = RedisGuard(settings.redis_url, settings.redis_timeout_s, settings.tls_ca_file,
+                           settings.redis_password) if settings.redis_url else None
+        self._q = QueryEngine(self._b, tiling, make_cache(redis, settings.cache_ttl_s, settings.cache_key),
+                              settings.embed_batch, settings.case_key, settings.max_slide_queries,
+                              settings.max_tiles_per_slide)
         self._ingest = Ingestor(self._b, tiling, settings.embed_batch, settings.max_concurrent_ingests,
                                 SharedOperations(redis) if redis else LocalOperations(),
                                 settings.max_queued_ingests, settings.max_tiles_per_slide)
@@ -230,5 +233,5 @@ def registration(settings: Settings) -> Registration:
         gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name,
         GatewayServicer(settings),
         gateway_pb2_grpc.add_GatewayServiceServicer_to_server,
-        max_rpcs_per_caller=settings.max_rpcs_per_caller,
+        interceptors=(Guard(settings),),
     )

@@ -185,8 +185,8 @@ class ShardedIndex:
         self._pool.shutdown(wait=False)
 
 
-def connect(targets) -> tuple[ShardedIndex, list[list]]:
+def connect(targets, credentials=None) -> tuple[ShardedIndex, list[list]]:
     """A ShardedIndex over SMILY_INDEX_TARGETS-style targets ("a1|a2" per shard)
     and its channels, one list of replicas per shard."""
-    channels = [[channel(t.strip()) for t in target.split(REPLICA_SEPARATOR) if t.strip()] for target in targets]
+    channels = [[channel(t.strip(), credentials) for t in target.split(REPLICA_SEPARATOR) if t.strip()] for target in targets]
     return ShardedIndex([[index_pb2_grpc.IndexServiceStub(c) for c in replicas] for replicas in channels]), channels
