@@ -89,6 +89,16 @@ def local_stack(slide_roots: tuple[str, ...], **overrides) -> Iterator:
             redis_proc.wait()
 
 
+def _local_env() -> dict[str, str]:
+    """Local use: plaintext and no identity provider unless the caller's environment says otherwise."""
+    env = dict(os.environ)
+    env.setdefault("SMILY_PLAINTEXT", "1")
+    env.setdefault("SMILY_AUTH", "none")
+    env.setdefault("SMILY_AUDIT_LOG", os.path.join(LOG_DIR, "audit.jsonl"))
+    env.setdefault("SMILY_CACHE_KEY", secrets.token_urlsafe(32))
+    return env
+
+
 def up() -> int:
     """Start redis-server and `smily serve all` in the background."""
     os.makedirs(RUN_DIR, exist_ok=True)
@@ -96,12 +106,7 @@ def up() -> int:
     if _running():
         print("the local stack is already running; `make down` stops it")
         return 1
-    env = dict(os.environ)
-    # Local use: plaintext and no identity provider unless the caller's environment says otherwise.
-    env.setdefault("SMILY_PLAINTEXT", "1")
-    env.setdefault("SMILY_AUTH", "none")
-    env.setdefault("SMILY_AUDIT_LOG", os.path.join(LOG_DIR, "audit.jsonl"))
-    env.setdefault("SMILY_CACHE_KEY", secrets.token_urlsafe(32))
+    env = _local_env()
     redis_proc, url = start_redis(6390, os.path.join(LOG_DIR, "redis.log"))
     if redis_proc:
         _write_pid("redis", redis_proc.pid)
@@ -147,7 +152,7 @@ def up_cluster(shards: int, replicas: int) -> int:
     pg = LocalPostgres(os.path.join("var", "pg"), CLUSTER_PG_PORT, os.path.abspath(os.path.join(LOG_DIR, "postgres.log")))
     pg.start()
     _write_pid("postgres", pg.proc.pid)
-    env = dict(os.environ, SMILY_INDEX_DATABASE_URL=pg.url)
+    env = dict(_local_env(), SMILY_INDEX_DATABASE_URL=pg.url)
     redis_proc, url = start_redis(6390, os.path.join(LOG_DIR, "redis.log"))
     if redis_proc:
         _write_pid("redis", redis_proc.pid)

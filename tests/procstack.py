@@ -35,7 +35,8 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 class ProcStack:
     def __init__(self, env: dict[str, str], log_dir: str, per_service: dict[str, dict[str, str]] | None = None):
         self.ports = {name: free_port() for name in SERVICES}
-        self.env = dict(os.environ, **env, SMILY_BIND_HOST="127.0.0.1", SMILY_METRICS_PORT="0",
+        self.env = dict(os.environ, **{"SMILY_PLAINTEXT": "1", "SMILY_AUTH": "none", **env},
+                        SMILY_BIND_HOST="127.0.0.1", SMILY_METRICS_PORT="0",
                         **{f"SMILY_{n.upper()}_PORT": str(p) for n, p in self.ports.items()},
                         **{f"SMILY_{n.upper()}_TARGET": f"127.0.0.1:{self.ports[n]}" for n in SERVICES[:3]})
         self.per_service = per_service or {}

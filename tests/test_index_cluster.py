@@ -43,7 +43,7 @@ SLIDES = 16
 def start_replica(url: str, shard: int, directory: str, port: int) -> subprocess.Popen:
     env = dict(os.environ, SMILY_INDEX_PORT=str(port), SMILY_INDEX_DIR=directory, SMILY_METRICS_PORT="0",
                SMILY_INDEX_DATABASE_URL=url, SMILY_INDEX_SHARD=str(shard), SMILY_INDEX_SNAPSHOT_INTERVAL_S="0.5",
-               SMILY_LOG_LEVEL="WARNING")
+               SMILY_LOG_LEVEL="WARNING", SMILY_PLAINTEXT="1")
     return subprocess.Popen([sys.executable, "-m", "smily.cli", "serve", "index"], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
