@@ -84,6 +84,19 @@ class Settings:
     # Deadline for a downstream call when the caller gave none.
     backend_timeout_s: float = 30.0
 
+    # Issue 14 (PACS). Tiler: DICOMweb archives slides may be read from, ","-separated
+    # NAME=URL (e.g. pacs=https://pacs.example/dicom-web); a caller names only NAME.
+    dicomweb_url: tuple[str, ...] = ()
+    # File of one line per archive: "NAME basic USER:PASSWORD" or "NAME bearer TOKEN".
+    dicomweb_credentials_file: str = ""
+    # PEM CA bundle for the archives' TLS; empty: the system's.
+    dicomweb_ca: str = ""
+    # Per open series and reader process: decoded frames (and half that of encoded ones).
+    dicomweb_frame_cache_mb: int = 64
+    # Gateway: a link per hit for a viewer, e.g.
+    # https://viewer.example/?study={study}&series={series}&x={x}&y={y}&w={width}&h={height}
+    viewer_url_template: str = ""
+
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> "Settings":
         env = os.environ if environ is None else environ
@@ -97,7 +110,7 @@ class Settings:
 
 
 # Lists of network addresses cannot use ":".
-_SEPARATORS = {"index_targets": ","}
+_SEPARATORS = {"index_targets": ",", "dicomweb_url": ","}
 
 
 def _parse(f: dataclasses.Field, raw: str):

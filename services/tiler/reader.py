@@ -19,7 +19,7 @@ import openslide
 from smily.common import errors, images, memory  # images sets Pillow's pixel limit
 from smily.common.errors import FailedPrecondition, ServiceError
 
-from . import slides, tiling
+from . import dicomweb, slides, tiling
 from .arena import Arena, Slot
 
 log = logging.getLogger("smily.tiler.reader")
@@ -33,18 +33,25 @@ def slide_id(path: str) -> str:
     return hashlib.sha256(path.encode()).hexdigest()[:12]
 
 
+def _slide(path: str):
+    """An OpenSlide handle, or a DICOMweb series for a dicomweb locator (dicomweb.py)."""
+    return dicomweb.open_series(path) if dicomweb.is_locator(path) else _cache.get(path)
+
+
 def info(path: str) -> tuple[dict, float]:
-    slide = _cache.get(path)
+    slide = _slide(path)
+    if isinstance(slide, dicomweb.DicomWebSlide):
+        return slide.info(), slide.mpp
     return slides.info(slide), slides.mpp(slide)
 
 
 def plan(path: str, slide_mpp: float, target_mpps: list[float], tile_size: int, min_tissue: float):
-    return tiling.plan(_cache.get(path), slide_mpp, target_mpps, tile_size, min_tissue)
+    return tiling.plan(_slide(path), slide_mpp, target_mpps, tile_size, min_tissue)
 
 
 def tiles(path: str, rects: list[tuple[int, int, int]], tile_size: int, encoding: int) -> list[Slot | bytes]:
     """Encoded square tiles at level-0 (x, y, size), read in the order given, placed in the arena."""
-    slide = _cache.get(path)
+    slide = _slide(path)
     _arena.reset()
     out = []
     for x, y, size in rects:
@@ -54,7 +61,7 @@ def tiles(path: str, rects: list[tuple[int, int, int]], tile_size: int, encoding
 
 
 def region(path: str, x: int, y: int, w: int, h: int, out_w: int, out_h: int, encoding: int) -> bytes:
-    return images.encode(tiling.read(_cache.get(path), x, y, w, h, out_w, out_h), encoding)
+    return images.encode(tiling.read(_slide(path), x, y, w, h, out_w, out_h), encoding)
 
 
 OPS = {"info": info, "plan": plan, "tiles": tiles, "region": region}

@@ -17,7 +17,7 @@ from smily.common.config import Settings
 from smily.common.errors import FailedPrecondition, InvalidArgument, require
 from smily.common.server import Registration
 
-from . import slides
+from . import dicomweb, slides
 from .tiling import block_order
 from .workers import WorkerPool
 
@@ -37,13 +37,15 @@ ENCODINGS = (images.RAW_RGB, images.PNG, images.JPEG)
 class TilerServicer(tiler_pb2_grpc.TilerServiceServicer):
     def __init__(self, settings: Settings):
         self._roots = slides.SlideRoots(settings.slide_roots)
+        self._archives = dicomweb.Archives(settings.dicomweb_url, settings.dicomweb_credentials_file,
+                                           settings.dicomweb_ca, settings.dicomweb_frame_cache_mb)
         self._max_region_pixels = settings.max_region_pixels
         self.readers = WorkerPool(settings.tiler_readers, settings.tiler_read_timeout_s, settings.log_level)
         # Threads only wait on reader processes; two per reader keep each one busy.
         self._pool = ThreadPoolExecutor(max_workers=2 * settings.tiler_readers, thread_name_prefix="tile-read")
 
     def _info(self, name: str) -> tuple[str, dict, float]:
-        path = self._roots.resolve(name)
+        path = self._archives.locate(name) or self._roots.resolve(name)
         facts, mpp = self.readers.call("info", path)
         return path, facts, mpp
 
@@ -61,7 +63,8 @@ class TilerServicer(tiler_pb2_grpc.TilerServiceServicer):
     def GetSlideInfo(self, request, context):
         _, facts, _ = self._info(request.slide)
         levels = [tiler_pb2.Level(**lvl) for lvl in facts.pop("levels")]
-        return tiler_pb2.GetSlideInfoResponse(info=tiler_pb2.SlideInfo(levels=levels, **facts))
+        dicom = tiler_pb2.DicomIdentifiers(**facts.pop("dicom", {}))
+        return tiler_pb2.GetSlideInfoResponse(info=tiler_pb2.SlideInfo(levels=levels, dicom=dicom, **facts))
 
     def StreamTiles(self, request, context):
         p = request.params
@@ -134,6 +137,10 @@ class TilerServicer(tiler_pb2_grpc.TilerServiceServicer):
             image=types_pb2.Image(data=data, encoding=encoding, width=out_w, height=out_h),
             mpp=r.mpp or slide_mpp,
         )
+
+    def ListCaseSeries(self, request, context):
+        found = self._archives.case_series(request.archive, request.accession_number)
+        return tiler_pb2.ListCaseSeriesResponse(series=[tiler_pb2.DicomSeries(**s) for s in found])
 
 
 def registration(settings: Settings) -> Registration:
