@@ -24,6 +24,12 @@ class Client:
             source=source, slide_id=slide_id, metadata=metadata or {}, slide_mpp=slide_mpp),
             timeout=self.timeout).operation
 
+    def ingest_case(self, accession_number: str, archive: str = "", slide_ids: dict | None = None,
+                    metadata: dict | None = None) -> gateway_pb2.Operation:
+        return self.stub.IngestCase(gateway_pb2.IngestCaseRequest(
+            accession_number=accession_number, archive=archive, slide_ids=slide_ids or {},
+            metadata=metadata or {}), timeout=self.timeout).operation
+
     def wait(self, op: gateway_pb2.Operation, on_progress=None, poll_s: float = 0.2) -> gateway_pb2.Operation:
         while op.state not in DONE:
             time.sleep(poll_s)

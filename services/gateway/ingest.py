@@ -22,6 +22,7 @@ from smily.index.v1 import index_pb2
 from smily.tiler.v1 import tiler_pb2
 from smily.common.errors import FailedPrecondition, NotFound, ServiceError
 
+from . import dicom
 from .backends import Backends
 from .streaming import embed_slide
 from .operations import FINISHED, HEARTBEAT_S, LocalOperations, SharedOperations, failed_unavailable
@@ -41,8 +42,9 @@ class Cancelled(Exception):
 
 class Ingestor:
     def __init__(self, backends: Backends, tiling: tiler_pb2.TilingParams, batch: int, workers: int,
-                 shared: SharedOperations | LocalOperations):
+                 shared: SharedOperations | LocalOperations, case_key: str = "case_id"):
         self._b = backends
+        self._case_key = case_key
         self._tiling = tiling
         self._batch = batch
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ingest")
@@ -65,7 +67,9 @@ class Ingestor:
             raise FailedPrecondition(
                 "the slide does not record its resolution (microns per pixel); state it in the request's "
                 "slide_mpp (e.g. 0.25 for a 40x scan, 0.5 for 20x)")
-        slide_id = slide_id or default_slide_id(info.fingerprint, source)
+        slide_id = slide_id or info.dicom.series_instance_uid or default_slide_id(info.fingerprint, source)
+        # A DICOMweb series brings its identifiers; the caller's metadata wins.
+        metadata = {**dicom.slide_metadata(info.dicom, self._case_key), **metadata}
         with self._lock:
             for op in self._ops.values():
                 if op.slide_id == slide_id and op.state not in FINISHED and not op.cancel_requested:
