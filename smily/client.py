@@ -124,7 +124,8 @@ def example(e) -> gateway_pb2.Example:
 
 def hit_dict(hit: gateway_pb2.Hit) -> dict:
     return {"slide_id": hit.slide_id, "x": hit.x, "y": hit.y, "width": hit.width, "height": hit.height,
-            "mpp": round(hit.mpp, 4), "score": round(float(hit.score), 4), "metadata": dict(hit.metadata)}
+            "mpp": round(hit.mpp, 4), "score": round(float(hit.score), 4), "metadata": dict(hit.metadata),
+            **{k: getattr(hit, k) for k in ("study_instance_uid", "series_instance_uid", "viewer_url") if getattr(hit, k)}}
 
 
 def is_unavailable(exc: grpc.RpcError) -> bool:
