@@ -72,6 +72,36 @@ def _ingest(args) -> int:
     return 0
 
 
+def _case_progress(op) -> None:
+    from smily.gateway.v1 import gateway_pb2
+
+    p = op.progress
+    done = sum(s.state == gateway_pb2.OPERATION_STATE_SUCCEEDED for s in op.slides)
+    sys.stderr.write(f"\r  {done}/{len(op.slides)} slides, {p.tiles_indexed}/{p.tiles_total} tiles indexed   ")
+    sys.stderr.flush()
+
+
+def _ingest_case(args) -> int:
+    from smily.gateway.v1 import gateway_pb2
+
+    client = _client(args)
+    op = client.ingest_case(args.accession, args.archive or "", _key_values(args.slide_id, "--slide-id"),
+                            _key_values(args.meta, "--meta"))
+    if args.no_wait:
+        print(op.operation_id)
+        return 0
+    op = client.wait(op, on_progress=_case_progress)
+    sys.stderr.write("\n")
+    for s in op.slides:
+        state = gateway_pb2.OperationState.Name(s.state).removeprefix("OPERATION_STATE_").lower()
+        error = f" {s.error_code}: {s.error_message}" if s.error_code else ""
+        print(f"{s.slide_id}\t{state}\t{s.progress.tiles_indexed} tiles\tstudy {s.study_instance_uid}{error}")
+    if op.state != gateway_pb2.OPERATION_STATE_SUCCEEDED:
+        print(f"case ingest failed: {op.error_code}: {op.error_message}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _parse_region(text: str) -> dict:
     try:
         x, y, w, h = (int(v) for v in text.split(","))
@@ -374,6 +404,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="microns per level-0 pixel, for a file that records none (e.g. 0.25 at 40x)")
     s.add_argument("--no-wait", action="store_true", help="print the operation id and return")
     s.set_defaults(func=_ingest)
+
+    s = with_gateway(sub.add_parser("ingest-case", help="index every slide of a case from the DICOMweb archive"))
+    s.add_argument("accession", help="the case's accession number (0008,0050)")
+    s.add_argument("--archive", help="a configured archive's name (default: the first)")
+    s.add_argument("--slide-id", action="append", metavar="SERIES_UID=ID",
+                   help="your id for a series' slide (default: its SeriesInstanceUID)")
+    s.add_argument("--meta", action="append", metavar="KEY=VALUE", help="metadata added to every slide")
+    s.add_argument("--no-wait", action="store_true", help="print the operation id and return")
+    s.set_defaults(func=_ingest_case)
 
     s = with_gateway(sub.add_parser("search", help="find similar regions"))
     s.add_argument("--image", help="PNG or JPEG patch")

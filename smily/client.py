@@ -56,6 +56,12 @@ class Client:
             source=source, slide_id=slide_id, metadata=metadata or {}, slide_mpp=slide_mpp),
             timeout=self.timeout).operation
 
+    def ingest_case(self, accession_number: str, archive: str = "", slide_ids: dict | None = None,
+                    metadata: dict | None = None) -> gateway_pb2.Operation:
+        return self.stub.IngestCase(gateway_pb2.IngestCaseRequest(
+            accession_number=accession_number, archive=archive, slide_ids=slide_ids or {},
+            metadata=metadata or {}), timeout=self.timeout).operation
+
     def wait(self, op: gateway_pb2.Operation, on_progress=None, poll_s: float = 0.2) -> gateway_pb2.Operation:
         while op.state not in DONE:
             time.sleep(poll_s)
@@ -150,7 +156,8 @@ def example(e) -> gateway_pb2.Example:
 
 def hit_dict(hit: gateway_pb2.Hit) -> dict:
     return {"slide_id": hit.slide_id, "x": hit.x, "y": hit.y, "width": hit.width, "height": hit.height,
-            "mpp": round(hit.mpp, 4), "score": round(float(hit.score), 4), "metadata": dict(hit.metadata)}
+            "mpp": round(hit.mpp, 4), "score": round(float(hit.score), 4), "metadata": dict(hit.metadata),
+            **{k: getattr(hit, k) for k in ("study_instance_uid", "series_instance_uid", "viewer_url") if getattr(hit, k)}}
 
 
 def is_unavailable(exc: grpc.RpcError) -> bool:

@@ -138,6 +138,18 @@ class Settings:
     cache_key: str = ""
     # Redis password when SMILY_REDIS_URL carries none (kept apart so the URL can live in a ConfigMap).
     redis_password: str = ""
+    # Issue 14 (PACS). Tiler: DICOMweb archives slides may be read from, ","-separated
+    # NAME=URL (e.g. pacs=https://pacs.example/dicom-web); a caller names only NAME.
+    dicomweb_url: tuple[str, ...] = ()
+    # File of one line per archive: "NAME basic USER:PASSWORD" or "NAME bearer TOKEN".
+    dicomweb_credentials_file: str = ""
+    # PEM CA bundle for the archives' TLS; empty: the system's.
+    dicomweb_ca: str = ""
+    # Per open series and reader process: decoded frames (and half that of encoded ones).
+    dicomweb_frame_cache_mb: int = 64
+    # Gateway: a link per hit for a viewer, e.g.
+    # https://viewer.example/?study={study}&series={series}&x={x}&y={y}&w={width}&h={height}
+    viewer_url_template: str = ""
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> "Settings":
@@ -152,7 +164,7 @@ class Settings:
 
 
 # Lists of network addresses cannot use ":".
-_SEPARATORS = {"index_targets": ",", "tls_backend_clients": ",", "tls_index_clients": ","}
+_SEPARATORS = {"index_targets": ",", "tls_backend_clients": ",", "tls_index_clients": ",", "dicomweb_url": ","}
 
 
 def _parse(f: dataclasses.Field, raw: str):

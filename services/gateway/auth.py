@@ -27,7 +27,7 @@ _SERVICE = "/smily.gateway.v1.GatewayService/"
 ROLES = {
     **{_SERVICE + m: SEARCH for m in ("Search", "SearchSlides", "ReadRegion", "ListSlides", "ListConcepts",
                                       "GetOperation")},
-    **{_SERVICE + m: INGEST for m in ("IngestSlide", "CancelOperation", "CreateConcept", "DeleteConcept")},
+    **{_SERVICE + m: INGEST for m in ("IngestSlide", "IngestCase", "CancelOperation", "CreateConcept", "DeleteConcept")},
     _SERVICE + "DeleteSlide": ADMIN,
 }
 ASYMMETRIC = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"})

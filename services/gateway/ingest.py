@@ -22,6 +22,7 @@ from smily.index.v1 import index_pb2
 from smily.tiler.v1 import tiler_pb2
 from smily.common.errors import Busy, FailedPrecondition, NotFound, ServiceError
 
+from . import dicom
 from .backends import Backends
 from .streaming import check_tiling, embed_slide
 from .operations import FINISHED, HEARTBEAT_S, LocalOperations, SharedOperations, failed_unavailable
@@ -41,8 +42,10 @@ class Cancelled(Exception):
 
 class Ingestor:
     def __init__(self, backends: Backends, tiling: tiler_pb2.TilingParams, batch: int, workers: int,
-                 shared: SharedOperations | LocalOperations, max_queued: int, max_tiles: int):
+                 shared: SharedOperations | LocalOperations, max_queued: int, max_tiles: int,
+                 case_key: str = "case_id"):
         self._b = backends
+        self._case_key = case_key
         self._tiling = tiling
         self._batch = batch
         self._max_queued = max_queued
@@ -65,7 +68,9 @@ class Ingestor:
         # Validates the name and reads the fingerprint now, so bad input fails the call itself.
         info = self._b.tiler.GetSlideInfo(tiler_pb2.GetSlideInfoRequest(slide=source), timeout=timeout).info
         check_tiling(info, slide_mpp, self._tiling, self._max_tiles)  # before anything is queued
-        slide_id = slide_id or default_slide_id(info.fingerprint, source)
+        slide_id = slide_id or info.dicom.series_instance_uid or default_slide_id(info.fingerprint, source)
+        # A DICOMweb series brings its identifiers; the caller's metadata wins.
+        metadata = {**dicom.slide_metadata(info.dicom, self._case_key), **metadata}
         with self._lock:
             queued = 0
             for op in self._ops.values():

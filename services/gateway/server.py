@@ -12,9 +12,10 @@ from smily.common.errors import InvalidArgument, require
 from smily.common.server import Registration
 from smily.common.tensors import to_tensor
 
-from . import paging, vectors
+from . import dicom, paging, vectors
 from .backends import Backends
 from .cache import RedisGuard, make_cache
+from .cases import CaseIngestor
 from .guard import Guard
 from .ingest import Ingestor
 from .query import QueryEngine
@@ -30,9 +31,13 @@ MOSAIC_TILE_K = 200
 DEFAULT_MAX_SIDE, MAX_SIDE = 1024, 4096
 
 
-def _hit(h: index_pb2.Hit) -> gateway_pb2.Hit:
-    return gateway_pb2.Hit(slide_id=h.slide_id, x=h.tile.x, y=h.tile.y, width=h.tile.width, height=h.tile.height,
-                           mpp=h.tile.mpp, score=h.score, metadata=h.metadata)
+def _hit(h: index_pb2.Hit, links: dicom.ViewerLinks) -> gateway_pb2.Hit:
+    t = h.tile
+    return gateway_pb2.Hit(slide_id=h.slide_id, x=t.x, y=t.y, width=t.width, height=t.height,
+                           mpp=t.mpp, score=h.score, metadata=h.metadata,
+                           study_instance_uid=h.metadata.get(dicom.STUDY, ""),
+                           series_instance_uid=h.metadata.get(dicom.SERIES, ""),
+                           viewer_url=links.link(h.slide_id, h.metadata, t.x, t.y, t.width, t.height))
 
 
 def _search_limits(request) -> None:
@@ -61,9 +66,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self._q = QueryEngine(self._b, tiling, make_cache(redis, settings.cache_ttl_s, settings.cache_key),
                               settings.embed_batch, settings.case_key, settings.max_slide_queries,
                               settings.max_tiles_per_slide)
+        shared = SharedOperations(redis) if redis else LocalOperations()
         self._ingest = Ingestor(self._b, tiling, settings.embed_batch, settings.max_concurrent_ingests,
-                                SharedOperations(redis) if redis else LocalOperations(),
-                                settings.max_queued_ingests, settings.max_tiles_per_slide)
+                                shared, settings.max_queued_ingests, settings.max_tiles_per_slide, settings.case_key)
+        self._cases = CaseIngestor(self._b, self._ingest, shared)
+        self._links = dicom.ViewerLinks(settings.viewer_url_template)
         # Fans a slide query's mosaic tiles out to the index.
         self._fanout = ThreadPoolExecutor(max_workers=8, thread_name_prefix="mosaic")
 
@@ -80,13 +87,25 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                                 self._b.timeout(context), limits.slide_mpp(request.slide_mpp))
         return gateway_pb2.IngestSlideResponse(operation=op)
 
+    def IngestCase(self, request, context):
+        require(bool(request.accession_number), "accession_number is required")
+        limits.text(request.accession_number, "accession_number", limits.MAX_ID_CHARS)
+        limits.text(request.archive, "archive", limits.MAX_ID_CHARS)
+        slide_ids = dict(request.slide_ids)
+        limits.slide_ids(slide_ids.values(), "slide_ids")
+        op = self._cases.start(request.accession_number, request.archive, slide_ids,
+                               limits.metadata(request.metadata), self._b.timeout(context))
+        return gateway_pb2.IngestCaseResponse(operation=op)
+
     def GetOperation(self, request, context):
         limits.text(request.operation_id, "operation_id", limits.MAX_TOKEN_CHARS)
-        return gateway_pb2.GetOperationResponse(operation=self._ingest.get(request.operation_id))
+        op = self._cases.get(request.operation_id) or self._ingest.get(request.operation_id)
+        return gateway_pb2.GetOperationResponse(operation=op)
 
     def CancelOperation(self, request, context):
         limits.text(request.operation_id, "operation_id", limits.MAX_TOKEN_CHARS)
-        return gateway_pb2.CancelOperationResponse(operation=self._ingest.cancel(request.operation_id))
+        op = self._cases.cancel(request.operation_id) or self._ingest.cancel(request.operation_id)
+        return gateway_pb2.CancelOperationResponse(operation=op)
 
     def Search(self, request, context):
         _search_limits(request)
@@ -112,7 +131,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         end = len(hits) if request.page_size == 0 else min(len(hits), offset + request.page_size)
         token = paging.make_token(end, fp) if end < len(hits) else ""
         return gateway_pb2.SearchResponse(model_id=model_id, cached=cached, next_page_token=token,
-                                          hits=[_hit(h) for h in hits[offset:end]])
+                                          hits=[_hit(h, self._links) for h in hits[offset:end]])
 
     def SearchSlides(self, request, context):
         k = request.k if request.HasField("k") else DEFAULT_SLIDES
@@ -151,9 +170,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                 key = (h.tile.x, h.tile.y, h.tile.width)
                 if key not in seen and len(regions) < per_slide:
                     seen.add(key)
-                    regions.append(_hit(h))
-            out.append(gateway_pb2.SlideMatch(slide_id=slide_id, score=score, matched_mosaic_tiles=found,
-                                              regions=regions, metadata=hits[0].metadata))
+                    regions.append(_hit(h, self._links))
+            meta = hits[0].metadata
+            out.append(gateway_pb2.SlideMatch(
+                slide_id=slide_id, score=score, matched_mosaic_tiles=found, regions=regions, metadata=meta,
+                study_instance_uid=meta.get(dicom.STUDY, ""), series_instance_uid=meta.get(dicom.SERIES, ""),
+                viewer_url=regions[0].viewer_url if regions else self._links.link(slide_id, meta)))
         return gateway_pb2.SearchSlidesResponse(slides=out, model_id=model_id, mosaic_size=len(mosaic), cached=cached)
 
     # -- viewer support --------------------------------------------------------
@@ -212,7 +234,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         return gateway_pb2.ListSlidesResponse(
             next_page_token=resp.next_page_token,
             slides=[gateway_pb2.Slide(slide_id=s.slide_id, metadata=s.metadata, tile_count=s.tile_count,
-                                      model_id=s.model_id, indexed_at=s.indexed_at, slide_mpp=s.slide_mpp)
+                                      model_id=s.model_id, indexed_at=s.indexed_at, slide_mpp=s.slide_mpp,
+                                      study_instance_uid=s.metadata.get(dicom.STUDY, ""),
+                                      series_instance_uid=s.metadata.get(dicom.SERIES, ""))
                     for s in resp.slides])
 
     def DeleteSlide(self, request, context):
@@ -223,6 +247,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
 
     def close(self) -> None:
         self._readiness.close()
+        self._cases.close()
         self._ingest.close()
         self._fanout.shutdown(wait=False, cancel_futures=True)
         self._b.close()

@@ -21,7 +21,7 @@ from smily.common import errors, images, memory  # images sets Pillow's pixel li
 from smily.common.errors import ServiceError
 from smily.tiler.v1 import tiler_pb2
 
-from . import protocol, slides, tiling
+from . import dicomweb, protocol, slides, tiling
 from .arena import Arena
 
 log = logging.getLogger("smily.tiler.reader")
@@ -35,19 +35,26 @@ def slide_id(path: str) -> str:
     return hashlib.sha256(path.encode()).hexdigest()[:12]
 
 
+def _slide(path: str):
+    """An OpenSlide handle, or a DICOMweb series for a dicomweb locator (dicomweb.py)."""
+    return dicomweb.open_series(path) if dicomweb.is_locator(path) else _cache.get(path)
+
+
 def info(path: str) -> bytes:
-    facts = slides.info(_cache.get(path))
+    slide = _slide(path)
+    facts = slide.info() if isinstance(slide, dicomweb.DicomWebSlide) else slides.info(slide)
     levels = [tiler_pb2.Level(**lvl) for lvl in facts.pop("levels")]
-    return protocol.ok_info(tiler_pb2.SlideInfo(levels=levels, **facts))
+    dicom = tiler_pb2.DicomIdentifiers(**facts.pop("dicom", {}))
+    return protocol.ok_info(tiler_pb2.SlideInfo(levels=levels, dicom=dicom, **facts))
 
 
 def plan(path: str, slide_mpp: float, target_mpps: list[float], tile_size: int, min_tissue: float) -> bytes:
-    return protocol.ok_plan(tiling.plan(_cache.get(path), slide_mpp, target_mpps, tile_size, min_tissue))
+    return protocol.ok_plan(tiling.plan(_slide(path), slide_mpp, target_mpps, tile_size, min_tissue))
 
 
 def tiles(path: str, rects: list[tuple[int, int, int]], tile_size: int, encoding: int) -> bytes:
     """Encoded square tiles at level-0 (x, y, size), read in the order given, placed in the arena."""
-    slide = _cache.get(path)
+    slide = _slide(path)
     _arena.reset()
     out = []
     for x, y, size in rects:
@@ -57,7 +64,7 @@ def tiles(path: str, rects: list[tuple[int, int, int]], tile_size: int, encoding
 
 
 def region(path: str, x: int, y: int, w: int, h: int, out_w: int, out_h: int, encoding: int) -> bytes:
-    return protocol.ok_region(images.encode(tiling.read(_cache.get(path), x, y, w, h, out_w, out_h), encoding))
+    return protocol.ok_region(images.encode(tiling.read(_slide(path), x, y, w, h, out_w, out_h), encoding))
 
 
 OPS = {"info": info, "plan": plan, "tiles": tiles, "region": region}

@@ -17,7 +17,7 @@ from smily.common.config import Settings
 from smily.common.errors import FailedPrecondition, InvalidArgument, require
 from smily.common.server import Registration
 
-from . import slides
+from . import dicomweb, slides
 from .tiling import block_order
 from .workers import WorkerPool
 
@@ -37,6 +37,8 @@ ENCODINGS = (images.RAW_RGB, images.PNG, images.JPEG)
 class TilerServicer(tiler_pb2_grpc.TilerServiceServicer):
     def __init__(self, settings: Settings):
         self._roots = slides.SlideRoots(settings.slide_roots)
+        self._archives = dicomweb.Archives(settings.dicomweb_url, settings.dicomweb_credentials_file,
+                                           settings.dicomweb_ca, settings.dicomweb_frame_cache_mb)
         self._max_region_pixels = settings.max_region_pixels
         self._max_tiles = settings.max_tiles_per_slide
         self.readers = WorkerPool(settings.tiler_readers, settings.tiler_read_timeout_s, settings.log_level)
@@ -44,7 +46,7 @@ class TilerServicer(tiler_pb2_grpc.TilerServiceServicer):
         self._pool = ThreadPoolExecutor(max_workers=2 * settings.tiler_readers, thread_name_prefix="tile-read")
 
     def _info(self, name: str) -> tuple[str, tiler_pb2.SlideInfo, float]:
-        path = self._roots.resolve(name)
+        path = self._archives.locate(name) or self._roots.resolve(name)
         info, mpp = self.readers.call("info", path)
         return path, info, mpp
 
@@ -139,6 +141,10 @@ class TilerServicer(tiler_pb2_grpc.TilerServiceServicer):
             image=types_pb2.Image(data=data, encoding=encoding, width=out_w, height=out_h),
             mpp=r.mpp or slide_mpp,
         )
+
+    def ListCaseSeries(self, request, context):
+        found = self._archives.case_series(request.archive, request.accession_number)
+        return tiler_pb2.ListCaseSeriesResponse(series=[tiler_pb2.DicomSeries(**s) for s in found])
 
 
 def registration(settings: Settings) -> Registration:
