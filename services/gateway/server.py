@@ -34,6 +34,11 @@ def _hit(h: index_pb2.Hit) -> gateway_pb2.Hit:
                            mpp=h.tile.mpp, score=h.score, metadata=h.metadata)
 
 
+def _slide(s: index_pb2.Slide) -> gateway_pb2.Slide:
+    return gateway_pb2.Slide(slide_id=s.slide_id, metadata=s.metadata, tile_count=s.tile_count,
+                             model_id=s.model_id, indexed_at=s.indexed_at, slide_mpp=s.slide_mpp)
+
+
 def _stated_mpp(value: float) -> float:
     """A caller's slide_mpp: 0 (use the file's own) or a positive resolution."""
     require(value >= 0 and math.isfinite(value), "slide_mpp must be 0 or a positive number of microns per pixel")
@@ -189,15 +194,21 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             page_size=request.page_size, page_token=request.page_token), timeout=self._b.timeout(context))
         return gateway_pb2.ListSlidesResponse(
             next_page_token=resp.next_page_token,
-            slides=[gateway_pb2.Slide(slide_id=s.slide_id, metadata=s.metadata, tile_count=s.tile_count,
-                                      model_id=s.model_id, indexed_at=s.indexed_at, slide_mpp=s.slide_mpp)
-                    for s in resp.slides])
+            slides=[_slide(s) for s in resp.slides])
 
     def DeleteSlide(self, request, context):
         require(bool(request.slide_id), "slide_id is required")
         resp = self._b.index.DeleteSlide(index_pb2.DeleteSlideRequest(slide_id=request.slide_id),
                                          timeout=self._b.timeout(context))
         return gateway_pb2.DeleteSlideResponse(deleted_tiles=resp.deleted_tiles)
+
+    def GetSlide(self, request, context):
+        require(bool(request.slide_id), "slide_id is required")
+        timeout = self._b.timeout(context)
+        s = self._b.index.GetSlide(index_pb2.GetSlideRequest(slide_id=request.slide_id), timeout=timeout).slide
+        info = self._b.tiler.GetSlideInfo(tiler_pb2.GetSlideInfoRequest(slide=s.source), timeout=timeout).info
+        return gateway_pb2.GetSlideResponse(
+            slide=_slide(s), width=info.width, height=info.height, mpp=s.slide_mpp or info.mpp_x)
 
     def close(self) -> None:
         self._ingest.close()
