@@ -94,6 +94,10 @@ def up() -> int:
                             stdout=open(os.path.join(LOG_DIR, "smily.log"), "ab"), stderr=subprocess.STDOUT,
                             start_new_session=True)
     _write_pid("smily", proc.pid)
+    http = subprocess.Popen([sys.executable, "-m", "smily.cli", "serve", "http"], env=env,
+                            stdout=open(os.path.join(LOG_DIR, "http.log"), "ab"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    _write_pid("http", http.pid)
     from smily.client import Client
     from smily.gateway.v1 import gateway_pb2
     client = Client(env.get("SMILY_GATEWAY", "127.0.0.1:50050"), timeout=2)
@@ -104,7 +108,9 @@ def up() -> int:
             return 1
         try:
             client.stub.ListSlides(gateway_pb2.ListSlidesRequest(page_size=1), timeout=1)
-            print(f"local stack up: gateway 127.0.0.1:50050, logs in {LOG_DIR}/, `make down` stops it")
+            port = env.get("SMILY_HTTP_PORT", "8080")
+            print(f"local stack up: gateway 127.0.0.1:50050, viewer and HTTP API http://127.0.0.1:{port}/, "
+                  f"logs in {LOG_DIR}/, `make down` stops it")
             return 0
         except Exception:
             time.sleep(0.5)
@@ -114,7 +120,7 @@ def up() -> int:
 
 def down() -> int:
     stopped = 0
-    for name in ("smily", "redis"):
+    for name in ("http", "smily", "redis"):
         path = os.path.join(RUN_DIR, f"{name}.pid")
         if not os.path.exists(path):
             continue
