@@ -131,7 +131,6 @@ def test_a_smily_session_in_the_browser(browser, http_url, ingested, concept):
     wait(d, lambda d: js(d, "const i = document.querySelector('#gallery .hit img'); "
                             "return i.complete && i.naturalWidth === 128"))
     shot(d, "04-gallery")
-    timings = js(d, "return window.smily.timings")
 
     # Click the first hit: the viewer moves to it, outlined.
     centre = js(d, "const c = window.smily.viewer.viewport.getCenter(); return [c.x, c.y]")
@@ -169,8 +168,7 @@ def test_a_smily_session_in_the_browser(browser, http_url, ingested, concept):
 
     # At most one hit per slide.
     box = d.find_element(By.ID, "max-per-slide")
-    box.clear()
-    capped = search_and_wait(d, lambda: box.send_keys("1", Keys.TAB))
+    capped = search_and_wait(d, lambda: box.send_keys(Keys.CONTROL, "a", Keys.NULL, "1", Keys.TAB))
     slides = [h["slide"] for h in capped]
     assert slides and len(slides) == len(set(slides))
 
@@ -180,6 +178,8 @@ def test_a_smily_session_in_the_browser(browser, http_url, ingested, concept):
     assert "synth-a" not in [h["slide"] for h in hits(d)]
     shot(d, "08-similar-slides")
 
+    # Click (or slider change) to the gallery painted, for every search of the session.
+    timings = js(d, "return window.smily.timings")
     print(f"search-to-paint ms: {[round(t, 1) for t in timings]} (median {statistics.median(timings):.1f})")
 
 
