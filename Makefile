@@ -6,10 +6,12 @@ SMILY := $(VENV)/bin/smily
 PROTOS := $(shell find protos -name '*.proto')
 MODEL := models/efficientnet-lite0/1/model.onnx
 SAMPLES := data/samples/.done
+# The viewer's browser libraries (npm, pinned by package-lock.json; served from node_modules).
+WEB := services/http/vendor/node_modules/.installed
 
-.PHONY: all venv proto model sample-data demo test bench up down clean up-cluster
+.PHONY: all venv proto model web sample-data demo test bench up down clean up-cluster
 
-all: proto model
+all: proto model web
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -25,6 +27,12 @@ model: $(MODEL)
 $(MODEL): $(VENV)/.installed smily/models/export.py
 	$(SMILY) model export --output-dir models
 
+web: $(WEB)
+$(WEB): services/http/vendor/package.json services/http/vendor/package-lock.json
+	@command -v npm >/dev/null || { echo "npm is missing: apt-get install -y nodejs npm"; exit 1; }
+	cd services/http/vendor && npm ci --no-audit --no-fund --ignore-scripts
+	touch $@
+
 sample-data: $(SAMPLES)
 $(SAMPLES): $(VENV)/.installed smily/synthetic.py
 	$(SMILY) sample-data --output-dir data/samples
@@ -33,14 +41,14 @@ $(SAMPLES): $(VENV)/.installed smily/synthetic.py
 demo: proto model sample-data
 	$(SMILY) demo --slides data/samples
 
-test: proto model
+test: proto model web
 	$(PY) -m pytest -q
 
 # Every bench/*.py is a standalone benchmark that prints its figures.
 bench: proto model
 	set -e; for b in bench/*.py; do echo "== $$b"; $(PY) $$b; done
 
-up: proto model sample-data
+up: proto model web sample-data
 	$(SMILY) up
 
 down:
@@ -51,7 +59,7 @@ up-cluster: proto model sample-data
 	$(SMILY) up --shards $(or $(SHARDS),2) --replicas $(or $(REPLICAS),2)
 
 clean:
-	rm -rf $(VENV) models data/samples var build
+	rm -rf $(VENV) models data/samples var build services/http/vendor/node_modules
 	find protos -name '*_pb2*.py*' -delete
 
 # Container images for Kubernetes (deploy/docker/, deploy/k8s/). Needs a

@@ -20,6 +20,11 @@ def _serve(args) -> int:
     from smily.common.config import Settings
 
     settings = Settings.from_env()
+    if args.service == "http":
+        from smily.http.server import serve
+
+        serve(settings)
+        return 0
     logs.setup(settings.log_level)
     names = stack.ORDER if args.service == "all" else (args.service,)
     server.start_metrics(settings.metrics_port, settings.bind_host)
@@ -393,7 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     s = sub.add_parser("serve", help="run services (config from SMILY_* variables)")
-    s.add_argument("service", choices=["all", "tiler", "embedder", "index", "gateway"])
+    # "http" (the HTTP/JSON API and viewer) is its own process; "all" is the four gRPC services.
+    s.add_argument("service", choices=["all", "tiler", "embedder", "index", "gateway", "http"])
     s.set_defaults(func=_serve)
 
     s = with_gateway(sub.add_parser("ingest", help="index a slide (path relative to the slide roots)"))

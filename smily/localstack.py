@@ -117,6 +117,10 @@ def up() -> int:
                             stdout=open(os.path.join(LOG_DIR, "smily.log"), "ab"), stderr=subprocess.STDOUT,
                             start_new_session=True)
     _write_pid("smily", proc.pid)
+    http = subprocess.Popen([sys.executable, "-m", "smily.cli", "serve", "http"], env=env,
+                            stdout=open(os.path.join(LOG_DIR, "http.log"), "ab"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    _write_pid("http", http.pid)
     from smily.client import Client
     from smily.gateway.v1 import gateway_pb2
     client = Client(env.get("SMILY_GATEWAY", "127.0.0.1:50050"), timeout=2)
@@ -127,7 +131,9 @@ def up() -> int:
             return 1
         try:
             client.stub.ListSlides(gateway_pb2.ListSlidesRequest(page_size=1), timeout=1)
-            print(f"local stack up: gateway 127.0.0.1:50050, logs in {LOG_DIR}/, `make down` stops it")
+            port = env.get("SMILY_HTTP_PORT", "8080")
+            print(f"local stack up: gateway 127.0.0.1:50050, viewer and HTTP API http://127.0.0.1:{port}/, "
+                  f"logs in {LOG_DIR}/, `make down` stops it")
             return 0
         except Exception:
             time.sleep(0.5)

@@ -113,3 +113,14 @@ def rpc_code(fn, *args, **kwargs) -> grpc.StatusCode:
     with pytest.raises(grpc.RpcError) as info:
         fn(*args, **kwargs)
     return info.value.code()
+
+
+@pytest.fixture(scope="session")
+def http_url(settings):
+    """`smily serve http` on a free loopback port, calling the test gateway."""
+    from smily.http.server import Running
+
+    server = Running(dataclasses.replace(settings, http_port=0,
+                                         http_gateway_target=f"127.0.0.1:{settings.gateway_port}"))
+    yield server.url
+    server.stop()

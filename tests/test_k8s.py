@@ -643,3 +643,26 @@ def test_oidc_and_audit_settings_are_in_the_config(render):
     assert s.auth == "oidc" and s.oidc_issuer.startswith("https://") and s.oidc_audience
     assert not s.plaintext and s.reflection is False
     assert "SMILY_AUDIT_LOG" in cfg
+# -- the HTTP API and viewer (issues 14 and 18) ----------------------------------
+
+def test_http_deployment_calls_only_the_gateway(render):
+    name, objs = render
+    deploy = one(objs, "Deployment", "smily-http")
+    (c,) = pod_spec(deploy)["containers"]
+    assert c["command"] == ["python", "-m", "smily.http"]
+    assert c["image"] == f"localhost/smily/gateway:{project_version()}"
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"http": DEFAULTS.http_port}
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz" and c["livenessProbe"]["httpGet"]["path"] == "/livez"
+    m = TARGET.match(config(objs)["SMILY_HTTP_GATEWAY_TARGET"])
+    assert m and m["svc"] == "smily-gateway" and int(m["port"]) == DEFAULTS.gateway_port
+    assert m["ns"] == namespace(objs)
+    svc = one(objs, "Service", "smily-http")
+    assert selects(svc["spec"]["selector"], deploy["spec"]["template"]["metadata"]["labels"])
+    if name.startswith("gpu") or "netpol" in name:
+        labels = deploy["spec"]["template"]["metadata"]["labels"]
+        policies = find(objs, "NetworkPolicy")
+        egress = [r for r in _peers_allowed(policies, labels, "Egress") if {p["port"] for p in r["ports"]} != {53}]
+        assert egress == [{"to": [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "smily-gateway"}}}],
+                           "ports": [{"protocol": "TCP", "port": DEFAULTS.gateway_port}]}]
+        assert any(p["port"] == DEFAULTS.http_port for r in _peers_allowed(policies, labels, "Ingress")
+                   for p in r["ports"])

@@ -150,6 +150,21 @@ class Settings:
     # Gateway: a link per hit for a viewer, e.g.
     # https://viewer.example/?study={study}&series={series}&x={x}&y={y}&w={width}&h={height}
     viewer_url_template: str = ""
+    # HTTP/JSON API and viewer (issues 14 and 18): `smily serve http`.
+    http_port: int = 8080
+    # The gateway it calls (it never dials a backend).
+    http_gateway_target: str = "127.0.0.1:50050"
+    # Largest request body accepted (JSON with base64 images, or multipart).
+    http_max_body_bytes: int = 32 * 1024 * 1024
+    # Deadline of one gateway call made for an HTTP request.
+    http_timeout_s: float = 120.0
+    # IIIF tiles kept in memory, per caller, for this many bytes and seconds.
+    http_tile_cache_bytes: int = 256 * 1024 * 1024
+    http_tile_cache_ttl_s: float = 300.0
+    # The viewer's login (OIDC authorization code + PKCE, public client); no issuer: no login.
+    viewer_oidc_issuer: str = ""
+    viewer_oidc_client_id: str = ""
+    viewer_oidc_scope: str = "openid"
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> "Settings":

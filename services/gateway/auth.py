@@ -25,8 +25,8 @@ log = logging.getLogger("smily.auth")
 SEARCH, INGEST, ADMIN = "smily.search", "smily.ingest", "smily.admin"
 _SERVICE = "/smily.gateway.v1.GatewayService/"
 ROLES = {
-    **{_SERVICE + m: SEARCH for m in ("Search", "SearchSlides", "ReadRegion", "ListSlides", "ListConcepts",
-                                      "GetOperation")},
+    **{_SERVICE + m: SEARCH for m in ("Search", "SearchSlides", "ReadRegion", "ListSlides", "GetSlide",
+                                      "ListConcepts", "GetOperation")},
     **{_SERVICE + m: INGEST for m in ("IngestSlide", "IngestCase", "CancelOperation", "CreateConcept", "DeleteConcept")},
     _SERVICE + "DeleteSlide": ADMIN,
 }

@@ -48,6 +48,13 @@ def _search_limits(request) -> None:
     limits.text(request.page_token, "page_token", limits.MAX_TOKEN_CHARS)
 
 
+def _slide(s: index_pb2.Slide) -> gateway_pb2.Slide:
+    return gateway_pb2.Slide(slide_id=s.slide_id, metadata=s.metadata, tile_count=s.tile_count,
+                             model_id=s.model_id, indexed_at=s.indexed_at, slide_mpp=s.slide_mpp,
+                             study_instance_uid=s.metadata.get(dicom.STUDY, ""),
+                             series_instance_uid=s.metadata.get(dicom.SERIES, ""))
+
+
 def _concept(c: index_pb2.Concept) -> gateway_pb2.Concept:
     return gateway_pb2.Concept(name=c.name, model_id=c.model_id, with_examples=c.with_examples,
                                without_examples=c.without_examples, train_accuracy=c.train_accuracy,
@@ -233,17 +240,21 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             page_size=request.page_size, page_token=request.page_token), timeout=self._b.timeout(context))
         return gateway_pb2.ListSlidesResponse(
             next_page_token=resp.next_page_token,
-            slides=[gateway_pb2.Slide(slide_id=s.slide_id, metadata=s.metadata, tile_count=s.tile_count,
-                                      model_id=s.model_id, indexed_at=s.indexed_at, slide_mpp=s.slide_mpp,
-                                      study_instance_uid=s.metadata.get(dicom.STUDY, ""),
-                                      series_instance_uid=s.metadata.get(dicom.SERIES, ""))
-                    for s in resp.slides])
+            slides=[_slide(s) for s in resp.slides])
 
     def DeleteSlide(self, request, context):
         limits.slide_id(request.slide_id)
         resp = self._b.index.DeleteSlide(index_pb2.DeleteSlideRequest(slide_id=request.slide_id),
                                          timeout=self._b.timeout(context))
         return gateway_pb2.DeleteSlideResponse(deleted_tiles=resp.deleted_tiles)
+
+    def GetSlide(self, request, context):
+        limits.slide_id(request.slide_id)
+        timeout = self._b.timeout(context)
+        s = self._b.index.GetSlide(index_pb2.GetSlideRequest(slide_id=request.slide_id), timeout=timeout).slide
+        info = self._b.tiler.GetSlideInfo(tiler_pb2.GetSlideInfoRequest(slide=s.source), timeout=timeout).info
+        return gateway_pb2.GetSlideResponse(
+            slide=_slide(s), width=info.width, height=info.height, mpp=s.slide_mpp or info.mpp_x)
 
     def close(self) -> None:
         self._readiness.close()
