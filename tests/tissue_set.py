@@ -225,14 +225,14 @@ def ihc_composite(ihc: np.ndarray, seed: int = 7) -> tuple[np.ndarray, np.ndarra
 
 
 SYNTHETIC = {
-    "he-synthetic": dict(seed=11, kinds=["stroma", "lymphocytes", "glands", "tumour", "fat"], coverage=0.45, stain="he"),
-    "he-pale-synthetic": dict(seed=12, kinds=["stroma", "glands", "fat", "stroma", "lymphocytes"], coverage=0.5,
-                              stain="pale", glass=(244, 244, 246)),
-    "fat-synthetic": dict(seed=13, kinds=["fat", "fat", "fat", "stroma", "fat"], coverage=0.55, stain="he",
-                          glass=(235, 238, 240)),
-    "mucin-synthetic": dict(seed=14, kinds=["mucin", "mucin", "glands", "stroma"], coverage=0.45, stain="he"),
-    "ihc-synthetic": dict(seed=15, kinds=["stroma", "glands", "tumour", "stroma", "fat"], coverage=0.5, stain="ihc",
-                          glass=(240, 238, 236)),
+    "he-synthetic": {"seed": 11, "kinds": ["stroma", "lymphocytes", "glands", "tumour", "fat"], "coverage": 0.45, "stain": "he"},
+    "he-pale-synthetic": {"seed": 12, "kinds": ["stroma", "glands", "fat", "stroma", "lymphocytes"], "coverage": 0.5,
+                              "stain": "pale", "glass": (244, 244, 246)},
+    "fat-synthetic": {"seed": 13, "kinds": ["fat", "fat", "fat", "stroma", "fat"], "coverage": 0.55, "stain": "he",
+                          "glass": (235, 238, 240)},
+    "mucin-synthetic": {"seed": 14, "kinds": ["mucin", "mucin", "glands", "stroma"], "coverage": 0.45, "stain": "he"},
+    "ihc-synthetic": {"seed": 15, "kinds": ["stroma", "glands", "tumour", "stroma", "fat"], "coverage": 0.5, "stain": "ihc",
+                          "glass": (240, 238, 236)},
 }
 
 

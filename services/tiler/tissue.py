@@ -172,7 +172,7 @@ def _detect(rgb: np.ndarray, pen: np.ndarray, glass: np.ndarray, min_level: floa
     valid = (~pen & ~(thin & grey) & ~_lines(thin)).astype(np.float32)
     # OD averaged over a pixel's valid neighbours: thumbnail noise averages out,
     # and fat's thin membranes count over the empty cells between them.
-    level, spread = _averaged(od, valid, SMOOTH_PX)
+    level, _ = _averaged(od, valid, SMOOTH_PX)
     # Faint stain over a wider neighbourhood, where noise is lower still.
     faint_level, faint_spread = _averaged(od, valid, FAINT_SMOOTH_PX)
     faint = (faint_spread > MIN_FAINT_SPREAD) & (faint_level > MIN_FAINT_OD) & (level > MIN_FAINT_OD)
