@@ -349,6 +349,10 @@ def _eval_data(args) -> int:
     settings = Settings.from_env()
     path = bench.write(args.output_dir, bench.FULL if args.full else bench.SMALL, settings.tile_mpp, settings.tile_size)
     print(f"wrote {path}")
+    # The manifest's sources are relative to this directory: the tiler must be allowed to read it.
+    root = os.path.abspath(args.output_dir)
+    print(f"slide root: {root}")
+    print(f"start the stack with SMILY_SLIDE_ROOTS={root} (and pass --slide-root {root} to smily eval)")
     return 0
 
 
