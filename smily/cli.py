@@ -172,7 +172,8 @@ def _search(args) -> int:
         negative_weight=args.negative_weight, concepts=_concept_weights(args.concept),
         max_hits_per_slide=args.max_per_slide, page_size=args.page_size, page_token=args.page_token,
         slide_ids=args.slide_id or [], filters=_key_values(args.filter, "--filter"),
-        exclude_slide_ids=args.exclude_slide or [], exclude_query_case=args.exclude_query_case, nprobe=args.nprobe)
+        exclude_slide_ids=args.exclude_slide or [], exclude_query_case=args.exclude_query_case, nprobe=args.nprobe,
+        image_mpp=args.image_mpp)
     print_hits(resp, args.json)
     if resp.next_page_token:
         print(f"next page: --page-token {resp.next_page_token}", file=sys.stderr)
@@ -319,6 +320,27 @@ def _sample_data(args) -> int:
     return 0
 
 
+def _info(args) -> int:
+    client = _client(args)
+    try:
+        info = client.index_info()
+    finally:
+        client.close()
+    t = info.tiling
+    out = {"model_id": info.model_id, "slides": info.slide_count, "tiles": info.tile_count,
+           "tiling": {"mpps": list(t.mpps), "tile_size": t.tile_size, "stride": t.stride,
+                      "min_tissue_fraction": t.min_tissue_fraction},
+           "tiling_recorded": info.tiling_recorded}
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    print(f"model {info.model_id or '(none yet)'}: {info.slide_count} slides, {info.tile_count} tiles")
+    where = "recorded in the index" if info.tiling_recorded else "this gateway's settings; the first ingest records them"
+    print(f"tiling ({where}): {t.tile_size} px tiles at {', '.join(f'{m:g}' for m in t.mpps)} µm/px, "
+          f"stride {t.stride:g}, min tissue {t.min_tissue_fraction:g}")
+    return 0
+
+
 def _eval(args) -> int:
     from smily.common.config import Settings
     from smily.evaluation import archive, evaluate_manifest, manifest
@@ -428,6 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--image", help="PNG or JPEG patch")
     s.add_argument("--slide", help="indexed slide id, with --region")
     s.add_argument("--region", help="X,Y,W,H in level-0 pixels")
+    s.add_argument("--image-mpp", type=float, default=0.0,
+                   help="microns per pixel of --image (default 1.0): searched at the nearest indexed resolution")
     s.add_argument("--k", type=int, default=None, help="number of hits (default 10)")
     s.add_argument("--exclude-query-slide", action="store_true", help="leave the region examples' slides out")
     s.add_argument("--exclude-query-case", action="store_true",
@@ -481,6 +505,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = with_gateway(sub.add_parser("cancel", help="cancel an ingest operation"))
     s.add_argument("operation_id")
     s.set_defaults(func=_cancel)
+
+    s = with_gateway(sub.add_parser("info", help="the index's model and tiling settings"))
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_info)
 
     s = with_gateway(sub.add_parser("slides", help="list indexed slides"))
     s.add_argument("--json", action="store_true")

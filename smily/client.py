@@ -75,10 +75,11 @@ class Client:
                exclude_query_slide: bool = False, positives=(), negatives=(), negative_weight: float | None = None,
                concepts: dict[str, float] | None = None, max_hits_per_slide: int = 0, page_size: int = 0,
                page_token: str = "", slide_ids=(), filters: dict[str, str] | None = None, exclude_slide_ids=(),
-               exclude_query_case: bool = False, nprobe: int = 0) -> gateway_pb2.SearchResponse:
-        """Examples in positives/negatives are image bytes or region dicts."""
+               exclude_query_case: bool = False, nprobe: int = 0, image_mpp: float = 0.0) -> gateway_pb2.SearchResponse:
+        """Examples in positives/negatives are image bytes or region dicts; image_mpp: µm/px of image queries."""
         req = gateway_pb2.SearchRequest(
             exclude_query_slide=exclude_query_slide, exclude_query_case=exclude_query_case, slide_ids=slide_ids,
+            image_mpp=image_mpp,
             filters=filters or {}, exclude_slide_ids=exclude_slide_ids, nprobe=nprobe,
             positives=[example(e) for e in positives],
             negatives=[example(e) for e in negatives], max_hits_per_slide=max_hits_per_slide,
@@ -142,6 +143,10 @@ class Client:
     def delete(self, slide_id: str) -> int:
         return self.stub.DeleteSlide(gateway_pb2.DeleteSlideRequest(slide_id=slide_id),
                                      timeout=self.timeout).deleted_tiles
+
+    def index_info(self) -> gateway_pb2.GetIndexInfoResponse:
+        """The index's model and tiling record (the gateway's settings before the first ingest)."""
+        return self.stub.GetIndexInfo(gateway_pb2.GetIndexInfoRequest(), timeout=self.timeout)
 
     def close(self) -> None:
         self._channel.close()

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from smily.common.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
-from smily.index.faiss_index import TileIndex
+from smily.common.tiling import Tiling
+from smily.index.faiss_index import IndexConfig, TileIndex
+from smily.index.replica import Replica
 from smily.index.pg_store import PgStorage
 from smily.index.storage import Slide, Tile
 
@@ -144,3 +146,75 @@ def test_retried_commit_is_success(make):
         store.commit_slide(MODEL, "g2", Slide("a", "a.svs"), 5)
     with pytest.raises(Aborted):  # an older generation is no longer staged
         store.commit_slide(MODEL, "g1", Slide("a", "a.svs"), 3)
+
+
+# -- issue 16: one record of the tiling settings ------------------------------------------------
+TILING = Tiling((1.0,), 224, 1.0, 0.5)
+OTHER = Tiling((0.5,), 224, 1.0, 0.5)
+
+
+def test_first_write_records_the_tiling_and_later_ones_are_checked(make):
+    store = make()
+    assert store.tiling is None
+    store.stage(MODEL, "a", "g1", vecs(2), tiles(2), TILING)
+    store.commit_slide(MODEL, "g1", Slide("a", "a.svs"), 2)
+    assert store.tiling == TILING
+    with pytest.raises(FailedPrecondition) as refused:
+        store.stage(MODEL, "b", "g1", vecs(2), tiles(2), OTHER)
+    # The message names both settings, so the operator sees what differs.
+    assert "1 µm/px" in str(refused.value) and "0.5 µm/px" in str(refused.value)
+    store.stage(MODEL, "b", "g1", vecs(2), tiles(2), TILING)  # the recorded settings pass
+    store.close()
+    reopened = make()
+    assert reopened.tiling == TILING  # durable, next to the model id
+    with pytest.raises(FailedPrecondition):
+        reopened.stage(MODEL, "c", "g1", vecs(2), tiles(2), Tiling((1.0,), 224, 0.5, 0.5))
+
+
+def test_searches_are_checked_against_the_tiling_record(make):
+    store = make()
+    v = vecs(3)
+    store.stage(MODEL, "a", "g1", v, tiles(3), TILING)
+    store.commit_slide(MODEL, "g1", Slide("a", "a.svs"), 3)
+    assert store.search(MODEL, v[0], 1, tiling=TILING, mpp=1.0)[0].tile.x == 0
+    with pytest.raises(FailedPrecondition) as refused:
+        store.search(MODEL, v[0], 1, tiling=OTHER)
+    assert "0.5 µm/px" in str(refused.value) and "1 µm/px" in str(refused.value)
+    with pytest.raises(FailedPrecondition):
+        store.search(MODEL, v[0], 1, mpp=2.0)  # a resolution the index does not hold
+
+
+def test_search_at_one_resolution_of_several(make):
+    store = make()
+    multi = Tiling((0.5, 1.0, 2.0), 224, 1.0, 0.5)
+    v = vecs(6)
+    # Tiles are cut at the slide's nearest whole pixel count: 0.998 is the 1.0 resolution.
+    rects = [Tile(i * 10, 0, 10, 10, m, 0.9) for i, m in enumerate((0.5, 0.5, 0.998, 1.0, 2.01, 2.0))]
+    store.stage(MODEL, "a", "g1", v, rects, multi)
+    store.commit_slide(MODEL, "g1", Slide("a", "a.svs"), 6)
+    hits = store.search(MODEL, v[0], 6, mpp=1.0)
+    assert sorted(h.tile.mpp for h in hits) == [0.998, 1.0]
+    assert sorted(h.tile.mpp for h in store.search(MODEL, v[0], 6, slide_ids=["a"], mpp=2.0)) == [2.0, 2.01]
+    assert len(store.search(MODEL, v[0], 6)) == 6  # no resolution stated: every tile
+    store.stage(MODEL, "b", "g1", vecs(1), tiles(1), multi)
+    store.commit_slide(MODEL, "g1", Slide("b", "b.svs"), 1)  # a commit refreshes the per-resolution ids
+    assert {h.slide_id for h in store.search(MODEL, v[0], 6, mpp=1.0)} == {"a", "b"}
+
+
+def test_replicas_share_the_tiling_record(postgres, tmp_path):  # noqa: F811 (fixture)
+    url = fresh_database(postgres)
+    config = IndexConfig(snapshot_interval_s=0)
+    first = Replica(str(tmp_path / "r1"), config, url, 0)
+    second = Replica(str(tmp_path / "r2"), config, url, 0)
+    try:
+        first.stage(MODEL, "a", "g1", vecs(2), tiles(2), TILING)
+        first.commit_slide(MODEL, "g1", Slide("a", "a.svs"), 2)
+        second.catch_up()
+        assert second.tiling == TILING  # served from its local copy, as searches are
+        with pytest.raises(FailedPrecondition):
+            second.stage(MODEL, "b", "g1", vecs(2), tiles(2), OTHER)
+        with pytest.raises(FailedPrecondition):
+            second.search(MODEL, vecs(1)[0], 1, tiling=OTHER)
+    finally:
+        first.close()
+        second.close()

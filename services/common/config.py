@@ -10,6 +10,8 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 
+from .tiling import DEFAULT_MIN_TISSUE, DEFAULT_MPPS, DEFAULT_STRIDE, DEFAULT_TILE_SIZE
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -78,9 +80,10 @@ class Settings:
     redis_url: str = ""
     cache_ttl_s: int = 24 * 3600
     redis_timeout_s: float = 0.05
-    tile_mpp: float = 1.0
-    tile_size: int = 224
-    min_tissue_fraction: float = 0.5
+    # Tiling a first ingest records in an empty index (later: the index's record wins).
+    tile_mpp: float = DEFAULT_MPPS[0]
+    tile_size: int = DEFAULT_TILE_SIZE
+    min_tissue_fraction: float = DEFAULT_MIN_TISSUE
     embed_batch: int = 32
     max_concurrent_ingests: int = 2
     # Slide metadata key naming a slide's case (patient/accession), for exclude_query_case.
@@ -165,6 +168,19 @@ class Settings:
     viewer_oidc_issuer: str = ""
     viewer_oidc_client_id: str = ""
     viewer_oidc_scope: str = "openid"
+    # Issue 16 (retrieval quality). Several tile resolutions in one ingest, ","-separated
+    # µm/px (e.g. 0.5,1.0,2.0); empty: tile_mpp alone.
+    tile_mpps: tuple[float, ...] = ()
+    # Step between tiles as a fraction of the tile (0.5: half-overlapping tiles).
+    tile_stride: float = DEFAULT_STRIDE
+    # Hits of one slide overlapping a better one by at least this IoU are dropped (overlapping tiles).
+    dedup_iou: float = 0.1
+    # Dihedral transforms each query is also embedded under, merged by best score per tile,
+    # ","-separated from: identity rot90 rot180 rot270 flip flip_rot90 flip_rot180 flip_rot270; empty: identity.
+    query_transforms: tuple[str, ...] = ()
+    # How the transformed queries are merged: "max" (best score per tile over one search
+    # per transform) or "mean" (one search with the mean embedding).
+    query_merge: str = "max"
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> "Settings":
@@ -179,14 +195,16 @@ class Settings:
 
 
 # Lists of network addresses cannot use ":".
-_SEPARATORS = {"index_targets": ",", "tls_backend_clients": ",", "tls_index_clients": ",", "dicomweb_url": ","}
+_SEPARATORS = {"index_targets": ",", "tls_backend_clients": ",", "tls_index_clients": ",", "dicomweb_url": ",",
+               "tile_mpps": ",", "query_transforms": ","}
 
 
 def _parse(f: dataclasses.Field, raw: str):
     kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
     try:
         if kind.startswith("tuple"):
-            return tuple(p.strip() for p in raw.split(_SEPARATORS.get(f.name, os.pathsep)) if p.strip())
+            parts = tuple(p.strip() for p in raw.split(_SEPARATORS.get(f.name, os.pathsep)) if p.strip())
+            return tuple(float(p) for p in parts) if "float" in kind else parts
         if kind == "int":
             return int(raw)
         if kind == "float":

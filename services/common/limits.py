@@ -107,14 +107,20 @@ def plausible_mpp(value: float) -> bool:
     return math.isfinite(value) and MIN_SLIDE_MPP <= value <= MAX_SLIDE_MPP
 
 
-def tile_grid(width: int, height: int, slide_mpp: float, target_mpps, tile_size: int) -> int:
+def tile_grid(width: int, height: int, slide_mpp: float, target_mpps, tile_size: int, stride: float = 1.0) -> int:
     """Grid cells a slide is cut into (every tile before the tissue test), as
     the tiler's planning cuts it: the bound on its tile count and planning work."""
     total = 0
     for m in target_mpps:
         size = max(1, round(tile_size * m / slide_mpp))
-        total += (width // size) * (height // size)
+        step = max(1, round(size * (stride or 1.0)))
+        total += grid_steps(width, size, step) * grid_steps(height, size, step)
     return total
+
+
+def grid_steps(length: int, size: int, step: int) -> int:
+    """Tiles of `size` at multiples of `step` that fit in `length`."""
+    return (length - size) // step + 1 if length >= size else 0
 
 
 def tiles_per_slide(grid: int, cap: int, slide_mpp: float) -> None:

@@ -25,6 +25,7 @@ from smily.common.errors import Busy, FailedPrecondition, NotFound, ServiceError
 from . import dicom
 from .backends import Backends
 from .streaming import check_tiling, embed_slide
+from .tilings import IndexTiling, params
 from .operations import FINISHED, HEARTBEAT_S, LocalOperations, SharedOperations, failed_unavailable
 
 log = logging.getLogger("smily.ingest")
@@ -41,12 +42,12 @@ class Cancelled(Exception):
 
 
 class Ingestor:
-    def __init__(self, backends: Backends, tiling: tiler_pb2.TilingParams, batch: int, workers: int,
+    def __init__(self, backends: Backends, tilings: IndexTiling, batch: int, workers: int,
                  shared: SharedOperations | LocalOperations, max_queued: int, max_tiles: int,
                  case_key: str = "case_id"):
         self._b = backends
         self._case_key = case_key
-        self._tiling = tiling
+        self._tilings = tilings
         self._batch = batch
         self._max_queued = max_queued
         self._max_tiles = max_tiles
@@ -67,7 +68,8 @@ class Ingestor:
               slide_mpp: float = 0.0) -> gateway_pb2.Operation:
         # Validates the name and reads the fingerprint now, so bad input fails the call itself.
         info = self._b.tiler.GetSlideInfo(tiler_pb2.GetSlideInfoRequest(slide=source), timeout=timeout).info
-        check_tiling(info, slide_mpp, self._tiling, self._max_tiles)  # before anything is queued
+        tiling, _ = self._tilings.current(timeout)
+        check_tiling(info, slide_mpp, params(tiling), self._max_tiles)  # before anything is queued
         slide_id = slide_id or info.dicom.series_instance_uid or default_slide_id(info.fingerprint, source)
         # A DICOMweb series brings its identifiers; the caller's metadata wins.
         metadata = {**dicom.slide_metadata(info.dicom, self._case_key), **metadata}
@@ -209,6 +211,8 @@ class Ingestor:
         generation = op_id
         model_id = ""
         embedded = 0
+        # The index's record, or this gateway's settings for the first ingest (which records them).
+        tiling, _ = self._tilings.current(timeout)
 
         def registered(stream) -> None:
             with self._lock:
@@ -216,17 +220,18 @@ class Ingestor:
             self._check_cancel(op_id)  # a cancel that came before the stream was registered
 
         for tiles, embeddings, model_id in embed_slide(
-                b, source, self._tiling, slide_mpp, self._batch, timeout, max(timeout, 3600.0),
+                b, source, params(tiling), slide_mpp, self._batch, timeout, max(timeout, 3600.0),
                 on_stream=registered, on_total=lambda n: self._update(op_id, tiles_total=n),
                 before_batch=lambda: self._check_cancel(op_id)):
             embedded += len(tiles)
             self._update(op_id, tiles_embedded=embedded)
             rects = [index_pb2.TileRect(x=t.x, y=t.y, width=t.width, height=t.height, mpp=t.mpp,
                                         tissue_fraction=t.tissue_fraction) for t in tiles]
-            # Passed on as bytes; the index validates them.
-            b.index.AddTiles(index_pb2.AddTilesRequest(
-                model_id=model_id, slide_id=slide_id, generation=generation,
-                embeddings=embeddings, tiles=rects), timeout=timeout)
+            # Passed on as bytes; the index validates them, and checks (or records) the tiling.
+            add = index_pb2.AddTilesRequest(model_id=model_id, slide_id=slide_id, generation=generation,
+                                            embeddings=embeddings, tiles=rects)
+            tiling.to_pb(add.tiling)
+            b.index.AddTiles(add, timeout=timeout)
             self._update(op_id, tiles_indexed=embedded)
             TILES.inc(len(tiles))
         with self._lock:

@@ -51,14 +51,41 @@ def capped(hits, per_slide: int) -> list:
     return out
 
 
-def top_hits(search, k: int, per_slide: int) -> list:
-    """The best k hits with at most per_slide per slide. search(n) returns
-    the index's top n; with a cap, fetch more until k survive it or the
-    index has no more (or its limit is reached)."""
-    n = k if per_slide <= 0 else min(MAX_K, k * 4)
+def iou(a, b) -> float:
+    """Intersection over union of two hits' level-0 tiles."""
+    ta, tb = a.tile, b.tile
+    w = min(ta.x + ta.width, tb.x + tb.width) - max(ta.x, tb.x)
+    h = min(ta.y + ta.height, tb.y + tb.height) - max(ta.y, tb.y)
+    if w <= 0 or h <= 0:
+        return 0.0
+    inter = w * h
+    return inter / (ta.width * ta.height + tb.width * tb.height - inter)
+
+
+def distinct(hits, threshold: float) -> list:
+    """Hits in order, without any that overlaps a better hit of its slide by IoU >= threshold
+    (overlapping tiles of one spot); threshold <= 0 keeps every hit."""
+    if threshold <= 0:
+        return list(hits)
+    kept: dict[str, list] = {}
+    out = []
+    for h in hits:
+        mine = kept.setdefault(h.slide_id, [])
+        if all(iou(h, other) < threshold for other in mine):
+            mine.append(h)
+            out.append(h)
+    return out
+
+
+def top_hits(search, k: int, per_slide: int, overlap: float = 0.0) -> list:
+    """The best k hits with at most per_slide per slide and no two overlapping
+    by IoU >= overlap (when > 0). search(n) returns the index's top n; with a
+    cap or de-duplication, fetch more until k survive or the index has no
+    more (or its limit is reached)."""
+    n = k if per_slide <= 0 and overlap <= 0 else min(MAX_K, k * 4)
     while True:
         raw = search(n)
-        hits = capped(raw, per_slide)
+        hits = capped(distinct(raw, overlap), per_slide)
         if len(hits) >= k or len(raw) < n or n >= MAX_K:
             return hits[:k]
         n = min(MAX_K, n * 4)

@@ -7,31 +7,36 @@ import hashlib
 import threading
 
 import numpy as np
+from PIL import Image
 
 from smily.common import images, limits
 from smily.common.errors import Aborted, Busy, FailedPrecondition, InvalidArgument, require
 from smily.common.tensors import from_tensor
+from smily.common.tiling import DEFAULT_MPPS, Tiling
 from smily.embedder.v1 import embedder_pb2
 from smily.gateway.v1 import gateway_pb2
 from smily.index.v1 import index_pb2
 from smily.tiler.v1 import tiler_pb2
 from smily.types.v1 import types_pb2
 
-from . import vectors
+from . import dihedral, vectors
 from .backends import Backends
 from .streaming import check_tiling, embed_slide
+from .tilings import IndexTiling, params
 
 MAX_QUERY_IMAGE_BYTES = 32 * 1024 * 1024
 MAX_EXAMPLES = 32
 MAX_CONCEPTS = 16
 DEFAULT_NEGATIVE_WEIGHT = 0.5
+# A stated image resolution this close (relative) to an indexed one is used as it is.
+MPP_TOLERANCE = 0.02
 
 
 class QueryEngine:
-    def __init__(self, backends: Backends, tiling: tiler_pb2.TilingParams, cache, batch: int, case_key: str,
-                 max_slide_queries: int, max_tiles: int):
+    def __init__(self, backends: Backends, tilings: IndexTiling, cache, batch: int, case_key: str,
+                 max_slide_queries: int, max_tiles: int, transforms=("identity",), merge: str = "max"):
         self._b = backends
-        self.tiling = tiling
+        self.tilings = tilings
         self._cache = cache
         self._batch = batch
         self._case_key = case_key
@@ -39,6 +44,8 @@ class QueryEngine:
         self._slide_queries = threading.BoundedSemaphore(max(1, max_slide_queries))
         self._max_slide_queries = max_slide_queries
         self._max_tiles = max_tiles
+        self.transforms = dihedral.parse(transforms)
+        self.merge = dihedral.check_merge(merge)
         self._model_id, self._dim = "", 0
         self._model_lock = threading.Lock()
 
@@ -49,23 +56,34 @@ class QueryEngine:
                 self._model_id, self._dim = info.info.model_id, info.info.embedding_dim
             return self._model_id
 
+    def tiling(self, context) -> Tiling:
+        return self.tilings.current(self._b.timeout(context))[0]
+
     def _embed(self, fetch_image, key: str, context):
-        """Embedding of one query image, from the cache when possible.
+        """Embeddings [transforms, dim] of one query image, from the cache when possible.
 
         fetch_image is called on a miss only, so a cached region query never
-        touches the tiler or the embedder. Returns (vector, model_id, cached).
+        touches the tiler or the embedder. Every transform of the image goes
+        to the embedder in one call. Returns (vectors, model_id, cached).
         """
         model_id = self.current_model(context)
-        cache_key = f"smily:emb:{model_id}:{key}"
-        vector = self._cache.get(cache_key)
-        if vector is not None:
-            return vector, model_id, True
-        resp = self._b.embedder.Embed(embedder_pb2.EmbedRequest(images=[fetch_image()]),
-                                      timeout=self._b.timeout(context))
-        vector = from_tensor(resp.embeddings)[0]
+        names = self.transforms
+        cache_key = f"smily:emb:{model_id}:{key}" + ("" if len(names) == 1 else ":" + ",".join(names))
+        flat = self._cache.get(cache_key)
+        if flat is not None:
+            return flat.reshape(len(names), -1), model_id, True
+        image = fetch_image()
+        if len(names) > 1:  # the tiler's raw pixels, or an upload decoded once here
+            rgb = images.decode(image.data, image.encoding, image.width, image.height)
+            batch = [types_pb2.Image(data=images.encode(t, images.RAW_RGB), encoding=images.RAW_RGB,
+                                     width=t.shape[1], height=t.shape[0]) for t in dihedral.apply(rgb, names)]
+        else:
+            batch = [image]
+        resp = self._b.embedder.Embed(embedder_pb2.EmbedRequest(images=batch), timeout=self._b.timeout(context))
+        vectors_ = from_tensor(resp.embeddings)
         self._check_model(resp.model_id, model_id)
-        self._cache.put(cache_key, vector)
-        return vector, resp.model_id, False
+        self._cache.put(cache_key, vectors_)
+        return vectors_, resp.model_id, False
 
     def _check_model(self, got: str, expected: str) -> None:
         if got != expected:  # the embedder was redeployed: cache nothing, mix no models
@@ -73,54 +91,83 @@ class QueryEngine:
                 self._model_id = ""
             raise Aborted("the embedder's model changed during the query; retry")
 
+    def _region_mpp(self, tiling: Tiling, slide: index_pb2.Slide, region: gateway_pb2.Region, timeout: float) -> float:
+        """The indexed resolution nearest the region's own scale (its longer side read as one tile)."""
+        if len(tiling.mpps) == 1:
+            return tiling.mpps[0]
+        base = slide.slide_mpp or self._b.tiler.GetSlideInfo(
+            tiler_pb2.GetSlideInfoRequest(slide=slide.source), timeout=timeout).info.mpp_x
+        if base <= 0:
+            return tiling.nearest_mpp(DEFAULT_MPPS[0])
+        return tiling.nearest_mpp(max(region.width, region.height) * base / tiling.tile_size)
+
     def _region_query(self, region: gateway_pb2.Region, context):
         limits.slide_id(region.slide_id, "region.slide_id")
         require(region.width > 0 and region.height > 0, "region width and height must be positive")
         require(region.x >= 0 and region.y >= 0, "region x and y must not be negative")
         timeout = self._b.timeout(context)
         slide = self._b.index.GetSlide(index_pb2.GetSlideRequest(slide_id=region.slide_id), timeout=timeout).slide
+        tiling = self.tilings.current(timeout)[0]
+        mpp = self._region_mpp(tiling, slide, region, timeout)
         key = hashlib.sha256(
             f"region:{slide.slide_id}:{slide.indexed_at}:{region.x},{region.y},{region.width},{region.height}:"
-            f"{self.tiling.mpp}:{self.tiling.tile_size}".encode()).hexdigest()
+            f"{mpp}:{tiling.tile_size}".encode()).hexdigest()
 
         def read_region() -> types_pb2.Image:
             return self._b.tiler.ReadRegion(tiler_pb2.ReadRegionRequest(
                 slide=slide.source, x=region.x, y=region.y, width=region.width, height=region.height,
-                mpp=self.tiling.mpp, encoding=types_pb2.IMAGE_ENCODING_RAW_RGB, slide_mpp=slide.slide_mpp),
+                mpp=mpp, encoding=types_pb2.IMAGE_ENCODING_RAW_RGB, slide_mpp=slide.slide_mpp),
                 timeout=timeout).image
 
-        return self._embed(read_region, key, context)
+        return (*self._embed(read_region, key, context), mpp)
 
-    def _image_query(self, data: bytes, context):
+    def _image_query(self, data: bytes, image_mpp: float, context):
         require(0 < len(data) <= MAX_QUERY_IMAGE_BYTES, "image must be 1 byte to 32 MiB of PNG or JPEG")
+        require(image_mpp == 0 or limits.plausible_mpp(image_mpp),
+                "image_mpp must be 0 (1.0 µm/px) or a plausible resolution in µm/px")
+        stated = image_mpp or DEFAULT_MPPS[0]
+        mpp = self.tiling(context).nearest_mpp(stated)
+        scale = stated / mpp  # output pixels per image pixel at the indexed resolution
 
         def checked() -> types_pb2.Image:
             # A cache miss only: the header is checked (format, pixel limit)
             # before any decoding, then the image is decoded once here, so a bad
             # image is the caller's INVALID_ARGUMENT, never the embedder's.
-            images.decode(data)
-            return types_pb2.Image(data=data)
+            rgb = images.decode(data)
+            if abs(scale - 1) <= MPP_TOLERANCE:
+                return types_pb2.Image(data=data)
+            # Stated at another resolution than the nearest indexed one: resample to it.
+            h, w = rgb.shape[:2]
+            size = (max(1, round(w * scale)), max(1, round(h * scale)))
+            rgb = np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.LANCZOS))
+            return types_pb2.Image(data=images.encode(rgb, images.RAW_RGB), encoding=images.RAW_RGB,
+                                   width=size[0], height=size[1])
 
-        return self._embed(checked, hashlib.sha256(data).hexdigest(), context)
+        key = hashlib.sha256(data).hexdigest() + ("" if abs(scale - 1) <= MPP_TOLERANCE else f":{stated}:{mpp}")
+        return (*self._embed(checked, key, context), mpp)
 
-    def examples(self, examples, what: str, context):
-        """Embeddings of Example messages: (array [n, dim], all cached, region slide ids)."""
+    def examples(self, examples, what: str, context, image_mpp: float = 0.0):
+        """Embeddings of Example messages: (array [n, transforms, dim], all cached, region slide ids,
+        the resolution each was searched at)."""
         require(len(examples) <= MAX_EXAMPLES, f"at most {MAX_EXAMPLES} {what} examples")
-        vecs, cached, slides = [], True, []
+        vecs, cached, slides, mpps = [], True, [], []
         for ex in examples:
             which = ex.WhichOneof("example")
             if which == "image":
-                v, _, hit = self._image_query(ex.image, context)
+                v, _, hit, mpp = self._image_query(ex.image, image_mpp, context)
             elif which == "region":
-                v, _, hit = self._region_query(ex.region, context)
+                v, _, hit, mpp = self._region_query(ex.region, context)
                 slides.append(ex.region.slide_id)
             else:
                 raise InvalidArgument(f"each {what} example needs an image or a region")
             vecs.append(v)
+            mpps.append(mpp)
             cached = cached and hit
-        return (np.stack(vecs) if vecs else np.empty((0, 0), np.float32)), cached, slides
+        return (np.stack(vecs) if vecs else np.empty((0, len(self.transforms), 0), np.float32)), cached, slides, mpps
 
     def query_vector(self, request, context):
+        """(query vectors [q, dim], model id, all cached, region slide ids, µm/px to search at).
+        One vector per transform (merged by best score after searching), or one (their mean)."""
         which = request.WhichOneof("query")
         head = []
         if which == "image":
@@ -129,8 +176,8 @@ class QueryEngine:
             head.append(gateway_pb2.Example(region=request.region))
         positives = head + list(request.positives)
         require(bool(positives), "a query needs an image or a region (or positive examples)")
-        pos, cached, slides = self.examples(positives, "positive", context)
-        neg, neg_cached, neg_slides = self.examples(request.negatives, "negative", context)
+        pos, cached, slides, mpps = self.examples(positives, "positive", context, request.image_mpp)
+        neg, neg_cached, neg_slides, _ = self.examples(request.negatives, "negative", context, request.image_mpp)
         b = request.negative_weight if request.HasField("negative_weight") else DEFAULT_NEGATIVE_WEIGHT
         require(0 <= b <= 1, "negative_weight must be in 0..1")
         require(len(request.concepts) <= MAX_CONCEPTS, f"at most {MAX_CONCEPTS} concepts")
@@ -141,8 +188,11 @@ class QueryEngine:
             c = self._b.index.GetConcept(index_pb2.GetConceptRequest(name=wc.name, model_id=model_id),
                                          timeout=self._b.timeout(context)).concept
             concepts.append((wc.weight, from_tensor(c.vector)))
-        vector = vectors.combine(pos, neg, b, concepts)
-        return vector, model_id, cached and neg_cached, slides + neg_slides
+        if self.merge == "mean":
+            pos, neg = pos.mean(axis=1, keepdims=True), neg.mean(axis=1, keepdims=True)
+        queries = np.stack([vectors.combine(pos[:, t], neg[:, t] if len(neg) else (), b, concepts)
+                            for t in range(pos.shape[1])])
+        return queries, model_id, cached and neg_cached, slides + neg_slides, mpps[0]
 
     def query_case(self, request, context) -> dict[str, str]:
         """{case key: case id} of the query region's slide, for the index to leave that case out."""
@@ -154,6 +204,11 @@ class QueryEngine:
             raise FailedPrecondition(f"slide {slide.slide_id!r} has no {self._case_key!r} metadata to exclude its case by")
         return {self._case_key: case}
 
+    @staticmethod
+    def mosaic_mpp(tiling: Tiling) -> float:
+        """Whole-slide search compares mosaics at one resolution: the indexed one nearest the default."""
+        return tiling.nearest_mpp(DEFAULT_MPPS[0])
+
     def mosaic(self, source: str, slide_mpp: float, size: int, context):
         """The slide's mosaic embeddings [m, dim]; computed by streaming every
         tissue tile through the tiler and embedder, cached by the slide's
@@ -161,8 +216,10 @@ class QueryEngine:
         timeout = self._b.timeout(context)
         info = self._b.tiler.GetSlideInfo(tiler_pb2.GetSlideInfoRequest(slide=source), timeout=timeout).info
         model_id = self.current_model(context)
-        t = self.tiling
-        key = (f"smily:mosaic:{model_id}:{info.fingerprint}:{slide_mpp}:{t.mpp}:{t.tile_size}:"
+        tiling = self.tilings.current(timeout)[0]
+        mpp = self.mosaic_mpp(tiling)
+        t = params(tiling, [mpp], stride=1.0)  # a mosaic samples the slide: overlap adds nothing
+        key = (f"smily:mosaic:{model_id}:{info.fingerprint}:{slide_mpp}:{mpp}:{t.tile_size}:"
                f"{t.min_tissue_fraction}:{size}")
         flat = self._cache.get(key)
         if flat is not None:

@@ -11,8 +11,10 @@ from smily.common.config import Settings
 from smily.common.errors import InvalidArgument, require
 from smily.common.server import Registration
 from smily.common.tensors import to_tensor
+from smily.common.tiling import Tiling
+from smily.types.v1 import types_pb2
 
-from . import dicom, paging, vectors
+from . import dicom, dihedral, paging, vectors
 from .backends import Backends
 from .cache import RedisGuard, make_cache
 from .cases import CaseIngestor
@@ -21,6 +23,7 @@ from .ingest import Ingestor
 from .query import QueryEngine
 from .operations import LocalOperations, SharedOperations
 from .readiness import Readiness
+from .tilings import IndexTiling
 
 DEFAULT_K = 10
 DEFAULT_SLIDES, MAX_SLIDES = 10, 100
@@ -66,15 +69,17 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         images.configure(settings.max_image_pixels, settings.image_decodes)
         self._b = Backends(settings)
         self._readiness = Readiness(self._b.channels)
-        tiling = tiler_pb2.TilingParams(
-            mpp=settings.tile_mpp, tile_size=settings.tile_size, min_tissue_fraction=settings.min_tissue_fraction)
+        # The index's tiling record; these settings only for an index without one (its first ingest).
+        self._tilings = IndexTiling(self._b.index, Tiling.from_settings(settings))
+        self._dedup_iou = settings.dedup_iou
         redis = RedisGuard(settings.redis_url, settings.redis_timeout_s, settings.tls_ca_file,
                            settings.redis_password) if settings.redis_url else None
-        self._q = QueryEngine(self._b, tiling, make_cache(redis, settings.cache_ttl_s, settings.cache_key),
+        self._q = QueryEngine(self._b, self._tilings, make_cache(redis, settings.cache_ttl_s, settings.cache_key),
                               settings.embed_batch, settings.case_key, settings.max_slide_queries,
-                              settings.max_tiles_per_slide)
+                              settings.max_tiles_per_slide, settings.query_transforms or ("identity",),
+                              settings.query_merge)
         shared = SharedOperations(redis) if redis else LocalOperations()
-        self._ingest = Ingestor(self._b, tiling, settings.embed_batch, settings.max_concurrent_ingests,
+        self._ingest = Ingestor(self._b, self._tilings, settings.embed_batch, settings.max_concurrent_ingests,
                                 shared, settings.max_queued_ingests, settings.max_tiles_per_slide, settings.case_key)
         self._cases = CaseIngestor(self._b, self._ingest, shared)
         self._links = dicom.ViewerLinks(settings.viewer_url_template)
@@ -123,18 +128,33 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         require(request.nprobe >= 0, "nprobe must not be negative")
         fp = paging.fingerprint(request)
         offset = paging.read_token(request.page_token, fp)
-        vector, model_id, cached, slides = self._q.query_vector(request, context)
+        require(request.image_mpp >= 0, "image_mpp must not be negative")
+        queries, model_id, cached, slides, mpp = self._q.query_vector(request, context)
         exclude = sorted(set(request.exclude_slide_ids) | (set(slides) if request.exclude_query_slide else set()))
         exclude_filters = self._q.query_case(request, context) if request.exclude_query_case else {}
-        query = to_tensor(vector)
+        tiling = self._q.tiling(context)
+        base = index_pb2.SearchRequest(
+            model_id=model_id, exclude_slide_ids=exclude, exclude_filters=exclude_filters,
+            slide_ids=request.slide_ids, filters=request.filters, nprobe=request.nprobe, mpp=mpp)
+        tiling.to_pb(base.tiling)
+        tensors = [to_tensor(q) for q in queries]
+
+        def one(query, n: int):
+            req = index_pb2.SearchRequest()
+            req.CopyFrom(base)
+            req.query.CopyFrom(query)
+            req.k = n
+            return list(self._b.index.Search(req, timeout=self._b.timeout(context)).hits)
 
         def search(n: int):
-            return self._b.index.Search(index_pb2.SearchRequest(
-                model_id=model_id, query=query, k=n, exclude_slide_ids=exclude, exclude_filters=exclude_filters,
-                slide_ids=request.slide_ids, filters=request.filters, nprobe=request.nprobe),
-                timeout=self._b.timeout(context)).hits
+            if len(tensors) == 1:
+                return one(tensors[0], n)
+            # One search per transform of the query, in parallel; each tile keeps its best score.
+            return dihedral.merge_hits(list(self._fanout.map(lambda q: one(q, n), tensors)), n)
 
-        hits = paging.top_hits(search, k, request.max_hits_per_slide)
+        # Overlapping tiles (stride < 1) of one spot would crowd the top k: keep the best of each spot.
+        iou = self._dedup_iou if tiling.stride < 1 else 0.0
+        hits = paging.top_hits(search, k, request.max_hits_per_slide, iou)
         end = len(hits) if request.page_size == 0 else min(len(hits), offset + request.page_size)
         token = paging.make_token(end, fp) if end < len(hits) else ""
         return gateway_pb2.SearchResponse(model_id=model_id, cached=cached, next_page_token=token,
@@ -163,11 +183,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         else:
             raise InvalidArgument("a slide query needs a slide_id or a source")
         mosaic, model_id, cached = self._q.mosaic(source, slide_mpp, size, context)
+        tiling = self._q.tiling(context)
+        tiling_pb = tiling.to_pb(types_pb2.Tiling())
 
         def search(v):
             return list(self._b.index.Search(index_pb2.SearchRequest(
-                model_id=model_id, query=to_tensor(v), k=MOSAIC_TILE_K, exclude_slide_ids=exclude),
-                timeout=self._b.timeout(context)).hits)
+                model_id=model_id, query=to_tensor(v), k=MOSAIC_TILE_K, exclude_slide_ids=exclude,
+                tiling=tiling_pb, mpp=self._q.mosaic_mpp(tiling)), timeout=self._b.timeout(context)).hits)
 
         per_tile = list(self._fanout.map(search, mosaic))
         out = []
@@ -199,7 +221,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         slide = self._b.index.GetSlide(index_pb2.GetSlideRequest(slide_id=r.slide_id), timeout=timeout).slide
         base = slide.slide_mpp or self._b.tiler.GetSlideInfo(
             tiler_pb2.GetSlideInfoRequest(slide=slide.source), timeout=timeout).info.mpp_x
-        mpp = request.mpp or self._q.tiling.mpp
+        mpp = request.mpp or self._q.tiling(context).mpps[0]
         if base > 0:  # coarsen so the longer side fits max_side
             mpp = max(mpp, max(r.width, r.height) * base / max_side)
         resp = self._b.tiler.ReadRegion(tiler_pb2.ReadRegionRequest(
@@ -212,8 +234,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     def CreateConcept(self, request, context):
         require(len(request.with_examples) > 0 and len(request.without_examples) > 0,
                 "a concept needs at least one example with it and one without")
-        with_, _, _ = self._q.examples(request.with_examples, "with", context)
-        without, _, _ = self._q.examples(request.without_examples, "without", context)
+        # Concepts are learned on the untransformed embeddings (transform 0 is the identity).
+        with_ = self._q.examples(request.with_examples, "with", context)[0][:, 0]
+        without = self._q.examples(request.without_examples, "without", context)[0][:, 0]
         direction, accuracy = vectors.concept_vector(with_, without)
         model_id = self._q.current_model(context)
         saved = self._b.index.PutConcept(index_pb2.PutConceptRequest(concept=index_pb2.Concept(
@@ -255,6 +278,15 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         info = self._b.tiler.GetSlideInfo(tiler_pb2.GetSlideInfoRequest(slide=s.source), timeout=timeout).info
         return gateway_pb2.GetSlideResponse(
             slide=_slide(s), width=info.width, height=info.height, mpp=s.slide_mpp or info.mpp_x)
+
+    def GetIndexInfo(self, request, context):
+        timeout = self._b.timeout(context)
+        tiling, recorded = self._tilings.current(timeout)
+        info = self._b.index.GetIndexInfo(index_pb2.GetIndexInfoRequest(), timeout=timeout)
+        out = gateway_pb2.GetIndexInfoResponse(model_id=info.model_id, tile_count=info.tile_count,
+                                               slide_count=info.slide_count, tiling_recorded=recorded)
+        tiling.to_pb(out.tiling)
+        return out
 
     def close(self) -> None:
         self._readiness.close()

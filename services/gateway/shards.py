@@ -177,9 +177,14 @@ class ShardedIndex:
 
     def GetIndexInfo(self, request, timeout=None):
         replies, _ = self._all("GetIndexInfo", request, timeout)
-        return index_pb2.GetIndexInfoResponse(
+        out = index_pb2.GetIndexInfoResponse(
             model_id=next((r.model_id for r in replies if r.model_id), ""), dim=max(r.dim for r in replies),
             tile_count=sum(r.tile_count for r in replies), slide_count=sum(r.slide_count for r in replies))
+        # Every shard records what the gateway sends, so the first one recorded speaks for all.
+        recorded = next((r.tiling for r in replies if r.tiling.mpps), None)
+        if recorded is not None:
+            out.tiling.CopyFrom(recorded)
+        return out
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)

@@ -25,7 +25,8 @@ def check_tiling(info: tiler_pb2.SlideInfo, slide_mpp: float, tiling: tiler_pb2.
     if not limits.plausible_mpp(mpp):
         raise FailedPrecondition(f"the slide records an implausible resolution ({mpp:g} microns per pixel); "
                                  "state the right one in slide_mpp")
-    grid = limits.tile_grid(info.width, info.height, mpp, list(tiling.mpps) or [tiling.mpp], tiling.tile_size)
+    grid = limits.tile_grid(info.width, info.height, mpp, list(tiling.mpps) or [tiling.mpp], tiling.tile_size,
+                            tiling.stride)
     limits.tiles_per_slide(grid, max_tiles, mpp)
 
 

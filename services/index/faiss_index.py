@@ -20,8 +20,10 @@ from typing import Callable
 import faiss
 import numpy as np
 
+from smily.common import tiling as tilings
 from smily.common.errors import FailedPrecondition, InvalidArgument
 from smily.common.rwlock import RWLock
+from smily.common.tiling import Tiling
 
 from . import ann, snapshot
 from .sqlite_store import SqliteStorage
@@ -87,7 +89,10 @@ class TileIndex:
         self.storage = storage if storage is not None else SqliteStorage(directory)
         self._rw = RWLock()
         self.model_id, self.dim = self.storage.binding()
+        self.tiling = Tiling.from_json(self.storage.tiling())
         self._seq = self.storage.seq()
+        # Ids of the tiles at one resolution of a multi-resolution index, per (seq, range): searched often.
+        self._at_mpp: tuple[tuple, np.ndarray] | None = None
         self._faiss = None
         self._trainer: threading.Thread | None = None
         self._stop = threading.Event()
@@ -267,6 +272,17 @@ class TileIndex:
         if dim is not None and bound[1] and dim != bound[1]:
             raise InvalidArgument(f"embeddings must have {bound[1]} dimensions, got {dim}")
 
+    def record_tiling(self, tiling: Tiling) -> None:
+        """Record the tiling if none is, else check it (FAILED_PRECONDITION on a mismatch)."""
+        with self._rw.write():
+            self._record_tiling(tiling)
+
+    def _record_tiling(self, tiling: Tiling) -> None:
+        tilings.check(self.tiling, tiling)
+        if self.tiling is None:
+            self.tiling = Tiling.from_json(self.storage.record_tiling(tiling.to_json()))
+            tilings.check(self.tiling, tiling)  # storage may hold another writer's record
+
     def bind(self, model_id: str, dim: int) -> None:
         """Bind an empty index to the model its system of record holds (a replica's first change)."""
         with self._rw.write():
@@ -287,10 +303,14 @@ class TileIndex:
         log.info("index bound to model", extra={"model_id": model_id, "dim": dim})
 
     # -- writes -------------------------------------------------------------
-    def stage(self, model_id: str, slide_id: str, generation: str, vectors: np.ndarray, tiles: list[Tile]) -> int:
+    def stage(self, model_id: str, slide_id: str, generation: str, vectors: np.ndarray, tiles: list[Tile],
+              tiling: Tiling | None = None) -> int:
+        """Stage tiles; `tiling` (how they were cut) is recorded by the first write and checked after."""
         check_stage(slide_id, generation, vectors, tiles)
         with self._rw.write():
             self._check_model(model_id, vectors.shape[1])
+            if tiling is not None:
+                self._record_tiling(tiling)
             self._bind(model_id, vectors.shape[1])
             # Retried batches are ignored, not duplicated (unique per generation and rect).
             return self.storage.stage(slide_id, generation, tiles, vectors)
@@ -361,10 +381,12 @@ class TileIndex:
 
     # -- reads --------------------------------------------------------------
     def search(self, model_id: str, query: np.ndarray, k: int, exclude_slide_ids=(), slide_ids=(),
-               filters: dict | None = None, nprobe: int = 0, exclude_filters: dict | None = None) -> list[Hit]:
+               filters: dict | None = None, nprobe: int = 0, exclude_filters: dict | None = None,
+               tiling: Tiling | None = None, mpp: float = 0.0) -> list[Hit]:
         """Top-k tiles; slide_ids / filters (metadata key=value, all must hold) / exclude_slide_ids /
-        exclude_filters (metadata key=value, any drops the slide) restrict the search inside FAISS,
-        so k hits come back whenever k tiles match."""
+        exclude_filters (metadata key=value, any drops the slide) / mpp (tiles at that indexed
+        resolution) restrict the search inside FAISS, so k hits come back whenever k tiles match.
+        A stated `tiling` must be the index's record."""
         if not 0 < k <= MAX_K:
             raise InvalidArgument(f"k must be in 1..{MAX_K}, got {k}")
         if nprobe < 0:
@@ -378,10 +400,17 @@ class TileIndex:
             if not self.model_id:
                 return []  # nothing indexed yet
             self._check_model(model_id, query.shape[1])
+            if tiling is not None:
+                tilings.check(self.tiling, tiling, "this search")
+            tilings.check_mpp(self.tiling, mpp)
+            # One resolution indexed: every tile is at it, no restriction needed.
+            mpp_range = tilings.mpp_range(self.tiling, mpp) if mpp and len(self.tiling.mpps) > 1 else None
             exact = ann.is_exact(self._faiss)
             selector, available = None, self._faiss.ntotal
-            if slide_ids or filters:
-                allowed = self.storage.select(slide_ids, filters, exclude_slide_ids, exclude_filters)
+            if slide_ids or filters or mpp_range:
+                allowed = (self.storage.select(slide_ids, filters, exclude_slide_ids, exclude_filters, mpp_range)
+                           if slide_ids or filters or exclude_slide_ids or exclude_filters
+                           else self._ids_at(mpp_range))
                 if not len(allowed):
                     return []
                 if not exact and len(allowed) <= EXACT_FILTER_MAX:
@@ -403,6 +432,16 @@ class TileIndex:
                     break
                 nprobe *= 2
             return self._hits(found, k, query, rescore)
+
+    def _ids_at(self, mpp_range: tuple[float, float]) -> np.ndarray:
+        """Ids of every published tile in the resolution range, kept until the next commit.
+        Caller holds the read lock (so the sequence cannot move meanwhile)."""
+        key = (self._seq, mpp_range)
+        cached = self._at_mpp
+        if cached is None or cached[0] != key:
+            cached = (key, self.storage.select((), {}, (), {}, mpp_range))
+            self._at_mpp = cached
+        return cached[1]
 
     def _vectors(self, ids) -> tuple[np.ndarray, np.ndarray]:
         parts = [self.storage.vectors(ids[i:i + SQL_CHUNK]) for i in range(0, len(ids), SQL_CHUNK)]

@@ -143,6 +143,20 @@ class PgStorage:
                 self._q("INSERT INTO {s}.meta VALUES ('model_id', %s), ('dim', %s)", (model_id, str(dim)))
 
     @_db
+    def tiling(self) -> str:
+        row = self._q("SELECT value FROM {s}.meta WHERE key = 'tiling'").fetchone()
+        return row[0] if row else ""
+
+    @_db
+    def record_tiling(self, record: str) -> str:
+        # Serialised with the binding and commits by the seq row lock: two first ingests
+        # with different settings cannot both record theirs.
+        with self._conn.transaction():
+            self._q("SELECT value FROM {s}.seq FOR UPDATE")
+            self._q("INSERT INTO {s}.meta VALUES ('tiling', %s) ON CONFLICT (key) DO NOTHING", (record,))
+            return self._q("SELECT value FROM {s}.meta WHERE key = 'tiling'").fetchone()[0]
+
+    @_db
     def seq(self) -> int:
         return self._q("SELECT value FROM {s}.seq").fetchone()[0]
 
@@ -278,8 +292,12 @@ class PgStorage:
                             f"WHERE {' AND '.join(['t.committed > 0', *conds])}", args))
 
     @_db
-    def select(self, slide_ids, filters: dict, exclude, exclude_filters: dict) -> np.ndarray:
+    def select(self, slide_ids, filters: dict, exclude, exclude_filters: dict,
+               mpp_range: tuple[float, float] | None = None) -> np.ndarray:
         conds, args = self._slide_conditions(slide_ids, filters)
+        if mpp_range is not None:
+            conds.append("t.mpp >= %s AND t.mpp < %s")
+            args += list(mpp_range)
         excluded, excluded_args = self._slide_conditions(exclude, exclude_filters)
         if excluded:
             conds.append(f"NOT ({' OR '.join(excluded)})")

@@ -16,7 +16,9 @@ import threading
 
 import numpy as np
 
+from smily.common import tiling as tilings
 from smily.common.errors import Unavailable
+from smily.common.tiling import Tiling
 
 from .faiss_index import IndexConfig, TileIndex, check_stage
 from .pg_store import PgStorage
@@ -75,13 +77,23 @@ class Replica:
                     return seq
                 if not self.local.model_id:
                     self.local.bind(*self.store.binding())
+                if self.local.tiling is None and (recorded := Tiling.from_json(self.store.tiling())):
+                    self.local.record_tiling(recorded)
                 for st in states:
                     self.local.apply(lambda st=st: self.local.storage.mirror(st.seq, st.slide_id, st.slide,
                                                                              st.generation, st.rows))
 
     # -- writes: acknowledged by the store ------------------------------------
-    def stage(self, model_id: str, slide_id: str, generation: str, vectors: np.ndarray, tiles: list[Tile]) -> int:
+    @property
+    def tiling(self) -> Tiling | None:
+        return self.local.tiling
+
+    def stage(self, model_id: str, slide_id: str, generation: str, vectors: np.ndarray, tiles: list[Tile],
+              tiling: Tiling | None = None) -> int:
         check_stage(slide_id, generation, vectors, tiles)
+        TileIndex.check_binding(self.store.binding(), model_id, vectors.shape[1])
+        if tiling is not None:
+            tilings.check(Tiling.from_json(self.store.record_tiling(tiling.to_json())), tiling)
         bound = self.store.bind(model_id, vectors.shape[1])
         TileIndex.check_binding(bound, model_id, vectors.shape[1])
         return self.store.stage(slide_id, generation, tiles, vectors)

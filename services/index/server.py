@@ -6,6 +6,7 @@ from smily.common import limits
 from smily.common.config import Settings
 from smily.common.server import Registration
 from smily.common.tensors import from_tensor, to_tensor
+from smily.common.tiling import Tiling
 
 from .concepts import Concept, ConceptStore
 from .faiss_index import IndexConfig, TileIndex
@@ -35,8 +36,9 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
     def AddTiles(self, request, context):
         limits.slide_id(request.slide_id)
         tiles = [Tile(t.x, t.y, t.width, t.height, t.mpp, t.tissue_fraction) for t in request.tiles]
+        tiling = Tiling.from_pb(request.tiling)
         n = self.store.stage(request.model_id, request.slide_id, request.generation,
-                             from_tensor(request.embeddings), tiles)
+                             from_tensor(request.embeddings), tiles, tiling and tiling.validate())
         return index_pb2.AddTilesResponse(staged=n)
 
     def CommitSlide(self, request, context):
@@ -56,7 +58,7 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
         limits.slide_ids(request.exclude_slide_ids, "exclude_slide_ids")
         hits = self.store.search(request.model_id, from_tensor(request.query), request.k, list(request.exclude_slide_ids),
                                  list(request.slide_ids), dict(request.filters), request.nprobe,
-                                 dict(request.exclude_filters))
+                                 dict(request.exclude_filters), Tiling.from_pb(request.tiling), request.mpp)
         return index_pb2.SearchResponse(
             model_id=self.store.model_id,
             hits=[
@@ -85,11 +87,14 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
     def GetIndexInfo(self, request, context):
         tiles, slides = self.store.counts()
         info = self.store.info()
-        return index_pb2.GetIndexInfoResponse(
+        out = index_pb2.GetIndexInfoResponse(
             model_id=self.store.model_id, dim=self.store.dim, tile_count=tiles, slide_count=slides,
             index_type=info["factory"], train_vectors=info["train_vectors"], train_seconds=info["train_seconds"],
             nlist=info["nlist"], default_nprobe=info["nprobe"], journal_seq=info["journal_seq"],
             snapshot_seq=info["snapshot_seq"], load_report=info["load_report"])
+        if self.store.tiling is not None:
+            self.store.tiling.to_pb(out.tiling)
+        return out
 
     # -- concepts (their own table; see concepts.py) -------------------------
     def PutConcept(self, request, context):

@@ -65,6 +65,7 @@ class SqliteStorage:
         self._lock = threading.Lock()
         meta = dict(self._db.execute("SELECT key, value FROM meta"))
         self._model_id, self._dim = meta.get("model_id", ""), int(meta.get("dim", 0))
+        self._tiling = meta.get("tiling", "")
         self._seq = max(int(meta.get("seq", 0)),
                         self._db.execute("SELECT COALESCE(MAX(committed), 0) FROM tiles").fetchone()[0])
 
@@ -83,6 +84,17 @@ class SqliteStorage:
                                          [("model_id", model_id), ("dim", str(dim))])
                 self._model_id, self._dim = model_id, dim
             return self._model_id, self._dim
+
+    def tiling(self) -> str:
+        return self._tiling
+
+    def record_tiling(self, record: str) -> str:
+        with self._lock:
+            if not self._tiling:
+                with self._transaction():
+                    self._db.execute("INSERT OR REPLACE INTO meta VALUES ('tiling', ?)", (record,))
+                self._tiling = record
+            return self._tiling
 
     def seq(self) -> int:
         return self._seq
@@ -237,8 +249,12 @@ class SqliteStorage:
                 f"SELECT t.id FROM tiles t JOIN slides s ON s.slide_id = t.slide_id "
                 f"WHERE {' AND '.join(['t.committed > 0', *conds])}", args))
 
-    def select(self, slide_ids, filters: dict, exclude, exclude_filters: dict) -> np.ndarray:
+    def select(self, slide_ids, filters: dict, exclude, exclude_filters: dict,
+               mpp_range: tuple[float, float] | None = None) -> np.ndarray:
         conds, args = self._slide_conditions(slide_ids, filters)
+        if mpp_range is not None:
+            conds.append("t.mpp >= ? AND t.mpp < ?")
+            args += list(mpp_range)
         excluded, excluded_args = self._slide_conditions(exclude, exclude_filters)
         if excluded:
             conds.append(f"NOT ({' OR '.join(excluded)})")

@@ -70,6 +70,12 @@ class Storage(Protocol):
     def bind(self, model_id: str, dim: int) -> tuple[str, int]:
         """Bind to a model if unbound; returns the binding in force (which may be another model's)."""
 
+    def tiling(self) -> str:
+        """The tiling record (smily.common.tiling.Tiling as JSON); "" before the first write."""
+
+    def record_tiling(self, record: str) -> str:
+        """Record the tiling if none is; returns the record in force (which may be another's)."""
+
     def seq(self) -> int:
         """The last commit sequence number."""
 
@@ -111,8 +117,10 @@ class Storage(Protocol):
     def vectors(self, ids) -> tuple[np.ndarray, np.ndarray]:
         """(ids, vectors) of these published tiles, in id order (SQL_CHUNK ids at most)."""
 
-    def select(self, slide_ids, filters: dict, exclude, exclude_filters: dict) -> np.ndarray:
-        """Ids of published tiles of the slides matching every filter (metadata key=value) and no exclusion."""
+    def select(self, slide_ids, filters: dict, exclude, exclude_filters: dict,
+               mpp_range: tuple[float, float] | None = None) -> np.ndarray:
+        """Ids of published tiles of the slides matching every filter (metadata key=value) and no exclusion,
+        with mpp in [lo, hi) when a range is given."""
 
     def excluded(self, exclude, exclude_filters: dict) -> np.ndarray:
         """Ids of published tiles of slides left out by id or by any metadata key=value."""

@@ -48,8 +48,9 @@ def info(path: str) -> bytes:
     return protocol.ok_info(tiler_pb2.SlideInfo(levels=levels, dicom=dicom, **facts))
 
 
-def plan(path: str, slide_mpp: float, target_mpps: list[float], tile_size: int, min_tissue: float) -> bytes:
-    return protocol.ok_plan(tiling.plan(_slide(path), slide_mpp, target_mpps, tile_size, min_tissue))
+def plan(path: str, slide_mpp: float, target_mpps: list[float], tile_size: int, min_tissue: float,
+         stride: float = 1.0) -> bytes:
+    return protocol.ok_plan(tiling.plan(_slide(path), slide_mpp, target_mpps, tile_size, min_tissue, stride))
 
 
 def tiles(path: str, rects: list[tuple[int, int, int]], tile_size: int, encoding: int) -> bytes:

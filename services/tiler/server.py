@@ -16,6 +16,8 @@ from smily.common import images, limits
 from smily.common.config import Settings
 from smily.common.errors import FailedPrecondition, InvalidArgument, require
 from smily.common.server import Registration
+from smily.common.tiling import (DEFAULT_MIN_TISSUE, DEFAULT_MPPS, DEFAULT_STRIDE, DEFAULT_TILE_SIZE, MAX_RESOLUTIONS,
+                                 MAX_TILE_SIZE, MIN_STRIDE)
 
 from . import dicomweb, slides
 from .tiling import block_order
@@ -23,11 +25,6 @@ from .workers import WorkerPool
 
 log = logging.getLogger("smily.tiler")
 
-DEFAULT_MPP = 1.0
-DEFAULT_TILE_SIZE = 224
-DEFAULT_MIN_TISSUE = 0.5
-MAX_TILE_SIZE = 2048
-MAX_RESOLUTIONS = 8
 # Pixels per stream message: 8 raw 224-px tiles cost sender and receiver half
 # the CPU of one tile per message, and 64 cost more again (docs/benchmarks.md).
 MESSAGE_BYTES = 1 << 20
@@ -69,23 +66,25 @@ class TilerServicer(tiler_pb2_grpc.TilerServiceServicer):
 
     def StreamTiles(self, request, context):
         p = request.params
-        targets = list(p.mpps) or [p.mpp or DEFAULT_MPP]
+        targets = list(p.mpps) or [p.mpp or DEFAULT_MPPS[0]]
         tile_size = p.tile_size or DEFAULT_TILE_SIZE
         min_tissue = p.min_tissue_fraction or DEFAULT_MIN_TISSUE
+        stride = p.stride or DEFAULT_STRIDE
         require(len(targets) <= MAX_RESOLUTIONS, f"at most {MAX_RESOLUTIONS} resolutions per request")
         require(all(m > 0 and math.isfinite(m) for m in targets), "every mpp must be positive")
         require(len(set(targets)) == len(targets), "mpps must not repeat")
         require(0 < tile_size <= MAX_TILE_SIZE, f"tile_size must be in 1..{MAX_TILE_SIZE}")
         require(0 <= min_tissue <= 1, "min_tissue_fraction must be in [0, 1]")
+        require(MIN_STRIDE <= stride <= 1, f"stride must be in {MIN_STRIDE:g}..1 (a fraction of the tile)")
         encoding = request.encoding or images.RAW_RGB
         require(encoding in ENCODINGS, "unknown image encoding")
         path, info, file_mpp = self._info(request.slide)
         slide_mpp = self._slide_mpp(file_mpp, request.slide_mpp)
         # Before planning: a wrong slide_mpp can ask for a million tiles.
-        limits.tiles_per_slide(limits.tile_grid(info.width, info.height, slide_mpp, targets, tile_size),
+        limits.tiles_per_slide(limits.tile_grid(info.width, info.height, slide_mpp, targets, tile_size, stride),
                                self._max_tiles, slide_mpp)
 
-        plans = self.readers.call("plan", path, slide_mpp, targets, tile_size, min_tissue)
+        plans = self.readers.call("plan", path, slide_mpp, targets, tile_size, min_tissue, stride)
         total = sum(len(rects) for rects in plans)
         chunks = [block for rects in plans for block in block_order(rects, tile_size)]
         per_message = max(1, MESSAGE_BYTES // (tile_size * tile_size * 3))

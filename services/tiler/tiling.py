@@ -20,6 +20,7 @@ from openslide import lowlevel
 from PIL import Image
 
 from smily.common.errors import FailedPrecondition
+from smily.common.limits import grid_steps
 
 from .tissue import tissue_mask
 
@@ -77,15 +78,18 @@ def read(slide: openslide.OpenSlide, x: int, y: int, w: int, h: int, out_w: int,
 
 
 def plan(slide: openslide.OpenSlide, slide_mpp: float, target_mpps: list[float], tile_size: int,
-         min_tissue: float) -> list[list[TileRect]]:
+         min_tissue: float, stride: float = 1.0) -> list[list[TileRect]]:
     """For each target resolution, its tissue tiles in row-major order; none
-    reaches past the edge. One thumbnail mask serves every resolution."""
+    reaches past the edge. Tiles step by `stride` of a tile (1.0: abutting,
+    0.5: each overlaps its neighbours by half). One thumbnail mask serves every
+    resolution."""
     sizes = [max(1, round(tile_size * m / slide_mpp)) for m in target_mpps]
     width, height = slide.dimensions
     scale = min(MASK_PX_PER_TILE / min(sizes), MAX_THUMBNAIL_SIDE / max(width, height), 1.0)
     tw, th = max(1, math.ceil(width * scale)), max(1, math.ceil(height * scale))
     mask = tissue_mask(thumbnail(slide, tw, th))
-    return [_grid(mask, width, height, size, size * slide_mpp / tile_size, min_tissue) for size in sizes]
+    return [_grid(mask, width, height, size, max(1, round(size * stride)), size * slide_mpp / tile_size, min_tissue)
+            for size in sizes]
 
 
 def block_side(tile_size: int) -> int:
@@ -121,15 +125,18 @@ def thumbnail(slide: openslide.OpenSlide, tw: int, th: int) -> np.ndarray:
     return np.asarray(rgb.resize((tw, th), Image.Resampling.BOX))
 
 
-def _grid(mask: np.ndarray, width: int, height: int, size: int, mpp: float, min_tissue: float) -> list[TileRect]:
-    cols, rows = width // size, height // size
+def _grid(mask: np.ndarray, width: int, height: int, size: int, step: int, mpp: float,
+          min_tissue: float) -> list[TileRect]:
+    cols, rows = grid_steps(width, size, step), grid_steps(height, size, step)
     sy, sx = mask.shape[0] / height, mask.shape[1] / width
     tiles = []
     for r in range(rows):
-        y0, y1 = int(r * size * sy), max(int(r * size * sy) + 1, int((r + 1) * size * sy))
+        y = r * step
+        y0, y1 = int(y * sy), max(int(y * sy) + 1, int((y + size) * sy))
         for c in range(cols):
-            x0, x1 = int(c * size * sx), max(int(c * size * sx) + 1, int((c + 1) * size * sx))
+            x = c * step
+            x0, x1 = int(x * sx), max(int(x * sx) + 1, int((x + size) * sx))
             frac = float(mask[y0:y1, x0:x1].mean()) if y1 <= mask.shape[0] and x1 <= mask.shape[1] else 0.0
             if frac >= min_tissue:
-                tiles.append(TileRect(c * size, r * size, size, frac, mpp))
+                tiles.append(TileRect(x, y, size, frac, mpp))
     return tiles

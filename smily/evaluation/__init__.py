@@ -6,6 +6,7 @@ import sys
 from smily.embedder.v1 import embedder_pb2_grpc
 from smily.common.channels import channel
 from smily.common.config import Settings
+from smily.common.tiling import DEFAULT_MPPS, Tiling
 
 from . import archive, evaluate, manifest, report, robustness
 
@@ -24,17 +25,21 @@ def evaluate_manifest(client, settings: Settings, manifest_path: str, out_dir: s
     m = manifest.load(manifest_path)
     labeller = manifest.Labeller(m)
     indexed = evaluate.ensure_ingested(client, m, labeller, progress)
+    # The index's own record (set by its first ingest), not this process's environment.
+    tiling = Tiling.from_pb(client.index_info().tiling)
+    mpp = tiling.nearest_mpp(DEFAULT_MPPS[0])  # evaluated at one of the indexed resolutions
     opened = archive.open_slides(settings, m.slides())
     emb_channel = channel(settings.embedder_target)
     try:
-        arch = archive.build(settings, opened, embedder_pb2_grpc.EmbedderServiceStub(emb_channel), progress)
+        arch = archive.build(tiling, mpp, opened, embedder_pb2_grpc.EmbedderServiceStub(emb_channel), progress)
     finally:
         emb_channel.close()
     result = evaluate.run(client, arch, m, indexed, tuple(ks), max_queries, n_boot, seed)
-    result["tiling"] = {"mpp": settings.tile_mpp, "tile_size": settings.tile_size,
-                        "min_tissue_fraction": settings.min_tissue_fraction}
+    result["tiling"] = {"mpp": mpp, "mpps": list(tiling.mpps), "tile_size": tiling.tile_size,
+                        "stride": tiling.stride, "min_tissue_fraction": tiling.min_tissue}
     if robustness_per_slide:
-        result["robustness"] = robustness.run(client, arch, opened, settings.tile_size, robustness_per_slide, seed)
+        result["robustness"] = robustness.run(client, arch, opened, tiling.tile_size, robustness_per_slide, seed,
+                                             mpp)
     json_path, png = report.write(result, out_dir)
     if not quiet:
         print(report.table(result))

@@ -2,7 +2,7 @@
 
 Pixels come from OpenSlide directly on the slide files under the configured
 slide roots, cut by the tiler's own code (smily.tiler.tiling) with the
-deployment's tiling settings, so every tile here is the one the index holds.
+index's tiling record, so every tile here is one the index holds.
 Each tile gets its embedding (from the embedder service) for exact search
 and its colour-texture features for the classical baseline.
 """
@@ -15,7 +15,7 @@ import numpy as np
 from smily.embedder.v1 import embedder_pb2
 from smily.types.v1 import types_pb2
 from smily.common import images
-from smily.common.config import Settings
+from smily.common.tiling import Tiling
 from smily.common.tensors import from_tensor
 from smily.tiler import slides as slide_files
 from smily.tiler import tiling
@@ -42,7 +42,7 @@ class Archive:
         return self.slide_ids[i], int(self.rects[i, 0]), int(self.rects[i, 1])
 
 
-def open_slides(settings: Settings, sources: dict[str, str]) -> dict:
+def open_slides(settings, sources: dict[str, str]) -> dict:
     """slide_id -> an open OpenSlide handle, resolved under the slide roots."""
     roots, cache, out = slide_files.SlideRoots(settings.slide_roots), slide_files.SlideCache(), {}
     for slide_id, source in sources.items():
@@ -60,14 +60,15 @@ def embed(embedder, rgbs: list[np.ndarray]) -> tuple[np.ndarray, str]:
     return from_tensor(resp.embeddings), resp.model_id
 
 
-def build(settings: Settings, opened: dict, embedder, progress=None) -> Archive:
+def build(tiling_: Tiling, mpp: float, opened: dict, embedder, progress=None) -> Archive:
+    """The index's tiles at resolution `mpp` (one of the record's), embedded and described."""
     ids, rects, tissue, embs, feats, model_ids = [], [], [], [], [], set()
-    size = settings.tile_size
+    size = tiling_.tile_size
     for slide_id, slide in opened.items():
-        mpp = slide_files.mpp(slide)
-        if mpp <= 0:
+        slide_mpp = slide_files.mpp(slide)
+        if slide_mpp <= 0:
             raise EvalError(f"slide {slide_id} does not record its resolution (microns per pixel)")
-        plan = tiling.plan(slide, mpp, [settings.tile_mpp], size, settings.min_tissue_fraction)[0]
+        plan = tiling.plan(slide, slide_mpp, [mpp], size, tiling_.min_tissue, tiling_.stride)[0]
         for start in range(0, len(plan), BATCH):
             chunk = plan[start : start + BATCH]
             rgbs = [tiling.read(slide, t.x, t.y, t.size, t.size, size, size) for t in chunk]

@@ -132,7 +132,7 @@ def consistency(archive: Archive, indexed: dict[str, int]) -> list[str]:
         mine = int((archive.slide_ids == slide_id).sum())
         if indexed.get(slide_id, mine) != mine:
             warnings.append(f"{slide_id}: the index holds {indexed[slide_id]} tiles, the evaluation cut {mine}; "
-                            "are SMILY_TILE_* the same as the gateway's?")
+                            "was the slide ingested before the index recorded its tiling?")
     extra = len(set(indexed) - set(archive.slide_ids))
     if extra:
         warnings.append(f"the index holds {extra} slides outside the manifest: the deployed search was "
