@@ -218,3 +218,13 @@ def test_replicas_share_the_tiling_record(postgres, tmp_path):  # noqa: F811 (fi
     finally:
         first.close()
         second.close()
+
+
+def test_an_index_without_a_record_is_searched_whole_and_records_on_its_next_write(make):
+    store = make()
+    v = vecs(2)
+    store.stage(MODEL, "a", "g1", v, tiles(2))  # written before tiling records existed
+    store.commit_slide(MODEL, "g1", Slide("a", "a.svs"), 2)
+    assert store.tiling is None and len(store.search(MODEL, v[0], 2, tiling=TILING, mpp=1.0)) == 2
+    store.stage(MODEL, "b", "g1", vecs(1), tiles(1), TILING)
+    assert store.tiling == TILING

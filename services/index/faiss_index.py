@@ -404,7 +404,9 @@ class TileIndex:
                 tilings.check(self.tiling, tiling, "this search")
             tilings.check_mpp(self.tiling, mpp)
             # One resolution indexed: every tile is at it, no restriction needed.
-            mpp_range = tilings.mpp_range(self.tiling, mpp) if mpp and len(self.tiling.mpps) > 1 else None
+            # (An index written before tiling records has none: its tiles are all searched.)
+            multi = self.tiling is not None and len(self.tiling.mpps) > 1
+            mpp_range = tilings.mpp_range(self.tiling, mpp) if mpp and multi else None
             exact = ann.is_exact(self._faiss)
             selector, available = None, self._faiss.ntotal
             if slide_ids or filters or mpp_range:
