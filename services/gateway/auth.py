@@ -26,7 +26,7 @@ SEARCH, INGEST, ADMIN = "smily.search", "smily.ingest", "smily.admin"
 _SERVICE = "/smily.gateway.v1.GatewayService/"
 ROLES = {
     **{_SERVICE + m: SEARCH for m in ("Search", "SearchSlides", "ReadRegion", "ListSlides", "GetSlide",
-                                      "ListConcepts", "GetOperation")},
+                                      "ListConcepts", "GetOperation", "GetIndexInfo")},
     **{_SERVICE + m: INGEST for m in ("IngestSlide", "IngestCase", "CancelOperation", "CreateConcept", "DeleteConcept")},
     _SERVICE + "DeleteSlide": ADMIN,
 }

@@ -41,6 +41,7 @@ RULES: dict[str, HttpRule] = {
     "ListSlides": HttpRule("GET", "/v1/slides", False),
     "GetSlide": HttpRule("GET", "/v1/slides/{slide_id}", False),
     "DeleteSlide": HttpRule("DELETE", "/v1/slides/{slide_id}", False),
+    "GetIndexInfo": HttpRule("GET", "/v1/index", False),
 }
 
 
