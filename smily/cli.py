@@ -219,7 +219,7 @@ def _delete(args) -> int:
 
 def _model_export(args) -> int:
     warnings.filterwarnings("ignore")
-    from smily.embedder import export
+    from smily.models import export
 
     if args.factory:
         if not args.name:
@@ -261,7 +261,7 @@ def _model_import(args) -> int:
 
 def _model_quantize(args) -> int:
     from smily.common.errors import FailedPrecondition
-    from smily.embedder import quantize
+    from smily.models import quantize
 
     try:
         config = quantize.quantize(args.output_dir, args.model, args.version, args.calibration_dir,
