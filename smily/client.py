@@ -5,8 +5,8 @@ import time
 
 import grpc
 
-from smily.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from smily.common.channels import channel
+from smily.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 DONE = (gateway_pb2.OPERATION_STATE_SUCCEEDED, gateway_pb2.OPERATION_STATE_FAILED,
         gateway_pb2.OPERATION_STATE_CANCELLED)

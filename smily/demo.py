@@ -11,14 +11,14 @@ import os
 import sys
 import time
 
-from smily.tiler.v1 import tiler_pb2, tiler_pb2_grpc
-from smily.types.v1 import types_pb2
 from smily.cli import print_hits
 from smily.client import Client
 from smily.common import logs
 from smily.common.channels import channel
 from smily.common.config import Settings
 from smily.localstack import local_stack
+from smily.tiler.v1 import tiler_pb2, tiler_pb2_grpc
+from smily.types.v1 import types_pb2
 
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".mrxs", ".bif", ".dcm")
 

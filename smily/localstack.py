@@ -14,8 +14,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 RUN_DIR = os.path.join("var", "run")
 LOG_DIR = os.path.join("var", "log")
@@ -33,10 +33,11 @@ def start_redis(port: int | None = None, log_path: str = os.devnull) -> tuple[su
     if not exe:
         return None, ""
     port = port or free_port()
-    proc = subprocess.Popen(
-        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--maxmemory", "256mb", "--maxmemory-policy", "allkeys-lru"],
-        stdout=open(log_path, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--maxmemory", "256mb", "--maxmemory-policy", "allkeys-lru"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         try:
@@ -90,9 +91,9 @@ def up() -> int:
         env["SMILY_REDIS_URL"] = url
     else:
         print("warning: redis-server is not installed; the gateway uses an in-process cache")
-    proc = subprocess.Popen([sys.executable, "-m", "smily.cli", "serve", "all"], env=env,
-                            stdout=open(os.path.join(LOG_DIR, "smily.log"), "ab"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    with open(os.path.join(LOG_DIR, "smily.log"), "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "smily.cli", "serve", "all"], env=env,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     _write_pid("smily", proc.pid)
     from smily.client import Client
     from smily.gateway.v1 import gateway_pb2
@@ -143,7 +144,8 @@ def _running() -> bool:
     if not os.path.exists(path):
         return False
     try:
-        os.kill(int(open(path).read().strip()), 0)
+        with open(path) as fh:
+            os.kill(int(fh.read().strip()), 0)
         return True
     except (ProcessLookupError, ValueError):
         return False

@@ -23,9 +23,8 @@ def test_search_json(settings, ingested):
 
 
 def test_search_image_and_slides(settings, ingested, tmp_path):
-    from PIL import Image
-
     import numpy as np
+    from PIL import Image
 
     path = tmp_path / "patch.png"
     Image.fromarray(np.full((224, 224, 3), (200, 120, 170), np.uint8)).save(path)

@@ -85,7 +85,7 @@ class Settings:
     backend_timeout_s: float = 30.0
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> "Settings":
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> Settings:
         env = os.environ if environ is None else environ
         values = {}
         for f in dataclasses.fields(cls):

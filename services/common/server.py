@@ -12,9 +12,9 @@ import signal
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterable
 from concurrent import futures
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import grpc
 import prometheus_client as prom

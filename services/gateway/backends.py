@@ -1,11 +1,11 @@
 """Stubs to the three backends, with deadlines derived from the caller's."""
 from __future__ import annotations
 
+from smily.common.channels import channel
+from smily.common.config import Settings
 from smily.embedder.v1 import embedder_pb2_grpc
 from smily.index.v1 import index_pb2_grpc
 from smily.tiler.v1 import tiler_pb2_grpc
-from smily.common.channels import channel
-from smily.common.config import Settings
 
 from .shards import ShardedIndex
 

@@ -4,21 +4,20 @@ from __future__ import annotations
 import math
 from concurrent.futures import ThreadPoolExecutor
 
-
-from smily.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-from smily.index.v1 import index_pb2
-from smily.tiler.v1 import tiler_pb2
 from smily.common.config import Settings
 from smily.common.errors import InvalidArgument, require
 from smily.common.server import Registration
 from smily.common.tensors import to_tensor
+from smily.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from smily.index.v1 import index_pb2
+from smily.tiler.v1 import tiler_pb2
 
 from . import paging, vectors
 from .backends import Backends
 from .cache import RedisGuard, make_cache
 from .ingest import Ingestor
-from .query import QueryEngine
 from .operations import LocalOperations, SharedOperations
+from .query import QueryEngine
 
 DEFAULT_K = 10
 DEFAULT_SLIDES, MAX_SLIDES = 10, 100

@@ -2,7 +2,7 @@
 the loop behind both ingest and whole-slide (mosaic) queries."""
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 from smily.embedder.v1 import embedder_pb2
 from smily.tiler.v1 import tiler_pb2

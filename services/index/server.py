@@ -1,10 +1,10 @@
 """IndexService: stage, commit, search, list and delete tile embeddings."""
 from __future__ import annotations
 
-from smily.index.v1 import index_pb2, index_pb2_grpc
 from smily.common.config import Settings
 from smily.common.server import Registration
 from smily.common.tensors import from_tensor, to_tensor
+from smily.index.v1 import index_pb2, index_pb2_grpc
 
 from .concepts import Concept, ConceptStore
 from .store import IndexConfig, Slide, Tile, TileStore

@@ -10,12 +10,12 @@ import math
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
-from smily.tiler.v1 import tiler_pb2, tiler_pb2_grpc
-from smily.types.v1 import types_pb2
 from smily.common import images
 from smily.common.config import Settings
 from smily.common.errors import FailedPrecondition, InvalidArgument, require
 from smily.common.server import Registration
+from smily.tiler.v1 import tiler_pb2, tiler_pb2_grpc
+from smily.types.v1 import types_pb2
 
 from . import slides
 from .tiling import block_order

@@ -45,10 +45,7 @@ class Manifest:
 def load(path: str) -> Manifest:
     try:
         with open(path, newline="", encoding="utf-8") as fh:
-            if path.lower().endswith(".json"):
-                records = json.load(fh)
-            else:
-                records = list(csv.DictReader(fh))
+            records = json.load(fh) if path.lower().endswith(".json") else list(csv.DictReader(fh))
     except OSError as exc:
         raise ManifestError(f"cannot read manifest {path}: {exc.strerror}") from None
     except (json.JSONDecodeError, csv.Error, UnicodeDecodeError) as exc:
