@@ -7,7 +7,7 @@ PROTOS := $(shell find protos -name '*.proto')
 MODEL := models/efficientnet-lite0/1/model.onnx
 SAMPLES := data/samples/.done
 
-.PHONY: all venv proto model sample-data demo test bench up down clean
+.PHONY: all venv proto model sample-data demo test bench up down clean system-deps check buf-baseline
 
 all: proto model
 
@@ -33,8 +33,33 @@ $(SAMPLES): $(VENV)/.installed smily/synthetic.py
 demo: proto model sample-data
 	$(SMILY) demo --slides data/samples
 
-test: proto model
+test: system-deps proto model check
 	$(PY) -m pytest -q
+
+# What the tests need from the system (redis-server, ...): installed when root, else named.
+system-deps:
+	tools/system-deps.sh
+
+# Quality gates, run by `make test` (hence CI); CONTRIBUTING.md says what each holds.
+BUF := tools/node_modules/.bin/buf
+# `ruff format --check` goes on (FORMAT_CHECK = yes) once the tree has been formatted.
+FORMAT_CHECK ?= no
+check: system-deps proto $(BUF)
+	$(PY) -m ruff check .
+	if [ "$(FORMAT_CHECK)" = yes ]; then $(PY) -m ruff format --check .; fi
+	$(PY) tools/namespace.py mypy
+	$(PY) tools/namespace.py lint-imports
+	$(BUF) lint
+	$(BUF) breaking --against protos/buf-baseline.binpb
+
+# buf from npm, pinned by tools/package-lock.json.
+$(BUF): tools/package.json tools/package-lock.json
+	cd tools && npm ci --no-audit --no-fund --ignore-scripts
+	touch $@
+
+# At a release: the protos as released, the baseline of `buf breaking` until the next one.
+buf-baseline: $(BUF)
+	$(BUF) build --exclude-source-info -o protos/buf-baseline.binpb
 
 # Every bench/*.py is a standalone benchmark that prints its figures.
 bench: proto model
@@ -47,7 +72,7 @@ down:
 	$(SMILY) down
 
 clean:
-	rm -rf $(VENV) models data/samples var build
+	rm -rf $(VENV) models data/samples var build tools/node_modules
 	find protos -name '*_pb2*.py*' -delete
 
 # Container images for Kubernetes (deploy/docker/, deploy/k8s/). Needs a

@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 import warnings
+from typing import Any
 
 import grpc
 
@@ -77,21 +78,6 @@ def _parse_region(text: str) -> dict:
     return {"x": x, "y": y, "width": w, "height": h}
 
 
-def print_hits(resp, as_json: bool) -> None:
-    from smily.client import hit_dict
-
-    hits = [hit_dict(h) for h in resp.hits]
-    if as_json:
-        print(json.dumps(hits, indent=2))
-        return
-    print(f"{len(hits)} hits (model {resp.model_id}{', cached query' if resp.cached else ''})")
-    print(f"{'rank':>4}  {'score':>6}  {'slide':<24} {'x':>7} {'y':>7} {'w':>5} {'h':>5}  metadata")
-    for i, h in enumerate(hits, 1):
-        meta = ", ".join(f"{k}={v}" for k, v in sorted(h["metadata"].items()))
-        print(f"{i:>4}  {h['score']:>6.3f}  {h['slide_id']:<24} {h['x']:>7} {h['y']:>7} "
-              f"{h['width']:>5} {h['height']:>5}  {meta}")
-
-
 def _example(spec: str):
     """SLIDE_ID:X,Y,W,H is a region; anything else is an image file."""
     slide, sep, rect = spec.rpartition(":")
@@ -120,7 +106,7 @@ def _search(args) -> int:
         raise SystemExit("give either --image FILE or --slide ID --region X,Y,W,H")
     if not (args.image or args.slide or args.positive):
         raise SystemExit("give --image FILE, --slide ID --region X,Y,W,H or --positive examples")
-    query = {}
+    query: dict[str, bytes | dict] = {}
     if args.image:
         with open(args.image, "rb") as fh:
             query["image"] = fh.read()
@@ -135,7 +121,14 @@ def _search(args) -> int:
         max_hits_per_slide=args.max_per_slide, page_size=args.page_size, page_token=args.page_token,
         slide_ids=args.slide_id or [], filters=_key_values(args.filter, "--filter"),
         exclude_slide_ids=args.exclude_slide or [], exclude_query_case=args.exclude_query_case, nprobe=args.nprobe)
-    print_hits(resp, args.json)
+    if args.json:
+        from smily.client import hit_dict
+
+        print(json.dumps([hit_dict(h) for h in resp.hits], indent=2))
+    else:
+        from smily.output import print_hits
+
+        print_hits(resp)
     if resp.next_page_token:
         print(f"next page: --page-token {resp.next_page_token}", file=sys.stderr)
     return 0
@@ -285,7 +278,7 @@ def _eval(args) -> int:
     from smily.common.config import Settings
     from smily.evaluation import archive, evaluate_manifest, manifest
 
-    overrides = {}
+    overrides: dict[str, Any] = {}
     if args.slide_root:
         overrides["slide_roots"] = tuple(args.slide_root)
     if args.embedder:

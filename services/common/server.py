@@ -139,6 +139,7 @@ class RunningServer:
         self.health = health_servicer
         self.port = port
         self.names = names
+        self.servicer: object = None  # smily.stack closes it after the server stops
 
     def stop(self, grace: float) -> None:
         # Health says NOT_SERVING first, so load balancers stop sending work,

@@ -49,7 +49,7 @@ class Ingestor:
         self._lock = threading.Lock()
         self._ops: dict[str, gateway_pb2.Operation] = {}  # the operations this replica runs
         # The tile stream of each running ingest, so a cancel stops it at once.
-        self._streams: dict[str, object] = {}
+        self._streams: dict[str, grpc.Future] = {}
         self._shared = shared
         # Snapshots reach Redis in the order they were taken: a late heartbeat
         # never overwrites a finished state.

@@ -21,6 +21,7 @@ import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import faiss
 import numpy as np
@@ -139,7 +140,7 @@ class TileStore:
         self.model_id: str = meta.get("model_id", "")
         self.dim: int = int(meta.get("dim", 0))
         self._seq = max(int(meta.get("seq", 0)), self._db.execute("SELECT COALESCE(MAX(committed), 0) FROM tiles").fetchone()[0])
-        self._faiss = None
+        self._faiss: Any = None  # a faiss.Index once loaded
         self._trainer: threading.Thread | None = None
         self._stop = threading.Event()
         self.state = IndexState()

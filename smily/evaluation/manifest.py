@@ -122,6 +122,7 @@ class Labeller:
         """The manifest row that labels this tile, if any."""
         best, best_area = None, 0
         for row in self._regions.get(slide_id, ()):
+            assert row.region is not None  # rows without one are in _whole
             rx, ry, rw, rh = row.region
             area = max(0, min(x + width, rx + rw) - max(x, rx)) * max(0, min(y + height, ry + rh) - max(y, ry))
             if area > best_area:
