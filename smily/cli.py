@@ -12,7 +12,8 @@ from typing import Any
 
 import grpc
 
-DEFAULT_GATEWAY = os.environ.get("SMILY_GATEWAY", "127.0.0.1:50050")
+# SMILY_GATEWAY, else the port a `make up` with the same environment listens on.
+DEFAULT_GATEWAY = os.environ.get("SMILY_GATEWAY") or f"127.0.0.1:{os.environ.get('SMILY_GATEWAY_PORT') or 50050}"
 
 
 def _serve(args) -> int:
