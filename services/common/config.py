@@ -167,7 +167,7 @@ class Settings:
     viewer_oidc_scope: str = "openid"
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> "Settings":
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> Settings:
         env = os.environ if environ is None else environ
         values = {}
         for f in dataclasses.fields(cls):

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import prometheus_client as prom
 
+from smily.common.errors import FailedPrecondition, NotFound, ServiceError
 from smily.gateway.v1 import gateway_pb2
 from smily.index.v1 import index_pb2
 from smily.tiler.v1 import tiler_pb2
@@ -26,6 +27,7 @@ from . import dicom
 from .backends import Backends
 from .streaming import check_tiling, embed_slide
 from .operations import FINISHED, HEARTBEAT_S, LocalOperations, SharedOperations, failed_unavailable
+from .streaming import embed_slide
 
 log = logging.getLogger("smily.ingest")
 
@@ -55,7 +57,7 @@ class Ingestor:
         self._lock = threading.Lock()
         self._ops: dict[str, gateway_pb2.Operation] = {}  # the operations this replica runs
         # The tile stream of each running ingest, so a cancel stops it at once.
-        self._streams: dict[str, object] = {}
+        self._streams: dict[str, grpc.Future] = {}
         self._shared = shared
         # Snapshots reach Redis in the order they were taken: a late heartbeat
         # never overwrites a finished state.

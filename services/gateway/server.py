@@ -11,6 +11,10 @@ from smily.common.config import Settings
 from smily.common.errors import InvalidArgument, require
 from smily.common.server import Registration
 from smily.common.tensors import to_tensor
+from smily.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from smily.index.v1 import index_pb2
+from smily.tiler.v1 import tiler_pb2
+from smily.types.v1 import types_pb2
 
 from . import dicom, paging, vectors
 from .backends import Backends
@@ -18,11 +22,12 @@ from .cache import RedisGuard, make_cache
 from .cases import CaseIngestor
 from .guard import Guard
 from .ingest import Ingestor
-from .query import QueryEngine
 from .operations import LocalOperations, SharedOperations
 from .readiness import Readiness
 
 DEFAULT_K = 10
+_ENCODINGS = {gateway_pb2.IMAGE_FORMAT_PNG: types_pb2.IMAGE_ENCODING_PNG,
+              gateway_pb2.IMAGE_FORMAT_JPEG: types_pb2.IMAGE_ENCODING_JPEG}
 DEFAULT_SLIDES, MAX_SLIDES = 10, 100
 DEFAULT_MOSAIC, MAX_MOSAIC = 16, 64
 DEFAULT_REGIONS, MAX_REGIONS = 3, 20
@@ -172,7 +177,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         per_tile = list(self._fanout.map(search, mosaic))
         out = []
         for slide_id, score, found, hits in vectors.rank_slides(per_tile)[:k]:
-            regions, seen = [], set()
+            regions: list[gateway_pb2.Hit] = []
+            seen = set()
             for h in hits:
                 key = (h.tile.x, h.tile.y, h.tile.width)
                 if key not in seen and len(regions) < per_slide:
@@ -203,7 +209,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         if base > 0:  # coarsen so the longer side fits max_side
             mpp = max(mpp, max(r.width, r.height) * base / max_side)
         resp = self._b.tiler.ReadRegion(tiler_pb2.ReadRegionRequest(
-            slide=slide.source, x=r.x, y=r.y, width=r.width, height=r.height, mpp=mpp, encoding=fmt,
+            slide=slide.source, x=r.x, y=r.y, width=r.width, height=r.height, mpp=mpp, encoding=_ENCODINGS[fmt],
             slide_mpp=slide.slide_mpp), timeout=timeout)
         return gateway_pb2.ReadRegionResponse(image=resp.image.data, format=fmt, width=resp.image.width,
                                               height=resp.image.height, mpp=resp.mpp)

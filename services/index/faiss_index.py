@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import faiss
 import numpy as np
@@ -88,7 +88,7 @@ class TileIndex:
         self._rw = RWLock()
         self.model_id, self.dim = self.storage.binding()
         self._seq = self.storage.seq()
-        self._faiss = None
+        self._faiss: Any = None  # a faiss.Index once loaded
         self._trainer: threading.Thread | None = None
         self._stop = threading.Event()
         self.state = IndexState()

@@ -6,6 +6,7 @@ from smily.common import limits
 from smily.common.config import Settings
 from smily.common.server import Registration
 from smily.common.tensors import from_tensor, to_tensor
+from smily.index.v1 import index_pb2, index_pb2_grpc
 
 from .concepts import Concept, ConceptStore
 from .faiss_index import IndexConfig, TileIndex

@@ -16,6 +16,8 @@ from smily.common import images, limits
 from smily.common.config import Settings
 from smily.common.errors import FailedPrecondition, InvalidArgument, require
 from smily.common.server import Registration
+from smily.tiler.v1 import tiler_pb2, tiler_pb2_grpc
+from smily.types.v1 import types_pb2
 
 from . import dicomweb, slides
 from .tiling import block_order
