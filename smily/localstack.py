@@ -45,8 +45,9 @@ def start_redis(port: int | None = None, log_path: str = os.devnull,
     if tls:
         config += [f"tls-port {port}", f"tls-cert-file {tls[0]}", f"tls-key-file {tls[1]}",
                    f"tls-ca-cert-file {tls[2]}", "tls-auth-clients no"]
-    proc = subprocess.Popen([exe, "-"], stdin=subprocess.PIPE, stdout=open(log_path, "ab"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen([exe, "-"], stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
     proc.stdin.write("\n".join(config).encode() + b"\n")
     proc.stdin.close()
     deadline = time.monotonic() + 10
@@ -314,9 +315,9 @@ def up_cluster(shards: int, replicas: int) -> int:
 
 
 def _spawn(name: str, service: str, env: dict) -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "smily.cli", "serve", service], env=env,
-                            stdout=open(os.path.join(LOG_DIR, f"{name}.log"), "ab"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    with open(os.path.join(LOG_DIR, f"{name}.log"), "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "smily.cli", "serve", service], env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
     _write_pid(name, proc.pid)
 
 

@@ -24,9 +24,9 @@ from smily.common.errors import Unavailable
 from smily.common.placement import shard_of
 from smily.common.tensors import to_tensor
 from smily.gateway.shards import ShardedIndex, connect
+from smily.index.faiss_index import IndexConfig
 from smily.index.pg_store import PgStorage, schema
 from smily.index.replica import Replica
-from smily.index.faiss_index import IndexConfig
 from smily.index.reshard import reshard
 from smily.index.storage import Slide, Tile
 from smily.index.v1 import index_pb2, index_pb2_grpc
@@ -88,7 +88,7 @@ class Cluster:
         self.targets = [[f"127.0.0.1:{free_port()}" for _ in range(2)] for _ in range(2)]
         self.procs = {}
         for shard, replicas in enumerate(self.targets):
-            for r, target in enumerate(replicas):
+            for r in range(len(replicas)):
                 self.start(shard, r)
         for (shard, r), proc in self.procs.items():
             wait_ready(self.targets[shard][r], proc)

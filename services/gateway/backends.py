@@ -18,9 +18,9 @@ import grpc
 from smily.common.channels import channel
 from smily.common.config import Settings
 from smily.common.errors import DeadlineExceeded, ServiceError, Unavailable
+from smily.common.tls import channel_credentials
 from smily.embedder.v1 import embedder_pb2_grpc
 from smily.tiler.v1 import tiler_pb2_grpc
-from smily.common.tls import channel_credentials
 
 from .shards import connect
 

@@ -17,17 +17,15 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import prometheus_client as prom
 
-from smily.common.errors import FailedPrecondition, NotFound, ServiceError
+from smily.common.errors import Busy, FailedPrecondition, NotFound, ServiceError
 from smily.gateway.v1 import gateway_pb2
 from smily.index.v1 import index_pb2
 from smily.tiler.v1 import tiler_pb2
-from smily.common.errors import Busy, FailedPrecondition, NotFound, ServiceError
 
 from . import dicom
 from .backends import Backends
-from .streaming import check_tiling, embed_slide
 from .operations import FINISHED, HEARTBEAT_S, LocalOperations, SharedOperations, failed_unavailable
-from .streaming import embed_slide
+from .streaming import check_tiling, embed_slide
 
 log = logging.getLogger("smily.ingest")
 

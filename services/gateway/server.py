@@ -3,9 +3,6 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
-from smily.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-from smily.index.v1 import index_pb2
-from smily.tiler.v1 import tiler_pb2
 from smily.common import images, limits
 from smily.common.config import Settings
 from smily.common.errors import InvalidArgument, require
@@ -23,6 +20,7 @@ from .cases import CaseIngestor
 from .guard import Guard
 from .ingest import Ingestor
 from .operations import LocalOperations, SharedOperations
+from .query import QueryEngine
 from .readiness import Readiness
 
 DEFAULT_K = 10

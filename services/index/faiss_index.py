@@ -14,8 +14,9 @@ import base64
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import faiss
 import numpy as np

@@ -158,8 +158,8 @@ class PgStorage:
                  np.ascontiguousarray(v, np.float32).tobytes()) for t, v in zip(tiles, vectors)]
         with self._conn.transaction(), self._conn.cursor() as cur:
             cur.executemany(
-                "INSERT INTO {s}.tiles (slide_id, generation, x, y, w, h, mpp, tissue, staged_at, vector) "
-                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING".format(s=self.s), rows)
+                f"INSERT INTO {self.s}.tiles (slide_id, generation, x, y, w, h, mpp, tissue, staged_at, vector) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING", rows)
         return len(rows)
 
     def _next_seq(self, slide_id: str) -> int:
@@ -170,7 +170,7 @@ class PgStorage:
     def _journal_removal(self, seq: int, ids: list[int]) -> None:
         if ids:
             with self._conn.cursor() as cur:
-                cur.executemany("INSERT INTO {s}.removed VALUES (%s, %s)".format(s=self.s), [(seq, i) for i in ids])
+                cur.executemany(f"INSERT INTO {self.s}.removed VALUES (%s, %s)", [(seq, i) for i in ids])
 
     @_db
     def commit_slide(self, generation: str, slide: Slide, expected_tiles: int) -> Commit:

@@ -1,7 +1,6 @@
 """IndexService: stage, commit, search, list and delete tile embeddings."""
 from __future__ import annotations
 
-from smily.index.v1 import index_pb2, index_pb2_grpc
 from smily.common import limits
 from smily.common.config import Settings
 from smily.common.server import Registration

@@ -10,8 +10,6 @@ import math
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
-from smily.tiler.v1 import tiler_pb2, tiler_pb2_grpc
-from smily.types.v1 import types_pb2
 from smily.common import images, limits
 from smily.common.config import Settings
 from smily.common.errors import FailedPrecondition, InvalidArgument, require
