@@ -41,7 +41,7 @@ $(SAMPLES): $(VENV)/.installed smily/synthetic.py
 demo: proto model sample-data
 	$(SMILY) demo --slides data/samples
 
-test: proto model web
+test: proto model web postgres
 	$(PY) -m pytest -q
 
 # Every bench/*.py is a standalone benchmark that prints its figures.
@@ -55,8 +55,18 @@ down:
 	$(SMILY) down
 
 # Index cluster on a local PostgreSQL: SHARDS x REPLICAS index processes.
-up-cluster: proto model sample-data
+up-cluster: proto model sample-data postgres
 	$(SMILY) up --shards $(or $(SHARDS),2) --replicas $(or $(REPLICAS),2)
+
+# PostgreSQL's server binaries (the index cluster's store; smily/localpg.py runs
+# a private server): installed with apt-get as root, else the command is named.
+.PHONY: postgres
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-15 >/dev/null; \
+	  else echo "PostgreSQL is missing: sudo apt-get install -y postgresql-15"; exit 1; fi; }
 
 clean:
 	rm -rf $(VENV) models data/samples var build services/http/vendor/node_modules
