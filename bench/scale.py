@@ -27,6 +27,7 @@ import tempfile
 import threading
 import time
 
+import grpc
 import numpy as np
 import psycopg
 
@@ -71,7 +72,7 @@ class Replica:
             try:
                 if self.info().journal_seq >= seq:
                     return time.perf_counter() - start
-            except Exception:
+            except grpc.RpcError:  # not listening yet
                 pass
             time.sleep(0.05)
 

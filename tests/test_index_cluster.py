@@ -87,8 +87,8 @@ class Cluster:
         self.url, self.root = url, root
         self.targets = [[f"127.0.0.1:{free_port()}" for _ in range(replicas)] for _ in range(shards)]
         self.procs = {}
-        for shard, replicas in enumerate(self.targets):
-            for r, target in enumerate(replicas):
+        for shard, group in enumerate(self.targets):
+            for r in range(len(group)):
                 self.start(shard, r)
         for (shard, r), proc in self.procs.items():
             wait_ready(self.targets[shard][r], proc)
