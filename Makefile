@@ -80,7 +80,7 @@ down:
 	$(SMILY) down
 
 # Index cluster on a local PostgreSQL: SHARDS x REPLICAS index processes.
-up-cluster: proto model sample-data
+up-cluster: system-deps proto model sample-data
 	$(SMILY) up --shards $(or $(SHARDS),2) --replicas $(or $(REPLICAS),2)
 
 clean:

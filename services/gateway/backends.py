@@ -22,7 +22,7 @@ from smily.common.tls import channel_credentials
 from smily.embedder.v1 import embedder_pb2_grpc
 from smily.tiler.v1 import tiler_pb2_grpc
 
-from .shards import connect
+from .shards import NoReplica, connect
 
 log = logging.getLogger("smily.gateway.backends")
 
@@ -46,6 +46,8 @@ class BackendError(ServiceError):
 
 
 def translate(backend: str, method: str, exc: grpc.RpcError) -> ServiceError:
+    if isinstance(exc, NoReplica):  # names the shard, never an address
+        return Unavailable(str(exc))
     code = exc.code() if hasattr(exc, "code") else C.UNKNOWN
     if code in _ALWAYS or (code == C.INVALID_ARGUMENT and method in _CALLER_INPUT.get(backend, ())):
         return BackendError(code, exc.details() or code.name)

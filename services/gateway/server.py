@@ -131,17 +131,22 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         exclude_filters = self._q.query_case(request, context) if request.exclude_query_case else {}
         query = to_tensor(vector)
 
+        missing: set[int] = set()
+
         def search(n: int):
-            return self._b.index.Search(index_pb2.SearchRequest(
+            reply = self._b.index.Search(index_pb2.SearchRequest(
                 model_id=model_id, query=query, k=n, exclude_slide_ids=exclude, exclude_filters=exclude_filters,
-                slide_ids=request.slide_ids, filters=request.filters, nprobe=request.nprobe),
-                timeout=self._b.timeout(context)).hits
+                slide_ids=request.slide_ids, filters=request.filters, nprobe=request.nprobe,
+                allow_partial=request.partial), timeout=self._b.timeout(context))
+            missing.update(reply.missing_shards)
+            return reply.hits
 
         hits = paging.top_hits(search, k, request.max_hits_per_slide)
         end = len(hits) if request.page_size == 0 else min(len(hits), offset + request.page_size)
         token = paging.make_token(end, fp) if end < len(hits) else ""
         return gateway_pb2.SearchResponse(model_id=model_id, cached=cached, next_page_token=token,
-                                          hits=[_hit(h, self._links) for h in hits[offset:end]])
+                                          hits=[_hit(h, self._links) for h in hits[offset:end]],
+                                          partial=bool(missing), missing_shards=sorted(missing))
 
     def SearchSlides(self, request, context):
         k = request.k if request.HasField("k") else DEFAULT_SLIDES
@@ -167,10 +172,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             raise InvalidArgument("a slide query needs a slide_id or a source")
         mosaic, model_id, cached = self._q.mosaic(source, slide_mpp, size, context)
 
+        missing: set[int] = set()
+
         def search(v):
-            return list(self._b.index.Search(index_pb2.SearchRequest(
-                model_id=model_id, query=to_tensor(v), k=MOSAIC_TILE_K, exclude_slide_ids=exclude),
-                timeout=self._b.timeout(context)).hits)
+            reply = self._b.index.Search(index_pb2.SearchRequest(
+                model_id=model_id, query=to_tensor(v), k=MOSAIC_TILE_K, exclude_slide_ids=exclude,
+                allow_partial=request.partial), timeout=self._b.timeout(context))
+            missing.update(reply.missing_shards)
+            return list(reply.hits)
 
         per_tile = list(self._fanout.map(search, mosaic))
         out = []
@@ -187,7 +196,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                 slide_id=slide_id, score=score, matched_mosaic_tiles=found, regions=regions, metadata=meta,
                 study_instance_uid=meta.get(dicom.STUDY, ""), series_instance_uid=meta.get(dicom.SERIES, ""),
                 viewer_url=regions[0].viewer_url if regions else self._links.link(slide_id, meta)))
-        return gateway_pb2.SearchSlidesResponse(slides=out, model_id=model_id, mosaic_size=len(mosaic), cached=cached)
+        return gateway_pb2.SearchSlidesResponse(slides=out, model_id=model_id, mosaic_size=len(mosaic), cached=cached,
+                                                partial=bool(missing), missing_shards=sorted(missing))
 
     # -- viewer support --------------------------------------------------------
     def ReadRegion(self, request, context):

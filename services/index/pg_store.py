@@ -43,6 +43,7 @@ CREATE INDEX IF NOT EXISTS tiles_by_commit ON {s}.tiles (committed);
 CREATE TABLE IF NOT EXISTS {s}.removed (seq BIGINT NOT NULL, tile_id BIGINT NOT NULL);
 CREATE INDEX IF NOT EXISTS removed_by_seq ON {s}.removed (seq);
 CREATE TABLE IF NOT EXISTS {s}.commits (seq BIGINT PRIMARY KEY, slide_id TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS {s}.replicas (name TEXT PRIMARY KEY, seq BIGINT NOT NULL, seen_at DOUBLE PRECISION NOT NULL);
 """
 SLIDE_COLUMNS = "slide_id, source, metadata, tile_count, indexed_at, slide_mpp"
 TILE_COLUMNS = "id, x, y, w, h, mpp, tissue, vector"
@@ -318,6 +319,12 @@ class PgStorage:
         return self._q("SELECT COUNT(*) FROM {s}.slides").fetchone()[0]
 
     # -- following, for serving replicas --------------------------------------
+    @_db
+    def report_served(self, name: str, seq: int) -> None:
+        """Record that replica `name` serves up to `seq`, on the database's clock (reshard waits on it)."""
+        self._q("INSERT INTO {s}.replicas VALUES (%s, %s, EXTRACT(EPOCH FROM now())) ON CONFLICT (name) DO UPDATE "
+                "SET seq = excluded.seq, seen_at = excluded.seen_at", (name, seq))
+
     @_db
     def changes_after(self, seq: int, limit: int = 256) -> list[SlideState]:
         """The current state of each slide changed by the next `limit` commits after `seq`,

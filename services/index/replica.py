@@ -12,7 +12,10 @@ instead of rebuilding. Replicas are interchangeable: any one takes a write.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
+import time
 
 import numpy as np
 
@@ -26,6 +29,8 @@ log = logging.getLogger("smily.index")
 
 # Commits read per step while catching up.
 FOLLOW_BATCH = 256
+# How often a replica tells the store how far it serves when nothing changes (reshard waits on it).
+REPORT_S = 5.0
 
 
 class Replica:
@@ -37,6 +42,9 @@ class Replica:
         self._follow_lock = threading.Lock()
         self._stop = threading.Event()
         self._interval = follow_interval_s
+        # Stable across restarts of this replica: the pod (host) and its volume.
+        self.name = f"{socket.gethostname()}:{os.path.abspath(directory)}"
+        self._reported = (-1, 0.0)
         self.catch_up()
         self._follower = threading.Thread(target=self._follow, name="index-follow", daemon=True)
         self._follower.start()
@@ -72,12 +80,19 @@ class Replica:
                 seq = self.local.info()["journal_seq"]
                 states = self.store.changes_after(seq, FOLLOW_BATCH)
                 if not states:
+                    self._report(seq)
                     return seq
                 if not self.local.model_id:
                     self.local.bind(*self.store.binding())
                 for st in states:
                     self.local.apply(lambda st=st: self.local.storage.mirror(st.seq, st.slide_id, st.slide,
                                                                              st.generation, st.rows))
+
+    def _report(self, seq: int) -> None:
+        last_seq, last_at = self._reported
+        if seq != last_seq or time.monotonic() - last_at > REPORT_S:
+            self.store.report_served(self.name, seq)
+            self._reported = (seq, time.monotonic())
 
     # -- writes: acknowledged by the store ------------------------------------
     def stage(self, model_id: str, slide_id: str, generation: str, vectors: np.ndarray, tiles: list[Tile]) -> int:
