@@ -225,7 +225,8 @@ def down(quiet: bool = False) -> int:
         with contextlib.suppress(FileNotFoundError):
             os.remove(_pid_path(name))
     if not quiet:
-        print(f"stopped {', '.join(stopped)}" if stopped else "nothing was running")
+        print(f"stopped {' and '.join([', '.join(stopped[:-1]), stopped[-1]] if len(stopped) > 1 else stopped)}"
+              if stopped else "nothing was running")
     return 0
 
 

@@ -229,6 +229,8 @@ def test_every_rpc_writes_one_record(secured, idp):
         "DeleteConcept": gateway_pb2.DeleteConceptRequest(name="c"),
         "ListSlides": LIST,
         "DeleteSlide": gateway_pb2.DeleteSlideRequest(slide_id="missing"),
+        "IngestCase": gateway_pb2.IngestCaseRequest(accession_number="NO-SUCH-CASE"),
+        "GetSlide": gateway_pb2.GetSlideRequest(slide_id="missing"),
     }
     assert set(calls) == {m.name for m in gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].methods}
     before = len(audit_records(secured))

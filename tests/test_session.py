@@ -61,7 +61,7 @@ def test_readme_session_runs_top_to_bottom(stack_env, tmp_path):
         assert {s["slide_id"] for s in slides} == {"case-1", "case-1-40x"}
     finally:
         down = run([SMILY, "down"], stack_env, tmp_path)
-    assert down.returncode == 0 and "stopped smily and redis" in down.stdout, down.stdout + down.stderr
+    assert down.returncode == 0 and "stopped http, smily and redis" in down.stdout, down.stdout + down.stderr
     assert not os.listdir(tmp_path / "var" / "run")
     with socket.socket() as s:
         s.bind(("127.0.0.1", int(stack_env["SMILY_GATEWAY_PORT"])))  # free again

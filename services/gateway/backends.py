@@ -32,7 +32,7 @@ _ALWAYS = {C.NOT_FOUND, C.FAILED_PRECONDITION, C.ABORTED}
 # Methods whose INVALID_ARGUMENT is about what the caller sent (a slide path,
 # a region, a concept name, a page token), not about the gateway's request.
 _CALLER_INPUT = {
-    "tiler": {"GetSlideInfo", "ReadRegion"},
+    "tiler": {"GetSlideInfo", "ReadRegion", "ListCaseSeries"},
     "index": {"ListSlides", "PutConcept", "GetConcept", "DeleteConcept"},
 }
 
