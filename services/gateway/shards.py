@@ -48,8 +48,11 @@ from smily.index.v1 import index_pb2, index_pb2_grpc
 __all__ = ["ShardedIndex", "connect", "shard_of"]
 
 REPLICA_SEPARATOR = "|"
-# A replica that answered UNAVAILABLE is tried last for this long.
+# A replica that answered UNAVAILABLE, or lost to a hedge, is tried last for this long;
+# each further loss in a row doubles it (up to SLOW_MAX_S), so a frozen replica does
+# not spend the hedge budget every DOWN_S.
 DOWN_S = 2.0
+SLOW_MAX_S = 60.0
 # Longest wait after a commit for the shard's other replicas to serve it.
 REPLICA_WAIT_S = 5.0
 # Hedging: searches remembered per shard for its p95, and how many before it is trusted.
@@ -87,6 +90,7 @@ class Shard:
         self.number, self.stubs = number, stubs
         self.balanced = balanced or [False] * len(stubs)
         self._down_until = [0.0] * len(stubs)
+        self._losses = [0] * len(stubs)  # hedges lost in a row
         self._turn = itertools.count()
         self._lock = threading.Lock()
         self._latencies: collections.deque[float] = collections.deque(maxlen=LATENCY_WINDOW)
@@ -174,10 +178,14 @@ class Shard:
                     continue
                 with self._lock:
                     self._latencies.append(time.monotonic() - t0)
+                    self._losses[i] = 0
                 if hedge:
                     HEDGES.labels(str(self.number), "true").inc()
                     for j, _, _ in pending.values():  # the replica the hedge beat: passed over for a while
-                        self._down_until[j] = time.monotonic() + DOWN_S
+                        with self._lock:
+                            self._losses[j] += 1
+                            pause = min(SLOW_MAX_S, DOWN_S * 2 ** (self._losses[j] - 1))
+                        self._down_until[j] = time.monotonic() + pause
                 elif any(h for _, _, h in pending.values()):
                     HEDGES.labels(str(self.number), "false").inc()
                 return reply
