@@ -63,19 +63,19 @@ class LocalPostgres:
                 [_binary("postgres"), "-D", self.data, "-p", str(self.port), "-c", "listen_addresses=127.0.0.1",
                  "-c", f"unix_socket_directories={self.directory}", "-c", "max_connections=200"],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True, **self._as_user())
-        log.close()
         self.wait_ready(timeout)
         return self
 
     def wait_ready(self, timeout: float) -> None:
         import psycopg
-        deadline = time.monotonic() + timeout
+        assert self.proc is not None, "start() starts it"
+        proc, deadline = self.proc, time.monotonic() + timeout
         while True:
             try:
                 psycopg.connect(self.url, connect_timeout=2).close()
                 return
             except psycopg.OperationalError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
+                if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"postgres did not start; see {self.log_path}") from None
                 time.sleep(0.1)
 

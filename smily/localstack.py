@@ -48,6 +48,7 @@ def start_redis(port: int | None = None, log_path: str = os.devnull,
     with open(log_path, "ab") as log:
         proc = subprocess.Popen([exe, "-"], stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
+    assert proc.stdin is not None  # stdin=PIPE
     proc.stdin.write("\n".join(config).encode() + b"\n")
     proc.stdin.close()
     deadline = time.monotonic() + 10
@@ -295,6 +296,7 @@ def up_cluster(shards: int, replicas: int) -> int:
         return 1
     pg = LocalPostgres(os.path.join("var", "pg"), CLUSTER_PG_PORT, os.path.abspath(os.path.join(LOG_DIR, "postgres.log")))
     pg.start()
+    assert pg.proc is not None  # start() raises unless it runs
     _write_pid("postgres", pg.proc.pid)
     env = dict(_local_env(), SMILY_INDEX_DATABASE_URL=pg.url)
     redis_proc, url = start_redis(int(os.environ.get(REDIS_PORT_VARIABLE) or REDIS_PORT),

@@ -156,7 +156,7 @@ class Shard:
         hedged = delay is None  # no p95 yet: no hedge
         try:
             while pending:
-                wait = None if hedged else max(0.0, started + delay - time.monotonic())
+                wait = None if hedged or delay is None else max(0.0, started + delay - time.monotonic())
                 try:
                     future = done.get(timeout=wait)
                 except queue.Empty:
@@ -276,7 +276,8 @@ class ShardedIndex:
         if request.slide_ids:  # only the shards holding the named slides
             shards = list({s.number: s for s in map(self._for, request.slide_ids)}.values())
         replies, missing = self._all("Search", request, timeout, shards, request.allow_partial)
-        hits, seen = [], set()
+        hits: list = []
+        seen: set = set()
         for h in sorted((h for r in replies for h in r.hits), key=lambda h: -h.score):
             if _tile_key(h) not in seen and len(hits) < request.k:
                 seen.add(_tile_key(h))

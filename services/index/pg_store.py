@@ -21,7 +21,7 @@ import psycopg
 
 from smily.common.errors import Aborted, NotFound, Unavailable
 
-from .concepts import Concept, normalised
+from .concepts import Concept, normalised, vector_bytes
 from .storage import Commit, Slide, Tile, vectors_from
 
 SCHEMA = """
@@ -385,7 +385,7 @@ class PgConcepts:
                 "SET vector = excluded.vector, with_examples = excluded.with_examples, "
                 "without_examples = excluded.without_examples, train_accuracy = excluded.train_accuracy, "
                 "created_at = excluded.created_at",
-                (c.name, c.model_id, c.vector.tobytes(), c.with_examples, c.without_examples, c.train_accuracy,
+                (c.name, c.model_id, vector_bytes(c), c.with_examples, c.without_examples, c.train_accuracy,
                  c.created_at))
 
     @_db

@@ -69,7 +69,7 @@ def region(path: str, x: int, y: int, w: int, h: int, out_w: int, out_h: int, en
     return protocol.ok_region(images.encode(tiling.read(_slide(path), x, y, w, h, out_w, out_h), encoding))
 
 
-OPS: dict[str, Callable[..., object]] = {"info": info, "plan": plan, "tiles": tiles, "region": region}
+OPS: dict[str, Callable[..., bytes]] = {"info": info, "plan": plan, "tiles": tiles, "region": region}
 
 
 def _run(op: str, path: str, args: list) -> bytes:
