@@ -304,6 +304,7 @@ class TileIndex:
                 self._check_model(model_id)
             commit = self.storage.commit_slide(generation, slide, expected_tiles)
             self._apply(commit)
+        assert commit.slide is not None, "a commit publishes the slide"
         log.info("slide committed", extra={"slide_id": slide.slide_id, "tiles": commit.slide.tile_count,
                                            "replaced": len(commit.removed)})
         return commit.slide, len(commit.removed)

@@ -11,6 +11,7 @@ instead of rebuilding. Replicas are interchangeable: any one takes a write.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -23,6 +24,7 @@ from smily.common.errors import Unavailable
 
 from .faiss_index import IndexConfig, TileIndex, check_stage
 from .pg_store import PgStorage
+from .sqlite_store import SqliteStorage
 from .storage import Slide, Tile
 
 log = logging.getLogger("smily.index")
@@ -38,7 +40,9 @@ class Replica:
 
     def __init__(self, directory: str, config: IndexConfig, url: str, shard: int, follow_interval_s: float = 0.2):
         self.store = PgStorage(url, shard)
-        self.local = TileIndex(directory, config)
+        # The local copy the replica serves from: SQLite, mirrored from PostgreSQL.
+        self._mirror = SqliteStorage(directory)
+        self.local = TileIndex(directory, config, storage=self._mirror)
         self._follow_lock = threading.Lock()
         self._stop = threading.Event()
         self._interval = follow_interval_s
@@ -85,8 +89,8 @@ class Replica:
                 if not self.local.model_id:
                     self.local.bind(*self.store.binding())
                 for st in states:
-                    self.local.apply(lambda st=st: self.local.storage.mirror(st.seq, st.slide_id, st.slide,
-                                                                             st.generation, st.rows))
+                    self.local.apply(functools.partial(self._mirror.mirror, st.seq, st.slide_id, st.slide,
+                                                       st.generation, st.rows))
 
     def _report(self, seq: int) -> None:
         last_seq, last_at = self._reported

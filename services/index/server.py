@@ -25,6 +25,8 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
         config = IndexConfig(
             factory=settings.index_factory, ivf_threshold=settings.index_ivf_threshold, nprobe=settings.index_nprobe,
             rerank=settings.index_rerank, snapshot_interval_s=settings.index_snapshot_interval_s)
+        self.store: Replica | TileIndex
+        self.concepts: PgConcepts | ConceptStore
         if settings.index_database_url:
             self.store = Replica(settings.index_dir, config, settings.index_database_url, settings.index_shard)
             self.concepts = PgConcepts(settings.index_database_url, settings.index_shard)
