@@ -374,10 +374,14 @@ class PgConcepts(_OnSchema):
 
     @_db
     def _create(self) -> None:
-        self._q("CREATE TABLE IF NOT EXISTS {s}.concepts (name TEXT NOT NULL, model_id TEXT NOT NULL, "
-                "vector BYTEA NOT NULL, with_examples INTEGER NOT NULL, without_examples INTEGER NOT NULL, "
-                "train_accuracy DOUBLE PRECISION NOT NULL, created_at DOUBLE PRECISION NOT NULL, "
-                "PRIMARY KEY (name, model_id))")
+        # Under the schema lock, as PgStorage's tables: two replicas starting at once would
+        # otherwise race in CREATE TABLE IF NOT EXISTS (a unique violation in pg_type).
+        with self.conn.transaction():
+            self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
+            self._q("CREATE TABLE IF NOT EXISTS {s}.concepts (name TEXT NOT NULL, model_id TEXT NOT NULL, "
+                    "vector BYTEA NOT NULL, with_examples INTEGER NOT NULL, without_examples INTEGER NOT NULL, "
+                    "train_accuracy DOUBLE PRECISION NOT NULL, created_at DOUBLE PRECISION NOT NULL, "
+                    "PRIMARY KEY (name, model_id))")
 
     def put(self, c: Concept) -> Concept:
         c = normalised(c)
