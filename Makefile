@@ -9,7 +9,7 @@ SAMPLES := data/samples/.done
 # The viewer's browser libraries (npm, pinned by package-lock.json; served from node_modules).
 WEB := services/http/vendor/node_modules/.installed
 
-.PHONY: all venv proto model web sample-data demo test bench up down clean up-cluster
+.PHONY: all venv proto model web sample-data demo test bench up down clean up-cluster system-deps check buf-baseline
 
 all: proto model web
 
@@ -41,8 +41,33 @@ $(SAMPLES): $(VENV)/.installed smily/synthetic.py
 demo: proto model sample-data
 	$(SMILY) demo --slides data/samples
 
-test: proto model web
+test: system-deps proto model web check
 	$(PY) -m pytest -q
+
+# What the tests need from the system (redis-server, ...): installed when root, else named.
+system-deps:
+	tools/system-deps.sh
+
+# Quality gates, run by `make test` (hence CI); CONTRIBUTING.md says what each holds.
+BUF := tools/node_modules/.bin/buf
+# `ruff format --check` goes on (FORMAT_CHECK = yes) once the tree has been formatted.
+FORMAT_CHECK ?= no
+check: system-deps proto $(BUF)
+	$(PY) -m ruff check .
+	if [ "$(FORMAT_CHECK)" = yes ]; then $(PY) -m ruff format --check .; fi
+	$(PY) tools/namespace.py mypy
+	$(PY) tools/namespace.py lint-imports
+	$(BUF) lint
+	$(BUF) breaking --against protos/buf-baseline.binpb
+
+# buf from npm, pinned by tools/package-lock.json.
+$(BUF): tools/package.json tools/package-lock.json
+	cd tools && npm ci --no-audit --no-fund --ignore-scripts
+	touch $@
+
+# At a release: the protos as released, the baseline of `buf breaking` until the next one.
+buf-baseline: $(BUF)
+	$(BUF) build --exclude-source-info -o protos/buf-baseline.binpb
 
 # Every bench/*.py is a standalone benchmark that prints its figures.
 bench: proto model
@@ -55,11 +80,11 @@ down:
 	$(SMILY) down
 
 # Index cluster on a local PostgreSQL: SHARDS x REPLICAS index processes.
-up-cluster: proto model sample-data
+up-cluster: system-deps proto model sample-data
 	$(SMILY) up --shards $(or $(SHARDS),2) --replicas $(or $(REPLICAS),2)
 
 clean:
-	rm -rf $(VENV) models data/samples var build services/http/vendor/node_modules
+	rm -rf $(VENV) models data/samples var build services/http/vendor/node_modules tools/node_modules
 	find protos -name '*_pb2*.py*' -delete
 
 # Container images for Kubernetes (deploy/docker/, deploy/k8s/). Needs a

@@ -25,18 +25,16 @@ import numpy as np
 import prometheus_client as prom
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from smily.index.v1 import index_pb2, index_pb2_grpc  # noqa: E402
-from smily.tiler.v1 import tiler_pb2, tiler_pb2_grpc  # noqa: E402
-from smily.types.v1 import types_pb2  # noqa: E402
-from smily import stack  # noqa: E402
-from smily.client import Client  # noqa: E402
-from smily.common.channels import channel  # noqa: E402
-from smily.common.config import Settings  # noqa: E402
-from smily.common.tensors import to_tensor  # noqa: E402
-from smily.localstack import start_redis  # noqa: E402
-from smily.synthetic import SlideSpec, write_samples  # noqa: E402
+from smily import stack
+from smily.client import Client
+from smily.common.channels import channel
+from smily.common.config import Settings
+from smily.common.tensors import to_tensor
+from smily.index.v1 import index_pb2, index_pb2_grpc
+from smily.localstack import start_redis
+from smily.synthetic import SlideSpec, write_samples
+from smily.tiler.v1 import tiler_pb2, tiler_pb2_grpc
+from smily.types.v1 import types_pb2
 
 MODELS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models")
 SLIDE = SlideSpec("bench-slide.svs", "svs", 4096, 3072, 0.5, 7)

@@ -25,9 +25,8 @@ import time
 
 import numpy as np
 from PIL import Image
-from smily.types.v1 import types_pb2
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from smily.types.v1 import types_pb2
 
 WIDTH, HEIGHT, MPP, TILE, PERIOD = 40_000, 30_000, 0.25, 256, 2048
 GLASS = np.array([246, 244, 246], np.uint8)
@@ -92,9 +91,9 @@ def main() -> None:
     import grpc
     import openslide
 
-    from smily.tiler.v1 import tiler_pb2, tiler_pb2_grpc
     from smily.common import memory
     from smily.tiler import tiling
+    from smily.tiler.v1 import tiler_pb2, tiler_pb2_grpc
 
     # The service's own malloc settings, for the client and the naive loop alike.
     memory.keep_large_buffers()

@@ -13,14 +13,15 @@ import os
 
 import numpy as np
 from PIL import Image
-from smily.tiler.tissue import tissue_mask
 
+from smily.tiler.tissue import tissue_mask
 from tests import tissue_set
 
 
 def otsu_saturation(rgb: np.ndarray) -> np.ndarray:
     """The detector before issue 16 (Otsu on HSV saturation), for comparison."""
     from scipy import ndimage as ndi
+
     from smily.tiler.tissue import pen_mask
     f = rgb.astype(np.float32) / 255.0
     mx, mn = f.max(axis=2), f.min(axis=2)

@@ -6,8 +6,8 @@ import time
 
 import grpc
 
-from smily.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from smily.common.channels import channel
+from smily.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 DONE = (gateway_pb2.OPERATION_STATE_SUCCEEDED, gateway_pb2.OPERATION_STATE_FAILED,
         gateway_pb2.OPERATION_STATE_CANCELLED)
@@ -65,8 +65,7 @@ class Client:
     def wait(self, op: gateway_pb2.Operation, on_progress=None, poll_s: float = 0.2) -> gateway_pb2.Operation:
         while op.state not in DONE:
             time.sleep(poll_s)
-            op = self.stub.GetOperation(gateway_pb2.GetOperationRequest(operation_id=op.operation_id),
-                                        timeout=self.timeout).operation
+            op = self.operation(op.operation_id)
             if on_progress:
                 on_progress(op)
         return op
@@ -125,6 +124,10 @@ class Client:
 
     def delete_concept(self, name: str) -> None:
         self.stub.DeleteConcept(gateway_pb2.DeleteConceptRequest(name=name), timeout=self.timeout)
+
+    def operation(self, operation_id: str) -> gateway_pb2.Operation:
+        return self.stub.GetOperation(gateway_pb2.GetOperationRequest(operation_id=operation_id),
+                                      timeout=self.timeout).operation
 
     def cancel(self, operation_id: str) -> gateway_pb2.Operation:
         return self.stub.CancelOperation(gateway_pb2.CancelOperationRequest(operation_id=operation_id),

@@ -51,31 +51,31 @@ class LocalPostgres:
                 for name in [root, *(os.path.join(root, n) for n in dirs + files)]:
                     os.chown(name, self._user.pw_uid, self._user.pw_gid)
 
-    def start(self, timeout: float = 60) -> "LocalPostgres":
+    def start(self, timeout: float = 60) -> LocalPostgres:
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
         self._own()
         if not os.path.exists(os.path.join(self.data, "PG_VERSION")):
             subprocess.run([_binary("initdb"), "-D", self.data, "-U", USER, "--auth=trust", "-E", "UTF8",
                             "--no-instructions"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                            **self._as_user())
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [_binary("postgres"), "-D", self.data, "-p", str(self.port), "-c", "listen_addresses=127.0.0.1",
-             "-c", f"unix_socket_directories={self.directory}", "-c", "max_connections=200"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, **self._as_user())
-        log.close()
+        with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(
+                [_binary("postgres"), "-D", self.data, "-p", str(self.port), "-c", "listen_addresses=127.0.0.1",
+                 "-c", f"unix_socket_directories={self.directory}", "-c", "max_connections=200"],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True, **self._as_user())
         self.wait_ready(timeout)
         return self
 
     def wait_ready(self, timeout: float) -> None:
         import psycopg
-        deadline = time.monotonic() + timeout
+        assert self.proc is not None, "start() starts it"
+        proc, deadline = self.proc, time.monotonic() + timeout
         while True:
             try:
                 psycopg.connect(self.url, connect_timeout=2).close()
                 return
             except psycopg.OperationalError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
+                if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"postgres did not start; see {self.log_path}") from None
                 time.sleep(0.1)
 

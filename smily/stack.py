@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from smily.common import server
 from smily.common.config import Settings
@@ -40,7 +41,7 @@ def start(names, settings: Settings) -> tuple[dict[str, server.RunningServer], S
                                worker_threads=settings.worker_threads, **server.security(settings, name))
             srv.servicer = reg.servicer
             running[name] = srv
-            updates = {f"{name}_port": srv.port}
+            updates: dict[str, Any] = {f"{name}_port": srv.port}
             if name != "gateway":
                 updates[f"{name}_target"] = f"{_dial_host(settings.bind_host)}:{srv.port}"
             settings = dataclasses.replace(settings, **updates)

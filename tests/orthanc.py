@@ -46,8 +46,8 @@ class Orthanc:
         path = os.path.join(workdir, "orthanc.json")
         with open(path, "w") as fh:
             json.dump(config, fh)
-        self.log = open(os.path.join(workdir, "orthanc.log"), "wb")
-        self.proc = subprocess.Popen(["Orthanc", path], stdout=self.log, stderr=subprocess.STDOUT)
+        with open(os.path.join(workdir, "orthanc.log"), "wb") as log:
+            self.proc = subprocess.Popen(["Orthanc", path], stdout=log, stderr=subprocess.STDOUT)
         self.url = f"http://127.0.0.1:{self.port}"
         self.dicomweb = self.url + "/dicom-web"
         deadline = time.monotonic() + 30
@@ -100,4 +100,3 @@ class Orthanc:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-        self.log.close()

@@ -48,16 +48,16 @@ class ProcStack:
 
     def start(self, name: str, timeout: float = 120) -> None:
         env = dict(self.env, **self.per_service.get(name, {}))
-        log = open(os.path.join(self.log_dir, f"{name}.log"), "ab")
-        self.procs[name] = subprocess.Popen([sys.executable, "-m", f"smily.{name}"], env=env, stdout=log,
-                                            stderr=subprocess.STDOUT)
+        with open(os.path.join(self.log_dir, f"{name}.log"), "ab") as log:
+            self.procs[name] = subprocess.Popen([sys.executable, "-m", f"smily.{name}"], env=env, stdout=log,
+                                                stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while health(self.target(name), NAMES[name]) != SERVING:
             if self.procs[name].poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"{name} did not start; see {log.name}")
             time.sleep(0.2)
 
-    def start_all(self) -> "ProcStack":
+    def start_all(self) -> ProcStack:
         try:
             for name in SERVICES:
                 self.start(name)

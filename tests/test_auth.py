@@ -195,6 +195,17 @@ def test_roles_follow_the_rpc_and_each_call_is_audited(secured, idp):
     assert ("urn:smily:slide", "auth-a") in returned and ("urn:smily:case", "CASE-7") in returned
     assert all("synth-a" not in json.dumps(r) for r in audit_records(secured).values()), "a file name leaked"
 
+    # A viewer's tiles: one record per slide and view session, not per tile.
+    before = len(audit_records(secured))
+    tiles = [gateway_pb2.ReadRegionRequest(region=gateway_pb2.Region(slide_id="auth-a", x=x, y=0, width=256,
+                                                                     height=256)) for x in (0, 256, 512)]
+    first = [call(stub.ReadRegion, t, idp.token(SEARCH), x_smily_view_session="view-1") for t in tiles]
+    assert [c for c, _, _ in first] == [grpc.StatusCode.OK] * 3
+    assert len(audit_records(secured)) == before + 1 and record_of(secured, first[0][2])["outcomeDesc"] == "OK"
+    call(stub.ReadRegion, tiles[0], idp.token(SEARCH), x_smily_view_session="view-2")
+    call(stub.ReadRegion, tiles[0], idp.token(SEARCH))  # no session: every read is recorded
+    assert len(audit_records(secured)) == before + 3
+
     code, details, rid = call(stub.DeleteSlide, gateway_pb2.DeleteSlideRequest(slide_id="auth-a"),
                               idp.token(SEARCH))
     assert (code, details) == (grpc.StatusCode.PERMISSION_DENIED, "this call needs the role smily.admin")
@@ -229,7 +240,7 @@ def test_every_rpc_writes_one_record(secured, idp):
         "DeleteConcept": gateway_pb2.DeleteConceptRequest(name="c"),
         "ListSlides": LIST,
         "DeleteSlide": gateway_pb2.DeleteSlideRequest(slide_id="missing"),
-        "IngestCase": gateway_pb2.IngestCaseRequest(),
+        "IngestCase": gateway_pb2.IngestCaseRequest(accession_number="NO-SUCH-CASE"),
         "GetSlide": gateway_pb2.GetSlideRequest(slide_id="missing"),
         "GetIndexInfo": gateway_pb2.GetIndexInfoRequest(),
     }

@@ -8,12 +8,12 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from smily.index.v1 import index_pb2, index_pb2_grpc
-from smily.types.v1 import types_pb2
 from smily import stack
 from smily.common import server
 from smily.common.config import Settings
+from smily.index.v1 import index_pb2, index_pb2_grpc
 from smily.localstack import free_port
+from smily.types.v1 import types_pb2
 
 from .conftest import base_settings, rpc_code
 

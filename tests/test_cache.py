@@ -15,7 +15,7 @@ from .conftest import need
 def test_queries_survive_redis_dying(settings, ingested):
     proc, url = start_redis()
     if proc is None:
-        need("redis-server", "install it with `apt-get install redis-server`")
+        need("redis-server", "install it with `apt-get install redis-server` (make test does, as root)")
     gw_settings = dataclasses.replace(settings, gateway_port=0, redis_url=url)
     running, gw_settings = stack.start(["gateway"], gw_settings)
     client = Client(f"127.0.0.1:{gw_settings.gateway_port}", timeout=30)

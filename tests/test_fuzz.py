@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from smily import stack as local_stack
-from smily.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from smily.common.server import MAX_MESSAGE_BYTES
+from smily.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from .conftest import CMU, base_settings
 from .procstack import SERVING, health

@@ -143,7 +143,7 @@ def test_image_bombs_and_formats_are_refused_from_the_header(stack, gw):
     case(stack, gw, "3 x PNG 11000x11000 at once", three_at_once, BAD, memory=True, says="over the limit")
     small = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8))
     for fmt in ("TIFF", "BMP", "WEBP"):
-        case(stack, gw, f"{fmt} image", lambda: status_of(search_image(gw, png(small, fmt))), BAD, memory=True,
+        case(stack, gw, f"{fmt} image", lambda fmt=fmt: status_of(search_image(gw, png(small, fmt))), BAD, memory=True,
              says="PNG or JPEG")
     whole = png(small)
     case(stack, gw, "truncated PNG", lambda: status_of(search_image(gw, whole[: len(whole) // 2])), BAD, memory=True)

@@ -24,9 +24,9 @@ from smily.common.errors import Unavailable
 from smily.common.placement import shard_of
 from smily.common.tensors import to_tensor
 from smily.gateway.shards import ShardedIndex, connect
+from smily.index.faiss_index import IndexConfig
 from smily.index.pg_store import PgStorage, schema
 from smily.index.replica import Replica
-from smily.index.faiss_index import IndexConfig
 from smily.index.reshard import reshard
 from smily.index.storage import Slide, Tile
 from smily.index.v1 import index_pb2, index_pb2_grpc
@@ -45,7 +45,7 @@ def start_replica(url: str, shard: int, directory: str, port: int) -> subprocess
                SMILY_INDEX_DATABASE_URL=url, SMILY_INDEX_SHARD=str(shard), SMILY_INDEX_SNAPSHOT_INTERVAL_S="0.5",
                SMILY_LOG_LEVEL="WARNING", SMILY_PLAINTEXT="1")
     return subprocess.Popen([sys.executable, "-m", "smily.cli", "serve", "index"], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=open(os.path.join(directory + ".log"), "ab"))
 
 
 def wait_ready(target: str, proc: subprocess.Popen) -> None:
@@ -83,16 +83,17 @@ def search(index, q, k=25, **kw):
 
 
 class Cluster:
-    def __init__(self, url: str, root: str):
+    def __init__(self, url: str, root: str, shards: int = 2, replicas: int = 2):
         self.url, self.root = url, root
-        self.targets = [[f"127.0.0.1:{free_port()}" for _ in range(2)] for _ in range(2)]
+        self.targets = [[f"127.0.0.1:{free_port()}" for _ in range(replicas)] for _ in range(shards)]
         self.procs = {}
-        for shard, replicas in enumerate(self.targets):
-            for r, target in enumerate(replicas):
+        for shard, group in enumerate(self.targets):
+            for r in range(len(group)):
                 self.start(shard, r)
         for (shard, r), proc in self.procs.items():
             wait_ready(self.targets[shard][r], proc)
-        self.index, self.channels = connect(["|".join(t) for t in self.targets])
+        self.index, shards = connect(["|".join(t) for t in self.targets])
+        self.channels = [ch for replicas in shards for ch in replicas]
 
     def start(self, shard: int, r: int, directory: str | None = None) -> None:
         port = int(self.targets[shard][r].rsplit(":", 1)[1])

@@ -14,8 +14,8 @@ import uuid
 import grpc
 import numpy as np
 
-from smily.index.v1 import index_pb2, index_pb2_grpc
 from smily.common.tensors import to_tensor
+from smily.index.v1 import index_pb2, index_pb2_grpc
 
 from .conftest import ROOT
 

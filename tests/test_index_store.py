@@ -10,8 +10,8 @@ import pytest
 from smily.common.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
 from smily.common.tiling import Tiling
 from smily.index.faiss_index import IndexConfig, TileIndex
-from smily.index.replica import Replica
 from smily.index.pg_store import PgStorage
+from smily.index.replica import Replica
 from smily.index.storage import Slide, Tile
 
 from .pg import fresh_database, postgres  # noqa: F401 (fixture)

@@ -9,11 +9,12 @@ Services for the gateway's round_robin, and that image names, ports and
 settings agree with the code's defaults and with `make images`.
 
 kubectl and kubernetes-validate come with the `dev` extra (pyproject.toml).
-When CI=true a missing tool fails the tests; elsewhere they are skipped.
+A missing tool fails the tests with the command that installs it.
 """
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import re
 import shutil
@@ -28,11 +29,11 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-yaml = pytest.importorskip("yaml") if os.environ.get("CI") != "true" else __import__("yaml")
+import yaml
 
-from smily.common.config import Settings  # noqa: E402
+from smily.common.config import Settings
 
-from .conftest import need  # noqa: E402
+from .conftest import need
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s"
@@ -86,7 +87,10 @@ def rendered(kubectl, tmp_path_factory) -> dict[str, tuple[str, list[dict]]]:
         if components:
             # A throw-away overlay on top of the real one, as a user would write.
             target = tmp_path_factory.mktemp(name.replace("+", "_"))
-            rel = lambda p: os.path.relpath(K8S / p, target)  # noqa: E731
+
+            def rel(p, target=target):
+                return os.path.relpath(K8S / p, target)
+
             (target / "kustomization.yaml").write_text(yaml.safe_dump({
                 "apiVersion": "kustomize.config.k8s.io/v1beta1",
                 "kind": "Kustomization",
@@ -133,9 +137,25 @@ def containers(w):
     return spec.get("initContainers", []) + spec["containers"]
 
 
+def smily_name(service) -> str:
+    """The workload (and Service) of a service; for the index, its shard 0 (index_shards: all of them)."""
+    return "smily-index-0" if service == "index" else f"smily-{service}"
+
+
 def smily_workload(objs, service):
     kind = "StatefulSet" if service == "index" else "Deployment"
-    return one(objs, kind, f"smily-{service}")
+    return one(objs, kind, smily_name(service))
+
+
+def index_shards(objs) -> list[dict]:
+    """The index's StatefulSets, one per shard, in shard order."""
+    shards = sorted(find(objs, "StatefulSet"), key=lambda o: o["metadata"]["name"])
+    assert [o["metadata"]["name"] for o in shards] == [f"smily-index-{n}" for n in range(len(shards))]
+    return shards
+
+
+def index_targets(objs) -> list[str]:
+    return config(objs)["SMILY_INDEX_TARGETS"].split(",")
 
 
 def container_of(objs, service):
@@ -165,7 +185,8 @@ def project_version() -> str:
 
 # Custom resources kubernetes-validate has no offline schema for: left out of
 # the strict validation and checked by hand in test_offline_custom_resources.
-OFFLINE_CRDS = {("cert-manager.io/v1", "Certificate"), ("cert-manager.io/v1", "Issuer")}
+OFFLINE_CRDS = {("cert-manager.io/v1", "Certificate"), ("cert-manager.io/v1", "Issuer"),
+                ("postgresql.cnpg.io/v1", "Cluster")}
 
 
 def _crd(o) -> bool:
@@ -173,9 +194,7 @@ def _crd(o) -> bool:
 
 @pytest.mark.parametrize("name", list(RENDERS))
 def test_renders_and_validates_strictly(name, rendered, tmp_path):
-    try:
-        import kubernetes_validate  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("kubernetes_validate") is None:
         need("kubernetes-validate", "install the dev extra: pip install -e '.[dev]'")
     _, objs = rendered[name]
     path = tmp_path / f"{name}.yaml"
@@ -322,7 +341,7 @@ def test_gpu_workloads_only_in_gpu_overlay(render):
     name, objs = render
     for w in workloads(objs):
         spec = pod_spec(w)
-        service = w["metadata"]["name"].removeprefix("smily-")
+        service = w["metadata"]["name"].removeprefix("smily-").split("-")[0]
         wants_gpu = name.startswith("gpu") and service in GPU_SERVICES
         for c in containers(w):
             assert _gpu(c) == wants_gpu, f"{name}: {w['metadata']['name']}/{c['name']}"
@@ -345,15 +364,22 @@ TARGET = re.compile(r"^dns:///(?P<svc>[a-z0-9-]+)\.(?P<ns>[a-z0-9-]+)\.svc\.clus
 def test_every_backend_the_gateway_dials_is_headless(render):
     _, objs = render
     cfg = config(objs)
-    for s in ("tiler", "embedder", "index"):
-        m = TARGET.match(cfg[f"SMILY_{s.upper()}_TARGET"])
-        assert m, cfg[f"SMILY_{s.upper()}_TARGET"]
+    dialled = [(s, cfg[f"SMILY_{s.upper()}_TARGET"], smily_workload(objs, s)) for s in ("tiler", "embedder")]
+    # The index: one dns:/// target per shard, in shard order, each resolving to all the shard's replicas.
+    shards = index_shards(objs)
+    assert len(index_targets(objs)) == len(shards) >= 2
+    dialled += [("index", t, w) for t, w in zip(index_targets(objs), shards)]
+    for s, target, workload in dialled:
+        m = TARGET.match(target)
+        assert m, target
         assert m["ns"] == namespace(objs)
         assert int(m["port"]) == getattr(DEFAULTS, f"{s}_port")
         svc = one(objs, "Service", m["svc"])
         assert svc["spec"].get("clusterIP") == "None", f"{m['svc']} must be headless for round_robin"
         assert int(m["port"]) in [p["port"] for p in svc["spec"]["ports"]]
-        assert selects(svc["spec"]["selector"], smily_workload(objs, s)["spec"]["template"]["metadata"]["labels"])
+        assert svc["spec"]["selector"] == workload["spec"]["selector"]["matchLabels"]
+        assert selects(svc["spec"]["selector"], workload["spec"]["template"]["metadata"]["labels"])
+    assert "SMILY_INDEX_TARGET" not in cfg
     gw = one(objs, "Service", "smily-gateway")
     assert gw["spec"].get("clusterIP") != "None"
     assert gw["spec"]["ports"][0]["port"] == DEFAULTS.gateway_port
@@ -370,7 +396,7 @@ def test_ports_args_and_images_agree_with_code_and_make_images(render):
         ports = {p["name"]: p["containerPort"] for p in c["ports"]}
         assert ports == {"grpc": getattr(DEFAULTS, f"{s}_port"), "metrics": DEFAULTS.metrics_port,
                          "health": int(config(objs)["SMILY_HEALTH_PORT"])}
-        svc = one(objs, "Service", f"smily-{s}")
+        svc = one(objs, "Service", smily_name(s))
         by_name = {p["name"]: p for p in svc["spec"]["ports"]}
         assert by_name["grpc"]["port"] == ports["grpc"] and by_name["grpc"]["targetPort"] == "grpc"
         variant = ("-gpu" if name.startswith("gpu") else "-cpu") if s in GPU_SERVICES else ""
@@ -404,14 +430,36 @@ def test_paths_in_config_are_mounted(render):
 
 # -- index, Redis, autoscaling, disruption budgets -----------------------------
 
-def test_index_is_a_statefulset_of_shards_with_own_volumes(render):
-    _, objs = render
-    sts = smily_workload(objs, "index")
-    svc = one(objs, "Service", sts["spec"]["serviceName"])
-    assert svc["spec"]["clusterIP"] == "None"
-    assert sts["spec"]["volumeClaimTemplates"], "each shard needs its own PVC"
-    # Until the gateway knows shard addresses, one shard (docs/deploy.md).
-    assert sts["spec"]["replicas"] == 1
+def test_index_shards_of_replicas_on_postgres(render):
+    """One StatefulSet per shard, >= 2 interchangeable replicas (its HPA), a PDB of its own,
+    replicas on different nodes (production), PostgreSQL's URL from a Secret."""
+    name, objs = render
+    hpas = {h["spec"]["scaleTargetRef"]["name"]: h for h in find(objs, "HorizontalPodAutoscaler")}
+    pdbs = find(objs, "PodDisruptionBudget")
+    for n, sts in enumerate(index_shards(objs)):
+        at = sts["metadata"]["name"]
+        labels = sts["spec"]["template"]["metadata"]["labels"]
+        assert labels["smily.io/shard"] == str(n) and sts["spec"]["selector"]["matchLabels"]["smily.io/shard"] == str(n)
+        svc = one(objs, "Service", sts["spec"]["serviceName"])
+        assert svc["spec"]["clusterIP"] == "None" and svc["metadata"]["name"] == at
+        assert sts["spec"]["volumeClaimTemplates"], "each replica keeps its local copy on its own PVC"
+        assert "replicas" not in sts["spec"], "the shard's HPA sets its replicas"
+        assert hpas[at]["spec"]["minReplicas"] >= 2 and hpas[at]["spec"]["scaleTargetRef"]["kind"] == "StatefulSet"
+        (pdb,) = [p for p in pdbs if selects(p["spec"]["selector"]["matchLabels"], labels)]
+        assert pdb["spec"]["selector"]["matchLabels"] == sts["spec"]["selector"]["matchLabels"]
+        assert pdb["spec"]["maxUnavailable"] == 1
+        (c,) = [c for c in pod_spec(sts)["containers"] if c["name"] == "index"]
+        env = {e["name"]: e for e in c["env"]}
+        assert env["SMILY_INDEX_SHARD"]["value"] == str(n)
+        assert env["SMILY_INDEX_DATABASE_URL"]["valueFrom"]["secretKeyRef"]["name"] in ("smily-index-database",
+                                                                                        "smily-pg-app")
+        affinity = pod_spec(sts).get("affinity")
+        if name.startswith("cpu"):  # one node: replicas share it
+            assert affinity is None
+        else:
+            (term,) = affinity["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+            assert term["topologyKey"] == "kubernetes.io/hostname"
+            assert term["labelSelector"]["matchLabels"] == sts["spec"]["selector"]["matchLabels"]
 
 
 def test_redis_is_a_bounded_lru_cache_without_persistence(render):
@@ -448,7 +496,7 @@ def test_autoscaling(render):
     for s in ("gateway", "tiler"):
         (metric,) = hpas[f"smily-{s}"]["spec"]["metrics"]
         assert metric["type"] == "Resource" and metric["resource"]["name"] == "cpu"
-    assert "smily-index" not in hpas, "index replicas are shards, never autoscaled"
+    assert {t for t in hpas if t.startswith("smily-index")} == {s["metadata"]["name"] for s in index_shards(objs)}
     if name.startswith("gpu"):
         (metric,) = hpas["smily-embedder"]["spec"]["metrics"]
         assert metric["type"] == "Pods" and metric["pods"]["metric"]["name"] == "smily_grpc_in_flight"
@@ -485,7 +533,10 @@ def test_network_policies(render):
     deny = [p for p in policies if p["spec"]["podSelector"] == {} and not p["spec"].get("ingress")
             and not p["spec"].get("egress")]
     assert deny and set(deny[0]["spec"]["policyTypes"]) == {"Ingress", "Egress"}
-    labels = lambda s: smily_workload(objs, s)["spec"]["template"]["metadata"]["labels"]  # noqa: E731
+
+    def labels(s):
+        return smily_workload(objs, s)["spec"]["template"]["metadata"]["labels"]
+
     gateway_sel = {"app.kubernetes.io/name": "smily-gateway"}
     for s in ("tiler", "embedder", "index"):
         grpc_rules = [r for r in _peers_allowed(policies, labels(s), "Ingress")
@@ -497,9 +548,10 @@ def test_network_policies(render):
                         for n in ("smily-index", "smily-tooling")]
         for r in grpc_rules:
             assert r["from"] == allowed, f"{s} open to more than {allowed}"
-        # Backends dial nobody but DNS.
-        for r in _peers_allowed(policies, labels(s), "Egress"):
-            assert {p["port"] for p in r["ports"]} == {53}, s
+        # Backends dial nobody but DNS; index replicas PostgreSQL too.
+        egress = [{p["port"] for p in r["ports"]} for r in _peers_allowed(policies, labels(s), "Egress")]
+        assert all(ports == {53} or (s == "index" and ports == {5432}) for ports in egress), s
+        assert (s == "index") == ({5432} in egress), s
     gw_egress = _peers_allowed(policies, labels("gateway"), "Egress")
     gw_ports = {p["port"] for r in gw_egress for p in r.get("ports", [])}
     assert {DEFAULTS.tiler_port, DEFAULTS.embedder_port, DEFAULTS.index_port, 6379} <= gw_ports
@@ -591,10 +643,27 @@ def test_dockerfiles(service):
 # -- TLS: certificates as files, cert-manager custom resources checked by hand ------
 
 def test_offline_custom_resources(render):
-    """What kubernetes-validate cannot check offline: cert-manager's Issuers and Certificates."""
-    _, objs = render
+    """What kubernetes-validate cannot check offline: cert-manager's Issuers and Certificates,
+    CloudNativePG's Cluster."""
+    name, objs = render
     crds = [o for o in objs if _crd(o)]
-    assert {(o["apiVersion"], o["kind"]) for o in crds} == OFFLINE_CRDS
+    cnpg = ("postgresql.cnpg.io/v1", "Cluster")
+    expected = OFFLINE_CRDS if name.startswith("cpu") else OFFLINE_CRDS - {cnpg}  # gpu: external PostgreSQL
+    assert {(o["apiVersion"], o["kind"]) for o in crds} == expected
+    for pg in find(objs, "Cluster"):
+        spec = pg["spec"]
+        known = {"instances", "imageName", "primaryUpdateStrategy", "bootstrap", "postgresql", "affinity", "resources",
+                 "storage", "walStorage", "monitoring"}
+        assert set(spec) <= known, f"unknown fields {set(spec) - known}"
+        assert spec["instances"] >= 1 and spec["storage"]["size"] and spec["imageName"].startswith(
+            "ghcr.io/cloudnative-pg/postgresql:")
+        assert set(spec["bootstrap"]["initdb"]) == {"database", "owner"}
+        assert spec["affinity"]["podAntiAffinityType"] in ("required", "preferred")
+        for sts in index_shards(objs):  # the operator's Secret for the application role, key uri
+            (c,) = pod_spec(sts)["containers"]
+            env = {e["name"]: e for e in c["env"]}
+            assert env["SMILY_INDEX_DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {
+                "name": f"{pg['metadata']['name']}-app", "key": "uri"}
     issuers = {o["metadata"]["name"]: o for o in find(objs, "Issuer")}
     for o in issuers.values():
         assert set(o["spec"]) <= {"selfSigned", "ca"} and len(o["spec"]) == 1
@@ -628,9 +697,10 @@ def test_every_service_mounts_its_certificate_and_the_names_match(render):
         assert m["readOnly"] is True
         secret = vols[m["name"]]["secret"]["secretName"]
         assert secret == f"smily-{s}-tls" and secret in certs, s
-        if s != "gateway":  # the host name the gateway dials must be on the backend's certificate
-            host = TARGET.match(cfg[f"SMILY_{s.upper()}_TARGET"])
-            assert f"{host['svc']}.{host['ns']}.svc.cluster.local" in certs[secret]["dnsNames"], s
+        if s != "gateway":  # the host names the gateway dials must be on the backend's certificate
+            for target in index_targets(objs) if s == "index" else [cfg[f"SMILY_{s.upper()}_TARGET"]]:
+                host = TARGET.match(target)
+                assert f"{host['svc']}.{host['ns']}.svc.cluster.local" in certs[secret]["dnsNames"], s
     # The identities the backends accept are the gateway's (and tooling's) certificate names.
     assert cfg["SMILY_TLS_BACKEND_CLIENTS"] in certs["smily-gateway-tls"]["dnsNames"]
     assert cfg["SMILY_TLS_INDEX_CLIENTS"] in certs["smily-tooling-tls"]["dnsNames"]

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import tifffile
 
-from smily.tiler.v1 import tiler_pb2, tiler_pb2_grpc
-from smily.types.v1 import types_pb2
 from smily.common.channels import channel
 from smily.common.errors import InvalidArgument, Unavailable
-from smily.tiler.slides import SlideRoots
 from smily.synthetic import FAKE_PHI, SlideSpec, render, write_slide
+from smily.tiler.slides import SlideRoots
+from smily.tiler.v1 import tiler_pb2, tiler_pb2_grpc
 from smily.tiler.workers import WorkerPool
+from smily.types.v1 import types_pb2
 
 from .conftest import CMU, TEST_SLIDES, streamed_tiles
 from .tiler_files import fake_isyntax, huge_tile_tiff, jpeg_named, truncated_copy

@@ -2,8 +2,8 @@
 every stain kept, glass and artefacts dropped."""
 import numpy as np
 import pytest
-from smily.tiler.tissue import glass_colour, tissue_mask
 
+from smily.tiler.tissue import glass_colour, tissue_mask
 from tests import tissue_set
 
 SET = tissue_set.load()

@@ -13,9 +13,9 @@ import signal
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterable
 from concurrent import futures
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import grpc
 import prometheus_client as prom
@@ -201,6 +201,7 @@ class RunningServer:
         self.names = names
         self.health_server = health_server
         self.health_port = health_port
+        self.servicer: object = None  # smily.stack closes it after the server stops
 
     def stop(self, grace: float) -> None:
         # Health says NOT_SERVING first, so load balancers stop sending work,

@@ -1,12 +1,12 @@
 """EmbedderService: decode, preprocess and embed batches of tissue images."""
 from __future__ import annotations
 
-from smily.embedder.v1 import embedder_pb2, embedder_pb2_grpc
 from smily.common import images
 from smily.common.config import Settings
 from smily.common.errors import require
 from smily.common.server import Registration
 from smily.common.tensors import to_tensor
+from smily.embedder.v1 import embedder_pb2, embedder_pb2_grpc
 
 from . import model_repo
 from .batcher import BATCH_SIZE, Batcher

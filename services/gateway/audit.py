@@ -85,9 +85,10 @@ class AuditLog:
 
     def check(self) -> None:
         """Raise when the sink cannot take a record now (checked before a call runs)."""
-        if isinstance(self._handler, logging.handlers.WatchedFileHandler):
-            with self._handler.lock:
-                self._handler.reopenIfNeeded()
+        handler = self._handler
+        if isinstance(handler, logging.handlers.WatchedFileHandler) and handler.lock is not None:
+            with handler.lock:
+                handler.reopenIfNeeded()
 
     def write(self, event: dict) -> None:
         record = logging.LogRecord("smily.audit", logging.INFO, __file__, 0, json.dumps(event, separators=(",", ":")),

@@ -50,7 +50,7 @@ def authorise(caller: Caller, method: str) -> None:
 
 
 def _roles(claims: dict, path: str) -> frozenset[str]:
-    value = claims
+    value: object = claims
     for part in path.split("."):
         value = value.get(part) if isinstance(value, dict) else None
     if isinstance(value, str):

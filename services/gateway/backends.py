@@ -18,11 +18,11 @@ import grpc
 from smily.common.channels import channel
 from smily.common.config import Settings
 from smily.common.errors import DeadlineExceeded, ServiceError, Unavailable
+from smily.common.tls import channel_credentials
 from smily.embedder.v1 import embedder_pb2_grpc
 from smily.tiler.v1 import tiler_pb2_grpc
-from smily.common.tls import channel_credentials
 
-from .shards import connect
+from .shards import NoReplica, connect
 
 log = logging.getLogger("smily.gateway.backends")
 
@@ -32,7 +32,7 @@ _ALWAYS = {C.NOT_FOUND, C.FAILED_PRECONDITION, C.ABORTED}
 # Methods whose INVALID_ARGUMENT is about what the caller sent (a slide path,
 # a region, a concept name, a page token), not about the gateway's request.
 _CALLER_INPUT = {
-    "tiler": {"GetSlideInfo", "ReadRegion"},
+    "tiler": {"GetSlideInfo", "ReadRegion", "ListCaseSeries"},
     "index": {"ListSlides", "PutConcept", "GetConcept", "DeleteConcept"},
 }
 
@@ -46,6 +46,8 @@ class BackendError(ServiceError):
 
 
 def translate(backend: str, method: str, exc: grpc.RpcError) -> ServiceError:
+    if isinstance(exc, NoReplica):  # names the shard, never an address
+        return Unavailable(str(exc))
     code = exc.code() if hasattr(exc, "code") else C.UNKNOWN
     if code in _ALWAYS or (code == C.INVALID_ARGUMENT and method in _CALLER_INPUT.get(backend, ())):
         return BackendError(code, exc.details() or code.name)

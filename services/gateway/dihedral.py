@@ -7,6 +7,8 @@ into one query, SMILY_QUERY_MERGE=mean).
 """
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 TRANSFORMS = {
@@ -45,7 +47,7 @@ def check_merge(merge: str) -> str:
 
 def merge_hits(per_query: list[list], n: int) -> list:
     """The best n tiles over several hit lists, each tile once with its best score."""
-    best: dict[tuple, object] = {}
+    best: dict[tuple, Any] = {}
     for hits in per_query:
         for h in hits:
             key = (h.slide_id, h.tile.x, h.tile.y, h.tile.width, h.tile.height)

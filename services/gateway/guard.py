@@ -13,7 +13,9 @@ import datetime
 import logging
 import re
 import sys
+import threading
 import uuid
+from collections import OrderedDict
 
 import grpc
 
@@ -28,6 +30,12 @@ from . import audit, auth
 log = logging.getLogger("smily.guard")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+# A viewer reads a slide as many tiles (ReadRegion) under one view session
+# (x-smily-view-session, set by the HTTP process): the slide's first successful
+# read in a session is the audit record of the view, not each tile. Refusals
+# are always recorded. Sessions remembered, at most:
+VIEW_SESSIONS = 10_000
+_READ_REGION = "/smily.gateway.v1.GatewayService/ReadRegion"
 
 
 def _code_of(exc: BaseException, context) -> grpc.StatusCode:
@@ -45,6 +53,8 @@ class Guard(grpc.ServerInterceptor):
         self._audit = audit.AuditLog(settings.audit_log)
         self._case_key = settings.case_key
         self._quota = Admission(sys.maxsize, settings.max_rpcs_per_caller)
+        self._viewed: OrderedDict[tuple[str, str, str], None] = OrderedDict()
+        self._viewed_lock = threading.Lock()
 
     def intercept_service(self, continuation, details):
         handler = continuation(details)
@@ -99,8 +109,25 @@ class Guard(grpc.ServerInterceptor):
             self._record(method, metadata, context, request, None, _code_of(exc, context), who, request_id,
                          recorded)
             raise
-        self._record(method, metadata, context, request, response, grpc.StatusCode.OK, who, request_id, recorded)
+        if not self._viewed_before(method, metadata, who, request):
+            self._record(method, metadata, context, request, response, grpc.StatusCode.OK, who, request_id,
+                         recorded)
         return response
+
+    def _viewed_before(self, method, metadata, who, request) -> bool:
+        """True for a tile of a slide this caller already viewed in this view session."""
+        session = next((v for k, v in metadata if k == "x-smily-view-session"), "")
+        if method != _READ_REGION or not session:
+            return False
+        key = (session[:128], who.subject, request.region.slide_id)
+        with self._viewed_lock:
+            if key in self._viewed:
+                self._viewed.move_to_end(key)
+                return True
+            self._viewed[key] = None
+            if len(self._viewed) > VIEW_SESSIONS:
+                self._viewed.popitem(last=False)
+        return False
 
     def _check_sink(self) -> None:
         try:

@@ -17,16 +17,16 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import prometheus_client as prom
 
+from smily.common.errors import Busy, FailedPrecondition, NotFound, ServiceError
 from smily.gateway.v1 import gateway_pb2
 from smily.index.v1 import index_pb2
 from smily.tiler.v1 import tiler_pb2
-from smily.common.errors import Busy, FailedPrecondition, NotFound, ServiceError
 
 from . import dicom
 from .backends import Backends
+from .operations import FINISHED, HEARTBEAT_S, LocalOperations, SharedOperations, failed_unavailable
 from .streaming import check_tiling, embed_slide
 from .tilings import IndexTiling, params
-from .operations import FINISHED, HEARTBEAT_S, LocalOperations, SharedOperations, failed_unavailable
 
 log = logging.getLogger("smily.ingest")
 
@@ -56,7 +56,7 @@ class Ingestor:
         self._lock = threading.Lock()
         self._ops: dict[str, gateway_pb2.Operation] = {}  # the operations this replica runs
         # The tile stream of each running ingest, so a cancel stops it at once.
-        self._streams: dict[str, object] = {}
+        self._streams: dict[str, grpc.Future] = {}
         self._shared = shared
         # Snapshots reach Redis in the order they were taken: a late heartbeat
         # never overwrites a finished state.

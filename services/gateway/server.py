@@ -3,15 +3,15 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
-from smily.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-from smily.index.v1 import index_pb2
-from smily.tiler.v1 import tiler_pb2
 from smily.common import images, limits
 from smily.common.config import Settings
 from smily.common.errors import InvalidArgument, require
 from smily.common.server import Registration
 from smily.common.tensors import to_tensor
 from smily.common.tiling import Tiling
+from smily.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from smily.index.v1 import index_pb2
+from smily.tiler.v1 import tiler_pb2
 from smily.types.v1 import types_pb2
 
 from . import dicom, dihedral, paging, vectors
@@ -20,12 +20,14 @@ from .cache import RedisGuard, make_cache
 from .cases import CaseIngestor
 from .guard import Guard
 from .ingest import Ingestor
-from .query import QueryEngine
 from .operations import LocalOperations, SharedOperations
+from .query import QueryEngine
 from .readiness import Readiness
 from .tilings import IndexTiling
 
 DEFAULT_K = 10
+_ENCODINGS = {gateway_pb2.IMAGE_FORMAT_PNG: types_pb2.IMAGE_ENCODING_PNG,
+              gateway_pb2.IMAGE_FORMAT_JPEG: types_pb2.IMAGE_ENCODING_JPEG}
 DEFAULT_SLIDES, MAX_SLIDES = 10, 100
 DEFAULT_MOSAIC, MAX_MOSAIC = 16, 64
 DEFAULT_REGIONS, MAX_REGIONS = 3, 20
@@ -135,16 +137,20 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         tiling = self._q.tiling(context)
         base = index_pb2.SearchRequest(
             model_id=model_id, exclude_slide_ids=exclude, exclude_filters=exclude_filters,
-            slide_ids=request.slide_ids, filters=request.filters, nprobe=request.nprobe, mpp=mpp)
+            slide_ids=request.slide_ids, filters=request.filters, nprobe=request.nprobe, mpp=mpp,
+            allow_partial=request.partial)
         tiling.to_pb(base.tiling)
         tensors = [to_tensor(q) for q in queries]
+        missing: set[int] = set()
 
         def one(query, n: int):
             req = index_pb2.SearchRequest()
             req.CopyFrom(base)
             req.query.CopyFrom(query)
             req.k = n
-            return list(self._b.index.Search(req, timeout=self._b.timeout(context)).hits)
+            reply = self._b.index.Search(req, timeout=self._b.timeout(context))
+            missing.update(reply.missing_shards)
+            return list(reply.hits)
 
         def search(n: int):
             if len(tensors) == 1:
@@ -158,7 +164,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         end = len(hits) if request.page_size == 0 else min(len(hits), offset + request.page_size)
         token = paging.make_token(end, fp) if end < len(hits) else ""
         return gateway_pb2.SearchResponse(model_id=model_id, cached=cached, next_page_token=token,
-                                          hits=[_hit(h, self._links) for h in hits[offset:end]])
+                                          hits=[_hit(h, self._links) for h in hits[offset:end]],
+                                          partial=bool(missing), missing_shards=sorted(missing))
 
     def SearchSlides(self, request, context):
         k = request.k if request.HasField("k") else DEFAULT_SLIDES
@@ -186,15 +193,21 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         tiling = self._q.tiling(context)
         tiling_pb = tiling.to_pb(types_pb2.Tiling())
 
+        missing: set[int] = set()
+
         def search(v):
-            return list(self._b.index.Search(index_pb2.SearchRequest(
+            reply = self._b.index.Search(index_pb2.SearchRequest(
                 model_id=model_id, query=to_tensor(v), k=MOSAIC_TILE_K, exclude_slide_ids=exclude,
-                tiling=tiling_pb, mpp=self._q.mosaic_mpp(tiling)), timeout=self._b.timeout(context)).hits)
+                allow_partial=request.partial, tiling=tiling_pb, mpp=self._q.mosaic_mpp(tiling)),
+                timeout=self._b.timeout(context))
+            missing.update(reply.missing_shards)
+            return list(reply.hits)
 
         per_tile = list(self._fanout.map(search, mosaic))
         out = []
         for slide_id, score, found, hits in vectors.rank_slides(per_tile)[:k]:
-            regions, seen = [], set()
+            regions: list[gateway_pb2.Hit] = []
+            seen = set()
             for h in hits:
                 key = (h.tile.x, h.tile.y, h.tile.width)
                 if key not in seen and len(regions) < per_slide:
@@ -205,7 +218,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                 slide_id=slide_id, score=score, matched_mosaic_tiles=found, regions=regions, metadata=meta,
                 study_instance_uid=meta.get(dicom.STUDY, ""), series_instance_uid=meta.get(dicom.SERIES, ""),
                 viewer_url=regions[0].viewer_url if regions else self._links.link(slide_id, meta)))
-        return gateway_pb2.SearchSlidesResponse(slides=out, model_id=model_id, mosaic_size=len(mosaic), cached=cached)
+        return gateway_pb2.SearchSlidesResponse(slides=out, model_id=model_id, mosaic_size=len(mosaic), cached=cached,
+                                                partial=bool(missing), missing_shards=sorted(missing))
 
     # -- viewer support --------------------------------------------------------
     def ReadRegion(self, request, context):
@@ -225,7 +239,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         if base > 0:  # coarsen so the longer side fits max_side
             mpp = max(mpp, max(r.width, r.height) * base / max_side)
         resp = self._b.tiler.ReadRegion(tiler_pb2.ReadRegionRequest(
-            slide=slide.source, x=r.x, y=r.y, width=r.width, height=r.height, mpp=mpp, encoding=fmt,
+            slide=slide.source, x=r.x, y=r.y, width=r.width, height=r.height, mpp=mpp, encoding=_ENCODINGS[fmt],
             slide_mpp=slide.slide_mpp), timeout=timeout)
         return gateway_pb2.ReadRegionResponse(image=resp.image.data, format=fmt, width=resp.image.width,
                                               height=resp.image.height, mpp=resp.mpp)

@@ -10,20 +10,35 @@ Writes are acknowledged by the shard's system of record, so any replica
 takes them (a retried commit is idempotent); after a commit the gateway waits,
 bounded, for the shard's other live replicas to serve it.
 
+A shard's target may also be one `dns:///name:port` that resolves to all
+its replicas (a per-shard headless Service in Kubernetes): gRPC's round_robin
+then spreads calls over them and its retries pass over a dead one; the
+gateway cannot tell those replicas apart, so a hedge goes through the same
+channel (round_robin sends it to the next replica) and the wait after a
+commit sees only the replica that answers.
+
 A search fans out to one replica per shard in parallel and merges the top-k;
-listings merge in slide id order. A shard with no live replica fails the call
-(UNAVAILABLE naming the shard) unless the search allows a partial answer, which
-then names the missing shards.
+listings merge in slide id order. A replica slower than the shard's recent
+p95 search latency gets a hedge: the same search sent to another replica,
+first answer wins; at most one per search and about one search in ten
+(HEDGE_RATIO), and the slow replica is passed over for a while. Hits are
+de-duplicated by tile identity, so a slide held by two shards while
+`smily index reshard` moves it counts once. A shard with no live replica
+fails the call (UNAVAILABLE naming the shard) unless the search allows a
+partial answer, which then names the missing shards.
 """
 from __future__ import annotations
 
 import base64
+import collections
 import itertools
+import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import prometheus_client as prom
 
 from smily.common.channels import channel
 from smily.common.errors import Unavailable
@@ -33,10 +48,23 @@ from smily.index.v1 import index_pb2, index_pb2_grpc
 __all__ = ["ShardedIndex", "connect", "shard_of"]
 
 REPLICA_SEPARATOR = "|"
-# A replica that answered UNAVAILABLE is tried last for this long.
+# A replica that answered UNAVAILABLE, or lost to a hedge, is tried last for this long;
+# each further loss in a row doubles it (up to SLOW_MAX_S), so a frozen replica does
+# not spend the hedge budget every DOWN_S.
 DOWN_S = 2.0
+SLOW_MAX_S = 60.0
 # Longest wait after a commit for the shard's other replicas to serve it.
 REPLICA_WAIT_S = 5.0
+# Hedging: searches remembered per shard for its p95, and how many before it is trusted.
+LATENCY_WINDOW, LATENCY_MIN_SAMPLES = 200, 20
+# Never hedge sooner than this, however fast the shard usually answers.
+HEDGE_MIN_S = 0.005
+# Hedges earned per search, and the most saved up: at most ~1 search in 10 hedged, 10 in a burst.
+HEDGE_RATIO, HEDGE_BURST = 0.1, 10.0
+# Targets whose name resolves to several addresses (gRPC name resolvers): one channel, several replicas.
+BALANCED_SCHEMES = ("dns:", "ipv4:", "ipv6:")
+
+HEDGES = prom.Counter("smily_index_hedges_total", "Searches sent to a second replica of a shard", ["shard", "won"])
 
 
 class NoReplica(Unavailable, grpc.RpcError):
@@ -55,16 +83,22 @@ class NoReplica(Unavailable, grpc.RpcError):
 
 
 class Shard:
-    """The replicas of one shard."""
+    """The replicas of one shard. `balanced[i]`: stub i's channel spreads calls
+    over several replicas itself (a dns:/// target)."""
 
-    def __init__(self, number: int, stubs: list):
+    def __init__(self, number: int, stubs: list, balanced: list[bool] | None = None):
         self.number, self.stubs = number, stubs
+        self.balanced = balanced or [False] * len(stubs)
         self._down_until = [0.0] * len(stubs)
+        self._losses = [0] * len(stubs)  # hedges lost in a row
         self._turn = itertools.count()
         self._lock = threading.Lock()
+        self._latencies: collections.deque[float] = collections.deque(maxlen=LATENCY_WINDOW)
+        self._tokens = HEDGE_BURST
+        self.hedges = 0
 
     def _order(self) -> list[int]:
-        """Replica indexes to try: round robin over those up, then those recently down."""
+        """Replica indexes to try: round robin over those up, then those recently down or slow."""
         with self._lock:
             start = next(self._turn) % len(self.stubs)
         order = [(start + i) % len(self.stubs) for i in range(len(self.stubs))]
@@ -82,6 +116,84 @@ class Shard:
                 self._down_until[i] = time.monotonic() + DOWN_S
         raise NoReplica(self.number)
 
+    # -- hedged search ------------------------------------------------------------
+    def hedge_delay(self) -> float | None:
+        """The shard's recent p95 search latency (at least HEDGE_MIN_S); None until enough searches were seen."""
+        with self._lock:
+            if len(self._latencies) < LATENCY_MIN_SAMPLES:
+                return None
+            ordered = sorted(self._latencies)
+        return max(HEDGE_MIN_S, ordered[int(0.95 * (len(ordered) - 1))])
+
+    def _spend_token(self) -> bool:
+        with self._lock:
+            if self._tokens < 1:
+                return False
+            self._tokens -= 1
+            self.hedges += 1
+            return True
+
+    def search(self, request, timeout=None):
+        """Search on one replica, hedged to a second one when the first is slower than the shard's p95;
+        failover as call() does."""
+        with self._lock:
+            self._tokens = min(HEDGE_BURST, self._tokens + HEDGE_RATIO)
+        order = self._order()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = self.hedge_delay()
+        done: queue.SimpleQueue = queue.SimpleQueue()
+        pending: dict = {}  # future -> (replica, started, is a hedge)
+        untried = list(order)
+
+        def launch(i: int, hedge: bool) -> None:
+            left = None if deadline is None else max(0.001, deadline - time.monotonic())
+            future = self.stubs[i].Search.future(request, timeout=left)
+            pending[future] = (i, time.monotonic(), hedge)
+            future.add_done_callback(done.put)
+
+        launch(untried.pop(0), False)
+        started = time.monotonic()
+        hedged = delay is None  # no p95 yet: no hedge
+        try:
+            while pending:
+                wait = None if hedged or delay is None else max(0.0, started + delay - time.monotonic())
+                try:
+                    future = done.get(timeout=wait)
+                except queue.Empty:
+                    hedged = True
+                    primary = next(iter(pending.values()))[0]
+                    target = untried.pop(0) if untried else (primary if self.balanced[primary] else None)
+                    if target is not None and self._spend_token():
+                        launch(target, True)
+                    continue
+                i, t0, hedge = pending.pop(future)
+                try:
+                    reply = future.result()
+                except grpc.RpcError as exc:
+                    if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                        raise
+                    self._down_until[i] = time.monotonic() + DOWN_S
+                    if not pending and untried:
+                        launch(untried.pop(0), False)
+                    continue
+                with self._lock:
+                    self._latencies.append(time.monotonic() - t0)
+                    self._losses[i] = 0
+                if hedge:
+                    HEDGES.labels(str(self.number), "true").inc()
+                    for j, _, _ in pending.values():  # the replica the hedge beat: passed over for a while
+                        with self._lock:
+                            self._losses[j] += 1
+                            pause = min(SLOW_MAX_S, DOWN_S * 2 ** (self._losses[j] - 1))
+                        self._down_until[j] = time.monotonic() + pause
+                elif any(h for _, _, h in pending.values()):
+                    HEDGES.labels(str(self.number), "false").inc()
+                return reply
+        finally:
+            for future in pending:
+                future.cancel()
+        raise NoReplica(self.number)
+
     def wait_served(self, seq: int, timeout=None) -> None:
         """Bounded wait for every replica to serve journal sequence `seq`; one that does not answer is skipped."""
         deadline = time.monotonic() + min(REPLICA_WAIT_S, timeout or REPLICA_WAIT_S)
@@ -96,14 +208,20 @@ class Shard:
                 time.sleep(0.02)
 
 
+def _tile_key(hit) -> tuple:
+    t = hit.tile
+    return hit.slide_id, t.x, t.y, t.width, t.height, t.mpp
+
+
 class ShardedIndex:
     """Same call shapes as an IndexServiceStub, so callers need not know about shards.
     `shards`: per shard, its replicas' stubs (a bare stub is a shard of one replica)."""
 
-    def __init__(self, shards: list):
+    def __init__(self, shards: list, balanced: list[list[bool]] | None = None):
         if not shards:
             raise ValueError("at least one index shard is required")
-        self.shards = [Shard(n, list(s) if isinstance(s, (list, tuple)) else [s]) for n, s in enumerate(shards)]
+        groups = [list(s) if isinstance(s, (list, tuple)) else [s] for s in shards]
+        self.shards = [Shard(n, g, balanced[n] if balanced else None) for n, g in enumerate(groups)]
         self._pool = ThreadPoolExecutor(max_workers=4 * len(self.shards), thread_name_prefix="shards")
 
     def _for(self, slide_id: str) -> Shard:
@@ -112,7 +230,8 @@ class ShardedIndex:
     def _all(self, method: str, request, timeout, shards=None, partial=False):
         """(replies, missing shard numbers) of one call per shard, in parallel."""
         shards = self.shards if shards is None else shards
-        futures = [(s, self._pool.submit(s.call, method, request, timeout)) for s in shards]
+        futures = [(s, self._pool.submit(s.search, request, timeout) if method == "Search"
+                    else self._pool.submit(s.call, method, request, timeout)) for s in shards]
         replies, missing = [], []
         for shard, f in futures:
             try:
@@ -134,7 +253,20 @@ class ShardedIndex:
         return reply
 
     def GetSlide(self, request, timeout=None):
-        return self._for(request.slide_id).call("GetSlide", request, timeout)
+        placed = self._for(request.slide_id)
+        try:
+            return placed.call("GetSlide", request, timeout)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND or len(self.shards) == 1:
+                raise
+            # Not where the current shard count puts it: maybe not moved there yet (resharding).
+            others = [s for s in self.shards if s is not placed]
+            for f in [self._pool.submit(s.call, "GetSlide", request, timeout) for s in others]:
+                try:
+                    return f.result()
+                except grpc.RpcError:
+                    pass
+            raise
 
     def DeleteSlide(self, request, timeout=None):
         return self._for(request.slide_id).call("DeleteSlide", request, timeout)
@@ -144,7 +276,12 @@ class ShardedIndex:
         if request.slide_ids:  # only the shards holding the named slides
             shards = list({s.number: s for s in map(self._for, request.slide_ids)}.values())
         replies, missing = self._all("Search", request, timeout, shards, request.allow_partial)
-        hits = sorted((h for r in replies for h in r.hits), key=lambda h: -h.score)[: request.k]
+        hits: list = []
+        seen: set = set()
+        for h in sorted((h for r in replies for h in r.hits), key=lambda h: -h.score):
+            if _tile_key(h) not in seen and len(hits) < request.k:
+                seen.add(_tile_key(h))
+                hits.append(h)
         return index_pb2.SearchResponse(hits=hits, model_id=next((r.model_id for r in replies if r.model_id), ""),
                                         missing_shards=missing)
 
@@ -193,5 +330,8 @@ class ShardedIndex:
 def connect(targets, credentials=None) -> tuple[ShardedIndex, list[list]]:
     """A ShardedIndex over SMILY_INDEX_TARGETS-style targets ("a1|a2" per shard)
     and its channels, one list of replicas per shard."""
-    channels = [[channel(t.strip(), credentials) for t in target.split(REPLICA_SEPARATOR) if t.strip()] for target in targets]
-    return ShardedIndex([[index_pb2_grpc.IndexServiceStub(c) for c in replicas] for replicas in channels]), channels
+    names = [[t.strip() for t in target.split(REPLICA_SEPARATOR) if t.strip()] for target in targets]
+    channels = [[channel(t, credentials) for t in replicas] for replicas in names]
+    balanced = [[t.startswith(BALANCED_SCHEMES) for t in replicas] for replicas in names]
+    stubs = [[index_pb2_grpc.IndexServiceStub(c) for c in replicas] for replicas in channels]
+    return ShardedIndex(stubs, balanced), channels

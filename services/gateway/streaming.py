@@ -2,7 +2,7 @@
 the loop behind both ingest and whole-slide (mosaic) queries."""
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 from smily.common import limits
 from smily.common.errors import FailedPrecondition

@@ -7,7 +7,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse
-from starlette.routing import Mount, Route
+from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from smily.common.config import Settings
@@ -48,7 +48,8 @@ class BodyLimit:
                         413)(scope, receive, send)
 
 
-def _http_error(request: Request, exc: HTTPException):
+def _http_error(request: Request, exc: Exception):
+    assert isinstance(exc, HTTPException)  # registered for HTTPException only
     code = _HTTP_CODES.get(exc.status_code, grpc.StatusCode.INVALID_ARGUMENT)
     message = "request body too large" if exc.status_code == 413 else (exc.detail or code.name)
     return api.error(code, message, exc.status_code)
@@ -84,8 +85,8 @@ def build(settings: Settings, chan: grpc.Channel):
     async def index(request):
         return FileResponse(static.INDEX, headers={"Cache-Control": "no-cache"})
 
-    routes = [Route(m.rule.path, api.handler(m, gateway), methods=[m.rule.verb]) for m in methods()]
-    routes += [
+    api_routes = [Route(m.rule.path, api.handler(m, gateway), methods=[m.rule.verb]) for m in methods()]
+    routes: list[BaseRoute] = [*api_routes,
         Route("/livez", livez),
         Route("/readyz", readyz),
         Route("/openapi.json", openapi_json),

@@ -140,7 +140,7 @@ def _exact(data: bytes, width: int, height: int, fmt: str) -> bytes:
     if img.size == (width, height):
         return data
     out = io.BytesIO()
-    img.convert("RGB").resize((width, height), Image.BILINEAR).save(out, "JPEG" if fmt == "jpg" else "PNG", quality=90)
+    img.convert("RGB").resize((width, height), Image.Resampling.BILINEAR).save(out, "JPEG" if fmt == "jpg" else "PNG", quality=90)
     return out.getvalue()
 
 

@@ -14,7 +14,7 @@ from google.protobuf import descriptor
 from .rpc import SERVICE, methods, path_fields
 
 FD = descriptor.FieldDescriptor
-_SCALARS = {
+_SCALARS: dict[int, dict[str, object]] = {
     FD.TYPE_STRING: {"type": "string"},
     FD.TYPE_BOOL: {"type": "boolean"},
     FD.TYPE_BYTES: {"type": "string", "format": "byte", "description": "base64"},

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
@@ -94,7 +95,7 @@ class Gateway:
     def __init__(self, channel: grpc.Channel, timeout_s: float):
         self._channel = channel
         self._timeout = timeout_s
-        self._calls = {}
+        self._calls: dict[str, Callable] = {}
 
     def _callable(self, name: str, request_type, response_type):
         call = self._calls.get(name)
@@ -119,7 +120,7 @@ async def resolve(future: grpc.Future):
     done: asyncio.Future = loop.create_future()
 
     def finished(_):
-        loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
+        loop.call_soon_threadsafe(lambda: None if done.done() else done.set_result(None))
 
     future.add_done_callback(finished)
     try:

@@ -57,6 +57,12 @@ def normalised(c: Concept) -> Concept:
     return c
 
 
+def vector_bytes(c: Concept) -> bytes:
+    """A normalised concept's vector as stored."""
+    assert c.vector is not None, "normalised() sets it"
+    return c.vector.tobytes()
+
+
 class ConceptStore:
     def __init__(self, directory: str):
         os.makedirs(directory, exist_ok=True)
@@ -71,7 +77,7 @@ class ConceptStore:
         c = normalised(c)
         with self._lock:
             self._db.execute("INSERT OR REPLACE INTO concepts VALUES (?, ?, ?, ?, ?, ?, ?)",
-                             (c.name, c.model_id, c.vector.tobytes(), c.with_examples, c.without_examples,
+                             (c.name, c.model_id, vector_bytes(c), c.with_examples, c.without_examples,
                               c.train_accuracy, c.created_at))
         return c
 

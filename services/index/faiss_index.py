@@ -14,8 +14,9 @@ import base64
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any
 
 import faiss
 import numpy as np
@@ -93,7 +94,7 @@ class TileIndex:
         self._seq = self.storage.seq()
         # Ids of the tiles at one resolution of a multi-resolution index, per (seq, range): searched often.
         self._at_mpp: tuple[tuple, np.ndarray] | None = None
-        self._faiss = None
+        self._faiss: Any = None  # a faiss.Index once loaded
         self._trainer: threading.Thread | None = None
         self._stop = threading.Event()
         self.state = IndexState()
@@ -323,6 +324,7 @@ class TileIndex:
                 self._check_model(model_id)
             commit = self.storage.commit_slide(generation, slide, expected_tiles)
             self._apply(commit)
+        assert commit.slide is not None, "a commit publishes the slide"
         log.info("slide committed", extra={"slide_id": slide.slide_id, "tiles": commit.slide.tile_count,
                                            "replaced": len(commit.removed)})
         return commit.slide, len(commit.removed)
@@ -405,14 +407,16 @@ class TileIndex:
             tilings.check_mpp(self.tiling, mpp)
             # One resolution indexed: every tile is at it, no restriction needed.
             # (An index written before tiling records has none: its tiles are all searched.)
-            multi = self.tiling is not None and len(self.tiling.mpps) > 1
-            mpp_range = tilings.mpp_range(self.tiling, mpp) if mpp and multi else None
+            mpp_range = None
+            if mpp and self.tiling is not None and len(self.tiling.mpps) > 1:
+                mpp_range = tilings.mpp_range(self.tiling, mpp)
             exact = ann.is_exact(self._faiss)
             selector, available = None, self._faiss.ntotal
             if slide_ids or filters or mpp_range:
-                allowed = (self.storage.select(slide_ids, filters, exclude_slide_ids, exclude_filters, mpp_range)
-                           if slide_ids or filters or exclude_slide_ids or exclude_filters
-                           else self._ids_at(mpp_range))
+                if mpp_range is not None and not (slide_ids or filters or exclude_slide_ids or exclude_filters):
+                    allowed = self._ids_at(mpp_range)
+                else:
+                    allowed = self.storage.select(slide_ids, filters, exclude_slide_ids, exclude_filters, mpp_range)
                 if not len(allowed):
                     return []
                 if not exact and len(allowed) <= EXACT_FILTER_MAX:

@@ -21,7 +21,7 @@ import psycopg
 
 from smily.common.errors import Aborted, NotFound, Unavailable
 
-from .concepts import Concept, normalised
+from .concepts import Concept, normalised, vector_bytes
 from .storage import Commit, Slide, Tile, vectors_from
 
 SCHEMA = """
@@ -43,6 +43,7 @@ CREATE INDEX IF NOT EXISTS tiles_by_commit ON {s}.tiles (committed);
 CREATE TABLE IF NOT EXISTS {s}.removed (seq BIGINT NOT NULL, tile_id BIGINT NOT NULL);
 CREATE INDEX IF NOT EXISTS removed_by_seq ON {s}.removed (seq);
 CREATE TABLE IF NOT EXISTS {s}.commits (seq BIGINT PRIMARY KEY, slide_id TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS {s}.replicas (name TEXT PRIMARY KEY, seq BIGINT NOT NULL, seen_at DOUBLE PRECISION NOT NULL);
 """
 SLIDE_COLUMNS = "slide_id, source, metadata, tile_count, indexed_at, slide_mpp"
 TILE_COLUMNS = "id, x, y, w, h, mpp, tissue, vector"
@@ -91,37 +92,55 @@ def _db(method):
     return call
 
 
-class PgStorage:
-    """storage.Storage on shard `shard`'s schema of a PostgreSQL database."""
+class _OnSchema:
+    """One connection to a shard's schema, used one call at a time (@_db opens and reopens it)."""
 
-    def __init__(self, url: str, shard: int = 0, connect_timeout_s: float = 5.0):
+    def __init__(self, url: str, shard: int, connect_timeout_s: float):
         self._url, self._timeout = url, connect_timeout_s
         self.s = schema(shard)
         self._lock = threading.Lock()
         self._conn: psycopg.Connection | None = None
-        self._dim = 0
-        self._create()
-        self._model_id, self._dim = self.binding()
 
     def _connect(self) -> psycopg.Connection:
         return psycopg.connect(self._url, autocommit=True, connect_timeout=max(1, int(self._timeout)))
 
+    @property
+    def conn(self) -> psycopg.Connection:
+        assert self._conn is not None, "only called under @_db, which opens it"
+        return self._conn
+
+    def _q(self, sql: str, args=()):
+        return self.conn.execute(sql.format(s=self.s), args)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+
+class PgStorage(_OnSchema):
+    """storage.Storage on shard `shard`'s schema of a PostgreSQL database."""
+
+    def __init__(self, url: str, shard: int = 0, connect_timeout_s: float = 5.0):
+        super().__init__(url, shard, connect_timeout_s)
+        self._dim = 0
+        self._create()
+        self._model_id, self._dim = self.binding()
+
     @_db
     def _create(self) -> None:
-        with self._conn.transaction():
-            self._conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
+        with self.conn.transaction():
+            self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
             for statement in SCHEMA.format(s=self.s).split(";"):
                 if statement.strip():
-                    self._conn.execute(statement)
+                    self.conn.execute(statement)
 
     def _d(self) -> int:
         """The bound dimension; another replica may have bound the store since this one read it."""
         if not self._dim:
             self._dim = int(dict(self._q("SELECT key, value FROM {s}.meta").fetchall()).get("dim", 0))
         return self._dim
-
-    def _q(self, sql: str, args=()):
-        return self._conn.execute(sql.format(s=self.s), args)
 
     # -- binding and sequence ---------------------------------------------
     @_db
@@ -137,7 +156,7 @@ class PgStorage:
 
     @_db
     def _insert_binding(self, model_id: str, dim: int) -> None:
-        with self._conn.transaction():
+        with self.conn.transaction():
             self._q("SELECT value FROM {s}.seq FOR UPDATE")
             if not self._q("SELECT 1 FROM {s}.meta WHERE key = 'model_id'").fetchone():
                 self._q("INSERT INTO {s}.meta VALUES ('model_id', %s), ('dim', %s)", (model_id, str(dim)))
@@ -151,7 +170,7 @@ class PgStorage:
     def record_tiling(self, record: str) -> str:
         # Serialised with the binding and commits by the seq row lock: two first ingests
         # with different settings cannot both record theirs.
-        with self._conn.transaction():
+        with self.conn.transaction():
             self._q("SELECT value FROM {s}.seq FOR UPDATE")
             self._q("INSERT INTO {s}.meta VALUES ('tiling', %s) ON CONFLICT (key) DO NOTHING", (record,))
             return self._q("SELECT value FROM {s}.meta WHERE key = 'tiling'").fetchone()[0]
@@ -170,10 +189,10 @@ class PgStorage:
         now = time.time()
         rows = [(slide_id, generation, t.x, t.y, t.w, t.h, t.mpp, t.tissue, now,
                  np.ascontiguousarray(v, np.float32).tobytes()) for t, v in zip(tiles, vectors)]
-        with self._conn.transaction(), self._conn.cursor() as cur:
+        with self.conn.transaction(), self.conn.cursor() as cur:
             cur.executemany(
-                "INSERT INTO {s}.tiles (slide_id, generation, x, y, w, h, mpp, tissue, staged_at, vector) "
-                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING".format(s=self.s), rows)
+                f"INSERT INTO {self.s}.tiles (slide_id, generation, x, y, w, h, mpp, tissue, staged_at, vector) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING", rows)
         return len(rows)
 
     def _next_seq(self, slide_id: str) -> int:
@@ -183,13 +202,13 @@ class PgStorage:
 
     def _journal_removal(self, seq: int, ids: list[int]) -> None:
         if ids:
-            with self._conn.cursor() as cur:
-                cur.executemany("INSERT INTO {s}.removed VALUES (%s, %s)".format(s=self.s), [(seq, i) for i in ids])
+            with self.conn.cursor() as cur:
+                cur.executemany(f"INSERT INTO {self.s}.removed VALUES (%s, %s)", [(seq, i) for i in ids])
 
     @_db
     def commit_slide(self, generation: str, slide: Slide, expected_tiles: int) -> Commit:
         sid = slide.slide_id
-        with self._conn.transaction():
+        with self.conn.transaction():
             self._q("SELECT value FROM {s}.seq FOR UPDATE")  # commits of this shard go one at a time
             new = self._q("SELECT id, vector FROM {s}.tiles WHERE slide_id = %s AND generation = %s AND committed = 0 "
                           "ORDER BY id", (sid, generation)).fetchall()
@@ -223,7 +242,7 @@ class PgStorage:
 
     @_db
     def delete_slide(self, slide_id: str) -> Commit:
-        with self._conn.transaction():
+        with self.conn.transaction():
             self._q("SELECT value FROM {s}.seq FOR UPDATE")
             if not self._q("DELETE FROM {s}.slides WHERE slide_id = %s", (slide_id,)).rowcount:
                 raise NotFound(f"slide {slide_id!r} is not in the index")
@@ -278,7 +297,8 @@ class PgStorage:
 
     @staticmethod
     def _slide_conditions(slide_ids, pairs: dict) -> tuple[list[str], list]:
-        conds, args = [], []
+        conds: list[str] = []
+        args: list = []
         if slide_ids:
             conds.append("s.slide_id = ANY(%s)")
             args.append(list(slide_ids))
@@ -337,11 +357,17 @@ class PgStorage:
 
     # -- following, for serving replicas --------------------------------------
     @_db
+    def report_served(self, name: str, seq: int) -> None:
+        """Record that replica `name` serves up to `seq`, on the database's clock (reshard waits on it)."""
+        self._q("INSERT INTO {s}.replicas VALUES (%s, %s, EXTRACT(EPOCH FROM now())) ON CONFLICT (name) DO UPDATE "
+                "SET seq = excluded.seq, seen_at = excluded.seen_at", (name, seq))
+
+    @_db
     def changes_after(self, seq: int, limit: int = 256) -> list[SlideState]:
         """The current state of each slide changed by the next `limit` commits after `seq`,
         ordered by its last commit's sequence; read in one snapshot of the database."""
-        with self._conn.transaction():
-            self._conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        with self.conn.transaction():
+            self.conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
             commits = self._q("SELECT seq, slide_id FROM {s}.commits WHERE seq > %s ORDER BY seq LIMIT %s",
                               (seq, limit)).fetchall()
             last = {sid: s for s, sid in commits}
@@ -357,33 +383,23 @@ class PgStorage:
                                          "" if row is None else row[6], rows))
         return states
 
-    def close(self) -> None:
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-
-
-class PgConcepts:
+class PgConcepts(_OnSchema):
     """concepts.ConceptStore's calls on the shard's schema, so every replica reads the same concepts."""
 
     def __init__(self, url: str, shard: int = 0):
-        self._url, self._timeout = url, 5.0
-        self.s = schema(shard)
-        self._lock = threading.Lock()
-        self._conn: psycopg.Connection | None = None
+        super().__init__(url, shard, 5.0)
         self._create()
-
-    _connect = PgStorage._connect
-    _q = PgStorage._q
-    close = PgStorage.close
 
     @_db
     def _create(self) -> None:
-        self._q("CREATE TABLE IF NOT EXISTS {s}.concepts (name TEXT NOT NULL, model_id TEXT NOT NULL, "
-                "vector BYTEA NOT NULL, with_examples INTEGER NOT NULL, without_examples INTEGER NOT NULL, "
-                "train_accuracy DOUBLE PRECISION NOT NULL, created_at DOUBLE PRECISION NOT NULL, "
-                "PRIMARY KEY (name, model_id))")
+        # Under the schema lock, as PgStorage's tables: two replicas starting at once would
+        # otherwise race in CREATE TABLE IF NOT EXISTS (a unique violation in pg_type).
+        with self.conn.transaction():
+            self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
+            self._q("CREATE TABLE IF NOT EXISTS {s}.concepts (name TEXT NOT NULL, model_id TEXT NOT NULL, "
+                    "vector BYTEA NOT NULL, with_examples INTEGER NOT NULL, without_examples INTEGER NOT NULL, "
+                    "train_accuracy DOUBLE PRECISION NOT NULL, created_at DOUBLE PRECISION NOT NULL, "
+                    "PRIMARY KEY (name, model_id))")
 
     def put(self, c: Concept) -> Concept:
         c = normalised(c)
@@ -396,7 +412,7 @@ class PgConcepts:
                 "SET vector = excluded.vector, with_examples = excluded.with_examples, "
                 "without_examples = excluded.without_examples, train_accuracy = excluded.train_accuracy, "
                 "created_at = excluded.created_at",
-                (c.name, c.model_id, c.vector.tobytes(), c.with_examples, c.without_examples, c.train_accuracy,
+                (c.name, c.model_id, vector_bytes(c), c.with_examples, c.without_examples, c.train_accuracy,
                  c.created_at))
 
     @_db

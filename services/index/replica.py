@@ -11,8 +11,12 @@ instead of rebuilding. Replicas are interchangeable: any one takes a write.
 """
 from __future__ import annotations
 
+import functools
 import logging
+import os
+import socket
 import threading
+import time
 
 import numpy as np
 
@@ -22,12 +26,15 @@ from smily.common.tiling import Tiling
 
 from .faiss_index import IndexConfig, TileIndex, check_stage
 from .pg_store import PgStorage
+from .sqlite_store import SqliteStorage
 from .storage import Slide, Tile
 
 log = logging.getLogger("smily.index")
 
 # Commits read per step while catching up.
 FOLLOW_BATCH = 256
+# How often a replica tells the store how far it serves when nothing changes (reshard waits on it).
+REPORT_S = 5.0
 
 
 class Replica:
@@ -35,10 +42,15 @@ class Replica:
 
     def __init__(self, directory: str, config: IndexConfig, url: str, shard: int, follow_interval_s: float = 0.2):
         self.store = PgStorage(url, shard)
-        self.local = TileIndex(directory, config)
+        # The local copy the replica serves from: SQLite, mirrored from PostgreSQL.
+        self._mirror = SqliteStorage(directory)
+        self.local = TileIndex(directory, config, storage=self._mirror)
         self._follow_lock = threading.Lock()
         self._stop = threading.Event()
         self._interval = follow_interval_s
+        # Stable across restarts of this replica: the pod (host) and its volume.
+        self.name = f"{socket.gethostname()}:{os.path.abspath(directory)}"
+        self._reported = (-1, 0.0)
         self.catch_up()
         self._follower = threading.Thread(target=self._follow, name="index-follow", daemon=True)
         self._follower.start()
@@ -74,14 +86,21 @@ class Replica:
                 seq = self.local.info()["journal_seq"]
                 states = self.store.changes_after(seq, FOLLOW_BATCH)
                 if not states:
+                    self._report(seq)
                     return seq
                 if not self.local.model_id:
                     self.local.bind(*self.store.binding())
                 if self.local.tiling is None and (recorded := Tiling.from_json(self.store.tiling())):
                     self.local.record_tiling(recorded)
                 for st in states:
-                    self.local.apply(lambda st=st: self.local.storage.mirror(st.seq, st.slide_id, st.slide,
-                                                                             st.generation, st.rows))
+                    self.local.apply(functools.partial(self._mirror.mirror, st.seq, st.slide_id, st.slide,
+                                                       st.generation, st.rows))
+
+    def _report(self, seq: int) -> None:
+        last_seq, last_at = self._reported
+        if seq != last_seq or time.monotonic() - last_at > REPORT_S:
+            self.store.report_served(self.name, seq)
+            self._reported = (seq, time.monotonic())
 
     # -- writes: acknowledged by the store ------------------------------------
     @property

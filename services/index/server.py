@@ -1,12 +1,12 @@
 """IndexService: stage, commit, search, list and delete tile embeddings."""
 from __future__ import annotations
 
-from smily.index.v1 import index_pb2, index_pb2_grpc
 from smily.common import limits
 from smily.common.config import Settings
 from smily.common.server import Registration
 from smily.common.tensors import from_tensor, to_tensor
 from smily.common.tiling import Tiling
+from smily.index.v1 import index_pb2, index_pb2_grpc
 
 from .concepts import Concept, ConceptStore
 from .faiss_index import IndexConfig, TileIndex
@@ -26,6 +26,8 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
         config = IndexConfig(
             factory=settings.index_factory, ivf_threshold=settings.index_ivf_threshold, nprobe=settings.index_nprobe,
             rerank=settings.index_rerank, snapshot_interval_s=settings.index_snapshot_interval_s)
+        self.store: Replica | TileIndex
+        self.concepts: PgConcepts | ConceptStore
         if settings.index_database_url:
             self.store = Replica(settings.index_dir, config, settings.index_database_url, settings.index_shard)
             self.concepts = PgConcepts(settings.index_database_url, settings.index_shard)

@@ -13,6 +13,7 @@ import hashlib
 import logging
 import signal
 import uuid
+from collections.abc import Callable
 from multiprocessing import reduction
 
 import openslide
@@ -56,6 +57,7 @@ def plan(path: str, slide_mpp: float, target_mpps: list[float], tile_size: int, 
 def tiles(path: str, rects: list[tuple[int, int, int]], tile_size: int, encoding: int) -> bytes:
     """Encoded square tiles at level-0 (x, y, size), read in the order given, placed in the arena."""
     slide = _slide(path)
+    assert _arena is not None, "serve() sets the arena before any request"
     _arena.reset()
     out = []
     for x, y, size in rects:
@@ -68,7 +70,7 @@ def region(path: str, x: int, y: int, w: int, h: int, out_w: int, out_h: int, en
     return protocol.ok_region(images.encode(tiling.read(_slide(path), x, y, w, h, out_w, out_h), encoding))
 
 
-OPS = {"info": info, "plan": plan, "tiles": tiles, "region": region}
+OPS: dict[str, Callable[..., bytes]] = {"info": info, "plan": plan, "tiles": tiles, "region": region}
 
 
 def _run(op: str, path: str, args: list) -> bytes:

@@ -10,14 +10,21 @@ import math
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
-from smily.tiler.v1 import tiler_pb2, tiler_pb2_grpc
-from smily.types.v1 import types_pb2
 from smily.common import images, limits
 from smily.common.config import Settings
 from smily.common.errors import FailedPrecondition, InvalidArgument, require
 from smily.common.server import Registration
-from smily.common.tiling import (DEFAULT_MIN_TISSUE, DEFAULT_MPPS, DEFAULT_STRIDE, DEFAULT_TILE_SIZE, MAX_RESOLUTIONS,
-                                 MAX_TILE_SIZE, MIN_STRIDE)
+from smily.common.tiling import (
+    DEFAULT_MIN_TISSUE,
+    DEFAULT_MPPS,
+    DEFAULT_STRIDE,
+    DEFAULT_TILE_SIZE,
+    MAX_RESOLUTIONS,
+    MAX_TILE_SIZE,
+    MIN_STRIDE,
+)
+from smily.tiler.v1 import tiler_pb2, tiler_pb2_grpc
+from smily.types.v1 import types_pb2
 
 from . import dicomweb, slides
 from .tiling import block_order

@@ -61,11 +61,12 @@ def _read_level(slide: openslide.OpenSlide, x: int, y: int, w: int, h: int, leve
     # private _read_region is stable since 2012, and openslide-python is pinned.
     buf = (ctypes.c_uint32 * (lw * lh))()
     lowlevel._read_region(slide._osr, buf, x, y, level, lw, lh)
-    if (np.frombuffer(buf, np.uint32) >= 0xFF000000).all():  # opaque: nearly every read
-        return Image.frombuffer("RGB", (lw, lh), buf, "raw", "BGRX", 0, 1)
+    px = np.ctypeslib.as_array(buf)
+    if (px >= 0xFF000000).all():  # opaque: nearly every read
+        return Image.frombuffer("RGB", (lw, lh), px, "raw", "BGRX", 0, 1)
     # Transparent pixels (outside the scanned area) become white, like glass:
     # premultiplied colour + (1 - alpha) * white, which cannot overflow.
-    bgra = np.frombuffer(buf, np.uint8).reshape(lh, lw, 4)
+    bgra = px.view(np.uint8).reshape(lh, lw, 4)
     return Image.fromarray(bgra[..., 2::-1] + (255 - bgra[..., 3:]))
 
 

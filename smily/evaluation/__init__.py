@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import sys
 
-from smily.embedder.v1 import embedder_pb2_grpc
 from smily.common.channels import channel
 from smily.common.config import Settings
 from smily.common.tiling import DEFAULT_MPPS, Tiling
+from smily.embedder.v1 import embedder_pb2_grpc
 
 from . import archive, evaluate, manifest, report, robustness
 
@@ -27,6 +27,8 @@ def evaluate_manifest(client, settings: Settings, manifest_path: str, out_dir: s
     indexed = evaluate.ensure_ingested(client, m, labeller, progress)
     # The index's own record (set by its first ingest), not this process's environment.
     tiling = Tiling.from_pb(client.index_info().tiling)
+    if tiling is None:
+        raise archive.EvalError("the gateway reports no tiling settings: is it older than this tool?")
     mpp = tiling.nearest_mpp(DEFAULT_MPPS[0])  # evaluated at one of the indexed resolutions
     opened = archive.open_slides(settings, m.slides())
     emb_channel = channel(settings.embedder_target)

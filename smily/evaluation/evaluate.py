@@ -10,6 +10,7 @@ slide), each searched with its own slide left out, as SMILY did. Methods:
 from __future__ import annotations
 
 from collections import Counter
+from typing import Any
 
 import grpc
 import numpy as np
@@ -62,7 +63,7 @@ def rankings(client, archive: Archive, queries: np.ndarray, k: int, rng) -> dict
     def rect(i):
         return (archive.slide_ids[i], *map(int, archive.rects[i]))
 
-    out = {"deployed": []}
+    out: dict[str, list] = {"deployed": []}
     # The deployed search sees the manifest's slides only, like the other methods:
     # a slide left in the index by someone else must not compete for the top k.
     slides = list(dict.fromkeys(archive.slide_ids.tolist()))
@@ -89,7 +90,7 @@ def run(client, archive: Archive, manifest: Manifest, indexed: dict[str, int], k
     rows = [labeller.row(archive.slide_ids[i], *map(int, archive.rects[i])) for i in range(len(archive.slide_ids))]
     labels = [row.labels if row else {} for row in rows]
     reached = {id(row) for row in rows}
-    result = {"model_id": archive.model_id, "k": list(ks), "bootstrap": n_boot, "methods": list(METHODS),
+    result: dict[str, Any] = {"model_id": archive.model_id, "k": list(ks), "bootstrap": n_boot, "methods": list(METHODS),
               "archive": {"slides": len(set(archive.slide_ids)), "tiles": len(archive.slide_ids),
                           "index_slides": len(indexed)},
               "warnings": consistency(archive, indexed), "columns": {},
@@ -110,7 +111,7 @@ def run(client, archive: Archive, manifest: Manifest, indexed: dict[str, int], k
         if not keep.any():
             continue
         q_labels = [labels[q][col] for q in queries[keep]]
-        entry = {"queries": int(keep.sum()), "slides": len(set(groups[keep])),
+        entry: dict[str, Any] = {"queries": int(keep.sum()), "slides": len(set(groups[keep])),
                  "classes": dict(sorted(Counter(q_labels).items())),
                  "methods": {}, "curve": {}}
         for method in METHODS:

@@ -81,7 +81,7 @@ def run(client, archive: Archive, opened: dict, tile_size: int, per_slide: int =
         idx = rng.choice(idx, min(per_slide, len(idx)), replace=False) if len(idx) else idx
         found[slide_id] = {t: [] for t in TRANSFORMS}
         for i in idx:
-            source = archive.key(i)
+            source = archive.key(int(i))
             for t in TRANSFORMS:
                 rgb = perturbed(t, slide, archive.rects[i], tile_size, rng)
                 started = time.perf_counter()
