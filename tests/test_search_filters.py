@@ -119,13 +119,13 @@ def test_cli_filters(cases):
     args = ["search", "--slide", "synth-b", "--region", "1100,800,448,448", "--k", "100", "--json"]
     out = smily(fresh, *args, "--filter", "organ=breast", "--exclude-slide", "synth-a")
     assert out.returncode == 0, out.stderr
-    assert {h["slide_id"] for h in json.loads(out.stdout)} == {"synth-c-40x"}
+    assert {h["slide_id"] for h in json.loads(out.stdout)["hits"]} == {"synth-c-40x"}
     out = smily(fresh, *args, "--slide-id", "synth-a", "--slide-id", "synth-b")
     assert out.returncode == 0, out.stderr
-    hits = json.loads(out.stdout)
+    hits = json.loads(out.stdout)["hits"]
     assert {h["slide_id"] for h in hits} == {"synth-a", "synth-b"} and len(hits) == counts["synth-a"] + counts["synth-b"]
     out = smily(fresh, *args, "--exclude-query-case")
     assert out.returncode == 0, out.stderr
-    assert {h["metadata"]["case_id"] for h in json.loads(out.stdout)} == {"case-2"}
+    assert {h["metadata"]["case_id"] for h in json.loads(out.stdout)["hits"]} == {"case-2"}
     out = smily(fresh, *args, "--filter", "organ")
     assert out.returncode != 0 and "KEY=VALUE" in out.stderr
