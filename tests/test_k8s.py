@@ -469,14 +469,22 @@ def test_network_policies(render):
     assert deny and set(deny[0]["spec"]["policyTypes"]) == {"Ingress", "Egress"}
     labels = lambda s: smily_workload(objs, s)["spec"]["template"]["metadata"]["labels"]  # noqa: E731
     gateway_sel = {"app.kubernetes.io/name": "smily-gateway"}
+    embedder_sel = {"app.kubernetes.io/name": "smily-embedder"}
+    # The embedder reads tiles from the tiler itself (EmbedSlide); nothing else reaches a backend.
+    callers = {"tiler": [gateway_sel, embedder_sel], "embedder": [gateway_sel], "index": [gateway_sel]}
     for s in ("tiler", "embedder", "index"):
         grpc_rules = [r for r in _peers_allowed(policies, labels(s), "Ingress")
                       if any(p["port"] == getattr(DEFAULTS, f"{s}_port") for p in r.get("ports", []))]
         assert grpc_rules, f"gateway cannot reach {s}"
         for r in grpc_rules:
-            assert r["from"] == [{"podSelector": {"matchLabels": gateway_sel}}], f"{s} open to more than the gateway"
-        # Backends dial nobody but DNS.
+            assert r["from"] == [{"podSelector": {"matchLabels": sel}} for sel in callers[s]], \
+                f"{s} open to more than its callers"
+        # Backends dial nobody but DNS, except the embedder the tiler.
         for r in _peers_allowed(policies, labels(s), "Egress"):
+            if s == "embedder" and r.get("to") == [{"podSelector": {"matchLabels": {"app.kubernetes.io/name":
+                                                                                       "smily-tiler"}}}]:
+                assert {p["port"] for p in r["ports"]} == {DEFAULTS.tiler_port}
+                continue
             assert {p["port"] for p in r["ports"]} == {53}, s
     gw_egress = _peers_allowed(policies, labels("gateway"), "Egress")
     gw_ports = {p["port"] for r in gw_egress for p in r.get("ports", [])}

@@ -1,8 +1,14 @@
-"""EmbedderService: decode, preprocess and embed batches of tissue images."""
+"""EmbedderService: decode, preprocess and embed batches of tissue images,
+and whole slides read straight from the tiler (EmbedSlide)."""
 from __future__ import annotations
 
+import grpc
+import numpy as np
+
 from smily.embedder.v1 import embedder_pb2, embedder_pb2_grpc
+from smily.tiler.v1 import tiler_pb2, tiler_pb2_grpc
 from smily.common import images
+from smily.common.channels import channel
 from smily.common.config import Settings
 from smily.common.errors import require
 from smily.common.server import Registration
@@ -11,6 +17,10 @@ from smily.common.tensors import to_tensor
 from . import model_repo
 from .batcher import BATCH_SIZE, Batcher
 from .runtime import Model
+
+DEFAULT_SLIDE_BATCH = 32
+# gRPC reports a call without a deadline as ~9.2e18 s remaining.
+NO_DEADLINE_S = 1e9
 
 
 class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
@@ -21,26 +31,71 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
         batching = settings.preferred_batch > 1 and settings.max_queue_delay_ms > 0
         self.batcher = Batcher(self.model.embed_tensor, settings.preferred_batch, settings.max_queue_delay_ms / 1e3,
                                settings.max_queue) if batching else None
+        # Dialled on the first EmbedSlide only: a channel connects lazily.
+        self._tiler_channel = channel(settings.tiler_target)
+        self._tiler = tiler_pb2_grpc.TilerServiceStub(self._tiler_channel)
 
-    def Embed(self, request, context):
-        n = len(request.images)
-        require(n > 0, "no images to embed")
-        require(n <= self._max_batch, f"at most {self._max_batch} images per request, got {n}")
+    def _embed_images(self, imgs) -> np.ndarray:
         decoded = []
-        for i, img in enumerate(request.images):
+        for i, img in enumerate(imgs):
             try:
                 decoded.append(images.decode(img.data, img.encoding, img.width, img.height))
             except images.InvalidArgument as exc:
                 raise images.InvalidArgument(f"image {i}: {exc}") from None
         tensor = self.model.preprocess(decoded)
         if self.batcher is not None:
-            vectors = self.batcher.submit(tensor)
-        else:
-            BATCH_SIZE.observe(n)
-            vectors = self.model.embed_tensor(tensor)
+            return self.batcher.submit(tensor)
+        BATCH_SIZE.observe(len(decoded))
+        return self.model.embed_tensor(tensor)
+
+    def Embed(self, request, context):
+        n = len(request.images)
+        require(n > 0, "no images to embed")
+        require(n <= self._max_batch, f"at most {self._max_batch} images per request, got {n}")
         return embedder_pb2.EmbedResponse(
-            embeddings=to_tensor(vectors), model_id=self.model.config.model_id
+            embeddings=to_tensor(self._embed_images(request.images)), model_id=self.model.config.model_id
         )
+
+    def EmbedSlide(self, request, context):
+        batch = request.batch or DEFAULT_SLIDE_BATCH
+        require(0 < batch <= self._max_batch, f"batch must be in 1..{self._max_batch}, got {batch}")
+        tiles_request = tiler_pb2.StreamTilesRequest()
+        tiles_request.CopyFrom(request.tiles)
+        tiles_request.encoding = images.RAW_RGB  # nothing to decode here
+        remaining = context.time_remaining()
+        stream = self._tiler.StreamTiles(tiles_request, timeout=remaining if remaining < NO_DEADLINE_S else None)
+        # The caller cancelled or its deadline passed: stop the tiler's reads too.
+        context.add_callback(stream.cancel)
+        model_id = self.model.config.model_id
+        total, pending = -1, []
+
+        def embedded() -> embedder_pb2.EmbedSlideResponse:
+            out = embedder_pb2.EmbedSlideResponse(
+                embeddings=to_tensor(self._embed_images([t.image for t in pending])), model_id=model_id,
+                tiles_total=total)
+            for t in pending:
+                out.tiles.add(x=t.x, y=t.y, width=t.width, height=t.height, mpp=t.mpp,
+                              tissue_fraction=t.tissue_fraction)
+            pending.clear()
+            return out
+
+        try:
+            for msg in stream:
+                if msg.tiles_total != total:
+                    total = msg.tiles_total
+                    yield embedder_pb2.EmbedSlideResponse(model_id=model_id, tiles_total=total)
+                for tile in msg.tiles:
+                    pending.append(tile)
+                    if len(pending) >= batch:
+                        yield embedded()
+            if pending:
+                yield embedded()
+        except grpc.RpcError:
+            if not context.is_active():
+                return  # cancelled by the caller: nobody is listening
+            raise
+        finally:
+            stream.cancel()
 
     def GetModelInfo(self, request, context):
         c = self.model.config
@@ -56,6 +111,7 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
     def close(self) -> None:
         if self.batcher is not None:
             self.batcher.close()
+        self._tiler_channel.close()
 
 
 def registration(settings: Settings) -> Registration:

@@ -156,7 +156,7 @@ class QueryEngine:
         if flat is not None:
             return flat.reshape(-1, self._dim), model_id, True
         chunks = []
-        for _, embeddings, got in embed_slide(self._b, source, t, slide_mpp, self._batch, timeout, timeout):
+        for _, embeddings, got in embed_slide(self._b, source, t, slide_mpp, self._batch, timeout):
             self._check_model(got, model_id)
             chunks.append(from_tensor(embeddings))
         if not chunks:
