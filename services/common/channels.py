@@ -10,6 +10,7 @@ import json
 
 import grpc
 
+from . import tracing
 from .server import MAX_MESSAGE_BYTES
 
 _SERVICE_CONFIG = json.dumps(
@@ -32,7 +33,7 @@ _SERVICE_CONFIG = json.dumps(
 
 
 def channel(target: str) -> grpc.Channel:
-    return grpc.insecure_channel(
+    return tracing.intercept(grpc.insecure_channel(
         target,
         options=[
             ("grpc.service_config", _SERVICE_CONFIG),
@@ -43,4 +44,4 @@ def channel(target: str) -> grpc.Channel:
             ("grpc.initial_reconnect_backoff_ms", 200),
             ("grpc.max_reconnect_backoff_ms", 2000),
         ],
-    )
+    ))

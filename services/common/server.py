@@ -21,7 +21,7 @@ import prometheus_client as prom
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from . import logs, memory
+from . import logs, memory, tracing
 from .config import Settings
 from .errors import ServiceError
 
@@ -159,9 +159,10 @@ def start(
     memory.keep_large_buffers()
     regs = list(registrations)
     label = regs[0].name.split(".")[1] if regs else "server"
+    tracing.configure(label)  # once per process; off unless OTEL_* ask for an exporter
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=worker_threads, thread_name_prefix=label),
-        interceptors=[_Interceptor(label)],
+        interceptors=[tracing.ServerInterceptor(), _Interceptor(label)],
         options=SERVER_OPTIONS,
         maximum_concurrent_rpcs=max_concurrent_rpcs,
     )

@@ -13,6 +13,7 @@ from smily.common.config import Settings
 from smily.common.errors import require
 from smily.common.server import Registration
 from smily.common.tensors import to_tensor
+from smily.common.tracing import span
 
 from . import model_repo
 from .batcher import BATCH_SIZE, Batcher
@@ -37,16 +38,19 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
 
     def _embed_images(self, imgs) -> np.ndarray:
         decoded = []
-        for i, img in enumerate(imgs):
-            try:
-                decoded.append(images.decode(img.data, img.encoding, img.width, img.height))
-            except images.InvalidArgument as exc:
-                raise images.InvalidArgument(f"image {i}: {exc}") from None
-        tensor = self.model.preprocess(decoded)
-        if self.batcher is not None:
-            return self.batcher.submit(tensor)
-        BATCH_SIZE.observe(len(decoded))
-        return self.model.embed_tensor(tensor)
+        with span("decode", images=len(imgs)):
+            for i, img in enumerate(imgs):
+                try:
+                    decoded.append(images.decode(img.data, img.encoding, img.width, img.height))
+                except images.InvalidArgument as exc:
+                    raise images.InvalidArgument(f"image {i}: {exc}") from None
+        with span("preprocess"):
+            tensor = self.model.preprocess(decoded)
+        with span("inference", provider=self.model.provider):  # queue wait included when batching
+            if self.batcher is not None:
+                return self.batcher.submit(tensor)
+            BATCH_SIZE.observe(len(decoded))
+            return self.model.embed_tensor(tensor)
 
     def Embed(self, request, context):
         n = len(request.images)
@@ -106,7 +110,6 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
                 execution_provider=self.model.provider,
             )
         )
-
 
     def close(self) -> None:
         if self.batcher is not None:

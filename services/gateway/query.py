@@ -11,6 +11,7 @@ import numpy as np
 from smily.common import images
 from smily.common.errors import Aborted, FailedPrecondition, InvalidArgument, require
 from smily.common.tensors import from_tensor
+from smily.common.tracing import span
 from smily.embedder.v1 import embedder_pb2
 from smily.gateway.v1 import gateway_pb2
 from smily.index.v1 import index_pb2
@@ -52,14 +53,17 @@ class QueryEngine:
         """
         model_id = self.current_model(context)
         cache_key = f"smily:emb:{model_id}:{key}"
-        vector = self._cache.get(cache_key)
+        with span("cache.get") as s:
+            vector = self._cache.get(cache_key)
+            s.set_attribute("hit", vector is not None)
         if vector is not None:
             return vector, model_id, True
         resp = self._b.embedder.Embed(embedder_pb2.EmbedRequest(images=[fetch_image()]),
                                       timeout=self._b.timeout(context))
         vector = from_tensor(resp.embeddings)[0]
         self._check_model(resp.model_id, model_id)
-        self._cache.put(cache_key, vector)
+        with span("cache.put"):
+            self._cache.put(cache_key, vector)
         return vector, resp.model_id, False
 
     def _check_model(self, got: str, expected: str) -> None:
