@@ -6,9 +6,9 @@ from __future__ import annotations
 import hashlib
 import threading
 
+import grpc
 import numpy as np
 
-from smily.common import images
 from smily.common.errors import Aborted, FailedPrecondition, InvalidArgument, require
 from smily.common.tensors import from_tensor
 from smily.common.tracing import span
@@ -92,8 +92,14 @@ class QueryEngine:
 
     def _image_query(self, data: bytes, context):
         require(0 < len(data) <= MAX_QUERY_IMAGE_BYTES, "image must be 1 byte to 32 MiB of PNG or JPEG")
-        images.decode(data)  # reject non-images here, with a clear message
-        return self._embed(lambda: types_pb2.Image(data=data), hashlib.sha256(data).hexdigest(), context)
+        # The cache is asked first; on a miss the embedder decodes (and rejects) the bytes:
+        # nothing decodes them twice.
+        try:
+            return self._embed(lambda: types_pb2.Image(data=data), hashlib.sha256(data).hexdigest(), context)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                raise InvalidArgument(f"query image: {(exc.details() or '').removeprefix('image 0: ')}") from None
+            raise
 
     def examples(self, examples, what: str, context):
         """Embeddings of Example messages: (array [n, dim], all cached, region slide ids)."""
