@@ -21,7 +21,7 @@ import tempfile
 import numpy as np
 import torch
 
-from .model_repo import MODEL_FILE, ModelConfig, install
+from smily.embedder.model_repo import MODEL_FILE, ModelConfig, install
 
 log = logging.getLogger("smily.export")
 

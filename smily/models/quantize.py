@@ -16,8 +16,8 @@ import numpy as np
 from smily.common import images
 from smily.common.errors import FailedPrecondition
 
-from . import model_repo
-from .preprocess import Preprocessor
+from smily.embedder import model_repo
+from smily.embedder.preprocess import Preprocessor
 
 
 def synthetic_tiles(n: int, seed: int = 0, size: int = 224) -> list[np.ndarray]:
