@@ -11,7 +11,8 @@ import pytest
 
 from smily.common.errors import InvalidArgument
 from smily.index import ann
-from smily.index.store import IndexConfig, Slide, TileStore
+from smily.index.faiss_index import IndexConfig, TileIndex
+from smily.index.storage import Slide
 
 from .test_index_store import MODEL, tiles
 
@@ -41,8 +42,8 @@ def ivf_config(**kw):
 
 
 def test_grows_from_exact_to_trained_ivf_and_keeps_exact_quality(tmp_path):
-    exact = TileStore(str(tmp_path / "exact"), IndexConfig(factory="Flat", snapshot_interval_s=0))
-    store = TileStore(str(tmp_path / "ivf"), ivf_config())
+    exact = TileIndex(str(tmp_path / "exact"), IndexConfig(factory="Flat", snapshot_interval_s=0))
+    store = TileIndex(str(tmp_path / "ivf"), ivf_config())
     fill(exact)
     fill(store, slides=9)
     assert store.info()["factory"] == "Flat"
@@ -65,7 +66,7 @@ def test_grows_from_exact_to_trained_ivf_and_keeps_exact_quality(tmp_path):
 
 @pytest.mark.parametrize("config", [IndexConfig(snapshot_interval_s=0), ivf_config()], ids=["flat", "ivf"])
 def test_filters_run_inside_the_search(tmp_path, config):
-    store = TileStore(str(tmp_path), config)
+    store = TileIndex(str(tmp_path), config)
     fill(store)
     q = clustered(1, 0)[0]
     skin = store.search(MODEL, q, 50, filters={"organ": "skin"})
@@ -85,7 +86,7 @@ def test_filters_run_inside_the_search(tmp_path, config):
 
 
 def test_delete_compacts_and_survives_restart(tmp_path):
-    store = TileStore(str(tmp_path), ivf_config())
+    store = TileIndex(str(tmp_path), ivf_config())
     fill(store)
     for i in range(3):
         store.delete_slide(f"s{i:02d}")
@@ -95,12 +96,12 @@ def test_delete_compacts_and_survives_restart(tmp_path):
     assert store.counts() == (800, 8)
     assert {h.slide_id for h in store.search(MODEL, clustered(1, 0)[0], 1000)}.isdisjoint({"s00", "s01", "s02", "s03"})
     store.close()
-    again = TileStore(str(tmp_path), ivf_config())
+    again = TileIndex(str(tmp_path), ivf_config())
     assert again.counts() == (800, 8) and again.info()["factory"].startswith("IVF")
 
 
 def test_snapshot_plus_journal_replay(tmp_path):
-    store = TileStore(str(tmp_path), ivf_config())
+    store = TileIndex(str(tmp_path), ivf_config())
     fill(store)
     assert store.snapshot() and not store.snapshot()  # nothing new: no second snapshot
     seq = store.info()["journal_seq"]
@@ -113,8 +114,8 @@ def test_snapshot_plus_journal_replay(tmp_path):
     hits = [(h.slide_id, h.tile.x, round(h.score, 5)) for h in store.search(MODEL, q, 20)]
     store._stop.set()  # no snapshot at close: start-up must replay the journal
     with store._rw.write():
-        store._db.close()
-    again = TileStore(str(tmp_path), ivf_config())
+        store.storage.close()
+    again = TileIndex(str(tmp_path), ivf_config())
     info = again.info()
     assert info["snapshot_seq"] == seq and f"snapshot at sequence {seq}" in info["load_report"]
     assert again.counts() == expected == (1107, 13)
@@ -123,7 +124,7 @@ def test_snapshot_plus_journal_replay(tmp_path):
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "manifest"])
 def test_damaged_snapshot_is_reported_and_rebuilt(tmp_path, damage):
-    store = TileStore(str(tmp_path), ivf_config())
+    store = TileIndex(str(tmp_path), ivf_config())
     fill(store)
     store.close()
     snap = glob.glob(os.path.join(tmp_path, "snapshot-*.faiss"))[0]
@@ -139,7 +140,7 @@ def test_damaged_snapshot_is_reported_and_rebuilt(tmp_path, damage):
     else:
         with open(os.path.join(tmp_path, "manifest.json"), "w") as f:
             f.write('{"format": 1, "fi')
-    again = TileStore(str(tmp_path), ivf_config())
+    again = TileIndex(str(tmp_path), ivf_config())
     report = again.info()["load_report"]
     assert report.startswith("rebuilt from the journal: snapshot unusable")
     assert {"truncate": "truncated", "flip": "checksum", "manifest": "unreadable"}[damage] in report
@@ -159,8 +160,8 @@ def test_training_runs_off_the_write_lock(tmp_path, monkeypatch):
         return real_build(factory, dim, train)
 
     monkeypatch.setattr(ann, "build", held_build)
-    exact = TileStore(str(tmp_path / "exact"), IndexConfig(factory="Flat", snapshot_interval_s=0))
-    store = TileStore(str(tmp_path / "ivf"), ivf_config())
+    exact = TileIndex(str(tmp_path / "exact"), IndexConfig(factory="Flat", snapshot_interval_s=0))
+    store = TileIndex(str(tmp_path / "ivf"), ivf_config())
     fill(exact)
     fill(store, slides=10, wait=False)  # 1,000 tiles: training starts
     assert started.wait(120)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from smily.common.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
-from smily.index.store import Slide, Tile, TileStore
+from smily.index.faiss_index import TileIndex
+from smily.index.storage import Slide, Tile
 
 MODEL = "m/1"
 
@@ -27,7 +28,7 @@ def put(store, slide_id, vectors, generation="g1", offset=0):
 
 
 def test_staged_tiles_are_invisible_until_commit(tmp_path):
-    store = TileStore(str(tmp_path))
+    store = TileIndex(str(tmp_path))
     v = vecs(5)
     store.stage(MODEL, "a", "g1", v, tiles(5))
     assert store.search(MODEL, v[0], 3) == []
@@ -37,14 +38,14 @@ def test_staged_tiles_are_invisible_until_commit(tmp_path):
 
 
 def test_recommit_replaces_and_survives_restart(tmp_path):
-    store = TileStore(str(tmp_path))
+    store = TileIndex(str(tmp_path))
     put(store, "a", vecs(5, seed=1))
     put(store, "b", vecs(3, seed=2))
     _, replaced = put(store, "a", vecs(4, seed=3), generation="g2")
     assert replaced == 5
     assert store.counts() == (7, 2)
     store.close()
-    reopened = TileStore(str(tmp_path))
+    reopened = TileIndex(str(tmp_path))
     assert reopened.counts() == (7, 2)
     assert reopened.model_id == MODEL and reopened.dim == 8
     hit = reopened.search(MODEL, vecs(4, seed=3)[1], 1)[0]
@@ -52,7 +53,7 @@ def test_recommit_replaces_and_survives_restart(tmp_path):
 
 
 def test_model_binding(tmp_path):
-    store = TileStore(str(tmp_path))
+    store = TileIndex(str(tmp_path))
     put(store, "a", vecs(2))
     with pytest.raises(FailedPrecondition):
         store.stage("other/1", "b", "g", vecs(2), tiles(2))
@@ -63,7 +64,7 @@ def test_model_binding(tmp_path):
 
 
 def test_incomplete_generation_is_not_published(tmp_path):
-    store = TileStore(str(tmp_path))
+    store = TileIndex(str(tmp_path))
     put(store, "a", vecs(3))
     store.stage(MODEL, "a", "g2", vecs(2, seed=5), tiles(2))
     with pytest.raises(Aborted):
@@ -72,7 +73,7 @@ def test_incomplete_generation_is_not_published(tmp_path):
 
 
 def test_retried_batch_is_not_duplicated(tmp_path):
-    store = TileStore(str(tmp_path))
+    store = TileIndex(str(tmp_path))
     v = vecs(4)
     store.stage(MODEL, "a", "g1", v, tiles(4))
     store.stage(MODEL, "a", "g1", v, tiles(4))
@@ -81,7 +82,7 @@ def test_retried_batch_is_not_duplicated(tmp_path):
 
 
 def test_exclude_delete_and_pages(tmp_path):
-    store = TileStore(str(tmp_path))
+    store = TileIndex(str(tmp_path))
     for i, name in enumerate("abcde"):
         put(store, name, vecs(2, seed=i))
     q = vecs(2, seed=0)[0]
@@ -101,7 +102,7 @@ def test_exclude_delete_and_pages(tmp_path):
 
 
 def test_stated_resolution_is_kept_and_old_indexes_gain_the_column(tmp_path):
-    store = TileStore(str(tmp_path))
+    store = TileIndex(str(tmp_path))
     put(store, "a", vecs(2, seed=4))
     store.stage(MODEL, "b", "g1", vecs(2, seed=5), tiles(2))
     store.commit_slide(MODEL, "g1", Slide("b", "b.tiff", slide_mpp=0.5), 2)
@@ -111,9 +112,24 @@ def test_stated_resolution_is_kept_and_old_indexes_gain_the_column(tmp_path):
     db.execute("ALTER TABLE slides DROP COLUMN slide_mpp")
     db.commit()
     db.close()
-    reopened = TileStore(str(tmp_path))
+    reopened = TileIndex(str(tmp_path))
     assert reopened.get_slide("a").slide_mpp == 0 and reopened.get_slide("b").slide_mpp == 0
     reopened.stage(MODEL, "b", "g2", vecs(2, seed=5), tiles(2))
     reopened.commit_slide(MODEL, "g2", Slide("b", "b.tiff", slide_mpp=0.25), 2)
     listed, _ = reopened.list_slides(10, "")
     assert {s.slide_id: s.slide_mpp for s in listed} == {"a": 0, "b": 0.25}
+
+
+def test_retried_commit_is_success(tmp_path):
+    """A CommitSlide retried after a lost reply finds its generation committed: success, nothing changes."""
+    store = TileIndex(str(tmp_path))
+    put(store, "a", vecs(3, seed=1))
+    slide, replaced = put(store, "a", vecs(4, seed=2), generation="g2")
+    seq = store.info()["journal_seq"]
+    again, replaced_again = store.commit_slide(MODEL, "g2", Slide("a", "a.svs", {"k": "a"}), 4)
+    assert (again.slide_id, again.tile_count, replaced, replaced_again) == ("a", 4, 3, 0)
+    assert store.info()["journal_seq"] == seq and store.counts() == (4, 1)
+    with pytest.raises(Aborted):  # a different tile count is not the same commit
+        store.commit_slide(MODEL, "g2", Slide("a", "a.svs"), 5)
+    with pytest.raises(Aborted):  # an older generation is no longer staged
+        store.commit_slide(MODEL, "g1", Slide("a", "a.svs"), 3)

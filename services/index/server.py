@@ -7,7 +7,8 @@ from smily.common.server import Registration
 from smily.common.tensors import from_tensor, to_tensor
 
 from .concepts import Concept, ConceptStore
-from .store import IndexConfig, Slide, Tile, TileStore
+from .faiss_index import IndexConfig, TileIndex
+from .storage import Slide, Tile
 
 
 def _slide_pb(s: Slide, model_id: str) -> index_pb2.Slide:
@@ -18,7 +19,7 @@ def _slide_pb(s: Slide, model_id: str) -> index_pb2.Slide:
 
 class IndexServicer(index_pb2_grpc.IndexServiceServicer):
     def __init__(self, settings: Settings):
-        self.store = TileStore(settings.index_dir, IndexConfig(
+        self.store = TileIndex(settings.index_dir, IndexConfig(
             factory=settings.index_factory, ivf_threshold=settings.index_ivf_threshold, nprobe=settings.index_nprobe,
             rerank=settings.index_rerank, snapshot_interval_s=settings.index_snapshot_interval_s))
         self.concepts = ConceptStore(settings.index_dir)

@@ -1,0 +1,131 @@
+"""The index's system of record, behind one small interface.
+
+A Storage holds, durably, what a shard serves: the model binding, slides,
+tiles staged per ingest generation and published by a commit, and the
+commit sequence. Every commit or delete takes the next sequence number;
+published tiles carry it, and tile ids removed from the search are logged
+with it, so an in-memory index that holds the state at sequence s catches up
+by replaying what came after s. Tile ids are never reused.
+
+Implementations: sqlite_store.SqliteStorage (one machine, the default). The
+in-memory FAISS index (faiss_index.TileIndex) talks to storage only through
+this interface.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator, Protocol
+
+import numpy as np
+
+# Staged tiles never committed are dropped after this long (an abandoned ingest).
+STALE_STAGED_S = 24 * 3600
+# Ids per query when reading tiles by id.
+SQL_CHUNK = 500
+
+
+@dataclass
+class Tile:
+    x: int
+    y: int
+    w: int
+    h: int
+    mpp: float
+    tissue: float = 0.0
+
+
+@dataclass
+class Slide:
+    slide_id: str
+    source: str
+    metadata: dict = field(default_factory=dict)
+    tile_count: int = 0
+    indexed_at: float = 0.0
+    slide_mpp: float = 0.0  # stated at ingest; 0: the file's own
+
+
+@dataclass
+class Commit:
+    """What one commit or delete changed: the search must drop `removed` and add `ids`/`vectors`."""
+    seq: int
+    slide: Slide | None
+    ids: np.ndarray
+    vectors: np.ndarray
+    removed: list[int]
+
+
+def vectors_from(blobs, dim: int) -> np.ndarray:
+    data = b"".join(blobs)
+    if len(data) != len(blobs) * dim * 4:
+        raise RuntimeError("the journal holds a vector of the wrong size: the database is corrupt")
+    return np.frombuffer(data, np.float32).reshape(len(blobs), dim)
+
+
+class Storage(Protocol):
+    """Durable record of one shard. Every method is thread-safe and each write is one transaction."""
+
+    def binding(self) -> tuple[str, int]:
+        """(model_id, dim) this store holds; ("", 0) before the first write."""
+
+    def bind(self, model_id: str, dim: int) -> tuple[str, int]:
+        """Bind to a model if unbound; returns the binding in force (which may be another model's)."""
+
+    def seq(self) -> int:
+        """The last commit sequence number."""
+
+    def drop_stale_staged(self, older_than: float) -> int:
+        """Forget staged tiles of ingests abandoned before this time; returns how many."""
+
+    def stage(self, slide_id: str, generation: str, tiles: list[Tile], vectors: np.ndarray) -> int:
+        """Stage tiles of one ingest generation; a retried batch is ignored, not duplicated."""
+
+    def commit_slide(self, generation: str, slide: Slide, expected_tiles: int) -> Commit:
+        """Publish a generation in place of the slide's earlier ones, in one transaction.
+
+        Raises Aborted unless exactly `expected_tiles` are staged. Committing a
+        generation that is already the slide's committed one is success: it
+        returns that commit's sequence with nothing to change (a retried call).
+        """
+
+    def delete_slide(self, slide_id: str) -> Commit:
+        """Drop a slide and its tiles; raises NotFound when it is not there."""
+
+    def committed_count(self) -> int:
+        """Published tiles."""
+
+    def committed_ids(self) -> np.ndarray:
+        """Ids of every published tile."""
+
+    def committed_chunk(self, after_id: int, limit: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, vectors) of up to `limit` published tiles with id > after_id, in id order."""
+
+    def added_after(self, seq: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(ids, vectors) chunks of the tiles published by commits after `seq`."""
+
+    def removed_after(self, seq: int) -> np.ndarray:
+        """Ids dropped from the search by commits and deletes after `seq`."""
+
+    def forget_removed(self, seq: int) -> None:
+        """A snapshot holds the state at `seq`: the removals up to it are no longer needed."""
+
+    def vectors(self, ids) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, vectors) of these published tiles, in id order (SQL_CHUNK ids at most)."""
+
+    def select(self, slide_ids, filters: dict, exclude, exclude_filters: dict) -> np.ndarray:
+        """Ids of published tiles of the slides matching every filter (metadata key=value) and no exclusion."""
+
+    def excluded(self, exclude, exclude_filters: dict) -> np.ndarray:
+        """Ids of published tiles of slides left out by id or by any metadata key=value."""
+
+    def records(self, ids) -> dict[int, tuple[str, Tile, dict]]:
+        """For these tile ids: (slide id, tile, slide metadata)."""
+
+    def get_slide(self, slide_id: str) -> Slide:
+        """Raises NotFound when the slide is not there."""
+
+    def list_slides(self, after: str, limit: int) -> list[Slide]:
+        """Up to `limit` slides with id > after, in id order."""
+
+    def slide_count(self) -> int: ...
+
+    def close(self) -> None: ...
