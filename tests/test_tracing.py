@@ -75,7 +75,7 @@ def test_image_search_is_one_trace_over_gateway_embedder_and_index(spans, client
     names = _assert_one_connected_trace(_trace_of(spans, lambda: client.search(image=png, k=5)))
     for name in ("smily.gateway.v1.GatewayService/Search", "cache.get", "cache.put",
                  "smily.embedder.v1.EmbedderService/Embed", "decode", "preprocess", "inference",
-                 "smily.index.v1.IndexService/Search"):
+                 "smily.index.v1.IndexService/Search", "index.search", "index.records"):
         assert name in names, (name, sorted(names))
     # Both ends of each backend call: the client span is the server span's parent.
     by_id = {s.context.span_id: s for s in spans.get_finished_spans()}
