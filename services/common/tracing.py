@@ -60,6 +60,11 @@ def configure(service: str) -> bool:
         return True
 
 
+def _on() -> bool:
+    """Whether an SDK provider is installed (by configure() or a test): else every span is a no-op."""
+    return not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+
+
 def span(name: str, **attributes):
     """A span for one step inside a request (decode, inference, ...), as a context manager."""
     return tracer.start_as_current_span(name, attributes=attributes or None)
@@ -82,7 +87,7 @@ class ServerInterceptor(grpc.ServerInterceptor):
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
-        if handler is None or not (handler.unary_unary or handler.unary_stream):
+        if handler is None or not (handler.unary_unary or handler.unary_stream) or not _on():
             return handler
         service, method = _method(handler_call_details.method)
         name = f"{service}/{method}"
@@ -148,6 +153,8 @@ class ClientInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClient
     """A CLIENT span per call, its context sent on as W3C traceparent metadata."""
 
     def _call(self, continuation, details, request):
+        if not _on():
+            return continuation(details, request)
         service, method = _method(details.method)
         s = tracer.start_span(f"{service}/{method}", kind=SpanKind.CLIENT,
                               attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": method})

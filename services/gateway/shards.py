@@ -45,6 +45,8 @@ class ShardedIndex:
             stubs = list({id(s): s for s in map(self._for, request.slide_ids)}.values())
         else:
             stubs = self.stubs
+        if len(stubs) == 1:  # a blocking call waits in this thread: no hand-off, no merge, no copy
+            return stubs[0].Search(request, timeout=timeout)
         replies = [f.result() for f in [s.Search.future(request, timeout=timeout) for s in stubs]]
         hits = sorted((h for r in replies for h in r.hits), key=lambda h: -h.score)[: request.k]
         return index_pb2.SearchResponse(hits=hits, model_id=next((r.model_id for r in replies if r.model_id), ""))
