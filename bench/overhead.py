@@ -97,19 +97,20 @@ class Stack:
                     raise RuntimeError(f"{s} did not start")
                 time.sleep(0.2)
 
-    def processes(self) -> list[psutil.Process]:
+    def processes(self) -> list[tuple[str, psutil.Process]]:
         out = []
-        for p in [*self.procs.values(), *([self.redis] if self.redis else [])]:
+        named = [*self.procs.items(), *([("redis", self.redis)] if self.redis else [])]
+        for name, p in named:
             proc = psutil.Process(p.pid)
-            out += [proc, *proc.children(recursive=True)]
+            out += [(name, proc), *((f"{name} children", c) for c in proc.children(recursive=True))]
         return out
 
-    def cpu(self) -> dict[int, float]:
+    def cpu(self) -> dict[tuple[str, int], float]:
         times = {}
-        for p in self.processes():
+        for name, p in self.processes():
             try:
                 t = p.cpu_times()
-                times[p.pid] = t.user + t.system
+                times[(name, p.pid)] = t.user + t.system
             except psutil.NoSuchProcess:
                 pass
         return times
@@ -124,8 +125,15 @@ class Stack:
             self.redis.wait()
 
 
-def cpu_delta(before: dict[int, float], after: dict[int, float]) -> float:
-    return sum(t - before.get(pid, 0.0) for pid, t in after.items())
+def cpu_delta(before: dict, after: dict) -> float:
+    return sum(t - before.get(key, 0.0) for key, t in after.items())
+
+
+def cpu_by_process(before: dict, after: dict) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for (name, pid), t in after.items():
+        out[name] = out.get(name, 0.0) + t - before.get((name, pid), 0.0)
+    return out
 
 
 def plain_loop(slide_path: str, rects, model) -> tuple[float, float]:
@@ -201,8 +209,12 @@ def ingest_part(args, stack: Stack, slide_path: str) -> dict:
         for op in ops:
             assert op.state == gateway_pb2.OPERATION_STATE_SUCCEEDED, op.error_message
             assert op.progress.tiles_indexed == n, (op.progress.tiles_indexed, n)
-        stack_cpu = cpu_delta(before, stack.cpu())
+        after = stack.cpu()
+        stack_cpu = cpu_delta(before, after)
         rows["service"].append((wall, stack_cpu, time.process_time() - c0))
+        parts = cpu_by_process(before, after)
+        print("  stack CPU-s per 1,000 tiles by process: " + ", ".join(
+            f"{name} {t / total * 1000:.2f}" for name, t in sorted(parts.items(), key=lambda kv: -kv[1])))
         loop = f"loop {n / rows['loop'][-1][0]:.0f} tiles/s ({rows['loop'][-1][1]:.2f} CPU-s); " if rows["loop"] else ""
         print(f"round {r + 1}: {loop}bare session {n / rows['bare'][-1][0]:.0f} tiles/s; "
               f"embedder alone {total / rows['embedder'][-1][0]:.0f} tiles/s; service {total / wall:.0f} tiles/s "

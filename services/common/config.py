@@ -52,7 +52,9 @@ class Settings:
     # Dynamic batching: concurrent requests are coalesced up to preferred_batch
     # images or until the oldest has waited max_queue_delay_ms; 1 or 0 turns it
     # off. At most max_queue images wait; more get RESOURCE_EXHAUSTED.
-    preferred_batch: int = 32
+    # 0 = automatic (issue 19): 32 on a GPU, off on the CPU, where a batch costs
+    # per image anyway and waiting for company only adds latency.
+    preferred_batch: int = 0
     max_queue_delay_ms: float = 2.0
     max_queue: int = 256
     # TensorRT only (when onnxruntime-gpu finds it): build FP16 engines.

@@ -20,6 +20,11 @@ from .batcher import BATCH_SIZE, Batcher
 from .runtime import Model
 
 DEFAULT_SLIDE_BATCH = 32
+# Dynamic batching by default on a GPU only: there a run costs about the same for 1
+# image or 32 (2.6x the throughput of 16 clients on an H200). On the CPU a run costs
+# per image, so batching buys no throughput and cost a one-image query ~5 ms of
+# waiting and hand-offs (docs/benchmarks.md).
+AUTO_GPU_BATCH = 32
 # gRPC reports a call without a deadline as ~9.2e18 s remaining.
 NO_DEADLINE_S = 1e9
 
@@ -29,8 +34,9 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
         config, path = model_repo.load(settings.model_repository, settings.model)
         self.model = Model(config, path, settings.intra_op_threads, settings.max_batch, settings.gpu_fp16)
         self._max_batch = settings.max_batch
-        batching = settings.preferred_batch > 1 and settings.max_queue_delay_ms > 0
-        self.batcher = Batcher(self.model.embed_tensor, settings.preferred_batch, settings.max_queue_delay_ms / 1e3,
+        preferred = settings.preferred_batch or (AUTO_GPU_BATCH if self.model.fixed_batch else 1)
+        batching = preferred > 1 and settings.max_queue_delay_ms > 0
+        self.batcher = Batcher(self.model.embed_tensor, preferred, settings.max_queue_delay_ms / 1e3,
                                settings.max_queue) if batching else None
         # Dialled on the first EmbedSlide only: a channel connects lazily.
         self._tiler_channel = channel(settings.tiler_target)
