@@ -16,7 +16,7 @@ query, at --tiles synthetic vectors added straight to the index (+ the slide)
   - the parts alone, for the breakdown: Embed RPC, index Search RPC, Redis GET.
 
     .venv/bin/python bench/overhead.py [--keep DIR] [--rounds 2] [--tiles 100000] [--queries 40] [--part ingest,query]
-        [--ingests N] [--skip-loop]
+        [--ingests N] [--skip-loop] [--keep-index DIR]
 
 Services take their other settings from SMILY_* variables (bench/gpu.sh sets readers and workers).
 """
@@ -268,13 +268,16 @@ def synthetic(n: int, dim: int) -> np.ndarray:
     return out
 
 
-def p50(fn, queries: int) -> float:
-    lat = []
+def interleaved_p50(cases: dict, queries: int) -> dict[str, float]:
+    """p50 ms of each case, the cases taking turns query by query, so load
+    from elsewhere on the machine falls on all of them alike."""
+    lat: dict[str, list[float]] = {name: [] for name in cases}
     for i in range(queries):
-        t0 = time.perf_counter()
-        fn(i)
-        lat.append(time.perf_counter() - t0)
-    return statistics.median(lat) * 1000
+        for name, fn in cases.items():
+            t0 = time.perf_counter()
+            fn(i)
+            lat[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(v) * 1000 for name, v in lat.items()}
 
 
 def query_part(args, stack: Stack) -> None:
@@ -291,7 +294,8 @@ def query_part(args, stack: Stack) -> None:
     model_id = index.GetIndexInfo(index_pb2.GetIndexInfoRequest()).model_id
     vectors = synthetic(args.tiles, 1280)
     t0 = time.perf_counter()
-    for s in range(0, args.tiles, PER_SLIDE):
+    have = index.GetIndexInfo(index_pb2.GetIndexInfoRequest()).tile_count
+    for s in range(0, args.tiles if have < args.tiles else 0, PER_SLIDE):  # a kept index has them
         v = vectors[s:s + PER_SLIDE]
         slide_id = f"bench-{s // PER_SLIDE:03d}"
         rects = [index_pb2.TileRect(x=(i % 100) * 448, y=(i // 100) * 448, width=448, height=448, mpp=1.0)
@@ -323,6 +327,8 @@ def query_part(args, stack: Stack) -> None:
         bare, want = faiss.IndexFlatIP(1280), k
         bare.add(vectors)
 
+    faiss.omp_set_num_threads(1)  # one query: one thread is faster, as in the service (index/ann.py)
+
     def bare_search(q: np.ndarray):
         _, ids = bare.search(q[None], want)
         ids = ids[0][ids[0] >= 0]
@@ -346,31 +352,35 @@ def query_part(args, stack: Stack) -> None:
         return bare_search(q)
 
     pngs = [fresh(i) for i in range(queries)]  # encoded beforehand: not part of either side
+    more = [fresh(i) for i in range(queries)]  # the same images' twins for the one-process side
     q_vec = model.embed_tensor(model.preprocess([images.decode(fixed)]))[0]
-    rows = {}
     client.search(image=fixed, k=k)  # warm: channels, model id, cache entry
-    rows["gateway, uncached"] = p50(lambda i: client.search(image=pngs[i], k=k), queries)
-    rows["gateway, cached"] = p50(lambda i: client.search(image=fixed, k=k), queries)
-    pngs = [fresh(i) for i in range(queries)]
-    rows["one process: decode + embed + search"] = p50(
-        lambda i: bare_search(model.embed_tensor(model.preprocess([images.decode(pngs[i])]))[0]), queries)
-    rows["one process: search alone"] = p50(lambda i: bare_search(q_vec), queries)
-    rows["one process: decode + preprocess"] = p50(lambda i: model.preprocess([images.decode(pngs[i])]), queries)
-    rows["one process: inference, batch 1"] = p50(lambda i: model.embed_tensor(model.preprocess(
-        [images.decode(fixed)])), queries)
     embedder = embedder_pb2_grpc.EmbedderServiceStub(channel(stack.targets["embedder"]))
-    rows["Embed RPC of the PNG (embedder process)"] = p50(
-        lambda i: embedder.Embed(embedder_pb2.EmbedRequest(images=[types_pb2.Image(data=pngs[i])])), queries)
     query = to_tensor(q_vec)
-    rows["index Search RPC, k=10 (index process)"] = p50(
-        lambda i: index.Search(index_pb2.SearchRequest(model_id=model_id, query=query, k=k)), queries)
-    r = redis.Redis.from_url(stack.redis_url)
-    r.set("bench", q_vec.tobytes())
-    rows["Redis GET of an embedding"] = p50(lambda i: r.get("bench"), queries)
+    r = redis.Redis.from_url(stack.redis_url) if stack.redis_url else None
+    if r is not None:
+        r.set("bench", q_vec.tobytes())
+    extra = [fresh(i) for i in range(queries)]
+    cases = {
+        "gateway, uncached": lambda i: client.search(image=pngs[i], k=k),
+        "one process: decode + embed + search": lambda i: bare_search(
+            model.embed_tensor(model.preprocess([images.decode(more[i])]))[0]),
+        "gateway, cached": lambda i: client.search(image=fixed, k=k),
+        "one process: search alone": lambda i: bare_search(q_vec),
+        "one process: decode + preprocess": lambda i: model.preprocess([images.decode(more[i])]),
+        "one process: inference, batch 1": lambda i: model.embed_tensor(model.preprocess([images.decode(fixed)])),
+        "Embed RPC of the PNG (embedder process)": lambda i: embedder.Embed(
+            embedder_pb2.EmbedRequest(images=[types_pb2.Image(data=extra[i])])),
+        "index Search RPC, k=10 (index process)": lambda i: index.Search(
+            index_pb2.SearchRequest(model_id=model_id, query=query, k=k)),
+    }
+    if r is not None:
+        cases["Redis GET of an embedding"] = lambda i: r.get("bench")
+    rows = interleaved_p50(cases, queries)
     client.close()
     unc, cached = rows["gateway, uncached"], rows["gateway, cached"]
     one, search = rows["one process: decode + embed + search"], rows["one process: search alone"]
-    print(f"\n| query, p50 of {queries} (one client) | ms |")
+    print(f"\n| query, p50 of {queries} (one client, the cases taking turns) | ms |")
     print("| --- | ---: |")
     for name, ms in rows.items():
         print(f"| {name} | {ms:.1f} |")
@@ -388,6 +398,7 @@ def main() -> int:
     ap.add_argument("--part", default="ingest,query")
     ap.add_argument("--ingests", type=int, default=1, help="concurrent ingests (and embedder clients)")
     ap.add_argument("--skip-loop", action="store_true", help="leave out the plain loop (GPU runs)")
+    ap.add_argument("--keep-index", help="index folder kept between runs (its synthetic tiles are not added again)")
     args = ap.parse_args()
     slides = args.keep or tempfile.mkdtemp(prefix="smily-overhead-")
     os.makedirs(slides, exist_ok=True)
@@ -396,7 +407,7 @@ def main() -> int:
         t0 = time.perf_counter()
         write_slide(slide_path)
         print(f"slide written in {time.perf_counter() - t0:.0f} s")
-    index_dir = tempfile.mkdtemp(prefix="smily-overhead-index-")
+    index_dir = args.keep_index or tempfile.mkdtemp(prefix="smily-overhead-index-")
     print(f"load average before: {os.getloadavg()[0]:.2f} (2 cores)")
     stack = Stack(slides, index_dir, args.ivf_threshold)
     try:
@@ -406,7 +417,8 @@ def main() -> int:
             query_part(args, stack)
     finally:
         stack.stop()
-        shutil.rmtree(index_dir, ignore_errors=True)
+        if not args.keep_index:
+            shutil.rmtree(index_dir, ignore_errors=True)
         if not args.keep:
             shutil.rmtree(slides, ignore_errors=True)
     print(f"load average after: {os.getloadavg()[0]:.2f}")
