@@ -6,10 +6,12 @@ SMILY := $(VENV)/bin/smily
 PROTOS := $(shell find protos -name '*.proto')
 MODEL := models/efficientnet-lite0/1/model.onnx
 SAMPLES := data/samples/.done
+# The viewer's browser libraries (npm, pinned by package-lock.json; served from node_modules).
+WEB := services/http/vendor/node_modules/.installed
 
-.PHONY: all venv proto model sample-data demo test bench up down clean
+.PHONY: all venv proto model web sample-data demo test bench up down clean up-cluster system-deps check buf-baseline
 
-all: proto model
+all: proto model web
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -25,6 +27,12 @@ model: $(MODEL)
 $(MODEL): $(VENV)/.installed smily/models/export.py
 	$(SMILY) model export --output-dir models
 
+web: $(WEB)
+$(WEB): services/http/vendor/package.json services/http/vendor/package-lock.json
+	@command -v npm >/dev/null || { echo "npm is missing: apt-get install -y nodejs npm"; exit 1; }
+	cd services/http/vendor && npm ci --no-audit --no-fund --ignore-scripts
+	touch $@
+
 sample-data: $(SAMPLES)
 $(SAMPLES): $(VENV)/.installed smily/synthetic.py
 	$(SMILY) sample-data --output-dir data/samples
@@ -33,21 +41,50 @@ $(SAMPLES): $(VENV)/.installed smily/synthetic.py
 demo: proto model sample-data
 	$(SMILY) demo --slides data/samples
 
-test: proto model
+test: system-deps proto model web check
 	$(PY) -m pytest -q
+
+# What the tests need from the system (redis-server, ...): installed when root, else named.
+system-deps:
+	tools/system-deps.sh
+
+# Quality gates, run by `make test` (hence CI); CONTRIBUTING.md says what each holds.
+BUF := tools/node_modules/.bin/buf
+# `ruff format --check` goes on (FORMAT_CHECK = yes) once the tree has been formatted.
+FORMAT_CHECK ?= no
+check: system-deps proto $(BUF)
+	$(PY) -m ruff check .
+	if [ "$(FORMAT_CHECK)" = yes ]; then $(PY) -m ruff format --check .; fi
+	$(PY) tools/namespace.py mypy
+	$(PY) tools/namespace.py lint-imports
+	$(BUF) lint
+	$(BUF) breaking --against protos/buf-baseline.binpb
+
+# buf from npm, pinned by tools/package-lock.json.
+$(BUF): tools/package.json tools/package-lock.json
+	cd tools && npm ci --no-audit --no-fund --ignore-scripts
+	touch $@
+
+# At a release: the protos as released, the baseline of `buf breaking` until the next one.
+buf-baseline: $(BUF)
+	$(BUF) build --exclude-source-info -o protos/buf-baseline.binpb
 
 # Every bench/*.py is a standalone benchmark that prints its figures.
 bench: proto model
 	set -e; for b in bench/*.py; do echo "== $$b"; $(PY) $$b; done
 
-up: proto model sample-data
+up: proto model web sample-data
 	$(SMILY) up
 
 down:
 	$(SMILY) down
 
+# Index cluster on a local PostgreSQL: SHARDS x REPLICAS index processes.
+up-cluster: system-deps proto model sample-data
+	$(SMILY) up --shards $(or $(SHARDS),2) --replicas $(or $(REPLICAS),2)
+
 clean:
-	rm -rf $(VENV) models data/samples var build
+	rm -rf $(VENV) models data/samples var build services/http/vendor/node_modules tools/node_modules
 	find protos -name '*_pb2*.py*' -delete
 
 # Container images for Kubernetes (deploy/docker/, deploy/k8s/). Needs a
@@ -56,6 +93,11 @@ clean:
 IMAGE_BUILDER ?= docker
 IMAGE_PREFIX ?= localhost/smily
 IMAGE_TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+
+# The base's generated Secret values (Redis password, cache HMAC key); kept if present.
+.PHONY: k8s-secrets
+k8s-secrets:
+	$(PYTHON) -m smily.k8s_secrets
 
 .PHONY: images
 images:

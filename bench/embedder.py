@@ -16,23 +16,20 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 import threading
 import time
 import warnings
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from smily.embedder.v1 import embedder_pb2, embedder_pb2_grpc  # noqa: E402
-from smily.types.v1 import types_pb2  # noqa: E402
-from smily import stack  # noqa: E402
-from smily.common.channels import channel  # noqa: E402
-from smily.common.config import Settings  # noqa: E402
-from smily.embedder import model_repo  # noqa: E402
-from smily.models.quantize import quantize, synthetic_tiles  # noqa: E402
-from smily.embedder.runtime import Model  # noqa: E402
+from smily import stack
+from smily.common.channels import channel
+from smily.common.config import Settings
+from smily.embedder import model_repo
+from smily.embedder.runtime import Model
+from smily.embedder.v1 import embedder_pb2, embedder_pb2_grpc
+from smily.models.quantize import quantize, synthetic_tiles
+from smily.types.v1 import types_pb2
 
 REPO = "models"
 FP32 = "efficientnet-lite0/1"
@@ -52,7 +49,7 @@ def rate(fn, images_per_call: int, min_s: float = 3.0, max_calls: int = 50) -> f
 
 def settings(**changes) -> Settings:
     return dataclasses.replace(Settings(), bind_host="127.0.0.1", embedder_port=0, metrics_port=0,
-                               model_repository=REPO, **changes)
+                               model_repository=REPO, plaintext=True, **changes)
 
 
 def raw(tile: np.ndarray) -> types_pb2.Image:
@@ -69,10 +66,10 @@ def onnx_vs_torch(model: Model, tiles) -> None:
     print("1. ONNX Runtime vs PyTorch eager (FP32, images/s)")
     for batch in (1, 8, 32):
         x = model.preprocess(tiles[:batch])
-        ort_rate = rate(lambda: model.session.run(None, {"images": x}), batch)
+        ort_rate = rate(lambda x=x: model.session.run(None, {"images": x}), batch)
         xt = torch.from_numpy(x)
         with torch.no_grad():
-            torch_rate = rate(lambda: module(xt), batch, max_calls=10)
+            torch_rate = rate(lambda xt=xt: module(xt), batch, max_calls=10)
         print(f"   batch {batch:>2}: onnxruntime {ort_rate:7.1f}  pytorch {torch_rate:7.1f}  "
               f"({ort_rate / torch_rate:.1f}x)")
 
@@ -153,7 +150,7 @@ def int8_vs_fp32(fp32: Model, tiles) -> None:
         version = "1-int8" if fp32_convs == DEFAULT_FP32_CONVS else f"1-int8-fp32convs{fp32_convs}"
         config = quantize(REPO, FP32, version=version, fp32_convs=fp32_convs)
         int8 = Model(*model_repo.load(REPO, config.model_id))
-        r8 = rate(lambda: int8.session.run(None, {"images": x}), 32)
+        r8 = rate(lambda m=int8: m.session.run(None, {"images": x}), 32)
         vb = np.concatenate([int8.embed_tensor(int8.preprocess(tiles[i:i + 32])) for i in range(0, len(tiles), 32)])
         b = top10(vb)
         recall = np.mean([len(set(a[i]) & set(b[i])) / 10 for i in range(len(tiles))])
@@ -178,8 +175,8 @@ def gpu_vs_cpu(model: Model, tiles) -> None:
           f"parity over {len(x)} tiles: min cosine {cos.min():.6f}, max |diff| {np.abs(a - b).max():.2e}")
     for batch in (1, 32, 128):
         xb = {config.input_name: x[:batch]}
-        gpu_rate = rate(lambda: model.session.run(None, xb), batch)
-        cpu_rate = rate(lambda: cpu.run(None, xb), batch, max_calls=20)
+        gpu_rate = rate(lambda xb=xb: model.session.run(None, xb), batch)
+        cpu_rate = rate(lambda xb=xb: cpu.run(None, xb), batch, max_calls=20)
         print(f"   batch {batch:>3}: {model.provider} {gpu_rate:8.1f}  CPU {cpu_rate:7.1f}  ({gpu_rate / cpu_rate:.1f}x)")
     pre = rate(lambda: model.preprocess(tiles[:128]), 128)
     print(f"   preprocessing (CPU, one thread, raw RGB -> normalised tensor): {pre:.1f} images/s")

@@ -11,15 +11,13 @@ import shutil
 import sys
 import tempfile
 
+from smily.client import Client
+from smily.common import logs
+from smily.common.config import Settings
+from smily.evaluation import evaluate_manifest, synthetic_benchmark
+from smily.localstack import local_stack
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from smily.client import Client  # noqa: E402
-from smily.common import logs  # noqa: E402
-from smily.common.config import Settings  # noqa: E402
-from smily.evaluation import evaluate_manifest, synthetic_benchmark  # noqa: E402
-from smily.localstack import local_stack  # noqa: E402
-
 CMU = os.path.join(ROOT, "tests", "data", "cmu_small_region.svs")
 OUT = os.path.join(ROOT, "var", "eval-bench")
 

@@ -25,18 +25,16 @@ import numpy as np
 import prometheus_client as prom
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from smily.index.v1 import index_pb2, index_pb2_grpc  # noqa: E402
-from smily.tiler.v1 import tiler_pb2, tiler_pb2_grpc  # noqa: E402
-from smily.types.v1 import types_pb2  # noqa: E402
-from smily import stack  # noqa: E402
-from smily.client import Client  # noqa: E402
-from smily.common.channels import channel  # noqa: E402
-from smily.common.config import Settings  # noqa: E402
-from smily.common.tensors import to_tensor  # noqa: E402
-from smily.localstack import start_redis  # noqa: E402
-from smily.synthetic import SlideSpec, write_samples  # noqa: E402
+from smily import stack
+from smily.client import Client
+from smily.common.channels import channel
+from smily.common.config import Settings
+from smily.common.tensors import to_tensor
+from smily.index.v1 import index_pb2, index_pb2_grpc
+from smily.localstack import start_redis
+from smily.synthetic import SlideSpec, write_samples
+from smily.tiler.v1 import tiler_pb2, tiler_pb2_grpc
+from smily.types.v1 import types_pb2
 
 MODELS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models")
 SLIDE = SlideSpec("bench-slide.svs", "svs", 4096, 3072, 0.5, 7)
@@ -103,7 +101,7 @@ def main() -> int:
     settings = dataclasses.replace(
         Settings(), gateway_port=0, tiler_port=0, embedder_port=0, index_port=0, metrics_port=0,
         slide_roots=(os.path.join(tmp, "slides"),), model_repository=MODELS, index_dir=os.path.join(tmp, "index"),
-        redis_url=url, log_level="WARNING", index_ivf_threshold=args.ivf_threshold)
+        redis_url=url, log_level="WARNING", index_ivf_threshold=args.ivf_threshold, plaintext=True, auth="none")
     running, settings = stack.start(stack.ORDER, settings)
     client = Client(f"127.0.0.1:{settings.gateway_port}", timeout=120)
     try:

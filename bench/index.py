@@ -17,15 +17,13 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import sys
 import tempfile
 import time
 
 import faiss
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from smily.index import ann  # noqa: E402
+from smily.index import ann
 
 CHUNK = 50_000
 
@@ -83,7 +81,7 @@ def main() -> None:
         t0 = time.perf_counter()
         _, truth = exact.search(queries, k)
         batch_exact = args.queries / (time.perf_counter() - t0)
-        exact_qps = single_query_qps(lambda q: exact.search(q, k), queries[: args.timed_exact])
+        exact_qps = single_query_qps(lambda q, flat=exact: flat.search(q, k), queries[: args.timed_exact])
         print(f"exact: {exact_qps:.2f} q/s single query, {batch_exact:.1f} q/s in one batch of {args.queries}; "
               f"{exact.ntotal * d * 4 / n:.0f} B/vector")
         del exact
@@ -114,7 +112,7 @@ def main() -> None:
             for rerank in (0, 200, 1000, 2000):
                 got = [ann_search(q[None], nprobe, rerank) for q in queries]
                 recall = np.mean([len(set(g) & set(t)) / k for g, t in zip(got, truth)])
-                qps = single_query_qps(lambda q: ann_search(q, nprobe, rerank), queries)
+                qps = single_query_qps(lambda q, p=nprobe, r=rerank: ann_search(q, p, r), queries)
                 print(f"| {nprobe} | {rerank or 'none'} | {recall:.3f} | {qps:.0f} | {qps / exact_qps:.0f} |")
         print(f"projection (codes+ids grow linearly, centroids {ann.nlist(index) * d * 4 / 1e6:.1f} MB): "
               f"10M -> {bytes_per_vector * 1e7 / 2**30:.2f} GiB, 100M -> {bytes_per_vector * 1e8 / 2**30:.2f} GiB; "

@@ -25,9 +25,8 @@ import time
 
 import numpy as np
 from PIL import Image
-from smily.types.v1 import types_pb2
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from smily.types.v1 import types_pb2
 
 WIDTH, HEIGHT, MPP, TILE, PERIOD = 40_000, 30_000, 0.25, 256, 2048
 GLASS = np.array([246, 244, 246], np.uint8)
@@ -76,7 +75,7 @@ def free_port() -> int:
 
 def start_tiler(root: str, port: int) -> subprocess.Popen:
     env = dict(os.environ, SMILY_SLIDE_ROOTS=root, SMILY_TILER_PORT=str(port), SMILY_METRICS_PORT="0",
-               SMILY_LOG_LEVEL="WARNING")
+               SMILY_LOG_LEVEL="WARNING", SMILY_PLAINTEXT="1")
     return subprocess.Popen([sys.executable, "-m", "smily.cli", "serve", "tiler"], env=env,
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -92,9 +91,9 @@ def main() -> None:
     import grpc
     import openslide
 
-    from smily.tiler.v1 import tiler_pb2, tiler_pb2_grpc
     from smily.common import memory
     from smily.tiler import tiling
+    from smily.tiler.v1 import tiler_pb2, tiler_pb2_grpc
 
     # The service's own malloc settings, for the client and the naive loop alike.
     memory.keep_large_buffers()

@@ -1,20 +1,52 @@
 """A small client of the public gateway API, used by the CLI and the demo."""
 from __future__ import annotations
 
+import os
 import time
 
 import grpc
 
-from smily.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from smily.common.channels import channel
+from smily.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 DONE = (gateway_pb2.OPERATION_STATE_SUCCEEDED, gateway_pb2.OPERATION_STATE_FAILED,
         gateway_pb2.OPERATION_STATE_CANCELLED)
 
 
+def credentials(tls_ca: str = "", token: str = "", cert_file: str = "",
+                key_file: str = "") -> grpc.ChannelCredentials | None:
+    """TLS verified with the CA in tls_ca (plus a client certificate when the
+    gateway demands one) and the bearer token on every call; None = plaintext."""
+    if not tls_ca:
+        if token:
+            raise ValueError("a token is only sent over TLS: give the gateway's CA (--tls-ca / SMILY_TLS_CA_FILE)")
+        return None
+    with open(tls_ca, "rb") as fh:
+        ca = fh.read()
+    key = cert = None
+    if cert_file and key_file:
+        with open(key_file, "rb") as fh:
+            key = fh.read()
+        with open(cert_file, "rb") as fh:
+            cert = fh.read()
+    creds = grpc.ssl_channel_credentials(ca, key, cert)
+    if token:
+        creds = grpc.composite_channel_credentials(creds, grpc.access_token_call_credentials(token))
+    return creds
+
+
 class Client:
-    def __init__(self, target: str, timeout: float = 60.0):
-        self._channel = channel(target)
+    """tls_ca, token, cert_file, key_file: see credentials(); they default to
+    SMILY_TLS_CA_FILE, SMILY_TOKEN, SMILY_TLS_CERT_FILE and SMILY_TLS_KEY_FILE."""
+
+    def __init__(self, target: str, timeout: float = 60.0, *, tls_ca: str | None = None, token: str | None = None,
+                 cert_file: str | None = None, key_file: str | None = None):
+        env = os.environ
+        self._channel = channel(target, credentials(
+            env.get("SMILY_TLS_CA_FILE", "") if tls_ca is None else tls_ca,
+            env.get("SMILY_TOKEN", "") if token is None else token,
+            env.get("SMILY_TLS_CERT_FILE", "") if cert_file is None else cert_file,
+            env.get("SMILY_TLS_KEY_FILE", "") if key_file is None else key_file))
         self.stub = gateway_pb2_grpc.GatewayServiceStub(self._channel)
         self.timeout = timeout
 
@@ -24,11 +56,16 @@ class Client:
             source=source, slide_id=slide_id, metadata=metadata or {}, slide_mpp=slide_mpp),
             timeout=self.timeout).operation
 
+    def ingest_case(self, accession_number: str, archive: str = "", slide_ids: dict | None = None,
+                    metadata: dict | None = None) -> gateway_pb2.Operation:
+        return self.stub.IngestCase(gateway_pb2.IngestCaseRequest(
+            accession_number=accession_number, archive=archive, slide_ids=slide_ids or {},
+            metadata=metadata or {}), timeout=self.timeout).operation
+
     def wait(self, op: gateway_pb2.Operation, on_progress=None, poll_s: float = 0.2) -> gateway_pb2.Operation:
         while op.state not in DONE:
             time.sleep(poll_s)
-            op = self.stub.GetOperation(gateway_pb2.GetOperationRequest(operation_id=op.operation_id),
-                                        timeout=self.timeout).operation
+            op = self.operation(op.operation_id)
             if on_progress:
                 on_progress(op)
         return op
@@ -87,6 +124,10 @@ class Client:
     def delete_concept(self, name: str) -> None:
         self.stub.DeleteConcept(gateway_pb2.DeleteConceptRequest(name=name), timeout=self.timeout)
 
+    def operation(self, operation_id: str) -> gateway_pb2.Operation:
+        return self.stub.GetOperation(gateway_pb2.GetOperationRequest(operation_id=operation_id),
+                                      timeout=self.timeout).operation
+
     def cancel(self, operation_id: str) -> gateway_pb2.Operation:
         return self.stub.CancelOperation(gateway_pb2.CancelOperationRequest(operation_id=operation_id),
                                          timeout=self.timeout).operation
@@ -118,7 +159,8 @@ def example(e) -> gateway_pb2.Example:
 
 def hit_dict(hit: gateway_pb2.Hit) -> dict:
     return {"slide_id": hit.slide_id, "x": hit.x, "y": hit.y, "width": hit.width, "height": hit.height,
-            "mpp": round(hit.mpp, 4), "score": round(float(hit.score), 4), "metadata": dict(hit.metadata)}
+            "mpp": round(hit.mpp, 4), "score": round(float(hit.score), 4), "metadata": dict(hit.metadata),
+            **{k: getattr(hit, k) for k in ("study_instance_uid", "series_instance_uid", "viewer_url") if getattr(hit, k)}}
 
 
 def is_unavailable(exc: grpc.RpcError) -> bool:

@@ -11,14 +11,14 @@ import os
 import sys
 import time
 
-from smily.tiler.v1 import tiler_pb2, tiler_pb2_grpc
-from smily.types.v1 import types_pb2
-from smily.cli import print_hits
 from smily.client import Client
 from smily.common import logs
 from smily.common.channels import channel
 from smily.common.config import Settings
 from smily.localstack import local_stack
+from smily.output import print_hits
+from smily.tiler.v1 import tiler_pb2, tiler_pb2_grpc
+from smily.types.v1 import types_pb2
 
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".mrxs", ".bif", ".dcm")
 
@@ -74,7 +74,7 @@ def _ingest_and_search(settings: Settings, names: list[str], t0: float) -> int:
     print(f"\nquery: region {region['x']},{region['y']},{size},{size} of {region['slide_id']}")
     t = time.perf_counter()
     resp = client.search(region=region, k=5)
-    print_hits(resp, as_json=False)
+    print_hits(resp)
     print(f"  ({(time.perf_counter() - t) * 1000:.0f} ms)")
     t = time.perf_counter()
     resp = client.search(region=region, k=5)
@@ -85,7 +85,7 @@ def _ingest_and_search(settings: Settings, names: list[str], t0: float) -> int:
         encoding=types_pb2.IMAGE_ENCODING_PNG)).image.data
     print(f"\nquery: the same patch uploaded as a {len(png) // 1024} KiB PNG")
     resp = client.search(image=png, k=5)
-    print_hits(resp, as_json=False)
+    print_hits(resp)
     _step("searched", t0)
     client.close()
     return 0

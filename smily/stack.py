@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from smily.common import server
 from smily.common.config import Settings
@@ -29,15 +30,18 @@ def start(names, settings: Settings) -> tuple[dict[str, server.RunningServer], S
     gateway is pointed at the backends started here. Returns the servers and
     the settings with the real ports filled in."""
     running: dict[str, server.RunningServer] = {}
+    if settings.health_port and len(set(names)) > 1:
+        raise ValueError("SMILY_HEALTH_PORT serves one service per process; unset it for `serve all`")
+    server.warn_if_plaintext(settings)
     try:
         for name in sorted(set(names), key=ORDER.index):
             reg = _registration(name, settings)
             srv = server.start([reg], settings.bind_host, getattr(settings, f"{name}_port"),
                                max_concurrent_rpcs=settings.max_concurrent_rpcs,
-                               worker_threads=settings.worker_threads)
+                               worker_threads=settings.worker_threads, **server.security(settings, name))
             srv.servicer = reg.servicer
             running[name] = srv
-            updates = {f"{name}_port": srv.port}
+            updates: dict[str, Any] = {f"{name}_port": srv.port}
             if name != "gateway":
                 updates[f"{name}_target"] = f"{_dial_host(settings.bind_host)}:{srv.port}"
             settings = dataclasses.replace(settings, **updates)

@@ -190,6 +190,21 @@ def write_slide(spec: SlideSpec, path: str, level0: np.ndarray | None = None) ->
         tif.write(macro, subfiletype=9, description=f"Aperio Image Library vSMILY-synthetic\r\nmacro {macro.shape[1]}x{macro.shape[0]}", photometric="rgb", compression="jpeg", metadata=None)
 
 
+# A slide that takes a while to ingest (for trying out cancel): one rendered block
+# repeated BIG_REPEAT x BIG_REPEAT times, so writing it stays cheap.
+BIG_SLIDE, BIG_REPEAT = SlideSpec("big.svs", "svs", 2048, 2048, 1.0, 7), 4
+
+
+def write_big(output_dir: str) -> str:
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, BIG_SLIDE.name)
+    level0 = np.tile(render(BIG_SLIDE), (BIG_REPEAT, BIG_REPEAT, 1))
+    spec = SlideSpec(BIG_SLIDE.name, BIG_SLIDE.flavour, level0.shape[1], level0.shape[0], BIG_SLIDE.mpp, BIG_SLIDE.seed)
+    write_slide(spec, path + ".tmp", level0)
+    os.replace(path + ".tmp", path)
+    return path
+
+
 def write_samples(output_dir: str, specs=DEFAULT_SLIDES) -> list[str]:
     os.makedirs(output_dir, exist_ok=True)
     paths = []

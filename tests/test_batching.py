@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
-from smily.embedder.v1 import embedder_pb2, embedder_pb2_grpc
-from smily.types.v1 import types_pb2
 from smily import stack
 from smily.common.channels import channel
 from smily.common.tensors import from_tensor
+from smily.embedder.v1 import embedder_pb2, embedder_pb2_grpc
+from smily.types.v1 import types_pb2
 
 from .conftest import base_settings
 from .test_embedder import patch

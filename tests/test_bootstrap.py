@@ -8,12 +8,12 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from smily.index.v1 import index_pb2, index_pb2_grpc
-from smily.types.v1 import types_pb2
 from smily import stack
 from smily.common import server
 from smily.common.config import Settings
+from smily.index.v1 import index_pb2, index_pb2_grpc
 from smily.localstack import free_port
+from smily.types.v1 import types_pb2
 
 from .conftest import base_settings, rpc_code
 
@@ -26,9 +26,24 @@ def test_every_service_reports_serving(settings):
         for service in ("", full):
             status = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
             assert status == health_pb2.HealthCheckResponse.SERVING, (name, service)
-        refl = reflection_pb2_grpc.ServerReflectionStub(ch)
-        reply = next(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
-        assert full in {s.name for s in reply.list_services_response.service}
+
+
+def _list_services(target: str):
+    refl = reflection_pb2_grpc.ServerReflectionStub(grpc.insecure_channel(target))
+    reply = next(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+                                           timeout=5))
+    return {s.name for s in reply.list_services_response.service}
+
+
+def test_reflection_is_off_unless_asked_for(settings, tmp_path):
+    with pytest.raises(grpc.RpcError) as info:
+        _list_services(settings.index_target)
+    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    running, s = stack.start(["index"], base_settings(index_dir=str(tmp_path), reflection=True))
+    try:
+        assert "smily.index.v1.IndexService" in _list_services(s.index_target)
+    finally:
+        stack.stop(running, 0)
 
 
 def test_errors_are_canonical_not_unknown(settings):

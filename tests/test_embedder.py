@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from smily.embedder.v1 import embedder_pb2, embedder_pb2_grpc
-from smily.types.v1 import types_pb2
 from smily.common.channels import channel
 from smily.common.tensors import from_tensor
 from smily.embedder.model_repo import load
 from smily.embedder.preprocess import Preprocessor
 from smily.embedder.runtime import Model
+from smily.embedder.v1 import embedder_pb2, embedder_pb2_grpc
+from smily.types.v1 import types_pb2
 
 from .conftest import rpc_code
 

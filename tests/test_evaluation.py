@@ -152,9 +152,9 @@ def test_eval_beats_random_on_synthetic_benchmark(eval_stack, tmp_path, capsys):
     assert result["warnings"] == []
 
     tissue = result["columns"]["tissue"]
-    # Fat is mostly empty cells: the tiler's tissue detector drops those tiles, so no query.
-    assert set(tissue["classes"]) == {"stroma", "lymphocytes", "glands", "tumour"}, tissue["classes"]
-    assert tissue["slides"] == 5 and result["regions_without_tiles"] >= tissue["classes"].get("fat", 0)
+    # Fat (mostly empty cells between thin membranes) is tissue to the detector too, so it yields queries.
+    assert set(tissue["classes"]) == {"stroma", "lymphocytes", "glands", "tumour", "fat"}, tissue["classes"]
+    assert tissue["slides"] == 5
     m = tissue["methods"]
     assert set(m) == {"deployed", "exact", "colour-texture", "random"}
     assert set(m["deployed"]) == {"P@1", "P@5", "P@10", "Acc@5", "mMV@5"}
@@ -189,6 +189,8 @@ def test_eval_robustness_on_real_slide(eval_stack, tmp_path, capsys):
     assert result["columns"] == {}
     assert any("no label columns" in w for w in result["warnings"])
     assert result["robustness"]["per_slide"]["cmu"]["identity"] == 1.0
+    # The synthetic slides are in the index too; the deployed search was kept to the manifest's.
+    assert any("restricted to the manifest's slides" in w for w in result["warnings"])
     assert "robustness" in capsys.readouterr().out
 
 

@@ -14,8 +14,8 @@ import uuid
 import grpc
 import numpy as np
 
-from smily.index.v1 import index_pb2, index_pb2_grpc
 from smily.common.tensors import to_tensor
+from smily.index.v1 import index_pb2, index_pb2_grpc
 
 from .conftest import ROOT
 
@@ -32,7 +32,7 @@ def free_port() -> int:
 
 def start(index_dir: str, port: int) -> subprocess.Popen:
     env = dict(os.environ, SMILY_INDEX_PORT=str(port), SMILY_INDEX_DIR=index_dir, SMILY_METRICS_PORT="0",
-               SMILY_INDEX_SNAPSHOT_INTERVAL_S="0.2", SMILY_LOG_LEVEL="WARNING")
+               SMILY_INDEX_SNAPSHOT_INTERVAL_S="0.2", SMILY_LOG_LEVEL="WARNING", SMILY_PLAINTEXT="1")
     return subprocess.Popen([sys.executable, "-m", "smily.cli", "serve", "index"], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from smily.index.v1 import index_pb2, index_pb2_grpc
 from smily import stack
 from smily.common.channels import channel
-from smily.gateway.shards import ShardedIndex, shard_of
 from smily.common.tensors import to_tensor
+from smily.gateway.shards import ShardedIndex, shard_of
+from smily.index.v1 import index_pb2, index_pb2_grpc
 
 from .conftest import base_settings, rpc_code
 

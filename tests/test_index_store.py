@@ -1,4 +1,5 @@
-"""The index store: staging, atomic replace, model binding, durability."""
+"""The index over each storage backend (SQLite, PostgreSQL): staging, atomic replace, model binding,
+durability, idempotent commits."""
 from __future__ import annotations
 
 import sqlite3
@@ -8,9 +9,19 @@ import pytest
 
 from smily.common.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
 from smily.index.faiss_index import TileIndex
+from smily.index.pg_store import PgStorage
 from smily.index.storage import Slide, Tile
 
+from .pg import fresh_database, postgres  # noqa: F401 (fixture)
+
 MODEL = "m/1"
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def make(request, tmp_path):
+    """Opens a TileIndex in tmp_path over the backend; every call on one test's database."""
+    url = fresh_database(request.getfixturevalue("postgres")) if request.param == "postgres" else ""
+    return lambda: TileIndex(str(tmp_path), storage=PgStorage(url) if url else None)
 
 
 def vecs(n, dim=8, seed=0):
@@ -27,8 +38,8 @@ def put(store, slide_id, vectors, generation="g1", offset=0):
     return store.commit_slide(MODEL, generation, Slide(slide_id, f"{slide_id}.svs", {"k": slide_id}), len(vectors))
 
 
-def test_staged_tiles_are_invisible_until_commit(tmp_path):
-    store = TileIndex(str(tmp_path))
+def test_staged_tiles_are_invisible_until_commit(make):
+    store = make()
     v = vecs(5)
     store.stage(MODEL, "a", "g1", v, tiles(5))
     assert store.search(MODEL, v[0], 3) == []
@@ -37,23 +48,23 @@ def test_staged_tiles_are_invisible_until_commit(tmp_path):
     assert hits[0].slide_id == "a" and hits[0].tile.x == 20 and hits[0].score == pytest.approx(1.0, abs=1e-5)
 
 
-def test_recommit_replaces_and_survives_restart(tmp_path):
-    store = TileIndex(str(tmp_path))
+def test_recommit_replaces_and_survives_restart(make):
+    store = make()
     put(store, "a", vecs(5, seed=1))
     put(store, "b", vecs(3, seed=2))
     _, replaced = put(store, "a", vecs(4, seed=3), generation="g2")
     assert replaced == 5
     assert store.counts() == (7, 2)
     store.close()
-    reopened = TileIndex(str(tmp_path))
+    reopened = make()
     assert reopened.counts() == (7, 2)
     assert reopened.model_id == MODEL and reopened.dim == 8
     hit = reopened.search(MODEL, vecs(4, seed=3)[1], 1)[0]
     assert (hit.slide_id, hit.tile.x, hit.metadata) == ("a", 10, {"k": "a"})
 
 
-def test_model_binding(tmp_path):
-    store = TileIndex(str(tmp_path))
+def test_model_binding(make):
+    store = make()
     put(store, "a", vecs(2))
     with pytest.raises(FailedPrecondition):
         store.stage("other/1", "b", "g", vecs(2), tiles(2))
@@ -63,8 +74,8 @@ def test_model_binding(tmp_path):
         store.stage(MODEL, "b", "g", vecs(2, dim=4), tiles(2))
 
 
-def test_incomplete_generation_is_not_published(tmp_path):
-    store = TileIndex(str(tmp_path))
+def test_incomplete_generation_is_not_published(make):
+    store = make()
     put(store, "a", vecs(3))
     store.stage(MODEL, "a", "g2", vecs(2, seed=5), tiles(2))
     with pytest.raises(Aborted):
@@ -72,8 +83,8 @@ def test_incomplete_generation_is_not_published(tmp_path):
     assert store.counts() == (3, 1)  # the old version still serves
 
 
-def test_retried_batch_is_not_duplicated(tmp_path):
-    store = TileIndex(str(tmp_path))
+def test_retried_batch_is_not_duplicated(make):
+    store = make()
     v = vecs(4)
     store.stage(MODEL, "a", "g1", v, tiles(4))
     store.stage(MODEL, "a", "g1", v, tiles(4))
@@ -81,8 +92,8 @@ def test_retried_batch_is_not_duplicated(tmp_path):
     assert store.counts() == (4, 1)
 
 
-def test_exclude_delete_and_pages(tmp_path):
-    store = TileIndex(str(tmp_path))
+def test_exclude_delete_and_pages(make):
+    store = make()
     for i, name in enumerate("abcde"):
         put(store, name, vecs(2, seed=i))
     q = vecs(2, seed=0)[0]
@@ -120,9 +131,9 @@ def test_stated_resolution_is_kept_and_old_indexes_gain_the_column(tmp_path):
     assert {s.slide_id: s.slide_mpp for s in listed} == {"a": 0, "b": 0.25}
 
 
-def test_retried_commit_is_success(tmp_path):
+def test_retried_commit_is_success(make):
     """A CommitSlide retried after a lost reply finds its generation committed: success, nothing changes."""
-    store = TileIndex(str(tmp_path))
+    store = make()
     put(store, "a", vecs(3, seed=1))
     slide, replaced = put(store, "a", vecs(4, seed=2), generation="g2")
     seq = store.info()["journal_seq"]

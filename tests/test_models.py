@@ -14,14 +14,14 @@ import pytest
 import torch
 from PIL import Image
 
-from smily.embedder.v1 import embedder_pb2, embedder_pb2_grpc
-from smily.index.v1 import index_pb2, index_pb2_grpc
-from smily.types.v1 import types_pb2
 from smily import stack
 from smily.common.channels import channel
 from smily.common.tensors import from_tensor, to_tensor
 from smily.embedder.model_repo import load
 from smily.embedder.preprocess import Preprocessor
+from smily.embedder.v1 import embedder_pb2, embedder_pb2_grpc
+from smily.index.v1 import index_pb2, index_pb2_grpc
+from smily.types.v1 import types_pb2
 
 from . import backbones
 from .conftest import ROOT, TEST_SLIDES, base_settings, rpc_code

@@ -8,10 +8,10 @@ import grpc
 import pytest
 import redis
 
-from smily.gateway.v1 import gateway_pb2
 from smily import stack
 from smily.client import Client
 from smily.gateway.operations import STALE_S
+from smily.gateway.v1 import gateway_pb2
 
 from .conftest import CMU, TEST_SLIDES, rpc_code
 

@@ -6,10 +6,10 @@ import os
 import grpc
 import pytest
 
+from smily.common.channels import channel
 from smily.gateway.v1 import gateway_pb2
 from smily.tiler.v1 import tiler_pb2, tiler_pb2_grpc
 from smily.types.v1 import types_pb2
-from smily.common.channels import channel
 
 from .conftest import CMU, TEST_SLIDES, rpc_code, streamed_tiles
 

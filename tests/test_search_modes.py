@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from smily.gateway.v1 import gateway_pb2
 from smily import stack
 from smily.client import Client
+from smily.gateway.v1 import gateway_pb2
 
 from .conftest import CMU, TEST_SLIDES, rpc_code
 

@@ -8,10 +8,10 @@ import grpc
 import pytest
 import tifffile
 
-from smily.gateway.v1 import gateway_pb2
-from smily.tiler.v1 import tiler_pb2, tiler_pb2_grpc
 from smily.common.channels import channel
+from smily.gateway.v1 import gateway_pb2
 from smily.synthetic import SlideSpec, render
+from smily.tiler.v1 import tiler_pb2, tiler_pb2_grpc
 
 from .conftest import rpc_code, streamed_tiles
 

@@ -10,14 +10,14 @@ import openslide
 import pytest
 from PIL import Image
 
-from smily.tiler.v1 import tiler_pb2, tiler_pb2_grpc
-from smily.types.v1 import types_pb2
 from smily.common.channels import channel
 from smily.common.errors import InvalidArgument, NotFound
+from smily.synthetic import FAKE_PHI, SlideSpec, write_slide
 from smily.tiler import tiling
 from smily.tiler.server import MESSAGE_BYTES
 from smily.tiler.slides import SlideRoots
-from smily.synthetic import FAKE_PHI, SlideSpec, write_slide
+from smily.tiler.v1 import tiler_pb2, tiler_pb2_grpc
+from smily.types.v1 import types_pb2
 
 from .conftest import CMU, TEST_SLIDES, rpc_code, streamed_tiles
 

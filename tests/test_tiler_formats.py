@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from smily.tiler.v1 import tiler_pb2, tiler_pb2_grpc
-from smily.types.v1 import types_pb2
 from smily.common.channels import channel
 from smily.synthetic import SlideSpec, render
 from smily.tiler.tissue import tissue_mask
+from smily.tiler.v1 import tiler_pb2, tiler_pb2_grpc
+from smily.types.v1 import types_pb2
 
 from .conftest import CMU, TEST_SLIDES, streamed_tiles
 from .tiler_files import dicom_wsi

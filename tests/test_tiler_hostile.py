@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import tifffile
 
-from smily.tiler.v1 import tiler_pb2, tiler_pb2_grpc
-from smily.types.v1 import types_pb2
 from smily.common.channels import channel
 from smily.common.errors import InvalidArgument, Unavailable
-from smily.tiler.slides import SlideRoots
 from smily.synthetic import FAKE_PHI, SlideSpec, render, write_slide
+from smily.tiler.slides import SlideRoots
+from smily.tiler.v1 import tiler_pb2, tiler_pb2_grpc
 from smily.tiler.workers import WorkerPool
+from smily.types.v1 import types_pb2
 
 from .conftest import CMU, TEST_SLIDES, streamed_tiles
 from .tiler_files import fake_isyntax, huge_tile_tiff, jpeg_named, truncated_copy
@@ -55,8 +55,12 @@ def test_a_file_that_crashes_the_decoder_costs_one_reader_only(tiler, readers, s
     # The service keeps serving, on fresh readers.
     assert tiler.GetSlideInfo(tiler_pb2.GetSlideInfoRequest(slide=CMU)).info.width == 2220
     assert list(tiler.StreamTiles(tiler_pb2.StreamTilesRequest(slide=TEST_SLIDES[0].name)))
-    # Tiling it is refused before any decode: there is no small level for the tissue mask.
+    # Tiling it is refused before any decode: at 0.5 um/px its grid is over the tile cap, and
+    # at a coarse mpp there is no small level for the tissue mask.
     err = error_of(tiler.StreamTiles, tiler_pb2.StreamTilesRequest(slide="crash.tiff", slide_mpp=0.5))
+    assert err.code() == BAD and "tiles per slide" in err.details()
+    err = error_of(tiler.StreamTiles, tiler_pb2.StreamTilesRequest(
+        slide="crash.tiff", slide_mpp=0.5, params=tiler_pb2.TilingParams(mpp=1000)))
     assert err.code() == FAIL and "pyramidal" in err.details()
 
 
@@ -68,8 +72,8 @@ def test_a_read_that_hangs_is_stopped_and_the_reader_replaced(tmp_path, slide_di
         with pytest.raises(Unavailable, match="longer than 2 s"):
             pool.call("info", fifo)
         assert pool.replaced == 1
-        facts, mpp = pool.call("info", os.path.join(slide_dir, CMU))
-        assert facts["width"] == 2220 and abs(mpp - 0.499) < 1e-6
+        info, mpp = pool.call("info", os.path.join(slide_dir, CMU))
+        assert info.width == 2220 and abs(mpp - 0.499) < 1e-6
     finally:
         pool.close()
     # The service never gets that far: only regular files are slides.

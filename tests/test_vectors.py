@@ -7,9 +7,9 @@ import grpc
 import numpy as np
 import pytest
 
-from smily.gateway.v1 import gateway_pb2
 from smily.common.errors import InvalidArgument
 from smily.gateway import paging, vectors
+from smily.gateway.v1 import gateway_pb2
 
 
 def _unit_rows(rng, n, dim=32):
@@ -47,7 +47,9 @@ def test_mosaic_picks_one_real_tile_per_cluster():
 
 
 def test_rank_slides_uses_the_median_of_best_matches():
-    h = lambda s, score: NS(slide_id=s, score=score)  # noqa: E731
+    def h(s, score):
+        return NS(slide_id=s, score=score)
+
     per_tile = [
         [h("a", 0.9), h("a", 0.8), h("b", 0.7)],
         [h("b", 0.95), h("a", 0.6)],

@@ -2,7 +2,15 @@
 # SMILY gateway. Build from the repository root (`make images`):
 #   docker build -f deploy/docker/gateway.Dockerfile -t localhost/smily/gateway:0.1.0 .
 # Carries the Redis client: no OpenSlide, no torch, no ONNX Runtime, no FAISS.
+# The HTTP/JSON API and viewer run from the same image: `python -m smily.http`.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+ARG NODE_IMAGE=node:20-bookworm-slim
+
+# ---- web: the viewer's browser libraries, pinned by package-lock.json ----
+FROM ${NODE_IMAGE} AS web
+WORKDIR /web
+COPY services/http/vendor/package.json services/http/vendor/package-lock.json ./
+RUN npm ci --no-audit --no-fund --ignore-scripts
 
 # ---- build: gRPC stubs, the project's wheel and a venv of pinned deps ----
 FROM ${PYTHON_IMAGE} AS build
@@ -14,6 +22,7 @@ COPY pyproject.toml ./
 COPY protos/ protos/
 COPY services/ services/
 COPY smily/ smily/
+COPY --from=web /web/node_modules/ services/http/vendor/node_modules/
 RUN python -m grpc_tools.protoc -I protos --python_out=protos --grpc_python_out=protos $(find protos -name '*.proto') \
  && python -m pip wheel --no-deps --no-build-isolation -w /wheels .
 RUN python -m venv /opt/venv \
@@ -31,4 +40,6 @@ ENV PATH=/opt/venv/bin:$PATH \
     SMILY_BIND_HOST=0.0.0.0
 USER 10001:10001
 EXPOSE 50050 9100
+# smily.http
+EXPOSE 8080
 ENTRYPOINT ["python", "-m", "smily.gateway"]

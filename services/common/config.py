@@ -50,8 +50,8 @@ class Settings:
     intra_op_threads: int = 0
     max_batch: int = 64
     # Dynamic batching: concurrent requests are coalesced up to preferred_batch
-    # images or until the oldest has waited max_queue_delay_ms; 1 or 0 turns it
-    # off. At most max_queue images wait; more get RESOURCE_EXHAUSTED.
+    # images or until the oldest has waited max_queue_delay_ms; 1 turns it off.
+    # At most max_queue images wait; more get RESOURCE_EXHAUSTED.
     # 0 = automatic (issue 19): 32 on a GPU, off on the CPU, where a batch costs
     # per image anyway and waiting for company only adds latency.
     preferred_batch: int = 0
@@ -70,6 +70,10 @@ class Settings:
     # ANN candidates per hit re-scored exactly from the journal (<= 1: off).
     index_rerank: int = 100
     index_snapshot_interval_s: float = 300.0
+    # Cluster mode: postgresql://... makes this process a serving replica of shard
+    # index_shard, with PostgreSQL as the system of record (empty: SQLite in index_dir).
+    index_database_url: str = ""
+    index_shard: int = 0
 
     # Gateway.
     # redis://host:port/db; empty uses an in-process cache (one replica only).
@@ -86,8 +90,90 @@ class Settings:
     # Deadline for a downstream call when the caller gave none.
     backend_timeout_s: float = 30.0
 
+    # Issue 13: every request bounded.
+    # Largest uploaded image (width x height, read from its header before any decoding).
+    max_image_pixels: int = 4096 * 4096
+    # PNG/JPEG decodes one process runs at once (each holds up to 4 bytes per pixel).
+    image_decodes: int = 2
+    # Tiles one slide may be cut into (the grid, counted before any planning).
+    max_tiles_per_slide: int = 100_000
+    # Ingests waiting for a worker on one gateway; more get RESOURCE_EXHAUSTED.
+    max_queued_ingests: int = 32
+    # Whole-slide queries (SearchSlides) streaming a slide at once on one gateway.
+    max_slide_queries: int = 2
+    # RPCs one caller (caller.caller_of: token subject, else peer host) may have in flight on the gateway; 0 = no quota.
+    max_rpcs_per_caller: int = 32
+    # Trust boundary (issue 12).
+    # Plaintext gRPC without certificates: only for the local embedded run
+    # (`make demo`, `make up`, tests); otherwise a server without TLS refuses to start.
+    plaintext: bool = False
+    # PEM files, re-read when they change (cert-manager rotates them). The
+    # certificate is also the client certificate the gateway dials backends with.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    # CA that clients verify servers with and, under mTLS, servers verify clients with.
+    tls_ca_file: str = ""
+    # "require": servers demand a client certificate from the CA (mTLS); "none": they do not.
+    tls_client_auth: str = "none"
+    # Under mTLS, the certificate identities (SAN DNS/URI/IP or CN) the backends
+    # accept: the gateway's; the index accepts tls_index_clients too (tooling).
+    tls_backend_clients: tuple[str, ...] = ("smily-gateway",)
+    tls_index_clients: tuple[str, ...] = ("smily-tooling",)
+    # Plaintext port serving only the gRPC health service (kubelet's gRPC probes
+    # cannot speak TLS); 0 = off. One service per process when set.
+    health_port: int = 0
+    # gRPC server reflection, for debugging only.
+    reflection: bool = False
+    # Gateway callers: "oidc" (bearer tokens from the IdP) or "none" (local use only).
+    auth: str = "oidc"
+    oidc_issuer: str = ""
+    oidc_audience: str = ""
+    # Empty: the jwks_uri of {issuer}/.well-known/openid-configuration.
+    oidc_jwks_url: str = ""
+    # Claim holding the caller's roles; a dotted path reaches nested claims
+    # (Keycloak: realm_access.roles).
+    oidc_roles_claim: str = "roles"
+    # Audit trail: JSON lines appended to this file; empty = stdout (logger smily.audit).
+    audit_log: str = ""
+    # HMAC key authenticating cached values in Redis, shared by the gateway replicas
+    # (a Secret). Empty: a random key per process, so a replica trusts only its own writes.
+    cache_key: str = ""
+    # Redis password when SMILY_REDIS_URL carries none (kept apart so the URL can live in a ConfigMap).
+    redis_password: str = ""
+    # Issue 14 (PACS). Tiler: DICOMweb archives slides may be read from, ","-separated
+    # NAME=URL (e.g. pacs=https://pacs.example/dicom-web); a caller names only NAME.
+    dicomweb_url: tuple[str, ...] = ()
+    # File of one line per archive: "NAME basic USER:PASSWORD" or "NAME bearer TOKEN".
+    dicomweb_credentials_file: str = ""
+    # PEM CA bundle for the archives' TLS; empty: the system's.
+    dicomweb_ca: str = ""
+    # Per open series and reader process: decoded frames (and half that of encoded ones).
+    dicomweb_frame_cache_mb: int = 64
+    # Gateway: a link per hit for a viewer, e.g.
+    # https://viewer.example/?study={study}&series={series}&x={x}&y={y}&w={width}&h={height}
+    viewer_url_template: str = ""
+    # HTTP/JSON API and viewer (issues 14 and 18): `smily serve http`.
+    http_port: int = 8080
+    # The gateway it calls (it never dials a backend).
+    http_gateway_target: str = "127.0.0.1:50050"
+    # Largest request body accepted (JSON with base64 images, or multipart).
+    http_max_body_bytes: int = 32 * 1024 * 1024
+    # Deadline of one gateway call made for an HTTP request.
+    http_timeout_s: float = 120.0
+    # IIIF tiles kept in memory, per caller, for this many bytes and seconds.
+    http_tile_cache_bytes: int = 256 * 1024 * 1024
+    http_tile_cache_ttl_s: float = 300.0
+    # The viewer's login (OIDC authorization code + PKCE, public client); no issuer: no login.
+    viewer_oidc_issuer: str = ""
+    viewer_oidc_client_id: str = ""
+    viewer_oidc_scope: str = "openid"
+
+    # Issue 19: the embedder reads tiles from the tiler itself (EmbedSlide), so under
+    # mTLS the tiler accepts these identities too.
+    tls_tiler_clients: tuple[str, ...] = ("smily-embedder",)
+
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> "Settings":
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> Settings:
         env = os.environ if environ is None else environ
         values = {}
         for f in dataclasses.fields(cls):
@@ -99,7 +185,8 @@ class Settings:
 
 
 # Lists of network addresses cannot use ":".
-_SEPARATORS = {"index_targets": ","}
+_SEPARATORS = {"index_targets": ",", "tls_backend_clients": ",", "tls_index_clients": ",", "dicomweb_url": ",",
+               "tls_tiler_clients": ","}
 
 
 def _parse(f: dataclasses.Field, raw: str):

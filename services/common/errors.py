@@ -40,3 +40,23 @@ def require(condition: bool, message: str) -> None:
 
 class Aborted(ServiceError):
     code = grpc.StatusCode.ABORTED
+
+
+class DeadlineExceeded(ServiceError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Busy(ServiceError):
+    """RESOURCE_EXHAUSTED with a hint: the server sends `retry-after-s` in the trailers."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, retry_after_s: float = 1.0):
+        super().__init__(f"{message}; retry in about {retry_after_s:g} s")
+        self.retry_after_s = retry_after_s
+class Unauthenticated(ServiceError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(ServiceError):
+    code = grpc.StatusCode.PERMISSION_DENIED

@@ -1,8 +1,9 @@
 """The one server bootstrap every service uses.
 
 It gives each gRPC server the same things: the standard health service
-(NOT_SERVING until the servicers are built, and again while draining),
-reflection, canonical error mapping, Prometheus metrics, connection ageing
+(NOT_SERVING until the servicers are built, and again while draining; also
+on a plaintext health-only port for kubelet), TLS/mTLS, reflection when asked
+for, canonical error mapping, Prometheus metrics, connection ageing
 for Kubernetes load balancing, and a graceful stop on SIGTERM.
 """
 from __future__ import annotations
@@ -12,18 +13,19 @@ import signal
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterable
 from concurrent import futures
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import grpc
 import prometheus_client as prom
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from . import logs, memory, tracing
+from . import logs, memory, tls, tracing
+from .caller import caller_of
 from .config import Settings
-from .errors import ServiceError
+from .errors import Busy, ServiceError
 
 log = logging.getLogger("smily.server")
 
@@ -39,6 +41,12 @@ LATENCY = prom.Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
 IN_FLIGHT = prom.Gauge("smily_grpc_in_flight", "RPCs being handled", ["service"])
+REFUSED = prom.Counter("smily_grpc_refused_total", "RPCs refused by the concurrency limits", ["service", "limit"])
+
+# Never counted nor refused: probes must answer while the server is saturated.
+EXEMPT_SERVICES = (health.SERVICE_NAME,)
+# Threads beyond the RPC limit, so health checks and refusals always find one.
+SPARE_THREADS = 8
 
 SERVER_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -49,6 +57,38 @@ SERVER_OPTIONS = [
     ("grpc.max_connection_age_grace_ms", 60 * 1000),
     ("grpc.keepalive_time_ms", 60 * 1000),
 ]
+
+
+class Admission:
+    """Counts in-flight RPCs, in all and per caller, and refuses those over the limits."""
+
+    def __init__(self, limit: int, per_caller: int = 0):
+        self._limit, self._per_caller = limit, per_caller
+        self._lock = threading.Lock()
+        self._total = 0
+        self._by_caller: dict[str, int] = {}
+
+    def enter(self, service: str, context) -> str:
+        caller = caller_of(context) if self._per_caller else ""
+        with self._lock:
+            if self._total >= self._limit:
+                REFUSED.labels(service, "server").inc()
+                raise Busy(f"the {service} is at its limit of {self._limit} concurrent requests")
+            if self._per_caller and self._by_caller.get(caller, 0) >= self._per_caller:
+                REFUSED.labels(service, "caller").inc()
+                raise Busy(f"this caller has {self._per_caller} requests in flight, the most one caller may have")
+            self._total += 1
+            if self._per_caller:
+                self._by_caller[caller] = self._by_caller.get(caller, 0) + 1
+        return caller
+
+    def leave(self, caller: str) -> None:
+        with self._lock:
+            self._total -= 1
+            if self._per_caller:
+                left = self._by_caller.pop(caller) - 1
+                if left:
+                    self._by_caller[caller] = left
 
 
 def _status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -63,17 +103,22 @@ def _status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 
 
 class _Interceptor(grpc.ServerInterceptor):
-    """Maps exceptions to statuses and records metrics for every RPC."""
+    """Maps exceptions to statuses, records metrics and applies the concurrency
+    limits for every RPC but health checks."""
 
-    def __init__(self, service: str):
+    def __init__(self, service: str, admission: Admission):
         self._service = service
+        self._admission = admission
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
         if handler is None:
             return None
-        method = handler_call_details.method.rsplit("/", 1)[-1]
+        rpc_service, _, method = handler_call_details.method.lstrip("/").rpartition("/")
+        if rpc_service in EXEMPT_SERVICES:
+            return handler
         service = self._service
+        admission = self._admission
 
         def record(start: float, code: grpc.StatusCode) -> None:
             REQUESTS.labels(service, method, code.name).inc()
@@ -84,6 +129,8 @@ class _Interceptor(grpc.ServerInterceptor):
                 raise exc  # the handler already set its status
             code, message = _status_of(exc)
             record(start, code)
+            if isinstance(exc, Busy):
+                context.set_trailing_metadata((("retry-after-s", f"{exc.retry_after_s:g}"),))
             context.abort(code, message)
 
         if handler.unary_unary:
@@ -91,6 +138,10 @@ class _Interceptor(grpc.ServerInterceptor):
 
             def unary(request, context):
                 start = time.perf_counter()
+                try:
+                    caller = admission.enter(service, context)
+                except Busy as exc:
+                    fail(exc, context, start)
                 IN_FLIGHT.labels(service).inc()
                 try:
                     response = inner(request, context)
@@ -100,6 +151,7 @@ class _Interceptor(grpc.ServerInterceptor):
                     fail(exc, context, start)
                 finally:
                     IN_FLIGHT.labels(service).dec()
+                    admission.leave(caller)
 
             return grpc.unary_unary_rpc_method_handler(
                 unary, handler.request_deserializer, handler.response_serializer
@@ -109,6 +161,10 @@ class _Interceptor(grpc.ServerInterceptor):
 
             def stream(request, context):
                 start = time.perf_counter()
+                try:
+                    caller = admission.enter(service, context)
+                except Busy as exc:
+                    fail(exc, context, start)
                 IN_FLIGHT.labels(service).inc()
                 try:
                     yield from inner_stream(request, context)
@@ -117,6 +173,7 @@ class _Interceptor(grpc.ServerInterceptor):
                     fail(exc, context, start)
                 finally:
                     IN_FLIGHT.labels(service).dec()
+                    admission.leave(caller)
 
             return grpc.unary_stream_rpc_method_handler(
                 stream, handler.request_deserializer, handler.response_serializer
@@ -131,20 +188,28 @@ class Registration:
     name: str  # full proto service name, e.g. smily.tiler.v1.TilerService
     servicer: object
     add_to_server: Callable[[object, grpc.Server], None]
+    # The service's own interceptors (the gateway's auth, quota and audit), inside the shared one.
+    interceptors: tuple = ()
 
 
 class RunningServer:
-    def __init__(self, server: grpc.Server, health_servicer, port: int, names: list[str]):
+    def __init__(self, server: grpc.Server, health_servicer, port: int, names: list[str],
+                 health_server: grpc.Server | None = None, health_port: int = 0):
         self.server = server
         self.health = health_servicer
         self.port = port
         self.names = names
+        self.health_server = health_server
+        self.health_port = health_port
+        self.servicer: object = None  # smily.stack closes it after the server stops
 
     def stop(self, grace: float) -> None:
         # Health says NOT_SERVING first, so load balancers stop sending work,
         # then in-flight RPCs get `grace` seconds to finish.
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
+        if self.health_server is not None:
+            self.health_server.stop(0).wait()
 
 
 def start(
@@ -154,17 +219,30 @@ def start(
     *,
     max_concurrent_rpcs: int = 64,
     worker_threads: int = 16,
+    credentials: grpc.ServerCredentials | None = None,
+    allowed_clients: frozenset[str] | None = None,
+    health_port: int | None = None,
+    reflection_on: bool = False,
 ) -> RunningServer:
-    """Start a gRPC server with the given servicers; port 0 picks a free one."""
+    """Start a gRPC server with the given servicers; port 0 picks a free one.
+
+    At most max_concurrent_rpcs RPCs run at once (more get RESOURCE_EXHAUSTED),
+    counted by the interceptor rather than by grpc.server, so health checks
+    are outside the limit; the pool has threads to spare for them.
+    credentials: TLS (tls.server_credentials), None for plaintext. allowed_clients:
+    under mTLS, the client certificate identities accepted. health_port: also serve
+    the health service alone, in plaintext, on this port (0 picks one) for kubelet."""
     memory.keep_large_buffers()
     regs = list(registrations)
     label = regs[0].name.split(".")[1] if regs else "server"
     tracing.configure(label)  # once per process; off unless OTEL_* ask for an exporter
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=worker_threads, thread_name_prefix=label),
-        interceptors=[tracing.ServerInterceptor(), _Interceptor(label)],
+        futures.ThreadPoolExecutor(max_workers=max(worker_threads, max_concurrent_rpcs) + SPARE_THREADS,
+                                   thread_name_prefix=label),
+        interceptors=[tracing.ServerInterceptor(), _Interceptor(label, Admission(max_concurrent_rpcs))]
+        + ([tls.PeerCheck(allowed_clients)] if allowed_clients is not None else [])
+        + [i for r in regs for i in r.interceptors],
         options=SERVER_OPTIONS,
-        maximum_concurrent_rpcs=max_concurrent_rpcs,
     )
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -172,23 +250,55 @@ def start(
     for r in regs:
         r.add_to_server(r.servicer, server)
         health_servicer.set(r.name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    reflection.enable_server_reflection(names + [health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    if reflection_on:
+        reflection.enable_server_reflection(names + [health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    if credentials is None:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    else:
+        bound = server.add_secure_port(f"{host}:{port}", credentials)
     if bound == 0:
         raise OSError(f"cannot bind {host}:{port}")
+    health_server, health_bound = None, 0
+    if health_port is not None:
+        health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"{label}-health"))
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+        health_bound = health_server.add_insecure_port(f"{host}:{health_port}")
+        if health_bound == 0:
+            raise OSError(f"cannot bind {host}:{health_port}")
+        health_server.start()
     server.start()
     # Servicers are fully built (model loaded, index opened) before start().
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     for name in names:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("serving", extra={"services": names, "port": bound})
-    return RunningServer(server, health_servicer, bound, names)
+    for r in regs:
+        # Readiness (the service's name) may follow what the servicer depends on;
+        # liveness ("") stays the process's own.
+        watch = getattr(r.servicer, "watch_readiness", None)
+        if watch:
+            watch(lambda ready, name=r.name: health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING
+                                                                  if ready else health_pb2.HealthCheckResponse.NOT_SERVING))
+    log.info("serving", extra={"services": names, "port": bound, "tls": credentials is not None,
+                               "health_port": health_bound})
+    return RunningServer(server, health_servicer, bound, names, health_server, health_bound)
 
 
-def start_metrics(port: int) -> None:
+def security(settings: Settings, service: str) -> dict:
+    """start()'s TLS, client allow-list, health port and reflection from settings."""
+    return dict(credentials=tls.server_credentials(settings), allowed_clients=tls.allowed_clients(settings, service),
+                health_port=settings.health_port or None, reflection_on=settings.reflection)
+
+
+def warn_if_plaintext(settings: Settings) -> None:
+    """The one line a plaintext run prints at start."""
+    if not settings.tls_cert_file and settings.plaintext:
+        log.warning(tls.PLAINTEXT_WARNING)
+
+
+def start_metrics(port: int, host: str = "127.0.0.1") -> None:
     if port:
-        prom.start_http_server(port)
-        log.info("metrics endpoint", extra={"port": port})
+        prom.start_http_server(port, addr=host)
+        log.info("metrics endpoint", extra={"port": port, "host": host})
 
 
 def wait_for_signal(servers: list[RunningServer], grace: float) -> None:
@@ -210,11 +320,12 @@ def serve(name: str, registration: Callable[[Settings], Registration]) -> None:
     server on the service's port, and a graceful stop on SIGTERM."""
     settings = Settings.from_env()
     logs.setup(settings.log_level)
-    start_metrics(settings.metrics_port)
+    start_metrics(settings.metrics_port, settings.bind_host)
+    warn_if_plaintext(settings)
     reg = registration(settings)
     running = start([reg], settings.bind_host, getattr(settings, f"{name}_port"),
                     max_concurrent_rpcs=settings.max_concurrent_rpcs,
-                    worker_threads=settings.worker_threads)
+                    worker_threads=settings.worker_threads, **security(settings, name))
     wait_for_signal([running], settings.shutdown_grace_s)
     close = getattr(reg.servicer, "close", None)
     if close:

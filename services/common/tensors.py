@@ -7,7 +7,7 @@ from smily.types.v1 import types_pb2
 
 from .errors import InvalidArgument
 
-_DTYPES = {types_pb2.D_TYPE_FLOAT32: np.dtype("<f4"), types_pb2.D_TYPE_FLOAT16: np.dtype("<f2")}
+_DTYPES: dict[types_pb2.DType, np.dtype] = {types_pb2.D_TYPE_FLOAT32: np.dtype("<f4"), types_pb2.D_TYPE_FLOAT16: np.dtype("<f2")}
 _CODES = {v: k for k, v in _DTYPES.items()}
 
 

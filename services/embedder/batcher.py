@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import prometheus_client as prom
@@ -76,6 +76,7 @@ class Batcher:
         job.done.wait()
         if job.error is not None:
             raise job.error
+        assert job.result is not None  # a finished job holds a result or an error
         return job.result
 
     def _next_batch(self) -> list[_Job] | None:
@@ -90,7 +91,8 @@ class Batcher:
                 if left <= 0:
                     break
                 self._cv.wait(left)
-            batch, size = [], 0
+            batch: list[_Job] = []
+            size = 0
             # Whole requests, oldest first, up to the preferred size (at least one).
             while self._jobs and (not batch or size + len(self._jobs[0].tensor) <= self._preferred):
                 job = self._jobs.popleft()

@@ -136,7 +136,7 @@ def validate(onnx_path: str, config: ModelConfig) -> np.ndarray:
         raise FailedPrecondition(f"input {config.input_name!r} has a fixed batch of {declared[0]}; "
                                  f"export it with a dynamic batch axis")
     rng = np.random.default_rng(0)
-    out = None
+    out = np.empty((0, 0))
     for batch in (1, 2):
         x = rng.standard_normal(input_shape(config, batch)).astype(np.float32)
         try:

@@ -5,18 +5,20 @@ from __future__ import annotations
 import grpc
 import numpy as np
 
-from smily.embedder.v1 import embedder_pb2, embedder_pb2_grpc
-from smily.tiler.v1 import tiler_pb2, tiler_pb2_grpc
 from smily.common import images
 from smily.common.channels import channel
 from smily.common.config import Settings
 from smily.common.errors import require
 from smily.common.server import Registration
 from smily.common.tensors import to_tensor
+from smily.common.tls import channel_credentials
 from smily.common.tracing import span
+from smily.embedder.v1 import embedder_pb2, embedder_pb2_grpc
+from smily.tiler.v1 import tiler_pb2, tiler_pb2_grpc
 
 from . import model_repo
 from .batcher import BATCH_SIZE, Batcher
+from .preprocess import resize
 from .runtime import Model
 
 DEFAULT_SLIDE_BATCH = 32
@@ -31,6 +33,7 @@ NO_DEADLINE_S = 1e9
 
 class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
     def __init__(self, settings: Settings):
+        images.configure(settings.max_image_pixels, settings.image_decodes)
         config, path = model_repo.load(settings.model_repository, settings.model)
         self.model = Model(config, path, settings.intra_op_threads, settings.max_batch, settings.gpu_fp16)
         self._max_batch = settings.max_batch
@@ -39,15 +42,19 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
         self.batcher = Batcher(self.model.embed_tensor, preferred, settings.max_queue_delay_ms / 1e3,
                                settings.max_queue) if batching else None
         # Dialled on the first EmbedSlide only: a channel connects lazily.
-        self._tiler_channel = channel(settings.tiler_target)
+        # Under mTLS the tiler must accept this service's identity (SMILY_TLS_TILER_CLIENTS).
+        self._tiler_channel = channel(settings.tiler_target, channel_credentials(settings))
         self._tiler = tiler_pb2_grpc.TilerServiceStub(self._tiler_channel)
 
     def _embed_images(self, imgs) -> np.ndarray:
         decoded = []
+        size = self.model.preprocess.size
         with span("decode", images=len(imgs)):
             for i, img in enumerate(imgs):
                 try:
-                    decoded.append(images.decode(img.data, img.encoding, img.width, img.height))
+                    # Shrunk to the model's input at once: a request holds at most
+                    # one full-size decoded image, not max_batch of them.
+                    decoded.append(resize(images.decode(img.data, img.encoding, img.width, img.height), size))
                 except images.InvalidArgument as exc:
                     raise images.InvalidArgument(f"image {i}: {exc}") from None
         with span("preprocess"):

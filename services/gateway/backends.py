@@ -1,23 +1,124 @@
-"""Stubs to the three backends, with deadlines derived from the caller's."""
+"""Stubs to the three backends, with deadlines derived from the caller's, and
+one error vocabulary at the public boundary.
+
+Every backend call goes through a Backend wrapper that turns its failures
+into statuses that name the backend and never an address: UNAVAILABLE (down,
+overloaded), DEADLINE_EXCEEDED (too slow), INTERNAL (anything the gateway's
+own request caused). Only what the caller's input decided passes through as
+it is (an unknown slide stays NOT_FOUND, a region off the slide stays
+INVALID_ARGUMENT), per method below.
+"""
 from __future__ import annotations
 
-from smily.embedder.v1 import embedder_pb2_grpc
-from smily.index.v1 import index_pb2_grpc
-from smily.tiler.v1 import tiler_pb2_grpc
+import logging
+import uuid
+
+import grpc
+
 from smily.common.channels import channel
 from smily.common.config import Settings
+from smily.common.errors import DeadlineExceeded, ServiceError, Unavailable
+from smily.common.tls import channel_credentials
+from smily.embedder.v1 import embedder_pb2_grpc
+from smily.tiler.v1 import tiler_pb2_grpc
 
-from .shards import ShardedIndex
+from .shards import NoReplica, connect
+
+log = logging.getLogger("smily.gateway.backends")
+
+C = grpc.StatusCode
+# A backend's verdict on the caller's own input or on the state of the archive.
+_ALWAYS = {C.NOT_FOUND, C.FAILED_PRECONDITION, C.ABORTED}
+# Methods whose INVALID_ARGUMENT is about what the caller sent (a slide path,
+# a region, a concept name, a page token), not about the gateway's request.
+_CALLER_INPUT = {
+    "tiler": {"GetSlideInfo", "ReadRegion", "ListCaseSeries"},
+    "index": {"ListSlides", "PutConcept", "GetConcept", "DeleteConcept"},
+}
+
+
+class BackendError(ServiceError):
+    """A status the public boundary passes on as it is."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def translate(backend: str, method: str, exc: grpc.RpcError) -> ServiceError:
+    if isinstance(exc, NoReplica):  # names the shard, never an address
+        return Unavailable(str(exc))
+    code = exc.code() if hasattr(exc, "code") else C.UNKNOWN
+    if code in _ALWAYS or (code == C.INVALID_ARGUMENT and method in _CALLER_INPUT.get(backend, ())):
+        return BackendError(code, exc.details() or code.name)
+    if code == C.DEADLINE_EXCEEDED:
+        return DeadlineExceeded(f"the {backend} did not answer in time")
+    if code == C.UNAVAILABLE:
+        return Unavailable(f"the {backend} is unavailable; retry later")
+    if code == C.RESOURCE_EXHAUSTED:
+        return Unavailable(f"the {backend} is overloaded; retry later")
+    if code == C.CANCELLED:
+        return BackendError(code, f"the call to the {backend} was cancelled")
+    error_id = uuid.uuid4().hex[:12]
+    # The backend's own text may say more; it stays in the gateway's log.
+    log.error("backend error", extra={"backend": backend, "method": method, "code": code.name,
+                                      "details": exc.details(), "error_id": error_id})
+    return BackendError(C.INTERNAL, f"the {backend} failed (error id {error_id})")
+
+
+class _Stream:
+    """A server stream whose errors are translated; cancel() still stops it."""
+
+    def __init__(self, call, backend: str, method: str):
+        self._call, self._backend, self._method = call, backend, method
+
+    def __iter__(self):
+        try:
+            yield from self._call
+        except grpc.RpcError as exc:
+            raise translate(self._backend, self._method, exc) from None
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+
+class Backend:
+    """A stub (or ShardedIndex) whose every method translates its failures."""
+
+    def __init__(self, name: str, stub, streams: tuple[str, ...] = ()):
+        self._name, self._stub, self._streams = name, stub, streams
+
+    def __getattr__(self, method: str):
+        fn = getattr(self._stub, method)
+        name = self._name
+        if method in self._streams:
+            return lambda request, **kw: _Stream(fn(request, **kw), name, method)
+
+        def call(request, **kw):
+            try:
+                return fn(request, **kw)
+            except grpc.RpcError as exc:
+                raise translate(name, method, exc) from None
+
+        return call
 
 
 class Backends:
     def __init__(self, settings: Settings):
-        shards = settings.index_targets or (settings.index_target,)
-        self._channels = [channel(t) for t in (settings.tiler_target, settings.embedder_target, *shards)]
-        self.tiler = tiler_pb2_grpc.TilerServiceStub(self._channels[0])
-        self.embedder = embedder_pb2_grpc.EmbedderServiceStub(self._channels[1])
-        self.index = ShardedIndex([index_pb2_grpc.IndexServiceStub(c) for c in self._channels[2:]])
+        creds = channel_credentials(settings)
+        router, self._shards = connect(settings.index_targets or (settings.index_target,), creds)
+        self._router = router
+        self._tiler, self._embedder = channel(settings.tiler_target, creds), channel(settings.embedder_target, creds)
+        self.tiler = Backend("tiler", tiler_pb2_grpc.TilerServiceStub(self._tiler), streams=("StreamTiles",))
+        self.embedder = Backend("embedder", embedder_pb2_grpc.EmbedderServiceStub(self._embedder))
+        self.index = Backend("index", router)
         self.default_timeout = settings.backend_timeout_s
+
+    @property
+    def channels(self) -> dict[str, list[list[grpc.Channel]]]:
+        """Each backend's groups of interchangeable channels (the index: a
+        group of replicas per shard), for readiness."""
+        return {"tiler": [[self._tiler]], "embedder": [[self._embedder]], "index": self._shards}
 
     def timeout(self, context=None) -> float:
         """What is left of the caller's deadline, or the default when it set none."""
@@ -27,5 +128,6 @@ class Backends:
         return max(0.001, min(remaining, self.default_timeout))
 
     def close(self) -> None:
-        for ch in self._channels:
+        self._router.close()
+        for ch in (self._tiler, self._embedder, *(c for shard in self._shards for c in shard)):
             ch.close()

@@ -2,11 +2,16 @@
 
 Redis is only a cache: every error or timeout is a miss, the first one is
 logged, and a breaker skips Redis for a few seconds after a failure so a
-dead Redis costs queries nothing.
+dead Redis costs queries nothing. Redis is also not trusted: every value
+carries an HMAC over its key and bytes, and one that fails the check (written
+by anyone without SMILY_CACHE_KEY, or moved to another key) is a miss.
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
+import secrets
 import threading
 import time
 from collections import OrderedDict
@@ -19,6 +24,7 @@ log = logging.getLogger("smily.cache")
 
 LOOKUPS = prom.Counter("smily_cache_lookups_total", "Embedding cache lookups", ["result"])
 ERRORS = prom.Counter("smily_cache_errors_total", "Redis errors (cache misses, operations seen by one replica only)")
+REJECTED = prom.Counter("smily_cache_rejected_total", "Cached values that failed their HMAC check (served as misses)")
 
 BREAKER_OPEN_S = 5.0
 
@@ -62,9 +68,14 @@ class RedisGuard:
     the first one is logged, and a breaker skips Redis for a few seconds
     after a failure so a dead Redis costs callers nothing."""
 
-    def __init__(self, url: str, timeout_s: float):
+    def __init__(self, url: str, timeout_s: float, ca_file: str = "", password: str = ""):
+        # rediss:// is TLS; the suite's CA verifies the server unless the URL names its own.
+        options = {"ssl_ca_certs": ca_file} if url.startswith("rediss://") and ca_file and "ssl_ca_certs" not in url \
+            else {}
+        if password:  # a password in the URL wins
+            options["password"] = password
         self.client = redis.Redis.from_url(
-            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry_on_timeout=False
+            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry_on_timeout=False, **options
         )
         self._closed_until = 0.0
         self._failing = False
@@ -93,21 +104,37 @@ class RedisGuard:
 
 
 class RedisCache:
-    def __init__(self, redis: RedisGuard, ttl_s: int):
+    """Values are HMAC-SHA256(secret, len(key) | key | value) followed by the value."""
+
+    TAG = 32
+
+    def __init__(self, redis: RedisGuard, ttl_s: int, secret: bytes):
         self._ttl = ttl_s
         self._redis = redis
+        self._secret = secret
+
+    def _tag(self, key: str, value: bytes) -> bytes:
+        k = key.encode()
+        return hmac.new(self._secret, len(k).to_bytes(4, "big") + k + value, hashlib.sha256).digest()
 
     def get(self, key: str) -> np.ndarray | None:
         data = self._redis.call(lambda r: r.get(key))
+        if data and not hmac.compare_digest(data[:self.TAG], self._tag(key, data[self.TAG:])):
+            REJECTED.inc()
+            log.warning("cached value failed its HMAC check; treated as a miss")
+            data = None
         LOOKUPS.labels("hit" if data else "miss").inc()
-        return _unpack(data) if data else None
+        return _unpack(data[self.TAG:]) if data else None
 
     def put(self, key: str, vector: np.ndarray) -> None:
-        self._redis.call(lambda r: r.set(key, _pack(vector), ex=self._ttl))
+        value = _pack(vector)
+        self._redis.call(lambda r: r.set(key, self._tag(key, value) + value, ex=self._ttl))
 
 
-def make_cache(redis: RedisGuard | None, ttl_s: int):
+def make_cache(redis: RedisGuard | None, ttl_s: int, secret: str = ""):
     if redis is not None:
-        return RedisCache(redis, ttl_s)
+        if not secret:
+            log.warning("SMILY_CACHE_KEY is not set: a random key, so this replica trusts only its own cache writes")
+        return RedisCache(redis, ttl_s, secret.encode() if secret else secrets.token_bytes(32))
     log.warning("SMILY_REDIS_URL is not set: using an in-process cache and operations (fine for one replica only)")
     return LocalCache(ttl_s)

@@ -17,14 +17,15 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import prometheus_client as prom
 
+from smily.common.errors import Busy, FailedPrecondition, NotFound, ServiceError
 from smily.gateway.v1 import gateway_pb2
 from smily.index.v1 import index_pb2
 from smily.tiler.v1 import tiler_pb2
-from smily.common.errors import FailedPrecondition, NotFound, ServiceError
 
+from . import dicom
 from .backends import Backends
-from .streaming import embed_slide
 from .operations import FINISHED, HEARTBEAT_S, LocalOperations, SharedOperations, failed_unavailable
+from .streaming import check_tiling, embed_slide
 
 log = logging.getLogger("smily.ingest")
 
@@ -41,15 +42,20 @@ class Cancelled(Exception):
 
 class Ingestor:
     def __init__(self, backends: Backends, tiling: tiler_pb2.TilingParams, batch: int, workers: int,
-                 shared: SharedOperations | LocalOperations):
+                 shared: SharedOperations | LocalOperations, max_queued: int, max_tiles: int,
+                 case_key: str = "case_id"):
         self._b = backends
+        self._case_key = case_key
         self._tiling = tiling
         self._batch = batch
+        self._max_queued = max_queued
+        self._max_tiles = max_tiles
+        self._sources: dict[str, str] = {}  # operation id -> source, to tell ingests of one id apart
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ingest")
         self._lock = threading.Lock()
         self._ops: dict[str, gateway_pb2.Operation] = {}  # the operations this replica runs
         # The tile stream of each running ingest, so a cancel stops it at once.
-        self._streams: dict[str, object] = {}
+        self._streams: dict[str, grpc.Future] = {}
         self._shared = shared
         # Snapshots reach Redis in the order they were taken: a late heartbeat
         # never overwrites a finished state.
@@ -61,18 +67,23 @@ class Ingestor:
               slide_mpp: float = 0.0) -> gateway_pb2.Operation:
         # Validates the name and reads the fingerprint now, so bad input fails the call itself.
         info = self._b.tiler.GetSlideInfo(tiler_pb2.GetSlideInfoRequest(slide=source), timeout=timeout).info
-        if not slide_mpp and info.mpp_x <= 0:
-            raise FailedPrecondition(
-                "the slide does not record its resolution (microns per pixel); state it in the request's "
-                "slide_mpp (e.g. 0.25 for a 40x scan, 0.5 for 20x)")
-        slide_id = slide_id or default_slide_id(info.fingerprint, source)
+        check_tiling(info, slide_mpp, self._tiling, self._max_tiles)  # before anything is queued
+        slide_id = slide_id or info.dicom.series_instance_uid or default_slide_id(info.fingerprint, source)
+        # A DICOMweb series brings its identifiers; the caller's metadata wins.
+        metadata = {**dicom.slide_metadata(info.dicom, self._case_key), **metadata}
         with self._lock:
+            queued = 0
             for op in self._ops.values():
-                if op.slide_id == slide_id and op.state not in FINISHED and not op.cancel_requested:
-                    return _copy(op)  # the same slide is already on its way
+                if op.state not in FINISHED and not op.cancel_requested:
+                    if op.slide_id == slide_id and self._sources.get(op.operation_id) == source:
+                        return _copy(op)  # the same slide from the same file is already on its way
+                    queued += op.state == State.OPERATION_STATE_QUEUED
+            if queued >= self._max_queued:
+                raise Busy(f"{queued} ingests are waiting on this gateway, the most it queues", retry_after_s=60)
             op = gateway_pb2.Operation(operation_id=uuid.uuid4().hex, slide_id=slide_id,
                                        state=State.OPERATION_STATE_QUEUED, progress=gateway_pb2.IngestProgress())
             self._ops[op.operation_id] = op
+            self._sources[op.operation_id] = source
             self._trim()
         log.info("ingest queued", extra={"operation_id": op.operation_id, "slide_id": slide_id})
         snapshot = self._publish(op.operation_id)
@@ -159,6 +170,7 @@ class Ingestor:
         done = [k for k, o in self._ops.items() if o.state in FINISHED]
         for key in done[: max(0, len(self._ops) - MAX_OPERATIONS_KEPT)]:
             del self._ops[key]
+            self._sources.pop(key, None)
 
     def _run(self, op_id: str, source: str, slide_id: str, metadata: dict[str, str], slide_mpp: float) -> None:
         if self._shared.cancel_requested(op_id):  # cancelled on another replica while queued

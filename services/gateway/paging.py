@@ -30,8 +30,8 @@ def read_token(token: str, fp: str) -> int:
     if not token:
         return 0
     try:
-        offset, got = base64.urlsafe_b64decode(token.encode()).decode().split(":")
-        offset = int(offset)
+        text, got = base64.urlsafe_b64decode(token.encode()).decode().split(":")
+        offset = int(text)
     except Exception:
         raise InvalidArgument("page_token is not one this service issued") from None
     if got != fp or offset < 0:

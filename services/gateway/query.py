@@ -9,7 +9,8 @@ import threading
 import grpc
 import numpy as np
 
-from smily.common.errors import Aborted, FailedPrecondition, InvalidArgument, require
+from smily.common import images, limits
+from smily.common.errors import Aborted, Busy, FailedPrecondition, InvalidArgument, require
 from smily.common.tensors import from_tensor
 from smily.common.tracing import span
 from smily.embedder.v1 import embedder_pb2
@@ -20,7 +21,7 @@ from smily.types.v1 import types_pb2
 
 from . import vectors
 from .backends import Backends
-from .streaming import embed_slide
+from .streaming import check_tiling, embed_slide
 
 MAX_QUERY_IMAGE_BYTES = 32 * 1024 * 1024
 MAX_EXAMPLES = 32
@@ -29,12 +30,17 @@ DEFAULT_NEGATIVE_WEIGHT = 0.5
 
 
 class QueryEngine:
-    def __init__(self, backends: Backends, tiling: tiler_pb2.TilingParams, cache, batch: int, case_key: str):
+    def __init__(self, backends: Backends, tiling: tiler_pb2.TilingParams, cache, batch: int, case_key: str,
+                 max_slide_queries: int, max_tiles: int):
         self._b = backends
         self.tiling = tiling
         self._cache = cache
         self._batch = batch
         self._case_key = case_key
+        # Whole slides streamed and embedded at once for SearchSlides (cache misses).
+        self._slide_queries = threading.BoundedSemaphore(max(1, max_slide_queries))
+        self._max_slide_queries = max_slide_queries
+        self._max_tiles = max_tiles
         self._model_id, self._dim = "", 0
         self._model_lock = threading.Lock()
 
@@ -73,7 +79,7 @@ class QueryEngine:
             raise Aborted("the embedder's model changed during the query; retry")
 
     def _region_query(self, region: gateway_pb2.Region, context):
-        require(bool(region.slide_id), "region.slide_id is required")
+        limits.slide_id(region.slide_id, "region.slide_id")
         require(region.width > 0 and region.height > 0, "region width and height must be positive")
         require(region.x >= 0 and region.y >= 0, "region x and y must not be negative")
         timeout = self._b.timeout(context)
@@ -92,11 +98,16 @@ class QueryEngine:
 
     def _image_query(self, data: bytes, context):
         require(0 < len(data) <= MAX_QUERY_IMAGE_BYTES, "image must be 1 byte to 32 MiB of PNG or JPEG")
-        # The cache is asked first; on a miss the embedder decodes (and rejects) the bytes:
-        # nothing decodes them twice.
+
+        def checked() -> types_pb2.Image:
+            # A cache miss only: the header is checked (format, pixel limit)
+            # without decoding; the embedder decodes the image, once.
+            images.header(data)
+            return types_pb2.Image(data=data)
+
         try:
-            return self._embed(lambda: types_pb2.Image(data=data), hashlib.sha256(data).hexdigest(), context)
-        except grpc.RpcError as exc:
+            return self._embed(checked, hashlib.sha256(data).hexdigest(), context)
+        except grpc.RpcError as exc:  # bytes that passed the header check but do not decode
             if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
                 raise InvalidArgument(f"query image: {(exc.details() or '').removeprefix('image 0: ')}") from None
             raise
@@ -165,10 +176,17 @@ class QueryEngine:
         flat = self._cache.get(key)
         if flat is not None:
             return flat.reshape(-1, self._dim), model_id, True
-        chunks = []
-        for _, embeddings, got in embed_slide(self._b, source, t, slide_mpp, self._batch, timeout):
-            self._check_model(got, model_id)
-            chunks.append(from_tensor(embeddings))
+        check_tiling(info, slide_mpp, t, self._max_tiles)
+        if not self._slide_queries.acquire(blocking=False):
+            raise Busy(f"{self._max_slide_queries} whole-slide searches are running on this gateway, the most "
+                       "it runs at once", retry_after_s=10)
+        try:
+            chunks = []
+            for _, embeddings, got in embed_slide(self._b, source, t, slide_mpp, self._batch, timeout):
+                self._check_model(got, model_id)
+                chunks.append(from_tensor(embeddings))
+        finally:
+            self._slide_queries.release()
         if not chunks:
             raise InvalidArgument("the query slide has no tissue tiles at the archive's tiling parameters")
         tiles = np.concatenate(chunks)

@@ -1,26 +1,31 @@
 """GatewayService: the public API. Orchestrates ingest and search."""
 from __future__ import annotations
 
-import math
 from concurrent.futures import ThreadPoolExecutor
 
-
-from smily.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-from smily.index.v1 import index_pb2
-from smily.tiler.v1 import tiler_pb2
+from smily.common import images, limits
 from smily.common.config import Settings
 from smily.common.errors import InvalidArgument, require
 from smily.common.server import Registration
 from smily.common.tensors import to_tensor
+from smily.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from smily.index.v1 import index_pb2
+from smily.tiler.v1 import tiler_pb2
+from smily.types.v1 import types_pb2
 
-from . import paging, vectors
+from . import dicom, paging, vectors
 from .backends import Backends
 from .cache import RedisGuard, make_cache
+from .cases import CaseIngestor
+from .guard import Guard
 from .ingest import Ingestor
-from .query import QueryEngine
 from .operations import LocalOperations, SharedOperations
+from .query import QueryEngine
+from .readiness import Readiness
 
 DEFAULT_K = 10
+_ENCODINGS = {gateway_pb2.IMAGE_FORMAT_PNG: types_pb2.IMAGE_ENCODING_PNG,
+              gateway_pb2.IMAGE_FORMAT_JPEG: types_pb2.IMAGE_ENCODING_JPEG}
 DEFAULT_SLIDES, MAX_SLIDES = 10, 100
 DEFAULT_MOSAIC, MAX_MOSAIC = 16, 64
 DEFAULT_REGIONS, MAX_REGIONS = 3, 20
@@ -29,15 +34,28 @@ MOSAIC_TILE_K = 200
 DEFAULT_MAX_SIDE, MAX_SIDE = 1024, 4096
 
 
-def _hit(h: index_pb2.Hit) -> gateway_pb2.Hit:
-    return gateway_pb2.Hit(slide_id=h.slide_id, x=h.tile.x, y=h.tile.y, width=h.tile.width, height=h.tile.height,
-                           mpp=h.tile.mpp, score=h.score, metadata=h.metadata)
+def _hit(h: index_pb2.Hit, links: dicom.ViewerLinks) -> gateway_pb2.Hit:
+    t = h.tile
+    return gateway_pb2.Hit(slide_id=h.slide_id, x=t.x, y=t.y, width=t.width, height=t.height,
+                           mpp=t.mpp, score=h.score, metadata=h.metadata,
+                           study_instance_uid=h.metadata.get(dicom.STUDY, ""),
+                           series_instance_uid=h.metadata.get(dicom.SERIES, ""),
+                           viewer_url=links.link(h.slide_id, h.metadata, t.x, t.y, t.width, t.height))
 
 
-def _stated_mpp(value: float) -> float:
-    """A caller's slide_mpp: 0 (use the file's own) or a positive resolution."""
-    require(value >= 0 and math.isfinite(value), "slide_mpp must be 0 or a positive number of microns per pixel")
-    return value
+def _search_limits(request) -> None:
+    """The caller's strings and lists of a Search, checked before any backend is called."""
+    limits.filters(request.filters)
+    limits.slide_ids(request.slide_ids, "slide_ids")
+    limits.slide_ids(request.exclude_slide_ids, "exclude_slide_ids")
+    limits.text(request.page_token, "page_token", limits.MAX_TOKEN_CHARS)
+
+
+def _slide(s: index_pb2.Slide) -> gateway_pb2.Slide:
+    return gateway_pb2.Slide(slide_id=s.slide_id, metadata=s.metadata, tile_count=s.tile_count,
+                             model_id=s.model_id, indexed_at=s.indexed_at, slide_mpp=s.slide_mpp,
+                             study_instance_uid=s.metadata.get(dicom.STUDY, ""),
+                             series_instance_uid=s.metadata.get(dicom.SERIES, ""))
 
 
 def _concept(c: index_pb2.Concept) -> gateway_pb2.Concept:
@@ -48,31 +66,59 @@ def _concept(c: index_pb2.Concept) -> gateway_pb2.Concept:
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     def __init__(self, settings: Settings):
+        images.configure(settings.max_image_pixels, settings.image_decodes)
         self._b = Backends(settings)
+        self._readiness = Readiness(self._b.channels)
         tiling = tiler_pb2.TilingParams(
             mpp=settings.tile_mpp, tile_size=settings.tile_size, min_tissue_fraction=settings.min_tissue_fraction)
-        redis = RedisGuard(settings.redis_url, settings.redis_timeout_s) if settings.redis_url else None
-        self._q = QueryEngine(self._b, tiling, make_cache(redis, settings.cache_ttl_s), settings.embed_batch,
-                              settings.case_key)
+        redis = RedisGuard(settings.redis_url, settings.redis_timeout_s, settings.tls_ca_file,
+                           settings.redis_password) if settings.redis_url else None
+        self._q = QueryEngine(self._b, tiling, make_cache(redis, settings.cache_ttl_s, settings.cache_key),
+                              settings.embed_batch, settings.case_key, settings.max_slide_queries,
+                              settings.max_tiles_per_slide)
+        shared = SharedOperations(redis) if redis else LocalOperations()
         self._ingest = Ingestor(self._b, tiling, settings.embed_batch, settings.max_concurrent_ingests,
-                                SharedOperations(redis) if redis else LocalOperations())
+                                shared, settings.max_queued_ingests, settings.max_tiles_per_slide, settings.case_key)
+        self._cases = CaseIngestor(self._b, self._ingest, shared)
+        self._links = dicom.ViewerLinks(settings.viewer_url_template)
         # Fans a slide query's mosaic tiles out to the index.
         self._fanout = ThreadPoolExecutor(max_workers=8, thread_name_prefix="mosaic")
+
+    def watch_readiness(self, set_ready) -> None:
+        self._readiness.watch(set_ready)
 
     # -- ingest -------------------------------------------------------------
     def IngestSlide(self, request, context):
         require(bool(request.source), "source (the slide's path under the slide roots) is required")
-        op = self._ingest.start(request.source, request.slide_id, dict(request.metadata), self._b.timeout(context),
-                                _stated_mpp(request.slide_mpp))
+        limits.text(request.source, "source", limits.MAX_SOURCE_CHARS)
+        if request.slide_id:
+            limits.slide_id(request.slide_id)
+        op = self._ingest.start(request.source, request.slide_id, limits.metadata(request.metadata),
+                                self._b.timeout(context), limits.slide_mpp(request.slide_mpp))
         return gateway_pb2.IngestSlideResponse(operation=op)
 
+    def IngestCase(self, request, context):
+        require(bool(request.accession_number), "accession_number is required")
+        limits.text(request.accession_number, "accession_number", limits.MAX_ID_CHARS)
+        limits.text(request.archive, "archive", limits.MAX_ID_CHARS)
+        slide_ids = dict(request.slide_ids)
+        limits.slide_ids(slide_ids.values(), "slide_ids")
+        op = self._cases.start(request.accession_number, request.archive, slide_ids,
+                               limits.metadata(request.metadata), self._b.timeout(context))
+        return gateway_pb2.IngestCaseResponse(operation=op)
+
     def GetOperation(self, request, context):
-        return gateway_pb2.GetOperationResponse(operation=self._ingest.get(request.operation_id))
+        limits.text(request.operation_id, "operation_id", limits.MAX_TOKEN_CHARS)
+        op = self._cases.get(request.operation_id) or self._ingest.get(request.operation_id)
+        return gateway_pb2.GetOperationResponse(operation=op)
 
     def CancelOperation(self, request, context):
-        return gateway_pb2.CancelOperationResponse(operation=self._ingest.cancel(request.operation_id))
+        limits.text(request.operation_id, "operation_id", limits.MAX_TOKEN_CHARS)
+        op = self._cases.cancel(request.operation_id) or self._ingest.cancel(request.operation_id)
+        return gateway_pb2.CancelOperationResponse(operation=op)
 
     def Search(self, request, context):
+        _search_limits(request)
         k = request.k if request.HasField("k") else DEFAULT_K
         require(0 < k <= paging.MAX_K, f"k must be in 1..{paging.MAX_K}, got {k}")
         require(request.page_size >= 0, "page_size must not be negative")
@@ -86,17 +132,22 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         exclude_filters = self._q.query_case(request, context) if request.exclude_query_case else {}
         query = to_tensor(vector)
 
+        missing: set[int] = set()
+
         def search(n: int):
-            return self._b.index.Search(index_pb2.SearchRequest(
+            reply = self._b.index.Search(index_pb2.SearchRequest(
                 model_id=model_id, query=query, k=n, exclude_slide_ids=exclude, exclude_filters=exclude_filters,
-                slide_ids=request.slide_ids, filters=request.filters, nprobe=request.nprobe),
-                timeout=self._b.timeout(context)).hits
+                slide_ids=request.slide_ids, filters=request.filters, nprobe=request.nprobe,
+                allow_partial=request.partial), timeout=self._b.timeout(context))
+            missing.update(reply.missing_shards)
+            return reply.hits
 
         hits = paging.top_hits(search, k, request.max_hits_per_slide)
         end = len(hits) if request.page_size == 0 else min(len(hits), offset + request.page_size)
         token = paging.make_token(end, fp) if end < len(hits) else ""
         return gateway_pb2.SearchResponse(model_id=model_id, cached=cached, next_page_token=token,
-                                          hits=[_hit(h) for h in hits[offset:end]])
+                                          hits=[_hit(h, self._links) for h in hits[offset:end]],
+                                          partial=bool(missing), missing_shards=sorted(missing))
 
     def SearchSlides(self, request, context):
         k = request.k if request.HasField("k") else DEFAULT_SLIDES
@@ -108,39 +159,51 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         which = request.WhichOneof("query")
         exclude = []
         if which == "slide_id":
+            limits.slide_id(request.slide_id)
             slide = self._b.index.GetSlide(index_pb2.GetSlideRequest(slide_id=request.slide_id),
                                            timeout=self._b.timeout(context)).slide
             source, slide_mpp = slide.source, slide.slide_mpp
             if request.exclude_query_slide:
                 exclude.append(request.slide_id)
         elif which == "source":
-            source, slide_mpp = request.source, _stated_mpp(request.slide_mpp)
+            require(bool(request.source), "source (the slide's path under the slide roots) is required")
+            limits.text(request.source, "source", limits.MAX_SOURCE_CHARS)
+            source, slide_mpp = request.source, limits.slide_mpp(request.slide_mpp)
         else:
             raise InvalidArgument("a slide query needs a slide_id or a source")
         mosaic, model_id, cached = self._q.mosaic(source, slide_mpp, size, context)
 
+        missing: set[int] = set()
+
         def search(v):
-            return list(self._b.index.Search(index_pb2.SearchRequest(
-                model_id=model_id, query=to_tensor(v), k=MOSAIC_TILE_K, exclude_slide_ids=exclude),
-                timeout=self._b.timeout(context)).hits)
+            reply = self._b.index.Search(index_pb2.SearchRequest(
+                model_id=model_id, query=to_tensor(v), k=MOSAIC_TILE_K, exclude_slide_ids=exclude,
+                allow_partial=request.partial), timeout=self._b.timeout(context))
+            missing.update(reply.missing_shards)
+            return list(reply.hits)
 
         per_tile = list(self._fanout.map(search, mosaic))
         out = []
         for slide_id, score, found, hits in vectors.rank_slides(per_tile)[:k]:
-            regions, seen = [], set()
+            regions: list[gateway_pb2.Hit] = []
+            seen = set()
             for h in hits:
                 key = (h.tile.x, h.tile.y, h.tile.width)
                 if key not in seen and len(regions) < per_slide:
                     seen.add(key)
-                    regions.append(_hit(h))
-            out.append(gateway_pb2.SlideMatch(slide_id=slide_id, score=score, matched_mosaic_tiles=found,
-                                              regions=regions, metadata=hits[0].metadata))
-        return gateway_pb2.SearchSlidesResponse(slides=out, model_id=model_id, mosaic_size=len(mosaic), cached=cached)
+                    regions.append(_hit(h, self._links))
+            meta = hits[0].metadata
+            out.append(gateway_pb2.SlideMatch(
+                slide_id=slide_id, score=score, matched_mosaic_tiles=found, regions=regions, metadata=meta,
+                study_instance_uid=meta.get(dicom.STUDY, ""), series_instance_uid=meta.get(dicom.SERIES, ""),
+                viewer_url=regions[0].viewer_url if regions else self._links.link(slide_id, meta)))
+        return gateway_pb2.SearchSlidesResponse(slides=out, model_id=model_id, mosaic_size=len(mosaic), cached=cached,
+                                                partial=bool(missing), missing_shards=sorted(missing))
 
     # -- viewer support --------------------------------------------------------
     def ReadRegion(self, request, context):
         r = request.region
-        require(bool(r.slide_id), "region.slide_id is required")
+        limits.slide_id(r.slide_id, "region.slide_id")
         require(r.width > 0 and r.height > 0 and r.x >= 0 and r.y >= 0, "region needs x, y >= 0 and a positive size")
         max_side = request.max_side or DEFAULT_MAX_SIDE
         require(0 < max_side <= MAX_SIDE, f"max_side must be in 1..{MAX_SIDE}")
@@ -155,7 +218,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         if base > 0:  # coarsen so the longer side fits max_side
             mpp = max(mpp, max(r.width, r.height) * base / max_side)
         resp = self._b.tiler.ReadRegion(tiler_pb2.ReadRegionRequest(
-            slide=slide.source, x=r.x, y=r.y, width=r.width, height=r.height, mpp=mpp, encoding=fmt,
+            slide=slide.source, x=r.x, y=r.y, width=r.width, height=r.height, mpp=mpp, encoding=_ENCODINGS[fmt],
             slide_mpp=slide.slide_mpp), timeout=timeout)
         return gateway_pb2.ReadRegionResponse(image=resp.image.data, format=fmt, width=resp.image.width,
                                               height=resp.image.height, mpp=resp.mpp)
@@ -186,21 +249,31 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
 
     # -- catalogue -----------------------------------------------------------
     def ListSlides(self, request, context):
+        require(request.page_size >= 0, "page_size must not be negative")
+        limits.text(request.page_token, "page_token", limits.MAX_TOKEN_CHARS)
         resp = self._b.index.ListSlides(index_pb2.ListSlidesRequest(
             page_size=request.page_size, page_token=request.page_token), timeout=self._b.timeout(context))
         return gateway_pb2.ListSlidesResponse(
             next_page_token=resp.next_page_token,
-            slides=[gateway_pb2.Slide(slide_id=s.slide_id, metadata=s.metadata, tile_count=s.tile_count,
-                                      model_id=s.model_id, indexed_at=s.indexed_at, slide_mpp=s.slide_mpp)
-                    for s in resp.slides])
+            slides=[_slide(s) for s in resp.slides])
 
     def DeleteSlide(self, request, context):
-        require(bool(request.slide_id), "slide_id is required")
+        limits.slide_id(request.slide_id)
         resp = self._b.index.DeleteSlide(index_pb2.DeleteSlideRequest(slide_id=request.slide_id),
                                          timeout=self._b.timeout(context))
         return gateway_pb2.DeleteSlideResponse(deleted_tiles=resp.deleted_tiles)
 
+    def GetSlide(self, request, context):
+        limits.slide_id(request.slide_id)
+        timeout = self._b.timeout(context)
+        s = self._b.index.GetSlide(index_pb2.GetSlideRequest(slide_id=request.slide_id), timeout=timeout).slide
+        info = self._b.tiler.GetSlideInfo(tiler_pb2.GetSlideInfoRequest(slide=s.source), timeout=timeout).info
+        return gateway_pb2.GetSlideResponse(
+            slide=_slide(s), width=info.width, height=info.height, mpp=s.slide_mpp or info.mpp_x)
+
     def close(self) -> None:
+        self._readiness.close()
+        self._cases.close()
         self._ingest.close()
         self._fanout.shutdown(wait=False, cancel_futures=True)
         self._b.close()
@@ -211,4 +284,5 @@ def registration(settings: Settings) -> Registration:
         gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name,
         GatewayServicer(settings),
         gateway_pb2_grpc.add_GatewayServiceServicer_to_server,
+        interceptors=(Guard(settings),),
     )

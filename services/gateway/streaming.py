@@ -6,13 +6,31 @@ never pass through the gateway; it hands back tile rectangles and embeddings.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
+from smily.common import limits
+from smily.common.errors import FailedPrecondition
 from smily.embedder.v1 import embedder_pb2
 from smily.tiler.v1 import tiler_pb2
 from smily.types.v1 import types_pb2
 
 from .backends import Backends
+
+
+def check_tiling(info: tiler_pb2.SlideInfo, slide_mpp: float, tiling: tiler_pb2.TilingParams, max_tiles: int) -> None:
+    """Refuse, before any tile is planned or streamed, a slide whose resolution is
+    implausible or whose tile grid is over the cap (a wrong slide_mpp can turn
+    17 tiles into a million)."""
+    mpp = slide_mpp or info.mpp_x
+    if mpp <= 0:
+        raise FailedPrecondition(
+            "the slide does not record its resolution (microns per pixel); state it in the request's "
+            "slide_mpp (e.g. 0.25 for a 40x scan, 0.5 for 20x)")
+    if not limits.plausible_mpp(mpp):
+        raise FailedPrecondition(f"the slide records an implausible resolution ({mpp:g} microns per pixel); "
+                                 "state the right one in slide_mpp")
+    grid = limits.tile_grid(info.width, info.height, mpp, list(tiling.mpps) or [tiling.mpp], tiling.tile_size)
+    limits.tiles_per_slide(grid, max_tiles, mpp)
 
 
 def embed_slide(b: Backends, source: str, tiling: tiler_pb2.TilingParams, slide_mpp: float, batch: int,

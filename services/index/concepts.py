@@ -44,6 +44,25 @@ def check_name(name: str) -> None:
         raise InvalidArgument("a concept name is 1..64 of letters, digits, '.', '_' and '-'")
 
 
+def normalised(c: Concept) -> Concept:
+    """The concept checked, its vector made unit length and its time set; InvalidArgument if unfit."""
+    check_name(c.name)
+    if not c.model_id:
+        raise InvalidArgument("model_id is required")
+    v = np.asarray(c.vector, np.float32).reshape(-1)
+    norm = float(np.linalg.norm(v))
+    if not 0 < len(v) <= MAX_DIM or not np.isfinite(v).all() or norm == 0:
+        raise InvalidArgument("a concept vector must be non-zero and finite")
+    c.vector, c.created_at = v / norm, time.time()
+    return c
+
+
+def vector_bytes(c: Concept) -> bytes:
+    """A normalised concept's vector as stored."""
+    assert c.vector is not None, "normalised() sets it"
+    return c.vector.tobytes()
+
+
 class ConceptStore:
     def __init__(self, directory: str):
         os.makedirs(directory, exist_ok=True)
@@ -55,17 +74,10 @@ class ConceptStore:
         self._lock = threading.Lock()
 
     def put(self, c: Concept) -> Concept:
-        check_name(c.name)
-        if not c.model_id:
-            raise InvalidArgument("model_id is required")
-        v = np.asarray(c.vector, np.float32).reshape(-1)
-        norm = float(np.linalg.norm(v))
-        if not 0 < len(v) <= MAX_DIM or not np.isfinite(v).all() or norm == 0:
-            raise InvalidArgument("a concept vector must be non-zero and finite")
-        c.vector, c.created_at = v / norm, time.time()
+        c = normalised(c)
         with self._lock:
             self._db.execute("INSERT OR REPLACE INTO concepts VALUES (?, ?, ?, ?, ?, ?, ?)",
-                             (c.name, c.model_id, c.vector.tobytes(), c.with_examples, c.without_examples,
+                             (c.name, c.model_id, vector_bytes(c), c.with_examples, c.without_examples,
                               c.train_accuracy, c.created_at))
         return c
 
@@ -93,3 +105,4 @@ class ConceptStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+

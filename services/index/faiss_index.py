@@ -14,7 +14,9 @@ import base64
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import faiss
 import numpy as np
@@ -69,6 +71,15 @@ class IndexState:
     load_report: str = ""
 
 
+def check_stage(slide_id: str, generation: str, vectors: np.ndarray, tiles: list[Tile]) -> None:
+    if not slide_id or not generation:
+        raise InvalidArgument("slide_id and generation are required")
+    if vectors.ndim != 2 or len(vectors) != len(tiles):
+        raise InvalidArgument(f"{len(tiles)} tiles need a [{len(tiles)}, dim] tensor, got {list(vectors.shape)}")
+    if not np.isfinite(vectors).all():
+        raise InvalidArgument("embeddings contain NaN or infinity")
+
+
 class TileIndex:
     """The search over `storage`; snapshots go to `directory`. Default storage: SQLite in `directory`."""
 
@@ -79,7 +90,7 @@ class TileIndex:
         self._rw = RWLock()
         self.model_id, self.dim = self.storage.binding()
         self._seq = self.storage.seq()
-        self._faiss = None
+        self._faiss: Any = None  # a faiss.Index once loaded
         self._trainer: threading.Thread | None = None
         self._stop = threading.Event()
         self.state = IndexState()
@@ -243,15 +254,26 @@ class TileIndex:
 
     # -- model binding ----------------------------------------------------
     def _check_model(self, model_id: str, dim: int | None = None) -> None:
+        self.check_binding((self.model_id, self.dim), model_id, dim)
+
+    @staticmethod
+    def check_binding(bound: tuple[str, int], model_id: str, dim: int | None = None) -> None:
+        """Refuse a model or dimension other than the (model_id, dim) an index is bound to."""
         if not model_id:
             raise InvalidArgument("model_id is required")
-        if self.model_id and model_id != self.model_id:
+        if bound[0] and model_id != bound[0]:
             raise FailedPrecondition(
-                f"this index holds embeddings of model {self.model_id}, not {model_id}: "
+                f"this index holds embeddings of model {bound[0]}, not {model_id}: "
                 "a new model needs a new index (re-ingest the slides into it)"
             )
-        if dim is not None and self.dim and dim != self.dim:
-            raise InvalidArgument(f"embeddings must have {self.dim} dimensions, got {dim}")
+        if dim is not None and bound[1] and dim != bound[1]:
+            raise InvalidArgument(f"embeddings must have {bound[1]} dimensions, got {dim}")
+
+    def bind(self, model_id: str, dim: int) -> None:
+        """Bind an empty index to the model its system of record holds (a replica's first change)."""
+        with self._rw.write():
+            self._check_model(model_id, dim)
+            self._bind(model_id, dim)
 
     def _bind(self, model_id: str, dim: int) -> None:
         if self.model_id:
@@ -268,12 +290,7 @@ class TileIndex:
 
     # -- writes -------------------------------------------------------------
     def stage(self, model_id: str, slide_id: str, generation: str, vectors: np.ndarray, tiles: list[Tile]) -> int:
-        if not slide_id or not generation:
-            raise InvalidArgument("slide_id and generation are required")
-        if vectors.ndim != 2 or len(vectors) != len(tiles):
-            raise InvalidArgument(f"{len(tiles)} tiles need a [{len(tiles)}, dim] tensor, got {list(vectors.shape)}")
-        if not np.isfinite(vectors).all():
-            raise InvalidArgument("embeddings contain NaN or infinity")
+        check_stage(slide_id, generation, vectors, tiles)
         with self._rw.write():
             self._check_model(model_id, vectors.shape[1])
             self._bind(model_id, vectors.shape[1])
@@ -288,6 +305,7 @@ class TileIndex:
                 self._check_model(model_id)
             commit = self.storage.commit_slide(generation, slide, expected_tiles)
             self._apply(commit)
+        assert commit.slide is not None, "a commit publishes the slide"
         log.info("slide committed", extra={"slide_id": slide.slide_id, "tiles": commit.slide.tile_count,
                                            "replaced": len(commit.removed)})
         return commit.slide, len(commit.removed)
@@ -298,6 +316,13 @@ class TileIndex:
             self._apply(commit)
         log.info("slide deleted", extra={"slide_id": slide_id, "tiles": len(commit.removed)})
         return len(commit.removed)
+
+    def apply(self, write: Callable[[], Commit]) -> Commit:
+        """Run a storage write and bring the search to its state, one step as searches see it."""
+        with self._rw.write():
+            commit = write()
+            self._apply(commit)
+        return commit
 
     def _apply(self, commit: Commit) -> None:
         """Bring FAISS to a commit's state; one already held (a retried commit) changes nothing.

@@ -1,13 +1,16 @@
 """IndexService: stage, commit, search, list and delete tile embeddings."""
 from __future__ import annotations
 
-from smily.index.v1 import index_pb2, index_pb2_grpc
+from smily.common import limits
 from smily.common.config import Settings
 from smily.common.server import Registration
 from smily.common.tensors import from_tensor, to_tensor
+from smily.index.v1 import index_pb2, index_pb2_grpc
 
 from .concepts import Concept, ConceptStore
 from .faiss_index import IndexConfig, TileIndex
+from .pg_store import PgConcepts
+from .replica import Replica
 from .storage import Slide, Tile
 
 
@@ -19,12 +22,20 @@ def _slide_pb(s: Slide, model_id: str) -> index_pb2.Slide:
 
 class IndexServicer(index_pb2_grpc.IndexServiceServicer):
     def __init__(self, settings: Settings):
-        self.store = TileIndex(settings.index_dir, IndexConfig(
+        config = IndexConfig(
             factory=settings.index_factory, ivf_threshold=settings.index_ivf_threshold, nprobe=settings.index_nprobe,
-            rerank=settings.index_rerank, snapshot_interval_s=settings.index_snapshot_interval_s))
-        self.concepts = ConceptStore(settings.index_dir)
+            rerank=settings.index_rerank, snapshot_interval_s=settings.index_snapshot_interval_s)
+        self.store: Replica | TileIndex
+        self.concepts: PgConcepts | ConceptStore
+        if settings.index_database_url:
+            self.store = Replica(settings.index_dir, config, settings.index_database_url, settings.index_shard)
+            self.concepts = PgConcepts(settings.index_database_url, settings.index_shard)
+        else:
+            self.store = TileIndex(settings.index_dir, config)
+            self.concepts = ConceptStore(settings.index_dir)
 
     def AddTiles(self, request, context):
+        limits.slide_id(request.slide_id)
         tiles = [Tile(t.x, t.y, t.width, t.height, t.mpp, t.tissue_fraction) for t in request.tiles]
         n = self.store.stage(request.model_id, request.slide_id, request.generation,
                              from_tensor(request.embeddings), tiles)
@@ -32,12 +43,19 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
 
     def CommitSlide(self, request, context):
         s = request.slide
+        limits.slide_id(s.slide_id)  # the gateway checks these too: defence in depth
+        limits.metadata(s.metadata)
         slide, replaced = self.store.commit_slide(
             request.model_id, request.generation, Slide(s.slide_id, s.source, dict(s.metadata), slide_mpp=s.slide_mpp),
             request.expected_tiles)
-        return index_pb2.CommitSlideResponse(slide=_slide_pb(slide, self.store.model_id), replaced=replaced)
+        return index_pb2.CommitSlideResponse(slide=_slide_pb(slide, self.store.model_id), replaced=replaced,
+                                             journal_seq=self.store.info()["journal_seq"])
 
     def Search(self, request, context):
+        limits.filters(request.filters)
+        limits.filters(request.exclude_filters, "exclude_filters")
+        limits.slide_ids(request.slide_ids, "slide_ids")
+        limits.slide_ids(request.exclude_slide_ids, "exclude_slide_ids")
         hits = self.store.search(request.model_id, from_tensor(request.query), request.k, list(request.exclude_slide_ids),
                                  list(request.slide_ids), dict(request.filters), request.nprobe,
                                  dict(request.exclude_filters))
@@ -54,6 +72,7 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
         )
 
     def GetSlide(self, request, context):
+        limits.slide_id(request.slide_id)
         return index_pb2.GetSlideResponse(slide=_slide_pb(self.store.get_slide(request.slide_id), self.store.model_id))
 
     def ListSlides(self, request, context):
@@ -62,6 +81,7 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
             slides=[_slide_pb(s, self.store.model_id) for s in slides], next_page_token=token)
 
     def DeleteSlide(self, request, context):
+        limits.slide_id(request.slide_id)
         return index_pb2.DeleteSlideResponse(deleted_tiles=self.store.delete_slide(request.slide_id))
 
     def GetIndexInfo(self, request, context):

@@ -159,6 +159,31 @@ class SqliteStorage:
         self._seq = seq
         return Commit(seq, None, np.empty(0, np.int64), np.empty((0, self._dim), np.float32), ids)
 
+    def mirror(self, seq: int, slide_id: str, slide: Slide | None, generation: str, rows: list) -> Commit:
+        """Make a slide what the system of record holds after commit `seq` (None: deleted); rows are
+        (id, Tile, vector bytes) with the record's ids. A serving replica's local copy is kept so."""
+        with self._lock, self._transaction():
+            old = {r[0] for r in self._db.execute("SELECT id FROM tiles WHERE slide_id = ?", (slide_id,))}
+            keep = {r[0] for r in rows}
+            removed = sorted(old - keep)
+            added = [r for r in rows if r[0] not in old]
+            self._db.executemany("DELETE FROM tiles WHERE id = ?", [(i,) for i in removed])
+            self._db.executemany(
+                "INSERT INTO tiles (id, slide_id, generation, x, y, w, h, mpp, tissue, committed, staged_at, vector) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(i, slide_id, generation, t.x, t.y, t.w, t.h, t.mpp, t.tissue, seq, 0.0, v) for i, t, v in added])
+            if slide is None:
+                self._db.execute("DELETE FROM slides WHERE slide_id = ?", (slide_id,))
+            else:
+                self._db.execute(
+                    f"INSERT OR REPLACE INTO slides ({SLIDE_COLUMNS}, generation) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (slide_id, slide.source, json.dumps(slide.metadata, sort_keys=True), slide.tile_count,
+                     slide.indexed_at, slide.slide_mpp, generation))
+            self._journal_removal(seq, removed)
+        self._seq = seq
+        return Commit(seq, slide, np.fromiter((r[0] for r in added), np.int64, len(added)),
+                      vectors_from([r[2] for r in added], self._dim), removed)
+
     # -- reads for the search index -------------------------------------------
     def committed_count(self) -> int:
         with self._lock:

@@ -33,7 +33,7 @@ class Arena:
         self._used = 0
 
     @classmethod
-    def create(cls, size: int = DEFAULT_BYTES) -> "Arena":
+    def create(cls, size: int = DEFAULT_BYTES) -> Arena:
         fd = os.memfd_create("smily-tiles", os.MFD_CLOEXEC)
         os.ftruncate(fd, size)
         os.posix_fallocate(fd, 0, size)  # memory is taken now, not by a SIGBUS in a reader later
@@ -60,7 +60,7 @@ class Arena:
             return item
         offset, length = item
         # The reader parses untrusted files: its slots are checked, not trusted.
-        if not (0 <= offset and 0 <= length and offset + length <= self.size):
+        if not (offset >= 0 and length >= 0 and offset + length <= self.size):
             raise FailedPrecondition("the slide reader sent a malformed reply; the file may be hostile")
         return self._map[offset:offset + length]
 

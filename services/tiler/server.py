@@ -11,15 +11,15 @@ import math
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
-from smily.tiler.v1 import tiler_pb2, tiler_pb2_grpc
-from smily.types.v1 import types_pb2
-from smily.common import images
+from smily.common import images, limits
 from smily.common.config import Settings
 from smily.common.errors import FailedPrecondition, InvalidArgument, require
 from smily.common.server import Registration
 from smily.common.tracing import span
+from smily.tiler.v1 import tiler_pb2, tiler_pb2_grpc
+from smily.types.v1 import types_pb2
 
-from . import slides
+from . import dicomweb, slides
 from .tiling import block_order
 from .workers import WorkerPool
 
@@ -39,31 +39,35 @@ ENCODINGS = (images.RAW_RGB, images.PNG, images.JPEG)
 class TilerServicer(tiler_pb2_grpc.TilerServiceServicer):
     def __init__(self, settings: Settings):
         self._roots = slides.SlideRoots(settings.slide_roots)
+        self._archives = dicomweb.Archives(settings.dicomweb_url, settings.dicomweb_credentials_file,
+                                           settings.dicomweb_ca, settings.dicomweb_frame_cache_mb)
         self._max_region_pixels = settings.max_region_pixels
+        self._max_tiles = settings.max_tiles_per_slide
         self.readers = WorkerPool(settings.tiler_readers, settings.tiler_read_timeout_s, settings.log_level)
         # Threads only wait on reader processes; two per reader keep each one busy.
         self._pool = ThreadPoolExecutor(max_workers=2 * settings.tiler_readers, thread_name_prefix="tile-read")
 
-    def _info(self, name: str) -> tuple[str, dict, float]:
-        path = self._roots.resolve(name)
-        facts, mpp = self.readers.call("info", path)
-        return path, facts, mpp
+    def _info(self, name: str) -> tuple[str, tiler_pb2.SlideInfo, float]:
+        path = self._archives.locate(name) or self._roots.resolve(name)
+        info, mpp = self.readers.call("info", path)
+        return path, info, mpp
 
     @staticmethod
     def _slide_mpp(file_mpp: float, stated: float) -> float:
-        require(stated >= 0 and math.isfinite(stated), "slide_mpp must not be negative")
-        if stated:
+        if limits.slide_mpp(stated):
             return stated
         if file_mpp <= 0:
             raise FailedPrecondition(
                 "the slide does not record its resolution (microns per pixel); "
                 "state it in the request's slide_mpp (e.g. 0.25 for a 40x scan, 0.5 for 20x)")
+        if not limits.plausible_mpp(file_mpp):
+            raise FailedPrecondition(f"the slide records an implausible resolution ({file_mpp:g} microns per "
+                                     "pixel); state the right one in slide_mpp")
         return file_mpp
 
     def GetSlideInfo(self, request, context):
-        _, facts, _ = self._info(request.slide)
-        levels = [tiler_pb2.Level(**lvl) for lvl in facts.pop("levels")]
-        return tiler_pb2.GetSlideInfoResponse(info=tiler_pb2.SlideInfo(levels=levels, **facts))
+        _, info, _ = self._info(request.slide)
+        return tiler_pb2.GetSlideInfoResponse(info=info)
 
     def StreamTiles(self, request, context):
         p = request.params
@@ -77,8 +81,11 @@ class TilerServicer(tiler_pb2_grpc.TilerServiceServicer):
         require(0 <= min_tissue <= 1, "min_tissue_fraction must be in [0, 1]")
         encoding = request.encoding or images.RAW_RGB
         require(encoding in ENCODINGS, "unknown image encoding")
-        path, _, file_mpp = self._info(request.slide)
+        path, info, file_mpp = self._info(request.slide)
         slide_mpp = self._slide_mpp(file_mpp, request.slide_mpp)
+        # Before planning: a wrong slide_mpp can ask for a million tiles.
+        limits.tiles_per_slide(limits.tile_grid(info.width, info.height, slide_mpp, targets, tile_size),
+                               self._max_tiles, slide_mpp)
 
         plans = self.readers.call("plan", path, slide_mpp, targets, tile_size, min_tissue)
         total = sum(len(rects) for rects in plans)
@@ -122,8 +129,8 @@ class TilerServicer(tiler_pb2_grpc.TilerServiceServicer):
         require(r.mpp >= 0 and math.isfinite(r.mpp), "mpp must not be negative")
         encoding = r.encoding or images.PNG
         require(encoding in ENCODINGS, "unknown image encoding")
-        path, facts, file_mpp = self._info(r.slide)
-        width, height = facts["width"], facts["height"]
+        path, info, file_mpp = self._info(r.slide)
+        width, height = info.width, info.height
         require(r.x >= 0 and r.y >= 0 and r.x + r.width <= width and r.y + r.height <= height,
                 f"region lies outside the slide ({width}x{height} level-0 pixels)")
         slide_mpp = self._slide_mpp(file_mpp, r.slide_mpp) if r.mpp else (r.slide_mpp or file_mpp)
@@ -141,6 +148,10 @@ class TilerServicer(tiler_pb2_grpc.TilerServiceServicer):
             image=types_pb2.Image(data=data, encoding=encoding, width=out_w, height=out_h),
             mpp=r.mpp or slide_mpp,
         )
+
+    def ListCaseSeries(self, request, context):
+        found = self._archives.case_series(request.archive, request.accession_number)
+        return tiler_pb2.ListCaseSeriesResponse(series=[tiler_pb2.DicomSeries(**s) for s in found])
 
 
 def registration(settings: Settings) -> Registration:

@@ -1,5 +1,8 @@
 """Cutting a slide into tissue tiles at one or more physical resolutions.
 
+A slide is an OpenSlide handle or a dicomweb.DicomWebSlide, which has the
+same dimensions/level_* members and reads a level itself.
+
 A tile of `tile_size` pixels at `target_mpp` covers tile_size * target_mpp /
 slide_mpp level-0 pixels. It is read from the coarsest pyramid level that is
 still at least as fine as the target, then downsampled by area averaging, so
@@ -49,17 +52,20 @@ def level_for(slide: openslide.OpenSlide, downsample: float) -> int:
 def _read_level(slide: openslide.OpenSlide, x: int, y: int, w: int, h: int, level: int) -> Image.Image:
     ds = slide.level_downsamples[level]
     lw, lh = max(1, round(w / ds)), max(1, round(h / ds))
+    if not isinstance(slide, openslide.OpenSlide):  # a DICOMweb series (dicomweb.DicomWebSlide)
+        return slide.read_level(x, y, level, lw, lh)
     # openslide_read_region fills premultiplied BGRA. openslide-python's public
     # read_region un-premultiplies it into RGBA that must then be composited
     # again (a fifth of a tile's read time); here it is converted once. The
     # private _read_region is stable since 2012, and openslide-python is pinned.
     buf = (ctypes.c_uint32 * (lw * lh))()
     lowlevel._read_region(slide._osr, buf, x, y, level, lw, lh)
-    if (np.frombuffer(buf, np.uint32) >= 0xFF000000).all():  # opaque: nearly every read
-        return Image.frombuffer("RGB", (lw, lh), buf, "raw", "BGRX", 0, 1)
+    px = np.ctypeslib.as_array(buf)
+    if (px >= 0xFF000000).all():  # opaque: nearly every read
+        return Image.frombuffer("RGB", (lw, lh), px, "raw", "BGRX", 0, 1)
     # Transparent pixels (outside the scanned area) become white, like glass:
     # premultiplied colour + (1 - alpha) * white, which cannot overflow.
-    bgra = np.frombuffer(buf, np.uint8).reshape(lh, lw, 4)
+    bgra = px.view(np.uint8).reshape(lh, lw, 4)
     return Image.fromarray(bgra[..., 2::-1] + (255 - bgra[..., 3:]))
 
 

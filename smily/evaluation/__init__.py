@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import sys
 
-from smily.embedder.v1 import embedder_pb2_grpc
 from smily.common.channels import channel
 from smily.common.config import Settings
+from smily.embedder.v1 import embedder_pb2_grpc
 
 from . import archive, evaluate, manifest, report, robustness
 

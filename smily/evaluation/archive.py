@@ -12,13 +12,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from smily.embedder.v1 import embedder_pb2
-from smily.types.v1 import types_pb2
 from smily.common import images
 from smily.common.config import Settings
 from smily.common.tensors import from_tensor
+from smily.embedder.v1 import embedder_pb2
 from smily.tiler import slides as slide_files
 from smily.tiler import tiling
+from smily.types.v1 import types_pb2
 
 from . import baseline
 

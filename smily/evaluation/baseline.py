@@ -19,11 +19,11 @@ def _lbp_riu2(grey: np.ndarray, radius: int) -> np.ndarray:
     """Histogram of rotation-invariant uniform LBP codes 0..9 (9 = non-uniform)."""
     h, w = grey.shape
     centre = grey[radius : h - radius, radius : w - radius]
-    bits = []
+    planes = []
     for a in _ANGLES:
         dy, dx = int(round(-radius * np.sin(a))), int(round(radius * np.cos(a)))
-        bits.append(grey[radius + dy : h - radius + dy, radius + dx : w - radius + dx] >= centre)
-    bits = np.stack(bits).astype(np.int8)
+        planes.append(grey[radius + dy : h - radius + dy, radius + dx : w - radius + dx] >= centre)
+    bits = np.stack(planes).astype(np.int8)
     transitions = np.abs(np.diff(np.concatenate([bits, bits[:1]]), axis=0)).sum(0)
     codes = np.where(transitions <= 2, bits.sum(0), 9)
     return np.bincount(codes.ravel(), minlength=10).astype(np.float64)

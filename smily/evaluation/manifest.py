@@ -45,10 +45,7 @@ class Manifest:
 def load(path: str) -> Manifest:
     try:
         with open(path, newline="", encoding="utf-8") as fh:
-            if path.lower().endswith(".json"):
-                records = json.load(fh)
-            else:
-                records = list(csv.DictReader(fh))
+            records = json.load(fh) if path.lower().endswith(".json") else list(csv.DictReader(fh))
     except OSError as exc:
         raise ManifestError(f"cannot read manifest {path}: {exc.strerror}") from None
     except (json.JSONDecodeError, csv.Error, UnicodeDecodeError) as exc:
@@ -125,6 +122,7 @@ class Labeller:
         """The manifest row that labels this tile, if any."""
         best, best_area = None, 0
         for row in self._regions.get(slide_id, ()):
+            assert row.region is not None  # rows without one are in _whole
             rx, ry, rw, rh = row.region
             area = max(0, min(x + width, rx + rw) - max(x, rx)) * max(0, min(y + height, ry + rh) - max(y, ry))
             if area > best_area:

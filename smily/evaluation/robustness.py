@@ -67,6 +67,7 @@ def run(client, archive: Archive, opened: dict, tile_size: int, per_slide: int =
     """{"k", "queries", "per_slide": {slide: {transform: rate}}, "all": {transform: rate}}."""
     rng = np.random.default_rng(seed)
     found: dict[str, dict[str, list[bool]]] = {}
+    slides = list(dict.fromkeys(archive.slide_ids.tolist()))  # the manifest's slides only
     for slide_id, slide in opened.items():
         idx = np.flatnonzero(archive.slide_ids == slide_id)
         # Mostly-tissue tiles: a query of glass says nothing about robustness.
@@ -74,10 +75,10 @@ def run(client, archive: Archive, opened: dict, tile_size: int, per_slide: int =
         idx = rng.choice(idx, min(per_slide, len(idx)), replace=False) if len(idx) else idx
         found[slide_id] = {t: [] for t in TRANSFORMS}
         for i in idx:
-            source = archive.key(i)
+            source = archive.key(int(i))
             for t in TRANSFORMS:
                 rgb = perturbed(t, slide, archive.rects[i], tile_size, rng)
-                hits = client.search(image=images.encode(rgb, images.PNG), k=K).hits
+                hits = client.search(image=images.encode(rgb, images.PNG), k=K, slide_ids=slides).hits
                 found[slide_id][t].append(any((h.slide_id, h.x, h.y) == source for h in hits))
     return {"k": K, "queries": sum(len(v["identity"]) for v in found.values()),
             "per_slide": {s: {t: _rate(v) for t, v in d.items()} for s, d in found.items()},

@@ -15,7 +15,6 @@ import numpy as np
 
 from smily.common import images
 from smily.common.errors import FailedPrecondition
-
 from smily.embedder import model_repo
 from smily.embedder.preprocess import Preprocessor
 

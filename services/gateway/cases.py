@@ -1,0 +1,157 @@
+"""IngestCase: every whole-slide series of a case (accession number) ingested as a slide.
+
+The tiler finds the series (QIDO-RS in a configured DICOMweb archive; the
+gateway never talks DICOMweb itself). Each series becomes an ordinary slide
+ingest (ingest.py) with its own operation, so the slides share its queue,
+de-duplication and atomic commit; the case's operation lists them with their
+progress. A watcher refreshes each running case from its slides and
+publishes it like any operation, so every replica answers GetOperation.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+
+import grpc
+
+from smily.common.errors import NotFound, ServiceError
+from smily.gateway.v1 import gateway_pb2
+from smily.tiler.v1 import tiler_pb2
+
+from .backends import Backends
+from .ingest import Ingestor, _copy, _describe
+from .operations import FINISHED, HEARTBEAT_S
+
+log = logging.getLogger("smily.cases")
+
+State = gateway_pb2.OperationState
+WATCH_S = 0.5
+MAX_CASES_KEPT = 1000
+
+
+class CaseIngestor:
+    def __init__(self, backends: Backends, ingestor: Ingestor, shared):
+        self._b = backends
+        self._ingest = ingestor
+        self._shared = shared
+        self._lock = threading.Lock()
+        self._cases: dict[str, gateway_pb2.Operation] = {}
+        self._published: dict[str, float] = {}
+        self._stop = threading.Event()
+        threading.Thread(target=self._watch, name="case-watch", daemon=True).start()
+
+    def start(self, accession: str, archive: str, slide_ids: dict[str, str], metadata: dict[str, str],
+              timeout: float) -> gateway_pb2.Operation:
+        found = self._b.tiler.ListCaseSeries(tiler_pb2.ListCaseSeriesRequest(
+            accession_number=accession, archive=archive), timeout=timeout).series
+        if not found:
+            raise NotFound("the archive has no whole-slide series (modality SM, ImageType VOLUME) "
+                           "with that accession number")
+        op = gateway_pb2.Operation(operation_id=uuid.uuid4().hex, state=State.OPERATION_STATE_RUNNING,
+                                   progress=gateway_pb2.IngestProgress())
+        for series in found:
+            entry = op.slides.add(slide_id=slide_ids.get(series.series_instance_uid) or series.series_instance_uid,
+                                  study_instance_uid=series.study_instance_uid,
+                                  series_instance_uid=series.series_instance_uid)
+            try:  # one unreadable series fails its own entry, not the case
+                child = self._ingest.start(series.source, entry.slide_id, metadata, timeout)
+                entry.operation_id, entry.state = child.operation_id, child.state
+            except (ServiceError, grpc.RpcError) as exc:
+                entry.state = State.OPERATION_STATE_FAILED
+                entry.error_code, entry.error_message = _describe(exc)
+        with self._lock:
+            self._cases[op.operation_id] = op
+            self._trim()
+        # The accession number is an identifier: logs carry the operation id only.
+        log.info("case ingest started", extra={"operation_id": op.operation_id, "slides": len(op.slides)})
+        return self._refresh(op.operation_id)
+
+    def get(self, operation_id: str) -> gateway_pb2.Operation | None:
+        """A case this replica runs, or None."""
+        with self._lock:
+            op = self._cases.get(operation_id)
+            return _copy(op) if op is not None else None
+
+    def cancel(self, operation_id: str) -> gateway_pb2.Operation | None:
+        with self._lock:
+            op = self._cases.get(operation_id)
+            if op is None:
+                return None
+            op.cancel_requested = op.state not in FINISHED
+            children = [s.operation_id for s in op.slides if s.operation_id and s.state not in FINISHED]
+        for child in children:
+            self._ingest.cancel(child)
+        log.info("case ingest cancel requested", extra={"operation_id": operation_id})
+        return self._refresh(operation_id)
+
+    def _refresh(self, operation_id: str) -> gateway_pb2.Operation:
+        """Update a case from its slides' operations; publish it when it changed
+        (or every heartbeat), and return a copy."""
+        with self._lock:
+            children = [s.operation_id for s in self._cases[operation_id].slides
+                        if s.operation_id and s.state not in FINISHED]
+        latest = {c: self._ingest.get(c) for c in children}
+        with self._lock:
+            op = self._cases[operation_id]
+            before = op.SerializeToString()
+            for entry in op.slides:
+                child = latest.get(entry.operation_id)
+                if child is not None:
+                    entry.state = child.state
+                    entry.progress.CopyFrom(child.progress)
+                    entry.error_code, entry.error_message = child.error_code, child.error_message
+            _summarise(op)
+            changed = op.SerializeToString() != before
+            if changed or time.time() - self._published.get(operation_id, 0) >= HEARTBEAT_S:
+                op.updated_at = time.time()
+                self._published[operation_id] = op.updated_at
+                snapshot = _copy(op)
+                publish = True
+            else:
+                snapshot, publish = _copy(op), False
+        if publish:
+            self._shared.publish(snapshot)
+            if snapshot.state in FINISHED and changed:
+                log.info("case ingest finished", extra={"operation_id": operation_id,
+                                                        "state": State.Name(snapshot.state)})
+        return snapshot
+
+    def _watch(self) -> None:
+        while not self._stop.wait(WATCH_S):
+            with self._lock:
+                running = [k for k, o in self._cases.items() if o.state not in FINISHED]
+            for operation_id in running:
+                try:
+                    if self._shared.cancel_requested(operation_id):  # asked on another replica
+                        self.cancel(operation_id)
+                    self._refresh(operation_id)
+                except Exception:  # the watcher must outlive any one case
+                    log.exception("case refresh failed", extra={"operation_id": operation_id})
+
+    def _trim(self) -> None:
+        done = [k for k, o in self._cases.items() if o.state in FINISHED]
+        for key in done[: max(0, len(self._cases) - MAX_CASES_KEPT)]:
+            del self._cases[key]
+            self._published.pop(key, None)
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+def _summarise(op: gateway_pb2.Operation) -> None:
+    """The case's progress and state from its slides'."""
+    for field in ("tiles_total", "tiles_embedded", "tiles_indexed"):
+        setattr(op.progress, field, sum(getattr(s.progress, field) for s in op.slides))
+    if any(s.state not in FINISHED for s in op.slides):
+        return
+    failed = [s for s in op.slides if s.state == State.OPERATION_STATE_FAILED]
+    if failed:
+        op.state = State.OPERATION_STATE_FAILED
+        op.error_code = failed[0].error_code
+        op.error_message = f"{len(failed)} of {len(op.slides)} slides failed; see slides[] (re-running is safe)"
+    elif any(s.state == State.OPERATION_STATE_CANCELLED for s in op.slides):
+        op.state = State.OPERATION_STATE_CANCELLED
+    else:
+        op.state = State.OPERATION_STATE_SUCCEEDED

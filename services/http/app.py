@@ -1,0 +1,101 @@
+"""The HTTP process: the JSON API under /v1, IIIF under /iiif/3, the viewer at /."""
+from __future__ import annotations
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from smily.common.config import Settings
+
+from . import api, iiif, openapi, static
+from .rpc import SERVICE, Gateway, methods, resolve
+
+_HTTP_CODES = {404: grpc.StatusCode.NOT_FOUND, 405: grpc.StatusCode.UNIMPLEMENTED,
+               413: grpc.StatusCode.RESOURCE_EXHAUSTED}
+
+
+class BodyLimit:
+    """Refuses request bodies over max_bytes, declared or streamed (413)."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max):
+            return await self._refuse(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            msg = await receive()
+            seen += len(msg.get("body", b""))
+            if seen > self.max:
+                raise HTTPException(413)
+            return msg
+
+        await self.app(scope, limited, send)
+
+    async def _refuse(self, scope, receive, send):
+        await api.error(grpc.StatusCode.RESOURCE_EXHAUSTED, f"request bodies are limited to {self.max} bytes",
+                        413)(scope, receive, send)
+
+
+def _http_error(request: Request, exc: Exception):
+    assert isinstance(exc, HTTPException)  # registered for HTTPException only
+    code = _HTTP_CODES.get(exc.status_code, grpc.StatusCode.INVALID_ARGUMENT)
+    message = "request body too large" if exc.status_code == 413 else (exc.detail or code.name)
+    return api.error(code, message, exc.status_code)
+
+
+def build(settings: Settings, chan: grpc.Channel):
+    """The ASGI app, calling the gateway over `chan`."""
+    gateway = Gateway(chan, settings.http_timeout_s)
+    tiles = iiif.IIIF(gateway, iiif.TileCache(settings.http_tile_cache_bytes, settings.http_tile_cache_ttl_s))
+    health = health_pb2_grpc.HealthStub(chan)
+    spec = openapi.document()
+
+    async def livez(request):
+        return PlainTextResponse("ok")
+
+    async def readyz(request):
+        # Ready when the gateway says it serves: this process is nothing without it.
+        try:
+            resp = await resolve(health.Check.future(health_pb2.HealthCheckRequest(service=SERVICE.full_name),
+                                                     timeout=2))
+        except grpc.RpcError as exc:
+            return api.error(grpc.StatusCode.UNAVAILABLE, f"gateway: {exc.code().name}")
+        if resp.status != health_pb2.HealthCheckResponse.SERVING:
+            return api.error(grpc.StatusCode.UNAVAILABLE, "gateway is not serving")
+        return PlainTextResponse("ok")
+
+    async def openapi_json(request):
+        return JSONResponse(spec)
+
+    async def viewer_config(request):
+        return JSONResponse(static.viewer_config(settings))
+
+    async def index(request):
+        return FileResponse(static.INDEX, headers={"Cache-Control": "no-cache"})
+
+    api_routes = [Route(m.rule.path, api.handler(m, gateway), methods=[m.rule.verb]) for m in methods()]
+    routes: list[BaseRoute] = [*api_routes,
+        Route("/livez", livez),
+        Route("/readyz", readyz),
+        Route("/openapi.json", openapi_json),
+        Route("/viewer/config.json", viewer_config),
+        Route("/iiif/3/{slide_id}/info.json", tiles.info),
+        Route("/iiif/3/{slide_id}/{region}/{size}/{rotation}/{quality}.{format}", tiles.image),
+        Route("/", index),
+        Mount("/static", StaticFiles(directory=static.STATIC)),
+        *static.vendor_mounts(),
+    ]
+    app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
+    return BodyLimit(app, settings.http_max_body_bytes)

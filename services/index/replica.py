@@ -1,0 +1,146 @@
+"""A serving replica of one shard whose system of record is PostgreSQL.
+
+Writes go to PostgreSQL (pg_store), which acknowledges them: one transaction
+per slide commit. The replica serves from a local copy: an SQLite mirror of
+its shard plus the FAISS index over it (faiss_index.TileIndex), snapshotted
+and checksummed on the pod's volume as a single index is. A follower thread
+polls the shard's commit sequence and applies each changed slide to the
+mirror and FAISS together, so searches go on from the local copy while the
+database is down, and a restarted replica catches up from its snapshot
+instead of rebuilding. Replicas are interchangeable: any one takes a write.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import socket
+import threading
+import time
+
+import numpy as np
+
+from smily.common.errors import Unavailable
+
+from .faiss_index import IndexConfig, TileIndex, check_stage
+from .pg_store import PgStorage
+from .sqlite_store import SqliteStorage
+from .storage import Slide, Tile
+
+log = logging.getLogger("smily.index")
+
+# Commits read per step while catching up.
+FOLLOW_BATCH = 256
+# How often a replica tells the store how far it serves when nothing changes (reshard waits on it).
+REPORT_S = 5.0
+
+
+class Replica:
+    """The servicer's view of a shard replica: TileIndex's calls, writes to the database."""
+
+    def __init__(self, directory: str, config: IndexConfig, url: str, shard: int, follow_interval_s: float = 0.2):
+        self.store = PgStorage(url, shard)
+        # The local copy the replica serves from: SQLite, mirrored from PostgreSQL.
+        self._mirror = SqliteStorage(directory)
+        self.local = TileIndex(directory, config, storage=self._mirror)
+        self._follow_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._interval = follow_interval_s
+        # Stable across restarts of this replica: the pod (host) and its volume.
+        self.name = f"{socket.gethostname()}:{os.path.abspath(directory)}"
+        self._reported = (-1, 0.0)
+        self.catch_up()
+        self._follower = threading.Thread(target=self._follow, name="index-follow", daemon=True)
+        self._follower.start()
+
+    @property
+    def model_id(self) -> str:
+        return self.local.model_id
+
+    @property
+    def dim(self) -> int:
+        return self.local.dim
+
+    # -- following the store --------------------------------------------------
+    def _follow(self) -> None:
+        down = False
+        while not self._stop.wait(self._interval):
+            try:
+                self.catch_up()
+                if down:
+                    log.info("index database reachable again", extra={"journal_seq": self.local.info()["journal_seq"]})
+                down = False
+            except Unavailable:
+                if not down:
+                    log.warning("index database unreachable; serving the local copy")
+                down = True
+            except Exception:
+                log.exception("following the index database failed; retrying")
+
+    def catch_up(self) -> int:
+        """Apply every commit the store holds beyond the local copy; returns the sequence reached."""
+        with self._follow_lock:
+            while True:
+                seq = self.local.info()["journal_seq"]
+                states = self.store.changes_after(seq, FOLLOW_BATCH)
+                if not states:
+                    self._report(seq)
+                    return seq
+                if not self.local.model_id:
+                    self.local.bind(*self.store.binding())
+                for st in states:
+                    self.local.apply(functools.partial(self._mirror.mirror, st.seq, st.slide_id, st.slide,
+                                                       st.generation, st.rows))
+
+    def _report(self, seq: int) -> None:
+        last_seq, last_at = self._reported
+        if seq != last_seq or time.monotonic() - last_at > REPORT_S:
+            self.store.report_served(self.name, seq)
+            self._reported = (seq, time.monotonic())
+
+    # -- writes: acknowledged by the store ------------------------------------
+    def stage(self, model_id: str, slide_id: str, generation: str, vectors: np.ndarray, tiles: list[Tile]) -> int:
+        check_stage(slide_id, generation, vectors, tiles)
+        bound = self.store.bind(model_id, vectors.shape[1])
+        TileIndex.check_binding(bound, model_id, vectors.shape[1])
+        return self.store.stage(slide_id, generation, tiles, vectors)
+
+    def commit_slide(self, model_id: str, generation: str, slide: Slide, expected_tiles: int) -> tuple[Slide, int]:
+        TileIndex.check_binding(self.store.binding(), model_id)
+        commit = self.store.commit_slide(generation, slide, expected_tiles)
+        self._serve(commit.seq)
+        return commit.slide, len(commit.removed)
+
+    def delete_slide(self, slide_id: str) -> int:
+        commit = self.store.delete_slide(slide_id)
+        self._serve(commit.seq)
+        return len(commit.removed)
+
+    def _serve(self, seq: int) -> None:
+        """Serve an acknowledged commit here before answering; the store holds it whatever happens."""
+        try:
+            self.catch_up()
+        except Unavailable:
+            log.warning("index database lost after a commit; the follower will apply it", extra={"seq": seq})
+
+    # -- reads: the local copy ------------------------------------------------
+    def search(self, *args, **kwargs):
+        return self.local.search(*args, **kwargs)
+
+    def get_slide(self, slide_id: str) -> Slide:
+        return self.local.get_slide(slide_id)
+
+    def list_slides(self, page_size: int, page_token: str):
+        return self.local.list_slides(page_size, page_token)
+
+    def counts(self) -> tuple[int, int]:
+        return self.local.counts()
+
+    def info(self) -> dict:
+        return self.local.info()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._follower.join()
+        self.local.close()
+        self.store.close()

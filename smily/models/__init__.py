@@ -1,0 +1,1 @@
+"""Model tools people run (`smily model export|quantize`); no service image needs them."""

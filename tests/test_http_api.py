@@ -1,0 +1,333 @@
+"""The HTTP/JSON API (`smily serve http`) against the real gateway stack, over real HTTP."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import subprocess
+import time
+from concurrent import futures
+
+import grpc
+import httpx
+import pytest
+from PIL import Image
+
+from smily.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from smily.http import openapi, rpc
+from smily.http.server import Running
+
+from .conftest import ROOT, base_settings
+
+DONE = ("OPERATION_STATE_SUCCEEDED", "OPERATION_STATE_FAILED", "OPERATION_STATE_CANCELLED")
+
+
+@pytest.fixture(scope="module")
+def api(http_url):
+    with httpx.Client(base_url=http_url, timeout=300) as c:
+        yield c
+
+
+def wait(api, op: dict) -> dict:
+    deadline = time.monotonic() + 300
+    while op["state"] not in DONE:
+        assert time.monotonic() < deadline, op
+        time.sleep(0.2)
+        r = api.get(f"/v1/operations/{op['operationId']}")
+        assert r.status_code == 200, r.text
+        op = r.json()["operation"]
+    return op
+
+
+@pytest.fixture(scope="module")
+def http_slide(api):
+    """synth-b ingested through the HTTP API (its own slide id)."""
+    r = api.post("/v1/slides:ingest", json={"source": "synth-b.svs", "slideId": "http-b",
+                                            "metadata": {"case_id": "case-http", "organ": "test"}})
+    assert r.status_code == 200, r.text
+    op = r.json()["operation"]
+    assert op["slideId"] == "http-b" and op["state"] in ("OPERATION_STATE_QUEUED", "OPERATION_STATE_RUNNING")
+    op = wait(api, op)
+    assert op["state"] == "OPERATION_STATE_SUCCEEDED", op
+    assert int(op["progress"]["tilesIndexed"]) > 0
+    yield op
+    # The stack is shared by the whole session: leave its index as the other tests expect it.
+    assert api.delete("/v1/slides/http-b").status_code == 200
+
+
+def test_every_gateway_rpc_has_a_route():
+    assert {m.name for m in gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].methods} <= set(rpc.RULES)
+
+
+def test_openapi_is_served_and_checked_in(api):
+    served = api.get("/openapi.json").json()
+    assert served == openapi.document()
+    with open(os.path.join(ROOT, "docs", "openapi.json")) as fh:
+        assert json.load(fh) == served, "docs/openapi.json is stale: python -m smily.http.openapi > docs/openapi.json"
+    assert served["paths"]["/v1/search"]["post"]["operationId"] == "Search"
+    assert "multipart/form-data" in served["paths"]["/v1/search"]["post"]["requestBody"]["content"]
+    assert set(served["paths"]["/v1/operations/{operation_id}"]) == {"get"}
+
+
+def test_health(api):
+    assert api.get("/livez").status_code == 200
+    assert api.get("/readyz").status_code == 200
+
+
+def test_ingest_list_and_get_slide(api, http_slide):
+    slides = api.get("/v1/slides", params={"pageSize": 100}).json()["slides"]
+    mine = [s for s in slides if s["slideId"] == "http-b"]
+    assert mine and mine[0]["metadata"] == {"case_id": "case-http", "organ": "test"}
+    got = api.get("/v1/slides/http-b").json()
+    assert got["slide"]["slideId"] == "http-b"
+    assert (int(got["width"]), int(got["height"]), got["mpp"]) == (3072, 2304, 0.5)
+
+
+@pytest.fixture(scope="module")
+def tile(api, http_slide) -> dict:
+    """An indexed tile of http-b (a tissue tile), as a Region."""
+    r = api.post("/v1/search", json={"region": {"slideId": "http-b", "x": 0, "y": 0, "width": 1024,
+                                                "height": 1024}, "k": 1, "slideIds": ["http-b"]})
+    h = r.json()["hits"][0]
+    return {"slideId": "http-b", "x": int(h["x"]), "y": int(h["y"]), "width": int(h["width"]),
+            "height": int(h["height"])}
+
+
+def test_search_by_region_finds_the_region(api, tile):
+    r = api.post("/v1/search", json={"region": tile, "k": 5})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    top = body["hits"][0]
+    assert top["score"] > 0.99 and top["slideId"] in ("http-b", "synth-b")  # the same file, twice indexed
+    assert set(top) >= {"slideId", "x", "y", "width", "height", "mpp", "score", "metadata"}
+    assert (int(top["x"]), int(top["y"])) == (tile["x"], tile["y"])
+    assert body["modelId"]
+
+
+def test_search_by_image_as_base64_and_multipart(api, tile):
+    r = api.post("/v1/regions:read", json={"region": tile, "format": "IMAGE_FORMAT_PNG"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert (body["width"], body["height"], body["format"]) == (224, 224, "IMAGE_FORMAT_PNG")
+    png = base64.b64decode(body["image"])
+    assert Image.open(io.BytesIO(png)).size == (224, 224)
+    as_json = api.post("/v1/search", json={"image": base64.b64encode(png).decode(), "k": 3,
+                                           "slideIds": ["http-b"]}).json()
+    multipart = api.post("/v1/search", files={"image": ("patch.png", png, "image/png")},
+                         data={"request": json.dumps({"k": 3, "slideIds": ["http-b"]})}).json()
+    assert as_json["hits"][0]["slideId"] == "http-b" and as_json["hits"][0]["score"] > 0.99
+    assert (as_json["hits"][0]["x"], as_json["hits"][0]["y"]) == (str(tile["x"]), str(tile["y"]))
+    assert [h["score"] for h in multipart["hits"]] == pytest.approx([h["score"] for h in as_json["hits"]])
+
+
+def test_search_paging(api, tile):
+    first = api.post("/v1/search", json={"region": tile, "k": 6, "pageSize": 4}).json()
+    assert len(first["hits"]) == 4 and first["nextPageToken"]
+    second = api.post("/v1/search", json={"region": tile, "k": 6, "pageSize": 4,
+                                          "pageToken": first["nextPageToken"]}).json()
+    assert len(second["hits"]) == 2 and second["nextPageToken"] == ""
+
+
+def test_operations_get_and_cancel(api, http_slide):
+    op_id = http_slide["operationId"]
+    got = api.get(f"/v1/operations/{op_id}").json()["operation"]
+    assert got["state"] == "OPERATION_STATE_SUCCEEDED"
+    cancelled = api.post(f"/v1/operations/{op_id}:cancel")
+    assert cancelled.status_code == 200
+    assert cancelled.json()["operation"]["state"] == "OPERATION_STATE_SUCCEEDED"
+    missing = api.get("/v1/operations/no-such-operation")
+    assert missing.status_code == 404 and missing.json()["code"] == "NOT_FOUND"
+
+
+@pytest.mark.parametrize("method,path,kwargs,status,code", [
+    ("post", "/v1/search", {"content": b"{not json", "headers": {"content-type": "application/json"}},
+     400, "INVALID_ARGUMENT"),
+    ("post", "/v1/search", {"json": {"noSuchField": 1}}, 400, "INVALID_ARGUMENT"),
+    ("post", "/v1/search", {"json": [1, 2]}, 400, "INVALID_ARGUMENT"),
+    ("post", "/v1/search", {"json": {"region": {"slideId": "synth-a", "x": 0, "y": 0, "width": 224,
+                                                "height": 224}, "k": 0}}, 400, "INVALID_ARGUMENT"),
+    ("post", "/v1/search", {"json": {"region": {"slideId": "nope", "x": 0, "y": 0, "width": 224,
+                                                "height": 224}}}, 404, "NOT_FOUND"),
+    ("post", "/v1/search", {"content": b"k=3", "headers": {"content-type": "text/plain"}}, 400, "INVALID_ARGUMENT"),
+    ("delete", "/v1/slides/no-such-slide", {}, 404, "NOT_FOUND"),
+    ("get", "/v1/slides", {"params": {"noSuchParam": "1"}}, 400, "INVALID_ARGUMENT"),
+    ("get", "/v1/slides", {"params": {"pageSize": "many"}}, 400, "INVALID_ARGUMENT"),
+    ("get", "/v1/no-such-route", {}, 404, "NOT_FOUND"),
+    ("put", "/v1/search", {}, 405, "UNIMPLEMENTED"),
+    ("post", "/v1/slides:ingest", {"json": {"source": "../etc/passwd"}}, 400, "INVALID_ARGUMENT"),
+])
+def test_errors_are_code_and_message_with_matching_status(api, ingested, method, path, kwargs, status, code):
+    r = getattr(api, method)(path, **kwargs)
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"code", "message"} and body["code"] == code and body["message"]
+
+
+def test_ingest_errors_come_back_through_the_operation(api):
+    r = api.post("/v1/slides:ingest", json={"source": "no-such-file.svs", "slideId": "missing"})
+    if r.status_code == 200:
+        op = wait(api, r.json()["operation"])
+        assert op["state"] == "OPERATION_STATE_FAILED" and op["errorCode"] == "NOT_FOUND"
+    else:
+        assert r.json()["code"] in ("NOT_FOUND", "INVALID_ARGUMENT")
+
+
+def test_request_body_is_bounded(settings):
+    small = Running(base_settings(http_port=0, http_max_body_bytes=1000,
+                                  http_gateway_target=f"127.0.0.1:{settings.gateway_port}"))
+    try:
+        big = {"image": base64.b64encode(os.urandom(2000)).decode()}
+        r = httpx.post(f"{small.url}/v1/search", json=big)
+        assert r.status_code == 413 and r.json()["code"] == "RESOURCE_EXHAUSTED"
+
+        def chunks():  # no content-length: counted as it streams
+            yield b'{"image": "'
+            for _ in range(10):
+                yield b"A" * 200
+            yield b'"}'
+
+        r = httpx.post(f"{small.url}/v1/search", content=chunks(), headers={"content-type": "application/json"})
+        assert r.status_code == 413 and r.json()["code"] == "RESOURCE_EXHAUSTED"
+    finally:
+        small.stop()
+
+
+def test_concepts_round_trip(api, tile):
+    other = dict(tile, x=tile["x"] + tile["width"])
+    r = api.post("/v1/concepts", json={"name": "http-concept", "withExamples": [{"region": tile}],
+                                       "withoutExamples": [{"region": other}]})
+    assert r.status_code == 200, r.text
+    assert r.json()["concept"]["withExamples"] == 1
+    assert "http-concept" in [c["name"] for c in api.get("/v1/concepts").json()["concepts"]]
+    assert api.delete("/v1/concepts/http-concept").status_code == 200
+    assert "http-concept" not in [c["name"] for c in api.get("/v1/concepts").json()["concepts"]]
+
+
+def test_search_slides(api, http_slide, ingested):
+    r = api.post("/v1/slides:searchSlides", json={"slideId": "http-b", "k": 3, "excludeQuerySlide": True})
+    assert r.status_code == 200, r.text
+    slides = r.json()["slides"]
+    assert slides and "http-b" not in [s["slideId"] for s in slides]
+    # synth-b is the same file under the gRPC fixture's id.
+    assert slides[0]["slideId"] == "synth-b"
+
+
+# -- IIIF -----------------------------------------------------------------------
+
+def test_iiif_info_and_tiles(api, http_slide):
+    info = api.get("/iiif/3/http-b/info.json").json()
+    assert info["type"] == "ImageService3" and info["protocol"] == "http://iiif.io/api/image"
+    assert (info["width"], info["height"]) == (3072, 2304)
+    assert info["id"].endswith("/iiif/3/http-b")
+    assert info["tiles"][0]["scaleFactors"] == [1, 2, 4, 8]
+    tile = api.get("/iiif/3/http-b/0,0,1024,1024/256,/0/default.jpg")
+    assert tile.status_code == 200 and tile.headers["content-type"] == "image/jpeg"
+    assert Image.open(io.BytesIO(tile.content)).size == (256, 256)
+    # An edge tile is cropped to the image, and keeps its aspect ratio.
+    edge = api.get("/iiif/3/http-b/2048,2048,1024,1024/512,/0/default.png")
+    assert Image.open(io.BytesIO(edge.content)).size == (512, 128)
+    assert api.get("/iiif/3/http-b/0,0,1024,1024/256,/0/default.jpg").content == tile.content  # cached
+    full = api.get("/iiif/3/http-b/full/!300,300/0/default.jpg")
+    assert Image.open(io.BytesIO(full.content)).size == (300, 225)
+
+
+@pytest.mark.parametrize("path,status,code", [
+    ("/iiif/3/nope/info.json", 404, "NOT_FOUND"),
+    ("/iiif/3/http-b/0,0,512,512/1024,/0/default.jpg", 400, "INVALID_ARGUMENT"),  # upscaling
+    ("/iiif/3/http-b/0,0,512,512/256,/90/default.jpg", 400, "INVALID_ARGUMENT"),
+    ("/iiif/3/http-b/9000,0,512,512/256,/0/default.jpg", 400, "INVALID_ARGUMENT"),
+    ("/iiif/3/http-b/0,0,512,512/256,/0/default.gif", 400, "INVALID_ARGUMENT"),
+])
+def test_iiif_errors(api, http_slide, path, status, code):
+    r = api.get(path)
+    assert r.status_code == status and r.json()["code"] == code, r.text
+
+
+# -- what reaches the gateway ----------------------------------------------------
+
+class _Recorder(gateway_pb2_grpc.GatewayServiceServicer):
+    """A gRPC gateway that records the metadata each call carries."""
+
+    def __init__(self):
+        self.calls: list[tuple[str, dict]] = []
+
+    def _record(self, name, context):
+        self.calls.append((name, dict(context.invocation_metadata())))
+
+    def ListSlides(self, request, context):
+        self._record("ListSlides", context)
+        return gateway_pb2.ListSlidesResponse()
+
+    def GetSlide(self, request, context):
+        self._record("GetSlide", context)
+        return gateway_pb2.GetSlideResponse(slide=gateway_pb2.Slide(slide_id=request.slide_id),
+                                            width=1024, height=1024, mpp=0.5)
+
+    def ReadRegion(self, request, context):
+        self._record("ReadRegion", context)
+        out = io.BytesIO()
+        Image.new("RGB", (256, 256)).save(out, "JPEG")
+        return gateway_pb2.ReadRegionResponse(image=out.getvalue(), format=request.format, width=256, height=256)
+
+    def DeleteSlide(self, request, context):
+        self._record("DeleteSlide", context)
+        context.abort(grpc.StatusCode.PERMISSION_DENIED, "role reader may not delete slides")
+
+
+def test_caller_token_and_address_reach_the_gateway_on_every_call():
+    recorder = _Recorder()
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    gateway_pb2_grpc.add_GatewayServiceServicer_to_server(recorder, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    http = Running(base_settings(http_port=0, http_gateway_target=f"127.0.0.1:{port}"))
+    try:
+        auth = {"authorization": "Bearer token-1", "x-smily-view-session": "view-1"}
+        with httpx.Client(base_url=http.url, headers=auth) as c:
+            assert c.get("/v1/slides").status_code == 200
+            assert c.get("/iiif/3/s1/0,0,512,512/256,/0/default.jpg").status_code == 200
+            denied = c.delete("/v1/slides/s1")
+            assert denied.status_code == 403 and denied.json()["code"] == "PERMISSION_DENIED"
+            # Another caller's token: the tile is read again for it, never served from the first one's cache.
+            c.headers["authorization"] = "Bearer token-2"
+            assert c.get("/iiif/3/s1/0,0,512,512/256,/0/default.jpg").status_code == 200
+        names = [n for n, _ in recorder.calls]
+        assert names == ["ListSlides", "GetSlide", "ReadRegion", "DeleteSlide", "GetSlide", "ReadRegion"]
+        for name, md in recorder.calls:
+            assert md["authorization"].startswith("Bearer token-"), name
+            assert md["x-smily-view-session"] == "view-1", name
+            assert md["x-forwarded-for"] == "127.0.0.1", name
+        assert recorder.calls[-1][1]["authorization"] == "Bearer token-2"
+    finally:
+        http.stop()
+        server.stop(0)
+
+
+# -- a curl session, as docs/integration.md shows it ---------------------------------
+
+def curl(url: str, *args: str) -> dict:
+    out = subprocess.run(["curl", "-sS", "--fail-with-body", *args, url], capture_output=True, text=True,
+                         timeout=300, check=True).stdout
+    return json.loads(out)
+
+
+def test_curl_session(http_url, ingested, tmp_path):
+    op = curl(f"{http_url}/v1/slides:ingest", "-H", "content-type: application/json",
+              "-d", '{"source": "synth-a.tiff", "slideId": "curl-a", "metadata": {"case_id": "C-1"}}')["operation"]
+    while op["state"] not in DONE:
+        time.sleep(0.2)
+        op = curl(f"{http_url}/v1/operations/{op['operationId']}")["operation"]
+    assert op["state"] == "OPERATION_STATE_SUCCEEDED"
+    hits = curl(f"{http_url}/v1/search", "-H", "content-type: application/json", "-d",
+                '{"region": {"slideId": "curl-a", "x": 0, "y": 0, "width": 1024, "height": 1024}, "k": 3}')["hits"]
+    assert hits[0]["slideId"] in ("curl-a", "synth-a")
+    h = hits[0]
+    patch = tmp_path / "patch.jpg"
+    subprocess.run(["curl", "-sS", "--fail", "-o", str(patch),
+                    f"{http_url}/iiif/3/curl-a/{h['x']},{h['y']},{h['width']},{h['height']}/224,/0/default.jpg"],
+                   check=True, timeout=60)
+    hits = curl(f"{http_url}/v1/search", "-F", f"image=@{patch};type=image/jpeg",
+                "-F", 'request={"k": 3, "slideIds": ["curl-a"]}')["hits"]
+    assert hits[0]["slideId"] == "curl-a"
+    assert curl(f"{http_url}/v1/slides/curl-a", "-X", "DELETE")["deletedTiles"]

@@ -1,0 +1,89 @@
+"""The README's walk-through (docs/examples/session.sh) against a stack started as
+`make up` starts it, on ports other than the defaults, from a fresh index."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from smily.localstack import free_port
+from smily.synthetic import write_samples
+
+from .conftest import MODELS, ROOT
+
+SMILY = os.path.join(os.path.dirname(sys.executable), "smily")
+SCRIPT = os.path.join(ROOT, "docs", "examples", "session.sh")
+
+
+@pytest.fixture()
+def stack_env(tmp_path, model_repo):
+    """The environment of a `make up` with every port moved; cwd (var/run, var/log) in tmp_path."""
+    slides = tmp_path / "slides"
+    write_samples(str(slides))
+    ports = {v: str(free_port()) for v in ("SMILY_GATEWAY_PORT", "SMILY_TILER_PORT", "SMILY_EMBEDDER_PORT",
+                                           "SMILY_INDEX_PORT", "SMILY_METRICS_PORT", "SMILY_LOCAL_REDIS_PORT")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SMILY_")}
+    env.update(ports, SMILY_SLIDE_ROOTS=str(slides), SMILY_INDEX_DIR=str(tmp_path / "index"),
+               SMILY_MODEL_REPOSITORY=MODELS, SMILY=SMILY)
+    return env
+
+
+def run(args, env, cwd, timeout=300):
+    return subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def test_readme_session_runs_top_to_bottom(stack_env, tmp_path):
+    up = run([SMILY, "up"], stack_env, tmp_path)
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        gateway = f"127.0.0.1:{stack_env['SMILY_GATEWAY_PORT']}"
+        assert f"gateway {gateway}" in up.stdout and f":{stack_env['SMILY_LOCAL_REDIS_PORT']}" in up.stdout
+        assert f":{stack_env['SMILY_METRICS_PORT']}/metrics" in up.stdout
+
+        session = run(["bash", SCRIPT], stack_env, ROOT, timeout=600)
+        assert session.returncode == 0, session.stdout[-3000:] + session.stderr[-3000:]
+        out = session.stdout
+        assert "ingested case-0" in out and "ingested case-1-40x" in out and "training accuracy" in out
+        objects = _json_objects(out)
+        # --filter organ=breast --exclude-query-case: only case-0 is left.
+        filtered = next(o for o in objects if "hits" in o and o.get("next_page_token") is not None
+                        and {h["slide_id"] for h in o["hits"]} == {"case-0"})
+        assert filtered["model_id"] and filtered["hits"]
+        # The big ingest was followed by its id and cancelled: nothing of it committed.
+        final = objects[-1]
+        assert final["slide_id"] == "big" and final["state"] == "OPERATION_STATE_CANCELLED"
+        assert final["cancel_requested"] is True
+        slides = json.loads(run([SMILY, "slides", "--json"], stack_env, tmp_path).stdout)["slides"]
+        assert {s["slide_id"] for s in slides} == {"case-1", "case-1-40x"}
+    finally:
+        down = run([SMILY, "down"], stack_env, tmp_path)
+    assert down.returncode == 0 and "stopped http, smily and redis" in down.stdout, down.stdout + down.stderr
+    assert not os.listdir(tmp_path / "var" / "run")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", int(stack_env["SMILY_GATEWAY_PORT"])))  # free again
+
+
+def test_up_names_a_taken_port_and_starts_nothing(stack_env, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", int(stack_env["SMILY_METRICS_PORT"])))
+        taken.listen()
+        up = run([SMILY, "up"], stack_env, tmp_path)
+    assert up.returncode == 1
+    assert f"port {stack_env['SMILY_METRICS_PORT']} (SMILY_METRICS_PORT) already in use" in up.stdout
+    assert not os.listdir(tmp_path / "var" / "run")
+
+
+def _json_objects(text: str) -> list[dict]:
+    """The JSON objects printed one after another among plain lines."""
+    decoder, objects, i = json.JSONDecoder(), [], 0
+    while (i := text.find("{", i)) >= 0:
+        if text.startswith("{\n", i):
+            obj, i = decoder.raw_decode(text, i)
+            objects.append(obj)
+        else:
+            i += 1
+    return objects
