@@ -2,6 +2,7 @@
 pixels never pass through the gateway; cancelling it stops the tiler too."""
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import grpc
@@ -9,13 +10,15 @@ import numpy as np
 import pytest
 
 from smily.embedder.v1 import embedder_pb2, embedder_pb2_grpc
+from smily import stack
 from smily.tiler.v1 import tiler_pb2, tiler_pb2_grpc
 from smily.types.v1 import types_pb2
 from smily.common.channels import channel
 from smily.common.server import IN_FLIGHT
 from smily.common.tensors import from_tensor
 
-from .conftest import CMU, TEST_SLIDES, rpc_code, streamed_tiles
+from .conftest import CMU, TEST_SLIDES, base_settings, rpc_code, streamed_tiles
+from .pki import CA
 
 PARAMS = tiler_pb2.TilingParams(mpp=1.0, tile_size=224, min_tissue_fraction=0.5)
 
@@ -76,3 +79,35 @@ def test_cancelling_embed_slide_cancels_the_tiler_stream(embedder):
     while _tiler_in_flight() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert _tiler_in_flight() == 0
+
+
+@pytest.fixture(scope="module")
+def mtls_pki(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("pki"))
+    ca = CA(d)
+    return {"ca": ca, "gateway": ca.issue("smily-gateway"), "embedder": ca.issue("smily-embedder"),
+            "stranger": ca.issue("stranger")}
+
+
+def test_under_mtls_the_tiler_admits_the_embedder_identity_only(mtls_pki, slide_dir, model_repo):
+    gateway_cert, gateway_key = mtls_pki["gateway"]
+    common = dict(plaintext=False, tls_ca_file=mtls_pki["ca"].path, tls_client_auth="require",
+                  slide_roots=(slide_dir,), model_repository=model_repo)
+    tiler, s = stack.start(["tiler"], base_settings(tls_cert_file=gateway_cert, tls_key_file=gateway_key, **common))
+    try:
+        for who, code in (("embedder", grpc.StatusCode.OK), ("stranger", grpc.StatusCode.PERMISSION_DENIED)):
+            cert, key = mtls_pki[who]
+            emb, s2 = stack.start(["embedder"], dataclasses.replace(s, tls_cert_file=cert, tls_key_file=key))
+            try:
+                gateway_creds = grpc.ssl_channel_credentials(
+                    *(open(p, "rb").read() for p in (mtls_pki["ca"].path, gateway_key, gateway_cert)))
+                stub = embedder_pb2_grpc.EmbedderServiceStub(channel(s2.embedder_target, gateway_creds))
+                request = embedder_pb2.EmbedSlideRequest(tiles=tiler_pb2.StreamTilesRequest(slide=CMU, params=PARAMS))
+                if code == grpc.StatusCode.OK:
+                    assert sum(len(m.tiles) for m in stub.EmbedSlide(request, timeout=300)) > 0
+                else:
+                    assert rpc_code(lambda: list(stub.EmbedSlide(request, timeout=300))) == code
+            finally:
+                stack.stop(emb, 0)
+    finally:
+        stack.stop(tiler, 0)
