@@ -73,7 +73,9 @@ class Stack:
         ports = {s: free_port() for s in ("tiler", "embedder", "index", "gateway")}
         env = dict(os.environ, SMILY_SLIDE_ROOTS=slides, SMILY_MODEL_REPOSITORY=MODELS, SMILY_INDEX_DIR=index_dir,
                    SMILY_REDIS_URL=url, SMILY_LOG_LEVEL="WARNING", SMILY_METRICS_PORT="0",
-                   SMILY_INDEX_IVF_THRESHOLD=str(ivf_threshold), SMILY_BIND_HOST="127.0.0.1")
+                   SMILY_INDEX_IVF_THRESHOLD=str(ivf_threshold), SMILY_BIND_HOST="127.0.0.1",
+                   SMILY_PLAINTEXT="1", SMILY_AUTH="none",  # loopback only, as the local stack
+                   SMILY_AUDIT_LOG=os.path.join(index_dir, "audit.jsonl"))
         for s, p in ports.items():
             env[f"SMILY_{s.upper()}_PORT"] = str(p)
             env[f"SMILY_{s.upper()}_TARGET"] = f"127.0.0.1:{p}"
