@@ -12,8 +12,10 @@
 # here with --no-deps into /tmp/site. What the rows need beyond the machine's image
 # (python3.12, numpy, pillow, protobuf, grpcio, prometheus-client, psutil, tifffile):
 #   all:    grpcio-health-checking grpcio-reflection opentelemetry-api opentelemetry-sdk
-#           opentelemetry-semantic-conventions redis (grpcio-tools, to make the protos there
-#           unless protos/ is carried with its generated *_pb2*.py)
+#           opentelemetry-semantic-conventions redis cryptography PyJWT wsidicom dicomweb-client
+#           (pyproject's dependencies the image lacks; check with `python3 -m pip check` there)
+#           and grpcio-tools, to make the protos there unless protos/ is carried with its
+#           generated *_pb2*.py
 #   ingest: onnxruntime-gpu==1.31.1 openslide-python==1.4.7 openslide-bin==4.0.1.2 faiss-cpu==1.15.1
 #           imagecodecs (the slide writer's JPEG); CUDA 13 / cuDNN 9 come with the image
 #   faiss:  a faiss GPU wheel (e.g. faiss-gpu-cu13-cuvs, which brings its own needs) instead of faiss-cpu
