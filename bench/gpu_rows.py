@@ -65,7 +65,7 @@ def faiss_rows(args) -> None:
         print(f"| {name} | {single:.0f} | {batch:.0f} | {rec:.3f} |", flush=True)
         return ids
 
-    print("| index | q/s one at a time | q/s, one batch of %d | recall@10 vs exact |" % len(q))
+    print(f"| index | q/s one at a time | q/s, one batch of {len(q)} | recall@10 vs exact |")
     print("| --- | ---: | ---: | ---: |")
     flat = faiss.IndexFlatIP(d)
     flat.add(x)

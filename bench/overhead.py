@@ -41,16 +41,17 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import tiler as tiler_bench  # noqa: E402  (bench/tiler.py: the big synthetic slide writer)
-from smily.embedder.v1 import embedder_pb2, embedder_pb2_grpc  # noqa: E402
-from smily.gateway.v1 import gateway_pb2  # noqa: E402
-from smily.index.v1 import index_pb2, index_pb2_grpc  # noqa: E402
-from smily.tiler.v1 import tiler_pb2, tiler_pb2_grpc  # noqa: E402
-from smily.types.v1 import types_pb2  # noqa: E402
+
 from smily.client import Client  # noqa: E402
 from smily.common import images  # noqa: E402
 from smily.common.channels import channel  # noqa: E402
 from smily.common.tensors import to_tensor  # noqa: E402
+from smily.embedder.v1 import embedder_pb2, embedder_pb2_grpc  # noqa: E402
+from smily.gateway.v1 import gateway_pb2  # noqa: E402
+from smily.index.v1 import index_pb2, index_pb2_grpc  # noqa: E402
 from smily.localstack import free_port, start_redis  # noqa: E402
+from smily.tiler.v1 import tiler_pb2, tiler_pb2_grpc  # noqa: E402
+from smily.types.v1 import types_pb2  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = os.path.join(ROOT, "models")

@@ -3,19 +3,20 @@ pixels never pass through the gateway; cancelling it stops the tiler too."""
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 import time
 
 import grpc
 import numpy as np
 import pytest
 
-from smily.embedder.v1 import embedder_pb2, embedder_pb2_grpc
 from smily import stack
-from smily.tiler.v1 import tiler_pb2, tiler_pb2_grpc
-from smily.types.v1 import types_pb2
 from smily.common.channels import channel
 from smily.common.server import IN_FLIGHT
 from smily.common.tensors import from_tensor
+from smily.embedder.v1 import embedder_pb2, embedder_pb2_grpc
+from smily.tiler.v1 import tiler_pb2, tiler_pb2_grpc
+from smily.types.v1 import types_pb2
 
 from .conftest import CMU, TEST_SLIDES, base_settings, rpc_code, streamed_tiles
 from .pki import CA
@@ -100,13 +101,13 @@ def test_under_mtls_the_tiler_admits_the_embedder_identity_only(mtls_pki, slide_
             emb, s2 = stack.start(["embedder"], dataclasses.replace(s, tls_cert_file=cert, tls_key_file=key))
             try:
                 gateway_creds = grpc.ssl_channel_credentials(
-                    *(open(p, "rb").read() for p in (mtls_pki["ca"].path, gateway_key, gateway_cert)))
+                    *(pathlib.Path(p).read_bytes() for p in (mtls_pki["ca"].path, gateway_key, gateway_cert)))
                 stub = embedder_pb2_grpc.EmbedderServiceStub(channel(s2.embedder_target, gateway_creds))
                 request = embedder_pb2.EmbedSlideRequest(tiles=tiler_pb2.StreamTilesRequest(slide=CMU, params=PARAMS))
                 if code == grpc.StatusCode.OK:
                     assert sum(len(m.tiles) for m in stub.EmbedSlide(request, timeout=300)) > 0
                 else:
-                    assert rpc_code(lambda: list(stub.EmbedSlide(request, timeout=300))) == code
+                    assert rpc_code(lambda s=stub, r=request: list(s.EmbedSlide(r, timeout=300))) == code
             finally:
                 stack.stop(emb, 0)
     finally:

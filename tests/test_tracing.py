@@ -18,9 +18,9 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from PIL import Image
 
+from smily.common.channels import channel
 from smily.tiler.v1 import tiler_pb2, tiler_pb2_grpc
 from smily.types.v1 import types_pb2
-from smily.common.channels import channel
 
 from .conftest import CMU
 

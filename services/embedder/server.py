@@ -84,7 +84,8 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
         # The caller cancelled or its deadline passed: stop the tiler's reads too.
         context.add_callback(stream.cancel)
         model_id = self.model.config.model_id
-        total, pending = -1, []
+        total = -1
+        pending: list[tiler_pb2.Tile] = []
 
         def embedded() -> embedder_pb2.EmbedSlideResponse:
             out = embedder_pb2.EmbedSlideResponse(

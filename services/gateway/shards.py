@@ -36,7 +36,7 @@ import itertools
 import queue
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import grpc
 import prometheus_client as prom
@@ -235,6 +235,7 @@ class ShardedIndex:
         def one(s: Shard):
             return s.search(request, timeout) if method == "Search" else s.call(method, request, timeout)
 
+        futures: list[tuple[Shard, _Done | Future]]
         if len(shards) == 1:  # in this thread: no hand-off to the pool and back
             futures = [(shards[0], _Done(one, shards[0]))]
         else:  # each in a copy of this context, so the trace goes on in the pool's threads
