@@ -69,3 +69,11 @@ def test_batching_can_be_disabled(embedder):
     servicer, stub = embedder
     assert servicer.batcher is None
     assert from_tensor(stub.Embed(request(3)).embeddings).shape == (1, 1280)
+
+
+@pytest.mark.parametrize("embedder", [dict()], indirect=True)
+def test_batching_is_automatic_off_on_the_cpu(embedder):
+    # On the CPU a run costs per image: waiting for company would only add latency.
+    servicer, stub = embedder
+    assert servicer.model.provider == "CPUExecutionProvider" and servicer.batcher is None
+    assert from_tensor(stub.Embed(request(3)).embeddings).shape == (1, 1280)

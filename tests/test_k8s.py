@@ -546,12 +546,16 @@ def test_network_policies(render):
         if s == "index":  # its own replicas and tooling too
             allowed += [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": n}}}
                         for n in ("smily-index", "smily-tooling")]
+        if s == "tiler":  # the embedder reads a slide's tiles itself (EmbedSlide)
+            allowed += [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "smily-embedder"}}}]
         for r in grpc_rules:
             assert r["from"] == allowed, f"{s} open to more than {allowed}"
-        # Backends dial nobody but DNS; index replicas PostgreSQL too.
+        # Backends dial nobody but DNS; index replicas PostgreSQL too; the embedder the tiler.
         egress = [{p["port"] for p in r["ports"]} for r in _peers_allowed(policies, labels(s), "Egress")]
-        assert all(ports == {53} or (s == "index" and ports == {5432}) for ports in egress), s
+        assert all(ports == {53} or (s == "index" and ports == {5432})
+                   or (s == "embedder" and ports == {DEFAULTS.tiler_port}) for ports in egress), s
         assert (s == "index") == ({5432} in egress), s
+        assert (s == "embedder") == ({DEFAULTS.tiler_port} in egress), s
     gw_egress = _peers_allowed(policies, labels("gateway"), "Egress")
     gw_ports = {p["port"] for r in gw_egress for p in r.get("ports", [])}
     assert {DEFAULTS.tiler_port, DEFAULTS.embedder_port, DEFAULTS.index_port, 6379} <= gw_ports

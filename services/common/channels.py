@@ -11,6 +11,7 @@ import json
 
 import grpc
 
+from . import tracing
 from .server import MAX_MESSAGE_BYTES
 
 # Methods that may run twice with the same effect and answer. CommitSlide is
@@ -56,5 +57,5 @@ def channel(target: str, credentials: grpc.ChannelCredentials | None = None) -> 
         ("grpc.max_reconnect_backoff_ms", 2000),
     ]
     if credentials is None:
-        return grpc.insecure_channel(target, options=options)
-    return grpc.secure_channel(target, credentials, options=options)
+        return tracing.intercept(grpc.insecure_channel(target, options=options))
+    return tracing.intercept(grpc.secure_channel(target, credentials, options=options))

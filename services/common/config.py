@@ -52,9 +52,11 @@ class Settings:
     intra_op_threads: int = 0
     max_batch: int = 64
     # Dynamic batching: concurrent requests are coalesced up to preferred_batch
-    # images or until the oldest has waited max_queue_delay_ms; 1 or 0 turns it
-    # off. At most max_queue images wait; more get RESOURCE_EXHAUSTED.
-    preferred_batch: int = 32
+    # images or until the oldest has waited max_queue_delay_ms; 1 turns it off.
+    # At most max_queue images wait; more get RESOURCE_EXHAUSTED.
+    # 0 = automatic (issue 19): 32 on a GPU, off on the CPU, where a batch costs
+    # per image anyway and waiting for company only adds latency.
+    preferred_batch: int = 0
     max_queue_delay_ms: float = 2.0
     max_queue: int = 256
     # TensorRT only (when onnxruntime-gpu finds it): build FP16 engines.
@@ -182,6 +184,10 @@ class Settings:
     # per transform) or "mean" (one search with the mean embedding).
     query_merge: str = "max"
 
+    # Issue 19: the embedder reads tiles from the tiler itself (EmbedSlide), so under
+    # mTLS the tiler accepts these identities too.
+    tls_tiler_clients: tuple[str, ...] = ("smily-embedder",)
+
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> Settings:
         env = os.environ if environ is None else environ
@@ -196,7 +202,7 @@ class Settings:
 
 # Lists of network addresses cannot use ":".
 _SEPARATORS = {"index_targets": ",", "tls_backend_clients": ",", "tls_index_clients": ",", "dicomweb_url": ",",
-               "tile_mpps": ",", "query_transforms": ","}
+               "tile_mpps": ",", "query_transforms": ",", "tls_tiler_clients": ","}
 
 
 def _parse(f: dataclasses.Field, raw: str):

@@ -22,7 +22,7 @@ import prometheus_client as prom
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from . import logs, memory, tls
+from . import logs, memory, tls, tracing
 from .caller import caller_of
 from .config import Settings
 from .errors import Busy, ServiceError
@@ -235,10 +235,11 @@ def start(
     memory.keep_large_buffers()
     regs = list(registrations)
     label = regs[0].name.split(".")[1] if regs else "server"
+    tracing.configure(label)  # once per process; off unless OTEL_* ask for an exporter
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max(worker_threads, max_concurrent_rpcs) + SPARE_THREADS,
                                    thread_name_prefix=label),
-        interceptors=[_Interceptor(label, Admission(max_concurrent_rpcs))]
+        interceptors=[tracing.ServerInterceptor(), _Interceptor(label, Admission(max_concurrent_rpcs))]
         + ([tls.PeerCheck(allowed_clients)] if allowed_clients is not None else [])
         + [i for r in regs for i in r.interceptors],
         options=SERVER_OPTIONS,

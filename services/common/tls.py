@@ -130,7 +130,7 @@ def allowed_clients(settings: Settings, service: str) -> frozenset[str] | None:
     """Identities a service accepts under mTLS; None = any certificate from the CA."""
     if not mtls(settings) or service == "gateway":
         return None  # the gateway authenticates its callers by token
-    extra = settings.tls_index_clients if service == "index" else ()
+    extra = {"index": settings.tls_index_clients, "tiler": settings.tls_tiler_clients}.get(service, ())
     return frozenset(settings.tls_backend_clients) | frozenset(extra)
 
 

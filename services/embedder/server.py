@@ -1,17 +1,34 @@
-"""EmbedderService: decode, preprocess and embed batches of tissue images."""
+"""EmbedderService: decode, preprocess and embed batches of tissue images,
+and whole slides read straight from the tiler (EmbedSlide)."""
 from __future__ import annotations
 
+import grpc
+import numpy as np
+
 from smily.common import images
+from smily.common.channels import channel
 from smily.common.config import Settings
 from smily.common.errors import require
 from smily.common.server import Registration
 from smily.common.tensors import to_tensor
+from smily.common.tls import channel_credentials
+from smily.common.tracing import span
 from smily.embedder.v1 import embedder_pb2, embedder_pb2_grpc
+from smily.tiler.v1 import tiler_pb2, tiler_pb2_grpc
 
 from . import model_repo
 from .batcher import BATCH_SIZE, Batcher
 from .preprocess import resize
 from .runtime import Model
+
+DEFAULT_SLIDE_BATCH = 32
+# Dynamic batching by default on a GPU only: there a run costs about the same for 1
+# image or 32 (2.6x the throughput of 16 clients on an H200). On the CPU a run costs
+# per image, so batching buys no throughput and cost a one-image query ~5 ms of
+# waiting and hand-offs (docs/benchmarks.md).
+AUTO_GPU_BATCH = 32
+# gRPC reports a call without a deadline as ~9.2e18 s remaining.
+NO_DEADLINE_S = 1e9
 
 
 class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
@@ -20,32 +37,83 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
         config, path = model_repo.load(settings.model_repository, settings.model)
         self.model = Model(config, path, settings.intra_op_threads, settings.max_batch, settings.gpu_fp16)
         self._max_batch = settings.max_batch
-        batching = settings.preferred_batch > 1 and settings.max_queue_delay_ms > 0
-        self.batcher = Batcher(self.model.embed_tensor, settings.preferred_batch, settings.max_queue_delay_ms / 1e3,
+        preferred = settings.preferred_batch or (AUTO_GPU_BATCH if self.model.fixed_batch else 1)
+        batching = preferred > 1 and settings.max_queue_delay_ms > 0
+        self.batcher = Batcher(self.model.embed_tensor, preferred, settings.max_queue_delay_ms / 1e3,
                                settings.max_queue) if batching else None
+        # Dialled on the first EmbedSlide only: a channel connects lazily.
+        # Under mTLS the tiler must accept this service's identity (SMILY_TLS_TILER_CLIENTS).
+        self._tiler_channel = channel(settings.tiler_target, channel_credentials(settings))
+        self._tiler = tiler_pb2_grpc.TilerServiceStub(self._tiler_channel)
+
+    def _embed_images(self, imgs) -> np.ndarray:
+        decoded = []
+        size = self.model.preprocess.size
+        with span("decode", images=len(imgs)):
+            for i, img in enumerate(imgs):
+                try:
+                    # Shrunk to the model's input at once: a request holds at most
+                    # one full-size decoded image, not max_batch of them.
+                    decoded.append(resize(images.decode(img.data, img.encoding, img.width, img.height), size))
+                except images.InvalidArgument as exc:
+                    raise images.InvalidArgument(f"image {i}: {exc}") from None
+        with span("preprocess"):
+            tensor = self.model.preprocess(decoded)
+        with span("inference", provider=self.model.provider):  # queue wait included when batching
+            if self.batcher is not None:
+                return self.batcher.submit(tensor)
+            BATCH_SIZE.observe(len(decoded))
+            return self.model.embed_tensor(tensor)
 
     def Embed(self, request, context):
         n = len(request.images)
         require(n > 0, "no images to embed")
         require(n <= self._max_batch, f"at most {self._max_batch} images per request, got {n}")
-        decoded = []
-        size = self.model.preprocess.size
-        for i, img in enumerate(request.images):
-            try:
-                # Shrunk to the model's input at once: a request holds at most
-                # one full-size decoded image, not max_batch of them.
-                decoded.append(resize(images.decode(img.data, img.encoding, img.width, img.height), size))
-            except images.InvalidArgument as exc:
-                raise images.InvalidArgument(f"image {i}: {exc}") from None
-        tensor = self.model.preprocess(decoded)
-        if self.batcher is not None:
-            vectors = self.batcher.submit(tensor)
-        else:
-            BATCH_SIZE.observe(n)
-            vectors = self.model.embed_tensor(tensor)
         return embedder_pb2.EmbedResponse(
-            embeddings=to_tensor(vectors), model_id=self.model.config.model_id
+            embeddings=to_tensor(self._embed_images(request.images)), model_id=self.model.config.model_id
         )
+
+    def EmbedSlide(self, request, context):
+        batch = request.batch or DEFAULT_SLIDE_BATCH
+        require(0 < batch <= self._max_batch, f"batch must be in 1..{self._max_batch}, got {batch}")
+        tiles_request = tiler_pb2.StreamTilesRequest()
+        tiles_request.CopyFrom(request.tiles)
+        tiles_request.encoding = images.RAW_RGB  # nothing to decode here
+        remaining = context.time_remaining()
+        stream = self._tiler.StreamTiles(tiles_request, timeout=remaining if remaining < NO_DEADLINE_S else None)
+        # The caller cancelled or its deadline passed: stop the tiler's reads too.
+        context.add_callback(stream.cancel)
+        model_id = self.model.config.model_id
+        total = -1
+        pending: list[tiler_pb2.Tile] = []
+
+        def embedded() -> embedder_pb2.EmbedSlideResponse:
+            out = embedder_pb2.EmbedSlideResponse(
+                embeddings=to_tensor(self._embed_images([t.image for t in pending])), model_id=model_id,
+                tiles_total=total)
+            for t in pending:
+                out.tiles.add(x=t.x, y=t.y, width=t.width, height=t.height, mpp=t.mpp,
+                              tissue_fraction=t.tissue_fraction)
+            pending.clear()
+            return out
+
+        try:
+            for msg in stream:
+                if msg.tiles_total != total:
+                    total = msg.tiles_total
+                    yield embedder_pb2.EmbedSlideResponse(model_id=model_id, tiles_total=total)
+                for tile in msg.tiles:
+                    pending.append(tile)
+                    if len(pending) >= batch:
+                        yield embedded()
+            if pending:
+                yield embedded()
+        except grpc.RpcError:
+            if not context.is_active():
+                return  # cancelled by the caller: nobody is listening
+            raise
+        finally:
+            stream.cancel()
 
     def GetModelInfo(self, request, context):
         c = self.model.config
@@ -57,10 +125,10 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
             )
         )
 
-
     def close(self) -> None:
         if self.batcher is not None:
             self.batcher.close()
+        self._tiler_channel.close()
 
 
 def registration(settings: Settings) -> Registration:

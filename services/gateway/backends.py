@@ -34,6 +34,8 @@ _ALWAYS = {C.NOT_FOUND, C.FAILED_PRECONDITION, C.ABORTED}
 _CALLER_INPUT = {
     "tiler": {"GetSlideInfo", "ReadRegion", "ListCaseSeries"},
     "index": {"ListSlides", "PutConcept", "GetConcept", "DeleteConcept"},
+    # Query images reach the embedder undecoded (only their header is checked here).
+    "embedder": {"Embed"},
 }
 
 

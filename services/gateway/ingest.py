@@ -1,4 +1,4 @@
-"""Ingest as an operation: tiler -> embedder (batches) -> index, in the background.
+"""Ingest as an operation: the embedder embeds the tiler's tiles (batches) -> index, in the background.
 
 IngestSlide returns an operation at once; a bounded pool runs the work and
 the rest wait in its queue. Tiles are staged under a fresh generation and
@@ -220,7 +220,7 @@ class Ingestor:
             self._check_cancel(op_id)  # a cancel that came before the stream was registered
 
         for tiles, embeddings, model_id in embed_slide(
-                b, source, params(tiling), slide_mpp, self._batch, timeout, max(timeout, 3600.0),
+                b, source, params(tiling), slide_mpp, self._batch, max(timeout, 3600.0),
                 on_stream=registered, on_total=lambda n: self._update(op_id, tiles_total=n),
                 before_batch=lambda: self._check_cancel(op_id)):
             embedded += len(tiles)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import threading
 
+import grpc
 import numpy as np
 from PIL import Image
 
@@ -13,6 +14,7 @@ from smily.common import images, limits
 from smily.common.errors import Aborted, Busy, FailedPrecondition, InvalidArgument, require
 from smily.common.tensors import from_tensor
 from smily.common.tiling import DEFAULT_MPPS, Tiling
+from smily.common.tracing import span
 from smily.embedder.v1 import embedder_pb2
 from smily.gateway.v1 import gateway_pb2
 from smily.index.v1 import index_pb2
@@ -20,7 +22,7 @@ from smily.tiler.v1 import tiler_pb2
 from smily.types.v1 import types_pb2
 
 from . import dihedral, vectors
-from .backends import Backends
+from .backends import BackendError, Backends
 from .streaming import check_tiling, embed_slide
 from .tilings import IndexTiling, params
 
@@ -69,7 +71,9 @@ class QueryEngine:
         model_id = self.current_model(context)
         names = self.transforms
         cache_key = f"smily:emb:{model_id}:{key}" + ("" if len(names) == 1 else ":" + ",".join(names))
-        flat = self._cache.get(cache_key)
+        with span("cache.get") as s:
+            flat = self._cache.get(cache_key)
+            s.set_attribute("hit", flat is not None)
         if flat is not None:
             return flat.reshape(len(names), -1), model_id, True
         image = fetch_image()
@@ -82,7 +86,8 @@ class QueryEngine:
         resp = self._b.embedder.Embed(embedder_pb2.EmbedRequest(images=batch), timeout=self._b.timeout(context))
         vectors_ = from_tensor(resp.embeddings)
         self._check_model(resp.model_id, model_id)
-        self._cache.put(cache_key, vectors_)
+        with span("cache.put"):
+            self._cache.put(cache_key, vectors_)
         return vectors_, resp.model_id, False
 
     def _check_model(self, got: str, expected: str) -> None:
@@ -131,12 +136,12 @@ class QueryEngine:
 
         def checked() -> types_pb2.Image:
             # A cache miss only: the header is checked (format, pixel limit)
-            # before any decoding, then the image is decoded once here, so a bad
-            # image is the caller's INVALID_ARGUMENT, never the embedder's.
-            rgb = images.decode(data)
+            # without decoding. At the indexed resolution the embedder decodes the
+            # image, once; stated at another, it is decoded here and resampled.
+            images.header(data)
             if abs(scale - 1) <= MPP_TOLERANCE:
                 return types_pb2.Image(data=data)
-            # Stated at another resolution than the nearest indexed one: resample to it.
+            rgb = images.decode(data)
             h, w = rgb.shape[:2]
             size = (max(1, round(w * scale)), max(1, round(h * scale)))
             rgb = np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.LANCZOS))
@@ -144,7 +149,12 @@ class QueryEngine:
                                    width=size[0], height=size[1])
 
         key = hashlib.sha256(data).hexdigest() + ("" if abs(scale - 1) <= MPP_TOLERANCE else f":{stated}:{mpp}")
-        return (*self._embed(checked, key, context), mpp)
+        try:
+            return (*self._embed(checked, key, context), mpp)
+        except BackendError as exc:  # bytes that passed the header check but do not decode
+            if exc.code == grpc.StatusCode.INVALID_ARGUMENT:
+                raise InvalidArgument(f"query image: {str(exc).removeprefix('image 0: ')}") from None
+            raise
 
     def examples(self, examples, what: str, context, image_mpp: float = 0.0):
         """Embeddings of Example messages: (array [n, transforms, dim], all cached, region slide ids,
@@ -230,7 +240,7 @@ class QueryEngine:
                        "it runs at once", retry_after_s=10)
         try:
             chunks = []
-            for _, embeddings, got in embed_slide(self._b, source, t, slide_mpp, self._batch, timeout, timeout):
+            for _, embeddings, got in embed_slide(self._b, source, t, slide_mpp, self._batch, timeout):
                 self._check_model(got, model_id)
                 chunks.append(from_tensor(embeddings))
         finally:

@@ -128,7 +128,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         require(request.page_size >= 0, "page_size must not be negative")
         require(request.max_hits_per_slide >= 0, "max_hits_per_slide must not be negative")
         require(request.nprobe >= 0, "nprobe must not be negative")
-        fp = paging.fingerprint(request)
+        # Only paged requests need the fingerprint (it serialises the whole request, image and all).
+        fp = paging.fingerprint(request) if request.page_token or request.page_size else ""
         offset = paging.read_token(request.page_token, fp)
         require(request.image_mpp >= 0, "image_mpp must not be negative")
         queries, model_id, cached, slides, mpp = self._q.query_vector(request, context)

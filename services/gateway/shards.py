@@ -31,11 +31,12 @@ from __future__ import annotations
 
 import base64
 import collections
+import contextvars
 import itertools
 import queue
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import grpc
 import prometheus_client as prom
@@ -230,8 +231,15 @@ class ShardedIndex:
     def _all(self, method: str, request, timeout, shards=None, partial=False):
         """(replies, missing shard numbers) of one call per shard, in parallel."""
         shards = self.shards if shards is None else shards
-        futures = [(s, self._pool.submit(s.search, request, timeout) if method == "Search"
-                    else self._pool.submit(s.call, method, request, timeout)) for s in shards]
+
+        def one(s: Shard):
+            return s.search(request, timeout) if method == "Search" else s.call(method, request, timeout)
+
+        futures: list[tuple[Shard, _Done | Future]]
+        if len(shards) == 1:  # in this thread: no hand-off to the pool and back
+            futures = [(shards[0], _Done(one, shards[0]))]
+        else:  # each in a copy of this context, so the trace goes on in the pool's threads
+            futures = [(s, self._pool.submit(contextvars.copy_context().run, one, s)) for s in shards]
         replies, missing = [], []
         for shard, f in futures:
             try:
@@ -261,7 +269,8 @@ class ShardedIndex:
                 raise
             # Not where the current shard count puts it: maybe not moved there yet (resharding).
             others = [s for s in self.shards if s is not placed]
-            for f in [self._pool.submit(s.call, "GetSlide", request, timeout) for s in others]:
+            for f in [self._pool.submit(contextvars.copy_context().run, s.call, "GetSlide", request, timeout)
+                      for s in others]:
                 try:
                     return f.result()
                 except grpc.RpcError:
@@ -335,3 +344,18 @@ def connect(targets, credentials=None) -> tuple[ShardedIndex, list[list]]:
     balanced = [[t.startswith(BALANCED_SCHEMES) for t in replicas] for replicas in names]
     stubs = [[index_pb2_grpc.IndexServiceStub(c) for c in replicas] for replicas in channels]
     return ShardedIndex(stubs, balanced), channels
+
+
+class _Done:
+    """A call already made, shaped like a future: an error surfaces at result()."""
+
+    def __init__(self, fn, *args):
+        try:
+            self._value, self._error = fn(*args), None
+        except BaseException as exc:
+            self._value, self._error = None, exc
+
+    def result(self):
+        if self._error is not None:
+            raise self._error
+        return self._value

@@ -1,5 +1,9 @@
-"""One slide's tissue tiles streamed from the tiler and embedded in batches:
-the loop behind both ingest and whole-slide (mosaic) queries."""
+"""One slide's tissue tiles embedded in batches: the loop behind both ingest
+and whole-slide (mosaic) queries.
+
+The embedder reads the tiles from the tiler itself (EmbedSlide), so pixels
+never pass through the gateway; it hands back tile rectangles and embeddings.
+"""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
@@ -31,39 +35,29 @@ def check_tiling(info: tiler_pb2.SlideInfo, slide_mpp: float, tiling: tiler_pb2.
 
 
 def embed_slide(b: Backends, source: str, tiling: tiler_pb2.TilingParams, slide_mpp: float, batch: int,
-                timeout: float, stream_timeout: float,
+                stream_timeout: float,
                 on_stream: Callable[[object], None] = lambda stream: None,
                 on_total: Callable[[int], None] = lambda total: None,
                 before_batch: Callable[[], None] = lambda: None,
                 ) -> Iterator[tuple[list[tiler_pb2.Tile], types_pb2.Tensor, str]]:
-    """Yields (tiles, embeddings tensor, model id) per batch of at most `batch` tiles.
+    """Yields (tiles without pixels, embeddings tensor, model id) per batch of at most `batch` tiles.
 
-    on_stream gets the tiler stream (so a caller can cancel it), on_total the
-    planned tile count whenever it changes, and before_batch runs before each
-    Embed call (a cancellation point)."""
-    stream = b.tiler.StreamTiles(
-        tiler_pb2.StreamTilesRequest(slide=source, params=tiling, encoding=types_pb2.IMAGE_ENCODING_RAW_RGB,
-                                     slide_mpp=slide_mpp),
+    on_stream gets the EmbedSlide call (cancelling it cancels the embedder's
+    tile stream too), on_total the planned tile count whenever it changes,
+    and before_batch runs before each batch is handed on (a cancellation point)."""
+    stream = b.embedder.EmbedSlide(
+        embedder_pb2.EmbedSlideRequest(
+            tiles=tiler_pb2.StreamTilesRequest(slide=source, params=tiling, slide_mpp=slide_mpp), batch=batch),
         timeout=stream_timeout)
-    on_stream(stream)
-    pending: list[tiler_pb2.Tile] = []
-
-    def embed():
-        before_batch()
-        resp = b.embedder.Embed(embedder_pb2.EmbedRequest(images=[t.image for t in pending]), timeout=timeout)
-        out = (list(pending), resp.embeddings, resp.model_id)
-        pending.clear()
-        return out
-
-    total = 0
-    for msg in stream:
-        if total != msg.tiles_total:
-            total = msg.tiles_total
-            on_total(total)
-        for tile in msg.tiles:
-            pending.append(tile)
-            if len(pending) >= batch:
-                yield embed()
-    if pending:
-        yield embed()
-
+    try:
+        on_stream(stream)
+        total = 0
+        for msg in stream:
+            if total != msg.tiles_total:
+                total = msg.tiles_total
+                on_total(total)
+            if msg.tiles:
+                before_batch()
+                yield list(msg.tiles), msg.embeddings, msg.model_id
+    finally:  # a caller that stops early (cancel, error) ends the embedder's work too
+        stream.cancel()

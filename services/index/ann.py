@@ -14,6 +14,8 @@ import faiss
 import numpy as np
 
 FLAT = "Flat"
+# Bytes of vectors or codes a search scans, above which it uses every OpenMP thread.
+SINGLE_THREAD_BYTES = 64 << 20
 
 
 def auto_factory(n: int, dim: int, threshold: int) -> str:
@@ -73,11 +75,26 @@ def search(index: faiss.Index, queries: np.ndarray, k: int, nprobe: int,
     ivf = _ivf(index)
     if ivf is None:
         params = faiss.SearchParameters(sel=selector) if selector is not None else None
+        scanned = index.ntotal * index.d * 4
     else:
-        params = faiss.SearchParametersIVF(sel=selector, nprobe=max(1, min(nprobe, ivf.nlist)))
+        nprobe = max(1, min(nprobe, ivf.nlist))
+        params = faiss.SearchParametersIVF(sel=selector, nprobe=nprobe)
         if isinstance(index, faiss.IndexPreTransform):
             params = faiss.SearchParametersPreTransform(index_params=params)
-    return index.search(np.ascontiguousarray(queries, np.float32), k, params=params)
+        scanned = index.ntotal * nprobe // max(1, ivf.nlist) * ivf.code_size
+    queries = np.ascontiguousarray(queries, np.float32)
+    if len(queries) * scanned > SINGLE_THREAD_BYTES:
+        return index.search(queries, k, params=params)
+    # A small scan runs fastest on this thread alone: waking and joining OpenMP's
+    # threads costs more than they save, most of all on busy cores (a 642-vector
+    # exact search took 7.1 ms on 2 threads, 0.25 ms on one; docs/benchmarks.md).
+    # The setting is per thread, so training elsewhere keeps every core.
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        return index.search(queries, k, params=params)
+    finally:
+        faiss.omp_set_num_threads(before)
 
 
 def _ivf(index: faiss.Index):

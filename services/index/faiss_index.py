@@ -25,6 +25,7 @@ from smily.common import tiling as tilings
 from smily.common.errors import FailedPrecondition, InvalidArgument
 from smily.common.rwlock import RWLock
 from smily.common.tiling import Tiling
+from smily.common.tracing import span
 
 from . import ann, snapshot
 from .sqlite_store import SqliteStorage
@@ -430,13 +431,14 @@ class TileIndex:
             rescore = not exact and self.config.rerank > 1
             want = min(max(k, min(k * self.config.rerank, RERANK_MAX)) if rescore else k, available)
             nprobe = nprobe or self.config.nprobe
-            while True:
-                scores, ids = ann.search(self._faiss, query, max(want, 1), nprobe, selector)
-                found = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
-                # A selective filter can leave the probed lists short of hits: probe more, up to all lists.
-                if len(found) >= want or exact or nprobe >= ann.nlist(self._faiss):
-                    break
-                nprobe *= 2
+            with span("index.search", candidates=want, exact=exact):
+                while True:
+                    scores, ids = ann.search(self._faiss, query, max(want, 1), nprobe, selector)
+                    found = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
+                    # A selective filter can leave the probed lists short of hits: probe more, up to all lists.
+                    if len(found) >= want or exact or nprobe >= ann.nlist(self._faiss):
+                        break
+                    nprobe *= 2
             return self._hits(found, k, query, rescore)
 
     def _ids_at(self, mpp_range: tuple[float, float]) -> np.ndarray:
@@ -462,11 +464,13 @@ class TileIndex:
         if not found:
             return []
         if rescore:
-            ids, vecs = self._vectors([f[0] for f in found])
-            found = list(zip(ids.tolist(), (vecs @ query[0]).tolist()))
+            with span("rerank", candidates=len(found)):
+                ids, vecs = self._vectors([f[0] for f in found])
+                found = list(zip(ids.tolist(), (vecs @ query[0]).tolist()))
         found.sort(key=lambda f: -f[1])
         found = found[:k]
-        records = self.storage.records([i for i, _ in found])
+        with span("index.records"):
+            records = self.storage.records([i for i, _ in found])
         return [Hit(r[0], r[1], score, r[2]) for i, score in found if (r := records.get(i))]
 
     def get_slide(self, slide_id: str) -> Slide:

@@ -48,6 +48,9 @@ def _slide(row) -> Slide:
 def _ids(rows) -> np.ndarray:
     return np.fromiter((r[0] for r in rows), np.int64)
 
+# The most of the file read through a memory map (SQLite caps it at its build's limit).
+MMAP_BYTES = 1 << 40
+
 
 class SqliteStorage:
     """storage.Storage on one SQLite file in `directory`."""
@@ -58,6 +61,9 @@ class SqliteStorage:
                                    isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
+        # Reads through a memory map, not a read() per 4 KiB page: a search's
+        # re-rank reads ~1,000 vectors of 5 KiB at random (10 vs 18 ms at 100k tiles).
+        self._db.execute(f"PRAGMA mmap_size={MMAP_BYTES}")
         self._db.executescript(SCHEMA)
         if "slide_mpp" not in {r[1] for r in self._db.execute("PRAGMA table_info(slides)")}:
             # Indexes written before slides could state their resolution.

@@ -5,6 +5,7 @@ parsed in the reader processes of workers.WorkerPool.
 """
 from __future__ import annotations
 
+import contextvars
 import logging
 import math
 from collections import deque
@@ -23,6 +24,7 @@ from smily.common.tiling import (
     MAX_TILE_SIZE,
     MIN_STRIDE,
 )
+from smily.common.tracing import span
 from smily.tiler.v1 import tiler_pb2, tiler_pb2_grpc
 from smily.types.v1 import types_pb2
 
@@ -103,7 +105,7 @@ class TilerServicer(tiler_pb2_grpc.TilerServiceServicer):
                 if i < len(chunks):
                     rects = [(t.x, t.y, t.size) for t in chunks[i]]
                     pending.append((chunks[i], self._pool.submit(
-                        self.readers.call, "tiles", path, rects, tile_size, encoding)))
+                        contextvars.copy_context().run, self._read_tiles, path, rects, tile_size, encoding)))
                 if i < ahead:
                     continue
                 if not pending or not context.is_active():
@@ -122,6 +124,10 @@ class TilerServicer(tiler_pb2_grpc.TilerServiceServicer):
         finally:
             for _, future in pending:
                 future.cancel()
+
+    def _read_tiles(self, path: str, rects, tile_size: int, encoding: int) -> list[bytes]:
+        with span("tiler.read", tiles=len(rects)):
+            return self.readers.call("tiles", path, rects, tile_size, encoding)
 
     def ReadRegion(self, request, context):
         r = request
@@ -142,7 +148,8 @@ class TilerServicer(tiler_pb2_grpc.TilerServiceServicer):
                 f"region of {out_w}x{out_h} pixels exceeds the limit of {self._max_region_pixels}; "
                 "ask for a coarser mpp or a smaller region"
             )
-        data = self.readers.call("region", path, r.x, r.y, r.width, r.height, out_w, out_h, encoding)
+        with span("tiler.read", pixels=out_w * out_h):
+            data = self.readers.call("region", path, r.x, r.y, r.width, r.height, out_w, out_h, encoding)
         return tiler_pb2.ReadRegionResponse(
             image=types_pb2.Image(data=data, encoding=encoding, width=out_w, height=out_h),
             mpp=r.mpp or slide_mpp,
