@@ -68,7 +68,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     def __init__(self, settings: Settings):
         images.configure(settings.max_image_pixels, settings.image_decodes)
         self._b = Backends(settings)
-        self._readiness = Readiness(self._b.channels)
+        self._readiness = Readiness(self._b.stubs)
         tiling = tiler_pb2.TilingParams(
             mpp=settings.tile_mpp, tile_size=settings.tile_size, min_tissue_fraction=settings.min_tissue_fraction)
         redis = RedisGuard(settings.redis_url, settings.redis_timeout_s, settings.tls_ca_file,
