@@ -19,8 +19,8 @@ import os
 import re
 import shutil
 import subprocess
-import urllib.parse
 import sys
+import urllib.parse
 from pathlib import Path
 
 import pytest
