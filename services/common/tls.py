@@ -121,6 +121,13 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
                                                require_client_authentication=mtls(settings))
 
 
+def channel_credentials(settings: Settings) -> grpc.ChannelCredentials | None:
+    """Credentials as the files are now, or None for plaintext: for a short-lived
+    channel. A long-lived one should be a channels.RotatingStub, which follows renewals."""
+    rotating = client_credentials(settings)
+    return rotating.current()[1] if rotating else None
+
+
 class ClientCredentials:
     """A service's channel credentials, built again when its certificate files change.
     Its own certificate doubles as its client certificate (mTLS).
