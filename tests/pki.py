@@ -36,10 +36,12 @@ class CA:
         with open(self.path, "wb") as fh:
             fh.write(self.cert.public_bytes(serialization.Encoding.PEM))
 
-    def issue(self, name: str, dns=("localhost",), ips=("127.0.0.1",), ca: CA | None = None) -> tuple[str, str]:
+    def issue(self, name: str, dns=("localhost",), ips=("127.0.0.1",), ca: CA | None = None,
+              directory: str | None = None) -> tuple[str, str]:
         """A certificate for server and client use, SAN = name + dns + ips; returns (cert path, key path).
 
-        ca: sign with another CA (a stranger's certificate)."""
+        ca: sign with another CA (a stranger's certificate). directory: where to write the
+        pair (default: the CA's own), e.g. to renew a certificate without touching the first."""
         signer = ca or self
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.timezone.utc)
@@ -52,7 +54,9 @@ class CA:
                 .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
                                                       ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
                 .sign(signer.key, hashes.SHA256()))
-        cert_path, key_path = (os.path.join(self.dir, f"{name}.{ext}") for ext in ("crt", "key"))
+        where = directory or self.dir
+        os.makedirs(where, exist_ok=True)
+        cert_path, key_path = (os.path.join(where, f"{name}.{ext}") for ext in ("crt", "key"))
         # Write the key first and swap both in with rename, as a Secret update does.
         for path, data in ((key_path, _pem_key(key)), (cert_path, cert.public_bytes(serialization.Encoding.PEM))):
             with open(path + ".tmp", "wb") as fh:

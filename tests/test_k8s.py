@@ -20,6 +20,7 @@ import re
 import shutil
 import subprocess
 import sys
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -472,7 +473,7 @@ def test_redis_is_a_bounded_lru_cache_without_persistence(render):
         assert env["SMILY_REDIS_URL"]["valueFrom"]["secretKeyRef"]["name"] == "smily-redis-external"
         return
     assert "SMILY_REDIS_URL" not in env
-    assert config(objs)["SMILY_REDIS_URL"] == f"redis://smily-redis.{namespace(objs)}.svc.cluster.local:6379/0"
+    assert config(objs)["SMILY_REDIS_URL"] == f"rediss://smily-redis.{namespace(objs)}.svc.cluster.local:6379/0"
     one(objs, "Service", "smily-redis")
     (redis,) = pod_spec(one(objs, "Deployment", "smily-redis"))["containers"]
     args = redis["args"]
@@ -488,6 +489,51 @@ def test_redis_is_a_bounded_lru_cache_without_persistence(render):
     assert flags["--maxmemory-policy"] == "allkeys-lru"
     assert flags["--maxmemory"] and flags["--save"] == "" and flags["--appendonly"] == "no"
     assert not any("persistentVolumeClaim" in v for v in pod_spec(one(objs, "Deployment", "smily-redis"))["volumes"])
+
+
+def test_redis_serves_tls_only_with_a_certificate_the_gateway_verifies(render):
+    name, objs = render
+    if "external-redis" in name:  # the hospital's Redis: rediss:// in its Secret (components/external-redis)
+        assert not [c for c in find(objs, "Certificate") if c["spec"]["secretName"] == "smily-redis-tls"]
+        return
+    cfg = config(objs)
+    url = urllib.parse.urlsplit(cfg["SMILY_REDIS_URL"])
+    assert url.scheme == "rediss"
+    spec = pod_spec(one(objs, "Deployment", "smily-redis"))
+    (redis,) = spec["containers"]
+    args = redis["args"]
+    flags = {args[i]: args[i + 1] for i in range(0, len(args), 2)}
+    # No plaintext port; TLS on the port the Service and the NetworkPolicy name.
+    assert flags["--port"] == "0" and int(flags["--tls-port"]) == url.port == 6379
+    (port,) = one(objs, "Service", "smily-redis")["spec"]["ports"]
+    assert port["port"] == url.port and port["targetPort"] == "redis"
+    assert {p["name"]: p["containerPort"] for p in redis["ports"]} == {"redis": url.port}
+    # The certificate files come from the Secret cert-manager writes, signed by the suite's CA,
+    # which the gateway verifies Redis with (SMILY_TLS_CA_FILE), naming the host the gateway dials.
+    vols = {v["name"]: v for v in spec["volumes"]}
+    mounts = {m["mountPath"]: m for m in redis["volumeMounts"]}
+    mount = os.path.dirname(flags["--tls-cert-file"])
+    assert {flags["--tls-key-file"], flags["--tls-ca-cert-file"]} == {f"{mount}/tls.key", f"{mount}/ca.crt"}
+    assert mounts[mount]["readOnly"] is True
+    secret = vols[mounts[mount]["name"]]["secret"]["secretName"]
+    (cert,) = [c["spec"] for c in find(objs, "Certificate") if c["spec"]["secretName"] == secret]
+    assert url.hostname in cert["dnsNames"] and "server auth" in cert["usages"]
+    assert cert["issuerRef"] == one(objs, "Certificate", "smily-gateway")["spec"]["issuerRef"]
+    assert cfg["SMILY_TLS_CA_FILE"] == f"{mount}/ca.crt"
+    # Redis does not re-read its files: a sidecar has it load them (CONFIG SET) when they change,
+    # over TLS to a name on the certificate, with the password from the Secret.
+    (reload,) = spec["initContainers"]
+    assert reload["restartPolicy"] == "Always" and reload["image"] == redis["image"]
+    script = " ".join(reload["args"])
+    for flag in ("--tls-cert-file", "--tls-key-file", "--tls-ca-cert-file"):
+        assert f"{flag.removeprefix('--')} {flags[flag].replace(mount, '$dir')}" in script, flag
+    assert f"dir={mount}" in script and "CONFIG SET" in script and "--tls" in script
+    host = re.search(r"-h (\S+)", script)
+    assert host and host[1] in cert["dnsNames"] and f"-p {url.port}" in script
+    assert {m["mountPath"]: m["name"] for m in reload["volumeMounts"]} == {mount: mounts[mount]["name"]}
+    env = {e["name"]: e for e in reload["env"]}
+    redis_env = {e["name"]: e for e in redis["env"]}
+    assert env["REDISCLI_AUTH"]["valueFrom"] == redis_env["REDIS_PASSWORD"]["valueFrom"]
 
 
 def test_autoscaling(render):

@@ -3,19 +3,23 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
+import time
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from smily import stack
-from smily.common import tls
-from smily.common.channels import channel
+from smily.client import Client
+from smily.common import channels, tls
+from smily.common.channels import RotatingStub, channel
+from smily.gateway.v1 import gateway_pb2
 from smily.index.v1 import index_pb2, index_pb2_grpc
 from smily.localstack import free_port
 from smily.tiler.v1 import tiler_pb2, tiler_pb2_grpc
 
-from .conftest import base_settings, rpc_code
+from .conftest import TEST_SLIDES, base_settings, rpc_code
 from .pki import CA
 
 
@@ -85,7 +89,7 @@ def test_backends_accept_only_the_gateway_identity(pki, backends):
 
 
 def test_the_gateway_dials_backends_with_its_certificate(pki, backends):
-    """tls.channel_credentials is what the gateway's Backends use."""
+    """The credentials the gateway's Backends dial with (tls.client_credentials, via channel_credentials)."""
     assert _list(backends.index_target, tls.channel_credentials(backends)) == grpc.StatusCode.OK
 
 
@@ -153,3 +157,128 @@ def test_plaintext_prints_one_warning_line(tmp_path, caplog):
     stack.stop(running, 0)
     lines = [r for r in caplog.records if r.getMessage() == tls.PLAINTEXT_WARNING]
     assert len(lines) == 1
+
+
+def renew(pair: tuple[str, str], into: tuple[str, str]) -> None:
+    """Write a new pair over a mounted one as kubelet does: each file swapped whole, key first."""
+    for src, dst in ((pair[1], into[1]), (pair[0], into[0])):
+        shutil.copy(src, dst + ".new")
+        os.replace(dst + ".new", dst)
+
+
+def mounted(pair: tuple[str, str], directory: str) -> tuple[str, str]:
+    """A copy of the pair at the paths a Secret mount gives the service."""
+    os.makedirs(directory, exist_ok=True)
+    paths = os.path.join(directory, "tls.crt"), os.path.join(directory, "tls.key")
+    for src, dst in zip(pair, paths):
+        shutil.copy(src, dst)
+    return paths
+
+
+def until(condition, what: str, limit_s: float = 60.0):
+    """Poll condition() until it returns something true; fail naming what never happened."""
+    end = time.monotonic() + limit_s
+    while time.monotonic() < end:
+        got = condition()
+        if got:
+            return got
+        time.sleep(0.1)
+    pytest.fail(f"{what} did not happen within {limit_s:.0f} s")
+
+
+def test_client_credentials_follow_the_files_but_not_a_half_written_pair(pki, tmp_path, monkeypatch):
+    monkeypatch.setattr(tls, "CLIENT_CHECK_S", 0.0)
+    files = mounted(pki["gateway"], str(tmp_path / "mount"))
+    creds = tls.ClientCredentials(*files, pki["ca"].path)
+    generation, first = creds.current()
+    assert creds.current() == (generation, first)  # unchanged files: same credentials
+    renewed = pki["ca"].issue("smily-gateway", directory=str(tmp_path / "renewed"))
+    shutil.copy(renewed[1], files[1])  # the new key is there, the certificate is still the old one
+    assert creds.current() == (generation, first)
+    shutil.copy(renewed[0], files[0])
+    assert creds.current()[0] == generation + 1
+
+
+def test_a_call_in_flight_ends_on_the_channel_it_started_on(pki, backends, tmp_path, monkeypatch):
+    """A renewal dials a new channel; the old one is closed only once its calls have ended."""
+    monkeypatch.setattr(tls, "CLIENT_CHECK_S", 0.0)
+    monkeypatch.setattr(channels, "RETIRE_GRACE_S", 0.0)
+    closing: list = []  # (channel, stream still open) per close; calling a closing channel is not safe
+    close = channels._close_soon
+    monkeypatch.setattr(channels, "_close_soon", lambda ch: (closing.append((ch, stream.is_active())), close(ch)))
+    files = mounted(pki["gateway"], str(tmp_path / "mount"))
+    stub = RotatingStub(backends.tiler_target, tls.ClientCredentials(*files, pki["ca"].path),
+                        tiler_pb2_grpc.TilerServiceStub)
+    old = stub.channel
+    stream = stub.StreamTiles(tiler_pb2.StreamTilesRequest(slide="synth-a.tiff"), timeout=60)
+    first = next(stream)
+    renew(pki["ca"].issue("smily-gateway", directory=str(tmp_path / "renewed")), files)
+    assert stub.GetSlideInfo(tiler_pb2.GetSlideInfoRequest(slide="synth-a.tiff"), timeout=10).info.width > 0
+    assert stub.channel is not old
+    tiles = list(first.tiles) + [t for m in stream for t in m.tiles]
+    assert len(tiles) == first.tiles_total
+    assert until(lambda: closing, "closing the replaced channel") == [(old, False)]
+    stub.close()
+
+
+def _trust(path: str, *cas: CA) -> None:
+    with open(path + ".new", "wb") as fh:
+        fh.write(b"".join(read(ca.path) for ca in cas))
+    os.replace(path + ".new", path)
+
+
+def test_the_gateway_presents_its_renewed_certificate_without_a_restart(slide_dir, model_repo, tmp_path, monkeypatch):
+    """The gateway's client certificate is renewed (here by a new CA), the backends stop trusting the
+    old one and restart, so every connection is new: calls through the same gateway keep succeeding."""
+    monkeypatch.setattr(tls, "CLIENT_CHECK_S", 0.0)  # look at the files on every call: nothing to wait for
+    d = str(tmp_path)
+    old_ca, new_ca = CA(os.path.join(d, "old"), "ca-old"), CA(os.path.join(d, "new"), "ca-new")
+    trusted = os.path.join(d, "backends-trust.pem")  # the client CAs the backends accept, mid CA rotation
+    _trust(trusted, old_ca, new_ca)
+    cert, key = new_ca.issue("smily-backend")
+    s = base_settings(plaintext=False, tls_cert_file=cert, tls_key_file=key, tls_ca_file=trusted,
+                      tls_client_auth="require", slide_roots=(slide_dir,), model_repository=model_repo,
+                      index_dir=os.path.join(d, "index"))
+    back, s = stack.start(["tiler", "embedder", "index"], s)
+    old_pair = old_ca.issue("smily-gateway")
+    files = mounted(old_pair, os.path.join(d, "gateway-tls"))
+    front, gw = stack.start(["gateway"], dataclasses.replace(
+        s, tls_cert_file=files[0], tls_key_file=files[1], tls_ca_file=new_ca.path, tls_client_auth="none"))
+    callers_ca = os.path.join(d, "callers-trust.pem")  # the gateway serves its own certificate too
+    _trust(callers_ca, old_ca, new_ca)
+    client = Client(f"127.0.0.1:{gw.gateway_port}", timeout=120, tls_ca=callers_ca, token="", cert_file="",
+                    key_file="")
+    try:
+        slide = TEST_SLIDES[0].name
+        op = client.wait(client.ingest(slide, "synth-a"))
+        assert op.state == gateway_pb2.OPERATION_STATE_SUCCEEDED, op.error_message
+
+        new_pair = new_ca.issue("smily-gateway")
+        # Half written (the new key beside the old certificate): the gateway keeps its current pair.
+        shutil.copy(new_pair[1], files[1] + ".new")
+        os.replace(files[1] + ".new", files[1])
+        assert [x.slide_id for x in client.slides()] == ["synth-a"]
+        renew(new_pair, files)
+
+        # The CA rotation ends: the backends trust the new CA only, and restart (every connection anew).
+        _trust(trusted, new_ca)
+        stack.stop(back, 0)
+        back, _ = stack.start(["tiler", "embedder", "index"], s)
+        for pair, code in ((old_pair, grpc.StatusCode.UNAVAILABLE), (new_pair, grpc.StatusCode.OK)):
+            assert _list(s.index_target, creds(new_ca.path, pair)) == code
+            assert _tiler(s.tiler_target, creds(new_ca.path, pair)) == code
+
+        # Through the same gateway: the index, the tiler (the query region) and the embedder.
+        ready = health_pb2_grpc.HealthStub(channel(f"127.0.0.1:{gw.gateway_port}", creds(callers_ca)))
+        until(lambda: ready.Check(health_pb2.HealthCheckRequest(service="smily.gateway.v1.GatewayService"),
+                                  timeout=5).status == health_pb2.HealthCheckResponse.SERVING,
+              "the gateway's readiness with every backend")
+        assert [x.slide_id for x in client.slides()] == ["synth-a"]
+        hits = client.search(region=dict(slide_id="synth-a", x=0, y=0, width=224, height=224), k=3).hits
+        assert len(hits) == 3 and {h.slide_id for h in hits} == {"synth-a"}
+        op = client.wait(client.ingest(slide, "synth-a-again"))
+        assert op.state == gateway_pb2.OPERATION_STATE_SUCCEEDED, op.error_message
+    finally:
+        client.close()
+        stack.stop(front, 0)
+        stack.stop(back, 0)

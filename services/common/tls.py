@@ -2,15 +2,19 @@
 
 Servers use gRPC's dynamic SSL credentials: before each handshake gRPC asks
 for the current certificate, and we re-read the files only when they changed
-(cert-manager renews them in place), so a rotation needs no restart. Under
-mTLS the backends also check who the client is: the identity in its
-certificate (SAN, else CN) must be on the service's allow-list.
+(cert-manager renews them in place), so a rotation needs no restart. Client
+channels have no such hook: ClientCredentials checks the files at most every
+CLIENT_CHECK_S and hands out new credentials when they changed, and
+channels.RotatingStub dials again with them. Under mTLS the backends also
+check who the client is: the identity in its certificate (SAN, else CN) must
+be on the service's allow-list.
 """
 from __future__ import annotations
 
 import logging
 import os
 import threading
+import time
 
 import grpc
 from cryptography import x509
@@ -22,6 +26,8 @@ from .errors import PermissionDenied, ServiceError
 log = logging.getLogger("smily.tls")
 
 HEALTH_SERVICE = "grpc.health.v1.Health"
+# How often a client looks at its certificate files (a stat each) for a renewal.
+CLIENT_CHECK_S = 5.0
 PLAINTEXT_WARNING = ("warning: plaintext gRPC without TLS (SMILY_PLAINTEXT=1): for a local run only, "
                      "never on a network others share")
 
@@ -115,15 +121,64 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
                                                require_client_authentication=mtls(settings))
 
 
-def channel_credentials(settings: Settings) -> grpc.ChannelCredentials | None:
-    """Credentials for dialling another service, or None for plaintext.
+class ClientCredentials:
+    """A service's channel credentials, built again when its certificate files change.
+    Its own certificate doubles as its client certificate (mTLS).
 
-    The service's own certificate doubles as its client certificate (mTLS)."""
+    current() is cheap: the files are stat'ed at most every CLIENT_CHECK_S. A
+    changed pair whose key does not match its certificate (a renewal half
+    written) is not used: the current credentials stay until the pair matches."""
+
+    def __init__(self, cert_file: str, key_file: str, ca_file: str):
+        self._cert, self._key, self._ca = cert_file, key_file, ca_file
+        self._paths = [p for p in (cert_file, key_file, ca_file) if p]
+        self._lock = threading.Lock()
+        self._stamp = _stamp(self._paths)
+        credentials = self._load()
+        if credentials is None:
+            raise ValueError("SMILY_TLS_KEY_FILE does not match SMILY_TLS_CERT_FILE")
+        self._current: tuple[int, grpc.ChannelCredentials] = (0, credentials)
+        self._next_check = time.monotonic() + CLIENT_CHECK_S
+
+    def _load(self) -> grpc.ChannelCredentials | None:
+        key = _read(self._key) if self._key else None
+        cert = _read(self._cert) if self._cert else None
+        if cert is not None and key is not None and not _matching_pair(cert, key):
+            return None
+        return grpc.ssl_channel_credentials(_read(self._ca), key, cert)
+
+    def current(self) -> tuple[int, grpc.ChannelCredentials]:
+        """(generation, credentials): the generation grows by one at each reload."""
+        if time.monotonic() >= self._next_check:
+            self._check()
+        return self._current
+
+    def _check(self) -> None:
+        with self._lock:
+            if time.monotonic() < self._next_check:
+                return  # another caller just looked
+            self._next_check = time.monotonic() + CLIENT_CHECK_S
+            try:
+                stamp = _stamp(self._paths)
+                if stamp == self._stamp:
+                    return
+                credentials = self._load()
+            except Exception as exc:  # a file missing mid-swap: keep the current credentials
+                log.warning("client certificate reload failed; keeping the current one",
+                            extra={"error": type(exc).__name__})
+                return
+            if credentials is None:
+                return  # mid-rotation: look again at the next check
+            self._stamp = stamp
+            self._current = (self._current[0] + 1, credentials)
+        log.info("client certificate reloaded")
+
+
+def client_credentials(settings: Settings) -> ClientCredentials | None:
+    """The service's rotating client credentials, or None for plaintext."""
     if not settings.tls_ca_file:
         return None
-    key = _read(settings.tls_key_file) if settings.tls_key_file else None
-    cert = _read(settings.tls_cert_file) if settings.tls_cert_file else None
-    return grpc.ssl_channel_credentials(_read(settings.tls_ca_file), key, cert)
+    return ClientCredentials(settings.tls_cert_file, settings.tls_key_file, settings.tls_ca_file)
 
 
 def allowed_clients(settings: Settings, service: str) -> frozenset[str] | None:

@@ -6,12 +6,12 @@ import grpc
 import numpy as np
 
 from smily.common import images
-from smily.common.channels import channel
+from smily.common.channels import RotatingStub
 from smily.common.config import Settings
 from smily.common.errors import require
 from smily.common.server import Registration
 from smily.common.tensors import to_tensor
-from smily.common.tls import channel_credentials
+from smily.common.tls import client_credentials
 from smily.common.tracing import span
 from smily.embedder.v1 import embedder_pb2, embedder_pb2_grpc
 from smily.tiler.v1 import tiler_pb2, tiler_pb2_grpc
@@ -43,8 +43,8 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
                                settings.max_queue) if batching else None
         # Dialled on the first EmbedSlide only: a channel connects lazily.
         # Under mTLS the tiler must accept this service's identity (SMILY_TLS_TILER_CLIENTS).
-        self._tiler_channel = channel(settings.tiler_target, channel_credentials(settings))
-        self._tiler = tiler_pb2_grpc.TilerServiceStub(self._tiler_channel)
+        # Follows the embedder's client certificate when it is renewed.
+        self._tiler = RotatingStub(settings.tiler_target, client_credentials(settings), tiler_pb2_grpc.TilerServiceStub)
 
     def _embed_images(self, imgs) -> np.ndarray:
         decoded = []
@@ -128,7 +128,7 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
     def close(self) -> None:
         if self.batcher is not None:
             self.batcher.close()
-        self._tiler_channel.close()
+        self._tiler.close()
 
 
 def registration(settings: Settings) -> Registration:

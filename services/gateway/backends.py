@@ -15,10 +15,10 @@ import uuid
 
 import grpc
 
-from smily.common.channels import channel
+from smily.common.channels import RotatingStub
 from smily.common.config import Settings
 from smily.common.errors import DeadlineExceeded, ServiceError, Unavailable
-from smily.common.tls import channel_credentials
+from smily.common.tls import client_credentials
 from smily.embedder.v1 import embedder_pb2_grpc
 from smily.tiler.v1 import tiler_pb2_grpc
 
@@ -106,20 +106,23 @@ class Backend:
 
 
 class Backends:
+    """Every stub dials again when the gateway's client certificate is renewed (RotatingStub)."""
+
     def __init__(self, settings: Settings):
-        creds = channel_credentials(settings)
+        creds = client_credentials(settings)
         router, self._shards = connect(settings.index_targets or (settings.index_target,), creds)
         self._router = router
-        self._tiler, self._embedder = channel(settings.tiler_target, creds), channel(settings.embedder_target, creds)
-        self.tiler = Backend("tiler", tiler_pb2_grpc.TilerServiceStub(self._tiler), streams=("StreamTiles",))
-        self.embedder = Backend("embedder", embedder_pb2_grpc.EmbedderServiceStub(self._embedder))
+        self._tiler = RotatingStub(settings.tiler_target, creds, tiler_pb2_grpc.TilerServiceStub)
+        self._embedder = RotatingStub(settings.embedder_target, creds, embedder_pb2_grpc.EmbedderServiceStub)
+        self.tiler = Backend("tiler", self._tiler, streams=("StreamTiles",))
+        self.embedder = Backend("embedder", self._embedder, streams=("EmbedSlide",))
         self.index = Backend("index", router)
         self.default_timeout = settings.backend_timeout_s
 
     @property
-    def channels(self) -> dict[str, list[list[grpc.Channel]]]:
-        """Each backend's groups of interchangeable channels (the index: a
-        group of replicas per shard), for readiness."""
+    def stubs(self) -> dict[str, list[list[RotatingStub]]]:
+        """Each backend's groups of interchangeable stubs (the index: a group
+        of replicas per shard), for readiness."""
         return {"tiler": [[self._tiler]], "embedder": [[self._embedder]], "index": self._shards}
 
     def timeout(self, context=None) -> float:
@@ -131,5 +134,5 @@ class Backends:
 
     def close(self) -> None:
         self._router.close()
-        for ch in (self._tiler, self._embedder, *(c for shard in self._shards for c in shard)):
-            ch.close()
+        for stub in (self._tiler, self._embedder, *(s for shard in self._shards for s in shard)):
+            stub.close()

@@ -14,6 +14,7 @@ from collections.abc import Callable
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from smily.common.channels import RotatingStub
 from smily.embedder.v1 import embedder_pb2
 from smily.index.v1 import index_pb2
 from smily.tiler.v1 import tiler_pb2
@@ -30,25 +31,26 @@ SERVICES = {
 
 
 class Readiness:
-    def __init__(self, channels: dict[str, list[list[grpc.Channel]]]):
+    def __init__(self, stubs: dict[str, list[list[RotatingStub]]]):
         # A group is one shard's replicas (or a lone backend): it is down only
         # when none of them serves.
-        self._checks = [(name, [health_pb2_grpc.HealthStub(ch) for ch in group])
-                        for name, groups in channels.items() for group in groups]
+        self._checks = [(name, group) for name, groups in stubs.items() for group in groups]
         self._stop = threading.Event()
         self.down: list[str] = []
 
     def _probe(self) -> list[str]:
         down = []
-        for name, stubs in self._checks:
-            if not any(self._serving(stub, SERVICES[name]) for stub in stubs):
+        for name, group in self._checks:
+            if not any(self._serving(stub, SERVICES[name]) for stub in group):
                 down.append(name)
         return down
 
     @staticmethod
-    def _serving(stub, service: str) -> bool:
+    def _serving(stub: RotatingStub, service: str) -> bool:
+        # The channel as it is now: a renewed client certificate replaces it.
+        health = health_pb2_grpc.HealthStub(stub.channel)
         try:
-            status = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=CHECK_TIMEOUT_S).status
+            status = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=CHECK_TIMEOUT_S).status
         except grpc.RpcError:
             return False
         return status == health_pb2.HealthCheckResponse.SERVING

@@ -70,7 +70,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     def __init__(self, settings: Settings):
         images.configure(settings.max_image_pixels, settings.image_decodes)
         self._b = Backends(settings)
-        self._readiness = Readiness(self._b.channels)
+        self._readiness = Readiness(self._b.stubs)
         # The index's tiling record; these settings only for an index without one (its first ingest).
         self._tilings = IndexTiling(self._b.index, Tiling.from_settings(settings))
         self._dedup_iou = settings.dedup_iou

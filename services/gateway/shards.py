@@ -41,7 +41,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import grpc
 import prometheus_client as prom
 
-from smily.common.channels import channel
+from smily.common.channels import RotatingStub
 from smily.common.errors import Unavailable
 from smily.common.placement import shard_of
 from smily.index.v1 import index_pb2, index_pb2_grpc
@@ -336,14 +336,14 @@ class ShardedIndex:
         self._pool.shutdown(wait=False)
 
 
-def connect(targets, credentials=None) -> tuple[ShardedIndex, list[list]]:
+def connect(targets, credentials=None) -> tuple[ShardedIndex, list[list[RotatingStub]]]:
     """A ShardedIndex over SMILY_INDEX_TARGETS-style targets ("a1|a2" per shard)
-    and its channels, one list of replicas per shard."""
+    and its replicas' stubs, one list per shard. credentials: tls.ClientCredentials
+    (each replica's channel is dialled again when they are renewed), None for plaintext."""
     names = [[t.strip() for t in target.split(REPLICA_SEPARATOR) if t.strip()] for target in targets]
-    channels = [[channel(t, credentials) for t in replicas] for replicas in names]
+    stubs = [[RotatingStub(t, credentials, index_pb2_grpc.IndexServiceStub) for t in replicas] for replicas in names]
     balanced = [[t.startswith(BALANCED_SCHEMES) for t in replicas] for replicas in names]
-    stubs = [[index_pb2_grpc.IndexServiceStub(c) for c in replicas] for replicas in channels]
-    return ShardedIndex(stubs, balanced), channels
+    return ShardedIndex(stubs, balanced), stubs
 
 
 class _Done:
