@@ -89,8 +89,8 @@ def test_backends_accept_only_the_gateway_identity(pki, backends):
 
 
 def test_the_gateway_dials_backends_with_its_certificate(pki, backends):
-    """The credentials the gateway's Backends dial with (tls.client_credentials, via channel_credentials)."""
-    assert _list(backends.index_target, tls.channel_credentials(backends)) == grpc.StatusCode.OK
+    """The credentials the gateway's Backends dial with (tls.client_credentials)."""
+    assert _list(backends.index_target, tls.client_credentials(backends).current()[1]) == grpc.StatusCode.OK
 
 
 def test_a_client_that_does_not_trust_the_server_ca_fails(pki, backends):
@@ -236,8 +236,10 @@ def test_the_gateway_presents_its_renewed_certificate_without_a_restart(slide_di
     trusted = os.path.join(d, "backends-trust.pem")  # the client CAs the backends accept, mid CA rotation
     _trust(trusted, old_ca, new_ca)
     cert, key = new_ca.issue("smily-backend")
+    # The backends share one certificate here; the tiler admits it as the embedder's (EmbedSlide).
     s = base_settings(plaintext=False, tls_cert_file=cert, tls_key_file=key, tls_ca_file=trusted,
-                      tls_client_auth="require", slide_roots=(slide_dir,), model_repository=model_repo,
+                      tls_client_auth="require", tls_tiler_clients=("smily-backend",),
+                      slide_roots=(slide_dir,), model_repository=model_repo,
                       index_dir=os.path.join(d, "index"))
     back, s = stack.start(["tiler", "embedder", "index"], s)
     old_pair = old_ca.issue("smily-gateway")

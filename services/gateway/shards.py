@@ -322,7 +322,11 @@ class ShardedIndex:
         return index_pb2.ListConceptsResponse(concepts=concepts)
 
     def GetIndexInfo(self, request, timeout=None):
-        replies, _ = self._all("GetIndexInfo", request, timeout)
+        # Searches read the tiling record here: one shard down must not stop them all
+        # (counts then leave that shard out).
+        replies, missing = self._all("GetIndexInfo", request, timeout, partial=True)
+        if not replies:
+            raise NoReplica(missing[0])
         out = index_pb2.GetIndexInfoResponse(
             model_id=next((r.model_id for r in replies if r.model_id), ""), dim=max(r.dim for r in replies),
             tile_count=sum(r.tile_count for r in replies), slide_count=sum(r.slide_count for r in replies))
