@@ -2,7 +2,12 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
+import os
+import shlex
+import subprocess
+import time
 
 import grpc
 import openslide
@@ -18,6 +23,7 @@ from smily.synthetic import SlideSpec, write_samples
 from smily.tiler.v1 import tiler_pb2, tiler_pb2_grpc
 
 from .conftest import base_settings, rpc_code, streamed_tiles
+from .httpproc import HttpProcess
 from .orthanc import PHI, Orthanc
 
 SLIDES = (SlideSpec("case-a.tiff", "tiff", 3072, 3072, 0.5, 31), SlideSpec("case-b.tiff", "tiff", 3072, 3072, 0.5, 32))
@@ -108,7 +114,10 @@ def test_case_by_accession_end_to_end(pacs, redis_url, model_repo, tmp_path, cap
         responses.append(by_region)
         assert by_region.hits and all(h.slide_id == series_b for h in by_region.hits)
 
-        assert rpc_code(client.ingest_case, "NO-SUCH-CASE") == grpc.StatusCode.NOT_FOUND
+        # The archive is searched in the operation, so an unknown case fails there.
+        missing = client.wait(client.ingest_case("NO-SUCH-CASE"))
+        assert (missing.state, missing.error_code, len(missing.slides)) == (
+            gateway_pb2.OPERATION_STATE_FAILED, "NOT_FOUND", 0)
         assert rpc_code(client.ingest_case, "ACC*") == grpc.StatusCode.INVALID_ARGUMENT
         client.close()
     finally:
@@ -126,5 +135,103 @@ def test_case_by_accession_end_to_end(pacs, redis_url, model_repo, tmp_path, cap
              "redis": b"\n".join(stored).decode("latin-1")}
     assert '"slide_id"' in texts["logs"] and "case ingest started" in texts["logs"]
     for where, text in texts.items():
+        for value in PHI.values():
+            assert value not in text, (where, value)
+
+
+# -- the same through the HTTP/JSON API, with curl (docs/integration.md's worked example) --
+
+DONE = ("OPERATION_STATE_SUCCEEDED", "OPERATION_STATE_FAILED", "OPERATION_STATE_CANCELLED")
+DOC_URL = "http://127.0.0.1:8080"  # the default port, as the transcript shows it
+
+
+class CurlSession:
+    """The real curl binary against `smily serve http`; keeps every body it got and a
+    transcript of the calls marked `show` (set PACS_CURL_TRANSCRIPT=FILE to write it out)."""
+
+    def __init__(self, url: str, cwd: str):
+        self.url, self.cwd = url, cwd
+        self.bodies: list[str] = []
+        self.transcript: list[str] = []
+
+    def __call__(self, method: str, path: str, *args: str, show: bool = True) -> dict:
+        verb = ["-X", method] if method != "GET" else []
+        done = subprocess.run(["curl", "-sS", "--fail-with-body", *verb, self.url + path, *args], cwd=self.cwd,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, (path, done.returncode, done.stdout, done.stderr)
+        self.bodies.append(done.stdout)
+        body = json.loads(done.stdout)
+        if show:
+            command = shlex.join(["curl", "-s", *verb, DOC_URL + path])
+            if args:  # wrapped as the rest of docs/integration.md
+                command += (" \\\n    " if len(command) + len(shlex.join(args)) > 100 else " ") + shlex.join(args)
+            self.transcript += ["$ " + command, json.dumps(body, indent=2)]
+        return body
+
+    def shell(self, command: str) -> None:
+        subprocess.run(["bash", "-c", command], cwd=self.cwd, check=True, timeout=60)
+        self.transcript.append("$ " + command)
+
+
+def test_case_by_accession_over_http_with_curl(pacs, redis_url, model_repo, tmp_path, capfd):
+    """A case that exists only in Orthanc, ingested by accession and searched with a patch,
+    through `smily serve http` (its own process) and the real curl."""
+    orthanc, files, uids = pacs
+    (study_a, series_a), (study_b, series_b) = uids
+    (tmp_path / "roots").mkdir()
+    settings = base_settings(slide_roots=(str(tmp_path / "roots"),), model_repository=model_repo,
+                             index_dir=str(tmp_path / "index"), redis_url=redis_url, tiler_readers=1,
+                             dicomweb_url=(f"pacs={orthanc.dicomweb}",))
+    running, settings = stack.start(stack.ORDER, settings)
+    http = None
+    try:
+        http = HttpProcess(f"127.0.0.1:{settings.gateway_port}", str(tmp_path / "http.log"))
+        curl = CurlSession(http.url, str(tmp_path))
+        as_json = ("-H", "content-type: application/json", "-d")
+        assert curl("GET", "/v1/slides", show=False)["slides"] == []  # the cases exist only in the archive
+
+        for i, (accession, (study, series)) in enumerate(zip(CASES, uids)):
+            op = curl("POST", "/v1/cases:ingest", *as_json, json.dumps({"accessionNumber": accession}),
+                      show=i == 0)["operation"]
+            assert op["state"] in ("OPERATION_STATE_QUEUED", "OPERATION_STATE_RUNNING"), op
+            deadline = time.monotonic() + 300
+            while op["state"] not in DONE:
+                assert time.monotonic() < deadline, op
+                time.sleep(0.5)
+                op = curl("GET", f"/v1/operations/{op['operationId']}", show=False)["operation"]
+            if i == 0:  # the last poll, as the reader sees it
+                op = curl("GET", f"/v1/operations/{op['operationId']}")["operation"]
+            assert op["state"] == "OPERATION_STATE_SUCCEEDED", op
+            (entry,) = op["slides"]
+            assert (entry["slideId"], entry["studyInstanceUid"], entry["seriesInstanceUid"]) == (series, study, series)
+            assert entry["state"] == "OPERATION_STATE_SUCCEEDED" and int(entry["progress"]["tilesIndexed"]) > 0
+
+        slides = {s["slideId"]: s for s in curl("GET", "/v1/slides?pageSize=10")["slides"]}
+        assert set(slides) == {series_a, series_b}
+        for accession, (study, series) in zip(CASES, uids):
+            s = slides[series]
+            assert (s["studyInstanceUid"], s["seriesInstanceUid"], s["metadata"]["case_id"]) == (study, series, accession)
+
+        # A patch of slide B (cut from the original file, off the indexed grid) as base64 PNG in JSON.
+        png, _ = _patch(tiler_pb2_grpc.TilerServiceStub(channel(settings.tiler_target)),
+                        f"dicomweb:pacs/{study_b}/{series_b}", files[1])
+        (tmp_path / "patch.png").write_bytes(png)
+        curl.shell(r'echo "{\"image\": \"$(base64 -w0 patch.png)\", \"k\": 2}" > search.json')
+        hits = curl("POST", "/v1/search", *as_json, "@search.json")["hits"]
+        top = hits[0]
+        assert (top["slideId"], top["studyInstanceUid"], top["seriesInstanceUid"]) == (series_b, study_b, series_b), [
+            (h["slideId"], h["score"]) for h in hits]
+        assert top["metadata"]["case_id"] == CASES[1]
+    finally:
+        if http is not None:
+            http.stop()
+        stack.stop(running, 0)
+
+    if os.environ.get("PACS_CURL_TRANSCRIPT"):
+        with open(os.environ["PACS_CURL_TRANSCRIPT"], "w") as fh:
+            fh.write("\n".join(curl.transcript) + "\n")
+    # No patient attribute in any HTTP response, nor in the HTTP process's or the services' logs.
+    captured = capfd.readouterr()
+    for where, text in {"responses": "".join(curl.bodies), "logs": http.log() + captured.err + captured.out}.items():
         for value in PHI.values():
             assert value not in text, (where, value)

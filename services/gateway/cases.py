@@ -10,6 +10,7 @@ publishes it like any operation, so every replica answers GetOperation.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 import uuid
@@ -28,6 +29,9 @@ log = logging.getLogger("smily.cases")
 
 State = gateway_pb2.OperationState
 WATCH_S = 0.5
+# A DICOM SH without QIDO wildcards, as the tiler requires: a malformed accession
+# number is refused while the caller waits, not later in the operation.
+ACCESSION = re.compile(r"[^*?\\\x00-\x1f]{1,16}")
 MAX_CASES_KEPT = 1000
 
 
@@ -42,31 +46,61 @@ class CaseIngestor:
         self._stop = threading.Event()
         threading.Thread(target=self._watch, name="case-watch", daemon=True).start()
 
-    def start(self, accession: str, archive: str, slide_ids: dict[str, str], metadata: dict[str, str],
-              timeout: float) -> gateway_pb2.Operation:
-        found = self._b.tiler.ListCaseSeries(tiler_pb2.ListCaseSeriesRequest(
-            accession_number=accession, archive=archive), timeout=timeout).series
-        if not found:
-            raise NotFound("the archive has no whole-slide series (modality SM, ImageType VOLUME) "
-                           "with that accession number")
+    def start(self, accession: str, archive: str, slide_ids: dict[str, str],
+              metadata: dict[str, str]) -> gateway_pb2.Operation:
+        """The case's operation, at once: the archive is searched in the background, never
+        while the caller waits. An archive may call this from its own event handler and
+        answer no request until the call returns (Orthanc runs its Lua callbacks under a
+        lock that every request to its REST API and DICOMweb takes)."""
         op = gateway_pb2.Operation(operation_id=uuid.uuid4().hex, state=State.OPERATION_STATE_RUNNING,
                                    progress=gateway_pb2.IngestProgress())
+        with self._lock:
+            self._cases[op.operation_id] = op
+            self._trim()
+        threading.Thread(target=self._find, args=(op.operation_id, accession, archive, slide_ids, metadata),
+                         name="case-find", daemon=True).start()
+        # The accession number is an identifier: logs carry the operation id only.
+        log.info("case ingest started", extra={"operation_id": op.operation_id})
+        return self._refresh(op.operation_id)
+
+    def _find(self, operation_id: str, accession: str, archive: str, slide_ids: dict[str, str],
+              metadata: dict[str, str]) -> None:
+        """QIDO-RS (through the tiler) for the case's series, then one slide ingest each;
+        no series, or an archive error, fails the case with its code."""
+        timeout = self._b.timeout()
+        entries = []
+        try:
+            found = self._b.tiler.ListCaseSeries(tiler_pb2.ListCaseSeriesRequest(
+                accession_number=accession, archive=archive), timeout=timeout).series
+            if not found:
+                raise NotFound("the archive has no whole-slide series (modality SM, ImageType VOLUME) "
+                               "with that accession number")
+        except Exception as exc:
+            with self._lock:
+                op = self._cases[operation_id]
+                op.state = State.OPERATION_STATE_FAILED
+                op.error_code, op.error_message = _describe(exc)
+            self._refresh(operation_id, changed=True)
+            return
         for series in found:
-            entry = op.slides.add(slide_id=slide_ids.get(series.series_instance_uid) or series.series_instance_uid,
-                                  study_instance_uid=series.study_instance_uid,
-                                  series_instance_uid=series.series_instance_uid)
+            entry = gateway_pb2.SlideOperation(
+                slide_id=slide_ids.get(series.series_instance_uid) or series.series_instance_uid,
+                study_instance_uid=series.study_instance_uid, series_instance_uid=series.series_instance_uid)
             try:  # one unreadable series fails its own entry, not the case
                 child = self._ingest.start(series.source, entry.slide_id, metadata, timeout)
                 entry.operation_id, entry.state = child.operation_id, child.state
             except (ServiceError, grpc.RpcError) as exc:
                 entry.state = State.OPERATION_STATE_FAILED
                 entry.error_code, entry.error_message = _describe(exc)
+            entries.append(entry)
         with self._lock:
-            self._cases[op.operation_id] = op
-            self._trim()
-        # The accession number is an identifier: logs carry the operation id only.
-        log.info("case ingest started", extra={"operation_id": op.operation_id, "slides": len(op.slides)})
-        return self._refresh(op.operation_id)
+            op = self._cases[operation_id]
+            op.slides.extend(entries)  # all at once: the case is not summarised from some of its slides
+            cancelled = op.cancel_requested
+        log.info("case series found", extra={"operation_id": operation_id, "slides": len(entries)})
+        if cancelled:  # asked while the archive was searched
+            self.cancel(operation_id)
+        self._refresh(operation_id, changed=True)
 
     def get(self, operation_id: str) -> gateway_pb2.Operation | None:
         """A case this replica runs, or None."""
@@ -86,9 +120,9 @@ class CaseIngestor:
         log.info("case ingest cancel requested", extra={"operation_id": operation_id})
         return self._refresh(operation_id)
 
-    def _refresh(self, operation_id: str) -> gateway_pb2.Operation:
-        """Update a case from its slides' operations; publish it when it changed
-        (or every heartbeat), and return a copy."""
+    def _refresh(self, operation_id: str, changed: bool = False) -> gateway_pb2.Operation:
+        """Update a case from its slides' operations; publish it when it changed (here
+        or, `changed`, before the call) or every heartbeat, and return a copy."""
         with self._lock:
             children = [s.operation_id for s in self._cases[operation_id].slides
                         if s.operation_id and s.state not in FINISHED]
@@ -103,7 +137,7 @@ class CaseIngestor:
                     entry.progress.CopyFrom(child.progress)
                     entry.error_code, entry.error_message = child.error_code, child.error_message
             _summarise(op)
-            changed = op.SerializeToString() != before
+            changed = changed or op.SerializeToString() != before
             if changed or time.time() - self._published.get(operation_id, 0) >= HEARTBEAT_S:
                 op.updated_at = time.time()
                 self._published[operation_id] = op.updated_at
@@ -141,7 +175,9 @@ class CaseIngestor:
 
 
 def _summarise(op: gateway_pb2.Operation) -> None:
-    """The case's progress and state from its slides'."""
+    """The case's progress and state from its slides' (none yet while the archive is searched)."""
+    if not op.slides:
+        return
     for field in ("tiles_total", "tiles_embedded", "tiles_indexed"):
         setattr(op.progress, field, sum(getattr(s.progress, field) for s in op.slides))
     if any(s.state not in FINISHED for s in op.slides):

@@ -17,7 +17,7 @@ from smily.types.v1 import types_pb2
 from . import dicom, dihedral, paging, vectors
 from .backends import Backends
 from .cache import RedisGuard, make_cache
-from .cases import CaseIngestor
+from .cases import ACCESSION, CaseIngestor
 from .guard import Guard
 from .ingest import Ingestor
 from .operations import LocalOperations, SharedOperations
@@ -104,11 +104,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     def IngestCase(self, request, context):
         require(bool(request.accession_number), "accession_number is required")
         limits.text(request.accession_number, "accession_number", limits.MAX_ID_CHARS)
+        require(ACCESSION.fullmatch(request.accession_number) is not None,
+                "accession_number must be 1..16 characters, without wildcards (* ?) or backslashes")
         limits.text(request.archive, "archive", limits.MAX_ID_CHARS)
         slide_ids = dict(request.slide_ids)
         limits.slide_ids(slide_ids.values(), "slide_ids")
-        op = self._cases.start(request.accession_number, request.archive, slide_ids,
-                               limits.metadata(request.metadata), self._b.timeout(context))
+        op = self._cases.start(request.accession_number, request.archive, slide_ids, limits.metadata(request.metadata))
         return gateway_pb2.IngestCaseResponse(operation=op)
 
     def GetOperation(self, request, context):
