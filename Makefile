@@ -50,11 +50,9 @@ system-deps:
 
 # Quality gates, run by `make test` (hence CI); CONTRIBUTING.md says what each holds.
 BUF := tools/node_modules/.bin/buf
-# `ruff format --check` goes on (FORMAT_CHECK = yes) once the tree has been formatted.
-FORMAT_CHECK ?= no
 check: system-deps proto $(BUF)
 	$(PY) -m ruff check .
-	if [ "$(FORMAT_CHECK)" = yes ]; then $(PY) -m ruff format --check .; fi
+	$(PY) -m ruff format --check .
 	$(PY) tools/namespace.py mypy
 	$(PY) tools/namespace.py lint-imports
 	$(BUF) lint

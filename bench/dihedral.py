@@ -8,6 +8,7 @@ configuration is served another's cached embeddings.
 
     .venv/bin/python -m bench.dihedral [--full] [--per-slide 10] [--max-queries 30]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,11 @@ from smily.common import logs  # noqa: E402
 from smily.evaluation import evaluate_manifest, metrics, synthetic_benchmark  # noqa: E402
 from smily.localstack import local_stack  # noqa: E402
 
-CONFIGS = (("identity (before)", (), "max"), ("8 transforms, best score", ("all",), "max"),
-           ("8 transforms, mean embedding", ("all",), "mean"))
+CONFIGS = (
+    ("identity (before)", (), "max"),
+    ("8 transforms, best score", ("all",), "max"),
+    ("8 transforms, mean embedding", ("all",), "mean"),
+)
 SHOWN = ("identity", "shift 1/4 tile", "rotate 90", "flip", "scale +10%", "scale -10%", "stain jitter")
 
 
@@ -51,13 +55,23 @@ def main() -> int:
         manifest = synthetic_benchmark.write(tmp, specs)
         with local_stack((tmp,), model_repository=os.path.join(ROOT, "models")) as settings:
             for name, transforms, merge in CONFIGS:
-                running, s = stack.start(["gateway"], dataclasses.replace(
-                    settings, gateway_port=0, redis_url="", query_transforms=transforms, query_merge=merge))
+                running, s = stack.start(
+                    ["gateway"],
+                    dataclasses.replace(
+                        settings, gateway_port=0, redis_url="", query_transforms=transforms, query_merge=merge
+                    ),
+                )
                 client = Client(f"127.0.0.1:{s.gateway_port}", timeout=600)
                 try:
-                    result = evaluate_manifest(client, s, manifest, os.path.join(args.out, name.split(" ")[0]),
-                                               max_queries=args.max_queries, robustness_per_slide=args.per_slide,
-                                               quiet=True)
+                    result = evaluate_manifest(
+                        client,
+                        s,
+                        manifest,
+                        os.path.join(args.out, name.split(" ")[0]),
+                        max_queries=args.max_queries,
+                        robustness_per_slide=args.per_slide,
+                        quiet=True,
+                    )
                 finally:
                     client.close()
                     stack.stop(running, 0)
@@ -69,15 +83,33 @@ def main() -> int:
                 print(f"done: {name}", file=sys.stderr, flush=True)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "dihedral.json"), "w") as fh:
-        json.dump([{"config": n, "p_at_5": p, "rates": r, "latency_ms": lat, "robustness_queries": q,
-                    "precision_queries": pq} for n, p, r, lat, q, pq in rows], fh, indent=1)
-    print(f"robustness: source tile in the deployed top 5 ({rows[0][4]} tile queries); deployed P@5 on "
-          f"'tissue' ({rows[0][5]} region queries); mean [95% slide-bootstrap interval]")
+        json.dump(
+            [
+                {
+                    "config": n,
+                    "p_at_5": p,
+                    "rates": r,
+                    "latency_ms": lat,
+                    "robustness_queries": q,
+                    "precision_queries": pq,
+                }
+                for n, p, r, lat, q, pq in rows
+            ],
+            fh,
+            indent=1,
+        )
+    print(
+        f"robustness: source tile in the deployed top 5 ({rows[0][4]} tile queries); deployed P@5 on "
+        f"'tissue' ({rows[0][5]} region queries); mean [95% slide-bootstrap interval]"
+    )
     print("| query | P@5 (tissue) | " + " | ".join(SHOWN) + " | image search ms (median / p90) |")
     print("|---" * (len(SHOWN) + 3) + "|")
     for name, p5, rates, lat, _, _ in rows:
-        print(f"| {name} | {_ci(p5)} | " + " | ".join(_ci(rates[t]) for t in SHOWN)
-              + f" | {lat['median']:.0f} / {lat['p90']:.0f} |")
+        print(
+            f"| {name} | {_ci(p5)} | "
+            + " | ".join(_ci(rates[t]) for t in SHOWN)
+            + f" | {lat['median']:.0f} / {lat['p90']:.0f} |"
+        )
     return 0
 
 

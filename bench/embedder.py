@@ -12,6 +12,7 @@
 
 Run from the repository root after `make proto model`: .venv/bin/python bench/embedder.py
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -48,13 +49,21 @@ def rate(fn, images_per_call: int, min_s: float = 3.0, max_calls: int = 50) -> f
 
 
 def settings(**changes) -> Settings:
-    return dataclasses.replace(Settings(), bind_host="127.0.0.1", embedder_port=0, metrics_port=0,
-                               model_repository=REPO, plaintext=True, **changes)
+    return dataclasses.replace(
+        Settings(),
+        bind_host="127.0.0.1",
+        embedder_port=0,
+        metrics_port=0,
+        model_repository=REPO,
+        plaintext=True,
+        **changes,
+    )
 
 
 def raw(tile: np.ndarray) -> types_pb2.Image:
-    return types_pb2.Image(data=tile.tobytes(), encoding=types_pb2.IMAGE_ENCODING_RAW_RGB,
-                              width=tile.shape[1], height=tile.shape[0])
+    return types_pb2.Image(
+        data=tile.tobytes(), encoding=types_pb2.IMAGE_ENCODING_RAW_RGB, width=tile.shape[1], height=tile.shape[0]
+    )
 
 
 def onnx_vs_torch(model: Model, tiles) -> None:
@@ -70,8 +79,10 @@ def onnx_vs_torch(model: Model, tiles) -> None:
         xt = torch.from_numpy(x)
         with torch.no_grad():
             torch_rate = rate(lambda xt=xt: module(xt), batch, max_calls=10)
-        print(f"   batch {batch:>2}: onnxruntime {ort_rate:7.1f}  pytorch {torch_rate:7.1f}  "
-              f"({ort_rate / torch_rate:.1f}x)")
+        print(
+            f"   batch {batch:>2}: onnxruntime {ort_rate:7.1f}  pytorch {torch_rate:7.1f}  "
+            f"({ort_rate / torch_rate:.1f}x)"
+        )
 
 
 def service_vs_bare(model: Model, tiles) -> None:
@@ -103,8 +114,9 @@ def concurrent(tiles, per_request: int = 1, clients: int = CLIENTS, **changes) -
             mine = []
             for j in range(PER_CLIENT):
                 first = (i * PER_CLIENT + j) * per_request
-                req = embedder_pb2.EmbedRequest(images=[raw(tiles[k % len(tiles)])
-                                                        for k in range(first, first + per_request)])
+                req = embedder_pb2.EmbedRequest(
+                    images=[raw(tiles[k % len(tiles)]) for k in range(first, first + per_request)]
+                )
                 t0 = time.perf_counter()
                 stub.Embed(req)
                 mine.append(time.perf_counter() - t0)
@@ -142,7 +154,7 @@ def top10(v: np.ndarray) -> np.ndarray:
 def int8_vs_fp32(fp32: Model, tiles) -> None:
     x = fp32.preprocess(tiles[:32])
     r32 = rate(lambda: fp32.session.run(None, {"images": x}), 32)
-    va = np.concatenate([fp32.embed_tensor(fp32.preprocess(tiles[i:i + 32])) for i in range(0, len(tiles), 32)])
+    va = np.concatenate([fp32.embed_tensor(fp32.preprocess(tiles[i : i + 32])) for i in range(0, len(tiles), 32)])
     a = top10(va)
     print(f"4. INT8 vs FP32 ({r32:.1f} images/s), batch 32, recall@10 over {len(tiles)} synthetic tissue tiles")
     # Quantised afresh, so the figures are the current code's; calibrated on tiles of other seeds.
@@ -151,11 +163,14 @@ def int8_vs_fp32(fp32: Model, tiles) -> None:
         config = quantize(REPO, FP32, version=version, fp32_convs=fp32_convs)
         int8 = Model(*model_repo.load(REPO, config.model_id))
         r8 = rate(lambda m=int8: m.session.run(None, {"images": x}), 32)
-        vb = np.concatenate([int8.embed_tensor(int8.preprocess(tiles[i:i + 32])) for i in range(0, len(tiles), 32)])
+        vb = np.concatenate([int8.embed_tensor(int8.preprocess(tiles[i : i + 32])) for i in range(0, len(tiles), 32)])
         b = top10(vb)
         recall = np.mean([len(set(a[i]) & set(b[i])) / 10 for i in range(len(tiles))])
-        print(f"   first {fp32_convs:2d} convolutions FP32 ({config.model_id}): {r8:7.1f} images/s ({r8 / r32:.2f}x); "
-              f"neighbour recall@10 {recall:.3f}; mean cosine to FP32 {(va * vb).sum(1).mean():.4f}", flush=True)
+        print(
+            f"   first {fp32_convs:2d} convolutions FP32 ({config.model_id}): {r8:7.1f} images/s ({r8 / r32:.2f}x); "
+            f"neighbour recall@10 {recall:.3f}; mean cosine to FP32 {(va * vb).sum(1).mean():.4f}",
+            flush=True,
+        )
 
 
 def gpu_vs_cpu(model: Model, tiles) -> None:
@@ -171,19 +186,25 @@ def gpu_vs_cpu(model: Model, tiles) -> None:
     (a,), (b,) = model.session.run(None, feed), cpu.run(None, feed)
     a, b = a.reshape(len(x), -1), b.reshape(len(x), -1)
     cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-    print(f"5. {model.provider} vs CPUExecutionProvider ({os.cpu_count()} CPUs), FP32, images/s; "
-          f"parity over {len(x)} tiles: min cosine {cos.min():.6f}, max |diff| {np.abs(a - b).max():.2e}")
+    print(
+        f"5. {model.provider} vs CPUExecutionProvider ({os.cpu_count()} CPUs), FP32, images/s; "
+        f"parity over {len(x)} tiles: min cosine {cos.min():.6f}, max |diff| {np.abs(a - b).max():.2e}"
+    )
     for batch in (1, 32, 128):
         xb = {config.input_name: x[:batch]}
         gpu_rate = rate(lambda xb=xb: model.session.run(None, xb), batch)
         cpu_rate = rate(lambda xb=xb: cpu.run(None, xb), batch, max_calls=20)
-        print(f"   batch {batch:>3}: {model.provider} {gpu_rate:8.1f}  CPU {cpu_rate:7.1f}  ({gpu_rate / cpu_rate:.1f}x)")
+        print(
+            f"   batch {batch:>3}: {model.provider} {gpu_rate:8.1f}  CPU {cpu_rate:7.1f}  ({gpu_rate / cpu_rate:.1f}x)"
+        )
     pre = rate(lambda: model.preprocess(tiles[:128]), 128)
     print(f"   preprocessing (CPU, one thread, raw RGB -> normalised tensor): {pre:.1f} images/s")
     clients = settings().max_queue // 32  # as many as the queue admits at once
     tput, p50, p99 = concurrent(tiles, per_request=32, clients=clients)
-    print(f"   service, {clients} clients x batch 32 (raw RGB over gRPC): {tput:.1f} images/s, "
-          f"p50 {p50:.1f} ms, p99 {p99:.1f} ms")
+    print(
+        f"   service, {clients} clients x batch 32 (raw RGB over gRPC): {tput:.1f} images/s, "
+        f"p50 {p50:.1f} ms, p99 {p99:.1f} ms"
+    )
 
 
 def main() -> None:
@@ -196,8 +217,10 @@ def main() -> None:
     t0 = time.perf_counter()
     tiles = synthetic_tiles(256, seed=7)
     fp32 = Model(*model_repo.load(REPO, FP32))
-    print(f"model {FP32} on {fp32.provider}, {os.cpu_count()} CPUs, {len(tiles)} tiles "
-          f"(prepared in {time.perf_counter() - t0:.0f} s)")
+    print(
+        f"model {FP32} on {fp32.provider}, {os.cpu_count()} CPUs, {len(tiles)} tiles "
+        f"(prepared in {time.perf_counter() - t0:.0f} s)"
+    )
     for part, run in (("1", onnx_vs_torch), ("2", service_vs_bare), ("4", int8_vs_fp32), ("5", gpu_vs_cpu)):
         if part in parts:
             run(fp32, tiles)

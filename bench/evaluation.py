@@ -4,6 +4,7 @@ and robustness on it and on the real CC0 slide (docs/evaluation.md).
 Starts Redis (when installed) and the four services on free loopback ports
 with a fresh index, then runs what `smily eval` runs. Writes var/eval-bench/.
 """
+
 from __future__ import annotations
 
 import os
@@ -35,8 +36,9 @@ def main() -> int:
         with local_stack((slides,), model_repository=os.path.join(ROOT, "models")) as settings:
             client = Client(f"127.0.0.1:{settings.gateway_port}", timeout=600)
             print("== synthetic benchmark (full size)")
-            evaluate_manifest(client, settings, manifest, os.path.join(OUT, "synthetic"), max_queries=50,
-                              robustness_per_slide=10)
+            evaluate_manifest(
+                client, settings, manifest, os.path.join(OUT, "synthetic"), max_queries=50, robustness_per_slide=10
+            )
             print("\n== robustness on the real CC0 slide (in an archive with the synthetic slides)")
             evaluate_manifest(client, settings, cmu_manifest, os.path.join(OUT, "cmu"), robustness_per_slide=20)
             client.close()

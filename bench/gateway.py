@@ -9,6 +9,7 @@ show whether a cached query touched them.
 
     .venv/bin/python bench/gateway.py [--tiles 100000] [--queries 40] [--ivf-threshold 50000]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,17 +60,29 @@ def fill_index(target: str, model_id: str, dim: int, n: int) -> None:
         v = np.abs(rng.standard_normal((m, dim))).astype(np.float32)
         v /= np.linalg.norm(v, axis=1, keepdims=True)
         slide_id = f"bench-{s // PER_SLIDE:03d}"
-        tiles = [index_pb2.TileRect(x=(i % 100) * 448, y=(i // 100) * 448, width=448, height=448, mpp=1.0)
-                 for i in range(m)]
-        stub.AddTiles(index_pb2.AddTilesRequest(model_id=model_id, slide_id=slide_id, generation="g",
-                                                embeddings=to_tensor(v), tiles=tiles), timeout=600)
-        stub.CommitSlide(index_pb2.CommitSlideRequest(model_id=model_id, generation="g", expected_tiles=m,
-                                                      slide=index_pb2.Slide(slide_id=slide_id, source="none")),
-                         timeout=600)
+        tiles = [
+            index_pb2.TileRect(x=(i % 100) * 448, y=(i // 100) * 448, width=448, height=448, mpp=1.0) for i in range(m)
+        ]
+        stub.AddTiles(
+            index_pb2.AddTilesRequest(
+                model_id=model_id, slide_id=slide_id, generation="g", embeddings=to_tensor(v), tiles=tiles
+            ),
+            timeout=600,
+        )
+        stub.CommitSlide(
+            index_pb2.CommitSlideRequest(
+                model_id=model_id,
+                generation="g",
+                expected_tiles=m,
+                slide=index_pb2.Slide(slide_id=slide_id, source="none"),
+            ),
+            timeout=600,
+        )
 
 
 def measure(client: Client, make_query, queries: int, clients: int) -> dict:
     """make_query(i) -> kwargs of Client.search; returns latency figures."""
+
     def one(i):
         start = time.perf_counter()
         resp = client.search(k=10, **make_query(i))
@@ -80,17 +93,25 @@ def measure(client: Client, make_query, queries: int, clients: int) -> dict:
         results = list(pool.map(one, range(queries)))
     wall = time.perf_counter() - start
     lat = np.array([r[0] for r in results]) * 1000
-    return dict(p50=np.percentile(lat, 50), p99=np.percentile(lat, 99), qps=queries / wall,
-                cached=sum(r[1] for r in results) / queries)
+    return dict(
+        p50=np.percentile(lat, 50),
+        p99=np.percentile(lat, 99),
+        qps=queries / wall,
+        cached=sum(r[1] for r in results) / queries,
+    )
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiles", type=int, default=100_000)
     ap.add_argument("--queries", type=int, default=40, help="queries per measurement and client count")
-    ap.add_argument("--ivf-threshold", type=int, default=50_000,
-                    help="tiles from which the index trains IVF-PQ (the service default is 200,000; "
-                         "pass a larger value to measure exact search)")
+    ap.add_argument(
+        "--ivf-threshold",
+        type=int,
+        default=50_000,
+        help="tiles from which the index trains IVF-PQ (the service default is 200,000; "
+        "pass a larger value to measure exact search)",
+    )
     args = ap.parse_args()
     redis, url = start_redis()
     if redis is None:
@@ -99,9 +120,21 @@ def main() -> int:
     tmp = tempfile.mkdtemp(prefix="smily-bench-")
     write_samples(os.path.join(tmp, "slides"), [SLIDE])
     settings = dataclasses.replace(
-        Settings(), gateway_port=0, tiler_port=0, embedder_port=0, index_port=0, metrics_port=0,
-        slide_roots=(os.path.join(tmp, "slides"),), model_repository=MODELS, index_dir=os.path.join(tmp, "index"),
-        redis_url=url, log_level="WARNING", index_ivf_threshold=args.ivf_threshold, plaintext=True, auth="none")
+        Settings(),
+        gateway_port=0,
+        tiler_port=0,
+        embedder_port=0,
+        index_port=0,
+        metrics_port=0,
+        slide_roots=(os.path.join(tmp, "slides"),),
+        model_repository=MODELS,
+        index_dir=os.path.join(tmp, "index"),
+        redis_url=url,
+        log_level="WARNING",
+        index_ivf_threshold=args.ivf_threshold,
+        plaintext=True,
+        auth="none",
+    )
     running, settings = stack.start(stack.ORDER, settings)
     client = Client(f"127.0.0.1:{settings.gateway_port}", timeout=120)
     try:
@@ -111,14 +144,31 @@ def main() -> int:
         fill_index(settings.index_target, op.model_id, 1280, args.tiles)
         running["index"].servicer.store.wait_trained()  # IVF trains in the background: measure the trained index
         info = index_pb2_grpc.IndexServiceStub(channel(settings.index_target)).GetIndexInfo(
-            index_pb2.GetIndexInfoRequest())
-        print(f"index: {info.tile_count} tiles in {info.slide_count} slides ({info.index_type or 'Flat'}, "
-              f"nprobe {info.default_nprobe}), built in {time.perf_counter() - t0:.0f} s")
+            index_pb2.GetIndexInfoRequest()
+        )
+        print(
+            f"index: {info.tile_count} tiles in {info.slide_count} slides ({info.index_type or 'Flat'}, "
+            f"nprobe {info.default_nprobe}), built in {time.perf_counter() - t0:.0f} s"
+        )
 
         tiler = tiler_pb2_grpc.TilerServiceStub(channel(settings.tiler_target))
-        patch = np.asarray(Image.open(io.BytesIO(tiler.ReadRegion(tiler_pb2.ReadRegionRequest(
-            slide=SLIDE.name, x=1000, y=1000, width=448, height=448, mpp=1.0,
-            encoding=types_pb2.IMAGE_ENCODING_PNG)).image.data)))
+        patch = np.asarray(
+            Image.open(
+                io.BytesIO(
+                    tiler.ReadRegion(
+                        tiler_pb2.ReadRegionRequest(
+                            slide=SLIDE.name,
+                            x=1000,
+                            y=1000,
+                            width=448,
+                            height=448,
+                            mpp=1.0,
+                            encoding=types_pb2.IMAGE_ENCODING_PNG,
+                        )
+                    ).image.data
+                )
+            )
+        )
 
         def png(i: int) -> bytes:
             img = patch.copy()
@@ -132,8 +182,9 @@ def main() -> int:
 
         def fresh_region(i):
             run[0] += 1
-            return dict(region=dict(slide_id="real", x=800 + run[0] % 1500, y=800 + run[0] // 1500, width=448,
-                                    height=448))
+            return dict(
+                region=dict(slide_id="real", x=800 + run[0] % 1500, y=800 + run[0] // 1500, width=448, height=448)
+            )
 
         def fresh_image(i):
             run[0] += 1
@@ -155,8 +206,11 @@ def main() -> int:
                 before = backend_requests("tiler") + backend_requests("embedder")
                 r = measure(client, make, n, clients)
                 touched = backend_requests("tiler") + backend_requests("embedder") - before
-                print(f"| {name} | {clients} | {r['p50']:.1f} | {r['p99']:.1f} | {r['qps']:.0f} | "
-                      f"{r['cached']:.0%} | {touched:.0f} |", flush=True)
+                print(
+                    f"| {name} | {clients} | {r['p50']:.1f} | {r['p99']:.1f} | {r['qps']:.0f} | "
+                    f"{r['cached']:.0%} | {touched:.0f} |",
+                    flush=True,
+                )
     finally:
         client.close()
         stack.stop(running, 0)

@@ -12,6 +12,7 @@ A row whose library is missing prints "untested" and why.
     python3 bench/gpu_rows.py faiss [--n 1000000]
     python3 bench/gpu_rows.py trt [--tiles 256]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,11 +45,14 @@ def faiss_rows(args) -> None:
     lift = rng.standard_normal((latent, d), dtype=np.float32) / np.sqrt(d)
     spread = rng.uniform(0.2, 0.5, clusters).astype(np.float32)
     t0 = time.perf_counter()
-    x = np.concatenate([mixture(rng, centres, lift, min(100_000, args.n - s), spread, 0.002)
-                        for s in range(0, args.n, 100_000)]).astype(np.float32)
+    x = np.concatenate(
+        [mixture(rng, centres, lift, min(100_000, args.n - s), spread, 0.002) for s in range(0, args.n, 100_000)]
+    ).astype(np.float32)
     q = mixture(rng, centres, lift, args.queries, spread, 0.002).astype(np.float32)
-    print(f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} CPU threads, {faiss.get_num_gpus()} GPU; "
-          f"{args.n} x {d} made in {time.perf_counter() - t0:.0f} s")
+    print(
+        f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} CPU threads, {faiss.get_num_gpus()} GPU; "
+        f"{args.n} x {d} made in {time.perf_counter() - t0:.0f} s"
+    )
     res = faiss.StandardGpuResources()
     k = 10
 
@@ -56,7 +60,7 @@ def faiss_rows(args) -> None:
         index.search(q[:8], k)  # warm
         t0 = time.perf_counter()
         for i in range(args.single):
-            index.search(q[i:i + 1], k)
+            index.search(q[i : i + 1], k)
         single = args.single / (time.perf_counter() - t0)
         t0 = time.perf_counter()
         _, ids = index.search(q, k)
@@ -102,8 +106,10 @@ def trt_rows(args) -> None:
         print(f"TensorRT FP16 vs CUDA FP32: untested (providers {available})")
         return
     if "TensorrtExecutionProvider" not in available or not tensorrt_installed():
-        print("TensorRT FP16 vs CUDA FP32: untested (onnxruntime-gpu lists TensorRT but libnvinfer.so.10 "
-              "does not load: carry TensorRT 10 libraries)")
+        print(
+            "TensorRT FP16 vs CUDA FP32: untested (onnxruntime-gpu lists TensorRT but libnvinfer.so.10 "
+            "does not load: carry TensorRT 10 libraries)"
+        )
         return
     config, path = model_repo.load(MODELS, "efficientnet-lite0/1")
     tiles = synthetic_tiles(args.tiles)
@@ -114,7 +120,7 @@ def trt_rows(args) -> None:
         t0 = time.perf_counter()
         for _ in range(args.repeat):
             for i in range(0, len(x), 32):
-                model.embed_tensor(x[i:i + 32])
+                model.embed_tensor(x[i : i + 32])
         return out, args.repeat * len(x) / (time.perf_counter() - t0)
 
     cuda = Model(config, path, max_batch=64, fp16=False)
@@ -122,6 +128,7 @@ def trt_rows(args) -> None:
     if cuda.provider == "TensorrtExecutionProvider":
         # FP32 reference on the CUDA provider itself: hide TensorRT for this session.
         from smily.embedder import runtime
+
         runtime.tensorrt_installed = lambda: False
         cuda = Model(config, path, max_batch=64, fp16=False)
         runtime.tensorrt_installed = tensorrt_installed
@@ -137,8 +144,10 @@ def trt_rows(args) -> None:
     print("| provider | images/s, batch 32 | neighbour recall@10 vs CUDA FP32 | mean cosine to FP32 |")
     print("| --- | ---: | ---: | ---: |")
     print(f"| CUDA FP32 | {s32:.0f} | 1.000 | 1.0000 |")
-    print(f"| TensorRT FP16 ({trt.provider}, engine build {build:.0f} s) | {s16:.0f} | {recall_at_10(a, b):.3f} | "
-          f"{(v16 * v32).sum(1).mean():.4f} |")
+    print(
+        f"| TensorRT FP16 ({trt.provider}, engine build {build:.0f} s) | {s16:.0f} | {recall_at_10(a, b):.3f} | "
+        f"{(v16 * v32).sum(1).mean():.4f} |"
+    )
 
 
 def main() -> int:

@@ -12,6 +12,7 @@ RAM per vector of the ANN configuration is its codes and ids only.
     .venv/bin/python bench/index.py                 # 1,000,000 x 1280
     .venv/bin/python bench/index.py --n 100000      # quick look
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,8 +65,10 @@ def main() -> None:
     centres = rng.standard_normal((args.clusters, args.latent), dtype=np.float32)
     lift = rng.standard_normal((args.latent, d), dtype=np.float32) / np.sqrt(d)
     spread = rng.uniform(0.2, 0.5, args.clusters).astype(np.float32)
-    print(f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads; n={n} dim={d}, "
-          f"{args.clusters} clusters in {args.latent} latent dimensions, noise {args.noise}")
+    print(
+        f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads; n={n} dim={d}, "
+        f"{args.clusters} clusters in {args.latent} latent dimensions, noise {args.noise}"
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         disk = np.lib.format.open_memmap(os.path.join(tmp, "vectors.f16.npy"), "w+", np.float16, (n, d))
@@ -73,7 +76,7 @@ def main() -> None:
         t0 = time.perf_counter()
         for s in range(0, n, CHUNK):
             x = mixture(rng, centres, lift, min(CHUNK, n - s), spread, args.noise)
-            disk[s:s + len(x)] = x
+            disk[s : s + len(x)] = x
             exact.add(x)
         disk.flush()
         print(f"generated and added to exact index: {time.perf_counter() - t0:.1f}s")
@@ -82,8 +85,10 @@ def main() -> None:
         _, truth = exact.search(queries, k)
         batch_exact = args.queries / (time.perf_counter() - t0)
         exact_qps = single_query_qps(lambda q, flat=exact: flat.search(q, k), queries[: args.timed_exact])
-        print(f"exact: {exact_qps:.2f} q/s single query, {batch_exact:.1f} q/s in one batch of {args.queries}; "
-              f"{exact.ntotal * d * 4 / n:.0f} B/vector")
+        print(
+            f"exact: {exact_qps:.2f} q/s single query, {batch_exact:.1f} q/s in one batch of {args.queries}; "
+            f"{exact.ntotal * d * 4 / n:.0f} B/vector"
+        )
         del exact
 
         factory = args.factory or ann.auto_factory(n, d, args.threshold)
@@ -92,11 +97,15 @@ def main() -> None:
         index, train_s = ann.build(factory, d, sample)
         t0 = time.perf_counter()
         for s in range(0, n, CHUNK):
-            index.add_with_ids(np.asarray(disk[s:s + CHUNK], np.float32), np.arange(s, min(s + CHUNK, n), dtype=np.int64))
+            index.add_with_ids(
+                np.asarray(disk[s : s + CHUNK], np.float32), np.arange(s, min(s + CHUNK, n), dtype=np.int64)
+            )
         add_s = time.perf_counter() - t0
         bytes_per_vector = faiss.serialize_index(index).size / n
-        print(f"{factory}: trained on {len(sample)} in {train_s:.1f}s, added {n} in {add_s:.1f}s; "
-              f"{bytes_per_vector:.1f} B/vector in RAM (serialised size; max RSS grew {rss_mb() - rss0:.0f} MB)")
+        print(
+            f"{factory}: trained on {len(sample)} in {train_s:.1f}s, added {n} in {add_s:.1f}s; "
+            f"{bytes_per_vector:.1f} B/vector in RAM (serialised size; max RSS grew {rss_mb() - rss0:.0f} MB)"
+        )
 
         def ann_search(q, nprobe, rerank):
             _, cand = ann.search(index, q, max(k, rerank), nprobe)
@@ -114,9 +123,11 @@ def main() -> None:
                 recall = np.mean([len(set(g) & set(t)) / k for g, t in zip(got, truth)])
                 qps = single_query_qps(lambda q, p=nprobe, r=rerank: ann_search(q, p, r), queries)
                 print(f"| {nprobe} | {rerank or 'none'} | {recall:.3f} | {qps:.0f} | {qps / exact_qps:.0f} |")
-        print(f"projection (codes+ids grow linearly, centroids {ann.nlist(index) * d * 4 / 1e6:.1f} MB): "
-              f"10M -> {bytes_per_vector * 1e7 / 2**30:.2f} GiB, 100M -> {bytes_per_vector * 1e8 / 2**30:.2f} GiB; "
-              f"exact float32 would be {d * 4e7 / 2**30:.0f} / {d * 4e8 / 2**30:.0f} GiB")
+        print(
+            f"projection (codes+ids grow linearly, centroids {ann.nlist(index) * d * 4 / 1e6:.1f} MB): "
+            f"10M -> {bytes_per_vector * 1e7 / 2**30:.2f} GiB, 100M -> {bytes_per_vector * 1e8 / 2**30:.2f} GiB; "
+            f"exact float32 would be {d * 4e7 / 2**30:.0f} / {d * 4e8 / 2**30:.0f} GiB"
+        )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ another slide); the oracle is the best IoU any indexed tile has with it.
 
     .venv/bin/python -m bench.localisation [--queries 60] [--strides 1.0 0.5]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -73,8 +74,10 @@ def run(stride: float, slide_dir: str, queries: list, k: int) -> dict:
         # Every indexed tile of slide a, for the oracle: the tiler's plan with the index's record.
         t = client.index_info().tiling
         slide = slide_files.SlideCache().get(os.path.join(slide_dir, SLIDES[0].name))
-        indexed = [(r.x, r.y, r.size, r.size) for r in tiling.plan(
-            slide, SLIDES[0].mpp, list(t.mpps), t.tile_size, t.min_tissue_fraction, t.stride)[0]]
+        indexed = [
+            (r.x, r.y, r.size, r.size)
+            for r in tiling.plan(slide, SLIDES[0].mpp, list(t.mpps), t.tile_size, t.min_tissue_fraction, t.stride)[0]
+        ]
         for q in queries:
             t0 = time.perf_counter()
             hits = client.search(region=dict(slide_id="loc-a", x=q[0], y=q[1], width=q[2], height=q[3]), k=k).hits
@@ -83,14 +86,22 @@ def run(stride: float, slide_dir: str, queries: list, k: int) -> dict:
             best.append(iou(q, (top.x, top.y, top.width, top.height)) if top.slide_id == "loc-a" else 0.0)
             oracle.append(max(iou(q, r) for r in indexed))
             rects = [(h.slide_id, (h.x, h.y, h.width, h.height)) for h in hits]
-            overlapping += sum(1 for i, (sa, a) in enumerate(rects) for sb, b in rects[i + 1:]
-                               if sa == sb and iou(a, b) > 0)
+            overlapping += sum(
+                1 for i, (sa, a) in enumerate(rects) for sb, b in rects[i + 1 :] if sa == sb and iou(a, b) > 0
+            )
         client.close()
     groups = np.arange(len(queries))
-    return {"stride": stride, "tiles": tiles, "index_mb": index_bytes / 2**20, "ingest_s": ingest_s,
-            "best_iou": bootstrap_ci(np.array(best), groups), "oracle_iou": bootstrap_ci(np.array(oracle), groups),
-            "iou_ge_half": bootstrap_ci((np.array(best) >= 0.5).astype(float), groups),
-            "overlapping_pairs_top_k": overlapping, "search_ms_median": 1000 * float(np.median(seconds))}
+    return {
+        "stride": stride,
+        "tiles": tiles,
+        "index_mb": index_bytes / 2**20,
+        "ingest_s": ingest_s,
+        "best_iou": bootstrap_ci(np.array(best), groups),
+        "oracle_iou": bootstrap_ci(np.array(oracle), groups),
+        "iou_ge_half": bootstrap_ci((np.array(best) >= 0.5).astype(float), groups),
+        "overlapping_pairs_top_k": overlapping,
+        "search_ms_median": 1000 * float(np.median(seconds)),
+    }
 
 
 def main() -> int:
@@ -104,18 +115,25 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="smily-loc-") as tmp:
         write_samples(tmp, SLIDES)
         queries = crops(tmp, args.queries, args.seed)
-        print(f"{len(queries)} off-grid crops of {queries[0][2]} level-0 px ({MPP} µm/px tiles of "
-              f"{DEFAULT_TILE_SIZE} px) on a {SLIDES[0].width}x{SLIDES[0].height} slide, 2 slides indexed; "
-              "mean [95% bootstrap interval over queries]")
-        print("| stride | tiles | index MB | ingest s | best-hit IoU | IoU >= 0.5 | oracle IoU | overlapping pairs "
-              f"in top {args.k} | search ms (median) |")
+        print(
+            f"{len(queries)} off-grid crops of {queries[0][2]} level-0 px ({MPP} µm/px tiles of "
+            f"{DEFAULT_TILE_SIZE} px) on a {SLIDES[0].width}x{SLIDES[0].height} slide, 2 slides indexed; "
+            "mean [95% bootstrap interval over queries]"
+        )
+        print(
+            "| stride | tiles | index MB | ingest s | best-hit IoU | IoU >= 0.5 | oracle IoU | overlapping pairs "
+            f"in top {args.k} | search ms (median) |"
+        )
         print("|---|---|---|---|---|---|---|---|---|")
         for stride in args.strides:
             r = run(stride, tmp, queries, args.k)
             f = lambda v: f"{v[0]:.3f} [{v[1]:.2f},{v[2]:.2f}]"  # noqa: E731
-            print(f"| {stride:g} | {r['tiles']} | {r['index_mb']:.1f} | {r['ingest_s']:.1f} | {f(r['best_iou'])} | "
-                  f"{f(r['iou_ge_half'])} | {f(r['oracle_iou'])} | {r['overlapping_pairs_top_k']} | "
-                  f"{r['search_ms_median']:.0f} |", flush=True)
+            print(
+                f"| {stride:g} | {r['tiles']} | {r['index_mb']:.1f} | {r['ingest_s']:.1f} | {f(r['best_iou'])} | "
+                f"{f(r['iou_ge_half'])} | {f(r['oracle_iou'])} | {r['overlapping_pairs_top_k']} | "
+                f"{r['search_ms_median']:.0f} |",
+                flush=True,
+            )
     return 0
 
 

@@ -20,6 +20,7 @@ query, at --tiles synthetic vectors added straight to the index (+ the slide)
 
 Services take their other settings from SMILY_* variables (bench/gpu.sh sets readers and workers).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,11 +73,20 @@ class Stack:
     def __init__(self, slides: str, index_dir: str, ivf_threshold: int):
         self.redis, url = start_redis()  # without redis-server (a GPU machine) the gateway caches in-process
         ports = {s: free_port() for s in ("tiler", "embedder", "index", "gateway")}
-        env = dict(os.environ, SMILY_SLIDE_ROOTS=slides, SMILY_MODEL_REPOSITORY=MODELS, SMILY_INDEX_DIR=index_dir,
-                   SMILY_REDIS_URL=url, SMILY_LOG_LEVEL="WARNING", SMILY_METRICS_PORT="0",
-                   SMILY_INDEX_IVF_THRESHOLD=str(ivf_threshold), SMILY_BIND_HOST="127.0.0.1",
-                   SMILY_PLAINTEXT="1", SMILY_AUTH="none",  # loopback only, as the local stack
-                   SMILY_AUDIT_LOG=os.path.join(index_dir, "audit.jsonl"))
+        env = dict(
+            os.environ,
+            SMILY_SLIDE_ROOTS=slides,
+            SMILY_MODEL_REPOSITORY=MODELS,
+            SMILY_INDEX_DIR=index_dir,
+            SMILY_REDIS_URL=url,
+            SMILY_LOG_LEVEL="WARNING",
+            SMILY_METRICS_PORT="0",
+            SMILY_INDEX_IVF_THRESHOLD=str(ivf_threshold),
+            SMILY_BIND_HOST="127.0.0.1",
+            SMILY_PLAINTEXT="1",
+            SMILY_AUTH="none",  # loopback only, as the local stack
+            SMILY_AUDIT_LOG=os.path.join(index_dir, "audit.jsonl"),
+        )
         for s, p in ports.items():
             env[f"SMILY_{s.upper()}_PORT"] = str(p)
             env[f"SMILY_{s.upper()}_TARGET"] = f"127.0.0.1:{p}"
@@ -87,6 +97,7 @@ class Stack:
         self.redis_url = url
         import grpc
         from grpc_health.v1 import health_pb2, health_pb2_grpc
+
         for s, t in self.targets.items():
             stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(t))
             deadline = time.monotonic() + 300
@@ -169,9 +180,18 @@ def ingest_part(args, stack: Stack, slide_path: str) -> dict:
     from smily.embedder.runtime import Model
 
     tiler = tiler_pb2_grpc.TilerServiceStub(channel(stack.targets["tiler"]))
-    tiles = [t for m in tiler.StreamTiles(tiler_pb2.StreamTilesRequest(
-        slide=SLIDE, params=tiler_pb2.TilingParams(mpp=TILE_MPP, tile_size=TILE),
-        encoding=types_pb2.IMAGE_ENCODING_RAW_RGB), timeout=600) for t in m.tiles]
+    tiles = [
+        t
+        for m in tiler.StreamTiles(
+            tiler_pb2.StreamTilesRequest(
+                slide=SLIDE,
+                params=tiler_pb2.TilingParams(mpp=TILE_MPP, tile_size=TILE),
+                encoding=types_pb2.IMAGE_ENCODING_RAW_RGB,
+            ),
+            timeout=600,
+        )
+        for t in m.tiles
+    ]
     n = len(tiles)
     rects = [(t.x, t.y, t.width) for t in tiles]
     print(f"slide: {SIDE} x {SIDE} px at {SLIDE_MPP} um/px, {n} tissue tiles of {TILE} px at {TILE_MPP} um/px")
@@ -180,8 +200,10 @@ def ingest_part(args, stack: Stack, slide_path: str) -> dict:
     embedder = embedder_pb2_grpc.EmbedderServiceStub(channel(stack.targets["embedder"]))
     client = Client(stack.targets["gateway"], timeout=600)
     # The bare session: batch-32 tensors made beforehand, session runs alone.
-    tensors = [model.preprocess([images.decode(t.image.data, t.image.encoding, TILE, TILE)
-                                 for t in tiles[i:i + 32]]) for i in range(0, n, 32)]
+    tensors = [
+        model.preprocess([images.decode(t.image.data, t.image.encoding, TILE, TILE) for t in tiles[i : i + 32]])
+        for i in range(0, n, 32)
+    ]
     streams = args.ingests  # concurrent ingests (and embedder clients): one per slide copy
     total = n * streams
     rows = {"loop": [], "bare": [], "embedder": [], "service": []}
@@ -197,7 +219,7 @@ def ingest_part(args, stack: Stack, slide_path: str) -> dict:
 
         def embed_all(_):
             for i in range(0, n, 32):
-                embedder.Embed(embedder_pb2.EmbedRequest(images=[t.image for t in tiles[i:i + 32]]), timeout=600)
+                embedder.Embed(embedder_pb2.EmbedRequest(images=[t.image for t in tiles[i : i + 32]]), timeout=600)
 
         before, c0, t0 = stack.cpu(), time.process_time(), time.perf_counter()
         with ThreadPoolExecutor(streams) as pool:
@@ -216,12 +238,17 @@ def ingest_part(args, stack: Stack, slide_path: str) -> dict:
         stack_cpu = cpu_delta(before, after)
         rows["service"].append((wall, stack_cpu, time.process_time() - c0))
         parts = cpu_by_process(before, after)
-        print("  stack CPU-s per 1,000 tiles by process: " + ", ".join(
-            f"{name} {t / total * 1000:.2f}" for name, t in sorted(parts.items(), key=lambda kv: -kv[1])))
+        print(
+            "  stack CPU-s per 1,000 tiles by process: "
+            + ", ".join(f"{name} {t / total * 1000:.2f}" for name, t in sorted(parts.items(), key=lambda kv: -kv[1]))
+        )
         loop = f"loop {n / rows['loop'][-1][0]:.0f} tiles/s ({rows['loop'][-1][1]:.2f} CPU-s); " if rows["loop"] else ""
-        print(f"round {r + 1}: {loop}bare session {n / rows['bare'][-1][0]:.0f} tiles/s; "
-              f"embedder alone {total / rows['embedder'][-1][0]:.0f} tiles/s; service {total / wall:.0f} tiles/s "
-              f"({stack_cpu:.2f} CPU-s over the stack, client {rows['service'][-1][2]:.2f})", flush=True)
+        print(
+            f"round {r + 1}: {loop}bare session {n / rows['bare'][-1][0]:.0f} tiles/s; "
+            f"embedder alone {total / rows['embedder'][-1][0]:.0f} tiles/s; service {total / wall:.0f} tiles/s "
+            f"({stack_cpu:.2f} CPU-s over the stack, client {rows['service'][-1][2]:.2f})",
+            flush=True,
+        )
     client.close()
 
     def med(key, i):
@@ -234,22 +261,42 @@ def ingest_part(args, stack: Stack, slide_path: str) -> dict:
     print("| --- | --- |")
     if rows["loop"]:
         loop_cpu, loop_tps = med("loop", 1) / n * 1000, n / med("loop", 0)
-        print(f"| CPU-s per 1,000 tiles: stack (all processes) vs plain loop | {svc_cpu:.2f} vs {loop_cpu:.2f} "
-              f"(**{svc_cpu / loop_cpu:.2f}x**) |")
+        print(
+            f"| CPU-s per 1,000 tiles: stack (all processes) vs plain loop | {svc_cpu:.2f} vs {loop_cpu:.2f} "
+            f"(**{svc_cpu / loop_cpu:.2f}x**) |"
+        )
         print(f"| tiles/s: plain loop | {loop_tps:.0f} |")
-    print(f"| tiles/s: service vs embedder alone (Embed RPCs, batch 32) | {svc_tps:.0f} vs {emb_tps:.0f} "
-          f"(**{svc_tps / emb_tps:.2f}x**) |")
-    print(f"| tiles/s: service vs bare batch-32 session (tensors made beforehand, {model.provider}) | "
-          f"{svc_tps:.0f} vs {bare_tps:.0f} (**{svc_tps / bare_tps:.2f}x**) |")
+    print(
+        f"| tiles/s: service vs embedder alone (Embed RPCs, batch 32) | {svc_tps:.0f} vs {emb_tps:.0f} "
+        f"(**{svc_tps / emb_tps:.2f}x**) |"
+    )
+    print(
+        f"| tiles/s: service vs bare batch-32 session (tensors made beforehand, {model.provider}) | "
+        f"{svc_tps:.0f} vs {bare_tps:.0f} (**{svc_tps / bare_tps:.2f}x**) |"
+    )
     print(f"| CPU-s per 1,000 tiles: embedder alone (its process + client) | {med('embedder', 1) / total * 1000:.2f} |")
     return {"tiles": n}
 
 
 def png_patch(stack: Stack):
     tiler = tiler_pb2_grpc.TilerServiceStub(channel(stack.targets["tiler"]))
-    patch = np.asarray(Image.open(io.BytesIO(tiler.ReadRegion(tiler_pb2.ReadRegionRequest(
-        slide=SLIDE, x=SIDE // 2, y=SIDE // 2, width=448, height=448, mpp=1.0,
-        encoding=types_pb2.IMAGE_ENCODING_PNG)).image.data)))
+    patch = np.asarray(
+        Image.open(
+            io.BytesIO(
+                tiler.ReadRegion(
+                    tiler_pb2.ReadRegionRequest(
+                        slide=SLIDE,
+                        x=SIDE // 2,
+                        y=SIDE // 2,
+                        width=448,
+                        height=448,
+                        mpp=1.0,
+                        encoding=types_pb2.IMAGE_ENCODING_PNG,
+                    )
+                ).image.data
+            )
+        )
+    )
 
     def png(i: int) -> bytes:
         img = patch.copy()
@@ -267,7 +314,7 @@ def synthetic(n: int, dim: int) -> np.ndarray:
     for s in range(0, n, PER_SLIDE):
         m = min(PER_SLIDE, n - s)
         v = np.abs(rng.standard_normal((m, dim))).astype(np.float32)
-        out[s:s + m] = v / np.linalg.norm(v, axis=1, keepdims=True)
+        out[s : s + m] = v / np.linalg.norm(v, axis=1, keepdims=True)
     return out
 
 
@@ -299,22 +346,36 @@ def query_part(args, stack: Stack) -> None:
     t0 = time.perf_counter()
     have = index.GetIndexInfo(index_pb2.GetIndexInfoRequest()).tile_count
     for s in range(0, args.tiles if have < args.tiles else 0, PER_SLIDE):  # a kept index has them
-        v = vectors[s:s + PER_SLIDE]
+        v = vectors[s : s + PER_SLIDE]
         slide_id = f"bench-{s // PER_SLIDE:03d}"
-        rects = [index_pb2.TileRect(x=(i % 100) * 448, y=(i // 100) * 448, width=448, height=448, mpp=1.0)
-                 for i in range(len(v))]
-        index.AddTiles(index_pb2.AddTilesRequest(model_id=model_id, slide_id=slide_id, generation="g",
-                                                 embeddings=to_tensor(v), tiles=rects), timeout=600)
-        index.CommitSlide(index_pb2.CommitSlideRequest(model_id=model_id, generation="g", expected_tiles=len(v),
-                                                       slide=index_pb2.Slide(slide_id=slide_id, source="none")),
-                          timeout=600)
+        rects = [
+            index_pb2.TileRect(x=(i % 100) * 448, y=(i // 100) * 448, width=448, height=448, mpp=1.0)
+            for i in range(len(v))
+        ]
+        index.AddTiles(
+            index_pb2.AddTilesRequest(
+                model_id=model_id, slide_id=slide_id, generation="g", embeddings=to_tensor(v), tiles=rects
+            ),
+            timeout=600,
+        )
+        index.CommitSlide(
+            index_pb2.CommitSlideRequest(
+                model_id=model_id,
+                generation="g",
+                expected_tiles=len(v),
+                slide=index_pb2.Slide(slide_id=slide_id, source="none"),
+            ),
+            timeout=600,
+        )
     while True:  # IVF trains in the background: measure the trained index
         info = index.GetIndexInfo(index_pb2.GetIndexInfoRequest())
         if info.index_type.startswith("IVF") or args.tiles < args.ivf_threshold:
             break
         time.sleep(1)
-    print(f"\nindex: {info.tile_count} tiles ({info.index_type or 'Flat'}, nprobe {info.default_nprobe}), "
-          f"built in {time.perf_counter() - t0:.0f} s")
+    print(
+        f"\nindex: {info.tile_count} tiles ({info.index_type or 'Flat'}, nprobe {info.default_nprobe}), "
+        f"built in {time.perf_counter() - t0:.0f} s"
+    )
 
     # The bare side: the same factory and nprobe over the same vectors (+ nothing else), in this process.
     config, path = load(MODELS, "efficientnet-lite0/1")
@@ -367,15 +428,18 @@ def query_part(args, stack: Stack) -> None:
     cases = {
         "gateway, uncached": lambda i: client.search(image=pngs[i], k=k),
         "one process: decode + embed + search": lambda i: bare_search(
-            model.embed_tensor(model.preprocess([images.decode(more[i])]))[0]),
+            model.embed_tensor(model.preprocess([images.decode(more[i])]))[0]
+        ),
         "gateway, cached": lambda i: client.search(image=fixed, k=k),
         "one process: search alone": lambda i: bare_search(q_vec),
         "one process: decode + preprocess": lambda i: model.preprocess([images.decode(more[i])]),
         "one process: inference, batch 1": lambda i: model.embed_tensor(model.preprocess([images.decode(fixed)])),
         "Embed RPC of the PNG (embedder process)": lambda i: embedder.Embed(
-            embedder_pb2.EmbedRequest(images=[types_pb2.Image(data=extra[i])])),
+            embedder_pb2.EmbedRequest(images=[types_pb2.Image(data=extra[i])])
+        ),
         "index Search RPC, k=10 (index process)": lambda i: index.Search(
-            index_pb2.SearchRequest(model_id=model_id, query=query, k=k)),
+            index_pb2.SearchRequest(model_id=model_id, query=query, k=k)
+        ),
     }
     if r is not None:
         cases["Redis GET of an embedding"] = lambda i: r.get("bench")
@@ -387,8 +451,10 @@ def query_part(args, stack: Stack) -> None:
     print("| --- | ---: |")
     for name, ms in rows.items():
         print(f"| {name} | {ms:.1f} |")
-    print(f"\nuncached through the gateway vs one process: **{unc / one:.2f}x**; "
-          f"cached vs the bare search: **{cached / search:.2f}x**")
+    print(
+        f"\nuncached through the gateway vs one process: **{unc / one:.2f}x**; "
+        f"cached vs the bare search: **{cached / search:.2f}x**"
+    )
 
 
 def main() -> int:

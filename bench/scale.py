@@ -16,6 +16,7 @@ same ones. Run on a machine with cores to spare per process to see them scale.
     .venv/bin/python bench/scale.py                  # 100,000 x 1280, ~5 min on 2 cores
     .venv/bin/python bench/scale.py --vectors 200000
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,10 +53,19 @@ class Replica:
     def __init__(self, url: str, shard: int, directory: str):
         self.port = free_port()
         self.directory = directory
-        env = dict(os.environ, SMILY_INDEX_PORT=str(self.port), SMILY_INDEX_DIR=directory, SMILY_METRICS_PORT="0",
-                   SMILY_INDEX_DATABASE_URL=url, SMILY_INDEX_SHARD=str(shard), SMILY_PLAINTEXT="1",
-                   SMILY_LOG_LEVEL="WARNING", SMILY_BIND_HOST="127.0.0.1",
-                   SMILY_INDEX_FACTORY="Flat", SMILY_INDEX_SNAPSHOT_INTERVAL_S="300")
+        env = dict(
+            os.environ,
+            SMILY_INDEX_PORT=str(self.port),
+            SMILY_INDEX_DIR=directory,
+            SMILY_METRICS_PORT="0",
+            SMILY_INDEX_DATABASE_URL=url,
+            SMILY_INDEX_SHARD=str(shard),
+            SMILY_PLAINTEXT="1",
+            SMILY_LOG_LEVEL="WARNING",
+            SMILY_BIND_HOST="127.0.0.1",
+            SMILY_INDEX_FACTORY="Flat",
+            SMILY_INDEX_SNAPSHOT_INTERVAL_S="300",
+        )
         self.proc = subprocess.Popen([sys.executable, "-m", "smily.index"], env=env)
         self.channel = channel(f"127.0.0.1:{self.port}")
         self.stub = index_pb2_grpc.IndexServiceStub(self.channel)
@@ -112,8 +122,9 @@ def qps(index: ShardedIndex, queries: np.ndarray, seconds: float, threads: int) 
     def loop(t: int) -> None:
         i = t
         while not stop.is_set():
-            index.Search(index_pb2.SearchRequest(model_id=MODEL, query=to_tensor(queries[i % len(queries)]), k=10),
-                         timeout=60)
+            index.Search(
+                index_pb2.SearchRequest(model_id=MODEL, query=to_tensor(queries[i % len(queries)]), k=10), timeout=60
+            )
             done[t] += 1
             i += threads
 
@@ -151,8 +162,10 @@ def main() -> None:
         a = Replica(url, 0, os.path.join(root, "a"))
         replicas.append(a)
         t = a.wait_seq(seq)
-        print(f"new replica from the store: {t:.1f} s = {t * per_m / 60:.1f} min per million vectors; "
-              f"RSS {a.rss_mb() * 2**20 / n:,.0f} B/vector, disk {a.disk_mb() * 2**20 / n:,.0f} B/vector")
+        print(
+            f"new replica from the store: {t:.1f} s = {t * per_m / 60:.1f} min per million vectors; "
+            f"RSS {a.rss_mb() * 2**20 / n:,.0f} B/vector, disk {a.disk_mb() * 2**20 / n:,.0f} B/vector"
+        )
 
         queries = np.random.default_rng(1).standard_normal((64, args.dim)).astype(np.float32)
         one = ShardedIndex([[a.stub]])

@@ -12,6 +12,7 @@ written tile by tile so the big level is never held in memory.
 
     .venv/bin/python bench/tiler.py [--mpp 1.0] [--tile-size 224] [--keep DIR] [--rounds 3]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,8 +59,16 @@ def write_big_slide(path: str) -> None:
                 yield np.where(inside[..., None], window, GLASS)
 
     res = (1e4 / MPP, 1e4 / MPP)
-    opts = dict(tile=(TILE, TILE), dtype=np.uint8, photometric="rgb", compression="jpeg",
-                compressionargs={"level": 85}, resolution=res, resolutionunit="CENTIMETER", metadata=None)
+    opts = dict(
+        tile=(TILE, TILE),
+        dtype=np.uint8,
+        photometric="rgb",
+        compression="jpeg",
+        compressionargs={"level": 85},
+        resolution=res,
+        resolutionunit="CENTIMETER",
+        metadata=None,
+    )
     with tifffile.TiffWriter(path, bigtiff=True) as tif:
         for level in range(4):
             ds = 4**level
@@ -74,10 +83,19 @@ def free_port() -> int:
 
 
 def start_tiler(root: str, port: int) -> subprocess.Popen:
-    env = dict(os.environ, SMILY_SLIDE_ROOTS=root, SMILY_TILER_PORT=str(port), SMILY_METRICS_PORT="0",
-               SMILY_LOG_LEVEL="WARNING", SMILY_PLAINTEXT="1")
-    return subprocess.Popen([sys.executable, "-m", "smily.cli", "serve", "tiler"], env=env,
-                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(
+        os.environ,
+        SMILY_SLIDE_ROOTS=root,
+        SMILY_TILER_PORT=str(port),
+        SMILY_METRICS_PORT="0",
+        SMILY_LOG_LEVEL="WARNING",
+        SMILY_PLAINTEXT="1",
+    )
+    return subprocess.Popen(
+        [sys.executable, "-m", "smily.cli", "serve", "tiler"],
+        env=env,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
 
 
 def main() -> None:
@@ -105,14 +123,17 @@ def main() -> None:
         t = time.perf_counter()
         write_big_slide(path + ".tmp")
         os.replace(path + ".tmp", path)
-        print(f"wrote {WIDTH}x{HEIGHT} slide at {MPP} um/px in {time.perf_counter() - t:.1f} s "
-              f"({os.path.getsize(path) / 2**20:.0f} MiB)")
+        print(
+            f"wrote {WIDTH}x{HEIGHT} slide at {MPP} um/px in {time.perf_counter() - t:.1f} s "
+            f"({os.path.getsize(path) / 2**20:.0f} MiB)"
+        )
 
     port = free_port()
     proc = start_tiler(root, port)
     try:
-        stub = tiler_pb2_grpc.TilerServiceStub(grpc.insecure_channel(
-            f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", 64 << 20)]))
+        stub = tiler_pb2_grpc.TilerServiceStub(
+            grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", 64 << 20)])
+        )
         for _ in range(200):
             try:
                 stub.GetSlideInfo(tiler_pb2.GetSlideInfoRequest(slide="big-40x.tiff"), timeout=5)
@@ -123,8 +144,10 @@ def main() -> None:
         for _ in range(4):
             stub.GetSlideInfo(tiler_pb2.GetSlideInfoRequest(slide="big-40x.tiff"), timeout=30)
         req = tiler_pb2.StreamTilesRequest(
-            slide="big-40x.tiff", params=tiler_pb2.TilingParams(mpp=args.mpp, tile_size=args.tile_size),
-            encoding=types_pb2.IMAGE_ENCODING_RAW_RGB)
+            slide="big-40x.tiff",
+            params=tiler_pb2.TilingParams(mpp=args.mpp, tile_size=args.tile_size),
+            encoding=types_pb2.IMAGE_ENCODING_RAW_RGB,
+        )
         service_s = []
         for _ in range(args.rounds):
             # Like a consumer that uses each tile and lets it go (the gateway embeds batches of them).
@@ -164,14 +187,19 @@ def main() -> None:
         baselines[name] = statistics.median(times)
         # Same pixels, or the comparison means nothing (untimed).
         slide = openslide.OpenSlide(path)
-        assert all(read(slide, x, y, size, args.tile_size).tobytes() == data
-                   for (x, y, size), data in zip(rects, served)), name
+        assert all(
+            read(slide, x, y, size, args.tile_size).tobytes() == data for (x, y, size), data in zip(rects, served)
+        ), name
 
     n, service = len(rects), statistics.median(service_s)
-    print(f"slide {WIDTH}x{HEIGHT} px at {MPP} um/px; tiles {args.tile_size} px at {args.mpp} um/px; "
-          f"{n} tissue tiles; {os.cpu_count()} CPUs; median of {args.rounds} rounds")
-    print(f"service (gRPC StreamTiles, raw RGB): {service:.2f} s, {n / service:.0f} tiles/s "
-          "(includes planning: thumbnail + tissue mask)")
+    print(
+        f"slide {WIDTH}x{HEIGHT} px at {MPP} um/px; tiles {args.tile_size} px at {args.mpp} um/px; "
+        f"{n} tissue tiles; {os.cpu_count()} CPUs; median of {args.rounds} rounds"
+    )
+    print(
+        f"service (gRPC StreamTiles, raw RGB): {service:.2f} s, {n / service:.0f} tiles/s "
+        "(includes planning: thumbnail + tissue mask)"
+    )
     for name, seconds in baselines.items():
         print(f"{name + ':':36s} {seconds:.2f} s, {n / seconds:.0f} tiles/s; service speed-up {seconds / service:.2f}x")
 

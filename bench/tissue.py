@@ -6,6 +6,7 @@ recall and precision per image, and how many artefact pixels are dropped.
 --overlays writes NAME.png side by side: the thumbnail, and the detector's
 errors (red: tissue missed, blue: background kept, green: tissue kept).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,6 +24,7 @@ def otsu_saturation(rgb: np.ndarray) -> np.ndarray:
     from scipy import ndimage as ndi
 
     from smily.tiler.tissue import pen_mask
+
     f = rgb.astype(np.float32) / 255.0
     mx, mn = f.max(axis=2), f.min(axis=2)
     saturation = np.where(mx > 0, (mx - mn) / np.maximum(mx, 1e-6), 0)
@@ -72,8 +74,10 @@ def main() -> None:
     means = values[draws].mean(axis=1)
     lo, hi = np.percentile(means, [2.5, 97.5], axis=0)
     mean = values.mean(axis=0)
-    print(f"| mean [95% image bootstrap] | | {mean[0]:.3f} [{lo[0]:.3f},{hi[0]:.3f}] | "
-          f"{mean[1]:.3f} [{lo[1]:.3f},{hi[1]:.3f}] | |")
+    print(
+        f"| mean [95% image bootstrap] | | {mean[0]:.3f} [{lo[0]:.3f},{hi[0]:.3f}] | "
+        f"{mean[1]:.3f} [{lo[1]:.3f},{hi[1]:.3f}] | |"
+    )
 
 
 if __name__ == "__main__":

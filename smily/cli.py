@@ -1,4 +1,5 @@
 """The `smily` command: run services, ingest, search, manage models and data."""
+
 from __future__ import annotations
 
 import argparse
@@ -69,9 +70,11 @@ def _print_operation(op, as_json: bool) -> int:
     elif op.state == gateway_pb2.OPERATION_STATE_SUCCEEDED:
         print(f"ingested {op.slide_id}: {op.progress.tiles_indexed} tiles (model {op.model_id})")
     else:
-        print(f"{op.operation_id}: {gateway_pb2.OperationState.Name(op.state)} {op.slide_id}, "
-              f"{op.progress.tiles_indexed}/{op.progress.tiles_total} tiles indexed"
-              f"{' (cancel requested)' if op.cancel_requested else ''}")
+        print(
+            f"{op.operation_id}: {gateway_pb2.OperationState.Name(op.state)} {op.slide_id}, "
+            f"{op.progress.tiles_indexed}/{op.progress.tiles_total} tiles indexed"
+            f"{' (cancel requested)' if op.cancel_requested else ''}"
+        )
     return 1 if failed else 0
 
 
@@ -106,8 +109,9 @@ def _ingest_case(args) -> int:
     from smily.output import print_json
 
     client = _client(args)
-    op = client.ingest_case(args.accession, args.archive or "", _key_values(args.slide_id, "--slide-id"),
-                            _key_values(args.meta, "--meta"))
+    op = client.ingest_case(
+        args.accession, args.archive or "", _key_values(args.slide_id, "--slide-id"), _key_values(args.meta, "--meta")
+    )
     if args.no_wait and not args.json:
         print(op.operation_id)
         return 0
@@ -171,13 +175,23 @@ def _search(args) -> int:
             raise SystemExit("--slide needs --region X,Y,W,H")
         query["region"] = dict(slide_id=args.slide, **_parse_region(args.region))
     resp = client.search(
-        **query, k=args.k, exclude_query_slide=args.exclude_query_slide,
-        positives=[_example(e) for e in args.positive or []], negatives=[_example(e) for e in args.negative or []],
-        negative_weight=args.negative_weight, concepts=_concept_weights(args.concept),
-        max_hits_per_slide=args.max_per_slide, page_size=args.page_size, page_token=args.page_token,
-        slide_ids=args.slide_id or [], filters=_key_values(args.filter, "--filter"),
-        exclude_slide_ids=args.exclude_slide or [], exclude_query_case=args.exclude_query_case, nprobe=args.nprobe,
-        image_mpp=args.image_mpp)
+        **query,
+        k=args.k,
+        exclude_query_slide=args.exclude_query_slide,
+        positives=[_example(e) for e in args.positive or []],
+        negatives=[_example(e) for e in args.negative or []],
+        negative_weight=args.negative_weight,
+        concepts=_concept_weights(args.concept),
+        max_hits_per_slide=args.max_per_slide,
+        page_size=args.page_size,
+        page_token=args.page_token,
+        slide_ids=args.slide_id or [],
+        filters=_key_values(args.filter, "--filter"),
+        exclude_slide_ids=args.exclude_slide or [],
+        exclude_query_case=args.exclude_query_case,
+        nprobe=args.nprobe,
+        image_mpp=args.image_mpp,
+    )
     from smily.output import print_hits, print_json
 
     if args.json:
@@ -194,16 +208,29 @@ def _search_slides(args) -> int:
 
     if bool(args.slide_id) == bool(args.source):
         raise SystemExit("give either --slide-id ID or --source PATH")
-    resp = _client(args).search_slides(slide_id=args.slide_id or "", source=args.source or "", k=args.k,
-                                       mosaic_size=args.mosaic_size, exclude_query_slide=args.exclude_query_slide,
-                                       slide_mpp=args.slide_mpp)
+    resp = _client(args).search_slides(
+        slide_id=args.slide_id or "",
+        source=args.source or "",
+        k=args.k,
+        mosaic_size=args.mosaic_size,
+        exclude_query_slide=args.exclude_query_slide,
+        slide_mpp=args.slide_mpp,
+    )
     if args.json:
         from smily.output import print_json
 
         print_json(resp)
         return 0
-    slides = [{"slide_id": s.slide_id, "score": round(float(s.score), 4), "matched_mosaic_tiles": s.matched_mosaic_tiles,
-               "metadata": dict(s.metadata), "regions": [hit_dict(h) for h in s.regions]} for s in resp.slides]
+    slides = [
+        {
+            "slide_id": s.slide_id,
+            "score": round(float(s.score), 4),
+            "matched_mosaic_tiles": s.matched_mosaic_tiles,
+            "metadata": dict(s.metadata),
+            "regions": [hit_dict(h) for h in s.regions],
+        }
+        for s in resp.slides
+    ]
     print(f"{len(slides)} slides (mosaic of {resp.mosaic_size} tiles, model {resp.model_id})")
     for i, s in enumerate(slides, 1):
         best = s["regions"][0] if s["regions"] else None
@@ -214,8 +241,9 @@ def _search_slides(args) -> int:
 
 def _read_region(args) -> int:
     region = dict(slide_id=args.slide_id, **_parse_region(args.region))
-    resp = _client(args).read_region(region, mpp=args.mpp, max_side=args.max_side,
-                                     jpeg=args.output.lower().endswith((".jpg", ".jpeg")))
+    resp = _client(args).read_region(
+        region, mpp=args.mpp, max_side=args.max_side, jpeg=args.output.lower().endswith((".jpg", ".jpeg"))
+    )
     with open(args.output, "wb") as fh:
         fh.write(resp.image)
     if args.json:
@@ -239,8 +267,10 @@ def _concept(args) -> int:
         if args.json:
             print_json(c)
         else:
-            print(f"concept {c.name} ({c.model_id}): {c.with_examples} with, {c.without_examples} without, "
-                  f"training accuracy {c.train_accuracy:.2f}")
+            print(
+                f"concept {c.name} ({c.model_id}): {c.with_examples} with, {c.without_examples} without, "
+                f"training accuracy {c.train_accuracy:.2f}"
+            )
     elif args.concept_command == "list":
         concepts = client.concepts()
         if args.json:
@@ -295,10 +325,17 @@ def _model_export(args) -> int:
         if not args.name:
             raise SystemExit("--factory needs --name")
         module, config = export.from_factory(
-            args.factory, args.weights, name=args.name, version=args.version or "1",
-            input_size=args.input_size, mean=tuple(args.mean or export.IMAGENET_MEAN),
-            std=tuple(args.std or export.IMAGENET_STD), color_order=args.color_order,
-            l2_normalize=not args.no_l2_normalize, description=args.description or "")
+            args.factory,
+            args.weights,
+            name=args.name,
+            version=args.version or "1",
+            input_size=args.input_size,
+            mean=tuple(args.mean or export.IMAGENET_MEAN),
+            std=tuple(args.std or export.IMAGENET_STD),
+            color_order=args.color_order,
+            l2_normalize=not args.no_l2_normalize,
+            description=args.description or "",
+        )
     else:
         if args.weights or args.name:
             raise SystemExit("--weights and --name go with --factory")
@@ -310,8 +347,10 @@ def _model_export(args) -> int:
     except ValueError as exc:
         print(f"export failed: {exc}", file=sys.stderr)
         return 1
-    print(f"exported {config.model_id} to {args.output_dir}/{config.model_id} "
-          f"(embedding dim {config.embedding_dim}, max abs difference to PyTorch {diff:.2e})")
+    print(
+        f"exported {config.model_id} to {args.output_dir}/{config.model_id} "
+        f"(embedding dim {config.embedding_dim}, max abs difference to PyTorch {diff:.2e})"
+    )
     return 0
 
 
@@ -334,8 +373,9 @@ def _model_quantize(args) -> int:
     from smily.models import quantize
 
     try:
-        config = quantize.quantize(args.output_dir, args.model, args.version, args.calibration_dir,
-                                   args.calibration_tiles, args.fp32_convs)
+        config = quantize.quantize(
+            args.output_dir, args.model, args.version, args.calibration_dir, args.calibration_tiles, args.fp32_convs
+        )
     except FailedPrecondition as exc:
         print(f"quantize failed: {exc}", file=sys.stderr)
         return 1
@@ -360,17 +400,29 @@ def _info(args) -> int:
     finally:
         client.close()
     t = info.tiling
-    out = {"model_id": info.model_id, "slides": info.slide_count, "tiles": info.tile_count,
-           "tiling": {"mpps": list(t.mpps), "tile_size": t.tile_size, "stride": t.stride,
-                      "min_tissue_fraction": t.min_tissue_fraction},
-           "tiling_recorded": info.tiling_recorded}
+    out = {
+        "model_id": info.model_id,
+        "slides": info.slide_count,
+        "tiles": info.tile_count,
+        "tiling": {
+            "mpps": list(t.mpps),
+            "tile_size": t.tile_size,
+            "stride": t.stride,
+            "min_tissue_fraction": t.min_tissue_fraction,
+        },
+        "tiling_recorded": info.tiling_recorded,
+    }
     if args.json:
         print_json(out)
         return 0
     print(f"model {info.model_id or '(none yet)'}: {info.slide_count} slides, {info.tile_count} tiles")
-    where = "recorded in the index" if info.tiling_recorded else "this gateway's settings; the first ingest records them"
-    print(f"tiling ({where}): {t.tile_size} px tiles at {', '.join(f'{m:g}' for m in t.mpps)} µm/px, "
-          f"stride {t.stride:g}, min tissue {t.min_tissue_fraction:g}")
+    where = (
+        "recorded in the index" if info.tiling_recorded else "this gateway's settings; the first ingest records them"
+    )
+    print(
+        f"tiling ({where}): {t.tile_size} px tiles at {', '.join(f'{m:g}' for m in t.mpps)} µm/px, "
+        f"stride {t.stride:g}, min tissue {t.min_tissue_fraction:g}"
+    )
     return 0
 
 
@@ -387,8 +439,17 @@ def _eval(args) -> int:
         raise SystemExit("--k takes positive integers")
     client = _client(args)
     try:
-        evaluate_manifest(client, Settings.from_env(**overrides), args.manifest, args.out, tuple(sorted(set(args.k))),
-                          args.max_queries_per_slide, args.robustness, args.bootstrap, args.seed)
+        evaluate_manifest(
+            client,
+            Settings.from_env(**overrides),
+            args.manifest,
+            args.out,
+            tuple(sorted(set(args.k))),
+            args.max_queries_per_slide,
+            args.robustness,
+            args.bootstrap,
+            args.seed,
+        )
     except (manifest.ManifestError, archive.EvalError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -433,8 +494,10 @@ def _reshard(args) -> int:
     if not url:
         raise SystemExit("set SMILY_INDEX_DATABASE_URL to the index cluster's PostgreSQL")
     moved = reshard(url, args.from_shards, args.shards)
-    print(f"moved {moved} slides from {args.from_shards} to {args.shards} shards; "
-          f"now set SMILY_INDEX_TARGETS to {args.shards} shards")
+    print(
+        f"moved {moved} slides from {args.from_shards} to {args.shards} shards; "
+        f"now set SMILY_INDEX_TARGETS to {args.shards} shards"
+    )
     return 0
 
 
@@ -450,10 +513,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     def with_gateway(sp):
         sp.add_argument("--gateway", default=DEFAULT_GATEWAY, help="gateway HOST:PORT (default %(default)s)")
-        sp.add_argument("--tls-ca", default=None, metavar="FILE",
-                        help="CA certificate (PEM) to verify the gateway with: TLS (default $SMILY_TLS_CA_FILE)")
-        sp.add_argument("--token", default=None,
-                        help="OIDC bearer token sent with every call (default $SMILY_TOKEN; needs TLS)")
+        sp.add_argument(
+            "--tls-ca",
+            default=None,
+            metavar="FILE",
+            help="CA certificate (PEM) to verify the gateway with: TLS (default $SMILY_TLS_CA_FILE)",
+        )
+        sp.add_argument(
+            "--token", default=None, help="OIDC bearer token sent with every call (default $SMILY_TOKEN; needs TLS)"
+        )
         return sp
 
     def api(sp):
@@ -470,16 +538,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("slide")
     s.add_argument("--slide-id", help="your opaque id for the slide (default: from its content)")
     s.add_argument("--meta", action="append", metavar="KEY=VALUE", help="metadata returned with hits")
-    s.add_argument("--slide-mpp", type=float, default=0.0,
-                   help="microns per level-0 pixel, for a file that records none (e.g. 0.25 at 40x)")
+    s.add_argument(
+        "--slide-mpp",
+        type=float,
+        default=0.0,
+        help="microns per level-0 pixel, for a file that records none (e.g. 0.25 at 40x)",
+    )
     s.add_argument("--no-wait", action="store_true", help="print the operation id and return")
     s.set_defaults(func=_ingest)
 
     s = api(sub.add_parser("ingest-case", help="index every slide of a case from the DICOMweb archive"))
     s.add_argument("accession", help="the case's accession number (0008,0050)")
     s.add_argument("--archive", help="a configured archive's name (default: the first)")
-    s.add_argument("--slide-id", action="append", metavar="SERIES_UID=ID",
-                   help="your id for a series' slide (default: its SeriesInstanceUID)")
+    s.add_argument(
+        "--slide-id",
+        action="append",
+        metavar="SERIES_UID=ID",
+        help="your id for a series' slide (default: its SeriesInstanceUID)",
+    )
     s.add_argument("--meta", action="append", metavar="KEY=VALUE", help="metadata added to every slide")
     s.add_argument("--no-wait", action="store_true", help="print the operation id and return")
     s.set_defaults(func=_ingest_case)
@@ -488,13 +564,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--image", help="PNG or JPEG patch")
     s.add_argument("--slide", help="indexed slide id, with --region")
     s.add_argument("--region", help="X,Y,W,H in level-0 pixels")
-    s.add_argument("--image-mpp", type=float, default=0.0,
-                   help="microns per pixel of --image (default 1.0): searched at the nearest indexed resolution")
+    s.add_argument(
+        "--image-mpp",
+        type=float,
+        default=0.0,
+        help="microns per pixel of --image (default 1.0): searched at the nearest indexed resolution",
+    )
     s.add_argument("--k", type=int, default=None, help="number of hits (default 10)")
     s.add_argument("--exclude-query-slide", action="store_true", help="leave the region examples' slides out")
-    s.add_argument("--exclude-query-case", action="store_true",
-                   help="leave every slide of the query slide's case out (metadata SMILY_CASE_KEY, default case_id)")
-    s.add_argument("--filter", action="append", metavar="KEY=VALUE", help="only slides with this metadata (all must hold)")
+    s.add_argument(
+        "--exclude-query-case",
+        action="store_true",
+        help="leave every slide of the query slide's case out (metadata SMILY_CASE_KEY, default case_id)",
+    )
+    s.add_argument(
+        "--filter", action="append", metavar="KEY=VALUE", help="only slides with this metadata (all must hold)"
+    )
     s.add_argument("--slide-id", action="append", metavar="ID", help="only tiles of these slides")
     s.add_argument("--exclude-slide", action="append", metavar="ID", help="leave this slide out")
     s.add_argument("--nprobe", type=int, default=0, help="IVF lists probed (default: the index's)")
@@ -526,7 +611,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_read_region)
 
     c = sub.add_parser("concept", help="concepts for steering searches").add_subparsers(
-        dest="concept_command", required=True)
+        dest="concept_command", required=True
+    )
     s = api(c.add_parser("create", help="learn a concept from examples with and without it"))
     s.add_argument("name")
     s.add_argument("--with", dest="with_", action="append", metavar="EXAMPLE", help=example)
@@ -560,8 +646,11 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("model", help="model repository tools").add_subparsers(dest="model_command", required=True)
     s = m.add_parser("export", help="export EfficientNet-Lite0 (default) or any PyTorch backbone to ONNX")
     s.add_argument("--output-dir", default="models", help="model repository (default %(default)s)")
-    s.add_argument("--factory", metavar="PACKAGE.MODULE:FUNCTION",
-                   help="function returning an nn.Module: images [N,3,H,W] -> [N,D] or [N,D,h,w] (pooled)")
+    s.add_argument(
+        "--factory",
+        metavar="PACKAGE.MODULE:FUNCTION",
+        help="function returning an nn.Module: images [N,3,H,W] -> [N,D] or [N,D,h,w] (pooled)",
+    )
     s.add_argument("--weights", metavar="FILE", help="local state dict for the factory's module")
     s.add_argument("--name", help="model name (required with --factory)")
     s.add_argument("--version", help="model version (default 1)")
@@ -571,8 +660,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--color-order", choices=["RGB", "BGR"], default="RGB")
     s.add_argument("--no-l2-normalize", action="store_true", help="serve raw features")
     s.add_argument("--description")
-    s.add_argument("--tolerance", type=float, default=1e-3,
-                   help="largest max abs difference to PyTorch accepted (default %(default)s)")
+    s.add_argument(
+        "--tolerance",
+        type=float,
+        default=1e-3,
+        help="largest max abs difference to PyTorch accepted (default %(default)s)",
+    )
     s.set_defaults(func=_model_export)
 
     s = m.add_parser("import", help="register a ready ONNX model with its config.json (validated)")
@@ -586,8 +679,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--version", help="version to write (default <source version>-int8)")
     s.add_argument("--calibration-dir", help="PNG/JPEG tiles to calibrate on (default: synthetic tissue)")
     s.add_argument("--calibration-tiles", type=int, default=128, help="tiles used (default %(default)s)")
-    s.add_argument("--fp32-convs", type=int, default=3,
-                   help="leading convolutions kept in FP32: more is closer to FP32, slower (default %(default)s)")
+    s.add_argument(
+        "--fp32-convs",
+        type=int,
+        default=3,
+        help="leading convolutions kept in FP32: more is closer to FP32, slower (default %(default)s)",
+    )
     s.add_argument("--output-dir", default="models")
     s.set_defaults(func=_model_quantize)
 
@@ -603,8 +700,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--slide-root", action="append", help="slide root (default SMILY_SLIDE_ROOTS)")
     s.add_argument("--embedder", help="embedder HOST:PORT for exact search (default SMILY_EMBEDDER_TARGET)")
     s.add_argument("--max-queries-per-slide", type=int, default=50)
-    s.add_argument("--robustness", type=int, default=0, metavar="N",
-                   help="also test N perturbed tiles per slide (0: skip)")
+    s.add_argument(
+        "--robustness", type=int, default=0, metavar="N", help="also test N perturbed tiles per slide (0: skip)"
+    )
     s.add_argument("--bootstrap", type=int, default=1000, help="bootstrap draws for the 95%% intervals")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_eval)
@@ -623,8 +721,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--replicas", type=int, default=0, help="index replicas per shard (cluster mode)")
     s.set_defaults(func=_up)
     ix = sub.add_parser("index", help="index cluster tools").add_subparsers(dest="index_command", required=True)
-    s = ix.add_parser("reshard", help="move slides to their shards for a new shard count "
-                                      "(PostgreSQL at SMILY_INDEX_DATABASE_URL)")
+    s = ix.add_parser(
+        "reshard", help="move slides to their shards for a new shard count (PostgreSQL at SMILY_INDEX_DATABASE_URL)"
+    )
     s.add_argument("--shards", type=int, required=True, help="the new shard count")
     s.add_argument("--from", dest="from_shards", type=int, required=True, help="the current shard count")
     s.set_defaults(func=_reshard)
@@ -647,17 +746,27 @@ def main(argv=None) -> int:
 
 
 # Request fields the services name in errors -> the flags that set them.
-FLAGS = {"slide_mpp": "--slide-mpp", "page_token": "--page-token", "page_size": "--page-size",
-         "max_hits_per_slide": "--max-per-slide", "negative_weight": "--negative-weight",
-         "mosaic_size": "--mosaic-size", "max_side": "--max-side", "nprobe": "--nprobe",
-         "slide_ids": "--slide-id", "exclude_slide_ids": "--exclude-slide", "filters": "--filter"}
+FLAGS = {
+    "slide_mpp": "--slide-mpp",
+    "page_token": "--page-token",
+    "page_size": "--page-size",
+    "max_hits_per_slide": "--max-per-slide",
+    "negative_weight": "--negative-weight",
+    "mosaic_size": "--mosaic-size",
+    "max_side": "--max-side",
+    "nprobe": "--nprobe",
+    "slide_ids": "--slide-id",
+    "exclude_slide_ids": "--exclude-slide",
+    "filters": "--filter",
+}
 _FIELD = re.compile(r"(in the request's |the request's )?\b(" + "|".join(FLAGS) + r")\b")
 
 
 def _flags(message: str) -> str:
     """A service's message with request fields named as the flags that set them."""
-    return _FIELD.sub(lambda m: ("with " if m.group(1) and m.group(1).startswith("in ") else "") + FLAGS[m.group(2)],
-                      message)
+    return _FIELD.sub(
+        lambda m: ("with " if m.group(1) and m.group(1).startswith("in ") else "") + FLAGS[m.group(2)], message
+    )
 
 
 def _explain(exc: grpc.RpcError, gateway: str) -> str:
@@ -665,8 +774,10 @@ def _explain(exc: grpc.RpcError, gateway: str) -> str:
     code, details = exc.code(), _flags(exc.details() or "")
     if code == grpc.StatusCode.UNAVAILABLE:
         what = "cannot connect" if "failed to connect" in details.lower() else details
-        return (f"UNAVAILABLE: the gateway at {gateway}: {what}. Is the stack up? `make up` starts the local "
-                f"one; --gateway HOST:PORT (or SMILY_GATEWAY) names another.")
+        return (
+            f"UNAVAILABLE: the gateway at {gateway}: {what}. Is the stack up? `make up` starts the local "
+            f"one; --gateway HOST:PORT (or SMILY_GATEWAY) names another."
+        )
     if code == grpc.StatusCode.NOT_FOUND:
         if "slide roots" in details:
             from smily.common.config import Settings

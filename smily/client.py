@@ -1,4 +1,5 @@
 """A small client of the public gateway API, used by the CLI and the demo."""
+
 from __future__ import annotations
 
 import os
@@ -9,12 +10,16 @@ import grpc
 from smily.common.channels import channel
 from smily.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
-DONE = (gateway_pb2.OPERATION_STATE_SUCCEEDED, gateway_pb2.OPERATION_STATE_FAILED,
-        gateway_pb2.OPERATION_STATE_CANCELLED)
+DONE = (
+    gateway_pb2.OPERATION_STATE_SUCCEEDED,
+    gateway_pb2.OPERATION_STATE_FAILED,
+    gateway_pb2.OPERATION_STATE_CANCELLED,
+)
 
 
-def credentials(tls_ca: str = "", token: str = "", cert_file: str = "",
-                key_file: str = "") -> grpc.ChannelCredentials | None:
+def credentials(
+    tls_ca: str = "", token: str = "", cert_file: str = "", key_file: str = ""
+) -> grpc.ChannelCredentials | None:
     """TLS verified with the CA in tls_ca (plus a client certificate when the
     gateway demands one) and the bearer token on every call; None = plaintext."""
     if not tls_ca:
@@ -39,28 +44,48 @@ class Client:
     """tls_ca, token, cert_file, key_file: see credentials(); they default to
     SMILY_TLS_CA_FILE, SMILY_TOKEN, SMILY_TLS_CERT_FILE and SMILY_TLS_KEY_FILE."""
 
-    def __init__(self, target: str, timeout: float = 60.0, *, tls_ca: str | None = None, token: str | None = None,
-                 cert_file: str | None = None, key_file: str | None = None):
+    def __init__(
+        self,
+        target: str,
+        timeout: float = 60.0,
+        *,
+        tls_ca: str | None = None,
+        token: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
+    ):
         env = os.environ
-        self._channel = channel(target, credentials(
-            env.get("SMILY_TLS_CA_FILE", "") if tls_ca is None else tls_ca,
-            env.get("SMILY_TOKEN", "") if token is None else token,
-            env.get("SMILY_TLS_CERT_FILE", "") if cert_file is None else cert_file,
-            env.get("SMILY_TLS_KEY_FILE", "") if key_file is None else key_file))
+        self._channel = channel(
+            target,
+            credentials(
+                env.get("SMILY_TLS_CA_FILE", "") if tls_ca is None else tls_ca,
+                env.get("SMILY_TOKEN", "") if token is None else token,
+                env.get("SMILY_TLS_CERT_FILE", "") if cert_file is None else cert_file,
+                env.get("SMILY_TLS_KEY_FILE", "") if key_file is None else key_file,
+            ),
+        )
         self.stub = gateway_pb2_grpc.GatewayServiceStub(self._channel)
         self.timeout = timeout
 
-    def ingest(self, source: str, slide_id: str = "", metadata: dict | None = None,
-               slide_mpp: float = 0.0) -> gateway_pb2.Operation:
-        return self.stub.IngestSlide(gateway_pb2.IngestSlideRequest(
-            source=source, slide_id=slide_id, metadata=metadata or {}, slide_mpp=slide_mpp),
-            timeout=self.timeout).operation
+    def ingest(
+        self, source: str, slide_id: str = "", metadata: dict | None = None, slide_mpp: float = 0.0
+    ) -> gateway_pb2.Operation:
+        return self.stub.IngestSlide(
+            gateway_pb2.IngestSlideRequest(
+                source=source, slide_id=slide_id, metadata=metadata or {}, slide_mpp=slide_mpp
+            ),
+            timeout=self.timeout,
+        ).operation
 
-    def ingest_case(self, accession_number: str, archive: str = "", slide_ids: dict | None = None,
-                    metadata: dict | None = None) -> gateway_pb2.Operation:
-        return self.stub.IngestCase(gateway_pb2.IngestCaseRequest(
-            accession_number=accession_number, archive=archive, slide_ids=slide_ids or {},
-            metadata=metadata or {}), timeout=self.timeout).operation
+    def ingest_case(
+        self, accession_number: str, archive: str = "", slide_ids: dict | None = None, metadata: dict | None = None
+    ) -> gateway_pb2.Operation:
+        return self.stub.IngestCase(
+            gateway_pb2.IngestCaseRequest(
+                accession_number=accession_number, archive=archive, slide_ids=slide_ids or {}, metadata=metadata or {}
+            ),
+            timeout=self.timeout,
+        ).operation
 
     def wait(self, op: gateway_pb2.Operation, on_progress=None, poll_s: float = 0.2) -> gateway_pb2.Operation:
         while op.state not in DONE:
@@ -70,20 +95,43 @@ class Client:
                 on_progress(op)
         return op
 
-    def search(self, *, image: bytes | None = None, region: dict | None = None, k: int | None = None,
-               exclude_query_slide: bool = False, positives=(), negatives=(), negative_weight: float | None = None,
-               concepts: dict[str, float] | None = None, max_hits_per_slide: int = 0, page_size: int = 0,
-               page_token: str = "", slide_ids=(), filters: dict[str, str] | None = None, exclude_slide_ids=(),
-               exclude_query_case: bool = False, nprobe: int = 0, image_mpp: float = 0.0) -> gateway_pb2.SearchResponse:
+    def search(
+        self,
+        *,
+        image: bytes | None = None,
+        region: dict | None = None,
+        k: int | None = None,
+        exclude_query_slide: bool = False,
+        positives=(),
+        negatives=(),
+        negative_weight: float | None = None,
+        concepts: dict[str, float] | None = None,
+        max_hits_per_slide: int = 0,
+        page_size: int = 0,
+        page_token: str = "",
+        slide_ids=(),
+        filters: dict[str, str] | None = None,
+        exclude_slide_ids=(),
+        exclude_query_case: bool = False,
+        nprobe: int = 0,
+        image_mpp: float = 0.0,
+    ) -> gateway_pb2.SearchResponse:
         """Examples in positives/negatives are image bytes or region dicts; image_mpp: µm/px of image queries."""
         req = gateway_pb2.SearchRequest(
-            exclude_query_slide=exclude_query_slide, exclude_query_case=exclude_query_case, slide_ids=slide_ids,
+            exclude_query_slide=exclude_query_slide,
+            exclude_query_case=exclude_query_case,
+            slide_ids=slide_ids,
             image_mpp=image_mpp,
-            filters=filters or {}, exclude_slide_ids=exclude_slide_ids, nprobe=nprobe,
+            filters=filters or {},
+            exclude_slide_ids=exclude_slide_ids,
+            nprobe=nprobe,
             positives=[example(e) for e in positives],
-            negatives=[example(e) for e in negatives], max_hits_per_slide=max_hits_per_slide,
-            page_size=page_size, page_token=page_token,
-            concepts=[gateway_pb2.WeightedConcept(name=n, weight=w) for n, w in (concepts or {}).items()])
+            negatives=[example(e) for e in negatives],
+            max_hits_per_slide=max_hits_per_slide,
+            page_size=page_size,
+            page_token=page_token,
+            concepts=[gateway_pb2.WeightedConcept(name=n, weight=w) for n, w in (concepts or {}).items()],
+        )
         if k is not None:
             req.k = k
         if negative_weight is not None:
@@ -94,9 +142,16 @@ class Client:
             req.region.CopyFrom(gateway_pb2.Region(**region))
         return self.stub.Search(req, timeout=self.timeout)
 
-    def search_slides(self, *, slide_id: str = "", source: str = "", k: int | None = None,
-                      mosaic_size: int | None = None, exclude_query_slide: bool = False,
-                      slide_mpp: float = 0.0) -> gateway_pb2.SearchSlidesResponse:
+    def search_slides(
+        self,
+        *,
+        slide_id: str = "",
+        source: str = "",
+        k: int | None = None,
+        mosaic_size: int | None = None,
+        exclude_query_slide: bool = False,
+        slide_mpp: float = 0.0,
+    ) -> gateway_pb2.SearchSlidesResponse:
         req = gateway_pb2.SearchSlidesRequest(exclude_query_slide=exclude_query_slide, slide_mpp=slide_mpp)
         if slide_id:
             req.slide_id = slide_id
@@ -108,16 +163,24 @@ class Client:
             req.mosaic_size = mosaic_size
         return self.stub.SearchSlides(req, timeout=self.timeout)
 
-    def read_region(self, region: dict, mpp: float = 0.0, max_side: int = 0,
-                    jpeg: bool = False) -> gateway_pb2.ReadRegionResponse:
+    def read_region(
+        self, region: dict, mpp: float = 0.0, max_side: int = 0, jpeg: bool = False
+    ) -> gateway_pb2.ReadRegionResponse:
         fmt = gateway_pb2.IMAGE_FORMAT_JPEG if jpeg else gateway_pb2.IMAGE_FORMAT_PNG
-        return self.stub.ReadRegion(gateway_pb2.ReadRegionRequest(
-            region=gateway_pb2.Region(**region), mpp=mpp, max_side=max_side, format=fmt), timeout=self.timeout)
+        return self.stub.ReadRegion(
+            gateway_pb2.ReadRegionRequest(region=gateway_pb2.Region(**region), mpp=mpp, max_side=max_side, format=fmt),
+            timeout=self.timeout,
+        )
 
     def create_concept(self, name: str, with_examples, without_examples) -> gateway_pb2.Concept:
-        return self.stub.CreateConcept(gateway_pb2.CreateConceptRequest(
-            name=name, with_examples=[example(e) for e in with_examples],
-            without_examples=[example(e) for e in without_examples]), timeout=self.timeout).concept
+        return self.stub.CreateConcept(
+            gateway_pb2.CreateConceptRequest(
+                name=name,
+                with_examples=[example(e) for e in with_examples],
+                without_examples=[example(e) for e in without_examples],
+            ),
+            timeout=self.timeout,
+        ).concept
 
     def concepts(self) -> list[gateway_pb2.Concept]:
         return list(self.stub.ListConcepts(gateway_pb2.ListConceptsRequest(), timeout=self.timeout).concepts)
@@ -126,26 +189,30 @@ class Client:
         self.stub.DeleteConcept(gateway_pb2.DeleteConceptRequest(name=name), timeout=self.timeout)
 
     def operation(self, operation_id: str) -> gateway_pb2.Operation:
-        return self.stub.GetOperation(gateway_pb2.GetOperationRequest(operation_id=operation_id),
-                                      timeout=self.timeout).operation
+        return self.stub.GetOperation(
+            gateway_pb2.GetOperationRequest(operation_id=operation_id), timeout=self.timeout
+        ).operation
 
     def cancel(self, operation_id: str) -> gateway_pb2.Operation:
-        return self.stub.CancelOperation(gateway_pb2.CancelOperationRequest(operation_id=operation_id),
-                                         timeout=self.timeout).operation
+        return self.stub.CancelOperation(
+            gateway_pb2.CancelOperationRequest(operation_id=operation_id), timeout=self.timeout
+        ).operation
 
     def slides(self) -> list[gateway_pb2.Slide]:
         out, token = [], ""
         while True:
-            resp = self.stub.ListSlides(gateway_pb2.ListSlidesRequest(page_size=500, page_token=token),
-                                        timeout=self.timeout)
+            resp = self.stub.ListSlides(
+                gateway_pb2.ListSlidesRequest(page_size=500, page_token=token), timeout=self.timeout
+            )
             out.extend(resp.slides)
             token = resp.next_page_token
             if not token:
                 return out
 
     def delete(self, slide_id: str) -> int:
-        return self.stub.DeleteSlide(gateway_pb2.DeleteSlideRequest(slide_id=slide_id),
-                                     timeout=self.timeout).deleted_tiles
+        return self.stub.DeleteSlide(
+            gateway_pb2.DeleteSlideRequest(slide_id=slide_id), timeout=self.timeout
+        ).deleted_tiles
 
     def index_info(self) -> gateway_pb2.GetIndexInfoResponse:
         """The index's model and tiling record (the gateway's settings before the first ingest)."""
@@ -163,9 +230,17 @@ def example(e) -> gateway_pb2.Example:
 
 
 def hit_dict(hit: gateway_pb2.Hit) -> dict:
-    return {"slide_id": hit.slide_id, "x": hit.x, "y": hit.y, "width": hit.width, "height": hit.height,
-            "mpp": round(hit.mpp, 4), "score": round(float(hit.score), 4), "metadata": dict(hit.metadata),
-            **{k: getattr(hit, k) for k in ("study_instance_uid", "series_instance_uid", "viewer_url") if getattr(hit, k)}}
+    return {
+        "slide_id": hit.slide_id,
+        "x": hit.x,
+        "y": hit.y,
+        "width": hit.width,
+        "height": hit.height,
+        "mpp": round(hit.mpp, 4),
+        "score": round(float(hit.score), 4),
+        "metadata": dict(hit.metadata),
+        **{k: getattr(hit, k) for k in ("study_instance_uid", "series_instance_uid", "viewer_url") if getattr(hit, k)},
+    }
 
 
 def is_unavailable(exc: grpc.RpcError) -> bool:

@@ -5,6 +5,7 @@ with a fresh index, ingests every slide in the folder, searches with a
 region of one slide (off the tile grid) and with the same patch as a PNG
 upload, prints the hits and the time of each step, and stops it all.
 """
+
 from __future__ import annotations
 
 import os
@@ -47,8 +48,11 @@ def run(slides_dir: str) -> int:
 
 def _ingest_and_search(settings: Settings, names: list[str], t0: float) -> int:
     """Ingest every slide, then search by region and by image; non-zero on failure."""
-    _step(f"started redis {'(' + settings.redis_url + ')' if settings.redis_url else '(none)'} and 4 services "
-          f"(gateway on port {settings.gateway_port})", t0)
+    _step(
+        f"started redis {'(' + settings.redis_url + ')' if settings.redis_url else '(none)'} and 4 services "
+        f"(gateway on port {settings.gateway_port})",
+        t0,
+    )
     client = Client(f"127.0.0.1:{settings.gateway_port}", timeout=120)
 
     for name in names:
@@ -58,19 +62,24 @@ def _ingest_and_search(settings: Settings, names: list[str], t0: float) -> int:
         if op.error_code:
             print(f"ingest of {name} failed: {op.error_code}: {op.error_message}")
             return 1
-        print(f"  ingested {slide_id}: {op.progress.tiles_indexed} tissue tiles "
-              f"in {time.perf_counter() - t:.1f}s")
+        print(f"  ingested {slide_id}: {op.progress.tiles_indexed} tissue tiles in {time.perf_counter() - t:.1f}s")
     _step(f"ingested {len(names)} slides", t0)
 
     # A query region off the tile grid: a third of a tile right and down of a tissue tile.
     tiler = tiler_pb2_grpc.TilerServiceStub(channel(settings.tiler_target))
     query_slide = names[len(names) // 2]
-    tiles = [t for m in tiler.StreamTiles(tiler_pb2.StreamTilesRequest(
-        slide=query_slide, params=tiler_pb2.TilingParams(min_tissue_fraction=0.9))) for t in m.tiles]
+    tiles = [
+        t
+        for m in tiler.StreamTiles(
+            tiler_pb2.StreamTilesRequest(slide=query_slide, params=tiler_pb2.TilingParams(min_tissue_fraction=0.9))
+        )
+        for t in m.tiles
+    ]
     tile = tiles[len(tiles) // 2]
     size = tile.width
-    region = dict(slide_id=os.path.splitext(query_slide)[0], x=tile.x + size // 3,
-                  y=tile.y + size // 3, width=size, height=size)
+    region = dict(
+        slide_id=os.path.splitext(query_slide)[0], x=tile.x + size // 3, y=tile.y + size // 3, width=size, height=size
+    )
     print(f"\nquery: region {region['x']},{region['y']},{size},{size} of {region['slide_id']}")
     t = time.perf_counter()
     resp = client.search(region=region, k=5)
@@ -80,9 +89,17 @@ def _ingest_and_search(settings: Settings, names: list[str], t0: float) -> int:
     resp = client.search(region=region, k=5)
     print(f"same query again: {(time.perf_counter() - t) * 1000:.0f} ms, cached={resp.cached}")
 
-    png = tiler.ReadRegion(tiler_pb2.ReadRegionRequest(
-        slide=query_slide, x=region["x"], y=region["y"], width=size, height=size, mpp=settings.tile_mpp,
-        encoding=types_pb2.IMAGE_ENCODING_PNG)).image.data
+    png = tiler.ReadRegion(
+        tiler_pb2.ReadRegionRequest(
+            slide=query_slide,
+            x=region["x"],
+            y=region["y"],
+            width=size,
+            height=size,
+            mpp=settings.tile_mpp,
+            encoding=types_pb2.IMAGE_ENCODING_PNG,
+        )
+    ).image.data
     print(f"\nquery: the same patch uploaded as a {len(png) // 1024} KiB PNG")
     resp = client.search(image=png, k=5)
     print_hits(resp)

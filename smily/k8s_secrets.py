@@ -4,6 +4,7 @@ Writes deploy/k8s/base/secrets/redis.env (ignored by git, mode 0600): the
 in-cluster Redis's password and the cache's HMAC key, each 256 random bits.
 An existing file is kept, so re-running never rotates them by surprise.
 """
+
 from __future__ import annotations
 
 import os

@@ -5,6 +5,7 @@ Debian's postgresql-15 server binaries are used from /usr/lib/postgresql;
 only). PostgreSQL refuses to run as root, so as root the folder is handed to
 the `nobody` user and the server runs as that user.
 """
+
 from __future__ import annotations
 
 import glob
@@ -55,19 +56,39 @@ class LocalPostgres:
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
         self._own()
         if not os.path.exists(os.path.join(self.data, "PG_VERSION")):
-            subprocess.run([_binary("initdb"), "-D", self.data, "-U", USER, "--auth=trust", "-E", "UTF8",
-                            "--no-instructions"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                           **self._as_user())
+            subprocess.run(
+                [_binary("initdb"), "-D", self.data, "-U", USER, "--auth=trust", "-E", "UTF8", "--no-instructions"],
+                check=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                **self._as_user(),
+            )
         with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
             self.proc = subprocess.Popen(
-                [_binary("postgres"), "-D", self.data, "-p", str(self.port), "-c", "listen_addresses=127.0.0.1",
-                 "-c", f"unix_socket_directories={self.directory}", "-c", "max_connections=200"],
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True, **self._as_user())
+                [
+                    _binary("postgres"),
+                    "-D",
+                    self.data,
+                    "-p",
+                    str(self.port),
+                    "-c",
+                    "listen_addresses=127.0.0.1",
+                    "-c",
+                    f"unix_socket_directories={self.directory}",
+                    "-c",
+                    "max_connections=200",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                **self._as_user(),
+            )
         self.wait_ready(timeout)
         return self
 
     def wait_ready(self, timeout: float) -> None:
         import psycopg
+
         assert self.proc is not None, "start() starts it"
         proc, deadline = self.proc, time.monotonic() + timeout
         while True:

@@ -5,6 +5,7 @@ persistence: it is a cache) with a password generated at start; without it
 the gateway uses an in-process cache and says so. The local stack is the
 one place that runs plaintext gRPC without authentication (it says so once).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -30,8 +31,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_redis(port: int | None = None, log_path: str = os.devnull,
-                tls: tuple[str, str, str] | None = None) -> tuple[subprocess.Popen | None, str]:
+def start_redis(
+    port: int | None = None, log_path: str = os.devnull, tls: tuple[str, str, str] | None = None
+) -> tuple[subprocess.Popen | None, str]:
     """Start redis-server on loopback with a fresh password; returns (process, url),
     or (None, "") when not installed. tls=(cert, key, ca) serves TLS only (rediss://)."""
     exe = shutil.which("redis-server")
@@ -40,14 +42,28 @@ def start_redis(port: int | None = None, log_path: str = os.devnull,
     port = port or free_port()
     password = secrets.token_urlsafe(24)
     # The config goes in on stdin so the password never shows in `ps`.
-    config = [f"port {0 if tls else port}", "bind 127.0.0.1", "protected-mode yes", 'save ""', "appendonly no",
-              "maxmemory 256mb", "maxmemory-policy allkeys-lru", f"requirepass {password}"]
+    config = [
+        f"port {0 if tls else port}",
+        "bind 127.0.0.1",
+        "protected-mode yes",
+        'save ""',
+        "appendonly no",
+        "maxmemory 256mb",
+        "maxmemory-policy allkeys-lru",
+        f"requirepass {password}",
+    ]
     if tls:
-        config += [f"tls-port {port}", f"tls-cert-file {tls[0]}", f"tls-key-file {tls[1]}",
-                   f"tls-ca-cert-file {tls[2]}", "tls-auth-clients no"]
+        config += [
+            f"tls-port {port}",
+            f"tls-cert-file {tls[0]}",
+            f"tls-key-file {tls[1]}",
+            f"tls-ca-cert-file {tls[2]}",
+            "tls-auth-clients no",
+        ]
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen([exe, "-"], stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            [exe, "-"], stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
     assert proc.stdin is not None  # stdin=PIPE
     proc.stdin.write("\n".join(config).encode() + b"\n")
     proc.stdin.close()
@@ -75,12 +91,24 @@ def local_stack(slide_roots: tuple[str, ...], **overrides) -> Iterator:
     redis_proc, redis_url = start_redis()
     try:
         with tempfile.TemporaryDirectory(prefix="smily-") as tmp:
-            settings = Settings.from_env(**{
-                "bind_host": "127.0.0.1", "gateway_port": 0, "tiler_port": 0, "embedder_port": 0,
-                "index_port": 0, "metrics_port": 0, "slide_roots": tuple(slide_roots),
-                "index_dir": os.path.join(tmp, "index"), "redis_url": redis_url, "plaintext": True,
-                "auth": "none", "audit_log": os.path.join(tmp, "audit.jsonl"),
-                "cache_key": secrets.token_urlsafe(32), **overrides})
+            settings = Settings.from_env(
+                **{
+                    "bind_host": "127.0.0.1",
+                    "gateway_port": 0,
+                    "tiler_port": 0,
+                    "embedder_port": 0,
+                    "index_port": 0,
+                    "metrics_port": 0,
+                    "slide_roots": tuple(slide_roots),
+                    "index_dir": os.path.join(tmp, "index"),
+                    "redis_url": redis_url,
+                    "plaintext": True,
+                    "auth": "none",
+                    "audit_log": os.path.join(tmp, "audit.jsonl"),
+                    "cache_key": secrets.token_urlsafe(32),
+                    **overrides,
+                }
+            )
             running, settings = stack.start(stack.ORDER, settings)
             try:
                 yield settings
@@ -103,8 +131,12 @@ def _local_env() -> dict[str, str]:
 
 
 # The servers `make up` starts, and the variable that sets each one's port.
-PORT_VARIABLES = {"gateway": "SMILY_GATEWAY_PORT", "tiler": "SMILY_TILER_PORT",
-                  "embedder": "SMILY_EMBEDDER_PORT", "index": "SMILY_INDEX_PORT"}
+PORT_VARIABLES = {
+    "gateway": "SMILY_GATEWAY_PORT",
+    "tiler": "SMILY_TILER_PORT",
+    "embedder": "SMILY_EMBEDDER_PORT",
+    "index": "SMILY_INDEX_PORT",
+}
 # Port of the redis-server `make up` starts when SMILY_REDIS_URL names none.
 REDIS_PORT_VARIABLE, REDIS_PORT = "SMILY_LOCAL_REDIS_PORT", 6390
 READY_TIMEOUT_S = 120
@@ -134,8 +166,10 @@ def up() -> int:
         ports[REDIS_PORT_VARIABLE] = redis_port
     busy = [f"{port} ({variable})" for variable, port in ports.items() if not _free(settings.bind_host, port)]
     if busy:
-        print(f"port {', '.join(busy)} already in use: set the variable to a free port "
-              f"(SMILY_METRICS_PORT=0 turns metrics off); nothing was started")
+        print(
+            f"port {', '.join(busy)} already in use: set the variable to a free port "
+            f"(SMILY_METRICS_PORT=0 turns metrics off); nothing was started"
+        )
         return 1
     try:
         if redis_port:
@@ -145,12 +179,22 @@ def up() -> int:
         elif not settings.redis_url:
             print("warning: redis-server is not installed; the gateway uses an in-process cache")
         with open(os.path.join(LOG_DIR, "smily.log"), "ab") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "smily.cli", "serve", "all"], env=env,
-                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "smily.cli", "serve", "all"],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         _write_pid("smily", proc.pid)
         with open(os.path.join(LOG_DIR, "http.log"), "ab") as log:
-            http = subprocess.Popen([sys.executable, "-m", "smily.cli", "serve", "http"], env=env,
-                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            http = subprocess.Popen(
+                [sys.executable, "-m", "smily.cli", "serve", "http"],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         _write_pid("http", http.pid)
         waiting = _wait_ready(proc, host, settings)
     except RuntimeError as exc:  # redis-server did not start
@@ -226,8 +270,11 @@ def down(quiet: bool = False) -> int:
         with contextlib.suppress(FileNotFoundError):
             os.remove(_pid_path(name))
     if not quiet:
-        print(f"stopped {' and '.join([', '.join(stopped[:-1]), stopped[-1]] if len(stopped) > 1 else stopped)}"
-              if stopped else "nothing was running")
+        print(
+            f"stopped {' and '.join([', '.join(stopped[:-1]), stopped[-1]] if len(stopped) > 1 else stopped)}"
+            if stopped
+            else "nothing was running"
+        )
     return 0
 
 
@@ -294,13 +341,16 @@ def up_cluster(shards: int, replicas: int) -> int:
     if _started():
         print("the local stack is already running; `make down` stops it")
         return 1
-    pg = LocalPostgres(os.path.join("var", "pg"), CLUSTER_PG_PORT, os.path.abspath(os.path.join(LOG_DIR, "postgres.log")))
+    pg = LocalPostgres(
+        os.path.join("var", "pg"), CLUSTER_PG_PORT, os.path.abspath(os.path.join(LOG_DIR, "postgres.log"))
+    )
     pg.start()
     assert pg.proc is not None  # start() raises unless it runs
     _write_pid("postgres", pg.proc.pid)
     env = dict(_local_env(), SMILY_INDEX_DATABASE_URL=pg.url)
-    redis_proc, url = start_redis(int(os.environ.get(REDIS_PORT_VARIABLE) or REDIS_PORT),
-                                  os.path.join(LOG_DIR, "redis.log"))
+    redis_proc, url = start_redis(
+        int(os.environ.get(REDIS_PORT_VARIABLE) or REDIS_PORT), os.path.join(LOG_DIR, "redis.log")
+    )
     if redis_proc:
         _write_pid("redis", redis_proc.pid)
         env["SMILY_REDIS_URL"] = url
@@ -310,8 +360,17 @@ def up_cluster(shards: int, replicas: int) -> int:
         targets.append("|".join(f"127.0.0.1:{p}" for p in ports))
         for r, port in enumerate(ports):
             name = f"index-s{shard}r{r}"
-            _spawn(name, "index", dict(env, SMILY_INDEX_SHARD=str(shard), SMILY_INDEX_PORT=str(port),
-                                       SMILY_INDEX_DIR=os.path.join("var", name), SMILY_METRICS_PORT="0"))
+            _spawn(
+                name,
+                "index",
+                dict(
+                    env,
+                    SMILY_INDEX_SHARD=str(shard),
+                    SMILY_INDEX_PORT=str(port),
+                    SMILY_INDEX_DIR=os.path.join("var", name),
+                    SMILY_METRICS_PORT="0",
+                ),
+            )
     for i, service in enumerate(("tiler", "embedder", "gateway")):
         _spawn(service, service, dict(env, SMILY_INDEX_TARGETS=",".join(targets), SMILY_METRICS_PORT=str(9100 + i)))
     return _wait_gateway(env, f"{shards} shards x {replicas} replicas on PostgreSQL 127.0.0.1:{CLUSTER_PG_PORT}")
@@ -319,14 +378,20 @@ def up_cluster(shards: int, replicas: int) -> int:
 
 def _spawn(name: str, service: str, env: dict) -> None:
     with open(os.path.join(LOG_DIR, f"{name}.log"), "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "smily.cli", "serve", service], env=env, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "smily.cli", "serve", service],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     _write_pid(name, proc.pid)
 
 
 def _wait_gateway(env: dict, what: str) -> int:
     from smily.client import Client
     from smily.gateway.v1 import gateway_pb2
+
     client = Client(env.get("SMILY_GATEWAY", "127.0.0.1:50050"), timeout=2)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:

@@ -1,5 +1,6 @@
 """What the `smily` command and the demo print: JSON for programs, tables and
 progress for people."""
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,9 @@ from smily.client import hit_dict
 
 def message_dict(message) -> dict:
     """Every field of a response, defaults included, with proto field names and enum names."""
-    return json_format.MessageToDict(message, preserving_proto_field_name=True,
-                                     always_print_fields_with_no_presence=True)
+    return json_format.MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
 
 
 def print_json(obj) -> None:
@@ -28,8 +30,10 @@ def print_hits(resp) -> None:
     print(f"{'rank':>4}  {'score':>6}  {'slide':<24} {'x':>7} {'y':>7} {'w':>5} {'h':>5}  metadata")
     for i, h in enumerate(hits, 1):
         meta = ", ".join(f"{k}={v}" for k, v in sorted(h["metadata"].items()))
-        print(f"{i:>4}  {h['score']:>6.3f}  {h['slide_id']:<24} {h['x']:>7} {h['y']:>7} "
-              f"{h['width']:>5} {h['height']:>5}  {meta}")
+        print(
+            f"{i:>4}  {h['score']:>6.3f}  {h['slide_id']:<24} {h['x']:>7} {h['y']:>7} "
+            f"{h['width']:>5} {h['height']:>5}  {meta}"
+        )
 
 
 class Progress:
@@ -59,8 +63,9 @@ class Progress:
         self._last = now
         rate = done / max(now - self._start, 1e-9)
         eta = f", ETA {_duration((total - done) / rate)}" if rate > 0 else ""
-        self._stream.write(f"{self._label}: {done}/{total} tiles indexed ({100 * done // total}%), "
-                           f"{rate:.0f} tiles/s{eta}\n")
+        self._stream.write(
+            f"{self._label}: {done}/{total} tiles indexed ({100 * done // total}%), {rate:.0f} tiles/s{eta}\n"
+        )
         self._stream.flush()
 
     def close(self) -> None:

@@ -1,4 +1,5 @@
 """Start any set of the four services in this process, backends first."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,9 +37,14 @@ def start(names, settings: Settings) -> tuple[dict[str, server.RunningServer], S
     try:
         for name in sorted(set(names), key=ORDER.index):
             reg = _registration(name, settings)
-            srv = server.start([reg], settings.bind_host, getattr(settings, f"{name}_port"),
-                               max_concurrent_rpcs=settings.max_concurrent_rpcs,
-                               worker_threads=settings.worker_threads, **server.security(settings, name))
+            srv = server.start(
+                [reg],
+                settings.bind_host,
+                getattr(settings, f"{name}_port"),
+                max_concurrent_rpcs=settings.max_concurrent_rpcs,
+                worker_threads=settings.worker_threads,
+                **server.security(settings, name),
+            )
             srv.servicer = reg.servicer
             running[name] = srv
             updates: dict[str, Any] = {f"{name}_port": srv.port}

@@ -7,6 +7,7 @@ Two container flavours: a generic tiled TIFF, and an Aperio SVS with
 thumbnail, label and macro pages (the label carries fake PHI so tests can
 prove it never leaves the tiler).
 """
+
 from __future__ import annotations
 
 import os
@@ -181,13 +182,29 @@ def write_slide(spec: SlideSpec, path: str, level0: np.ndarray | None = None) ->
         tail = f"|AppMag = {round(10 / spec.mpp)}|MPP = {spec.mpp}|Filename = {FAKE_PHI}"
         tif.write(levels[0], description=head + tail, **tiled)
         thumb = np.asarray(Image.fromarray(levels[-1]).resize((w * 256 // max(w, h), h * 256 // max(w, h))))
-        tif.write(thumb, description=head + f" -> {thumb.shape[1]}x{thumb.shape[0]}" + tail, photometric="rgb", metadata=None)
+        tif.write(
+            thumb, description=head + f" -> {thumb.shape[1]}x{thumb.shape[0]}" + tail, photometric="rgb", metadata=None
+        )
         for lvl in levels[1:]:
             tif.write(lvl, description=head + f" -> {lvl.shape[1]}x{lvl.shape[0]}" + tail, **tiled)
         label = _label_image()
-        tif.write(label, subfiletype=1, description=f"Aperio Image Library vSMILY-synthetic\r\nlabel {label.shape[1]}x{label.shape[0]}", photometric="rgb", compression="lzw", metadata=None)
+        tif.write(
+            label,
+            subfiletype=1,
+            description=f"Aperio Image Library vSMILY-synthetic\r\nlabel {label.shape[1]}x{label.shape[0]}",
+            photometric="rgb",
+            compression="lzw",
+            metadata=None,
+        )
         macro = np.concatenate([label, np.asarray(Image.fromarray(levels[-1]).resize((800, 400)))], axis=1)
-        tif.write(macro, subfiletype=9, description=f"Aperio Image Library vSMILY-synthetic\r\nmacro {macro.shape[1]}x{macro.shape[0]}", photometric="rgb", compression="jpeg", metadata=None)
+        tif.write(
+            macro,
+            subfiletype=9,
+            description=f"Aperio Image Library vSMILY-synthetic\r\nmacro {macro.shape[1]}x{macro.shape[0]}",
+            photometric="rgb",
+            compression="jpeg",
+            metadata=None,
+        )
 
 
 # A slide that takes a while to ingest (for trying out cancel): one rendered block

@@ -3,6 +3,7 @@
 Each factory returns an nn.Module mapping [N, 3, H, W] images to features,
 the contract of `smily model export --factory`.
 """
+
 from __future__ import annotations
 
 import torch
@@ -13,8 +14,12 @@ class _Block(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels), nn.ReLU(),
-            nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels))
+            nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(),
+            nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(channels),
+        )
 
     def forward(self, x):
         return torch.relu(x + self.body(x))
@@ -23,8 +28,15 @@ class _Block(nn.Module):
 def tiny_resnet() -> nn.Module:
     """A small ResNet-style network giving [N, 64, h, w] feature maps."""
     return nn.Sequential(
-        nn.Conv2d(3, 32, 5, stride=4, padding=2, bias=False), nn.BatchNorm2d(32), nn.ReLU(), _Block(32),
-        nn.Conv2d(32, 64, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(), _Block(64))
+        nn.Conv2d(3, 32, 5, stride=4, padding=2, bias=False),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        _Block(32),
+        nn.Conv2d(32, 64, 3, stride=2, padding=1, bias=False),
+        nn.BatchNorm2d(64),
+        nn.ReLU(),
+        _Block(64),
+    )
 
 
 class _LiteFeatures(nn.Module):

@@ -1,4 +1,5 @@
 """Fixtures: real slides, a real redis-server and the real services on loopback."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,8 +36,10 @@ def need(what: str, why: str):
 # No test may pass by not running: a skip (pytest.skip, importorskip, a skip mark) is
 # reported as a failure, unless the test is marked may_skip(reason) for hardware that a
 # machine may lack. `make test` installs the system packages (tools/system-deps.sh).
-NO_SKIP = ("skipped, and this suite allows no skips: {reason}. Install what is missing "
-           "(`make test` does: tools/system-deps.sh, the dev extra) or mark the test may_skip.")
+NO_SKIP = (
+    "skipped, and this suite allows no skips: {reason}. Install what is missing "
+    "(`make test` does: tools/system-deps.sh, the dev extra) or mark the test may_skip."
+)
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -89,15 +92,26 @@ def redis_url():
 
 def base_settings(**overrides) -> Settings:
     return dataclasses.replace(
-        Settings(), bind_host="127.0.0.1", gateway_port=0, tiler_port=0, embedder_port=0, index_port=0,
-        metrics_port=0, **{"plaintext": True, "auth": "none", **overrides})
+        Settings(),
+        bind_host="127.0.0.1",
+        gateway_port=0,
+        tiler_port=0,
+        embedder_port=0,
+        index_port=0,
+        metrics_port=0,
+        **{"plaintext": True, "auth": "none", **overrides},
+    )
 
 
 @pytest.fixture(scope="session")
 def services(slide_dir, model_repo, redis_url, tmp_path_factory):
     """The four services on free loopback ports, sharing one fresh index."""
-    settings = base_settings(slide_roots=(slide_dir,), model_repository=model_repo,
-                             index_dir=str(tmp_path_factory.mktemp("index")), redis_url=redis_url)
+    settings = base_settings(
+        slide_roots=(slide_dir,),
+        model_repository=model_repo,
+        index_dir=str(tmp_path_factory.mktemp("index")),
+        redis_url=redis_url,
+    )
     running, settings = stack.start(stack.ORDER, settings)
     yield running, settings
     stack.stop(running, 0)
@@ -148,7 +162,8 @@ def http_url(settings):
     """`smily serve http` on a free loopback port, calling the test gateway."""
     from smily.http.server import Running
 
-    server = Running(dataclasses.replace(settings, http_port=0,
-                                         http_gateway_target=f"127.0.0.1:{settings.gateway_port}"))
+    server = Running(
+        dataclasses.replace(settings, http_port=0, http_gateway_target=f"127.0.0.1:{settings.gateway_port}")
+    )
     yield server.url
     server.stop()

@@ -1,4 +1,5 @@
 """`smily serve http` as its own process, as it runs in production, in front of a test gateway."""
+
 from __future__ import annotations
 
 import os
@@ -23,8 +24,13 @@ class HttpProcess:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        env = dict(os.environ, SMILY_BIND_HOST="127.0.0.1", SMILY_HTTP_PORT=str(self.port), SMILY_PLAINTEXT="1",
-                   SMILY_HTTP_GATEWAY_TARGET=gateway_target)
+        env = dict(
+            os.environ,
+            SMILY_BIND_HOST="127.0.0.1",
+            SMILY_HTTP_PORT=str(self.port),
+            SMILY_PLAINTEXT="1",
+            SMILY_HTTP_GATEWAY_TARGET=gateway_target,
+        )
         with open(log_path, "ab") as log:
             self.proc = subprocess.Popen([SMILY, "serve", "http"], env=env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60

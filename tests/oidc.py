@@ -3,6 +3,7 @@
 Keys are made at test time; tokens are signed by PyJWT. The JWKS can be
 changed while it runs (key rotation) and counts how often it was fetched.
 """
+
 from __future__ import annotations
 
 import base64
@@ -26,8 +27,10 @@ def _b64(data: bytes) -> str:
 
 class IdP:
     def __init__(self):
-        self.keys = {"rsa-1": rsa.generate_private_key(public_exponent=65537, key_size=2048),
-                     "ec-1": ec.generate_private_key(ec.SECP256R1())}
+        self.keys = {
+            "rsa-1": rsa.generate_private_key(public_exponent=65537, key_size=2048),
+            "ec-1": ec.generate_private_key(ec.SECP256R1()),
+        }
         self.published = set(self.keys)
         self.jwks_fetches = 0
         idp = self
@@ -81,8 +84,15 @@ class IdP:
 
     def claims(self, roles=(), **changes) -> dict:
         now = int(time.time())
-        c = {"iss": self.issuer, "aud": AUDIENCE, "sub": "user-1", "iat": now, "nbf": now - 5, "exp": now + 600,
-             "roles": list(roles)}
+        c = {
+            "iss": self.issuer,
+            "aud": AUDIENCE,
+            "sub": "user-1",
+            "iat": now,
+            "nbf": now - 5,
+            "exp": now + 600,
+            "roles": list(roles),
+        }
         c.update(changes)
         return {k: v for k, v in c.items() if v is not None}
 
@@ -91,8 +101,11 @@ class IdP:
         return jwt.encode(self.claims(roles, **changes), self.keys[kid], algorithm=alg, headers={"kid": kid})
 
     def public_pem(self, kid: str = "rsa-1") -> bytes:
-        return self.keys[kid].public_key().public_bytes(serialization.Encoding.PEM,
-                                                        serialization.PublicFormat.SubjectPublicKeyInfo)
+        return (
+            self.keys[kid]
+            .public_key()
+            .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        )
 
     # -- forgeries ------------------------------------------------------------
     def unsigned(self, roles=()) -> str:

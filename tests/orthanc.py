@@ -1,5 +1,6 @@
 """A real Orthanc (Debian's orthanc + orthanc-dicomweb) on loopback, and slides
 pushed to it as DICOM WSI with OrthancWSIDicomizer (orthanc-wsi)."""
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,13 @@ PLUGINS = "/usr/share/orthanc/plugins"
 DICOMWEB_PLUGIN = os.path.join(PLUGINS, "libOrthancDicomWeb.so")
 INSTALL = "apt-get install -y orthanc orthanc-dicomweb orthanc-wsi"
 # Fake patient data on every test slide: none of it may leave the archive.
-PHI = {"PatientName": "DOE^JANE", "PatientID": "PID-SECRET-4711", "PatientBirthDate": "19610203",
-       "ReferringPhysicianName": "WHO^DR", "InstitutionName": "SECRET HOSPITAL"}
+PHI = {
+    "PatientName": "DOE^JANE",
+    "PatientID": "PID-SECRET-4711",
+    "PatientBirthDate": "19610203",
+    "ReferringPhysicianName": "WHO^DR",
+    "InstitutionName": "SECRET HOSPITAL",
+}
 
 
 def free_port() -> int:
@@ -36,12 +42,20 @@ class Orthanc:
         self.port, dicom_port = free_port(), free_port()
         self.user, self.password = user, password
         config = {
-            "Name": "smily-test", "StorageDirectory": os.path.join(workdir, "db"),
-            "IndexDirectory": os.path.join(workdir, "db"), "HttpPort": self.port, "DicomPort": dicom_port,
-            "DicomAet": "SMILYTEST", "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": bool(user), "RegisteredUsers": {user: password} if user else {},
-            "Plugins": [DICOMWEB_PLUGIN], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
-            "StableAge": 1, "LuaScripts": list(lua), **(extra or {}),
+            "Name": "smily-test",
+            "StorageDirectory": os.path.join(workdir, "db"),
+            "IndexDirectory": os.path.join(workdir, "db"),
+            "HttpPort": self.port,
+            "DicomPort": dicom_port,
+            "DicomAet": "SMILYTEST",
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": bool(user),
+            "RegisteredUsers": {user: password} if user else {},
+            "Plugins": [DICOMWEB_PLUGIN],
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+            "StableAge": 1,
+            "LuaScripts": list(lua),
+            **(extra or {}),
         }
         path = os.path.join(workdir, "orthanc.json")
         with open(path, "w") as fh:
@@ -65,6 +79,7 @@ class Orthanc:
         req = urllib.request.Request(self.url + path)
         if self.user:
             import base64
+
             token = base64.b64encode(f"{self.user}:{self.password}".encode()).decode()
             req.add_header("Authorization", f"Basic {token}")
         with urllib.request.urlopen(req, timeout=10) as resp:
@@ -83,8 +98,19 @@ class Orthanc:
         with open(ds_path, "w") as fh:
             json.dump(ds, fh)
         before = set(self.get("/series"))
-        args = ["OrthancWSIDicomizer", "--dataset", ds_path, "--max-size", "0", "--imaged-width", f"{width * mpp / 1000:.6f}",
-                "--imaged-height", f"{height * mpp / 1000:.6f}", "--orthanc", self.url + "/"]
+        args = [
+            "OrthancWSIDicomizer",
+            "--dataset",
+            ds_path,
+            "--max-size",
+            "0",
+            "--imaged-width",
+            f"{width * mpp / 1000:.6f}",
+            "--imaged-height",
+            f"{height * mpp / 1000:.6f}",
+            "--orthanc",
+            self.url + "/",
+        ]
         if self.user:
             args += ["--username", self.user, "--password", self.password]
         subprocess.run(args + [tiff], check=True, capture_output=True, timeout=300)

@@ -1,4 +1,5 @@
 """A real PostgreSQL for the tests: initdb in a private folder, on a free loopback port."""
+
 from __future__ import annotations
 
 import shutil
@@ -27,6 +28,7 @@ def postgres():
 def fresh_database(server: LocalPostgres) -> str:
     """A new empty database on `server`; its URL."""
     import psycopg
+
     name = "t_" + uuid.uuid4().hex[:12]
     with psycopg.connect(server.url, autocommit=True) as conn:
         conn.execute(f"CREATE DATABASE {name}")

@@ -1,4 +1,5 @@
 """A throwaway PKI made at test time: a CA, server and client certificates."""
+
 from __future__ import annotations
 
 import datetime
@@ -16,8 +17,9 @@ def _name(cn: str) -> x509.Name:
 
 
 def _pem_key(key) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 class CA:
@@ -26,18 +28,24 @@ class CA:
         os.makedirs(directory, exist_ok=True)
         self.key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.timezone.utc)
-        self.cert = (x509.CertificateBuilder().subject_name(_name(name)).issuer_name(_name(name))
-                     .public_key(self.key.public_key()).serial_number(x509.random_serial_number())
-                     .not_valid_before(now - datetime.timedelta(minutes=5))
-                     .not_valid_after(now + datetime.timedelta(days=1))
-                     .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-                     .sign(self.key, hashes.SHA256()))
+        self.cert = (
+            x509.CertificateBuilder()
+            .subject_name(_name(name))
+            .issuer_name(_name(name))
+            .public_key(self.key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(self.key, hashes.SHA256())
+        )
         self.path = os.path.join(directory, f"{name}.pem")
         with open(self.path, "wb") as fh:
             fh.write(self.cert.public_bytes(serialization.Encoding.PEM))
 
-    def issue(self, name: str, dns=("localhost",), ips=("127.0.0.1",), ca: CA | None = None,
-              directory: str | None = None) -> tuple[str, str]:
+    def issue(
+        self, name: str, dns=("localhost",), ips=("127.0.0.1",), ca: CA | None = None, directory: str | None = None
+    ) -> tuple[str, str]:
         """A certificate for server and client use, SAN = name + dns + ips; returns (cert path, key path).
 
         ca: sign with another CA (a stranger's certificate). directory: where to write the
@@ -46,14 +54,21 @@ class CA:
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.timezone.utc)
         san = [x509.DNSName(n) for n in (name, *dns)] + [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
-        cert = (x509.CertificateBuilder().subject_name(_name(name)).issuer_name(signer.cert.subject)
-                .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                .not_valid_before(now - datetime.timedelta(minutes=5))
-                .not_valid_after(now + datetime.timedelta(days=1))
-                .add_extension(x509.SubjectAlternativeName(san), critical=False)
-                .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
-                                                      ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-                .sign(signer.key, hashes.SHA256()))
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(_name(name))
+            .issuer_name(signer.cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(san), critical=False)
+            .add_extension(
+                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                critical=False,
+            )
+            .sign(signer.key, hashes.SHA256())
+        )
         where = directory or self.dir
         os.makedirs(where, exist_ok=True)
         cert_path, key_path = (os.path.join(where, f"{name}.{ext}") for ext in ("crt", "key"))

@@ -1,6 +1,7 @@
 """The four services as separate processes (`python -m smily.<service>`), as
 they run in production: for tests that measure one process's memory or
 freeze one with SIGSTOP."""
+
 from __future__ import annotations
 
 import os
@@ -15,16 +16,23 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from smily.localstack import free_port
 
 SERVICES = ("tiler", "embedder", "index", "gateway")
-NAMES = {"tiler": "smily.tiler.v1.TilerService", "embedder": "smily.embedder.v1.EmbedderService",
-         "index": "smily.index.v1.IndexService", "gateway": "smily.gateway.v1.GatewayService"}
+NAMES = {
+    "tiler": "smily.tiler.v1.TilerService",
+    "embedder": "smily.embedder.v1.EmbedderService",
+    "index": "smily.index.v1.IndexService",
+    "gateway": "smily.gateway.v1.GatewayService",
+}
 
 
 def health(target: str, service: str = "", timeout: float = 1.0):
     """The health status of `service` at target, or None when it does not answer."""
     with grpc.insecure_channel(target) as ch:
         try:
-            return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service),
-                                                         timeout=timeout).status
+            return (
+                health_pb2_grpc.HealthStub(ch)
+                .Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+                .status
+            )
         except grpc.RpcError:
             return None
 
@@ -35,10 +43,14 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 class ProcStack:
     def __init__(self, env: dict[str, str], log_dir: str, per_service: dict[str, dict[str, str]] | None = None):
         self.ports = {name: free_port() for name in SERVICES}
-        self.env = dict(os.environ, **{"SMILY_PLAINTEXT": "1", "SMILY_AUTH": "none", **env},
-                        SMILY_BIND_HOST="127.0.0.1", SMILY_METRICS_PORT="0",
-                        **{f"SMILY_{n.upper()}_PORT": str(p) for n, p in self.ports.items()},
-                        **{f"SMILY_{n.upper()}_TARGET": f"127.0.0.1:{self.ports[n]}" for n in SERVICES[:3]})
+        self.env = dict(
+            os.environ,
+            **{"SMILY_PLAINTEXT": "1", "SMILY_AUTH": "none", **env},
+            SMILY_BIND_HOST="127.0.0.1",
+            SMILY_METRICS_PORT="0",
+            **{f"SMILY_{n.upper()}_PORT": str(p) for n, p in self.ports.items()},
+            **{f"SMILY_{n.upper()}_TARGET": f"127.0.0.1:{self.ports[n]}" for n in SERVICES[:3]},
+        )
         self.per_service = per_service or {}
         self.log_dir = log_dir
         self.procs: dict[str, subprocess.Popen] = {}
@@ -49,8 +61,9 @@ class ProcStack:
     def start(self, name: str, timeout: float = 120) -> None:
         env = dict(self.env, **self.per_service.get(name, {}))
         with open(os.path.join(self.log_dir, f"{name}.log"), "ab") as log:
-            self.procs[name] = subprocess.Popen([sys.executable, "-m", f"smily.{name}"], env=env, stdout=log,
-                                                stderr=subprocess.STDOUT)
+            self.procs[name] = subprocess.Popen(
+                [sys.executable, "-m", f"smily.{name}"], env=env, stdout=log, stderr=subprocess.STDOUT
+            )
         deadline = time.monotonic() + timeout
         while health(self.target(name), NAMES[name]) != SERVING:
             if self.procs[name].poll() is not None or time.monotonic() > deadline:

@@ -4,6 +4,7 @@ A real identity provider (tests/oidc.py) serves its JWKS on loopback; the
 backends run mTLS and accept only the gateway's certificate; the gateway
 runs TLS and verifies bearer tokens. Every refusal's status is asserted.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -50,10 +51,20 @@ def secured(idp, pki, slide_dir, model_repo, tmp_path_factory):
     """Backends under mTLS, the gateway under TLS + OIDC, its audit trail in a file."""
     cert, key = pki["gateway"]
     audit_log = str(tmp_path_factory.mktemp("audit") / "audit.jsonl")
-    s = base_settings(plaintext=False, auth="oidc", tls_cert_file=cert, tls_key_file=key,
-                      tls_ca_file=pki["ca"].path, tls_client_auth="require", slide_roots=(slide_dir,),
-                      model_repository=model_repo, index_dir=str(tmp_path_factory.mktemp("auth-index")),
-                      oidc_issuer=idp.issuer, oidc_audience=oidc.AUDIENCE, audit_log=audit_log)
+    s = base_settings(
+        plaintext=False,
+        auth="oidc",
+        tls_cert_file=cert,
+        tls_key_file=key,
+        tls_ca_file=pki["ca"].path,
+        tls_client_auth="require",
+        slide_roots=(slide_dir,),
+        model_repository=model_repo,
+        index_dir=str(tmp_path_factory.mktemp("auth-index")),
+        oidc_issuer=idp.issuer,
+        oidc_audience=oidc.AUDIENCE,
+        audit_log=audit_log,
+    )
     back, s = stack.start(["tiler", "embedder", "index"], s)
     # Callers of the gateway need TLS and a token, not a client certificate.
     front, s = stack.start(["gateway"], dataclasses.replace(s, tls_client_auth="none"))
@@ -64,8 +75,9 @@ def secured(idp, pki, slide_dir, model_repo, tmp_path_factory):
 
 def gateway(settings, ca_path: str | None = None):
     ca = read(ca_path or settings.tls_ca_file)
-    return gateway_pb2_grpc.GatewayServiceStub(channel(f"127.0.0.1:{settings.gateway_port}",
-                                                       grpc.ssl_channel_credentials(ca)))
+    return gateway_pb2_grpc.GatewayServiceStub(
+        channel(f"127.0.0.1:{settings.gateway_port}", grpc.ssl_channel_credentials(ca))
+    )
 
 
 def call(fn, request, token: str | None = None, **metadata) -> tuple[grpc.StatusCode, str, str]:
@@ -101,8 +113,11 @@ def refusals(idp):
     return {
         "missing header": (None, U, "missing bearer token"),
         "not a JWT": ("not-a-jwt", U, "malformed token"),
-        "expired": (idp.token(SEARCH, exp=int(time.time()) - 3600, iat=int(time.time()) - 7200,
-                              nbf=int(time.time()) - 7200), U, "token expired"),
+        "expired": (
+            idp.token(SEARCH, exp=int(time.time()) - 3600, iat=int(time.time()) - 7200, nbf=int(time.time()) - 7200),
+            U,
+            "token expired",
+        ),
         "not yet valid": (idp.token(SEARCH, nbf=int(time.time()) + 3600), U, "token not yet valid"),
         "wrong audience": (idp.token(SEARCH, aud="another-app"), U, "invalid token"),
         "wrong issuer": (idp.token(SEARCH, iss="https://evil.example/realms/test"), U, "invalid token"),
@@ -112,8 +127,11 @@ def refusals(idp):
         "roles rewritten under the signature": (oidc.escalated(good), U, "invalid token"),
         "alg none": (idp.unsigned(ADMIN), U, "invalid token"),
         "HS256 signed with the public key": (idp.hs256_with_public_key(ADMIN), U, "invalid token"),
-        "ingest role on a search RPC": (idp.token(INGEST), grpc.StatusCode.PERMISSION_DENIED,
-                                        "this call needs the role smily.search"),
+        "ingest role on a search RPC": (
+            idp.token(INGEST),
+            grpc.StatusCode.PERMISSION_DENIED,
+            "this call needs the role smily.search",
+        ),
         "no roles": (idp.token([]), grpc.StatusCode.PERMISSION_DENIED, "this call needs the role smily.search"),
     }
 
@@ -133,16 +151,21 @@ def test_every_bad_credential_is_refused_with_its_status_and_recorded(secured, i
 
 def test_a_valid_token_of_each_role(secured, idp):
     stub = gateway(secured)
-    for roles, expected in ((SEARCH, grpc.StatusCode.OK), (ADMIN, grpc.StatusCode.OK),
-                            (INGEST, grpc.StatusCode.PERMISSION_DENIED)):
+    for roles, expected in (
+        (SEARCH, grpc.StatusCode.OK),
+        (ADMIN, grpc.StatusCode.OK),
+        (INGEST, grpc.StatusCode.PERMISSION_DENIED),
+    ):
         assert call(stub.ListSlides, LIST, idp.token(roles))[0] == expected, roles
     # An EC key from the same JWKS verifies too.
     assert call(stub.ListSlides, LIST, idp.token(SEARCH, kid="ec-1"))[0] == grpc.StatusCode.OK
     # The ingest role's own RPCs (a concept without examples is the caller's error, after authorisation).
     code, _, _ = call(stub.DeleteConcept, gateway_pb2.DeleteConceptRequest(name="nothing"), idp.token(INGEST))
     assert code not in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
-    assert call(stub.DeleteConcept, gateway_pb2.DeleteConceptRequest(name="x"), idp.token(SEARCH))[0] == \
-        grpc.StatusCode.PERMISSION_DENIED
+    assert (
+        call(stub.DeleteConcept, gateway_pb2.DeleteConceptRequest(name="x"), idp.token(SEARCH))[0]
+        == grpc.StatusCode.PERMISSION_DENIED
+    )
 
 
 def test_a_plaintext_client_fails(secured, idp):
@@ -154,17 +177,21 @@ def test_health_needs_no_token(secured):
     ca = read(secured.tls_ca_file)
     ch = channel(f"127.0.0.1:{secured.gateway_port}", grpc.ssl_channel_credentials(ca))
     health = health_pb2_grpc.HealthStub(ch)
-    assert health.Check(health_pb2.HealthCheckRequest(service="smily.gateway.v1.GatewayService"),
-                        timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+    assert (
+        health.Check(health_pb2.HealthCheckRequest(service="smily.gateway.v1.GatewayService"), timeout=5).status
+        == health_pb2.HealthCheckResponse.SERVING
+    )
 
 
 def test_a_backend_called_without_the_gateway_certificate_is_refused(secured, pki):
     ca = read(pki["ca"].path)
     cert, key = pki["stranger"]
     stranger = grpc.ssl_channel_credentials(ca, read(key), read(cert))
-    for creds, code in ((None, grpc.StatusCode.UNAVAILABLE), (grpc.ssl_channel_credentials(ca),
-                                                                grpc.StatusCode.UNAVAILABLE),
-                        (stranger, grpc.StatusCode.PERMISSION_DENIED)):
+    for creds, code in (
+        (None, grpc.StatusCode.UNAVAILABLE),
+        (grpc.ssl_channel_credentials(ca), grpc.StatusCode.UNAVAILABLE),
+        (stranger, grpc.StatusCode.PERMISSION_DENIED),
+    ):
         index = index_pb2_grpc.IndexServiceStub(channel(secured.index_target, creds))
         with pytest.raises(grpc.RpcError) as info:
             index.ListSlides(index_pb2.ListSlidesRequest(), timeout=10)
@@ -173,16 +200,18 @@ def test_a_backend_called_without_the_gateway_certificate_is_refused(secured, pk
 
 def test_roles_follow_the_rpc_and_each_call_is_audited(secured, idp):
     """Done-when: ingest with smily.ingest, search with smily.search, a search token cannot delete, admin can."""
-    ingest_client = Client(f"127.0.0.1:{secured.gateway_port}", timeout=300, tls_ca=secured.tls_ca_file,
-                           token=idp.token(INGEST + SEARCH))
+    ingest_client = Client(
+        f"127.0.0.1:{secured.gateway_port}", timeout=300, tls_ca=secured.tls_ca_file, token=idp.token(INGEST + SEARCH)
+    )
     op = ingest_client.wait(ingest_client.ingest("synth-a.tiff", "auth-a", {"case_id": "CASE-7"}))
     assert op.state == gateway_pb2.OPERATION_STATE_SUCCEEDED
     ingest_client.close()
     stub = gateway(secured)
     region = gateway_pb2.Region(slide_id="auth-a", x=600, y=600, width=448, height=448)
 
-    code, _, rid = call(stub.Search, gateway_pb2.SearchRequest(region=region, k=3), idp.token(SEARCH),
-                        x_forwarded_for="198.51.100.7")
+    code, _, rid = call(
+        stub.Search, gateway_pb2.SearchRequest(region=region, k=3), idp.token(SEARCH), x_forwarded_for="198.51.100.7"
+    )
     assert code == grpc.StatusCode.OK
     rec = record_of(secured, rid)
     assert rec["resourceType"] == "AuditEvent" and rec["action"] == "E" and rec["outcome"] == "0"
@@ -190,15 +219,20 @@ def test_roles_follow_the_rpc_and_each_call_is_audited(secured, idp):
     assert rec["agent"][0]["who"]["identifier"] == {"system": idp.issuer, "value": "user-1"}
     assert rec["agent"][0]["network"]["address"] == "198.51.100.7"  # the forwarded client
     assert rec["agent"][1]["network"]["address"] == "127.0.0.1"  # the front end that forwarded it
-    returned = {(e["what"]["identifier"]["system"], e["what"]["identifier"]["value"])
-                for e in rec["entity"] if e["description"] == "returned"}
+    returned = {
+        (e["what"]["identifier"]["system"], e["what"]["identifier"]["value"])
+        for e in rec["entity"]
+        if e["description"] == "returned"
+    }
     assert ("urn:smily:slide", "auth-a") in returned and ("urn:smily:case", "CASE-7") in returned
     assert all("synth-a" not in json.dumps(r) for r in audit_records(secured).values()), "a file name leaked"
 
     # A viewer's tiles: one record per slide and view session, not per tile.
     before = len(audit_records(secured))
-    tiles = [gateway_pb2.ReadRegionRequest(region=gateway_pb2.Region(slide_id="auth-a", x=x, y=0, width=256,
-                                                                     height=256)) for x in (0, 256, 512)]
+    tiles = [
+        gateway_pb2.ReadRegionRequest(region=gateway_pb2.Region(slide_id="auth-a", x=x, y=0, width=256, height=256))
+        for x in (0, 256, 512)
+    ]
     first = [call(stub.ReadRegion, t, idp.token(SEARCH), x_smily_view_session="view-1") for t in tiles]
     assert [c for c, _, _ in first] == [grpc.StatusCode.OK] * 3
     assert len(audit_records(secured)) == before + 1 and record_of(secured, first[0][2])["outcomeDesc"] == "OK"
@@ -206,8 +240,7 @@ def test_roles_follow_the_rpc_and_each_call_is_audited(secured, idp):
     call(stub.ReadRegion, tiles[0], idp.token(SEARCH))  # no session: every read is recorded
     assert len(audit_records(secured)) == before + 3
 
-    code, details, rid = call(stub.DeleteSlide, gateway_pb2.DeleteSlideRequest(slide_id="auth-a"),
-                              idp.token(SEARCH))
+    code, details, rid = call(stub.DeleteSlide, gateway_pb2.DeleteSlideRequest(slide_id="auth-a"), idp.token(SEARCH))
     assert (code, details) == (grpc.StatusCode.PERMISSION_DENIED, "this call needs the role smily.admin")
     rec = record_of(secured, rid)
     assert rec["outcomeDesc"] == "PERMISSION_DENIED" and rec["action"] == "D"
@@ -233,8 +266,7 @@ def test_every_rpc_writes_one_record(secured, idp):
         "CancelOperation": gateway_pb2.CancelOperationRequest(operation_id="nope"),
         "Search": gateway_pb2.SearchRequest(),
         "SearchSlides": gateway_pb2.SearchSlidesRequest(slide_id="missing"),
-        "ReadRegion": gateway_pb2.ReadRegionRequest(region=gateway_pb2.Region(slide_id="missing", width=8,
-                                                                              height=8)),
+        "ReadRegion": gateway_pb2.ReadRegionRequest(region=gateway_pb2.Region(slide_id="missing", width=8, height=8)),
         "CreateConcept": gateway_pb2.CreateConceptRequest(name="c"),
         "ListConcepts": gateway_pb2.ListConceptsRequest(),
         "DeleteConcept": gateway_pb2.DeleteConceptRequest(name="c"),
@@ -255,8 +287,9 @@ def test_every_rpc_writes_one_record(secured, idp):
 
 def test_nested_roles_claim(secured, idp):
     """Keycloak puts realm roles under realm_access.roles."""
-    running, s = stack.start(["gateway"], dataclasses.replace(secured, gateway_port=0,
-                                                              oidc_roles_claim="realm_access.roles"))
+    running, s = stack.start(
+        ["gateway"], dataclasses.replace(secured, gateway_port=0, oidc_roles_claim="realm_access.roles")
+    )
     try:
         stub = gateway(s)
         nested = idp.token([], realm_access={"roles": ["smily.search"]})

@@ -1,5 +1,6 @@
 """Dynamic batching in the real embedder server: coalescing, equal results, a
 bounded queue that answers RESOURCE_EXHAUSTED, and its metrics."""
+
 from __future__ import annotations
 
 import time
@@ -20,8 +21,13 @@ from .test_embedder import patch
 
 
 def request(seed: int) -> embedder_pb2.EmbedRequest:
-    return embedder_pb2.EmbedRequest(images=[types_pb2.Image(
-        data=patch(seed).tobytes(), encoding=types_pb2.IMAGE_ENCODING_RAW_RGB, width=224, height=224)])
+    return embedder_pb2.EmbedRequest(
+        images=[
+            types_pb2.Image(
+                data=patch(seed).tobytes(), encoding=types_pb2.IMAGE_ENCODING_RAW_RGB, width=224, height=224
+            )
+        ]
+    )
 
 
 def metric(name: str) -> float:

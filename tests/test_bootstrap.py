@@ -1,4 +1,5 @@
 """The shared server bootstrap: health, reflection, metrics, error mapping, shutdown, config."""
+
 from __future__ import annotations
 
 import urllib.request
@@ -19,8 +20,12 @@ from .conftest import base_settings, rpc_code
 
 
 def test_every_service_reports_serving(settings):
-    for name, full in [("tiler", "smily.tiler.v1.TilerService"), ("embedder", "smily.embedder.v1.EmbedderService"),
-                       ("index", "smily.index.v1.IndexService"), ("gateway", "smily.gateway.v1.GatewayService")]:
+    for name, full in [
+        ("tiler", "smily.tiler.v1.TilerService"),
+        ("embedder", "smily.embedder.v1.EmbedderService"),
+        ("index", "smily.index.v1.IndexService"),
+        ("gateway", "smily.gateway.v1.GatewayService"),
+    ]:
         ch = grpc.insecure_channel(f"127.0.0.1:{getattr(settings, name + '_port')}")
         health = health_pb2_grpc.HealthStub(ch)
         for service in ("", full):
@@ -30,8 +35,7 @@ def test_every_service_reports_serving(settings):
 
 def _list_services(target: str):
     refl = reflection_pb2_grpc.ServerReflectionStub(grpc.insecure_channel(target))
-    reply = next(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
-                                           timeout=5))
+    reply = next(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5))
     return {s.name for s in reply.list_services_response.service}
 
 
@@ -48,8 +52,9 @@ def test_reflection_is_off_unless_asked_for(settings, tmp_path):
 
 def test_errors_are_canonical_not_unknown(settings):
     index = index_pb2_grpc.IndexServiceStub(grpc.insecure_channel(settings.index_target))
-    bad = index_pb2.SearchRequest(model_id="efficientnet-lite0/1", k=5,
-                                  query=types_pb2.Tensor(data=b"\0" * 7, shape=[1280], dtype=1))
+    bad = index_pb2.SearchRequest(
+        model_id="efficientnet-lite0/1", k=5, query=types_pb2.Tensor(data=b"\0" * 7, shape=[1280], dtype=1)
+    )
     assert rpc_code(index.Search, bad) == grpc.StatusCode.INVALID_ARGUMENT
 
 
@@ -69,8 +74,7 @@ def test_graceful_shutdown_says_not_serving(tmp_path):
     assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
     srv = running["index"]
     srv.health.enter_graceful_shutdown()
-    assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == \
-        health_pb2.HealthCheckResponse.NOT_SERVING
+    assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.NOT_SERVING
     stack.stop(running, 0.5)
     assert rpc_code(health.Check, health_pb2.HealthCheckRequest(), timeout=2) == grpc.StatusCode.UNAVAILABLE
 

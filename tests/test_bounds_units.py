@@ -1,5 +1,6 @@
 """Issue 13's small parts on their own: caller keys, admission counting, the
 reader reply format's checks, and which methods are retried."""
+
 from __future__ import annotations
 
 import struct

@@ -1,4 +1,5 @@
 """Redis is a cache: when it dies mid-traffic, no query fails."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -52,8 +53,9 @@ def test_a_poisoned_cache_entry_is_a_miss_and_the_query_stays_true(settings, ing
     proc, url = start_redis()
     if proc is None:
         need("redis-server", "install it with `apt-get install redis-server`")
-    running, gw = stack.start(["gateway"], dataclasses.replace(settings, gateway_port=0, redis_url=url,
-                                                               cache_key="a-shared-secret"))
+    running, gw = stack.start(
+        ["gateway"], dataclasses.replace(settings, gateway_port=0, redis_url=url, cache_key="a-shared-secret")
+    )
     client = Client(f"127.0.0.1:{gw.gateway_port}", timeout=60)
     region = dict(slide_id="synth-b", x=700, y=500, width=448, height=448)
     try:

@@ -1,4 +1,5 @@
 """The `smily` command against the running gateway."""
+
 from __future__ import annotations
 
 import io
@@ -63,8 +64,13 @@ def test_unreachable_gateway_says_what_to_do():
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    out = subprocess.run([sys.executable, "-m", "smily.cli", "slides", "--gateway", f"127.0.0.1:{port}"],
-                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-m", "smily.cli", "slides", "--gateway", f"127.0.0.1:{port}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert f"UNAVAILABLE: the gateway at 127.0.0.1:{port}" in out.stderr
     assert "`make up`" in out.stderr and "--gateway" in out.stderr
@@ -82,26 +88,62 @@ def test_json_on_every_gateway_command(settings, ingested, tmp_path):
     assert op["state"] == "OPERATION_STATE_SUCCEEDED" and int(op["progress"]["tiles_indexed"]) > 0
     status = json.loads(smily(settings, "status", op["operation_id"], "--json").stdout)
     assert status["operation_id"] == op["operation_id"] and status["model_id"] == op["model_id"]
-    region = json.loads(smily(settings, "read-region", "cli-json", "900,900,448,448", "--output",
-                              str(tmp_path / "r.png"), "--json").stdout)
+    region = json.loads(
+        smily(
+            settings, "read-region", "cli-json", "900,900,448,448", "--output", str(tmp_path / "r.png"), "--json"
+        ).stdout
+    )
     assert region["output"].endswith("r.png") and region["width"] == 224 and "image" not in region
-    created = json.loads(smily(settings, "concept", "create", "cli-json", "--with", "cli-json:900,900,448,448",
-                               "--without", "cmu_small_region:449,2245,449,449", "--json").stdout)
+    created = json.loads(
+        smily(
+            settings,
+            "concept",
+            "create",
+            "cli-json",
+            "--with",
+            "cli-json:900,900,448,448",
+            "--without",
+            "cmu_small_region:449,2245,449,449",
+            "--json",
+        ).stdout
+    )
     assert created["name"] == "cli-json" and created["with_examples"] == 1
     listed = json.loads(smily(settings, "concept", "list", "--json").stdout)["concepts"]
     assert "cli-json" in {c["name"] for c in listed}
     assert json.loads(smily(settings, "concept", "delete", "cli-json", "--json").stdout) == {
-        "deleted_concept": "cli-json"}
+        "deleted_concept": "cli-json"
+    }
     deleted = json.loads(smily(settings, "delete", "cli-json", "--json").stdout)
     assert deleted["slide_id"] == "cli-json" and deleted["deleted_tiles"] == int(op["progress"]["tiles_indexed"])
 
 
 def test_steered_search_concepts_and_slides(settings, ingested, tmp_path):
-    out = smily(settings, "concept", "create", "cli-concept", "--with", "synth-a:900,900,448,448",
-                "--without", "cmu_small_region:449,2245,449,449")
+    out = smily(
+        settings,
+        "concept",
+        "create",
+        "cli-concept",
+        "--with",
+        "synth-a:900,900,448,448",
+        "--without",
+        "cmu_small_region:449,2245,449,449",
+    )
     assert out.returncode == 0 and "1 with, 1 without" in out.stdout, out.stderr
-    out = smily(settings, "search", "--slide", "synth-b", "--region", "1100,800,448,448", "--negative",
-                "cmu_small_region:449,2245,449,449", "--concept", "cli-concept=0.2", "--max-per-slide", "1", "--json")
+    out = smily(
+        settings,
+        "search",
+        "--slide",
+        "synth-b",
+        "--region",
+        "1100,800,448,448",
+        "--negative",
+        "cmu_small_region:449,2245,449,449",
+        "--concept",
+        "cli-concept=0.2",
+        "--max-per-slide",
+        "1",
+        "--json",
+    )
     assert out.returncode == 0, out.stderr
     hits = json.loads(out.stdout)["hits"]
     assert len({h["slide_id"] for h in hits}) == len(hits) > 1

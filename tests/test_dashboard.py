@@ -1,4 +1,5 @@
 """The Grafana dashboard and docs/metrics.md name only metrics the services export."""
+
 from __future__ import annotations
 
 import json
@@ -21,6 +22,6 @@ def test_dashboard_and_docs_cover_every_exported_metric():
     dashboard = json.loads((ROOT / "deploy" / "grafana" / "smily-dashboard.json").read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
     used = {re.sub(r"_(bucket|sum|count)$", "", m) for e in exprs for m in re.findall(r"\bsmily_\w+", e)}
-    assert used == exported, (used ^ exported)
+    assert used == exported, used ^ exported
     documented = set(re.findall(r"`(smily_\w+)`", (ROOT / "docs" / "metrics.md").read_text()))
-    assert documented == exported, (documented ^ exported)
+    assert documented == exported, documented ^ exported

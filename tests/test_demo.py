@@ -1,4 +1,5 @@
 """`make demo`'s job end to end: start everything, ingest, search, print, stop cleanly."""
+
 from __future__ import annotations
 
 import os
@@ -15,8 +16,14 @@ def test_demo_runs_end_to_end(slide_dir, model_repo, redis_url, tmp_path):
         shutil.copy(os.path.join(slide_dir, name), tmp_path / name)
     shutil.copy(os.path.join(DATA, CMU), tmp_path / CMU)
     env = dict(os.environ, SMILY_MODEL_REPOSITORY=model_repo)
-    out = subprocess.run([sys.executable, "-m", "smily.cli", "demo", "--slides", str(tmp_path)],
-                         capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    out = subprocess.run(
+        [sys.executable, "-m", "smily.cli", "demo", "--slides", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env=env,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "ingested 2 slides" in out.stdout
     assert out.stdout.count("5 hits (model efficientnet-lite0/1)") == 2

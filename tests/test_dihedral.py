@@ -1,4 +1,5 @@
 """Issue 16 step 4: queries embedded under the dihedral transforms, merged by best score."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,8 +44,12 @@ def test_merge_keeps_each_tile_once_with_its_best_score():
 @pytest.fixture(scope="module", params=["max", "mean"])
 def robust_gateway(request, settings, ingested):
     """A gateway on the session's backends and index whose queries go under all 8 transforms."""
-    running, s = stack.start(["gateway"], dataclasses.replace(settings, gateway_port=0, redis_url="",
-                                                              query_transforms=("all",), query_merge=request.param))
+    running, s = stack.start(
+        ["gateway"],
+        dataclasses.replace(
+            settings, gateway_port=0, redis_url="", query_transforms=("all",), query_merge=request.param
+        ),
+    )
     c = Client(f"127.0.0.1:{s.gateway_port}", timeout=300)
     yield c, request.param
     c.close()

@@ -1,5 +1,6 @@
 """EmbedSlide: the embedder reads a slide's tiles from the tiler itself, so
 pixels never pass through the gateway; cancelling it stops the tiler too."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,10 +36,14 @@ def tiler(settings):
 
 
 def test_same_tiles_and_embeddings_as_streaming_and_embedding_apart(embedder, tiler):
-    msgs = list(embedder.EmbedSlide(embedder_pb2.EmbedSlideRequest(
-        tiles=tiler_pb2.StreamTilesRequest(slide=CMU, params=PARAMS), batch=5)))
-    tiles = streamed_tiles(tiler, tiler_pb2.StreamTilesRequest(
-        slide=CMU, params=PARAMS, encoding=types_pb2.IMAGE_ENCODING_RAW_RGB))
+    msgs = list(
+        embedder.EmbedSlide(
+            embedder_pb2.EmbedSlideRequest(tiles=tiler_pb2.StreamTilesRequest(slide=CMU, params=PARAMS), batch=5)
+        )
+    )
+    tiles = streamed_tiles(
+        tiler, tiler_pb2.StreamTilesRequest(slide=CMU, params=PARAMS, encoding=types_pb2.IMAGE_ENCODING_RAW_RGB)
+    )
     # Progress first, before any tile is embedded; then batches of 5 without pixels.
     assert not msgs[0].tiles and msgs[0].tiles_total == len(tiles) > 5
     batches = msgs[1:]
@@ -68,8 +73,11 @@ def test_cancelling_embed_slide_cancels_the_tiler_stream(embedder):
     # Every tile of the 40x slide at its full resolution: far more than one
     # batch, so the tiler is still streaming when the call is cancelled.
     params = tiler_pb2.TilingParams(mpp=0.25, tile_size=224, min_tissue_fraction=0.0)
-    call = embedder.EmbedSlide(embedder_pb2.EmbedSlideRequest(
-        tiles=tiler_pb2.StreamTilesRequest(slide=TEST_SLIDES[2].name, params=params), batch=1))
+    call = embedder.EmbedSlide(
+        embedder_pb2.EmbedSlideRequest(
+            tiles=tiler_pb2.StreamTilesRequest(slide=TEST_SLIDES[2].name, params=params), batch=1
+        )
+    )
     progress = next(call)
     first = next(call)
     assert progress.tiles_total > 100 and len(first.tiles) == 1
@@ -86,14 +94,23 @@ def test_cancelling_embed_slide_cancels_the_tiler_stream(embedder):
 def mtls_pki(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("pki"))
     ca = CA(d)
-    return {"ca": ca, "gateway": ca.issue("smily-gateway"), "embedder": ca.issue("smily-embedder"),
-            "stranger": ca.issue("stranger")}
+    return {
+        "ca": ca,
+        "gateway": ca.issue("smily-gateway"),
+        "embedder": ca.issue("smily-embedder"),
+        "stranger": ca.issue("stranger"),
+    }
 
 
 def test_under_mtls_the_tiler_admits_the_embedder_identity_only(mtls_pki, slide_dir, model_repo):
     gateway_cert, gateway_key = mtls_pki["gateway"]
-    common = dict(plaintext=False, tls_ca_file=mtls_pki["ca"].path, tls_client_auth="require",
-                  slide_roots=(slide_dir,), model_repository=model_repo)
+    common = dict(
+        plaintext=False,
+        tls_ca_file=mtls_pki["ca"].path,
+        tls_client_auth="require",
+        slide_roots=(slide_dir,),
+        model_repository=model_repo,
+    )
     tiler, s = stack.start(["tiler"], base_settings(tls_cert_file=gateway_cert, tls_key_file=gateway_key, **common))
     try:
         for who, code in (("embedder", grpc.StatusCode.OK), ("stranger", grpc.StatusCode.PERMISSION_DENIED)):
@@ -101,7 +118,8 @@ def test_under_mtls_the_tiler_admits_the_embedder_identity_only(mtls_pki, slide_
             emb, s2 = stack.start(["embedder"], dataclasses.replace(s, tls_cert_file=cert, tls_key_file=key))
             try:
                 gateway_creds = grpc.ssl_channel_credentials(
-                    *(pathlib.Path(p).read_bytes() for p in (mtls_pki["ca"].path, gateway_key, gateway_cert)))
+                    *(pathlib.Path(p).read_bytes() for p in (mtls_pki["ca"].path, gateway_key, gateway_cert))
+                )
                 stub = embedder_pb2_grpc.EmbedderServiceStub(channel(s2.embedder_target, gateway_creds))
                 request = embedder_pb2.EmbedSlideRequest(tiles=tiler_pb2.StreamTilesRequest(slide=CMU, params=PARAMS))
                 if code == grpc.StatusCode.OK:

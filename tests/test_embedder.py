@@ -1,4 +1,5 @@
 """The embedder over gRPC: batches, encodings, normalisation, model id."""
+
 from __future__ import annotations
 
 import io
@@ -38,11 +39,13 @@ def png(rgb: np.ndarray) -> bytes:
 
 def test_batch_of_raw_and_png_images(embedder):
     a, b = patch(1), patch(2)
-    req = embedder_pb2.EmbedRequest(images=[
-        types_pb2.Image(data=a.tobytes(), encoding=types_pb2.IMAGE_ENCODING_RAW_RGB, width=224, height=224),
-        types_pb2.Image(data=png(a), encoding=types_pb2.IMAGE_ENCODING_PNG),
-        types_pb2.Image(data=png(b)),  # encoding sniffed from the bytes
-    ])
+    req = embedder_pb2.EmbedRequest(
+        images=[
+            types_pb2.Image(data=a.tobytes(), encoding=types_pb2.IMAGE_ENCODING_RAW_RGB, width=224, height=224),
+            types_pb2.Image(data=png(a), encoding=types_pb2.IMAGE_ENCODING_PNG),
+            types_pb2.Image(data=png(b)),  # encoding sniffed from the bytes
+        ]
+    )
     resp = embedder.Embed(req)
     assert resp.model_id == "efficientnet-lite0/1"
     v = from_tensor(resp.embeddings)

@@ -1,4 +1,5 @@
 """Evaluation: metrics on hand-made cases, manifests, and `smily eval` end to end."""
+
 from __future__ import annotations
 
 import json
@@ -60,10 +61,16 @@ def test_colour_texture_features_separate_textures():
     def tile(colour, noise):
         return np.clip(np.array(colour) + rng.normal(0, noise, (64, 64, 3)), 0, 255).astype(np.uint8)
 
-    pink, pink2, purple, smooth_pink = tile((230, 170, 200), 25), tile((230, 170, 200), 25), \
-        tile((90, 50, 140), 25), tile((230, 170, 200), 0)
-    f = {name: baseline.features(t) for name, t in
-         dict(pink=pink, pink2=pink2, purple=purple, smooth=smooth_pink).items()}
+    pink, pink2, purple, smooth_pink = (
+        tile((230, 170, 200), 25),
+        tile((230, 170, 200), 25),
+        tile((90, 50, 140), 25),
+        tile((230, 170, 200), 0),
+    )
+    f = {
+        name: baseline.features(t)
+        for name, t in dict(pink=pink, pink2=pink2, purple=purple, smooth=smooth_pink).items()
+    }
     assert all(abs(np.linalg.norm(v) - 1) < 1e-5 for v in f.values())
     same = f["pink"] @ f["pink2"]
     assert same > f["pink"] @ f["purple"]  # colour differs
@@ -81,31 +88,36 @@ def test_stain_jitter_keeps_shape_and_changes_colour():
 # -- manifests ---------------------------------------------------------------
 def test_manifest_and_labelling_rule(tmp_path):
     path = tmp_path / "m.csv"
-    path.write_text("source,slide_id,x,y,width,height,organ,grade\n"
-                    "a.svs,A,,,,,breast,\n"
-                    "a.svs,A,0,0,100,100,,G3\n"
-                    "b.tiff,,10,10,50,50,lung,G1\n")
+    path.write_text(
+        "source,slide_id,x,y,width,height,organ,grade\n"
+        "a.svs,A,,,,,breast,\n"
+        "a.svs,A,0,0,100,100,,G3\n"
+        "b.tiff,,10,10,50,50,lung,G1\n"
+    )
     m = load(str(path))
     assert m.label_columns == ("organ", "grade")
     assert m.slides() == {"A": "a.svs", "b": "b.tiff"}
     lab = Labeller(m)
-    assert lab("A", 0, 0, 100, 100) == {"grade": "G3"}      # inside the region
+    assert lab("A", 0, 0, 100, 100) == {"grade": "G3"}  # inside the region
     assert lab("A", 40, 40, 100, 100) == {"organ": "breast"}  # 36% inside: the whole-slide row
-    assert lab("b", 10, 10, 60, 60)["organ"] == "lung"        # 69% inside
-    assert lab("b", 40, 40, 60, 60) == {}                     # 11% inside, no whole-slide row
+    assert lab("b", 10, 10, 60, 60)["organ"] == "lung"  # 69% inside
+    assert lab("b", 40, 40, 60, 60) == {}  # 11% inside, no whole-slide row
     assert lab("unknown", 0, 0, 1, 1) == {}
     assert lab.slide_labels("A") == {"organ": "breast"}
 
 
-@pytest.mark.parametrize("text, message", [
-    ("", "no rows"),
-    ("slide_id,organ\nA,lung\n", "'source'"),
-    ("source,x,y,organ\na.svs,1,2,lung\n", "all of x, y, width, height"),
-    ("source,x,y,width,height\na.svs,1,2,three,4\n", "must be integers"),
-    ("source,x,y,width,height\na.svs,1,2,0,4\n", "positive width"),
-    ("source,slide_id\na.svs,A\nb.svs,A\n", "two different sources"),
-    ("source,organ\na.svs,lung,extra\n", "more cells"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("", "no rows"),
+        ("slide_id,organ\nA,lung\n", "'source'"),
+        ("source,x,y,organ\na.svs,1,2,lung\n", "all of x, y, width, height"),
+        ("source,x,y,width,height\na.svs,1,2,three,4\n", "must be integers"),
+        ("source,x,y,width,height\na.svs,1,2,0,4\n", "positive width"),
+        ("source,slide_id\na.svs,A\nb.svs,A\n", "two different sources"),
+        ("source,organ\na.svs,lung,extra\n", "more cells"),
+    ],
+)
 def test_malformed_manifests_say_what_is_wrong(tmp_path, text, message):
     path = tmp_path / "m.csv"
     path.write_text(text)
@@ -130,16 +142,32 @@ def eval_stack(model_repo, redis_url, tmp_path_factory):
     slides = tmp_path_factory.mktemp("eval-slides")
     manifest = synthetic_benchmark.write(str(slides))
     shutil.copy(os.path.join(DATA, CMU), slides / CMU)
-    settings = base_settings(slide_roots=(str(slides),), model_repository=model_repo,
-                             index_dir=str(tmp_path_factory.mktemp("eval-index")), redis_url=redis_url)
+    settings = base_settings(
+        slide_roots=(str(slides),),
+        model_repository=model_repo,
+        index_dir=str(tmp_path_factory.mktemp("eval-index")),
+        redis_url=redis_url,
+    )
     running, settings = stack.start(stack.ORDER, settings)
     yield settings, manifest, slides
     stack.stop(running, 0)
 
 
 def _eval(settings, slides, *args):
-    return cli.main(["eval", "--gateway", f"127.0.0.1:{settings.gateway_port}", "--slide-root", str(slides),
-                     "--embedder", settings.embedder_target, "--bootstrap", "300", *args])
+    return cli.main(
+        [
+            "eval",
+            "--gateway",
+            f"127.0.0.1:{settings.gateway_port}",
+            "--slide-root",
+            str(slides),
+            "--embedder",
+            settings.embedder_target,
+            "--bootstrap",
+            "300",
+            *args,
+        ]
+    )
 
 
 def test_eval_beats_random_on_synthetic_benchmark(eval_stack, tmp_path, capsys):

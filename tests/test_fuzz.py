@@ -6,6 +6,7 @@ The strategies are built from the messages' descriptors, so a field added to
 gateway.proto is fuzzed without touching this file. Run with -s to see how
 many cases ran.
 """
+
 from __future__ import annotations
 
 import io
@@ -40,10 +41,30 @@ def _png(size, mode="RGB") -> bytes:
 
 SMALL_PNG = _png((32, 32))
 BOMB_PNG = _png((11000, 11000), "1")
-ODD_TEXT = st.sampled_from(["", " ", "\0", "a\0b", "\u202e", "\u200b", "../../etc/passwd", "/etc/passwd", "a/b",
-                            "%2e%2e/x", "x" * 5000, "cmu", CMU, "efficientnet-lite0/1", "é" * 200, "\n", "\\"])
-ODD_BYTES = st.sampled_from([b"", SMALL_PNG, BOMB_PNG, SMALL_PNG[:40], b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff",
-                             b"GIF89a", b"\0" * 1000])
+ODD_TEXT = st.sampled_from(
+    [
+        "",
+        " ",
+        "\0",
+        "a\0b",
+        "\u202e",
+        "\u200b",
+        "../../etc/passwd",
+        "/etc/passwd",
+        "a/b",
+        "%2e%2e/x",
+        "x" * 5000,
+        "cmu",
+        CMU,
+        "efficientnet-lite0/1",
+        "é" * 200,
+        "\n",
+        "\\",
+    ]
+)
+ODD_BYTES = st.sampled_from(
+    [b"", SMALL_PNG, BOMB_PNG, SMALL_PNG[:40], b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF89a", b"\0" * 1000]
+)
 _INT_EDGES = {F.TYPE_INT32: 2**31 - 1, F.TYPE_INT64: 2**63 - 1, F.TYPE_SINT32: 2**31 - 1, F.TYPE_SINT64: 2**63 - 1}
 _UINT_EDGES = {F.TYPE_UINT32: 2**32 - 1, F.TYPE_UINT64: 2**64 - 1}
 
@@ -58,7 +79,8 @@ def _scalar(field) -> st.SearchStrategy:
         return st.booleans()
     if t in (F.TYPE_DOUBLE, F.TYPE_FLOAT):
         return st.floats(width=64 if t == F.TYPE_DOUBLE else 32) | st.sampled_from(
-            [0.0, -0.0, -1.0, 1e-300 if t == F.TYPE_DOUBLE else 1e-30, 50.0, 1e30, float("nan"), float("inf")])
+            [0.0, -0.0, -1.0, 1e-300 if t == F.TYPE_DOUBLE else 1e-30, 50.0, 1e30, float("nan"), float("inf")]
+        )
     if t == F.TYPE_ENUM:
         return st.integers(-3, 10)
     if t in _INT_EDGES:
@@ -115,12 +137,24 @@ def _build(cls, kwargs: dict):
 @pytest.fixture(scope="module")
 def gateway(slide_dir, model_repo, redis_url, tmp_path_factory):
     """Its own stack and index: fuzzed ingests and deletes must not touch other tests' slides."""
-    running, s = local_stack.start(local_stack.ORDER, base_settings(
-        slide_roots=(slide_dir,), model_repository=model_repo, redis_url=redis_url, tiler_readers=1,
-        index_dir=str(tmp_path_factory.mktemp("fuzz-index"))))
+    running, s = local_stack.start(
+        local_stack.ORDER,
+        base_settings(
+            slide_roots=(slide_dir,),
+            model_repository=model_repo,
+            redis_url=redis_url,
+            tiler_readers=1,
+            index_dir=str(tmp_path_factory.mktemp("fuzz-index")),
+        ),
+    )
     target = f"127.0.0.1:{s.gateway_port}"
-    ch = grpc.insecure_channel(target, options=[("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                                                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
+    ch = grpc.insecure_channel(
+        target,
+        options=[
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ],
+    )
     stub = gateway_pb2_grpc.GatewayServiceStub(ch)
     op = stub.IngestSlide(gateway_pb2.IngestSlideRequest(source=CMU, slide_id="cmu"), timeout=60).operation
     while op.state in (gateway_pb2.OPERATION_STATE_QUEUED, gateway_pb2.OPERATION_STATE_RUNNING):
@@ -137,8 +171,13 @@ def test_every_request_gets_a_clean_status_and_the_gateway_keeps_serving(gateway
     stub, target = gateway
     desc = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].methods_by_name[method]
 
-    @settings(max_examples=EXAMPLES_PER_METHOD, deadline=None, derandomize=True, database=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=EXAMPLES_PER_METHOD,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
     @given(message(desc.input_type))
     def check(request):
         RAN[method] = RAN.get(method, 0) + 1

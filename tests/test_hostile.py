@@ -5,6 +5,7 @@ kernel's VmHWM, reset before each case).
 
 Run with -s to see the table of case, status and peak memory.
 """
+
 from __future__ import annotations
 
 import io
@@ -37,10 +38,21 @@ ROWS: list[tuple[str, str, str, str]] = []  # case, status, gateway peak growth,
 @pytest.fixture(scope="module")
 def stack(slide_dir, model_repo, redis_url, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("hostile")
-    env = {"SMILY_SLIDE_ROOTS": slide_dir, "SMILY_MODEL_REPOSITORY": model_repo, "SMILY_INDEX_DIR": str(tmp / "index"),
-           "SMILY_REDIS_URL": redis_url, "SMILY_TILER_READERS": "1", "SMILY_LOG_LEVEL": "WARNING"}
-    gateway = {"SMILY_MAX_RPCS_PER_CALLER": "6", "SMILY_MAX_QUEUED_INGESTS": "3", "SMILY_MAX_CONCURRENT_INGESTS": "1",
-               "SMILY_MAX_SLIDE_QUERIES": "1", "SMILY_METRICS_PORT": str(free_port())}
+    env = {
+        "SMILY_SLIDE_ROOTS": slide_dir,
+        "SMILY_MODEL_REPOSITORY": model_repo,
+        "SMILY_INDEX_DIR": str(tmp / "index"),
+        "SMILY_REDIS_URL": redis_url,
+        "SMILY_TILER_READERS": "1",
+        "SMILY_LOG_LEVEL": "WARNING",
+    }
+    gateway = {
+        "SMILY_MAX_RPCS_PER_CALLER": "6",
+        "SMILY_MAX_QUEUED_INGESTS": "3",
+        "SMILY_MAX_CONCURRENT_INGESTS": "1",
+        "SMILY_MAX_SLIDE_QUERIES": "1",
+        "SMILY_METRICS_PORT": str(free_port()),
+    }
     s = ProcStack(env, str(tmp), {"gateway": gateway}).start_all()
     yield s
     s.stop_all()
@@ -49,13 +61,20 @@ def stack(slide_dir, model_repo, redis_url, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def gw(stack):
-    ch = grpc.insecure_channel(stack.target("gateway"), options=[("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                                                                  ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
+    ch = grpc.insecure_channel(
+        stack.target("gateway"),
+        options=[
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ],
+    )
     stub = gateway_pb2_grpc.GatewayServiceStub(ch)
     op = stub.IngestSlide(g.IngestSlideRequest(source=CMU, slide_id="cmu", metadata={"case_id": "c1"}), timeout=60)
     deadline = time.monotonic() + 300
-    while op.operation.state not in (g.OPERATION_STATE_SUCCEEDED, g.OPERATION_STATE_FAILED) \
-            and time.monotonic() < deadline:
+    while (
+        op.operation.state not in (g.OPERATION_STATE_SUCCEEDED, g.OPERATION_STATE_FAILED)
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.3)
         op = stub.GetOperation(g.GetOperationRequest(operation_id=op.operation.operation_id), timeout=10)
     assert op.operation.state == g.OPERATION_STATE_SUCCEEDED, op.operation.error_message
@@ -90,8 +109,14 @@ def case(stack, gw, name: str, fn, expected: C, *, memory: bool = False, says: s
         base = {svc: stack.memory_mb(svc)[0] for svc in ("gateway", "embedder")}
     code, details = fn()
     growth = {svc: stack.memory_mb(svc)[1] - base[svc] for svc in ("gateway", "embedder")} if memory else {}
-    ROWS.append((name, code.name, f"{growth['gateway']:.0f} MB" if memory else "-",
-                 f"{growth['embedder']:.0f} MB" if memory else "-"))
+    ROWS.append(
+        (
+            name,
+            code.name,
+            f"{growth['gateway']:.0f} MB" if memory else "-",
+            f"{growth['embedder']:.0f} MB" if memory else "-",
+        )
+    )
     assert code == expected, (name, code, details)
     assert says in details, (name, details)
     for leak in ("127.0.0.1", "ipv4", "ipv6", "unix:"):
@@ -130,8 +155,15 @@ def frozen(stack):
 def test_image_bombs_and_formats_are_refused_from_the_header(stack, gw):
     bomb = png(Image.new("1", (11000, 11000)))
     assert len(bomb) < 20_000
-    details = case(stack, gw, "PNG 11000x11000 (15 KB)", lambda: status_of(search_image(gw, bomb)), BAD,
-                   memory=True, says="over the limit")
+    details = case(
+        stack,
+        gw,
+        "PNG 11000x11000 (15 KB)",
+        lambda: status_of(search_image(gw, bomb)),
+        BAD,
+        memory=True,
+        says="over the limit",
+    )
     assert "\n" not in details and "16777216" in details
 
     def three_at_once():
@@ -143,8 +175,15 @@ def test_image_bombs_and_formats_are_refused_from_the_header(stack, gw):
     case(stack, gw, "3 x PNG 11000x11000 at once", three_at_once, BAD, memory=True, says="over the limit")
     small = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8))
     for fmt in ("TIFF", "BMP", "WEBP"):
-        case(stack, gw, f"{fmt} image", lambda fmt=fmt: status_of(search_image(gw, png(small, fmt))), BAD, memory=True,
-             says="PNG or JPEG")
+        case(
+            stack,
+            gw,
+            f"{fmt} image",
+            lambda fmt=fmt: status_of(search_image(gw, png(small, fmt))),
+            BAD,
+            memory=True,
+            says="PNG or JPEG",
+        )
     whole = png(small)
     case(stack, gw, "truncated PNG", lambda: status_of(search_image(gw, whole[: len(whole) // 2])), BAD, memory=True)
 
@@ -160,21 +199,46 @@ def test_the_largest_allowed_image_is_embedded_within_the_memory_budget(stack, g
 
 # -- ingest ----------------------------------------------------------------------------
 def ingest(gw, source: str, slide_id: str = "", slide_mpp: float = 0.0, metadata=None):
-    return gw.IngestSlide(g.IngestSlideRequest(source=source, slide_id=slide_id, slide_mpp=slide_mpp,
-                                               metadata=metadata or {}), timeout=30).operation
+    return gw.IngestSlide(
+        g.IngestSlideRequest(source=source, slide_id=slide_id, slide_mpp=slide_mpp, metadata=metadata or {}), timeout=30
+    ).operation
 
 
 def test_implausible_resolutions_and_tile_counts_are_refused_before_planning(stack, gw):
     big = TEST_SLIDES[2].name  # the 40x sample
-    case(stack, gw, "IngestSlide slide_mpp=50", lambda: status_of(lambda: ingest(gw, big, slide_mpp=50)), BAD,
-         says="0.05..20")
-    case(stack, gw, "IngestSlide slide_mpp=NaN", lambda: status_of(lambda: ingest(gw, big, slide_mpp=float("nan"))),
-         BAD, says="0.05..20")
-    details = case(stack, gw, "IngestSlide slide_mpp=20 on the 40x sample (103,788 tiles)",
-                   lambda: status_of(lambda: ingest(gw, big, slide_mpp=20)), BAD, says="tiles per slide")
+    case(
+        stack,
+        gw,
+        "IngestSlide slide_mpp=50",
+        lambda: status_of(lambda: ingest(gw, big, slide_mpp=50)),
+        BAD,
+        says="0.05..20",
+    )
+    case(
+        stack,
+        gw,
+        "IngestSlide slide_mpp=NaN",
+        lambda: status_of(lambda: ingest(gw, big, slide_mpp=float("nan"))),
+        BAD,
+        says="0.05..20",
+    )
+    details = case(
+        stack,
+        gw,
+        "IngestSlide slide_mpp=20 on the 40x sample (103,788 tiles)",
+        lambda: status_of(lambda: ingest(gw, big, slide_mpp=20)),
+        BAD,
+        says="tiles per slide",
+    )
     assert "103788" in details and "100000" in details
-    case(stack, gw, "SearchSlides by file slide_mpp=20", lambda: status_of(lambda: gw.SearchSlides(
-        g.SearchSlidesRequest(source=big, slide_mpp=20), timeout=30)), BAD, says="tiles per slide")
+    case(
+        stack,
+        gw,
+        "SearchSlides by file slide_mpp=20",
+        lambda: status_of(lambda: gw.SearchSlides(g.SearchSlidesRequest(source=big, slide_mpp=20), timeout=30)),
+        BAD,
+        says="tiles per slide",
+    )
 
 
 def test_ingests_are_deduplicated_by_id_and_source_and_the_queue_is_bounded(stack, gw, frozen):
@@ -243,42 +307,124 @@ def test_health_answers_while_the_gateway_is_saturated_and_readiness_follows_bac
 
 
 # -- ids, metadata, filters ------------------------------------------------------------------
-@pytest.mark.parametrize("slide_id", ["a\0b", "evil\u202eFDP", " ", "../../etc/passwd", "x" * 129, " lead", "tail ",
-                                      "a/b", "zero\u200bwidth"])
+@pytest.mark.parametrize(
+    "slide_id",
+    ["a\0b", "evil\u202eFDP", " ", "../../etc/passwd", "x" * 129, " lead", "tail ", "a/b", "zero\u200bwidth"],
+)
 def test_hostile_slide_ids_are_refused(stack, gw, slide_id):
     name = f"slide_id {slide_id[:20]!r}"
-    case(stack, gw, f"IngestSlide {name}", lambda: status_of(lambda: ingest(gw, CMU, slide_id)), BAD,
-         says="slide_id")
-    case(stack, gw, f"DeleteSlide {name}", lambda: status_of(lambda: gw.DeleteSlide(
-        g.DeleteSlideRequest(slide_id=slide_id), timeout=10)), BAD, says="slide_id")
-    case(stack, gw, f"Search region {name}", lambda: status_of(lambda: gw.Search(g.SearchRequest(
-        region=g.Region(slide_id=slide_id, width=100, height=100)), timeout=10)), BAD, says="slide_id")
+    case(stack, gw, f"IngestSlide {name}", lambda: status_of(lambda: ingest(gw, CMU, slide_id)), BAD, says="slide_id")
+    case(
+        stack,
+        gw,
+        f"DeleteSlide {name}",
+        lambda: status_of(lambda: gw.DeleteSlide(g.DeleteSlideRequest(slide_id=slide_id), timeout=10)),
+        BAD,
+        says="slide_id",
+    )
+    case(
+        stack,
+        gw,
+        f"Search region {name}",
+        lambda: status_of(
+            lambda: gw.Search(g.SearchRequest(region=g.Region(slide_id=slide_id, width=100, height=100)), timeout=10)
+        ),
+        BAD,
+        says="slide_id",
+    )
 
 
 def test_metadata_and_filters_are_bounded(stack, gw):
-    case(stack, gw, "metadata value of 1.5 MB", lambda: status_of(lambda: ingest(
-        gw, CMU, "m1", metadata={"note": "x" * 1_500_000})), BAD, says="1024")
-    case(stack, gw, "metadata with 65 keys", lambda: status_of(lambda: ingest(
-        gw, CMU, "m2", metadata={f"k{i}": "v" for i in range(65)})), BAD, says="64 keys")
-    case(stack, gw, "metadata of 17 KiB in all", lambda: status_of(lambda: ingest(
-        gw, CMU, "m3", metadata={f"k{i}": "v" * 1000 for i in range(17)})), BAD, says="16384")
-    case(stack, gw, "metadata key with NUL", lambda: status_of(lambda: ingest(
-        gw, CMU, "m4", metadata={"a\0": "v"})), BAD, says="non-printable")
-    case(stack, gw, "Search with 1000 filter keys", lambda: status_of(lambda: gw.Search(g.SearchRequest(
-        region=g.Region(slide_id="cmu", width=448, height=448), filters={f"k{i}": "v" for i in range(1000)}),
-        timeout=30)), BAD, says="32 keys")
-    case(stack, gw, "Search with 2000 exclude_slide_ids", lambda: status_of(lambda: gw.Search(g.SearchRequest(
-        region=g.Region(slide_id="cmu", width=448, height=448), exclude_slide_ids=[f"s{i}" for i in range(2000)]),
-        timeout=30)), BAD, says="1000")
+    case(
+        stack,
+        gw,
+        "metadata value of 1.5 MB",
+        lambda: status_of(lambda: ingest(gw, CMU, "m1", metadata={"note": "x" * 1_500_000})),
+        BAD,
+        says="1024",
+    )
+    case(
+        stack,
+        gw,
+        "metadata with 65 keys",
+        lambda: status_of(lambda: ingest(gw, CMU, "m2", metadata={f"k{i}": "v" for i in range(65)})),
+        BAD,
+        says="64 keys",
+    )
+    case(
+        stack,
+        gw,
+        "metadata of 17 KiB in all",
+        lambda: status_of(lambda: ingest(gw, CMU, "m3", metadata={f"k{i}": "v" * 1000 for i in range(17)})),
+        BAD,
+        says="16384",
+    )
+    case(
+        stack,
+        gw,
+        "metadata key with NUL",
+        lambda: status_of(lambda: ingest(gw, CMU, "m4", metadata={"a\0": "v"})),
+        BAD,
+        says="non-printable",
+    )
+    case(
+        stack,
+        gw,
+        "Search with 1000 filter keys",
+        lambda: status_of(
+            lambda: gw.Search(
+                g.SearchRequest(
+                    region=g.Region(slide_id="cmu", width=448, height=448), filters={f"k{i}": "v" for i in range(1000)}
+                ),
+                timeout=30,
+            )
+        ),
+        BAD,
+        says="32 keys",
+    )
+    case(
+        stack,
+        gw,
+        "Search with 2000 exclude_slide_ids",
+        lambda: status_of(
+            lambda: gw.Search(
+                g.SearchRequest(
+                    region=g.Region(slide_id="cmu", width=448, height=448),
+                    exclude_slide_ids=[f"s{i}" for i in range(2000)],
+                ),
+                timeout=30,
+            )
+        ),
+        BAD,
+        says="1000",
+    )
 
 
 # -- one error vocabulary ------------------------------------------------------------------
 def test_caller_mistakes_keep_their_status(stack, gw):
-    case(stack, gw, "Search region of an unknown slide", lambda: status_of(lambda: gw.Search(g.SearchRequest(
-        region=g.Region(slide_id="no-such-slide", width=100, height=100)), timeout=10)), NOT_FOUND)
-    case(stack, gw, "ReadRegion off the slide", lambda: status_of(lambda: gw.ReadRegion(g.ReadRegionRequest(
-        region=g.Region(slide_id="cmu", x=10**9, y=0, width=100, height=100)), timeout=10)), BAD,
-         says="outside the slide")
+    case(
+        stack,
+        gw,
+        "Search region of an unknown slide",
+        lambda: status_of(
+            lambda: gw.Search(
+                g.SearchRequest(region=g.Region(slide_id="no-such-slide", width=100, height=100)), timeout=10
+            )
+        ),
+        NOT_FOUND,
+    )
+    case(
+        stack,
+        gw,
+        "ReadRegion off the slide",
+        lambda: status_of(
+            lambda: gw.ReadRegion(
+                g.ReadRegionRequest(region=g.Region(slide_id="cmu", x=10**9, y=0, width=100, height=100)), timeout=10
+            )
+        ),
+        BAD,
+        says="outside the slide",
+    )
     case(stack, gw, "IngestSlide of a missing file", lambda: status_of(lambda: ingest(gw, "nope.svs")), NOT_FOUND)
 
 
@@ -288,24 +434,45 @@ def test_a_reader_that_died_idle_is_replaced_and_the_next_read_succeeds(stack, g
     for r in readers:
         r.kill()
     psutil.wait_procs(readers, timeout=10)
-    case(stack, gw, "ReadRegion after the idle reader was killed", lambda: status_of(lambda: gw.ReadRegion(
-        g.ReadRegionRequest(region=g.Region(slide_id="cmu", x=100, y=100, width=448, height=448)), timeout=60)),
-         C.OK)
+    case(
+        stack,
+        gw,
+        "ReadRegion after the idle reader was killed",
+        lambda: status_of(
+            lambda: gw.ReadRegion(
+                g.ReadRegionRequest(region=g.Region(slide_id="cmu", x=100, y=100, width=448, height=448)), timeout=60
+            )
+        ),
+        C.OK,
+    )
 
 
 def test_metrics_listen_on_the_bind_host_only(stack):
     port = int(stack.per_service["gateway"]["SMILY_METRICS_PORT"])
-    listening = [c.laddr for c in psutil.Process(stack.pid("gateway")).net_connections("tcp")
-                 if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
+    listening = [
+        c.laddr
+        for c in psutil.Process(stack.pid("gateway")).net_connections("tcp")
+        if c.status == psutil.CONN_LISTEN and c.laddr.port == port
+    ]
     assert listening and all(a.ip == "127.0.0.1" for a in listening), listening
 
 
 def test_a_backend_down_is_unavailable_naming_it_without_addresses(stack, gw):
     stack.stop("tiler")
     try:
-        details = case(stack, gw, "ReadRegion with the tiler stopped", lambda: status_of(lambda: gw.ReadRegion(
-            g.ReadRegionRequest(region=g.Region(slide_id="cmu", x=100, y=100, width=448, height=448)), timeout=20)),
-            UNAVAILABLE, says="tiler")
+        details = case(
+            stack,
+            gw,
+            "ReadRegion with the tiler stopped",
+            lambda: status_of(
+                lambda: gw.ReadRegion(
+                    g.ReadRegionRequest(region=g.Region(slide_id="cmu", x=100, y=100, width=448, height=448)),
+                    timeout=20,
+                )
+            ),
+            UNAVAILABLE,
+            says="tiler",
+        )
         assert "connect" not in details.lower()
         deadline = time.monotonic() + 10
         while health(stack.target("gateway"), NAMES["gateway"]) != health_pb2.HealthCheckResponse.NOT_SERVING:
@@ -318,5 +485,4 @@ def test_a_backend_down_is_unavailable_naming_it_without_addresses(stack, gw):
     while health(stack.target("gateway"), NAMES["gateway"]) != SERVING:
         assert time.monotonic() < deadline
         time.sleep(0.3)
-    gw.ReadRegion(g.ReadRegionRequest(region=g.Region(slide_id="cmu", x=100, y=100, width=448, height=448)),
-                  timeout=60)
+    gw.ReadRegion(g.ReadRegionRequest(region=g.Region(slide_id="cmu", x=100, y=100, width=448, height=448)), timeout=60)

@@ -1,4 +1,5 @@
 """The HTTP/JSON API (`smily serve http`) against the real gateway stack, over real HTTP."""
+
 from __future__ import annotations
 
 import base64
@@ -43,8 +44,10 @@ def wait(api, op: dict) -> dict:
 @pytest.fixture(scope="module")
 def http_slide(api):
     """synth-b ingested through the HTTP API (its own slide id)."""
-    r = api.post("/v1/slides:ingest", json={"source": "synth-b.svs", "slideId": "http-b",
-                                            "metadata": {"case_id": "case-http", "organ": "test"}})
+    r = api.post(
+        "/v1/slides:ingest",
+        json={"source": "synth-b.svs", "slideId": "http-b", "metadata": {"case_id": "case-http", "organ": "test"}},
+    )
     assert r.status_code == 200, r.text
     op = r.json()["operation"]
     assert op["slideId"] == "http-b" and op["state"] in ("OPERATION_STATE_QUEUED", "OPERATION_STATE_RUNNING")
@@ -87,11 +90,22 @@ def test_ingest_list_and_get_slide(api, http_slide):
 @pytest.fixture(scope="module")
 def tile(api, http_slide) -> dict:
     """An indexed tile of http-b (a tissue tile), as a Region."""
-    r = api.post("/v1/search", json={"region": {"slideId": "http-b", "x": 0, "y": 0, "width": 1024,
-                                                "height": 1024}, "k": 1, "slideIds": ["http-b"]})
+    r = api.post(
+        "/v1/search",
+        json={
+            "region": {"slideId": "http-b", "x": 0, "y": 0, "width": 1024, "height": 1024},
+            "k": 1,
+            "slideIds": ["http-b"],
+        },
+    )
     h = r.json()["hits"][0]
-    return {"slideId": "http-b", "x": int(h["x"]), "y": int(h["y"]), "width": int(h["width"]),
-            "height": int(h["height"])}
+    return {
+        "slideId": "http-b",
+        "x": int(h["x"]),
+        "y": int(h["y"]),
+        "width": int(h["width"]),
+        "height": int(h["height"]),
+    }
 
 
 def test_search_by_region_finds_the_region(api, tile):
@@ -112,10 +126,14 @@ def test_search_by_image_as_base64_and_multipart(api, tile):
     assert (body["width"], body["height"], body["format"]) == (224, 224, "IMAGE_FORMAT_PNG")
     png = base64.b64decode(body["image"])
     assert Image.open(io.BytesIO(png)).size == (224, 224)
-    as_json = api.post("/v1/search", json={"image": base64.b64encode(png).decode(), "k": 3,
-                                           "slideIds": ["http-b"]}).json()
-    multipart = api.post("/v1/search", files={"image": ("patch.png", png, "image/png")},
-                         data={"request": json.dumps({"k": 3, "slideIds": ["http-b"]})}).json()
+    as_json = api.post(
+        "/v1/search", json={"image": base64.b64encode(png).decode(), "k": 3, "slideIds": ["http-b"]}
+    ).json()
+    multipart = api.post(
+        "/v1/search",
+        files={"image": ("patch.png", png, "image/png")},
+        data={"request": json.dumps({"k": 3, "slideIds": ["http-b"]})},
+    ).json()
     assert as_json["hits"][0]["slideId"] == "http-b" and as_json["hits"][0]["score"] > 0.99
     assert (as_json["hits"][0]["x"], as_json["hits"][0]["y"]) == (str(tile["x"]), str(tile["y"]))
     assert [h["score"] for h in multipart["hits"]] == pytest.approx([h["score"] for h in as_json["hits"]])
@@ -124,8 +142,9 @@ def test_search_by_image_as_base64_and_multipart(api, tile):
 def test_search_paging(api, tile):
     first = api.post("/v1/search", json={"region": tile, "k": 6, "pageSize": 4}).json()
     assert len(first["hits"]) == 4 and first["nextPageToken"]
-    second = api.post("/v1/search", json={"region": tile, "k": 6, "pageSize": 4,
-                                          "pageToken": first["nextPageToken"]}).json()
+    second = api.post(
+        "/v1/search", json={"region": tile, "k": 6, "pageSize": 4, "pageToken": first["nextPageToken"]}
+    ).json()
     assert len(second["hits"]) == 2 and second["nextPageToken"] == ""
 
 
@@ -140,23 +159,41 @@ def test_operations_get_and_cancel(api, http_slide):
     assert missing.status_code == 404 and missing.json()["code"] == "NOT_FOUND"
 
 
-@pytest.mark.parametrize("method,path,kwargs,status,code", [
-    ("post", "/v1/search", {"content": b"{not json", "headers": {"content-type": "application/json"}},
-     400, "INVALID_ARGUMENT"),
-    ("post", "/v1/search", {"json": {"noSuchField": 1}}, 400, "INVALID_ARGUMENT"),
-    ("post", "/v1/search", {"json": [1, 2]}, 400, "INVALID_ARGUMENT"),
-    ("post", "/v1/search", {"json": {"region": {"slideId": "synth-a", "x": 0, "y": 0, "width": 224,
-                                                "height": 224}, "k": 0}}, 400, "INVALID_ARGUMENT"),
-    ("post", "/v1/search", {"json": {"region": {"slideId": "nope", "x": 0, "y": 0, "width": 224,
-                                                "height": 224}}}, 404, "NOT_FOUND"),
-    ("post", "/v1/search", {"content": b"k=3", "headers": {"content-type": "text/plain"}}, 400, "INVALID_ARGUMENT"),
-    ("delete", "/v1/slides/no-such-slide", {}, 404, "NOT_FOUND"),
-    ("get", "/v1/slides", {"params": {"noSuchParam": "1"}}, 400, "INVALID_ARGUMENT"),
-    ("get", "/v1/slides", {"params": {"pageSize": "many"}}, 400, "INVALID_ARGUMENT"),
-    ("get", "/v1/no-such-route", {}, 404, "NOT_FOUND"),
-    ("put", "/v1/search", {}, 405, "UNIMPLEMENTED"),
-    ("post", "/v1/slides:ingest", {"json": {"source": "../etc/passwd"}}, 400, "INVALID_ARGUMENT"),
-])
+@pytest.mark.parametrize(
+    "method,path,kwargs,status,code",
+    [
+        (
+            "post",
+            "/v1/search",
+            {"content": b"{not json", "headers": {"content-type": "application/json"}},
+            400,
+            "INVALID_ARGUMENT",
+        ),
+        ("post", "/v1/search", {"json": {"noSuchField": 1}}, 400, "INVALID_ARGUMENT"),
+        ("post", "/v1/search", {"json": [1, 2]}, 400, "INVALID_ARGUMENT"),
+        (
+            "post",
+            "/v1/search",
+            {"json": {"region": {"slideId": "synth-a", "x": 0, "y": 0, "width": 224, "height": 224}, "k": 0}},
+            400,
+            "INVALID_ARGUMENT",
+        ),
+        (
+            "post",
+            "/v1/search",
+            {"json": {"region": {"slideId": "nope", "x": 0, "y": 0, "width": 224, "height": 224}}},
+            404,
+            "NOT_FOUND",
+        ),
+        ("post", "/v1/search", {"content": b"k=3", "headers": {"content-type": "text/plain"}}, 400, "INVALID_ARGUMENT"),
+        ("delete", "/v1/slides/no-such-slide", {}, 404, "NOT_FOUND"),
+        ("get", "/v1/slides", {"params": {"noSuchParam": "1"}}, 400, "INVALID_ARGUMENT"),
+        ("get", "/v1/slides", {"params": {"pageSize": "many"}}, 400, "INVALID_ARGUMENT"),
+        ("get", "/v1/no-such-route", {}, 404, "NOT_FOUND"),
+        ("put", "/v1/search", {}, 405, "UNIMPLEMENTED"),
+        ("post", "/v1/slides:ingest", {"json": {"source": "../etc/passwd"}}, 400, "INVALID_ARGUMENT"),
+    ],
+)
 def test_errors_are_code_and_message_with_matching_status(api, ingested, method, path, kwargs, status, code):
     r = getattr(api, method)(path, **kwargs)
     assert r.status_code == status, r.text
@@ -174,8 +211,9 @@ def test_ingest_errors_come_back_through_the_operation(api):
 
 
 def test_request_body_is_bounded(settings):
-    small = Running(base_settings(http_port=0, http_max_body_bytes=1000,
-                                  http_gateway_target=f"127.0.0.1:{settings.gateway_port}"))
+    small = Running(
+        base_settings(http_port=0, http_max_body_bytes=1000, http_gateway_target=f"127.0.0.1:{settings.gateway_port}")
+    )
     try:
         big = {"image": base64.b64encode(os.urandom(2000)).decode()}
         r = httpx.post(f"{small.url}/v1/search", json=big)
@@ -195,8 +233,10 @@ def test_request_body_is_bounded(settings):
 
 def test_concepts_round_trip(api, tile):
     other = dict(tile, x=tile["x"] + tile["width"])
-    r = api.post("/v1/concepts", json={"name": "http-concept", "withExamples": [{"region": tile}],
-                                       "withoutExamples": [{"region": other}]})
+    r = api.post(
+        "/v1/concepts",
+        json={"name": "http-concept", "withExamples": [{"region": tile}], "withoutExamples": [{"region": other}]},
+    )
     assert r.status_code == 200, r.text
     assert r.json()["concept"]["withExamples"] == 1
     assert "http-concept" in [c["name"] for c in api.get("/v1/concepts").json()["concepts"]]
@@ -215,6 +255,7 @@ def test_search_slides(api, http_slide, ingested):
 
 # -- IIIF -----------------------------------------------------------------------
 
+
 def test_iiif_info_and_tiles(api, http_slide):
     info = api.get("/iiif/3/http-b/info.json").json()
     assert info["type"] == "ImageService3" and info["protocol"] == "http://iiif.io/api/image"
@@ -232,19 +273,23 @@ def test_iiif_info_and_tiles(api, http_slide):
     assert Image.open(io.BytesIO(full.content)).size == (300, 225)
 
 
-@pytest.mark.parametrize("path,status,code", [
-    ("/iiif/3/nope/info.json", 404, "NOT_FOUND"),
-    ("/iiif/3/http-b/0,0,512,512/1024,/0/default.jpg", 400, "INVALID_ARGUMENT"),  # upscaling
-    ("/iiif/3/http-b/0,0,512,512/256,/90/default.jpg", 400, "INVALID_ARGUMENT"),
-    ("/iiif/3/http-b/9000,0,512,512/256,/0/default.jpg", 400, "INVALID_ARGUMENT"),
-    ("/iiif/3/http-b/0,0,512,512/256,/0/default.gif", 400, "INVALID_ARGUMENT"),
-])
+@pytest.mark.parametrize(
+    "path,status,code",
+    [
+        ("/iiif/3/nope/info.json", 404, "NOT_FOUND"),
+        ("/iiif/3/http-b/0,0,512,512/1024,/0/default.jpg", 400, "INVALID_ARGUMENT"),  # upscaling
+        ("/iiif/3/http-b/0,0,512,512/256,/90/default.jpg", 400, "INVALID_ARGUMENT"),
+        ("/iiif/3/http-b/9000,0,512,512/256,/0/default.jpg", 400, "INVALID_ARGUMENT"),
+        ("/iiif/3/http-b/0,0,512,512/256,/0/default.gif", 400, "INVALID_ARGUMENT"),
+    ],
+)
 def test_iiif_errors(api, http_slide, path, status, code):
     r = api.get(path)
     assert r.status_code == status and r.json()["code"] == code, r.text
 
 
 # -- what reaches the gateway ----------------------------------------------------
+
 
 class _Recorder(gateway_pb2_grpc.GatewayServiceServicer):
     """A gRPC gateway that records the metadata each call carries."""
@@ -261,8 +306,9 @@ class _Recorder(gateway_pb2_grpc.GatewayServiceServicer):
 
     def GetSlide(self, request, context):
         self._record("GetSlide", context)
-        return gateway_pb2.GetSlideResponse(slide=gateway_pb2.Slide(slide_id=request.slide_id),
-                                            width=1024, height=1024, mpp=0.5)
+        return gateway_pb2.GetSlideResponse(
+            slide=gateway_pb2.Slide(slide_id=request.slide_id), width=1024, height=1024, mpp=0.5
+        )
 
     def ReadRegion(self, request, context):
         self._record("ReadRegion", context)
@@ -306,28 +352,54 @@ def test_caller_token_and_address_reach_the_gateway_on_every_call():
 
 # -- a curl session, as docs/integration.md shows it ---------------------------------
 
+
 def curl(url: str, *args: str) -> dict:
-    out = subprocess.run(["curl", "-sS", "--fail-with-body", *args, url], capture_output=True, text=True,
-                         timeout=300, check=True).stdout
+    out = subprocess.run(
+        ["curl", "-sS", "--fail-with-body", *args, url], capture_output=True, text=True, timeout=300, check=True
+    ).stdout
     return json.loads(out)
 
 
 def test_curl_session(http_url, ingested, tmp_path):
-    op = curl(f"{http_url}/v1/slides:ingest", "-H", "content-type: application/json",
-              "-d", '{"source": "synth-a.tiff", "slideId": "curl-a", "metadata": {"case_id": "C-1"}}')["operation"]
+    op = curl(
+        f"{http_url}/v1/slides:ingest",
+        "-H",
+        "content-type: application/json",
+        "-d",
+        '{"source": "synth-a.tiff", "slideId": "curl-a", "metadata": {"case_id": "C-1"}}',
+    )["operation"]
     while op["state"] not in DONE:
         time.sleep(0.2)
         op = curl(f"{http_url}/v1/operations/{op['operationId']}")["operation"]
     assert op["state"] == "OPERATION_STATE_SUCCEEDED"
-    hits = curl(f"{http_url}/v1/search", "-H", "content-type: application/json", "-d",
-                '{"region": {"slideId": "curl-a", "x": 0, "y": 0, "width": 1024, "height": 1024}, "k": 3}')["hits"]
+    hits = curl(
+        f"{http_url}/v1/search",
+        "-H",
+        "content-type: application/json",
+        "-d",
+        '{"region": {"slideId": "curl-a", "x": 0, "y": 0, "width": 1024, "height": 1024}, "k": 3}',
+    )["hits"]
     assert hits[0]["slideId"] in ("curl-a", "synth-a")
     h = hits[0]
     patch = tmp_path / "patch.jpg"
-    subprocess.run(["curl", "-sS", "--fail", "-o", str(patch),
-                    f"{http_url}/iiif/3/curl-a/{h['x']},{h['y']},{h['width']},{h['height']}/224,/0/default.jpg"],
-                   check=True, timeout=60)
-    hits = curl(f"{http_url}/v1/search", "-F", f"image=@{patch};type=image/jpeg",
-                "-F", 'request={"k": 3, "slideIds": ["curl-a"]}')["hits"]
+    subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "--fail",
+            "-o",
+            str(patch),
+            f"{http_url}/iiif/3/curl-a/{h['x']},{h['y']},{h['width']},{h['height']}/224,/0/default.jpg",
+        ],
+        check=True,
+        timeout=60,
+    )
+    hits = curl(
+        f"{http_url}/v1/search",
+        "-F",
+        f"image=@{patch};type=image/jpeg",
+        "-F",
+        'request={"k": 3, "slideIds": ["curl-a"]}',
+    )["hits"]
     assert hits[0]["slideId"] == "curl-a"
     assert curl(f"{http_url}/v1/slides/curl-a", "-X", "DELETE")["deletedTiles"]

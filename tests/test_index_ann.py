@@ -1,4 +1,5 @@
 """Index types, in-search filters, compaction and snapshots of the store."""
+
 from __future__ import annotations
 
 import glob
@@ -27,8 +28,14 @@ def clustered(n, seed):
     return (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
 
 
-def fill(store, slides=12, per=100, gen="g1", meta=lambda i: {"organ": "lung" if i % 3 else "skin", "site": str(i % 2)},
-         wait=True):
+def fill(
+    store,
+    slides=12,
+    per=100,
+    gen="g1",
+    meta=lambda i: {"organ": "lung" if i % 3 else "skin", "site": str(i % 2)},
+    wait=True,
+):
     for i in range(slides):
         sid = f"s{i:02d}"
         store.stage(MODEL, sid, gen, clustered(per, i), tiles(per))

@@ -5,6 +5,7 @@ stopped, searches go on and ingests fail UNAVAILABLE until it is back; a shard
 with no live replica is named, or left out when the search allows a partial
 answer; resharding 2 -> 3 moves slides without losing or doubling any.
 """
+
 from __future__ import annotations
 
 import os
@@ -41,11 +42,24 @@ SLIDES = 16
 
 
 def start_replica(url: str, shard: int, directory: str, port: int) -> subprocess.Popen:
-    env = dict(os.environ, SMILY_INDEX_PORT=str(port), SMILY_INDEX_DIR=directory, SMILY_METRICS_PORT="0",
-               SMILY_INDEX_DATABASE_URL=url, SMILY_INDEX_SHARD=str(shard), SMILY_INDEX_SNAPSHOT_INTERVAL_S="0.5",
-               SMILY_LOG_LEVEL="WARNING", SMILY_PLAINTEXT="1")
-    return subprocess.Popen([sys.executable, "-m", "smily.cli", "serve", "index"], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=open(os.path.join(directory + ".log"), "ab"))
+    env = dict(
+        os.environ,
+        SMILY_INDEX_PORT=str(port),
+        SMILY_INDEX_DIR=directory,
+        SMILY_METRICS_PORT="0",
+        SMILY_INDEX_DATABASE_URL=url,
+        SMILY_INDEX_SHARD=str(shard),
+        SMILY_INDEX_SNAPSHOT_INTERVAL_S="0.5",
+        SMILY_LOG_LEVEL="WARNING",
+        SMILY_PLAINTEXT="1",
+    )
+    return subprocess.Popen(
+        [sys.executable, "-m", "smily.cli", "serve", "index"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=open(os.path.join(directory + ".log"), "ab"),
+    )
 
 
 def wait_ready(target: str, proc: subprocess.Popen) -> None:
@@ -71,10 +85,19 @@ def vectors(i: int) -> np.ndarray:
 
 def ingest(index, sid: str, v: np.ndarray, meta: dict, generation: str = "g") -> None:
     rects = [index_pb2.TileRect(x=i, y=0, width=1, height=1, mpp=1.0) for i in range(len(v))]
-    index.AddTiles(index_pb2.AddTilesRequest(model_id=MODEL, slide_id=sid, generation=generation, tiles=rects,
-                                             embeddings=to_tensor(v)))
-    index.CommitSlide(index_pb2.CommitSlideRequest(model_id=MODEL, generation=generation, expected_tiles=len(v),
-                                                   slide=index_pb2.Slide(slide_id=sid, source="x", metadata=meta)))
+    index.AddTiles(
+        index_pb2.AddTilesRequest(
+            model_id=MODEL, slide_id=sid, generation=generation, tiles=rects, embeddings=to_tensor(v)
+        )
+    )
+    index.CommitSlide(
+        index_pb2.CommitSlideRequest(
+            model_id=MODEL,
+            generation=generation,
+            expected_tiles=len(v),
+            slide=index_pb2.Slide(slide_id=sid, source="x", metadata=meta),
+        )
+    )
 
 
 def search(index, q, k=25, **kw):
@@ -127,8 +150,9 @@ class Cluster:
 def cluster(postgres, tmp_path_factory):  # noqa: F811
     root = str(tmp_path_factory.mktemp("cluster"))
     c = Cluster(fresh_database(postgres), root)
-    srv, settings = stack.start(["index"], base_settings(index_dir=os.path.join(root, "single"),
-                                                        index_snapshot_interval_s=0))
+    srv, settings = stack.start(
+        ["index"], base_settings(index_dir=os.path.join(root, "single"), index_snapshot_interval_s=0)
+    )
     single_ch = channel(settings.index_target)
     single = ShardedIndex([index_pb2_grpc.IndexServiceStub(single_ch)])
     try:
@@ -199,8 +223,9 @@ def test_a_shard_without_replicas_is_named_or_left_out(cluster):
     try:
         with pytest.raises(Unavailable, match="index shard 1 has no live replica"):
             search(c.index, QUERIES[0])
-        reply = c.index.Search(index_pb2.SearchRequest(model_id=MODEL, query=to_tensor(QUERIES[0]), k=50,
-                                                       allow_partial=True))
+        reply = c.index.Search(
+            index_pb2.SearchRequest(model_id=MODEL, query=to_tensor(QUERIES[0]), k=50, allow_partial=True)
+        )
         assert list(reply.missing_shards) == [1]
         assert reply.hits and all(shard_of(h.slide_id, 2) == 0 for h in reply.hits)
     finally:
@@ -228,8 +253,12 @@ def test_reshard_two_to_three_moves_each_slide_once(postgres, tmp_path):  # noqa
             for sid, count in conn.execute(f"SELECT slide_id, tile_count FROM {schema(s)}.slides"):
                 assert sid not in held and shard_of(sid, 3) == s and count == 10
                 held[sid] = s
-                vecs = [bytes(r[0]) for r in conn.execute(f"SELECT vector FROM {schema(s)}.tiles WHERE slide_id = %s "
-                                                          "ORDER BY x", (sid,))]
+                vecs = [
+                    bytes(r[0])
+                    for r in conn.execute(
+                        f"SELECT vector FROM {schema(s)}.tiles WHERE slide_id = %s ORDER BY x", (sid,)
+                    )
+                ]
                 assert b"".join(vecs) == placed[sid].tobytes()
     assert sorted(held) == sorted(placed)
     follower.catch_up()  # shard 0's replica drops what moved away

@@ -1,4 +1,5 @@
 """SIGKILL the index server at random moments during ingest; nothing acknowledged is lost or doubled."""
+
 from __future__ import annotations
 
 import os
@@ -31,10 +32,22 @@ def free_port() -> int:
 
 
 def start(index_dir: str, port: int) -> subprocess.Popen:
-    env = dict(os.environ, SMILY_INDEX_PORT=str(port), SMILY_INDEX_DIR=index_dir, SMILY_METRICS_PORT="0",
-               SMILY_INDEX_SNAPSHOT_INTERVAL_S="0.2", SMILY_LOG_LEVEL="WARNING", SMILY_PLAINTEXT="1")
-    return subprocess.Popen([sys.executable, "-m", "smily.cli", "serve", "index"], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = dict(
+        os.environ,
+        SMILY_INDEX_PORT=str(port),
+        SMILY_INDEX_DIR=index_dir,
+        SMILY_METRICS_PORT="0",
+        SMILY_INDEX_SNAPSHOT_INTERVAL_S="0.2",
+        SMILY_LOG_LEVEL="WARNING",
+        SMILY_PLAINTEXT="1",
+    )
+    return subprocess.Popen(
+        [sys.executable, "-m", "smily.cli", "serve", "index"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def wait_ready(stub, proc) -> index_pb2.GetIndexInfoResponse:
@@ -65,13 +78,22 @@ class Writer(threading.Thread):
         gen = uuid.uuid4().hex
         rects = [index_pb2.TileRect(x=i * 10, y=0, width=10, height=10, mpp=1.0) for i in range(n)]
         for part in (slice(0, n // 2), slice(n // 2, n)):
-            self.stub.AddTiles(index_pb2.AddTilesRequest(
-                model_id=MODEL, slide_id=sid, generation=gen, embeddings=to_tensor(v[part]),
-                tiles=rects[part]), timeout=5)
+            self.stub.AddTiles(
+                index_pb2.AddTilesRequest(
+                    model_id=MODEL, slide_id=sid, generation=gen, embeddings=to_tensor(v[part]), tiles=rects[part]
+                ),
+                timeout=5,
+            )
         self.in_doubt.setdefault(sid, []).append(v)
-        self.stub.CommitSlide(index_pb2.CommitSlideRequest(
-            model_id=MODEL, generation=gen, expected_tiles=n, slide=index_pb2.Slide(slide_id=sid, source=f"{sid}.svs")),
-            timeout=5)
+        self.stub.CommitSlide(
+            index_pb2.CommitSlideRequest(
+                model_id=MODEL,
+                generation=gen,
+                expected_tiles=n,
+                slide=index_pb2.Slide(slide_id=sid, source=f"{sid}.svs"),
+            ),
+            timeout=5,
+        )
         self.in_doubt.pop(sid)
         self.acked[sid] = v
 
@@ -84,8 +106,11 @@ class Writer(threading.Thread):
                 self.ingest(sid)
                 i += 1
             except grpc.RpcError as exc:
-                if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-                                      grpc.StatusCode.ABORTED):
+                if exc.code() not in (
+                    grpc.StatusCode.UNAVAILABLE,
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    grpc.StatusCode.ABORTED,
+                ):
                     raise
                 time.sleep(0.02)
 
@@ -104,9 +129,10 @@ def check(stub, writer: Writer) -> None:
         versions = [v] + writer.in_doubt.get(sid, [])
         assert slides.get(sid) in {len(x) for x in versions}, sid
         version = next(x for x in versions if len(x) == slides[sid])
-        hits = stub.Search(index_pb2.SearchRequest(
-            model_id=MODEL, query=to_tensor(version[0]), k=len(version), slide_ids=[sid]),
-            timeout=10).hits
+        hits = stub.Search(
+            index_pb2.SearchRequest(model_id=MODEL, query=to_tensor(version[0]), k=len(version), slide_ids=[sid]),
+            timeout=10,
+        ).hits
         assert len(hits) == len(version) and hits[0].tile.x == 0 and hits[0].score > 0.999, sid
 
 

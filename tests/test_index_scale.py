@@ -9,6 +9,7 @@
 - resharding 2 -> 3 while searches run: no search fails, and every search sees
   every slide exactly once, during the move and after it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -51,6 +52,7 @@ def png(seed: int) -> bytes:
 
 # -- the public API with a shard down ---------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def gateway(postgres, model_repo, tmp_path_factory):  # noqa: F811
     """2 shards x 1 replica behind a real gateway (with tiler and embedder), holding
@@ -58,7 +60,9 @@ def gateway(postgres, model_repo, tmp_path_factory):  # noqa: F811
     root = str(tmp_path_factory.mktemp("gw"))
     write_samples(root, (SlideSpec("q.tiff", "tiff", 2048, 1536, 0.5, 21),))
     c = Cluster(fresh_database(postgres), root, shards=2, replicas=1)
-    backends, settings = stack.start(["tiler", "embedder"], base_settings(slide_roots=(root,), model_repository=model_repo))
+    backends, settings = stack.start(
+        ["tiler", "embedder"], base_settings(slide_roots=(root,), model_repository=model_repo)
+    )
     gw = None
     try:
         emb = embedder_pb2_grpc.EmbedderServiceStub(ch := channel(settings.embedder_target))
@@ -69,12 +73,20 @@ def gateway(postgres, model_repo, tmp_path_factory):  # noqa: F811
             v = rng.standard_normal((8, info.embedding_dim)).astype(np.float32)
             v /= np.linalg.norm(v, axis=1, keepdims=True)
             rects = [index_pb2.TileRect(x=j, y=0, width=1, height=1, mpp=1.0) for j in range(8)]
-            c.index.AddTiles(index_pb2.AddTilesRequest(model_id=info.model_id, slide_id=f"g-{i:02d}", generation="g",
-                                                       tiles=rects, embeddings=to_tensor(v)))
-            c.index.CommitSlide(index_pb2.CommitSlideRequest(model_id=info.model_id, generation="g", expected_tiles=8,
-                                                             slide=index_pb2.Slide(slide_id=f"g-{i:02d}", source="x")))
-        gw, gs = stack.start(["gateway"], dataclasses.replace(
-            settings, index_targets=tuple(t[0] for t in c.targets)))
+            c.index.AddTiles(
+                index_pb2.AddTilesRequest(
+                    model_id=info.model_id, slide_id=f"g-{i:02d}", generation="g", tiles=rects, embeddings=to_tensor(v)
+                )
+            )
+            c.index.CommitSlide(
+                index_pb2.CommitSlideRequest(
+                    model_id=info.model_id,
+                    generation="g",
+                    expected_tiles=8,
+                    slide=index_pb2.Slide(slide_id=f"g-{i:02d}", source="x"),
+                )
+            )
+        gw, gs = stack.start(["gateway"], dataclasses.replace(settings, index_targets=tuple(t[0] for t in c.targets)))
         ch = channel(f"127.0.0.1:{gs.gateway_port}")
         yield c, gateway_pb2_grpc.GatewayServiceStub(ch)
         ch.close()
@@ -95,8 +107,10 @@ def test_gateway_names_a_missing_shard_or_answers_partially(gateway):
 
     c.kill(1, 0)
     try:
-        for call, request in ((gw.Search, gateway_pb2.SearchRequest(image=png(1), k=50)),
-                              (gw.SearchSlides, gateway_pb2.SearchSlidesRequest(source="q.tiff", k=20))):
+        for call, request in (
+            (gw.Search, gateway_pb2.SearchRequest(image=png(1), k=50)),
+            (gw.SearchSlides, gateway_pb2.SearchSlidesRequest(source="q.tiff", k=20)),
+        ):
             with pytest.raises(grpc.RpcError) as err:
                 call(request)
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -107,7 +121,7 @@ def test_gateway_names_a_missing_shard_or_answers_partially(gateway):
         assert part.partial and list(part.missing_shards) == [1]
         expected = [(h.slide_id, h.x) for h in whole.hits if shard_of(h.slide_id, 2) == 0]
         # Shard 0's best hits, in the order the whole index ranks them (then more of shard 0's).
-        assert [(h.slide_id, h.x) for h in part.hits][:len(expected)] == expected
+        assert [(h.slide_id, h.x) for h in part.hits][: len(expected)] == expected
         assert all(shard_of(h.slide_id, 2) == 0 for h in part.hits)
         part = gw.SearchSlides(gateway_pb2.SearchSlidesRequest(source="q.tiff", k=20, partial=True))
         assert part.partial and list(part.missing_shards) == [1]
@@ -119,6 +133,7 @@ def test_gateway_names_a_missing_shard_or_answers_partially(gateway):
 
 
 # -- hedging -----------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def pair(postgres, tmp_path_factory):  # noqa: F811
@@ -157,8 +172,9 @@ def test_a_frozen_replica_is_hedged_around(pair):
     with frozen(c, 0, 1):
         # Without a hedge a search sent to the frozen replica would wait for its whole deadline and fail.
         for n in range(calls):
-            hits = c.index.Search(index_pb2.SearchRequest(model_id=MODEL, query=to_tensor(QUERIES[n % len(QUERIES)]),
-                                                          k=25), timeout=120).hits
+            hits = c.index.Search(
+                index_pb2.SearchRequest(model_id=MODEL, query=to_tensor(QUERIES[n % len(QUERIES)]), k=25), timeout=120
+            ).hits
             assert [(h.slide_id, h.tile.x, round(h.score, 5)) for h in hits] == expected[n % len(QUERIES)]
     hedges = shard.hedges - before
     # At least one hedge; bounded by the budget, and the frozen replica is then passed over, not hedged every time.
@@ -183,8 +199,9 @@ def test_one_multi_address_target_per_shard(pair):
         with frozen(c, 0, 1):
             # Every other call lands on the frozen replica; the hedge budget's burst covers these few.
             for n in range(6):
-                hits = index.Search(index_pb2.SearchRequest(model_id=MODEL, query=to_tensor(QUERIES[n % 4]), k=25),
-                                    timeout=120).hits
+                hits = index.Search(
+                    index_pb2.SearchRequest(model_id=MODEL, query=to_tensor(QUERIES[n % 4]), k=25), timeout=120
+                ).hits
                 assert [(h.slide_id, h.tile.x, round(h.score, 5)) for h in hits] == expected[n % 4]
         assert index.shards[0].hedges >= 1
     finally:
@@ -195,6 +212,7 @@ def test_one_multi_address_target_per_shard(pair):
 
 
 # -- resharding while searches run ----------------------------------------------------
+
 
 def test_reshard_two_to_three_during_searches(postgres, tmp_path):  # noqa: F811
     url = fresh_database(postgres)
@@ -215,8 +233,9 @@ def test_reshard_two_to_three_during_searches(postgres, tmp_path):  # noqa: F811
             while not stop.is_set() and n < 5000:
                 n += 1
                 try:
-                    hits = c.index.Search(index_pb2.SearchRequest(model_id=MODEL, query=to_tensor(QUERIES[n % 4]),
-                                                                  k=1000), timeout=60).hits
+                    hits = c.index.Search(
+                        index_pb2.SearchRequest(model_id=MODEL, query=to_tensor(QUERIES[n % 4]), k=1000), timeout=60
+                    ).hits
                 except grpc.RpcError as exc:
                     failures.append(exc.code())
                     continue
@@ -232,8 +251,9 @@ def test_reshard_two_to_three_during_searches(postgres, tmp_path):  # noqa: F811
             searcher.join()
         assert 0 < moved < 24
         assert not failures
-        assert len(seen) > 10 and all(once and complete for once, complete in seen), \
+        assert len(seen) > 10 and all(once and complete for once, complete in seen), (
             f"{sum(1 for s in seen if s != (True, True))} of {len(seen)} searches saw a slide twice or not at all"
+        )
         # Each replica ends with exactly the slides placed on its shard (once it has followed the last drops).
         placed = [sum(1 for s in everyone if shard_of(s, 3) == k) for k in range(3)]
         replicas = [c.replica(s, 0) for s in range(3)]

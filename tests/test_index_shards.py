@@ -1,4 +1,5 @@
 """Three real index shards behind the gateway's router answer exactly as one index holding everything."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -21,8 +22,9 @@ def indexes(tmp_path):
     running, channels = [], []
     try:
         for i in range(4):
-            srv, settings = stack.start(["index"], base_settings(index_dir=str(tmp_path / f"i{i}"),
-                                                                index_snapshot_interval_s=0))
+            srv, settings = stack.start(
+                ["index"], base_settings(index_dir=str(tmp_path / f"i{i}"), index_snapshot_interval_s=0)
+            )
             running.append(srv)
             channels.append(channel(settings.index_target))
         stubs = [index_pb2_grpc.IndexServiceStub(c) for c in channels]
@@ -36,10 +38,17 @@ def indexes(tmp_path):
 
 def ingest(index, sid, v, meta):
     rects = [index_pb2.TileRect(x=i, y=0, width=1, height=1, mpp=1.0) for i in range(len(v))]
-    index.AddTiles(index_pb2.AddTilesRequest(model_id=MODEL, slide_id=sid, generation="g", tiles=rects,
-                                             embeddings=to_tensor(v)))
-    index.CommitSlide(index_pb2.CommitSlideRequest(model_id=MODEL, generation="g", expected_tiles=len(v),
-                                                   slide=index_pb2.Slide(slide_id=sid, source="x", metadata=meta)))
+    index.AddTiles(
+        index_pb2.AddTilesRequest(model_id=MODEL, slide_id=sid, generation="g", tiles=rects, embeddings=to_tensor(v))
+    )
+    index.CommitSlide(
+        index_pb2.CommitSlideRequest(
+            model_id=MODEL,
+            generation="g",
+            expected_tiles=len(v),
+            slide=index_pb2.Slide(slide_id=sid, source="x", metadata=meta),
+        )
+    )
 
 
 def search(index, q, k, **kw):
@@ -58,10 +67,16 @@ def test_three_shards_equal_one_index(indexes):
             ingest(index, f"slide-{i:02d}", v, meta)
     per_shard = [s.GetIndexInfo(index_pb2.GetIndexInfoRequest()).slide_count for s in shards]
     assert sum(per_shard) == 30 and min(per_shard) > 0  # every shard owns a part
-    assert shards[shard_of("slide-07", 3)].GetSlide(index_pb2.GetSlideRequest(slide_id="slide-07")).slide.tile_count == 20
+    assert (
+        shards[shard_of("slide-07", 3)].GetSlide(index_pb2.GetSlideRequest(slide_id="slide-07")).slide.tile_count == 20
+    )
     for q in rng.standard_normal((10, DIM)).astype(np.float32):
-        for kw in ({}, {"filters": {"organ": "skin"}}, {"exclude_slide_ids": ["slide-00", "slide-05"]},
-                   {"slide_ids": ["slide-03", "slide-11"]}):
+        for kw in (
+            {},
+            {"filters": {"organ": "skin"}},
+            {"exclude_slide_ids": ["slide-00", "slide-05"]},
+            {"slide_ids": ["slide-03", "slide-11"]},
+        ):
             assert search(sharded, q, 25, **kw) == search(single, q, 25, **kw), kw
     pages = []
     for index in (sharded, single):

@@ -1,5 +1,6 @@
 """The index over each storage backend (SQLite, PostgreSQL): staging, atomic replace, model binding,
 durability, idempotent commits."""
+
 from __future__ import annotations
 
 import sqlite3

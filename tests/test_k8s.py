@@ -11,6 +11,7 @@ settings agree with the code's defaults and with `make images`.
 kubectl and kubernetes-validate come with the `dev` extra (pyproject.toml).
 A missing tool fails the tests with the command that installs it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -62,7 +63,6 @@ RENDERS = {
 }
 
 
-
 def _kubectl() -> str:
     here = Path(sys.executable).parent / "kubectl"
     found = str(here) if here.exists() else shutil.which("kubectl")
@@ -92,13 +92,17 @@ def rendered(kubectl, tmp_path_factory) -> dict[str, tuple[str, list[dict]]]:
             def rel(p, target=target):
                 return os.path.relpath(K8S / p, target)
 
-            (target / "kustomization.yaml").write_text(yaml.safe_dump({
-                "apiVersion": "kustomize.config.k8s.io/v1beta1",
-                "kind": "Kustomization",
-                "namespace": "smily",
-                "resources": [rel(overlay)],
-                "components": [rel(c) for c in components],
-            }))
+            (target / "kustomization.yaml").write_text(
+                yaml.safe_dump(
+                    {
+                        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                        "kind": "Kustomization",
+                        "namespace": "smily",
+                        "resources": [rel(overlay)],
+                        "components": [rel(c) for c in components],
+                    }
+                )
+            )
         proc = subprocess.run([kubectl, "kustomize", str(target)], capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, f"kubectl kustomize {name} failed:\n{proc.stderr}"
         objs = [o for o in yaml.safe_load_all(proc.stdout) if o]
@@ -113,6 +117,7 @@ def render(request, rendered):
 
 
 # -- helpers ---------------------------------------------------------------------
+
 
 def find(objs, kind, name=None):
     hits = [o for o in objs if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)]
@@ -186,12 +191,16 @@ def project_version() -> str:
 
 # Custom resources kubernetes-validate has no offline schema for: left out of
 # the strict validation and checked by hand in test_offline_custom_resources.
-OFFLINE_CRDS = {("cert-manager.io/v1", "Certificate"), ("cert-manager.io/v1", "Issuer"),
-                ("postgresql.cnpg.io/v1", "Cluster")}
+OFFLINE_CRDS = {
+    ("cert-manager.io/v1", "Certificate"),
+    ("cert-manager.io/v1", "Issuer"),
+    ("postgresql.cnpg.io/v1", "Cluster"),
+}
 
 
 def _crd(o) -> bool:
     return (o["apiVersion"], o["kind"]) in OFFLINE_CRDS
+
 
 @pytest.mark.parametrize("name", list(RENDERS))
 def test_renders_and_validates_strictly(name, rendered, tmp_path):
@@ -202,7 +211,10 @@ def test_renders_and_validates_strictly(name, rendered, tmp_path):
     path.write_text(yaml.safe_dump_all([o for o in objs if not _crd(o)]))
     proc = subprocess.run(
         [sys.executable, "-m", "kubernetes_validate", "--strict", "--quiet", "-k", KUBERNETES_VERSION, str(path)],
-        capture_output=True, text=True, timeout=120)
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     problems = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
     # --quiet prints only WARN/ERROR/FATAL lines: any line at all is a failure
     # (a WARN means no schema was found, e.g. an unknown apiVersion).
@@ -220,8 +232,16 @@ def test_every_object_is_namespaced_in_smily_namespace(render):
 
 # -- pod security, resources, probes ------------------------------------------
 
-ALLOWED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
-                   "projected", "secret"}
+ALLOWED_VOLUMES = {
+    "configMap",
+    "csi",
+    "downwardAPI",
+    "emptyDir",
+    "ephemeral",
+    "persistentVolumeClaim",
+    "projected",
+    "secret",
+}
 
 
 def test_namespace_enforces_restricted_pod_security(render):
@@ -333,6 +353,7 @@ def test_scratch_is_an_emptydir_and_slides_are_read_only(render):
 
 # -- GPU placement ----------------------------------------------------------------
 
+
 def _gpu(c) -> bool:
     res = c.get("resources", {})
     return "nvidia.com/gpu" in res.get("limits", {}) or "nvidia.com/gpu" in res.get("requests", {})
@@ -388,15 +409,22 @@ def test_every_backend_the_gateway_dials_is_headless(render):
 
 def test_ports_args_and_images_agree_with_code_and_make_images(render):
     name, objs = render
-    built = set(re.findall(r"-t (\S+)", subprocess.run(
-        ["make", "-s", "-n", "images"], cwd=ROOT, capture_output=True, text=True, check=True).stdout))
+    built = set(
+        re.findall(
+            r"-t (\S+)",
+            subprocess.run(["make", "-s", "-n", "images"], cwd=ROOT, capture_output=True, text=True, check=True).stdout,
+        )
+    )
     version = project_version()
     for s in SERVICES:
         c = container_of(objs, s)
         assert c["command"] == ["python", "-m", f"smily.{s}"]
         ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-        assert ports == {"grpc": getattr(DEFAULTS, f"{s}_port"), "metrics": DEFAULTS.metrics_port,
-                         "health": int(config(objs)["SMILY_HEALTH_PORT"])}
+        assert ports == {
+            "grpc": getattr(DEFAULTS, f"{s}_port"),
+            "metrics": DEFAULTS.metrics_port,
+            "health": int(config(objs)["SMILY_HEALTH_PORT"]),
+        }
         svc = one(objs, "Service", smily_name(s))
         by_name = {p["name"]: p for p in svc["spec"]["ports"]}
         assert by_name["grpc"]["port"] == ports["grpc"] and by_name["grpc"]["targetPort"] == "grpc"
@@ -431,6 +459,7 @@ def test_paths_in_config_are_mounted(render):
 
 # -- index, Redis, autoscaling, disruption budgets -----------------------------
 
+
 def test_index_shards_of_replicas_on_postgres(render):
     """One StatefulSet per shard, >= 2 interchangeable replicas (its HPA), a PDB of its own,
     replicas on different nodes (production), PostgreSQL's URL from a Secret."""
@@ -452,8 +481,10 @@ def test_index_shards_of_replicas_on_postgres(render):
         (c,) = [c for c in pod_spec(sts)["containers"] if c["name"] == "index"]
         env = {e["name"]: e for e in c["env"]}
         assert env["SMILY_INDEX_SHARD"]["value"] == str(n)
-        assert env["SMILY_INDEX_DATABASE_URL"]["valueFrom"]["secretKeyRef"]["name"] in ("smily-index-database",
-                                                                                        "smily-pg-app")
+        assert env["SMILY_INDEX_DATABASE_URL"]["valueFrom"]["secretKeyRef"]["name"] in (
+            "smily-index-database",
+            "smily-pg-app",
+        )
         affinity = pod_spec(sts).get("affinity")
         if name.startswith("cpu"):  # one node: replicas share it
             assert affinity is None
@@ -482,8 +513,11 @@ def test_redis_is_a_bounded_lru_cache_without_persistence(render):
     assert flags["--protected-mode"] == "yes" and flags["--requirepass"] == "$(REDIS_PASSWORD)"
     (secret,) = [o for o in find(objs, "Secret") if o["metadata"]["name"].startswith("smily-redis")]
     redis_env = {e["name"]: e for e in redis["env"]}
-    for ref, key in ((redis_env["REDIS_PASSWORD"], "password"), (env["SMILY_REDIS_PASSWORD"], "password"),
-                     (env["SMILY_CACHE_KEY"], "cache-key")):
+    for ref, key in (
+        (redis_env["REDIS_PASSWORD"], "password"),
+        (env["SMILY_REDIS_PASSWORD"], "password"),
+        (env["SMILY_CACHE_KEY"], "cache-key"),
+    ):
         assert ref["valueFrom"]["secretKeyRef"] == {"name": secret["metadata"]["name"], "key": key}
         assert len(secret["data"][key]) >= 40
     assert flags["--maxmemory-policy"] == "allkeys-lru"
@@ -564,6 +598,7 @@ def test_disruption_budgets_cover_every_service(render):
 
 # -- network policies ---------------------------------------------------------------
 
+
 def _peers_allowed(policies, labels, direction):
     """The rules of every policy selecting pods with these labels, in one direction."""
     rules = []
@@ -576,8 +611,11 @@ def _peers_allowed(policies, labels, direction):
 def test_network_policies(render):
     name, objs = render
     policies = find(objs, "NetworkPolicy")
-    deny = [p for p in policies if p["spec"]["podSelector"] == {} and not p["spec"].get("ingress")
-            and not p["spec"].get("egress")]
+    deny = [
+        p
+        for p in policies
+        if p["spec"]["podSelector"] == {} and not p["spec"].get("ingress") and not p["spec"].get("egress")
+    ]
     assert deny and set(deny[0]["spec"]["policyTypes"]) == {"Ingress", "Egress"}
 
     def labels(s):
@@ -585,21 +623,28 @@ def test_network_policies(render):
 
     gateway_sel = {"app.kubernetes.io/name": "smily-gateway"}
     for s in ("tiler", "embedder", "index"):
-        grpc_rules = [r for r in _peers_allowed(policies, labels(s), "Ingress")
-                      if any(p["port"] == getattr(DEFAULTS, f"{s}_port") for p in r.get("ports", []))]
+        grpc_rules = [
+            r
+            for r in _peers_allowed(policies, labels(s), "Ingress")
+            if any(p["port"] == getattr(DEFAULTS, f"{s}_port") for p in r.get("ports", []))
+        ]
         assert grpc_rules, f"gateway cannot reach {s}"
         allowed = [{"podSelector": {"matchLabels": gateway_sel}}]
         if s == "index":  # its own replicas and tooling too
-            allowed += [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": n}}}
-                        for n in ("smily-index", "smily-tooling")]
+            allowed += [
+                {"podSelector": {"matchLabels": {"app.kubernetes.io/name": n}}}
+                for n in ("smily-index", "smily-tooling")
+            ]
         if s == "tiler":  # the embedder reads a slide's tiles itself (EmbedSlide)
             allowed += [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "smily-embedder"}}}]
         for r in grpc_rules:
             assert r["from"] == allowed, f"{s} open to more than {allowed}"
         # Backends dial nobody but DNS; index replicas PostgreSQL too; the embedder the tiler.
         egress = [{p["port"] for p in r["ports"]} for r in _peers_allowed(policies, labels(s), "Egress")]
-        assert all(ports == {53} or (s == "index" and ports == {5432})
-                   or (s == "embedder" and ports == {DEFAULTS.tiler_port}) for ports in egress), s
+        assert all(
+            ports == {53} or (s == "index" and ports == {5432}) or (s == "embedder" and ports == {DEFAULTS.tiler_port})
+            for ports in egress
+        ), s
         assert (s == "index") == ({5432} in egress), s
         assert (s == "embedder") == ({DEFAULTS.tiler_port} in egress), s
     gw_egress = _peers_allowed(policies, labels("gateway"), "Egress")
@@ -609,20 +654,25 @@ def test_network_policies(render):
     (client_rule,) = [r for r in gw_ingress if any(p["port"] == DEFAULTS.gateway_port for p in r["ports"])]
     # Only labelled client namespaces and pods (docs/security.md), not the whole cluster.
     client = {"smily.io/gateway-client": "true"}
-    assert client_rule["from"] == [{"namespaceSelector": {"matchLabels": client}},
-                                   {"podSelector": {"matchLabels": client}}]
+    assert client_rule["from"] == [
+        {"namespaceSelector": {"matchLabels": client}},
+        {"podSelector": {"matchLabels": client}},
+    ]
     if "external-redis" in name:
         assert not find(objs, "NetworkPolicy", "smily-redis")
         assert any("ipBlock" in peer for r in gw_egress for peer in r.get("to", []))
     else:
-        redis_labels = pod_spec(one(objs, "Deployment", "smily-redis")) and \
-            one(objs, "Deployment", "smily-redis")["spec"]["template"]["metadata"]["labels"]
+        redis_labels = (
+            pod_spec(one(objs, "Deployment", "smily-redis"))
+            and one(objs, "Deployment", "smily-redis")["spec"]["template"]["metadata"]["labels"]
+        )
         for r in _peers_allowed(policies, redis_labels, "Ingress"):
             if any(p["port"] == 6379 for p in r["ports"]):
                 assert r["from"] == [{"podSelector": {"matchLabels": gateway_sel}}]
 
 
 # -- images: Dockerfiles and pinned requirements (no container runtime needed) ---
+
 
 def _requirements(name: str) -> dict[str, str]:
     pins: dict[str, str] = {}
@@ -639,8 +689,19 @@ def _requirements(name: str) -> dict[str, str]:
     return pins
 
 
-@pytest.mark.parametrize("req", ["tiler.txt", "embedder-cpu.txt", "embedder-gpu.txt", "index-cpu.txt",
-                                 "index-gpu.txt", "gateway.txt", "build.txt", "export.txt"])
+@pytest.mark.parametrize(
+    "req",
+    [
+        "tiler.txt",
+        "embedder-cpu.txt",
+        "embedder-gpu.txt",
+        "index-cpu.txt",
+        "index-gpu.txt",
+        "gateway.txt",
+        "build.txt",
+        "export.txt",
+    ],
+)
 def test_requirements_are_pinned_and_agree_with_pyproject(req):
     pins = _requirements(req)
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
@@ -676,7 +737,9 @@ def test_dockerfiles(service):
     final_text = {n: s for n, s in zip(names, stages)}
     for f in finals:
         body = final_text[f]
-        user = re.findall(r"^USER (\S+)", body, flags=re.M) or re.findall(r"^USER (\S+)", final_text["runtime"], flags=re.M)
+        user = re.findall(r"^USER (\S+)", body, flags=re.M) or re.findall(
+            r"^USER (\S+)", final_text["runtime"], flags=re.M
+        )
         assert user and user[-1].split(":")[0] not in ("0", "root") and user[-1].split(":")[0].isdigit(), f
         # Serving stages install nothing themselves; torch only in the model stage.
         assert "pip install" not in body and "torch" not in body, f
@@ -692,6 +755,7 @@ def test_dockerfiles(service):
 
 # -- TLS: certificates as files, cert-manager custom resources checked by hand ------
 
+
 def test_offline_custom_resources(render):
     """What kubernetes-validate cannot check offline: cert-manager's Issuers and Certificates,
     CloudNativePG's Cluster."""
@@ -702,26 +766,50 @@ def test_offline_custom_resources(render):
     assert {(o["apiVersion"], o["kind"]) for o in crds} == expected
     for pg in find(objs, "Cluster"):
         spec = pg["spec"]
-        known = {"instances", "imageName", "primaryUpdateStrategy", "bootstrap", "postgresql", "affinity", "resources",
-                 "storage", "walStorage", "monitoring"}
+        known = {
+            "instances",
+            "imageName",
+            "primaryUpdateStrategy",
+            "bootstrap",
+            "postgresql",
+            "affinity",
+            "resources",
+            "storage",
+            "walStorage",
+            "monitoring",
+        }
         assert set(spec) <= known, f"unknown fields {set(spec) - known}"
-        assert spec["instances"] >= 1 and spec["storage"]["size"] and spec["imageName"].startswith(
-            "ghcr.io/cloudnative-pg/postgresql:")
+        assert (
+            spec["instances"] >= 1
+            and spec["storage"]["size"]
+            and spec["imageName"].startswith("ghcr.io/cloudnative-pg/postgresql:")
+        )
         assert set(spec["bootstrap"]["initdb"]) == {"database", "owner"}
         assert spec["affinity"]["podAntiAffinityType"] in ("required", "preferred")
         for sts in index_shards(objs):  # the operator's Secret for the application role, key uri
             (c,) = pod_spec(sts)["containers"]
             env = {e["name"]: e for e in c["env"]}
             assert env["SMILY_INDEX_DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {
-                "name": f"{pg['metadata']['name']}-app", "key": "uri"}
+                "name": f"{pg['metadata']['name']}-app",
+                "key": "uri",
+            }
     issuers = {o["metadata"]["name"]: o for o in find(objs, "Issuer")}
     for o in issuers.values():
         assert set(o["spec"]) <= {"selfSigned", "ca"} and len(o["spec"]) == 1
         if "ca" in o["spec"]:
             assert set(o["spec"]["ca"]) == {"secretName"}
     certs = {o["metadata"]["name"]: o for o in find(objs, "Certificate")}
-    known = {"secretName", "commonName", "dnsNames", "duration", "renewBefore", "privateKey", "usages", "issuerRef",
-             "isCA"}
+    known = {
+        "secretName",
+        "commonName",
+        "dnsNames",
+        "duration",
+        "renewBefore",
+        "privateKey",
+        "usages",
+        "issuerRef",
+        "isCA",
+    }
     for name, c in certs.items():
         spec = c["spec"]
         assert set(spec) <= known, f"{name}: unknown fields {set(spec) - known}"
@@ -763,7 +851,10 @@ def test_oidc_and_audit_settings_are_in_the_config(render):
     assert s.auth == "oidc" and s.oidc_issuer.startswith("https://") and s.oidc_audience
     assert not s.plaintext and s.reflection is False
     assert "SMILY_AUDIT_LOG" in cfg
+
+
 # -- the HTTP API and viewer (issues 14 and 18) ----------------------------------
+
 
 def test_http_deployment_calls_only_the_gateway(render):
     name, objs = render
@@ -782,7 +873,12 @@ def test_http_deployment_calls_only_the_gateway(render):
         labels = deploy["spec"]["template"]["metadata"]["labels"]
         policies = find(objs, "NetworkPolicy")
         egress = [r for r in _peers_allowed(policies, labels, "Egress") if {p["port"] for p in r["ports"]} != {53}]
-        assert egress == [{"to": [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "smily-gateway"}}}],
-                           "ports": [{"protocol": "TCP", "port": DEFAULTS.gateway_port}]}]
-        assert any(p["port"] == DEFAULTS.http_port for r in _peers_allowed(policies, labels, "Ingress")
-                   for p in r["ports"])
+        assert egress == [
+            {
+                "to": [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "smily-gateway"}}}],
+                "ports": [{"protocol": "TCP", "port": DEFAULTS.gateway_port}],
+            }
+        ]
+        assert any(
+            p["port"] == DEFAULTS.http_port for r in _peers_allowed(policies, labels, "Ingress") for p in r["ports"]
+        )

@@ -4,6 +4,7 @@ Liveness stays SERVING throughout, the gateway's memory stays bounded, and
 the only errors are UNAVAILABLE and DEADLINE_EXCEEDED; what needs no embedder
 (ListSlides, cached queries) keeps succeeding.
 """
+
 from __future__ import annotations
 
 import io
@@ -37,9 +38,17 @@ def _png(rng) -> bytes:
 
 
 def test_sixteen_clients_with_the_embedder_frozen(slide_dir, model_repo, redis_url, tmp_path):
-    stack = ProcStack({"SMILY_SLIDE_ROOTS": slide_dir, "SMILY_MODEL_REPOSITORY": model_repo,
-                       "SMILY_INDEX_DIR": str(tmp_path / "index"), "SMILY_REDIS_URL": redis_url,
-                       "SMILY_TILER_READERS": "1", "SMILY_LOG_LEVEL": "WARNING"}, str(tmp_path)).start_all()
+    stack = ProcStack(
+        {
+            "SMILY_SLIDE_ROOTS": slide_dir,
+            "SMILY_MODEL_REPOSITORY": model_repo,
+            "SMILY_INDEX_DIR": str(tmp_path / "index"),
+            "SMILY_REDIS_URL": redis_url,
+            "SMILY_TILER_READERS": "1",
+            "SMILY_LOG_LEVEL": "WARNING",
+        },
+        str(tmp_path),
+    ).start_all()
     try:
         ch = grpc.insecure_channel(stack.target("gateway"))
         gw = gateway_pb2_grpc.GatewayServiceStub(ch)
@@ -60,14 +69,30 @@ def test_sixteen_clients_with_the_embedder_frozen(slide_dir, model_repo, redis_u
         def client(i: int) -> None:
             rng = np.random.default_rng(i)
             calls = [
-                ("Search(new image)", lambda: gw.Search(g.SearchRequest(image=_png(rng), k=5),
-                                                        timeout=CALL_DEADLINE_S)),
-                ("Search(cached image)", lambda: gw.Search(g.SearchRequest(image=cached, k=5),
-                                                           timeout=CALL_DEADLINE_S)),
+                (
+                    "Search(new image)",
+                    lambda: gw.Search(g.SearchRequest(image=_png(rng), k=5), timeout=CALL_DEADLINE_S),
+                ),
+                (
+                    "Search(cached image)",
+                    lambda: gw.Search(g.SearchRequest(image=cached, k=5), timeout=CALL_DEADLINE_S),
+                ),
                 ("ListSlides", lambda: gw.ListSlides(g.ListSlidesRequest(), timeout=CALL_DEADLINE_S)),
-                ("ReadRegion", lambda: gw.ReadRegion(g.ReadRegionRequest(region=g.Region(
-                    slide_id="cmu", x=int(rng.integers(0, 1500)), y=int(rng.integers(0, 2000)), width=448,
-                    height=448)), timeout=CALL_DEADLINE_S)),
+                (
+                    "ReadRegion",
+                    lambda: gw.ReadRegion(
+                        g.ReadRegionRequest(
+                            region=g.Region(
+                                slide_id="cmu",
+                                x=int(rng.integers(0, 1500)),
+                                y=int(rng.integers(0, 2000)),
+                                width=448,
+                                height=448,
+                            )
+                        ),
+                        timeout=CALL_DEADLINE_S,
+                    ),
+                ),
             ]
             n = 0
             while not stop.is_set():
@@ -108,8 +133,10 @@ def test_sixteen_clients_with_the_embedder_frozen(slide_dir, model_repo, redis_u
         os.kill(stack.pid("embedder"), signal.SIGCONT)
         hwm = stack.memory_mb("gateway")[1]
 
-        print(f"\n{CLIENTS} clients for {elapsed:.1f} s; gateway RSS peak sampled {peak_rss_mb[0]:.0f} MB, "
-              f"VmHWM {hwm:.0f} MB; liveness answers {dict(health_seen)}")
+        print(
+            f"\n{CLIENTS} clients for {elapsed:.1f} s; gateway RSS peak sampled {peak_rss_mb[0]:.0f} MB, "
+            f"VmHWM {hwm:.0f} MB; liveness answers {dict(health_seen)}"
+        )
         for key, count in sorted(outcomes.items()):
             print(f"  {key}: {count}")
         frozen = {(name, code) for name, code, state in outcomes if state == "embedder frozen"}

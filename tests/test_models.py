@@ -1,5 +1,6 @@
 """Bring-your-own model: export two architectures, import, quantize, serve and
 search with them through the real services."""
+
 from __future__ import annotations
 
 import io
@@ -34,14 +35,30 @@ ARCHITECTURES = {
 
 
 def smily(*args):
-    return subprocess.run([sys.executable, "-m", "smily.cli", *args], capture_output=True, text=True,
-                          timeout=300, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "smily.cli", *args], capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
 
 
 def export(repo, name: str, weights: str, *extra):
     factory, size = ARCHITECTURES[name]
-    return smily("model", "export", "--factory", factory, "--weights", weights, "--name", name, "--version", "1",
-                 "--input-size", str(size), "--output-dir", str(repo), *extra)
+    return smily(
+        "model",
+        "export",
+        "--factory",
+        factory,
+        "--weights",
+        weights,
+        "--name",
+        name,
+        "--version",
+        "1",
+        "--input-size",
+        str(size),
+        "--output-dir",
+        str(repo),
+        *extra,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -115,8 +132,18 @@ def test_second_architecture_exports_and_serves(tmp_path):
 def test_export_rejects_bad_factories_and_weights(tmp_path):
     weights = str(tmp_path / "tiny.pt")
     backbones.save_random_weights(backbones.tiny_resnet, weights)
-    out = smily("model", "export", "--factory", "tests.backbones:efficientnet_lite1", "--weights", weights,
-                "--name", "x", "--output-dir", str(tmp_path))
+    out = smily(
+        "model",
+        "export",
+        "--factory",
+        "tests.backbones:efficientnet_lite1",
+        "--weights",
+        weights,
+        "--name",
+        "x",
+        "--output-dir",
+        str(tmp_path),
+    )
     assert out.returncode != 0 and "state_dict" in out.stderr  # weights of another architecture
     out = smily("model", "export", "--factory", "tests.backbones:nothing", "--name", "x", "--output-dir", str(tmp_path))
     assert out.returncode != 0 and "cannot load factory" in out.stderr
@@ -130,8 +157,9 @@ def test_a_second_model_is_searched_end_to_end(repo, slide_dir, tmp_path):
     from smily.client import Client
 
     path, _ = repo
-    settings = base_settings(slide_roots=(slide_dir,), model_repository=str(path), model="tiny-resnet/1",
-                             index_dir=str(tmp_path / "index"))
+    settings = base_settings(
+        slide_roots=(slide_dir,), model_repository=str(path), model="tiny-resnet/1", index_dir=str(tmp_path / "index")
+    )
     running, settings = stack.start(stack.ORDER, settings)
     client = Client(f"127.0.0.1:{settings.gateway_port}", timeout=300)
     try:
@@ -143,15 +171,17 @@ def test_a_second_model_is_searched_end_to_end(repo, slide_dir, tmp_path):
         assert (info.model_id, info.dim) == ("tiny-resnet/1", 64)
         slide = client.slides()[0]
         # Any indexed tile, queried by its own region, finds itself first.
-        any_tile = index.Search(index_pb2.SearchRequest(
-            model_id="tiny-resnet/1", query=to_tensor(np.ones(64, np.float32) / 8), k=1)).hits[0]
+        any_tile = index.Search(
+            index_pb2.SearchRequest(model_id="tiny-resnet/1", query=to_tensor(np.ones(64, np.float32) / 8), k=1)
+        ).hits[0]
         t = any_tile.tile
         resp = client.search(region=dict(slide_id="synth-a", x=t.x, y=t.y, width=t.width, height=t.height), k=3)
         assert resp.model_id == "tiny-resnet/1" and slide.model_id == "tiny-resnet/1"
         assert (resp.hits[0].x, resp.hits[0].y) == (t.x, t.y) and resp.hits[0].score > 0.999
         # Vectors of another model are refused: changing the model needs a new index.
-        other = index_pb2.SearchRequest(model_id="efficientnet-lite0/1",
-                                        query=to_tensor(np.ones(64, np.float32) / 8), k=1)
+        other = index_pb2.SearchRequest(
+            model_id="efficientnet-lite0/1", query=to_tensor(np.ones(64, np.float32) / 8), k=1
+        )
         assert rpc_code(index.Search, other) == grpc.StatusCode.FAILED_PRECONDITION
     finally:
         client.close()
@@ -159,8 +189,16 @@ def test_a_second_model_is_searched_end_to_end(repo, slide_dir, tmp_path):
 
 
 def write_config(path, **changes) -> str:
-    config = dict(name="imported", version="7", input_name="images", input_size=96, output_name="embeddings",
-                  embedding_dim=64, mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25])
+    config = dict(
+        name="imported",
+        version="7",
+        input_name="images",
+        input_size=96,
+        output_name="embeddings",
+        embedding_dim=64,
+        mean=[0.5, 0.5, 0.5],
+        std=[0.25, 0.25, 0.25],
+    )
     config.update(changes)
     with open(path, "w") as fh:
         json.dump(config, fh)
@@ -178,8 +216,16 @@ def test_import_validates_and_registers(repo, tmp_path):
         (dict(std=[0, 1, 1]), "std > 0"),
         (dict(extra=1), "unknown fields"),
     ]:
-        out = smily("model", "import", "--onnx", onnx, "--config", write_config(tmp_path / "c.json", **changes),
-                    "--output-dir", dest)
+        out = smily(
+            "model",
+            "import",
+            "--onnx",
+            onnx,
+            "--config",
+            write_config(tmp_path / "c.json", **changes),
+            "--output-dir",
+            dest,
+        )
         assert out.returncode == 1 and message in out.stderr, (changes, out.stderr)
     assert not os.path.exists(os.path.join(dest, "imported"))
     out = smily("model", "import", "--onnx", onnx, "--config", write_config(tmp_path / "c.json"), "--output-dir", dest)
@@ -198,8 +244,9 @@ def test_int8_version_is_served_under_its_own_id(repo, tmp_path):
     calib.mkdir()
     for i in range(8):
         Image.fromarray(tissue(100 + i, 96)).save(calib / f"t{i}.png")
-    out = smily("model", "quantize", "--model", "tiny-resnet/1", "--calibration-dir", str(calib),
-                "--output-dir", str(path))
+    out = smily(
+        "model", "quantize", "--model", "tiny-resnet/1", "--calibration-dir", str(calib), "--output-dir", str(path)
+    )
     assert out.returncode == 0, out.stderr
     config, _ = load(str(path), "tiny-resnet/1-int8")
     assert "INT8" in config.description and "8 operator tiles" in config.description

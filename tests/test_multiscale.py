@@ -1,4 +1,5 @@
 """Issue 16 step 5: several magnifications in one ingest; searches at the query's own scale."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,8 +17,14 @@ from .test_search_e2e import _tissue_tile
 @pytest.fixture(scope="module")
 def multiscale(settings, tmp_path_factory):
     """An index at 0.5, 1.0 and 2.0 µm/px and its gateway, on the session's tiler and embedder."""
-    s = dataclasses.replace(settings, index_port=0, gateway_port=0, tile_mpps=(0.5, 1.0, 2.0), redis_url="",
-                            index_dir=str(tmp_path_factory.mktemp("multiscale-index")))
+    s = dataclasses.replace(
+        settings,
+        index_port=0,
+        gateway_port=0,
+        tile_mpps=(0.5, 1.0, 2.0),
+        redis_url="",
+        index_dir=str(tmp_path_factory.mktemp("multiscale-index")),
+    )
     running, s = stack.start(["index", "gateway"], s)
     c = Client(f"127.0.0.1:{s.gateway_port}", timeout=300)
     op = c.wait(c.ingest("synth-b.svs", "synth-b"))  # 0.5 µm/px, 3072 x 2304
@@ -46,8 +53,9 @@ def test_region_search_uses_the_regions_own_scale(multiscale, side, mpp):
 def test_image_search_at_a_stated_resolution(settings, multiscale):
     client, _ = multiscale
     tile, _ = _tissue_tile(settings, "synth-b.svs")  # 224 px at 1.0 µm/px
-    png = images.encode(images.decode(tile.image.data, tile.image.encoding, tile.image.width, tile.image.height),
-                        images.PNG)
+    png = images.encode(
+        images.decode(tile.image.data, tile.image.encoding, tile.image.width, tile.image.height), images.PNG
+    )
     default = client.search(image=png, k=3).hits
     assert all(h.mpp == 1.0 for h in default) and (default[0].x, default[0].y) == (tile.x, tile.y)
     assert all(h.mpp == 2.0 for h in client.search(image=png, k=3, image_mpp=2.0).hits)

@@ -1,4 +1,5 @@
 """Ingest operations seen from every gateway replica (shared through Redis)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,8 +26,9 @@ def _op(client: Client, operation_id: str) -> gateway_pb2.Operation:
 @pytest.fixture
 def two_gateways(settings):
     """A: one slow ingest at a time (one tile per batch); B: any other replica."""
-    a_running, a = stack.start(["gateway"], dataclasses.replace(
-        settings, gateway_port=0, max_concurrent_ingests=1, embed_batch=1))
+    a_running, a = stack.start(
+        ["gateway"], dataclasses.replace(settings, gateway_port=0, max_concurrent_ingests=1, embed_batch=1)
+    )
     b_running, b = stack.start(["gateway"], dataclasses.replace(settings, gateway_port=0))
     ca, cb = Client(f"127.0.0.1:{a.gateway_port}"), Client(f"127.0.0.1:{b.gateway_port}")
     yield ca, cb, a_running
@@ -74,8 +76,9 @@ def test_a_stopped_replica_fails_its_ingests_for_the_others(two_gateways):
 
 def test_an_operation_whose_replica_died_goes_stale(settings, client):
     # What a replica killed without a chance to say so leaves behind.
-    ghost = gateway_pb2.Operation(operation_id="ghost", slide_id="x", state=State.OPERATION_STATE_RUNNING,
-                                  updated_at=time.time() - STALE_S - 1)
+    ghost = gateway_pb2.Operation(
+        operation_id="ghost", slide_id="x", state=State.OPERATION_STATE_RUNNING, updated_at=time.time() - STALE_S - 1
+    )
     redis.Redis.from_url(settings.redis_url).set("smily:op:ghost", ghost.SerializeToString(), ex=60)
     seen = _op(client, "ghost")
     assert seen.state == State.OPERATION_STATE_FAILED and seen.error_code == "UNAVAILABLE"

@@ -4,6 +4,7 @@ A slide pushed to Orthanc becomes searchable by its accession number with no
 other call: Orthanc runs the script, which calls `smily serve http` (its own
 process) with its bearer token; the gateway checks the token with a real OIDC
 provider on loopback, audits the call and ingests the case from Orthanc."""
+
 from __future__ import annotations
 
 import json
@@ -45,13 +46,26 @@ def test_a_slide_pushed_to_orthanc_becomes_searchable_by_its_accession(redis_url
     for d in ("orthanc", "roots"):
         (tmp_path / d).mkdir()
     http_port = free_port()  # Orthanc's configuration names the HTTP API before it runs
-    orthanc = Orthanc(str(tmp_path / "orthanc"), lua=[SCRIPT], extra={"Smily": {
-        "Url": f"http://127.0.0.1:{http_port}", "Token": idp.token(["smily.ingest"], sub="orthanc-lua")}})
+    orthanc = Orthanc(
+        str(tmp_path / "orthanc"),
+        lua=[SCRIPT],
+        extra={
+            "Smily": {"Url": f"http://127.0.0.1:{http_port}", "Token": idp.token(["smily.ingest"], sub="orthanc-lua")}
+        },
+    )
     audit = tmp_path / "audit.jsonl"
-    settings = base_settings(auth="oidc", oidc_issuer=idp.issuer, oidc_audience=oidc.AUDIENCE, audit_log=str(audit),
-                             slide_roots=(str(tmp_path / "roots"),), model_repository=model_repo,
-                             index_dir=str(tmp_path / "index"), redis_url=redis_url, tiler_readers=1,
-                             dicomweb_url=(f"pacs={orthanc.dicomweb}",))
+    settings = base_settings(
+        auth="oidc",
+        oidc_issuer=idp.issuer,
+        oidc_audience=oidc.AUDIENCE,
+        audit_log=str(audit),
+        slide_roots=(str(tmp_path / "roots"),),
+        model_repository=model_repo,
+        index_dir=str(tmp_path / "index"),
+        redis_url=redis_url,
+        tiler_readers=1,
+        dicomweb_url=(f"pacs={orthanc.dicomweb}",),
+    )
     running: dict = {}
     http = None
     bodies: list[str] = []
@@ -61,8 +75,9 @@ def test_a_slide_pushed_to_orthanc_becomes_searchable_by_its_accession(redis_url
         reader = {"Authorization": "Bearer " + idp.token(["smily.search"], sub="lis-reader")}
         with httpx.Client(base_url=http.url, headers=reader, timeout=60) as api:
             assert _get(api, "/v1/slides", bodies)["slides"] == []
-            study, series = orthanc.push_slide(tiff, spec.width, spec.height, spec.mpp, str(tmp_path),
-                                               AccessionNumber=ACCESSION)
+            study, series = orthanc.push_slide(
+                tiff, spec.width, spec.height, spec.mpp, str(tmp_path), AccessionNumber=ACCESSION
+            )
             # Nothing but the push: Orthanc's StableAge is 1 s, then the script asks for the case.
             deadline = time.monotonic() + 300
             while not (slides := _get(api, "/v1/slides", bodies)["slides"]):
@@ -74,8 +89,14 @@ def test_a_slide_pushed_to_orthanc_becomes_searchable_by_its_accession(redis_url
             assert (slide["slideId"], slide["studyInstanceUid"], slide["seriesInstanceUid"]) == (series, study, series)
             assert slide["metadata"]["case_id"] == ACCESSION and int(slide["tileCount"]) > 0
 
-            r = api.post("/v1/search", json={"region": {"slideId": series, "x": 0, "y": 0, "width": 1024,
-                                                        "height": 1024}, "filters": {"case_id": ACCESSION}, "k": 1})
+            r = api.post(
+                "/v1/search",
+                json={
+                    "region": {"slideId": series, "x": 0, "y": 0, "width": 1024, "height": 1024},
+                    "filters": {"case_id": ACCESSION},
+                    "k": 1,
+                },
+            )
             bodies.append(r.text)
             assert r.status_code == 200, r.text
             (hit,) = r.json()["hits"]

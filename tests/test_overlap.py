@@ -1,4 +1,5 @@
 """Issue 16 step 3: overlapping tiles (stride < 1) and de-duplicated hits."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,7 +24,10 @@ def test_distinct_keeps_the_best_of_overlapping_tiles():
     hits = [_hit("a", 0, 0), _hit("a", 50, 0), _hit("b", 0, 0), _hit("a", 100, 0), _hit("a", 50, 50)]
     # IoU of half-overlapping neighbours is 1/3, of diagonal ones 1/7: both above 0.1.
     assert [(h.slide_id, h.tile.x, h.tile.y) for h in paging.distinct(hits, 0.1)] == [
-        ("a", 0, 0), ("b", 0, 0), ("a", 100, 0)]
+        ("a", 0, 0),
+        ("b", 0, 0),
+        ("a", 100, 0),
+    ]
     assert len(paging.distinct(hits, 0.5)) == 5  # a higher threshold keeps partial overlaps
     assert len(paging.distinct(hits, 0.0)) == 5  # off
     got = paging.top_hits(lambda n: hits[:n], 3, 0, 0.1)
@@ -42,8 +46,14 @@ def test_half_stride_plans_every_grid_tile_and_the_ones_between(slide_dir):
 @pytest.fixture(scope="module")
 def overlapping(settings, tmp_path_factory):
     """A second index with half-overlapping tiles and its gateway, on the session's tiler and embedder."""
-    s = dataclasses.replace(settings, index_port=0, gateway_port=0, tile_stride=0.5, redis_url="",
-                            index_dir=str(tmp_path_factory.mktemp("overlap-index")))
+    s = dataclasses.replace(
+        settings,
+        index_port=0,
+        gateway_port=0,
+        tile_stride=0.5,
+        redis_url="",
+        index_dir=str(tmp_path_factory.mktemp("overlap-index")),
+    )
     running, s = stack.start(["index", "gateway"], s)
     c = Client(f"127.0.0.1:{s.gateway_port}", timeout=300)
     op = c.wait(c.ingest("synth-a.tiff", "synth-a"))
@@ -70,5 +80,5 @@ def test_top_k_holds_no_two_overlapping_tiles(overlapping):
     assert len(hits) >= 10
     rects = [(h.x, h.y, h.width) for h in hits]
     for i, (x, y, w) in enumerate(rects):
-        for x2, y2, _ in rects[i + 1:]:
+        for x2, y2, _ in rects[i + 1 :]:
             assert abs(x - x2) >= w or abs(y - y2) >= w, (rects[i], (x2, y2))

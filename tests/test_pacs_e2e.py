@@ -1,4 +1,5 @@
 """Slides that exist only in a real Orthanc, ingested by accession number and found by a patch."""
+
 from __future__ import annotations
 
 import io
@@ -37,17 +38,27 @@ def pacs(tmp_path_factory):
     work = tmp_path_factory.mktemp("orthanc-e2e")
     files = write_samples(str(tmp_path_factory.mktemp("outside-the-roots")), SLIDES)
     orthanc = Orthanc(str(work))
-    uids = [orthanc.push_slide(path, spec.width, spec.height, spec.mpp, str(work), AccessionNumber=accession,
-                               ContainerIdentifier=f"SLIDE-{i}")
-            for i, (path, spec, accession) in enumerate(zip(files, SLIDES, CASES))]
+    uids = [
+        orthanc.push_slide(
+            path,
+            spec.width,
+            spec.height,
+            spec.mpp,
+            str(work),
+            AccessionNumber=accession,
+            ContainerIdentifier=f"SLIDE-{i}",
+        )
+        for i, (path, spec, accession) in enumerate(zip(files, SLIDES, CASES))
+    ]
     yield orthanc, files, uids
     orthanc.stop()
 
 
 def _patch(tiler, source: str, tiff: str) -> tuple[bytes, dict]:
     """A 224-px PNG at 1 µm/px cut from the original file, a third of a tile off the indexed grid."""
-    tiles = streamed_tiles(tiler, tiler_pb2.StreamTilesRequest(
-        slide=source, params=tiler_pb2.TilingParams(min_tissue_fraction=0.9)))
+    tiles = streamed_tiles(
+        tiler, tiler_pb2.StreamTilesRequest(slide=source, params=tiler_pb2.TilingParams(min_tissue_fraction=0.9))
+    )
     t = tiles[len(tiles) // 2]
     rect = dict(x=t.x + t.width // 3, y=t.y + t.width // 3, width=t.width, height=t.width)
     with openslide.OpenSlide(tiff) as slide:
@@ -68,10 +79,16 @@ def test_case_by_accession_end_to_end(pacs, redis_url, model_repo, tmp_path, cap
     root.addHandler(handler)
     root.setLevel(logging.DEBUG)
     (tmp_path / "roots").mkdir()
-    settings = base_settings(slide_roots=(str(tmp_path / "roots"),), model_repository=model_repo,
-                             index_dir=str(tmp_path / "index"), redis_url=redis_url, tiler_readers=1,
-                             dicomweb_url=(f"pacs={orthanc.dicomweb}",), viewer_url_template=VIEWER,
-                             log_level="DEBUG")
+    settings = base_settings(
+        slide_roots=(str(tmp_path / "roots"),),
+        model_repository=model_repo,
+        index_dir=str(tmp_path / "index"),
+        redis_url=redis_url,
+        tiler_readers=1,
+        dicomweb_url=(f"pacs={orthanc.dicomweb}",),
+        viewer_url_template=VIEWER,
+        log_level="DEBUG",
+    )
     running, settings = stack.start(stack.ORDER, settings)
     responses = []
     try:
@@ -106,9 +123,12 @@ def test_case_by_accession_end_to_end(pacs, redis_url, model_repo, tmp_path, cap
         responses.append(resp)
         top = resp.hits[0]
         assert (top.slide_id, top.study_instance_uid, top.series_instance_uid) == (series_a, study_a, series_a), [
-            (h.slide_id, round(h.score, 3)) for h in resp.hits]
-        assert top.viewer_url == (f"https://viewer.example/wsi?study={study_a}&series={series_a}"
-                                  f"&x={top.x}&y={top.y}&w={top.width}&h={top.height}")
+            (h.slide_id, round(h.score, 3)) for h in resp.hits
+        ]
+        assert top.viewer_url == (
+            f"https://viewer.example/wsi?study={study_a}&series={series_a}"
+            f"&x={top.x}&y={top.y}&w={top.width}&h={top.height}"
+        )
         assert top.metadata["case_id"] == CASES[0]
         by_region = client.search(region=dict(slide_id=series_a, **rect), k=3, exclude_query_case=True)
         responses.append(by_region)
@@ -117,7 +137,10 @@ def test_case_by_accession_end_to_end(pacs, redis_url, model_repo, tmp_path, cap
         # The archive is searched in the operation, so an unknown case fails there.
         missing = client.wait(client.ingest_case("NO-SUCH-CASE"))
         assert (missing.state, missing.error_code, len(missing.slides)) == (
-            gateway_pb2.OPERATION_STATE_FAILED, "NOT_FOUND", 0)
+            gateway_pb2.OPERATION_STATE_FAILED,
+            "NOT_FOUND",
+            0,
+        )
         assert rpc_code(client.ingest_case, "ACC*") == grpc.StatusCode.INVALID_ARGUMENT
         client.close()
     finally:
@@ -131,8 +154,11 @@ def test_case_by_accession_end_to_end(pacs, redis_url, model_repo, tmp_path, cap
     r = redis.Redis.from_url(redis_url)
     stored = [k + b" " + (r.get(k) or b"") for k in r.scan_iter() if r.type(k) == b"string"]
     assert any(s.startswith(b"smily:op:") for s in stored)  # the case's operations were published there
-    texts = {"responses": "".join(str(m) for m in responses), "logs": logged.getvalue() + captured.err + captured.out,
-             "redis": b"\n".join(stored).decode("latin-1")}
+    texts = {
+        "responses": "".join(str(m) for m in responses),
+        "logs": logged.getvalue() + captured.err + captured.out,
+        "redis": b"\n".join(stored).decode("latin-1"),
+    }
     assert '"slide_id"' in texts["logs"] and "case ingest started" in texts["logs"]
     for where, text in texts.items():
         for value in PHI.values():
@@ -156,8 +182,13 @@ class CurlSession:
 
     def __call__(self, method: str, path: str, *args: str, show: bool = True) -> dict:
         verb = ["-X", method] if method != "GET" else []
-        done = subprocess.run(["curl", "-sS", "--fail-with-body", *verb, self.url + path, *args], cwd=self.cwd,
-                              capture_output=True, text=True, timeout=300)
+        done = subprocess.run(
+            ["curl", "-sS", "--fail-with-body", *verb, self.url + path, *args],
+            cwd=self.cwd,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert done.returncode == 0, (path, done.returncode, done.stdout, done.stderr)
         self.bodies.append(done.stdout)
         body = json.loads(done.stdout)
@@ -179,9 +210,14 @@ def test_case_by_accession_over_http_with_curl(pacs, redis_url, model_repo, tmp_
     orthanc, files, uids = pacs
     (study_a, series_a), (study_b, series_b) = uids
     (tmp_path / "roots").mkdir()
-    settings = base_settings(slide_roots=(str(tmp_path / "roots"),), model_repository=model_repo,
-                             index_dir=str(tmp_path / "index"), redis_url=redis_url, tiler_readers=1,
-                             dicomweb_url=(f"pacs={orthanc.dicomweb}",))
+    settings = base_settings(
+        slide_roots=(str(tmp_path / "roots"),),
+        model_repository=model_repo,
+        index_dir=str(tmp_path / "index"),
+        redis_url=redis_url,
+        tiler_readers=1,
+        dicomweb_url=(f"pacs={orthanc.dicomweb}",),
+    )
     running, settings = stack.start(stack.ORDER, settings)
     http = None
     try:
@@ -191,8 +227,9 @@ def test_case_by_accession_over_http_with_curl(pacs, redis_url, model_repo, tmp_
         assert curl("GET", "/v1/slides", show=False)["slides"] == []  # the cases exist only in the archive
 
         for i, (accession, (study, series)) in enumerate(zip(CASES, uids)):
-            op = curl("POST", "/v1/cases:ingest", *as_json, json.dumps({"accessionNumber": accession}),
-                      show=i == 0)["operation"]
+            op = curl("POST", "/v1/cases:ingest", *as_json, json.dumps({"accessionNumber": accession}), show=i == 0)[
+                "operation"
+            ]
             assert op["state"] in ("OPERATION_STATE_QUEUED", "OPERATION_STATE_RUNNING"), op
             deadline = time.monotonic() + 300
             while op["state"] not in DONE:
@@ -210,17 +247,25 @@ def test_case_by_accession_over_http_with_curl(pacs, redis_url, model_repo, tmp_
         assert set(slides) == {series_a, series_b}
         for accession, (study, series) in zip(CASES, uids):
             s = slides[series]
-            assert (s["studyInstanceUid"], s["seriesInstanceUid"], s["metadata"]["case_id"]) == (study, series, accession)
+            assert (s["studyInstanceUid"], s["seriesInstanceUid"], s["metadata"]["case_id"]) == (
+                study,
+                series,
+                accession,
+            )
 
         # A patch of slide B (cut from the original file, off the indexed grid) as base64 PNG in JSON.
-        png, _ = _patch(tiler_pb2_grpc.TilerServiceStub(channel(settings.tiler_target)),
-                        f"dicomweb:pacs/{study_b}/{series_b}", files[1])
+        png, _ = _patch(
+            tiler_pb2_grpc.TilerServiceStub(channel(settings.tiler_target)),
+            f"dicomweb:pacs/{study_b}/{series_b}",
+            files[1],
+        )
         (tmp_path / "patch.png").write_bytes(png)
         curl.shell(r'echo "{\"image\": \"$(base64 -w0 patch.png)\", \"k\": 2}" > search.json')
         hits = curl("POST", "/v1/search", *as_json, "@search.json")["hits"]
         top = hits[0]
         assert (top["slideId"], top["studyInstanceUid"], top["seriesInstanceUid"]) == (series_b, study_b, series_b), [
-            (h["slideId"], h["score"]) for h in hits]
+            (h["slideId"], h["score"]) for h in hits
+        ]
         assert top["metadata"]["case_id"] == CASES[1]
     finally:
         if http is not None:

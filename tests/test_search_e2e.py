@@ -1,4 +1,5 @@
 """Ingest and search end to end through the real gateway, tiler, embedder and index."""
+
 from __future__ import annotations
 
 import os
@@ -17,8 +18,9 @@ from .conftest import CMU, TEST_SLIDES, rpc_code, streamed_tiles
 def _tissue_tile(settings, name: str):
     """A tile the tiler calls almost all tissue, from the middle of the slide's list."""
     stub = tiler_pb2_grpc.TilerServiceStub(channel(settings.tiler_target))
-    tiles = streamed_tiles(stub, tiler_pb2.StreamTilesRequest(
-        slide=name, params=tiler_pb2.TilingParams(min_tissue_fraction=0.9)))
+    tiles = streamed_tiles(
+        stub, tiler_pb2.StreamTilesRequest(slide=name, params=tiler_pb2.TilingParams(min_tissue_fraction=0.9))
+    )
     assert tiles, name
     return tiles[len(tiles) // 2], stub
 
@@ -42,15 +44,17 @@ def test_off_grid_crop_finds_its_source(client, settings, ingested, name):
     scores = [h.score for h in resp.hits]
     assert scores == sorted(scores, reverse=True)
     assert any(h.slide_id == slide_id and _overlap(h, rect) > 0.1 for h in resp.hits), [
-        (h.slide_id, h.x, h.y, round(h.score, 3)) for h in resp.hits]
+        (h.slide_id, h.x, h.y, round(h.score, 3)) for h in resp.hits
+    ]
 
 
 def test_image_query_matches_region_query(client, settings, ingested):
     name = TEST_SLIDES[0].name
     tile, tiler = _tissue_tile(settings, name)
     rect = dict(x=tile.x + tile.width // 4, y=tile.y + tile.height // 4, width=tile.width, height=tile.height)
-    png = tiler.ReadRegion(tiler_pb2.ReadRegionRequest(
-        slide=name, mpp=settings.tile_mpp, encoding=types_pb2.IMAGE_ENCODING_PNG, **rect)).image.data
+    png = tiler.ReadRegion(
+        tiler_pb2.ReadRegionRequest(slide=name, mpp=settings.tile_mpp, encoding=types_pb2.IMAGE_ENCODING_PNG, **rect)
+    ).image.data
     by_image = client.search(image=png, k=5)
     by_region = client.search(region=dict(slide_id="synth-a", **rect), k=5)
     assert [(h.slide_id, h.x, h.y) for h in by_image.hits][:3] == [(h.slide_id, h.x, h.y) for h in by_region.hits][:3]
@@ -67,8 +71,9 @@ def test_second_identical_query_is_served_from_cache(client, ingested):
 
 
 def test_exclude_query_slide(client, ingested):
-    resp = client.search(region=dict(slide_id="synth-b", x=1000, y=700, width=448, height=448), k=20,
-                         exclude_query_slide=True)
+    resp = client.search(
+        region=dict(slide_id="synth-b", x=1000, y=700, width=448, height=448), k=20, exclude_query_slide=True
+    )
     assert resp.hits and all(h.slide_id != "synth-b" for h in resp.hits)
 
 
@@ -111,13 +116,16 @@ def test_delete_slide(client, ingested):
     assert all(h.slide_id != "to-delete" for h in hits)
 
 
-@pytest.mark.parametrize("source, code", [
-    ("no-such-slide.svs", grpc.StatusCode.NOT_FOUND),
-    ("../etc/passwd", grpc.StatusCode.INVALID_ARGUMENT),
-    ("/etc/passwd", grpc.StatusCode.INVALID_ARGUMENT),
-    ("%2e%2e/secret.svs", grpc.StatusCode.INVALID_ARGUMENT),
-    ("", grpc.StatusCode.INVALID_ARGUMENT),
-])
+@pytest.mark.parametrize(
+    "source, code",
+    [
+        ("no-such-slide.svs", grpc.StatusCode.NOT_FOUND),
+        ("../etc/passwd", grpc.StatusCode.INVALID_ARGUMENT),
+        ("/etc/passwd", grpc.StatusCode.INVALID_ARGUMENT),
+        ("%2e%2e/secret.svs", grpc.StatusCode.INVALID_ARGUMENT),
+        ("", grpc.StatusCode.INVALID_ARGUMENT),
+    ],
+)
 def test_bad_ingest_sources(client, source, code):
     assert rpc_code(client.ingest, source) == code
 
@@ -131,5 +139,7 @@ def test_bad_queries(client, ingested):
     assert rpc_code(client.search, region=dict(region, slide_id="unknown")) == grpc.StatusCode.NOT_FOUND
     assert rpc_code(client.search, region=dict(region, x=10**7)) == grpc.StatusCode.INVALID_ARGUMENT
     assert rpc_code(client.stub.Search, gateway_pb2.SearchRequest()) == grpc.StatusCode.INVALID_ARGUMENT
-    assert rpc_code(client.stub.GetOperation, gateway_pb2.GetOperationRequest(operation_id="nope")) == \
-        grpc.StatusCode.NOT_FOUND
+    assert (
+        rpc_code(client.stub.GetOperation, gateway_pb2.GetOperationRequest(operation_id="nope"))
+        == grpc.StatusCode.NOT_FOUND
+    )

@@ -1,6 +1,7 @@
 """Index filters through the real gateway: metadata filters, slide lists,
 excluded slides, excluded cases and nprobe validation, on a fresh index with
 slides of two organs and two cases (the shared index is left alone)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,8 +32,12 @@ QUERY = dict(slide_id="synth-b", x=1100, y=800, width=448, height=448)
 @pytest.fixture(scope="module")
 def cases(settings, tmp_path_factory):
     """A fresh index and gateway on the session's tiler and embedder; yields (client, settings, tiles per slide)."""
-    running, fresh = stack.start(["index", "gateway"], dataclasses.replace(
-        settings, index_dir=str(tmp_path_factory.mktemp("cases-index")), index_port=0, gateway_port=0))
+    running, fresh = stack.start(
+        ["index", "gateway"],
+        dataclasses.replace(
+            settings, index_dir=str(tmp_path_factory.mktemp("cases-index")), index_port=0, gateway_port=0
+        ),
+    )
     c = Client(f"127.0.0.1:{fresh.gateway_port}", timeout=300)
     try:
         for spec in TEST_SLIDES:
@@ -123,7 +128,9 @@ def test_cli_filters(cases):
     out = smily(fresh, *args, "--slide-id", "synth-a", "--slide-id", "synth-b")
     assert out.returncode == 0, out.stderr
     hits = json.loads(out.stdout)["hits"]
-    assert {h["slide_id"] for h in hits} == {"synth-a", "synth-b"} and len(hits) == counts["synth-a"] + counts["synth-b"]
+    assert {h["slide_id"] for h in hits} == {"synth-a", "synth-b"} and len(hits) == counts["synth-a"] + counts[
+        "synth-b"
+    ]
     out = smily(fresh, *args, "--exclude-query-case")
     assert out.returncode == 0, out.stderr
     assert {h["metadata"]["case_id"] for h in json.loads(out.stdout)["hits"]} == {"case-2"}

@@ -1,6 +1,7 @@
 """Every search mode through the real gateway, tiler, embedder and index:
 examples (positive and negative), concepts, pages with a per-slide cap,
 whole-slide search, region images and cancelled ingests."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,8 +33,13 @@ def archive(client, ingested):
     probe = client.search(region=dict(slide_id="synth-a", x=900, y=900, width=448, height=448), k=total).hits
     # Probes: the query, a tile half-way down its ranking (another texture
     # that still competes for the top 10) and the tile least like it.
-    return dict(total=total, query=_region(probe[0]), mid=_region(probe[12]), far=_region(probe[-1]),
-                ranked=[_region(h) for h in probe])
+    return dict(
+        total=total,
+        query=_region(probe[0]),
+        mid=_region(probe[12]),
+        far=_region(probe[-1]),
+        ranked=[_region(h) for h in probe],
+    )
 
 
 def _similarity_to(client, region, total) -> dict:
@@ -74,6 +80,7 @@ def test_concept_steers_search_both_ways(client, archive):
     c = client.create_concept("test-far-texture", with_, without)
     assert c.model_id == "efficientnet-lite0/1" and c.with_examples == 4 and c.train_accuracy == 1.0
     assert "test-far-texture" in {x.name for x in client.concepts()}
+
     # Steering moves the concept's own examples through the whole ranking: up with a
     # positive weight, not up with a negative one (they start at the bottom). A top-10
     # set alone can stay the same under a moderate weight while every score moves.
@@ -119,8 +126,10 @@ def test_pages_and_per_slide_cap(client, archive):
     assert [(h.slide_id, h.x, h.y) for p in pages for h in p] == [(h.slide_id, h.x, h.y) for h in whole]
     # A token belongs to its request.
     first = client.search(region=q, k=30, page_size=7)
-    assert rpc_code(client.search, region=q, k=20, page_size=7, page_token=first.next_page_token) == \
-        grpc.StatusCode.INVALID_ARGUMENT
+    assert (
+        rpc_code(client.search, region=q, k=20, page_size=7, page_token=first.next_page_token)
+        == grpc.StatusCode.INVALID_ARGUMENT
+    )
     assert rpc_code(client.search, region=q, page_token="garbage!") == grpc.StatusCode.INVALID_ARGUMENT
 
     capped = client.search(region=q, k=8, max_hits_per_slide=2).hits
@@ -159,16 +168,20 @@ def test_read_region_for_viewers(client, ingested, archive):
     assert resp.mpp == pytest.approx(1.0, rel=0.05)
     big = client.read_region(dict(slide_id="synth-c-40x", x=0, y=0, width=4096, height=3072), max_side=256, jpeg=True)
     assert Image.open(io.BytesIO(big.image)).format == "JPEG" and max(big.width, big.height) == 256
-    assert rpc_code(client.read_region, dict(slide_id="synth-a", x=0, y=0, width=10**6, height=10)) == \
-        grpc.StatusCode.INVALID_ARGUMENT
-    assert rpc_code(client.read_region, dict(slide_id="nope", x=0, y=0, width=10, height=10)) == \
-        grpc.StatusCode.NOT_FOUND
+    assert (
+        rpc_code(client.read_region, dict(slide_id="synth-a", x=0, y=0, width=10**6, height=10))
+        == grpc.StatusCode.INVALID_ARGUMENT
+    )
+    assert (
+        rpc_code(client.read_region, dict(slide_id="nope", x=0, y=0, width=10, height=10)) == grpc.StatusCode.NOT_FOUND
+    )
 
 
 def test_cancel_queued_and_running_ingests(settings, client, ingested):
     # One ingest at a time, one tile per batch: the first runs for a while, the second queues.
-    running, gw = stack.start(["gateway"], dataclasses.replace(
-        settings, gateway_port=0, max_concurrent_ingests=1, embed_batch=1))
+    running, gw = stack.start(
+        ["gateway"], dataclasses.replace(settings, gateway_port=0, max_concurrent_ingests=1, embed_batch=1)
+    )
     c = Client(f"127.0.0.1:{gw.gateway_port}", timeout=60)
     try:
         first = c.ingest(CMU, "cancel-running")

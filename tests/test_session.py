@@ -1,5 +1,6 @@
 """The README's walk-through (docs/examples/session.sh) against a stack started as
 `make up` starts it, on ports other than the defaults, from a fresh index."""
+
 from __future__ import annotations
 
 import json
@@ -24,11 +25,25 @@ def stack_env(tmp_path, model_repo):
     """The environment of a `make up` with every port moved; cwd (var/run, var/log) in tmp_path."""
     slides = tmp_path / "slides"
     write_samples(str(slides))
-    ports = {v: str(free_port()) for v in ("SMILY_GATEWAY_PORT", "SMILY_TILER_PORT", "SMILY_EMBEDDER_PORT",
-                                           "SMILY_INDEX_PORT", "SMILY_METRICS_PORT", "SMILY_LOCAL_REDIS_PORT")}
+    ports = {
+        v: str(free_port())
+        for v in (
+            "SMILY_GATEWAY_PORT",
+            "SMILY_TILER_PORT",
+            "SMILY_EMBEDDER_PORT",
+            "SMILY_INDEX_PORT",
+            "SMILY_METRICS_PORT",
+            "SMILY_LOCAL_REDIS_PORT",
+        )
+    }
     env = {k: v for k, v in os.environ.items() if not k.startswith("SMILY_")}
-    env.update(ports, SMILY_SLIDE_ROOTS=str(slides), SMILY_INDEX_DIR=str(tmp_path / "index"),
-               SMILY_MODEL_REPOSITORY=MODELS, SMILY=SMILY)
+    env.update(
+        ports,
+        SMILY_SLIDE_ROOTS=str(slides),
+        SMILY_INDEX_DIR=str(tmp_path / "index"),
+        SMILY_MODEL_REPOSITORY=MODELS,
+        SMILY=SMILY,
+    )
     return env
 
 
@@ -50,8 +65,11 @@ def test_readme_session_runs_top_to_bottom(stack_env, tmp_path):
         assert "ingested case-0" in out and "ingested case-1-40x" in out and "training accuracy" in out
         objects = _json_objects(out)
         # --filter organ=breast --exclude-query-case: only case-0 is left.
-        filtered = next(o for o in objects if "hits" in o and o.get("next_page_token") is not None
-                        and {h["slide_id"] for h in o["hits"]} == {"case-0"})
+        filtered = next(
+            o
+            for o in objects
+            if "hits" in o and o.get("next_page_token") is not None and {h["slide_id"] for h in o["hits"]} == {"case-0"}
+        )
         assert filtered["model_id"] and filtered["hits"]
         # The big ingest was followed by its id and cancelled: nothing of it committed.
         final = objects[-1]

@@ -1,5 +1,6 @@
 """A slide file that records no resolution, through the gateway: refused
 until the caller states it, then ingested, searched and read at that one."""
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """The tiler over gRPC: safe names, allow-listed facts, tissue tiles, regions."""
+
 from __future__ import annotations
 
 import io
@@ -35,8 +36,16 @@ def test_roots_refuse_escapes(tmp_path):
     os.symlink(tmp_path / "secret.svs", root / "link.svs")
     roots = SlideRoots([str(root)])
     assert roots.resolve("ok.svs") == os.path.realpath(root / "ok.svs")
-    for bad in ("../secret.svs", str(tmp_path / "secret.svs"), "link.svs", "%2e%2e/secret.svs",
-                "a/../../secret.svs", "..\\secret.svs", "ok.svs\x00", ""):
+    for bad in (
+        "../secret.svs",
+        str(tmp_path / "secret.svs"),
+        "link.svs",
+        "%2e%2e/secret.svs",
+        "a/../../secret.svs",
+        "..\\secret.svs",
+        "ok.svs\x00",
+        "",
+    ):
         with pytest.raises(InvalidArgument):
             roots.resolve(bad)
     with pytest.raises(NotFound):
@@ -77,8 +86,9 @@ def test_tiles_travel_several_to_a_message(tiler):
     sizes = [sum(len(t.image.data) for t in m.tiles) for m in msgs]
     assert max(len(m.tiles) for m in msgs) == MESSAGE_BYTES // (224 * 224 * 3) and max(sizes) <= MESSAGE_BYTES
     big = tiler_pb2.TilingParams(tile_size=1024, min_tissue_fraction=0.1)  # 3 MB a tile: one each
-    assert {len(m.tiles) for m in tiler.StreamTiles(tiler_pb2.StreamTilesRequest(slide=TEST_SLIDES[1].name,
-                                                                                 params=big))} == {1}
+    assert {
+        len(m.tiles) for m in tiler.StreamTiles(tiler_pb2.StreamTilesRequest(slide=TEST_SLIDES[1].name, params=big))
+    } == {1}
 
 
 def test_pixels_outside_the_scan_are_white(slide_dir):
@@ -97,8 +107,11 @@ def test_same_field_of_view_at_20x_and_40x(tiler):
 
 
 def test_read_region_png(tiler):
-    resp = tiler.ReadRegion(tiler_pb2.ReadRegionRequest(
-        slide=CMU, x=1000, y=1300, width=400, height=300, mpp=1.0, encoding=types_pb2.IMAGE_ENCODING_PNG))
+    resp = tiler.ReadRegion(
+        tiler_pb2.ReadRegionRequest(
+            slide=CMU, x=1000, y=1300, width=400, height=300, mpp=1.0, encoding=types_pb2.IMAGE_ENCODING_PNG
+        )
+    )
     img = Image.open(io.BytesIO(resp.image.data))
     assert img.format == "PNG" and abs(img.size[0] - 200) <= 1 and abs(img.size[1] - 150) <= 1
     assert np.asarray(img).std() > 5  # real pixels, not a blank
@@ -122,10 +135,14 @@ def test_unreadable_files(tiler, slide_dir):
     open(os.path.join(slide_dir, "empty.svs"), "wb").close()
     os.makedirs(os.path.join(slide_dir, "folder.svs"), exist_ok=True)
     for name in ("photo.svs", "empty.svs"):
-        assert rpc_code(tiler.GetSlideInfo, tiler_pb2.GetSlideInfoRequest(slide=name)) == \
-            grpc.StatusCode.FAILED_PRECONDITION
-    assert rpc_code(tiler.GetSlideInfo, tiler_pb2.GetSlideInfoRequest(slide="folder.svs")) == \
-        grpc.StatusCode.INVALID_ARGUMENT
+        assert (
+            rpc_code(tiler.GetSlideInfo, tiler_pb2.GetSlideInfoRequest(slide=name))
+            == grpc.StatusCode.FAILED_PRECONDITION
+        )
+    assert (
+        rpc_code(tiler.GetSlideInfo, tiler_pb2.GetSlideInfoRequest(slide="folder.svs"))
+        == grpc.StatusCode.INVALID_ARGUMENT
+    )
 
 
 def test_slide_without_resolution(tiler, slide_dir):

@@ -1,4 +1,5 @@
 """The shared arena that carries tiles from reader processes to the tiler server."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,5 @@
 """The tiler reading DICOM WSI series from a real Orthanc over DICOMweb."""
+
 from __future__ import annotations
 
 import os
@@ -27,18 +28,34 @@ def pacs(tmp_path_factory):
     (tiff,) = write_samples(str(slides), (SPEC,))
     orthanc = Orthanc(str(work), user="smily", password=os.urandom(8).hex())
     study, series = orthanc.push_slide(
-        tiff, SPEC.width, SPEC.height, SPEC.mpp, str(work), AccessionNumber=ACCESSION, ContainerIdentifier=CONTAINER,
-        SpecimenDescriptionSequence=[{"SpecimenIdentifier": "SPEC-1", "SpecimenUID": "1.2.826.0.1.3680043.8.498.7",
-                                      "SpecimenShortDescription": "breast core biopsy",
-                                      "IssuerOfTheSpecimenIdentifierSequence": [],
-                                      "SpecimenPreparationSequence": []}])
+        tiff,
+        SPEC.width,
+        SPEC.height,
+        SPEC.mpp,
+        str(work),
+        AccessionNumber=ACCESSION,
+        ContainerIdentifier=CONTAINER,
+        SpecimenDescriptionSequence=[
+            {
+                "SpecimenIdentifier": "SPEC-1",
+                "SpecimenUID": "1.2.826.0.1.3680043.8.498.7",
+                "SpecimenShortDescription": "breast core biopsy",
+                "IssuerOfTheSpecimenIdentifierSequence": [],
+                "SpecimenPreparationSequence": [],
+            }
+        ],
+    )
     creds = work / "dicomweb-credentials"
-    creds.write_text(f"# archive kind secret\npacs basic {orthanc.user}:{orthanc.password}\n"
-                     f"wrong basic {orthanc.user}:not-the-password\n")
-    settings = base_settings(slide_roots=(str(slides),), tiler_readers=1,
-                             dicomweb_url=(f"pacs={orthanc.dicomweb}", f"wrong={orthanc.dicomweb}",
-                                           "down=http://127.0.0.1:9/dicom-web"),
-                             dicomweb_credentials_file=str(creds))
+    creds.write_text(
+        f"# archive kind secret\npacs basic {orthanc.user}:{orthanc.password}\n"
+        f"wrong basic {orthanc.user}:not-the-password\n"
+    )
+    settings = base_settings(
+        slide_roots=(str(slides),),
+        tiler_readers=1,
+        dicomweb_url=(f"pacs={orthanc.dicomweb}", f"wrong={orthanc.dicomweb}", "down=http://127.0.0.1:9/dicom-web"),
+        dicomweb_credentials_file=str(creds),
+    )
     running, settings = stack.start(("tiler",), settings)
     stub = tiler_pb2_grpc.TilerServiceStub(channel(settings.tiler_target))
     yield stub, study, series
@@ -46,11 +63,21 @@ def pacs(tmp_path_factory):
     orthanc.stop()
 
 
-@pytest.mark.parametrize("name", [
-    "http://127.0.0.1:8042/dicom-web/studies/1.2/series/3.4", "https://example.org/slide.svs",
-    "file:///etc/passwd", "s3:bucket/slide.svs", "dicomweb:unknown/1.2.3/4.5.6", "dicomweb:pacs/1.2.3",
-    "dicomweb:pacs/1.2.x/4.5.6", "dicomweb:pacs/1.2.3/4.5.6/7.8", "dicomweb:/1.2.3/4.5.6",
-    "dicomweb:http://127.0.0.1/1.2/3.4"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "http://127.0.0.1:8042/dicom-web/studies/1.2/series/3.4",
+        "https://example.org/slide.svs",
+        "file:///etc/passwd",
+        "s3:bucket/slide.svs",
+        "dicomweb:unknown/1.2.3/4.5.6",
+        "dicomweb:pacs/1.2.3",
+        "dicomweb:pacs/1.2.x/4.5.6",
+        "dicomweb:pacs/1.2.3/4.5.6/7.8",
+        "dicomweb:/1.2.3/4.5.6",
+        "dicomweb:http://127.0.0.1/1.2/3.4",
+    ],
+)
 def test_only_configured_archives_and_uids(pacs, name):
     stub, _, _ = pacs
     assert rpc_code(stub.GetSlideInfo, tiler_pb2.GetSlideInfoRequest(slide=name)) == grpc.StatusCode.INVALID_ARGUMENT
@@ -63,8 +90,12 @@ def test_info_from_the_dicom_series(pacs):
     assert info.mpp_x == pytest.approx(SPEC.mpp, rel=1e-3) and info.mpp_y == pytest.approx(SPEC.mpp, rel=1e-3)
     assert len(info.levels) >= 2 and info.levels[0].downsample == 1
     assert info.dicom == tiler_pb2.DicomIdentifiers(
-        accession_number=ACCESSION, study_instance_uid=study, series_instance_uid=series,
-        container_identifier=CONTAINER, specimen_description="breast core biopsy")
+        accession_number=ACCESSION,
+        study_instance_uid=study,
+        series_instance_uid=series,
+        container_identifier=CONTAINER,
+        specimen_description="breast core biopsy",
+    )
     assert not any(v in str(info) for v in PHI.values())
 
 
@@ -73,8 +104,9 @@ def test_same_tiles_as_the_file(pacs):
     stub, study, series = pacs
     params = tiler_pb2.TilingParams(mpp=1.0, tile_size=224)
     from_file = streamed_tiles(stub, tiler_pb2.StreamTilesRequest(slide=SPEC.name, params=params))
-    from_pacs = streamed_tiles(stub, tiler_pb2.StreamTilesRequest(slide=f"dicomweb:pacs/{study}/{series}",
-                                                                  params=params))
+    from_pacs = streamed_tiles(
+        stub, tiler_pb2.StreamTilesRequest(slide=f"dicomweb:pacs/{study}/{series}", params=params)
+    )
     assert len(from_file) >= 4
     assert [(t.x, t.y, t.width) for t in from_pacs] == [(t.x, t.y, t.width) for t in from_file]
     assert [t.mpp for t in from_pacs] == pytest.approx([t.mpp for t in from_file], rel=1e-6)
@@ -94,7 +126,8 @@ def test_case_series_by_accession(pacs):
     stub, study, series = pacs
     found = stub.ListCaseSeries(tiler_pb2.ListCaseSeriesRequest(accession_number=ACCESSION, archive="pacs")).series
     assert [(s.source, s.study_instance_uid, s.series_instance_uid, s.container_identifier) for s in found] == [
-        (f"dicomweb:pacs/{study}/{series}", study, series, CONTAINER)]
+        (f"dicomweb:pacs/{study}/{series}", study, series, CONTAINER)
+    ]
     # The first archive configured is the default.
     assert len(stub.ListCaseSeries(tiler_pb2.ListCaseSeriesRequest(accession_number=ACCESSION)).series) == 1
     assert not stub.ListCaseSeries(tiler_pb2.ListCaseSeriesRequest(accession_number="NO-SUCH-ACC")).series
@@ -103,17 +136,27 @@ def test_case_series_by_accession(pacs):
 @pytest.mark.parametrize("accession", ["", "ACC*", "A?C", "A\\B", "X" * 17])
 def test_case_query_refuses_wildcards(pacs, accession):
     stub, _, _ = pacs
-    assert rpc_code(stub.ListCaseSeries, tiler_pb2.ListCaseSeriesRequest(accession_number=accession)) == \
-        grpc.StatusCode.INVALID_ARGUMENT
+    assert (
+        rpc_code(stub.ListCaseSeries, tiler_pb2.ListCaseSeriesRequest(accession_number=accession))
+        == grpc.StatusCode.INVALID_ARGUMENT
+    )
 
 
 def test_archive_errors_are_clear(pacs):
     stub, study, series = pacs
-    assert rpc_code(stub.GetSlideInfo, tiler_pb2.GetSlideInfoRequest(
-        slide=f"dicomweb:wrong/{study}/{series}")) == grpc.StatusCode.FAILED_PRECONDITION
-    assert rpc_code(stub.GetSlideInfo, tiler_pb2.GetSlideInfoRequest(
-        slide=f"dicomweb:down/{study}/{series}")) == grpc.StatusCode.UNAVAILABLE
-    assert rpc_code(stub.GetSlideInfo, tiler_pb2.GetSlideInfoRequest(
-        slide=f"dicomweb:pacs/{study}/1.2.3.4")) in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION)
-    assert rpc_code(stub.ListCaseSeries, tiler_pb2.ListCaseSeriesRequest(
-        accession_number=ACCESSION, archive="wrong")) == grpc.StatusCode.FAILED_PRECONDITION
+    assert (
+        rpc_code(stub.GetSlideInfo, tiler_pb2.GetSlideInfoRequest(slide=f"dicomweb:wrong/{study}/{series}"))
+        == grpc.StatusCode.FAILED_PRECONDITION
+    )
+    assert (
+        rpc_code(stub.GetSlideInfo, tiler_pb2.GetSlideInfoRequest(slide=f"dicomweb:down/{study}/{series}"))
+        == grpc.StatusCode.UNAVAILABLE
+    )
+    assert rpc_code(stub.GetSlideInfo, tiler_pb2.GetSlideInfoRequest(slide=f"dicomweb:pacs/{study}/1.2.3.4")) in (
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.FAILED_PRECONDITION,
+    )
+    assert (
+        rpc_code(stub.ListCaseSeries, tiler_pb2.ListCaseSeriesRequest(accession_number=ACCESSION, archive="wrong"))
+        == grpc.StatusCode.FAILED_PRECONDITION
+    )

@@ -1,5 +1,6 @@
 """Every slide flavour the project can write, tiled at several resolutions;
 tissue detection that leaves pen marks and glass out."""
+
 from __future__ import annotations
 
 import os
@@ -40,8 +41,9 @@ def test_dicom_wsi_series(tiler, dicom):
     info = tiler.GetSlideInfo(tiler_pb2.GetSlideInfoRequest(slide=name)).info
     assert (info.width, info.height, info.vendor) == (2048, 1536, "dicom")
     assert [lvl.downsample for lvl in info.levels] == [1, 4] and abs(info.mpp_x - 0.5) < 1e-9
-    region = tiler.ReadRegion(tiler_pb2.ReadRegionRequest(slide=name, x=300, y=200, width=500, height=400,
-                                                          encoding=RAW))
+    region = tiler.ReadRegion(
+        tiler_pb2.ReadRegionRequest(slide=name, x=300, y=200, width=500, height=400, encoding=RAW)
+    )
     got = np.frombuffer(region.image.data, np.uint8).reshape(400, 500, 3)
     assert np.array_equal(got, rgb[200:600, 300:800])  # uncompressed frames: exact pixels
 
@@ -54,8 +56,9 @@ def test_dicom_wsi_series_with_jpeg_frames(tiler, slide_dir):
     name = os.path.relpath(files[1], slide_dir)  # any file of the series names the slide
     info = tiler.GetSlideInfo(tiler_pb2.GetSlideInfoRequest(slide=name)).info
     assert (info.width, info.height, info.vendor) == (2048, 1536, "dicom")
-    region = tiler.ReadRegion(tiler_pb2.ReadRegionRequest(slide=name, x=300, y=200, width=500, height=400,
-                                                          encoding=RAW))
+    region = tiler.ReadRegion(
+        tiler_pb2.ReadRegionRequest(slide=name, x=300, y=200, width=500, height=400, encoding=RAW)
+    )
     got = np.frombuffer(region.image.data, np.uint8).reshape(400, 500, 3).astype(int)
     assert np.abs(got - rgb[200:600, 300:800]).mean() < 4  # JPEG at quality 95: close, not exact
     tiles = streamed_tiles(tiler, tiler_pb2.StreamTilesRequest(slide=name))
@@ -91,22 +94,26 @@ def test_several_resolutions_in_one_stream(tiler):
         assert keys == sorted(keys, key=lambda k: (k[0] // block, k[1] // block, k[0], k[1]))
         assert all(t.x + t.width <= 3072 and t.y + t.height <= 2304 for t in tiles)
     # The 1.0 um/px part is exactly what a single-resolution request returns, pixels included.
-    single = streamed_tiles(tiler, tiler_pb2.StreamTilesRequest(
-        slide=name, params=tiler_pb2.TilingParams(mpp=1.0, min_tissue_fraction=0.3)))
+    single = streamed_tiles(
+        tiler, tiler_pb2.StreamTilesRequest(slide=name, params=tiler_pb2.TilingParams(mpp=1.0, min_tissue_fraction=0.3))
+    )
     assert [(t.x, t.y, t.image.data) for t in single] == [(t.x, t.y, t.image.data) for t in by_mpp[1.0]]
     # A streamed tile equals the same rectangle read as a region.
     t = by_mpp[2.0][len(by_mpp[2.0]) // 2]
-    alone = tiler.ReadRegion(tiler_pb2.ReadRegionRequest(slide=name, x=t.x, y=t.y, width=t.width,
-                                                         height=t.height, mpp=2.0, encoding=RAW))
+    alone = tiler.ReadRegion(
+        tiler_pb2.ReadRegionRequest(slide=name, x=t.x, y=t.y, width=t.width, height=t.height, mpp=2.0, encoding=RAW)
+    )
     assert alone.image.data == t.image.data
 
 
 def test_tiles_under_the_threshold_never_leave(tiler):
     name = TEST_SLIDES[0].name
-    loose = streamed_tiles(tiler, tiler_pb2.StreamTilesRequest(
-        slide=name, params=tiler_pb2.TilingParams(min_tissue_fraction=0.01)))
-    strict = streamed_tiles(tiler, tiler_pb2.StreamTilesRequest(
-        slide=name, params=tiler_pb2.TilingParams(min_tissue_fraction=0.9)))
+    loose = streamed_tiles(
+        tiler, tiler_pb2.StreamTilesRequest(slide=name, params=tiler_pb2.TilingParams(min_tissue_fraction=0.01))
+    )
+    strict = streamed_tiles(
+        tiler, tiler_pb2.StreamTilesRequest(slide=name, params=tiler_pb2.TilingParams(min_tissue_fraction=0.9))
+    )
     assert all(t.tissue_fraction >= 0.9 for t in strict)
     assert len(strict) < len(loose) and any(t.tissue_fraction < 0.9 for t in loose)
     assert {(t.x, t.y) for t in strict} <= {(t.x, t.y) for t in loose}

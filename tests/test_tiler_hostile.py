@@ -1,5 +1,6 @@
 """The tiler against hostile and broken files: crashes and hangs stay in a
 reader process, broken inputs get clear statuses, no PHI ever leaves."""
+
 from __future__ import annotations
 
 import os
@@ -59,8 +60,10 @@ def test_a_file_that_crashes_the_decoder_costs_one_reader_only(tiler, readers, s
     # at a coarse mpp there is no small level for the tissue mask.
     err = error_of(tiler.StreamTiles, tiler_pb2.StreamTilesRequest(slide="crash.tiff", slide_mpp=0.5))
     assert err.code() == BAD and "tiles per slide" in err.details()
-    err = error_of(tiler.StreamTiles, tiler_pb2.StreamTilesRequest(
-        slide="crash.tiff", slide_mpp=0.5, params=tiler_pb2.TilingParams(mpp=1000)))
+    err = error_of(
+        tiler.StreamTiles,
+        tiler_pb2.StreamTilesRequest(slide="crash.tiff", slide_mpp=0.5, params=tiler_pb2.TilingParams(mpp=1000)),
+    )
     assert err.code() == FAIL and "pyramidal" in err.details()
 
 
@@ -92,16 +95,19 @@ def broken(slide_dir):
     return d
 
 
-@pytest.mark.parametrize("name,code,words", [
-    ("empty.svs", FAIL, "empty (0 bytes)"),
-    ("photo.svs", FAIL, "not a whole-slide image"),
-    ("scan.isyntax", FAIL, "iSyntax"),
-    ("cut.tiff", FAIL, "damaged or truncated"),  # however much survives
-    ("folder.svs", BAD, "folder, not a slide file"),
-    ("../" + CMU, BAD, "without '..'"),
-    ("%2e%2e/" + CMU, BAD, "%-escapes"),
-    ("/etc/passwd", BAD, "relative"),
-])
+@pytest.mark.parametrize(
+    "name,code,words",
+    [
+        ("empty.svs", FAIL, "empty (0 bytes)"),
+        ("photo.svs", FAIL, "not a whole-slide image"),
+        ("scan.isyntax", FAIL, "iSyntax"),
+        ("cut.tiff", FAIL, "damaged or truncated"),  # however much survives
+        ("folder.svs", BAD, "folder, not a slide file"),
+        ("../" + CMU, BAD, "without '..'"),
+        ("%2e%2e/" + CMU, BAD, "%-escapes"),
+        ("/etc/passwd", BAD, "relative"),
+    ],
+)
 def test_broken_inputs_get_clear_statuses(tiler, broken, slide_dir, name, code, words):
     name = name if name.startswith(("..", "%", "/")) else "broken/" + name
     # Whichever step first meets the damage, the caller gets the same answer.
@@ -122,21 +128,32 @@ def test_symlink_out_of_the_roots(tiler, slide_dir, tmp_path_factory):
 
 def test_a_slide_without_resolution_needs_the_caller_to_state_it(tiler, slide_dir):
     rgb = render(SlideSpec("x", "tiff", 1536, 1024, 0.5, 5))
-    tifffile.imwrite(os.path.join(slide_dir, "no-mpp-tissue.tiff"), rgb, tile=(256, 256), photometric="rgb",
-                     metadata=None)
+    tifffile.imwrite(
+        os.path.join(slide_dir, "no-mpp-tissue.tiff"), rgb, tile=(256, 256), photometric="rgb", metadata=None
+    )
     req = tiler_pb2.StreamTilesRequest(slide="no-mpp-tissue.tiff")
     err = error_of(tiler.StreamTiles, req)
     assert err.code() == FAIL and "slide_mpp" in err.details()
-    err = error_of(tiler.ReadRegion, tiler_pb2.ReadRegionRequest(slide="no-mpp-tissue.tiff", width=448,
-                                                                 height=448, mpp=1.0))
+    err = error_of(
+        tiler.ReadRegion, tiler_pb2.ReadRegionRequest(slide="no-mpp-tissue.tiff", width=448, height=448, mpp=1.0)
+    )
     assert err.code() == FAIL and "slide_mpp" in err.details()
 
     req.slide_mpp = 0.5
     tiles = streamed_tiles(tiler, req)
     assert tiles and all(t.width == 448 and abs(t.mpp - 1.0) < 1e-9 for t in tiles)
-    region = tiler.ReadRegion(tiler_pb2.ReadRegionRequest(
-        slide="no-mpp-tissue.tiff", x=tiles[0].x, y=tiles[0].y, width=448, height=448, mpp=1.0, slide_mpp=0.5,
-        encoding=types_pb2.IMAGE_ENCODING_RAW_RGB))
+    region = tiler.ReadRegion(
+        tiler_pb2.ReadRegionRequest(
+            slide="no-mpp-tissue.tiff",
+            x=tiles[0].x,
+            y=tiles[0].y,
+            width=448,
+            height=448,
+            mpp=1.0,
+            slide_mpp=0.5,
+            encoding=types_pb2.IMAGE_ENCODING_RAW_RGB,
+        )
+    )
     assert region.image.data == tiles[0].image.data
     assert tiler.GetSlideInfo(tiler_pb2.GetSlideInfoRequest(slide="no-mpp-tissue.tiff")).info.mpp_x == 0
 
@@ -169,10 +186,15 @@ def test_no_response_carries_the_label_or_vendor_phi(tiler, slide_dir):
     wire: list[bytes] = [tiler.GetSlideInfo(tiler_pb2.GetSlideInfoRequest(slide=name)).SerializeToString()]
     for enc in (types_pb2.IMAGE_ENCODING_RAW_RGB, types_pb2.IMAGE_ENCODING_PNG, types_pb2.IMAGE_ENCODING_JPEG):
         params = tiler_pb2.TilingParams(mpps=[1.0, 4.0], min_tissue_fraction=0.01)
-        wire += [m.SerializeToString() for m in tiler.StreamTiles(
-            tiler_pb2.StreamTilesRequest(slide=name, params=params, encoding=enc))]
-        wire.append(tiler.ReadRegion(tiler_pb2.ReadRegionRequest(
-            slide=name, width=3072, height=2304, mpp=2.0, encoding=enc)).SerializeToString())
+        wire += [
+            m.SerializeToString()
+            for m in tiler.StreamTiles(tiler_pb2.StreamTilesRequest(slide=name, params=params, encoding=enc))
+        ]
+        wire.append(
+            tiler.ReadRegion(
+                tiler_pb2.ReadRegionRequest(slide=name, width=3072, height=2304, mpp=2.0, encoding=enc)
+            ).SerializeToString()
+        )
     for bad in (dict(width=0), dict(x=99999), dict(mpp=0.01, width=3072, height=2304)):
         args = dict(slide=name, width=10, height=10) | bad
         wire.append(error_of(tiler.ReadRegion, tiler_pb2.ReadRegionRequest(**args)).details().encode())

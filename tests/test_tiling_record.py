@@ -1,5 +1,6 @@
 """Issue 16: the index's tiling record, read by the gateway, the CLI and `smily eval`
 instead of their own environment."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,8 +31,9 @@ def test_cli_info_prints_the_record(settings, ingested):
 @pytest.fixture
 def misconfigured_gateway(settings, ingested):
     """A second gateway on the same index whose environment asks for another tiling."""
-    running, s = stack.start(["gateway"], dataclasses.replace(settings, gateway_port=0, tile_mpp=0.5,
-                                                              tile_stride=0.5, tile_size=256))
+    running, s = stack.start(
+        ["gateway"], dataclasses.replace(settings, gateway_port=0, tile_mpp=0.5, tile_stride=0.5, tile_size=256)
+    )
     c = Client(f"127.0.0.1:{s.gateway_port}", timeout=300)
     yield c
     c.close()
@@ -46,6 +48,7 @@ def test_gateway_uses_the_index_record_not_its_environment(misconfigured_gateway
     assert len(hits) == 3 and all(abs(h.mpp - 1.0) < 0.01 for h in hits)
     # An ingest through it cuts tiles as the index records them: the same tile count as before.
     before = {s.slide_id: s.tile_count for s in misconfigured_gateway.slides()}
-    op = misconfigured_gateway.wait(misconfigured_gateway.ingest("synth-a.tiff", "synth-a", {"file": "synth-a.tiff",
-                                                                                          "organ": "test"}))
+    op = misconfigured_gateway.wait(
+        misconfigured_gateway.ingest("synth-a.tiff", "synth-a", {"file": "synth-a.tiff", "organ": "test"})
+    )
     assert op.error_code == "" and op.progress.tiles_indexed == before["synth-a"]

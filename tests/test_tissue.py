@@ -1,5 +1,6 @@
 """Tissue detection on the labelled thumbnails of tests/data/tissue (tests/tissue_set.py):
 every stain kept, glass and artefacts dropped."""
+
 import numpy as np
 import pytest
 

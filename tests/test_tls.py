@@ -1,4 +1,5 @@
 """TLS and mTLS on the servers: who may connect, identities, rotation, the health port."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,14 +29,26 @@ def pki(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("pki"))
     ca = CA(d)
     other = CA(os.path.join(d, "other"), "other-ca")
-    return {"ca": ca, "other": other, "gateway": ca.issue("smily-gateway"), "tooling": ca.issue("smily-tooling"),
-            "stranger": ca.issue("stranger"), "outsider": ca.issue("outsider", ca=other)}
+    return {
+        "ca": ca,
+        "other": other,
+        "gateway": ca.issue("smily-gateway"),
+        "tooling": ca.issue("smily-tooling"),
+        "stranger": ca.issue("stranger"),
+        "outsider": ca.issue("outsider", ca=other),
+    }
 
 
 def mtls_settings(pki, **changes):
     cert, key = pki["gateway"]
-    return base_settings(plaintext=False, tls_cert_file=cert, tls_key_file=key, tls_ca_file=pki["ca"].path,
-                         tls_client_auth="require", **changes)
+    return base_settings(
+        plaintext=False,
+        tls_cert_file=cert,
+        tls_key_file=key,
+        tls_ca_file=pki["ca"].path,
+        tls_client_auth="require",
+        **changes,
+    )
 
 
 def read(path: str) -> bytes:
@@ -110,11 +123,14 @@ def test_health_answers_in_plaintext_on_its_own_port_only(pki, tmp_path):
         assert rpc_code(other.ListSlides, index_pb2.ListSlidesRequest(), timeout=5) == grpc.StatusCode.UNIMPLEMENTED
         # On the TLS port, health needs a certificate from the CA but no particular identity.
         tls_health = health_pb2_grpc.HealthStub(channel(s.index_target, creds(pki["ca"].path, pki["stranger"])))
-        assert tls_health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == \
-            health_pb2.HealthCheckResponse.SERVING
+        assert (
+            tls_health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+            == health_pb2.HealthCheckResponse.SERVING
+        )
         srv.health.enter_graceful_shutdown()
-        assert plain.Check(health_pb2.HealthCheckRequest(), timeout=5).status == \
-            health_pb2.HealthCheckResponse.NOT_SERVING
+        assert (
+            plain.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        )
     finally:
         stack.stop(running, 0)
 
@@ -207,8 +223,9 @@ def test_a_call_in_flight_ends_on_the_channel_it_started_on(pki, backends, tmp_p
     close = channels._close_soon
     monkeypatch.setattr(channels, "_close_soon", lambda ch: (closing.append((ch, stream.is_active())), close(ch)))
     files = mounted(pki["gateway"], str(tmp_path / "mount"))
-    stub = RotatingStub(backends.tiler_target, tls.ClientCredentials(*files, pki["ca"].path),
-                        tiler_pb2_grpc.TilerServiceStub)
+    stub = RotatingStub(
+        backends.tiler_target, tls.ClientCredentials(*files, pki["ca"].path), tiler_pb2_grpc.TilerServiceStub
+    )
     old = stub.channel
     stream = stub.StreamTiles(tiler_pb2.StreamTilesRequest(slide="synth-a.tiff"), timeout=60)
     first = next(stream)
@@ -237,19 +254,29 @@ def test_the_gateway_presents_its_renewed_certificate_without_a_restart(slide_di
     _trust(trusted, old_ca, new_ca)
     cert, key = new_ca.issue("smily-backend")
     # The backends share one certificate here; the tiler admits it as the embedder's (EmbedSlide).
-    s = base_settings(plaintext=False, tls_cert_file=cert, tls_key_file=key, tls_ca_file=trusted,
-                      tls_client_auth="require", tls_tiler_clients=("smily-backend",),
-                      slide_roots=(slide_dir,), model_repository=model_repo,
-                      index_dir=os.path.join(d, "index"))
+    s = base_settings(
+        plaintext=False,
+        tls_cert_file=cert,
+        tls_key_file=key,
+        tls_ca_file=trusted,
+        tls_client_auth="require",
+        tls_tiler_clients=("smily-backend",),
+        slide_roots=(slide_dir,),
+        model_repository=model_repo,
+        index_dir=os.path.join(d, "index"),
+    )
     back, s = stack.start(["tiler", "embedder", "index"], s)
     old_pair = old_ca.issue("smily-gateway")
     files = mounted(old_pair, os.path.join(d, "gateway-tls"))
-    front, gw = stack.start(["gateway"], dataclasses.replace(
-        s, tls_cert_file=files[0], tls_key_file=files[1], tls_ca_file=new_ca.path, tls_client_auth="none"))
+    front, gw = stack.start(
+        ["gateway"],
+        dataclasses.replace(
+            s, tls_cert_file=files[0], tls_key_file=files[1], tls_ca_file=new_ca.path, tls_client_auth="none"
+        ),
+    )
     callers_ca = os.path.join(d, "callers-trust.pem")  # the gateway serves its own certificate too
     _trust(callers_ca, old_ca, new_ca)
-    client = Client(f"127.0.0.1:{gw.gateway_port}", timeout=120, tls_ca=callers_ca, token="", cert_file="",
-                    key_file="")
+    client = Client(f"127.0.0.1:{gw.gateway_port}", timeout=120, tls_ca=callers_ca, token="", cert_file="", key_file="")
     try:
         slide = TEST_SLIDES[0].name
         op = client.wait(client.ingest(slide, "synth-a"))
@@ -272,9 +299,13 @@ def test_the_gateway_presents_its_renewed_certificate_without_a_restart(slide_di
 
         # Through the same gateway: the index, the tiler (the query region) and the embedder.
         ready = health_pb2_grpc.HealthStub(channel(f"127.0.0.1:{gw.gateway_port}", creds(callers_ca)))
-        until(lambda: ready.Check(health_pb2.HealthCheckRequest(service="smily.gateway.v1.GatewayService"),
-                                  timeout=5).status == health_pb2.HealthCheckResponse.SERVING,
-              "the gateway's readiness with every backend")
+        until(
+            lambda: (
+                ready.Check(health_pb2.HealthCheckRequest(service="smily.gateway.v1.GatewayService"), timeout=5).status
+                == health_pb2.HealthCheckResponse.SERVING
+            ),
+            "the gateway's readiness with every backend",
+        )
         assert [x.slide_id for x in client.slides()] == ["synth-a"]
         hits = client.search(region=dict(slide_id="synth-a", x=0, y=0, width=224, height=224), k=3).hits
         assert len(hits) == 3 and {h.slide_id for h in hits} == {"synth-a"}

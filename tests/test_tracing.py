@@ -3,6 +3,7 @@
 The SDK's in-memory exporter collects the spans of the real gateway,
 tiler, embedder and index (one process here, the same interceptors and W3C
 traceparent metadata as between pods)."""
+
 from __future__ import annotations
 
 import io
@@ -39,8 +40,11 @@ def spans():
 
 def _png(settings, seed: int) -> bytes:
     tiler = tiler_pb2_grpc.TilerServiceStub(channel(settings.tiler_target))
-    img = tiler.ReadRegion(tiler_pb2.ReadRegionRequest(slide=CMU, x=600, y=600, width=448, height=448, mpp=1.0,
-                                                       encoding=types_pb2.IMAGE_ENCODING_RAW_RGB)).image
+    img = tiler.ReadRegion(
+        tiler_pb2.ReadRegionRequest(
+            slide=CMU, x=600, y=600, width=448, height=448, mpp=1.0, encoding=types_pb2.IMAGE_ENCODING_RAW_RGB
+        )
+    ).image
     rgb = np.frombuffer(img.data, np.uint8).reshape(img.height, img.width, 3).copy()
     rgb[0, 0] = (seed % 256, 1, 2)  # never seen before: an uncached query
     buf = io.BytesIO()
@@ -55,8 +59,7 @@ def _trace_of(exporter, run) -> list:
     deadline = time.monotonic() + 30  # a bound on the wait, not a speed check
     while time.monotonic() < deadline:
         spans = exporter.get_finished_spans()
-        if any(s.name == "smily.gateway.v1.GatewayService/Search" and s.kind == trace.SpanKind.SERVER
-               for s in spans):
+        if any(s.name == "smily.gateway.v1.GatewayService/Search" and s.kind == trace.SpanKind.SERVER for s in spans):
             return list(spans)
         time.sleep(0.02)
     raise AssertionError("the gateway's Search span never ended")
@@ -73,9 +76,18 @@ def _assert_one_connected_trace(spans) -> set[str]:
 def test_image_search_is_one_trace_over_gateway_embedder_and_index(spans, client, settings, ingested):
     png = _png(settings, 7)
     names = _assert_one_connected_trace(_trace_of(spans, lambda: client.search(image=png, k=5)))
-    for name in ("smily.gateway.v1.GatewayService/Search", "cache.get", "cache.put",
-                 "smily.embedder.v1.EmbedderService/Embed", "decode", "preprocess", "inference",
-                 "smily.index.v1.IndexService/Search", "index.search", "index.records"):
+    for name in (
+        "smily.gateway.v1.GatewayService/Search",
+        "cache.get",
+        "cache.put",
+        "smily.embedder.v1.EmbedderService/Embed",
+        "decode",
+        "preprocess",
+        "inference",
+        "smily.index.v1.IndexService/Search",
+        "index.search",
+        "index.records",
+    ):
         assert name in names, (name, sorted(names))
     # Both ends of each backend call: the client span is the server span's parent.
     by_id = {s.context.span_id: s for s in spans.get_finished_spans()}
@@ -90,15 +102,21 @@ def test_image_search_is_one_trace_over_gateway_embedder_and_index(spans, client
 def test_region_search_traces_the_tiler_read(spans, client, settings, ingested):
     region = dict(slide_id="cmu_small_region", x=333, y=444, width=448, height=448)
     names = _assert_one_connected_trace(_trace_of(spans, lambda: client.search(region=region, k=5)))
-    assert {"smily.tiler.v1.TilerService/ReadRegion", "tiler.read", "smily.embedder.v1.EmbedderService/Embed",
-            "smily.index.v1.IndexService/Search"} <= names
+    assert {
+        "smily.tiler.v1.TilerService/ReadRegion",
+        "tiler.read",
+        "smily.embedder.v1.EmbedderService/Embed",
+        "smily.index.v1.IndexService/Search",
+    } <= names
 
 
 def test_no_exporter_unless_otel_variables_ask():
-    code = ("import os; from smily.common import tracing; from opentelemetry import trace; "
-            "from opentelemetry.sdk.trace import TracerProvider; "
-            "assert not tracing.configure('x'); assert not isinstance(trace.get_tracer_provider(), TracerProvider); "
-            "os.environ['OTEL_TRACES_EXPORTER'] = 'console'; tracing._done = False; "
-            "assert tracing.configure('x') and isinstance(trace.get_tracer_provider(), TracerProvider)")
+    code = (
+        "import os; from smily.common import tracing; from opentelemetry import trace; "
+        "from opentelemetry.sdk.trace import TracerProvider; "
+        "assert not tracing.configure('x'); assert not isinstance(trace.get_tracer_provider(), TracerProvider); "
+        "os.environ['OTEL_TRACES_EXPORTER'] = 'console'; tracing._done = False; "
+        "assert tracing.configure('x') and isinstance(trace.get_tracer_provider(), TracerProvider)"
+    )
     env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("OTEL_")}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)

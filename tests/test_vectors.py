@@ -1,4 +1,5 @@
 """Query arithmetic and paging helpers, without servers."""
+
 from __future__ import annotations
 
 from types import SimpleNamespace as NS
@@ -78,7 +79,9 @@ def test_page_tokens_belong_to_their_request():
     req = gateway_pb2.SearchRequest(image=b"x", k=30, page_size=5)
     fp = paging.fingerprint(req)
     token = paging.make_token(5, fp)
-    assert paging.read_token(token, paging.fingerprint(gateway_pb2.SearchRequest(image=b"x", k=30, page_token=token))) == 5
+    assert (
+        paging.read_token(token, paging.fingerprint(gateway_pb2.SearchRequest(image=b"x", k=30, page_token=token))) == 5
+    )
     other = paging.fingerprint(gateway_pb2.SearchRequest(image=b"y", k=30))
     for bad, fingerprint in ((token, other), ("%%%", fp), ("bm9jb2xvbg==", fp)):
         with pytest.raises(InvalidArgument) as info:

@@ -3,6 +3,7 @@ by Selenium) against the real stack: a SMILY session end to end on the sample sl
 
 Screenshots of every step go to var/artifacts/viewer/ (the path is printed).
 """
+
 from __future__ import annotations
 
 import os
@@ -27,8 +28,14 @@ def browser():
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--window-size=1280,800", "--no-sandbox", "--disable-dev-shm-usage",
-                "--disable-gpu", "--disable-extensions"):
+    for arg in (
+        "--headless=new",
+        "--window-size=1280,800",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--disable-extensions",
+    ):
         opts.add_argument(arg)
     # An explicit driver path: Selenium Manager never downloads one.
     driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=opts)
@@ -41,13 +48,22 @@ def browser():
 def concept(http_url, ingested):
     """A concept learned from a few tiles of one slide against tiles of another."""
     with httpx.Client(base_url=http_url, timeout=300) as c:
+
         def tiles(slide_id):
-            hits = c.post("/v1/search", json={"region": {"slideId": slide_id, "x": 0, "y": 0, "width": 2048,
-                                                         "height": 2048}, "k": 3, "slideIds": [slide_id]}).json()
+            hits = c.post(
+                "/v1/search",
+                json={
+                    "region": {"slideId": slide_id, "x": 0, "y": 0, "width": 2048, "height": 2048},
+                    "k": 3,
+                    "slideIds": [slide_id],
+                },
+            ).json()
             return [{"region": {k: h[k] for k in ("slideId", "x", "y", "width", "height")}} for h in hits["hits"]]
 
-        r = c.post("/v1/concepts", json={"name": "synth-c-like", "withExamples": tiles("synth-c-40x"),
-                                         "withoutExamples": tiles("synth-a")})
+        r = c.post(
+            "/v1/concepts",
+            json={"name": "synth-c-like", "withExamples": tiles("synth-c-40x"), "withoutExamples": tiles("synth-a")},
+        )
         assert r.status_code == 200, r.text
         yield "synth-c-like"
         c.delete("/v1/concepts/synth-c-like")
@@ -72,8 +88,11 @@ def js(driver, script, *args):
 
 
 def hits(driver) -> list[dict]:
-    return js(driver, """return [...document.querySelectorAll('#gallery .hit')].map(e => ({
-        slide: e.dataset.slideId, x: e.dataset.x, y: e.dataset.y, score: Number(e.dataset.score)}));""")
+    return js(
+        driver,
+        """return [...document.querySelectorAll('#gallery .hit')].map(e => ({
+        slide: e.dataset.slideId, x: e.dataset.x, y: e.dataset.y, score: Number(e.dataset.score)}));""",
+    )
 
 
 def search_and_wait(driver, click) -> list[dict]:
@@ -94,19 +113,27 @@ def test_a_smily_session_in_the_browser(browser, http_url, ingested, concept):
     assert d.find_elements(By.CSS_SELECTOR, '#slide-list button[data-slide-id="synth-a"]')
     # Concept sliders come from ListConcepts; every control has a label.
     assert d.find_elements(By.CSS_SELECTOR, f'input[type=range][data-concept="{concept}"]')
-    unlabelled = js(d, """return [...document.querySelectorAll('input, button')].filter(e =>
+    unlabelled = js(
+        d,
+        """return [...document.querySelectorAll('input, button')].filter(e =>
         !(e.labels && e.labels.length) && !e.getAttribute('aria-label') && !e.textContent.trim()
-        && e.type !== 'hidden').map(e => e.id || e.outerHTML)""")
+        && e.type !== 'hidden').map(e => e.id || e.outerHTML)""",
+    )
     assert not unlabelled, unlabelled
     shot(d, "01-page")
 
     # Filter the slide list, then open a sample slide.
     d.find_element(By.ID, "slide-filter").send_keys("synth-a")
-    assert [e.get_attribute("data-slide-id") for e in d.find_elements(By.CSS_SELECTOR, "#slide-list button")] == \
-        ["synth-a"]
+    assert [e.get_attribute("data-slide-id") for e in d.find_elements(By.CSS_SELECTOR, "#slide-list button")] == [
+        "synth-a"
+    ]
     d.find_element(By.CSS_SELECTOR, '#slide-list button[data-slide-id="synth-a"]').click()
-    wait(d, lambda d: js(d, "const w = window.smily.viewer.world; return w.getItemCount() === 1 && "
-                            "w.getItemAt(0).getFullyLoaded()"))
+    wait(
+        d,
+        lambda d: js(
+            d, "const w = window.smily.viewer.world; return w.getItemCount() === 1 && w.getItemAt(0).getFullyLoaded()"
+        ),
+    )
     d.find_element(By.ID, "slide-filter").clear()
     js(d, "document.getElementById('slide-filter').dispatchEvent(new Event('input'))")
     shot(d, "02-slide")
@@ -114,8 +141,9 @@ def test_a_smily_session_in_the_browser(browser, http_url, ingested, concept):
     # Draw a region with the rectangle tool.
     d.find_element(By.ID, "draw").click()
     canvas = d.find_element(By.CSS_SELECTOR, "#viewer .openseadragon-canvas")
-    ActionChains(d).move_to_element_with_offset(canvas, -60, -60).click_and_hold().move_by_offset(40, 40) \
-        .move_by_offset(60, 60).release().perform()
+    ActionChains(d).move_to_element_with_offset(canvas, -60, -60).click_and_hold().move_by_offset(
+        40, 40
+    ).move_by_offset(60, 60).release().perform()
     selection = wait(d, lambda d: js(d, "return window.smily.state.selection"))
     assert selection["width"] > 50 and selection["height"] > 50
     shot(d, "03-region")
@@ -128,8 +156,12 @@ def test_a_smily_session_in_the_browser(browser, http_url, ingested, concept):
     scores = [h["score"] for h in first_hits]
     assert scores[0] == max(scores)
     # Thumbnails come lazily through IIIF.
-    wait(d, lambda d: js(d, "const i = document.querySelector('#gallery .hit img'); "
-                            "return i.complete && i.naturalWidth === 128"))
+    wait(
+        d,
+        lambda d: js(
+            d, "const i = document.querySelector('#gallery .hit img'); return i.complete && i.naturalWidth === 128"
+        ),
+    )
     shot(d, "04-gallery")
 
     # Click the first hit: the viewer moves to it, outlined.
@@ -146,8 +178,14 @@ def test_a_smily_session_in_the_browser(browser, http_url, ingested, concept):
 
     # Back returns to the query: its slide, its region, the same gallery.
     d.back()
-    wait(d, lambda d: js(d, "return window.smily.state.slide.slideId === 'synth-a' && "
-                            "window.smily.state.selection !== null && !document.querySelector('.hit-outline')"))
+    wait(
+        d,
+        lambda d: js(
+            d,
+            "return window.smily.state.slide.slideId === 'synth-a' && "
+            "window.smily.state.selection !== null && !document.querySelector('.hit-outline')",
+        ),
+    )
     assert hits(d) == first_hits
 
     # "Less like this" on a hit, search again: it is gone.
@@ -200,4 +238,3 @@ def test_ingest_progress_from_the_page(browser, http_url, ingested):
     wait(d, lambda d: d.find_elements(By.CSS_SELECTOR, '#slide-list button[data-slide-id="page-c"]'))
     shot(d, "09-ingest")
     httpx.delete(f"{http_url}/v1/slides/page-c")
-

@@ -1,4 +1,5 @@
 """SMILY_VIEWER_URL_TEMPLATE: links per hit, only with every field known."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
 """Slide files the tiler must survive, written byte by byte or with tifffile."""
+
 from __future__ import annotations
 
 import struct
@@ -14,16 +15,30 @@ def huge_tile_tiff(path: str, side: int = 1 << 20) -> None:
     side*side*4 bytes (4 TiB by default) and GLib aborts the process on the
     failed allocation: a real decoder crash, no fault injection.
     """
-    tags = [(256, 4, side), (257, 4, side), (258, 3, None), (259, 3, 1), (262, 3, 2), (277, 3, 3),
-            (284, 3, 1), (322, 4, side), (323, 4, side), (324, 4, None), (325, 4, 64)]
+    tags = [
+        (256, 4, side),
+        (257, 4, side),
+        (258, 3, None),
+        (259, 3, 1),
+        (262, 3, 2),
+        (277, 3, 3),
+        (284, 3, 1),
+        (322, 4, side),
+        (323, 4, side),
+        (324, 4, None),
+        (325, 4, 64),
+    ]
     ifd_end = 8 + 2 + 12 * len(tags) + 4
     bps_at, data_at = ifd_end, ifd_end + 8
     out = bytearray(b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", len(tags)))
     for tag, typ, val in tags:
         count = 3 if tag == 258 else 1
         val = {258: bps_at, 324: data_at}.get(tag, val)
-        out += struct.pack("<HHIHH", tag, typ, count, val, 0) if typ == 3 and count == 1 else \
-            struct.pack("<HHII", tag, typ, count, val)
+        out += (
+            struct.pack("<HHIHH", tag, typ, count, val, 0)
+            if typ == 3 and count == 1
+            else struct.pack("<HHII", tag, typ, count, val)
+        )
     out += struct.pack("<I", 0) + struct.pack("<HHH", 8, 8, 8) + b"\0\0" + b"\x80" * 64
     with open(path, "wb") as fh:
         fh.write(out)
@@ -76,7 +91,9 @@ def dicom_wsi(directory: str, levels: list[np.ndarray], mpp: float, tile: int = 
         ds.SOPClassUID, ds.SOPInstanceUID = wsi, sop
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame_of_ref
         ds.Modality = "SM"
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"] if i == 0 else ["DERIVED", "PRIMARY", "VOLUME", "RESAMPLED"]
+        ds.ImageType = (
+            ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"] if i == 0 else ["DERIVED", "PRIMARY", "VOLUME", "RESAMPLED"]
+        )
         ds.PatientName, ds.PatientID = "ANON", "ANON"
         ds.InstanceNumber = i + 1
         ds.DimensionOrganizationType = "TILED_FULL"

@@ -10,6 +10,7 @@ synthetic images and the IHC composite deterministically; the CMU images are
 cut from tests/data/cmu_small_region.svs and their masks were drawn by hand
 (cmu_masks below) and checked on overlays.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,7 +45,8 @@ def score(pred: np.ndarray, labels: np.ndarray) -> Scores:
         recall=float((pred & tissue).sum() / max(tissue.sum(), 1)),
         precision=float((pred & tissue).sum() / max(kept.sum(), 1)),
         artefacts_dropped=float((~pred & artefact).sum() / artefact.sum()) if artefact.any() else float("nan"),
-        tissue_px=int(tissue.sum()))
+        tissue_px=int(tissue.sum()),
+    )
 
 
 def load() -> list[tuple[str, np.ndarray, np.ndarray]]:
@@ -71,7 +73,7 @@ WHITE = np.array((246, 244, 246), np.float32)  # synthetic.render's glass
 def _blob(rng, shape, coverage: float) -> np.ndarray:
     """A smooth random tissue outline covering about `coverage` of the frame."""
     noise = ndi.gaussian_filter(rng.standard_normal(shape), min(shape) / 8)
-    yy, xx = np.mgrid[0:shape[0], 0:shape[1]]
+    yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]]
     edge = np.minimum.reduce([yy, xx, shape[0] - 1 - yy, shape[1] - 1 - xx]) / min(shape)
     field = noise / noise.std() + 6 * np.minimum(edge, 0.2)
     return field > np.quantile(field, 1 - coverage)
@@ -127,7 +129,7 @@ def _render_tissue(rng, kinds: list[str], coverage: float, stain: str) -> tuple[
 
 def _glass(rng, shape, colour) -> np.ndarray:
     """Glass with a colour cast, uneven illumination and scanner noise."""
-    yy, xx = np.mgrid[0:shape[0], 0:shape[1]]
+    yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]]
     vignette = 1 - 0.01 * (((yy / shape[0] - 0.5) ** 2 + (xx / shape[1] - 0.5) ** 2) * 4)
     img = np.array(colour, np.float32)[None, None] * vignette[..., None]
     return img + rng.normal(0, 1.2, img.shape)
@@ -135,7 +137,7 @@ def _glass(rng, shape, colour) -> np.ndarray:
 
 def _shrink(img: np.ndarray) -> np.ndarray:
     h, w = img.shape[0] // SHRINK, img.shape[1] // SHRINK
-    return img[:h * SHRINK, :w * SHRINK].reshape(h, SHRINK, w, SHRINK, -1).mean(axis=(1, 3))
+    return img[: h * SHRINK, : w * SHRINK].reshape(h, SHRINK, w, SHRINK, -1).mean(axis=(1, 3))
 
 
 def _labels_from_coverage(coverage: np.ndarray) -> np.ndarray:
@@ -186,8 +188,9 @@ def _add_artefacts(rng, img: np.ndarray, labels: np.ndarray, which: tuple[str, .
         labels[(marks == value) & near_tissue & (labels != TISSUE)] = IGNORED
 
 
-def synthetic_image(seed: int, kinds: list[str], coverage: float, stain: str,
-                    glass=(238, 236, 232)) -> tuple[np.ndarray, np.ndarray]:
+def synthetic_image(
+    seed: int, kinds: list[str], coverage: float, stain: str, glass=(238, 236, 232)
+) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     tissue, outline = _render_tissue(rng, kinds, coverage, stain)
     # Tissue transmits the light the glass does: its white (empty fat cells,
@@ -214,9 +217,9 @@ def ihc_composite(ihc: np.ndarray, seed: int = 7) -> tuple[np.ndarray, np.ndarra
     outline = np.hypot((yy - side / 2) / side, (xx - side * 0.58) / side) < 0.4 + wobble
     img = _glass(rng, SIZE, (236, 236, 234))
     y0, x0 = (h - side) // 2, (w - side) // 2 - 20
-    img[y0:y0 + side, x0:x0 + side][outline] = piece[outline]
+    img[y0 : y0 + side, x0 : x0 + side][outline] = piece[outline]
     full = np.zeros(SIZE, bool)
-    full[y0:y0 + side, x0:x0 + side] = outline
+    full[y0 : y0 + side, x0 : x0 + side] = outline
     labels = np.zeros(SIZE, np.uint8)
     labels[full] = IGNORED
     labels[ndi.binary_erosion(full)] = TISSUE
@@ -225,14 +228,34 @@ def ihc_composite(ihc: np.ndarray, seed: int = 7) -> tuple[np.ndarray, np.ndarra
 
 
 SYNTHETIC = {
-    "he-synthetic": {"seed": 11, "kinds": ["stroma", "lymphocytes", "glands", "tumour", "fat"], "coverage": 0.45, "stain": "he"},
-    "he-pale-synthetic": {"seed": 12, "kinds": ["stroma", "glands", "fat", "stroma", "lymphocytes"], "coverage": 0.5,
-                              "stain": "pale", "glass": (244, 244, 246)},
-    "fat-synthetic": {"seed": 13, "kinds": ["fat", "fat", "fat", "stroma", "fat"], "coverage": 0.55, "stain": "he",
-                          "glass": (235, 238, 240)},
+    "he-synthetic": {
+        "seed": 11,
+        "kinds": ["stroma", "lymphocytes", "glands", "tumour", "fat"],
+        "coverage": 0.45,
+        "stain": "he",
+    },
+    "he-pale-synthetic": {
+        "seed": 12,
+        "kinds": ["stroma", "glands", "fat", "stroma", "lymphocytes"],
+        "coverage": 0.5,
+        "stain": "pale",
+        "glass": (244, 244, 246),
+    },
+    "fat-synthetic": {
+        "seed": 13,
+        "kinds": ["fat", "fat", "fat", "stroma", "fat"],
+        "coverage": 0.55,
+        "stain": "he",
+        "glass": (235, 238, 240),
+    },
     "mucin-synthetic": {"seed": 14, "kinds": ["mucin", "mucin", "glands", "stroma"], "coverage": 0.45, "stain": "he"},
-    "ihc-synthetic": {"seed": 15, "kinds": ["stroma", "glands", "tumour", "stroma", "fat"], "coverage": 0.5, "stain": "ihc",
-                          "glass": (240, 238, 236)},
+    "ihc-synthetic": {
+        "seed": 15,
+        "kinds": ["stroma", "glands", "tumour", "stroma", "fat"],
+        "coverage": 0.5,
+        "stain": "ihc",
+        "glass": (240, 238, 236),
+    },
 }
 
 

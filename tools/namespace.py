@@ -8,6 +8,7 @@ that read packages from folders and cannot see setuptools' package-dir mapping
 
 Paths in a checker's output are mapped back to the files in the repository.
 """
+
 from __future__ import annotations
 
 import os
@@ -27,8 +28,13 @@ BANNER = "╔╗╚╝║═╣╠╦╩╬─│▶◀▲└┘┐┌ "
 CHECKERS = {
     "mypy": [sys.executable, "-m", "mypy"],
     # import-linter puts its working directory first on sys.path: run it in the tree.
-    "lint-imports": [sys.executable, "-c", "from importlinter.cli import lint_imports_command as c; c()",
-                     "--config", PYPROJECT],
+    "lint-imports": [
+        sys.executable,
+        "-c",
+        "from importlinter.cli import lint_imports_command as c; c()",
+        "--config",
+        PYPROJECT,
+    ],
 }
 
 

@@ -4,6 +4,7 @@ Code anywhere under a gateway handler (per-caller quotas, audit) reads the
 verified identity with current(); outside an RPC, or with SMILY_AUTH=none,
 it is the anonymous caller.
 """
+
 from __future__ import annotations
 
 import contextvars

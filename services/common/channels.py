@@ -9,6 +9,7 @@ A RotatingStub dials its target again when the client certificate is
 renewed (tls.ClientCredentials), so a service keeps presenting a valid
 certificate without a restart.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,11 +34,27 @@ RETIRE_GRACE_S = 5.0
 IDEMPOTENT = {
     "smily.tiler.v1.TilerService": ("GetSlideInfo", "StreamTiles", "ReadRegion"),
     "smily.embedder.v1.EmbedderService": ("Embed", "GetModelInfo"),
-    "smily.index.v1.IndexService": ("AddTiles", "CommitSlide", "Search", "GetSlide", "ListSlides", "GetIndexInfo",
-                                    "PutConcept", "GetConcept", "ListConcepts"),
+    "smily.index.v1.IndexService": (
+        "AddTiles",
+        "CommitSlide",
+        "Search",
+        "GetSlide",
+        "ListSlides",
+        "GetIndexInfo",
+        "PutConcept",
+        "GetConcept",
+        "ListConcepts",
+    ),
     # The public API, for smily.client.
-    "smily.gateway.v1.GatewayService": ("GetOperation", "CancelOperation", "Search", "SearchSlides", "ReadRegion",
-                                        "ListConcepts", "ListSlides"),
+    "smily.gateway.v1.GatewayService": (
+        "GetOperation",
+        "CancelOperation",
+        "Search",
+        "SearchSlides",
+        "ReadRegion",
+        "ListConcepts",
+        "ListSlides",
+    ),
 }
 
 _SERVICE_CONFIG = json.dumps(
@@ -75,8 +92,12 @@ def channel(target: str, credentials: grpc.ChannelCredentials | None = None) -> 
     return tracing.intercept(grpc.secure_channel(target, credentials, options=options))
 
 
-class _InFlight(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
-                grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+class _InFlight(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
     """Counts a channel's calls in flight, so a replaced channel is closed only once they are done:
     closing a channel cancels its calls (an ingest's tile stream may run for an hour)."""
 

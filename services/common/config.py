@@ -4,6 +4,7 @@ One flat dataclass keeps the knobs of the whole suite in one place: a field
 `foo_bar` is set by the variable `SMILY_FOO_BAR`. Lists use the OS path
 separator (":" on Linux), except lists of addresses, which use ",".
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -201,8 +202,15 @@ class Settings:
 
 
 # Lists of network addresses cannot use ":".
-_SEPARATORS = {"index_targets": ",", "tls_backend_clients": ",", "tls_index_clients": ",", "dicomweb_url": ",",
-               "tile_mpps": ",", "query_transforms": ",", "tls_tiler_clients": ","}
+_SEPARATORS = {
+    "index_targets": ",",
+    "tls_backend_clients": ",",
+    "tls_index_clients": ",",
+    "dicomweb_url": ",",
+    "tile_mpps": ",",
+    "query_transforms": ",",
+    "tls_tiler_clients": ",",
+}
 
 
 def _parse(f: dataclasses.Field, raw: str):

@@ -3,6 +3,7 @@
 Servicers raise these; the server interceptor turns them (and errors of
 downstream calls) into statuses, so a client never sees a bare UNKNOWN.
 """
+
 from __future__ import annotations
 
 import grpc
@@ -54,6 +55,8 @@ class Busy(ServiceError):
     def __init__(self, message: str, retry_after_s: float = 1.0):
         super().__init__(f"{message}; retry in about {retry_after_s:g} s")
         self.retry_after_s = retry_after_s
+
+
 class Unauthenticated(ServiceError):
     code = grpc.StatusCode.UNAUTHENTICATED
 

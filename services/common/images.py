@@ -2,6 +2,7 @@
 
 Encodings are smily.types.v1.ImageEncoding values.
 """
+
 from __future__ import annotations
 
 import io

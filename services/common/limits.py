@@ -5,6 +5,7 @@ in depth), so one slide can never make every Search reply too big, and ids
 stay safe to show, log and use as keys. Each refusal is an InvalidArgument
 naming the limit.
 """
+
 from __future__ import annotations
 
 import math
@@ -98,8 +99,10 @@ def slide_mpp(value: float, what: str = "slide_mpp") -> float:
     if value == 0:
         return 0.0
     if not (math.isfinite(value) and MIN_SLIDE_MPP <= value <= MAX_SLIDE_MPP):
-        raise InvalidArgument(f"{what} must be 0 (the file's own) or {MIN_SLIDE_MPP:g}..{MAX_SLIDE_MPP:g} "
-                              f"microns per pixel, got {value:g}")
+        raise InvalidArgument(
+            f"{what} must be 0 (the file's own) or {MIN_SLIDE_MPP:g}..{MAX_SLIDE_MPP:g} "
+            f"microns per pixel, got {value:g}"
+        )
     return value
 
 
@@ -127,4 +130,5 @@ def tiles_per_slide(grid: int, cap: int, slide_mpp: float) -> None:
     if grid > cap:
         raise InvalidArgument(
             f"the slide would be cut into {grid} tiles at {slide_mpp:g} microns per pixel, over the limit of "
-            f"{cap} tiles per slide; check slide_mpp")
+            f"{cap} tiles per slide; check slide_mpp"
+        )

@@ -7,6 +7,7 @@ pages and pays a page fault per 4 KiB. Keeping such buffers in the heap made
 building and serializing a 150 KB tile message 6x and 24x cheaper and halved
 the CPU of streaming tiles over gRPC (docs/benchmarks.md, Tiler).
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -25,4 +26,6 @@ def keep_large_buffers() -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(
+        mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
+    )

@@ -5,6 +5,7 @@ Going from N to N+1 shards moves only the slides the new shard wins, about
 1/(N+1) of them, and none between the old shards. Stable across processes
 and releases (unlike hash()).
 """
+
 from __future__ import annotations
 
 import hashlib

@@ -1,4 +1,5 @@
 """A readers-writer lock: many concurrent readers, one exclusive writer."""
+
 from __future__ import annotations
 
 import threading

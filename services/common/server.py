@@ -6,6 +6,7 @@ on a plaintext health-only port for kubelet), TLS/mTLS, reflection when asked
 for, canonical error mapping, Prometheus metrics, connection ageing
 for Kubernetes load balancing, and a graceful stop on SIGTERM.
 """
+
 from __future__ import annotations
 
 import logging
@@ -31,9 +32,7 @@ log = logging.getLogger("smily.server")
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
-REQUESTS = prom.Counter(
-    "smily_grpc_requests_total", "RPCs handled", ["service", "method", "code"]
-)
+REQUESTS = prom.Counter("smily_grpc_requests_total", "RPCs handled", ["service", "method", "code"])
 LATENCY = prom.Histogram(
     "smily_grpc_request_seconds",
     "RPC handling time",
@@ -153,9 +152,7 @@ class _Interceptor(grpc.ServerInterceptor):
                     IN_FLIGHT.labels(service).dec()
                     admission.leave(caller)
 
-            return grpc.unary_unary_rpc_method_handler(
-                unary, handler.request_deserializer, handler.response_serializer
-            )
+            return grpc.unary_unary_rpc_method_handler(unary, handler.request_deserializer, handler.response_serializer)
         if handler.unary_stream:
             inner_stream = handler.unary_stream
 
@@ -193,8 +190,15 @@ class Registration:
 
 
 class RunningServer:
-    def __init__(self, server: grpc.Server, health_servicer, port: int, names: list[str],
-                 health_server: grpc.Server | None = None, health_port: int = 0):
+    def __init__(
+        self,
+        server: grpc.Server,
+        health_servicer,
+        port: int,
+        names: list[str],
+        health_server: grpc.Server | None = None,
+        health_port: int = 0,
+    ):
         self.server = server
         self.health = health_servicer
         self.port = port
@@ -237,8 +241,9 @@ def start(
     label = regs[0].name.split(".")[1] if regs else "server"
     tracing.configure(label)  # once per process; off unless OTEL_* ask for an exporter
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max(worker_threads, max_concurrent_rpcs) + SPARE_THREADS,
-                                   thread_name_prefix=label),
+        futures.ThreadPoolExecutor(
+            max_workers=max(worker_threads, max_concurrent_rpcs) + SPARE_THREADS, thread_name_prefix=label
+        ),
         interceptors=[tracing.ServerInterceptor(), _Interceptor(label, Admission(max_concurrent_rpcs))]
         + ([tls.PeerCheck(allowed_clients)] if allowed_clients is not None else [])
         + [i for r in regs for i in r.interceptors],
@@ -276,17 +281,26 @@ def start(
         # liveness ("") stays the process's own.
         watch = getattr(r.servicer, "watch_readiness", None)
         if watch:
-            watch(lambda ready, name=r.name: health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING
-                                                                  if ready else health_pb2.HealthCheckResponse.NOT_SERVING))
-    log.info("serving", extra={"services": names, "port": bound, "tls": credentials is not None,
-                               "health_port": health_bound})
+            watch(
+                lambda ready, name=r.name: health_servicer.set(
+                    name,
+                    health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING,
+                )
+            )
+    log.info(
+        "serving", extra={"services": names, "port": bound, "tls": credentials is not None, "health_port": health_bound}
+    )
     return RunningServer(server, health_servicer, bound, names, health_server, health_bound)
 
 
 def security(settings: Settings, service: str) -> dict:
     """start()'s TLS, client allow-list, health port and reflection from settings."""
-    return dict(credentials=tls.server_credentials(settings), allowed_clients=tls.allowed_clients(settings, service),
-                health_port=settings.health_port or None, reflection_on=settings.reflection)
+    return dict(
+        credentials=tls.server_credentials(settings),
+        allowed_clients=tls.allowed_clients(settings, service),
+        health_port=settings.health_port or None,
+        reflection_on=settings.reflection,
+    )
 
 
 def warn_if_plaintext(settings: Settings) -> None:
@@ -323,9 +337,14 @@ def serve(name: str, registration: Callable[[Settings], Registration]) -> None:
     start_metrics(settings.metrics_port, settings.bind_host)
     warn_if_plaintext(settings)
     reg = registration(settings)
-    running = start([reg], settings.bind_host, getattr(settings, f"{name}_port"),
-                    max_concurrent_rpcs=settings.max_concurrent_rpcs,
-                    worker_threads=settings.worker_threads, **security(settings, name))
+    running = start(
+        [reg],
+        settings.bind_host,
+        getattr(settings, f"{name}_port"),
+        max_concurrent_rpcs=settings.max_concurrent_rpcs,
+        worker_threads=settings.worker_threads,
+        **security(settings, name),
+    )
     wait_for_signal([running], settings.shutdown_grace_s)
     close = getattr(reg.servicer, "close", None)
     if close:

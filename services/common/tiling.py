@@ -6,6 +6,7 @@ id; every later write and search is checked against that record, and the
 gateway, the CLI and `smily eval` read it from the index rather than from
 their own environment (issue 16). The defaults live here and nowhere else.
 """
+
 from __future__ import annotations
 
 import json
@@ -54,12 +55,21 @@ class Tiling:
         return self
 
     def describe(self) -> str:
-        return (f"tiles of {self.tile_size} px at {', '.join(f'{m:g}' for m in self.mpps)} µm/px, "
-                f"stride {self.stride:g}, min tissue {self.min_tissue:g}")
+        return (
+            f"tiles of {self.tile_size} px at {', '.join(f'{m:g}' for m in self.mpps)} µm/px, "
+            f"stride {self.stride:g}, min tissue {self.min_tissue:g}"
+        )
 
     def to_json(self) -> str:
-        return json.dumps({"mpps": list(self.mpps), "tile_size": self.tile_size, "stride": self.stride,
-                           "min_tissue": self.min_tissue}, sort_keys=True)
+        return json.dumps(
+            {
+                "mpps": list(self.mpps),
+                "tile_size": self.tile_size,
+                "stride": self.stride,
+                "min_tissue": self.min_tissue,
+            },
+            sort_keys=True,
+        )
 
     @classmethod
     def from_json(cls, text: str) -> Tiling | None:
@@ -79,8 +89,12 @@ class Tiling:
         """None for an unset message (no mpps)."""
         if not message.mpps:
             return None
-        return cls(tuple(message.mpps), message.tile_size or DEFAULT_TILE_SIZE, message.stride or DEFAULT_STRIDE,
-                   message.min_tissue_fraction)
+        return cls(
+            tuple(message.mpps),
+            message.tile_size or DEFAULT_TILE_SIZE,
+            message.stride or DEFAULT_STRIDE,
+            message.min_tissue_fraction,
+        )
 
     @classmethod
     def from_settings(cls, settings) -> Tiling:
@@ -109,12 +123,13 @@ def check(record: Tiling | None, got: Tiling, what: str = "this write") -> None:
     if record is not None and got != record:
         raise FailedPrecondition(
             f"the index holds {record.describe()}; {what} used {got.describe()}: "
-            "one index holds one tiling (a new tiling needs a new index)")
+            "one index holds one tiling (a new tiling needs a new index)"
+        )
 
 
 def check_mpp(record: Tiling | None, mpp: float) -> None:
     """FAILED_PRECONDITION when a search asks for a resolution the index does not hold."""
     if record is not None and mpp and _round(mpp) not in record.mpps:
         raise FailedPrecondition(
-            f"the index holds tiles at {', '.join(f'{m:g}' for m in record.mpps)} µm/px, "
-            f"not at {mpp:g} µm/px")
+            f"the index holds tiles at {', '.join(f'{m:g}' for m in record.mpps)} µm/px, not at {mpp:g} µm/px"
+        )

@@ -9,6 +9,7 @@ channels.RotatingStub dials again with them. Under mTLS the backends also
 check who the client is: the identity in its certificate (SAN, else CN) must
 be on the service's allow-list.
 """
+
 from __future__ import annotations
 
 import logging
@@ -28,8 +29,9 @@ log = logging.getLogger("smily.tls")
 HEALTH_SERVICE = "grpc.health.v1.Health"
 # How often a client looks at its certificate files (a stat each) for a renewal.
 CLIENT_CHECK_S = 5.0
-PLAINTEXT_WARNING = ("warning: plaintext gRPC without TLS (SMILY_PLAINTEXT=1): for a local run only, "
-                     "never on a network others share")
+PLAINTEXT_WARNING = (
+    "warning: plaintext gRPC without TLS (SMILY_PLAINTEXT=1): for a local run only, never on a network others share"
+)
 
 
 def _read(path: str) -> bytes:
@@ -71,7 +73,8 @@ class _CertificateFiles:
         if not _matching_pair(cert, key):
             return None
         return grpc.ssl_server_certificate_configuration(
-            [(key, cert)], root_certificates=_read(self._ca) if self._ca else None)
+            [(key, cert)], root_certificates=_read(self._ca) if self._ca else None
+        )
 
     def fetch(self):
         """gRPC calls this before every handshake: None keeps the current certificate."""
@@ -106,8 +109,9 @@ def check(settings: Settings) -> None:
     if mtls(settings) and not (settings.tls_ca_file and settings.tls_cert_file):
         raise ValueError("SMILY_TLS_CLIENT_AUTH=require needs SMILY_TLS_CA_FILE and a certificate")
     if not settings.tls_cert_file and not settings.plaintext:
-        raise ValueError("no TLS certificate: set SMILY_TLS_CERT_FILE and SMILY_TLS_KEY_FILE "
-                         "(or SMILY_PLAINTEXT=1 for a local run)")
+        raise ValueError(
+            "no TLS certificate: set SMILY_TLS_CERT_FILE and SMILY_TLS_KEY_FILE (or SMILY_PLAINTEXT=1 for a local run)"
+        )
 
 
 def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
@@ -115,10 +119,10 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     check(settings)
     if not settings.tls_cert_file:
         return None
-    files = _CertificateFiles(settings.tls_cert_file, settings.tls_key_file,
-                              settings.tls_ca_file if mtls(settings) else "")
-    return grpc.dynamic_ssl_server_credentials(files.initial, files.fetch,
-                                               require_client_authentication=mtls(settings))
+    files = _CertificateFiles(
+        settings.tls_cert_file, settings.tls_key_file, settings.tls_ca_file if mtls(settings) else ""
+    )
+    return grpc.dynamic_ssl_server_credentials(files.initial, files.fetch, require_client_authentication=mtls(settings))
 
 
 class ClientCredentials:
@@ -164,8 +168,9 @@ class ClientCredentials:
                     return
                 credentials = self._load()
             except Exception as exc:  # a file missing mid-swap: keep the current credentials
-                log.warning("client certificate reload failed; keeping the current one",
-                            extra={"error": type(exc).__name__})
+                log.warning(
+                    "client certificate reload failed; keeping the current one", extra={"error": type(exc).__name__}
+                )
                 return
             if credentials is None:
                 return  # mid-rotation: look again at the next check
@@ -218,27 +223,33 @@ class PeerCheck(grpc.ServerInterceptor):
 def wrap(handler, before):
     """The handler with before(context) run ahead of it, for every call shape;
     a ServiceError from before() ends the call with its status."""
+
     def guarded(context) -> None:
         try:
             before(context)
         except ServiceError as exc:
             context.abort(exc.code, str(exc))
 
-    kinds = [("unary_unary", grpc.unary_unary_rpc_method_handler),
-             ("unary_stream", grpc.unary_stream_rpc_method_handler),
-             ("stream_unary", grpc.stream_unary_rpc_method_handler),
-             ("stream_stream", grpc.stream_stream_rpc_method_handler)]
+    kinds = [
+        ("unary_unary", grpc.unary_unary_rpc_method_handler),
+        ("unary_stream", grpc.unary_stream_rpc_method_handler),
+        ("stream_unary", grpc.stream_unary_rpc_method_handler),
+        ("stream_stream", grpc.stream_stream_rpc_method_handler),
+    ]
     for attr, make in kinds:
         inner = getattr(handler, attr)
         if inner is None:
             continue
         if attr.endswith("_stream"):
+
             def behaviour(request, context, inner=inner):
                 guarded(context)
                 yield from inner(request, context)
         else:
+
             def behaviour(request, context, inner=inner):
                 guarded(context)
                 return inner(request, context)
+
         return make(behaviour, handler.request_deserializer, handler.response_serializer)
     return handler

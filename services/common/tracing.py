@@ -8,6 +8,7 @@ the rest (endpoint, headers, OTEL_SERVICE_NAME, ...) itself. Without a
 provider every span is OpenTelemetry's no-op, so the interceptors stay in
 place and cost microseconds; a test may install its own provider.
 """
+
 from __future__ import annotations
 
 import logging
@@ -48,6 +49,7 @@ def configure(service: str) -> bool:
         span_exporter: SpanExporter
         if exporter == "otlp":
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
             span_exporter = OTLPSpanExporter()
         elif exporter == "console":
             span_exporter = ConsoleSpanExporter()
@@ -157,8 +159,11 @@ class ClientInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClient
         if not _on():
             return continuation(details, request)
         service, method = _method(details.method)
-        s = tracer.start_span(f"{service}/{method}", kind=SpanKind.CLIENT,
-                              attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": method})
+        s = tracer.start_span(
+            f"{service}/{method}",
+            kind=SpanKind.CLIENT,
+            attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": method},
+        )
         carrier: dict[str, str] = {}
         propagate.inject(carrier, context=trace.set_span_in_context(s))
         metadata = list(details.metadata or ()) + list(carrier.items())

@@ -8,6 +8,7 @@ together and hands each request its rows. The queue is bounded in images;
 a request that does not fit gets RESOURCE_EXHAUSTED at once, so callers
 back off instead of piling up latency.
 """
+
 from __future__ import annotations
 
 import threading
@@ -21,11 +22,14 @@ import prometheus_client as prom
 from smily.common.errors import ResourceExhausted, Unavailable
 
 QUEUE_SECONDS = prom.Histogram(
-    "smily_embedder_queue_seconds", "Time a request waited in the batching queue",
+    "smily_embedder_queue_seconds",
+    "Time a request waited in the batching queue",
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
 BATCH_SIZE = prom.Histogram(
-    "smily_embedder_batch_size", "Images per model run", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+    "smily_embedder_batch_size",
+    "Images per model run",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
 )
 QUEUED_IMAGES = prom.Gauge("smily_embedder_queued_images", "Images waiting in the batching queue")
 
@@ -68,7 +72,8 @@ class Batcher:
             # An empty queue admits any request, so one larger than the bound still runs.
             if self._jobs and self._queued + n > self._max_queue:
                 raise ResourceExhausted(
-                    f"embedding queue is full ({self._queued} images waiting, limit {self._max_queue}); retry later")
+                    f"embedding queue is full ({self._queued} images waiting, limit {self._max_queue}); retry later"
+                )
             self._jobs.append(job)
             self._queued += n
             QUEUED_IMAGES.set(self._queued)
@@ -113,7 +118,7 @@ class Batcher:
                 out = self._run(tensors[0] if len(tensors) == 1 else np.concatenate(tensors))
                 start = 0
                 for job in batch:
-                    job.result = out[start:start + len(job.tensor)]
+                    job.result = out[start : start + len(job.tensor)]
                     start += len(job.tensor)
             except BaseException as exc:  # every waiting request gets the error, the worker lives on
                 for job in batch:

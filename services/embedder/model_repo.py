@@ -4,6 +4,7 @@ Each version folder holds `model.onnx` and `config.json`, which says how to
 feed the model (input name, size, layout, colour order, normalisation) and
 what comes out (output name, embedding size, whether to L2-normalise).
 """
+
 from __future__ import annotations
 
 import json
@@ -126,15 +127,19 @@ def validate(onnx_path: str, config: ModelConfig) -> np.ndarray:
     if len(inputs) != 1 or config.input_name not in inputs or config.output_name not in outputs:
         raise FailedPrecondition(
             f"model has inputs {sorted(inputs)} and outputs {sorted(outputs)}; the config names "
-            f"one input {config.input_name!r} and output {config.output_name!r}")
+            f"one input {config.input_name!r} and output {config.output_name!r}"
+        )
     declared = inputs[config.input_name].shape
     expected = input_shape(config, 0)
     if len(declared) != 4 or any(isinstance(d, int) and d != e for d, e in zip(declared[1:], expected[1:])):
-        raise FailedPrecondition(f"input {config.input_name!r} has shape {declared}; the config implies "
-                                 f"[batch, {', '.join(map(str, expected[1:]))}] ({config.layout})")
+        raise FailedPrecondition(
+            f"input {config.input_name!r} has shape {declared}; the config implies "
+            f"[batch, {', '.join(map(str, expected[1:]))}] ({config.layout})"
+        )
     if isinstance(declared[0], int) and declared[0] > 0:
-        raise FailedPrecondition(f"input {config.input_name!r} has a fixed batch of {declared[0]}; "
-                                 f"export it with a dynamic batch axis")
+        raise FailedPrecondition(
+            f"input {config.input_name!r} has a fixed batch of {declared[0]}; export it with a dynamic batch axis"
+        )
     rng = np.random.default_rng(0)
     out = np.empty((0, 0))
     for batch in (1, 2):
@@ -145,8 +150,10 @@ def validate(onnx_path: str, config: ModelConfig) -> np.ndarray:
             raise FailedPrecondition(f"dry run at batch {batch} failed: {exc}") from None
         y = np.asarray(y)
         if y.shape[0] != batch or y.reshape(batch, -1).shape[1] != config.embedding_dim:
-            raise FailedPrecondition(f"dry run at batch {batch} gives shape {list(y.shape)}; the config "
-                                     f"says [{batch}, {config.embedding_dim}]")
+            raise FailedPrecondition(
+                f"dry run at batch {batch} gives shape {list(y.shape)}; the config "
+                f"says [{batch}, {config.embedding_dim}]"
+            )
         if not np.isfinite(y).all():
             raise FailedPrecondition(f"dry run at batch {batch} gives non-finite values")
         out = y.reshape(batch, -1)

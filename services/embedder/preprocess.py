@@ -1,4 +1,5 @@
 """Images -> the model's input tensor, vectorised with numpy."""
+
 from __future__ import annotations
 
 import numpy as np

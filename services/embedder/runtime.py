@@ -1,4 +1,5 @@
 """An ONNX Runtime session for one model version, on the best provider here."""
+
 from __future__ import annotations
 
 import ctypes
@@ -37,12 +38,17 @@ def providers(config: ModelConfig, max_batch: int, fp16: bool) -> list:
     chosen: list = []
     if "TensorrtExecutionProvider" in available and tensorrt_installed():
         lo, hi = ("x".join(map(str, input_shape(config, b))) for b in (1, max_batch))
-        chosen.append(("TensorrtExecutionProvider", {
-            "trt_fp16_enable": fp16,
-            "trt_profile_min_shapes": f"{config.input_name}:{lo}",
-            "trt_profile_opt_shapes": f"{config.input_name}:{hi}",
-            "trt_profile_max_shapes": f"{config.input_name}:{hi}",
-        }))
+        chosen.append(
+            (
+                "TensorrtExecutionProvider",
+                {
+                    "trt_fp16_enable": fp16,
+                    "trt_profile_min_shapes": f"{config.input_name}:{lo}",
+                    "trt_profile_opt_shapes": f"{config.input_name}:{hi}",
+                    "trt_profile_max_shapes": f"{config.input_name}:{hi}",
+                },
+            )
+        )
     if "CUDAExecutionProvider" in available:
         # The default, EXHAUSTIVE, benchmarks every convolution for each new
         # input shape: with dynamic batching every new batch size stalled for
@@ -56,8 +62,15 @@ GPU_BATCH = 32
 
 
 class Model:
-    def __init__(self, config: ModelConfig, onnx_path: str, intra_op_threads: int = 0,
-                 max_batch: int = 64, fp16: bool = False, fixed_batch: int | None = None):
+    def __init__(
+        self,
+        config: ModelConfig,
+        onnx_path: str,
+        intra_op_threads: int = 0,
+        max_batch: int = 64,
+        fp16: bool = False,
+        fixed_batch: int | None = None,
+    ):
         self.config = config
         self.preprocess = Preprocessor(config)
         opts = ort.SessionOptions()
@@ -81,8 +94,14 @@ class Model:
         # Warm up, so the first real requests pay for neither allocation nor engine builds.
         for batch in (fixed_batch,) if fixed_batch else (1, max_batch):
             self.embed_tensor(np.zeros(input_shape(config, batch), np.float32))
-        log.info("model loaded", extra={"model_id": config.model_id, "provider": self.provider,
-                                        "fp16": fp16 and self.provider == "TensorrtExecutionProvider"})
+        log.info(
+            "model loaded",
+            extra={
+                "model_id": config.model_id,
+                "provider": self.provider,
+                "fp16": fp16 and self.provider == "TensorrtExecutionProvider",
+            },
+        )
 
     def _check_signature(self) -> None:
         inputs = {i.name for i in self.session.get_inputs()}
@@ -98,10 +117,10 @@ class Model:
             return self._run(batch)
         size, out = self.fixed_batch, []
         for i in range(0, len(batch), size):
-            chunk = batch[i:i + size]
+            chunk = batch[i : i + size]
             if len(chunk) < size:  # only the last chunk is copied, to pad it
                 chunk = np.concatenate([chunk, np.zeros((size - len(chunk), *chunk.shape[1:]), chunk.dtype)])
-            out.append(self._run(chunk)[:len(batch) - i])
+            out.append(self._run(chunk)[: len(batch) - i])
         return np.concatenate(out)
 
     def _run(self, batch: np.ndarray) -> np.ndarray:

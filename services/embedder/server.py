@@ -1,5 +1,6 @@
 """EmbedderService: decode, preprocess and embed batches of tissue images,
 and whole slides read straight from the tiler (EmbedSlide)."""
+
 from __future__ import annotations
 
 import grpc
@@ -39,8 +40,11 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
         self._max_batch = settings.max_batch
         preferred = settings.preferred_batch or (AUTO_GPU_BATCH if self.model.fixed_batch else 1)
         batching = preferred > 1 and settings.max_queue_delay_ms > 0
-        self.batcher = Batcher(self.model.embed_tensor, preferred, settings.max_queue_delay_ms / 1e3,
-                               settings.max_queue) if batching else None
+        self.batcher = (
+            Batcher(self.model.embed_tensor, preferred, settings.max_queue_delay_ms / 1e3, settings.max_queue)
+            if batching
+            else None
+        )
         # Dialled on the first EmbedSlide only: a channel connects lazily.
         # Under mTLS the tiler must accept this service's identity (SMILY_TLS_TILER_CLIENTS).
         # Follows the embedder's client certificate when it is renewed.
@@ -89,11 +93,14 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
 
         def embedded() -> embedder_pb2.EmbedSlideResponse:
             out = embedder_pb2.EmbedSlideResponse(
-                embeddings=to_tensor(self._embed_images([t.image for t in pending])), model_id=model_id,
-                tiles_total=total)
+                embeddings=to_tensor(self._embed_images([t.image for t in pending])),
+                model_id=model_id,
+                tiles_total=total,
+            )
             for t in pending:
-                out.tiles.add(x=t.x, y=t.y, width=t.width, height=t.height, mpp=t.mpp,
-                              tissue_fraction=t.tissue_fraction)
+                out.tiles.add(
+                    x=t.x, y=t.y, width=t.width, height=t.height, mpp=t.mpp, tissue_fraction=t.tissue_fraction
+                )
             pending.clear()
             return out
 
@@ -119,8 +126,12 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
         c = self.model.config
         return embedder_pb2.GetModelInfoResponse(
             info=embedder_pb2.ModelInfo(
-                model_id=c.model_id, name=c.name, version=c.version, input_size=c.input_size,
-                embedding_dim=c.embedding_dim, l2_normalized=c.l2_normalize,
+                model_id=c.model_id,
+                name=c.name,
+                version=c.version,
+                input_size=c.input_size,
+                embedding_dim=c.embedding_dim,
+                l2_normalized=c.l2_normalize,
                 execution_provider=self.model.provider,
             )
         )

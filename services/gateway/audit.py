@@ -6,6 +6,7 @@ name `smily.audit`. A record that cannot be written raises, so the caller
 can refuse to serve the call unrecorded. Entities are opaque slide ids and
 the case ids found in slide metadata; slide paths never appear.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -33,16 +34,31 @@ ACTIVITY = (DCM, "110100", "Application Activity")
 _SERVICE = "/smily.gateway.v1.GatewayService/"
 # method -> (event type, FHIR action: C create, R read, U update, D delete, E execute/search)
 EVENTS = {
-    "Search": (QUERY, "E"), "SearchSlides": (QUERY, "E"), "ListSlides": (QUERY, "R"),
-    "ListConcepts": (QUERY, "R"), "GetOperation": (QUERY, "R"), "ReadRegion": (ACCESSED, "R"),
-    "IngestSlide": (IMPORT, "C"), "CancelOperation": (ACTIVITY, "U"), "CreateConcept": (ACTIVITY, "C"),
-    "DeleteConcept": (ACTIVITY, "D"), "DeleteSlide": (ACCESSED, "D"),
+    "Search": (QUERY, "E"),
+    "SearchSlides": (QUERY, "E"),
+    "ListSlides": (QUERY, "R"),
+    "ListConcepts": (QUERY, "R"),
+    "GetOperation": (QUERY, "R"),
+    "ReadRegion": (ACCESSED, "R"),
+    "IngestSlide": (IMPORT, "C"),
+    "CancelOperation": (ACTIVITY, "U"),
+    "CreateConcept": (ACTIVITY, "C"),
+    "DeleteConcept": (ACTIVITY, "D"),
+    "DeleteSlide": (ACCESSED, "D"),
 }
 _WRITES = {"C", "U", "D"}
-_CLIENT_ERRORS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ALREADY_EXISTS,
-                  grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED,
-                  grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.CANCELLED,
-                  grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED}
+_CLIENT_ERRORS = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.ALREADY_EXISTS,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.OUT_OF_RANGE,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.ABORTED,
+}
 
 
 class _RaisingMixin:
@@ -91,8 +107,9 @@ class AuditLog:
                 handler.reopenIfNeeded()
 
     def write(self, event: dict) -> None:
-        record = logging.LogRecord("smily.audit", logging.INFO, __file__, 0, json.dumps(event, separators=(",", ":")),
-                                   None, None)
+        record = logging.LogRecord(
+            "smily.audit", logging.INFO, __file__, 0, json.dumps(event, separators=(",", ":")), None, None
+        )
         self._handler.handle(record)
 
 
@@ -132,10 +149,10 @@ class _Entities:
                 if name in ("metadata", "filters") and self._case_key in value:
                     self.items[("case", value[self._case_key], use)] = None
             elif field.type == field.TYPE_MESSAGE:
-                for m in (value if field.is_repeated else [value]):
+                for m in value if field.is_repeated else [value]:
                     self.add(m, use)
             elif name in ("slide_id", "slide_ids", "exclude_slide_ids"):
-                for v in (value if field.is_repeated else [value]):
+                for v in value if field.is_repeated else [value]:
                     if v:
                         self.items[("slide", v, use)] = None
 
@@ -143,14 +160,22 @@ class _Entities:
         out = []
         for kind, value, use in self.items:
             slide = kind == "slide"
-            out.append({
-                "what": {"identifier": {"system": f"urn:smily:{kind}", "value": value}},
-                "type": {"system": _ENTITY_TYPE, "code": "2" if slide else "1",
-                         "display": "System Object" if slide else "Person"},
-                "role": {"system": _OBJECT_ROLE, "code": "4" if slide else "1",
-                         "display": "Domain Resource" if slide else "Patient"},
-                "description": use,
-            })
+            out.append(
+                {
+                    "what": {"identifier": {"system": f"urn:smily:{kind}", "value": value}},
+                    "type": {
+                        "system": _ENTITY_TYPE,
+                        "code": "2" if slide else "1",
+                        "display": "System Object" if slide else "Person",
+                    },
+                    "role": {
+                        "system": _OBJECT_ROLE,
+                        "code": "4" if slide else "1",
+                        "display": "Domain Resource" if slide else "Patient",
+                    },
+                    "description": use,
+                }
+            )
         return out
 
 
@@ -164,23 +189,39 @@ def outcome(code: grpc.StatusCode) -> str:
 _OBSERVER = socket.gethostname()
 
 
-def event(*, request_id: str, method: str, code: grpc.StatusCode, subject: str, issuer: str, peer: str,
-          forwarded: str | None, request, response, case_key: str, recorded: datetime.datetime) -> dict:
+def event(
+    *,
+    request_id: str,
+    method: str,
+    code: grpc.StatusCode,
+    subject: str,
+    issuer: str,
+    peer: str,
+    forwarded: str | None,
+    request,
+    response,
+    case_key: str,
+    recorded: datetime.datetime,
+) -> dict:
     name = method.rsplit("/", 1)[-1]
-    (system, type_code, display), action = EVENTS.get(name, (ACTIVITY, "E")) if method.startswith(_SERVICE) \
-        else (ACTIVITY, "E")
+    (system, type_code, display), action = (
+        EVENTS.get(name, (ACTIVITY, "E")) if method.startswith(_SERVICE) else (ACTIVITY, "E")
+    )
     entities = _Entities(case_key)
     entities.add(request, "written" if action in _WRITES else "read")
     entities.add(response, "returned")
     direct = _address(peer)
-    agents = [{
-        "who": {"identifier": {"system": issuer or "urn:smily:anonymous", "value": subject}},
-        "requestor": True,
-        "network": {"address": forwarded or direct, "type": "2"},
-    }]
+    agents = [
+        {
+            "who": {"identifier": {"system": issuer or "urn:smily:anonymous", "value": subject}},
+            "requestor": True,
+            "network": {"address": forwarded or direct, "type": "2"},
+        }
+    ]
     if forwarded:  # the HTTP front end that relayed the call
-        agents.append({"who": {"display": "forwarding proxy"}, "requestor": False,
-                       "network": {"address": direct, "type": "2"}})
+        agents.append(
+            {"who": {"display": "forwarding proxy"}, "requestor": False, "network": {"address": direct, "type": "2"}}
+        )
     return {
         "resourceType": "AuditEvent",
         "id": request_id,
@@ -191,7 +232,9 @@ def event(*, request_id: str, method: str, code: grpc.StatusCode, subject: str, 
         "outcome": outcome(code),
         "outcomeDesc": code.name,
         "agent": agents,
-        "source": {"observer": {"display": _OBSERVER},
-                   "type": [{"system": _SOURCE_TYPE, "code": "4", "display": "Application Server"}]},
+        "source": {
+            "observer": {"display": _OBSERVER},
+            "type": [{"system": _SOURCE_TYPE, "code": "4", "display": "Application Server"}],
+        },
         "entity": entities.fhir(),
     }

@@ -6,6 +6,7 @@ random kids cannot hammer the IdP), `exp`, `nbf`, `iss`, `aud`. Only
 asymmetric algorithms are accepted, so `alg: none` and HS256 signed with
 the public key are refused before any key is used.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,9 +26,22 @@ log = logging.getLogger("smily.auth")
 SEARCH, INGEST, ADMIN = "smily.search", "smily.ingest", "smily.admin"
 _SERVICE = "/smily.gateway.v1.GatewayService/"
 ROLES = {
-    **{_SERVICE + m: SEARCH for m in ("Search", "SearchSlides", "ReadRegion", "ListSlides", "GetSlide",
-                                      "ListConcepts", "GetOperation", "GetIndexInfo")},
-    **{_SERVICE + m: INGEST for m in ("IngestSlide", "IngestCase", "CancelOperation", "CreateConcept", "DeleteConcept")},
+    **{
+        _SERVICE + m: SEARCH
+        for m in (
+            "Search",
+            "SearchSlides",
+            "ReadRegion",
+            "ListSlides",
+            "GetSlide",
+            "ListConcepts",
+            "GetOperation",
+            "GetIndexInfo",
+        )
+    },
+    **{
+        _SERVICE + m: INGEST for m in ("IngestSlide", "IngestCase", "CancelOperation", "CreateConcept", "DeleteConcept")
+    },
     _SERVICE + "DeleteSlide": ADMIN,
 }
 ASYMMETRIC = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"})
@@ -73,8 +87,9 @@ class OpenAccess:
 class OidcVerifier:
     def __init__(self, issuer: str, audience: str, jwks_url: str = "", roles_claim: str = "roles"):
         if not issuer or not audience:
-            raise ValueError("SMILY_AUTH=oidc needs SMILY_OIDC_ISSUER and SMILY_OIDC_AUDIENCE "
-                             "(or SMILY_AUTH=none for a local run)")
+            raise ValueError(
+                "SMILY_AUTH=oidc needs SMILY_OIDC_ISSUER and SMILY_OIDC_AUDIENCE (or SMILY_AUTH=none for a local run)"
+            )
         self._issuer, self._audience, self._roles_claim = issuer, audience, roles_claim
         self._jwks_url = jwks_url
         self._jwks: jwt.PyJWKClient | None = None
@@ -129,8 +144,15 @@ class OidcVerifier:
             raise Unauthenticated("invalid token")
         key = self._key(kid)
         try:  # a key of another type than alg's (an RSA key for ES256) fails here too
-            claims = jwt.decode(token, key.key, algorithms=[alg], audience=self._audience, issuer=self._issuer,
-                                leeway=LEEWAY_S, options={"require": ["exp", "iss", "aud", "sub"]})
+            claims = jwt.decode(
+                token,
+                key.key,
+                algorithms=[alg],
+                audience=self._audience,
+                issuer=self._issuer,
+                leeway=LEEWAY_S,
+                options={"require": ["exp", "iss", "aud", "sub"]},
+            )
         except jwt.ExpiredSignatureError:
             raise Unauthenticated("token expired") from None
         except jwt.ImmatureSignatureError:
@@ -154,6 +176,7 @@ def authenticator(settings: Settings):
     if mode == "none":
         return OpenAccess()
     if mode == "oidc":
-        return OidcVerifier(settings.oidc_issuer, settings.oidc_audience, settings.oidc_jwks_url,
-                            settings.oidc_roles_claim)
+        return OidcVerifier(
+            settings.oidc_issuer, settings.oidc_audience, settings.oidc_jwks_url, settings.oidc_roles_claim
+        )
     raise ValueError(f"SMILY_AUTH must be oidc or none, got {settings.auth!r}")

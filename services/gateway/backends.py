@@ -8,6 +8,7 @@ own request caused). Only what the caller's input decided passes through as
 it is (an unknown slide stays NOT_FOUND, a region off the slide stays
 INVALID_ARGUMENT), per method below.
 """
+
 from __future__ import annotations
 
 import logging
@@ -63,8 +64,10 @@ def translate(backend: str, method: str, exc: grpc.RpcError) -> ServiceError:
         return BackendError(code, f"the call to the {backend} was cancelled")
     error_id = uuid.uuid4().hex[:12]
     # The backend's own text may say more; it stays in the gateway's log.
-    log.error("backend error", extra={"backend": backend, "method": method, "code": code.name,
-                                      "details": exc.details(), "error_id": error_id})
+    log.error(
+        "backend error",
+        extra={"backend": backend, "method": method, "code": code.name, "details": exc.details(), "error_id": error_id},
+    )
     return BackendError(C.INTERNAL, f"the {backend} failed (error id {error_id})")
 
 

@@ -6,6 +6,7 @@ dead Redis costs queries nothing. Redis is also not trusted: every value
 carries an HMAC over its key and bytes, and one that fails the check (written
 by anyone without SMILY_CACHE_KEY, or moved to another key) is a miss.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -70,8 +71,9 @@ class RedisGuard:
 
     def __init__(self, url: str, timeout_s: float, ca_file: str = "", password: str = ""):
         # rediss:// is TLS; the suite's CA verifies the server unless the URL names its own.
-        options = {"ssl_ca_certs": ca_file} if url.startswith("rediss://") and ca_file and "ssl_ca_certs" not in url \
-            else {}
+        options = (
+            {"ssl_ca_certs": ca_file} if url.startswith("rediss://") and ca_file and "ssl_ca_certs" not in url else {}
+        )
         if password:  # a password in the URL wins
             options["password"] = password
         self.client = redis.Redis.from_url(
@@ -119,12 +121,12 @@ class RedisCache:
 
     def get(self, key: str) -> np.ndarray | None:
         data = self._redis.call(lambda r: r.get(key))
-        if data and not hmac.compare_digest(data[:self.TAG], self._tag(key, data[self.TAG:])):
+        if data and not hmac.compare_digest(data[: self.TAG], self._tag(key, data[self.TAG :])):
             REJECTED.inc()
             log.warning("cached value failed its HMAC check; treated as a miss")
             data = None
         LOOKUPS.labels("hit" if data else "miss").inc()
-        return _unpack(data[self.TAG:]) if data else None
+        return _unpack(data[self.TAG :]) if data else None
 
     def put(self, key: str, vector: np.ndarray) -> None:
         value = _pack(vector)

@@ -7,6 +7,7 @@ de-duplication and atomic commit; the case's operation lists them with their
 progress. A watcher refreshes each running case from its slides and
 publishes it like any operation, so every replica answers GetOperation.
 """
+
 from __future__ import annotations
 
 import logging
@@ -46,35 +47,44 @@ class CaseIngestor:
         self._stop = threading.Event()
         threading.Thread(target=self._watch, name="case-watch", daemon=True).start()
 
-    def start(self, accession: str, archive: str, slide_ids: dict[str, str],
-              metadata: dict[str, str]) -> gateway_pb2.Operation:
+    def start(
+        self, accession: str, archive: str, slide_ids: dict[str, str], metadata: dict[str, str]
+    ) -> gateway_pb2.Operation:
         """The case's operation, at once: the archive is searched in the background, never
         while the caller waits. An archive may call this from its own event handler and
         answer no request until the call returns (Orthanc runs its Lua callbacks under a
         lock that every request to its REST API and DICOMweb takes)."""
-        op = gateway_pb2.Operation(operation_id=uuid.uuid4().hex, state=State.OPERATION_STATE_RUNNING,
-                                   progress=gateway_pb2.IngestProgress())
+        op = gateway_pb2.Operation(
+            operation_id=uuid.uuid4().hex, state=State.OPERATION_STATE_RUNNING, progress=gateway_pb2.IngestProgress()
+        )
         with self._lock:
             self._cases[op.operation_id] = op
             self._trim()
-        threading.Thread(target=self._find, args=(op.operation_id, accession, archive, slide_ids, metadata),
-                         name="case-find", daemon=True).start()
+        threading.Thread(
+            target=self._find,
+            args=(op.operation_id, accession, archive, slide_ids, metadata),
+            name="case-find",
+            daemon=True,
+        ).start()
         # The accession number is an identifier: logs carry the operation id only.
         log.info("case ingest started", extra={"operation_id": op.operation_id})
         return self._refresh(op.operation_id)
 
-    def _find(self, operation_id: str, accession: str, archive: str, slide_ids: dict[str, str],
-              metadata: dict[str, str]) -> None:
+    def _find(
+        self, operation_id: str, accession: str, archive: str, slide_ids: dict[str, str], metadata: dict[str, str]
+    ) -> None:
         """QIDO-RS (through the tiler) for the case's series, then one slide ingest each;
         no series, or an archive error, fails the case with its code."""
         timeout = self._b.timeout()
         entries = []
         try:
-            found = self._b.tiler.ListCaseSeries(tiler_pb2.ListCaseSeriesRequest(
-                accession_number=accession, archive=archive), timeout=timeout).series
+            found = self._b.tiler.ListCaseSeries(
+                tiler_pb2.ListCaseSeriesRequest(accession_number=accession, archive=archive), timeout=timeout
+            ).series
             if not found:
-                raise NotFound("the archive has no whole-slide series (modality SM, ImageType VOLUME) "
-                               "with that accession number")
+                raise NotFound(
+                    "the archive has no whole-slide series (modality SM, ImageType VOLUME) with that accession number"
+                )
         except Exception as exc:
             with self._lock:
                 op = self._cases[operation_id]
@@ -85,7 +95,9 @@ class CaseIngestor:
         for series in found:
             entry = gateway_pb2.SlideOperation(
                 slide_id=slide_ids.get(series.series_instance_uid) or series.series_instance_uid,
-                study_instance_uid=series.study_instance_uid, series_instance_uid=series.series_instance_uid)
+                study_instance_uid=series.study_instance_uid,
+                series_instance_uid=series.series_instance_uid,
+            )
             try:  # one unreadable series fails its own entry, not the case
                 child = self._ingest.start(series.source, entry.slide_id, metadata, timeout)
                 entry.operation_id, entry.state = child.operation_id, child.state
@@ -124,8 +136,9 @@ class CaseIngestor:
         """Update a case from its slides' operations; publish it when it changed (here
         or, `changed`, before the call) or every heartbeat, and return a copy."""
         with self._lock:
-            children = [s.operation_id for s in self._cases[operation_id].slides
-                        if s.operation_id and s.state not in FINISHED]
+            children = [
+                s.operation_id for s in self._cases[operation_id].slides if s.operation_id and s.state not in FINISHED
+            ]
         latest = {c: self._ingest.get(c) for c in children}
         with self._lock:
             op = self._cases[operation_id]
@@ -148,8 +161,9 @@ class CaseIngestor:
         if publish:
             self._shared.publish(snapshot)
             if snapshot.state in FINISHED and changed:
-                log.info("case ingest finished", extra={"operation_id": operation_id,
-                                                        "state": State.Name(snapshot.state)})
+                log.info(
+                    "case ingest finished", extra={"operation_id": operation_id, "state": State.Name(snapshot.state)}
+                )
         return snapshot
 
     def _watch(self) -> None:

@@ -6,6 +6,7 @@ exclude_query_case works on it), the study and series UIDs a PACS viewer
 opens, the container identifier an LIS knows the slide by, and specimen
 description and stain when the archive has them.
 """
+
 from __future__ import annotations
 
 import string
@@ -44,8 +45,15 @@ class ViewerLinks:
     def link(self, slide_id: str, metadata, x: int = 0, y: int = 0, width: int = 0, height: int = 0) -> str:
         if not self._template:
             return ""
-        values = {"study": metadata.get(STUDY, ""), "series": metadata.get(SERIES, ""), "slide_id": slide_id,
-                  "x": str(x), "y": str(y), "width": str(width), "height": str(height)}
+        values = {
+            "study": metadata.get(STUDY, ""),
+            "series": metadata.get(SERIES, ""),
+            "slide_id": slide_id,
+            "x": str(x),
+            "y": str(y),
+            "width": str(width),
+            "height": str(height),
+        }
         if not all(values[f] for f in self._fields):
             return ""
         return self._template.format(**{k: quote(v, safe="") for k, v in values.items()})

@@ -5,6 +5,7 @@ A query image is embedded under a subset of the 8 symmetries of the square
 each are merged by the best score per tile (or the embeddings are averaged
 into one query, SMILY_QUERY_MERGE=mean).
 """
+
 from __future__ import annotations
 
 from typing import Any

@@ -7,6 +7,7 @@ the outcome. If the audit sink cannot be written the call fails with
 FAILED_PRECONDITION: checked before the handler runs (nothing happens
 unrecorded) and again after (nothing is returned unrecorded).
 """
+
 from __future__ import annotations
 
 import datetime
@@ -67,15 +68,17 @@ class Guard(grpc.ServerInterceptor):
             def unary(request, context):
                 return self._call(method, metadata, context, request, lambda: inner(request, context))
 
-            return grpc.unary_unary_rpc_method_handler(unary, handler.request_deserializer,
-                                                       handler.response_serializer)
+            return grpc.unary_unary_rpc_method_handler(unary, handler.request_deserializer, handler.response_serializer)
         # Streaming RPCs (only reflection, when on): admitted or refused and recorded once,
         # at the start; their messages are not inspected.
-        for kind, make in (("unary_stream", grpc.unary_stream_rpc_method_handler),
-                           ("stream_unary", grpc.stream_unary_rpc_method_handler),
-                           ("stream_stream", grpc.stream_stream_rpc_method_handler)):
+        for kind, make in (
+            ("unary_stream", grpc.unary_stream_rpc_method_handler),
+            ("stream_unary", grpc.stream_unary_rpc_method_handler),
+            ("stream_stream", grpc.stream_stream_rpc_method_handler),
+        ):
             inner = getattr(handler, kind)
             if inner is not None:
+
                 def run(request, context, inner=inner):
                     try:
                         self._call(method, metadata, context, None, lambda: None)
@@ -88,8 +91,9 @@ class Guard(grpc.ServerInterceptor):
 
     def _call(self, method, metadata, context, request, serve):
         recorded = datetime.datetime.now(datetime.timezone.utc)
-        request_id = next((v for k, v in metadata if k == "x-request-id" and _REQUEST_ID.match(v)), None) \
-            or uuid.uuid4().hex
+        request_id = (
+            next((v for k, v in metadata if k == "x-request-id" and _REQUEST_ID.match(v)), None) or uuid.uuid4().hex
+        )
         who = callers.ANONYMOUS
         try:
             self._check_sink()
@@ -106,12 +110,10 @@ class Guard(grpc.ServerInterceptor):
             finally:
                 callers.unbind(token)
         except Exception as exc:
-            self._record(method, metadata, context, request, None, _code_of(exc, context), who, request_id,
-                         recorded)
+            self._record(method, metadata, context, request, None, _code_of(exc, context), who, request_id, recorded)
             raise
         if not self._viewed_before(method, metadata, who, request):
-            self._record(method, metadata, context, request, response, grpc.StatusCode.OK, who, request_id,
-                         recorded)
+            self._record(method, metadata, context, request, response, grpc.StatusCode.OK, who, request_id, recorded)
         return response
 
     def _viewed_before(self, method, metadata, who, request) -> bool:
@@ -138,10 +140,18 @@ class Guard(grpc.ServerInterceptor):
 
     def _record(self, method, metadata, context, request, response, code, who, request_id, recorded) -> None:
         event = audit.event(
-            request_id=request_id, method=method, code=code, subject=who.subject, issuer=who.issuer,
-            peer=context.peer(), forwarded=audit.forwarded_for(metadata),
-            request=request, response=response, case_key=self._case_key,
-            recorded=recorded)
+            request_id=request_id,
+            method=method,
+            code=code,
+            subject=who.subject,
+            issuer=who.issuer,
+            peer=context.peer(),
+            forwarded=audit.forwarded_for(metadata),
+            request=request,
+            response=response,
+            case_key=self._case_key,
+            recorded=recorded,
+        )
         try:
             self._audit.write(event)
         except Exception as exc:

@@ -5,6 +5,7 @@ the rest wait in its queue. Tiles are staged under a fresh generation and
 published by one CommitSlide, so re-ingesting replaces a slide atomically.
 Operations are published for the other gateway replicas (operations.py).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -42,9 +43,17 @@ class Cancelled(Exception):
 
 
 class Ingestor:
-    def __init__(self, backends: Backends, tilings: IndexTiling, batch: int, workers: int,
-                 shared: SharedOperations | LocalOperations, max_queued: int, max_tiles: int,
-                 case_key: str = "case_id"):
+    def __init__(
+        self,
+        backends: Backends,
+        tilings: IndexTiling,
+        batch: int,
+        workers: int,
+        shared: SharedOperations | LocalOperations,
+        max_queued: int,
+        max_tiles: int,
+        case_key: str = "case_id",
+    ):
         self._b = backends
         self._case_key = case_key
         self._tilings = tilings
@@ -64,8 +73,9 @@ class Ingestor:
         self._stop = threading.Event()
         threading.Thread(target=self._heartbeat, name="ingest-heartbeat", daemon=True).start()
 
-    def start(self, source: str, slide_id: str, metadata: dict[str, str], timeout: float,
-              slide_mpp: float = 0.0) -> gateway_pb2.Operation:
+    def start(
+        self, source: str, slide_id: str, metadata: dict[str, str], timeout: float, slide_mpp: float = 0.0
+    ) -> gateway_pb2.Operation:
         # Validates the name and reads the fingerprint now, so bad input fails the call itself.
         info = self._b.tiler.GetSlideInfo(tiler_pb2.GetSlideInfoRequest(slide=source), timeout=timeout).info
         tiling, _ = self._tilings.current(timeout)
@@ -82,8 +92,12 @@ class Ingestor:
                     queued += op.state == State.OPERATION_STATE_QUEUED
             if queued >= self._max_queued:
                 raise Busy(f"{queued} ingests are waiting on this gateway, the most it queues", retry_after_s=60)
-            op = gateway_pb2.Operation(operation_id=uuid.uuid4().hex, slide_id=slide_id,
-                                       state=State.OPERATION_STATE_QUEUED, progress=gateway_pb2.IngestProgress())
+            op = gateway_pb2.Operation(
+                operation_id=uuid.uuid4().hex,
+                slide_id=slide_id,
+                state=State.OPERATION_STATE_QUEUED,
+                progress=gateway_pb2.IngestProgress(),
+            )
             self._ops[op.operation_id] = op
             self._sources[op.operation_id] = source
             self._trim()
@@ -220,16 +234,28 @@ class Ingestor:
             self._check_cancel(op_id)  # a cancel that came before the stream was registered
 
         for tiles, embeddings, model_id in embed_slide(
-                b, source, params(tiling), slide_mpp, self._batch, max(timeout, 3600.0),
-                on_stream=registered, on_total=lambda n: self._update(op_id, tiles_total=n),
-                before_batch=lambda: self._check_cancel(op_id)):
+            b,
+            source,
+            params(tiling),
+            slide_mpp,
+            self._batch,
+            max(timeout, 3600.0),
+            on_stream=registered,
+            on_total=lambda n: self._update(op_id, tiles_total=n),
+            before_batch=lambda: self._check_cancel(op_id),
+        ):
             embedded += len(tiles)
             self._update(op_id, tiles_embedded=embedded)
-            rects = [index_pb2.TileRect(x=t.x, y=t.y, width=t.width, height=t.height, mpp=t.mpp,
-                                        tissue_fraction=t.tissue_fraction) for t in tiles]
+            rects = [
+                index_pb2.TileRect(
+                    x=t.x, y=t.y, width=t.width, height=t.height, mpp=t.mpp, tissue_fraction=t.tissue_fraction
+                )
+                for t in tiles
+            ]
             # Passed on as bytes; the index validates them, and checks (or records) the tiling.
-            add = index_pb2.AddTilesRequest(model_id=model_id, slide_id=slide_id, generation=generation,
-                                            embeddings=embeddings, tiles=rects)
+            add = index_pb2.AddTilesRequest(
+                model_id=model_id, slide_id=slide_id, generation=generation, embeddings=embeddings, tiles=rects
+            )
             tiling.to_pb(add.tiling)
             b.index.AddTiles(add, timeout=timeout)
             self._update(op_id, tiles_indexed=embedded)
@@ -239,10 +265,15 @@ class Ingestor:
         self._check_cancel(op_id)  # the last moment: after CommitSlide the slide is in
         if embedded == 0:
             raise FailedPrecondition("no tissue tiles found on the slide at the configured tiling parameters")
-        b.index.CommitSlide(index_pb2.CommitSlideRequest(
-            model_id=model_id, generation=generation, expected_tiles=embedded,
-            slide=index_pb2.Slide(slide_id=slide_id, source=source, metadata=metadata, slide_mpp=slide_mpp)),
-            timeout=timeout)
+        b.index.CommitSlide(
+            index_pb2.CommitSlideRequest(
+                model_id=model_id,
+                generation=generation,
+                expected_tiles=embedded,
+                slide=index_pb2.Slide(slide_id=slide_id, source=source, metadata=metadata, slide_mpp=slide_mpp),
+            ),
+            timeout=timeout,
+        )
         return model_id
 
     def close(self) -> None:

@@ -9,6 +9,7 @@ operation not heard of for STALE_S belonged to a replica that died: it is
 reported FAILED (UNAVAILABLE) so the client ingests again instead of
 waiting forever. Without Redis (one replica) operations stay local.
 """
+
 from __future__ import annotations
 
 import time

@@ -4,6 +4,7 @@ Stateless: a page token is the offset plus a fingerprint of the request,
 so any gateway replica serves the next page (the query embedding is
 cached) and a token is refused for a different request.
 """
+
 from __future__ import annotations
 
 import base64

@@ -1,6 +1,7 @@
 """The query engine: query embeddings (cached), Rocchio steering, concepts,
 and the slide mosaics of whole-slide search. The RPC handlers in server.py
 validate requests and shape responses around it."""
+
 from __future__ import annotations
 
 import hashlib
@@ -35,8 +36,18 @@ MPP_TOLERANCE = 0.02
 
 
 class QueryEngine:
-    def __init__(self, backends: Backends, tilings: IndexTiling, cache, batch: int, case_key: str,
-                 max_slide_queries: int, max_tiles: int, transforms=("identity",), merge: str = "max"):
+    def __init__(
+        self,
+        backends: Backends,
+        tilings: IndexTiling,
+        cache,
+        batch: int,
+        case_key: str,
+        max_slide_queries: int,
+        max_tiles: int,
+        transforms=("identity",),
+        merge: str = "max",
+    ):
         self._b = backends
         self.tilings = tilings
         self._cache = cache
@@ -54,7 +65,9 @@ class QueryEngine:
     def current_model(self, context) -> str:
         with self._model_lock:
             if not self._model_id:
-                info = self._b.embedder.GetModelInfo(embedder_pb2.GetModelInfoRequest(), timeout=self._b.timeout(context))
+                info = self._b.embedder.GetModelInfo(
+                    embedder_pb2.GetModelInfoRequest(), timeout=self._b.timeout(context)
+                )
                 self._model_id, self._dim = info.info.model_id, info.info.embedding_dim
             return self._model_id
 
@@ -79,8 +92,12 @@ class QueryEngine:
         image = fetch_image()
         if len(names) > 1:  # the tiler's raw pixels, or an upload decoded once here
             rgb = images.decode(image.data, image.encoding, image.width, image.height)
-            batch = [types_pb2.Image(data=images.encode(t, images.RAW_RGB), encoding=images.RAW_RGB,
-                                     width=t.shape[1], height=t.shape[0]) for t in dihedral.apply(rgb, names)]
+            batch = [
+                types_pb2.Image(
+                    data=images.encode(t, images.RAW_RGB), encoding=images.RAW_RGB, width=t.shape[1], height=t.shape[0]
+                )
+                for t in dihedral.apply(rgb, names)
+            ]
         else:
             batch = [image]
         resp = self._b.embedder.Embed(embedder_pb2.EmbedRequest(images=batch), timeout=self._b.timeout(context))
@@ -100,8 +117,10 @@ class QueryEngine:
         """The indexed resolution nearest the region's own scale (its longer side read as one tile)."""
         if len(tiling.mpps) == 1:
             return tiling.mpps[0]
-        base = slide.slide_mpp or self._b.tiler.GetSlideInfo(
-            tiler_pb2.GetSlideInfoRequest(slide=slide.source), timeout=timeout).info.mpp_x
+        base = (
+            slide.slide_mpp
+            or self._b.tiler.GetSlideInfo(tiler_pb2.GetSlideInfoRequest(slide=slide.source), timeout=timeout).info.mpp_x
+        )
         if base <= 0:
             return tiling.nearest_mpp(DEFAULT_MPPS[0])
         return tiling.nearest_mpp(max(region.width, region.height) * base / tiling.tile_size)
@@ -116,20 +135,32 @@ class QueryEngine:
         mpp = self._region_mpp(tiling, slide, region, timeout)
         key = hashlib.sha256(
             f"region:{slide.slide_id}:{slide.indexed_at}:{region.x},{region.y},{region.width},{region.height}:"
-            f"{mpp}:{tiling.tile_size}".encode()).hexdigest()
+            f"{mpp}:{tiling.tile_size}".encode()
+        ).hexdigest()
 
         def read_region() -> types_pb2.Image:
-            return self._b.tiler.ReadRegion(tiler_pb2.ReadRegionRequest(
-                slide=slide.source, x=region.x, y=region.y, width=region.width, height=region.height,
-                mpp=mpp, encoding=types_pb2.IMAGE_ENCODING_RAW_RGB, slide_mpp=slide.slide_mpp),
-                timeout=timeout).image
+            return self._b.tiler.ReadRegion(
+                tiler_pb2.ReadRegionRequest(
+                    slide=slide.source,
+                    x=region.x,
+                    y=region.y,
+                    width=region.width,
+                    height=region.height,
+                    mpp=mpp,
+                    encoding=types_pb2.IMAGE_ENCODING_RAW_RGB,
+                    slide_mpp=slide.slide_mpp,
+                ),
+                timeout=timeout,
+            ).image
 
         return (*self._embed(read_region, key, context), mpp)
 
     def _image_query(self, data: bytes, image_mpp: float, context):
         require(0 < len(data) <= MAX_QUERY_IMAGE_BYTES, "image must be 1 byte to 32 MiB of PNG or JPEG")
-        require(image_mpp == 0 or limits.plausible_mpp(image_mpp),
-                "image_mpp must be 0 (1.0 µm/px) or a plausible resolution in µm/px")
+        require(
+            image_mpp == 0 or limits.plausible_mpp(image_mpp),
+            "image_mpp must be 0 (1.0 µm/px) or a plausible resolution in µm/px",
+        )
         stated = image_mpp or DEFAULT_MPPS[0]
         mpp = self.tiling(context).nearest_mpp(stated)
         scale = stated / mpp  # output pixels per image pixel at the indexed resolution
@@ -145,8 +176,9 @@ class QueryEngine:
             h, w = rgb.shape[:2]
             size = (max(1, round(w * scale)), max(1, round(h * scale)))
             rgb = np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.LANCZOS))
-            return types_pb2.Image(data=images.encode(rgb, images.RAW_RGB), encoding=images.RAW_RGB,
-                                   width=size[0], height=size[1])
+            return types_pb2.Image(
+                data=images.encode(rgb, images.RAW_RGB), encoding=images.RAW_RGB, width=size[0], height=size[1]
+            )
 
         key = hashlib.sha256(data).hexdigest() + ("" if abs(scale - 1) <= MPP_TOLERANCE else f":{stated}:{mpp}")
         try:
@@ -195,23 +227,28 @@ class QueryEngine:
         concepts = []
         for wc in request.concepts:
             require(np.isfinite(wc.weight) and abs(wc.weight) <= 10, "a concept weight must be in -10..10")
-            c = self._b.index.GetConcept(index_pb2.GetConceptRequest(name=wc.name, model_id=model_id),
-                                         timeout=self._b.timeout(context)).concept
+            c = self._b.index.GetConcept(
+                index_pb2.GetConceptRequest(name=wc.name, model_id=model_id), timeout=self._b.timeout(context)
+            ).concept
             concepts.append((wc.weight, from_tensor(c.vector)))
         if self.merge == "mean":
             pos, neg = pos.mean(axis=1, keepdims=True), neg.mean(axis=1, keepdims=True)
-        queries = np.stack([vectors.combine(pos[:, t], neg[:, t] if len(neg) else (), b, concepts)
-                            for t in range(pos.shape[1])])
+        queries = np.stack(
+            [vectors.combine(pos[:, t], neg[:, t] if len(neg) else (), b, concepts) for t in range(pos.shape[1])]
+        )
         return queries, model_id, cached and neg_cached, slides + neg_slides, mpps[0]
 
     def query_case(self, request, context) -> dict[str, str]:
         """{case key: case id} of the query region's slide, for the index to leave that case out."""
         require(request.WhichOneof("query") == "region", "exclude_query_case needs a region query")
-        slide = self._b.index.GetSlide(index_pb2.GetSlideRequest(slide_id=request.region.slide_id),
-                                       timeout=self._b.timeout(context)).slide
+        slide = self._b.index.GetSlide(
+            index_pb2.GetSlideRequest(slide_id=request.region.slide_id), timeout=self._b.timeout(context)
+        ).slide
         case = slide.metadata.get(self._case_key, "")
         if not case:
-            raise FailedPrecondition(f"slide {slide.slide_id!r} has no {self._case_key!r} metadata to exclude its case by")
+            raise FailedPrecondition(
+                f"slide {slide.slide_id!r} has no {self._case_key!r} metadata to exclude its case by"
+            )
         return {self._case_key: case}
 
     @staticmethod
@@ -229,15 +266,18 @@ class QueryEngine:
         tiling = self.tilings.current(timeout)[0]
         mpp = self.mosaic_mpp(tiling)
         t = params(tiling, [mpp], stride=1.0)  # a mosaic samples the slide: overlap adds nothing
-        key = (f"smily:mosaic:{model_id}:{info.fingerprint}:{slide_mpp}:{mpp}:{t.tile_size}:"
-               f"{t.min_tissue_fraction}:{size}")
+        key = (
+            f"smily:mosaic:{model_id}:{info.fingerprint}:{slide_mpp}:{mpp}:{t.tile_size}:{t.min_tissue_fraction}:{size}"
+        )
         flat = self._cache.get(key)
         if flat is not None:
             return flat.reshape(-1, self._dim), model_id, True
         check_tiling(info, slide_mpp, t, self._max_tiles)
         if not self._slide_queries.acquire(blocking=False):
-            raise Busy(f"{self._max_slide_queries} whole-slide searches are running on this gateway, the most "
-                       "it runs at once", retry_after_s=10)
+            raise Busy(
+                f"{self._max_slide_queries} whole-slide searches are running on this gateway, the most it runs at once",
+                retry_after_s=10,
+            )
         try:
             chunks = []
             for _, embeddings, got in embed_slide(self._b, source, t, slide_mpp, self._batch, timeout):
@@ -251,4 +291,3 @@ class QueryEngine:
         picked = tiles[vectors.mosaic(tiles, size)]
         self._cache.put(key, picked)
         return picked, model_id, False
-

@@ -5,6 +5,7 @@ whose tiler, embedder or an index shard is unreachable reads NOT_SERVING
 there and gets no new traffic, while liveness ("") stays the process's own,
 so a backend outage never makes Kubernetes restart healthy gateways.
 """
+
 from __future__ import annotations
 
 import logging

@@ -1,4 +1,5 @@
 """GatewayService: the public API. Orchestrates ingest and search."""
+
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
@@ -26,8 +27,10 @@ from .readiness import Readiness
 from .tilings import IndexTiling
 
 DEFAULT_K = 10
-_ENCODINGS = {gateway_pb2.IMAGE_FORMAT_PNG: types_pb2.IMAGE_ENCODING_PNG,
-              gateway_pb2.IMAGE_FORMAT_JPEG: types_pb2.IMAGE_ENCODING_JPEG}
+_ENCODINGS = {
+    gateway_pb2.IMAGE_FORMAT_PNG: types_pb2.IMAGE_ENCODING_PNG,
+    gateway_pb2.IMAGE_FORMAT_JPEG: types_pb2.IMAGE_ENCODING_JPEG,
+}
 DEFAULT_SLIDES, MAX_SLIDES = 10, 100
 DEFAULT_MOSAIC, MAX_MOSAIC = 16, 64
 DEFAULT_REGIONS, MAX_REGIONS = 3, 20
@@ -38,11 +41,19 @@ DEFAULT_MAX_SIDE, MAX_SIDE = 1024, 4096
 
 def _hit(h: index_pb2.Hit, links: dicom.ViewerLinks) -> gateway_pb2.Hit:
     t = h.tile
-    return gateway_pb2.Hit(slide_id=h.slide_id, x=t.x, y=t.y, width=t.width, height=t.height,
-                           mpp=t.mpp, score=h.score, metadata=h.metadata,
-                           study_instance_uid=h.metadata.get(dicom.STUDY, ""),
-                           series_instance_uid=h.metadata.get(dicom.SERIES, ""),
-                           viewer_url=links.link(h.slide_id, h.metadata, t.x, t.y, t.width, t.height))
+    return gateway_pb2.Hit(
+        slide_id=h.slide_id,
+        x=t.x,
+        y=t.y,
+        width=t.width,
+        height=t.height,
+        mpp=t.mpp,
+        score=h.score,
+        metadata=h.metadata,
+        study_instance_uid=h.metadata.get(dicom.STUDY, ""),
+        series_instance_uid=h.metadata.get(dicom.SERIES, ""),
+        viewer_url=links.link(h.slide_id, h.metadata, t.x, t.y, t.width, t.height),
+    )
 
 
 def _search_limits(request) -> None:
@@ -54,16 +65,27 @@ def _search_limits(request) -> None:
 
 
 def _slide(s: index_pb2.Slide) -> gateway_pb2.Slide:
-    return gateway_pb2.Slide(slide_id=s.slide_id, metadata=s.metadata, tile_count=s.tile_count,
-                             model_id=s.model_id, indexed_at=s.indexed_at, slide_mpp=s.slide_mpp,
-                             study_instance_uid=s.metadata.get(dicom.STUDY, ""),
-                             series_instance_uid=s.metadata.get(dicom.SERIES, ""))
+    return gateway_pb2.Slide(
+        slide_id=s.slide_id,
+        metadata=s.metadata,
+        tile_count=s.tile_count,
+        model_id=s.model_id,
+        indexed_at=s.indexed_at,
+        slide_mpp=s.slide_mpp,
+        study_instance_uid=s.metadata.get(dicom.STUDY, ""),
+        series_instance_uid=s.metadata.get(dicom.SERIES, ""),
+    )
 
 
 def _concept(c: index_pb2.Concept) -> gateway_pb2.Concept:
-    return gateway_pb2.Concept(name=c.name, model_id=c.model_id, with_examples=c.with_examples,
-                               without_examples=c.without_examples, train_accuracy=c.train_accuracy,
-                               created_at=c.created_at)
+    return gateway_pb2.Concept(
+        name=c.name,
+        model_id=c.model_id,
+        with_examples=c.with_examples,
+        without_examples=c.without_examples,
+        train_accuracy=c.train_accuracy,
+        created_at=c.created_at,
+    )
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
@@ -74,15 +96,33 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         # The index's tiling record; these settings only for an index without one (its first ingest).
         self._tilings = IndexTiling(self._b.index, Tiling.from_settings(settings))
         self._dedup_iou = settings.dedup_iou
-        redis = RedisGuard(settings.redis_url, settings.redis_timeout_s, settings.tls_ca_file,
-                           settings.redis_password) if settings.redis_url else None
-        self._q = QueryEngine(self._b, self._tilings, make_cache(redis, settings.cache_ttl_s, settings.cache_key),
-                              settings.embed_batch, settings.case_key, settings.max_slide_queries,
-                              settings.max_tiles_per_slide, settings.query_transforms or ("identity",),
-                              settings.query_merge)
+        redis = (
+            RedisGuard(settings.redis_url, settings.redis_timeout_s, settings.tls_ca_file, settings.redis_password)
+            if settings.redis_url
+            else None
+        )
+        self._q = QueryEngine(
+            self._b,
+            self._tilings,
+            make_cache(redis, settings.cache_ttl_s, settings.cache_key),
+            settings.embed_batch,
+            settings.case_key,
+            settings.max_slide_queries,
+            settings.max_tiles_per_slide,
+            settings.query_transforms or ("identity",),
+            settings.query_merge,
+        )
         shared = SharedOperations(redis) if redis else LocalOperations()
-        self._ingest = Ingestor(self._b, self._tilings, settings.embed_batch, settings.max_concurrent_ingests,
-                                shared, settings.max_queued_ingests, settings.max_tiles_per_slide, settings.case_key)
+        self._ingest = Ingestor(
+            self._b,
+            self._tilings,
+            settings.embed_batch,
+            settings.max_concurrent_ingests,
+            shared,
+            settings.max_queued_ingests,
+            settings.max_tiles_per_slide,
+            settings.case_key,
+        )
         self._cases = CaseIngestor(self._b, self._ingest, shared)
         self._links = dicom.ViewerLinks(settings.viewer_url_template)
         # Fans a slide query's mosaic tiles out to the index.
@@ -97,15 +137,22 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         limits.text(request.source, "source", limits.MAX_SOURCE_CHARS)
         if request.slide_id:
             limits.slide_id(request.slide_id)
-        op = self._ingest.start(request.source, request.slide_id, limits.metadata(request.metadata),
-                                self._b.timeout(context), limits.slide_mpp(request.slide_mpp))
+        op = self._ingest.start(
+            request.source,
+            request.slide_id,
+            limits.metadata(request.metadata),
+            self._b.timeout(context),
+            limits.slide_mpp(request.slide_mpp),
+        )
         return gateway_pb2.IngestSlideResponse(operation=op)
 
     def IngestCase(self, request, context):
         require(bool(request.accession_number), "accession_number is required")
         limits.text(request.accession_number, "accession_number", limits.MAX_ID_CHARS)
-        require(ACCESSION.fullmatch(request.accession_number) is not None,
-                "accession_number must be 1..16 characters, without wildcards (* ?) or backslashes")
+        require(
+            ACCESSION.fullmatch(request.accession_number) is not None,
+            "accession_number must be 1..16 characters, without wildcards (* ?) or backslashes",
+        )
         limits.text(request.archive, "archive", limits.MAX_ID_CHARS)
         slide_ids = dict(request.slide_ids)
         limits.slide_ids(slide_ids.values(), "slide_ids")
@@ -138,9 +185,15 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         exclude_filters = self._q.query_case(request, context) if request.exclude_query_case else {}
         tiling = self._q.tiling(context)
         base = index_pb2.SearchRequest(
-            model_id=model_id, exclude_slide_ids=exclude, exclude_filters=exclude_filters,
-            slide_ids=request.slide_ids, filters=request.filters, nprobe=request.nprobe, mpp=mpp,
-            allow_partial=request.partial)
+            model_id=model_id,
+            exclude_slide_ids=exclude,
+            exclude_filters=exclude_filters,
+            slide_ids=request.slide_ids,
+            filters=request.filters,
+            nprobe=request.nprobe,
+            mpp=mpp,
+            allow_partial=request.partial,
+        )
         tiling.to_pb(base.tiling)
         tensors = [to_tensor(q) for q in queries]
         missing: set[int] = set()
@@ -165,9 +218,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         hits = paging.top_hits(search, k, request.max_hits_per_slide, iou)
         end = len(hits) if request.page_size == 0 else min(len(hits), offset + request.page_size)
         token = paging.make_token(end, fp) if end < len(hits) else ""
-        return gateway_pb2.SearchResponse(model_id=model_id, cached=cached, next_page_token=token,
-                                          hits=[_hit(h, self._links) for h in hits[offset:end]],
-                                          partial=bool(missing), missing_shards=sorted(missing))
+        return gateway_pb2.SearchResponse(
+            model_id=model_id,
+            cached=cached,
+            next_page_token=token,
+            hits=[_hit(h, self._links) for h in hits[offset:end]],
+            partial=bool(missing),
+            missing_shards=sorted(missing),
+        )
 
     def SearchSlides(self, request, context):
         k = request.k if request.HasField("k") else DEFAULT_SLIDES
@@ -180,8 +238,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         exclude = []
         if which == "slide_id":
             limits.slide_id(request.slide_id)
-            slide = self._b.index.GetSlide(index_pb2.GetSlideRequest(slide_id=request.slide_id),
-                                           timeout=self._b.timeout(context)).slide
+            slide = self._b.index.GetSlide(
+                index_pb2.GetSlideRequest(slide_id=request.slide_id), timeout=self._b.timeout(context)
+            ).slide
             source, slide_mpp = slide.source, slide.slide_mpp
             if request.exclude_query_slide:
                 exclude.append(request.slide_id)
@@ -198,10 +257,18 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         missing: set[int] = set()
 
         def search(v):
-            reply = self._b.index.Search(index_pb2.SearchRequest(
-                model_id=model_id, query=to_tensor(v), k=MOSAIC_TILE_K, exclude_slide_ids=exclude,
-                allow_partial=request.partial, tiling=tiling_pb, mpp=self._q.mosaic_mpp(tiling)),
-                timeout=self._b.timeout(context))
+            reply = self._b.index.Search(
+                index_pb2.SearchRequest(
+                    model_id=model_id,
+                    query=to_tensor(v),
+                    k=MOSAIC_TILE_K,
+                    exclude_slide_ids=exclude,
+                    allow_partial=request.partial,
+                    tiling=tiling_pb,
+                    mpp=self._q.mosaic_mpp(tiling),
+                ),
+                timeout=self._b.timeout(context),
+            )
             missing.update(reply.missing_shards)
             return list(reply.hits)
 
@@ -216,12 +283,26 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                     seen.add(key)
                     regions.append(_hit(h, self._links))
             meta = hits[0].metadata
-            out.append(gateway_pb2.SlideMatch(
-                slide_id=slide_id, score=score, matched_mosaic_tiles=found, regions=regions, metadata=meta,
-                study_instance_uid=meta.get(dicom.STUDY, ""), series_instance_uid=meta.get(dicom.SERIES, ""),
-                viewer_url=regions[0].viewer_url if regions else self._links.link(slide_id, meta)))
-        return gateway_pb2.SearchSlidesResponse(slides=out, model_id=model_id, mosaic_size=len(mosaic), cached=cached,
-                                                partial=bool(missing), missing_shards=sorted(missing))
+            out.append(
+                gateway_pb2.SlideMatch(
+                    slide_id=slide_id,
+                    score=score,
+                    matched_mosaic_tiles=found,
+                    regions=regions,
+                    metadata=meta,
+                    study_instance_uid=meta.get(dicom.STUDY, ""),
+                    series_instance_uid=meta.get(dicom.SERIES, ""),
+                    viewer_url=regions[0].viewer_url if regions else self._links.link(slide_id, meta),
+                )
+            )
+        return gateway_pb2.SearchSlidesResponse(
+            slides=out,
+            model_id=model_id,
+            mosaic_size=len(mosaic),
+            cached=cached,
+            partial=bool(missing),
+            missing_shards=sorted(missing),
+        )
 
     # -- viewer support --------------------------------------------------------
     def ReadRegion(self, request, context):
@@ -235,56 +316,86 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         require(fmt in (gateway_pb2.IMAGE_FORMAT_PNG, gateway_pb2.IMAGE_FORMAT_JPEG), "format must be PNG or JPEG")
         timeout = self._b.timeout(context)
         slide = self._b.index.GetSlide(index_pb2.GetSlideRequest(slide_id=r.slide_id), timeout=timeout).slide
-        base = slide.slide_mpp or self._b.tiler.GetSlideInfo(
-            tiler_pb2.GetSlideInfoRequest(slide=slide.source), timeout=timeout).info.mpp_x
+        base = (
+            slide.slide_mpp
+            or self._b.tiler.GetSlideInfo(tiler_pb2.GetSlideInfoRequest(slide=slide.source), timeout=timeout).info.mpp_x
+        )
         mpp = request.mpp or self._q.tiling(context).mpps[0]
         if base > 0:  # coarsen so the longer side fits max_side
             mpp = max(mpp, max(r.width, r.height) * base / max_side)
-        resp = self._b.tiler.ReadRegion(tiler_pb2.ReadRegionRequest(
-            slide=slide.source, x=r.x, y=r.y, width=r.width, height=r.height, mpp=mpp, encoding=_ENCODINGS[fmt],
-            slide_mpp=slide.slide_mpp), timeout=timeout)
-        return gateway_pb2.ReadRegionResponse(image=resp.image.data, format=fmt, width=resp.image.width,
-                                              height=resp.image.height, mpp=resp.mpp)
+        resp = self._b.tiler.ReadRegion(
+            tiler_pb2.ReadRegionRequest(
+                slide=slide.source,
+                x=r.x,
+                y=r.y,
+                width=r.width,
+                height=r.height,
+                mpp=mpp,
+                encoding=_ENCODINGS[fmt],
+                slide_mpp=slide.slide_mpp,
+            ),
+            timeout=timeout,
+        )
+        return gateway_pb2.ReadRegionResponse(
+            image=resp.image.data, format=fmt, width=resp.image.width, height=resp.image.height, mpp=resp.mpp
+        )
 
     # -- concepts ----------------------------------------------------------------
     def CreateConcept(self, request, context):
-        require(len(request.with_examples) > 0 and len(request.without_examples) > 0,
-                "a concept needs at least one example with it and one without")
+        require(
+            len(request.with_examples) > 0 and len(request.without_examples) > 0,
+            "a concept needs at least one example with it and one without",
+        )
         # Concepts are learned on the untransformed embeddings (transform 0 is the identity).
         with_ = self._q.examples(request.with_examples, "with", context)[0][:, 0]
         without = self._q.examples(request.without_examples, "without", context)[0][:, 0]
         direction, accuracy = vectors.concept_vector(with_, without)
         model_id = self._q.current_model(context)
-        saved = self._b.index.PutConcept(index_pb2.PutConceptRequest(concept=index_pb2.Concept(
-            name=request.name, model_id=model_id, vector=to_tensor(direction),
-            with_examples=len(with_), without_examples=len(without), train_accuracy=accuracy)),
-            timeout=self._b.timeout(context)).concept
+        saved = self._b.index.PutConcept(
+            index_pb2.PutConceptRequest(
+                concept=index_pb2.Concept(
+                    name=request.name,
+                    model_id=model_id,
+                    vector=to_tensor(direction),
+                    with_examples=len(with_),
+                    without_examples=len(without),
+                    train_accuracy=accuracy,
+                )
+            ),
+            timeout=self._b.timeout(context),
+        ).concept
         return gateway_pb2.CreateConceptResponse(concept=_concept(saved))
 
     def ListConcepts(self, request, context):
-        resp = self._b.index.ListConcepts(index_pb2.ListConceptsRequest(model_id=self._q.current_model(context)),
-                                          timeout=self._b.timeout(context))
+        resp = self._b.index.ListConcepts(
+            index_pb2.ListConceptsRequest(model_id=self._q.current_model(context)), timeout=self._b.timeout(context)
+        )
         return gateway_pb2.ListConceptsResponse(concepts=[_concept(c) for c in resp.concepts])
 
     def DeleteConcept(self, request, context):
-        self._b.index.DeleteConcept(index_pb2.DeleteConceptRequest(
-            name=request.name, model_id=self._q.current_model(context)), timeout=self._b.timeout(context))
+        self._b.index.DeleteConcept(
+            index_pb2.DeleteConceptRequest(name=request.name, model_id=self._q.current_model(context)),
+            timeout=self._b.timeout(context),
+        )
         return gateway_pb2.DeleteConceptResponse()
 
     # -- catalogue -----------------------------------------------------------
     def ListSlides(self, request, context):
         require(request.page_size >= 0, "page_size must not be negative")
         limits.text(request.page_token, "page_token", limits.MAX_TOKEN_CHARS)
-        resp = self._b.index.ListSlides(index_pb2.ListSlidesRequest(
-            page_size=request.page_size, page_token=request.page_token), timeout=self._b.timeout(context))
+        resp = self._b.index.ListSlides(
+            index_pb2.ListSlidesRequest(page_size=request.page_size, page_token=request.page_token),
+            timeout=self._b.timeout(context),
+        )
         return gateway_pb2.ListSlidesResponse(
-            next_page_token=resp.next_page_token,
-            slides=[_slide(s) for s in resp.slides])
+            next_page_token=resp.next_page_token, slides=[_slide(s) for s in resp.slides]
+        )
 
     def DeleteSlide(self, request, context):
         limits.slide_id(request.slide_id)
-        resp = self._b.index.DeleteSlide(index_pb2.DeleteSlideRequest(slide_id=request.slide_id),
-                                         timeout=self._b.timeout(context))
+        resp = self._b.index.DeleteSlide(
+            index_pb2.DeleteSlideRequest(slide_id=request.slide_id), timeout=self._b.timeout(context)
+        )
         return gateway_pb2.DeleteSlideResponse(deleted_tiles=resp.deleted_tiles)
 
     def GetSlide(self, request, context):
@@ -293,14 +404,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         s = self._b.index.GetSlide(index_pb2.GetSlideRequest(slide_id=request.slide_id), timeout=timeout).slide
         info = self._b.tiler.GetSlideInfo(tiler_pb2.GetSlideInfoRequest(slide=s.source), timeout=timeout).info
         return gateway_pb2.GetSlideResponse(
-            slide=_slide(s), width=info.width, height=info.height, mpp=s.slide_mpp or info.mpp_x)
+            slide=_slide(s), width=info.width, height=info.height, mpp=s.slide_mpp or info.mpp_x
+        )
 
     def GetIndexInfo(self, request, context):
         timeout = self._b.timeout(context)
         tiling, recorded = self._tilings.current(timeout)
         info = self._b.index.GetIndexInfo(index_pb2.GetIndexInfoRequest(), timeout=timeout)
-        out = gateway_pb2.GetIndexInfoResponse(model_id=info.model_id, tile_count=info.tile_count,
-                                               slide_count=info.slide_count, tiling_recorded=recorded)
+        out = gateway_pb2.GetIndexInfoResponse(
+            model_id=info.model_id, tile_count=info.tile_count, slide_count=info.slide_count, tiling_recorded=recorded
+        )
         tiling.to_pb(out.tiling)
         return out
 

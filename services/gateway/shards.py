@@ -27,6 +27,7 @@ de-duplicated by tile identity, so a slide held by two shards while
 fails the call (UNAVAILABLE naming the shard) unless the search allows a
 partial answer, which then names the missing shards.
 """
+
 from __future__ import annotations
 
 import base64
@@ -201,7 +202,9 @@ class Shard:
         for stub in self.stubs:
             while time.monotonic() < deadline:
                 try:
-                    info = stub.GetIndexInfo(index_pb2.GetIndexInfoRequest(), timeout=max(0.05, deadline - time.monotonic()))
+                    info = stub.GetIndexInfo(
+                        index_pb2.GetIndexInfoRequest(), timeout=max(0.05, deadline - time.monotonic())
+                    )
                 except grpc.RpcError:
                     break
                 if info.journal_seq >= seq:
@@ -269,8 +272,9 @@ class ShardedIndex:
                 raise
             # Not where the current shard count puts it: maybe not moved there yet (resharding).
             others = [s for s in self.shards if s is not placed]
-            for f in [self._pool.submit(contextvars.copy_context().run, s.call, "GetSlide", request, timeout)
-                      for s in others]:
+            for f in [
+                self._pool.submit(contextvars.copy_context().run, s.call, "GetSlide", request, timeout) for s in others
+            ]:
                 try:
                     return f.result()
                 except grpc.RpcError:
@@ -291,8 +295,9 @@ class ShardedIndex:
             if _tile_key(h) not in seen and len(hits) < request.k:
                 seen.add(_tile_key(h))
                 hits.append(h)
-        return index_pb2.SearchResponse(hits=hits, model_id=next((r.model_id for r in replies if r.model_id), ""),
-                                        missing_shards=missing)
+        return index_pb2.SearchResponse(
+            hits=hits, model_id=next((r.model_id for r in replies if r.model_id), ""), missing_shards=missing
+        )
 
     def ListSlides(self, request, timeout=None):
         size = min(request.page_size or 100, 1000)  # as each shard pages
@@ -328,8 +333,11 @@ class ShardedIndex:
         if not replies:
             raise NoReplica(missing[0])
         out = index_pb2.GetIndexInfoResponse(
-            model_id=next((r.model_id for r in replies if r.model_id), ""), dim=max(r.dim for r in replies),
-            tile_count=sum(r.tile_count for r in replies), slide_count=sum(r.slide_count for r in replies))
+            model_id=next((r.model_id for r in replies if r.model_id), ""),
+            dim=max(r.dim for r in replies),
+            tile_count=sum(r.tile_count for r in replies),
+            slide_count=sum(r.slide_count for r in replies),
+        )
         # Every shard records what the gateway sends, so the first one recorded speaks for all.
         recorded = next((r.tiling for r in replies if r.tiling.mpps), None)
         if recorded is not None:

@@ -4,6 +4,7 @@ and whole-slide (mosaic) queries.
 The embedder reads the tiles from the tiler itself (EmbedSlide), so pixels
 never pass through the gateway; it hands back tile rectangles and embeddings.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
@@ -25,21 +26,29 @@ def check_tiling(info: tiler_pb2.SlideInfo, slide_mpp: float, tiling: tiler_pb2.
     if mpp <= 0:
         raise FailedPrecondition(
             "the slide does not record its resolution (microns per pixel); state it in the request's "
-            "slide_mpp (e.g. 0.25 for a 40x scan, 0.5 for 20x)")
+            "slide_mpp (e.g. 0.25 for a 40x scan, 0.5 for 20x)"
+        )
     if not limits.plausible_mpp(mpp):
-        raise FailedPrecondition(f"the slide records an implausible resolution ({mpp:g} microns per pixel); "
-                                 "state the right one in slide_mpp")
-    grid = limits.tile_grid(info.width, info.height, mpp, list(tiling.mpps) or [tiling.mpp], tiling.tile_size,
-                            tiling.stride)
+        raise FailedPrecondition(
+            f"the slide records an implausible resolution ({mpp:g} microns per pixel); state the right one in slide_mpp"
+        )
+    grid = limits.tile_grid(
+        info.width, info.height, mpp, list(tiling.mpps) or [tiling.mpp], tiling.tile_size, tiling.stride
+    )
     limits.tiles_per_slide(grid, max_tiles, mpp)
 
 
-def embed_slide(b: Backends, source: str, tiling: tiler_pb2.TilingParams, slide_mpp: float, batch: int,
-                stream_timeout: float,
-                on_stream: Callable[[object], None] = lambda stream: None,
-                on_total: Callable[[int], None] = lambda total: None,
-                before_batch: Callable[[], None] = lambda: None,
-                ) -> Iterator[tuple[list[tiler_pb2.Tile], types_pb2.Tensor, str]]:
+def embed_slide(
+    b: Backends,
+    source: str,
+    tiling: tiler_pb2.TilingParams,
+    slide_mpp: float,
+    batch: int,
+    stream_timeout: float,
+    on_stream: Callable[[object], None] = lambda stream: None,
+    on_total: Callable[[int], None] = lambda total: None,
+    before_batch: Callable[[], None] = lambda: None,
+) -> Iterator[tuple[list[tiler_pb2.Tile], types_pb2.Tensor, str]]:
     """Yields (tiles without pixels, embeddings tensor, model id) per batch of at most `batch` tiles.
 
     on_stream gets the EmbedSlide call (cancelling it cancels the embedder's
@@ -47,8 +56,10 @@ def embed_slide(b: Backends, source: str, tiling: tiler_pb2.TilingParams, slide_
     and before_batch runs before each batch is handed on (a cancellation point)."""
     stream = b.embedder.EmbedSlide(
         embedder_pb2.EmbedSlideRequest(
-            tiles=tiler_pb2.StreamTilesRequest(slide=source, params=tiling, slide_mpp=slide_mpp), batch=batch),
-        timeout=stream_timeout)
+            tiles=tiler_pb2.StreamTilesRequest(slide=source, params=tiling, slide_mpp=slide_mpp), batch=batch
+        ),
+        timeout=stream_timeout,
+    )
     try:
         on_stream(stream)
         total = 0

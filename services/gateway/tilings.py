@@ -5,6 +5,7 @@ Before the first ingest the index has no record: this gateway's settings
 over the environment, so a gateway redeployed with other settings cannot mix
 scales in one index (a differing environment is logged once).
 """
+
 from __future__ import annotations
 
 import logging
@@ -34,14 +35,19 @@ class IndexTiling:
             return self.proposed, False
         with self._lock:
             if self._recorded is None and recorded != self.proposed:
-                log.warning("the index's tiling record differs from this gateway's settings; the record is used",
-                            extra={"index": recorded.describe(), "settings": self.proposed.describe()})
+                log.warning(
+                    "the index's tiling record differs from this gateway's settings; the record is used",
+                    extra={"index": recorded.describe(), "settings": self.proposed.describe()},
+                )
             self._recorded = recorded
         return recorded, True
 
 
 def params(tiling: Tiling, mpps=None, stride: float | None = None) -> tiler_pb2.TilingParams:
     """The tiler's request for `tiling` (or some of its resolutions, another stride)."""
-    return tiler_pb2.TilingParams(mpps=list(mpps or tiling.mpps), tile_size=tiling.tile_size,
-                                  min_tissue_fraction=tiling.min_tissue,
-                                  stride=tiling.stride if stride is None else stride)
+    return tiler_pb2.TilingParams(
+        mpps=list(mpps or tiling.mpps),
+        tile_size=tiling.tile_size,
+        min_tissue_fraction=tiling.min_tissue,
+        stride=tiling.stride if stride is None else stride,
+    )

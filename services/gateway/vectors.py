@@ -1,6 +1,7 @@
 """Query arithmetic on L2-normalised embeddings, in numpy: Rocchio
 combination, concept activation vectors, slide mosaics and Yottixel's
 slide ranking. Pure functions, so they are tested without servers."""
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -29,8 +30,9 @@ def combine(positives, negatives=(), negative_weight: float = 0.5, concepts=()) 
     return unit(q)
 
 
-def concept_vector(with_: np.ndarray, without: np.ndarray, steps: int = 300, lr: float = 0.5,
-                   l2: float = 1e-3) -> tuple[np.ndarray, float]:
+def concept_vector(
+    with_: np.ndarray, without: np.ndarray, steps: int = 300, lr: float = 0.5, l2: float = 1e-3
+) -> tuple[np.ndarray, float]:
     """A concept activation vector: the unit normal of a logistic regression
     separating `with_` from `without` embeddings (classes weighted equally),
     and its training accuracy."""

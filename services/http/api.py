@@ -6,6 +6,7 @@ in a part named `request` and raw image bytes in parts named after top-level
 bytes fields (`image`). Every error is {code, message} with the HTTP status of
 the gRPC code.
 """
+
 from __future__ import annotations
 
 import json

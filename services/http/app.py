@@ -1,4 +1,5 @@
 """The HTTP process: the JSON API under /v1, IIIF under /iiif/3, the viewer at /."""
+
 from __future__ import annotations
 
 import grpc
@@ -15,8 +16,11 @@ from smily.common.config import Settings
 from . import api, iiif, openapi, static
 from .rpc import SERVICE, Gateway, methods, resolve
 
-_HTTP_CODES = {404: grpc.StatusCode.NOT_FOUND, 405: grpc.StatusCode.UNIMPLEMENTED,
-               413: grpc.StatusCode.RESOURCE_EXHAUSTED}
+_HTTP_CODES = {
+    404: grpc.StatusCode.NOT_FOUND,
+    405: grpc.StatusCode.UNIMPLEMENTED,
+    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
 
 
 class BodyLimit:
@@ -44,8 +48,9 @@ class BodyLimit:
         await self.app(scope, limited, send)
 
     async def _refuse(self, scope, receive, send):
-        await api.error(grpc.StatusCode.RESOURCE_EXHAUSTED, f"request bodies are limited to {self.max} bytes",
-                        413)(scope, receive, send)
+        await api.error(grpc.StatusCode.RESOURCE_EXHAUSTED, f"request bodies are limited to {self.max} bytes", 413)(
+            scope, receive, send
+        )
 
 
 def _http_error(request: Request, exc: Exception):
@@ -68,8 +73,9 @@ def build(settings: Settings, chan: grpc.Channel):
     async def readyz(request):
         # Ready when the gateway says it serves: this process is nothing without it.
         try:
-            resp = await resolve(health.Check.future(health_pb2.HealthCheckRequest(service=SERVICE.full_name),
-                                                     timeout=2))
+            resp = await resolve(
+                health.Check.future(health_pb2.HealthCheckRequest(service=SERVICE.full_name), timeout=2)
+            )
         except grpc.RpcError as exc:
             return api.error(grpc.StatusCode.UNAVAILABLE, f"gateway: {exc.code().name}")
         if resp.status != health_pb2.HealthCheckResponse.SERVING:
@@ -86,7 +92,8 @@ def build(settings: Settings, chan: grpc.Channel):
         return FileResponse(static.INDEX, headers={"Cache-Control": "no-cache"})
 
     api_routes = [Route(m.rule.path, api.handler(m, gateway), methods=[m.rule.verb]) for m in methods()]
-    routes: list[BaseRoute] = [*api_routes,
+    routes: list[BaseRoute] = [
+        *api_routes,
         Route("/livez", livez),
         Route("/readyz", readyz),
         Route("/openapi.json", openapi_json),

@@ -7,6 +7,7 @@ Tiles are cached in memory per caller (a digest of the Authorization header):
 a cached tile is only ever served to the caller the gateway already let read
 it, for at most http_tile_cache_ttl_s.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -140,7 +141,9 @@ def _exact(data: bytes, width: int, height: int, fmt: str) -> bytes:
     if img.size == (width, height):
         return data
     out = io.BytesIO()
-    img.convert("RGB").resize((width, height), Image.Resampling.BILINEAR).save(out, "JPEG" if fmt == "jpg" else "PNG", quality=90)
+    img.convert("RGB").resize((width, height), Image.Resampling.BILINEAR).save(
+        out, "JPEG" if fmt == "jpg" else "PNG", quality=90
+    )
     return out.getvalue()
 
 
@@ -159,8 +162,7 @@ class IIIF:
         cached = self._cache.get(key)
         if cached is not None:
             return gateway_pb2.GetSlideResponse.FromString(cached)
-        slide = await self._gateway.call("GetSlide", gateway_pb2.GetSlideRequest(slide_id=slide_id),
-                                         metadata(request))
+        slide = await self._gateway.call("GetSlide", gateway_pb2.GetSlideRequest(slide_id=slide_id), metadata(request))
         self._cache.put(key, slide.SerializeToString())
         return slide
 
@@ -170,9 +172,11 @@ class IIIF:
             slide = await self._slide(request, slide_id)
         except grpc.RpcError as exc:
             return rpc_error(exc)
-        return JSONResponse(info(str(request.base_url).rstrip("/"), slide_id, slide),
-                            media_type="application/ld+json",
-                            headers={"Cache-Control": "private, max-age=60"})
+        return JSONResponse(
+            info(str(request.base_url).rstrip("/"), slide_id, slide),
+            media_type="application/ld+json",
+            headers={"Cache-Control": "private, max-age=60"},
+        )
 
     async def image(self, request: Request) -> Response:
         p = request.path_params
@@ -193,11 +197,18 @@ class IIIF:
             w, h = parse_size(p["size"], rw, rh)
             if slide.mpp <= 0:
                 return error(grpc.StatusCode.FAILED_PRECONDITION, "the slide records no resolution")
-            resp = await self._gateway.call("ReadRegion", gateway_pb2.ReadRegionRequest(
-                region=gateway_pb2.Region(slide_id=p["slide_id"], x=x, y=y, width=rw, height=rh),
-                # The output resolution that makes the region w pixels wide; ReadRegion
-                # coarsens it further only if the longer side would pass max_side.
-                mpp=slide.mpp * rw / w, max_side=max(w, h), format=encoding), metadata(request))
+            resp = await self._gateway.call(
+                "ReadRegion",
+                gateway_pb2.ReadRegionRequest(
+                    region=gateway_pb2.Region(slide_id=p["slide_id"], x=x, y=y, width=rw, height=rh),
+                    # The output resolution that makes the region w pixels wide; ReadRegion
+                    # coarsens it further only if the longer side would pass max_side.
+                    mpp=slide.mpp * rw / w,
+                    max_side=max(w, h),
+                    format=encoding,
+                ),
+                metadata(request),
+            )
         except IIIFError as exc:
             return error(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except grpc.RpcError as exc:

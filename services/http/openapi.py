@@ -4,6 +4,7 @@ descriptors and the route table, so it cannot drift from the proto.
 `python -m smily.http.openapi > docs/openapi.json` writes the checked-in copy
 (tests/test_http_api.py checks it matches what the server serves).
 """
+
 from __future__ import annotations
 
 import json
@@ -72,20 +73,20 @@ def _collect(d, schemas: dict) -> None:
     oneofs = [o for o in d.oneofs if not (len(o.fields) == 1 and o.name == "_" + o.fields[0].name)]
     doc: dict = {"type": "object", "properties": props}
     if oneofs:
-        doc["description"] = "; ".join(
-            f"at most one of {', '.join(f.json_name for f in o.fields)}" for o in oneofs)
+        doc["description"] = "; ".join(f"at most one of {', '.join(f.json_name for f in o.fields)}" for o in oneofs)
     schemas[d.full_name] = doc
 
 
 def _parameters(method) -> list[dict]:
-    params = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
-              for name in path_fields(method.rule)]
+    params = [
+        {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+        for name in path_fields(method.rule)
+    ]
     if not method.rule.body:
         taken = set(path_fields(method.rule))
         for f in method.input.fields:
             if f.name not in taken and f.type not in (FD.TYPE_MESSAGE, FD.TYPE_BYTES):
-                params.append({"name": f.json_name, "in": "query", "required": False,
-                               "schema": _field(f, {})})
+                params.append({"name": f.json_name, "in": "query", "required": False, "schema": _field(f, {})})
     return params
 
 
@@ -102,17 +103,25 @@ def document() -> dict:
             "parameters": _parameters(m),
             "responses": {
                 "200": {"description": "OK", "content": {"application/json": {"schema": _ref(m.output)}}},
-                "default": {"description": "error: the gRPC status as {code, message}",
-                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
+                "default": {
+                    "description": "error: the gRPC status as {code, message}",
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+                },
             },
         }
         if m.rule.body:
             content = {"application/json": {"schema": _ref(m.input)}}
             files = [f for f in m.input.fields if f.type == FD.TYPE_BYTES and not f.is_repeated]
             if files:
-                content["multipart/form-data"] = {"schema": {"type": "object", "properties": {
-                    "request": {"type": "string", "description": f"JSON of {m.input.full_name}"},
-                    **{f.json_name: {"type": "string", "format": "binary"} for f in files}}}}
+                content["multipart/form-data"] = {
+                    "schema": {
+                        "type": "object",
+                        "properties": {
+                            "request": {"type": "string", "description": f"JSON of {m.input.full_name}"},
+                            **{f.json_name: {"type": "string", "format": "binary"} for f in files},
+                        },
+                    }
+                }
             op["requestBody"] = {"required": False, "content": content}
         paths.setdefault(m.rule.path, {})[m.rule.verb.lower()] = op
     return {
@@ -120,9 +129,11 @@ def document() -> dict:
         "info": {
             "title": "SMILY HTTP/JSON API",
             "version": "v1",
-            "description": ("Every public gateway RPC over HTTP/JSON (protobuf's JSON mapping of "
-                            "smily/gateway/v1/gateway.proto). Send `Authorization: Bearer <token>` "
-                            "when the gateway requires tokens."),
+            "description": (
+                "Every public gateway RPC over HTTP/JSON (protobuf's JSON mapping of "
+                "smily/gateway/v1/gateway.proto). Send `Authorization: Bearer <token>` "
+                "when the gateway requires tokens."
+            ),
         },
         "paths": paths,
         "components": {

@@ -6,6 +6,7 @@ gateway.proto stays the one contract. An RPC in the table that the proto
 does not have (yet) is left out, and one the proto has without a route is a
 test failure (tests/test_http_api.py).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -63,8 +64,7 @@ class Method:
 
 def methods() -> list[Method]:
     """Every gateway RPC that has a route, in proto order."""
-    return [Method(m.name, RULES[m.name], m.input_type, m.output_type)
-            for m in SERVICE.methods if m.name in RULES]
+    return [Method(m.name, RULES[m.name], m.input_type, m.output_type) for m in SERVICE.methods if m.name in RULES]
 
 
 # https://github.com/googleapis/googleapis/blob/master/google/rpc/code.proto
@@ -101,16 +101,21 @@ class Gateway:
         call = self._calls.get(name)
         if call is None:
             call = self._channel.unary_unary(
-                f"/{SERVICE.full_name}/{name}", request_serializer=request_type.SerializeToString,
-                response_deserializer=message_factory.GetMessageClass(response_type).FromString)
+                f"/{SERVICE.full_name}/{name}",
+                request_serializer=request_type.SerializeToString,
+                response_deserializer=message_factory.GetMessageClass(response_type).FromString,
+            )
             self._calls[name] = call
         return call
 
     async def call(self, name: str, request, metadata: list[tuple[str, str]]):
         """The RPC's response; raises grpc.RpcError with the gateway's status."""
         method = SERVICE.methods_by_name[name]
-        return await resolve(self._callable(name, type(request), method.output_type).future(
-            request, metadata=metadata, timeout=self._timeout))
+        return await resolve(
+            self._callable(name, type(request), method.output_type).future(
+                request, metadata=metadata, timeout=self._timeout
+            )
+        )
 
 
 async def resolve(future: grpc.Future):

@@ -1,5 +1,6 @@
 """Running the HTTP process with uvicorn: `smily serve http`, `python -m smily.http`,
 and in a thread for tests and `smily up`."""
+
 from __future__ import annotations
 
 import socket
@@ -18,8 +19,16 @@ from .app import build
 def _server(settings: Settings, chan) -> uvicorn.Server:
     # log_config=None: uvicorn's loggers go through our JSON logging; no access
     # log (request paths carry slide ids, which the gateway's audit records).
-    return uvicorn.Server(uvicorn.Config(build(settings, chan), log_config=None, access_log=False,
-                                         proxy_headers=False, server_header=False, timeout_graceful_shutdown=int(settings.shutdown_grace_s)))
+    return uvicorn.Server(
+        uvicorn.Config(
+            build(settings, chan),
+            log_config=None,
+            access_log=False,
+            proxy_headers=False,
+            server_header=False,
+            timeout_graceful_shutdown=int(settings.shutdown_grace_s),
+        )
+    )
 
 
 def serve(settings: Settings | None = None) -> None:

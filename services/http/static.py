@@ -1,6 +1,7 @@
 """Where the viewer's files are: our page under static/, the browser libraries
 as npm installed them under vendor/node_modules (`make` runs `npm ci`; they are
 served from there, nothing is copied and nothing comes from a CDN)."""
+
 from __future__ import annotations
 
 import os
@@ -35,5 +36,10 @@ def viewer_config(settings: Settings) -> dict:
     """What the page needs to log in; no issuer means the API takes no tokens."""
     if not settings.viewer_oidc_issuer:
         return {"oidc": None}
-    return {"oidc": {"authority": settings.viewer_oidc_issuer, "client_id": settings.viewer_oidc_client_id,
-                     "scope": settings.viewer_oidc_scope}}
+    return {
+        "oidc": {
+            "authority": settings.viewer_oidc_issuer,
+            "client_id": settings.viewer_oidc_client_id,
+            "scope": settings.viewer_oidc_scope,
+        }
+    }

@@ -1,4 +1,5 @@
 """`python -m smily.index`: the index service alone (what its container runs)."""
+
 from smily.common.server import serve
 from smily.index.server import registration
 

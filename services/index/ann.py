@@ -5,6 +5,7 @@ default) once a collection is large. Only "Flat" and IVF-based factory
 strings are accepted: they support add/remove by id and ID selectors, which
 the store needs for replace, delete and in-search filters.
 """
+
 from __future__ import annotations
 
 import math
@@ -69,8 +70,9 @@ def nlist(index: faiss.Index) -> int:
     return ivf.nlist if ivf is not None else 0
 
 
-def search(index: faiss.Index, queries: np.ndarray, k: int, nprobe: int,
-           selector: faiss.IDSelector | None = None) -> tuple[np.ndarray, np.ndarray]:
+def search(
+    index: faiss.Index, queries: np.ndarray, k: int, nprobe: int, selector: faiss.IDSelector | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Top-k (scores, ids); the selector filters inside the scan, not after it."""
     ivf = _ivf(index)
     if ivf is None:

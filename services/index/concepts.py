@@ -3,6 +3,7 @@
 Kept apart from the tile store so that neither's schema or locking
 constrains the other; every gateway replica reads the same rows.
 """
+
 from __future__ import annotations
 
 import os
@@ -66,8 +67,9 @@ def vector_bytes(c: Concept) -> bytes:
 class ConceptStore:
     def __init__(self, directory: str):
         os.makedirs(directory, exist_ok=True)
-        self._db = sqlite3.connect(os.path.join(directory, "concepts.sqlite3"), check_same_thread=False,
-                                   isolation_level=None)
+        self._db = sqlite3.connect(
+            os.path.join(directory, "concepts.sqlite3"), check_same_thread=False, isolation_level=None
+        )
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
@@ -76,16 +78,27 @@ class ConceptStore:
     def put(self, c: Concept) -> Concept:
         c = normalised(c)
         with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO concepts VALUES (?, ?, ?, ?, ?, ?, ?)",
-                             (c.name, c.model_id, vector_bytes(c), c.with_examples, c.without_examples,
-                              c.train_accuracy, c.created_at))
+            self._db.execute(
+                "INSERT OR REPLACE INTO concepts VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    c.name,
+                    c.model_id,
+                    vector_bytes(c),
+                    c.with_examples,
+                    c.without_examples,
+                    c.train_accuracy,
+                    c.created_at,
+                ),
+            )
         return c
 
     def get(self, name: str, model_id: str) -> Concept:
         with self._lock:
             row = self._db.execute(
                 "SELECT name, model_id, vector, with_examples, without_examples, train_accuracy, created_at "
-                "FROM concepts WHERE name = ? AND model_id = ?", (name, model_id)).fetchone()
+                "FROM concepts WHERE name = ? AND model_id = ?",
+                (name, model_id),
+            ).fetchone()
         if not row:
             raise NotFound(f"no concept {name!r} for model {model_id}")
         return Concept(row[0], row[1], np.frombuffer(row[2], np.float32), *row[3:])
@@ -94,7 +107,9 @@ class ConceptStore:
         with self._lock:
             rows = self._db.execute(
                 "SELECT name, model_id, with_examples, without_examples, train_accuracy, created_at "
-                "FROM concepts WHERE model_id = ? ORDER BY name", (model_id,)).fetchall()
+                "FROM concepts WHERE model_id = ? ORDER BY name",
+                (model_id,),
+            ).fetchall()
         return [Concept(r[0], r[1], None, *r[2:]) for r in rows]
 
     def delete(self, name: str, model_id: str) -> None:
@@ -105,4 +120,3 @@ class ConceptStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
-

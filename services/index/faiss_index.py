@@ -8,6 +8,7 @@ partial. commit_slide swaps a slide's old tiles for the new ones in one
 storage transaction and one exclusive FAISS update: searches never see a
 half-added slide.
 """
+
 from __future__ import annotations
 
 import base64
@@ -123,8 +124,16 @@ class TileIndex:
         if self._faiss is None:
             self._rebuild(committed)
             self.state.load_report = self.state.load_report or "built from the journal"
-        log.info("index loaded", extra={"tiles": self._faiss.ntotal, "model_id": self.model_id, "factory": self.state.factory,
-                                        "report": self.state.load_report, "stale_staged_dropped": dropped})
+        log.info(
+            "index loaded",
+            extra={
+                "tiles": self._faiss.ntotal,
+                "model_id": self.model_id,
+                "factory": self.state.factory,
+                "report": self.state.load_report,
+                "stale_staged_dropped": dropped,
+            },
+        )
 
     def _load_snapshot(self, committed: int) -> None:
         found = snapshot.read(self._dir)
@@ -134,7 +143,9 @@ class TileIndex:
         if (man.get("model_id"), man.get("dim")) != (self.model_id, self.dim):
             raise snapshot.SnapshotError("the snapshot belongs to another model")
         if man["seq"] > self._seq:
-            raise snapshot.SnapshotError(f"the snapshot is at journal sequence {man['seq']}, the journal only at {self._seq}")
+            raise snapshot.SnapshotError(
+                f"the snapshot is at journal sequence {man['seq']}, the journal only at {self._seq}"
+            )
         if man["factory"] != self._factory_for(committed, man["factory"]):
             log.info("index type changed by configuration or size; rebuilding", extra={"was": man["factory"]})
             return
@@ -147,11 +158,17 @@ class TileIndex:
             replayed += len(ids)
         if index.ntotal != committed:
             raise snapshot.SnapshotError(
-                f"snapshot plus journal replay holds {index.ntotal} vectors, the journal {committed}")
+                f"snapshot plus journal replay holds {index.ntotal} vectors, the journal {committed}"
+            )
         self._faiss = index
-        self.state = IndexState(man["factory"], man.get("train_vectors", 0), man.get("train_seconds", 0.0), man["seq"],
-                                load_report=f"snapshot at sequence {man['seq']} plus {replayed} added and "
-                                            f"{len(gone)} removed from the journal")
+        self.state = IndexState(
+            man["factory"],
+            man.get("train_vectors", 0),
+            man.get("train_seconds", 0.0),
+            man["seq"],
+            load_report=f"snapshot at sequence {man['seq']} plus {replayed} added and "
+            f"{len(gone)} removed from the journal",
+        )
 
     def _factory_for(self, n: int, current: str = ann.FLAT) -> str:
         """The index type for n vectors; an IVF index once trained is kept as it is."""
@@ -171,16 +188,27 @@ class TileIndex:
         index, seconds = ann.build(factory, self.dim, train)
         self._fill(index)
         self._faiss = index
-        self.state = IndexState(factory, 0 if train is None else len(train), seconds, load_report=self.state.load_report)
+        self.state = IndexState(
+            factory, 0 if train is None else len(train), seconds, load_report=self.state.load_report
+        )
         if train is not None:
-            log.info("index trained", extra={"factory": factory, "train_vectors": len(train),
-                                             "train_seconds": round(seconds, 3), "tiles": index.ntotal})
+            log.info(
+                "index trained",
+                extra={
+                    "factory": factory,
+                    "train_vectors": len(train),
+                    "train_seconds": round(seconds, 3),
+                    "tiles": index.ntotal,
+                },
+            )
 
     def _training_sample(self) -> np.ndarray:
         """Up to TRAIN_MAX published vectors, a fixed-seed random sample."""
         ids = self.storage.committed_ids()
         pick = np.sort(np.random.default_rng(0).choice(ids, min(len(ids), TRAIN_MAX), replace=False))
-        return np.concatenate([self.storage.vectors(pick[i:i + SQL_CHUNK])[1] for i in range(0, len(pick), SQL_CHUNK)])
+        return np.concatenate(
+            [self.storage.vectors(pick[i : i + SQL_CHUNK])[1] for i in range(0, len(pick), SQL_CHUNK)]
+        )
 
     def _fill(self, index) -> np.ndarray:
         """Add every published vector to `index`, a chunk per storage read so searches and
@@ -221,17 +249,26 @@ class TileIndex:
                 # Tile ids are never reused, so id sets tell exactly what changed.
                 missing = np.setdiff1d(live, added, assume_unique=True)
                 for i in range(0, len(missing), SQL_CHUNK):
-                    ids, vecs = self.storage.vectors(missing[i:i + SQL_CHUNK])
+                    ids, vecs = self.storage.vectors(missing[i : i + SQL_CHUNK])
                     index.add_with_ids(vecs, ids)
                 gone = np.setdiff1d(added, live, assume_unique=True)
                 if len(gone):
                     index.remove_ids(faiss.IDSelectorBatch(gone))
                 self._faiss = index
-                self.state = IndexState(factory, len(train), seconds, self.state.snapshot_seq, len(gone),
-                                        self.state.load_report)
-            log.info("index trained", extra={"factory": factory, "train_vectors": len(train),
-                                             "train_seconds": round(seconds, 3), "tiles": index.ntotal,
-                                             "caught_up": len(missing), "dropped": len(gone)})
+                self.state = IndexState(
+                    factory, len(train), seconds, self.state.snapshot_seq, len(gone), self.state.load_report
+                )
+            log.info(
+                "index trained",
+                extra={
+                    "factory": factory,
+                    "train_vectors": len(train),
+                    "train_seconds": round(seconds, 3),
+                    "tiles": index.ntotal,
+                    "caught_up": len(missing),
+                    "dropped": len(gone),
+                },
+            )
         except Exception:
             log.exception("index training failed; searches stay exact and the next commit retries")
 
@@ -249,9 +286,18 @@ class TileIndex:
             if self._faiss is None or self._seq == self.state.snapshot_seq:
                 return False
             seq = self._seq
-            snapshot.write(self._dir, self._faiss, {
-                "seq": seq, "model_id": self.model_id, "dim": self.dim, "factory": self.state.factory,
-                "train_vectors": self.state.train_vectors, "train_seconds": self.state.train_seconds})
+            snapshot.write(
+                self._dir,
+                self._faiss,
+                {
+                    "seq": seq,
+                    "model_id": self.model_id,
+                    "dim": self.dim,
+                    "factory": self.state.factory,
+                    "train_vectors": self.state.train_vectors,
+                    "train_seconds": self.state.train_seconds,
+                },
+            )
             self.state.snapshot_seq = seq
             self.storage.forget_removed(seq)
         log.info("index snapshot written", extra={"seq": seq})
@@ -305,8 +351,15 @@ class TileIndex:
         log.info("index bound to model", extra={"model_id": model_id, "dim": dim})
 
     # -- writes -------------------------------------------------------------
-    def stage(self, model_id: str, slide_id: str, generation: str, vectors: np.ndarray, tiles: list[Tile],
-              tiling: Tiling | None = None) -> int:
+    def stage(
+        self,
+        model_id: str,
+        slide_id: str,
+        generation: str,
+        vectors: np.ndarray,
+        tiles: list[Tile],
+        tiling: Tiling | None = None,
+    ) -> int:
         """Stage tiles; `tiling` (how they were cut) is recorded by the first write and checked after."""
         check_stage(slide_id, generation, vectors, tiles)
         with self._rw.write():
@@ -326,8 +379,10 @@ class TileIndex:
             commit = self.storage.commit_slide(generation, slide, expected_tiles)
             self._apply(commit)
         assert commit.slide is not None, "a commit publishes the slide"
-        log.info("slide committed", extra={"slide_id": slide.slide_id, "tiles": commit.slide.tile_count,
-                                           "replaced": len(commit.removed)})
+        log.info(
+            "slide committed",
+            extra={"slide_id": slide.slide_id, "tiles": commit.slide.tile_count, "replaced": len(commit.removed)},
+        )
         return commit.slide, len(commit.removed)
 
     def delete_slide(self, slide_id: str) -> int:
@@ -358,8 +413,9 @@ class TileIndex:
         factory = self._factory_for(self._faiss.ntotal, self.state.factory)
         if factory != self.state.factory and not self._training():
             # Grown past the exact-search threshold: train the ANN index off the write lock.
-            self._trainer = threading.Thread(target=self._train_and_swap, args=(factory,), name="index-train",
-                                             daemon=True)
+            self._trainer = threading.Thread(
+                target=self._train_and_swap, args=(factory,), name="index-train", daemon=True
+            )
             self._trainer.start()
 
     def _remove(self, ids: list[int]) -> None:
@@ -383,9 +439,19 @@ class TileIndex:
                 self._compact()
 
     # -- reads --------------------------------------------------------------
-    def search(self, model_id: str, query: np.ndarray, k: int, exclude_slide_ids=(), slide_ids=(),
-               filters: dict | None = None, nprobe: int = 0, exclude_filters: dict | None = None,
-               tiling: Tiling | None = None, mpp: float = 0.0) -> list[Hit]:
+    def search(
+        self,
+        model_id: str,
+        query: np.ndarray,
+        k: int,
+        exclude_slide_ids=(),
+        slide_ids=(),
+        filters: dict | None = None,
+        nprobe: int = 0,
+        exclude_filters: dict | None = None,
+        tiling: Tiling | None = None,
+        mpp: float = 0.0,
+    ) -> list[Hit]:
         """Top-k tiles; slide_ids / filters (metadata key=value, all must hold) / exclude_slide_ids /
         exclude_filters (metadata key=value, any drops the slide) / mpp (tiles at that indexed
         resolution) restrict the search inside FAISS, so k hits come back whenever k tiles match.
@@ -427,7 +493,10 @@ class TileIndex:
             elif exclude_slide_ids or exclude_filters:
                 excluded = self.storage.excluded(exclude_slide_ids, exclude_filters)
                 if len(excluded):
-                    selector, available = faiss.IDSelectorNot(faiss.IDSelectorBatch(excluded)), available - len(excluded)
+                    selector, available = (
+                        faiss.IDSelectorNot(faiss.IDSelectorBatch(excluded)),
+                        available - len(excluded),
+                    )
             rescore = not exact and self.config.rerank > 1
             want = min(max(k, min(k * self.config.rerank, RERANK_MAX)) if rescore else k, available)
             nprobe = nprobe or self.config.nprobe
@@ -452,7 +521,7 @@ class TileIndex:
         return cached[1]
 
     def _vectors(self, ids) -> tuple[np.ndarray, np.ndarray]:
-        parts = [self.storage.vectors(ids[i:i + SQL_CHUNK]) for i in range(0, len(ids), SQL_CHUNK)]
+        parts = [self.storage.vectors(ids[i : i + SQL_CHUNK]) for i in range(0, len(ids), SQL_CHUNK)]
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
     def _hits(self, found: list[tuple[int, float]], k: int, query: np.ndarray, rescore: bool) -> list[Hit]:
@@ -497,8 +566,12 @@ class TileIndex:
 
     def info(self) -> dict:
         with self._rw.read():
-            return {"journal_seq": self._seq, "nlist": ann.nlist(self._faiss) if self._faiss is not None else 0,
-                    "nprobe": self.config.nprobe, **vars(self.state)}
+            return {
+                "journal_seq": self._seq,
+                "nlist": ann.nlist(self._faiss) if self._faiss is not None else 0,
+                "nprobe": self.config.nprobe,
+                **vars(self.state),
+            }
 
     def close(self) -> None:
         self._stop.set()

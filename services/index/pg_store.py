@@ -8,6 +8,7 @@ commit order and a replica reading "commits after s" never misses one that
 commits later with a smaller number. A lost connection is UNAVAILABLE and
 is reopened on the next call.
 """
+
 from __future__ import annotations
 
 import functools
@@ -58,6 +59,7 @@ def schema(shard: int) -> str:
 @dataclass
 class SlideState:
     """A slide as the store holds it after commit `seq`: None when deleted; rows are (id, Tile, vector)."""
+
     seq: int
     slide_id: str
     slide: Slide | None
@@ -187,12 +189,27 @@ class PgStorage(_OnSchema):
     @_db
     def stage(self, slide_id: str, generation: str, tiles: list[Tile], vectors: np.ndarray) -> int:
         now = time.time()
-        rows = [(slide_id, generation, t.x, t.y, t.w, t.h, t.mpp, t.tissue, now,
-                 np.ascontiguousarray(v, np.float32).tobytes()) for t, v in zip(tiles, vectors)]
+        rows = [
+            (
+                slide_id,
+                generation,
+                t.x,
+                t.y,
+                t.w,
+                t.h,
+                t.mpp,
+                t.tissue,
+                now,
+                np.ascontiguousarray(v, np.float32).tobytes(),
+            )
+            for t, v in zip(tiles, vectors)
+        ]
         with self.conn.transaction(), self.conn.cursor() as cur:
             cur.executemany(
                 f"INSERT INTO {self.s}.tiles (slide_id, generation, x, y, w, h, mpp, tissue, staged_at, vector) "
-                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING", rows)
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                rows,
+            )
         return len(rows)
 
     def _next_seq(self, slide_id: str) -> int:
@@ -210,31 +227,54 @@ class PgStorage(_OnSchema):
         sid = slide.slide_id
         with self.conn.transaction():
             self._q("SELECT value FROM {s}.seq FOR UPDATE")  # commits of this shard go one at a time
-            new = self._q("SELECT id, vector FROM {s}.tiles WHERE slide_id = %s AND generation = %s AND committed = 0 "
-                          "ORDER BY id", (sid, generation)).fetchall()
+            new = self._q(
+                "SELECT id, vector FROM {s}.tiles WHERE slide_id = %s AND generation = %s AND committed = 0 "
+                "ORDER BY id",
+                (sid, generation),
+            ).fetchall()
             if not new:
                 done = self._already_committed(sid, generation, expected_tiles)
                 if done is not None:
                     return done
             if len(new) != expected_tiles:
-                raise Aborted(f"{len(new)} tiles staged for this ingest, {expected_tiles} expected: ingest the slide again")
+                raise Aborted(
+                    f"{len(new)} tiles staged for this ingest, {expected_tiles} expected: ingest the slide again"
+                )
             seq = self._next_seq(sid)
-            old = [r[0] for r in self._q("DELETE FROM {s}.tiles WHERE slide_id = %s AND generation != %s "
-                                         "RETURNING id, committed", (sid, generation)) if r[1] > 0]
-            self._q("UPDATE {s}.tiles SET committed = %s WHERE slide_id = %s AND generation = %s", (seq, sid, generation))
+            old = [
+                r[0]
+                for r in self._q(
+                    "DELETE FROM {s}.tiles WHERE slide_id = %s AND generation != %s RETURNING id, committed",
+                    (sid, generation),
+                )
+                if r[1] > 0
+            ]
+            self._q(
+                "UPDATE {s}.tiles SET committed = %s WHERE slide_id = %s AND generation = %s", (seq, sid, generation)
+            )
             self._journal_removal(seq, old)
             slide.tile_count, slide.indexed_at = len(new), time.time()
-            self._q(f"INSERT INTO {{s}}.slides ({SLIDE_COLUMNS}, generation) VALUES (%s, %s, %s::jsonb, %s, %s, %s, %s) "
-                    "ON CONFLICT (slide_id) DO UPDATE SET source = excluded.source, metadata = excluded.metadata, "
-                    "tile_count = excluded.tile_count, indexed_at = excluded.indexed_at, "
-                    "slide_mpp = excluded.slide_mpp, generation = excluded.generation",
-                    (sid, slide.source, json.dumps(slide.metadata, sort_keys=True), slide.tile_count,
-                     slide.indexed_at, slide.slide_mpp, generation))
+            self._q(
+                f"INSERT INTO {{s}}.slides ({SLIDE_COLUMNS}, generation) VALUES (%s, %s, %s::jsonb, %s, %s, %s, %s) "
+                "ON CONFLICT (slide_id) DO UPDATE SET source = excluded.source, metadata = excluded.metadata, "
+                "tile_count = excluded.tile_count, indexed_at = excluded.indexed_at, "
+                "slide_mpp = excluded.slide_mpp, generation = excluded.generation",
+                (
+                    sid,
+                    slide.source,
+                    json.dumps(slide.metadata, sort_keys=True),
+                    slide.tile_count,
+                    slide.indexed_at,
+                    slide.slide_mpp,
+                    generation,
+                ),
+            )
         return Commit(seq, slide, _ids(new), vectors_from([bytes(r[1]) for r in new], self._d()), old)
 
     def _already_committed(self, slide_id: str, generation: str, expected_tiles: int) -> Commit | None:
-        row = self._q(f"SELECT {SLIDE_COLUMNS} FROM {{s}}.slides WHERE slide_id = %s AND generation = %s",
-                      (slide_id, generation)).fetchone()
+        row = self._q(
+            f"SELECT {SLIDE_COLUMNS} FROM {{s}}.slides WHERE slide_id = %s AND generation = %s", (slide_id, generation)
+        ).fetchone()
         if row is None or row[3] != expected_tiles:
             return None
         seq = self._q("SELECT MAX(committed) FROM {s}.tiles WHERE slide_id = %s", (slide_id,)).fetchone()[0]
@@ -247,8 +287,11 @@ class PgStorage(_OnSchema):
             if not self._q("DELETE FROM {s}.slides WHERE slide_id = %s", (slide_id,)).rowcount:
                 raise NotFound(f"slide {slide_id!r} is not in the index")
             seq = self._next_seq(slide_id)
-            ids = [r[0] for r in self._q("DELETE FROM {s}.tiles WHERE slide_id = %s RETURNING id, committed",
-                                         (slide_id,)) if r[1] > 0]
+            ids = [
+                r[0]
+                for r in self._q("DELETE FROM {s}.tiles WHERE slide_id = %s RETURNING id, committed", (slide_id,))
+                if r[1] > 0
+            ]
             self._journal_removal(seq, ids)
         return Commit(seq, None, np.empty(0, np.int64), np.empty((0, self._d()), np.float32), ids)
 
@@ -263,8 +306,9 @@ class PgStorage(_OnSchema):
 
     @_db
     def committed_chunk(self, after_id: int, limit: int) -> tuple[np.ndarray, np.ndarray]:
-        rows = self._q("SELECT id, vector FROM {s}.tiles WHERE committed > 0 AND id > %s ORDER BY id LIMIT %s",
-                       (after_id, limit)).fetchall()
+        rows = self._q(
+            "SELECT id, vector FROM {s}.tiles WHERE committed > 0 AND id > %s ORDER BY id LIMIT %s", (after_id, limit)
+        ).fetchall()
         return _ids(rows), vectors_from([bytes(r[1]) for r in rows], self._d())
 
     def added_after(self, seq: int):
@@ -278,8 +322,9 @@ class PgStorage(_OnSchema):
 
     @_db
     def _added_chunk(self, seq: int, after: int) -> tuple[np.ndarray, np.ndarray]:
-        rows = self._q("SELECT id, vector FROM {s}.tiles WHERE committed > %s AND id > %s ORDER BY id LIMIT 8192",
-                       (seq, after)).fetchall()
+        rows = self._q(
+            "SELECT id, vector FROM {s}.tiles WHERE committed > %s AND id > %s ORDER BY id LIMIT 8192", (seq, after)
+        ).fetchall()
         return _ids(rows), vectors_from([bytes(r[1]) for r in rows], self._d())
 
     @_db
@@ -292,7 +337,9 @@ class PgStorage(_OnSchema):
 
     @_db
     def vectors(self, ids) -> tuple[np.ndarray, np.ndarray]:
-        rows = self._q("SELECT id, vector FROM {s}.tiles WHERE id = ANY(%s) ORDER BY id", ([int(i) for i in ids],)).fetchall()
+        rows = self._q(
+            "SELECT id, vector FROM {s}.tiles WHERE id = ANY(%s) ORDER BY id", ([int(i) for i in ids],)
+        ).fetchall()
         return _ids(rows), vectors_from([bytes(r[1]) for r in rows], self._d())
 
     @staticmethod
@@ -308,12 +355,18 @@ class PgStorage(_OnSchema):
         return conds, args
 
     def _tile_ids(self, conds: list[str], args: list) -> np.ndarray:
-        return _ids(self._q("SELECT t.id FROM {s}.tiles t JOIN {s}.slides s ON s.slide_id = t.slide_id "
-                            f"WHERE {' AND '.join(['t.committed > 0', *conds])}", args))
+        return _ids(
+            self._q(
+                "SELECT t.id FROM {s}.tiles t JOIN {s}.slides s ON s.slide_id = t.slide_id "
+                f"WHERE {' AND '.join(['t.committed > 0', *conds])}",
+                args,
+            )
+        )
 
     @_db
-    def select(self, slide_ids, filters: dict, exclude, exclude_filters: dict,
-               mpp_range: tuple[float, float] | None = None) -> np.ndarray:
+    def select(
+        self, slide_ids, filters: dict, exclude, exclude_filters: dict, mpp_range: tuple[float, float] | None = None
+    ) -> np.ndarray:
         conds, args = self._slide_conditions(slide_ids, filters)
         if mpp_range is not None:
             conds.append("t.mpp >= %s AND t.mpp < %s")
@@ -331,9 +384,11 @@ class PgStorage(_OnSchema):
 
     @_db
     def records(self, ids) -> dict[int, tuple[str, Tile, dict]]:
-        rows = self._q("SELECT t.id, t.slide_id, t.x, t.y, t.w, t.h, t.mpp, t.tissue, s.metadata "
-                       "FROM {s}.tiles t JOIN {s}.slides s ON s.slide_id = t.slide_id WHERE t.id = ANY(%s)",
-                       ([int(i) for i in ids],)).fetchall()
+        rows = self._q(
+            "SELECT t.id, t.slide_id, t.x, t.y, t.w, t.h, t.mpp, t.tissue, s.metadata "
+            "FROM {s}.tiles t JOIN {s}.slides s ON s.slide_id = t.slide_id WHERE t.id = ANY(%s)",
+            ([int(i) for i in ids],),
+        ).fetchall()
         return {r[0]: (r[1], Tile(*r[2:8]), r[8]) for r in rows}
 
     # -- slides -------------------------------------------------------------
@@ -346,9 +401,12 @@ class PgStorage(_OnSchema):
 
     @_db
     def list_slides(self, after: str, limit: int) -> list[Slide]:
-        rows = self._q(f"SELECT {SLIDE_COLUMNS} FROM {{s}}.slides WHERE slide_id COLLATE \"C\" > %s "
-                       "ORDER BY slide_id COLLATE \"C\" "
-                       "LIMIT %s", (after, limit)).fetchall()
+        rows = self._q(
+            f'SELECT {SLIDE_COLUMNS} FROM {{s}}.slides WHERE slide_id COLLATE "C" > %s '
+            'ORDER BY slide_id COLLATE "C" '
+            "LIMIT %s",
+            (after, limit),
+        ).fetchall()
         return [_slide(r) for r in rows]
 
     @_db
@@ -359,8 +417,11 @@ class PgStorage(_OnSchema):
     @_db
     def report_served(self, name: str, seq: int) -> None:
         """Record that replica `name` serves up to `seq`, on the database's clock (reshard waits on it)."""
-        self._q("INSERT INTO {s}.replicas VALUES (%s, %s, EXTRACT(EPOCH FROM now())) ON CONFLICT (name) DO UPDATE "
-                "SET seq = excluded.seq, seen_at = excluded.seen_at", (name, seq))
+        self._q(
+            "INSERT INTO {s}.replicas VALUES (%s, %s, EXTRACT(EPOCH FROM now())) ON CONFLICT (name) DO UPDATE "
+            "SET seq = excluded.seq, seen_at = excluded.seen_at",
+            (name, seq),
+        )
 
     @_db
     def changes_after(self, seq: int, limit: int = 256) -> list[SlideState]:
@@ -368,20 +429,32 @@ class PgStorage(_OnSchema):
         ordered by its last commit's sequence; read in one snapshot of the database."""
         with self.conn.transaction():
             self.conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            commits = self._q("SELECT seq, slide_id FROM {s}.commits WHERE seq > %s ORDER BY seq LIMIT %s",
-                              (seq, limit)).fetchall()
+            commits = self._q(
+                "SELECT seq, slide_id FROM {s}.commits WHERE seq > %s ORDER BY seq LIMIT %s", (seq, limit)
+            ).fetchall()
             last = {sid: s for s, sid in commits}
             states = []
             for sid, s in sorted(last.items(), key=lambda kv: kv[1]):
-                row = self._q(f"SELECT {SLIDE_COLUMNS}, generation FROM {{s}}.slides WHERE slide_id = %s",
-                              (sid,)).fetchone()
-                rows = [] if row is None else [
-                    (r[0], Tile(*r[1:7]), bytes(r[7])) for r in self._q(
-                        f"SELECT {TILE_COLUMNS} FROM {{s}}.tiles WHERE slide_id = %s AND generation = %s "
-                        "AND committed > 0 ORDER BY id", (sid, row[6]))]
-                states.append(SlideState(s, sid, None if row is None else _slide(row),
-                                         "" if row is None else row[6], rows))
+                row = self._q(
+                    f"SELECT {SLIDE_COLUMNS}, generation FROM {{s}}.slides WHERE slide_id = %s", (sid,)
+                ).fetchone()
+                rows = (
+                    []
+                    if row is None
+                    else [
+                        (r[0], Tile(*r[1:7]), bytes(r[7]))
+                        for r in self._q(
+                            f"SELECT {TILE_COLUMNS} FROM {{s}}.tiles WHERE slide_id = %s AND generation = %s "
+                            "AND committed > 0 ORDER BY id",
+                            (sid, row[6]),
+                        )
+                    ]
+                )
+                states.append(
+                    SlideState(s, sid, None if row is None else _slide(row), "" if row is None else row[6], rows)
+                )
         return states
+
 
 class PgConcepts(_OnSchema):
     """concepts.ConceptStore's calls on the shard's schema, so every replica reads the same concepts."""
@@ -396,10 +469,12 @@ class PgConcepts(_OnSchema):
         # otherwise race in CREATE TABLE IF NOT EXISTS (a unique violation in pg_type).
         with self.conn.transaction():
             self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
-            self._q("CREATE TABLE IF NOT EXISTS {s}.concepts (name TEXT NOT NULL, model_id TEXT NOT NULL, "
-                    "vector BYTEA NOT NULL, with_examples INTEGER NOT NULL, without_examples INTEGER NOT NULL, "
-                    "train_accuracy DOUBLE PRECISION NOT NULL, created_at DOUBLE PRECISION NOT NULL, "
-                    "PRIMARY KEY (name, model_id))")
+            self._q(
+                "CREATE TABLE IF NOT EXISTS {s}.concepts (name TEXT NOT NULL, model_id TEXT NOT NULL, "
+                "vector BYTEA NOT NULL, with_examples INTEGER NOT NULL, without_examples INTEGER NOT NULL, "
+                "train_accuracy DOUBLE PRECISION NOT NULL, created_at DOUBLE PRECISION NOT NULL, "
+                "PRIMARY KEY (name, model_id))"
+            )
 
     def put(self, c: Concept) -> Concept:
         c = normalised(c)
@@ -408,25 +483,32 @@ class PgConcepts(_OnSchema):
 
     @_db
     def _put(self, c: Concept) -> None:
-        self._q("INSERT INTO {s}.concepts VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (name, model_id) DO UPDATE "
-                "SET vector = excluded.vector, with_examples = excluded.with_examples, "
-                "without_examples = excluded.without_examples, train_accuracy = excluded.train_accuracy, "
-                "created_at = excluded.created_at",
-                (c.name, c.model_id, vector_bytes(c), c.with_examples, c.without_examples, c.train_accuracy,
-                 c.created_at))
+        self._q(
+            "INSERT INTO {s}.concepts VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (name, model_id) DO UPDATE "
+            "SET vector = excluded.vector, with_examples = excluded.with_examples, "
+            "without_examples = excluded.without_examples, train_accuracy = excluded.train_accuracy, "
+            "created_at = excluded.created_at",
+            (c.name, c.model_id, vector_bytes(c), c.with_examples, c.without_examples, c.train_accuracy, c.created_at),
+        )
 
     @_db
     def get(self, name: str, model_id: str) -> Concept:
-        row = self._q("SELECT name, model_id, vector, with_examples, without_examples, train_accuracy, created_at "
-                      "FROM {s}.concepts WHERE name = %s AND model_id = %s", (name, model_id)).fetchone()
+        row = self._q(
+            "SELECT name, model_id, vector, with_examples, without_examples, train_accuracy, created_at "
+            "FROM {s}.concepts WHERE name = %s AND model_id = %s",
+            (name, model_id),
+        ).fetchone()
         if not row:
             raise NotFound(f"no concept {name!r} for model {model_id}")
         return Concept(row[0], row[1], np.frombuffer(bytes(row[2]), np.float32), *row[3:])
 
     @_db
     def list(self, model_id: str) -> list[Concept]:
-        rows = self._q("SELECT name, model_id, with_examples, without_examples, train_accuracy, created_at "
-                       "FROM {s}.concepts WHERE model_id = %s ORDER BY name COLLATE \"C\"", (model_id,)).fetchall()
+        rows = self._q(
+            "SELECT name, model_id, with_examples, without_examples, train_accuracy, created_at "
+            'FROM {s}.concepts WHERE model_id = %s ORDER BY name COLLATE "C"',
+            (model_id,),
+        ).fetchall()
         return [Concept(r[0], r[1], None, *r[2:]) for r in rows]
 
     @_db

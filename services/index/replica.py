@@ -9,6 +9,7 @@ mirror and FAISS together, so searches go on from the local copy while the
 database is down, and a restarted replica catches up from its snapshot
 instead of rebuilding. Replicas are interchangeable: any one takes a write.
 """
+
 from __future__ import annotations
 
 import functools
@@ -93,8 +94,9 @@ class Replica:
                 if self.local.tiling is None and (recorded := Tiling.from_json(self.store.tiling())):
                     self.local.record_tiling(recorded)
                 for st in states:
-                    self.local.apply(functools.partial(self._mirror.mirror, st.seq, st.slide_id, st.slide,
-                                                       st.generation, st.rows))
+                    self.local.apply(
+                        functools.partial(self._mirror.mirror, st.seq, st.slide_id, st.slide, st.generation, st.rows)
+                    )
 
     def _report(self, seq: int) -> None:
         last_seq, last_at = self._reported
@@ -107,8 +109,15 @@ class Replica:
     def tiling(self) -> Tiling | None:
         return self.local.tiling
 
-    def stage(self, model_id: str, slide_id: str, generation: str, vectors: np.ndarray, tiles: list[Tile],
-              tiling: Tiling | None = None) -> int:
+    def stage(
+        self,
+        model_id: str,
+        slide_id: str,
+        generation: str,
+        vectors: np.ndarray,
+        tiles: list[Tile],
+        tiling: Tiling | None = None,
+    ) -> int:
         check_stage(slide_id, generation, vectors, tiles)
         TileIndex.check_binding(self.store.binding(), model_id, vectors.shape[1])
         if tiling is not None:

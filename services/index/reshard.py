@@ -16,6 +16,7 @@ Slides move in batches (one wait per batch). An interrupted run leaves some
 slides on both shards: run it again, it copies them afresh and drops the old
 copy.
 """
+
 from __future__ import annotations
 
 import logging
@@ -49,7 +50,7 @@ def reshard(url: str, old: int, new: int, batch: int = BATCH) -> int:
                 if dst != src:
                     moves.append((slide_id, src, dst))
         for i in range(0, len(moves), batch):
-            part = moves[i:i + batch]
+            part = moves[i : i + batch]
             reached: dict[int, int] = {}
             for slide_id, src, dst in part:
                 reached[dst] = max(reached.get(dst, 0), _copy(conn, slide_id, src, dst))
@@ -76,11 +77,16 @@ def _copy(conn, slide_id: str, src: int, dst: int) -> int:
         conn.execute(f"INSERT INTO {b}.meta SELECT * FROM {a}.meta ON CONFLICT DO NOTHING")
         seq = _next_seq(conn, b, slide_id)
         conn.execute(f"DELETE FROM {b}.tiles WHERE slide_id = %s", (slide_id,))
-        conn.execute(f"INSERT INTO {b}.tiles ({TILE_COPY}, committed) SELECT {TILE_COPY}, %s FROM {a}.tiles "
-                     "WHERE slide_id = %s AND committed > 0 ORDER BY id", (seq, slide_id))
+        conn.execute(
+            f"INSERT INTO {b}.tiles ({TILE_COPY}, committed) SELECT {TILE_COPY}, %s FROM {a}.tiles "
+            "WHERE slide_id = %s AND committed > 0 ORDER BY id",
+            (seq, slide_id),
+        )
         conn.execute(f"DELETE FROM {b}.slides WHERE slide_id = %s", (slide_id,))
-        conn.execute(f"INSERT INTO {b}.slides ({SLIDE_COPY}) SELECT {SLIDE_COPY} FROM {a}.slides WHERE slide_id = %s",
-                     (slide_id,))
+        conn.execute(
+            f"INSERT INTO {b}.slides ({SLIDE_COPY}) SELECT {SLIDE_COPY} FROM {a}.slides WHERE slide_id = %s",
+            (slide_id,),
+        )
     return seq
 
 
@@ -88,13 +94,17 @@ def _wait_served(conn, shard: int, seq: int) -> None:
     """Bounded wait for every live replica of `shard` to serve commit `seq`."""
     deadline = time.monotonic() + WAIT_S
     while True:
-        behind = conn.execute(f"SELECT COUNT(*) FROM {schema(shard)}.replicas WHERE seq < %s "
-                              "AND seen_at > EXTRACT(EPOCH FROM now()) - %s", (seq, LIVE_S)).fetchone()[0]
+        behind = conn.execute(
+            f"SELECT COUNT(*) FROM {schema(shard)}.replicas WHERE seq < %s "
+            "AND seen_at > EXTRACT(EPOCH FROM now()) - %s",
+            (seq, LIVE_S),
+        ).fetchone()[0]
         if not behind:
             return
         if time.monotonic() > deadline:
-            log.warning("replicas of a shard did not catch up in time; moving on", extra={"shard": shard,
-                                                                                         "behind": behind})
+            log.warning(
+                "replicas of a shard did not catch up in time; moving on", extra={"shard": shard, "behind": behind}
+            )
             return
         time.sleep(0.1)
 
@@ -105,7 +115,9 @@ def _drop(conn, slide_id: str, src: int) -> None:
     with conn.transaction():
         conn.execute(f"SELECT value FROM {a}.seq FOR UPDATE")
         seq = _next_seq(conn, a, slide_id)
-        conn.execute(f"INSERT INTO {a}.removed SELECT %s, id FROM {a}.tiles WHERE slide_id = %s AND committed > 0",
-                     (seq, slide_id))
+        conn.execute(
+            f"INSERT INTO {a}.removed SELECT %s, id FROM {a}.tiles WHERE slide_id = %s AND committed > 0",
+            (seq, slide_id),
+        )
         conn.execute(f"DELETE FROM {a}.tiles WHERE slide_id = %s", (slide_id,))
         conn.execute(f"DELETE FROM {a}.slides WHERE slide_id = %s", (slide_id,))

@@ -1,4 +1,5 @@
 """IndexService: stage, commit, search, list and delete tile embeddings."""
+
 from __future__ import annotations
 
 from smily.common import limits
@@ -16,16 +17,26 @@ from .storage import Slide, Tile
 
 
 def _slide_pb(s: Slide, model_id: str) -> index_pb2.Slide:
-    return index_pb2.Slide(slide_id=s.slide_id, source=s.source, metadata=s.metadata,
-                           tile_count=s.tile_count, model_id=model_id, indexed_at=s.indexed_at,
-                           slide_mpp=s.slide_mpp)
+    return index_pb2.Slide(
+        slide_id=s.slide_id,
+        source=s.source,
+        metadata=s.metadata,
+        tile_count=s.tile_count,
+        model_id=model_id,
+        indexed_at=s.indexed_at,
+        slide_mpp=s.slide_mpp,
+    )
 
 
 class IndexServicer(index_pb2_grpc.IndexServiceServicer):
     def __init__(self, settings: Settings):
         config = IndexConfig(
-            factory=settings.index_factory, ivf_threshold=settings.index_ivf_threshold, nprobe=settings.index_nprobe,
-            rerank=settings.index_rerank, snapshot_interval_s=settings.index_snapshot_interval_s)
+            factory=settings.index_factory,
+            ivf_threshold=settings.index_ivf_threshold,
+            nprobe=settings.index_nprobe,
+            rerank=settings.index_rerank,
+            snapshot_interval_s=settings.index_snapshot_interval_s,
+        )
         self.store: Replica | TileIndex
         self.concepts: PgConcepts | ConceptStore
         if settings.index_database_url:
@@ -39,8 +50,14 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
         limits.slide_id(request.slide_id)
         tiles = [Tile(t.x, t.y, t.width, t.height, t.mpp, t.tissue_fraction) for t in request.tiles]
         tiling = Tiling.from_pb(request.tiling)
-        n = self.store.stage(request.model_id, request.slide_id, request.generation,
-                             from_tensor(request.embeddings), tiles, tiling and tiling.validate())
+        n = self.store.stage(
+            request.model_id,
+            request.slide_id,
+            request.generation,
+            from_tensor(request.embeddings),
+            tiles,
+            tiling and tiling.validate(),
+        )
         return index_pb2.AddTilesResponse(staged=n)
 
     def CommitSlide(self, request, context):
@@ -48,26 +65,47 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
         limits.slide_id(s.slide_id)  # the gateway checks these too: defence in depth
         limits.metadata(s.metadata)
         slide, replaced = self.store.commit_slide(
-            request.model_id, request.generation, Slide(s.slide_id, s.source, dict(s.metadata), slide_mpp=s.slide_mpp),
-            request.expected_tiles)
-        return index_pb2.CommitSlideResponse(slide=_slide_pb(slide, self.store.model_id), replaced=replaced,
-                                             journal_seq=self.store.info()["journal_seq"])
+            request.model_id,
+            request.generation,
+            Slide(s.slide_id, s.source, dict(s.metadata), slide_mpp=s.slide_mpp),
+            request.expected_tiles,
+        )
+        return index_pb2.CommitSlideResponse(
+            slide=_slide_pb(slide, self.store.model_id), replaced=replaced, journal_seq=self.store.info()["journal_seq"]
+        )
 
     def Search(self, request, context):
         limits.filters(request.filters)
         limits.filters(request.exclude_filters, "exclude_filters")
         limits.slide_ids(request.slide_ids, "slide_ids")
         limits.slide_ids(request.exclude_slide_ids, "exclude_slide_ids")
-        hits = self.store.search(request.model_id, from_tensor(request.query), request.k, list(request.exclude_slide_ids),
-                                 list(request.slide_ids), dict(request.filters), request.nprobe,
-                                 dict(request.exclude_filters), Tiling.from_pb(request.tiling), request.mpp)
+        hits = self.store.search(
+            request.model_id,
+            from_tensor(request.query),
+            request.k,
+            list(request.exclude_slide_ids),
+            list(request.slide_ids),
+            dict(request.filters),
+            request.nprobe,
+            dict(request.exclude_filters),
+            Tiling.from_pb(request.tiling),
+            request.mpp,
+        )
         return index_pb2.SearchResponse(
             model_id=self.store.model_id,
             hits=[
                 index_pb2.Hit(
-                    slide_id=h.slide_id, score=h.score, metadata=h.metadata,
-                    tile=index_pb2.TileRect(x=h.tile.x, y=h.tile.y, width=h.tile.w, height=h.tile.h,
-                                            mpp=h.tile.mpp, tissue_fraction=h.tile.tissue),
+                    slide_id=h.slide_id,
+                    score=h.score,
+                    metadata=h.metadata,
+                    tile=index_pb2.TileRect(
+                        x=h.tile.x,
+                        y=h.tile.y,
+                        width=h.tile.w,
+                        height=h.tile.h,
+                        mpp=h.tile.mpp,
+                        tissue_fraction=h.tile.tissue,
+                    ),
                 )
                 for h in hits
             ],
@@ -80,7 +118,8 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
     def ListSlides(self, request, context):
         slides, token = self.store.list_slides(request.page_size, request.page_token)
         return index_pb2.ListSlidesResponse(
-            slides=[_slide_pb(s, self.store.model_id) for s in slides], next_page_token=token)
+            slides=[_slide_pb(s, self.store.model_id) for s in slides], next_page_token=token
+        )
 
     def DeleteSlide(self, request, context):
         limits.slide_id(request.slide_id)
@@ -90,10 +129,19 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
         tiles, slides = self.store.counts()
         info = self.store.info()
         out = index_pb2.GetIndexInfoResponse(
-            model_id=self.store.model_id, dim=self.store.dim, tile_count=tiles, slide_count=slides,
-            index_type=info["factory"], train_vectors=info["train_vectors"], train_seconds=info["train_seconds"],
-            nlist=info["nlist"], default_nprobe=info["nprobe"], journal_seq=info["journal_seq"],
-            snapshot_seq=info["snapshot_seq"], load_report=info["load_report"])
+            model_id=self.store.model_id,
+            dim=self.store.dim,
+            tile_count=tiles,
+            slide_count=slides,
+            index_type=info["factory"],
+            train_vectors=info["train_vectors"],
+            train_seconds=info["train_seconds"],
+            nlist=info["nlist"],
+            default_nprobe=info["nprobe"],
+            journal_seq=info["journal_seq"],
+            snapshot_seq=info["snapshot_seq"],
+            load_report=info["load_report"],
+        )
         if self.store.tiling is not None:
             self.store.tiling.to_pb(out.tiling)
         return out
@@ -101,8 +149,9 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
     # -- concepts (their own table; see concepts.py) -------------------------
     def PutConcept(self, request, context):
         c = request.concept
-        saved = self.concepts.put(Concept(c.name, c.model_id, from_tensor(c.vector), c.with_examples,
-                                          c.without_examples, c.train_accuracy))
+        saved = self.concepts.put(
+            Concept(c.name, c.model_id, from_tensor(c.vector), c.with_examples, c.without_examples, c.train_accuracy)
+        )
         return index_pb2.PutConceptResponse(concept=_concept_pb(saved))
 
     def GetConcept(self, request, context):
@@ -121,9 +170,14 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
 
 
 def _concept_pb(c: Concept) -> index_pb2.Concept:
-    out = index_pb2.Concept(name=c.name, model_id=c.model_id, with_examples=c.with_examples,
-                            without_examples=c.without_examples, train_accuracy=c.train_accuracy,
-                            created_at=c.created_at)
+    out = index_pb2.Concept(
+        name=c.name,
+        model_id=c.model_id,
+        with_examples=c.with_examples,
+        without_examples=c.without_examples,
+        train_accuracy=c.train_accuracy,
+        created_at=c.created_at,
+    )
     if c.vector is not None:
         out.vector.CopyFrom(to_tensor(c.vector))
     return out

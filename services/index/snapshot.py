@@ -6,6 +6,7 @@ directory fsynced. The manifest rename is the commit point: a crash at any
 moment leaves the previous snapshot, or none, never a half-written one that
 the manifest vouches for. Reading checks size, checksum and count.
 """
+
 from __future__ import annotations
 
 import glob
@@ -45,8 +46,9 @@ def write(directory: str, index: faiss.Index, info: dict) -> dict:
     tmp = os.path.join(directory, name + ".tmp")
     faiss.write_index(index, tmp)
     _fsync_path(tmp)
-    manifest = dict(info, format=FORMAT, file=name, count=int(index.ntotal),
-                    bytes=os.path.getsize(tmp), sha256=_sha256(tmp))
+    manifest = dict(
+        info, format=FORMAT, file=name, count=int(index.ntotal), bytes=os.path.getsize(tmp), sha256=_sha256(tmp)
+    )
     os.replace(tmp, os.path.join(directory, name))
     mtmp = os.path.join(directory, MANIFEST + ".tmp")
     with open(mtmp, "w") as f:

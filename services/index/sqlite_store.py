@@ -5,6 +5,7 @@ checksummed frames) before a call is acknowledged. Published tiles carry the
 sequence number of their commit in `committed` (0 while staged); removed
 tile ids are logged in `removed` until a snapshot holds that state.
 """
+
 from __future__ import annotations
 
 import json
@@ -48,6 +49,7 @@ def _slide(row) -> Slide:
 def _ids(rows) -> np.ndarray:
     return np.fromiter((r[0] for r in rows), np.int64)
 
+
 # The most of the file read through a memory map (SQLite caps it at its build's limit).
 MMAP_BYTES = 1 << 40
 
@@ -57,8 +59,9 @@ class SqliteStorage:
 
     def __init__(self, directory: str):
         os.makedirs(directory, exist_ok=True)
-        self._db = sqlite3.connect(os.path.join(directory, "index.sqlite3"), check_same_thread=False,
-                                   isolation_level=None)
+        self._db = sqlite3.connect(
+            os.path.join(directory, "index.sqlite3"), check_same_thread=False, isolation_level=None
+        )
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         # Reads through a memory map, not a read() per 4 KiB page: a search's
@@ -72,8 +75,9 @@ class SqliteStorage:
         meta = dict(self._db.execute("SELECT key, value FROM meta"))
         self._model_id, self._dim = meta.get("model_id", ""), int(meta.get("dim", 0))
         self._tiling = meta.get("tiling", "")
-        self._seq = max(int(meta.get("seq", 0)),
-                        self._db.execute("SELECT COALESCE(MAX(committed), 0) FROM tiles").fetchone()[0])
+        self._seq = max(
+            int(meta.get("seq", 0)), self._db.execute("SELECT COALESCE(MAX(committed), 0) FROM tiles").fetchone()[0]
+        )
 
     def _transaction(self):
         return _Transaction(self._db)
@@ -86,8 +90,9 @@ class SqliteStorage:
         with self._lock:
             if not self._model_id:
                 with self._transaction():
-                    self._db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
-                                         [("model_id", model_id), ("dim", str(dim))])
+                    self._db.executemany(
+                        "INSERT OR REPLACE INTO meta VALUES (?, ?)", [("model_id", model_id), ("dim", str(dim))]
+                    )
                 self._model_id, self._dim = model_id, dim
             return self._model_id, self._dim
 
@@ -112,12 +117,27 @@ class SqliteStorage:
 
     def stage(self, slide_id: str, generation: str, tiles: list[Tile], vectors: np.ndarray) -> int:
         now = time.time()
-        rows = [(slide_id, generation, t.x, t.y, t.w, t.h, t.mpp, t.tissue, now,
-                 np.ascontiguousarray(v, np.float32).tobytes()) for t, v in zip(tiles, vectors)]
+        rows = [
+            (
+                slide_id,
+                generation,
+                t.x,
+                t.y,
+                t.w,
+                t.h,
+                t.mpp,
+                t.tissue,
+                now,
+                np.ascontiguousarray(v, np.float32).tobytes(),
+            )
+            for t, v in zip(tiles, vectors)
+        ]
         with self._lock, self._transaction():
             self._db.executemany(
                 "INSERT OR IGNORE INTO tiles (slide_id, generation, x, y, w, h, mpp, tissue, staged_at, vector) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
         return len(rows)
 
     def _journal_removal(self, seq: int, ids: list[int]) -> None:
@@ -127,33 +147,57 @@ class SqliteStorage:
     def commit_slide(self, generation: str, slide: Slide, expected_tiles: int) -> Commit:
         sid = slide.slide_id
         with self._lock, self._transaction():
-            new = self._db.execute("SELECT id, vector FROM tiles WHERE slide_id = ? AND generation = ? AND committed = 0",
-                                   (sid, generation)).fetchall()
+            new = self._db.execute(
+                "SELECT id, vector FROM tiles WHERE slide_id = ? AND generation = ? AND committed = 0",
+                (sid, generation),
+            ).fetchall()
             if not new:
                 done = self._already_committed(sid, generation, expected_tiles)
                 if done is not None:
                     return done
             if len(new) != expected_tiles:
-                raise Aborted(f"{len(new)} tiles staged for this ingest, {expected_tiles} expected: ingest the slide again")
+                raise Aborted(
+                    f"{len(new)} tiles staged for this ingest, {expected_tiles} expected: ingest the slide again"
+                )
             seq = self._seq + 1
-            old = [r[0] for r in self._db.execute(
-                "SELECT id FROM tiles WHERE slide_id = ? AND generation != ? AND committed > 0", (sid, generation))]
+            old = [
+                r[0]
+                for r in self._db.execute(
+                    "SELECT id FROM tiles WHERE slide_id = ? AND generation != ? AND committed > 0", (sid, generation)
+                )
+            ]
             self._db.execute("DELETE FROM tiles WHERE slide_id = ? AND generation != ?", (sid, generation))
-            self._db.execute("UPDATE tiles SET committed = ? WHERE slide_id = ? AND generation = ?", (seq, sid, generation))
+            self._db.execute(
+                "UPDATE tiles SET committed = ? WHERE slide_id = ? AND generation = ?", (seq, sid, generation)
+            )
             self._journal_removal(seq, old)
             slide.tile_count, slide.indexed_at = len(new), time.time()
             self._db.execute(
                 f"INSERT OR REPLACE INTO slides ({SLIDE_COLUMNS}, generation) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (sid, slide.source, json.dumps(slide.metadata, sort_keys=True), slide.tile_count, slide.indexed_at,
-                 slide.slide_mpp, generation))
+                (
+                    sid,
+                    slide.source,
+                    json.dumps(slide.metadata, sort_keys=True),
+                    slide.tile_count,
+                    slide.indexed_at,
+                    slide.slide_mpp,
+                    generation,
+                ),
+            )
         self._seq = seq
-        return Commit(seq, slide, np.fromiter((r[0] for r in new), np.int64, len(new)),
-                      vectors_from([r[1] for r in new], self._dim), old)
+        return Commit(
+            seq,
+            slide,
+            np.fromiter((r[0] for r in new), np.int64, len(new)),
+            vectors_from([r[1] for r in new], self._dim),
+            old,
+        )
 
     def _already_committed(self, slide_id: str, generation: str, expected_tiles: int) -> Commit | None:
         """The earlier commit of this very generation (a retried call), else None."""
-        row = self._db.execute(f"SELECT {SLIDE_COLUMNS} FROM slides WHERE slide_id = ? AND generation = ?",
-                               (slide_id, generation)).fetchone()
+        row = self._db.execute(
+            f"SELECT {SLIDE_COLUMNS} FROM slides WHERE slide_id = ? AND generation = ?", (slide_id, generation)
+        ).fetchone()
         if row is None or row[3] != expected_tiles:
             return None
         seq = self._db.execute("SELECT MAX(committed) FROM tiles WHERE slide_id = ?", (slide_id,)).fetchone()[0]
@@ -164,7 +208,9 @@ class SqliteStorage:
             if not self._db.execute("SELECT 1 FROM slides WHERE slide_id = ?", (slide_id,)).fetchone():
                 raise NotFound(f"slide {slide_id!r} is not in the index")
             seq = self._seq + 1
-            ids = [r[0] for r in self._db.execute("SELECT id FROM tiles WHERE slide_id = ? AND committed > 0", (slide_id,))]
+            ids = [
+                r[0] for r in self._db.execute("SELECT id FROM tiles WHERE slide_id = ? AND committed > 0", (slide_id,))
+            ]
             self._db.execute("DELETE FROM tiles WHERE slide_id = ?", (slide_id,))
             self._db.execute("DELETE FROM slides WHERE slide_id = ?", (slide_id,))
             self._journal_removal(seq, ids)
@@ -183,18 +229,32 @@ class SqliteStorage:
             self._db.executemany(
                 "INSERT INTO tiles (id, slide_id, generation, x, y, w, h, mpp, tissue, committed, staged_at, vector) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [(i, slide_id, generation, t.x, t.y, t.w, t.h, t.mpp, t.tissue, seq, 0.0, v) for i, t, v in added])
+                [(i, slide_id, generation, t.x, t.y, t.w, t.h, t.mpp, t.tissue, seq, 0.0, v) for i, t, v in added],
+            )
             if slide is None:
                 self._db.execute("DELETE FROM slides WHERE slide_id = ?", (slide_id,))
             else:
                 self._db.execute(
                     f"INSERT OR REPLACE INTO slides ({SLIDE_COLUMNS}, generation) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (slide_id, slide.source, json.dumps(slide.metadata, sort_keys=True), slide.tile_count,
-                     slide.indexed_at, slide.slide_mpp, generation))
+                    (
+                        slide_id,
+                        slide.source,
+                        json.dumps(slide.metadata, sort_keys=True),
+                        slide.tile_count,
+                        slide.indexed_at,
+                        slide.slide_mpp,
+                        generation,
+                    ),
+                )
             self._journal_removal(seq, removed)
         self._seq = seq
-        return Commit(seq, slide, np.fromiter((r[0] for r in added), np.int64, len(added)),
-                      vectors_from([r[2] for r in added], self._dim), removed)
+        return Commit(
+            seq,
+            slide,
+            np.fromiter((r[0] for r in added), np.int64, len(added)),
+            vectors_from([r[2] for r in added], self._dim),
+            removed,
+        )
 
     # -- reads for the search index -------------------------------------------
     def committed_count(self) -> int:
@@ -207,16 +267,18 @@ class SqliteStorage:
 
     def committed_chunk(self, after_id: int, limit: int) -> tuple[np.ndarray, np.ndarray]:
         with self._lock:
-            rows = self._db.execute("SELECT id, vector FROM tiles WHERE committed > 0 AND id > ? ORDER BY id LIMIT ?",
-                                    (after_id, limit)).fetchall()
+            rows = self._db.execute(
+                "SELECT id, vector FROM tiles WHERE committed > 0 AND id > ? ORDER BY id LIMIT ?", (after_id, limit)
+            ).fetchall()
         return _ids(rows), vectors_from([r[1] for r in rows], self._dim)
 
     def added_after(self, seq: int):
         after = 0
         while True:
             with self._lock:
-                rows = self._db.execute("SELECT id, vector FROM tiles WHERE committed > ? AND id > ? ORDER BY id LIMIT 8192",
-                                        (seq, after)).fetchall()
+                rows = self._db.execute(
+                    "SELECT id, vector FROM tiles WHERE committed > ? AND id > ? ORDER BY id LIMIT 8192", (seq, after)
+                ).fetchall()
             if not rows:
                 return
             after = rows[-1][0]
@@ -234,7 +296,8 @@ class SqliteStorage:
         ids = [int(i) for i in ids]
         with self._lock:
             rows = self._db.execute(
-                f"SELECT id, vector FROM tiles WHERE id IN ({','.join('?' * len(ids))}) ORDER BY id", ids).fetchall()
+                f"SELECT id, vector FROM tiles WHERE id IN ({','.join('?' * len(ids))}) ORDER BY id", ids
+            ).fetchall()
         return _ids(rows), vectors_from([r[1] for r in rows], self._dim)
 
     @staticmethod
@@ -251,12 +314,17 @@ class SqliteStorage:
 
     def _tile_ids(self, conds: list[str], args: list) -> np.ndarray:
         with self._lock:
-            return _ids(self._db.execute(
-                f"SELECT t.id FROM tiles t JOIN slides s ON s.slide_id = t.slide_id "
-                f"WHERE {' AND '.join(['t.committed > 0', *conds])}", args))
+            return _ids(
+                self._db.execute(
+                    f"SELECT t.id FROM tiles t JOIN slides s ON s.slide_id = t.slide_id "
+                    f"WHERE {' AND '.join(['t.committed > 0', *conds])}",
+                    args,
+                )
+            )
 
-    def select(self, slide_ids, filters: dict, exclude, exclude_filters: dict,
-               mpp_range: tuple[float, float] | None = None) -> np.ndarray:
+    def select(
+        self, slide_ids, filters: dict, exclude, exclude_filters: dict, mpp_range: tuple[float, float] | None = None
+    ) -> np.ndarray:
         conds, args = self._slide_conditions(slide_ids, filters)
         if mpp_range is not None:
             conds.append("t.mpp >= ? AND t.mpp < ?")
@@ -277,7 +345,8 @@ class SqliteStorage:
             rows = self._db.execute(
                 f"SELECT t.id, t.slide_id, t.x, t.y, t.w, t.h, t.mpp, t.tissue, s.metadata "
                 f"FROM tiles t JOIN slides s ON s.slide_id = t.slide_id WHERE t.id IN ({','.join('?' * len(ids))})",
-                ids).fetchall()
+                ids,
+            ).fetchall()
         return {r[0]: (r[1], Tile(*r[2:8]), json.loads(r[8])) for r in rows}
 
     # -- slides -------------------------------------------------------------
@@ -290,8 +359,9 @@ class SqliteStorage:
 
     def list_slides(self, after: str, limit: int) -> list[Slide]:
         with self._lock:
-            rows = self._db.execute(f"SELECT {SLIDE_COLUMNS} FROM slides WHERE slide_id > ? ORDER BY slide_id LIMIT ?",
-                                    (after, limit)).fetchall()
+            rows = self._db.execute(
+                f"SELECT {SLIDE_COLUMNS} FROM slides WHERE slide_id > ? ORDER BY slide_id LIMIT ?", (after, limit)
+            ).fetchall()
         return [_slide(r) for r in rows]
 
     def slide_count(self) -> int:

@@ -11,6 +11,7 @@ Implementations: sqlite_store.SqliteStorage (one machine, the default). The
 in-memory FAISS index (faiss_index.TileIndex) talks to storage only through
 this interface.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -48,6 +49,7 @@ class Slide:
 @dataclass
 class Commit:
     """What one commit or delete changed: the search must drop `removed` and add `ids`/`vectors`."""
+
     seq: int
     slide: Slide | None
     ids: np.ndarray
@@ -118,8 +120,9 @@ class Storage(Protocol):
     def vectors(self, ids) -> tuple[np.ndarray, np.ndarray]:
         """(ids, vectors) of these published tiles, in id order (SQL_CHUNK ids at most)."""
 
-    def select(self, slide_ids, filters: dict, exclude, exclude_filters: dict,
-               mpp_range: tuple[float, float] | None = None) -> np.ndarray:
+    def select(
+        self, slide_ids, filters: dict, exclude, exclude_filters: dict, mpp_range: tuple[float, float] | None = None
+    ) -> np.ndarray:
         """Ids of published tiles of the slides matching every filter (metadata key=value) and no exclusion,
         with mpp in [lo, hi) when a range is given."""
 

@@ -1,4 +1,5 @@
 """`python -m smily.tiler`: the tiler service alone (what its container runs)."""
+
 from smily.common.server import serve
 from smily.tiler.server import registration
 

@@ -7,6 +7,7 @@ replies with (offset, length) slots; the server copies each tile out once,
 into the bytes it sends. The arena is a memfd, so it needs no /dev/shm space
 (small in containers) and vanishes with the last process that holds it.
 """
+
 from __future__ import annotations
 
 import mmap
@@ -45,8 +46,11 @@ class Arena:
 
     def put(self, data) -> Slot | bytes:
         """Copy a uint8 array or bytes in; what no longer fits is returned to go by pipe."""
-        view = np.asarray(data, dtype=np.uint8).reshape(-1) if isinstance(data, np.ndarray) else \
-            np.frombuffer(data, np.uint8)
+        view = (
+            np.asarray(data, dtype=np.uint8).reshape(-1)
+            if isinstance(data, np.ndarray)
+            else np.frombuffer(data, np.uint8)
+        )
         if self._used + view.size > self.size:
             return view.tobytes()
         np.frombuffer(self._map, np.uint8, view.size, self._used)[:] = view
@@ -62,7 +66,7 @@ class Arena:
         # The reader parses untrusted files: its slots are checked, not trusted.
         if not (offset >= 0 and length >= 0 and offset + length <= self.size):
             raise FailedPrecondition("the slide reader sent a malformed reply; the file may be hostile")
-        return self._map[offset:offset + length]
+        return self._map[offset : offset + length]
 
     def close(self) -> None:
         self._map.close()

@@ -14,6 +14,7 @@ tissue detection, tiling and µm/px rules as a file. Label and overview
 instances are never read; of the DICOM attributes only an allowlist of
 identifiers leaves this module (never patient name, ID, birth date...).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -79,8 +80,7 @@ def is_locator(path: str) -> bool:
 class Archives:
     """The configured archives, on the server side: sources and case queries."""
 
-    def __init__(self, entries: tuple[str, ...], credentials_file: str = "", ca: str = "",
-                 frame_cache_mb: int = 64):
+    def __init__(self, entries: tuple[str, ...], credentials_file: str = "", ca: str = "", frame_cache_mb: int = 64):
         self._archives: dict[str, Archive] = {}
         for entry in entries:
             name, sep, url = entry.partition("=")
@@ -106,14 +106,14 @@ class Archives:
             if is_url_like(name):
                 raise InvalidArgument(
                     "slides are named by a path under the slide roots or as "
-                    "dicomweb:<archive>/<StudyInstanceUID>/<SeriesInstanceUID>; URLs are not accepted")
+                    "dicomweb:<archive>/<StudyInstanceUID>/<SeriesInstanceUID>; URLs are not accepted"
+                )
             return None
-        parts = name[len(SCHEME):].split("/")
+        parts = name[len(SCHEME) :].split("/")
         if len(parts) != 3 or not all(_UID.match(p) and len(p) <= 64 for p in parts[1:]):
             raise InvalidArgument("a DICOMweb source is dicomweb:<archive>/<StudyInstanceUID>/<SeriesInstanceUID>")
         archive = self._archive(parts[0] or "-")
-        return _LOCATOR[:-1] + json.dumps({**asdict(archive), "study": parts[1], "series": parts[2]},
-                                          sort_keys=True)
+        return _LOCATOR[:-1] + json.dumps({**asdict(archive), "study": parts[1], "series": parts[2]}, sort_keys=True)
 
     def case_series(self, archive_name: str, accession: str) -> list[dict[str, str]]:
         """QIDO-RS: the WSI series (modality SM with a VOLUME instance) of the
@@ -126,7 +126,9 @@ class Archives:
         with _http_errors():
             found = client.search_for_series(
                 search_filters={"AccessionNumber": accession, "Modality": SM},
-                fields=[_IDENTIFIERS["container_identifier"]], limit=MAX_SERIES_PER_CASE + 1)
+                fields=[_IDENTIFIERS["container_identifier"]],
+                limit=MAX_SERIES_PER_CASE + 1,
+            )
             if len(found) > MAX_SERIES_PER_CASE:
                 raise InvalidArgument(f"the case has more than {MAX_SERIES_PER_CASE} slide series")
             for s in found:
@@ -135,9 +137,14 @@ class Archives:
                     continue
                 instances = client.search_for_instances(study, series, fields=[_IMAGE_TYPE])
                 if any(VOLUME in _values(i, _IMAGE_TYPE) for i in instances):
-                    out.append({"source": f"{SCHEME}{archive.name}/{study}/{series}", "study_instance_uid": study,
-                                "series_instance_uid": series,
-                                "container_identifier": _value(s, _IDENTIFIERS["container_identifier"])})
+                    out.append(
+                        {
+                            "source": f"{SCHEME}{archive.name}/{study}/{series}",
+                            "study_instance_uid": study,
+                            "series_instance_uid": series,
+                            "container_identifier": _value(s, _IDENTIFIERS["container_identifier"]),
+                        }
+                    )
         return out
 
 
@@ -265,12 +272,19 @@ class DicomWebSlide:
         w, h = self.dimensions
         ids = self.identifiers
         return {
-            "width": w, "height": h,
-            "levels": [{"width": lw, "height": lh, "downsample": ds}
-                       for (lw, lh), ds in zip(self.level_dimensions, self.level_downsamples)],
-            "mpp_x": self.mpp_x, "mpp_y": self.mpp_y, "objective_power": 0.0, "vendor": "dicom",
+            "width": w,
+            "height": h,
+            "levels": [
+                {"width": lw, "height": lh, "downsample": ds}
+                for (lw, lh), ds in zip(self.level_dimensions, self.level_downsamples)
+            ],
+            "mpp_x": self.mpp_x,
+            "mpp_y": self.mpp_y,
+            "objective_power": 0.0,
+            "vendor": "dicom",
             "fingerprint": hashlib.sha256(
-                f"{ids['study_instance_uid']}/{ids['series_instance_uid']}".encode()).hexdigest(),
+                f"{ids['study_instance_uid']}/{ids['series_instance_uid']}".encode()
+            ).hexdigest(),
             "dicom": dict(ids),
         }
 
@@ -297,7 +311,7 @@ def open_series(locator: str) -> DicomWebSlide:
         if slide is not None:
             _open.move_to_end(locator)
             return slide
-    spec = json.loads(locator[len(SCHEME):])
+    spec = json.loads(locator[len(SCHEME) :])
     archive = Archive(spec["name"], spec["url"], spec["credentials_file"], spec["ca"], spec["frame_cache_bytes"])
     slide = _open_wsi(archive, spec["study"], spec["series"])
     with _open_lock:
@@ -312,8 +326,11 @@ def _open_wsi(archive: Archive, study: str, series: str) -> DicomWebSlide:
     from wsidicom.config import Settings as WsiSettings
 
     client = _client(archive)
-    settings = WsiSettings(decoded_frame_cache_size=archive.frame_cache_bytes,
-                           encoded_frame_cache_size=archive.frame_cache_bytes // 2, open_web_threads=4)
+    settings = WsiSettings(
+        decoded_frame_cache_size=archive.frame_cache_bytes,
+        encoded_frame_cache_size=archive.frame_cache_bytes // 2,
+        open_web_threads=4,
+    )
     with _read_errors(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pydicom's notes on bulk data it does not fetch
         volume = _volume_instance(client, study, series)

@@ -15,6 +15,7 @@ Reply = status byte (OK, or an index into ERRORS) + payload:
           an offset into the inline bytes (tiles that did not fit the arena)
   region  the encoded image
 """
+
 from __future__ import annotations
 
 import json
@@ -31,8 +32,14 @@ from .tiling import TileRect
 MAX_REPLY_BYTES = 80 * 1024 * 1024  # the largest region (16 Mpx of RGB) fits with room to spare
 MAX_ERROR_CHARS = 1000
 OK = 0
-ERRORS = (errors.ServiceError, errors.InvalidArgument, errors.NotFound, errors.FailedPrecondition,
-          errors.ResourceExhausted, errors.Unavailable)
+ERRORS = (
+    errors.ServiceError,
+    errors.InvalidArgument,
+    errors.NotFound,
+    errors.FailedPrecondition,
+    errors.ResourceExhausted,
+    errors.Unavailable,
+)
 _U32 = struct.Struct("<I")
 _ITEM = struct.Struct("<BQQ")
 RECT = np.dtype([("x", "<i8"), ("y", "<i8"), ("size", "<i8"), ("tissue", "<f8"), ("mpp", "<f8")])
@@ -135,14 +142,22 @@ def _plan(body) -> list[list[TileRect]]:
     if len(body) - head != sum(counts) * RECT.itemsize:
         raise Malformed("plan size does not match its counts")
     records = np.frombuffer(body, RECT, offset=head)
-    if len(records) and not ((records["x"] >= 0).all() and (records["y"] >= 0).all() and (records["size"] > 0).all()
-                             and ((records["tissue"] >= 0) & (records["tissue"] <= 1)).all()
-                             and (np.isfinite(records["mpp"]) & (records["mpp"] > 0)).all()):
+    if len(records) and not (
+        (records["x"] >= 0).all()
+        and (records["y"] >= 0).all()
+        and (records["size"] > 0).all()
+        and ((records["tissue"] >= 0) & (records["tissue"] <= 1)).all()
+        and (np.isfinite(records["mpp"]) & (records["mpp"] > 0)).all()
+    ):
         raise Malformed("plan holds an impossible tile")
     plans, start = [], 0
     for count in counts:
-        plans.append([TileRect(int(r["x"]), int(r["y"]), int(r["size"]), float(r["tissue"]), float(r["mpp"]))
-                      for r in records[start:start + count]])
+        plans.append(
+            [
+                TileRect(int(r["x"]), int(r["y"]), int(r["size"]), float(r["tissue"]), float(r["mpp"]))
+                for r in records[start : start + count]
+            ]
+        )
         start += count
     return plans
 
@@ -161,7 +176,7 @@ def _tiles(body, arena: Arena, expected: int) -> list[bytes]:
         if where == 0 and offset + length <= arena.size:
             out.append(arena.take(Slot(offset, length)))  # copied out before the reader may overwrite it
         elif where == 1 and offset + length <= len(inline):
-            out.append(bytes(inline[offset:offset + length]))
+            out.append(bytes(inline[offset : offset + length]))
         else:
             raise Malformed("tile slot outside the arena or the reply")
     return out

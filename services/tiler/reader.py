@@ -7,6 +7,7 @@ else in the fixed layouts of protocol.py (never pickle: the server must not
 trust this process); errors go back as an error class and a message with
 OpenSlide's text (which names the file path) left out.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -49,8 +50,9 @@ def info(path: str) -> bytes:
     return protocol.ok_info(tiler_pb2.SlideInfo(levels=levels, dicom=dicom, **facts))
 
 
-def plan(path: str, slide_mpp: float, target_mpps: list[float], tile_size: int, min_tissue: float,
-         stride: float = 1.0) -> bytes:
+def plan(
+    path: str, slide_mpp: float, target_mpps: list[float], tile_size: int, min_tissue: float, stride: float = 1.0
+) -> bytes:
     return protocol.ok_plan(tiling.plan(_slide(path), slide_mpp, target_mpps, tile_size, min_tissue, stride))
 
 
@@ -81,14 +83,16 @@ def _run(op: str, path: str, args: list) -> bytes:
     except openslide.OpenSlideError as exc:
         _cache.forget(path)
         log.warning("slide read failed", extra={"slide_id": slide_id(path), "error_type": type(exc).__name__})
-        return protocol.error(errors.FailedPrecondition,
-                              "the slide file is damaged or truncated: a part of it cannot be read")
+        return protocol.error(
+            errors.FailedPrecondition, "the slide file is damaged or truncated: a part of it cannot be read"
+        )
     except MemoryError:
         return protocol.error(errors.ResourceExhausted, "the slide reader ran out of memory; ask for a smaller region")
     except Exception as exc:  # a bug here must not look like a crash of the reader
         error_id = uuid.uuid4().hex[:12]
-        log.error("reader error", extra={"slide_id": slide_id(path), "error_type": type(exc).__name__,
-                                         "error_id": error_id})
+        log.error(
+            "reader error", extra={"slide_id": slide_id(path), "error_type": type(exc).__name__, "error_id": error_id}
+        )
         return protocol.error(errors.ServiceError, f"internal error in the slide reader (error id {error_id})")
 
 

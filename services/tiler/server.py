@@ -3,6 +3,7 @@
 This process only checks requests and streams answers; every slide byte is
 parsed in the reader processes of workers.WorkerPool.
 """
+
 from __future__ import annotations
 
 import contextvars
@@ -43,8 +44,12 @@ ENCODINGS = (images.RAW_RGB, images.PNG, images.JPEG)
 class TilerServicer(tiler_pb2_grpc.TilerServiceServicer):
     def __init__(self, settings: Settings):
         self._roots = slides.SlideRoots(settings.slide_roots)
-        self._archives = dicomweb.Archives(settings.dicomweb_url, settings.dicomweb_credentials_file,
-                                           settings.dicomweb_ca, settings.dicomweb_frame_cache_mb)
+        self._archives = dicomweb.Archives(
+            settings.dicomweb_url,
+            settings.dicomweb_credentials_file,
+            settings.dicomweb_ca,
+            settings.dicomweb_frame_cache_mb,
+        )
         self._max_region_pixels = settings.max_region_pixels
         self._max_tiles = settings.max_tiles_per_slide
         self.readers = WorkerPool(settings.tiler_readers, settings.tiler_read_timeout_s, settings.log_level)
@@ -63,10 +68,13 @@ class TilerServicer(tiler_pb2_grpc.TilerServiceServicer):
         if file_mpp <= 0:
             raise FailedPrecondition(
                 "the slide does not record its resolution (microns per pixel); "
-                "state it in the request's slide_mpp (e.g. 0.25 for a 40x scan, 0.5 for 20x)")
+                "state it in the request's slide_mpp (e.g. 0.25 for a 40x scan, 0.5 for 20x)"
+            )
         if not limits.plausible_mpp(file_mpp):
-            raise FailedPrecondition(f"the slide records an implausible resolution ({file_mpp:g} microns per "
-                                     "pixel); state the right one in slide_mpp")
+            raise FailedPrecondition(
+                f"the slide records an implausible resolution ({file_mpp:g} microns per "
+                "pixel); state the right one in slide_mpp"
+            )
         return file_mpp
 
     def GetSlideInfo(self, request, context):
@@ -90,8 +98,9 @@ class TilerServicer(tiler_pb2_grpc.TilerServiceServicer):
         path, info, file_mpp = self._info(request.slide)
         slide_mpp = self._slide_mpp(file_mpp, request.slide_mpp)
         # Before planning: a wrong slide_mpp can ask for a million tiles.
-        limits.tiles_per_slide(limits.tile_grid(info.width, info.height, slide_mpp, targets, tile_size, stride),
-                               self._max_tiles, slide_mpp)
+        limits.tiles_per_slide(
+            limits.tile_grid(info.width, info.height, slide_mpp, targets, tile_size, stride), self._max_tiles, slide_mpp
+        )
 
         plans = self.readers.call("plan", path, slide_mpp, targets, tile_size, min_tissue, stride)
         total = sum(len(rects) for rects in plans)
@@ -104,8 +113,14 @@ class TilerServicer(tiler_pb2_grpc.TilerServiceServicer):
             for i in range(len(chunks) + ahead):
                 if i < len(chunks):
                     rects = [(t.x, t.y, t.size) for t in chunks[i]]
-                    pending.append((chunks[i], self._pool.submit(
-                        contextvars.copy_context().run, self._read_tiles, path, rects, tile_size, encoding)))
+                    pending.append(
+                        (
+                            chunks[i],
+                            self._pool.submit(
+                                contextvars.copy_context().run, self._read_tiles, path, rects, tile_size, encoding
+                            ),
+                        )
+                    )
                 if i < ahead:
                     continue
                 if not pending or not context.is_active():
@@ -114,9 +129,15 @@ class TilerServicer(tiler_pb2_grpc.TilerServiceServicer):
                 encoded = future.result()
                 for start in range(0, len(rects), per_message):
                     msg = tiler_pb2.StreamTilesResponse(tiles_total=total)
-                    for rect, data in zip(rects[start:start + per_message], encoded[start:start + per_message]):
-                        tile = msg.tiles.add(x=rect.x, y=rect.y, width=rect.size, height=rect.size, mpp=rect.mpp,
-                                             tissue_fraction=rect.tissue_fraction)
+                    for rect, data in zip(rects[start : start + per_message], encoded[start : start + per_message]):
+                        tile = msg.tiles.add(
+                            x=rect.x,
+                            y=rect.y,
+                            width=rect.size,
+                            height=rect.size,
+                            mpp=rect.mpp,
+                            tissue_fraction=rect.tissue_fraction,
+                        )
                         # Set in place: a message built apart would be copied in again, pixels and all.
                         tile.image.data = data
                         tile.image.encoding, tile.image.width, tile.image.height = encoding, tile_size, tile_size
@@ -137,8 +158,10 @@ class TilerServicer(tiler_pb2_grpc.TilerServiceServicer):
         require(encoding in ENCODINGS, "unknown image encoding")
         path, info, file_mpp = self._info(r.slide)
         width, height = info.width, info.height
-        require(r.x >= 0 and r.y >= 0 and r.x + r.width <= width and r.y + r.height <= height,
-                f"region lies outside the slide ({width}x{height} level-0 pixels)")
+        require(
+            r.x >= 0 and r.y >= 0 and r.x + r.width <= width and r.y + r.height <= height,
+            f"region lies outside the slide ({width}x{height} level-0 pixels)",
+        )
         slide_mpp = self._slide_mpp(file_mpp, r.slide_mpp) if r.mpp else (r.slide_mpp or file_mpp)
         scale = r.mpp / slide_mpp if r.mpp else 1.0
         out_w, out_h = max(1, round(r.width / scale)), max(1, round(r.height / scale))

@@ -6,6 +6,7 @@ lead out are caught) and must stay inside a root. Only an allow-list of
 facts leaves this module: never associated images (label, macro,
 thumbnail) nor raw vendor properties, which carry patient data.
 """
+
 from __future__ import annotations
 
 import os
@@ -40,7 +41,8 @@ class SlideRoots:
                 if not os.path.isfile(path):
                     raise InvalidArgument(
                         "slide name is a folder, not a slide file (for MIRAX name the .mrxs file, "
-                        "for DICOM WSI one .dcm file of the series)")
+                        "for DICOM WSI one .dcm file of the series)"
+                    )
                 return path
         raise NotFound("no such slide under the slide roots")
 
@@ -102,10 +104,12 @@ def _open(path: str) -> openslide.OpenSlide:
         if _looks_like_slide_container(path):
             raise FailedPrecondition(
                 "the file is a TIFF or DICOM file but cannot be read as a slide: it is damaged or truncated "
-                "(an interrupted copy?) or not a tiled whole-slide image") from None
+                "(an interrupted copy?) or not a tiled whole-slide image"
+            ) from None
         raise FailedPrecondition(
             "the file is not a whole-slide image OpenSlide can read (Aperio, Hamamatsu, Leica, MIRAX, "
-            "Philips TIFF, Ventana, generic tiled TIFF or DICOM WSI)") from None
+            "Philips TIFF, Ventana, generic tiled TIFF or DICOM WSI)"
+        ) from None
     except openslide.OpenSlideError:
         raise FailedPrecondition("the slide file is damaged or truncated and cannot be opened") from None
 

@@ -8,6 +8,7 @@ slide_mpp level-0 pixels. It is read from the coarsest pyramid level that is
 still at least as fine as the target, then downsampled by area averaging, so
 a 20x and a 40x scan give the same field of view.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -78,8 +79,14 @@ def read(slide: openslide.OpenSlide, x: int, y: int, w: int, h: int, out_w: int,
     return np.asarray(rgb)
 
 
-def plan(slide: openslide.OpenSlide, slide_mpp: float, target_mpps: list[float], tile_size: int,
-         min_tissue: float, stride: float = 1.0) -> list[list[TileRect]]:
+def plan(
+    slide: openslide.OpenSlide,
+    slide_mpp: float,
+    target_mpps: list[float],
+    tile_size: int,
+    min_tissue: float,
+    stride: float = 1.0,
+) -> list[list[TileRect]]:
     """For each target resolution, its tissue tiles in row-major order; none
     reaches past the edge. Tiles step by `stride` of a tile (1.0: abutting,
     0.5: each overlaps its neighbours by half). One thumbnail mask serves every
@@ -89,8 +96,10 @@ def plan(slide: openslide.OpenSlide, slide_mpp: float, target_mpps: list[float],
     scale = min(MASK_PX_PER_TILE / min(sizes), MAX_THUMBNAIL_SIDE / max(width, height), 1.0)
     tw, th = max(1, math.ceil(width * scale)), max(1, math.ceil(height * scale))
     mask = tissue_mask(thumbnail(slide, tw, th))
-    return [_grid(mask, width, height, size, max(1, round(size * stride)), size * slide_mpp / tile_size, min_tissue)
-            for size in sizes]
+    return [
+        _grid(mask, width, height, size, max(1, round(size * stride)), size * slide_mpp / tile_size, min_tissue)
+        for size in sizes
+    ]
 
 
 def block_side(tile_size: int) -> int:
@@ -121,13 +130,15 @@ def thumbnail(slide: openslide.OpenSlide, tw: int, th: int) -> np.ndarray:
     if lw * lh > MAX_THUMBNAIL_SOURCE_PIXELS:
         raise FailedPrecondition(
             f"the slide has no low-resolution level small enough for tissue detection (smallest usable level "
-            f"is {lw}x{lh} pixels); re-save it as a pyramidal (multi-resolution) file")
+            f"is {lw}x{lh} pixels); re-save it as a pyramidal (multi-resolution) file"
+        )
     rgb = _read_level(slide, 0, 0, *slide.dimensions, level)
     return np.asarray(rgb.resize((tw, th), Image.Resampling.BOX))
 
 
-def _grid(mask: np.ndarray, width: int, height: int, size: int, step: int, mpp: float,
-          min_tissue: float) -> list[TileRect]:
+def _grid(
+    mask: np.ndarray, width: int, height: int, size: int, step: int, mpp: float, min_tissue: float
+) -> list[TileRect]:
     cols, rows = grid_steps(width, size, step), grid_steps(height, size, step)
     sy, sx = mask.shape[0] / height, mask.shape[1] / width
     tiles = []

@@ -17,6 +17,7 @@ Not tissue:
   lines and rims), and components smaller than a speck are dropped;
 Holes (fat cells, gland lumens) are then filled; ink drawn over tissue stays out.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -62,7 +63,7 @@ LINE_PX = 10
 MAX_LINE_WIDTH = 4.0
 # Components smaller than this share of the thumbnail (and 4 px) are specks.
 MIN_COMPONENT_SHARE = 2e-4
-MIN_COMPONENT_PX = 4 * SMOOTH_PX ** 2
+MIN_COMPONENT_PX = 4 * SMOOTH_PX**2
 
 
 # Per-pixel reductions over the 3 channels: numpy's axis=2 reductions are
@@ -109,9 +110,13 @@ def glass_colour(rgb: np.ndarray, exclude: np.ndarray | None = None) -> np.ndarr
     hist, edges = np.histogram(brightness[grey], bins=90, range=(GLASS_MIN_BRIGHTNESS, 1.0))
     # A peak spread over neighbouring bins by noise counts whole.
     mass = np.convolve(hist, np.ones(3), mode="same")
-    peaks = [i for i in range(len(mass))
-             if mass[i] >= GLASS_MIN_SHARE * brightness.size
-             and mass[i] >= mass[max(i - 1, 0)] and mass[i] >= mass[min(i + 1, len(mass) - 1)]]
+    peaks = [
+        i
+        for i in range(len(mass))
+        if mass[i] >= GLASS_MIN_SHARE * brightness.size
+        and mass[i] >= mass[max(i - 1, 0)]
+        and mass[i] >= mass[min(i + 1, len(mass) - 1)]
+    ]
     if not peaks:
         return np.full(3, DEFAULT_GLASS, np.float32)
     top = max(peaks)
@@ -142,8 +147,9 @@ def glass_field(rgb: np.ndarray, away: np.ndarray, glass: np.ndarray) -> np.ndar
         return field
     zoom = (rgb.shape[0] / field.shape[0], rgb.shape[1] / field.shape[1], 1)
     big = ndi.zoom(field, zoom, order=1, mode="nearest", grid_mode=True)
-    return np.pad(big, ((0, max(0, rgb.shape[0] - big.shape[0])), (0, max(0, rgb.shape[1] - big.shape[1])), (0, 0)),
-                  mode="edge")[:rgb.shape[0], :rgb.shape[1]]
+    return np.pad(
+        big, ((0, max(0, rgb.shape[0] - big.shape[0])), (0, max(0, rgb.shape[1] - big.shape[1])), (0, 0)), mode="edge"
+    )[: rgb.shape[0], : rgb.shape[1]]
 
 
 def tissue_mask(rgb: np.ndarray) -> np.ndarray:

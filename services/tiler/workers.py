@@ -10,6 +10,7 @@ serving. A process found dead while idle (the OOM killer, a signal) is
 replaced before the request that finds it, which then succeeds. Several
 processes also read in parallel on every core, with no GIL between them.
 """
+
 from __future__ import annotations
 
 import logging
@@ -33,8 +34,9 @@ class _Worker:
     def __init__(self, ctx, log_level: str):
         self.arena = Arena.create()
         self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=reader.serve, args=(child, self.arena.size, log_level), daemon=True,
-                                   name="slide-reader")
+        self.process = ctx.Process(
+            target=reader.serve, args=(child, self.arena.size, log_level), daemon=True, name="slide-reader"
+        )
         self.process.start()
         child.close()
         reduction.send_handle(self.conn, self.arena.fd, self.process.pid)
@@ -85,8 +87,10 @@ class WorkerPool:
             self.replaced += 1
 
     def _replace(self, worker: _Worker, why: str, path: str) -> None:
-        log.error("slide reader replaced", extra={"reason": why, "slide_id": reader.slide_id(path),
-                                                  "exitcode": worker.process.exitcode})
+        log.error(
+            "slide reader replaced",
+            extra={"reason": why, "slide_id": reader.slide_id(path), "exitcode": worker.process.exitcode},
+        )
         self._discard(worker)
         # Starting a process takes a moment: the caller gets its answer now.
         threading.Thread(target=self._refill, daemon=True).start()
@@ -122,13 +126,15 @@ class WorkerPool:
                 self._replace(worker, "timeout", path)
                 raise Unavailable(
                     f"reading the slide took longer than {self._timeout:g} s and was stopped; "
-                    "the file may be damaged, or the tiler overloaded: try again later")
+                    "the file may be damaged, or the tiler overloaded: try again later"
+                )
             reply = worker.conn.recv_bytes(protocol.MAX_REPLY_BYTES)
         except (EOFError, OSError):
             self._replace(worker, "died", path)
             raise FailedPrecondition(
                 "the slide file crashed the slide reader; it is damaged or not a format OpenSlide "
-                "reads safely. The service is still running; check or re-scan the file") from None
+                "reads safely. The service is still running; check or re-scan the file"
+            ) from None
         try:
             # Tiles are copied out of the arena before the reader may overwrite it.
             result = protocol.parse(op, reply, worker.arena, len(args[0]) if op == "tiles" else 0)

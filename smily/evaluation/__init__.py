@@ -1,4 +1,5 @@
 """Retrieval-quality evaluation (`smily eval`); see docs/evaluation.md."""
+
 from __future__ import annotations
 
 import sys
@@ -11,13 +12,23 @@ from smily.embedder.v1 import embedder_pb2_grpc
 from . import archive, evaluate, manifest, report, robustness
 
 
-def evaluate_manifest(client, settings: Settings, manifest_path: str, out_dir: str, ks=(1, 5, 10),
-                      max_queries: int = 50, robustness_per_slide: int = 0, n_boot: int = 1000,
-                      seed: int = 0, quiet: bool = False) -> dict:
+def evaluate_manifest(
+    client,
+    settings: Settings,
+    manifest_path: str,
+    out_dir: str,
+    ks=(1, 5, 10),
+    max_queries: int = 50,
+    robustness_per_slide: int = 0,
+    n_boot: int = 1000,
+    seed: int = 0,
+    quiet: bool = False,
+) -> dict:
     """Ingest what is missing, evaluate, write JSON + PNG to out_dir, print the table.
 
     Raises manifest.ManifestError or archive.EvalError with a message for people.
     """
+
     def progress(msg: str) -> None:
         if not quiet:
             print(msg, file=sys.stderr)
@@ -37,11 +48,15 @@ def evaluate_manifest(client, settings: Settings, manifest_path: str, out_dir: s
     finally:
         emb_channel.close()
     result = evaluate.run(client, arch, m, indexed, tuple(ks), max_queries, n_boot, seed)
-    result["tiling"] = {"mpp": mpp, "mpps": list(tiling.mpps), "tile_size": tiling.tile_size,
-                        "stride": tiling.stride, "min_tissue_fraction": tiling.min_tissue}
+    result["tiling"] = {
+        "mpp": mpp,
+        "mpps": list(tiling.mpps),
+        "tile_size": tiling.tile_size,
+        "stride": tiling.stride,
+        "min_tissue_fraction": tiling.min_tissue,
+    }
     if robustness_per_slide:
-        result["robustness"] = robustness.run(client, arch, opened, tiling.tile_size, robustness_per_slide, seed,
-                                             mpp)
+        result["robustness"] = robustness.run(client, arch, opened, tiling.tile_size, robustness_per_slide, seed, mpp)
     json_path, png = report.write(result, out_dir)
     if not quiet:
         print(report.table(result))

@@ -6,6 +6,7 @@ index's tiling record, so every tile here is one the index holds.
 Each tile gets its embedding (from the embedder service) for exact search
 and its colour-texture features for the classical baseline.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -54,9 +55,20 @@ def open_slides(settings, sources: dict[str, str]) -> dict:
 
 
 def embed(embedder, rgbs: list[np.ndarray]) -> tuple[np.ndarray, str]:
-    resp = embedder.Embed(embedder_pb2.EmbedRequest(images=[
-        types_pb2.Image(data=images.encode(rgb, images.RAW_RGB), encoding=images.RAW_RGB,
-                           width=rgb.shape[1], height=rgb.shape[0]) for rgb in rgbs]), timeout=300)
+    resp = embedder.Embed(
+        embedder_pb2.EmbedRequest(
+            images=[
+                types_pb2.Image(
+                    data=images.encode(rgb, images.RAW_RGB),
+                    encoding=images.RAW_RGB,
+                    width=rgb.shape[1],
+                    height=rgb.shape[0],
+                )
+                for rgb in rgbs
+            ]
+        ),
+        timeout=300,
+    )
     return from_tensor(resp.embeddings), resp.model_id
 
 
@@ -85,5 +97,11 @@ def build(tiling_: Tiling, mpp: float, opened: dict, embedder, progress=None) ->
         raise EvalError("the manifest's slides have no tissue tiles at the configured tiling")
     if len(model_ids) != 1:
         raise EvalError(f"the embedder changed model during the evaluation: {sorted(model_ids)}")
-    return Archive(np.array(ids, object), np.array(rects, np.int64), np.array(tissue, np.float32),
-                   np.concatenate(embs), np.concatenate(feats), model_ids.pop())
+    return Archive(
+        np.array(ids, object),
+        np.array(rects, np.int64),
+        np.array(tissue, np.float32),
+        np.concatenate(embs),
+        np.concatenate(feats),
+        model_ids.pop(),
+    )

@@ -5,6 +5,7 @@ rotation-invariant uniform LBP histograms (8 neighbours) at radii 1 and 3
 of the grey image. Each block is L1-normalised and square-rooted (Hellinger),
 so a dot product of the L2-normalised concatenation compares histograms.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -7,6 +7,7 @@ slide), each searched with its own slide left out, as SMILY did. Methods:
   colour-texture  brute-force cosine over colour histograms + LBP
   random          k tiles drawn uniformly from the other slides (negative control)
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -69,33 +70,52 @@ def rankings(client, archive: Archive, queries: np.ndarray, k: int, rng) -> dict
     slides = list(dict.fromkeys(archive.slide_ids.tolist()))
     for q in queries:
         slide_id, x, y, w, h = rect(q)
-        resp = client.search(region=dict(slide_id=slide_id, x=x, y=y, width=w, height=h), k=k,
-                             exclude_query_slide=True, slide_ids=slides)
+        resp = client.search(
+            region=dict(slide_id=slide_id, x=x, y=y, width=w, height=h), k=k, exclude_query_slide=True, slide_ids=slides
+        )
         if resp.model_id != archive.model_id:
             raise EvalError(f"the index serves {resp.model_id} but the embedder gave {archive.model_id}")
         out["deployed"].append([(h_.slide_id, h_.x, h_.y, h_.width, h_.height) for h_ in resp.hits])
     for name, vecs in (("exact", archive.embeddings), ("colour-texture", archive.features)):
         top = baseline.nearest(vecs[queries], vecs, other, k)
         out[name] = [[rect(i) for i in row if i >= 0] for row in top]
-    out["random"] = [[rect(i) for i in rng.choice(np.flatnonzero(row), min(k, row.sum()), replace=False)]
-                     for row in other]
+    out["random"] = [
+        [rect(i) for i in rng.choice(np.flatnonzero(row), min(k, row.sum()), replace=False)] for row in other
+    ]
     return out
 
 
-def run(client, archive: Archive, manifest: Manifest, indexed: dict[str, int], ks=(1, 5, 10),
-        max_queries: int = 50, n_boot: int = 1000, seed: int = 0) -> dict:
+def run(
+    client,
+    archive: Archive,
+    manifest: Manifest,
+    indexed: dict[str, int],
+    ks=(1, 5, 10),
+    max_queries: int = 50,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict:
     rng = np.random.default_rng(seed)
     labeller = Labeller(manifest)
     kmax = max(max(ks), VOTE_K)
     rows = [labeller.row(archive.slide_ids[i], *map(int, archive.rects[i])) for i in range(len(archive.slide_ids))]
     labels = [row.labels if row else {} for row in rows]
     reached = {id(row) for row in rows}
-    result: dict[str, Any] = {"model_id": archive.model_id, "k": list(ks), "bootstrap": n_boot, "methods": list(METHODS),
-              "archive": {"slides": len(set(archive.slide_ids)), "tiles": len(archive.slide_ids),
-                          "index_slides": len(indexed)},
-              "warnings": consistency(archive, indexed), "columns": {},
-              # Labelled regions no tissue tile covers at least half of (small regions, or glass to the tiler).
-              "regions_without_tiles": sum(1 for r in manifest.rows if r.region and id(r) not in reached)}
+    result: dict[str, Any] = {
+        "model_id": archive.model_id,
+        "k": list(ks),
+        "bootstrap": n_boot,
+        "methods": list(METHODS),
+        "archive": {
+            "slides": len(set(archive.slide_ids)),
+            "tiles": len(archive.slide_ids),
+            "index_slides": len(indexed),
+        },
+        "warnings": consistency(archive, indexed),
+        "columns": {},
+        # Labelled regions no tissue tile covers at least half of (small regions, or glass to the tiler).
+        "regions_without_tiles": sum(1 for r in manifest.rows if r.region and id(r) not in reached),
+    }
     if not manifest.label_columns:
         result["warnings"].append("the manifest has no label columns: no retrieval metrics")
         return result
@@ -104,23 +124,34 @@ def run(client, archive: Archive, manifest: Manifest, indexed: dict[str, int], k
         raise EvalError("no archive tile falls in a labelled region (at least half of it inside)")
     ranked = rankings(client, archive, queries, kmax, rng)
     groups = archive.slide_ids[queries]
-    ann = np.array([len({h[:3] for h in d} & {h[:3] for h in e}) / max(1, len(e))
-                    for d, e in zip(ranked["deployed"], ranked["exact"])])
+    ann = np.array(
+        [
+            len({h[:3] for h in d} & {h[:3] for h in e}) / max(1, len(e))
+            for d, e in zip(ranked["deployed"], ranked["exact"])
+        ]
+    )
     for col in manifest.label_columns:
         keep = np.array([col in labels[q] for q in queries])
         if not keep.any():
             continue
         q_labels = [labels[q][col] for q in queries[keep]]
-        entry: dict[str, Any] = {"queries": int(keep.sum()), "slides": len(set(groups[keep])),
-                 "classes": dict(sorted(Counter(q_labels).items())),
-                 "methods": {}, "curve": {}}
+        entry: dict[str, Any] = {
+            "queries": int(keep.sum()),
+            "slides": len(set(groups[keep])),
+            "classes": dict(sorted(Counter(q_labels).items())),
+            "methods": {},
+            "curve": {},
+        }
         for method in METHODS:
             hit_labels = [[labeller(*h).get(col) for h in hits] for hits, kept in zip(ranked[method], keep) if kept]
             per_q = metrics.per_query(q_labels, hit_labels, tuple(ks), VOTE_K)
-            entry["methods"][method] = {name: metrics.bootstrap_ci(v, groups[keep], n_boot, seed=seed)
-                                        for name, v in per_q.items()}
-            entry["curve"][method] = [float(np.mean([metrics.precision_at_k(q, h, k) for q, h in zip(q_labels, hit_labels)]))
-                                      for k in range(1, kmax + 1)]
+            entry["methods"][method] = {
+                name: metrics.bootstrap_ci(v, groups[keep], n_boot, seed=seed) for name, v in per_q.items()
+            }
+            entry["curve"][method] = [
+                float(np.mean([metrics.precision_at_k(q, h, k) for q, h in zip(q_labels, hit_labels)]))
+                for k in range(1, kmax + 1)
+            ]
         result["columns"][col] = entry
     result["ann_recall"] = {"k": kmax, "value": metrics.bootstrap_ci(ann, groups, n_boot, seed=seed)}
     return result
@@ -132,10 +163,14 @@ def consistency(archive: Archive, indexed: dict[str, int]) -> list[str]:
     for slide_id in dict.fromkeys(archive.slide_ids):
         mine = int((archive.slide_ids == slide_id).sum())
         if indexed.get(slide_id, mine) != mine:
-            warnings.append(f"{slide_id}: the index holds {indexed[slide_id]} tiles, the evaluation cut {mine}; "
-                            "was the slide ingested before the index recorded its tiling?")
+            warnings.append(
+                f"{slide_id}: the index holds {indexed[slide_id]} tiles, the evaluation cut {mine}; "
+                "was the slide ingested before the index recorded its tiling?"
+            )
     extra = len(set(indexed) - set(archive.slide_ids))
     if extra:
-        warnings.append(f"the index holds {extra} slides outside the manifest: the deployed search was "
-                        "restricted to the manifest's slides")
+        warnings.append(
+            f"the index holds {extra} slides outside the manifest: the deployed search was "
+            "restricted to the manifest's slides"
+        )
     return warnings

@@ -9,6 +9,7 @@ Columns (JSON: a list of objects with the same keys):
 A row without a region labels the whole slide; rows with regions label
 those rectangles. An empty label cell means "not labelled in this column".
 """
+
 from __future__ import annotations
 
 import csv
@@ -72,8 +73,9 @@ def parse(records) -> Manifest:
         slide_id = rec.get("slide_id") or os.path.splitext(os.path.basename(source))[0]
         if sources.setdefault(slide_id, source) != source:
             raise ManifestError(f"{where}: slide_id {slide_id!r} names two different sources")
-        rows.append(Row(source, slide_id, _region(rec, where),
-                        {k: v for k, v in rec.items() if k not in RESERVED and v}))
+        rows.append(
+            Row(source, slide_id, _region(rec, where), {k: v for k, v in rec.items() if k not in RESERVED and v})
+        )
         label_columns += [k for k in rec if k not in RESERVED and k not in label_columns]
     return Manifest(tuple(rows), tuple(label_columns))
 

@@ -4,6 +4,7 @@ A query has a label; its ranked hits have labels too (None when a hit falls
 on nothing labelled: it never matches). Each metric is a number per query;
 figures are means over queries.
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -44,8 +45,9 @@ def per_query(query_labels: list, ranked: list[list], ks: tuple[int, ...], vote_
     return out
 
 
-def bootstrap_ci(values: np.ndarray, groups: np.ndarray, n_boot: int = 1000, alpha: float = 0.05,
-                 seed: int = 0) -> tuple[float, float, float]:
+def bootstrap_ci(
+    values: np.ndarray, groups: np.ndarray, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0
+) -> tuple[float, float, float]:
     """(mean, low, high): a percentile interval from resampling whole groups.
 
     Queries from one slide are correlated, so the slides (groups) are

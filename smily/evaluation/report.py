@@ -1,4 +1,5 @@
 """The evaluation's outputs: a table for people, JSON for machines, a plot."""
+
 from __future__ import annotations
 
 import json
@@ -11,28 +12,41 @@ def _ci(v) -> str:
 
 
 def table(result: dict) -> str:
-    lines = [f"model {result['model_id']}; archive {result['archive']['tiles']} tiles on "
-             f"{result['archive']['slides']} slides (index: {result['archive']['index_slides']} slides); "
-             f"mean [95% CI, {result['bootstrap']} slide-bootstrap draws]"]
+    lines = [
+        f"model {result['model_id']}; archive {result['archive']['tiles']} tiles on "
+        f"{result['archive']['slides']} slides (index: {result['archive']['index_slides']} slides); "
+        f"mean [95% CI, {result['bootstrap']} slide-bootstrap draws]"
+    ]
     for col, entry in result["columns"].items():
         names = list(next(iter(entry["methods"].values())))
         classes = ", ".join(f"{c} {n}" for c, n in entry["classes"].items())
-        lines += ["", f"label column '{col}': {entry['queries']} queries from {entry['slides']} slides ({classes})",
-                  f"{'method':<15}" + "".join(f"{n:>22}" for n in names)]
+        lines += [
+            "",
+            f"label column '{col}': {entry['queries']} queries from {entry['slides']} slides ({classes})",
+            f"{'method':<15}" + "".join(f"{n:>22}" for n in names),
+        ]
         for method, values in entry["methods"].items():
             lines.append(f"{method:<15}" + "".join(f"{_ci(values[n]):>22}" for n in names))
     if "ann_recall" in result:
         a = result["ann_recall"]
-        lines += ["", f"deployed vs exact: share of the exact top {a['k']} the deployed index returns: {_ci(a['value'])}"]
+        lines += [
+            "",
+            f"deployed vs exact: share of the exact top {a['k']} the deployed index returns: {_ci(a['value'])}",
+        ]
     if result.get("robustness"):
         r = result["robustness"]
-        lines += ["", f"robustness: source tile in the deployed top {r['k']} ({r['queries']} queries)",
-                  f"{'slide':<24}" + "".join(f"{t:>16}" for t in r["all"])]
+        lines += [
+            "",
+            f"robustness: source tile in the deployed top {r['k']} ({r['queries']} queries)",
+            f"{'slide':<24}" + "".join(f"{t:>16}" for t in r["all"]),
+        ]
         for slide_id, rates in [*r["per_slide"].items(), ("all", r["all"])]:
             lines.append(f"{slide_id:<24}" + "".join(f"{v:>16.2f}" for v in rates.values()))
     if result.get("regions_without_tiles"):
-        lines.append(f"{result['regions_without_tiles']} labelled regions gave no query: no tissue tile "
-                     "lies at least half inside them")
+        lines.append(
+            f"{result['regions_without_tiles']} labelled regions gave no query: no tissue tile "
+            "lies at least half inside them"
+        )
     lines += [f"warning: {w}" for w in result["warnings"]]
     return "\n".join(lines)
 

@@ -4,6 +4,7 @@ For tiles of each slide, query the deployed gateway with an image of the
 tile changed one way (the same read path as the tiler, then a transform)
 and count how often the source tile is among the top k hits.
 """
+
 from __future__ import annotations
 
 import time
@@ -65,8 +66,9 @@ def _rate(values: list[bool]) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
-def run(client, archive: Archive, opened: dict, tile_size: int, per_slide: int = 10, seed: int = 0,
-        mpp: float = 0.0) -> dict:
+def run(
+    client, archive: Archive, opened: dict, tile_size: int, per_slide: int = 10, seed: int = 0, mpp: float = 0.0
+) -> dict:
     """{"k", "queries", "per_slide": {slide: {transform: rate}}, "all": {transform: rate},
     "found": {transform: [0/1 per query]}, "slides": [slide per query], "latency_ms": {"median", "p90"}}.
     Tiles are read at `mpp` µm/px (the archive's), and the image queries say so."""
@@ -88,11 +90,16 @@ def run(client, archive: Archive, opened: dict, tile_size: int, per_slide: int =
                 hits = client.search(image=images.encode(rgb, images.PNG), k=K, slide_ids=slides, image_mpp=mpp).hits
                 seconds.append(time.perf_counter() - started)
                 found[slide_id][t].append(any((h.slide_id, h.x, h.y) == source for h in hits))
-    return {"k": K, "queries": sum(len(v["identity"]) for v in found.values()),
-            "per_slide": {s: {t: _rate(v) for t, v in d.items()} for s, d in found.items()},
-            "all": {t: _rate([b for d in found.values() for b in d[t]]) for t in TRANSFORMS},
-            "found": {t: [int(b) for d in found.values() for b in d[t]] for t in TRANSFORMS},
-            "slides": [s for s, d in found.items() for _ in d["identity"]],
-            # Wall time of one search by image, PNG encoding excluded (cache misses: every query differs).
-            "latency_ms": {"median": 1000 * float(np.median(seconds)) if seconds else float("nan"),
-                           "p90": 1000 * float(np.percentile(seconds, 90)) if seconds else float("nan")}}
+    return {
+        "k": K,
+        "queries": sum(len(v["identity"]) for v in found.values()),
+        "per_slide": {s: {t: _rate(v) for t, v in d.items()} for s, d in found.items()},
+        "all": {t: _rate([b for d in found.values() for b in d[t]]) for t in TRANSFORMS},
+        "found": {t: [int(b) for d in found.values() for b in d[t]] for t in TRANSFORMS},
+        "slides": [s for s, d in found.items() for _ in d["identity"]],
+        # Wall time of one search by image, PNG encoding excluded (cache misses: every query differs).
+        "latency_ms": {
+            "median": 1000 * float(np.median(seconds)) if seconds else float("nan"),
+            "p90": 1000 * float(np.percentile(seconds, 90)) if seconds else float("nan"),
+        },
+    }

@@ -7,6 +7,7 @@ grid tile of the archive's tiling that is at least half tissue and whose
 tissue is at least PURE one texture; the manifest lists those tiles as regions with two label columns:
 `tissue` (the texture) and `cellularity` (a coarser grouping).
 """
+
 from __future__ import annotations
 
 import csv
@@ -27,9 +28,10 @@ SMALL = (
     SlideSpec("eval-s4-40x.svs", "svs", 3584, 2688, 0.25, 100),
     SlideSpec("eval-s5-40x.tiff", "tiff", 3584, 2688, 0.25, 103),
 )
-FULL = tuple(SlideSpec(f"eval-f{i}.{'svs' if i % 2 else 'tiff'}", "svs" if i % 2 else "tiff", 4096, 3072, 0.5, 200 + i)
-             for i in range(8)) + tuple(
-    SlideSpec(f"eval-f{i}-40x.svs", "svs", 6144, 4608, 0.25, 200 + i) for i in range(8, 12))
+FULL = tuple(
+    SlideSpec(f"eval-f{i}.{'svs' if i % 2 else 'tiff'}", "svs" if i % 2 else "tiff", 4096, 3072, 0.5, 200 + i)
+    for i in range(8)
+) + tuple(SlideSpec(f"eval-f{i}-40x.svs", "svs", 6144, 4608, 0.25, 200 + i) for i in range(8, 12))
 
 
 def labelled_tiles(class_map: np.ndarray, tile_level0: int) -> list[tuple[int, int, str]]:
@@ -59,8 +61,18 @@ def write(output_dir: str, specs=SMALL, tile_mpp: float = 1.0, tile_size: int = 
         size = max(1, round(tile_size * tile_mpp / spec.mpp))
         slide_id = os.path.splitext(spec.name)[0]
         for x, y, texture in labelled_tiles(class_map, size):
-            records.append({"source": spec.name, "slide_id": slide_id, "x": x, "y": y, "width": size,
-                            "height": size, "tissue": texture, "cellularity": CELLULARITY[texture]})
+            records.append(
+                {
+                    "source": spec.name,
+                    "slide_id": slide_id,
+                    "x": x,
+                    "y": y,
+                    "width": size,
+                    "height": size,
+                    "tissue": texture,
+                    "cellularity": CELLULARITY[texture],
+                }
+            )
     manifest = os.path.join(output_dir, "manifest.csv")
     with open(manifest, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(records[0]))

@@ -10,6 +10,7 @@ imports a function returning an nn.Module that maps [N, 3, H, W] images to
 [N, D] features or [N, D, h, w] feature maps (average-pooled here), and
 `load_weights` puts a local checkpoint into it. Nothing is downloaded.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -115,9 +116,13 @@ def from_factory(spec: str, weights: str | None, **config_fields):
     size = config_fields["input_size"]
     with torch.no_grad():
         dim = int(module(torch.zeros(1, 3, size, size)).shape[1])
-    config = ModelConfig(input_name="images", output_name="embeddings", embedding_dim=dim,
-                         description=config_fields.pop("description", "") or f"exported from {spec}",
-                         **config_fields)
+    config = ModelConfig(
+        input_name="images",
+        output_name="embeddings",
+        embedding_dim=dim,
+        description=config_fields.pop("description", "") or f"exported from {spec}",
+        **config_fields,
+    )
     return module, config
 
 
@@ -131,10 +136,14 @@ def export(module, config: ModelConfig, repo: str, tolerance: float = PARITY_TOL
         onnx_path = os.path.join(tmp, MODEL_FILE)
         with torch.no_grad():
             torch.onnx.export(
-                module, (example,), onnx_path,
-                input_names=[config.input_name], output_names=[config.output_name],
+                module,
+                (example,),
+                onnx_path,
+                input_names=[config.input_name],
+                output_names=[config.output_name],
                 dynamic_axes={config.input_name: {0: "batch"}, config.output_name: {0: "batch"}},
-                opset_version=17, dynamo=False,
+                opset_version=17,
+                dynamo=False,
             )
             check = torch.from_numpy(np.random.default_rng(1).standard_normal((3, 3, size, size)).astype(np.float32))
             expected = module(check).numpy()
@@ -148,4 +157,3 @@ def export(module, config: ModelConfig, repo: str, tolerance: float = PARITY_TOL
             raise ValueError(f"ONNX output differs from PyTorch by {diff:.2e} (> {tolerance:.0e})")
         install(onnx_path, config, repo)
     return diff
-

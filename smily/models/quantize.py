@@ -4,6 +4,7 @@ weights), calibrated on tissue tiles, written as a new version of the model.
 The INT8 version is served like any other version; its model id differs, so
 the index never mixes its vectors with the FP32 model's.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,7 +32,7 @@ def synthetic_tiles(n: int, seed: int = 0, size: int = 224) -> list[np.ndarray]:
         step = 2 * size
         for y in range(0, level0.shape[0] - step + 1, step):
             for x in range(0, level0.shape[1] - step + 1, step):
-                crop = level0[y:y + step, x:x + step]
+                crop = level0[y : y + step, x : x + step]
                 if crop.mean() < 215 and len(tiles) < n:  # skip background
                     tiles.append(crop.reshape(size, 2, size, 2, 3).mean(axis=(1, 3)).astype(np.uint8))
         slide += 1
@@ -56,7 +57,7 @@ class _Reader:
 
     def __init__(self, config: model_repo.ModelConfig, tiles: list[np.ndarray], batch: int = 8):
         pre = Preprocessor(config)
-        self._batches = iter([{config.input_name: pre(tiles[i:i + batch])} for i in range(0, len(tiles), batch)])
+        self._batches = iter([{config.input_name: pre(tiles[i : i + batch])} for i in range(0, len(tiles), batch)])
 
     def get_next(self):
         return next(self._batches, None)
@@ -76,8 +77,14 @@ def leading_convs(onnx_path: str, n: int) -> list[str]:
     return [node.name for node in nodes if node.op_type == "Conv"][:n]
 
 
-def quantize(repo: str, model_id: str, version: str | None = None, calibration_dir: str | None = None,
-             calibration_tiles: int = 128, fp32_convs: int = 3) -> model_repo.ModelConfig:
+def quantize(
+    repo: str,
+    model_id: str,
+    version: str | None = None,
+    calibration_dir: str | None = None,
+    calibration_tiles: int = 128,
+    fp32_convs: int = 3,
+) -> model_repo.ModelConfig:
     """Write <name>/<version> (default <source version>-int8) and return its config."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -86,14 +93,24 @@ def quantize(repo: str, model_id: str, version: str | None = None, calibration_d
     tiles = folder_tiles(calibration_dir, calibration_tiles) if calibration_dir else synthetic_tiles(calibration_tiles)
     source = f"calibrated on {len(tiles)} {'operator' if calibration_dir else 'synthetic'} tiles"
     target = dataclasses.replace(
-        config, version=version or f"{config.version}-int8",
-        description=f"INT8 (static QDQ, per-channel; first {fp32_convs} convolutions FP32) of {model_id}, {source}")
+        config,
+        version=version or f"{config.version}-int8",
+        description=f"INT8 (static QDQ, per-channel; first {fp32_convs} convolutions FP32) of {model_id}, {source}",
+    )
     with tempfile.TemporaryDirectory(prefix="smily-quant-") as tmp:
         prepared, out = os.path.join(tmp, "prepared.onnx"), os.path.join(tmp, model_repo.MODEL_FILE)
         # Shape inference and constant folding first, as ONNX Runtime recommends.
         quant_pre_process(src, prepared, skip_symbolic_shape=True)
-        quantize_static(prepared, out, _Reader(config, tiles), quant_format=QuantFormat.QDQ, per_channel=True,
-                        weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
-                        calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=leading_convs(prepared, fp32_convs))
+        quantize_static(
+            prepared,
+            out,
+            _Reader(config, tiles),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            weight_type=QuantType.QInt8,
+            activation_type=QuantType.QUInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+            nodes_to_exclude=leading_convs(prepared, fp32_convs),
+        )
         model_repo.install(out, target, repo)
     return target
