@@ -73,6 +73,10 @@ def span(name: str, **attributes):
     return tracer.start_as_current_span(name, attributes=attributes or None)
 
 
+# Probes (kubelet, the gateway's readiness poller) every few seconds: a trace each would bury the requests.
+UNTRACED = {"grpc.health.v1.Health"}
+
+
 def _method(full: str) -> tuple[str, str]:
     service, _, method = full.lstrip("/").rpartition("/")
     return service, method
@@ -93,6 +97,8 @@ class ServerInterceptor(grpc.ServerInterceptor):
         if handler is None or not (handler.unary_unary or handler.unary_stream) or not _on():
             return handler
         service, method = _method(handler_call_details.method)
+        if service in UNTRACED:
+            return handler
         name = f"{service}/{method}"
         attrs = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
 
@@ -156,9 +162,9 @@ class ClientInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClient
     """A CLIENT span per call, its context sent on as W3C traceparent metadata."""
 
     def _call(self, continuation, details, request):
-        if not _on():
-            return continuation(details, request)
         service, method = _method(details.method)
+        if service in UNTRACED or not _on():
+            return continuation(details, request)
         s = tracer.start_span(
             f"{service}/{method}",
             kind=SpanKind.CLIENT,
