@@ -23,7 +23,7 @@ import psycopg
 from smily.common.errors import Aborted, NotFound, Unavailable
 
 from .concepts import Concept, normalised, vector_bytes
-from .storage import Commit, Slide, Tile, vectors_from
+from .storage import Commit, Slide, Tile, staged_rows, vectors_from
 
 SCHEMA = """
 CREATE SCHEMA IF NOT EXISTS {s};
@@ -188,22 +188,7 @@ class PgStorage(_OnSchema):
 
     @_db
     def stage(self, slide_id: str, generation: str, tiles: list[Tile], vectors: np.ndarray) -> int:
-        now = time.time()
-        rows = [
-            (
-                slide_id,
-                generation,
-                t.x,
-                t.y,
-                t.w,
-                t.h,
-                t.mpp,
-                t.tissue,
-                now,
-                np.ascontiguousarray(v, np.float32).tobytes(),
-            )
-            for t, v in zip(tiles, vectors)
-        ]
+        rows = staged_rows(slide_id, generation, tiles, vectors)
         with self.conn.transaction(), self.conn.cursor() as cur:
             cur.executemany(
                 f"INSERT INTO {self.s}.tiles (slide_id, generation, x, y, w, h, mpp, tissue, staged_at, vector) "

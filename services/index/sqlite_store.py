@@ -18,7 +18,7 @@ import numpy as np
 
 from smily.common.errors import Aborted, NotFound
 
-from .storage import Commit, Slide, Tile, vectors_from
+from .storage import Commit, Slide, Tile, staged_rows, vectors_from
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -116,22 +116,7 @@ class SqliteStorage:
             return self._db.execute("DELETE FROM tiles WHERE committed = 0 AND staged_at < ?", (older_than,)).rowcount
 
     def stage(self, slide_id: str, generation: str, tiles: list[Tile], vectors: np.ndarray) -> int:
-        now = time.time()
-        rows = [
-            (
-                slide_id,
-                generation,
-                t.x,
-                t.y,
-                t.w,
-                t.h,
-                t.mpp,
-                t.tissue,
-                now,
-                np.ascontiguousarray(v, np.float32).tobytes(),
-            )
-            for t, v in zip(tiles, vectors)
-        ]
+        rows = staged_rows(slide_id, generation, tiles, vectors)
         with self._lock, self._transaction():
             self._db.executemany(
                 "INSERT OR IGNORE INTO tiles (slide_id, generation, x, y, w, h, mpp, tissue, staged_at, vector) "

@@ -14,6 +14,7 @@ this interface.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -62,6 +63,16 @@ def vectors_from(blobs, dim: int) -> np.ndarray:
     if len(data) != len(blobs) * dim * 4:
         raise RuntimeError("the journal holds a vector of the wrong size: the database is corrupt")
     return np.frombuffer(data, np.float32).reshape(len(blobs), dim)
+
+
+def staged_rows(slide_id: str, generation: str, tiles: list[Tile], vectors: np.ndarray) -> list[tuple]:
+    """The tiles table's columns of a staged batch, in both stores' order: slide, generation,
+    x, y, w, h, mpp, tissue, staged_at, vector bytes."""
+    now = time.time()
+    return [
+        (slide_id, generation, t.x, t.y, t.w, t.h, t.mpp, t.tissue, now, np.ascontiguousarray(v, np.float32).tobytes())
+        for t, v in zip(tiles, vectors)
+    ]
 
 
 class Storage(Protocol):
