@@ -241,7 +241,3 @@ def hit_dict(hit: gateway_pb2.Hit) -> dict:
         "metadata": dict(hit.metadata),
         **{k: getattr(hit, k) for k in ("study_instance_uid", "series_instance_uid", "viewer_url") if getattr(hit, k)},
     }
-
-
-def is_unavailable(exc: grpc.RpcError) -> bool:
-    return hasattr(exc, "code") and exc.code() == grpc.StatusCode.UNAVAILABLE

@@ -8,7 +8,8 @@ import socket
 import subprocess
 import sys
 
-from smily.cli import _flags
+from smily.cli import build_parser
+from smily.cli.common import flags
 from smily.output import Progress
 
 from .conftest import ROOT
@@ -76,10 +77,53 @@ def test_unreachable_gateway_says_what_to_do():
     assert "`make up`" in out.stderr and "--gateway" in out.stderr
 
 
+def test_a_backend_address_is_named_as_not_the_gateway(settings):
+    """--gateway at a backend's port: which service answers there, not "Method not found!"."""
+    for name in ("index", "tiler"):
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "smily.cli",
+                "slides",
+                "--gateway",
+                f"127.0.0.1:{getattr(settings, f'{name}_port')}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=ROOT,
+        )
+        assert out.returncode == 2 and "Traceback" not in out.stderr
+        assert f"serves the {name} service, not the gateway" in out.stderr, out.stderr
+        assert "Method not found" not in out.stderr
+
+
+def _parsers(parser):
+    """The parser and every subcommand's, depth first."""
+    yield parser
+    for action in parser._actions:
+        if action.choices and hasattr(action, "_name_parser_map"):
+            for sub in dict.fromkeys(action.choices.values()):
+                yield from _parsers(sub)
+
+
+def test_every_flag_and_argument_has_help():
+    parsers = list(_parsers(build_parser()))
+    assert len(parsers) > 20  # every command and subcommand was walked
+    missing = [
+        f"{p.prog} {'/'.join(a.option_strings) or a.dest}"
+        for p in parsers
+        for a in p._actions
+        if not a.help and not hasattr(a, "_name_parser_map")
+    ]
+    assert missing == []
+
+
 def test_service_messages_name_the_flags():
     message = "the slide does not record its resolution; state it in the request's slide_mpp (e.g. 0.25)"
-    assert _flags(message) == "the slide does not record its resolution; state it with --slide-mpp (e.g. 0.25)"
-    assert _flags("max_hits_per_slide must not be negative") == "--max-per-slide must not be negative"
+    assert flags(message) == "the slide does not record its resolution; state it with --slide-mpp (e.g. 0.25)"
+    assert flags("max_hits_per_slide must not be negative") == "--max-per-slide must not be negative"
 
 
 def test_json_on_every_gateway_command(settings, ingested, tmp_path):

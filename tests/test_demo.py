@@ -7,6 +7,8 @@ import shutil
 import subprocess
 import sys
 
+from smily.synthetic import BIG_SLIDE
+
 from .conftest import CMU, DATA, ROOT, TEST_SLIDES
 
 
@@ -15,6 +17,8 @@ def test_demo_runs_end_to_end(slide_dir, model_repo, redis_url, tmp_path):
     for name in (TEST_SLIDES[1].name,):
         shutil.copy(os.path.join(slide_dir, name), tmp_path / name)
     shutil.copy(os.path.join(DATA, CMU), tmp_path / CMU)
+    # What the README's walk-through leaves in data/samples: a second demo does not ingest it.
+    shutil.copy(os.path.join(slide_dir, TEST_SLIDES[1].name), tmp_path / BIG_SLIDE.name)
     env = dict(os.environ, SMILY_MODEL_REPOSITORY=model_repo)
     out = subprocess.run(
         [sys.executable, "-m", "smily.cli", "demo", "--slides", str(tmp_path)],
@@ -25,7 +29,8 @@ def test_demo_runs_end_to_end(slide_dir, model_repo, redis_url, tmp_path):
         env=env,
     )
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "ingested 2 slides" in out.stdout
+    assert "ingested 2 slides" in out.stdout and f"skipping {BIG_SLIDE.name}" in out.stdout
+    assert "ingested big:" not in out.stdout
     assert out.stdout.count("5 hits (model efficientnet-lite0/1)") == 2
     assert "cached=True" in out.stdout
     assert "stopped" in out.stdout and "Traceback" not in out.stderr

@@ -867,6 +867,14 @@ def test_http_deployment_calls_only_the_gateway(render):
     m = TARGET.match(config(objs)["SMILY_HTTP_GATEWAY_TARGET"])
     assert m and m["svc"] == "smily-gateway" and int(m["port"]) == DEFAULTS.gateway_port
     assert m["ns"] == namespace(objs)
+    # It dials the gateway over TLS with its own certificate, at the paths SMILY_TLS_* name.
+    cfg = config(objs)
+    mount = os.path.dirname(cfg["SMILY_TLS_CERT_FILE"])
+    (tls_mount,) = [v for v in c["volumeMounts"] if v["mountPath"] == mount]
+    vols = {v["name"]: v for v in pod_spec(deploy)["volumes"]}
+    secret = vols[tls_mount["name"]]["secret"]["secretName"]
+    assert secret in {o["spec"]["secretName"] for o in find(objs, "Certificate")}
+    assert not Settings.from_env(cfg).plaintext
     svc = one(objs, "Service", "smily-http")
     assert selects(svc["spec"]["selector"], deploy["spec"]["template"]["metadata"]["labels"])
     if name.startswith("gpu") or "netpol" in name:

@@ -315,3 +315,53 @@ def test_the_gateway_presents_its_renewed_certificate_without_a_restart(slide_di
         client.close()
         stack.stop(front, 0)
         stack.stop(back, 0)
+
+
+def test_the_http_front_end_dials_a_tls_gateway_with_its_own_certificate(pki, slide_dir, model_repo, tmp_path):
+    """smily-http against a gateway that requires client certificates: ready, and it answers /v1/slides."""
+    import httpx
+
+    from smily.http.server import Running
+
+    s = mtls_settings(pki, slide_roots=(slide_dir,), model_repository=model_repo, index_dir=str(tmp_path / "index"))
+    running, s = stack.start(stack.ORDER, s)
+    cert, key = pki["ca"].issue("smily-http")
+    front = dataclasses.replace(
+        s, tls_cert_file=cert, tls_key_file=key, http_port=0, http_gateway_target=f"127.0.0.1:{s.gateway_port}"
+    )
+    http = Running(front)
+    # Without a client certificate the gateway's handshake refuses it: readiness says so.
+    anonymous = Running(dataclasses.replace(front, tls_cert_file="", tls_key_file=""))
+    try:
+        until(lambda: httpx.get(f"{http.url}/readyz").status_code == 200, "the front end's readiness")
+        r = httpx.get(f"{http.url}/v1/slides")
+        assert r.status_code == 200, r.text
+        assert r.json().get("slides", []) == []
+        assert httpx.get(f"{anonymous.url}/readyz").status_code == 503
+    finally:
+        anonymous.stop()
+        http.stop()
+        stack.stop(running, 0)
+
+
+def test_the_http_front_end_without_a_ca_refuses_to_start_unless_plaintext_is_asked_for():
+    from smily.common.config import ConfigError
+    from smily.http.server import Running
+
+    with pytest.raises(ConfigError, match="SMILY_TLS_CA_FILE.*SMILY_PLAINTEXT=1"):
+        Running(base_settings(plaintext=False, http_port=0))
+
+
+@pytest.mark.parametrize("service", ["index", "http"])
+def test_a_process_without_tls_settings_says_what_to_set_in_one_line(service, tmp_path):
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SMILY_")}
+    env.update(SMILY_INDEX_DIR=str(tmp_path), SMILY_METRICS_PORT="0", SMILY_INDEX_PORT="0", SMILY_HTTP_PORT="0")
+    proc = subprocess.run(
+        [sys.executable, "-m", f"smily.{service}"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "SMILY_PLAINTEXT=1" in lines[0] and "Traceback" not in proc.stderr, proc.stderr

@@ -14,6 +14,10 @@ from dataclasses import dataclass, field
 from .tiling import DEFAULT_MIN_TISSUE, DEFAULT_MPPS, DEFAULT_STRIDE, DEFAULT_TILE_SIZE
 
 
+class ConfigError(ValueError):
+    """A setting missing or wrong: the message names the SMILY_* variable to set."""
+
+
 @dataclass(frozen=True)
 class Settings:
     # Address the servers bind to; Kubernetes manifests set 0.0.0.0.
@@ -226,5 +230,5 @@ def _parse(f: dataclasses.Field, raw: str):
         if kind == "bool":
             return raw.strip().lower() in ("1", "true", "yes", "on")
     except ValueError as exc:
-        raise ValueError(f"SMILY_{f.name.upper()}={raw!r}: {exc}") from None
+        raise ConfigError(f"SMILY_{f.name.upper()}={raw!r}: {exc}") from None
     return raw

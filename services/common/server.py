@@ -9,14 +9,17 @@ for Kubernetes load balancing, and a graceful stop on SIGTERM.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
+import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
 from concurrent import futures
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import grpc
 import prometheus_client as prom
@@ -25,7 +28,7 @@ from grpc_reflection.v1alpha import reflection
 
 from . import logs, memory, tls, tracing
 from .caller import caller_of
-from .config import Settings
+from .config import ConfigError, Settings
 from .errors import Busy, ServiceError
 
 log = logging.getLogger("smily.server")
@@ -178,15 +181,35 @@ class _Interceptor(grpc.ServerInterceptor):
         return handler
 
 
+class Servicer(Protocol):
+    """What the bootstrap asks of a servicer beyond its RPCs: the lifecycle of
+    initialize (its constructor, before the server starts), serve, finalize.
+    Servicers subclass it and override what they need; the defaults do nothing."""
+
+    def watch_readiness(self, set_ready: Callable[[bool], None]) -> None:
+        """Call set_ready(False/True) as what the service depends on goes and
+        comes back; readiness (the service's name) follows it, liveness ("")
+        stays the process's own. Default: ready while serving."""
+
+    def close(self) -> None:
+        """Release what the servicer holds, once the server has stopped."""
+
+
 @dataclass
 class Registration:
     """What a service hands the bootstrap: its name, servicer and how to add it."""
 
     name: str  # full proto service name, e.g. smily.tiler.v1.TilerService
-    servicer: object
+    servicer: Servicer
     add_to_server: Callable[[object, grpc.Server], None]
     # The service's own interceptors (the gateway's auth, quota and audit), inside the shared one.
     interceptors: tuple = ()
+
+
+class Stoppable(Protocol):
+    """A started server of a process (gRPC here, HTTP in smily.http.server)."""
+
+    def stop(self, grace: float) -> None: ...
 
 
 class RunningServer:
@@ -195,6 +218,7 @@ class RunningServer:
         server: grpc.Server,
         health_servicer,
         port: int,
+        servicers: list[Servicer],
         names: list[str],
         health_server: grpc.Server | None = None,
         health_port: int = 0,
@@ -202,18 +226,24 @@ class RunningServer:
         self.server = server
         self.health = health_servicer
         self.port = port
+        self.servicers = servicers
         self.names = names
         self.health_server = health_server
         self.health_port = health_port
-        self.servicer: object = None  # smily.stack closes it after the server stops
 
     def stop(self, grace: float) -> None:
         # Health says NOT_SERVING first, so load balancers stop sending work,
-        # then in-flight RPCs get `grace` seconds to finish.
+        # then in-flight RPCs get `grace` seconds to finish; the servicers close last.
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
         if self.health_server is not None:
             self.health_server.stop(0).wait()
+        for servicer in self.servicers:
+            servicer.close()
+
+    @property
+    def servicer(self) -> Servicer:
+        return self.servicers[0]
 
 
 def start(
@@ -279,18 +309,16 @@ def start(
     for r in regs:
         # Readiness (the service's name) may follow what the servicer depends on;
         # liveness ("") stays the process's own.
-        watch = getattr(r.servicer, "watch_readiness", None)
-        if watch:
-            watch(
-                lambda ready, name=r.name: health_servicer.set(
-                    name,
-                    health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING,
-                )
+        r.servicer.watch_readiness(
+            lambda ready, name=r.name: health_servicer.set(
+                name,
+                health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING,
             )
+        )
     log.info(
         "serving", extra={"services": names, "port": bound, "tls": credentials is not None, "health_port": health_bound}
     )
-    return RunningServer(server, health_servicer, bound, names, health_server, health_bound)
+    return RunningServer(server, health_servicer, bound, [r.servicer for r in regs], names, health_server, health_bound)
 
 
 def security(settings: Settings, service: str) -> dict:
@@ -315,7 +343,7 @@ def start_metrics(port: int, host: str = "127.0.0.1") -> None:
         log.info("metrics endpoint", extra={"port": port, "host": host})
 
 
-def wait_for_signal(servers: list[RunningServer], grace: float) -> None:
+def wait_for_signal(servers: list[Stoppable], grace: float) -> None:
     """Block until SIGTERM or SIGINT, then drain and stop every server."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -329,23 +357,66 @@ def wait_for_signal(servers: list[RunningServer], grace: float) -> None:
         t.join()
 
 
-def serve(name: str, registration: Callable[[Settings], Registration]) -> None:
-    """A service's process: settings from SMILY_* variables, metrics, the gRPC
-    server on the service's port, and a graceful stop on SIGTERM."""
-    settings = Settings.from_env()
-    logs.setup(settings.log_level)
-    start_metrics(settings.metrics_port, settings.bind_host)
+def start_services(
+    services: list[tuple[str, Callable[[Settings], Registration]]], settings: Settings
+) -> tuple[dict[str, RunningServer], Settings]:
+    """Start each (name, registration) in order, backends first, each on its port
+    (SMILY_<NAME>_PORT; 0 picks a free one) with the settings' TLS and limits. A
+    service started later dials those started before it. Returns the servers and
+    the settings with the real ports filled in; a failed start stops the others."""
+    if settings.health_port and len(services) > 1:
+        raise ConfigError("SMILY_HEALTH_PORT serves one service per process; unset it for `serve all`")
+    tls.check(settings)  # before a servicer loads a model or opens an index
     warn_if_plaintext(settings)
-    reg = registration(settings)
-    running = start(
-        [reg],
-        settings.bind_host,
-        getattr(settings, f"{name}_port"),
-        max_concurrent_rpcs=settings.max_concurrent_rpcs,
-        worker_threads=settings.worker_threads,
-        **security(settings, name),
-    )
-    wait_for_signal([running], settings.shutdown_grace_s)
-    close = getattr(reg.servicer, "close", None)
-    if close:
-        close()
+    running: dict[str, RunningServer] = {}
+    try:
+        for name, registration in services:
+            reg = registration(settings)
+            try:
+                srv = start(
+                    [reg],
+                    settings.bind_host,
+                    getattr(settings, f"{name}_port"),
+                    max_concurrent_rpcs=settings.max_concurrent_rpcs,
+                    worker_threads=settings.worker_threads,
+                    **security(settings, name),
+                )
+            except BaseException:
+                reg.servicer.close()
+                raise
+            running[name] = srv
+            updates: dict[str, Any] = {f"{name}_port": srv.port}
+            if name != "gateway":
+                updates[f"{name}_target"] = f"{dial_host(settings.bind_host)}:{srv.port}"
+            settings = dataclasses.replace(settings, **updates)
+    except BaseException:
+        for srv in reversed(running.values()):
+            srv.stop(0)
+        raise
+    return running, settings
+
+
+def dial_host(bind_host: str) -> str:
+    """Where a client on this machine reaches a server bound to bind_host."""
+    return "127.0.0.1" if bind_host in ("0.0.0.0", "::", "[::]", "") else bind_host
+
+
+def run(start_servers: Callable[[Settings], list[Stoppable]], metrics: bool = True) -> None:
+    """The one way a process runs (`python -m smily.X`, `smily serve X`): settings
+    from SMILY_* variables, logging, metrics, the servers start_servers starts, and
+    a graceful stop on SIGTERM. A configuration error is one line and exit status 2."""
+    try:
+        settings = Settings.from_env()
+        logs.setup(settings.log_level)
+        if metrics:
+            start_metrics(settings.metrics_port, settings.bind_host)
+        servers = start_servers(settings)
+    except (ConfigError, OSError) as exc:  # a setting to give or a port taken: what to change, not a traceback
+        print(f"smily: cannot start: {exc}", file=sys.stderr)
+        sys.exit(2)
+    wait_for_signal(servers, settings.shutdown_grace_s)
+
+
+def serve(name: str, registration: Callable[[Settings], Registration]) -> None:
+    """`python -m smily.<name>`: that service alone."""
+    run(lambda settings: list(start_services([(name, registration)], settings)[0].values()))

@@ -21,7 +21,7 @@ import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from .config import Settings
+from .config import ConfigError, Settings
 from .errors import PermissionDenied, ServiceError
 
 log = logging.getLogger("smily.tls")
@@ -66,7 +66,7 @@ class _CertificateFiles:
         self._stamp = _stamp(self._paths)
         self.initial = self._load()
         if self.initial is None:
-            raise ValueError("SMILY_TLS_KEY_FILE does not match SMILY_TLS_CERT_FILE")
+            raise ConfigError("SMILY_TLS_KEY_FILE does not match SMILY_TLS_CERT_FILE")
 
     def _load(self):
         cert, key = _read(self._cert), _read(self._key)
@@ -103,13 +103,13 @@ def mtls(settings: Settings) -> bool:
 def check(settings: Settings) -> None:
     """Refuse a configuration that would serve plaintext by accident, or half-TLS."""
     if settings.tls_client_auth.strip().lower() not in ("none", "require"):
-        raise ValueError(f"SMILY_TLS_CLIENT_AUTH must be none or require, got {settings.tls_client_auth!r}")
+        raise ConfigError(f"SMILY_TLS_CLIENT_AUTH must be none or require, got {settings.tls_client_auth!r}")
     if bool(settings.tls_cert_file) != bool(settings.tls_key_file):
-        raise ValueError("set both SMILY_TLS_CERT_FILE and SMILY_TLS_KEY_FILE")
+        raise ConfigError("set both SMILY_TLS_CERT_FILE and SMILY_TLS_KEY_FILE")
     if mtls(settings) and not (settings.tls_ca_file and settings.tls_cert_file):
-        raise ValueError("SMILY_TLS_CLIENT_AUTH=require needs SMILY_TLS_CA_FILE and a certificate")
+        raise ConfigError("SMILY_TLS_CLIENT_AUTH=require needs SMILY_TLS_CA_FILE and a certificate")
     if not settings.tls_cert_file and not settings.plaintext:
-        raise ValueError(
+        raise ConfigError(
             "no TLS certificate: set SMILY_TLS_CERT_FILE and SMILY_TLS_KEY_FILE (or SMILY_PLAINTEXT=1 for a local run)"
         )
 
@@ -140,7 +140,7 @@ class ClientCredentials:
         self._stamp = _stamp(self._paths)
         credentials = self._load()
         if credentials is None:
-            raise ValueError("SMILY_TLS_KEY_FILE does not match SMILY_TLS_CERT_FILE")
+            raise ConfigError("SMILY_TLS_KEY_FILE does not match SMILY_TLS_CERT_FILE")
         self._current: tuple[int, grpc.ChannelCredentials] = (0, credentials)
         self._next_check = time.monotonic() + CLIENT_CHECK_S
 

@@ -20,6 +20,8 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from .config import ConfigError
+
 log = logging.getLogger("smily.tracing")
 
 tracer = trace.get_tracer("smily")
@@ -54,7 +56,7 @@ def configure(service: str) -> bool:
         elif exporter == "console":
             span_exporter = ConsoleSpanExporter()
         else:
-            raise ValueError(f"OTEL_TRACES_EXPORTER={exporter!r}: smily supports otlp, console or none")
+            raise ConfigError(f"OTEL_TRACES_EXPORTER={exporter!r}: smily supports otlp, console or none")
         # OTEL_SERVICE_NAME, when set, wins over this default (Resource.create merges it in).
         provider = TracerProvider(resource=Resource.create({SERVICE_NAME: f"smily-{service}"}))
         provider.add_span_processor(BatchSpanProcessor(span_exporter))

@@ -10,7 +10,7 @@ from smily.common import images
 from smily.common.channels import RotatingStub
 from smily.common.config import Settings
 from smily.common.errors import require
-from smily.common.server import Registration
+from smily.common.server import Registration, Servicer
 from smily.common.tensors import to_tensor
 from smily.common.tls import client_credentials
 from smily.common.tracing import span
@@ -32,7 +32,7 @@ AUTO_GPU_BATCH = 32
 NO_DEADLINE_S = 1e9
 
 
-class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
+class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer, Servicer):
     def __init__(self, settings: Settings):
         images.configure(settings.max_image_pixels, settings.image_decodes)
         config, path = model_repo.load(settings.model_repository, settings.model)

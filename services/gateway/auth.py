@@ -18,7 +18,7 @@ import urllib.request
 import jwt
 
 from smily.common.caller import ANONYMOUS, Caller
-from smily.common.config import Settings
+from smily.common.config import ConfigError, Settings
 from smily.common.errors import PermissionDenied, Unauthenticated, Unavailable
 
 log = logging.getLogger("smily.auth")
@@ -87,7 +87,7 @@ class OpenAccess:
 class OidcVerifier:
     def __init__(self, issuer: str, audience: str, jwks_url: str = "", roles_claim: str = "roles"):
         if not issuer or not audience:
-            raise ValueError(
+            raise ConfigError(
                 "SMILY_AUTH=oidc needs SMILY_OIDC_ISSUER and SMILY_OIDC_AUDIENCE (or SMILY_AUTH=none for a local run)"
             )
         self._issuer, self._audience, self._roles_claim = issuer, audience, roles_claim
@@ -179,4 +179,4 @@ def authenticator(settings: Settings):
         return OidcVerifier(
             settings.oidc_issuer, settings.oidc_audience, settings.oidc_jwks_url, settings.oidc_roles_claim
         )
-    raise ValueError(f"SMILY_AUTH must be oidc or none, got {settings.auth!r}")
+    raise ConfigError(f"SMILY_AUTH must be oidc or none, got {settings.auth!r}")

@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 from smily.common import images, limits
 from smily.common.config import Settings
 from smily.common.errors import InvalidArgument, require
-from smily.common.server import Registration
+from smily.common.server import Registration, Servicer
 from smily.common.tensors import to_tensor
 from smily.common.tiling import Tiling
 from smily.gateway.v1 import gateway_pb2, gateway_pb2_grpc
@@ -88,7 +88,7 @@ def _concept(c: index_pb2.Concept) -> gateway_pb2.Concept:
     )
 
 
-class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
+class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer, Servicer):
     def __init__(self, settings: Settings):
         images.configure(settings.max_image_pixels, settings.image_decodes)
         self._b = Backends(settings)

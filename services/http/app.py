@@ -64,7 +64,6 @@ def build(settings: Settings, chan: grpc.Channel):
     """The ASGI app, calling the gateway over `chan`."""
     gateway = Gateway(chan, settings.http_timeout_s)
     tiles = iiif.IIIF(gateway, iiif.TileCache(settings.http_tile_cache_bytes, settings.http_tile_cache_ttl_s))
-    health = health_pb2_grpc.HealthStub(chan)
     spec = openapi.document()
 
     async def livez(request):
@@ -73,6 +72,7 @@ def build(settings: Settings, chan: grpc.Channel):
     async def readyz(request):
         # Ready when the gateway says it serves: this process is nothing without it.
         try:
+            health = health_pb2_grpc.HealthStub(chan)  # on the current channel (it follows a renewal)
             resp = await resolve(
                 health.Check.future(health_pb2.HealthCheckRequest(service=SERVICE.full_name), timeout=2)
             )

@@ -93,20 +93,17 @@ class Gateway:
     """Unary calls to the gateway from the event loop, without a thread per call."""
 
     def __init__(self, channel: grpc.Channel, timeout_s: float):
+        # A RotatingStub over the channel (smily.http.server): each call asks it for the
+        # current channel, which changes when the client certificate is renewed.
         self._channel = channel
         self._timeout = timeout_s
-        self._calls: dict[str, Callable] = {}
 
-    def _callable(self, name: str, request_type, response_type):
-        call = self._calls.get(name)
-        if call is None:
-            call = self._channel.unary_unary(
-                f"/{SERVICE.full_name}/{name}",
-                request_serializer=request_type.SerializeToString,
-                response_deserializer=message_factory.GetMessageClass(response_type).FromString,
-            )
-            self._calls[name] = call
-        return call
+    def _callable(self, name: str, request_type, response_type) -> Callable:
+        return self._channel.unary_unary(
+            f"/{SERVICE.full_name}/{name}",
+            request_serializer=request_type.SerializeToString,
+            response_deserializer=message_factory.GetMessageClass(response_type).FromString,
+        )
 
     async def call(self, name: str, request, metadata: list[tuple[str, str]]):
         """The RPC's response; raises grpc.RpcError with the gateway's status."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from smily.common import limits
 from smily.common.config import Settings
-from smily.common.server import Registration
+from smily.common.server import Registration, Servicer
 from smily.common.tensors import from_tensor, to_tensor
 from smily.common.tiling import Tiling
 from smily.index.v1 import index_pb2, index_pb2_grpc
@@ -28,7 +28,7 @@ def _slide_pb(s: Slide, model_id: str) -> index_pb2.Slide:
     )
 
 
-class IndexServicer(index_pb2_grpc.IndexServiceServicer):
+class IndexServicer(index_pb2_grpc.IndexServiceServicer, Servicer):
     def __init__(self, settings: Settings):
         config = IndexConfig(
             factory=settings.index_factory,

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from smily.common import images, limits
 from smily.common.config import Settings
 from smily.common.errors import FailedPrecondition, InvalidArgument, require
-from smily.common.server import Registration
+from smily.common.server import Registration, Servicer
 from smily.common.tiling import (
     DEFAULT_MIN_TISSUE,
     DEFAULT_MPPS,
@@ -41,7 +41,7 @@ MESSAGE_BYTES = 1 << 20
 ENCODINGS = (images.RAW_RGB, images.PNG, images.JPEG)
 
 
-class TilerServicer(tiler_pb2_grpc.TilerServiceServicer):
+class TilerServicer(tiler_pb2_grpc.TilerServiceServicer, Servicer):
     def __init__(self, settings: Settings):
         self._roots = slides.SlideRoots(settings.slide_roots)
         self._archives = dicomweb.Archives(

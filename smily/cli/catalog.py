@@ -1,0 +1,117 @@
+"""`smily slides`, `delete`, `info` and `concept`: what the index holds."""
+
+from __future__ import annotations
+
+from .common import EXAMPLE, api, client, example
+
+
+def slides(args) -> int:
+    listed = client(args).slides()
+    if args.json:
+        from smily.output import message_dict, print_json
+
+        print_json({"slides": [message_dict(s) for s in listed]})
+        return 0
+    for s in listed:
+        meta = ", ".join(f"{k}={v}" for k, v in sorted(s.metadata.items()))
+        print(f"{s.slide_id:<24} {s.tile_count:>7} tiles  {s.model_id}  {meta}")
+    print(f"{len(listed)} slides")
+    return 0
+
+
+def delete(args) -> int:
+    n = client(args).delete(args.slide_id)
+    if args.json:
+        from smily.output import print_json
+
+        print_json({"slide_id": args.slide_id, "deleted_tiles": n})
+        return 0
+    print(f"deleted {args.slide_id} ({n} tiles)")
+    return 0
+
+
+def info(args) -> int:
+    from smily.output import print_json
+
+    c = client(args)
+    try:
+        got = c.index_info()
+    finally:
+        c.close()
+    t = got.tiling
+    out = {
+        "model_id": got.model_id,
+        "slides": got.slide_count,
+        "tiles": got.tile_count,
+        "tiling": {
+            "mpps": list(t.mpps),
+            "tile_size": t.tile_size,
+            "stride": t.stride,
+            "min_tissue_fraction": t.min_tissue_fraction,
+        },
+        "tiling_recorded": got.tiling_recorded,
+    }
+    if args.json:
+        print_json(out)
+        return 0
+    print(f"model {got.model_id or '(none yet)'}: {got.slide_count} slides, {got.tile_count} tiles")
+    where = "recorded in the index" if got.tiling_recorded else "this gateway's settings; the first ingest records them"
+    print(
+        f"tiling ({where}): {t.tile_size} px tiles at {', '.join(f'{m:g}' for m in t.mpps)} µm/px, "
+        f"stride {t.stride:g}, min tissue {t.min_tissue_fraction:g}"
+    )
+    return 0
+
+
+def concept(args) -> int:
+    from smily.output import message_dict, print_json
+
+    c = client(args)
+    if args.concept_command == "create":
+        if not args.with_ or not args.without:
+            raise SystemExit("a concept needs --with and --without examples")
+        made = c.create_concept(args.name, [example(e) for e in args.with_], [example(e) for e in args.without])
+        if args.json:
+            print_json(made)
+        else:
+            print(
+                f"concept {made.name} ({made.model_id}): {made.with_examples} with, {made.without_examples} without, "
+                f"training accuracy {made.train_accuracy:.2f}"
+            )
+    elif args.concept_command == "list":
+        concepts = c.concepts()
+        if args.json:
+            print_json({"concepts": [message_dict(x) for x in concepts]})
+            return 0
+        for x in concepts:
+            print(f"{x.name:<24} {x.with_examples:>4} with {x.without_examples:>4} without  {x.model_id}")
+    else:
+        c.delete_concept(args.name)
+        if args.json:
+            print_json({"deleted_concept": args.name})
+            return 0
+        print(f"deleted concept {args.name}")
+    return 0
+
+
+def register(sub) -> None:
+    api(sub.add_parser("slides", help="list indexed slides")).set_defaults(func=slides)
+
+    s = api(sub.add_parser("delete", help="remove a slide from the index"))
+    s.add_argument("slide_id", help="an indexed slide")
+    s.set_defaults(func=delete)
+
+    api(sub.add_parser("info", help="the index's model and tiling settings")).set_defaults(func=info)
+
+    c = sub.add_parser("concept", help="concepts for steering searches").add_subparsers(
+        dest="concept_command", required=True
+    )
+    s = api(c.add_parser("create", help="learn a concept from examples with and without it"))
+    s.add_argument("name", help="the concept's name")
+    s.add_argument("--with", dest="with_", action="append", metavar="EXAMPLE", help=f"shows it: {EXAMPLE}")
+    s.add_argument("--without", action="append", metavar="EXAMPLE", help=f"does not show it: {EXAMPLE}")
+    s.set_defaults(func=concept)
+    api(c.add_parser("list", help="concepts of the current model")).set_defaults(func=concept)
+    s = api(c.add_parser("delete", help="delete a concept"))
+    s.add_argument("name", help="the concept's name")
+    s.set_defaults(func=concept)
