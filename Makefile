@@ -13,11 +13,13 @@ WEB := services/http/vendor/node_modules/.installed
 
 all: proto model web
 
+# PYTHONWARNINGS: setuptools' note on every editable install of a package-dir layout
+# ("careful with folders named like the package") is about smily/, which is so by design.
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[export,dev,eval]'
+	PYTHONWARNINGS='ignore:Editable installation' $(PY) -m pip install -q -e '.[export,dev,eval]'
 	touch $@
 
 proto: $(VENV)/.installed $(PROTOS)

@@ -164,12 +164,7 @@ def up() -> int:
     if not settings.redis_url and shutil.which("redis-server"):
         redis_port = int(os.environ.get(REDIS_PORT_VARIABLE) or REDIS_PORT)
         ports[REDIS_PORT_VARIABLE] = redis_port
-    busy = [f"{port} ({variable})" for variable, port in ports.items() if not _free(settings.bind_host, port)]
-    if busy:
-        print(
-            f"port {', '.join(busy)} already in use: set the variable to a free port "
-            f"(SMILY_METRICS_PORT=0 turns metrics off); nothing was started"
-        )
+    if _refuse_taken(settings.bind_host, ports):
         return 1
     try:
         if redis_port:
@@ -327,36 +322,93 @@ def _alive(name: str) -> int:
     return pid if WORDS.get(name, "smily") in cmdline else 0
 
 
-CLUSTER_PG_PORT = 5439
-CLUSTER_INDEX_PORT = 50100
+def _refuse_taken(host: str, ports: dict[str, int]) -> bool:
+    """Print the taken ports, each with the variable that moves it; True if any."""
+    busy = [f"{port} ({variable})" for variable, port in ports.items() if not _free(host, port)]
+    if busy:
+        print(
+            f"port {', '.join(busy)} already in use: set the variable to a free port "
+            f"(SMILY_METRICS_PORT=0 turns metrics off); nothing was started"
+        )
+    return bool(busy)
+
+
+# `make up-cluster`'s PostgreSQL, and the first of its index replicas' ports (one each, in a row).
+CLUSTER_PG_PORT_VARIABLE, CLUSTER_PG_PORT = "SMILY_LOCAL_PG_PORT", 5439
+CLUSTER_INDEX_PORT_VARIABLE, CLUSTER_INDEX_PORT = "SMILY_LOCAL_INDEX_PORT", 50100
+CLUSTER_SERVICES = ("tiler", "embedder", "gateway")
 
 
 def up_cluster(shards: int, replicas: int) -> int:
     """PostgreSQL (initdb in var/pg once), shards x replicas index processes and the other
-    services, each its own process, in the background; `make down` stops them."""
-    from smily.localpg import LocalPostgres
+    services, each its own process, in the background; `make down` stops them. Ports come
+    from SMILY_LOCAL_PG_PORT, SMILY_LOCAL_INDEX_PORT (the replicas, in a row), the services'
+    SMILY_<NAME>_PORT and SMILY_METRICS_PORT (tiler, embedder, gateway in a row; 0 = off).
+    A taken port is refused naming its variable; a failed start stops what it started."""
+    from smily.common.config import Settings
 
     os.makedirs(RUN_DIR, exist_ok=True)
     os.makedirs(LOG_DIR, exist_ok=True)
     if _started():
         print("the local stack is already running; `make down` stops it")
         return 1
-    pg = LocalPostgres(
-        os.path.join("var", "pg"), CLUSTER_PG_PORT, os.path.abspath(os.path.join(LOG_DIR, "postgres.log"))
-    )
-    pg.start()
+    settings = Settings.from_env()
+    pg_port = int(os.environ.get(CLUSTER_PG_PORT_VARIABLE) or CLUSTER_PG_PORT)
+    first_index = int(os.environ.get(CLUSTER_INDEX_PORT_VARIABLE) or CLUSTER_INDEX_PORT)
+    ports = {CLUSTER_PG_PORT_VARIABLE: pg_port}
+    redis_port = 0
+    if not settings.redis_url and shutil.which("redis-server"):
+        redis_port = ports[REDIS_PORT_VARIABLE] = int(os.environ.get(REDIS_PORT_VARIABLE) or REDIS_PORT)
+    index_ports = [first_index + i for i in range(shards * replicas)]
+    for i, port in enumerate(index_ports):
+        ports[f"{CLUSTER_INDEX_PORT_VARIABLE} + {i}" if i else CLUSTER_INDEX_PORT_VARIABLE] = port
+    for i, service in enumerate(CLUSTER_SERVICES):
+        ports[PORT_VARIABLES[service]] = getattr(settings, f"{service}_port")
+        if settings.metrics_port:
+            ports[f"SMILY_METRICS_PORT + {i}" if i else "SMILY_METRICS_PORT"] = settings.metrics_port + i
+    if _refuse_taken("127.0.0.1", ports):
+        return 1
+    where = f"{shards} shards x {replicas} replicas on PostgreSQL 127.0.0.1:{pg_port}"
+    try:
+        waiting = _start_cluster(shards, replicas, settings, pg_port, index_ports, redis_port)
+    except (Exception, KeyboardInterrupt):
+        down(quiet=True)
+        raise
+    if waiting:
+        down(quiet=True)
+        print(f"{waiting}; see {LOG_DIR}/. Stopped what was started.")
+        return 1
+    gateway = f"{dial_host(settings.bind_host)}:{settings.gateway_port}"
+    print(f"local cluster up: gateway {gateway}, {where}; logs in {LOG_DIR}/, `make down` stops it")
+    if settings.gateway_port != 50050:
+        print(f"the smily command finds it with the same SMILY_GATEWAY_PORT, or --gateway {gateway}")
+    return 0
+
+
+def _start_cluster(shards: int, replicas: int, settings, pg_port: int, index_ports: list[int], redis_port: int) -> str:
+    """Start every process of the cluster; '' once the gateway answers, else what went wrong."""
+    from smily.localpg import LocalPostgres
+
+    pg = LocalPostgres(os.path.join("var", "pg"), pg_port, os.path.abspath(os.path.join(LOG_DIR, "postgres.log")))
+    try:
+        pg.start()
+    except (RuntimeError, subprocess.CalledProcessError) as exc:
+        if pg.proc is not None:
+            _write_pid("postgres", pg.proc.pid)
+        return f"PostgreSQL did not start on {pg_port} ({CLUSTER_PG_PORT_VARIABLE}): {exc}"
     assert pg.proc is not None  # start() raises unless it runs
     _write_pid("postgres", pg.proc.pid)
     env = dict(_local_env(), SMILY_INDEX_DATABASE_URL=pg.url)
-    redis_proc, url = start_redis(
-        int(os.environ.get(REDIS_PORT_VARIABLE) or REDIS_PORT), os.path.join(LOG_DIR, "redis.log")
-    )
-    if redis_proc:
-        _write_pid("redis", redis_proc.pid)
-        env["SMILY_REDIS_URL"] = url
+    if redis_port:
+        try:
+            redis_proc, env["SMILY_REDIS_URL"] = start_redis(redis_port, os.path.join(LOG_DIR, "redis.log"))
+        except RuntimeError as exc:
+            return str(exc)
+        if redis_proc:
+            _write_pid("redis", redis_proc.pid)
     targets = []
     for shard in range(shards):
-        ports = [CLUSTER_INDEX_PORT + shard * replicas + r for r in range(replicas)]
+        ports = index_ports[shard * replicas : (shard + 1) * replicas]
         targets.append("|".join(f"127.0.0.1:{p}" for p in ports))
         for r, port in enumerate(ports):
             name = f"index-s{shard}r{r}"
@@ -371,9 +423,10 @@ def up_cluster(shards: int, replicas: int) -> int:
                     SMILY_METRICS_PORT="0",
                 ),
             )
-    for i, service in enumerate(("tiler", "embedder", "gateway")):
-        _spawn(service, service, dict(env, SMILY_INDEX_TARGETS=",".join(targets), SMILY_METRICS_PORT=str(9100 + i)))
-    return _wait_gateway(env, f"{shards} shards x {replicas} replicas on PostgreSQL 127.0.0.1:{CLUSTER_PG_PORT}")
+    for i, service in enumerate(CLUSTER_SERVICES):
+        metrics = settings.metrics_port + i if settings.metrics_port else 0
+        _spawn(service, service, dict(env, SMILY_INDEX_TARGETS=",".join(targets), SMILY_METRICS_PORT=str(metrics)))
+    return _wait_gateway(f"{dial_host(settings.bind_host)}:{settings.gateway_port}")
 
 
 def _spawn(name: str, service: str, env: dict) -> None:
@@ -388,18 +441,25 @@ def _spawn(name: str, service: str, env: dict) -> None:
     _write_pid(name, proc.pid)
 
 
-def _wait_gateway(env: dict, what: str) -> int:
+def _wait_gateway(target: str) -> str:
+    """'' once the gateway at target answers a call through every shard, else why not."""
+    import grpc
+
     from smily.client import Client
     from smily.gateway.v1 import gateway_pb2
 
-    client = Client(env.get("SMILY_GATEWAY", "127.0.0.1:50050"), timeout=2)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            client.stub.ListSlides(gateway_pb2.ListSlidesRequest(page_size=1), timeout=1)
-            print(f"local cluster up: gateway 127.0.0.1:50050, {what}; logs in {LOG_DIR}/, `make down` stops it")
-            return 0
-        except Exception:
-            time.sleep(0.5)
-    print(f"the cluster did not come up in time; see {LOG_DIR}/")
-    return 1
+    client = Client(target, timeout=2, tls_ca="", token="")
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    try:
+        while time.monotonic() < deadline:
+            dead = [name for name in _pid_names() if not _alive(name)]
+            if dead:
+                return f"{', '.join(dead)} exited"
+            try:
+                client.stub.ListSlides(gateway_pb2.ListSlidesRequest(page_size=1), timeout=1)
+                return ""
+            except grpc.RpcError:
+                time.sleep(0.5)
+    finally:
+        client.close()
+    return f"the gateway on {target} (SMILY_GATEWAY_PORT) did not answer within {READY_TIMEOUT_S} s"

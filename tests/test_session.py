@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -18,6 +21,7 @@ from .conftest import MODELS, ROOT
 
 SMILY = os.path.join(os.path.dirname(sys.executable), "smily")
 SCRIPT = os.path.join(ROOT, "docs", "examples", "session.sh")
+CURL_SCRIPT = os.path.join(ROOT, "docs", "examples", "curl-session.sh")
 
 
 @pytest.fixture()
@@ -33,7 +37,10 @@ def stack_env(tmp_path, model_repo):
             "SMILY_EMBEDDER_PORT",
             "SMILY_INDEX_PORT",
             "SMILY_METRICS_PORT",
+            "SMILY_HTTP_PORT",
             "SMILY_LOCAL_REDIS_PORT",
+            "SMILY_LOCAL_PG_PORT",
+            "SMILY_LOCAL_INDEX_PORT",
         )
     }
     env = {k: v for k, v in os.environ.items() if not k.startswith("SMILY_")}
@@ -75,6 +82,16 @@ def test_readme_session_runs_top_to_bottom(stack_env, tmp_path):
         final = objects[-1]
         assert final["slide_id"] == "big" and final["state"] == "OPERATION_STATE_CANCELLED"
         assert final["cancel_requested"] is True
+
+        # docs/integration.md's curl session, on the HTTP API of the same stack; it deletes its slides.
+        curl = run(["bash", CURL_SCRIPT], stack_env, ROOT, timeout=600)
+        assert curl.returncode == 0, curl.stdout[-3000:] + curl.stderr[-3000:]
+        calls = _json_objects(curl.stdout)
+        assert calls[0]["operation"]["state"] == "OPERATION_STATE_SUCCEEDED"  # polled by the id ingest returned
+        assert {s["slideId"] for s in calls[2]["slides"]} >= {"S-0001", "S-0002"}  # camelCase, as documented
+        assert calls[4]["hits"][0]["slideId"] == "S-0001"
+        assert "HTTP/1.1 404" in curl.stdout and '"code":"NOT_FOUND"' in curl.stdout
+
         slides = json.loads(run([SMILY, "slides", "--json"], stack_env, tmp_path).stdout)["slides"]
         assert {s["slide_id"] for s in slides} == {"case-1", "case-1-40x"}
     finally:
@@ -93,6 +110,57 @@ def test_up_names_a_taken_port_and_starts_nothing(stack_env, tmp_path):
     assert up.returncode == 1
     assert f"port {stack_env['SMILY_METRICS_PORT']} (SMILY_METRICS_PORT) already in use" in up.stdout
     assert not os.listdir(tmp_path / "var" / "run")
+
+
+def test_up_cluster_names_a_taken_port_and_starts_nothing(stack_env, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", int(stack_env["SMILY_LOCAL_PG_PORT"])))
+        taken.listen()
+        up = run([SMILY, "up", "--shards", "1", "--replicas", "1"], stack_env, tmp_path)
+    assert up.returncode == 1
+    assert f"port {stack_env['SMILY_LOCAL_PG_PORT']} (SMILY_LOCAL_PG_PORT) already in use" in up.stdout
+    assert not os.listdir(tmp_path / "var" / "run")
+
+
+@pytest.fixture()
+def cluster_dir():
+    """The working directory of `make up-cluster` (var/pg, var/run, var/log): one that
+    PostgreSQL's unprivileged user can reach when the tests run as root."""
+    d = tempfile.mkdtemp(prefix="smily-cluster-")
+    os.chmod(d, 0o755)
+    yield pathlib.Path(d)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_up_cluster_runs_on_the_port_variables(stack_env, cluster_dir):
+    """Every port moved: PostgreSQL, the replicas, the services, metrics; the CLI finds the gateway."""
+    up = run([SMILY, "up", "--shards", "1", "--replicas", "2"], stack_env, cluster_dir, timeout=400)
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        gateway = f"127.0.0.1:{stack_env['SMILY_GATEWAY_PORT']}"
+        assert f"gateway {gateway}" in up.stdout and f"127.0.0.1:{stack_env['SMILY_LOCAL_PG_PORT']}" in up.stdout
+        assert run([SMILY, "slides"], stack_env, cluster_dir).stdout.strip() == "0 slides"
+        first = int(stack_env["SMILY_LOCAL_INDEX_PORT"])
+        for port in (first, first + 1, int(stack_env["SMILY_METRICS_PORT"])):
+            with socket.socket() as s:
+                assert s.connect_ex(("127.0.0.1", port)) == 0, port
+    finally:
+        down = run([SMILY, "down"], stack_env, cluster_dir)
+    assert down.returncode == 0 and "postgres" in down.stdout, down.stdout
+    assert not os.listdir(cluster_dir / "var" / "run")
+
+
+def test_up_cluster_stops_what_it_started_when_a_start_fails(stack_env, cluster_dir):
+    """The gateway refuses its settings (OIDC without an issuer): nothing is left running."""
+    env = dict(stack_env, SMILY_AUTH="oidc")
+    up = run([SMILY, "up", "--shards", "1", "--replicas", "1"], env, cluster_dir, timeout=400)
+    assert up.returncode == 1 and "gateway exited" in up.stdout and "Stopped what was started" in up.stdout
+    assert not os.listdir(cluster_dir / "var" / "run")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", int(stack_env["SMILY_LOCAL_PG_PORT"])))  # PostgreSQL is gone
+    with open(cluster_dir / "var" / "log" / "gateway.log") as fh:
+        log = fh.read()
+    assert "SMILY_OIDC_ISSUER" in log and "Traceback" not in log
 
 
 def _json_objects(text: str) -> list[dict]:
