@@ -160,6 +160,8 @@ def up() -> int:
         ports["SMILY_METRICS_PORT"] = settings.metrics_port
     ports["SMILY_HTTP_PORT"] = settings.http_port
     env = _local_env()
+    # The HTTP process calls the gateway started here, wherever SMILY_GATEWAY_PORT put it.
+    env.setdefault("SMILY_HTTP_GATEWAY_TARGET", f"{host}:{settings.gateway_port}")
     redis_port = 0
     if not settings.redis_url and shutil.which("redis-server"):
         redis_port = int(os.environ.get(REDIS_PORT_VARIABLE) or REDIS_PORT)

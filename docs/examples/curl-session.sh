@@ -10,7 +10,14 @@
 set -euo pipefail
 api=http://127.0.0.1:${SMILY_HTTP_PORT:-8080}
 work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
-show() { echo "\$ curl $*" >&2; curl -sS --fail-with-body "$@"; echo; }
+# One call: the command on stderr, the answer (JSON, indented) on stdout; fails as the call does.
+show() {
+    echo "\$ curl $*" >&2
+    local body status=0
+    body=$(curl -sS --fail-with-body "$@") || status=$?
+    if [ -n "$body" ]; then jq . <<<"$body" 2>/dev/null || echo "$body"; fi
+    return $status
+}
 
 # Ingest a slide (its path relative to the slide roots); the call returns at once with an operation.
 ingest() {

@@ -10,6 +10,7 @@ for Kubernetes load balancing, and a graceful stop on SIGTERM.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import signal
 import sys
@@ -190,9 +191,11 @@ class Servicer(Protocol):
         """Call set_ready(False/True) as what the service depends on goes and
         comes back; readiness (the service's name) follows it, liveness ("")
         stays the process's own. Default: ready while serving."""
+        return None
 
     def close(self) -> None:
         """Release what the servicer holds, once the server has stopped."""
+        return None
 
 
 @dataclass
@@ -244,6 +247,12 @@ class RunningServer:
     @property
     def servicer(self) -> Servicer:
         return self.servicers[0]
+
+
+def _set_ready(health_servicer, name: str, ready: bool) -> None:
+    health_servicer.set(
+        name, health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+    )
 
 
 def start(
@@ -309,12 +318,7 @@ def start(
     for r in regs:
         # Readiness (the service's name) may follow what the servicer depends on;
         # liveness ("") stays the process's own.
-        r.servicer.watch_readiness(
-            lambda ready, name=r.name: health_servicer.set(
-                name,
-                health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING,
-            )
-        )
+        r.servicer.watch_readiness(functools.partial(_set_ready, health_servicer, r.name))
     log.info(
         "serving", extra={"services": names, "port": bound, "tls": credentials is not None, "health_port": health_bound}
     )

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
@@ -98,7 +97,7 @@ class Gateway:
         self._channel = channel
         self._timeout = timeout_s
 
-    def _callable(self, name: str, request_type, response_type) -> Callable:
+    def _callable(self, name: str, request_type, response_type) -> grpc.UnaryUnaryMultiCallable:
         return self._channel.unary_unary(
             f"/{SERVICE.full_name}/{name}",
             request_serializer=request_type.SerializeToString,
