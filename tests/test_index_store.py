@@ -239,7 +239,9 @@ def concepts(request, tmp_path):
     if request.param == "sqlite":
         table = ConceptStore(str(tmp_path))
     else:
-        table = PgConcepts(fresh_database(request.getfixturevalue("postgres")))
+        url = fresh_database(request.getfixturevalue("postgres"))
+        PgStorage(url).close()  # the shard's schema, which the index creates before its concepts
+        table = PgConcepts(url)
     yield table
     table.close()
 
