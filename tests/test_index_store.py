@@ -10,9 +10,11 @@ import pytest
 
 from smily.common.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
 from smily.common.tiling import Tiling
+from smily.index.concepts import Concept, ConceptStore
 from smily.index.faiss_index import IndexConfig, TileIndex
-from smily.index.pg_store import PgStorage
+from smily.index.pg_store import PgConcepts, PgStorage
 from smily.index.replica import Replica
+from smily.index.shard import Query, TileBatch
 from smily.index.storage import Slide, Tile
 
 from .pg import fresh_database, postgres  # noqa: F401 (fixture)
@@ -37,17 +39,17 @@ def tiles(n, offset=0):
 
 
 def put(store, slide_id, vectors, generation="g1", offset=0):
-    store.stage(MODEL, slide_id, generation, vectors, tiles(len(vectors), offset))
+    store.stage(TileBatch(MODEL, slide_id, generation, vectors, tiles(len(vectors), offset)))
     return store.commit_slide(MODEL, generation, Slide(slide_id, f"{slide_id}.svs", {"k": slide_id}), len(vectors))
 
 
 def test_staged_tiles_are_invisible_until_commit(make):
     store = make()
     v = vecs(5)
-    store.stage(MODEL, "a", "g1", v, tiles(5))
-    assert store.search(MODEL, v[0], 3) == []
+    store.stage(TileBatch(MODEL, "a", "g1", v, tiles(5)))
+    assert store.search(Query(MODEL, v[0], 3)) == []
     store.commit_slide(MODEL, "g1", Slide("a", "a.svs"), 5)
-    hits = store.search(MODEL, v[2], 3)
+    hits = store.search(Query(MODEL, v[2], 3))
     assert hits[0].slide_id == "a" and hits[0].tile.x == 20 and hits[0].score == pytest.approx(1.0, abs=1e-5)
 
 
@@ -62,7 +64,7 @@ def test_recommit_replaces_and_survives_restart(make):
     reopened = make()
     assert reopened.counts() == (7, 2)
     assert reopened.model_id == MODEL and reopened.dim == 8
-    hit = reopened.search(MODEL, vecs(4, seed=3)[1], 1)[0]
+    hit = reopened.search(Query(MODEL, vecs(4, seed=3)[1], 1))[0]
     assert (hit.slide_id, hit.tile.x, hit.metadata) == ("a", 10, {"k": "a"})
 
 
@@ -70,17 +72,17 @@ def test_model_binding(make):
     store = make()
     put(store, "a", vecs(2))
     with pytest.raises(FailedPrecondition):
-        store.stage("other/1", "b", "g", vecs(2), tiles(2))
+        store.stage(TileBatch("other/1", "b", "g", vecs(2), tiles(2)))
     with pytest.raises(FailedPrecondition):
-        store.search("other/1", vecs(1)[0], 1)
+        store.search(Query("other/1", vecs(1)[0], 1))
     with pytest.raises(InvalidArgument):
-        store.stage(MODEL, "b", "g", vecs(2, dim=4), tiles(2))
+        store.stage(TileBatch(MODEL, "b", "g", vecs(2, dim=4), tiles(2)))
 
 
 def test_incomplete_generation_is_not_published(make):
     store = make()
     put(store, "a", vecs(3))
-    store.stage(MODEL, "a", "g2", vecs(2, seed=5), tiles(2))
+    store.stage(TileBatch(MODEL, "a", "g2", vecs(2, seed=5), tiles(2)))
     with pytest.raises(Aborted):
         store.commit_slide(MODEL, "g2", Slide("a", "a.svs"), 4)
     assert store.counts() == (3, 1)  # the old version still serves
@@ -89,8 +91,8 @@ def test_incomplete_generation_is_not_published(make):
 def test_retried_batch_is_not_duplicated(make):
     store = make()
     v = vecs(4)
-    store.stage(MODEL, "a", "g1", v, tiles(4))
-    store.stage(MODEL, "a", "g1", v, tiles(4))
+    store.stage(TileBatch(MODEL, "a", "g1", v, tiles(4)))
+    store.stage(TileBatch(MODEL, "a", "g1", v, tiles(4)))
     store.commit_slide(MODEL, "g1", Slide("a", "a.svs"), 4)
     assert store.counts() == (4, 1)
 
@@ -100,9 +102,9 @@ def test_exclude_delete_and_pages(make):
     for i, name in enumerate("abcde"):
         put(store, name, vecs(2, seed=i))
     q = vecs(2, seed=0)[0]
-    assert store.search(MODEL, q, 1)[0].slide_id == "a"
-    assert all(h.slide_id != "a" for h in store.search(MODEL, q, 10, ["a"]))
-    assert len(store.search(MODEL, q, 10, ["a"])) == 8
+    assert store.search(Query(MODEL, q, 1))[0].slide_id == "a"
+    assert all(h.slide_id != "a" for h in store.search(Query(MODEL, q, 10, ["a"])))
+    assert len(store.search(Query(MODEL, q, 10, ["a"]))) == 8
     assert store.delete_slide("a") == 2
     with pytest.raises(NotFound):
         store.delete_slide("a")
@@ -110,7 +112,7 @@ def test_exclude_delete_and_pages(make):
     rest, end = store.list_slides(3, token)
     assert [s.slide_id for s in page + rest] == list("bcde") and end == ""
     with pytest.raises(InvalidArgument):
-        store.search(MODEL, q, 0)
+        store.search(Query(MODEL, q, 0))
     with pytest.raises(InvalidArgument):
         store.list_slides(3, "%%%")
 
@@ -118,7 +120,7 @@ def test_exclude_delete_and_pages(make):
 def test_stated_resolution_is_kept_and_old_indexes_gain_the_column(tmp_path):
     store = TileIndex(str(tmp_path))
     put(store, "a", vecs(2, seed=4))
-    store.stage(MODEL, "b", "g1", vecs(2, seed=5), tiles(2))
+    store.stage(TileBatch(MODEL, "b", "g1", vecs(2, seed=5), tiles(2)))
     store.commit_slide(MODEL, "g1", Slide("b", "b.tiff", slide_mpp=0.5), 2)
     store.close()
     # An index written before slides had a stated resolution: the column is added on open.
@@ -128,7 +130,7 @@ def test_stated_resolution_is_kept_and_old_indexes_gain_the_column(tmp_path):
     db.close()
     reopened = TileIndex(str(tmp_path))
     assert reopened.get_slide("a").slide_mpp == 0 and reopened.get_slide("b").slide_mpp == 0
-    reopened.stage(MODEL, "b", "g2", vecs(2, seed=5), tiles(2))
+    reopened.stage(TileBatch(MODEL, "b", "g2", vecs(2, seed=5), tiles(2)))
     reopened.commit_slide(MODEL, "g2", Slide("b", "b.tiff", slide_mpp=0.25), 2)
     listed, _ = reopened.list_slides(10, "")
     assert {s.slide_id: s.slide_mpp for s in listed} == {"a": 0, "b": 0.25}
@@ -139,10 +141,10 @@ def test_retried_commit_is_success(make):
     store = make()
     put(store, "a", vecs(3, seed=1))
     slide, replaced = put(store, "a", vecs(4, seed=2), generation="g2")
-    seq = store.info()["journal_seq"]
+    seq = store.info().journal_seq
     again, replaced_again = store.commit_slide(MODEL, "g2", Slide("a", "a.svs", {"k": "a"}), 4)
     assert (again.slide_id, again.tile_count, replaced, replaced_again) == ("a", 4, 3, 0)
-    assert store.info()["journal_seq"] == seq and store.counts() == (4, 1)
+    assert store.info().journal_seq == seq and store.counts() == (4, 1)
     with pytest.raises(Aborted):  # a different tile count is not the same commit
         store.commit_slide(MODEL, "g2", Slide("a", "a.svs"), 5)
     with pytest.raises(Aborted):  # an older generation is no longer staged
@@ -157,32 +159,32 @@ OTHER = Tiling((0.5,), 224, 1.0, 0.5)
 def test_first_write_records_the_tiling_and_later_ones_are_checked(make):
     store = make()
     assert store.tiling is None
-    store.stage(MODEL, "a", "g1", vecs(2), tiles(2), TILING)
+    store.stage(TileBatch(MODEL, "a", "g1", vecs(2), tiles(2), TILING))
     store.commit_slide(MODEL, "g1", Slide("a", "a.svs"), 2)
     assert store.tiling == TILING
     with pytest.raises(FailedPrecondition) as refused:
-        store.stage(MODEL, "b", "g1", vecs(2), tiles(2), OTHER)
+        store.stage(TileBatch(MODEL, "b", "g1", vecs(2), tiles(2), OTHER))
     # The message names both settings, so the operator sees what differs.
     assert "1 µm/px" in str(refused.value) and "0.5 µm/px" in str(refused.value)
-    store.stage(MODEL, "b", "g1", vecs(2), tiles(2), TILING)  # the recorded settings pass
+    store.stage(TileBatch(MODEL, "b", "g1", vecs(2), tiles(2), TILING))  # the recorded settings pass
     store.close()
     reopened = make()
     assert reopened.tiling == TILING  # durable, next to the model id
     with pytest.raises(FailedPrecondition):
-        reopened.stage(MODEL, "c", "g1", vecs(2), tiles(2), Tiling((1.0,), 224, 0.5, 0.5))
+        reopened.stage(TileBatch(MODEL, "c", "g1", vecs(2), tiles(2), Tiling((1.0,), 224, 0.5, 0.5)))
 
 
 def test_searches_are_checked_against_the_tiling_record(make):
     store = make()
     v = vecs(3)
-    store.stage(MODEL, "a", "g1", v, tiles(3), TILING)
+    store.stage(TileBatch(MODEL, "a", "g1", v, tiles(3), TILING))
     store.commit_slide(MODEL, "g1", Slide("a", "a.svs"), 3)
-    assert store.search(MODEL, v[0], 1, tiling=TILING, mpp=1.0)[0].tile.x == 0
+    assert store.search(Query(MODEL, v[0], 1, tiling=TILING, mpp=1.0))[0].tile.x == 0
     with pytest.raises(FailedPrecondition) as refused:
-        store.search(MODEL, v[0], 1, tiling=OTHER)
+        store.search(Query(MODEL, v[0], 1, tiling=OTHER))
     assert "0.5 µm/px" in str(refused.value) and "1 µm/px" in str(refused.value)
     with pytest.raises(FailedPrecondition):
-        store.search(MODEL, v[0], 1, mpp=2.0)  # a resolution the index does not hold
+        store.search(Query(MODEL, v[0], 1, mpp=2.0))  # a resolution the index does not hold
 
 
 def test_search_at_one_resolution_of_several(make):
@@ -191,15 +193,15 @@ def test_search_at_one_resolution_of_several(make):
     v = vecs(6)
     # Tiles are cut at the slide's nearest whole pixel count: 0.998 is the 1.0 resolution.
     rects = [Tile(i * 10, 0, 10, 10, m, 0.9) for i, m in enumerate((0.5, 0.5, 0.998, 1.0, 2.01, 2.0))]
-    store.stage(MODEL, "a", "g1", v, rects, multi)
+    store.stage(TileBatch(MODEL, "a", "g1", v, rects, multi))
     store.commit_slide(MODEL, "g1", Slide("a", "a.svs"), 6)
-    hits = store.search(MODEL, v[0], 6, mpp=1.0)
+    hits = store.search(Query(MODEL, v[0], 6, mpp=1.0))
     assert sorted(h.tile.mpp for h in hits) == [0.998, 1.0]
-    assert sorted(h.tile.mpp for h in store.search(MODEL, v[0], 6, slide_ids=["a"], mpp=2.0)) == [2.0, 2.01]
-    assert len(store.search(MODEL, v[0], 6)) == 6  # no resolution stated: every tile
-    store.stage(MODEL, "b", "g1", vecs(1), tiles(1), multi)
+    assert sorted(h.tile.mpp for h in store.search(Query(MODEL, v[0], 6, slide_ids=["a"], mpp=2.0))) == [2.0, 2.01]
+    assert len(store.search(Query(MODEL, v[0], 6))) == 6  # no resolution stated: every tile
+    store.stage(TileBatch(MODEL, "b", "g1", vecs(1), tiles(1), multi))
     store.commit_slide(MODEL, "g1", Slide("b", "b.svs"), 1)  # a commit refreshes the per-resolution ids
-    assert {h.slide_id for h in store.search(MODEL, v[0], 6, mpp=1.0)} == {"a", "b"}
+    assert {h.slide_id for h in store.search(Query(MODEL, v[0], 6, mpp=1.0))} == {"a", "b"}
 
 
 def test_replicas_share_the_tiling_record(postgres, tmp_path):  # noqa: F811 (fixture)
@@ -208,14 +210,14 @@ def test_replicas_share_the_tiling_record(postgres, tmp_path):  # noqa: F811 (fi
     first = Replica(str(tmp_path / "r1"), config, url, 0)
     second = Replica(str(tmp_path / "r2"), config, url, 0)
     try:
-        first.stage(MODEL, "a", "g1", vecs(2), tiles(2), TILING)
+        first.stage(TileBatch(MODEL, "a", "g1", vecs(2), tiles(2), TILING))
         first.commit_slide(MODEL, "g1", Slide("a", "a.svs"), 2)
         second.catch_up()
         assert second.tiling == TILING  # served from its local copy, as searches are
         with pytest.raises(FailedPrecondition):
-            second.stage(MODEL, "b", "g1", vecs(2), tiles(2), OTHER)
+            second.stage(TileBatch(MODEL, "b", "g1", vecs(2), tiles(2), OTHER))
         with pytest.raises(FailedPrecondition):
-            second.search(MODEL, vecs(1)[0], 1, tiling=OTHER)
+            second.search(Query(MODEL, vecs(1)[0], 1, tiling=OTHER))
     finally:
         first.close()
         second.close()
@@ -224,8 +226,38 @@ def test_replicas_share_the_tiling_record(postgres, tmp_path):  # noqa: F811 (fi
 def test_an_index_without_a_record_is_searched_whole_and_records_on_its_next_write(make):
     store = make()
     v = vecs(2)
-    store.stage(MODEL, "a", "g1", v, tiles(2))  # written before tiling records existed
+    store.stage(TileBatch(MODEL, "a", "g1", v, tiles(2)))  # written before tiling records existed
     store.commit_slide(MODEL, "g1", Slide("a", "a.svs"), 2)
-    assert store.tiling is None and len(store.search(MODEL, v[0], 2, tiling=TILING, mpp=1.0)) == 2
-    store.stage(MODEL, "b", "g1", vecs(1), tiles(1), TILING)
+    assert store.tiling is None and len(store.search(Query(MODEL, v[0], 2, tiling=TILING, mpp=1.0))) == 2
+    store.stage(TileBatch(MODEL, "b", "g1", vecs(1), tiles(1), TILING))
     assert store.tiling == TILING
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def concepts(request, tmp_path):
+    """The concepts table over the backend."""
+    if request.param == "sqlite":
+        table = ConceptStore(str(tmp_path))
+    else:
+        url = fresh_database(request.getfixturevalue("postgres"))
+        PgStorage(url).close()  # the shard's schema, which the index creates before its concepts
+        table = PgConcepts(url)
+    yield table
+    table.close()
+
+
+def test_concepts_are_kept_per_model_and_listed_in_byte_order(concepts):
+    concepts.put(Concept("b", MODEL, np.array([3.0, 4.0])))
+    concepts.put(Concept("B", MODEL, np.array([1.0, 0.0]), with_examples=2))
+    concepts.put(Concept("b", "other/1", np.array([0.0, 2.0])))
+    got = concepts.get("b", MODEL)
+    assert got.vector.tolist() == pytest.approx([0.6, 0.8]) and got.created_at > 0  # stored unit length
+    assert [(c.name, c.with_examples, c.vector) for c in concepts.list(MODEL)] == [("B", 2, None), ("b", 0, None)]
+    concepts.put(Concept("b", MODEL, np.array([0.0, -1.0]), without_examples=5))  # replaces
+    assert concepts.get("b", MODEL).vector.tolist() == [0.0, -1.0] and concepts.get("b", MODEL).without_examples == 5
+    concepts.delete("b", MODEL)
+    with pytest.raises(NotFound):
+        concepts.get("b", MODEL)
+    with pytest.raises(NotFound):
+        concepts.delete("b", MODEL)
+    assert concepts.get("b", "other/1").vector.tolist() == [0.0, 1.0]

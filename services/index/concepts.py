@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import os
 import re
-import sqlite3
-import threading
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from smily.common.errors import InvalidArgument, NotFound
+
+from .journal import Sql
+from .sqlite_store import OnFile
 
 NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 MAX_DIM = 65536
@@ -64,22 +65,17 @@ def vector_bytes(c: Concept) -> bytes:
     return c.vector.tobytes()
 
 
-class ConceptStore:
-    def __init__(self, directory: str):
-        os.makedirs(directory, exist_ok=True)
-        self._db = sqlite3.connect(
-            os.path.join(directory, "concepts.sqlite3"), check_same_thread=False, isolation_level=None
-        )
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(SCHEMA)
-        self._lock = threading.Lock()
+class ConceptTable(Sql):
+    """The concepts table, in either store's dialect."""
 
     def put(self, c: Concept) -> Concept:
         c = normalised(c)
-        with self._lock:
-            self._db.execute(
-                "INSERT OR REPLACE INTO concepts VALUES (?, ?, ?, ?, ?, ?, ?)",
+        with self._session():
+            self._x(
+                "INSERT INTO {s}concepts VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (name, model_id) DO UPDATE "
+                "SET vector = excluded.vector, with_examples = excluded.with_examples, "
+                "without_examples = excluded.without_examples, train_accuracy = excluded.train_accuracy, "
+                "created_at = excluded.created_at",
                 (
                     c.name,
                     c.model_id,
@@ -93,30 +89,34 @@ class ConceptStore:
         return c
 
     def get(self, name: str, model_id: str) -> Concept:
-        with self._lock:
-            row = self._db.execute(
+        with self._session():
+            row = self._x(
                 "SELECT name, model_id, vector, with_examples, without_examples, train_accuracy, created_at "
-                "FROM concepts WHERE name = ? AND model_id = ?",
+                "FROM {s}concepts WHERE name = ? AND model_id = ?",
                 (name, model_id),
             ).fetchone()
         if not row:
             raise NotFound(f"no concept {name!r} for model {model_id}")
-        return Concept(row[0], row[1], np.frombuffer(row[2], np.float32), *row[3:])
+        return Concept(row[0], row[1], np.frombuffer(bytes(row[2]), np.float32), *row[3:])
 
     def list(self, model_id: str) -> list[Concept]:
-        with self._lock:
-            rows = self._db.execute(
+        with self._session():
+            rows = self._x(
                 "SELECT name, model_id, with_examples, without_examples, train_accuracy, created_at "
-                "FROM concepts WHERE model_id = ? ORDER BY name",
+                "FROM {s}concepts WHERE model_id = ? ORDER BY name{text_order}",
                 (model_id,),
             ).fetchall()
         return [Concept(r[0], r[1], None, *r[2:]) for r in rows]
 
     def delete(self, name: str, model_id: str) -> None:
-        with self._lock:
-            if not self._db.execute("DELETE FROM concepts WHERE name = ? AND model_id = ?", (name, model_id)).rowcount:
+        with self._session():
+            if not self._x("DELETE FROM {s}concepts WHERE name = ? AND model_id = ?", (name, model_id)).rowcount:
                 raise NotFound(f"no concept {name!r} for model {model_id}")
 
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
+
+class ConceptStore(OnFile, ConceptTable):
+    """Concepts in their own SQLite file in `directory`."""
+
+    def __init__(self, directory: str):
+        os.makedirs(directory, exist_ok=True)
+        super().__init__(os.path.join(directory, "concepts.sqlite3"), SCHEMA)

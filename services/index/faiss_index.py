@@ -1,5 +1,7 @@
 """The in-memory FAISS index over a Storage: load, replay, train, compact, search.
 
+TileIndex is a shard.ShardIndex: one machine's index over its own SQLite record.
+
 Storage (storage.py) is the durable record; this module holds the search.
 A FAISS snapshot records the commit sequence it holds, so start-up loads the
 snapshot and replays only what storage logged after it; a snapshot that does
@@ -12,6 +14,7 @@ half-added slide.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import logging
 import threading
 import time
@@ -29,8 +32,9 @@ from smily.common.tiling import Tiling
 from smily.common.tracing import span
 
 from . import ann, snapshot
+from .shard import Hit, IndexInfo, Query, TileBatch
 from .sqlite_store import SqliteStorage
-from .storage import SQL_CHUNK, STALE_STAGED_S, Commit, Slide, Storage, Tile
+from .storage import SQL_CHUNK, STALE_STAGED_S, Commit, Slide, Storage
 
 log = logging.getLogger("smily.index")
 
@@ -42,14 +46,6 @@ EXACT_FILTER_MAX = 4096
 COMPACT_FRACTION = 0.25
 # Most candidates one search re-scores exactly, whatever k * rerank asks.
 RERANK_MAX = 4096
-
-
-@dataclass
-class Hit:
-    slide_id: str
-    tile: Tile
-    score: float
-    metadata: dict
 
 
 @dataclass
@@ -74,13 +70,27 @@ class IndexState:
     load_report: str = ""
 
 
-def check_stage(slide_id: str, generation: str, vectors: np.ndarray, tiles: list[Tile]) -> None:
-    if not slide_id or not generation:
+def check_stage(batch: TileBatch) -> None:
+    n, vectors = len(batch.tiles), batch.vectors
+    if not batch.slide_id or not batch.generation:
         raise InvalidArgument("slide_id and generation are required")
-    if vectors.ndim != 2 or len(vectors) != len(tiles):
-        raise InvalidArgument(f"{len(tiles)} tiles need a [{len(tiles)}, dim] tensor, got {list(vectors.shape)}")
+    if vectors.ndim != 2 or len(vectors) != n:
+        raise InvalidArgument(f"{n} tiles need a [{n}, dim] tensor, got {list(vectors.shape)}")
     if not np.isfinite(vectors).all():
         raise InvalidArgument("embeddings contain NaN or infinity")
+
+
+def _log_trained(factory: str, train_vectors: int, seconds: float, tiles: int, **more) -> None:
+    log.info(
+        "index trained",
+        extra={
+            "factory": factory,
+            "train_vectors": train_vectors,
+            "train_seconds": round(seconds, 3),
+            "tiles": tiles,
+            **more,
+        },
+    )
 
 
 class TileIndex:
@@ -192,15 +202,7 @@ class TileIndex:
             factory, 0 if train is None else len(train), seconds, load_report=self.state.load_report
         )
         if train is not None:
-            log.info(
-                "index trained",
-                extra={
-                    "factory": factory,
-                    "train_vectors": len(train),
-                    "train_seconds": round(seconds, 3),
-                    "tiles": index.ntotal,
-                },
-            )
+            _log_trained(factory, len(train), seconds, index.ntotal)
 
     def _training_sample(self) -> np.ndarray:
         """Up to TRAIN_MAX published vectors, a fixed-seed random sample."""
@@ -258,17 +260,7 @@ class TileIndex:
                 self.state = IndexState(
                     factory, len(train), seconds, self.state.snapshot_seq, len(gone), self.state.load_report
                 )
-            log.info(
-                "index trained",
-                extra={
-                    "factory": factory,
-                    "train_vectors": len(train),
-                    "train_seconds": round(seconds, 3),
-                    "tiles": index.ntotal,
-                    "caught_up": len(missing),
-                    "dropped": len(gone),
-                },
-            )
+            _log_trained(factory, len(train), seconds, index.ntotal, caught_up=len(missing), dropped=len(gone))
         except Exception:
             log.exception("index training failed; searches stay exact and the next commit retries")
 
@@ -351,24 +343,16 @@ class TileIndex:
         log.info("index bound to model", extra={"model_id": model_id, "dim": dim})
 
     # -- writes -------------------------------------------------------------
-    def stage(
-        self,
-        model_id: str,
-        slide_id: str,
-        generation: str,
-        vectors: np.ndarray,
-        tiles: list[Tile],
-        tiling: Tiling | None = None,
-    ) -> int:
-        """Stage tiles; `tiling` (how they were cut) is recorded by the first write and checked after."""
-        check_stage(slide_id, generation, vectors, tiles)
+    def stage(self, batch: TileBatch) -> int:
+        check_stage(batch)
+        dim = batch.vectors.shape[1]
         with self._rw.write():
-            self._check_model(model_id, vectors.shape[1])
-            if tiling is not None:
-                self._record_tiling(tiling)
-            self._bind(model_id, vectors.shape[1])
+            self._check_model(batch.model_id, dim)
+            if batch.tiling is not None:
+                self._record_tiling(batch.tiling)
+            self._bind(batch.model_id, dim)
             # Retried batches are ignored, not duplicated (unique per generation and rect).
-            return self.storage.stage(slide_id, generation, tiles, vectors)
+            return self.storage.stage(batch.slide_id, batch.generation, batch.tiles, batch.vectors)
 
     def commit_slide(self, model_id: str, generation: str, slide: Slide, expected_tiles: int) -> tuple[Slide, int]:
         if not slide.slide_id or not generation:
@@ -433,44 +417,27 @@ class TileIndex:
         log.info("index compacted", extra={"removed": self.state.removed_since_compaction, "tiles": self._faiss.ntotal})
         self.state.removed_since_compaction = 0
 
-    def compact(self) -> None:
-        with self._rw.write():
-            if self._faiss is not None:
-                self._compact()
-
     # -- reads --------------------------------------------------------------
-    def search(
-        self,
-        model_id: str,
-        query: np.ndarray,
-        k: int,
-        exclude_slide_ids=(),
-        slide_ids=(),
-        filters: dict | None = None,
-        nprobe: int = 0,
-        exclude_filters: dict | None = None,
-        tiling: Tiling | None = None,
-        mpp: float = 0.0,
-    ) -> list[Hit]:
-        """Top-k tiles; slide_ids / filters (metadata key=value, all must hold) / exclude_slide_ids /
-        exclude_filters (metadata key=value, any drops the slide) / mpp (tiles at that indexed
-        resolution) restrict the search inside FAISS, so k hits come back whenever k tiles match.
-        A stated `tiling` must be the index's record."""
+    def search(self, q: Query) -> list[Hit]:
+        """Top-k tiles (shard.Query says which); restrictions apply inside FAISS, so k hits come
+        back whenever k tiles match."""
+        k, nprobe, mpp = q.k, q.nprobe, q.mpp
+        slide_ids, exclude_slide_ids = list(q.slide_ids), list(q.exclude_slide_ids)
+        filters, exclude_filters = dict(q.filters), dict(q.exclude_filters)
         if not 0 < k <= MAX_K:
             raise InvalidArgument(f"k must be in 1..{MAX_K}, got {k}")
         if nprobe < 0:
             raise InvalidArgument("nprobe must not be negative")
-        query = query.reshape(1, -1) if query.ndim == 1 else query
+        query = q.vector.reshape(1, -1) if q.vector.ndim == 1 else q.vector
         if query.shape[0] != 1:
             raise InvalidArgument(f"one query vector expected, got shape {list(query.shape)}")
         query = np.ascontiguousarray(query, np.float32)
-        filters, exclude_filters = filters or {}, exclude_filters or {}
         with self._rw.read():
             if not self.model_id:
                 return []  # nothing indexed yet
-            self._check_model(model_id, query.shape[1])
-            if tiling is not None:
-                tilings.check(self.tiling, tiling, "this search")
+            self._check_model(q.model_id, query.shape[1])
+            if q.tiling is not None:
+                tilings.check(self.tiling, q.tiling, "this search")
             tilings.check_mpp(self.tiling, mpp)
             # One resolution indexed: every tile is at it, no restriction needed.
             # (An index written before tiling records has none: its tiles are all searched.)
@@ -564,14 +531,10 @@ class TileIndex:
             tiles = self._faiss.ntotal if self._faiss is not None else 0
         return tiles, slides
 
-    def info(self) -> dict:
+    def info(self) -> IndexInfo:
         with self._rw.read():
-            return {
-                "journal_seq": self._seq,
-                "nlist": ann.nlist(self._faiss) if self._faiss is not None else 0,
-                "nprobe": self.config.nprobe,
-                **vars(self.state),
-            }
+            nlist = ann.nlist(self._faiss) if self._faiss is not None else 0
+            return IndexInfo(self._seq, nlist, self.config.nprobe, **dataclasses.asdict(self.state))
 
     def close(self) -> None:
         self._stop.set()

@@ -19,16 +19,15 @@ import socket
 import threading
 import time
 
-import numpy as np
-
 from smily.common import tiling as tilings
 from smily.common.errors import Unavailable
 from smily.common.tiling import Tiling
 
 from .faiss_index import IndexConfig, TileIndex, check_stage
 from .pg_store import PgStorage
+from .shard import Hit, IndexInfo, Query, TileBatch
 from .sqlite_store import SqliteStorage
-from .storage import Slide, Tile
+from .storage import Slide
 
 log = logging.getLogger("smily.index")
 
@@ -39,7 +38,7 @@ REPORT_S = 5.0
 
 
 class Replica:
-    """The servicer's view of a shard replica: TileIndex's calls, writes to the database."""
+    """A shard.ShardIndex: writes go to the database, reads to the local copy."""
 
     def __init__(self, directory: str, config: IndexConfig, url: str, shard: int, follow_interval_s: float = 0.2):
         self.store = PgStorage(url, shard)
@@ -71,7 +70,7 @@ class Replica:
             try:
                 self.catch_up()
                 if down:
-                    log.info("index database reachable again", extra={"journal_seq": self.local.info()["journal_seq"]})
+                    log.info("index database reachable again", extra={"journal_seq": self.local.info().journal_seq})
                 down = False
             except Unavailable:
                 if not down:
@@ -84,7 +83,7 @@ class Replica:
         """Apply every commit the store holds beyond the local copy; returns the sequence reached."""
         with self._follow_lock:
             while True:
-                seq = self.local.info()["journal_seq"]
+                seq = self.local.info().journal_seq
                 states = self.store.changes_after(seq, FOLLOW_BATCH)
                 if not states:
                     self._report(seq)
@@ -109,27 +108,20 @@ class Replica:
     def tiling(self) -> Tiling | None:
         return self.local.tiling
 
-    def stage(
-        self,
-        model_id: str,
-        slide_id: str,
-        generation: str,
-        vectors: np.ndarray,
-        tiles: list[Tile],
-        tiling: Tiling | None = None,
-    ) -> int:
-        check_stage(slide_id, generation, vectors, tiles)
-        TileIndex.check_binding(self.store.binding(), model_id, vectors.shape[1])
-        if tiling is not None:
-            tilings.check(Tiling.from_json(self.store.record_tiling(tiling.to_json())), tiling)
-        bound = self.store.bind(model_id, vectors.shape[1])
-        TileIndex.check_binding(bound, model_id, vectors.shape[1])
-        return self.store.stage(slide_id, generation, tiles, vectors)
+    def stage(self, batch: TileBatch) -> int:
+        check_stage(batch)
+        model_id, dim = batch.model_id, batch.vectors.shape[1]
+        TileIndex.check_binding(self.store.binding(), model_id, dim)
+        if batch.tiling is not None:
+            tilings.check(Tiling.from_json(self.store.record_tiling(batch.tiling.to_json())), batch.tiling)
+        TileIndex.check_binding(self.store.bind(model_id, dim), model_id, dim)
+        return self.store.stage(batch.slide_id, batch.generation, batch.tiles, batch.vectors)
 
     def commit_slide(self, model_id: str, generation: str, slide: Slide, expected_tiles: int) -> tuple[Slide, int]:
         TileIndex.check_binding(self.store.binding(), model_id)
         commit = self.store.commit_slide(generation, slide, expected_tiles)
         self._serve(commit.seq)
+        assert commit.slide is not None, "a commit publishes the slide"
         return commit.slide, len(commit.removed)
 
     def delete_slide(self, slide_id: str) -> int:
@@ -145,19 +137,19 @@ class Replica:
             log.warning("index database lost after a commit; the follower will apply it", extra={"seq": seq})
 
     # -- reads: the local copy ------------------------------------------------
-    def search(self, *args, **kwargs):
-        return self.local.search(*args, **kwargs)
+    def search(self, query: Query) -> list[Hit]:
+        return self.local.search(query)
 
     def get_slide(self, slide_id: str) -> Slide:
         return self.local.get_slide(slide_id)
 
-    def list_slides(self, page_size: int, page_token: str):
+    def list_slides(self, page_size: int, page_token: str) -> tuple[list[Slide], str]:
         return self.local.list_slides(page_size, page_token)
 
     def counts(self) -> tuple[int, int]:
         return self.local.counts()
 
-    def info(self) -> dict:
+    def info(self) -> IndexInfo:
         return self.local.info()
 
     def close(self) -> None:

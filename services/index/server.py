@@ -13,6 +13,7 @@ from .concepts import Concept, ConceptStore
 from .faiss_index import IndexConfig, TileIndex
 from .pg_store import PgConcepts
 from .replica import Replica
+from .shard import Query, ShardIndex, TileBatch
 from .storage import Slide, Tile
 
 
@@ -37,7 +38,8 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer, Servicer):
             rerank=settings.index_rerank,
             snapshot_interval_s=settings.index_snapshot_interval_s,
         )
-        self.store: Replica | TileIndex
+        # One face whichever holds the record: mypy checks that both are a ShardIndex.
+        self.store: ShardIndex
         self.concepts: PgConcepts | ConceptStore
         if settings.index_database_url:
             self.store = Replica(settings.index_dir, config, settings.index_database_url, settings.index_shard)
@@ -51,12 +53,14 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer, Servicer):
         tiles = [Tile(t.x, t.y, t.width, t.height, t.mpp, t.tissue_fraction) for t in request.tiles]
         tiling = Tiling.from_pb(request.tiling)
         n = self.store.stage(
-            request.model_id,
-            request.slide_id,
-            request.generation,
-            from_tensor(request.embeddings),
-            tiles,
-            tiling and tiling.validate(),
+            TileBatch(
+                request.model_id,
+                request.slide_id,
+                request.generation,
+                from_tensor(request.embeddings),
+                tiles,
+                tiling and tiling.validate(),
+            )
         )
         return index_pb2.AddTilesResponse(staged=n)
 
@@ -71,7 +75,7 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer, Servicer):
             request.expected_tiles,
         )
         return index_pb2.CommitSlideResponse(
-            slide=_slide_pb(slide, self.store.model_id), replaced=replaced, journal_seq=self.store.info()["journal_seq"]
+            slide=_slide_pb(slide, self.store.model_id), replaced=replaced, journal_seq=self.store.info().journal_seq
         )
 
     def Search(self, request, context):
@@ -80,16 +84,18 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer, Servicer):
         limits.slide_ids(request.slide_ids, "slide_ids")
         limits.slide_ids(request.exclude_slide_ids, "exclude_slide_ids")
         hits = self.store.search(
-            request.model_id,
-            from_tensor(request.query),
-            request.k,
-            list(request.exclude_slide_ids),
-            list(request.slide_ids),
-            dict(request.filters),
-            request.nprobe,
-            dict(request.exclude_filters),
-            Tiling.from_pb(request.tiling),
-            request.mpp,
+            Query(
+                request.model_id,
+                from_tensor(request.query),
+                request.k,
+                list(request.exclude_slide_ids),
+                list(request.slide_ids),
+                dict(request.filters),
+                request.nprobe,
+                dict(request.exclude_filters),
+                Tiling.from_pb(request.tiling),
+                request.mpp,
+            )
         )
         return index_pb2.SearchResponse(
             model_id=self.store.model_id,
@@ -133,14 +139,14 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer, Servicer):
             dim=self.store.dim,
             tile_count=tiles,
             slide_count=slides,
-            index_type=info["factory"],
-            train_vectors=info["train_vectors"],
-            train_seconds=info["train_seconds"],
-            nlist=info["nlist"],
-            default_nprobe=info["nprobe"],
-            journal_seq=info["journal_seq"],
-            snapshot_seq=info["snapshot_seq"],
-            load_report=info["load_report"],
+            index_type=info.factory,
+            train_vectors=info.train_vectors,
+            train_seconds=info.train_seconds,
+            nlist=info.nlist,
+            default_nprobe=info.nprobe,
+            journal_seq=info.journal_seq,
+            snapshot_seq=info.snapshot_seq,
+            load_report=info.load_report,
         )
         if self.store.tiling is not None:
             self.store.tiling.to_pb(out.tiling)
@@ -170,17 +176,15 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer, Servicer):
 
 
 def _concept_pb(c: Concept) -> index_pb2.Concept:
-    out = index_pb2.Concept(
+    return index_pb2.Concept(
         name=c.name,
         model_id=c.model_id,
+        vector=None if c.vector is None else to_tensor(c.vector),  # listed without
         with_examples=c.with_examples,
         without_examples=c.without_examples,
         train_accuracy=c.train_accuracy,
         created_at=c.created_at,
     )
-    if c.vector is not None:
-        out.vector.CopyFrom(to_tensor(c.vector))
-    return out
 
 
 def registration(settings: Settings) -> Registration:

@@ -7,9 +7,11 @@ published tiles carry it, and tile ids removed from the search are logged
 with it, so an in-memory index that holds the state at sequence s catches up
 by replaying what came after s. Tile ids are never reused.
 
-Implementations: sqlite_store.SqliteStorage (one machine, the default). The
-in-memory FAISS index (faiss_index.TileIndex) talks to storage only through
-this interface.
+Implementations, both on the SQL of journal.Journal: sqlite_store.SqliteStorage
+(one machine, the default, and a serving replica's local copy) and
+pg_store.PgStorage (the cluster's system of record, one schema per shard).
+The in-memory FAISS index (faiss_index.TileIndex) talks to storage only
+through this interface.
 """
 
 from __future__ import annotations
