@@ -11,7 +11,6 @@ publishes it like any operation, so every replica answers GetOperation.
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 import uuid
@@ -30,9 +29,6 @@ log = logging.getLogger("smily.cases")
 
 State = gateway_pb2.OperationState
 WATCH_S = 0.5
-# A DICOM SH without QIDO wildcards, as the tiler requires: a malformed accession
-# number is refused while the caller waits, not later in the operation.
-ACCESSION = re.compile(r"[^*?\\\x00-\x1f]{1,16}")
 MAX_CASES_KEPT = 1000
 
 
