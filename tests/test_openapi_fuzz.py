@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 
+import httpx
 import pytest
 
 from smily import stack as local_stack
@@ -76,3 +77,16 @@ def test_schemathesis_finds_nothing(http, tmp_path):
     print(run.stdout[-20000:], run.stderr[-4000:])
     assert run.returncode == 0, run.stdout[-12000:] + run.stderr[-4000:]
     assert "No issues found" in run.stdout or " passed" in run.stdout, run.stdout[-4000:]
+
+
+def test_405_names_every_method_of_the_path(http):
+    for method, path, allowed in (
+        ("PUT", "/v1/slides/some-slide", {"GET", "HEAD", "DELETE"}),
+        ("DELETE", "/v1/concepts", {"GET", "HEAD", "POST"}),
+        ("GET", "/v1/search", {"POST"}),
+        ("PATCH", "/v1/operations/some-op:cancel", {"POST"}),
+    ):
+        r = httpx.request(method, http.url + path, timeout=30)
+        assert r.status_code == 405, (method, path, r.text)
+        assert {m.strip() for m in r.headers["allow"].split(",")} == allowed, (method, path, r.headers)
+        assert r.json()["code"] == "UNIMPLEMENTED"

@@ -147,7 +147,7 @@ def search_slides(request: gateway_pb2.SearchSlidesRequest) -> SearchSlides:
     return SearchSlides(k, size, per_slide)
 
 
-def read_region(request: gateway_pb2.ReadRegionRequest) -> tuple[int, int]:
+def read_region(request: gateway_pb2.ReadRegionRequest) -> tuple[int, gateway_pb2.ImageFormat]:
     """(max_side, format) with their defaults."""
     region(request.region)
     max_side = request.max_side or limits.DEFAULT_MAX_SIDE

@@ -279,6 +279,8 @@ def document() -> dict:
             },
         }
         if m.rule.body:
+            rules = _RULES.get(m.input.full_name, ({}, {}))[1]
+            required = "required" in rules or "anyOf" in rules
             content = {"application/json": {"schema": _ref(m.input)}}
             files = [f for f in m.input.fields if f.type == FD.TYPE_BYTES and not f.is_repeated]
             if files:
@@ -290,11 +292,15 @@ def document() -> dict:
                             **{f.json_name: {"type": "string", "format": "binary"} for f in files},
                         },
                         "additionalProperties": False,
+                        **(
+                            {"anyOf": [{"required": [p]} for p in ("request", *(f.json_name for f in files))]}
+                            if required
+                            else {}
+                        ),
                     },
                     "encoding": {"request": {"contentType": "application/json"}},
                 }
-            rules = _RULES.get(m.input.full_name, ({}, {}))[1]
-            op["requestBody"] = {"required": "required" in rules or "anyOf" in rules, "content": content}
+            op["requestBody"] = {"required": required, "content": content}
         paths.setdefault(m.rule.path, {})[m.rule.verb.lower()] = op
     return {
         "openapi": "3.1.0",
