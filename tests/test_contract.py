@@ -4,12 +4,13 @@ exactly what the protos say."""
 
 from __future__ import annotations
 
+import grpc
 import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool
 
 from smily.common import rpcmeta
 from smily.common.caller import Caller
-from smily.common.errors import PermissionDenied
+from smily.common.errors import NotFound, PermissionDenied, status_of
 from smily.gateway import auth
 
 M = descriptor_pb2.MethodOptions
@@ -92,3 +93,23 @@ def test_an_rpc_without_its_options_is_named():
         'bare.v1.BareService/Forgot: no (google.api.http) route with body "*" or none',
     ]
     assert rpcmeta.problems(public=(), internal=(service,)) == [found[0]]
+
+
+def test_one_status_for_every_exception(caplog):
+    """errors.status_of: what the server interceptor, the audit guard and a failed ingest each report."""
+
+    class Failed(grpc.RpcError):
+        def code(self):
+            return grpc.StatusCode.UNAVAILABLE
+
+        def details(self):
+            return "the index is unavailable; retry later"
+
+    assert status_of(NotFound("no such slide")) == (grpc.StatusCode.NOT_FOUND, "no such slide")
+    assert status_of(Failed()) == (grpc.StatusCode.UNAVAILABLE, "the index is unavailable; retry later")
+    with caplog.at_level("ERROR", logger="smily.errors"):
+        code, message = status_of(KeyError("/slides/patient-name.svs"))
+    assert code == grpc.StatusCode.INTERNAL and message.startswith("internal error (error id ")
+    assert "patient-name" not in message  # the traceback goes to the log only, under the same id
+    error_id = message.removesuffix(")").rsplit(" ", 1)[-1]
+    assert [r.error_id for r in caplog.records] == [error_id]
