@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 SMILY := $(VENV)/bin/smily
-PROTOS := $(shell find protos -name '*.proto')
+# protos/google: vendored googleapis files for buf; their Python code is the googleapis-common-protos wheel's.
+PROTOS := $(shell find protos -path protos/google -prune -o -name '*.proto' -print)
 MODEL := models/efficientnet-lite0/1/model.onnx
 SAMPLES := data/samples/.done
 # The viewer's browser libraries (npm, pinned by package-lock.json; served from node_modules).
@@ -57,6 +58,7 @@ check: system-deps proto $(BUF)
 	$(PY) -m ruff format --check .
 	$(PY) tools/namespace.py mypy
 	$(PY) tools/namespace.py lint-imports
+	$(PY) -m smily.common.rpcmeta
 	$(BUF) lint
 	$(BUF) breaking --against protos/buf-baseline.binpb
 

@@ -12,6 +12,10 @@ orthanc-wsi OrthancWSIDicomizer
 chromium /usr/bin/chromium
 chromium-driver /usr/bin/chromedriver
 npm npm
+nftables nft
+iproute2 ip
+docker.io dockerd
+debootstrap debootstrap
 '
 missing=()
 while read -r package probe; do

@@ -19,7 +19,7 @@ from typing import Any
 
 import grpc
 
-from . import tracing
+from . import rpcmeta, tracing
 from .server import MAX_MESSAGE_BYTES
 from .tls import ClientCredentials
 
@@ -29,33 +29,8 @@ log = logging.getLogger("smily.channels")
 # before the swap), then closed once its calls in flight have ended.
 RETIRE_GRACE_S = 5.0
 
-# Methods that may run twice with the same effect and answer. CommitSlide is
-# idempotent since issue 15 (committing the same generation twice succeeds).
-IDEMPOTENT = {
-    "smily.tiler.v1.TilerService": ("GetSlideInfo", "StreamTiles", "ReadRegion"),
-    "smily.embedder.v1.EmbedderService": ("Embed", "GetModelInfo"),
-    "smily.index.v1.IndexService": (
-        "AddTiles",
-        "CommitSlide",
-        "Search",
-        "GetSlide",
-        "ListSlides",
-        "GetIndexInfo",
-        "PutConcept",
-        "GetConcept",
-        "ListConcepts",
-    ),
-    # The public API, for smily.client.
-    "smily.gateway.v1.GatewayService": (
-        "GetOperation",
-        "CancelOperation",
-        "Search",
-        "SearchSlides",
-        "ReadRegion",
-        "ListConcepts",
-        "ListSlides",
-    ),
-}
+# Methods that may run twice with the same effect and answer: `idempotency_level` in the protos.
+IDEMPOTENT = rpcmeta.IDEMPOTENT
 
 _SERVICE_CONFIG = json.dumps(
     {

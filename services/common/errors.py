@@ -6,7 +6,12 @@ downstream calls) into statuses, so a client never sees a bare UNKNOWN.
 
 from __future__ import annotations
 
+import logging
+import uuid
+
 import grpc
+
+log = logging.getLogger("smily.errors")
 
 
 class ServiceError(Exception):
@@ -63,3 +68,18 @@ class Unauthenticated(ServiceError):
 
 class PermissionDenied(ServiceError):
     code = grpc.StatusCode.PERMISSION_DENIED
+
+
+def status_of(exc: BaseException, context=None) -> tuple[grpc.StatusCode, str]:
+    """The status a caller gets for exc: a ServiceError's own, a failed
+    downstream call's (already canonical), the one a handler set on context
+    before raising, else INTERNAL with an error id, logged here with the traceback."""
+    if isinstance(exc, ServiceError):
+        return exc.code, str(exc)
+    if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
+        return exc.code(), exc.details() or exc.code().name
+    if context is not None and context.code() not in (None, grpc.StatusCode.OK):
+        return context.code(), context.details() or context.code().name
+    error_id = uuid.uuid4().hex[:12]
+    log.error("unhandled error", exc_info=exc, extra={"error_id": error_id})
+    return grpc.StatusCode.INTERNAL, f"internal error (error id {error_id})"

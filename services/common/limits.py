@@ -9,6 +9,7 @@ naming the limit.
 from __future__ import annotations
 
 import math
+import re
 import unicodedata
 from collections.abc import Iterable, Mapping
 
@@ -23,6 +24,23 @@ MAX_FILTERS = 32
 MAX_SLIDE_IDS = 1000  # ids listed in one search (slide_ids, exclude_slide_ids)
 MAX_SOURCE_CHARS = 1024
 MAX_TOKEN_CHARS = 1024  # page tokens and operation ids
+
+# Bounds of the public requests. gateway.proto states them next to the fields,
+# the gateway checks them up front (gateway/requests.py) and the HTTP API's
+# OpenAPI document declares them (http/openapi.py).
+MAX_K = 1000  # hits of one search over every page; the index's limit too
+DEFAULT_K = 10
+MAX_SLIDE_MATCHES, DEFAULT_SLIDE_MATCHES = 100, 10
+MAX_MOSAIC, DEFAULT_MOSAIC = 64, 16
+MAX_REGIONS, DEFAULT_REGIONS = 20, 3
+MAX_SIDE, DEFAULT_MAX_SIDE = 4096, 1024
+MAX_EXAMPLES = 32  # per list (positives, negatives, with, without)
+MAX_CONCEPTS = 16
+MAX_CONCEPT_WEIGHT = 10.0
+MAX_QUERY_IMAGE_BYTES = 32 * 1024 * 1024
+CONCEPT_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+# A DICOM SH without QIDO wildcards, as the tiler requires.
+ACCESSION = re.compile(r"[^*?\\\x00-\x1f]{1,16}")
 
 # Explicit bidi controls (embeddings, overrides, isolates, marks): they make
 # text display other than it reads.

@@ -16,7 +16,6 @@ import signal
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable
 from concurrent import futures
 from dataclasses import dataclass
@@ -29,8 +28,13 @@ from grpc_reflection.v1alpha import reflection
 
 from . import logs, memory, tls, tracing
 from .caller import caller_of
+<<<<<<< HEAD
 from .config import ConfigError, Settings
 from .errors import Busy, ServiceError
+=======
+from .config import Settings
+from .errors import Busy, status_of
+>>>>>>> contract
 
 log = logging.getLogger("smily.server")
 
@@ -94,17 +98,6 @@ class Admission:
                     self._by_caller[caller] = left
 
 
-def _status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    if isinstance(exc, ServiceError):
-        return exc.code, str(exc)
-    if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
-        # A downstream call failed: pass its status on, it is already canonical.
-        return exc.code(), exc.details() or exc.code().name
-    error_id = uuid.uuid4().hex[:12]
-    log.error("unhandled error", exc_info=exc, extra={"error_id": error_id})
-    return grpc.StatusCode.INTERNAL, f"internal error (error id {error_id})"
-
-
 class _Interceptor(grpc.ServerInterceptor):
     """Maps exceptions to statuses, records metrics and applies the concurrency
     limits for every RPC but health checks."""
@@ -130,7 +123,7 @@ class _Interceptor(grpc.ServerInterceptor):
         def fail(exc: Exception, context, start: float):
             if context.code() not in (None, grpc.StatusCode.OK):
                 raise exc  # the handler already set its status
-            code, message = _status_of(exc)
+            code, message = status_of(exc)
             record(start, code)
             if isinstance(exc, Busy):
                 context.set_trailing_metadata((("retry-after-s", f"{exc.retry_after_s:g}"),))

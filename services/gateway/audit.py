@@ -21,31 +21,19 @@ import threading
 
 import grpc
 
-DCM = "http://dicom.nema.org/resources/ontology/DCM"
+from smily.common import rpcmeta
+
 _ENTITY_TYPE = "http://terminology.hl7.org/CodeSystem/audit-entity-type"
 _OBJECT_ROLE = "http://terminology.hl7.org/CodeSystem/object-role"
 _SOURCE_TYPE = "http://terminology.hl7.org/CodeSystem/security-source-type"
 
-QUERY = (DCM, "110112", "Query")
-IMPORT = (DCM, "110107", "Import")
-ACCESSED = (DCM, "110103", "DICOM Instances Accessed")
-ACTIVITY = (DCM, "110100", "Application Activity")
+# Anything outside the gateway's service (reflection, say).
+ACTIVITY = (rpcmeta.DCM, "110100", "Application Activity")
 
 _SERVICE = "/smily.gateway.v1.GatewayService/"
-# method -> (event type, FHIR action: C create, R read, U update, D delete, E execute/search)
-EVENTS = {
-    "Search": (QUERY, "E"),
-    "SearchSlides": (QUERY, "E"),
-    "ListSlides": (QUERY, "R"),
-    "ListConcepts": (QUERY, "R"),
-    "GetOperation": (QUERY, "R"),
-    "ReadRegion": (ACCESSED, "R"),
-    "IngestSlide": (IMPORT, "C"),
-    "CancelOperation": (ACTIVITY, "U"),
-    "CreateConcept": (ACTIVITY, "C"),
-    "DeleteConcept": (ACTIVITY, "D"),
-    "DeleteSlide": (ACCESSED, "D"),
-}
+# method -> (event type, FHIR action: C create, R read, U update, D delete, E execute/search):
+# (smily.options.v1.audit_event) in gateway.proto.
+EVENTS = rpcmeta.EVENTS
 _WRITES = {"C", "U", "D"}
 _CLIENT_ERRORS = {
     grpc.StatusCode.INVALID_ARGUMENT,

@@ -17,6 +17,7 @@ import urllib.request
 
 import jwt
 
+from smily.common import rpcmeta
 from smily.common.caller import ANONYMOUS, Caller
 from smily.common.config import ConfigError, Settings
 from smily.common.errors import PermissionDenied, Unauthenticated, Unavailable
@@ -24,26 +25,8 @@ from smily.common.errors import PermissionDenied, Unauthenticated, Unavailable
 log = logging.getLogger("smily.auth")
 
 SEARCH, INGEST, ADMIN = "smily.search", "smily.ingest", "smily.admin"
-_SERVICE = "/smily.gateway.v1.GatewayService/"
-ROLES = {
-    **{
-        _SERVICE + m: SEARCH
-        for m in (
-            "Search",
-            "SearchSlides",
-            "ReadRegion",
-            "ListSlides",
-            "GetSlide",
-            "ListConcepts",
-            "GetOperation",
-            "GetIndexInfo",
-        )
-    },
-    **{
-        _SERVICE + m: INGEST for m in ("IngestSlide", "IngestCase", "CancelOperation", "CreateConcept", "DeleteConcept")
-    },
-    _SERVICE + "DeleteSlide": ADMIN,
-}
+# Method path -> the roles that may call it: (smily.options.v1.role) in gateway.proto.
+ROLES = rpcmeta.ROLES
 ASYMMETRIC = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"})
 # Clock skew tolerated between the IdP and us.
 LEEWAY_S = 30
@@ -52,15 +35,15 @@ REFETCH_S = 10.0
 NONE_WARNING = "warning: SMILY_AUTH=none: the gateway asks no caller who they are; for a local run only"
 
 
-def role_for(method: str) -> str:
-    """The role an RPC needs; anything not listed (a future RPC, reflection) needs admin."""
-    return ROLES.get(method, ADMIN)
+def roles_for(method: str) -> frozenset[str]:
+    """The roles that may call an RPC; anything not listed (reflection, say) needs admin."""
+    return ROLES.get(method, frozenset({ADMIN}))
 
 
 def authorise(caller: Caller, method: str) -> None:
-    need = role_for(method)
-    if need not in caller.roles and ADMIN not in caller.roles:
-        raise PermissionDenied(f"this call needs the role {need}")
+    allowed = roles_for(method)
+    if ADMIN not in caller.roles and not allowed & caller.roles:
+        raise PermissionDenied(f"this call needs the role {' or '.join(sorted(allowed))}")
 
 
 def _roles(claims: dict, path: str) -> frozenset[str]:

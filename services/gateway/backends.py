@@ -16,6 +16,7 @@ import uuid
 
 import grpc
 
+from smily.common import rpcmeta
 from smily.common.channels import RotatingStub
 from smily.common.config import Settings
 from smily.common.errors import DeadlineExceeded, ServiceError, Unavailable
@@ -31,13 +32,9 @@ C = grpc.StatusCode
 # A backend's verdict on the caller's own input or on the state of the archive.
 _ALWAYS = {C.NOT_FOUND, C.FAILED_PRECONDITION, C.ABORTED}
 # Methods whose INVALID_ARGUMENT is about what the caller sent (a slide path,
-# a region, a concept name, a page token), not about the gateway's request.
-_CALLER_INPUT = {
-    "tiler": {"GetSlideInfo", "ReadRegion", "ListCaseSeries"},
-    "index": {"ListSlides", "PutConcept", "GetConcept", "DeleteConcept"},
-    # Query images reach the embedder undecoded (only their header is checked here).
-    "embedder": {"Embed"},
-}
+# a region, a concept name, a page token), not about the gateway's request:
+# (smily.options.v1.caller_input) in the backends' protos.
+_CALLER_INPUT = rpcmeta.CALLER_INPUT
 
 
 class BackendError(ServiceError):

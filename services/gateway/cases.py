@@ -11,28 +11,24 @@ publishes it like any operation, so every replica answers GetOperation.
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 import uuid
 
 import grpc
 
-from smily.common.errors import NotFound, ServiceError
+from smily.common.errors import NotFound, ServiceError, status_of
 from smily.gateway.v1 import gateway_pb2
 from smily.tiler.v1 import tiler_pb2
 
 from .backends import Backends
-from .ingest import Ingestor, _copy, _describe
+from .ingest import Ingestor, _copy
 from .operations import FINISHED, HEARTBEAT_S
 
 log = logging.getLogger("smily.cases")
 
 State = gateway_pb2.OperationState
 WATCH_S = 0.5
-# A DICOM SH without QIDO wildcards, as the tiler requires: a malformed accession
-# number is refused while the caller waits, not later in the operation.
-ACCESSION = re.compile(r"[^*?\\\x00-\x1f]{1,16}")
 MAX_CASES_KEPT = 1000
 
 
@@ -89,7 +85,8 @@ class CaseIngestor:
             with self._lock:
                 op = self._cases[operation_id]
                 op.state = State.OPERATION_STATE_FAILED
-                op.error_code, op.error_message = _describe(exc)
+                code, op.error_message = status_of(exc)
+                op.error_code = code.name
             self._refresh(operation_id, changed=True)
             return
         for series in found:
@@ -103,7 +100,8 @@ class CaseIngestor:
                 entry.operation_id, entry.state = child.operation_id, child.state
             except (ServiceError, grpc.RpcError) as exc:
                 entry.state = State.OPERATION_STATE_FAILED
-                entry.error_code, entry.error_message = _describe(exc)
+                code, entry.error_message = status_of(exc)
+                entry.error_code = code.name
             entries.append(entry)
         with self._lock:
             op = self._cases[operation_id]

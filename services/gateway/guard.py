@@ -22,7 +22,7 @@ import grpc
 
 from smily.common import caller as callers
 from smily.common.config import Settings
-from smily.common.errors import FailedPrecondition, ServiceError
+from smily.common.errors import FailedPrecondition, ServiceError, status_of
 from smily.common.server import Admission
 from smily.common.tls import HEALTH_SERVICE
 
@@ -37,15 +37,6 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 # are always recorded. Sessions remembered, at most:
 VIEW_SESSIONS = 10_000
 _READ_REGION = "/smily.gateway.v1.GatewayService/ReadRegion"
-
-
-def _code_of(exc: BaseException, context) -> grpc.StatusCode:
-    if isinstance(exc, ServiceError):
-        return exc.code
-    if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
-        return exc.code()
-    code = context.code()
-    return code if code not in (None, grpc.StatusCode.OK) else grpc.StatusCode.INTERNAL
 
 
 class Guard(grpc.ServerInterceptor):
@@ -110,7 +101,10 @@ class Guard(grpc.ServerInterceptor):
             finally:
                 callers.unbind(token)
         except Exception as exc:
-            self._record(method, metadata, context, request, None, _code_of(exc, context), who, request_id, recorded)
+            code, message = status_of(exc, context)
+            self._record(method, metadata, context, request, None, code, who, request_id, recorded)
+            if code == grpc.StatusCode.INTERNAL and not isinstance(exc, (ServiceError, grpc.RpcError)):
+                raise ServiceError(message) from exc  # logged once, by status_of, with the id the caller gets
             raise
         if not self._viewed_before(method, metadata, who, request):
             self._record(method, metadata, context, request, response, grpc.StatusCode.OK, who, request_id, recorded)

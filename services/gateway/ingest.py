@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import prometheus_client as prom
 
-from smily.common.errors import Busy, FailedPrecondition, NotFound, ServiceError
+from smily.common.errors import Busy, FailedPrecondition, NotFound, status_of
 from smily.gateway.v1 import gateway_pb2
 from smily.index.v1 import index_pb2
 from smily.tiler.v1 import tiler_pb2
@@ -211,7 +211,8 @@ class Ingestor:
                 INGESTS.labels("cancelled").inc()
                 log.info("ingest cancelled", extra={"operation_id": op_id, "slide_id": slide_id})
                 return
-            code, message = _describe(exc)
+            status, message = status_of(exc)
+            code = status.name
             self._update(op_id, state=State.OPERATION_STATE_FAILED, error_code=code, error_message=message)
             INGESTS.labels("failed").inc()
             log.warning("ingest failed", extra={"operation_id": op_id, "slide_id": slide_id, "code": code})
@@ -298,15 +299,6 @@ def default_slide_id(fingerprint: str, source: str) -> str:
     """An opaque id from the slide's content (file names can hold accession numbers)."""
     digest = fingerprint or hashlib.sha256(source.encode()).hexdigest()
     return "s-" + digest[:16]
-
-
-def _describe(exc: Exception) -> tuple[str, str]:
-    if isinstance(exc, ServiceError):
-        return exc.code.name, str(exc)
-    if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
-        return exc.code().name, exc.details() or ""
-    log.error("ingest error", exc_info=exc)
-    return grpc.StatusCode.INTERNAL.name, "internal error"
 
 
 def _copy(op: gateway_pb2.Operation) -> gateway_pb2.Operation:

@@ -11,8 +11,7 @@ import base64
 import hashlib
 
 from smily.common.errors import InvalidArgument
-
-MAX_K = 1000  # the index's limit
+from smily.common.limits import MAX_K
 
 
 def fingerprint(request) -> str:

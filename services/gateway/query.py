@@ -1,6 +1,6 @@
 """The query engine: query embeddings (cached), Rocchio steering, concepts,
-and the slide mosaics of whole-slide search. The RPC handlers in server.py
-validate requests and shape responses around it."""
+and the slide mosaics of whole-slide search. It is given requests that
+requests.py has checked; the RPC handlers in server.py shape responses around it."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import grpc
 import numpy as np
 from PIL import Image
 
-from smily.common import images, limits
-from smily.common.errors import Aborted, Busy, FailedPrecondition, InvalidArgument, require
+from smily.common import images
+from smily.common.errors import Aborted, Busy, FailedPrecondition, InvalidArgument
 from smily.common.tensors import from_tensor
 from smily.common.tiling import DEFAULT_MPPS, Tiling
 from smily.common.tracing import span
@@ -27,10 +27,6 @@ from .backends import BackendError, Backends
 from .streaming import check_tiling, embed_slide
 from .tilings import IndexTiling, params
 
-MAX_QUERY_IMAGE_BYTES = 32 * 1024 * 1024
-MAX_EXAMPLES = 32
-MAX_CONCEPTS = 16
-DEFAULT_NEGATIVE_WEIGHT = 0.5
 # A stated image resolution this close (relative) to an indexed one is used as it is.
 MPP_TOLERANCE = 0.02
 
@@ -126,9 +122,6 @@ class QueryEngine:
         return tiling.nearest_mpp(max(region.width, region.height) * base / tiling.tile_size)
 
     def _region_query(self, region: gateway_pb2.Region, context):
-        limits.slide_id(region.slide_id, "region.slide_id")
-        require(region.width > 0 and region.height > 0, "region width and height must be positive")
-        require(region.x >= 0 and region.y >= 0, "region x and y must not be negative")
         timeout = self._b.timeout(context)
         slide = self._b.index.GetSlide(index_pb2.GetSlideRequest(slide_id=region.slide_id), timeout=timeout).slide
         tiling = self.tilings.current(timeout)[0]
@@ -156,20 +149,13 @@ class QueryEngine:
         return (*self._embed(read_region, key, context), mpp)
 
     def _image_query(self, data: bytes, image_mpp: float, context):
-        require(0 < len(data) <= MAX_QUERY_IMAGE_BYTES, "image must be 1 byte to 32 MiB of PNG or JPEG")
-        require(
-            image_mpp == 0 or limits.plausible_mpp(image_mpp),
-            "image_mpp must be 0 (1.0 µm/px) or a plausible resolution in µm/px",
-        )
         stated = image_mpp or DEFAULT_MPPS[0]
         mpp = self.tiling(context).nearest_mpp(stated)
         scale = stated / mpp  # output pixels per image pixel at the indexed resolution
 
         def checked() -> types_pb2.Image:
-            # A cache miss only: the header is checked (format, pixel limit)
-            # without decoding. At the indexed resolution the embedder decodes the
+            # A cache miss only. At the indexed resolution the embedder decodes the
             # image, once; stated at another, it is decoded here and resampled.
-            images.header(data)
             if abs(scale - 1) <= MPP_TOLERANCE:
                 return types_pb2.Image(data=data)
             rgb = images.decode(data)
@@ -188,26 +174,23 @@ class QueryEngine:
                 raise InvalidArgument(f"query image: {str(exc).removeprefix('image 0: ')}") from None
             raise
 
-    def examples(self, examples, what: str, context, image_mpp: float = 0.0):
+    def examples(self, examples, context, image_mpp: float = 0.0):
         """Embeddings of Example messages: (array [n, transforms, dim], all cached, region slide ids,
         the resolution each was searched at)."""
-        require(len(examples) <= MAX_EXAMPLES, f"at most {MAX_EXAMPLES} {what} examples")
         vecs, cached, slides, mpps = [], True, [], []
         for ex in examples:
             which = ex.WhichOneof("example")
             if which == "image":
                 v, _, hit, mpp = self._image_query(ex.image, image_mpp, context)
-            elif which == "region":
+            else:
                 v, _, hit, mpp = self._region_query(ex.region, context)
                 slides.append(ex.region.slide_id)
-            else:
-                raise InvalidArgument(f"each {what} example needs an image or a region")
             vecs.append(v)
             mpps.append(mpp)
             cached = cached and hit
         return (np.stack(vecs) if vecs else np.empty((0, len(self.transforms), 0), np.float32)), cached, slides, mpps
 
-    def query_vector(self, request, context):
+    def query_vector(self, request, negative_weight: float, context):
         """(query vectors [q, dim], model id, all cached, region slide ids, µm/px to search at).
         One vector per transform (merged by best score after searching), or one (their mean)."""
         which = request.WhichOneof("query")
@@ -217,16 +200,11 @@ class QueryEngine:
         elif which == "region":
             head.append(gateway_pb2.Example(region=request.region))
         positives = head + list(request.positives)
-        require(bool(positives), "a query needs an image or a region (or positive examples)")
-        pos, cached, slides, mpps = self.examples(positives, "positive", context, request.image_mpp)
-        neg, neg_cached, neg_slides, _ = self.examples(request.negatives, "negative", context, request.image_mpp)
-        b = request.negative_weight if request.HasField("negative_weight") else DEFAULT_NEGATIVE_WEIGHT
-        require(0 <= b <= 1, "negative_weight must be in 0..1")
-        require(len(request.concepts) <= MAX_CONCEPTS, f"at most {MAX_CONCEPTS} concepts")
+        pos, cached, slides, mpps = self.examples(positives, context, request.image_mpp)
+        neg, neg_cached, neg_slides, _ = self.examples(request.negatives, context, request.image_mpp)
         model_id = self.current_model(context)
         concepts = []
         for wc in request.concepts:
-            require(np.isfinite(wc.weight) and abs(wc.weight) <= 10, "a concept weight must be in -10..10")
             c = self._b.index.GetConcept(
                 index_pb2.GetConceptRequest(name=wc.name, model_id=model_id), timeout=self._b.timeout(context)
             ).concept
@@ -234,13 +212,15 @@ class QueryEngine:
         if self.merge == "mean":
             pos, neg = pos.mean(axis=1, keepdims=True), neg.mean(axis=1, keepdims=True)
         queries = np.stack(
-            [vectors.combine(pos[:, t], neg[:, t] if len(neg) else (), b, concepts) for t in range(pos.shape[1])]
+            [
+                vectors.combine(pos[:, t], neg[:, t] if len(neg) else (), negative_weight, concepts)
+                for t in range(pos.shape[1])
+            ]
         )
         return queries, model_id, cached and neg_cached, slides + neg_slides, mpps[0]
 
     def query_case(self, request, context) -> dict[str, str]:
         """{case key: case id} of the query region's slide, for the index to leave that case out."""
-        require(request.WhichOneof("query") == "region", "exclude_query_case needs a region query")
         slide = self._b.index.GetSlide(
             index_pb2.GetSlideRequest(slide_id=request.region.slide_id), timeout=self._b.timeout(context)
         ).slide

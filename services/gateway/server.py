@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
-from smily.common import images, limits
+from smily.common import images
 from smily.common.config import Settings
+<<<<<<< HEAD
 from smily.common.errors import InvalidArgument, require
 from smily.common.server import Registration, Servicer
+=======
+from smily.common.server import Registration
+>>>>>>> contract
 from smily.common.tensors import to_tensor
 from smily.common.tiling import Tiling
 from smily.gateway.v1 import gateway_pb2, gateway_pb2_grpc
@@ -15,10 +19,10 @@ from smily.index.v1 import index_pb2
 from smily.tiler.v1 import tiler_pb2
 from smily.types.v1 import types_pb2
 
-from . import dicom, dihedral, paging, vectors
+from . import dicom, dihedral, paging, requests, vectors
 from .backends import Backends
 from .cache import RedisGuard, make_cache
-from .cases import ACCESSION, CaseIngestor
+from .cases import CaseIngestor
 from .guard import Guard
 from .ingest import Ingestor
 from .operations import LocalOperations, SharedOperations
@@ -26,17 +30,12 @@ from .query import QueryEngine
 from .readiness import Readiness
 from .tilings import IndexTiling
 
-DEFAULT_K = 10
 _ENCODINGS = {
     gateway_pb2.IMAGE_FORMAT_PNG: types_pb2.IMAGE_ENCODING_PNG,
     gateway_pb2.IMAGE_FORMAT_JPEG: types_pb2.IMAGE_ENCODING_JPEG,
 }
-DEFAULT_SLIDES, MAX_SLIDES = 10, 100
-DEFAULT_MOSAIC, MAX_MOSAIC = 16, 64
-DEFAULT_REGIONS, MAX_REGIONS = 3, 20
 # Index hits per mosaic tile: enough for a few dozen candidate slides.
 MOSAIC_TILE_K = 200
-DEFAULT_MAX_SIDE, MAX_SIDE = 1024, 4096
 
 
 def _hit(h: index_pb2.Hit, links: dicom.ViewerLinks) -> gateway_pb2.Hit:
@@ -54,14 +53,6 @@ def _hit(h: index_pb2.Hit, links: dicom.ViewerLinks) -> gateway_pb2.Hit:
         series_instance_uid=h.metadata.get(dicom.SERIES, ""),
         viewer_url=links.link(h.slide_id, h.metadata, t.x, t.y, t.width, t.height),
     )
-
-
-def _search_limits(request) -> None:
-    """The caller's strings and lists of a Search, checked before any backend is called."""
-    limits.filters(request.filters)
-    limits.slide_ids(request.slide_ids, "slide_ids")
-    limits.slide_ids(request.exclude_slide_ids, "exclude_slide_ids")
-    limits.text(request.page_token, "page_token", limits.MAX_TOKEN_CHARS)
 
 
 def _slide(s: index_pb2.Slide) -> gateway_pb2.Slide:
@@ -133,54 +124,33 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer, Servicer):
 
     # -- ingest -------------------------------------------------------------
     def IngestSlide(self, request, context):
-        require(bool(request.source), "source (the slide's path under the slide roots) is required")
-        limits.text(request.source, "source", limits.MAX_SOURCE_CHARS)
-        if request.slide_id:
-            limits.slide_id(request.slide_id)
+        requests.ingest_slide(request)
         op = self._ingest.start(
-            request.source,
-            request.slide_id,
-            limits.metadata(request.metadata),
-            self._b.timeout(context),
-            limits.slide_mpp(request.slide_mpp),
+            request.source, request.slide_id, dict(request.metadata), self._b.timeout(context), request.slide_mpp
         )
         return gateway_pb2.IngestSlideResponse(operation=op)
 
     def IngestCase(self, request, context):
-        require(bool(request.accession_number), "accession_number is required")
-        limits.text(request.accession_number, "accession_number", limits.MAX_ID_CHARS)
-        require(
-            ACCESSION.fullmatch(request.accession_number) is not None,
-            "accession_number must be 1..16 characters, without wildcards (* ?) or backslashes",
+        requests.ingest_case(request)
+        op = self._cases.start(
+            request.accession_number, request.archive, dict(request.slide_ids), dict(request.metadata)
         )
-        limits.text(request.archive, "archive", limits.MAX_ID_CHARS)
-        slide_ids = dict(request.slide_ids)
-        limits.slide_ids(slide_ids.values(), "slide_ids")
-        op = self._cases.start(request.accession_number, request.archive, slide_ids, limits.metadata(request.metadata))
         return gateway_pb2.IngestCaseResponse(operation=op)
 
     def GetOperation(self, request, context):
-        limits.text(request.operation_id, "operation_id", limits.MAX_TOKEN_CHARS)
+        requests.operation(request)
         op = self._cases.get(request.operation_id) or self._ingest.get(request.operation_id)
         return gateway_pb2.GetOperationResponse(operation=op)
 
     def CancelOperation(self, request, context):
-        limits.text(request.operation_id, "operation_id", limits.MAX_TOKEN_CHARS)
+        requests.operation(request)
         op = self._cases.cancel(request.operation_id) or self._ingest.cancel(request.operation_id)
         return gateway_pb2.CancelOperationResponse(operation=op)
 
     def Search(self, request, context):
-        _search_limits(request)
-        k = request.k if request.HasField("k") else DEFAULT_K
-        require(0 < k <= paging.MAX_K, f"k must be in 1..{paging.MAX_K}, got {k}")
-        require(request.page_size >= 0, "page_size must not be negative")
-        require(request.max_hits_per_slide >= 0, "max_hits_per_slide must not be negative")
-        require(request.nprobe >= 0, "nprobe must not be negative")
-        # Only paged requests need the fingerprint (it serialises the whole request, image and all).
-        fp = paging.fingerprint(request) if request.page_token or request.page_size else ""
-        offset = paging.read_token(request.page_token, fp)
-        require(request.image_mpp >= 0, "image_mpp must not be negative")
-        queries, model_id, cached, slides, mpp = self._q.query_vector(request, context)
+        args = requests.search(request)
+        k, offset = args.k, args.offset
+        queries, model_id, cached, slides, mpp = self._q.query_vector(request, args.negative_weight, context)
         exclude = sorted(set(request.exclude_slide_ids) | (set(slides) if request.exclude_query_slide else set()))
         exclude_filters = self._q.query_case(request, context) if request.exclude_query_case else {}
         tiling = self._q.tiling(context)
@@ -217,7 +187,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer, Servicer):
         iou = self._dedup_iou if tiling.stride < 1 else 0.0
         hits = paging.top_hits(search, k, request.max_hits_per_slide, iou)
         end = len(hits) if request.page_size == 0 else min(len(hits), offset + request.page_size)
-        token = paging.make_token(end, fp) if end < len(hits) else ""
+        token = paging.make_token(end, args.fingerprint) if end < len(hits) else ""
         return gateway_pb2.SearchResponse(
             model_id=model_id,
             cached=cached,
@@ -228,28 +198,18 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer, Servicer):
         )
 
     def SearchSlides(self, request, context):
-        k = request.k if request.HasField("k") else DEFAULT_SLIDES
-        size = request.mosaic_size if request.HasField("mosaic_size") else DEFAULT_MOSAIC
-        per_slide = request.regions_per_slide if request.HasField("regions_per_slide") else DEFAULT_REGIONS
-        require(0 < k <= MAX_SLIDES, f"k must be in 1..{MAX_SLIDES}")
-        require(0 < size <= MAX_MOSAIC, f"mosaic_size must be in 1..{MAX_MOSAIC}")
-        require(0 <= per_slide <= MAX_REGIONS, f"regions_per_slide must be in 0..{MAX_REGIONS}")
-        which = request.WhichOneof("query")
+        args = requests.search_slides(request)
+        k, size, per_slide = args.k, args.mosaic_size, args.regions_per_slide
         exclude = []
-        if which == "slide_id":
-            limits.slide_id(request.slide_id)
+        if request.WhichOneof("query") == "slide_id":
             slide = self._b.index.GetSlide(
                 index_pb2.GetSlideRequest(slide_id=request.slide_id), timeout=self._b.timeout(context)
             ).slide
             source, slide_mpp = slide.source, slide.slide_mpp
             if request.exclude_query_slide:
                 exclude.append(request.slide_id)
-        elif which == "source":
-            require(bool(request.source), "source (the slide's path under the slide roots) is required")
-            limits.text(request.source, "source", limits.MAX_SOURCE_CHARS)
-            source, slide_mpp = request.source, limits.slide_mpp(request.slide_mpp)
         else:
-            raise InvalidArgument("a slide query needs a slide_id or a source")
+            source, slide_mpp = request.source, request.slide_mpp
         mosaic, model_id, cached = self._q.mosaic(source, slide_mpp, size, context)
         tiling = self._q.tiling(context)
         tiling_pb = tiling.to_pb(types_pb2.Tiling())
@@ -306,14 +266,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer, Servicer):
 
     # -- viewer support --------------------------------------------------------
     def ReadRegion(self, request, context):
+        max_side, fmt = requests.read_region(request)
         r = request.region
-        limits.slide_id(r.slide_id, "region.slide_id")
-        require(r.width > 0 and r.height > 0 and r.x >= 0 and r.y >= 0, "region needs x, y >= 0 and a positive size")
-        max_side = request.max_side or DEFAULT_MAX_SIDE
-        require(0 < max_side <= MAX_SIDE, f"max_side must be in 1..{MAX_SIDE}")
-        require(request.mpp >= 0, "mpp must not be negative")
-        fmt = request.format or gateway_pb2.IMAGE_FORMAT_PNG
-        require(fmt in (gateway_pb2.IMAGE_FORMAT_PNG, gateway_pb2.IMAGE_FORMAT_JPEG), "format must be PNG or JPEG")
         timeout = self._b.timeout(context)
         slide = self._b.index.GetSlide(index_pb2.GetSlideRequest(slide_id=r.slide_id), timeout=timeout).slide
         base = (
@@ -342,13 +296,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer, Servicer):
 
     # -- concepts ----------------------------------------------------------------
     def CreateConcept(self, request, context):
-        require(
-            len(request.with_examples) > 0 and len(request.without_examples) > 0,
-            "a concept needs at least one example with it and one without",
-        )
+        requests.create_concept(request)
         # Concepts are learned on the untransformed embeddings (transform 0 is the identity).
-        with_ = self._q.examples(request.with_examples, "with", context)[0][:, 0]
-        without = self._q.examples(request.without_examples, "without", context)[0][:, 0]
+        with_ = self._q.examples(request.with_examples, context)[0][:, 0]
+        without = self._q.examples(request.without_examples, context)[0][:, 0]
         direction, accuracy = vectors.concept_vector(with_, without)
         model_id = self._q.current_model(context)
         saved = self._b.index.PutConcept(
@@ -373,6 +324,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer, Servicer):
         return gateway_pb2.ListConceptsResponse(concepts=[_concept(c) for c in resp.concepts])
 
     def DeleteConcept(self, request, context):
+        requests.concept_name(request)
         self._b.index.DeleteConcept(
             index_pb2.DeleteConceptRequest(name=request.name, model_id=self._q.current_model(context)),
             timeout=self._b.timeout(context),
@@ -381,8 +333,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer, Servicer):
 
     # -- catalogue -----------------------------------------------------------
     def ListSlides(self, request, context):
-        require(request.page_size >= 0, "page_size must not be negative")
-        limits.text(request.page_token, "page_token", limits.MAX_TOKEN_CHARS)
+        requests.list_slides(request)
         resp = self._b.index.ListSlides(
             index_pb2.ListSlidesRequest(page_size=request.page_size, page_token=request.page_token),
             timeout=self._b.timeout(context),
@@ -392,14 +343,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer, Servicer):
         )
 
     def DeleteSlide(self, request, context):
-        limits.slide_id(request.slide_id)
+        requests.slide(request)
         resp = self._b.index.DeleteSlide(
             index_pb2.DeleteSlideRequest(slide_id=request.slide_id), timeout=self._b.timeout(context)
         )
         return gateway_pb2.DeleteSlideResponse(deleted_tiles=resp.deleted_tiles)
 
     def GetSlide(self, request, context):
-        limits.slide_id(request.slide_id)
+        requests.slide(request)
         timeout = self._b.timeout(context)
         s = self._b.index.GetSlide(index_pb2.GetSlideRequest(slide_id=request.slide_id), timeout=timeout).slide
         info = self._b.tiler.GetSlideInfo(tiler_pb2.GetSlideInfoRequest(slide=s.source), timeout=timeout).info

@@ -57,7 +57,26 @@ def _http_error(request: Request, exc: Exception):
     assert isinstance(exc, HTTPException)  # registered for HTTPException only
     code = _HTTP_CODES.get(exc.status_code, grpc.StatusCode.INVALID_ARGUMENT)
     message = "request body too large" if exc.status_code == 413 else (exc.detail or code.name)
-    return api.error(code, message, exc.status_code)
+    response = api.error(code, message, exc.status_code)
+    response.headers.update(exc.headers or {})  # a 405's Allow (RFC 9110 15.5.6)
+    return response
+
+
+def _api_routes(gateway: Gateway) -> list[Route]:
+    """One route per path, answering each of its methods, so a 405 names them all in Allow."""
+    by_path: dict[str, dict] = {}
+    for m in methods():
+        by_path.setdefault(m.rule.path, {})[m.rule.verb] = api.handler(m, gateway)
+
+    def route(path: str, handlers: dict) -> Route:
+        async def endpoint(request: Request):
+            return await handlers["GET" if request.method == "HEAD" else request.method](request)
+
+        return Route(path, endpoint, methods=list(handlers))
+
+    # A custom method (`/v1/operations/{id}:cancel`) before its resource's path, which would match it too.
+    paths = sorted(by_path, key=lambda path: ":" not in path.rsplit("/", 1)[-1])
+    return [route(path, by_path[path]) for path in paths]
 
 
 def build(settings: Settings, chan: grpc.Channel):
@@ -91,9 +110,8 @@ def build(settings: Settings, chan: grpc.Channel):
     async def index(request):
         return FileResponse(static.INDEX, headers={"Cache-Control": "no-cache"})
 
-    api_routes = [Route(m.rule.path, api.handler(m, gateway), methods=[m.rule.verb]) for m in methods()]
     routes: list[BaseRoute] = [
-        *api_routes,
+        *_api_routes(gateway),
         Route("/livez", livez),
         Route("/readyz", readyz),
         Route("/openapi.json", openapi_json),

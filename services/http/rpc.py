@@ -1,53 +1,27 @@
-"""The gateway's RPCs as HTTP/JSON routes, in the google.api.http style.
-
-The table names each RPC's HTTP method, path and body; everything else
-(request and response types, fields) comes from the gateway's descriptor, so
-gateway.proto stays the one contract. An RPC in the table that the proto
-does not have (yet) is left out, and one the proto has without a route is a
-test failure (tests/test_http_api.py).
+"""The gateway's RPCs as HTTP/JSON routes: each RPC's `google.api.http`
+option in gateway.proto names its HTTP method, path and body, and the
+descriptor gives the rest (request and response types, fields), so
+gateway.proto stays the one contract.
 """
 
 from __future__ import annotations
 
 import asyncio
-import re
 from dataclasses import dataclass
 
 import grpc
 from google.protobuf import descriptor, message_factory
 
+from smily.common import rpcmeta
+from smily.common.rpcmeta import HttpRule
 from smily.gateway.v1 import gateway_pb2
 
 SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"]
 
 
-@dataclass(frozen=True)
-class HttpRule:
-    verb: str
-    path: str  # {field} segments are request fields
-    body: bool  # True: the JSON body is the request ("*"); False: query parameters
-
-
-RULES: dict[str, HttpRule] = {
-    "IngestSlide": HttpRule("POST", "/v1/slides:ingest", True),
-    "IngestCase": HttpRule("POST", "/v1/cases:ingest", True),
-    "GetOperation": HttpRule("GET", "/v1/operations/{operation_id}", False),
-    "CancelOperation": HttpRule("POST", "/v1/operations/{operation_id}:cancel", True),
-    "Search": HttpRule("POST", "/v1/search", True),
-    "SearchSlides": HttpRule("POST", "/v1/slides:searchSlides", True),
-    "ReadRegion": HttpRule("POST", "/v1/regions:read", True),
-    "CreateConcept": HttpRule("POST", "/v1/concepts", True),
-    "ListConcepts": HttpRule("GET", "/v1/concepts", False),
-    "DeleteConcept": HttpRule("DELETE", "/v1/concepts/{name}", False),
-    "ListSlides": HttpRule("GET", "/v1/slides", False),
-    "GetSlide": HttpRule("GET", "/v1/slides/{slide_id}", False),
-    "DeleteSlide": HttpRule("DELETE", "/v1/slides/{slide_id}", False),
-    "GetIndexInfo": HttpRule("GET", "/v1/index", False),
-}
-
-
-def path_fields(rule: HttpRule) -> list[str]:
-    return re.findall(r"{(\w+)}", rule.path)
+# Method name -> route: (google.api.http) in gateway.proto.
+RULES = rpcmeta.RULES
+path_fields = rpcmeta.path_fields
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ import numpy as np
 
 from smily.common import tiling as tilings
 from smily.common.errors import FailedPrecondition, InvalidArgument
+from smily.common.limits import MAX_K
 from smily.common.rwlock import RWLock
 from smily.common.tiling import Tiling
 from smily.common.tracing import span
@@ -38,7 +39,6 @@ from .storage import SQL_CHUNK, STALE_STAGED_S, Commit, Slide, Storage
 
 log = logging.getLogger("smily.index")
 
-MAX_K = 1000
 TRAIN_MAX = 100_000
 # Filtered searches over at most this many tiles are scored exactly from storage.
 EXACT_FILTER_MAX = 4096

@@ -21,9 +21,7 @@ from smily.common.tiling import (
     DEFAULT_MPPS,
     DEFAULT_STRIDE,
     DEFAULT_TILE_SIZE,
-    MAX_RESOLUTIONS,
-    MAX_TILE_SIZE,
-    MIN_STRIDE,
+    Tiling,
 )
 from smily.common.tracing import span
 from smily.tiler.v1 import tiler_pb2, tiler_pb2_grpc
@@ -87,12 +85,7 @@ class TilerServicer(tiler_pb2_grpc.TilerServiceServicer, Servicer):
         tile_size = p.tile_size or DEFAULT_TILE_SIZE
         min_tissue = p.min_tissue_fraction or DEFAULT_MIN_TISSUE
         stride = p.stride or DEFAULT_STRIDE
-        require(len(targets) <= MAX_RESOLUTIONS, f"at most {MAX_RESOLUTIONS} resolutions per request")
-        require(all(m > 0 and math.isfinite(m) for m in targets), "every mpp must be positive")
-        require(len(set(targets)) == len(targets), "mpps must not repeat")
-        require(0 < tile_size <= MAX_TILE_SIZE, f"tile_size must be in 1..{MAX_TILE_SIZE}")
-        require(0 <= min_tissue <= 1, "min_tissue_fraction must be in [0, 1]")
-        require(MIN_STRIDE <= stride <= 1, f"stride must be in {MIN_STRIDE:g}..1 (a fraction of the tile)")
+        Tiling(tuple(targets), tile_size, stride, min_tissue).validate()
         encoding = request.encoding or images.RAW_RGB
         require(encoding in ENCODINGS, "unknown image encoding")
         path, info, file_mpp = self._info(request.slide)

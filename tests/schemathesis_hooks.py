@@ -1,0 +1,38 @@
+"""schemathesis hooks for tests/test_openapi_fuzz.py (SCHEMATHESIS_HOOKS).
+
+Two values the OpenAPI document can describe but JSON Schema cannot generate:
+image bytes (`format: byte` / `binary`) are real PNG or JPEG images, each of
+its own colour (identical examples with and without a concept teach nothing,
+an INVALID_ARGUMENT), and page tokens are the server's own (`format:
+page-token`), so a first page is asked for.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import itertools
+
+import schemathesis
+from hypothesis import strategies as st
+from PIL import Image
+
+
+def _image(colour: tuple[int, int, int], side: int, fmt: str) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (side, side), colour).save(out, format=fmt)
+    return out.getvalue()
+
+
+_DRAWS = itertools.count()
+
+
+def _colour(_) -> tuple[int, int, int]:
+    n = next(_DRAWS) * 7919  # a prime stride walks the RGB cube without repeating for 2**24 draws
+    return (n % 256, (n // 256) % 256, (n // 65536) % 256)
+
+
+_IMAGES = st.builds(_image, st.none().map(_colour), st.integers(8, 96), st.sampled_from(["PNG", "JPEG"]))
+schemathesis.openapi.format("byte", _IMAGES.map(lambda b: base64.b64encode(b).decode()))
+schemathesis.openapi.format("binary", _IMAGES)
+schemathesis.openapi.format("page-token", st.just(""))
