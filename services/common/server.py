@@ -28,13 +28,8 @@ from grpc_reflection.v1alpha import reflection
 
 from . import logs, memory, tls, tracing
 from .caller import caller_of
-<<<<<<< HEAD
 from .config import ConfigError, Settings
-from .errors import Busy, ServiceError
-=======
-from .config import Settings
 from .errors import Busy, status_of
->>>>>>> contract
 
 log = logging.getLogger("smily.server")
 

@@ -6,12 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from smily.common import images
 from smily.common.config import Settings
-<<<<<<< HEAD
-from smily.common.errors import InvalidArgument, require
 from smily.common.server import Registration, Servicer
-=======
-from smily.common.server import Registration
->>>>>>> contract
 from smily.common.tensors import to_tensor
 from smily.common.tiling import Tiling
 from smily.gateway.v1 import gateway_pb2, gateway_pb2_grpc
