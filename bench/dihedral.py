@@ -12,7 +12,6 @@ configuration is served another's cached embeddings.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -57,11 +56,9 @@ def main() -> int:
             for name, transforms, merge in CONFIGS:
                 running, s = stack.start(
                     ["gateway"],
-                    dataclasses.replace(
-                        settings, gateway_port=0, redis_url="", query_transforms=transforms, query_merge=merge
-                    ),
+                    settings.replace(gateway_port=0, redis_url="", query_transforms=transforms, query_merge=merge),
                 )
-                client = Client(f"127.0.0.1:{s.gateway_port}", timeout=600)
+                client = Client(f"127.0.0.1:{s.gateway.gateway_port}", timeout=600)
                 try:
                     result = evaluate_manifest(
                         client,

@@ -15,7 +15,6 @@ Run from the repository root after `make proto model`: .venv/bin/python bench/em
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import threading
 import time
@@ -49,8 +48,7 @@ def rate(fn, images_per_call: int, min_s: float = 3.0, max_calls: int = 50) -> f
 
 
 def settings(**changes) -> Settings:
-    return dataclasses.replace(
-        Settings(),
+    return Settings().replace(
         bind_host="127.0.0.1",
         embedder_port=0,
         metrics_port=0,
@@ -88,7 +86,7 @@ def onnx_vs_torch(model: Model, tiles) -> None:
 def service_vs_bare(model: Model, tiles) -> None:
     running, s = stack.start(["embedder"], settings())
     try:
-        stub = embedder_pb2_grpc.EmbedderServiceStub(channel(s.embedder_target))
+        stub = embedder_pb2_grpc.EmbedderServiceStub(channel(s.embedder.embedder_target))
         req = embedder_pb2.EmbedRequest(images=[raw(t) for t in tiles[:32]])
         x = model.preprocess(tiles[:32])
         bare = rate(lambda: model.session.run(None, {"images": x}), 32)
@@ -107,7 +105,7 @@ def concurrent(tiles, per_request: int = 1, clients: int = CLIENTS, **changes) -
     latencies: list[float] = []
     lock = threading.Lock()
     try:
-        stub = embedder_pb2_grpc.EmbedderServiceStub(channel(s.embedder_target))
+        stub = embedder_pb2_grpc.EmbedderServiceStub(channel(s.embedder.embedder_target))
         stub.Embed(embedder_pb2.EmbedRequest(images=[raw(tiles[0])]))
 
         def client(i: int) -> None:
@@ -199,7 +197,7 @@ def gpu_vs_cpu(model: Model, tiles) -> None:
         )
     pre = rate(lambda: model.preprocess(tiles[:128]), 128)
     print(f"   preprocessing (CPU, one thread, raw RGB -> normalised tensor): {pre:.1f} images/s")
-    clients = settings().max_queue // 32  # as many as the queue admits at once
+    clients = settings().embedder.max_queue // 32  # as many as the queue admits at once
     tput, p50, p99 = concurrent(tiles, per_request=32, clients=clients)
     print(
         f"   service, {clients} clients x batch 32 (raw RGB over gRPC): {tput:.1f} images/s, "

@@ -28,13 +28,15 @@ def main() -> int:
     defaults = Settings.from_env()
     with tempfile.TemporaryDirectory(prefix="smily-eval-") as tmp:
         slides = os.path.join(tmp, "slides")
-        manifest = synthetic_benchmark.write(slides, synthetic_benchmark.FULL, defaults.tile_mpp, defaults.tile_size)
+        manifest = synthetic_benchmark.write(
+            slides, synthetic_benchmark.FULL, defaults.gateway.tile_mpp, defaults.gateway.tile_size
+        )
         shutil.copy(CMU, os.path.join(slides, "cmu_small_region.svs"))
         cmu_manifest = os.path.join(tmp, "cmu.csv")
         with open(cmu_manifest, "w") as fh:
             fh.write("source,slide_id\ncmu_small_region.svs,cmu\n")
         with local_stack((slides,), model_repository=os.path.join(ROOT, "models")) as settings:
-            client = Client(f"127.0.0.1:{settings.gateway_port}", timeout=600)
+            client = Client(f"127.0.0.1:{settings.gateway.gateway_port}", timeout=600)
             print("== synthetic benchmark (full size)")
             evaluate_manifest(
                 client, settings, manifest, os.path.join(OUT, "synthetic"), max_queries=50, robustness_per_slide=10

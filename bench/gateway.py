@@ -13,7 +13,6 @@ show whether a cached query touched them.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import io
 import os
 import shutil
@@ -119,8 +118,7 @@ def main() -> int:
         return 1
     tmp = tempfile.mkdtemp(prefix="smily-bench-")
     write_samples(os.path.join(tmp, "slides"), [SLIDE])
-    settings = dataclasses.replace(
-        Settings(),
+    settings = Settings().replace(
         gateway_port=0,
         tiler_port=0,
         embedder_port=0,
@@ -136,14 +134,14 @@ def main() -> int:
         auth="none",
     )
     running, settings = stack.start(stack.ORDER, settings)
-    client = Client(f"127.0.0.1:{settings.gateway_port}", timeout=120)
+    client = Client(f"127.0.0.1:{settings.gateway.gateway_port}", timeout=120)
     try:
         t0 = time.perf_counter()
         op = client.wait(client.ingest(SLIDE.name, "real"))
         assert op.model_id, op.error_message
-        fill_index(settings.index_target, op.model_id, 1280, args.tiles)
+        fill_index(settings.index.index_target, op.model_id, 1280, args.tiles)
         running["index"].servicer.store.wait_trained()  # IVF trains in the background: measure the trained index
-        info = index_pb2_grpc.IndexServiceStub(channel(settings.index_target)).GetIndexInfo(
+        info = index_pb2_grpc.IndexServiceStub(channel(settings.index.index_target)).GetIndexInfo(
             index_pb2.GetIndexInfoRequest()
         )
         print(
@@ -151,7 +149,7 @@ def main() -> int:
             f"nprobe {info.default_nprobe}), built in {time.perf_counter() - t0:.0f} s"
         )
 
-        tiler = tiler_pb2_grpc.TilerServiceStub(channel(settings.tiler_target))
+        tiler = tiler_pb2_grpc.TilerServiceStub(channel(settings.tiler.tiler_target))
         patch = np.asarray(
             Image.open(
                 io.BytesIO(

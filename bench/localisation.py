@@ -62,14 +62,14 @@ def crops(slide_dir: str, n: int, seed: int) -> list[tuple[int, int, int, int]]:
 
 def run(stride: float, slide_dir: str, queries: list, k: int) -> dict:
     with local_stack((slide_dir,), model_repository=os.path.join(ROOT, "models"), tile_stride=stride) as s:
-        client = Client(f"127.0.0.1:{s.gateway_port}", timeout=600)
+        client = Client(f"127.0.0.1:{s.gateway.gateway_port}", timeout=600)
         started = time.perf_counter()
         for spec in SLIDES:
             op = client.wait(client.ingest(spec.name, spec.name.split(".")[0]))
             assert op.state == gateway_pb2.OPERATION_STATE_SUCCEEDED, (op.error_code, op.error_message)
         ingest_s = time.perf_counter() - started
         tiles = sum(x.tile_count for x in client.slides())
-        index_bytes = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(s.index_dir) for f in fs)
+        index_bytes = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(s.index.index_dir) for f in fs)
         best, oracle, overlapping, seconds = [], [], 0, []
         # Every indexed tile of slide a, for the oracle: the tiler's plan with the index's record.
         t = client.index_info().tiling

@@ -42,7 +42,7 @@ def run(slides_dir: str) -> int:
         return 1
     t0 = time.perf_counter()
     with local_stack((slides_dir,)) as settings:
-        if not settings.redis_url:
+        if not settings.gateway.redis_url:
             print("warning: redis-server is not installed; using an in-process query cache")
         if _ingest_and_search(settings, names, t0):
             return 1
@@ -53,11 +53,11 @@ def run(slides_dir: str) -> int:
 def _ingest_and_search(settings: Settings, names: list[str], t0: float) -> int:
     """Ingest every slide, then search by region and by image; non-zero on failure."""
     _step(
-        f"started redis {'(' + settings.redis_url + ')' if settings.redis_url else '(none)'} and 4 services "
-        f"(gateway on port {settings.gateway_port})",
+        f"started redis {'(' + settings.gateway.redis_url + ')' if settings.gateway.redis_url else '(none)'} and 4 services "
+        f"(gateway on port {settings.gateway.gateway_port})",
         t0,
     )
-    client = Client(f"127.0.0.1:{settings.gateway_port}", timeout=120)
+    client = Client(f"127.0.0.1:{settings.gateway.gateway_port}", timeout=120)
 
     for name in names:
         t = time.perf_counter()
@@ -70,7 +70,7 @@ def _ingest_and_search(settings: Settings, names: list[str], t0: float) -> int:
     _step(f"ingested {len(names)} slides", t0)
 
     # A query region off the tile grid: a third of a tile right and down of a tissue tile.
-    tiler = tiler_pb2_grpc.TilerServiceStub(channel(settings.tiler_target))
+    tiler = tiler_pb2_grpc.TilerServiceStub(channel(settings.tiler.tiler_target))
     query_slide = names[len(names) // 2]
     tiles = [
         t
@@ -100,7 +100,7 @@ def _ingest_and_search(settings: Settings, names: list[str], t0: float) -> int:
             y=region["y"],
             width=size,
             height=size,
-            mpp=settings.tile_mpp,
+            mpp=settings.gateway.tile_mpp,
             encoding=types_pb2.IMAGE_ENCODING_PNG,
         )
     ).image.data

@@ -154,26 +154,26 @@ def up() -> int:
         print("the local stack is already running; `make down` stops it")
         return 1
     settings = Settings.from_env()
-    host = dial_host(settings.bind_host)
-    ports = {PORT_VARIABLES[name]: getattr(settings, f"{name}_port") for name in PORT_VARIABLES}
-    if settings.metrics_port:
-        ports["SMILY_METRICS_PORT"] = settings.metrics_port
-    ports["SMILY_HTTP_PORT"] = settings.http_port
+    host = dial_host(settings.server.bind_host)
+    ports = {PORT_VARIABLES[name]: settings.port_of(name) for name in PORT_VARIABLES}
+    if settings.server.metrics_port:
+        ports["SMILY_METRICS_PORT"] = settings.server.metrics_port
+    ports["SMILY_HTTP_PORT"] = settings.http.http_port
     env = _local_env()
     # The HTTP process calls the gateway started here, wherever SMILY_GATEWAY_PORT put it.
-    env.setdefault("SMILY_HTTP_GATEWAY_TARGET", f"{host}:{settings.gateway_port}")
+    env.setdefault("SMILY_HTTP_GATEWAY_TARGET", f"{host}:{settings.gateway.gateway_port}")
     redis_port = 0
-    if not settings.redis_url and shutil.which("redis-server"):
+    if not settings.gateway.redis_url and shutil.which("redis-server"):
         redis_port = int(os.environ.get(REDIS_PORT_VARIABLE) or REDIS_PORT)
         ports[REDIS_PORT_VARIABLE] = redis_port
-    if _refuse_taken(settings.bind_host, ports):
+    if _refuse_taken(settings.server.bind_host, ports):
         return 1
     try:
         if redis_port:
             redis_proc, env["SMILY_REDIS_URL"] = start_redis(redis_port, os.path.join(LOG_DIR, "redis.log"))
             if redis_proc:  # found on PATH above
                 _write_pid("redis", redis_proc.pid)
-        elif not settings.redis_url:
+        elif not settings.gateway.redis_url:
             print("warning: redis-server is not installed; the gateway uses an in-process cache")
         with open(os.path.join(LOG_DIR, "smily.log"), "ab") as log:
             proc = subprocess.Popen(
@@ -203,13 +203,17 @@ def up() -> int:
         down(quiet=True)
         print(f"{waiting}; see {LOG_DIR}/smily.log. Stopped what was started.")
         return 1
-    gateway = f"{host}:{settings.gateway_port}"
-    backends = ", ".join(f"{name} :{getattr(settings, f'{name}_port')}" for name in ("tiler", "embedder", "index"))
+    gateway = f"{host}:{settings.gateway.gateway_port}"
+    backends = ", ".join(f"{name} :{settings.port_of(name)}" for name in ("tiler", "embedder", "index"))
     cache = f"Redis {env['SMILY_REDIS_URL']}" if env.get("SMILY_REDIS_URL") else "in-process cache"
-    metrics = f"metrics http://{host}:{settings.metrics_port}/metrics" if settings.metrics_port else "metrics off"
+    metrics = (
+        f"metrics http://{host}:{settings.server.metrics_port}/metrics"
+        if settings.server.metrics_port
+        else "metrics off"
+    )
     print(f"local stack up: gateway {gateway} ({backends}), {cache}, {metrics}; logs in {LOG_DIR}/")
-    print(f"viewer and HTTP API: http://{host}:{settings.http_port}/")
-    if settings.gateway_port != 50050:
+    print(f"viewer and HTTP API: http://{host}:{settings.http.http_port}/")
+    if settings.gateway.gateway_port != 50050:
         print(f"the smily command finds it with the same SMILY_GATEWAY_PORT, or --gateway {gateway}")
     print("`make down` stops it")
     return 0
@@ -222,7 +226,7 @@ def _wait_ready(proc: subprocess.Popen, host: str, settings) -> str:
 
     from smily.common.channels import channel
 
-    pending = {name: f"{host}:{getattr(settings, f'{name}_port')}" for name in PORT_VARIABLES}
+    pending = {name: f"{host}:{settings.port_of(name)}" for name in PORT_VARIABLES}
     deadline = time.monotonic() + READY_TIMEOUT_S
     while pending and time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -359,15 +363,15 @@ def up_cluster(shards: int, replicas: int) -> int:
     first_index = int(os.environ.get(CLUSTER_INDEX_PORT_VARIABLE) or CLUSTER_INDEX_PORT)
     ports = {CLUSTER_PG_PORT_VARIABLE: pg_port}
     redis_port = 0
-    if not settings.redis_url and shutil.which("redis-server"):
+    if not settings.gateway.redis_url and shutil.which("redis-server"):
         redis_port = ports[REDIS_PORT_VARIABLE] = int(os.environ.get(REDIS_PORT_VARIABLE) or REDIS_PORT)
     index_ports = [first_index + i for i in range(shards * replicas)]
     for i, port in enumerate(index_ports):
         ports[f"{CLUSTER_INDEX_PORT_VARIABLE} + {i}" if i else CLUSTER_INDEX_PORT_VARIABLE] = port
     for i, service in enumerate(CLUSTER_SERVICES):
-        ports[PORT_VARIABLES[service]] = getattr(settings, f"{service}_port")
-        if settings.metrics_port:
-            ports[f"SMILY_METRICS_PORT + {i}" if i else "SMILY_METRICS_PORT"] = settings.metrics_port + i
+        ports[PORT_VARIABLES[service]] = settings.port_of(service)
+        if settings.server.metrics_port:
+            ports[f"SMILY_METRICS_PORT + {i}" if i else "SMILY_METRICS_PORT"] = settings.server.metrics_port + i
     if _refuse_taken("127.0.0.1", ports):
         return 1
     where = f"{shards} shards x {replicas} replicas on PostgreSQL 127.0.0.1:{pg_port}"
@@ -380,9 +384,9 @@ def up_cluster(shards: int, replicas: int) -> int:
         down(quiet=True)
         print(f"{waiting}; see {LOG_DIR}/. Stopped what was started.")
         return 1
-    gateway = f"{dial_host(settings.bind_host)}:{settings.gateway_port}"
+    gateway = f"{dial_host(settings.server.bind_host)}:{settings.gateway.gateway_port}"
     print(f"local cluster up: gateway {gateway}, {where}; logs in {LOG_DIR}/, `make down` stops it")
-    if settings.gateway_port != 50050:
+    if settings.gateway.gateway_port != 50050:
         print(f"the smily command finds it with the same SMILY_GATEWAY_PORT, or --gateway {gateway}")
     return 0
 
@@ -426,9 +430,9 @@ def _start_cluster(shards: int, replicas: int, settings, pg_port: int, index_por
                 ),
             )
     for i, service in enumerate(CLUSTER_SERVICES):
-        metrics = settings.metrics_port + i if settings.metrics_port else 0
+        metrics = settings.server.metrics_port + i if settings.server.metrics_port else 0
         _spawn(service, service, dict(env, SMILY_INDEX_TARGETS=",".join(targets), SMILY_METRICS_PORT=str(metrics)))
-    return _wait_gateway(f"{dial_host(settings.bind_host)}:{settings.gateway_port}")
+    return _wait_gateway(f"{dial_host(settings.server.bind_host)}:{settings.gateway.gateway_port}")
 
 
 def _spawn(name: str, service: str, env: dict) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 
@@ -91,8 +90,7 @@ def redis_url():
 
 
 def base_settings(**overrides) -> Settings:
-    return dataclasses.replace(
-        Settings(),
+    return Settings().replace(
         bind_host="127.0.0.1",
         gateway_port=0,
         tiler_port=0,
@@ -124,7 +122,7 @@ def settings(services):
 
 @pytest.fixture(scope="session")
 def client(settings):
-    c = Client(f"127.0.0.1:{settings.gateway_port}", timeout=300)
+    c = Client(f"127.0.0.1:{settings.gateway.gateway_port}", timeout=300)
     yield c
     c.close()
 
@@ -162,8 +160,6 @@ def http_url(settings):
     """`smily serve http` on a free loopback port, calling the test gateway."""
     from smily.http.server import Running
 
-    server = Running(
-        dataclasses.replace(settings, http_port=0, http_gateway_target=f"127.0.0.1:{settings.gateway_port}")
-    )
+    server = Running(settings.replace(http_port=0, http_gateway_target=f"127.0.0.1:{settings.gateway.gateway_port}"))
     yield server.url
     server.stop()

@@ -7,7 +7,6 @@ runs TLS and verifies bearer tokens. Every refusal's status is asserted.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
@@ -67,16 +66,16 @@ def secured(idp, pki, slide_dir, model_repo, tmp_path_factory):
     )
     back, s = stack.start(["tiler", "embedder", "index"], s)
     # Callers of the gateway need TLS and a token, not a client certificate.
-    front, s = stack.start(["gateway"], dataclasses.replace(s, tls_client_auth="none"))
+    front, s = stack.start(["gateway"], s.replace(tls_client_auth="none"))
     yield s
     stack.stop(front, 0)
     stack.stop(back, 0)
 
 
 def gateway(settings, ca_path: str | None = None):
-    ca = read(ca_path or settings.tls_ca_file)
+    ca = read(ca_path or settings.tls.tls_ca_file)
     return gateway_pb2_grpc.GatewayServiceStub(
-        channel(f"127.0.0.1:{settings.gateway_port}", grpc.ssl_channel_credentials(ca))
+        channel(f"127.0.0.1:{settings.gateway.gateway_port}", grpc.ssl_channel_credentials(ca))
     )
 
 
@@ -94,7 +93,7 @@ def call(fn, request, token: str | None = None, **metadata) -> tuple[grpc.Status
 
 
 def audit_records(settings) -> dict[str, dict]:
-    with open(settings.audit_log) as fh:
+    with open(settings.auth.audit_log) as fh:
         return {r["id"]: r for r in map(json.loads, fh)}
 
 
@@ -169,13 +168,13 @@ def test_a_valid_token_of_each_role(secured, idp):
 
 
 def test_a_plaintext_client_fails(secured, idp):
-    plain = gateway_pb2_grpc.GatewayServiceStub(grpc.insecure_channel(f"127.0.0.1:{secured.gateway_port}"))
+    plain = gateway_pb2_grpc.GatewayServiceStub(grpc.insecure_channel(f"127.0.0.1:{secured.gateway.gateway_port}"))
     assert call(plain.ListSlides, LIST, idp.token(ADMIN))[0] == grpc.StatusCode.UNAVAILABLE
 
 
 def test_health_needs_no_token(secured):
-    ca = read(secured.tls_ca_file)
-    ch = channel(f"127.0.0.1:{secured.gateway_port}", grpc.ssl_channel_credentials(ca))
+    ca = read(secured.tls.tls_ca_file)
+    ch = channel(f"127.0.0.1:{secured.gateway.gateway_port}", grpc.ssl_channel_credentials(ca))
     health = health_pb2_grpc.HealthStub(ch)
     assert (
         health.Check(health_pb2.HealthCheckRequest(service="smily.gateway.v1.GatewayService"), timeout=5).status
@@ -192,7 +191,7 @@ def test_a_backend_called_without_the_gateway_certificate_is_refused(secured, pk
         (grpc.ssl_channel_credentials(ca), grpc.StatusCode.UNAVAILABLE),
         (stranger, grpc.StatusCode.PERMISSION_DENIED),
     ):
-        index = index_pb2_grpc.IndexServiceStub(channel(secured.index_target, creds))
+        index = index_pb2_grpc.IndexServiceStub(channel(secured.index.index_target, creds))
         with pytest.raises(grpc.RpcError) as info:
             index.ListSlides(index_pb2.ListSlidesRequest(), timeout=10)
         assert info.value.code() == code
@@ -201,7 +200,10 @@ def test_a_backend_called_without_the_gateway_certificate_is_refused(secured, pk
 def test_roles_follow_the_rpc_and_each_call_is_audited(secured, idp):
     """Done-when: ingest with smily.ingest, search with smily.search, a search token cannot delete, admin can."""
     ingest_client = Client(
-        f"127.0.0.1:{secured.gateway_port}", timeout=300, tls_ca=secured.tls_ca_file, token=idp.token(INGEST + SEARCH)
+        f"127.0.0.1:{secured.gateway.gateway_port}",
+        timeout=300,
+        tls_ca=secured.tls.tls_ca_file,
+        token=idp.token(INGEST + SEARCH),
     )
     op = ingest_client.wait(ingest_client.ingest("synth-a.tiff", "auth-a", {"case_id": "CASE-7"}))
     assert op.state == gateway_pb2.OPERATION_STATE_SUCCEEDED
@@ -287,9 +289,7 @@ def test_every_rpc_writes_one_record(secured, idp):
 
 def test_nested_roles_claim(secured, idp):
     """Keycloak puts realm roles under realm_access.roles."""
-    running, s = stack.start(
-        ["gateway"], dataclasses.replace(secured, gateway_port=0, oidc_roles_claim="realm_access.roles")
-    )
+    running, s = stack.start(["gateway"], secured.replace(gateway_port=0, oidc_roles_claim="realm_access.roles"))
     try:
         stub = gateway(s)
         nested = idp.token([], realm_access={"roles": ["smily.search"]})
@@ -301,7 +301,7 @@ def test_nested_roles_claim(secured, idp):
 
 def test_an_unwritable_audit_trail_fails_the_call(secured, idp, tmp_path):
     path = str(tmp_path / "audit.jsonl")
-    running, s = stack.start(["gateway"], dataclasses.replace(secured, gateway_port=0, audit_log=path))
+    running, s = stack.start(["gateway"], secured.replace(gateway_port=0, audit_log=path))
     try:
         stub = gateway(s)
         assert call(stub.ListSlides, LIST, idp.token(SEARCH))[0] == grpc.StatusCode.OK
@@ -332,4 +332,4 @@ def test_a_rotated_key_is_fetched_once_and_unknown_kids_cannot_hammer_the_idp(id
 
 def test_oidc_without_issuer_refuses_to_start():
     with pytest.raises(ValueError, match="SMILY_OIDC_ISSUER"):
-        auth.authenticator(dataclasses.replace(base_settings(), auth="oidc"))
+        auth.authenticator(base_settings().replace(auth="oidc").auth)

@@ -37,7 +37,10 @@ def metric(name: str) -> float:
 @pytest.fixture
 def embedder(model_repo, request):
     running, settings = stack.start(["embedder"], base_settings(model_repository=model_repo, **request.param))
-    yield running["embedder"].servicer, embedder_pb2_grpc.EmbedderServiceStub(channel(settings.embedder_target))
+    yield (
+        running["embedder"].servicer,
+        embedder_pb2_grpc.EmbedderServiceStub(channel(settings.embedder.embedder_target)),
+    )
     stack.stop(running, 0)
 
 

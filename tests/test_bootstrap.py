@@ -26,7 +26,7 @@ def test_every_service_reports_serving(settings):
         ("index", "smily.index.v1.IndexService"),
         ("gateway", "smily.gateway.v1.GatewayService"),
     ]:
-        ch = grpc.insecure_channel(f"127.0.0.1:{getattr(settings, name + '_port')}")
+        ch = grpc.insecure_channel(f"127.0.0.1:{settings.port_of(name)}")
         health = health_pb2_grpc.HealthStub(ch)
         for service in ("", full):
             status = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
@@ -41,17 +41,17 @@ def _list_services(target: str):
 
 def test_reflection_is_off_unless_asked_for(settings, tmp_path):
     with pytest.raises(grpc.RpcError) as info:
-        _list_services(settings.index_target)
+        _list_services(settings.index.index_target)
     assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
     running, s = stack.start(["index"], base_settings(index_dir=str(tmp_path), reflection=True))
     try:
-        assert "smily.index.v1.IndexService" in _list_services(s.index_target)
+        assert "smily.index.v1.IndexService" in _list_services(s.index.index_target)
     finally:
         stack.stop(running, 0)
 
 
 def test_errors_are_canonical_not_unknown(settings):
-    index = index_pb2_grpc.IndexServiceStub(grpc.insecure_channel(settings.index_target))
+    index = index_pb2_grpc.IndexServiceStub(grpc.insecure_channel(settings.index.index_target))
     bad = index_pb2.SearchRequest(
         model_id="efficientnet-lite0/1", k=5, query=types_pb2.Tensor(data=b"\0" * 7, shape=[1280], dtype=1)
     )
@@ -69,7 +69,7 @@ def test_metrics_endpoint_counts_rpcs(settings, client, ingested):
 
 def test_graceful_shutdown_says_not_serving(tmp_path):
     running, s = stack.start(["index"], base_settings(index_dir=str(tmp_path)))
-    ch = grpc.insecure_channel(s.index_target)
+    ch = grpc.insecure_channel(s.index.index_target)
     health = health_pb2_grpc.HealthStub(ch)
     assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
     srv = running["index"]
@@ -81,6 +81,6 @@ def test_graceful_shutdown_says_not_serving(tmp_path):
 
 def test_settings_from_env():
     s = Settings.from_env({"SMILY_TILER_PORT": "6000", "SMILY_SLIDE_ROOTS": "/a:/b", "SMILY_TILE_MPP": "0.5"})
-    assert (s.tiler_port, s.slide_roots, s.tile_mpp) == (6000, ("/a", "/b"), 0.5)
+    assert (s.tiler.tiler_port, s.tiler.slide_roots, s.gateway.tile_mpp) == (6000, ("/a", "/b"), 0.5)
     with pytest.raises(ValueError, match="SMILY_INDEX_PORT"):
         Settings.from_env({"SMILY_INDEX_PORT": "many"})

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 
 from smily import stack
@@ -17,9 +15,9 @@ def test_queries_survive_redis_dying(settings, ingested):
     proc, url = start_redis()
     if proc is None:
         need("redis-server", "install it with `apt-get install redis-server` (make test does, as root)")
-    gw_settings = dataclasses.replace(settings, gateway_port=0, redis_url=url)
+    gw_settings = settings.replace(gateway_port=0, redis_url=url)
     running, gw_settings = stack.start(["gateway"], gw_settings)
-    client = Client(f"127.0.0.1:{gw_settings.gateway_port}", timeout=30)
+    client = Client(f"127.0.0.1:{gw_settings.gateway.gateway_port}", timeout=30)
     regions = [dict(slide_id="synth-a", x=x, y=600, width=448, height=448) for x in (500, 900, 1300)]
     results = []
     try:
@@ -53,10 +51,8 @@ def test_a_poisoned_cache_entry_is_a_miss_and_the_query_stays_true(settings, ing
     proc, url = start_redis()
     if proc is None:
         need("redis-server", "install it with `apt-get install redis-server`")
-    running, gw = stack.start(
-        ["gateway"], dataclasses.replace(settings, gateway_port=0, redis_url=url, cache_key="a-shared-secret")
-    )
-    client = Client(f"127.0.0.1:{gw.gateway_port}", timeout=60)
+    running, gw = stack.start(["gateway"], settings.replace(gateway_port=0, redis_url=url, cache_key="a-shared-secret"))
+    client = Client(f"127.0.0.1:{gw.gateway.gateway_port}", timeout=60)
     region = dict(slide_id="synth-b", x=700, y=500, width=448, height=448)
     try:
         first = client.search(region=region, k=5)

@@ -16,7 +16,7 @@ from .conftest import ROOT
 
 
 def smily(settings, *args):
-    cmd = [sys.executable, "-m", "smily.cli", *args, "--gateway", f"127.0.0.1:{settings.gateway_port}"]
+    cmd = [sys.executable, "-m", "smily.cli", *args, "--gateway", f"127.0.0.1:{settings.gateway.gateway_port}"]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
 
 
@@ -87,7 +87,7 @@ def test_a_backend_address_is_named_as_not_the_gateway(settings):
                 "smily.cli",
                 "slides",
                 "--gateway",
-                f"127.0.0.1:{getattr(settings, f'{name}_port')}",
+                f"127.0.0.1:{settings.port_of(name)}",
             ],
             capture_output=True,
             text=True,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from types import SimpleNamespace as NS
 
 import numpy as np
@@ -46,11 +45,9 @@ def robust_gateway(request, settings, ingested):
     """A gateway on the session's backends and index whose queries go under all 8 transforms."""
     running, s = stack.start(
         ["gateway"],
-        dataclasses.replace(
-            settings, gateway_port=0, redis_url="", query_transforms=("all",), query_merge=request.param
-        ),
+        settings.replace(gateway_port=0, redis_url="", query_transforms=("all",), query_merge=request.param),
     )
-    c = Client(f"127.0.0.1:{s.gateway_port}", timeout=300)
+    c = Client(f"127.0.0.1:{s.gateway.gateway_port}", timeout=300)
     yield c, request.param
     c.close()
     stack.stop(running, 0)

@@ -3,7 +3,6 @@ pixels never pass through the gateway; cancelling it stops the tiler too."""
 
 from __future__ import annotations
 
-import dataclasses
 import pathlib
 import time
 
@@ -27,12 +26,12 @@ PARAMS = tiler_pb2.TilingParams(mpp=1.0, tile_size=224, min_tissue_fraction=0.5)
 
 @pytest.fixture(scope="module")
 def embedder(settings):
-    return embedder_pb2_grpc.EmbedderServiceStub(channel(settings.embedder_target))
+    return embedder_pb2_grpc.EmbedderServiceStub(channel(settings.embedder.embedder_target))
 
 
 @pytest.fixture(scope="module")
 def tiler(settings):
-    return tiler_pb2_grpc.TilerServiceStub(channel(settings.tiler_target))
+    return tiler_pb2_grpc.TilerServiceStub(channel(settings.tiler.tiler_target))
 
 
 def test_same_tiles_and_embeddings_as_streaming_and_embedding_apart(embedder, tiler):
@@ -115,12 +114,12 @@ def test_under_mtls_the_tiler_admits_the_embedder_identity_only(mtls_pki, slide_
     try:
         for who, code in (("embedder", grpc.StatusCode.OK), ("stranger", grpc.StatusCode.PERMISSION_DENIED)):
             cert, key = mtls_pki[who]
-            emb, s2 = stack.start(["embedder"], dataclasses.replace(s, tls_cert_file=cert, tls_key_file=key))
+            emb, s2 = stack.start(["embedder"], s.replace(tls_cert_file=cert, tls_key_file=key))
             try:
                 gateway_creds = grpc.ssl_channel_credentials(
                     *(pathlib.Path(p).read_bytes() for p in (mtls_pki["ca"].path, gateway_key, gateway_cert))
                 )
-                stub = embedder_pb2_grpc.EmbedderServiceStub(channel(s2.embedder_target, gateway_creds))
+                stub = embedder_pb2_grpc.EmbedderServiceStub(channel(s2.embedder.embedder_target, gateway_creds))
                 request = embedder_pb2.EmbedSlideRequest(tiles=tiler_pb2.StreamTilesRequest(slide=CMU, params=PARAMS))
                 if code == grpc.StatusCode.OK:
                     assert sum(len(m.tiles) for m in stub.EmbedSlide(request, timeout=300)) > 0

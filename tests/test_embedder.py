@@ -22,7 +22,7 @@ from .conftest import rpc_code
 
 @pytest.fixture(scope="module")
 def embedder(settings):
-    return embedder_pb2_grpc.EmbedderServiceStub(channel(settings.embedder_target))
+    return embedder_pb2_grpc.EmbedderServiceStub(channel(settings.embedder.embedder_target))
 
 
 def patch(seed: int) -> np.ndarray:

@@ -158,11 +158,11 @@ def _eval(settings, slides, *args):
         [
             "eval",
             "--gateway",
-            f"127.0.0.1:{settings.gateway_port}",
+            f"127.0.0.1:{settings.gateway.gateway_port}",
             "--slide-root",
             str(slides),
             "--embedder",
-            settings.embedder_target,
+            settings.embedder.embedder_target,
             "--bootstrap",
             "300",
             *args,
@@ -200,11 +200,11 @@ def test_eval_beats_random_on_synthetic_benchmark(eval_stack, tmp_path, capsys):
     assert set(rob["all"]) == set(robustness.TRANSFORMS)
 
     # Everything is indexed now: a second run ingests nothing and agrees.
-    before = {s.slide_id: s.indexed_at for s in Client(f"127.0.0.1:{settings.gateway_port}").slides()}
+    before = {s.slide_id: s.indexed_at for s in Client(f"127.0.0.1:{settings.gateway.gateway_port}").slides()}
     assert _eval(settings, slides, "--manifest", manifest, "--out", str(tmp_path / "again")) == 0
     again = json.loads((tmp_path / "again" / "evaluation.json").read_text())
     assert again["columns"]["tissue"]["methods"]["exact"] == m["exact"]
-    after = {s.slide_id: s.indexed_at for s in Client(f"127.0.0.1:{settings.gateway_port}").slides()}
+    after = {s.slide_id: s.indexed_at for s in Client(f"127.0.0.1:{settings.gateway.gateway_port}").slides()}
     assert after == before
 
 

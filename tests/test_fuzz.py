@@ -147,7 +147,7 @@ def gateway(slide_dir, model_repo, redis_url, tmp_path_factory):
             index_dir=str(tmp_path_factory.mktemp("fuzz-index")),
         ),
     )
-    target = f"127.0.0.1:{s.gateway_port}"
+    target = f"127.0.0.1:{s.gateway.gateway_port}"
     ch = grpc.insecure_channel(
         target,
         options=[

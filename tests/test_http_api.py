@@ -212,7 +212,9 @@ def test_ingest_errors_come_back_through_the_operation(api):
 
 def test_request_body_is_bounded(settings):
     small = Running(
-        base_settings(http_port=0, http_max_body_bytes=1000, http_gateway_target=f"127.0.0.1:{settings.gateway_port}")
+        base_settings(
+            http_port=0, http_max_body_bytes=1000, http_gateway_target=f"127.0.0.1:{settings.gateway.gateway_port}"
+        )
     )
     try:
         big = {"image": base64.b64encode(os.urandom(2000)).decode()}

@@ -153,7 +153,7 @@ def cluster(postgres, tmp_path_factory):  # noqa: F811
     srv, settings = stack.start(
         ["index"], base_settings(index_dir=os.path.join(root, "single"), index_snapshot_interval_s=0)
     )
-    single_ch = channel(settings.index_target)
+    single_ch = channel(settings.index.index_target)
     single = ShardedIndex([index_pb2_grpc.IndexServiceStub(single_ch)])
     try:
         for i in range(SLIDES):

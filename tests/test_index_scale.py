@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import os
 import signal
@@ -65,7 +64,7 @@ def gateway(postgres, model_repo, tmp_path_factory):  # noqa: F811
     )
     gw = None
     try:
-        emb = embedder_pb2_grpc.EmbedderServiceStub(ch := channel(settings.embedder_target))
+        emb = embedder_pb2_grpc.EmbedderServiceStub(ch := channel(settings.embedder.embedder_target))
         info = emb.GetModelInfo(embedder_pb2.GetModelInfoRequest()).info
         ch.close()
         rng = np.random.default_rng(3)
@@ -86,8 +85,8 @@ def gateway(postgres, model_repo, tmp_path_factory):  # noqa: F811
                     slide=index_pb2.Slide(slide_id=f"g-{i:02d}", source="x"),
                 )
             )
-        gw, gs = stack.start(["gateway"], dataclasses.replace(settings, index_targets=tuple(t[0] for t in c.targets)))
-        ch = channel(f"127.0.0.1:{gs.gateway_port}")
+        gw, gs = stack.start(["gateway"], settings.replace(index_targets=tuple(t[0] for t in c.targets)))
+        ch = channel(f"127.0.0.1:{gs.gateway.gateway_port}")
         yield c, gateway_pb2_grpc.GatewayServiceStub(ch)
         ch.close()
     finally:

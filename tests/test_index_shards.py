@@ -26,7 +26,7 @@ def indexes(tmp_path):
                 ["index"], base_settings(index_dir=str(tmp_path / f"i{i}"), index_snapshot_interval_s=0)
             )
             running.append(srv)
-            channels.append(channel(settings.index_target))
+            channels.append(channel(settings.index.index_target))
         stubs = [index_pb2_grpc.IndexServiceStub(c) for c in channels]
         yield ShardedIndex(stubs[:3]), ShardedIndex(stubs[3:]), stubs[:3]
     finally:

@@ -14,7 +14,6 @@ A missing tool fails the tests with the command that installs it.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import os
 import re
@@ -33,7 +32,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 import yaml
 
-from smily.common.config import Settings
+from smily.common.config import FIELDS, Settings, variable
 
 from .conftest import need
 
@@ -307,7 +306,7 @@ def test_grpc_services_use_native_grpc_probes(render):
     _, objs = render
     # kubelet's gRPC probes cannot speak TLS: they ask the plaintext health-only port.
     port = int(config(objs)["SMILY_HEALTH_PORT"])
-    assert port not in (DEFAULTS.metrics_port, *(getattr(DEFAULTS, f"{s}_port") for s in SERVICES))
+    assert port not in (DEFAULTS.server.metrics_port, *(DEFAULTS.port_of(s) for s in SERVICES))
     for s in SERVICES:
         c = container_of(objs, s)
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
@@ -395,7 +394,7 @@ def test_every_backend_the_gateway_dials_is_headless(render):
         m = TARGET.match(target)
         assert m, target
         assert m["ns"] == namespace(objs)
-        assert int(m["port"]) == getattr(DEFAULTS, f"{s}_port")
+        assert int(m["port"]) == DEFAULTS.port_of(s)
         svc = one(objs, "Service", m["svc"])
         assert svc["spec"].get("clusterIP") == "None", f"{m['svc']} must be headless for round_robin"
         assert int(m["port"]) in [p["port"] for p in svc["spec"]["ports"]]
@@ -404,7 +403,7 @@ def test_every_backend_the_gateway_dials_is_headless(render):
     assert "SMILY_INDEX_TARGET" not in cfg
     gw = one(objs, "Service", "smily-gateway")
     assert gw["spec"].get("clusterIP") != "None"
-    assert gw["spec"]["ports"][0]["port"] == DEFAULTS.gateway_port
+    assert gw["spec"]["ports"][0]["port"] == DEFAULTS.gateway.gateway_port
 
 
 def test_ports_args_and_images_agree_with_code_and_make_images(render):
@@ -421,8 +420,8 @@ def test_ports_args_and_images_agree_with_code_and_make_images(render):
         assert c["command"] == ["python", "-m", f"smily.{s}"]
         ports = {p["name"]: p["containerPort"] for p in c["ports"]}
         assert ports == {
-            "grpc": getattr(DEFAULTS, f"{s}_port"),
-            "metrics": DEFAULTS.metrics_port,
+            "grpc": DEFAULTS.port_of(s),
+            "metrics": DEFAULTS.server.metrics_port,
             "health": int(config(objs)["SMILY_HEALTH_PORT"]),
         }
         svc = one(objs, "Service", smily_name(s))
@@ -432,20 +431,20 @@ def test_ports_args_and_images_agree_with_code_and_make_images(render):
         assert c["image"] == f"localhost/smily/{s}:{version}{variant}"
         assert c["image"] in built, f"{c['image']} is not built by `make images`"
     cfg = config(objs)
-    assert int(cfg["SMILY_METRICS_PORT"]) == DEFAULTS.metrics_port
+    assert int(cfg["SMILY_METRICS_PORT"]) == DEFAULTS.server.metrics_port
     assert cfg["SMILY_BIND_HOST"] == "0.0.0.0"
 
 
 def test_config_names_only_real_settings(render):
     _, objs = render
-    fields = {"SMILY_" + f.name.upper() for f in dataclasses.fields(Settings)}
+    fields = {variable(name) for name in FIELDS}
     names = set(config(objs))
     for w in workloads(objs):
         for c in containers(w):
             names |= {e["name"] for e in c.get("env", []) if e["name"].startswith("SMILY_")}
     assert names <= fields, f"unknown settings: {sorted(names - fields)}"
     Settings.from_env(config(objs))  # every value parses
-    assert Settings.from_env(config(objs)).model == DEFAULTS.model
+    assert Settings.from_env(config(objs)).embedder.model == DEFAULTS.embedder.model
 
 
 def test_paths_in_config_are_mounted(render):
@@ -626,7 +625,7 @@ def test_network_policies(render):
         grpc_rules = [
             r
             for r in _peers_allowed(policies, labels(s), "Ingress")
-            if any(p["port"] == getattr(DEFAULTS, f"{s}_port") for p in r.get("ports", []))
+            if any(p["port"] == DEFAULTS.port_of(s) for p in r.get("ports", []))
         ]
         assert grpc_rules, f"gateway cannot reach {s}"
         allowed = [{"podSelector": {"matchLabels": gateway_sel}}]
@@ -642,16 +641,18 @@ def test_network_policies(render):
         # Backends dial nobody but DNS; index replicas PostgreSQL too; the embedder the tiler.
         egress = [{p["port"] for p in r["ports"]} for r in _peers_allowed(policies, labels(s), "Egress")]
         assert all(
-            ports == {53} or (s == "index" and ports == {5432}) or (s == "embedder" and ports == {DEFAULTS.tiler_port})
+            ports == {53}
+            or (s == "index" and ports == {5432})
+            or (s == "embedder" and ports == {DEFAULTS.tiler.tiler_port})
             for ports in egress
         ), s
         assert (s == "index") == ({5432} in egress), s
-        assert (s == "embedder") == ({DEFAULTS.tiler_port} in egress), s
+        assert (s == "embedder") == ({DEFAULTS.tiler.tiler_port} in egress), s
     gw_egress = _peers_allowed(policies, labels("gateway"), "Egress")
     gw_ports = {p["port"] for r in gw_egress for p in r.get("ports", [])}
-    assert {DEFAULTS.tiler_port, DEFAULTS.embedder_port, DEFAULTS.index_port, 6379} <= gw_ports
+    assert {DEFAULTS.tiler.tiler_port, DEFAULTS.embedder.embedder_port, DEFAULTS.index.index_port, 6379} <= gw_ports
     gw_ingress = _peers_allowed(policies, labels("gateway"), "Ingress")
-    (client_rule,) = [r for r in gw_ingress if any(p["port"] == DEFAULTS.gateway_port for p in r["ports"])]
+    (client_rule,) = [r for r in gw_ingress if any(p["port"] == DEFAULTS.gateway.gateway_port for p in r["ports"])]
     # Only labelled client namespaces and pods (docs/security.md), not the whole cluster.
     client = {"smily.io/gateway-client": "true"}
     assert client_rule["from"] == [
@@ -744,7 +745,7 @@ def test_dockerfiles(service):
         # Serving stages install nothing themselves; torch only in the model stage.
         assert "pip install" not in body and "torch" not in body, f
     assert f'ENTRYPOINT ["python", "-m", "smily.{service}"]' in text
-    assert f"EXPOSE {getattr(DEFAULTS, f'{service}_port')} {DEFAULTS.metrics_port}" in text
+    assert f"EXPOSE {DEFAULTS.port_of(service)} {DEFAULTS.server.metrics_port}" in text
     for req in re.findall(r"/req/([a-z-]+\.txt)", text):
         assert (DOCKER / "requirements" / req).exists(), req
     if service == "embedder":
@@ -848,8 +849,8 @@ def test_oidc_and_audit_settings_are_in_the_config(render):
     _, objs = render
     cfg = config(objs)
     s = Settings.from_env(cfg)
-    assert s.auth == "oidc" and s.oidc_issuer.startswith("https://") and s.oidc_audience
-    assert not s.plaintext and s.reflection is False
+    assert s.auth.auth == "oidc" and s.auth.oidc_issuer.startswith("https://") and s.auth.oidc_audience
+    assert not s.tls.plaintext and s.server.reflection is False
     assert "SMILY_AUDIT_LOG" in cfg
 
 
@@ -862,10 +863,10 @@ def test_http_deployment_calls_only_the_gateway(render):
     (c,) = pod_spec(deploy)["containers"]
     assert c["command"] == ["python", "-m", "smily.http"]
     assert c["image"] == f"localhost/smily/gateway:{project_version()}"
-    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"http": DEFAULTS.http_port}
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"http": DEFAULTS.http.http_port}
     assert c["readinessProbe"]["httpGet"]["path"] == "/readyz" and c["livenessProbe"]["httpGet"]["path"] == "/livez"
     m = TARGET.match(config(objs)["SMILY_HTTP_GATEWAY_TARGET"])
-    assert m and m["svc"] == "smily-gateway" and int(m["port"]) == DEFAULTS.gateway_port
+    assert m and m["svc"] == "smily-gateway" and int(m["port"]) == DEFAULTS.gateway.gateway_port
     assert m["ns"] == namespace(objs)
     # It dials the gateway over TLS with its own certificate, at the paths SMILY_TLS_* name.
     cfg = config(objs)
@@ -874,7 +875,7 @@ def test_http_deployment_calls_only_the_gateway(render):
     vols = {v["name"]: v for v in pod_spec(deploy)["volumes"]}
     secret = vols[tls_mount["name"]]["secret"]["secretName"]
     assert secret in {o["spec"]["secretName"] for o in find(objs, "Certificate")}
-    assert not Settings.from_env(cfg).plaintext
+    assert not Settings.from_env(cfg).tls.plaintext
     svc = one(objs, "Service", "smily-http")
     assert selects(svc["spec"]["selector"], deploy["spec"]["template"]["metadata"]["labels"])
     if name.startswith("gpu") or "netpol" in name:
@@ -884,9 +885,11 @@ def test_http_deployment_calls_only_the_gateway(render):
         assert egress == [
             {
                 "to": [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "smily-gateway"}}}],
-                "ports": [{"protocol": "TCP", "port": DEFAULTS.gateway_port}],
+                "ports": [{"protocol": "TCP", "port": DEFAULTS.gateway.gateway_port}],
             }
         ]
         assert any(
-            p["port"] == DEFAULTS.http_port for r in _peers_allowed(policies, labels, "Ingress") for p in r["ports"]
+            p["port"] == DEFAULTS.http.http_port
+            for r in _peers_allowed(policies, labels, "Ingress")
+            for p in r["ports"]
         )

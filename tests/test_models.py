@@ -85,7 +85,7 @@ def png(rgb: np.ndarray) -> bytes:
 
 
 def embed(settings, *rgbs) -> embedder_pb2.EmbedResponse:
-    stub = embedder_pb2_grpc.EmbedderServiceStub(channel(settings.embedder_target))
+    stub = embedder_pb2_grpc.EmbedderServiceStub(channel(settings.embedder.embedder_target))
     return stub.Embed(embedder_pb2.EmbedRequest(images=[types_pb2.Image(data=png(x)) for x in rgbs]))
 
 
@@ -120,7 +120,7 @@ def test_second_architecture_exports_and_serves(tmp_path):
     assert "max abs difference to PyTorch" in out.stdout
     running, settings = serve_embedder(tmp_path, "lite1-random/1")
     try:
-        stub = embedder_pb2_grpc.EmbedderServiceStub(channel(settings.embedder_target))
+        stub = embedder_pb2_grpc.EmbedderServiceStub(channel(settings.embedder.embedder_target))
         info = stub.GetModelInfo(embedder_pb2.GetModelInfoRequest()).info
         assert (info.model_id, info.embedding_dim, info.input_size) == ("lite1-random/1", 1280, 240)
         v = from_tensor(embed(settings, tissue(3), tissue(4, 300)).embeddings)
@@ -161,12 +161,12 @@ def test_a_second_model_is_searched_end_to_end(repo, slide_dir, tmp_path):
         slide_roots=(slide_dir,), model_repository=str(path), model="tiny-resnet/1", index_dir=str(tmp_path / "index")
     )
     running, settings = stack.start(stack.ORDER, settings)
-    client = Client(f"127.0.0.1:{settings.gateway_port}", timeout=300)
+    client = Client(f"127.0.0.1:{settings.gateway.gateway_port}", timeout=300)
     try:
         name = TEST_SLIDES[0].name
         op = client.wait(client.ingest(name, "synth-a"))
         assert op.model_id == "tiny-resnet/1" and op.progress.tiles_indexed > 10, op
-        index = index_pb2_grpc.IndexServiceStub(channel(settings.index_target))
+        index = index_pb2_grpc.IndexServiceStub(channel(settings.index.index_target))
         info = index.GetIndexInfo(index_pb2.GetIndexInfoRequest())
         assert (info.model_id, info.dim) == ("tiny-resnet/1", 64)
         slide = client.slides()[0]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 
 from smily import stack
@@ -17,8 +15,7 @@ from .test_search_e2e import _tissue_tile
 @pytest.fixture(scope="module")
 def multiscale(settings, tmp_path_factory):
     """An index at 0.5, 1.0 and 2.0 µm/px and its gateway, on the session's tiler and embedder."""
-    s = dataclasses.replace(
-        settings,
+    s = settings.replace(
         index_port=0,
         gateway_port=0,
         tile_mpps=(0.5, 1.0, 2.0),
@@ -26,7 +23,7 @@ def multiscale(settings, tmp_path_factory):
         index_dir=str(tmp_path_factory.mktemp("multiscale-index")),
     )
     running, s = stack.start(["index", "gateway"], s)
-    c = Client(f"127.0.0.1:{s.gateway_port}", timeout=300)
+    c = Client(f"127.0.0.1:{s.gateway.gateway_port}", timeout=300)
     op = c.wait(c.ingest("synth-b.svs", "synth-b"))  # 0.5 µm/px, 3072 x 2304
     assert op.state == gateway_pb2.OPERATION_STATE_SUCCEEDED, op.error_message
     yield c, op

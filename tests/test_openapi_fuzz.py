@@ -40,7 +40,7 @@ def http(slide_dir, model_repo, tmp_path_factory):
             index_dir=str(tmp_path_factory.mktemp("openapi-index")),
         ),
     )
-    proc = HttpProcess(f"127.0.0.1:{s.gateway_port}", str(tmp_path_factory.mktemp("openapi-http") / "http.log"))
+    proc = HttpProcess(f"127.0.0.1:{s.gateway.gateway_port}", str(tmp_path_factory.mktemp("openapi-http") / "http.log"))
     yield proc
     proc.stop()
     local_stack.stop(running, 0)

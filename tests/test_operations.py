@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import time
 
 import grpc
@@ -26,11 +25,9 @@ def _op(client: Client, operation_id: str) -> gateway_pb2.Operation:
 @pytest.fixture
 def two_gateways(settings):
     """A: one slow ingest at a time (one tile per batch); B: any other replica."""
-    a_running, a = stack.start(
-        ["gateway"], dataclasses.replace(settings, gateway_port=0, max_concurrent_ingests=1, embed_batch=1)
-    )
-    b_running, b = stack.start(["gateway"], dataclasses.replace(settings, gateway_port=0))
-    ca, cb = Client(f"127.0.0.1:{a.gateway_port}"), Client(f"127.0.0.1:{b.gateway_port}")
+    a_running, a = stack.start(["gateway"], settings.replace(gateway_port=0, max_concurrent_ingests=1, embed_batch=1))
+    b_running, b = stack.start(["gateway"], settings.replace(gateway_port=0))
+    ca, cb = Client(f"127.0.0.1:{a.gateway.gateway_port}"), Client(f"127.0.0.1:{b.gateway.gateway_port}")
     yield ca, cb, a_running
     ca.close()
     cb.close()
@@ -79,7 +76,7 @@ def test_an_operation_whose_replica_died_goes_stale(settings, client):
     ghost = gateway_pb2.Operation(
         operation_id="ghost", slide_id="x", state=State.OPERATION_STATE_RUNNING, updated_at=time.time() - STALE_S - 1
     )
-    redis.Redis.from_url(settings.redis_url).set("smily:op:ghost", ghost.SerializeToString(), ex=60)
+    redis.Redis.from_url(settings.gateway.redis_url).set("smily:op:ghost", ghost.SerializeToString(), ex=60)
     seen = _op(client, "ghost")
     assert seen.state == State.OPERATION_STATE_FAILED and seen.error_code == "UNAVAILABLE"
     assert client.cancel("ghost").state == State.OPERATION_STATE_FAILED  # nothing left to cancel

@@ -71,7 +71,7 @@ def test_a_slide_pushed_to_orthanc_becomes_searchable_by_its_accession(redis_url
     bodies: list[str] = []
     try:
         running, settings = stack.start(stack.ORDER, settings)
-        http = HttpProcess(f"127.0.0.1:{settings.gateway_port}", str(tmp_path / "http.log"), port=http_port)
+        http = HttpProcess(f"127.0.0.1:{settings.gateway.gateway_port}", str(tmp_path / "http.log"), port=http_port)
         reader = {"Authorization": "Bearer " + idp.token(["smily.search"], sub="lis-reader")}
         with httpx.Client(base_url=http.url, headers=reader, timeout=60) as api:
             assert _get(api, "/v1/slides", bodies)["slides"] == []

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from types import SimpleNamespace as NS
 
@@ -46,8 +45,7 @@ def test_half_stride_plans_every_grid_tile_and_the_ones_between(slide_dir):
 @pytest.fixture(scope="module")
 def overlapping(settings, tmp_path_factory):
     """A second index with half-overlapping tiles and its gateway, on the session's tiler and embedder."""
-    s = dataclasses.replace(
-        settings,
+    s = settings.replace(
         index_port=0,
         gateway_port=0,
         tile_stride=0.5,
@@ -55,7 +53,7 @@ def overlapping(settings, tmp_path_factory):
         index_dir=str(tmp_path_factory.mktemp("overlap-index")),
     )
     running, s = stack.start(["index", "gateway"], s)
-    c = Client(f"127.0.0.1:{s.gateway_port}", timeout=300)
+    c = Client(f"127.0.0.1:{s.gateway.gateway_port}", timeout=300)
     op = c.wait(c.ingest("synth-a.tiff", "synth-a"))
     assert op.state == gateway_pb2.OPERATION_STATE_SUCCEEDED, op.error_message
     yield c

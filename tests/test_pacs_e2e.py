@@ -92,8 +92,8 @@ def test_case_by_accession_end_to_end(pacs, redis_url, model_repo, tmp_path, cap
     running, settings = stack.start(stack.ORDER, settings)
     responses = []
     try:
-        client = Client(f"127.0.0.1:{settings.gateway_port}", timeout=300)
-        tiler = tiler_pb2_grpc.TilerServiceStub(channel(settings.tiler_target))
+        client = Client(f"127.0.0.1:{settings.gateway.gateway_port}", timeout=300)
+        tiler = tiler_pb2_grpc.TilerServiceStub(channel(settings.tiler.tiler_target))
 
         ops = [client.wait(client.ingest_case(accession)) for accession in CASES]
         responses += ops
@@ -221,7 +221,7 @@ def test_case_by_accession_over_http_with_curl(pacs, redis_url, model_repo, tmp_
     running, settings = stack.start(stack.ORDER, settings)
     http = None
     try:
-        http = HttpProcess(f"127.0.0.1:{settings.gateway_port}", str(tmp_path / "http.log"))
+        http = HttpProcess(f"127.0.0.1:{settings.gateway.gateway_port}", str(tmp_path / "http.log"))
         curl = CurlSession(http.url, str(tmp_path))
         as_json = ("-H", "content-type: application/json", "-d")
         assert curl("GET", "/v1/slides", show=False)["slides"] == []  # the cases exist only in the archive
@@ -255,7 +255,7 @@ def test_case_by_accession_over_http_with_curl(pacs, redis_url, model_repo, tmp_
 
         # A patch of slide B (cut from the original file, off the indexed grid) as base64 PNG in JSON.
         png, _ = _patch(
-            tiler_pb2_grpc.TilerServiceStub(channel(settings.tiler_target)),
+            tiler_pb2_grpc.TilerServiceStub(channel(settings.tiler.tiler_target)),
             f"dicomweb:pacs/{study_b}/{series_b}",
             files[1],
         )

@@ -17,7 +17,7 @@ from .conftest import CMU, TEST_SLIDES, rpc_code, streamed_tiles
 
 def _tissue_tile(settings, name: str):
     """A tile the tiler calls almost all tissue, from the middle of the slide's list."""
-    stub = tiler_pb2_grpc.TilerServiceStub(channel(settings.tiler_target))
+    stub = tiler_pb2_grpc.TilerServiceStub(channel(settings.tiler.tiler_target))
     tiles = streamed_tiles(
         stub, tiler_pb2.StreamTilesRequest(slide=name, params=tiler_pb2.TilingParams(min_tissue_fraction=0.9))
     )
@@ -53,7 +53,9 @@ def test_image_query_matches_region_query(client, settings, ingested):
     tile, tiler = _tissue_tile(settings, name)
     rect = dict(x=tile.x + tile.width // 4, y=tile.y + tile.height // 4, width=tile.width, height=tile.height)
     png = tiler.ReadRegion(
-        tiler_pb2.ReadRegionRequest(slide=name, mpp=settings.tile_mpp, encoding=types_pb2.IMAGE_ENCODING_PNG, **rect)
+        tiler_pb2.ReadRegionRequest(
+            slide=name, mpp=settings.gateway.tile_mpp, encoding=types_pb2.IMAGE_ENCODING_PNG, **rect
+        )
     ).image.data
     by_image = client.search(image=png, k=5)
     by_region = client.search(region=dict(slide_id="synth-a", **rect), k=5)

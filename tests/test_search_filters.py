@@ -4,7 +4,6 @@ slides of two organs and two cases (the shared index is left alone)."""
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 
@@ -34,11 +33,9 @@ def cases(settings, tmp_path_factory):
     """A fresh index and gateway on the session's tiler and embedder; yields (client, settings, tiles per slide)."""
     running, fresh = stack.start(
         ["index", "gateway"],
-        dataclasses.replace(
-            settings, index_dir=str(tmp_path_factory.mktemp("cases-index")), index_port=0, gateway_port=0
-        ),
+        settings.replace(index_dir=str(tmp_path_factory.mktemp("cases-index")), index_port=0, gateway_port=0),
     )
-    c = Client(f"127.0.0.1:{fresh.gateway_port}", timeout=300)
+    c = Client(f"127.0.0.1:{fresh.gateway.gateway_port}", timeout=300)
     try:
         for spec in TEST_SLIDES:
             sid = spec.name.rsplit(".", 1)[0]
@@ -96,16 +93,16 @@ def test_exclude_query_case(cases):
 
 def test_case_key_is_configurable(cases):
     _, fresh, counts = cases
-    running, gw = stack.start(["gateway"], dataclasses.replace(fresh, gateway_port=0, case_key="organ"))
-    other = Client(f"127.0.0.1:{gw.gateway_port}", timeout=60)
+    running, gw = stack.start(["gateway"], fresh.replace(gateway_port=0, case_key="organ"))
+    other = Client(f"127.0.0.1:{gw.gateway.gateway_port}", timeout=60)
     try:
         hits = other.search(region=QUERY, k=sum(counts.values()), exclude_query_case=True).hits
         assert {h.metadata["organ"] for h in hits} == {"breast"}
     finally:
         other.close()
         stack.stop(running, 0)
-    running, gw = stack.start(["gateway"], dataclasses.replace(fresh, gateway_port=0, case_key="patient"))
-    other = Client(f"127.0.0.1:{gw.gateway_port}", timeout=60)
+    running, gw = stack.start(["gateway"], fresh.replace(gateway_port=0, case_key="patient"))
+    other = Client(f"127.0.0.1:{gw.gateway.gateway_port}", timeout=60)
     try:  # no slide has this key: refused, not silently unexcluded
         assert rpc_code(other.search, region=QUERY, k=3, exclude_query_case=True) == grpc.StatusCode.FAILED_PRECONDITION
     finally:

@@ -4,7 +4,6 @@ whole-slide search, region images and cancelled ingests."""
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import time
 
@@ -99,8 +98,8 @@ def test_concept_steers_search_both_ways(client, archive):
 
 
 def test_concepts_are_shared_by_gateway_replicas(client, settings, archive):
-    running, gw = stack.start(["gateway"], dataclasses.replace(settings, gateway_port=0))
-    other = Client(f"127.0.0.1:{gw.gateway_port}", timeout=60)
+    running, gw = stack.start(["gateway"], settings.replace(gateway_port=0))
+    other = Client(f"127.0.0.1:{gw.gateway.gateway_port}", timeout=60)
     try:
         client.create_concept("shared", [archive["far"]], [archive["query"]])
         assert "shared" in {c.name for c in other.concepts()}
@@ -179,10 +178,8 @@ def test_read_region_for_viewers(client, ingested, archive):
 
 def test_cancel_queued_and_running_ingests(settings, client, ingested):
     # One ingest at a time, one tile per batch: the first runs for a while, the second queues.
-    running, gw = stack.start(
-        ["gateway"], dataclasses.replace(settings, gateway_port=0, max_concurrent_ingests=1, embed_batch=1)
-    )
-    c = Client(f"127.0.0.1:{gw.gateway_port}", timeout=60)
+    running, gw = stack.start(["gateway"], settings.replace(gateway_port=0, max_concurrent_ingests=1, embed_batch=1))
+    c = Client(f"127.0.0.1:{gw.gateway.gateway_port}", timeout=60)
     try:
         first = c.ingest(CMU, "cancel-running")
         second = c.ingest(TEST_SLIDES[0].name, "cancel-queued")

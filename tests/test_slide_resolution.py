@@ -35,7 +35,7 @@ def test_a_slide_without_resolution_is_used_at_the_stated_one(client, ingested, 
         (slide,) = [s for s in client.slides() if s.slide_id == "no-mpp"]
         assert slide.slide_mpp == 0.5 and slide.tile_count == op.progress.tiles_indexed > 0
         # Later reads of the slide use the stated resolution: 448 level-0 px at 0.5 are 224 px at 1.0.
-        tiler = tiler_pb2_grpc.TilerServiceStub(channel(settings.tiler_target))
+        tiler = tiler_pb2_grpc.TilerServiceStub(channel(settings.tiler.tiler_target))
         tiles = streamed_tiles(tiler, tiler_pb2.StreamTilesRequest(slide=NAME, slide_mpp=0.5))
         assert len(tiles) == slide.tile_count and {t.width for t in tiles} == {448}
         t = max(tiles, key=lambda t: t.tissue_fraction)

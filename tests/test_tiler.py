@@ -25,7 +25,7 @@ from .conftest import CMU, TEST_SLIDES, rpc_code, streamed_tiles
 
 @pytest.fixture(scope="module")
 def tiler(settings):
-    return tiler_pb2_grpc.TilerServiceStub(channel(settings.tiler_target))
+    return tiler_pb2_grpc.TilerServiceStub(channel(settings.tiler.tiler_target))
 
 
 def test_roots_refuse_escapes(tmp_path):

@@ -57,7 +57,7 @@ def pacs(tmp_path_factory):
         dicomweb_credentials_file=str(creds),
     )
     running, settings = stack.start(("tiler",), settings)
-    stub = tiler_pb2_grpc.TilerServiceStub(channel(settings.tiler_target))
+    stub = tiler_pb2_grpc.TilerServiceStub(channel(settings.tiler.tiler_target))
     yield stub, study, series
     stack.stop(running, 0)
     orthanc.stop()

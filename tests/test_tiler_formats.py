@@ -23,7 +23,7 @@ RAW = types_pb2.IMAGE_ENCODING_RAW_RGB
 
 @pytest.fixture(scope="module")
 def tiler(settings):
-    return tiler_pb2_grpc.TilerServiceStub(channel(settings.tiler_target))
+    return tiler_pb2_grpc.TilerServiceStub(channel(settings.tiler.tiler_target))
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ BAD = grpc.StatusCode.INVALID_ARGUMENT
 
 @pytest.fixture(scope="module")
 def tiler(settings):
-    return tiler_pb2_grpc.TilerServiceStub(channel(settings.tiler_target))
+    return tiler_pb2_grpc.TilerServiceStub(channel(settings.tiler.tiler_target))
 
 
 @pytest.fixture(scope="module")

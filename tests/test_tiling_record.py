@@ -3,7 +3,6 @@ instead of their own environment."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pytest
@@ -32,9 +31,9 @@ def test_cli_info_prints_the_record(settings, ingested):
 def misconfigured_gateway(settings, ingested):
     """A second gateway on the same index whose environment asks for another tiling."""
     running, s = stack.start(
-        ["gateway"], dataclasses.replace(settings, gateway_port=0, tile_mpp=0.5, tile_stride=0.5, tile_size=256)
+        ["gateway"], settings.replace(gateway_port=0, tile_mpp=0.5, tile_stride=0.5, tile_size=256)
     )
-    c = Client(f"127.0.0.1:{s.gateway_port}", timeout=300)
+    c = Client(f"127.0.0.1:{s.gateway.gateway_port}", timeout=300)
     yield c
     c.close()
     stack.stop(running, 0)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 import time
@@ -90,24 +89,24 @@ def _tiler(target: str, credentials) -> grpc.StatusCode:
 
 def test_backends_accept_only_the_gateway_identity(pki, backends):
     ca = pki["ca"].path
-    assert _list(backends.index_target, None) == grpc.StatusCode.UNAVAILABLE  # plaintext client
-    assert _list(backends.index_target, creds(ca)) == grpc.StatusCode.UNAVAILABLE  # no client certificate
-    assert _list(backends.index_target, creds(ca, pki["outsider"])) == grpc.StatusCode.UNAVAILABLE  # other CA
-    assert _list(backends.index_target, creds(ca, pki["stranger"])) == grpc.StatusCode.PERMISSION_DENIED
-    assert _list(backends.index_target, creds(ca, pki["gateway"])) == grpc.StatusCode.OK
-    assert _list(backends.index_target, creds(ca, pki["tooling"])) == grpc.StatusCode.OK  # tooling: index only
-    assert _tiler(backends.tiler_target, creds(ca, pki["tooling"])) == grpc.StatusCode.PERMISSION_DENIED
-    assert _tiler(backends.tiler_target, creds(ca, pki["stranger"])) == grpc.StatusCode.PERMISSION_DENIED
-    assert _tiler(backends.tiler_target, creds(ca, pki["gateway"])) == grpc.StatusCode.OK
+    assert _list(backends.index.index_target, None) == grpc.StatusCode.UNAVAILABLE  # plaintext client
+    assert _list(backends.index.index_target, creds(ca)) == grpc.StatusCode.UNAVAILABLE  # no client certificate
+    assert _list(backends.index.index_target, creds(ca, pki["outsider"])) == grpc.StatusCode.UNAVAILABLE  # other CA
+    assert _list(backends.index.index_target, creds(ca, pki["stranger"])) == grpc.StatusCode.PERMISSION_DENIED
+    assert _list(backends.index.index_target, creds(ca, pki["gateway"])) == grpc.StatusCode.OK
+    assert _list(backends.index.index_target, creds(ca, pki["tooling"])) == grpc.StatusCode.OK  # tooling: index only
+    assert _tiler(backends.tiler.tiler_target, creds(ca, pki["tooling"])) == grpc.StatusCode.PERMISSION_DENIED
+    assert _tiler(backends.tiler.tiler_target, creds(ca, pki["stranger"])) == grpc.StatusCode.PERMISSION_DENIED
+    assert _tiler(backends.tiler.tiler_target, creds(ca, pki["gateway"])) == grpc.StatusCode.OK
 
 
 def test_the_gateway_dials_backends_with_its_certificate(pki, backends):
     """The credentials the gateway's Backends dial with (tls.client_credentials)."""
-    assert _list(backends.index_target, tls.client_credentials(backends).current()[1]) == grpc.StatusCode.OK
+    assert _list(backends.index.index_target, tls.client_credentials(backends).current()[1]) == grpc.StatusCode.OK
 
 
 def test_a_client_that_does_not_trust_the_server_ca_fails(pki, backends):
-    assert _list(backends.index_target, creds(pki["other"].path, pki["gateway"])) == grpc.StatusCode.UNAVAILABLE
+    assert _list(backends.index.index_target, creds(pki["other"].path, pki["gateway"])) == grpc.StatusCode.UNAVAILABLE
 
 
 def test_health_answers_in_plaintext_on_its_own_port_only(pki, tmp_path):
@@ -115,14 +114,14 @@ def test_health_answers_in_plaintext_on_its_own_port_only(pki, tmp_path):
     running, s = stack.start(["index"], mtls_settings(pki, index_dir=str(tmp_path), health_port=free_port()))
     srv = running["index"]
     try:
-        plain = health_pb2_grpc.HealthStub(grpc.insecure_channel(f"127.0.0.1:{s.health_port}"))
+        plain = health_pb2_grpc.HealthStub(grpc.insecure_channel(f"127.0.0.1:{s.server.health_port}"))
         reply = plain.Check(health_pb2.HealthCheckRequest(service="smily.index.v1.IndexService"), timeout=5)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
         # The health port serves nothing else.
-        other = index_pb2_grpc.IndexServiceStub(grpc.insecure_channel(f"127.0.0.1:{s.health_port}"))
+        other = index_pb2_grpc.IndexServiceStub(grpc.insecure_channel(f"127.0.0.1:{s.server.health_port}"))
         assert rpc_code(other.ListSlides, index_pb2.ListSlidesRequest(), timeout=5) == grpc.StatusCode.UNIMPLEMENTED
         # On the TLS port, health needs a certificate from the CA but no particular identity.
-        tls_health = health_pb2_grpc.HealthStub(channel(s.index_target, creds(pki["ca"].path, pki["stranger"])))
+        tls_health = health_pb2_grpc.HealthStub(channel(s.index.index_target, creds(pki["ca"].path, pki["stranger"])))
         assert (
             tls_health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
             == health_pb2.HealthCheckResponse.SERVING
@@ -148,14 +147,14 @@ def test_certificates_are_reloaded_when_the_files_change(pki, tmp_path):
     s = base_settings(plaintext=False, tls_cert_file=cert, tls_key_file=key, index_dir=str(tmp_path / "index"))
     running, s = stack.start(["index"], s)
     try:
-        assert _list(s.index_target, creds(ca1.path)) == grpc.StatusCode.OK
-        assert _list(s.index_target, creds(ca2.path)) == grpc.StatusCode.UNAVAILABLE
+        assert _list(s.index.index_target, creds(ca1.path)) == grpc.StatusCode.OK
+        assert _list(s.index.index_target, creds(ca2.path)) == grpc.StatusCode.UNAVAILABLE
         # Renewal by the other CA, written over the same paths.
         new_cert, new_key = ca2.issue("smily-index")
         os.replace(new_key, key)
         os.replace(new_cert, cert)
-        assert _list(s.index_target, creds(ca2.path)) == grpc.StatusCode.OK
-        assert _list(s.index_target, creds(ca1.path)) == grpc.StatusCode.UNAVAILABLE
+        assert _list(s.index.index_target, creds(ca2.path)) == grpc.StatusCode.OK
+        assert _list(s.index.index_target, creds(ca1.path)) == grpc.StatusCode.UNAVAILABLE
     finally:
         stack.stop(running, 0)
 
@@ -165,7 +164,7 @@ def test_a_server_without_certificates_refuses_to_start_unless_plaintext_is_aske
     with pytest.raises(ValueError, match="SMILY_PLAINTEXT=1"):
         stack.start(["index"], s)
     with pytest.raises(ValueError, match="SMILY_TLS_CA_FILE"):
-        stack.start(["index"], dataclasses.replace(s, tls_client_auth="require", tls_cert_file="c", tls_key_file="k"))
+        stack.start(["index"], s.replace(tls_client_auth="require", tls_cert_file="c", tls_key_file="k"))
 
 
 def test_plaintext_prints_one_warning_line(tmp_path, caplog):
@@ -224,7 +223,7 @@ def test_a_call_in_flight_ends_on_the_channel_it_started_on(pki, backends, tmp_p
     monkeypatch.setattr(channels, "_close_soon", lambda ch: (closing.append((ch, stream.is_active())), close(ch)))
     files = mounted(pki["gateway"], str(tmp_path / "mount"))
     stub = RotatingStub(
-        backends.tiler_target, tls.ClientCredentials(*files, pki["ca"].path), tiler_pb2_grpc.TilerServiceStub
+        backends.tiler.tiler_target, tls.ClientCredentials(*files, pki["ca"].path), tiler_pb2_grpc.TilerServiceStub
     )
     old = stub.channel
     stream = stub.StreamTiles(tiler_pb2.StreamTilesRequest(slide="synth-a.tiff"), timeout=60)
@@ -270,13 +269,13 @@ def test_the_gateway_presents_its_renewed_certificate_without_a_restart(slide_di
     files = mounted(old_pair, os.path.join(d, "gateway-tls"))
     front, gw = stack.start(
         ["gateway"],
-        dataclasses.replace(
-            s, tls_cert_file=files[0], tls_key_file=files[1], tls_ca_file=new_ca.path, tls_client_auth="none"
-        ),
+        s.replace(tls_cert_file=files[0], tls_key_file=files[1], tls_ca_file=new_ca.path, tls_client_auth="none"),
     )
     callers_ca = os.path.join(d, "callers-trust.pem")  # the gateway serves its own certificate too
     _trust(callers_ca, old_ca, new_ca)
-    client = Client(f"127.0.0.1:{gw.gateway_port}", timeout=120, tls_ca=callers_ca, token="", cert_file="", key_file="")
+    client = Client(
+        f"127.0.0.1:{gw.gateway.gateway_port}", timeout=120, tls_ca=callers_ca, token="", cert_file="", key_file=""
+    )
     try:
         slide = TEST_SLIDES[0].name
         op = client.wait(client.ingest(slide, "synth-a"))
@@ -294,11 +293,11 @@ def test_the_gateway_presents_its_renewed_certificate_without_a_restart(slide_di
         stack.stop(back, 0)
         back, _ = stack.start(["tiler", "embedder", "index"], s)
         for pair, code in ((old_pair, grpc.StatusCode.UNAVAILABLE), (new_pair, grpc.StatusCode.OK)):
-            assert _list(s.index_target, creds(new_ca.path, pair)) == code
-            assert _tiler(s.tiler_target, creds(new_ca.path, pair)) == code
+            assert _list(s.index.index_target, creds(new_ca.path, pair)) == code
+            assert _tiler(s.tiler.tiler_target, creds(new_ca.path, pair)) == code
 
         # Through the same gateway: the index, the tiler (the query region) and the embedder.
-        ready = health_pb2_grpc.HealthStub(channel(f"127.0.0.1:{gw.gateway_port}", creds(callers_ca)))
+        ready = health_pb2_grpc.HealthStub(channel(f"127.0.0.1:{gw.gateway.gateway_port}", creds(callers_ca)))
         until(
             lambda: (
                 ready.Check(health_pb2.HealthCheckRequest(service="smily.gateway.v1.GatewayService"), timeout=5).status
@@ -326,12 +325,12 @@ def test_the_http_front_end_dials_a_tls_gateway_with_its_own_certificate(pki, sl
     s = mtls_settings(pki, slide_roots=(slide_dir,), model_repository=model_repo, index_dir=str(tmp_path / "index"))
     running, s = stack.start(stack.ORDER, s)
     cert, key = pki["ca"].issue("smily-http")
-    front = dataclasses.replace(
-        s, tls_cert_file=cert, tls_key_file=key, http_port=0, http_gateway_target=f"127.0.0.1:{s.gateway_port}"
+    front = s.replace(
+        tls_cert_file=cert, tls_key_file=key, http_port=0, http_gateway_target=f"127.0.0.1:{s.gateway.gateway_port}"
     )
     http = Running(front)
     # Without a client certificate the gateway's handshake refuses it: readiness says so.
-    anonymous = Running(dataclasses.replace(front, tls_cert_file="", tls_key_file=""))
+    anonymous = Running(front.replace(tls_cert_file="", tls_key_file=""))
     try:
         until(lambda: httpx.get(f"{http.url}/readyz").status_code == 200, "the front end's readiness")
         r = httpx.get(f"{http.url}/v1/slides")

@@ -39,7 +39,7 @@ def spans():
 
 
 def _png(settings, seed: int) -> bytes:
-    tiler = tiler_pb2_grpc.TilerServiceStub(channel(settings.tiler_target))
+    tiler = tiler_pb2_grpc.TilerServiceStub(channel(settings.tiler.tiler_target))
     img = tiler.ReadRegion(
         tiler_pb2.ReadRegionRequest(
             slide=CMU, x=600, y=600, width=448, height=448, mpp=1.0, encoding=types_pb2.IMAGE_ENCODING_RAW_RGB

@@ -1,8 +1,15 @@
 """Settings for every service, read from SMILY_* environment variables.
 
-One flat dataclass keeps the knobs of the whole suite in one place: a field
-`foo_bar` is set by the variable `SMILY_FOO_BAR`. Lists use the OS path
-separator (":" on Linux), except lists of addresses, which use ",".
+The knobs are grouped by concern, one frozen dataclass per group
+(`settings.gateway`, `settings.tls`, ...), and a constructor takes the group it
+needs. A field keeps one name everywhere: `redis_url` in `settings.gateway` is
+set by `SMILY_REDIS_URL`, so field names are unique across groups (checked
+below) and a variable never names its group. `settings.server` holds what every
+process shares (bind host, metrics, health port, logging).
+
+Lists use the OS path separator (":" on Linux), except lists of addresses and
+numbers, which use ",". Booleans are 1/0, true/false, yes/no or on/off; anything
+else is an error naming the variable.
 """
 
 from __future__ import annotations
@@ -10,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 from .tiling import DEFAULT_MIN_TISSUE, DEFAULT_MPPS, DEFAULT_STRIDE, DEFAULT_TILE_SIZE
 
@@ -19,86 +27,32 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
-class Settings:
+class ServerSettings:
+    """What every process shares."""
+
     # Address the servers bind to; Kubernetes manifests set 0.0.0.0.
     bind_host: str = "127.0.0.1"
-    gateway_port: int = 50050
-    tiler_port: int = 50051
-    embedder_port: int = 50052
-    index_port: int = 50053
     # One Prometheus endpoint per process; 0 turns it off.
     metrics_port: int = 9100
-    # Where the gateway dials its backends (dns:///name:port in Kubernetes).
-    tiler_target: str = "127.0.0.1:50051"
-    embedder_target: str = "127.0.0.1:50052"
-    index_target: str = "127.0.0.1:50053"
-    # Index shards, ","-separated (addresses hold ":"); empty = index_target alone.
-    # Each slide lives on the shard its id hashes to; a target may resolve to replicas.
-    index_targets: tuple[str, ...] = ()
-    # Most RPCs one server runs at once; more get RESOURCE_EXHAUSTED.
-    max_concurrent_rpcs: int = 64
+    # Plaintext port serving only the gRPC health service (kubelet's gRPC probes
+    # cannot speak TLS); 0 = off. One service per process when set.
+    health_port: int = 0
     worker_threads: int = 16
     # Seconds an in-flight RPC may finish in after SIGTERM.
     shutdown_grace_s: float = 10.0
     log_level: str = "INFO"
+    # gRPC server reflection, for debugging only.
+    reflection: bool = False
 
-    # Tiler: directories slides may be read from.
-    slide_roots: tuple[str, ...] = field(default_factory=lambda: ("data/samples",))
+
+@dataclass(frozen=True)
+class LimitsSettings:
+    """Issue 13: every request bounded."""
+
+    # Most RPCs one server runs at once; more get RESOURCE_EXHAUSTED.
+    max_concurrent_rpcs: int = 64
     # Largest region (pixels at the output resolution) one ReadRegion returns.
     max_region_pixels: int = 4096 * 4096
-    # Processes that parse slide files (isolated from the server, in parallel).
-    tiler_readers: int = 2
-    # Seconds one read may take before its process is killed and replaced.
-    tiler_read_timeout_s: float = 60.0
-
-    # Embedder: model repository and the model it serves, "<name>/<version>".
-    model_repository: str = "models"
-    model: str = "efficientnet-lite0/1"
-    intra_op_threads: int = 0
-    max_batch: int = 64
-    # Dynamic batching: concurrent requests are coalesced up to preferred_batch
-    # images or until the oldest has waited max_queue_delay_ms; 1 turns it off.
-    # At most max_queue images wait; more get RESOURCE_EXHAUSTED.
-    # 0 = automatic (issue 19): 32 on a GPU, off on the CPU, where a batch costs
-    # per image anyway and waiting for company only adds latency.
-    preferred_batch: int = 0
-    max_queue_delay_ms: float = 2.0
-    max_queue: int = 256
-    # TensorRT only (when onnxruntime-gpu finds it): build FP16 engines.
-    gpu_fp16: bool = False
-
-    # Index: where vectors and records live.
-    index_dir: str = "var/index"
-    # FAISS factory string used once a collection has index_ivf_threshold tiles;
-    # empty = automatic (IVF{sqrt n},PQ{m}); "Flat" = always exact.
-    index_factory: str = ""
-    index_ivf_threshold: int = 200_000
-    index_nprobe: int = 32
-    # ANN candidates per hit re-scored exactly from the journal (<= 1: off).
-    index_rerank: int = 100
-    index_snapshot_interval_s: float = 300.0
-    # Cluster mode: postgresql://... makes this process a serving replica of shard
-    # index_shard, with PostgreSQL as the system of record (empty: SQLite in index_dir).
-    index_database_url: str = ""
-    index_shard: int = 0
-
-    # Gateway.
-    # redis://host:port/db; empty uses an in-process cache (one replica only).
-    redis_url: str = ""
-    cache_ttl_s: int = 24 * 3600
-    redis_timeout_s: float = 0.05
-    # Tiling a first ingest records in an empty index (later: the index's record wins).
-    tile_mpp: float = DEFAULT_MPPS[0]
-    tile_size: int = DEFAULT_TILE_SIZE
-    min_tissue_fraction: float = DEFAULT_MIN_TISSUE
-    embed_batch: int = 32
-    max_concurrent_ingests: int = 2
-    # Slide metadata key naming a slide's case (patient/accession), for exclude_query_case.
-    case_key: str = "case_id"
-    # Deadline for a downstream call when the caller gave none.
-    backend_timeout_s: float = 30.0
-
-    # Issue 13: every request bounded.
     # Largest uploaded image (width x height, read from its header before any decoding).
     max_image_pixels: int = 4096 * 4096
     # PNG/JPEG decodes one process runs at once (each holds up to 4 bytes per pixel).
@@ -111,7 +65,12 @@ class Settings:
     max_slide_queries: int = 2
     # RPCs one caller (caller.caller_of: token subject, else peer host) may have in flight on the gateway; 0 = no quota.
     max_rpcs_per_caller: int = 32
-    # Trust boundary (issue 12).
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    """Trust boundary (issue 12)."""
+
     # Plaintext gRPC without certificates: only for the local embedded run
     # (`make demo`, `make up`, tests); otherwise a server without TLS refuses to start.
     plaintext: bool = False
@@ -127,12 +86,16 @@ class Settings:
     # accept: the gateway's; the index accepts tls_index_clients too (tooling).
     tls_backend_clients: tuple[str, ...] = ("smily-gateway",)
     tls_index_clients: tuple[str, ...] = ("smily-tooling",)
-    # Plaintext port serving only the gRPC health service (kubelet's gRPC probes
-    # cannot speak TLS); 0 = off. One service per process when set.
-    health_port: int = 0
-    # gRPC server reflection, for debugging only.
-    reflection: bool = False
-    # Gateway callers: "oidc" (bearer tokens from the IdP) or "none" (local use only).
+    # Issue 19: the embedder reads tiles from the tiler itself (EmbedSlide), so under
+    # mTLS the tiler accepts these identities too.
+    tls_tiler_clients: tuple[str, ...] = ("smily-embedder",)
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    """The gateway's callers and their audit trail."""
+
+    # "oidc" (bearer tokens from the IdP) or "none" (local use only).
     auth: str = "oidc"
     oidc_issuer: str = ""
     oidc_audience: str = ""
@@ -143,12 +106,20 @@ class Settings:
     oidc_roles_claim: str = "roles"
     # Audit trail: JSON lines appended to this file; empty = stdout (logger smily.audit).
     audit_log: str = ""
-    # HMAC key authenticating cached values in Redis, shared by the gateway replicas
-    # (a Secret). Empty: a random key per process, so a replica trusts only its own writes.
-    cache_key: str = ""
-    # Redis password when SMILY_REDIS_URL carries none (kept apart so the URL can live in a ConfigMap).
-    redis_password: str = ""
-    # Issue 14 (PACS). Tiler: DICOMweb archives slides may be read from, ","-separated
+
+
+@dataclass(frozen=True)
+class TilerSettings:
+    tiler_port: int = 50051
+    # Where clients (gateway, embedder) dial it (dns:///name:port in Kubernetes).
+    tiler_target: str = "127.0.0.1:50051"
+    # Directories slides may be read from.
+    slide_roots: tuple[str, ...] = field(default_factory=lambda: ("data/samples",))
+    # Processes that parse slide files (isolated from the server, in parallel).
+    tiler_readers: int = 2
+    # Seconds one read may take before its process is killed and replaced.
+    tiler_read_timeout_s: float = 60.0
+    # Issue 14 (PACS): DICOMweb archives slides may be read from, ","-separated
     # NAME=URL (e.g. pacs=https://pacs.example/dicom-web); a caller names only NAME.
     dicomweb_url: tuple[str, ...] = ()
     # File of one line per archive: "NAME basic USER:PASSWORD" or "NAME bearer TOKEN".
@@ -157,10 +128,96 @@ class Settings:
     dicomweb_ca: str = ""
     # Per open series and reader process: decoded frames (and half that of encoded ones).
     dicomweb_frame_cache_mb: int = 64
-    # Gateway: a link per hit for a viewer, e.g.
+
+
+@dataclass(frozen=True)
+class EmbedderSettings:
+    embedder_port: int = 50052
+    embedder_target: str = "127.0.0.1:50052"
+    # Model repository and the model it serves, "<name>/<version>".
+    model_repository: str = "models"
+    model: str = "efficientnet-lite0/1"
+    intra_op_threads: int = 0
+    max_batch: int = 64
+    # Dynamic batching: concurrent requests are coalesced up to preferred_batch
+    # images or until the oldest has waited max_queue_delay_ms; 1 turns it off.
+    # At most max_queue images wait; more get RESOURCE_EXHAUSTED.
+    # 0 = automatic (issue 19): 32 on a GPU, off on the CPU, where a batch costs
+    # per image anyway and waiting for company only adds latency.
+    preferred_batch: int = 0
+    max_queue_delay_ms: float = 2.0
+    max_queue: int = 256
+    # TensorRT only (when onnxruntime-gpu finds it): build FP16 engines.
+    gpu_fp16: bool = False
+
+
+@dataclass(frozen=True)
+class IndexSettings:
+    index_port: int = 50053
+    index_target: str = "127.0.0.1:50053"
+    # Index shards, ","-separated (addresses hold ":"); empty = index_target alone.
+    # Each slide lives on the shard its id hashes to; a target may resolve to replicas.
+    index_targets: tuple[str, ...] = ()
+    # Where vectors and records live.
+    index_dir: str = "var/index"
+    # FAISS factory string used once a collection has index_ivf_threshold tiles;
+    # empty = automatic (IVF{sqrt n},PQ{m}); "Flat" = always exact.
+    index_factory: str = ""
+    index_ivf_threshold: int = 200_000
+    index_nprobe: int = 32
+    # ANN candidates per hit re-scored exactly from the journal (<= 1: off).
+    index_rerank: int = 100
+    index_snapshot_interval_s: float = 300.0
+    # Cluster mode: postgresql://... makes this process a serving replica of shard
+    # index_shard, with PostgreSQL as the system of record (empty: SQLite in index_dir).
+    index_database_url: str = ""
+    index_shard: int = 0
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    gateway_port: int = 50050
+    # redis://host:port/db; empty uses an in-process cache (one replica only).
+    redis_url: str = ""
+    # Redis password when SMILY_REDIS_URL carries none (kept apart so the URL can live in a ConfigMap).
+    redis_password: str = ""
+    redis_timeout_s: float = 0.05
+    cache_ttl_s: int = 24 * 3600
+    # HMAC key authenticating cached values in Redis, shared by the gateway replicas
+    # (a Secret). Empty: a random key per process, so a replica trusts only its own writes.
+    cache_key: str = ""
+    # Tiling a first ingest records in an empty index (later: the index's record wins).
+    tile_mpp: float = DEFAULT_MPPS[0]
+    # Issue 16: several tile resolutions in one ingest, ","-separated µm/px
+    # (e.g. 0.5,1.0,2.0); empty: tile_mpp alone.
+    tile_mpps: tuple[float, ...] = ()
+    tile_size: int = DEFAULT_TILE_SIZE
+    # Step between tiles as a fraction of the tile (0.5: half-overlapping tiles).
+    tile_stride: float = DEFAULT_STRIDE
+    min_tissue_fraction: float = DEFAULT_MIN_TISSUE
+    embed_batch: int = 32
+    max_concurrent_ingests: int = 2
+    # Slide metadata key naming a slide's case (patient/accession), for exclude_query_case.
+    case_key: str = "case_id"
+    # Deadline for a downstream call when the caller gave none.
+    backend_timeout_s: float = 30.0
+    # A link per hit for a viewer, e.g.
     # https://viewer.example/?study={study}&series={series}&x={x}&y={y}&w={width}&h={height}
     viewer_url_template: str = ""
-    # HTTP/JSON API and viewer (issues 14 and 18): `smily serve http`.
+    # Hits of one slide overlapping a better one by at least this IoU are dropped (overlapping tiles).
+    dedup_iou: float = 0.1
+    # Dihedral transforms each query is also embedded under, merged by best score per tile,
+    # ","-separated from: identity rot90 rot180 rot270 flip flip_rot90 flip_rot180 flip_rot270; empty: identity.
+    query_transforms: tuple[str, ...] = ()
+    # How the transformed queries are merged: "max" (best score per tile over one search
+    # per transform) or "mean" (one search with the mean embedding).
+    query_merge: str = "max"
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    """HTTP/JSON API and viewer (issues 14 and 18): `smily serve http`."""
+
     http_port: int = 8080
     # The gateway it calls (it never dials a backend).
     http_gateway_target: str = "127.0.0.1:50050"
@@ -175,49 +232,83 @@ class Settings:
     viewer_oidc_issuer: str = ""
     viewer_oidc_client_id: str = ""
     viewer_oidc_scope: str = "openid"
-    # Issue 16 (retrieval quality). Several tile resolutions in one ingest, ","-separated
-    # µm/px (e.g. 0.5,1.0,2.0); empty: tile_mpp alone.
-    tile_mpps: tuple[float, ...] = ()
-    # Step between tiles as a fraction of the tile (0.5: half-overlapping tiles).
-    tile_stride: float = DEFAULT_STRIDE
-    # Hits of one slide overlapping a better one by at least this IoU are dropped (overlapping tiles).
-    dedup_iou: float = 0.1
-    # Dihedral transforms each query is also embedded under, merged by best score per tile,
-    # ","-separated from: identity rot90 rot180 rot270 flip flip_rot90 flip_rot180 flip_rot270; empty: identity.
-    query_transforms: tuple[str, ...] = ()
-    # How the transformed queries are merged: "max" (best score per tile over one search
-    # per transform) or "mean" (one search with the mean embedding).
-    query_merge: str = "max"
 
-    # Issue 19: the embedder reads tiles from the tiler itself (EmbedSlide), so under
-    # mTLS the tiler accepts these identities too.
-    tls_tiler_clients: tuple[str, ...] = ("smily-embedder",)
+
+@dataclass(frozen=True)
+class Settings:
+    server: ServerSettings = ServerSettings()
+    limits: LimitsSettings = LimitsSettings()
+    tls: TlsSettings = TlsSettings()
+    auth: AuthSettings = AuthSettings()
+    tiler: TilerSettings = TilerSettings()
+    embedder: EmbedderSettings = EmbedderSettings()
+    index: IndexSettings = IndexSettings()
+    gateway: GatewaySettings = GatewaySettings()
+    http: HttpSettings = HttpSettings()
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> Settings:
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
+        """Settings from SMILY_* variables (os.environ by default), then `overrides`
+        by field name (`gateway_port=0`)."""
         env = os.environ if environ is None else environ
         values = {}
-        for f in dataclasses.fields(cls):
-            raw = env.get("SMILY_" + f.name.upper())
+        for name, f in FIELDS.items():
+            raw = env.get(variable(name))
             if raw is not None:
-                values[f.name] = _parse(f, raw)
-        values.update(overrides)
-        return cls(**values)
+                values[name] = _parse(f, raw)
+        return cls().replace(**values, **overrides)
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with fields changed by name, whatever their group: `s.replace(redis_url=u)`."""
+        unknown = sorted(set(changes) - set(FIELDS))
+        if unknown:
+            raise TypeError(f"not a setting: {', '.join(unknown)}")
+        by_group: dict[str, dict[str, Any]] = {}
+        for name, value in changes.items():
+            by_group.setdefault(GROUP_OF[name], {})[name] = value
+        return dataclasses.replace(
+            self, **{g: dataclasses.replace(getattr(self, g), **kw) for g, kw in by_group.items()}
+        )
+
+    def port_of(self, service: str) -> int:
+        """The gRPC or HTTP port of `service` ("gateway", "tiler", ..., "http")."""
+        return int(getattr(getattr(self, service), f"{service}_port"))
 
 
-# Lists of network addresses cannot use ":".
+def variable(name: str) -> str:
+    """The environment variable of a field: `redis_url` -> SMILY_REDIS_URL."""
+    return "SMILY_" + name.upper()
+
+
+def _groups() -> tuple[dict[str, str], dict[str, dataclasses.Field]]:
+    group_of: dict[str, str] = {}
+    fields: dict[str, dataclasses.Field] = {}
+    for g in dataclasses.fields(Settings):
+        for f in dataclasses.fields(g.default):  # type: ignore[arg-type]
+            if f.name in group_of:
+                raise TypeError(f"setting {f.name} is in both {group_of[f.name]} and {g.name}")
+            group_of[f.name], fields[f.name] = g.name, f
+    return group_of, fields
+
+
+# Field name -> its group ("redis_url" -> "gateway"), and its dataclass field.
+GROUP_OF, FIELDS = _groups()
+
+# Lists of network addresses or numbers cannot use ":".
 _SEPARATORS = {
     "index_targets": ",",
     "tls_backend_clients": ",",
     "tls_index_clients": ",",
+    "tls_tiler_clients": ",",
     "dicomweb_url": ",",
     "tile_mpps": ",",
     "query_transforms": ",",
-    "tls_tiler_clients": ",",
 }
 
+_BOOLEANS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 
-def _parse(f: dataclasses.Field, raw: str):
+
+def _parse(f: dataclasses.Field, raw: str) -> Any:
     kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
     try:
         if kind.startswith("tuple"):
@@ -228,7 +319,12 @@ def _parse(f: dataclasses.Field, raw: str):
         if kind == "float":
             return float(raw)
         if kind == "bool":
-            return raw.strip().lower() in ("1", "true", "yes", "on")
+            value = raw.strip().lower()
+            if not value:  # set but empty: as if unset
+                return False
+            if value not in _BOOLEANS:
+                raise ValueError(f"not a boolean; use one of {', '.join(_BOOLEANS)}")
+            return _BOOLEANS[value]
     except ValueError as exc:
-        raise ConfigError(f"SMILY_{f.name.upper()}={raw!r}: {exc}") from None
+        raise ConfigError(f"{variable(f.name)}={raw!r}: {exc}") from None
     return raw

@@ -9,7 +9,6 @@ for Kubernetes load balancing, and a graceful stop on SIGTERM.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import signal
@@ -318,14 +317,14 @@ def security(settings: Settings, service: str) -> dict:
     return dict(
         credentials=tls.server_credentials(settings),
         allowed_clients=tls.allowed_clients(settings, service),
-        health_port=settings.health_port or None,
-        reflection_on=settings.reflection,
+        health_port=settings.server.health_port or None,
+        reflection_on=settings.server.reflection,
     )
 
 
 def warn_if_plaintext(settings: Settings) -> None:
     """The one line a plaintext run prints at start."""
-    if not settings.tls_cert_file and settings.plaintext:
+    if not settings.tls.tls_cert_file and settings.tls.plaintext:
         log.warning(tls.PLAINTEXT_WARNING)
 
 
@@ -356,7 +355,7 @@ def start_services(
     (SMILY_<NAME>_PORT; 0 picks a free one) with the settings' TLS and limits. A
     service started later dials those started before it. Returns the servers and
     the settings with the real ports filled in; a failed start stops the others."""
-    if settings.health_port and len(services) > 1:
+    if settings.server.health_port and len(services) > 1:
         raise ConfigError("SMILY_HEALTH_PORT serves one service per process; unset it for `serve all`")
     tls.check(settings)  # before a servicer loads a model or opens an index
     warn_if_plaintext(settings)
@@ -367,10 +366,10 @@ def start_services(
             try:
                 srv = start(
                     [reg],
-                    settings.bind_host,
-                    getattr(settings, f"{name}_port"),
-                    max_concurrent_rpcs=settings.max_concurrent_rpcs,
-                    worker_threads=settings.worker_threads,
+                    settings.server.bind_host,
+                    settings.port_of(name),
+                    max_concurrent_rpcs=settings.limits.max_concurrent_rpcs,
+                    worker_threads=settings.server.worker_threads,
                     **security(settings, name),
                 )
             except BaseException:
@@ -379,8 +378,8 @@ def start_services(
             running[name] = srv
             updates: dict[str, Any] = {f"{name}_port": srv.port}
             if name != "gateway":
-                updates[f"{name}_target"] = f"{dial_host(settings.bind_host)}:{srv.port}"
-            settings = dataclasses.replace(settings, **updates)
+                updates[f"{name}_target"] = f"{dial_host(settings.server.bind_host)}:{srv.port}"
+            settings = settings.replace(**updates)
     except BaseException:
         for srv in reversed(running.values()):
             srv.stop(0)
@@ -399,14 +398,14 @@ def run(start_servers: Callable[[Settings], list[Stoppable]], metrics: bool = Tr
     a graceful stop on SIGTERM. A configuration error is one line and exit status 2."""
     try:
         settings = Settings.from_env()
-        logs.setup(settings.log_level)
+        logs.setup(settings.server.log_level)
         if metrics:
-            start_metrics(settings.metrics_port, settings.bind_host)
+            start_metrics(settings.server.metrics_port, settings.server.bind_host)
         servers = start_servers(settings)
     except (ConfigError, OSError) as exc:  # a setting to give or a port taken: what to change, not a traceback
         print(f"smily: cannot start: {exc}", file=sys.stderr)
         sys.exit(2)
-    wait_for_signal(servers, settings.shutdown_grace_s)
+    wait_for_signal(servers, settings.server.shutdown_grace_s)
 
 
 def serve(name: str, registration: Callable[[Settings], Registration]) -> None:

@@ -97,10 +97,11 @@ class Tiling:
         )
 
     @classmethod
-    def from_settings(cls, settings) -> Tiling:
-        """The tiling a gateway proposes for an index that has no record yet."""
-        mpps = settings.tile_mpps or (settings.tile_mpp,)
-        return cls(tuple(mpps), settings.tile_size, settings.tile_stride, settings.min_tissue_fraction).validate()
+    def from_settings(cls, gateway) -> Tiling:
+        """The tiling a gateway proposes for an index that has no record yet, from its
+        GatewaySettings (not imported: config imports this module's defaults)."""
+        mpps = gateway.tile_mpps or (gateway.tile_mpp,)
+        return cls(tuple(mpps), gateway.tile_size, gateway.tile_stride, gateway.min_tissue_fraction).validate()
 
     def nearest_mpp(self, mpp: float) -> float:
         """The indexed resolution closest to `mpp` on a log scale (a factor counts the same both ways)."""

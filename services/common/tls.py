@@ -97,18 +97,18 @@ class _CertificateFiles:
 
 
 def mtls(settings: Settings) -> bool:
-    return settings.tls_client_auth.strip().lower() == "require"
+    return settings.tls.tls_client_auth.strip().lower() == "require"
 
 
 def check(settings: Settings) -> None:
     """Refuse a configuration that would serve plaintext by accident, or half-TLS."""
-    if settings.tls_client_auth.strip().lower() not in ("none", "require"):
-        raise ConfigError(f"SMILY_TLS_CLIENT_AUTH must be none or require, got {settings.tls_client_auth!r}")
-    if bool(settings.tls_cert_file) != bool(settings.tls_key_file):
+    if settings.tls.tls_client_auth.strip().lower() not in ("none", "require"):
+        raise ConfigError(f"SMILY_TLS_CLIENT_AUTH must be none or require, got {settings.tls.tls_client_auth!r}")
+    if bool(settings.tls.tls_cert_file) != bool(settings.tls.tls_key_file):
         raise ConfigError("set both SMILY_TLS_CERT_FILE and SMILY_TLS_KEY_FILE")
-    if mtls(settings) and not (settings.tls_ca_file and settings.tls_cert_file):
+    if mtls(settings) and not (settings.tls.tls_ca_file and settings.tls.tls_cert_file):
         raise ConfigError("SMILY_TLS_CLIENT_AUTH=require needs SMILY_TLS_CA_FILE and a certificate")
-    if not settings.tls_cert_file and not settings.plaintext:
+    if not settings.tls.tls_cert_file and not settings.tls.plaintext:
         raise ConfigError(
             "no TLS certificate: set SMILY_TLS_CERT_FILE and SMILY_TLS_KEY_FILE (or SMILY_PLAINTEXT=1 for a local run)"
         )
@@ -117,10 +117,10 @@ def check(settings: Settings) -> None:
 def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     """Credentials for a server, or None for plaintext."""
     check(settings)
-    if not settings.tls_cert_file:
+    if not settings.tls.tls_cert_file:
         return None
     files = _CertificateFiles(
-        settings.tls_cert_file, settings.tls_key_file, settings.tls_ca_file if mtls(settings) else ""
+        settings.tls.tls_cert_file, settings.tls.tls_key_file, settings.tls.tls_ca_file if mtls(settings) else ""
     )
     return grpc.dynamic_ssl_server_credentials(files.initial, files.fetch, require_client_authentication=mtls(settings))
 
@@ -181,17 +181,17 @@ class ClientCredentials:
 
 def client_credentials(settings: Settings) -> ClientCredentials | None:
     """The service's rotating client credentials, or None for plaintext."""
-    if not settings.tls_ca_file:
+    if not settings.tls.tls_ca_file:
         return None
-    return ClientCredentials(settings.tls_cert_file, settings.tls_key_file, settings.tls_ca_file)
+    return ClientCredentials(settings.tls.tls_cert_file, settings.tls.tls_key_file, settings.tls.tls_ca_file)
 
 
 def allowed_clients(settings: Settings, service: str) -> frozenset[str] | None:
     """Identities a service accepts under mTLS; None = any certificate from the CA."""
     if not mtls(settings) or service == "gateway":
         return None  # the gateway authenticates its callers by token
-    extra = {"index": settings.tls_index_clients, "tiler": settings.tls_tiler_clients}.get(service, ())
-    return frozenset(settings.tls_backend_clients) | frozenset(extra)
+    extra = {"index": settings.tls.tls_index_clients, "tiler": settings.tls.tls_tiler_clients}.get(service, ())
+    return frozenset(settings.tls.tls_backend_clients) | frozenset(extra)
 
 
 def peer_identities(context) -> set[str]:

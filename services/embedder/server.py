@@ -34,21 +34,30 @@ NO_DEADLINE_S = 1e9
 
 class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer, Servicer):
     def __init__(self, settings: Settings):
-        images.configure(settings.max_image_pixels, settings.image_decodes)
-        config, path = model_repo.load(settings.model_repository, settings.model)
-        self.model = Model(config, path, settings.intra_op_threads, settings.max_batch, settings.gpu_fp16)
-        self._max_batch = settings.max_batch
-        preferred = settings.preferred_batch or (AUTO_GPU_BATCH if self.model.fixed_batch else 1)
-        batching = preferred > 1 and settings.max_queue_delay_ms > 0
+        images.configure(settings.limits.max_image_pixels, settings.limits.image_decodes)
+        config, path = model_repo.load(settings.embedder.model_repository, settings.embedder.model)
+        self.model = Model(
+            config, path, settings.embedder.intra_op_threads, settings.embedder.max_batch, settings.embedder.gpu_fp16
+        )
+        self._max_batch = settings.embedder.max_batch
+        preferred = settings.embedder.preferred_batch or (AUTO_GPU_BATCH if self.model.fixed_batch else 1)
+        batching = preferred > 1 and settings.embedder.max_queue_delay_ms > 0
         self.batcher = (
-            Batcher(self.model.embed_tensor, preferred, settings.max_queue_delay_ms / 1e3, settings.max_queue)
+            Batcher(
+                self.model.embed_tensor,
+                preferred,
+                settings.embedder.max_queue_delay_ms / 1e3,
+                settings.embedder.max_queue,
+            )
             if batching
             else None
         )
         # Dialled on the first EmbedSlide only: a channel connects lazily.
         # Under mTLS the tiler must accept this service's identity (SMILY_TLS_TILER_CLIENTS).
         # Follows the embedder's client certificate when it is renewed.
-        self._tiler = RotatingStub(settings.tiler_target, client_credentials(settings), tiler_pb2_grpc.TilerServiceStub)
+        self._tiler = RotatingStub(
+            settings.tiler.tiler_target, client_credentials(settings), tiler_pb2_grpc.TilerServiceStub
+        )
 
     def _embed_images(self, imgs) -> np.ndarray:
         decoded = []

@@ -19,7 +19,7 @@ import jwt
 
 from smily.common import rpcmeta
 from smily.common.caller import ANONYMOUS, Caller
-from smily.common.config import ConfigError, Settings
+from smily.common.config import AuthSettings, ConfigError
 from smily.common.errors import PermissionDenied, Unauthenticated, Unavailable
 
 log = logging.getLogger("smily.auth")
@@ -154,12 +154,10 @@ class OidcVerifier:
         return self.verify(token.strip())
 
 
-def authenticator(settings: Settings):
-    mode = settings.auth.strip().lower()
+def authenticator(auth: AuthSettings):
+    mode = auth.auth.strip().lower()
     if mode == "none":
         return OpenAccess()
     if mode == "oidc":
-        return OidcVerifier(
-            settings.oidc_issuer, settings.oidc_audience, settings.oidc_jwks_url, settings.oidc_roles_claim
-        )
-    raise ConfigError(f"SMILY_AUTH must be oidc or none, got {settings.auth!r}")
+        return OidcVerifier(auth.oidc_issuer, auth.oidc_audience, auth.oidc_jwks_url, auth.oidc_roles_claim)
+    raise ConfigError(f"SMILY_AUTH must be oidc or none, got {auth.auth!r}")

@@ -110,14 +110,14 @@ class Backends:
 
     def __init__(self, settings: Settings):
         creds = client_credentials(settings)
-        router, self._shards = connect(settings.index_targets or (settings.index_target,), creds)
+        router, self._shards = connect(settings.index.index_targets or (settings.index.index_target,), creds)
         self._router = router
-        self._tiler = RotatingStub(settings.tiler_target, creds, tiler_pb2_grpc.TilerServiceStub)
-        self._embedder = RotatingStub(settings.embedder_target, creds, embedder_pb2_grpc.EmbedderServiceStub)
+        self._tiler = RotatingStub(settings.tiler.tiler_target, creds, tiler_pb2_grpc.TilerServiceStub)
+        self._embedder = RotatingStub(settings.embedder.embedder_target, creds, embedder_pb2_grpc.EmbedderServiceStub)
         self.tiler = Backend("tiler", self._tiler, streams=("StreamTiles",))
         self.embedder = Backend("embedder", self._embedder, streams=("EmbedSlide",))
         self.index = Backend("index", router)
-        self.default_timeout = settings.backend_timeout_s
+        self.default_timeout = settings.gateway.backend_timeout_s
 
     @property
     def stubs(self) -> dict[str, list[list[RotatingStub]]]:

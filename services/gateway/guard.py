@@ -41,10 +41,10 @@ _READ_REGION = "/smily.gateway.v1.GatewayService/ReadRegion"
 
 class Guard(grpc.ServerInterceptor):
     def __init__(self, settings: Settings):
-        self._auth = auth.authenticator(settings)
-        self._audit = audit.AuditLog(settings.audit_log)
-        self._case_key = settings.case_key
-        self._quota = Admission(sys.maxsize, settings.max_rpcs_per_caller)
+        self._auth = auth.authenticator(settings.auth)
+        self._audit = audit.AuditLog(settings.auth.audit_log)
+        self._case_key = settings.gateway.case_key
+        self._quota = Admission(sys.maxsize, settings.limits.max_rpcs_per_caller)
         self._viewed: OrderedDict[tuple[str, str, str], None] = OrderedDict()
         self._viewed_lock = threading.Lock()
 

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import prometheus_client as prom
 
+from smily.common.config import GatewaySettings, LimitsSettings
 from smily.common.errors import Busy, FailedPrecondition, NotFound, status_of
 from smily.gateway.v1 import gateway_pb2
 from smily.index.v1 import index_pb2
@@ -47,21 +48,18 @@ class Ingestor:
         self,
         backends: Backends,
         tilings: IndexTiling,
-        batch: int,
-        workers: int,
         shared: SharedOperations | LocalOperations,
-        max_queued: int,
-        max_tiles: int,
-        case_key: str = "case_id",
+        gateway: GatewaySettings,
+        bounds: LimitsSettings,
     ):
         self._b = backends
-        self._case_key = case_key
+        self._case_key = gateway.case_key
         self._tilings = tilings
-        self._batch = batch
-        self._max_queued = max_queued
-        self._max_tiles = max_tiles
+        self._batch = gateway.embed_batch
+        self._max_queued = bounds.max_queued_ingests
+        self._max_tiles = bounds.max_tiles_per_slide
         self._sources: dict[str, str] = {}  # operation id -> source, to tell ingests of one id apart
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ingest")
+        self._pool = ThreadPoolExecutor(max_workers=gateway.max_concurrent_ingests, thread_name_prefix="ingest")
         self._lock = threading.Lock()
         self._ops: dict[str, gateway_pb2.Operation] = {}  # the operations this replica runs
         # The tile stream of each running ingest, so a cancel stops it at once.

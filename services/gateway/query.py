@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image
 
 from smily.common import images
+from smily.common.config import GatewaySettings, LimitsSettings
 from smily.common.errors import Aborted, Busy, FailedPrecondition, InvalidArgument
 from smily.common.tensors import from_tensor
 from smily.common.tiling import DEFAULT_MPPS, Tiling
@@ -37,24 +38,20 @@ class QueryEngine:
         backends: Backends,
         tilings: IndexTiling,
         cache,
-        batch: int,
-        case_key: str,
-        max_slide_queries: int,
-        max_tiles: int,
-        transforms=("identity",),
-        merge: str = "max",
+        gateway: GatewaySettings,
+        bounds: LimitsSettings,
     ):
         self._b = backends
         self.tilings = tilings
         self._cache = cache
-        self._batch = batch
-        self._case_key = case_key
+        self._batch = gateway.embed_batch
+        self._case_key = gateway.case_key
         # Whole slides streamed and embedded at once for SearchSlides (cache misses).
-        self._slide_queries = threading.BoundedSemaphore(max(1, max_slide_queries))
-        self._max_slide_queries = max_slide_queries
-        self._max_tiles = max_tiles
-        self.transforms = dihedral.parse(transforms)
-        self.merge = dihedral.check_merge(merge)
+        self._slide_queries = threading.BoundedSemaphore(max(1, bounds.max_slide_queries))
+        self._max_slide_queries = bounds.max_slide_queries
+        self._max_tiles = bounds.max_tiles_per_slide
+        self.transforms = dihedral.parse(gateway.query_transforms or ("identity",))
+        self.merge = dihedral.check_merge(gateway.query_merge)
         self._model_id, self._dim = "", 0
         self._model_lock = threading.Lock()
 

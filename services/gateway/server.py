@@ -76,41 +76,33 @@ def _concept(c: index_pb2.Concept) -> gateway_pb2.Concept:
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer, Servicer):
     def __init__(self, settings: Settings):
-        images.configure(settings.max_image_pixels, settings.image_decodes)
+        images.configure(settings.limits.max_image_pixels, settings.limits.image_decodes)
         self._b = Backends(settings)
         self._readiness = Readiness(self._b.stubs)
         # The index's tiling record; these settings only for an index without one (its first ingest).
-        self._tilings = IndexTiling(self._b.index, Tiling.from_settings(settings))
-        self._dedup_iou = settings.dedup_iou
+        self._tilings = IndexTiling(self._b.index, Tiling.from_settings(settings.gateway))
+        self._dedup_iou = settings.gateway.dedup_iou
         redis = (
-            RedisGuard(settings.redis_url, settings.redis_timeout_s, settings.tls_ca_file, settings.redis_password)
-            if settings.redis_url
+            RedisGuard(
+                settings.gateway.redis_url,
+                settings.gateway.redis_timeout_s,
+                settings.tls.tls_ca_file,
+                settings.gateway.redis_password,
+            )
+            if settings.gateway.redis_url
             else None
         )
         self._q = QueryEngine(
             self._b,
             self._tilings,
-            make_cache(redis, settings.cache_ttl_s, settings.cache_key),
-            settings.embed_batch,
-            settings.case_key,
-            settings.max_slide_queries,
-            settings.max_tiles_per_slide,
-            settings.query_transforms or ("identity",),
-            settings.query_merge,
+            make_cache(redis, settings.gateway.cache_ttl_s, settings.gateway.cache_key),
+            settings.gateway,
+            settings.limits,
         )
         shared = SharedOperations(redis) if redis else LocalOperations()
-        self._ingest = Ingestor(
-            self._b,
-            self._tilings,
-            settings.embed_batch,
-            settings.max_concurrent_ingests,
-            shared,
-            settings.max_queued_ingests,
-            settings.max_tiles_per_slide,
-            settings.case_key,
-        )
+        self._ingest = Ingestor(self._b, self._tilings, shared, settings.gateway, settings.limits)
         self._cases = CaseIngestor(self._b, self._ingest, shared)
-        self._links = dicom.ViewerLinks(settings.viewer_url_template)
+        self._links = dicom.ViewerLinks(settings.gateway.viewer_url_template)
         # Fans a slide query's mosaic tiles out to the index.
         self._fanout = ThreadPoolExecutor(max_workers=8, thread_name_prefix="mosaic")
 

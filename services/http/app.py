@@ -81,8 +81,8 @@ def _api_routes(gateway: Gateway) -> list[Route]:
 
 def build(settings: Settings, chan: grpc.Channel):
     """The ASGI app, calling the gateway over `chan`."""
-    gateway = Gateway(chan, settings.http_timeout_s)
-    tiles = iiif.IIIF(gateway, iiif.TileCache(settings.http_tile_cache_bytes, settings.http_tile_cache_ttl_s))
+    gateway = Gateway(chan, settings.http.http_timeout_s)
+    tiles = iiif.IIIF(gateway, iiif.TileCache(settings.http.http_tile_cache_bytes, settings.http.http_tile_cache_ttl_s))
     spec = openapi.document()
 
     async def livez(request):
@@ -123,4 +123,4 @@ def build(settings: Settings, chan: grpc.Channel):
         *static.vendor_mounts(),
     ]
     app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
-    return BodyLimit(app, settings.http_max_body_bytes)
+    return BodyLimit(app, settings.http.http_max_body_bytes)

@@ -28,14 +28,14 @@ def gateway_channel(settings: Settings) -> RotatingStub:
     (SMILY_TLS_CERT_FILE/KEY_FILE) under mTLS, dialled again when it is renewed.
     Plaintext only under SMILY_PLAINTEXT=1."""
     credentials = tls.client_credentials(settings)
-    if credentials is None and not settings.plaintext:
+    if credentials is None and not settings.tls.plaintext:
         raise ConfigError(
             "no CA to verify the gateway with: set SMILY_TLS_CA_FILE (and SMILY_TLS_CERT_FILE and "
             "SMILY_TLS_KEY_FILE when the gateway requires client certificates), or SMILY_PLAINTEXT=1 for a local run"
         )
     if credentials is None:
         server.warn_if_plaintext(settings)
-    return RotatingStub(settings.http_gateway_target, credentials, _itself)
+    return RotatingStub(settings.http.http_gateway_target, credentials, _itself)
 
 
 class Running:
@@ -53,19 +53,21 @@ class Running:
                 access_log=False,
                 proxy_headers=False,
                 server_header=False,
-                timeout_graceful_shutdown=int(settings.shutdown_grace_s),
+                timeout_graceful_shutdown=int(settings.server.shutdown_grace_s),
             )
         )
-        self._sock = socket.socket(socket.AF_INET6 if ":" in settings.bind_host else socket.AF_INET)
+        self._sock = socket.socket(socket.AF_INET6 if ":" in settings.server.bind_host else socket.AF_INET)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            self._sock.bind((settings.bind_host, settings.http_port))
+            self._sock.bind((settings.server.bind_host, settings.http.http_port))
         except OSError as exc:
             self._sock.close()
             self._chan.close()
-            raise OSError(f"cannot bind {settings.bind_host}:{settings.http_port} (SMILY_HTTP_PORT): {exc}") from None
+            raise OSError(
+                f"cannot bind {settings.server.bind_host}:{settings.http.http_port} (SMILY_HTTP_PORT): {exc}"
+            ) from None
         self.port = self._sock.getsockname()[1]
-        self.url = f"http://{server.dial_host(settings.bind_host)}:{self.port}"
+        self.url = f"http://{server.dial_host(settings.server.bind_host)}:{self.port}"
         # uvicorn installs no signal handlers off the main thread: run() below waits for them.
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True)
         self._thread.start()

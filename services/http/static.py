@@ -34,12 +34,12 @@ def vendor_mounts() -> list[Mount]:
 
 def viewer_config(settings: Settings) -> dict:
     """What the page needs to log in; no issuer means the API takes no tokens."""
-    if not settings.viewer_oidc_issuer:
+    if not settings.http.viewer_oidc_issuer:
         return {"oidc": None}
     return {
         "oidc": {
-            "authority": settings.viewer_oidc_issuer,
-            "client_id": settings.viewer_oidc_client_id,
-            "scope": settings.viewer_oidc_scope,
+            "authority": settings.http.viewer_oidc_issuer,
+            "client_id": settings.http.viewer_oidc_client_id,
+            "scope": settings.http.viewer_oidc_scope,
         }
     }

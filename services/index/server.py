@@ -32,21 +32,23 @@ def _slide_pb(s: Slide, model_id: str) -> index_pb2.Slide:
 class IndexServicer(index_pb2_grpc.IndexServiceServicer, Servicer):
     def __init__(self, settings: Settings):
         config = IndexConfig(
-            factory=settings.index_factory,
-            ivf_threshold=settings.index_ivf_threshold,
-            nprobe=settings.index_nprobe,
-            rerank=settings.index_rerank,
-            snapshot_interval_s=settings.index_snapshot_interval_s,
+            factory=settings.index.index_factory,
+            ivf_threshold=settings.index.index_ivf_threshold,
+            nprobe=settings.index.index_nprobe,
+            rerank=settings.index.index_rerank,
+            snapshot_interval_s=settings.index.index_snapshot_interval_s,
         )
         # One face whichever holds the record: mypy checks that both are a ShardIndex.
         self.store: ShardIndex
         self.concepts: PgConcepts | ConceptStore
-        if settings.index_database_url:
-            self.store = Replica(settings.index_dir, config, settings.index_database_url, settings.index_shard)
-            self.concepts = PgConcepts(settings.index_database_url, settings.index_shard)
+        if settings.index.index_database_url:
+            self.store = Replica(
+                settings.index.index_dir, config, settings.index.index_database_url, settings.index.index_shard
+            )
+            self.concepts = PgConcepts(settings.index.index_database_url, settings.index.index_shard)
         else:
-            self.store = TileIndex(settings.index_dir, config)
-            self.concepts = ConceptStore(settings.index_dir)
+            self.store = TileIndex(settings.index.index_dir, config)
+            self.concepts = ConceptStore(settings.index.index_dir)
 
     def AddTiles(self, request, context):
         limits.slide_id(request.slide_id)

@@ -41,18 +41,20 @@ ENCODINGS = (images.RAW_RGB, images.PNG, images.JPEG)
 
 class TilerServicer(tiler_pb2_grpc.TilerServiceServicer, Servicer):
     def __init__(self, settings: Settings):
-        self._roots = slides.SlideRoots(settings.slide_roots)
+        self._roots = slides.SlideRoots(settings.tiler.slide_roots)
         self._archives = dicomweb.Archives(
-            settings.dicomweb_url,
-            settings.dicomweb_credentials_file,
-            settings.dicomweb_ca,
-            settings.dicomweb_frame_cache_mb,
+            settings.tiler.dicomweb_url,
+            settings.tiler.dicomweb_credentials_file,
+            settings.tiler.dicomweb_ca,
+            settings.tiler.dicomweb_frame_cache_mb,
         )
-        self._max_region_pixels = settings.max_region_pixels
-        self._max_tiles = settings.max_tiles_per_slide
-        self.readers = WorkerPool(settings.tiler_readers, settings.tiler_read_timeout_s, settings.log_level)
+        self._max_region_pixels = settings.limits.max_region_pixels
+        self._max_tiles = settings.limits.max_tiles_per_slide
+        self.readers = WorkerPool(
+            settings.tiler.tiler_readers, settings.tiler.tiler_read_timeout_s, settings.server.log_level
+        )
         # Threads only wait on reader processes; two per reader keep each one busy.
-        self._pool = ThreadPoolExecutor(max_workers=2 * settings.tiler_readers, thread_name_prefix="tile-read")
+        self._pool = ThreadPoolExecutor(max_workers=2 * settings.tiler.tiler_readers, thread_name_prefix="tile-read")
 
     def _info(self, name: str) -> tuple[str, tiler_pb2.SlideInfo, float]:
         path = self._archives.locate(name) or self._roots.resolve(name)

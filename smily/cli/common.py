@@ -151,7 +151,7 @@ def explain(exc: grpc.RpcError, gateway: str) -> str:
         if "slide roots" in details:
             from smily.common.config import Settings
 
-            roots = ":".join(Settings.from_env().slide_roots)
+            roots = ":".join(Settings.from_env().tiler.slide_roots)
             details += f" (slide roots: {roots}, SMILY_SLIDE_ROOTS; give a path relative to one of them)"
         elif "not in the index" in details:
             details += "; `smily slides` lists the indexed slides"

@@ -22,7 +22,9 @@ def eval_data(args) -> int:
     from smily.evaluation import synthetic_benchmark as bench
 
     settings = Settings.from_env()
-    path = bench.write(args.output_dir, bench.FULL if args.full else bench.SMALL, settings.tile_mpp, settings.tile_size)
+    path = bench.write(
+        args.output_dir, bench.FULL if args.full else bench.SMALL, settings.gateway.tile_mpp, settings.gateway.tile_size
+    )
     print(f"wrote {path}")
     # The manifest's sources are relative to this directory: the tiler must be allowed to read it.
     root = os.path.abspath(args.output_dir)

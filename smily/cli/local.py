@@ -45,7 +45,7 @@ def reshard(args) -> int:
     from smily.common.config import Settings
     from smily.index.reshard import reshard
 
-    url = Settings.from_env().index_database_url
+    url = Settings.from_env().index.index_database_url
     if not url:
         raise SystemExit("set SMILY_INDEX_DATABASE_URL to the index cluster's PostgreSQL")
     moved = reshard(url, args.from_shards, args.shards)

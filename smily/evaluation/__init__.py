@@ -42,7 +42,7 @@ def evaluate_manifest(
         raise archive.EvalError("the gateway reports no tiling settings: is it older than this tool?")
     mpp = tiling.nearest_mpp(DEFAULT_MPPS[0])  # evaluated at one of the indexed resolutions
     opened = archive.open_slides(settings, m.slides())
-    emb_channel = channel(settings.embedder_target)
+    emb_channel = channel(settings.embedder.embedder_target)
     try:
         arch = archive.build(tiling, mpp, opened, embedder_pb2_grpc.EmbedderServiceStub(emb_channel), progress)
     finally:

@@ -45,7 +45,7 @@ class Archive:
 
 def open_slides(settings, sources: dict[str, str]) -> dict:
     """slide_id -> an open OpenSlide handle, resolved under the slide roots."""
-    roots, cache, out = slide_files.SlideRoots(settings.slide_roots), slide_files.SlideCache(), {}
+    roots, cache, out = slide_files.SlideRoots(settings.tiler.slide_roots), slide_files.SlideCache(), {}
     for slide_id, source in sources.items():
         try:
             out[slide_id] = cache.get(roots.resolve(source))
