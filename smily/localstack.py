@@ -20,9 +20,12 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 RUN_DIR = os.path.join("var", "run")
 LOG_DIR = os.path.join("var", "log")
+# Where `make up` keeps the generated Redis password (mode 0600), rather than printing it.
+REDIS_PASSWORD_FILE = os.path.join(RUN_DIR, "redis-password")
 
 
 def free_port() -> int:
@@ -78,6 +81,20 @@ def start_redis(
             time.sleep(0.05)
     proc.kill()
     raise RuntimeError("redis-server did not start")
+
+
+def keep_password(url: str, path: str) -> str:
+    """Write the URL's password to `path` (mode 0600) and return the URL without it, fit to print."""
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        os.fchmod(fd, 0o600)  # a file left by an earlier run keeps its mode otherwise
+        fh.write(unquote(parts.password) + "\n")
+    netloc = f"{parts.hostname}:{parts.port}" if parts.port else str(parts.hostname)
+    return f"{urlunsplit((parts.scheme, netloc, parts.path, parts.query, ''))} (password in {path})"
 
 
 @contextmanager
@@ -208,7 +225,10 @@ def up() -> int:
         return 1
     gateway = f"{host}:{settings.gateway_port}"
     backends = ", ".join(f"{name} :{getattr(settings, f'{name}_port')}" for name in ("tiler", "embedder", "index"))
-    cache = f"Redis {env['SMILY_REDIS_URL']}" if env.get("SMILY_REDIS_URL") else "in-process cache"
+    if redis_port:
+        cache = f"Redis {keep_password(env['SMILY_REDIS_URL'], REDIS_PASSWORD_FILE)}"
+    else:
+        cache = "Redis at SMILY_REDIS_URL" if settings.redis_url else "in-process cache"
     metrics = f"metrics http://{host}:{settings.metrics_port}/metrics" if settings.metrics_port else "metrics off"
     print(f"local stack up: gateway {gateway} ({backends}), {cache}, {metrics}; logs in {LOG_DIR}/")
     print(f"viewer and HTTP API: http://{host}:{settings.http_port}/")
@@ -269,6 +289,8 @@ def down(quiet: bool = False) -> int:
             stopped.append(name)
         with contextlib.suppress(FileNotFoundError):
             os.remove(_pid_path(name))
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(REDIS_PASSWORD_FILE)
     if not quiet:
         print(
             f"stopped {' and '.join([', '.join(stopped[:-1]), stopped[-1]] if len(stopped) > 1 else stopped)}"

@@ -189,6 +189,21 @@ class Settings:
     # mTLS the tiler accepts these identities too.
     tls_tiler_clients: tuple[str, ...] = ("smily-embedder",)
 
+    # Issue 23 (trust boundary, second pass). Key the HTTP front end mints view-session
+    # ids with and the gateway verifies them with (a Secret shared by both; the _file
+    # form wins). Empty: no sessions, every read audited on its own.
+    view_session_key: str = ""
+    view_session_key_file: str = ""
+    # A view session's lifetime; its record (reads covered, bounding region) is written when it ends.
+    view_session_ttl_s: float = 300.0
+    # HTTP front end: CIDRs of proxies whose X-Forwarded-For is believed, ","-separated; empty: none.
+    http_trusted_proxies: tuple[str, ...] = ()
+    # Public base URL of the HTTP front end (https://smily.example), for IIIF ids; empty: path-only ids.
+    http_public_url: str = ""
+    # Seconds a cached tile may be served before the slide is checked again with the gateway
+    # (deleted or re-ingested slides are dropped from the cache; the caller is re-authorised).
+    http_slide_check_s: float = 5.0
+
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> Settings:
         env = os.environ if environ is None else environ
@@ -210,6 +225,7 @@ _SEPARATORS = {
     "tile_mpps": ",",
     "query_transforms": ",",
     "tls_tiler_clients": ",",
+    "http_trusted_proxies": ",",
 }
 
 

@@ -25,7 +25,7 @@ log = logging.getLogger("smily.auth")
 
 SEARCH, INGEST, ADMIN = "smily.search", "smily.ingest", "smily.admin"
 _SERVICE = "/smily.gateway.v1.GatewayService/"
-ROLES = {
+ROLES: dict[str, str | tuple[str, ...]] = {
     **{
         _SERVICE + m: SEARCH
         for m in (
@@ -35,7 +35,6 @@ ROLES = {
             "ListSlides",
             "GetSlide",
             "ListConcepts",
-            "GetOperation",
             "GetIndexInfo",
         )
     },
@@ -43,6 +42,8 @@ ROLES = {
         _SERVICE + m: INGEST for m in ("IngestSlide", "IngestCase", "CancelOperation", "CreateConcept", "DeleteConcept")
     },
     _SERVICE + "DeleteSlide": ADMIN,
+    # Also the ingest role's, for the operations that caller started (the servicer checks whose).
+    _SERVICE + "GetOperation": (SEARCH, INGEST),
 }
 ASYMMETRIC = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"})
 # Clock skew tolerated between the IdP and us.
@@ -52,15 +53,16 @@ REFETCH_S = 10.0
 NONE_WARNING = "warning: SMILY_AUTH=none: the gateway asks no caller who they are; for a local run only"
 
 
-def role_for(method: str) -> str:
-    """The role an RPC needs; anything not listed (a future RPC, reflection) needs admin."""
-    return ROLES.get(method, ADMIN)
+def role_for(method: str) -> tuple[str, ...]:
+    """The roles an RPC admits (any one will do); anything not listed (a future RPC, reflection) needs admin."""
+    need = ROLES.get(method, ADMIN)
+    return (need,) if isinstance(need, str) else need
 
 
 def authorise(caller: Caller, method: str) -> None:
-    need = role_for(method)
-    if need not in caller.roles and ADMIN not in caller.roles:
-        raise PermissionDenied(f"this call needs the role {need}")
+    needs = role_for(method)
+    if ADMIN not in caller.roles and not caller.roles.intersection(needs):
+        raise PermissionDenied(f"this call needs the role {' or '.join(needs)}")
 
 
 def _roles(claims: dict, path: str) -> frozenset[str]:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
+from smily.common import caller as callers
 from smily.common import images, limits
 from smily.common.config import Settings
-from smily.common.errors import InvalidArgument, require
+from smily.common.errors import InvalidArgument, PermissionDenied, require
 from smily.common.server import Registration
 from smily.common.tensors import to_tensor
 from smily.common.tiling import Tiling
@@ -15,9 +16,9 @@ from smily.index.v1 import index_pb2
 from smily.tiler.v1 import tiler_pb2
 from smily.types.v1 import types_pb2
 
-from . import dicom, dihedral, paging, vectors
+from . import auth, dicom, dihedral, paging, vectors
 from .backends import Backends
-from .cache import RedisGuard, make_cache
+from .cache import RedisGuard, hmac_key, make_cache
 from .cases import ACCESSION, CaseIngestor
 from .guard import Guard
 from .ingest import Ingestor
@@ -101,10 +102,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             if settings.redis_url
             else None
         )
+        # Authenticates what this gateway reads back from Redis (cached embeddings, operations).
+        secret = hmac_key(settings.cache_key) if redis else b""
         self._q = QueryEngine(
             self._b,
             self._tilings,
-            make_cache(redis, settings.cache_ttl_s, settings.cache_key),
+            make_cache(redis, settings.cache_ttl_s, secret),
             settings.embed_batch,
             settings.case_key,
             settings.max_slide_queries,
@@ -112,7 +115,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             settings.query_transforms or ("identity",),
             settings.query_merge,
         )
-        shared = SharedOperations(redis) if redis else LocalOperations()
+        shared = SharedOperations(redis, secret) if redis else LocalOperations()
         self._ingest = Ingestor(
             self._b,
             self._tilings,
@@ -127,6 +130,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self._links = dicom.ViewerLinks(settings.viewer_url_template)
         # Fans a slide query's mosaic tiles out to the index.
         self._fanout = ThreadPoolExecutor(max_workers=8, thread_name_prefix="mosaic")
+        self._close_hooks: list = []
 
     def watch_readiness(self, set_ready) -> None:
         self._readiness.watch(set_ready)
@@ -143,6 +147,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             limits.metadata(request.metadata),
             self._b.timeout(context),
             limits.slide_mpp(request.slide_mpp),
+            starter=callers.current().key,
         )
         return gateway_pb2.IngestSlideResponse(operation=op)
 
@@ -156,16 +161,33 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         limits.text(request.archive, "archive", limits.MAX_ID_CHARS)
         slide_ids = dict(request.slide_ids)
         limits.slide_ids(slide_ids.values(), "slide_ids")
-        op = self._cases.start(request.accession_number, request.archive, slide_ids, limits.metadata(request.metadata))
+        op = self._cases.start(
+            request.accession_number,
+            request.archive,
+            slide_ids,
+            limits.metadata(request.metadata),
+            starter=callers.current().key,
+        )
         return gateway_pb2.IngestCaseResponse(operation=op)
+
+    def _follow(self, operation_id: str, any_operation: frozenset[str]) -> None:
+        """A caller without one of the any_operation roles follows only the operations it started."""
+        who = callers.current()
+        if who.roles & any_operation:
+            return
+        starters = self._cases.starters(operation_id) or self._ingest.starters(operation_id)
+        if who.key not in starters:
+            raise PermissionDenied("this operation was started by another caller")
 
     def GetOperation(self, request, context):
         limits.text(request.operation_id, "operation_id", limits.MAX_TOKEN_CHARS)
+        self._follow(request.operation_id, frozenset({auth.SEARCH, auth.ADMIN}))
         op = self._cases.get(request.operation_id) or self._ingest.get(request.operation_id)
         return gateway_pb2.GetOperationResponse(operation=op)
 
     def CancelOperation(self, request, context):
         limits.text(request.operation_id, "operation_id", limits.MAX_TOKEN_CHARS)
+        self._follow(request.operation_id, frozenset({auth.ADMIN}))
         op = self._cases.cancel(request.operation_id) or self._ingest.cancel(request.operation_id)
         return gateway_pb2.CancelOperationResponse(operation=op)
 
@@ -417,7 +439,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         tiling.to_pb(out.tiling)
         return out
 
+    def on_close(self, hook) -> None:
+        self._close_hooks.append(hook)
+
     def close(self) -> None:
+        for hook in self._close_hooks:
+            hook()
         self._readiness.close()
         self._cases.close()
         self._ingest.close()
@@ -426,9 +453,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
 
 
 def registration(settings: Settings) -> Registration:
+    guard = Guard(settings)
+    servicer = GatewayServicer(settings)
+    servicer.on_close(guard.close)  # open view sessions are recorded when the server stops
     return Registration(
         gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name,
-        GatewayServicer(settings),
+        servicer,
         gateway_pb2_grpc.add_GatewayServiceServicer_to_server,
-        interceptors=(Guard(settings),),
+        interceptors=(guard,),
     )
