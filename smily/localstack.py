@@ -123,6 +123,7 @@ def local_stack(slide_roots: tuple[str, ...], **overrides) -> Iterator:
                     "auth": "none",
                     "audit_log": os.path.join(tmp, "audit.jsonl"),
                     "cache_key": secrets.token_urlsafe(32),
+                    "view_session_key": secrets.token_urlsafe(32),
                     **overrides,
                 }
             )
@@ -144,6 +145,8 @@ def _local_env() -> dict[str, str]:
     env.setdefault("SMILY_AUTH", "none")
     env.setdefault("SMILY_AUDIT_LOG", os.path.join(LOG_DIR, "audit.jsonl"))
     env.setdefault("SMILY_CACHE_KEY", secrets.token_urlsafe(32))
+    # One view-session key for the HTTP front end and the gateway (both get this environment).
+    env.setdefault("SMILY_VIEW_SESSION_KEY", secrets.token_urlsafe(32))
     return env
 
 

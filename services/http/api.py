@@ -127,9 +127,7 @@ def _from_query(method: Method, request: Request) -> dict:
 def multipart_fields(method: Method) -> dict[str, descriptor.FieldDescriptor]:
     """The bytes fields a multipart upload may carry (none: the route takes JSON only)."""
     fields = {
-        f.name: f
-        for f in method.input.fields
-        if f.type == descriptor.FieldDescriptor.TYPE_BYTES and f.label != descriptor.FieldDescriptor.LABEL_REPEATED
+        f.name: f for f in method.input.fields if f.type == descriptor.FieldDescriptor.TYPE_BYTES and not f.is_repeated
     }
     return fields | {f.json_name: f for f in fields.values()}
 
