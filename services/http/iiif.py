@@ -9,14 +9,15 @@ never after that token expires, and for at most http_tile_cache_ttl_s. At
 most every http_slide_check_s each token's view of a slide is checked again
 with the gateway (GetSlide): a refusal (token revoked or expired, roles
 gone, slide deleted) stops the cache serving it, and a slide deleted or
-ingested again drops its tiles for everyone. Tiles served from the cache
-under a view session are reported to the gateway with that check, so its
-session record counts them. info.json mints the view session: an id the
+ingested again drops its tiles for everyone. Tiles are served from the
+cache only under a view session, and reported to the gateway within
+http_slide_check_s, so that session's record counts them. info.json mints the view session: an id the
 gateway can verify, for this caller and slide (smily.common.viewsession).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import io
@@ -201,6 +202,7 @@ class _Check:
     slide: gateway_pb2.GetSlideResponse
     at: float  # time.monotonic()
     reads: dict[str, list[int]] = field(default_factory=dict)  # view session -> [count, x0, y0, x1, y1]
+    metadata: list[tuple[str, str]] = field(default_factory=list)  # the caller's, to report the reads with
 
 
 def _generation(slide: gateway_pb2.GetSlideResponse) -> tuple:
@@ -217,6 +219,7 @@ class IIIF:
         self._public_url = settings.http_public_url.rstrip("/")
         self._checks: OrderedDict[tuple[str, str], _Check] = OrderedDict()
         self._generations: dict[str, tuple] = {}
+        self._reporting: set[asyncio.Task] = set()
 
     async def _slide(self, request: Request, slide_id: str, token: _Token) -> gateway_pb2.GetSlideResponse:
         """The slide's size; asked again of the gateway at most every check_s per token,
@@ -225,7 +228,7 @@ class IIIF:
         check = self._checks.get(key)
         if check is not None and time.monotonic() - check.at < self._check_s and time.time() < token.exp:
             return check.slide
-        await self._flush(request, slide_id, token)
+        await self._flush(key)
         try:
             slide = await self._gateway.call(
                 "GetSlide", gateway_pb2.GetSlideRequest(slide_id=slide_id), metadata(request)
@@ -250,22 +253,26 @@ class IIIF:
         for key in [k for k in self._checks if k[1] == slide_id]:
             del self._checks[key]
 
-    async def _flush(self, request: Request, slide_id: str, token: _Token) -> None:
-        """Report the reads served from the cache since the last check, one call per view session
+    async def _flush(self, key: tuple[str, str]) -> None:
+        """Report the reads served from the cache since the last report, one call per view session
         (the gateway adds them to that session's record)."""
-        check = self._checks.get((token.digest, slide_id))
-        if check is None:
+        check = self._checks.get(key)
+        if check is None or not check.reads:
             return
         reads, check.reads = check.reads, {}
-        base = [(k, v) for k, v in metadata(request) if k != viewsession.HEADER]
         for session, (count, x0, y0, x1, y1) in reads.items():
             report = (viewsession.CACHED_READS, f"{count};{x0},{y0},{x1 - x0},{y1 - y0}")
-            with contextlib.suppress(grpc.RpcError):  # the check that follows answers the caller
+            with contextlib.suppress(grpc.RpcError):  # the next check answers the caller
                 await self._gateway.call(
                     "GetSlide",
-                    gateway_pb2.GetSlideRequest(slide_id=slide_id),
-                    [*base, (viewsession.HEADER, session), report],
+                    gateway_pb2.GetSlideRequest(slide_id=key[1]),
+                    [*check.metadata, (viewsession.HEADER, session), report],
                 )
+
+    def _report_soon(self, key: tuple[str, str]) -> None:
+        task = asyncio.ensure_future(self._flush(key))
+        self._reporting.add(task)  # held until done: the loop keeps only weak references
+        task.add_done_callback(self._reporting.discard)
 
     def _session(self, request: Request, token: _Token, slide_id: str) -> str:
         """The request's view session if it is one this front end minted for this caller and slide, else ""."""
@@ -273,10 +280,15 @@ class IIIF:
         ok = viewsession.verify(self._session_key, session, token.subject, slide_id, self._session_ttl)
         return session if ok is not None else ""
 
-    def _count(self, session: str, token: _Token, slide_id: str, box: tuple[int, int, int, int]) -> None:
-        check = self._checks.get((token.digest, slide_id))
+    def _count(self, request: Request, session: str, token: _Token, slide_id: str, box: tuple[int, ...]) -> None:
+        """Note a read served from the cache; reported within check_s, whether or not the caller comes back."""
+        key = (token.digest, slide_id)
+        check = self._checks.get(key)
         if check is None:
             return
+        if not check.reads:
+            check.metadata = [(k, v) for k, v in metadata(request) if k != viewsession.HEADER]
+            asyncio.get_running_loop().call_later(self._check_s, self._report_soon, key)
         x, y, w, h = box
         seen = check.reads.get(session)
         if seen is None:
@@ -323,7 +335,7 @@ class IIIF:
             session = self._session(request, token, p["slide_id"])
             cached = self._cache.get(key) if session and time.time() < token.exp else None
             if cached is not None:
-                self._count(session, token, p["slide_id"], (x, y, rw, rh))
+                self._count(request, session, token, p["slide_id"], (x, y, rw, rh))
                 return Response(cached, media_type=media, headers=headers)
             if slide.mpp <= 0:
                 return error(grpc.StatusCode.FAILED_PRECONDITION, "the slide records no resolution")
