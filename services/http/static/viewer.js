@@ -156,7 +156,7 @@ async function slideInfo(slideId) {
   const resp = await fetch(iiif(slideId) + "/info.json", { headers: headers() });
   const info = await answer(resp);
   state.viewSession = resp.headers.get("X-Smily-View-Session") || "";
-  viewer.ajaxHeaders = headers();
+  viewer.setAjaxHeaders(headers()); // the open image's (and the navigator's) next tiles carry it too
   return info;
 }
 
