@@ -97,7 +97,15 @@ def base_settings(**overrides) -> Settings:
         embedder_port=0,
         index_port=0,
         metrics_port=0,
-        **{"plaintext": True, "auth": "none", **overrides},
+        # Keys shared as a Secret is: view sessions verify across the HTTP front end and the
+        # gateways, and every gateway replica trusts the others' writes to Redis.
+        **{
+            "plaintext": True,
+            "auth": "none",
+            "view_session_key": "test-view-session-key",
+            "cache_key": "test-cache-key",
+            **overrides,
+        },
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -34,3 +35,6 @@ def test_demo_runs_end_to_end(slide_dir, model_repo, redis_url, tmp_path):
     assert out.stdout.count("5 hits (model efficientnet-lite0/1)") == 2
     assert "cached=True" in out.stdout
     assert "stopped" in out.stdout and "Traceback" not in out.stderr
+    # The generated Redis password is never printed, only the file holding it.
+    assert "redis://127.0.0.1:" in out.stdout and "password in " in out.stdout
+    assert not re.search(r"redis://[^ ]*:[^ ]*@", out.stdout + out.stderr)

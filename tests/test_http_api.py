@@ -152,7 +152,7 @@ def test_operations_get_and_cancel(api, http_slide):
     op_id = http_slide["operationId"]
     got = api.get(f"/v1/operations/{op_id}").json()["operation"]
     assert got["state"] == "OPERATION_STATE_SUCCEEDED"
-    cancelled = api.post(f"/v1/operations/{op_id}:cancel")
+    cancelled = api.post(f"/v1/operations/{op_id}:cancel", json={})
     assert cancelled.status_code == 200
     assert cancelled.json()["operation"]["state"] == "OPERATION_STATE_SUCCEEDED"
     missing = api.get("/v1/operations/no-such-operation")
@@ -185,7 +185,7 @@ def test_operations_get_and_cancel(api, http_slide):
             404,
             "NOT_FOUND",
         ),
-        ("post", "/v1/search", {"content": b"k=3", "headers": {"content-type": "text/plain"}}, 400, "INVALID_ARGUMENT"),
+        ("post", "/v1/search", {"content": b"k=3", "headers": {"content-type": "text/plain"}}, 415, "INVALID_ARGUMENT"),
         ("delete", "/v1/slides/no-such-slide", {}, 404, "NOT_FOUND"),
         ("get", "/v1/slides", {"params": {"noSuchParam": "1"}}, 400, "INVALID_ARGUMENT"),
         ("get", "/v1/slides", {"params": {"pageSize": "many"}}, 400, "INVALID_ARGUMENT"),

@@ -10,7 +10,8 @@ import redis
 
 from smily import stack
 from smily.client import Client
-from smily.gateway.operations import STALE_S
+from smily.gateway.cache import RedisGuard
+from smily.gateway.operations import FINISHED, STALE_S, SharedOperations
 from smily.gateway.v1 import gateway_pb2
 
 from .conftest import CMU, TEST_SLIDES, rpc_code
@@ -76,7 +77,34 @@ def test_an_operation_whose_replica_died_goes_stale(settings, client):
     ghost = gateway_pb2.Operation(
         operation_id="ghost", slide_id="x", state=State.OPERATION_STATE_RUNNING, updated_at=time.time() - STALE_S - 1
     )
-    redis.Redis.from_url(settings.gateway.redis_url).set("smily:op:ghost", ghost.SerializeToString(), ex=60)
+    # Written as a replica writes it, with the shared key.
+    SharedOperations(RedisGuard(settings.gateway.redis_url, 1.0), settings.gateway.cache_key.encode()).publish(
+        ghost, frozenset()
+    )
     seen = _op(client, "ghost")
     assert seen.state == State.OPERATION_STATE_FAILED and seen.error_code == "UNAVAILABLE"
     assert client.cancel("ghost").state == State.OPERATION_STATE_FAILED  # nothing left to cancel
+
+
+def test_a_redis_writer_without_the_key_cannot_forge_an_operation_or_cancel_an_ingest(settings, two_gateways):
+    a, b, _ = two_gateways
+    r = redis.Redis.from_url(settings.gateway.redis_url)
+    forged = gateway_pb2.Operation(
+        operation_id="forged", slide_id="x", state=State.OPERATION_STATE_SUCCEEDED, updated_at=time.time()
+    )
+    r.set("smily:op:forged", forged.SerializeToString(), ex=60)
+    assert rpc_code(_op, b, "forged") == grpc.StatusCode.NOT_FOUND
+    # A genuine record copied under another operation's key fails its HMAC too.
+    op = a.ingest(CMU, "forged-cancel")
+    r.set("smily:op:copied", r.get(f"smily:op:{op.operation_id}"), ex=60)
+    assert rpc_code(_op, b, "copied") == grpc.StatusCode.NOT_FOUND
+    # A cancel flag without the HMAC: the ingest runs on past several batches (A checks between each).
+    r.set(f"smily:op:{op.operation_id}:cancel", b"1", ex=60)
+    seen = _op(b, op.operation_id)
+    while seen.state not in FINISHED and seen.progress.tiles_embedded < 3:
+        time.sleep(0.01)
+        seen = _op(b, op.operation_id)
+    assert seen.state == State.OPERATION_STATE_RUNNING and not seen.cancel_requested
+    # A cancel asked through a replica still stops it.
+    b.cancel(op.operation_id)
+    assert b.wait(seen, poll_s=0.05).state == State.OPERATION_STATE_CANCELLED

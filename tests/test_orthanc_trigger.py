@@ -33,10 +33,12 @@ def _get(api: httpx.Client, path: str, bodies: list[str]) -> dict:
     return r.json()
 
 
-def _ingest_calls(audit) -> list[dict]:
-    """The gateway's audit records of IngestCase calls."""
+def _ingest_calls(audit, attempts: bool = False) -> list[dict]:
+    """The gateway's audit records of IngestCase calls: their outcomes, or the attempts recorded before them."""
     records = [json.loads(line) for line in audit.read_text().splitlines()] if audit.exists() else []
-    return [r for r in records if r["subtype"][0]["display"] == "IngestCase"]
+    return [
+        r for r in records if r["subtype"][0]["display"] == "IngestCase" and r["id"].endswith(".attempt") == attempts
+    ]
 
 
 def test_a_slide_pushed_to_orthanc_becomes_searchable_by_its_accession(redis_url, model_repo, tmp_path, capfd):
@@ -111,6 +113,8 @@ def test_a_slide_pushed_to_orthanc_becomes_searchable_by_its_accession(redis_url
     # One IngestCase per series, by the script's token, relayed by the HTTP API.
     (ingest,) = _ingest_calls(audit)
     assert ingest["outcome"] == "0"
+    (attempt,) = _ingest_calls(audit, attempts=True)  # recorded before the case was started
+    assert attempt["id"] == ingest["id"] + ".attempt" and attempt["outcomeDesc"] == "ATTEMPTED"
     assert ingest["agent"][0]["who"]["identifier"] == {"system": idp.issuer, "value": "orthanc-lua"}
     assert ingest["agent"][1]["who"]["display"] == "forwarding proxy"
     captured = capfd.readouterr()

@@ -23,9 +23,11 @@ from smily.gateway.v1 import gateway_pb2
 from smily.synthetic import SlideSpec, write_samples
 from smily.tiler.v1 import tiler_pb2, tiler_pb2_grpc
 
+from . import oidc
 from .conftest import base_settings, rpc_code, streamed_tiles
-from .httpproc import HttpProcess
+from .httpproc import SMILY, HttpProcess
 from .orthanc import PHI, Orthanc
+from .pki import CA
 
 SLIDES = (SlideSpec("case-a.tiff", "tiff", 3072, 3072, 0.5, 31), SlideSpec("case-b.tiff", "tiff", 3072, 3072, 0.5, 32))
 CASES = ("ACC-E2E-0001", "ACC-E2E-0002")
@@ -280,3 +282,50 @@ def test_case_by_accession_over_http_with_curl(pacs, redis_url, model_repo, tmp_
     for where, text in {"responses": "".join(curl.bodies), "logs": http.log() + captured.err + captured.out}.items():
         for value in PHI.values():
             assert value not in text, (where, value)
+
+
+def test_an_lis_with_the_ingest_role_alone_ingests_a_case_with_the_cli(pacs, redis_url, model_repo, tmp_path):
+    """Issue 23: `smily ingest-case ACC` with an ingest-only token, against a TLS gateway that
+    verifies tokens, follows its case to the end; the same token cannot search."""
+    orthanc, _, uids = pacs
+    idp = oidc.IdP()
+    ca = CA(str(tmp_path / "pki"))
+    cert, key = ca.issue("smily-gateway")
+    (tmp_path / "roots").mkdir()
+    settings = base_settings(
+        slide_roots=(str(tmp_path / "roots"),),
+        model_repository=model_repo,
+        index_dir=str(tmp_path / "index"),
+        redis_url=redis_url,
+        tiler_readers=1,
+        dicomweb_url=(f"pacs={orthanc.dicomweb}",),
+        plaintext=False,
+        tls_cert_file=cert,
+        tls_key_file=key,
+        tls_ca_file=ca.path,
+        auth="oidc",
+        oidc_issuer=idp.issuer,
+        oidc_audience=oidc.AUDIENCE,
+        audit_log=str(tmp_path / "audit.jsonl"),
+    )
+    running, settings = stack.start(stack.ORDER, settings)
+    try:
+        env = dict(os.environ, SMILY_TOKEN=idp.token(["smily.ingest"], sub="lis"))
+        gateway = ["--gateway", f"127.0.0.1:{settings.gateway.gateway_port}", "--tls-ca", ca.path]
+        out = subprocess.run(
+            [SMILY, "ingest-case", CASES[1], *gateway], env=env, capture_output=True, text=True, timeout=300
+        )
+        assert out.returncode == 0, out.stderr
+        (study, series) = uids[1]
+        assert out.stdout.split("\t")[:2] == [series, "succeeded"] and f"study {study}" in out.stdout
+        search = subprocess.run(
+            [SMILY, "search", "--slide", series, "--region", "0,0,448,448", *gateway],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert search.returncode != 0 and "smily.search" in search.stderr
+    finally:
+        stack.stop(running, 0)
+        idp.close()

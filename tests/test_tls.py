@@ -35,6 +35,9 @@ def pki(tmp_path_factory):
         "tooling": ca.issue("smily-tooling"),
         "stranger": ca.issue("stranger"),
         "outsider": ca.issue("outsider", ca=other),
+        # CN smily-gateway but SAN smily-http: a SAN-bearing certificate is its SANs only.
+        "masquerade": ca.issue("smily-http", cn="smily-gateway", directory=os.path.join(d, "masquerade")),
+        "cn-only": ca.issue("smily-gateway", san=False, directory=os.path.join(d, "cn-only")),
     }
 
 
@@ -98,6 +101,15 @@ def test_backends_accept_only_the_gateway_identity(pki, backends):
     assert _tiler(backends.tiler.tiler_target, creds(ca, pki["tooling"])) == grpc.StatusCode.PERMISSION_DENIED
     assert _tiler(backends.tiler.tiler_target, creds(ca, pki["stranger"])) == grpc.StatusCode.PERMISSION_DENIED
     assert _tiler(backends.tiler.tiler_target, creds(ca, pki["gateway"])) == grpc.StatusCode.OK
+
+
+def test_a_certificate_with_sans_is_not_matched_on_its_cn(pki, backends):
+    """RFC 6125: CN smily-gateway with SAN smily-http is smily-http, which no backend admits."""
+    ca = pki["ca"].path
+    assert _list(backends.index.index_target, creds(ca, pki["masquerade"])) == grpc.StatusCode.PERMISSION_DENIED
+    assert _tiler(backends.tiler.tiler_target, creds(ca, pki["masquerade"])) == grpc.StatusCode.PERMISSION_DENIED
+    # Without any SAN the CN is the identity.
+    assert _list(backends.index.index_target, creds(ca, pki["cn-only"])) == grpc.StatusCode.OK
 
 
 def test_the_gateway_dials_backends_with_its_certificate(pki, backends):
