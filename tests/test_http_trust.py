@@ -52,7 +52,7 @@ class Stack:
                 view_session_key=KEY,
             ),
         )
-        self.target = f"127.0.0.1:{self.gateway.gateway_port}"
+        self.target = f"127.0.0.1:{self.gateway.gateway.gateway_port}"
         env = {
             "SMILY_VIEW_SESSION_KEY": KEY,
             "SMILY_HTTP_SLIDE_CHECK_S": str(CHECK_S),
