@@ -15,6 +15,8 @@ from smily.common.config import Settings
 from smily.localstack import start_redis
 from smily.synthetic import SlideSpec, write_samples
 
+from .helpers.wait import wait_done
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "tests", "data")
 MODELS = os.path.join(ROOT, "models")
@@ -33,22 +35,49 @@ def need(what: str, why: str):
     pytest.fail(f"{what} is required: {why}", pytrace=False)
 
 
-# No test may pass by not running: a skip (pytest.skip, importorskip, a skip mark) is
-# reported as a failure, unless the test is marked may_skip(reason) for hardware that a
-# machine may lack. `make test` installs the system packages (tools/system-deps.sh).
+# No test may pass by not running: a skip (pytest.skip, importorskip, a skip mark) or an
+# expected failure (xfail) is reported as a failure, unless the test is marked
+# may_skip(reason) for hardware that a machine may lack. `make test` installs the system
+# packages (tools/system-deps.sh).
 NO_SKIP = (
     "skipped, and this suite allows no skips: {reason}. Install what is missing "
     "(`make test` does: tools/system-deps.sh, the dev extra) or mark the test may_skip."
 )
+NO_XFAIL = "an expected failure (xfail), and this suite allows none: {reason}. Fix the test or the code."
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
-    if report.skipped and not hasattr(report, "wasxfail") and not item.get_closest_marker("may_skip"):
+    if report.skipped and not item.get_closest_marker("may_skip"):
+        xfail = getattr(report, "wasxfail", None)
         report.outcome = "failed"
-        report.longrepr = NO_SKIP.format(reason=_skip_reason(report))
+        report.longrepr = (
+            NO_SKIP.format(reason=_skip_reason(report)) if xfail is None else NO_XFAIL.format(reason=xfail)
+        )
+
+
+# The `unit` lane (`make unit`) runs without a model or a server: a unit test that asks
+# for one of these fixtures is an error, not a slow lane.
+SERVER_FIXTURES = {
+    "services",
+    "settings",
+    "client",
+    "ingested",
+    "http_url",
+    "model_repo",
+    "redis_url",
+    "slide_dir",
+    "postgres",
+}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    needs = SERVER_FIXTURES & set(getattr(item, "fixturenames", ()))
+    if item.get_closest_marker("unit") and needs:
+        pytest.fail(f"marked unit, but needs {', '.join(sorted(needs))}: the unit lane has no model and no servers")
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -136,7 +165,7 @@ def ingested(client):
 
     ops = {}
     for name in [s.name for s in TEST_SLIDES] + [CMU]:
-        op = client.wait(client.ingest(name, os.path.splitext(name)[0], {"file": name, "organ": "test"}))
+        op = wait_done(client, client.ingest(name, os.path.splitext(name)[0], {"file": name, "organ": "test"}))
         assert op.state == gateway_pb2.OPERATION_STATE_SUCCEEDED, (name, op.error_code, op.error_message)
         ops[name] = op
     return ops

@@ -24,9 +24,10 @@ from smily.gateway import auth
 from smily.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from smily.index.v1 import index_pb2, index_pb2_grpc
 
-from . import oidc
 from .conftest import base_settings
-from .pki import CA
+from .helpers import oidc
+from .helpers.pki import CA
+from .helpers.wait import wait_done
 from .test_tls import read
 
 SEARCH, INGEST, ADMIN = ["smily.search"], ["smily.ingest"], ["smily.admin"]
@@ -203,7 +204,7 @@ def test_roles_follow_the_rpc_and_each_call_is_audited(secured, idp):
     ingest_client = Client(
         f"127.0.0.1:{secured.gateway_port}", timeout=300, tls_ca=secured.tls_ca_file, token=idp.token(INGEST + SEARCH)
     )
-    op = ingest_client.wait(ingest_client.ingest("synth-a.tiff", "auth-a", {"case_id": "CASE-7"}))
+    op = wait_done(ingest_client, ingest_client.ingest("synth-a.tiff", "auth-a", {"case_id": "CASE-7"}))
     assert op.state == gateway_pb2.OPERATION_STATE_SUCCEEDED
     ingest_client.close()
     stub = gateway(secured)

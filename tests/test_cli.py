@@ -8,6 +8,8 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 from smily.cli import _flags
 from smily.output import Progress
 
@@ -76,6 +78,7 @@ def test_unreachable_gateway_says_what_to_do():
     assert "`make up`" in out.stderr and "--gateway" in out.stderr
 
 
+@pytest.mark.unit
 def test_service_messages_name_the_flags():
     message = "the slide does not record its resolution; state it in the request's slide_mpp (e.g. 0.25)"
     assert _flags(message) == "the slide does not record its resolution; state it with --slide-mpp (e.g. 0.25)"
@@ -165,6 +168,7 @@ class _Stream(io.StringIO):
         return self._tty
 
 
+@pytest.mark.unit
 def test_progress_is_a_bar_on_a_terminal_and_plain_lines_with_an_eta_elsewhere():
     log = _Stream(tty=False)
     progress = Progress("slide-x", log, every_s=0)

@@ -12,6 +12,7 @@ import io
 import os
 import signal
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -27,7 +28,8 @@ from smily.gateway.v1 import gateway_pb2_grpc
 from smily.localstack import free_port
 
 from .conftest import CMU, TEST_SLIDES
-from .procstack import NAMES, SERVING, ProcStack, health
+from .helpers.procstack import NAMES, SERVING, ProcStack, health
+from .helpers.wait import wait_until
 
 C = grpc.StatusCode
 BAD, NOT_FOUND, BUSY, UNAVAILABLE = C.INVALID_ARGUMENT, C.NOT_FOUND, C.RESOURCE_EXHAUSTED, C.UNAVAILABLE
@@ -53,7 +55,8 @@ def stack(slide_dir, model_repo, redis_url, tmp_path_factory):
         "SMILY_MAX_SLIDE_QUERIES": "1",
         "SMILY_METRICS_PORT": str(free_port()),
     }
-    s = ProcStack(env, str(tmp), {"gateway": gateway}).start_all()
+    tiler = {"SMILY_METRICS_PORT": str(free_port())}
+    s = ProcStack(env, str(tmp), {"gateway": gateway, "tiler": tiler}).start_all()
     yield s
     s.stop_all()
     print_table()
@@ -94,6 +97,12 @@ def status_of(fn) -> tuple[C, str]:
         return C.OK, ""
     except grpc.RpcError as exc:
         return exc.code(), exc.details() or ""
+
+
+def metric(port: int, sample: str) -> float:
+    """One sample of a process's /metrics (0 when it has none yet)."""
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return next((float(line.rsplit(" ", 1)[1]) for line in body.splitlines() if line.startswith(sample + " ")), 0.0)
 
 
 def alive(stack, gw) -> None:
@@ -268,13 +277,25 @@ def test_ingests_are_deduplicated_by_id_and_source_and_the_queue_is_bounded(stac
 def test_whole_slide_searches_by_file_are_bounded(stack, gw, frozen):
     gw.Search(g.SearchRequest(image=png(Image.new("RGB", (224, 224), (200, 120, 160))), k=1), timeout=60)
     frozen("embedder")  # the first whole-slide search holds its slot
+    tiler = int(stack.per_service["tiler"]["SMILY_METRICS_PORT"])
+    infos = metric(tiler, 'smily_grpc_requests_total{code="OK",method="GetSlideInfo",service="tiler"}')
     first = gw.SearchSlides.future(g.SearchSlidesRequest(source=TEST_SLIDES[1].name), timeout=60)
-    time.sleep(2)  # it reaches the embedder (a tiler read and a cache miss away) and waits there
+
+    def holds_its_slot():
+        # After the slide's info, the tiler serves only the tile stream, which starts once the
+        # search holds its slot and stays open while the frozen embedder holds it up.
+        return all(
+            metric(tiler, 'smily_grpc_requests_total{code="OK",method="GetSlideInfo",service="tiler"}') > infos
+            and metric(tiler, 'smily_grpc_in_flight{service="tiler"}') >= 1
+            for _ in range(2)
+        )
+
+    wait_until("the first whole-slide search streams tiles", holds_its_slot, deadline_s=60)
     code, details = status_of(lambda: gw.SearchSlides(g.SearchSlidesRequest(source=TEST_SLIDES[0].name), timeout=5))
     ROWS.append(("SearchSlides by file while one runs", code.name, "-", "-"))
     assert code == BUSY and "whole-slide searches" in details
     os.kill(stack.pid("embedder"), signal.SIGCONT)
-    assert first.result().slides is not None
+    assert first.result().slides  # the indexed slides, ranked
     alive(stack, gw)
 
 

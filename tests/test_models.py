@@ -24,8 +24,9 @@ from smily.embedder.v1 import embedder_pb2, embedder_pb2_grpc
 from smily.index.v1 import index_pb2, index_pb2_grpc
 from smily.types.v1 import types_pb2
 
-from . import backbones
 from .conftest import ROOT, TEST_SLIDES, base_settings, rpc_code
+from .helpers import backbones
+from .helpers.wait import wait_done
 
 ARCHITECTURES = {
     # name: (factory, input size)
@@ -164,7 +165,7 @@ def test_a_second_model_is_searched_end_to_end(repo, slide_dir, tmp_path):
     client = Client(f"127.0.0.1:{settings.gateway_port}", timeout=300)
     try:
         name = TEST_SLIDES[0].name
-        op = client.wait(client.ingest(name, "synth-a"))
+        op = wait_done(client, client.ingest(name, "synth-a"))
         assert op.model_id == "tiny-resnet/1" and op.progress.tiles_indexed > 10, op
         index = index_pb2_grpc.IndexServiceStub(channel(settings.index_target))
         info = index.GetIndexInfo(index_pb2.GetIndexInfoRequest())

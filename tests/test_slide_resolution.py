@@ -15,6 +15,7 @@ from smily.synthetic import SlideSpec, render
 from smily.tiler.v1 import tiler_pb2, tiler_pb2_grpc
 
 from .conftest import rpc_code, streamed_tiles
+from .helpers.wait import wait_done
 
 NAME = "no-mpp-gateway.tiff"
 
@@ -29,7 +30,7 @@ def test_a_slide_without_resolution_is_used_at_the_stated_one(client, ingested, 
     assert rpc_code(client.ingest, NAME, "no-mpp", None, -0.5) == grpc.StatusCode.INVALID_ARGUMENT
     assert rpc_code(client.search_slides, source=NAME) == grpc.StatusCode.FAILED_PRECONDITION
 
-    op = client.wait(client.ingest(NAME, "no-mpp", {"file": NAME}, slide_mpp=0.5))
+    op = wait_done(client, client.ingest(NAME, "no-mpp", {"file": NAME}, slide_mpp=0.5))
     assert op.state == gateway_pb2.OPERATION_STATE_SUCCEEDED, op.error_message
     try:
         (slide,) = [s for s in client.slides() if s.slide_id == "no-mpp"]

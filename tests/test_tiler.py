@@ -28,6 +28,7 @@ def tiler(settings):
     return tiler_pb2_grpc.TilerServiceStub(channel(settings.tiler_target))
 
 
+@pytest.mark.unit
 def test_roots_refuse_escapes(tmp_path):
     root = tmp_path / "root"
     root.mkdir()
@@ -157,6 +158,7 @@ def test_slide_without_resolution(tiler, slide_dir):
     assert "resolution" in info.value.details()
 
 
+@pytest.mark.unit
 def test_synthetic_slides_are_deterministic(tmp_path):
     spec = SlideSpec("a.tiff", "tiff", 1024, 768, 0.5, 7)
     write_slide(spec, str(tmp_path / "1.tiff"))

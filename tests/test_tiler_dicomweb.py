@@ -14,7 +14,7 @@ from smily.synthetic import SlideSpec, write_samples
 from smily.tiler.v1 import tiler_pb2, tiler_pb2_grpc
 
 from .conftest import base_settings, rpc_code, streamed_tiles
-from .orthanc import PHI, Orthanc
+from .helpers.orthanc import PHI, Orthanc
 
 SPEC = SlideSpec("square.tiff", "tiff", 2048, 2048, 0.5, 21)
 ACCESSION = "ACC-T-0001"

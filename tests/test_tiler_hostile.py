@@ -19,7 +19,7 @@ from smily.tiler.workers import WorkerPool
 from smily.types.v1 import types_pb2
 
 from .conftest import CMU, TEST_SLIDES, streamed_tiles
-from .tiler_files import fake_isyntax, huge_tile_tiff, jpeg_named, truncated_copy
+from .helpers.tiler_files import fake_isyntax, huge_tile_tiff, jpeg_named, truncated_copy
 
 FAIL = grpc.StatusCode.FAILED_PRECONDITION
 BAD = grpc.StatusCode.INVALID_ARGUMENT

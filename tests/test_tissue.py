@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 
 from smily.tiler.tissue import glass_colour, tissue_mask
-from tests import tissue_set
+from tests.helpers import tissue_set
+
+pytestmark = pytest.mark.unit
 
 SET = tissue_set.load()
 
