@@ -15,6 +15,7 @@ from smily.embedder.v1 import embedder_pb2, embedder_pb2_grpc
 from smily.types.v1 import types_pb2
 
 from .conftest import base_settings
+from .helpers.gpu import CPU, expected_providers
 from .helpers.wait import wait_until
 from .test_embedder import patch
 
@@ -80,8 +81,10 @@ def test_batching_can_be_disabled(embedder):
 
 
 @pytest.mark.parametrize("embedder", [dict()], indirect=True)
-def test_batching_is_automatic_off_on_the_cpu(embedder):
-    # On the CPU a run costs per image: waiting for company would only add latency.
+def test_batching_is_automatic_off_on_the_cpu_and_on_on_a_gpu(embedder):
+    # On the CPU a run costs per image: waiting for company would only add latency. A GPU
+    # runs a fixed batch, which the batcher fills.
     servicer, stub = embedder
-    assert servicer.model.provider == "CPUExecutionProvider" and servicer.batcher is None
+    assert servicer.model.provider in expected_providers()
+    assert (servicer.batcher is None) == (servicer.model.provider == CPU)
     assert from_tensor(stub.Embed(request(3)).embeddings).shape == (1, 1280)

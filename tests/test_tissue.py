@@ -1,4 +1,4 @@
-"""Tissue detection on the labelled thumbnails of tests/data/tissue (tests/tissue_set.py):
+"""Tissue detection on the labelled thumbnails of tests/data/tissue (tests/helpers/tissue_set.py):
 every stain kept, glass and artefacts dropped."""
 
 import numpy as np
