@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import shutil
 
 import grpc
@@ -96,10 +97,50 @@ def _skip_reason(report) -> str:
 
 @pytest.fixture(scope="session")
 def slide_dir(tmp_path_factory):
+    """The test slides, read by every test; a test's own files go to `scratch`."""
     path = tmp_path_factory.mktemp("slides")
     write_samples(str(path), TEST_SLIDES)
     shutil.copy(os.path.join(DATA, CMU), path / CMU)
-    return str(path)
+    written = sorted(os.listdir(path))
+    yield str(path)
+    if sorted(os.listdir(path)) != written:
+        pytest.fail(f"a test wrote into the shared slide folder: {sorted(set(os.listdir(path)) - set(written))}")
+
+
+@pytest.fixture(scope="session")
+def scratch_root(tmp_path_factory) -> str:
+    """The services' second slide root, for the files tests make (broken, odd or extra slides):
+    slide_dir holds only the test slides, shared by every test, and no test writes there."""
+    return str(tmp_path_factory.mktemp("scratch-slides"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Scratch:
+    """A folder of one test's own under scratch_root: files go to path(name), and the
+    services know them as slide(name)."""
+
+    root: str
+    folder: str
+
+    @property
+    def dir(self) -> str:
+        return os.path.join(self.root, self.folder)
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.dir, name)
+
+    def slide(self, name: str) -> str:
+        return f"{self.folder}/{name}"
+
+
+def scratch_for(root: str, folder: str) -> Scratch:
+    os.makedirs(os.path.join(root, folder))
+    return Scratch(root, folder)
+
+
+@pytest.fixture
+def scratch(scratch_root, request) -> Scratch:
+    return scratch_for(scratch_root, re.sub(r"[^A-Za-z0-9_.-]", "_", request.node.name))
 
 
 @pytest.fixture(scope="session")
@@ -133,10 +174,10 @@ def base_settings(**overrides) -> Settings:
 
 
 @pytest.fixture(scope="session")
-def services(slide_dir, model_repo, redis_url, tmp_path_factory):
+def services(slide_dir, scratch_root, model_repo, redis_url, tmp_path_factory):
     """The four services on free loopback ports, sharing one fresh index."""
     settings = base_settings(
-        slide_roots=(slide_dir,),
+        slide_roots=(slide_dir, scratch_root),
         model_repository=model_repo,
         index_dir=str(tmp_path_factory.mktemp("index")),
         redis_url=redis_url,
