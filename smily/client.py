@@ -101,9 +101,9 @@ class Client:
     ) -> gateway_pb2.Operation:
         """Poll op until it is done. deadline_s: seconds to wait at most, then OperationTimeout
         (None waits as long as the operation runs: a person at a terminal can stop it)."""
-        end = None if deadline_s is None else time.monotonic() + deadline_s
+        start = time.monotonic()
         while op.state not in DONE:
-            if end is not None and time.monotonic() >= end:
+            if deadline_s is not None and time.monotonic() - start >= deadline_s:
                 raise OperationTimeout(op, deadline_s)
             time.sleep(poll_s)
             op = self.operation(op.operation_id)
