@@ -87,11 +87,12 @@ def test_sigterm_drains_in_order(tmp_path):
             os.kill(procs.pid("index"), signal.SIGTERM)
             assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
 
-            def refused():
-                try:
-                    status = stub.Check(check, timeout=10).status
-                except grpc.RpcError as exc:
-                    return exc.code()
+            def refused():  # a new caller, on a connection of its own
+                with grpc.insecure_channel(procs.target("index")) as fresh:
+                    try:
+                        status = health_pb2_grpc.HealthStub(fresh).Check(check, timeout=10).status
+                    except grpc.RpcError as exc:
+                        return exc.code()
                 assert status == health_pb2.HealthCheckResponse.NOT_SERVING  # never SERVING again
                 return None
 
