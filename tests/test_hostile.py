@@ -55,8 +55,7 @@ def stack(slide_dir, model_repo, redis_url, tmp_path_factory):
         "SMILY_MAX_SLIDE_QUERIES": "1",
         "SMILY_METRICS_PORT": str(free_port()),
     }
-    tiler = {"SMILY_METRICS_PORT": str(free_port())}
-    s = ProcStack(env, str(tmp), {"gateway": gateway, "tiler": tiler}).start_all()
+    s = ProcStack(env, str(tmp), {"gateway": gateway}).start_all()
     yield s
     s.stop_all()
     print_table()
@@ -277,20 +276,13 @@ def test_ingests_are_deduplicated_by_id_and_source_and_the_queue_is_bounded(stac
 def test_whole_slide_searches_by_file_are_bounded(stack, gw, frozen):
     gw.Search(g.SearchRequest(image=png(Image.new("RGB", (224, 224), (200, 120, 160))), k=1), timeout=60)
     frozen("embedder")  # the first whole-slide search holds its slot
-    tiler = int(stack.per_service["tiler"]["SMILY_METRICS_PORT"])
-    infos = metric(tiler, 'smily_grpc_requests_total{code="OK",method="GetSlideInfo",service="tiler"}')
+    port = int(stack.per_service["gateway"]["SMILY_METRICS_PORT"])
+    miss = 'smily_cache_lookups_total{result="miss"}'
+    misses = metric(port, miss)
     first = gw.SearchSlides.future(g.SearchSlidesRequest(source=TEST_SLIDES[1].name), timeout=60)
-
-    def holds_its_slot():
-        # After the slide's info, the tiler serves only the tile stream, which starts once the
-        # search holds its slot and stays open while the frozen embedder holds it up.
-        return all(
-            metric(tiler, 'smily_grpc_requests_total{code="OK",method="GetSlideInfo",service="tiler"}') > infos
-            and metric(tiler, 'smily_grpc_in_flight{service="tiler"}') >= 1
-            for _ in range(2)
-        )
-
-    wait_until("the first whole-slide search streams tiles", holds_its_slot, deadline_s=60)
+    # Its mosaic is not cached: after the miss it takes its slot at once (no I/O in between) and
+    # waits for the frozen embedder.
+    wait_until("the first whole-slide search misses the cache", lambda: metric(port, miss) > misses, deadline_s=60)
     code, details = status_of(lambda: gw.SearchSlides(g.SearchSlidesRequest(source=TEST_SLIDES[0].name), timeout=5))
     ROWS.append(("SearchSlides by file while one runs", code.name, "-", "-"))
     assert code == BUSY and "whole-slide searches" in details
