@@ -30,8 +30,8 @@ from .helpers.wait import wait_done
 
 ARCHITECTURES = {
     # name: (factory, input size)
-    "tiny-resnet": ("tests.backbones:tiny_resnet", 96),
-    "lite1-random": ("tests.backbones:efficientnet_lite1", 240),
+    "tiny-resnet": ("tests.helpers.backbones:tiny_resnet", 96),
+    "lite1-random": ("tests.helpers.backbones:efficientnet_lite1", 240),
 }
 
 
@@ -137,7 +137,7 @@ def test_export_rejects_bad_factories_and_weights(tmp_path):
         "model",
         "export",
         "--factory",
-        "tests.backbones:efficientnet_lite1",
+        "tests.helpers.backbones:efficientnet_lite1",
         "--weights",
         weights,
         "--name",
@@ -146,7 +146,9 @@ def test_export_rejects_bad_factories_and_weights(tmp_path):
         str(tmp_path),
     )
     assert out.returncode != 0 and "state_dict" in out.stderr  # weights of another architecture
-    out = smily("model", "export", "--factory", "tests.backbones:nothing", "--name", "x", "--output-dir", str(tmp_path))
+    out = smily(
+        "model", "export", "--factory", "tests.helpers.backbones:nothing", "--name", "x", "--output-dir", str(tmp_path)
+    )
     assert out.returncode != 0 and "cannot load factory" in out.stderr
     out = export(tmp_path, "tiny-resnet", weights, "--tolerance", "0")  # parity can never be exactly 0 here
     assert out.returncode == 1 and "differs from PyTorch" in out.stderr
