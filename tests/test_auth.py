@@ -1,6 +1,6 @@
 """The gateway's trust boundary end to end: TLS, OIDC tokens, roles, the audit trail.
 
-A real identity provider (tests/oidc.py) serves its JWKS on loopback; the
+A real identity provider (tests/helpers/oidc.py) serves its JWKS on loopback; the
 backends run mTLS and accept only the gateway's certificate; the gateway
 runs TLS and verifies bearer tokens. Every refusal's status is asserted.
 """
@@ -26,9 +26,10 @@ from smily.gateway import auth
 from smily.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from smily.index.v1 import index_pb2, index_pb2_grpc
 
-from . import oidc
 from .conftest import base_settings
-from .pki import CA
+from .helpers import oidc
+from .helpers.pki import CA
+from .helpers.wait import wait_done
 from .test_tls import read
 
 SEARCH, INGEST, ADMIN = ["smily.search"], ["smily.ingest"], ["smily.admin"]
@@ -161,9 +162,9 @@ def test_a_valid_token_of_each_role(secured, idp):
         assert call(stub.ListSlides, LIST, idp.token(roles))[0] == expected, roles
     # An EC key from the same JWKS verifies too.
     assert call(stub.ListSlides, LIST, idp.token(SEARCH, kid="ec-1"))[0] == grpc.StatusCode.OK
-    # The ingest role's own RPCs (a concept without examples is the caller's error, after authorisation).
+    # The ingest role's own RPCs: authorised, so an unknown concept is the index's NOT_FOUND.
     code, _, _ = call(stub.DeleteConcept, gateway_pb2.DeleteConceptRequest(name="nothing"), idp.token(INGEST))
-    assert code not in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+    assert code == grpc.StatusCode.NOT_FOUND
     assert (
         call(stub.DeleteConcept, gateway_pb2.DeleteConceptRequest(name="x"), idp.token(SEARCH))[0]
         == grpc.StatusCode.PERMISSION_DENIED
@@ -208,7 +209,7 @@ def test_roles_follow_the_rpc_and_each_call_is_audited(secured, idp):
         tls_ca=secured.tls.tls_ca_file,
         token=idp.token(INGEST + SEARCH),
     )
-    op = ingest_client.wait(ingest_client.ingest("synth-a.tiff", "auth-a", {"case_id": "CASE-7"}))
+    op = wait_done(ingest_client, ingest_client.ingest("synth-a.tiff", "auth-a", {"case_id": "CASE-7"}))
     assert op.state == gateway_pb2.OPERATION_STATE_SUCCEEDED
     ingest_client.close()
     stub = gateway(secured)
@@ -373,7 +374,7 @@ def test_a_write_whose_attempt_cannot_be_recorded_is_refused_and_changes_nothing
         f"127.0.0.1:{secured.gateway.gateway_port}", timeout=300, tls_ca=secured.tls.tls_ca_file, token=admin
     )
     slide = f"audit-keep-{sink[0]}"
-    assert client.wait(client.ingest("synth-a.tiff", slide)).state == gateway_pb2.OPERATION_STATE_SUCCEEDED
+    assert wait_done(client, client.ingest("synth-a.tiff", slide)).state == gateway_pb2.OPERATION_STATE_SUCCEEDED
     client.close()
     path = "/dev/full" if sink == "full device" else str(tmp_path / "audit.jsonl")
     running, s = stack.start(["gateway"], secured.replace(gateway_port=0, audit_log=path))
@@ -405,7 +406,9 @@ def test_a_view_session_is_the_servers_and_its_record_counts_its_reads(secured, 
     admin, reader = idp.token(ADMIN), idp.token(SEARCH)
     try:
         client = Client(f"127.0.0.1:{s.gateway.gateway_port}", timeout=300, tls_ca=s.tls.tls_ca_file, token=admin)
-        assert client.wait(client.ingest("synth-a.tiff", "auth-view")).state == gateway_pb2.OPERATION_STATE_SUCCEEDED
+        assert (
+            wait_done(client, client.ingest("synth-a.tiff", "auth-view")).state == gateway_pb2.OPERATION_STATE_SUCCEEDED
+        )
         client.close()
         stub = gateway(s)
 
@@ -494,6 +497,6 @@ def test_an_ingest_only_caller_follows_the_ingests_it_started(secured, idp):
         "this call needs the role smily.search",
     )
     admin = idp.token(ADMIN)
-    Client(target, timeout=300, tls_ca=secured.tls.tls_ca_file, token=admin).wait(started)
+    wait_done(Client(target, timeout=300, tls_ca=secured.tls.tls_ca_file, token=admin), started)
     for slide in ("auth-lis", "auth-lis-2"):
         call(stub.DeleteSlide, gateway_pb2.DeleteSlideRequest(slide_id=slide), admin)

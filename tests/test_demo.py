@@ -14,7 +14,7 @@ from .conftest import CMU, DATA, ROOT, TEST_SLIDES
 
 
 def test_demo_runs_end_to_end(slide_dir, model_repo, redis_url, tmp_path):
-    # Two readable slides of their own: the shared folder also holds deliberately broken files.
+    # A folder of its own: the demo ingests every slide of the folder it is given.
     for name in (TEST_SLIDES[1].name,):
         shutil.copy(os.path.join(slide_dir, name), tmp_path / name)
     shutil.copy(os.path.join(DATA, CMU), tmp_path / CMU)

@@ -19,9 +19,10 @@ from smily.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from smily.http.server import Running
 from smily.localstack import free_port
 
-from . import oidc
 from .conftest import base_settings
-from .httpproc import HttpProcess
+from .helpers import oidc
+from .helpers.httpproc import HttpProcess
+from .helpers.wait import wait_done
 
 SEARCH, INGEST, ADMIN = ["smily.search"], ["smily.ingest"], ["smily.admin"]
 KEY = "trust-view-session-key"
@@ -124,7 +125,7 @@ def test_a_cached_tile_is_not_served_past_the_tokens_exp_nor_to_another_token(fr
 
 def test_a_deleted_slides_tiles_are_dropped_and_cache_hits_are_recorded_in_the_session(front, idp, client):
     # Ingested and deleted through the suite's gateway (no tokens), on the same index.
-    assert client.wait(client.ingest("synth-a.tiff", "trust-del")).state == gateway_pb2.OPERATION_STATE_SUCCEEDED
+    assert wait_done(client, client.ingest("synth-a.tiff", "trust-del")).state == gateway_pb2.OPERATION_STATE_SUCCEEDED
     reader = bearer(idp.token(SEARCH))
     tiles = [f"/iiif/3/trust-del/{x},{y},512,512/256,/0/default.jpg" for x in (0, 512) for y in (0, 512)]
     with httpx.Client(base_url=front.http.url, timeout=60) as c:

@@ -15,6 +15,7 @@ from smily.gateway.operations import FINISHED, STALE_S, SharedOperations
 from smily.gateway.v1 import gateway_pb2
 
 from .conftest import CMU, TEST_SLIDES, rpc_code
+from .helpers.wait import wait_done, wait_until
 
 State = gateway_pb2.OperationState
 
@@ -41,20 +42,22 @@ def test_any_replica_reports_and_cancels_an_ingest(two_gateways):
     running = a.ingest(CMU, "shared-running")
     queued = a.ingest(TEST_SLIDES[0].name, "shared-queued")
     assert _op(b, queued.operation_id).state == State.OPERATION_STATE_QUEUED
-    op = _op(b, running.operation_id)
-    while op.progress.tiles_embedded == 0:  # progress as A reports it
-        time.sleep(0.01)
-        op = _op(b, running.operation_id)
+
+    def progressed():  # as A reports it
+        latest = _op(b, running.operation_id)
+        return latest if latest.progress.tiles_embedded else None
+
+    op = wait_until("the running ingest reports progress", progressed, poll_s=0.01)
     assert op.state == State.OPERATION_STATE_RUNNING and op.updated_at > time.time() - 60
     # Cancels asked on B: A stops the running one between batches and never starts the queued one.
     assert b.cancel(queued.operation_id).cancel_requested
     assert b.cancel(running.operation_id).cancel_requested
-    assert b.wait(op, poll_s=0.05).state == State.OPERATION_STATE_CANCELLED
-    assert b.wait(queued, poll_s=0.05).state == State.OPERATION_STATE_CANCELLED
+    assert wait_done(b, op, poll_s=0.05).state == State.OPERATION_STATE_CANCELLED
+    assert wait_done(b, queued, poll_s=0.05).state == State.OPERATION_STATE_CANCELLED
     assert _op(a, running.operation_id).state == State.OPERATION_STATE_CANCELLED
     assert not {"shared-running", "shared-queued"} & {s.slide_id for s in b.slides()}
     # A finished ingest reads the same on both.
-    done = b.wait(a.ingest(TEST_SLIDES[0].name, "shared-done"))
+    done = wait_done(b, a.ingest(TEST_SLIDES[0].name, "shared-done"))
     assert done.state == State.OPERATION_STATE_SUCCEEDED and done.progress.tiles_indexed > 0
     assert _op(a, done.operation_id) == done
     assert b.delete("shared-done") > 0
@@ -64,8 +67,7 @@ def test_any_replica_reports_and_cancels_an_ingest(two_gateways):
 def test_a_stopped_replica_fails_its_ingests_for_the_others(two_gateways):
     a, b, a_running = two_gateways
     op = a.ingest(CMU, "shared-stopped")
-    while _op(b, op.operation_id).progress.tiles_embedded == 0:
-        time.sleep(0.01)
+    wait_until("the ingest reports progress", lambda: _op(b, op.operation_id).progress.tiles_embedded, poll_s=0.01)
     stack.stop(a_running, 0)  # a rolling update takes A away mid-ingest
     seen = _op(b, op.operation_id)
     assert seen.state == State.OPERATION_STATE_FAILED and seen.error_code == "UNAVAILABLE"
@@ -107,4 +109,4 @@ def test_a_redis_writer_without_the_key_cannot_forge_an_operation_or_cancel_an_i
     assert seen.state == State.OPERATION_STATE_RUNNING and not seen.cancel_requested
     # A cancel asked through a replica still stops it.
     b.cancel(op.operation_id)
-    assert b.wait(seen, poll_s=0.05).state == State.OPERATION_STATE_CANCELLED
+    assert b.wait(seen, poll_s=0.05, deadline_s=300).state == State.OPERATION_STATE_CANCELLED

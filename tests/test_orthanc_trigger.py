@@ -17,10 +17,10 @@ from smily import stack
 from smily.localstack import free_port
 from smily.synthetic import SlideSpec, write_samples
 
-from . import oidc
 from .conftest import ROOT, base_settings
-from .httpproc import HttpProcess
-from .orthanc import PHI, Orthanc
+from .helpers import oidc
+from .helpers.httpproc import HttpProcess
+from .helpers.orthanc import PHI, Orthanc
 
 SCRIPT = os.path.join(ROOT, "deploy", "orthanc", "smily-ingest.lua")
 ACCESSION = "ACC-LUA-0001"
@@ -119,5 +119,6 @@ def test_a_slide_pushed_to_orthanc_becomes_searchable_by_its_accession(redis_url
     assert ingest["agent"][1]["who"]["display"] == "forwarding proxy"
     captured = capfd.readouterr()
     for where, text in {"responses": "".join(bodies), "logs": http.log() + captured.err + captured.out}.items():
+        assert text.strip(), f"no {where} captured: the PHI check would pass by seeing nothing"
         for value in PHI.values():
             assert value not in text, (where, value)

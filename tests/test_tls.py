@@ -20,7 +20,8 @@ from smily.localstack import free_port
 from smily.tiler.v1 import tiler_pb2, tiler_pb2_grpc
 
 from .conftest import TEST_SLIDES, base_settings, rpc_code
-from .pki import CA
+from .helpers.pki import CA
+from .helpers.wait import wait_done
 
 
 @pytest.fixture(scope="module")
@@ -290,7 +291,7 @@ def test_the_gateway_presents_its_renewed_certificate_without_a_restart(slide_di
     )
     try:
         slide = TEST_SLIDES[0].name
-        op = client.wait(client.ingest(slide, "synth-a"))
+        op = wait_done(client, client.ingest(slide, "synth-a"))
         assert op.state == gateway_pb2.OPERATION_STATE_SUCCEEDED, op.error_message
 
         new_pair = new_ca.issue("smily-gateway")
@@ -320,7 +321,7 @@ def test_the_gateway_presents_its_renewed_certificate_without_a_restart(slide_di
         assert [x.slide_id for x in client.slides()] == ["synth-a"]
         hits = client.search(region=dict(slide_id="synth-a", x=0, y=0, width=224, height=224), k=3).hits
         assert len(hits) == 3 and {h.slide_id for h in hits} == {"synth-a"}
-        op = client.wait(client.ingest(slide, "synth-a-again"))
+        op = wait_done(client, client.ingest(slide, "synth-a-again"))
         assert op.state == gateway_pb2.OPERATION_STATE_SUCCEEDED, op.error_message
     finally:
         client.close()
