@@ -687,6 +687,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--output-dir", default="models")
     s.set_defaults(func=_model_quantize)
+    from smily.models import adapt_cli
+
+    adapt_cli.add_parser(m)
 
     s = sub.add_parser("sample-data", help="write synthetic sample slides")
     s.add_argument("--output-dir", default="data/samples")
