@@ -213,6 +213,11 @@ def adapt(opts: Options, progress=lambda msg: None) -> model_repo.ModelConfig:
     """Write <repo>/<name>/<version> and return its config."""
     _check(opts)
     started = time.monotonic()
+    say = progress
+
+    def progress(msg: str) -> None:
+        say(f"[{time.monotonic() - started:5.0f} s] {msg}")
+
     end = started + opts.seconds
     config, src_path = model_repo.load(opts.repo, opts.source)
     target = dataclasses.replace(config, name=opts.name, version=opts.version)
@@ -244,12 +249,14 @@ def adapt(opts: Options, progress=lambda msg: None) -> model_repo.ModelConfig:
 
     t = time.monotonic()
     fitted = heads.pca(views[have], opts.dim)
+    progress("PCA-whitening fitted")
     if opts.method == "ssl":
         progress("training the head (VICReg)")
         fitted = heads.train_ssl(
             views, have, tiles.slide, fitted, started + TRAIN_SHARE * opts.seconds, opts.seed, device=opts.device
         )
     timing["train_s"] = time.monotonic() - t
+    progress(f"head fitted ({len(fitted.losses) * 10} steps)" if fitted.losses else "head fitted")
 
     figures = None
     if gate_feats is not None:
