@@ -36,11 +36,14 @@ OUT = os.path.join(ROOT, "var", "adapt-bench")
 QUICK = os.environ.get("ADAPT_QUICK") == "1"
 SECONDS = float(os.environ.get("ADAPT_SECONDS") or (60 if QUICK else 900))
 STAIN = 0.15  # per-slide HED shift: the batch effect
-N_TRAIN, N_EVAL = (4, 3) if QUICK else (12, 6)
-SIDE = (2048, 1536) if QUICK else (4096, 3072)
+N_TRAIN, N_EVAL = (4, 3) if QUICK else (8, 5)
+SIDE = (2048, 1536) if QUICK else (3072, 2304)
 # Seeds never shared between the archive and the evaluation slides.
 TRAIN = tuple(SlideSpec(f"archive-{i}.tiff", "tiff", *SIDE, 0.5, 400 + i) for i in range(N_TRAIN))
-EVAL = tuple(SlideSpec(f"eval-{i}.{'svs' if i % 2 else 'tiff'}", "svs" if i % 2 else "tiff", *SIDE, 0.5, 500 + i) for i in range(N_EVAL))
+EVAL = tuple(
+    SlideSpec(f"eval-{i}.{'svs' if i % 2 else 'tiff'}", "svs" if i % 2 else "tiff", *SIDE, 0.5, 500 + i)
+    for i in range(N_EVAL)
+)
 
 
 def adapt(repo: str, slides: str, method: str) -> dict:

@@ -704,7 +704,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = with_gateway(sub.add_parser("eval", help="measure retrieval quality on a labelled manifest"))
     s.add_argument("--manifest", help="CSV or JSON: source, slide_id, [x,y,width,height], labels...")
-    s.add_argument("--pathmnist", metavar="FILE.npz", help="instead: MedMNIST PathMNIST, train split indexed, test queried")
+    s.add_argument(
+        "--pathmnist", metavar="FILE.npz", help="instead: MedMNIST PathMNIST, train split indexed, test queried"
+    )
     s.add_argument("--k", type=int, nargs="+", default=[1, 5, 10], help="precision@k cut-offs (default 1 5 10)")
     s.add_argument("--out", default="var/eval", help="folder for evaluation.json and the plot")
     s.add_argument("--slide-root", action="append", help="slide root (default SMILY_SLIDE_ROOTS)")

@@ -82,7 +82,7 @@ def _adapt(world, *args) -> int:
 
 @pytest.fixture(scope="module")
 def adapted(world):
-    common = ["--slide-roots", world["archive"], "--max-tiles", "48", "--dim", str(DIM), "--seconds", "20"]
+    common = ["--slide-roots", world["archive"], "--max-tiles", "48", "--dim", str(DIM), "--seconds", "10"]
     assert _adapt(world, "--name", "archive-ssl", *common) == 0
     assert _adapt(world, "--name", "archive-pca", "--method", "pca", *common) == 0
     return {"ssl": "archive-ssl/1", "pca": "archive-pca/1"}
@@ -105,16 +105,19 @@ def test_adapted_version_holds_backbone_head_and_provenance(world, adapted, caps
         assert leak not in text
     # One ONNX graph from images to unit vectors of --dim.
     session = ort.InferenceSession(os.path.join(folder, "model.onnx"), providers=["CPUExecutionProvider"])
-    (out,) = session.run(None, {"images": np.random.default_rng(0).standard_normal((3, 3, 224, 224)).astype(np.float32)})
+    (out,) = session.run(
+        None, {"images": np.random.default_rng(0).standard_normal((3, 3, 224, 224)).astype(np.float32)}
+    )
     assert out.shape == (3, DIM) and np.allclose(np.linalg.norm(out, axis=1), 1, atol=1e-5)
-    pca = json.load(open(os.path.join(world["repo"], "archive-pca", "1", "config.json")))["provenance"]
+    with open(os.path.join(world["repo"], "archive-pca", "1", "config.json")) as fh:
+        pca = json.load(fh)["provenance"]
     assert pca["method"] == "pca" and pca["loss_curve"] == [] and pca["training"]["views"] == {}
 
 
 def test_gate_before_and_after_on_unseen_slides(world, adapted):
     ev = adaptation.load(world["manifest"])
     result = adaptation.compare(
-        world["repo"], {"source": SOURCE, **adapted}, ev, per_slide=3, latency_queries=5, n_boot=100
+        world["repo"], {"source": SOURCE, **adapted}, ev, per_slide=2, latency_queries=3, n_boot=100
     )
     models = result["models"]
     assert models["source"]["dim"] == 1280 and models["ssl"]["dim"] == DIM
@@ -139,11 +142,18 @@ def test_adapted_model_is_served_searched_and_gated(world, adapted, tmp_path):
     client = Client(f"127.0.0.1:{settings.gateway_port}", timeout=300)
     try:
         result = evaluate_manifest(
-            client, settings, world["manifest"], str(tmp_path / "eval"), ks=(1, 5), robustness_per_slide=2, n_boot=50, quiet=True
+            client,
+            settings,
+            world["manifest"],
+            str(tmp_path / "eval"),
+            ks=(1, 5),
+            robustness_per_slide=1,
+            n_boot=50,
+            quiet=True,
         )
         assert result["model_id"] == adapted["ssl"]
         rob = result["robustness"]
-        assert set(rob["all"]) == set(robustness.TRANSFORMS) and rob["queries"] == 2 * len(EVAL)
+        assert set(rob["all"]) == set(robustness.TRANSFORMS) and rob["queries"] == len(EVAL)
         assert rob["all"]["identity"] == 1.0  # an indexed tile finds itself through the adapted model
         # A search by image answers with the adapted model's id.
         slide = next(iter(client.slides()))

@@ -53,7 +53,9 @@ def load(manifest_path: str, column: str = "tissue", record: Tiling | None = Non
     for slide_id, source in m.slides().items():
         handle = cache.get(os.path.join(base, source))
         handles[slide_id] = handle
-        plan = tiling.plan(handle, slide_files.mpp(handle), [mpp], record.tile_size, record.min_tissue, record.stride)[0]
+        plan = tiling.plan(handle, slide_files.mpp(handle), [mpp], record.tile_size, record.min_tissue, record.stride)[
+            0
+        ]
         for t in plan:
             images.append(tiling.read(handle, t.x, t.y, t.size, t.size, record.tile_size, record.tile_size))
             slide_ids.append(slide_id)
@@ -165,11 +167,17 @@ def describe(result: dict) -> str:
         rows.append(
             (
                 f"gate {name}: recall@1 / @5",
-                [f"{models[m]['gate'][name]['recall@1']:.3f} / {models[m]['gate'][name]['recall@5']:.3f}" for m in labels],
+                [
+                    f"{models[m]['gate'][name]['recall@1']:.3f} / {models[m]['gate'][name]['recall@5']:.3f}"
+                    for m in labels
+                ],
             )
         )
     rows += [
-        ("slide dependence (own-slide share of top 5)", [f"{models[m]['slide_dependence']['own_slide_share']:.3f}" for m in labels]),
+        (
+            "slide dependence (own-slide share of top 5)",
+            [f"{models[m]['slide_dependence']['own_slide_share']:.3f}" for m in labels],
+        ),
         ("labelled P@5 [95 % CI]", [ci(models[m]["labelled"].get("P@5", (np.nan,) * 3)) for m in labels]),
         ("labelled mMV@5 [95 % CI]", [ci(models[m]["labelled"].get("mMV@5", (np.nan,) * 3)) for m in labels]),
         ("bytes per tile (flat index)", [f"{models[m]['bytes_per_tile']:.0f}" for m in labels]),

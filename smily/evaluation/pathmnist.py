@@ -50,7 +50,9 @@ def _stratified(labels: np.ndarray, n: int, rng) -> np.ndarray:
     return np.sort(np.concatenate(picked))
 
 
-def run(embedder, path: str, n_boot: int = 1000, seed: int = 0, max_train: int = MAX_TRAIN, max_test: int = MAX_TEST) -> dict:
+def run(
+    embedder, path: str, n_boot: int = 1000, seed: int = 0, max_train: int = MAX_TRAIN, max_test: int = MAX_TEST
+) -> dict:
     data = load(path)
     rng = np.random.default_rng(seed)
     train = _stratified(data["train_labels"], max_train, rng)

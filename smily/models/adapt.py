@@ -159,10 +159,14 @@ def _positives(tiles, slides, embed: Embedder, size: int, deadline: float, rng, 
                 if kind == "pixels":
                     img = augment.view(tiles.images[i], rng)
                 elif kind == "neighbour":
-                    img = augment.dihedral(archive_tiles.neighbour(slide, tiles.rects[i], size, rng), int(rng.integers(8)))
+                    img = augment.dihedral(
+                        archive_tiles.neighbour(slide, tiles.rects[i], size, rng), int(rng.integers(8))
+                    )
                 else:
                     factor = rng.uniform(0.9, 1.1)
-                    img = augment.dihedral(archive_tiles.rescaled(slide, tiles.rects[i], size, factor), int(rng.integers(8)))
+                    img = augment.dihedral(
+                        archive_tiles.rescaled(slide, tiles.rects[i], size, factor), int(rng.integers(8))
+                    )
                 imgs.append(img)
             for i, f in zip(idx, embed(imgs)):
                 rows[i].append(f)
@@ -179,7 +183,9 @@ def _positives(tiles, slides, embed: Embedder, size: int, deadline: float, rng, 
     return views, have, kinds
 
 
-def _gate(embed: Embedder, held: list, record: Tiling, size: int, max_tiles: int, seed: int) -> tuple[dict, object]:
+def _gate(
+    embed: Embedder, held: list, record: Tiling, size: int, max_tiles: int, seed: int
+) -> tuple[dict, archive_tiles.Tiles]:
     """Backbone features of the held-out slides' tiles and of perturbed queries."""
     rng = np.random.default_rng(seed + 1)
     db = archive_tiles.sample(held, max(64, max_tiles // 4), size, rng)
@@ -209,14 +215,13 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def adapt(opts: Options, progress=lambda msg: None) -> model_repo.ModelConfig:
+def adapt(opts: Options, on_progress=lambda msg: None) -> model_repo.ModelConfig:
     """Write <repo>/<name>/<version> and return its config."""
     _check(opts)
     started = time.monotonic()
-    say = progress
 
     def progress(msg: str) -> None:
-        say(f"[{time.monotonic() - started:5.0f} s] {msg}")
+        on_progress(f"[{time.monotonic() - started:5.0f} s] {msg}")
 
     end = started + opts.seconds
     config, src_path = model_repo.load(opts.repo, opts.source)
@@ -237,12 +242,14 @@ def adapt(opts: Options, progress=lambda msg: None) -> model_repo.ModelConfig:
     timing = {"sample_s": time.monotonic() - started}
 
     t = time.monotonic()
-    gate_feats, gate_db = _gate(embed, held, record, size, opts.max_tiles, opts.seed) if held else (None, None)
+    gate_feats, gate_db = _gate(embed, held, record, size, opts.max_tiles, opts.seed) if held else ({}, None)
     timing["gate_embed_s"] = time.monotonic() - t
     t = time.monotonic()
     views, have, kinds = embed(tiles.images)[:, None], np.ones((len(tiles.images), 1), bool), {}
     if opts.method == "ssl":
-        pos, pos_have, kinds = _positives(tiles, train, embed, size, started + EMBED_SHARE * opts.seconds, rng, progress)
+        pos, pos_have, kinds = _positives(
+            tiles, train, embed, size, started + EMBED_SHARE * opts.seconds, rng, progress
+        )
         views, have = np.concatenate([views, pos], axis=1), np.concatenate([have, pos_have], axis=1)
     timing["embed_s"] = time.monotonic() - t
     tiles.images = []  # features only from here
@@ -259,7 +266,7 @@ def adapt(opts: Options, progress=lambda msg: None) -> model_repo.ModelConfig:
     progress(f"head fitted ({len(fitted.losses) * 10} steps)" if fitted.losses else "head fitted")
 
     figures = None
-    if gate_feats is not None:
+    if gate_db is not None:
         figures = {
             "slides": len(held),
             "tiles": int(len(gate_db.slide)),
@@ -275,7 +282,12 @@ def adapt(opts: Options, progress=lambda msg: None) -> model_repo.ModelConfig:
         "source_model": config.model_id,
         "source_dim": config.embedding_dim,
         "sampled_from": origin,
-        "tiling": {"mpp": record.nearest_mpp(DEFAULT_MPPS[0]), "tile_size": size, "stride": record.stride, "min_tissue": record.min_tissue},
+        "tiling": {
+            "mpp": record.nearest_mpp(DEFAULT_MPPS[0]),
+            "tile_size": size,
+            "stride": record.stride,
+            "min_tissue": record.min_tissue,
+        },
         "training": {
             "slides": len(train),
             "tiles": int(len(tiles.slide)),
@@ -289,7 +301,9 @@ def adapt(opts: Options, progress=lambda msg: None) -> model_repo.ModelConfig:
             "device": opts.device,
             "unfreeze_blocks": opts.unfreeze_blocks,
             "seed": opts.seed,
-            "head": "PCA-whitening" if opts.method == "pca" else f"PCA-whitening + MLP({heads.HIDDEN}) residual, VICReg",
+            "head": "PCA-whitening"
+            if opts.method == "pca"
+            else f"PCA-whitening + MLP({heads.HIDDEN}) residual, VICReg",
             "vicreg_weights": [heads.SIM, heads.STD, heads.COV] if opts.method == "ssl" else None,
             "whitening_shrink": heads.SHRINK,
             "positives": list(augment.POSITIVES) if opts.method == "ssl" else [],

@@ -19,7 +19,9 @@ def add_parser(model_commands) -> None:
         action="store_true",
         help="learn from the indexed slides (sources from the index service, files under SMILY_SLIDE_ROOTS)",
     )
-    s.add_argument("--index", metavar="HOST:PORT", action="append", help="with --from-index (default SMILY_INDEX_TARGET(S))")
+    s.add_argument(
+        "--index", metavar="HOST:PORT", action="append", help="with --from-index (default SMILY_INDEX_TARGET(S))"
+    )
     s.add_argument("--max-tiles", type=int, default=2000, help="tiles sampled across slides (default %(default)s)")
     s.add_argument("--dim", type=int, default=256, help="embedding size (default %(default)s)")
     s.add_argument("--method", choices=["ssl", "pca"], default="ssl", help="ssl: VICReg head; pca: PCA-whitening")

@@ -17,6 +17,7 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
+import openslide
 
 from smily.common.tiling import Tiling
 from smily.tiler import slides as slide_files
@@ -30,7 +31,7 @@ class SampleError(RuntimeError):
 @dataclass
 class Slide:
     fingerprint: str  # content hash (OpenSlide quickhash), never the path
-    handle: object
+    handle: openslide.OpenSlide
     mpp: float
     plan: list  # the tiler's TileRects at the sampled resolution
 
@@ -56,8 +57,6 @@ def fingerprint(handle, path_for_fallback: str) -> str:
 
 def walk_roots(roots: list[str]) -> list[str]:
     """Slide files under the roots, in a stable order (what OpenSlide can open)."""
-    import openslide
-
     found = []
     for root in roots:
         if not os.path.isdir(root):
@@ -114,14 +113,14 @@ def sample(slides: list[Slide], max_tiles: int, tile_size: int, rng) -> Tiles:
     share goes to the others), each slide's tiles drawn at random."""
     if not slides:
         raise SampleError("no slide with tissue tiles and a recorded resolution")
-    counts = np.zeros(len(slides), int)
+    counts = [0] * len(slides)
     left = np.array([len(s.plan) for s in slides])
     budget = max_tiles
     while budget > 0 and left.sum() > 0:
         open_ = np.flatnonzero(left > 0)
         share = max(1, budget // len(open_))
         for i in open_:
-            take = min(share, left[i], budget)
+            take = int(min(share, left[i], budget))
             counts[i] += take
             left[i] -= take
             budget -= take
@@ -134,7 +133,9 @@ def sample(slides: list[Slide], max_tiles: int, tile_size: int, rng) -> Tiles:
             images.append(tiling.read(s.handle, t.x, t.y, t.size, t.size, tile_size, tile_size))
             slide_idx.append(i)
             rects.append((t.x, t.y, t.size, t.size))
-    return Tiles(images, np.array(slide_idx, np.int64), np.array(rects, np.int64).reshape(-1, 4), [s.fingerprint for s in slides])
+    return Tiles(
+        images, np.array(slide_idx, np.int64), np.array(rects, np.int64).reshape(-1, 4), [s.fingerprint for s in slides]
+    )
 
 
 def index_sources(index_target: str, timeout: float = 60.0) -> tuple[list[str], Tiling | None]:

@@ -73,8 +73,8 @@ def _vicreg(z1, z2):
     import torch.nn.functional as F
 
     inv = F.mse_loss(z1, z2)
-    std = 0.0
-    cov = 0.0
+    std = z1.new_zeros(())
+    cov = z1.new_zeros(())
     n, d = z1.shape
     for z in (z1, z2):
         z = z - z.mean(dim=0)
@@ -115,12 +115,11 @@ def train_ssl(
     with torch.no_grad():
         proj.weight.copy_(torch.from_numpy(start.proj.T.copy()))
         proj.bias.zero_()
-    mlp = torch.nn.Sequential(
-        torch.nn.Linear(views.shape[2], HIDDEN), torch.nn.ReLU(), torch.nn.Linear(HIDDEN, start.dim)
-    ).to(dev)
+    first, last = torch.nn.Linear(views.shape[2], HIDDEN), torch.nn.Linear(HIDDEN, start.dim)
+    mlp = torch.nn.Sequential(first, torch.nn.ReLU(), last).to(dev)
     with torch.no_grad():
-        mlp[2].weight.zero_()
-        mlp[2].bias.zero_()
+        last.weight.zero_()
+        last.bias.zero_()
     params = list(proj.parameters()) + list(mlp.parameters())
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-4)
 
@@ -149,10 +148,10 @@ def train_ssl(
         proj.weight.detach().cpu().numpy().T.copy(),
         proj.bias.detach().cpu().numpy().copy(),
         scale,
-        mlp[0].weight.detach().cpu().numpy().T.copy(),
-        mlp[0].bias.detach().cpu().numpy().copy(),
-        mlp[2].weight.detach().cpu().numpy().T.copy(),
-        mlp[2].bias.detach().cpu().numpy().copy(),
+        first.weight.detach().cpu().numpy().T.copy(),
+        first.bias.detach().cpu().numpy().copy(),
+        last.weight.detach().cpu().numpy().T.copy(),
+        last.bias.detach().cpu().numpy().copy(),
         losses,
     )
     return out
