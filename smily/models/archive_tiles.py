@@ -127,11 +127,11 @@ def sample(slides: list[Slide], max_tiles: int, tile_size: int, rng) -> Tiles:
             if budget == 0:
                 break
     images, slide_idx, rects = [], [], []
-    for i, (s, n) in enumerate(zip(slides, counts)):
-        for j in sorted(rng.choice(len(s.plan), int(n), replace=False)):
+    for k, (s, n) in enumerate(zip(slides, counts)):
+        for j in sorted(rng.choice(len(s.plan), n, replace=False)):
             t = s.plan[j]
             images.append(tiling.read(s.handle, t.x, t.y, t.size, t.size, tile_size, tile_size))
-            slide_idx.append(i)
+            slide_idx.append(k)
             rects.append((t.x, t.y, t.size, t.size))
     return Tiles(
         images, np.array(slide_idx, np.int64), np.array(rects, np.int64).reshape(-1, 4), [s.fingerprint for s in slides]

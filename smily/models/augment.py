@@ -25,6 +25,7 @@ POSITIVES = (
     "Gaussian blur r0.3-1.2",
     "scale 0.9-1.1 (read from the slide)",
     "overlapping neighbour crop, shift 1/8-1/2 tile",
+    "slide restyle: features moved by the difference of two slides' mean features (half the pairs)",
 )
 STAIN_SIGMA = 0.08
 JPEG_QUALITY = (50, 95)

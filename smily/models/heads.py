@@ -94,11 +94,15 @@ def train_ssl(
     batch: int = 256,
     min_steps: int = 20,
     device: str = "cpu",
+    restyle: bool = True,
 ) -> Head:
     """VICReg on cached features. views: (n_tiles, n_views, d_in), have: which
     views exist (view 0, the tile itself, always does). A batch holds tiles
     drawn across slides, each slide equally likely, so the variance and
-    covariance terms are taken over many slides at once."""
+    covariance terms are taken over many slides at once. With restyle, half
+    the pairs' second view is moved by the difference of two slides' mean
+    features: a batch-effect positive, so a slide's own look (stain, scanner)
+    is what the head learns to ignore."""
     import torch
 
     torch.manual_seed(seed)
@@ -129,6 +133,7 @@ def train_ssl(
 
     slides = np.unique(slide)
     by_slide = {s: np.flatnonzero(slide == s) for s in slides}
+    slide_means = torch.from_numpy(np.stack([views[by_slide[s], 0].mean(axis=0) for s in slides])).to(dev)
     batch = min(batch, len(slide))
     losses, step = [], 0
     while step < min_steps or time.monotonic() < deadline:
@@ -136,6 +141,13 @@ def train_ssl(
         pairs = [rng.choice(np.flatnonzero(have[i]), 2, replace=bool(have[i].sum() < 2)) for i in picked]
         a = feats[[int(i) for i in picked], [int(p[0]) for p in pairs]]
         b = feats[[int(i) for i in picked], [int(p[1]) for p in pairs]]
+        if restyle and len(slides) > 1:
+            # Half the pairs: b as if scanned in another slide's lab (its features
+            # moved by the difference of the two slides' mean features).
+            own = np.searchsorted(slides, slide[picked])
+            other = (own + rng.integers(1, len(slides), len(own))) % len(slides)
+            moved = torch.from_numpy(rng.random(len(own)) < 0.5).to(dev)[:, None]
+            b = torch.where(moved, b + slide_means[other] - slide_means[own], b)
         loss, inv, std, cov = _vicreg(head(a), head(b))
         opt.zero_grad()
         loss.backward()
