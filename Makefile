@@ -85,12 +85,13 @@ clean:
 	rm -rf $(VENV) models data/samples var build services/http/vendor/node_modules tools/node_modules
 	find protos -name '*_pb2*.py*' -delete
 
-# Container images for Kubernetes (deploy/docker/, deploy/k8s/). Needs a
-# container runtime (docker, or IMAGE_BUILDER=podman); not part of `make test`.
-# Names match deploy/k8s/base/kustomization.yaml: $(IMAGE_PREFIX)/<service>:<version>[-cpu|-gpu].
-IMAGE_BUILDER ?= docker
+# Container images for Kubernetes (deploy/docker/, deploy/k8s/), built from Debian
+# packages, PyPI and npm only (tools/images.py; docs/deploy.md). Needs docker with
+# BuildKit, run as root for the Debian base (debootstrap). VARIANTS="cpu gpu" adds
+# the CUDA images. Names match deploy/k8s/base/kustomization.yaml:
+# $(IMAGE_PREFIX)/<service>:<version>[-cpu|-gpu]; the digests go to
+# deploy/k8s/components/image-digests.
 IMAGE_PREFIX ?= localhost/smily
-IMAGE_TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 
 # The base's generated Secret values (Redis password, cache HMAC key); kept if present.
 .PHONY: k8s-secrets
@@ -99,9 +100,4 @@ k8s-secrets:
 
 .PHONY: images
 images:
-	$(IMAGE_BUILDER) build -f deploy/docker/tiler.Dockerfile -t $(IMAGE_PREFIX)/tiler:$(IMAGE_TAG) .
-	$(IMAGE_BUILDER) build -f deploy/docker/gateway.Dockerfile -t $(IMAGE_PREFIX)/gateway:$(IMAGE_TAG) .
-	$(IMAGE_BUILDER) build -f deploy/docker/embedder.Dockerfile --target cpu -t $(IMAGE_PREFIX)/embedder:$(IMAGE_TAG)-cpu .
-	$(IMAGE_BUILDER) build -f deploy/docker/embedder.Dockerfile --target gpu -t $(IMAGE_PREFIX)/embedder:$(IMAGE_TAG)-gpu .
-	$(IMAGE_BUILDER) build -f deploy/docker/index.Dockerfile --target cpu -t $(IMAGE_PREFIX)/index:$(IMAGE_TAG)-cpu .
-	$(IMAGE_BUILDER) build -f deploy/docker/index.Dockerfile --target gpu -t $(IMAGE_PREFIX)/index:$(IMAGE_TAG)-gpu .
+	IMAGE_PREFIX=$(IMAGE_PREFIX) nice -n 15 $(PYTHON) tools/images.py
