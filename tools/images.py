@@ -59,8 +59,12 @@ class _Mirror:
         self.roots: list[Path] = []
 
     def url(self, path: Path) -> str:
-        self.roots.append(path)
-        return f"http://127.0.0.1:{MIRROR_PORT}/{len(self.roots) - 1}/"
+        # A simple index may link its files relative to itself (../../files/...):
+        # serve its parent so those links resolve too.
+        root, tail = (path.parent, f"{path.name}/") if path.name == "simple" else (path, "")
+        if root not in self.roots:
+            self.roots.append(root)
+        return f"http://127.0.0.1:{MIRROR_PORT}/{self.roots.index(root)}/{tail}"
 
     def start(self) -> None:
         roots = self.roots

@@ -77,6 +77,9 @@ class Cluster:
         self._stop = threading.Event()
         self._pods_changed = True
         self.extra_hosts: dict[str, list[str]] = {}  # names outside the Services (the IdP's)
+        # Namespaces of the box outside the pods (IdP, LIS): policy peers, with hosts files.
+        self.outside: list[policy.Endpoint] = []
+        self.outside_netns: dict[str, str] = {}
         self.apply(objs)
         self._threads = [threading.Thread(target=self._loop, daemon=True, name="controllers")]
         self._threads[0].start()
@@ -223,10 +226,12 @@ class Cluster:
                 if p.spec.get("subdomain"):
                     own.insert(0, f"{own[0]}.{p.spec['subdomain']}.{p.namespace}.svc.cluster.local")
                 self.network.write_hosts(p.netns, own, records[p.namespace])
+            for netns, ns in self.outside_netns.items():
+                self.network.write_hosts(netns, [netns], records[ns])
             if self._pods_changed:
                 self._pods_changed = False
-                eps = [policy.Endpoint(p.name, p.namespace, p.labels, p.ip, p.ports()) for p in pods]
-                for p, ep in zip(pods, eps):
+                eps = [policy.Endpoint(p.name, p.namespace, p.labels, p.ip, p.ports()) for p in pods] + self.outside
+                for p, ep in zip(pods, eps[: len(pods)]):
                     policy.apply(p.netns, policy.ruleset(ep, self.policies, eps, self.namespaces, self.network.node_ip))
 
     @staticmethod

@@ -1,0 +1,118 @@
+"""The Kubernetes deployment, run as rendered: the cpu overlay in the cluster in a box.
+
+Every pod runs from its built image (`make images`) in its own network namespace, with
+NetworkPolicies enforced, certificates issued from the tls component and kubelet's
+probes (tests/cluster/). A LIS in its own namespace takes a token from a real IdP
+(oidc-provider), ingests through smily-http and searches through the gateway Service
+over gRPC with TLS. The resilience loop runs in `make test-cluster`
+(tests/test_cluster_resilience.py).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+
+import pytest
+
+from smily.synthetic import write_samples
+
+from .cluster.box import Box
+from .cluster.rootfs import DOCKER
+from .conftest import TEST_SLIDES, need
+
+SLIDE = TEST_SLIDES[0]
+
+
+def require_box() -> None:
+    if os.geteuid() != 0:
+        need("root", "the box makes network namespaces, mounts and nftables rules")
+    for tool, package in (("nft", "nftables"), ("ip", "iproute2"), ("kubectl", "kubectl"), ("node", "nodejs")):
+        if not shutil.which(tool):
+            need(tool, f"apt-get install -y {package}")
+    if subprocess.run([DOCKER, "image", "inspect", "localhost/smily/gateway:0.1.0"], capture_output=True).returncode:
+        need("the images", "`make images` (docker.io: dockerd --storage-driver vfs, then make images)")
+
+
+def start_box(tmp_path_factory) -> Box:
+    require_box()
+    root = tmp_path_factory.mktemp("box")
+    slides = root / "slides"
+    write_samples(str(slides), [SLIDE])
+    box = Box(root / "state", "cpu", slides)
+    try:
+        box.timings["ready"] = box.cluster.wait_settled(900)
+    except BaseException:
+        box.close()
+        raise
+    return box
+
+
+@pytest.fixture(scope="module")
+def box(tmp_path_factory):
+    b = start_box(tmp_path_factory)
+    yield b
+    b.close()
+
+
+@pytest.fixture(scope="module")
+def lis(box):
+    agent = box.lis()
+    assert agent.call("get_token") == {"ok": True}
+    return agent
+
+
+def ingest(lis, source: str) -> str:
+    started = lis.call("http", method="POST", path="/v1/slides:ingest", body={"source": source})
+    assert started["status"] == 200, started
+    op = started["json"]["operationId"]
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        got = lis.call("http", method="GET", path=f"/v1/operations/{op}")
+        assert got["status"] == 200, got
+        state = got["json"]["operation"]["state"]
+        if state == "OPERATION_STATE_SUCCEEDED":
+            return got["json"]["operation"]["slideId"]
+        assert state in ("OPERATION_STATE_QUEUED", "OPERATION_STATE_RUNNING"), got
+        time.sleep(1)
+    raise AssertionError(f"ingest {op} did not finish")
+
+
+def test_every_workload_runs_from_its_image(box):
+    for w in box.cluster.workloads:
+        pods = box.cluster.pods_of(w)
+        assert len(pods) == w.desired and all(p.ready for p in pods), box.cluster.describe()
+        for pod in pods:
+            for c in pod.containers:
+                image = box.registry.resolve(c.spec["image"])
+                pid = c.main_pid()
+                assert pid, f"{pod.name}/{c.name} has no process"
+                # The process's root is the overlay over the image's exported filesystem, not the checkout.
+                root = os.readlink(f"/proc/{pid}/root")
+                assert root == str(pod.dir / "rootfs" / c.name), root
+                mounts = open(f"/proc/{pid}/mountinfo").read()
+                assert f"lowerdir={image.root}" in mounts
+                status = dict(line.split(":\t", 1) for line in open(f"/proc/{pid}/status").read().splitlines())
+                uid = (pod.spec.get("securityContext") or {}).get("runAsUser")
+                assert status["Uid"].split()[0] == str(uid)
+
+
+def test_ingest_through_http_then_search_through_the_gateway_with_tls_and_a_token(box, lis):
+    slide_id = ingest(lis, SLIDE.name)
+    found = lis.call("search", slide_id=slide_id, x=512, y=512, size=512)
+    assert slide_id in found.get("hits", []), found
+    listed = lis.call("http", method="GET", path="/v1/slides")
+    assert slide_id in [s["slideId"] for s in listed["json"].get("slides", [])], listed
+    tile = lis.call("http", method="GET", path=f"/iiif/3/{slide_id}/0,0,512,512/256,/0/default.jpg", raw=True)
+    assert tile["status"] == 200 and tile["content_type"] == "image/jpeg" and tile["head"].startswith("ffd8"), tile
+
+
+def test_network_policies_admit_only_the_declared_edges(box, lis):
+    index = next(p for p in box.cluster.pods if p.labels.get("app.kubernetes.io/name") == "smily-index")
+    gateway = next(p for p in box.cluster.pods if p.labels.get("app.kubernetes.io/name") == "smily-gateway")
+    assert lis.call("connect", host=gateway.ip, port=50050)["connected"] is True
+    # The LIS may reach the gateway only: not an index replica, nor the gateway's metrics.
+    assert lis.call("connect", host=index.ip, port=50053)["connected"] is False
+    assert lis.call("connect", host=gateway.ip, port=9100)["connected"] is False
