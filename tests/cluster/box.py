@@ -25,8 +25,9 @@ from .rootfs import DOCKER, Registry
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
-IDP_PORT = 3000
+IDP_PORT = 443
 IDP_HOST = "idp.idp.svc.cluster.local"
+# Plain HTTP on the HTTPS port in the box (a real IdP serves TLS there).
 ISSUER = f"http://{IDP_HOST}:{IDP_PORT}"
 # The public image the manifests name for Redis, and what stands for it here.
 MIRRORS = {"docker.io/library/redis": operators.STORES_IMAGE}
