@@ -9,7 +9,7 @@ SAMPLES := data/samples/.done
 # The viewer's browser libraries (npm, pinned by package-lock.json; served from node_modules).
 WEB := services/http/vendor/node_modules/.installed
 
-.PHONY: all venv proto model web sample-data demo test bench up down clean up-cluster system-deps check buf-baseline
+.PHONY: all venv proto model web sample-data demo test test-cluster bench up down clean up-cluster system-deps check buf-baseline
 
 all: proto model web
 
@@ -43,6 +43,11 @@ demo: proto model sample-data
 
 test: system-deps proto model web check
 	$(PY) -m pytest -q
+
+# The deployment as rendered, in the cluster in a box (tests/cluster/, docs/deploy.md):
+# the resilience loop that `make test` leaves out. Needs root and `make images`.
+test-cluster: system-deps proto
+	$(PY) -m pytest -q -m cluster_full tests/test_cluster.py
 
 # What the tests need from the system (redis-server, ...): installed when root, else named.
 system-deps:

@@ -10,10 +10,12 @@ over gRPC with TLS. The resilience loop runs in `make test-cluster`
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -92,9 +94,9 @@ def test_every_workload_runs_from_its_image(box):
                 # The process's root is the overlay over the image's exported filesystem, not the checkout.
                 root = os.readlink(f"/proc/{pid}/root")
                 assert root == str(pod.dir / "rootfs" / c.name), root
-                mounts = open(f"/proc/{pid}/mountinfo").read()
+                mounts = Path(f"/proc/{pid}/mountinfo").read_text()
                 assert f"lowerdir={image.root}" in mounts
-                status = dict(line.split(":\t", 1) for line in open(f"/proc/{pid}/status").read().splitlines())
+                status = dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
                 uid = (pod.spec.get("securityContext") or {}).get("runAsUser")
                 assert status["Uid"].split()[0] == str(uid)
 
@@ -116,3 +118,51 @@ def test_network_policies_admit_only_the_declared_edges(box, lis):
     # The LIS may reach the gateway only: not an index replica, nor the gateway's metrics.
     assert lis.call("connect", host=index.ip, port=50053)["connected"] is False
     assert lis.call("connect", host=gateway.ip, port=9100)["connected"] is False
+
+
+# -- make test-cluster: the resilience loop ----------------------------------------
+
+
+def _blip(lis, before: dict) -> dict:
+    now = lis.call("loop_status")
+    return {"ok": now["ok"] - before["ok"], "failed": now["failed"] - before["failed"]}
+
+
+@pytest.mark.cluster_full
+def test_searches_survive_kills_rollouts_a_scale_up_and_certificate_reissue(box, lis, tmp_path):
+    cluster = box.cluster
+    slide_id = ingest(lis, SLIDE.name)
+    acknowledged = {slide_id}
+    figures: dict[str, float | int] = {"time_to_ready_s": round(box.timings["ready"], 1)}
+    assert lis.call("loop_start", query={"slide_id": slide_id, "x": 512, "y": 512, "size": 512}) == {"ok": True}
+
+    def step(name: str, action, settle: list[str] | None = None) -> None:
+        before = lis.call("loop_status")
+        action()
+        time.sleep(2)
+        figures[f"{name}_s"] = round(cluster.wait_settled(900, settle), 1)
+        figures[f"{name}_failed"] = _blip(lis, before)["failed"]
+
+    def kill(name: str) -> None:
+        pod = next(p for p in cluster.pods if p.labels.get("app.kubernetes.io/name") == name and not p.terminating)
+        pod.delete()
+
+    step("kill_index_replica", lambda: kill("smily-index"))
+    step("kill_gateway_pod", lambda: kill("smily-gateway"))
+    for w in [w for w in cluster.workloads if w.kind == "Deployment"]:
+        step(f"rollout_{w.name}", w.restart, [w.name])
+    shard = cluster.workload("smily-index-0")
+    step("scale_index_shard", lambda: cluster.scale(shard.name, shard.desired + 1), [shard.name])
+    pods = {p.name: [c.restarts for c in p.containers] for p in cluster.pods}
+    before = lis.call("loop_status")
+    cluster.reissue_certificates()
+    time.sleep(30)  # the servers re-read the files they watch
+    figures["reissue_failed"] = _blip(lis, before)["failed"]
+    assert {p.name: [c.restarts for c in p.containers] for p in cluster.pods} == pods, "a pod restarted"
+    result = lis.call("loop_stop")
+    figures["searches"], figures["slowest_search_s"] = result["ok"], round(result["slowest"], 2)
+    (tmp_path / "figures.json").write_text(json.dumps(figures, indent=1))
+    print(json.dumps(figures, indent=1))
+    assert result["failed"] == [] and result["ok"] > 0, (result["failed"][:5], figures)
+    listed = lis.call("http", method="GET", path="/v1/slides")
+    assert acknowledged <= {s["slideId"] for s in listed["json"].get("slides", [])}, listed

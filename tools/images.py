@@ -23,9 +23,10 @@ import subprocess
 import sys
 import threading
 import time
-import tomllib
 import urllib.parse
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILES = ROOT / "deploy" / "docker"

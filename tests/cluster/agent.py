@@ -26,8 +26,9 @@ def probe(req: dict) -> tuple[bool, str]:
                 resp = health_pb2_grpc.HealthStub(ch).Check(
                     health_pb2.HealthCheckRequest(service=req.get("service", "")), timeout=timeout
                 )
-            return resp.status == health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.ServingStatus.Name(
-                resp.status
+            return (
+                resp.status == health_pb2.HealthCheckResponse.SERVING,
+                health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status),
             )
         if req["kind"] == "http":
             url = f"http://{host}:{port}{req.get('path', '/')}"

@@ -77,7 +77,7 @@ class Agent:
     """A harness process in a namespace, spoken to in JSON lines."""
 
     def __init__(self, netns: str, argv: list[str], log: Path):
-        self.log = open(log, "ab")
+        self.log = open(log, "ab")  # noqa: SIM115 - the agent's stderr, for its lifetime
         self.proc = subprocess.Popen(
             ["ip", "netns", "exec", netns, *argv],
             stdin=subprocess.PIPE,
@@ -151,9 +151,11 @@ class Box:
         clients = {"lis": {"secret": self.client_secret, "roles": ROLES}}
         env = dict(os.environ, ISSUER=ISSUER, PORT=str(IDP_PORT), AUDIENCE="smily", ROLES_CLAIM="roles")
         env["CLIENTS"] = json.dumps(clients)
-        log = open(self.state / "idp.log", "ab")
+        log = open(self.state / "idp.log", "ab")  # noqa: SIM115 - the IdP's output, for its lifetime
         self._procs.append(
-            subprocess.Popen(["ip", "netns", "exec", netns, "node", str(idp / "idp.mjs")], env=env, stdout=log, stderr=log)
+            subprocess.Popen(
+                ["ip", "netns", "exec", netns, "node", str(idp / "idp.mjs")], env=env, stdout=log, stderr=log
+            )
         )
         self.cluster.changed()
 

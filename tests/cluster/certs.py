@@ -59,7 +59,9 @@ def _pem(cert: x509.Certificate) -> bytes:
 
 class CertManager:
     def __init__(self, objs: list[dict]):
-        self.issuers = {(o["metadata"].get("namespace"), o["metadata"]["name"]): o for o in objs if o["kind"] == "Issuer"}
+        self.issuers = {
+            (o["metadata"].get("namespace"), o["metadata"]["name"]): o for o in objs if o["kind"] == "Issuer"
+        }
         self.certificates = [o for o in objs if o["kind"] == "Certificate"]
 
     def issue_all(self, secrets: dict[tuple[str | None, str], dict]) -> list[str]:
@@ -131,7 +133,9 @@ class CertManager:
         ekus = [EKU[u] for u in usages if u in EKU]
         if ekus:
             builder = builder.add_extension(x509.ExtendedKeyUsage(ekus), critical=False)
-        builder = builder.add_extension(x509.BasicConstraints(ca=bool(spec.get("isCA")), path_length=None), critical=True)
+        builder = builder.add_extension(
+            x509.BasicConstraints(ca=bool(spec.get("isCA")), path_length=None), critical=True
+        )
         if "selfSigned" in issuer:
             signed = builder.issuer_name(subject).sign(key, hashes.SHA256())
             ca_pem = _pem(signed)

@@ -3,7 +3,7 @@
 `python -m tests.cluster.client` reads one JSON command a line and answers one JSON
 line: it takes a token from the IdP (client_credentials), drives the HTTP API of
 smily-http, and searches the gateway Service over gRPC with TLS, its client
-certificate and the token. A search loop runs in the background between
+certificate and the token, on the channel smily.client uses. A search loop runs in the background between
 `loop_start` and `loop_stop`, which answers every failed call with its time.
 """
 
@@ -21,6 +21,7 @@ import urllib.request
 
 import grpc
 
+from smily.common.channels import channel
 from smily.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 
@@ -34,8 +35,8 @@ class Lis:
             cert = f.read()
         with open(cfg["key"], "rb") as f:
             key = f.read()
-        creds = grpc.ssl_channel_credentials(ca, key, cert)
-        self.channel = grpc.secure_channel(cfg["gateway"], creds)
+        # The channel smily.client dials with: round_robin, UNAVAILABLE retried for idempotent calls.
+        self.channel = channel(cfg["gateway"], grpc.ssl_channel_credentials(ca, key, cert))
         self.gateway = gateway_pb2_grpc.GatewayServiceStub(self.channel)
         self.loop: dict | None = None
 

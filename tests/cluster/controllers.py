@@ -57,13 +57,17 @@ class Workload:
 
 
 class Cluster:
-    def __init__(self, objs: list[dict], state: Path, prefix: str, registry: Registry, extra_namespaces: dict[str, dict]):
+    def __init__(
+        self, objs: list[dict], state: Path, prefix: str, registry: Registry, extra_namespaces: dict[str, dict]
+    ):
         self.objs, self.state, self.prefix, self.registry = objs, state, prefix, registry
         self.lock = threading.RLock()
         self.pods: list[Pod] = []
         self.network = Network(prefix)
         self.prober = Prober(self.network.node_ns, sys.executable)
-        self.namespaces = {o["metadata"]["name"]: dict(o["metadata"].get("labels") or {}) for o in objs if o["kind"] == "Namespace"}
+        self.namespaces = {
+            o["metadata"]["name"]: dict(o["metadata"].get("labels") or {}) for o in objs if o["kind"] == "Namespace"
+        }
         self.namespaces.update(extra_namespaces)
         for name, labels in self.namespaces.items():
             labels["kubernetes.io/metadata.name"] = name
@@ -240,7 +244,9 @@ class Cluster:
         for port in svc["spec"].get("ports") or []:
             target = port.get("targetPort", port["port"])
             if isinstance(target, int) and target != port["port"]:
-                raise RuntimeError(f"Service {svc['metadata']['name']}: port {port['port']} -> {target} needs kube-proxy")
+                raise RuntimeError(
+                    f"Service {svc['metadata']['name']}: port {port['port']} -> {target} needs kube-proxy"
+                )
 
     # -- controllers ----------------------------------------------------------
 
@@ -362,7 +368,9 @@ class Cluster:
         lines = []
         with self.lock:
             for p in self.pods:
-                states = ", ".join(f"{c.name} started={c.started} ready={c.ready} restarts={c.restarts}" for c in p.containers)
+                states = ", ".join(
+                    f"{c.name} started={c.started} ready={c.ready} restarts={c.restarts}" for c in p.containers
+                )
                 lines.append(f"{p.name} {p.ip} terminating={p.terminating}: {states} {p.events[-3:]}")
         return "\n".join(lines)
 

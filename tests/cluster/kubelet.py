@@ -10,6 +10,7 @@ behind a `..data` link swapped atomically), so an updated Secret reaches a runni
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -226,10 +227,8 @@ class Container:
             return
         pid = self.main_pid()
         if pid and grace > 0:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
             try:
                 self.proc.wait(grace)
                 return
@@ -341,7 +340,9 @@ class Pod:
         return ready
 
     def ports(self) -> dict[str, int]:
-        return {p["name"]: p["containerPort"] for c in self.spec["containers"] for p in c.get("ports") or [] if "name" in p}
+        return {
+            p["name"]: p["containerPort"] for c in self.spec["containers"] for p in c.get("ports") or [] if "name" in p
+        }
 
     # -- volumes --------------------------------------------------------------
 

@@ -46,7 +46,12 @@ def cnpg(cluster: dict) -> list[dict]:
     db, owner = initdb.get("database", "app"), initdb.get("owner", initdb.get("database", "app"))
     password = secrets.token_urlsafe(24)
     host = f"{name}-rw.{ns}"
-    labels = {"cnpg.io/cluster": name, "cnpg.io/instanceRole": "primary", "role": "primary", "cnpg.io/podRole": "instance"}
+    labels = {
+        "cnpg.io/cluster": name,
+        "cnpg.io/instanceRole": "primary",
+        "role": "primary",
+        "cnpg.io/podRole": "instance",
+    }
     app = {
         "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/basic-auth",
         "metadata": {"name": f"{name}-app", "namespace": ns},
@@ -61,7 +66,9 @@ def cnpg(cluster: dict) -> list[dict]:
     }  # fmt: skip
     services = [
         {
-            "apiVersion": "v1", "kind": "Service", "metadata": {"name": f"{name}-{suffix}", "namespace": ns},
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": f"{name}-{suffix}", "namespace": ns},
             "spec": {"selector": selector, "ports": [{"name": "postgres", "port": 5432, "targetPort": 5432}]},
         }  # fmt: skip
         for suffix, selector in (
@@ -71,7 +78,10 @@ def cnpg(cluster: dict) -> list[dict]:
         )
     ]
     env = [
-        {"name": "PGPASSWORD_SUPERUSER", "valueFrom": {"secretKeyRef": {"name": f"{name}-superuser", "key": "password"}}},
+        {
+            "name": "PGPASSWORD_SUPERUSER",
+            "valueFrom": {"secretKeyRef": {"name": f"{name}-superuser", "key": "password"}},
+        },
         {"name": "APP_USER", "value": owner},
         {"name": "APP_DB", "value": db},
         {"name": "APP_PASSWORD", "valueFrom": {"secretKeyRef": {"name": f"{name}-app", "key": "password"}}},

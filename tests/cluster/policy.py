@@ -27,7 +27,9 @@ class Endpoint:
     ports: dict[str, int]  # named container ports
 
 
-def _peers(peer_list: list[dict] | None, policy_ns: str, pods: list[Endpoint], namespaces: dict[str, dict]) -> list[str] | None:
+def _peers(
+    peer_list: list[dict] | None, policy_ns: str, pods: list[Endpoint], namespaces: dict[str, dict]
+) -> list[str] | None:
     """Source or destination addresses; None means any."""
     if not peer_list:
         return None
@@ -115,5 +117,9 @@ def apply(netns: str, script: str) -> None:
     """Replace the namespace's table atomically (one nft transaction)."""
     flush = "table inet smk\ndelete table inet smk\n"
     subprocess.run(
-        ["ip", "netns", "exec", netns, "nft", "-f", "-"], input=flush + script, text=True, check=True, capture_output=True
+        ["ip", "netns", "exec", netns, "nft", "-f", "-"],
+        input=flush + script,
+        text=True,
+        check=True,
+        capture_output=True,
     )
