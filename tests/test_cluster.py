@@ -166,3 +166,8 @@ def test_searches_survive_kills_rollouts_a_scale_up_and_certificate_reissue(box,
     assert result["failed"] == [] and result["ok"] > 0, (result["failed"][:5], figures)
     listed = lis.call("http", method="GET", path="/v1/slides")
     assert acknowledged <= {s["slideId"] for s in listed["json"].get("slides", [])}, listed
+
+
+def test_the_deploy_guides_check_step_passes_on_the_box(box):
+    out = box.deploy_script("check")
+    assert "certificate" not in out.lower() or "error" not in out.lower(), out

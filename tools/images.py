@@ -8,7 +8,8 @@ lands in no layer). Afterwards the images' ids go into a kustomize Component
 (deploy/k8s/components/image-digests, git-ignored) that pins each image by digest, and
 their sizes are printed.
 
-Environment: DOCKER (docker), IMAGE_PREFIX (localhost/smily), IMAGE_TAG (the project
+Environment: DOCKER (Debian's /usr/bin/docker, else docker; a daemon is started as root
+when none answers), IMAGE_PREFIX (localhost/smily), IMAGE_TAG (the project
 version), TORCH_INDEX_URL (empty: pip's indexes), VARIANTS ("cpu"; "cpu gpu" adds the CUDA images), BASE_IMAGE, NODE_IMAGE.
 `--list` prints the images it builds, and builds nothing.
 """
@@ -19,6 +20,7 @@ import http.server
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import threading
@@ -122,12 +124,33 @@ def build_args() -> tuple[list[str], list[str]]:
     return [a for k, v in args.items() for a in ("--build-arg", f"{k}={v}")], secrets
 
 
+def default_docker() -> str:
+    """Debian's docker.io client (BuildKit built in) before another on PATH that may need buildx."""
+    return os.environ.get("DOCKER") or ("/usr/bin/docker" if Path("/usr/bin/docker").exists() else "docker")
+
+
+def ensure_daemon(docker: str) -> None:
+    """Start Debian's dockerd as these machines run it (vfs, no bridge, no iptables) when none answers."""
+    if subprocess.run([docker, "info"], capture_output=True).returncode == 0:
+        return
+    if os.geteuid() != 0 or not shutil.which("dockerd"):
+        sys.exit("no docker daemon answers: start one, or run as root with docker.io installed")
+    log = open("/var/log/smily-dockerd.log", "ab")  # noqa: SIM115 - the daemon's log, for its lifetime
+    cmd = ["dockerd", "--storage-driver", "vfs", "--iptables=false", "--bridge=none"]
+    subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True)
+    for _ in range(60):
+        if subprocess.run([docker, "info"], capture_output=True).returncode == 0:
+            return
+        time.sleep(1)
+    sys.exit("dockerd did not start: see /var/log/smily-dockerd.log")
+
+
 def _exists(docker: str, image: str) -> bool:
     return subprocess.run([docker, "image", "inspect", image], capture_output=True).returncode == 0
 
 
 def main() -> int:
-    docker = os.environ.get("DOCKER", "docker")
+    docker = default_docker()
     prefix = os.environ.get("IMAGE_PREFIX", "localhost/smily")
     version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
     tag = os.environ.get("IMAGE_TAG") or version
@@ -142,8 +165,9 @@ def main() -> int:
     if sys.argv[1:] == ["--list"]:
         print("\n".join(refs.values()))
         return 0
-    env = dict(os.environ, DOCKER_BUILDKIT="1")
+    env = dict(os.environ, DOCKER_BUILDKIT="1", DOCKER=docker)
     started = time.monotonic()
+    ensure_daemon(docker)
     if not _exists(docker, base):
         _run([str(DOCKERFILES / "base.sh"), base], env=env)
     extra, secrets = build_args()

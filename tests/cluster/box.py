@@ -14,12 +14,15 @@ import secrets
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+import yaml
+
 from . import operators
 from .controllers import Cluster
-from .manifests import named, render
+from .manifests import named
 from .policy import Endpoint
 from .rootfs import DOCKER, Registry
 
@@ -112,7 +115,10 @@ class Box:
         self.agents: list[Agent] = []
         self.client_secret = secrets.token_urlsafe(32)
         started = time.monotonic()
-        self.objs = render(site_overlay(state / "site", overlay))
+        site = site_overlay(state / "site", overlay)
+        # The deploy guide's own steps apply it (docs/examples/deploy.sh, with the box's kubectl).
+        self.deploy_script("namespace", "apply", overlay=site)
+        self.objs = self._applied()
         objs = []
         for o in self.objs:
             objs += operators.cnpg(o) if o["kind"] == "Cluster" else [o]
@@ -131,7 +137,49 @@ class Box:
         )  # fmt: skip
         self._start_idp()
         self._start_lis()
+        self._closed = threading.Event()
+        threading.Thread(target=self._publisher, daemon=True).start()
         self.timings["apply"] = time.monotonic() - started
+
+    def deploy_script(self, *steps: str, overlay: Path | None = None, timeout: float = 1800) -> str:
+        """docs/examples/deploy.sh STEPS against the box; returns its output."""
+        kubectl = f"{sys.executable} {HERE / 'kubectl.py'}"
+        env = dict(os.environ, KUBECTL=kubectl, BOX_DIR=str(self.state))
+        if overlay:
+            env["OVERLAY"] = str(overlay)
+        out = subprocess.run(
+            [str(REPO / "docs" / "examples" / "deploy.sh"), *steps],
+            env=env, capture_output=True, text=True, timeout=timeout,
+        )  # fmt: skip
+        if out.returncode:
+            raise RuntimeError(f"deploy.sh {' '.join(steps)} failed:\n{out.stdout}{out.stderr}")
+        return out.stdout
+
+    def _applied(self) -> list[dict]:
+        """What deploy.sh applied, in order; a later object of the same name replaces the earlier."""
+        objs: dict[tuple, dict] = {}
+        for f in sorted((self.state / "applied").glob("*.yaml")):
+            for o in yaml.safe_load_all(f.read_text()):
+                if o:
+                    objs[(o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"])] = o
+        return list(objs.values())
+
+    def publish_status(self) -> None:
+        """What the box's kubectl reads: each workload settled, each certificate issued."""
+        cluster = self.cluster
+        out: dict[str, dict[str, bool]] = {"deployment": {}, "statefulset": {}, "certificate": {}}
+        for w in cluster.workloads:
+            out[w.kind.lower()][w.name] = cluster.settled(w)
+        for cert in cluster.cert_manager.certificates:
+            key = (cert["metadata"].get("namespace"), cert["spec"]["secretName"])
+            out["certificate"][cert["metadata"]["name"]] = key in cluster.secrets
+        tmp = self.state / "status.json.tmp"
+        tmp.write_text(json.dumps(out))
+        tmp.rename(self.state / "status.json")
+
+    def _publisher(self) -> None:
+        while not self._closed.wait(0.5):
+            self.publish_status()
 
     def _outside(self, name: str, namespace: str, labels: dict) -> str:
         """A namespace outside the cluster's pods (IdP, LIS), known to policies and names."""
@@ -189,6 +237,7 @@ class Box:
         return named(self.objs, kind, name)
 
     def close(self) -> None:
+        self._closed.set()
         for agent in self.agents:
             agent.close()
         for p in self._procs:

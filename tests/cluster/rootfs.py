@@ -14,7 +14,8 @@ import subprocess
 import threading
 from pathlib import Path
 
-DOCKER = os.environ.get("DOCKER", "docker")
+# As `make images` picks it (tools/images.py).
+DOCKER = os.environ.get("DOCKER") or ("/usr/bin/docker" if Path("/usr/bin/docker").exists() else "docker")
 
 
 @dataclasses.dataclass(frozen=True)
