@@ -11,7 +11,8 @@ their sizes are printed.
 Environment: DOCKER (Debian's /usr/bin/docker, else docker; a daemon is started as root
 when none answers), IMAGE_PREFIX (localhost/smily), IMAGE_TAG (the project
 version), TORCH_INDEX_URL (empty: pip's indexes), VARIANTS ("cpu"; "cpu gpu" adds the CUDA images), BASE_IMAGE, NODE_IMAGE.
-`--list` prints the images it builds, and builds nothing.
+`--list` prints the images it builds, and builds nothing; `tools/images.py gateway index`
+builds only those.
 """
 
 from __future__ import annotations
@@ -165,6 +166,8 @@ def main() -> int:
     if sys.argv[1:] == ["--list"]:
         print("\n".join(refs.values()))
         return 0
+    only = set(sys.argv[1:])  # services to build (default: all)
+    images = {k: v for k, v in images.items() if not only or k.split("-")[0] in only}
     env = dict(os.environ, DOCKER_BUILDKIT="1", DOCKER=docker)
     started = time.monotonic()
     ensure_daemon(docker)
@@ -187,7 +190,8 @@ def main() -> int:
         info = json.loads(subprocess.run([docker, "image", "inspect", ref], capture_output=True, check=True).stdout)[0]
         digest = next((d.split("@", 1)[1] for d in info.get("RepoDigests") or []), info["Id"])
         built[ref] = {"name": f"{prefix}/{name}", "tag": image_tag, "digest": digest, "size": info["Size"]}
-    _write_digests(built, variants[0])
+    if not only:
+        _write_digests(built, variants[0])
     print(f"built in {time.monotonic() - started:.0f} s")
     for ref, b in built.items():
         print(f"{ref:50} {int(b['size']) / 1e6:8.0f} MB  {b['digest']}")

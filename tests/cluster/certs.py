@@ -129,6 +129,10 @@ class CertManager:
                 ku[KU[u]] = True
         if spec.get("isCA"):
             ku["key_cert_sign"] = ku["crl_sign"] = ku["digital_signature"] = True
+        if not any(ku.values()):
+            # Only extended usages named: cert-manager still sets its default key usages.
+            ku["digital_signature"] = True
+            ku["key_encipherment"] = isinstance(key, rsa.RSAPrivateKey)
         builder = builder.add_extension(x509.KeyUsage(**ku, encipher_only=False, decipher_only=False), critical=True)
         ekus = [EKU[u] for u in usages if u in EKU]
         if ekus:

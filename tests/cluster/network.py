@@ -72,6 +72,8 @@ class Network:
 
     def write_hosts(self, netns: str, own: list[str], records: dict[str, list[str]]) -> None:
         """Rewritten in place (same inode), so the file bound into a running container changes too."""
+        if netns not in self.namespaces:
+            return  # removed meanwhile (a pod deleted while the names were written)
         lines = ["127.0.0.1 localhost", "::1 localhost", f"{self.namespaces[netns]} {' '.join(own)}"]
         lines += [f"{address} {name}" for name, addresses in sorted(records.items()) for address in addresses]
         path = self.hosts_file(netns)
