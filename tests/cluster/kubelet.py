@@ -328,7 +328,11 @@ class Pod:
         self.created = time.monotonic()
         self.ready_at: float | None = None
         self.events: list[str] = []
-        self.containers = [Container(self, c) for c in spec["containers"]]
+        inits = spec.get("initContainers") or []
+        # Sidecars (init containers with restartPolicy Always) start first and keep running.
+        self.sidecars = [c for c in inits if c.get("restartPolicy") == "Always"]
+        self.inits = [c for c in inits if c.get("restartPolicy") != "Always"]
+        self.containers = [Container(self, c) for c in self.sidecars + spec["containers"]]
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -341,7 +345,10 @@ class Pod:
 
     def ports(self) -> dict[str, int]:
         return {
-            p["name"]: p["containerPort"] for c in self.spec["containers"] for p in c.get("ports") or [] if "name" in p
+            p["name"]: p["containerPort"]
+            for c in self.sidecars + self.spec["containers"]
+            for p in c.get("ports") or []
+            if "name" in p
         }
 
     # -- volumes --------------------------------------------------------------
@@ -401,6 +408,12 @@ class Pod:
         self.ip = self.cluster.network.add(self.netns)
         self.cluster.pod_added(self)
         self.write_volumes()
+        for spec in self.inits:  # each to completion, in order, before any other container
+            init = Container(self, spec)
+            init.start()
+            assert init.proc
+            if init.proc.wait() != 0:
+                raise RuntimeError(f"{self.name}: init container {init.name} failed (see {init.log})")
         for c in self.containers:
             c.start()
             t = threading.Thread(target=c.run_probes, args=(self._stop,), daemon=True, name=f"{self.name}/{c.name}")

@@ -23,11 +23,12 @@ if [ ! -s "$data/PG_VERSION" ]; then
   rm /tmp/pw
   echo "host all all 0.0.0.0/0 scram-sha-256" >> "$data/pg_hba.conf"
   postgres -D "$data" -c listen_addresses= -c unix_socket_directories=/tmp &
+  pid=$!
   until pg_isready -q -h /tmp; do sleep 0.2; done
   PGPASSWORD="$PGPASSWORD_SUPERUSER" psql -q -h /tmp -U postgres -v ON_ERROR_STOP=1 \\
     -c "CREATE ROLE \\"$APP_USER\\" LOGIN PASSWORD '$APP_PASSWORD'" \\
     -c "CREATE DATABASE \\"$APP_DB\\" OWNER \\"$APP_USER\\""
-  kill %1; wait
+  kill "$pid"; wait "$pid" || true
 fi
 exec postgres -D "$data" -c listen_addresses='*' -c unix_socket_directories=/tmp -c max_connections=200
 """
