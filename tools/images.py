@@ -61,16 +61,6 @@ class _Mirror:
 
     def __init__(self) -> None:
         self.roots: list[Path] = []
-
-    def url(self, path: Path) -> str:
-        # A simple index may link its files relative to itself (../../files/...):
-        # serve its parent so those links resolve too.
-        root, tail = (path.parent, f"{path.name}/") if path.name == "simple" else (path, "")
-        if root not in self.roots:
-            self.roots.append(root)
-        return f"http://127.0.0.1:{MIRROR_PORT}/{self.roots.index(root)}/{tail}"
-
-    def start(self) -> None:
         roots = self.roots
 
         class Handler(http.server.SimpleHTTPRequestHandler):
@@ -84,8 +74,22 @@ class _Mirror:
             def log_message(self, *args: object) -> None:
                 pass
 
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", MIRROR_PORT), Handler)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            self.server = http.server.ThreadingHTTPServer(("127.0.0.1", MIRROR_PORT), Handler)
+        except OSError:  # another build holds the usual port: any other (the build cache misses)
+            self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+
+    def url(self, path: Path) -> str:
+        # A simple index may link its files relative to itself (../../files/...):
+        # serve its parent so those links resolve too.
+        root, tail = (path.parent, f"{path.name}/") if path.name == "simple" else (path, "")
+        if root not in self.roots:
+            self.roots.append(root)
+        return f"http://127.0.0.1:{self.port}/{self.roots.index(root)}/{tail}"
+
+    def start(self) -> None:
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
 
 def _local(value: str) -> Path | None:
