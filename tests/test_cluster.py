@@ -69,7 +69,7 @@ def lis(box):
 def ingest(lis, source: str) -> str:
     started = lis.call("http", method="POST", path="/v1/slides:ingest", body={"source": source})
     assert started["status"] == 200, started
-    op = started["json"]["operationId"]
+    op = started["json"]["operation"]["operationId"]
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         got = lis.call("http", method="GET", path=f"/v1/operations/{op}")
