@@ -4,6 +4,7 @@ $(VAR) expansion, and `make images`' view of pip's settings. No images needed.""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -104,3 +105,31 @@ def test_make_images_lists_every_image_the_overlays_name():
         if c["image"].startswith("localhost/smily/")
     }
     assert named <= set(out), named - set(out)
+
+
+def test_the_ingress_component_names_its_issuer_once(tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    base = ROOT / "deploy" / "k8s"
+    (site / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nnamespace: smily\n"
+        f"resources: [{os.path.relpath(base / 'overlays' / 'cpu', site)}]\n"
+        f"components: [{os.path.relpath(base / 'components' / 'ingress', site)}]\n"
+    )
+    objs = render(site)
+    ingresses = {o["metadata"]["name"]: o for o in objs if o["kind"] == "Ingress"}
+    assert set(ingresses) == {"smily-http", "smily-gateway"}
+    assert {i["metadata"]["annotations"]["cert-manager.io/cluster-issuer"] for i in ingresses.values()} == {
+        "hospital-public"
+    }
+    assert not [o for o in objs if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "smily-ingress"]
+    grpc = ingresses["smily-gateway"]
+    assert grpc["metadata"]["annotations"]["nginx.ingress.kubernetes.io/backend-protocol"] == "GRPCS"
+    secret = grpc["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-ssl-secret"]
+    certs = {o["spec"]["secretName"] for o in objs if o["kind"] == "Certificate"}
+    assert secret == "smily/smily-ingress-tls" and "smily-ingress-tls" in certs
+    for ing in ingresses.values():
+        assert ing["spec"]["tls"] and ing["spec"]["tls"][0]["hosts"] == [ing["spec"]["rules"][0]["host"]]
+        backend = ing["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
+        svc = next(o for o in objs if o["kind"] == "Service" and o["metadata"]["name"] == backend["name"])
+        assert backend["port"]["name"] in [p["name"] for p in svc["spec"]["ports"]]
