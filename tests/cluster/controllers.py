@@ -236,7 +236,13 @@ class Cluster:
                 self._pods_changed = False
                 eps = [policy.Endpoint(p.name, p.namespace, p.labels, p.ip, p.ports()) for p in pods] + self.outside
                 for p, ep in zip(pods, eps[: len(pods)]):
-                    policy.apply(p.netns, policy.ruleset(ep, self.policies, eps, self.namespaces, self.network.node_ip))
+                    try:
+                        policy.apply(
+                            p.netns, policy.ruleset(ep, self.policies, eps, self.namespaces, self.network.node_ip)
+                        )
+                    except subprocess.CalledProcessError:
+                        if p.netns in self.network.namespaces:
+                            raise  # else: the pod went away meanwhile
 
     @staticmethod
     def _check_ports(svc: dict) -> None:
