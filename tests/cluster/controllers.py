@@ -286,7 +286,11 @@ class Cluster:
         return pod
 
     def _start(self, pod: Pod) -> None:
-        pod.start()
+        try:
+            pod.start()
+        except Exception as exc:  # noqa: BLE001 - kubelet reports a pod that cannot start; its owner makes another
+            print(f"controllers: pod {pod.name} failed to start: {exc!r}", file=sys.stderr)
+            pod.delete(0)
 
     def reconcile(self, w: Workload) -> None:
         pods = self.pods_of(w)
