@@ -303,10 +303,13 @@ class Cluster:
         new = [p for p in pods if p.revision == w.revision]  # type: ignore[attr-defined]
         old = [p for p in pods if p not in new]
         strategy = w.obj["spec"].get("strategy") or {}
-        if strategy.get("type") == "Recreate" and old:
+        if strategy.get("type") == "Recreate":
             for p in old:
                 threading.Thread(target=p.delete, daemon=True).start()
-            return
+            with self.lock:
+                going = [p for p in self.pods if p.owner == w.name and p.terminating]
+            if old or going:
+                return  # Recreate: the new pods only once every old one is gone
         rolling = strategy.get("rollingUpdate") or {}
         surge = _percent(rolling.get("maxSurge", "25%"), w.desired, True)
         unavailable = _percent(rolling.get("maxUnavailable", "25%"), w.desired, False)
