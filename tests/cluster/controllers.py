@@ -399,4 +399,4 @@ class Cluster:
             t.join()
         self.prober.close()
         self.network.close()
-        subprocess.run(["rm", "-rf", str(self.state / "pods")])
+        # Each pod's logs stay under state/pods/<pod>/logs for a failed test to show.
