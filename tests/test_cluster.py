@@ -83,7 +83,11 @@ def ingest(lis, source: str) -> str:
 
 
 def test_every_workload_runs_from_its_image(box):
+    digests = Path(__file__).resolve().parent.parent / "deploy/k8s/components/image-digests/kustomization.yaml"
     for w in box.cluster.workloads:
+        for c in w.obj["spec"]["template"]["spec"]["containers"]:
+            if digests.exists() and c["image"].startswith("localhost/smily/"):
+                assert "@sha256:" in c["image"], f"{c['image']}: `make images` pinned it by digest"
         pods = box.cluster.pods_of(w)
         assert len(pods) == w.desired and all(p.ready for p in pods), box.cluster.describe()
         for pod in pods:

@@ -45,6 +45,10 @@ class Registry:
         self.mirrors = mirrors or {}
         self._lock = threading.Lock()
         self._images: dict[str, Image] = {}
+        # Exports of images docker no longer has (rebuilt since) only take disk.
+        for old in cache.glob("*") if cache.exists() else []:
+            if _inspect(old.name) is None:
+                shutil.rmtree(old, ignore_errors=True)
 
     def resolve(self, ref: str) -> Image:
         with self._lock:
