@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -181,3 +182,86 @@ def test_searches_survive_kills_rollouts_a_scale_up_and_certificate_reissue(box,
 def test_the_deploy_guides_check_step_passes_on_the_box(box):
     out = box.deploy_script("check")
     assert "certificate" not in out.lower() or "error" not in out.lower(), out
+
+
+# -- the box's kubelet and policies on a workload of their own (the Debian base image) --
+
+PROBE_WORKLOAD = """
+apiVersion: v1
+kind: Namespace
+metadata: {name: demo}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web, namespace: demo}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      securityContext: {runAsUser: 10001, runAsGroup: 10001, fsGroup: 10001}
+      containers:
+        - name: web
+          image: localhost/smily/base:bookworm
+          command: [python3, -m, http.server, "8080", -d, /srv]
+          ports: [{name: http, containerPort: 8080}]
+          readinessProbe: {httpGet: {path: /, port: http}, periodSeconds: 1}
+          # /healthz is not there: kubelet must restart the container.
+          livenessProbe: {httpGet: {path: /healthz, port: http}, periodSeconds: 1, failureThreshold: 2}
+          volumeMounts: [{name: srv, mountPath: /srv}]
+      volumes: [{name: srv, emptyDir: {}}]
+      terminationGracePeriodSeconds: 1
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: other, namespace: demo}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: other}}
+  template:
+    metadata: {labels: {app: other}}
+    spec:
+      securityContext: {runAsUser: 10001, runAsGroup: 10001}
+      containers:
+        - name: other
+          image: localhost/smily/base:bookworm
+          command: [python3, -m, http.server, "8081"]
+      terminationGracePeriodSeconds: 1
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: web-from-nobody, namespace: demo}
+spec: {podSelector: {matchLabels: {app: web}}, policyTypes: [Ingress]}
+"""
+
+
+def test_the_box_restarts_on_liveness_and_enforces_default_deny(tmp_path):
+    require_box()
+    import yaml
+
+    from .cluster.controllers import Cluster
+    from .cluster.rootfs import Registry
+
+    objs = list(yaml.safe_load_all(PROBE_WORKLOAD))
+    cache = Path(os.environ.get("SMILY_BOX_CACHE", "/var/tmp/smily-box")) / "rootfs"
+    cluster = Cluster(objs, tmp_path, "sbt" + os.urandom(1).hex(), Registry(cache), {})
+    try:
+        web = cluster.workload("web")
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            pods = cluster.pods_of(web)
+            if pods and pods[0].containers[0].restarts >= 1:
+                break
+            time.sleep(0.5)
+        pod = cluster.pods_of(web)[0]
+        assert pod.containers[0].restarts >= 1, cluster.describe()
+        assert any("liveness probe failed: 404" in e for e in pod.events), pod.events
+        # The node probes it, but no pod may open a connection to it (default deny, no edge).
+        other = cluster.pods_of(cluster.workload("other"))[0]
+        probe = "import socket,sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3)"
+        denied = subprocess.run(["ip", "netns", "exec", other.netns, sys.executable, "-c", probe, pod.ip, "8080"])
+        allowed = subprocess.run(["ip", "netns", "exec", pod.netns, sys.executable, "-c", probe, other.ip, "8081"])
+        assert denied.returncode != 0 and allowed.returncode == 0
+    finally:
+        cluster.close()
