@@ -411,12 +411,15 @@ def test_every_backend_the_gateway_dials_is_headless(render):
 
 def test_ports_args_and_images_agree_with_code_and_make_images(render):
     name, objs = render
-    built = set(
-        re.findall(
-            r"-t (\S+)",
-            subprocess.run(["make", "-s", "-n", "images"], cwd=ROOT, capture_output=True, text=True, check=True).stdout,
-        )
-    )
+    listed = subprocess.run(
+        [sys.executable, "tools/images.py", "--list"],
+        cwd=ROOT,
+        env={**os.environ, "VARIANTS": "cpu gpu"},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    built = set(listed.split())
     version = project_version()
     for s in SERVICES:
         c = container_of(objs, s)

@@ -121,7 +121,7 @@ def _slides(opts: Options, progress) -> tuple[list[archive_tiles.Slide], Tiling,
             progress(f"{missing} indexed slides are not files under SMILY_SLIDE_ROOTS: left out")
         origin = "index"
     else:
-        record = Tiling.from_settings(settings)
+        record = Tiling.from_settings(settings.gateway)
         paths = archive_tiles.walk_roots(list(opts.slide_roots))
         origin = "slide-roots"
     mpp = record.nearest_mpp(DEFAULT_MPPS[0])

@@ -26,9 +26,11 @@ def add_parser(model_commands) -> None:
     s.add_argument("--dim", type=int, default=256, help="embedding size (default %(default)s)")
     s.add_argument("--method", choices=["ssl", "pca"], default="ssl", help="ssl: VICReg head; pca: PCA-whitening")
     s.add_argument("--seconds", type=float, default=900, help="time budget (default %(default)s)")
-    s.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    s.add_argument(
+        "--device", choices=["cpu", "cuda"], default="cpu", help="where the head trains (cuda needs torch's CUDA build)"
+    )
     s.add_argument("--unfreeze-blocks", type=int, default=0, help="backbone blocks trained too (not supported yet)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="random seed of sampling, augmentation and training")
     s.add_argument("--output-dir", default="models", help="model repository (default %(default)s)")
     s.set_defaults(func=run)
 
