@@ -47,18 +47,25 @@ class LocalCache:
         self._lock = threading.Lock()
 
     def get(self, key: str) -> np.ndarray | None:
+        data = self.get_raw(key)
+        return None if data is None else _unpack(data)
+
+    def put(self, key: str, vector: np.ndarray) -> None:
+        self.put_raw(key, _pack(vector))
+
+    def get_raw(self, key: str) -> bytes | None:
         with self._lock:
             item = self._data.get(key)
             if item and item[0] > time.monotonic():
                 self._data.move_to_end(key)
                 LOOKUPS.labels("hit").inc()
-                return _unpack(item[1])
+                return item[1]
         LOOKUPS.labels("miss").inc()
         return None
 
-    def put(self, key: str, vector: np.ndarray) -> None:
+    def put_raw(self, key: str, value: bytes) -> None:
         with self._lock:
-            self._data[key] = (time.monotonic() + self._ttl, _pack(vector))
+            self._data[key] = (time.monotonic() + self._ttl, value)
             self._data.move_to_end(key)
             while len(self._data) > self._capacity:
                 self._data.popitem(last=False)
@@ -120,16 +127,22 @@ class RedisCache:
         return hmac.new(self._secret, len(k).to_bytes(4, "big") + k + value, hashlib.sha256).digest()
 
     def get(self, key: str) -> np.ndarray | None:
+        data = self.get_raw(key)
+        return None if data is None else _unpack(data)
+
+    def put(self, key: str, vector: np.ndarray) -> None:
+        self.put_raw(key, _pack(vector))
+
+    def get_raw(self, key: str) -> bytes | None:
         data = self._redis.call(lambda r: r.get(key))
         if data and not hmac.compare_digest(data[: self.TAG], self._tag(key, data[self.TAG :])):
             REJECTED.inc()
             log.warning("cached value failed its HMAC check; treated as a miss")
             data = None
         LOOKUPS.labels("hit" if data else "miss").inc()
-        return _unpack(data[self.TAG :]) if data else None
+        return data[self.TAG :] if data else None
 
-    def put(self, key: str, vector: np.ndarray) -> None:
-        value = _pack(vector)
+    def put_raw(self, key: str, value: bytes) -> None:
         self._redis.call(lambda r: r.set(key, self._tag(key, value) + value, ex=self._ttl))
 
 
