@@ -1,10 +1,10 @@
-"""`smily search`, `search-slides` and `read-region`: queries and the images of their hits."""
+"""`smily search`, `search-slides`, `read-region` and `export`: queries, the images of their hits, their results as files."""
 
 from __future__ import annotations
 
 import sys
 
-from .common import EXAMPLE, api, client, example, key_values, parse_region
+from .common import EXAMPLE, api, client, example, key_values, parse_region, with_gateway
 
 
 def _concept_weights(items) -> dict[str, float]:
@@ -60,6 +60,22 @@ def search(args) -> int:
     print_hits(resp)
     if resp.next_page_token:
         print(f"next page: --page-token {resp.next_page_token}", file=sys.stderr)
+    if resp.label_stats.key:
+        st = resp.label_stats
+        shares = ", ".join(f"{lc.label or '(none)'} {lc.count} ({lc.score_share:.0%})" for lc in st.labels)
+        print(f"{st.key} of the top {st.k} hits (a retrieval statistic, not a diagnosis): {shares}", file=sys.stderr)
+    print(f"export: smily export {resp.search_id}", file=sys.stderr)
+    return 0
+
+
+def export(args) -> int:
+    """Writes an earlier search's results (its search id) as GeoJSON, to --output or stdout."""
+    _, data = client(args).export_search(args.search_id, args.format, args.slide_id)
+    if args.output:
+        with open(args.output, "wb") as fh:
+            fh.write(data)
+    else:
+        sys.stdout.buffer.write(data)
     return 0
 
 
@@ -148,6 +164,13 @@ def register(sub) -> None:
     s.add_argument("--page-size", type=int, default=0, help="hits per page (default: all k hits on one page)")
     s.add_argument("--page-token", default="", help="the next page, as the previous page printed it")
     s.set_defaults(func=search)
+
+    s = with_gateway(sub.add_parser("export", help="an earlier search's results as GeoJSON (QuPath imports it)"))
+    s.add_argument("search_id", help="as `smily search` printed it")
+    s.add_argument("--format", default="geojson", choices=["geojson"])
+    s.add_argument("--slide-id", default="", help="only this slide's hits (one FeatureCollection per slide)")
+    s.add_argument("--output", help="file to write (default: stdout)")
+    s.set_defaults(func=export)
 
     s = api(sub.add_parser("search-slides", help="find similar whole slides (Yottixel)"))
     s.add_argument("--slide-id", help="an indexed slide")
