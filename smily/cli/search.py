@@ -69,12 +69,35 @@ def search(args) -> int:
 
 
 def export(args) -> int:
-    """Writes an earlier search's results (its search id) as GeoJSON, to --output or stdout."""
-    _, data = client(args).export_search(args.search_id, args.format, args.slide_id)
+    """Writes an earlier search's results (its search id) as GeoJSON, or as a DICOM bulk
+    annotations object of one slide built beside its archive (--dicomweb), to --output or stdout;
+    --stow stores the DICOM object back in the archive."""
+    c = client(args)
+    data = c.export_search(args.search_id, "geojson", args.slide_id)[1]
+    if args.format == "dicom-ann":
+        if not (args.slide_id and args.dicomweb):
+            raise SystemExit("--format dicom-ann needs --slide-id and --dicomweb URL (the slide's archive)")
+        import io
+
+        from dicomweb_client.api import DICOMwebClient
+
+        from smily.annotations import bulk_annotations, source_image
+
+        slide = next((s for s in c.slides() if s.slide_id == args.slide_id), None)
+        if slide is None or not slide.series_instance_uid:
+            raise SystemExit(f"slide {args.slide_id!r} did not come from a DICOMweb archive")
+        archive = DICOMwebClient(args.dicomweb)
+        ann = bulk_annotations(data, source_image(archive, slide.study_instance_uid, slide.series_instance_uid))
+        if args.stow:
+            archive.store_instances([ann])
+            print(f"stored {ann.SOPInstanceUID} in series {ann.SeriesInstanceUID}", file=sys.stderr)
+        buf = io.BytesIO()
+        ann.save_as(buf, enforce_file_format=True)
+        data = buf.getvalue()
     if args.output:
         with open(args.output, "wb") as fh:
             fh.write(data)
-    else:
+    elif not args.stow:
         sys.stdout.buffer.write(data)
     return 0
 
@@ -165,11 +188,20 @@ def register(sub) -> None:
     s.add_argument("--page-token", default="", help="the next page, as the previous page printed it")
     s.set_defaults(func=search)
 
-    s = with_gateway(sub.add_parser("export", help="an earlier search's results as GeoJSON (QuPath imports it)"))
+    s = with_gateway(
+        sub.add_parser("export", help="an earlier search's results as GeoJSON (QuPath) or DICOM annotations (PACS)")
+    )
     s.add_argument("search_id", help="as `smily search` printed it")
-    s.add_argument("--format", default="geojson", choices=["geojson"])
+    s.add_argument(
+        "--format",
+        default="geojson",
+        choices=["geojson", "dicom-ann"],
+        help="geojson, or dicom-ann: a Microscopy Bulk Simple Annotations object of --slide-id",
+    )
     s.add_argument("--slide-id", default="", help="only this slide's hits (one FeatureCollection per slide)")
-    s.add_argument("--output", help="file to write (default: stdout)")
+    s.add_argument("--dicomweb", help="dicom-ann: the DICOMweb URL of the slide's archive")
+    s.add_argument("--stow", action="store_true", help="dicom-ann: store the object in that archive (STOW-RS)")
+    s.add_argument("--output", help="file to write (default: stdout, unless --stow)")
     s.set_defaults(func=export)
 
     s = api(sub.add_parser("search-slides", help="find similar whole slides (Yottixel)"))
