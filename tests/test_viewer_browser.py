@@ -446,3 +446,32 @@ def test_a_pathologist_reads_navigates_and_compares(browser, http_url, ingested,
     heat = js(d, "return window.smily.heatmapTimings")
     print(f"search-to-paint ms: {[round(t, 1) for t in timings]} (median {statistics.median(timings):.1f})")
     print(f"heatmap ms: {[round(t, 1) for t in heat]}")
+
+
+AXE = os.path.join(ROOT, "services", "http", "vendor", "node_modules", "axe-core", "axe.min.js")
+
+
+def axe(d) -> list[dict]:
+    """Serious and critical WCAG 2 A/AA violations axe-core (npm, pinned; read from node_modules) finds."""
+    if not os.path.exists(AXE):
+        pytest.fail(f"{AXE} is missing: run `make web`")
+    with open(AXE) as fh:
+        js(d, fh.read())
+    found = d.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "axe.run(document, {runOnly: {type: 'tag', values: ['wcag2a', 'wcag2aa']}})"
+        ".then(r => done(r.violations.map(v => ({id: v.id, impact: v.impact, nodes: v.nodes.map(n => n.target)}))))"
+    )
+    return [v for v in found if v["impact"] in ("serious", "critical")]
+
+
+def test_axe_finds_no_serious_violations(browser, http_url, ingested):
+    from selenium.webdriver.common.by import By
+
+    d = browser
+    d.get(http_url + "/#slide=synth-a&x=1500&y=1100&zoom=2&qslide=synth-a&q=1024,768,512,512")
+    wait(d, lambda d: js(d, "return window.smily && window.smily.ready === true"))
+    wait(d, lambda d: d.find_elements(By.CSS_SELECTOR, "#gallery .hit"))
+    assert axe(d) == []  # the page with a slide, a query and its results
+    d.find_element(By.CSS_SELECTOR, "#gallery .hit button.compare").click()
+    assert axe(d) == []  # the compare dialog
