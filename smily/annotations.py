@@ -10,15 +10,30 @@ annotations join. Coordinates are level-0 pixels of that image (2D, pixel origin
 from __future__ import annotations
 
 import json
+from importlib.metadata import version
 
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-import smily
-
 WSI = "1.2.840.10008.5.1.4.1.1.77.1.6"  # VL Whole Slide Microscopy Image Storage
+VERSION = version("smily")
+_TYPE2 = (
+    "PatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+)
+
+
+def _no_bulk_data(tag, vr, uri):
+    return None  # ICC profiles and the like: nothing the annotations copy
 
 
 def source_image(dicomweb, study: str, series: str) -> Dataset:
@@ -34,6 +49,13 @@ def source_image(dicomweb, study: str, series: str) -> Dataset:
             best, size = meta, int(meta.TotalPixelMatrixColumns)
     if best is None:
         raise ValueError(f"series {series} holds no whole-slide VOLUME image")
+    # Type 2 attributes an archive may leave out are present, empty; an image without a frame of
+    # reference (some converters write none) gets one for the annotations to share.
+    for keyword in _TYPE2:
+        if keyword not in best:
+            setattr(best, keyword, "")
+    if "FrameOfReferenceUID" not in best:
+        best.FrameOfReferenceUID = hd.UID()
     return best
 
 
@@ -53,7 +75,7 @@ def bulk_annotations(geojson: bytes, source: Dataset, series_number: int = 99) -
         graphic_data=[np.array(f["geometry"]["coordinates"][0][:-1], dtype=np.float32) for f in features],
         algorithm_type=hd.ann.AnnotationGroupGenerationTypeValues.AUTOMATIC,
         algorithm_identification=hd.AlgorithmIdentificationSequence(
-            name="SMILY similar-image search", version=smily.__version__, family=codes.cid7162.ArtificialIntelligence
+            name="SMILY similar-image search", version=VERSION, family=codes.cid7162.ArtificialIntelligence
         ),
         measurements=[
             hd.ann.Measurements(
@@ -79,7 +101,7 @@ def bulk_annotations(geojson: bytes, source: Dataset, series_number: int = 99) -
         instance_number=1,
         manufacturer="SMILY",
         manufacturer_model_name="SMILY",
-        software_versions=smily.__version__,
+        software_versions=VERSION,
         device_serial_number="0",
         content_description="SMILY search hits",
         content_label="SMILY",

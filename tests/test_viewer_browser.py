@@ -383,14 +383,31 @@ def test_a_pathologist_reads_navigates_and_compares(browser, http_url, ingested,
     )
     js(d, "window.smily.compare.left.viewport.panBy(new OpenSeadragon.Point(0.02, 0.01), true)")
 
-    def offsets(d):
-        left, right = centre(d, "window.smily.compare.left"), centre(d, "window.smily.compare.right")
-        return (left[0] - anchor_q[0], left[1] - anchor_q[1]), (right[0] - anchor_h[0], right[1] - anchor_h[1])
+    mpp = js(d, "return window.smily.compare.mpp")
+    assert mpp["left"] == 0.25 and mpp["right"] > 0  # the 40x query slide and its hit's slide
 
-    # The right view follows the left one's pan (on its next frame): equal offsets from query and hit.
-    wait(d, lambda d: all(abs(a - b) < 2 for a, b in zip(*offsets(d))))
+    def offsets(d):
+        """Offsets from the query's and the hit's centres, in µm."""
+        left, right = centre(d, "window.smily.compare.left"), centre(d, "window.smily.compare.right")
+        return (
+            ((left[0] - anchor_q[0]) * mpp["left"], (left[1] - anchor_q[1]) * mpp["left"]),
+            ((right[0] - anchor_h[0]) * mpp["right"], (right[1] - anchor_h[1]) * mpp["right"]),
+        )
+
+    def scales(d):
+        """Screen pixels per µm of each view."""
+        return [
+            js(d, f"const v = window.smily.compare.{side}.viewport; return v.viewportToImageZoom(v.getZoom(true))")
+            / mpp[side]
+            for side in ("left", "right")
+        ]
+
+    # The right view follows the left one's pan (on its next frame): equal offsets in µm, equal scale.
+    wait(d, lambda d: all(abs(a - b) < 1 for a, b in zip(*offsets(d))))
     moved, _ = offsets(d)
     assert abs(moved[0]) > 5
+    left_scale, right_scale = scales(d)
+    assert abs(left_scale - right_scale) / left_scale < 0.01
     shot(d, "15-compare")
     d.find_element(By.ID, "compare-lock").click()
     right = centre(d, "window.smily.compare.right")

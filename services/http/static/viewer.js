@@ -744,22 +744,28 @@ async function openCompare(hitRect, hitSlide) {
                                        loadTilesWithAjax: true, ajaxHeaders: headers(), showNavigationControl: false });
   if (!compareViewers) compareViewers = { left: make("compare-query"), right: make("compare-hit") };
   const { left, right } = compareViewers;
-  const [qi, hi] = await Promise.all([api("GET", iiif(q.slideId) + "/info.json"), api("GET", iiif(hitSlide) + "/info.json")]);
+  const mppOf = (id) => api("GET", "/v1/slides/" + encodeURIComponent(id)).then((r) => Number(r.mpp) || 1, () => 1);
+  const [qi, hi, qmpp, hmpp] = await Promise.all([api("GET", iiif(q.slideId) + "/info.json"),
+    api("GET", iiif(hitSlide) + "/info.json"), mppOf(q.slideId), mppOf(hitSlide)]);
   const opened = (v, info) => new Promise((resolve) => { v.addOnceHandler("open", resolve); v.open(info); });
   await Promise.all([opened(left, qi), opened(right, hi)]);
   const pad = (r) => new OpenSeadragon.Rect(r.x - r.width, r.y - r.height, r.width * 3, r.height * 3);
   left.viewport.fitBounds(left.viewport.imageToViewportRectangle(pad(q)), true);
   right.viewport.fitBounds(right.viewport.imageToViewportRectangle(pad(hitRect)), true);
-  // Anchors: the centres of the query and the hit; the lock keeps equal offsets from them, at equal image zoom.
+  // Anchors: the centres of the query and the hit; the lock keeps equal offsets from them in µm,
+  // at equal physical scale (screen pixels per µm), whatever each slide's µm/px.
   const anchor = (r) => new OpenSeadragon.Point(r.x + r.width / 2, r.y + r.height / 2);
   const anchors = new Map([[left, anchor(q)], [right, anchor(hitRect)]]);
+  const mpps = new Map([[left, qmpp], [right, hmpp]]);
+  compareViewers.mpp = { left: qmpp, right: hmpp };
   let syncing = false;
   const follow = (from, to) => () => {
     if (syncing || !$("compare-lock").checked) return;
     syncing = true;
     const c = from.viewport.viewportToImageCoordinates(from.viewport.getCenter(true));
-    const offset = c.minus(anchors.get(from));
-    const imageZoom = from.viewport.viewportToImageZoom(from.viewport.getZoom(true));
+    const ratio = mpps.get(from) / mpps.get(to); // level-0 pixels of `to` per pixel of `from`
+    const offset = c.minus(anchors.get(from)).times(ratio);
+    const imageZoom = from.viewport.viewportToImageZoom(from.viewport.getZoom(true)) / ratio;
     to.viewport.zoomTo(to.viewport.imageToViewportZoom(imageZoom), null, true);
     to.viewport.panTo(to.viewport.imageToViewportCoordinates(anchors.get(to).plus(offset)), true);
     syncing = false;
