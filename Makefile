@@ -10,7 +10,7 @@ SAMPLES := data/samples/.done
 # The viewer's browser libraries (npm, pinned by package-lock.json; served from node_modules).
 WEB := services/http/vendor/node_modules/.installed
 
-.PHONY: all venv proto model web sample-data demo test bench up down clean up-cluster system-deps check buf-baseline
+.PHONY: all venv proto model web sample-data demo test unit bench up down clean up-cluster system-deps check buf-baseline
 
 all: proto model web
 
@@ -46,6 +46,12 @@ demo: proto model sample-data
 
 test: system-deps proto model web check
 	$(PY) -m pytest -q
+
+# The fast lane while you work: the tests marked `unit`, which need no model and no server
+# (tests/conftest.py fails one that asks for them); under a minute. Only the files that
+# hold such tests are collected (importing the others costs more than running these).
+unit: proto
+	$(PY) -m pytest -q -m unit $(shell grep -l 'pytest.mark.unit' tests/test_*.py)
 
 # What the tests need from the system (redis-server, ...): installed when root, else named.
 system-deps:

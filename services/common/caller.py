@@ -18,6 +18,11 @@ class Caller:
     issuer: str = ""
     roles: frozenset[str] = frozenset()
 
+    @property
+    def key(self) -> str:
+        """One string per identity (a subject is unique within its issuer), e.g. an operation's starter."""
+        return f"{self.issuer} {self.subject}"
+
 
 ANONYMOUS = Caller("anonymous")
 
