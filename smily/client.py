@@ -188,6 +188,22 @@ class Client:
             timeout=self.timeout,
         )
 
+    def slide_heatmap(
+        self, slide_id: str, search: gateway_pb2.SearchRequest, max_tiles: int | None = None
+    ) -> gateway_pb2.GetSlideHeatmapResponse:
+        """The query of `search` scored over every indexed tile of the slide."""
+        req = gateway_pb2.GetSlideHeatmapRequest(slide_id=slide_id, search=search)
+        if max_tiles is not None:
+            req.max_tiles = max_tiles
+        return self.stub.GetSlideHeatmap(req, timeout=self.timeout)
+
+    def export_search(self, search_id: str, fmt: str = "geojson", slide_id: str = "") -> tuple[str, bytes]:
+        """(content type, bytes) of an earlier search's results (SearchResponse.search_id)."""
+        body = self.stub.ExportSearch(
+            gateway_pb2.ExportSearchRequest(search_id=search_id, format=fmt, slide_id=slide_id), timeout=self.timeout
+        )
+        return body.content_type, body.data
+
     def create_concept(self, name: str, with_examples, without_examples) -> gateway_pb2.Concept:
         return self.stub.CreateConcept(
             gateway_pb2.CreateConceptRequest(

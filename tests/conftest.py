@@ -188,6 +188,8 @@ def services(slide_dir, scratch_root, model_repo, redis_url, tmp_path_factory):
         model_repository=model_repo,
         index_dir=str(tmp_path_factory.mktemp("index")),
         redis_url=redis_url,
+        # Label statistics over the slides' `file` metadata (each test slide is its own "label").
+        label_key="file",
     )
     running, settings = stack.start(stack.ORDER, settings)
     yield running, settings

@@ -228,3 +228,19 @@ def test_progress_is_a_bar_on_a_terminal_and_plain_lines_with_an_eta_elsewhere()
     progress.update(100, 100)
     progress.close()
     assert "slide-x" in terminal.getvalue() and "100/100" in terminal.getvalue()
+
+
+def test_search_then_export_geojson(settings, ingested, tmp_path):
+    out = smily(settings, "search", "--slide", "synth-b", "--region", "1100,800,448,448", "--k", "6")
+    assert out.returncode == 0, out.stderr
+    assert "a retrieval statistic, not a diagnosis" in out.stderr
+    search_id = out.stderr.split("smily export ")[1].split()[0]
+    path = tmp_path / "hits.geojson"
+    got = smily(settings, "export", search_id, "--slide-id", "synth-b", "--output", str(path))
+    assert got.returncode == 0, got.stderr
+    doc = json.loads(path.read_text())
+    assert doc["type"] == "FeatureCollection" and doc["features"]
+    assert {f["properties"]["slide_id"] for f in doc["features"]} == {"synth-b"}
+    assert all(f["properties"]["query_id"] == search_id for f in doc["features"])
+    missing = smily(settings, "export", "0" * 32)
+    assert missing.returncode == 2 and "NOT_FOUND" in missing.stderr

@@ -8,12 +8,16 @@ import logging
 import os
 import shlex
 import subprocess
+import sys
 import time
 
 import grpc
+import highdicom as hd
 import openslide
+import pydicom
 import pytest
 import redis
+from dicomweb_client.api import DICOMwebClient
 
 from smily import stack
 from smily.client import Client
@@ -133,6 +137,28 @@ def test_case_by_accession_end_to_end(pacs, redis_url, model_repo, tmp_path, cap
             f"&x={top.x}&y={top.y}&w={top.width}&h={top.height}"
         )
         assert top.metadata["case_id"] == CASES[0]
+
+        # The hits on the slide as DICOM bulk annotations, built beside the archive and stored in it.
+        ann_file = tmp_path / "hits.dcm"
+        cli = [sys.executable, "-m", "smily.cli", "export", resp.search_id, "--format", "dicom-ann"]
+        cli += ["--slide-id", series_a, "--dicomweb", orthanc.dicomweb, "--stow", "--output", str(ann_file)]
+        cli += ["--gateway", f"127.0.0.1:{settings.gateway.gateway_port}"]
+        done = subprocess.run(cli, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        ann = hd.ann.MicroscopyBulkSimpleAnnotations.from_dataset(pydicom.dcmread(ann_file))
+        assert (ann.StudyInstanceUID, ann.Modality) == (study_a, "ANN")
+        assert ann.ReferencedSeriesSequence[0].SeriesInstanceUID == series_a
+        (group,) = ann.get_annotation_groups()
+        on_slide = [h for h in resp.hits if h.slide_id == series_a]
+        assert group.number_of_annotations == len(on_slide)
+        first = group.get_graphic_data(ann.AnnotationCoordinateType)[0]
+        assert first[0].tolist() == [on_slide[0].x, on_slide[0].y]
+        scores = group.get_measurements(name=hd.sr.CodedConcept("score", "99SMILY", "Cosine similarity to the query"))
+        assert abs(float(scores[1][0][0]) - on_slide[0].score) < 1e-5
+        stored = DICOMwebClient(orthanc.dicomweb).search_for_series(
+            study_instance_uid=study_a, search_filters={"Modality": "ANN"}
+        )
+        assert [pydicom.Dataset.from_json(x).SeriesInstanceUID for x in stored] == [ann.SeriesInstanceUID]
         by_region = client.search(region=dict(slide_id=series_a, **rect), k=3, exclude_query_case=True)
         responses.append(by_region)
         assert by_region.hits and all(h.slide_id == series_b for h in by_region.hits)

@@ -185,17 +185,17 @@ def test_a_smily_session_in_the_browser(browser, http_url, ingested, concept):
         lambda d: js(
             d,
             "return window.smily.state.slide.slideId === 'synth-a' && "
-            "window.smily.state.selection !== null && !document.querySelector('.hit-outline')",
+            "window.smily.state.selection !== null && !document.querySelector('.hit-outline.focus')",
         ),
     )
     assert hits(d) == first_hits
 
-    # "Less like this" on a hit, search again: it is gone.
+    # "Less like this" on a hit re-runs the search: the hit is gone and the page is still full.
     gone = d.find_elements(By.CSS_SELECTOR, "#gallery .hit")[1]
     gone_key = (gone.get_attribute("data-slide-id"), gone.get_attribute("data-x"), gone.get_attribute("data-y"))
-    gone.find_element(By.CSS_SELECTOR, "button.less").click()
-    after = search_and_wait(d, d.find_element(By.ID, "search").click)
+    after = search_and_wait(d, gone.find_element(By.CSS_SELECTOR, "button.less").click)
     assert gone_key not in [(h["slide"], h["x"], h["y"]) for h in after]
+    assert len(after) == len(first_hits)
     assert "1 less like this" in d.find_element(By.ID, "examples").text
     shot(d, "06-negative")
 
@@ -247,3 +247,257 @@ def test_ingest_progress_from_the_page(browser, http_url, ingested):
     wait(d, lambda d: d.find_elements(By.CSS_SELECTOR, '#slide-list button[data-slide-id="page-c"]'))
     shot(d, "09-ingest")
     httpx.delete(f"{http_url}/v1/slides/page-c")
+
+
+def centre(d, which="window.smily.viewer") -> list[float]:
+    return js(
+        d,
+        f"const v = {which}.viewport; const c = v.viewportToImageCoordinates(v.getCenter(true)); return [c.x, c.y]",
+    )
+
+
+def loaded(d, which="window.smily.viewer") -> bool:
+    return js(d, f"const w = {which}.world; return w.getItemCount() === 1 && w.getItemAt(0).getFullyLoaded()")
+
+
+def frames(d, n: int) -> None:
+    """Waits for n animation frames of the page (OpenSeadragon's events fire on frames)."""
+    d.execute_async_script(
+        "const done = arguments[arguments.length - 1]; let n = arguments[0];"
+        "const step = () => (--n > 0 ? requestAnimationFrame(step) : done()); requestAnimationFrame(step);",
+        n,
+    )
+
+
+def test_a_pathologist_reads_navigates_and_compares(browser, http_url, ingested, tmp_path):
+    """Items of issue 28 as a pathologist meets them: the first screen, slide thumbnails, scale
+    and magnification, label statistics, hit cards, outlines, Back/Forward across slides, a
+    reloaded deep link, the heatmap, compare, polygon and freehand queries, an uploaded patch."""
+    from PIL import Image
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    d = browser
+    d.get(http_url + "/")
+    wait(d, lambda d: js(d, "return window.smily && window.smily.ready === true"))
+    # The first screen says what to do; the favicon and the slide thumbnails load.
+    assert d.find_element(By.ID, "first-screen").is_displayed()
+    assert "Open a slide" in d.find_element(By.ID, "first-screen").text
+    assert js(d, "return fetch('/static/favicon.svg').then(r => r.ok)")
+    wait(
+        d,
+        lambda d: js(d, "return [...document.querySelectorAll('#slide-list img.thumb')].some(i => i.naturalWidth > 0)"),
+    )
+    assert d.find_element(By.CSS_SELECTOR, "label.file").size["width"] >= d.find_element(
+        By.CSS_SELECTOR, "label.file"
+    ).get_property("scrollWidth")
+    shot(d, "10-first-screen")
+
+    # Open the 40x slide: a scale bar and its µm/px and magnification.
+    d.find_element(By.CSS_SELECTOR, '#slide-list button[data-slide-id="synth-c-40x"]').click()
+    wait(d, loaded)
+    assert not d.find_element(By.ID, "first-screen").is_displayed()
+    readout = d.find_element(By.ID, "scale-readout").text
+    assert "slide 0.250 µm/px" in readout and "×" in readout
+    assert d.find_element(By.ID, "scale-bar").is_displayed()
+    assert d.find_element(By.ID, "scale-text").text.endswith(("µm", "mm"))
+
+    # A region query: label statistics of the top k, hit cards with their facts and score cue.
+    d.find_element(By.ID, "select-centre").click()
+    first = search_and_wait(d, d.find_element(By.ID, "search").click)
+    assert first
+    stats = d.find_element(By.ID, "label-stats")
+    assert stats.is_displayed() and "not a diagnosis" in stats.text
+    assert d.find_element(By.ID, "label-key").text == "file"
+    assert d.find_element(By.ID, "label-k").text == "60"
+    rows = d.find_elements(By.CSS_SELECTOR, "#label-rows tr")
+    assert rows and d.find_element(By.ID, "label-majority").text == rows[0].find_element(By.TAG_NAME, "td").text
+    card = d.find_element(By.CSS_SELECTOR, "#gallery .hit")
+    assert "µm/px" in card.find_element(By.CSS_SELECTOR, ".facts").text
+    assert card.find_element(By.TAG_NAME, "meter")
+    for h in d.find_elements(By.CSS_SELECTOR, "#gallery .hit"):
+        assert ("weak" in h.get_attribute("class")) == (float(h.get_attribute("data-score")) < 0.5)
+    # This slide's hits are outlined on it.
+    on_slide = [h for h in first if h["slide"] == "synth-c-40x"]
+    assert len(d.find_elements(By.CSS_SELECTOR, "#viewer .hit-outline")) == len(on_slide)
+    shot(d, "11-labels-and-cards")
+
+    # Open a hit on another slide, then "Back to results": the slide, place, query and results as left.
+    before = centre(d)
+    label = d.find_element(By.ID, "query-label").text
+    other = next(
+        e
+        for e in d.find_elements(By.CSS_SELECTOR, "#gallery .hit")
+        if e.get_attribute("data-slide-id") != "synth-c-40x"
+    )
+    hit_slide, hit_x = other.get_attribute("data-slide-id"), other.get_attribute("data-x")
+    other.find_element(By.CSS_SELECTOR, "button.open").click()
+    wait(d, lambda d: js(d, "return window.smily.state.slide.slideId") == hit_slide and loaded(d))
+    wait(d, lambda d: d.find_elements(By.CSS_SELECTOR, f'.hit-outline.focus[data-x="{hit_x}"]'))
+    assert f"slide={hit_slide}" in d.current_url
+    assert d.find_element(By.ID, "back-to-results").is_displayed()
+    shot(d, "12-hit-on-another-slide")
+    d.find_element(By.ID, "back-to-results").click()
+    wait(d, lambda d: js(d, "return window.smily.state.slide.slideId") == "synth-c-40x" and loaded(d))
+    wait(d, lambda d: all(abs(a - b) < 2 for a, b in zip(centre(d), before)))
+    assert d.find_element(By.ID, "query-label").text == label
+    assert hits(d) == first and "slide=synth-c-40x" in d.current_url
+    assert not d.find_element(By.ID, "back-to-results").is_displayed()
+    assert js(d, "return window.smily.state.selection.slideId") == "synth-c-40x"
+    # Forward: the hit again.
+    d.forward()
+    wait(d, lambda d: js(d, "return window.smily.state.slide.slideId") == hit_slide)
+    wait(d, lambda d: d.find_elements(By.CSS_SELECTOR, f'.hit-outline.focus[data-x="{hit_x}"]'))
+    d.back()
+    wait(d, lambda d: js(d, "return window.smily.state.slide.slideId") == "synth-c-40x" and loaded(d))
+
+    # The link survives a reload: same slide, same place, the query searched again.
+    link = d.current_url
+    assert "q=" in link and "zoom=" in link
+    d.get("about:blank")
+    d.get(link)
+    wait(d, lambda d: js(d, "return window.smily && window.smily.ready === true"))
+    wait(d, loaded)
+    assert all(abs(a - b) < 2 for a, b in zip(centre(d), before))
+    assert hits(d) == first and d.find_element(By.ID, "query-label").text == label
+    shot(d, "13-deep-link")
+
+    # Heatmap of the query over this slide, with its legend.
+    d.find_element(By.ID, "heatmap").click()
+    wait(d, lambda d: js(d, "return window.smily.heatmapTimings.length") > 0)
+    cells = d.find_elements(By.CSS_SELECTOR, "#viewer .heatmap rect")
+    assert cells and d.find_element(By.ID, "heatmap-legend").is_displayed()
+    assert float(d.find_element(By.ID, "legend-high").text) >= float(d.find_element(By.ID, "legend-low").text)
+    shot(d, "14-heatmap")
+    d.find_element(By.ID, "heatmap").click()
+    assert not d.find_elements(By.CSS_SELECTOR, "#viewer .heatmap rect")
+
+    # Compare the query with a hit: locked pan and zoom, then unlocked.
+    d.find_element(By.CSS_SELECTOR, "#gallery .hit button.compare").click()
+    wait(
+        d,
+        lambda d: (
+            js(d, "return !!window.smily.compare")
+            and loaded(d, "window.smily.compare.left")
+            and loaded(d, "window.smily.compare.right")
+        ),
+    )
+    sel = js(d, "return window.smily.state.query.region")
+    hit0 = d.find_element(By.CSS_SELECTOR, "#gallery .hit")
+    anchor_q = (sel["x"] + sel["width"] / 2, sel["y"] + sel["height"] / 2)
+    anchor_h = (
+        int(hit0.get_attribute("data-x")) + int(hit0.get_attribute("data-width")) / 2,
+        int(hit0.get_attribute("data-y")) + int(hit0.get_attribute("data-height")) / 2,
+    )
+    js(d, "window.smily.compare.left.viewport.panBy(new OpenSeadragon.Point(0.02, 0.01), true)")
+
+    mpp = js(d, "return window.smily.compare.mpp")
+    assert mpp["left"] == 0.25 and mpp["right"] > 0  # the 40x query slide and its hit's slide
+
+    def offsets(d):
+        """Offsets from the query's and the hit's centres, in µm."""
+        left, right = centre(d, "window.smily.compare.left"), centre(d, "window.smily.compare.right")
+        return (
+            ((left[0] - anchor_q[0]) * mpp["left"], (left[1] - anchor_q[1]) * mpp["left"]),
+            ((right[0] - anchor_h[0]) * mpp["right"], (right[1] - anchor_h[1]) * mpp["right"]),
+        )
+
+    def scales(d):
+        """Screen pixels per µm of each view."""
+        return [
+            js(d, f"const v = window.smily.compare.{side}.viewport; return v.viewportToImageZoom(v.getZoom(true))")
+            / mpp[side]
+            for side in ("left", "right")
+        ]
+
+    # The right view follows the left one's pan (on its next frame): equal offsets in µm, equal scale.
+    wait(d, lambda d: all(abs(a - b) < 1 for a, b in zip(*offsets(d))))
+    moved, _ = offsets(d)
+    assert abs(moved[0]) > 5
+    left_scale, right_scale = scales(d)
+    assert abs(left_scale - right_scale) / left_scale < 0.01
+    shot(d, "15-compare")
+    d.find_element(By.ID, "compare-lock").click()
+    right = centre(d, "window.smily.compare.right")
+    js(d, "window.smily.compare.left.viewport.panBy(new OpenSeadragon.Point(0.05, 0), true)")
+    frames(d, 5)
+    assert centre(d, "window.smily.compare.right") == right
+    d.find_element(By.ID, "compare-close").click()
+
+    # A polygon, by clicks (Enter closes it), searches with the tiles inside it.
+    d.find_element(By.ID, "draw-polygon").click()
+    canvas = d.find_element(By.CSS_SELECTOR, "#viewer .openseadragon-canvas")
+    for dx, dy in ((-120, -100), (120, -90), (140, 110), (-100, 120)):
+        ActionChains(d).move_to_element_with_offset(canvas, dx, dy).click().pause(0.3).perform()
+    d.find_element(By.TAG_NAME, "body").send_keys(Keys.ENTER)
+    polygon = wait(d, lambda d: js(d, "return window.smily.state.query.region.polygon"))
+    assert len(polygon) == 4 and d.find_element(By.ID, "query-label").text.startswith("polygon")
+    assert d.find_elements(By.CSS_SELECTOR, "#viewer .query-region")
+    by_polygon = search_and_wait(d, d.find_element(By.ID, "search").click)
+    assert by_polygon
+    shot(d, "16-polygon")
+
+    # Freehand: a drag around a region.
+    d.find_element(By.ID, "draw-freehand").click()
+    chain = ActionChains(d).move_to_element_with_offset(canvas, -80, -80).click_and_hold()
+    for dx, dy in ((60, 0), (60, 0), (0, 60), (0, 60), (-60, 0), (-60, 0)):
+        chain = chain.move_by_offset(dx, dy)
+    chain.release().perform()
+    free = wait(d, lambda d: js(d, "const r = window.smily.state.query.region; return r.polygon && r.polygon.length"))
+    assert free >= 4
+
+    # Keyboard: a tool toggles with Space and Escape leaves it.
+    tool = d.find_element(By.ID, "draw")
+    tool.send_keys(Keys.SPACE)
+    assert tool.get_attribute("aria-pressed") == "true"
+    tool.send_keys(Keys.ESCAPE)
+    assert tool.get_attribute("aria-pressed") == "false"
+
+    # An uploaded patch is previewed and replaces the region query (its box leaves the slide).
+    patch = tmp_path / "patch.png"
+    Image.new("RGB", (224, 224), (200, 120, 160)).save(patch)
+    d.find_element(By.ID, "upload").send_keys(str(patch))
+    wait(
+        d,
+        lambda d: js(d, "const i = document.getElementById('upload-preview'); return !i.hidden && i.naturalWidth > 0"),
+    )
+    assert d.find_element(By.ID, "upload-name").text == "patch.png"
+    assert not d.find_elements(By.CSS_SELECTOR, "#viewer .query-region")
+    assert js(d, "return window.smily.state.selection") is None
+    search_and_wait(d, d.find_element(By.ID, "search").click)
+    shot(d, "17-upload")
+
+    timings = js(d, "return window.smily.timings")
+    heat = js(d, "return window.smily.heatmapTimings")
+    print(f"search-to-paint ms: {[round(t, 1) for t in timings]} (median {statistics.median(timings):.1f})")
+    print(f"heatmap ms: {[round(t, 1) for t in heat]}")
+
+
+AXE = os.path.join(ROOT, "services", "http", "vendor", "node_modules", "axe-core", "axe.min.js")
+
+
+def axe(d) -> list[dict]:
+    """Serious and critical WCAG 2 A/AA violations axe-core (npm, pinned; read from node_modules) finds."""
+    if not os.path.exists(AXE):
+        pytest.fail(f"{AXE} is missing: run `make web`")
+    with open(AXE) as fh:
+        js(d, fh.read())
+    found = d.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "axe.run(document, {runOnly: {type: 'tag', values: ['wcag2a', 'wcag2aa']}})"
+        ".then(r => done(r.violations.map(v => ({id: v.id, impact: v.impact, nodes: v.nodes.map(n => n.target)}))))"
+    )
+    return [v for v in found if v["impact"] in ("serious", "critical")]
+
+
+def test_axe_finds_no_serious_violations(browser, http_url, ingested):
+    from selenium.webdriver.common.by import By
+
+    d = browser
+    d.get(http_url + "/#slide=synth-a&x=1500&y=1100&zoom=2&qslide=synth-a&q=1024,768,512,512")
+    wait(d, lambda d: js(d, "return window.smily && window.smily.ready === true"))
+    wait(d, lambda d: d.find_elements(By.CSS_SELECTOR, "#gallery .hit"))
+    assert axe(d) == []  # the page with a slide, a query and its results
+    d.find_element(By.CSS_SELECTOR, "#gallery .hit button.compare").click()
+    assert axe(d) == []  # the compare dialog

@@ -205,6 +205,9 @@ class GatewaySettings:
     max_concurrent_ingests: int = 2
     # Slide metadata key naming a slide's case (patient/accession), for exclude_query_case.
     case_key: str = "case_id"
+    # Slide metadata key whose values Search counts among its top-k hits (LabelStats, e.g.
+    # "diagnosis"): a retrieval statistic shown with the results; empty: none.
+    label_key: str = ""
     # Deadline for a downstream call when the caller gave none.
     backend_timeout_s: float = 30.0
     # A link per hit for a viewer, e.g.

@@ -49,18 +49,25 @@ class LocalCache:
         self._lock = threading.Lock()
 
     def get(self, key: str) -> np.ndarray | None:
+        data = self.get_raw(key)
+        return None if data is None else _unpack(data)
+
+    def put(self, key: str, vector: np.ndarray) -> None:
+        self.put_raw(key, _pack(vector))
+
+    def get_raw(self, key: str) -> bytes | None:
         with self._lock:
             item = self._data.get(key)
             if item and item[0] > time.monotonic():
                 self._data.move_to_end(key)
                 LOOKUPS.labels("hit").inc()
-                return _unpack(item[1])
+                return item[1]
         LOOKUPS.labels("miss").inc()
         return None
 
-    def put(self, key: str, vector: np.ndarray) -> None:
+    def put_raw(self, key: str, value: bytes) -> None:
         with self._lock:
-            self._data[key] = (time.monotonic() + self._ttl, _pack(vector))
+            self._data[key] = (time.monotonic() + self._ttl, value)
             self._data.move_to_end(key)
             while len(self._data) > self._capacity:
                 self._data.popitem(last=False)
@@ -148,13 +155,20 @@ class RedisCache:
         self._secret = secret
 
     def get(self, key: str) -> np.ndarray | None:
-        data = verified(self._secret, key, self._redis.call(lambda r: r.get(key)))
-        LOOKUPS.labels("hit" if data else "miss").inc()
-        return _unpack(data) if data else None
+        data = self.get_raw(key)
+        return None if data is None else _unpack(data)
 
     def put(self, key: str, vector: np.ndarray) -> None:
-        value = signed(self._secret, key, _pack(vector))
-        self._redis.call(lambda r: r.set(key, value, ex=self._ttl))
+        self.put_raw(key, _pack(vector))
+
+    def get_raw(self, key: str) -> bytes | None:
+        data = verified(self._secret, key, self._redis.call(lambda r: r.get(key)))
+        LOOKUPS.labels("hit" if data else "miss").inc()
+        return data if data else None
+
+    def put_raw(self, key: str, value: bytes) -> None:
+        signed_value = signed(self._secret, key, value)
+        self._redis.call(lambda r: r.set(key, signed_value, ex=self._ttl))
 
 
 def make_cache(redis: RedisGuard | None, ttl_s: int, secret: bytes = b""):

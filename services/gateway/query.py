@@ -11,7 +11,7 @@ import grpc
 import numpy as np
 from PIL import Image
 
-from smily.common import images
+from smily.common import images, limits
 from smily.common.config import GatewaySettings, LimitsSettings
 from smily.common.errors import Aborted, Busy, FailedPrecondition, InvalidArgument
 from smily.common.tensors import from_tensor
@@ -23,7 +23,7 @@ from smily.index.v1 import index_pb2
 from smily.tiler.v1 import tiler_pb2
 from smily.types.v1 import types_pb2
 
-from . import dihedral, vectors
+from . import dihedral, geometry, vectors
 from .backends import BackendError, Backends
 from .streaming import check_tiling, embed_slide
 from .tilings import IndexTiling, params
@@ -145,6 +145,37 @@ class QueryEngine:
 
         return (*self._embed(read_region, key, context), mpp)
 
+    def _polygon_query(self, region: gateway_pb2.Region, context):
+        """A polygon ROI: the mean embedding of the tile-sized cells of its bounding box whose
+        centres lie inside it (evenly thinned to MAX_POLYGON_CELLS), each cell a cached region query."""
+        timeout = self._b.timeout(context)
+        slide = self._b.index.GetSlide(index_pb2.GetSlideRequest(slide_id=region.slide_id), timeout=timeout).slide
+        tiling = self.tilings.current(timeout)[0]
+        mpp = tiling.nearest_mpp(DEFAULT_MPPS[0])
+        base = (
+            slide.slide_mpp
+            or self._b.tiler.GetSlideInfo(tiler_pb2.GetSlideInfoRequest(slide=slide.source), timeout=timeout).info.mpp_x
+        )
+        side = max(1, round(tiling.tile_size * mpp / base)) if base > 0 else tiling.tile_size
+        ring = [(p.x, p.y) for p in region.polygon]
+        cells = [
+            gateway_pb2.Region(slide_id=region.slide_id, x=x, y=y, width=side, height=side)
+            for y in range(region.y, region.y + max(1, region.height - side + 1), side)
+            for x in range(region.x, region.x + max(1, region.width - side + 1), side)
+            if geometry.inside(x + side / 2, y + side / 2, ring)
+        ]
+        if len(cells) > limits.MAX_POLYGON_CELLS:
+            step = len(cells) / limits.MAX_POLYGON_CELLS
+            cells = [cells[int(i * step)] for i in range(limits.MAX_POLYGON_CELLS)]
+        if not cells:  # smaller than a tile: its bounding box as one region
+            bbox = gateway_pb2.Region(
+                slide_id=region.slide_id, x=region.x, y=region.y, width=region.width, height=region.height
+            )
+            return self._region_query(bbox, context)
+        got = [self._region_query(c, context) for c in cells]
+        vecs = np.stack([g[0] for g in got]).mean(axis=0)
+        return vecs, got[0][1], all(g[2] for g in got), got[0][3]
+
     def _image_query(self, data: bytes, image_mpp: float, context):
         stated = image_mpp or DEFAULT_MPPS[0]
         mpp = self.tiling(context).nearest_mpp(stated)
@@ -180,7 +211,8 @@ class QueryEngine:
             if which == "image":
                 v, _, hit, mpp = self._image_query(ex.image, image_mpp, context)
             else:
-                v, _, hit, mpp = self._region_query(ex.region, context)
+                query = self._polygon_query if ex.region.polygon else self._region_query
+                v, _, hit, mpp = query(ex.region, context)
                 slides.append(ex.region.slide_id)
             vecs.append(v)
             mpps.append(mpp)

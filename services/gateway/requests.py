@@ -26,6 +26,15 @@ def region(r: gateway_pb2.Region, what: str = "region") -> None:
     limits.slide_id(r.slide_id, f"{what}.slide_id")
     require(r.width > 0 and r.height > 0, f"{what} width and height must be positive")
     require(r.x >= 0 and r.y >= 0, f"{what} x and y must not be negative")
+    if r.polygon:
+        require(
+            3 <= len(r.polygon) <= limits.MAX_POLYGON_VERTICES,
+            f"{what}.polygon needs 3..{limits.MAX_POLYGON_VERTICES} vertices",
+        )
+        require(
+            all(r.x <= p.x <= r.x + r.width and r.y <= p.y <= r.y + r.height for p in r.polygon),
+            f"{what}.polygon must lie inside its bounding box (x, y, width, height)",
+        )
 
 
 def _image(data: bytes, what: str) -> None:
@@ -184,3 +193,28 @@ def list_slides(request: gateway_pb2.ListSlidesRequest) -> None:
 def slide(request) -> None:
     """GetSlide, DeleteSlide."""
     limits.slide_id(request.slide_id)
+
+
+def slide_heatmap(request: gateway_pb2.GetSlideHeatmapRequest) -> int:
+    """max_tiles with its default; the query is checked as a Search's."""
+    limits.slide_id(request.slide_id)
+    search(request.search)
+    n = request.max_tiles if request.HasField("max_tiles") else limits.MAX_HEATMAP_TILES
+    require(0 < n <= limits.MAX_HEATMAP_TILES, f"max_tiles must be in 1..{limits.MAX_HEATMAP_TILES}")
+    return n
+
+
+EXPORT_FORMATS = ("geojson",)
+
+
+def export_search(request: gateway_pb2.ExportSearchRequest) -> str:
+    """The format, "geojson" by default."""
+    require(
+        len(request.search_id) == 32 and all(c in "0123456789abcdef" for c in request.search_id),
+        "search_id is not one this service issued",
+    )
+    fmt = request.format or "geojson"
+    require(fmt in EXPORT_FORMATS, f"format must be one of {', '.join(EXPORT_FORMATS)}")
+    if request.slide_id:
+        limits.slide_id(request.slide_id)
+    return fmt

@@ -8,6 +8,7 @@ from smily.common import caller as callers
 from smily.common import images
 from smily.common.config import Settings
 from smily.common.errors import PermissionDenied
+from smily.common.limits import MAX_K
 from smily.common.server import Registration, Servicer
 from smily.common.tensors import to_tensor
 from smily.common.tiling import Tiling
@@ -16,7 +17,7 @@ from smily.index.v1 import index_pb2
 from smily.tiler.v1 import tiler_pb2
 from smily.types.v1 import types_pb2
 
-from . import auth, dicom, dihedral, paging, requests, vectors
+from . import auth, dicom, dihedral, export, labels, paging, requests, vectors
 from .backends import Backends
 from .cache import RedisGuard, hmac_key, make_cache
 from .cases import CaseIngestor
@@ -25,6 +26,7 @@ from .ingest import Ingestor
 from .operations import LocalOperations, SharedOperations
 from .query import QueryEngine
 from .readiness import Readiness
+from .searches import SearchRecords
 from .tilings import IndexTiling
 
 _ENCODINGS = {
@@ -94,12 +96,15 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer, Servicer):
             if settings.gateway.redis_url
             else None
         )
-        # Authenticates what this gateway reads back from Redis (cached embeddings, operations).
+        # Authenticates what this gateway reads back from Redis (cached embeddings, operations, searches).
         secret = hmac_key(settings.gateway.cache_key) if redis else b""
+        cache = make_cache(redis, settings.gateway.cache_ttl_s, secret)
+        self._searches = SearchRecords(cache)
+        self._label_key = settings.gateway.label_key
         self._q = QueryEngine(
             self._b,
             self._tilings,
-            make_cache(redis, settings.gateway.cache_ttl_s, secret),
+            cache,
             settings.gateway,
             settings.limits,
         )
@@ -159,10 +164,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer, Servicer):
         op = self._cases.cancel(request.operation_id) or self._ingest.cancel(request.operation_id)
         return gateway_pb2.CancelOperationResponse(operation=op)
 
-    def Search(self, request, context):
-        args = requests.search(request)
-        k, offset = args.k, args.offset
-        queries, model_id, cached, slides, mpp = self._q.query_vector(request, args.negative_weight, context)
+    def _ranked(self, request, negative_weight: float, k: int, context, slide_ids=None, diverse: bool = True):
+        """The top k index hits for a SearchRequest's query: (hits, model id, cached, missing shards).
+        The tiles of negative region examples never come back, so a page is never short of them."""
+        queries, model_id, cached, slides, mpp = self._q.query_vector(request, negative_weight, context)
         exclude = sorted(set(request.exclude_slide_ids) | (set(slides) if request.exclude_query_slide else set()))
         exclude_filters = self._q.query_case(request, context) if request.exclude_query_case else {}
         tiling = self._q.tiling(context)
@@ -170,7 +175,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer, Servicer):
             model_id=model_id,
             exclude_slide_ids=exclude,
             exclude_filters=exclude_filters,
-            slide_ids=request.slide_ids,
+            slide_ids=request.slide_ids if slide_ids is None else slide_ids,
             filters=request.filters,
             nprobe=request.nprobe,
             mpp=mpp,
@@ -178,16 +183,25 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer, Servicer):
         )
         tiling.to_pb(base.tiling)
         tensors = [to_tensor(q) for q in queries]
+        negative_tiles = {
+            (r.slide_id, r.x, r.y, r.width, r.height)
+            for r in (ex.region for ex in request.negatives if ex.WhichOneof("example") == "region")
+        }
         missing: set[int] = set()
 
         def one(query, n: int):
             req = index_pb2.SearchRequest()
             req.CopyFrom(base)
             req.query.CopyFrom(query)
-            req.k = n
+            req.k = min(MAX_K, n + len(negative_tiles))
             reply = self._b.index.Search(req, timeout=self._b.timeout(context))
             missing.update(reply.missing_shards)
-            return list(reply.hits)
+            hits = [
+                h
+                for h in reply.hits
+                if (h.slide_id, h.tile.x, h.tile.y, h.tile.width, h.tile.height) not in negative_tiles
+            ]
+            return hits[:n] if len(reply.hits) == req.k else hits
 
         def search(n: int):
             if len(tensors) == 1:
@@ -195,19 +209,60 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer, Servicer):
             # One search per transform of the query, in parallel; each tile keeps its best score.
             return dihedral.merge_hits(list(self._fanout.map(lambda q: one(q, n), tensors)), n)
 
+        if not diverse:
+            return search(k), model_id, cached, missing
         # Overlapping tiles (stride < 1) of one spot would crowd the top k: keep the best of each spot.
         iou = self._dedup_iou if tiling.stride < 1 else 0.0
-        hits = paging.top_hits(search, k, request.max_hits_per_slide, iou)
+        return paging.top_hits(search, k, request.max_hits_per_slide, iou), model_id, cached, missing
+
+    def Search(self, request, context):
+        args = requests.search(request)
+        offset = args.offset
+        hits, model_id, cached, missing = self._ranked(request, args.negative_weight, args.k, context)
         end = len(hits) if request.page_size == 0 else min(len(hits), offset + request.page_size)
         token = paging.make_token(end, args.fingerprint) if end < len(hits) else ""
-        return gateway_pb2.SearchResponse(
+        resp = gateway_pb2.SearchResponse(
             model_id=model_id,
             cached=cached,
             next_page_token=token,
             hits=[_hit(h, self._links) for h in hits[offset:end]],
             partial=bool(missing),
             missing_shards=sorted(missing),
+            search_id=self._searches.remember(request),
         )
+        if self._label_key:
+            resp.label_stats.CopyFrom(labels.stats(hits, self._label_key))
+        return resp
+
+    def GetSlideHeatmap(self, request, context):
+        max_tiles = requests.slide_heatmap(request)
+        q = request.search
+        weight = q.negative_weight if q.HasField("negative_weight") else requests.DEFAULT_NEGATIVE_WEIGHT
+        # The slide first: an unknown one is NOT_FOUND, not an empty heatmap.
+        slide = self._b.index.GetSlide(
+            index_pb2.GetSlideRequest(slide_id=request.slide_id), timeout=self._b.timeout(context)
+        ).slide
+        hits, model_id, _, _ = self._ranked(q, weight, max_tiles, context, [request.slide_id], diverse=False)
+        truncated = len(hits) >= max_tiles and slide.tile_count > len(hits)
+        scores = [h.score for h in hits]
+        return gateway_pb2.GetSlideHeatmapResponse(
+            tiles=[
+                gateway_pb2.HeatmapTile(x=h.tile.x, y=h.tile.y, width=h.tile.width, height=h.tile.height, score=h.score)
+                for h in hits
+            ],
+            min_score=min(scores, default=0.0),
+            max_score=max(scores, default=0.0),
+            truncated=truncated,
+            model_id=model_id,
+        )
+
+    def ExportSearch(self, request, context):
+        requests.export_search(request)
+        search = self._searches.recall(request.search_id)
+        args = requests.search(search)
+        hits, _, _, _ = self._ranked(search, args.negative_weight, args.k, context)
+        ranked = [(rank, h) for rank, h in enumerate(hits, 1) if not request.slide_id or h.slide_id == request.slide_id]
+        return export.geojson(ranked, request.search_id)
 
     def SearchSlides(self, request, context):
         args = requests.search_slides(request)

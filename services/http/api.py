@@ -17,9 +17,10 @@ import logging
 import re
 
 import grpc
+from google.api import httpbody_pb2
 from google.protobuf import descriptor, json_format
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 
 from smily.common import viewsession
 
@@ -204,7 +205,7 @@ def to_json(message) -> dict:
 
 
 def handler(method: Method, gateway: Gateway):
-    async def handle(request: Request) -> JSONResponse:
+    async def handle(request: Request) -> Response:
         try:
             rpc_request = await parse(method, request)
         except BadRequest as exc:
@@ -213,6 +214,8 @@ def handler(method: Method, gateway: Gateway):
             response = await gateway.call(method.name, rpc_request, metadata(request))
         except grpc.RpcError as exc:
             return rpc_error(exc)
+        if isinstance(response, httpbody_pb2.HttpBody):  # a file (an export), sent as it is
+            return Response(response.data, media_type=response.content_type)
         return JSONResponse(to_json(response))
 
     handle.__name__ = method.name

@@ -111,9 +111,17 @@ _RULES: dict[str, tuple[dict, dict]] = {
     _G + "GetOperationRequest": ({"operationId": _TOKEN}, {}),
     _G + "CancelOperationRequest": ({"operationId": _TOKEN}, {}),
     _G + "Region": (
-        {"slideId": _SLIDE_ID, "x": _POSITION, "y": _POSITION, "width": _SIZE, "height": _SIZE},
+        {
+            "slideId": _SLIDE_ID,
+            "x": _POSITION,
+            "y": _POSITION,
+            "width": _SIZE,
+            "height": _SIZE,
+            "polygon": {"maxItems": limits.MAX_POLYGON_VERTICES},
+        },
         {"required": ["slideId", "width", "height"]},
     ),
+    _G + "Point": ({"x": _POSITION, "y": _POSITION}, {}),
     _G + "Example": ({"image": _IMAGE}, {"anyOf": [{"required": ["image"]}, {"required": ["region"]}]}),
     _G + "WeightedConcept": (
         {
@@ -180,6 +188,18 @@ _RULES: dict[str, tuple[dict, dict]] = {
     _G + "ListSlidesRequest": ({"pageSize": {"minimum": 0}, "pageToken": _PAGE_TOKEN}, {}),
     _G + "DeleteSlideRequest": ({"slideId": _SLIDE_ID}, {"required": ["slideId"]}),
     _G + "GetSlideRequest": ({"slideId": _SLIDE_ID}, {"required": ["slideId"]}),
+    _G + "GetSlideHeatmapRequest": (
+        {"slideId": _SLIDE_ID, "maxTiles": {"type": "integer", "minimum": 1, "maximum": limits.MAX_HEATMAP_TILES}},
+        {"required": ["slideId", "search"]},
+    ),
+    _G + "ExportSearchRequest": (
+        {
+            "searchId": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
+            "format": {"type": "string", "enum": ["", "geojson"]},
+            "slideId": {"anyOf": [{"const": ""}, _SLIDE_ID]},
+        },
+        {"required": ["searchId"]},
+    ),
 }
 
 
@@ -259,19 +279,26 @@ def _parameters(method) -> list[dict]:
     return params
 
 
+def _content(output) -> dict:
+    if output.full_name == "google.api.HttpBody":  # a file (an export), sent as it is
+        return {"application/geo+json": {"schema": {"type": "object"}}}
+    return {"application/json": {"schema": _ref(output)}}
+
+
 def document() -> dict:
     schemas: dict = {"Error": ERROR}
     paths: dict = {}
     for m in methods():
         _collect(m.input, schemas)
-        _collect(m.output, schemas)
+        if m.output.full_name != "google.api.HttpBody":
+            _collect(m.output, schemas)
         op: dict = {
             "operationId": m.name,
             "summary": f"{SERVICE.full_name}.{m.name}",
             "tags": [SERVICE.name],
             "parameters": _parameters(m),
             "responses": {
-                "200": {"description": "OK", "content": {"application/json": {"schema": _ref(m.output)}}},
+                "200": {"description": "OK", "content": _content(m.output)},
                 "default": {
                     "description": "error: the gRPC status as {code, message}",
                     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},

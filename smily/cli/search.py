@@ -1,10 +1,10 @@
-"""`smily search`, `search-slides` and `read-region`: queries and the images of their hits."""
+"""`smily search`, `search-slides`, `read-region` and `export`: queries, the images of their hits, their results as files."""
 
 from __future__ import annotations
 
 import sys
 
-from .common import EXAMPLE, api, client, example, key_values, parse_region
+from .common import EXAMPLE, api, client, example, key_values, parse_region, with_gateway
 
 
 def _concept_weights(items) -> dict[str, float]:
@@ -60,6 +60,45 @@ def search(args) -> int:
     print_hits(resp)
     if resp.next_page_token:
         print(f"next page: --page-token {resp.next_page_token}", file=sys.stderr)
+    if resp.label_stats.key:
+        st = resp.label_stats
+        shares = ", ".join(f"{lc.label or '(none)'} {lc.count} ({lc.score_share:.0%})" for lc in st.labels)
+        print(f"{st.key} of the top {st.k} hits (a retrieval statistic, not a diagnosis): {shares}", file=sys.stderr)
+    print(f"export: smily export {resp.search_id}", file=sys.stderr)
+    return 0
+
+
+def export(args) -> int:
+    """Writes an earlier search's results (its search id) as GeoJSON, or as a DICOM bulk
+    annotations object of one slide built beside its archive (--dicomweb), to --output or stdout;
+    --stow stores the DICOM object back in the archive."""
+    c = client(args)
+    data = c.export_search(args.search_id, "geojson", args.slide_id)[1]
+    if args.format == "dicom-ann":
+        if not (args.slide_id and args.dicomweb):
+            raise SystemExit("--format dicom-ann needs --slide-id and --dicomweb URL (the slide's archive)")
+        import io
+
+        from dicomweb_client.api import DICOMwebClient
+
+        from smily.annotations import bulk_annotations, source_image
+
+        slide = next((s for s in c.slides() if s.slide_id == args.slide_id), None)
+        if slide is None or not slide.series_instance_uid:
+            raise SystemExit(f"slide {args.slide_id!r} did not come from a DICOMweb archive")
+        archive = DICOMwebClient(args.dicomweb)
+        ann = bulk_annotations(data, source_image(archive, slide.study_instance_uid, slide.series_instance_uid))
+        if args.stow:
+            archive.store_instances([ann])
+            print(f"stored {ann.SOPInstanceUID} in series {ann.SeriesInstanceUID}", file=sys.stderr)
+        buf = io.BytesIO()
+        ann.save_as(buf, enforce_file_format=True)
+        data = buf.getvalue()
+    if args.output:
+        with open(args.output, "wb") as fh:
+            fh.write(data)
+    elif not args.stow:
+        sys.stdout.buffer.write(data)
     return 0
 
 
@@ -148,6 +187,22 @@ def register(sub) -> None:
     s.add_argument("--page-size", type=int, default=0, help="hits per page (default: all k hits on one page)")
     s.add_argument("--page-token", default="", help="the next page, as the previous page printed it")
     s.set_defaults(func=search)
+
+    s = with_gateway(
+        sub.add_parser("export", help="an earlier search's results as GeoJSON (QuPath) or DICOM annotations (PACS)")
+    )
+    s.add_argument("search_id", help="as `smily search` printed it")
+    s.add_argument(
+        "--format",
+        default="geojson",
+        choices=["geojson", "dicom-ann"],
+        help="geojson, or dicom-ann: a Microscopy Bulk Simple Annotations object of --slide-id",
+    )
+    s.add_argument("--slide-id", default="", help="only this slide's hits (one FeatureCollection per slide)")
+    s.add_argument("--dicomweb", help="dicom-ann: the DICOMweb URL of the slide's archive")
+    s.add_argument("--stow", action="store_true", help="dicom-ann: store the object in that archive (STOW-RS)")
+    s.add_argument("--output", help="file to write (default: stdout, unless --stow)")
+    s.set_defaults(func=export)
 
     s = api(sub.add_parser("search-slides", help="find similar whole slides (Yottixel)"))
     s.add_argument("--slide-id", help="an indexed slide")

@@ -18,8 +18,16 @@ const state = {
   concepts: {}, // name -> weight
   pageTokens: [""],
   page: 0,
-  selection: null, // level-0 rect on the open slide
+  selection: null, // the query region on the open slide: {x, y, width, height[, polygon]}
+  items: [], // the gallery as rendered: [{hit, slideScore}]
+  labelStats: null,
+  searchId: "",
+  atHit: false, // viewing a hit opened from the gallery ("Back to results" returns)
+  slideMpp: 0, // µm per level-0 pixel of the open slide (0: unknown)
+  mode: "search", // what the gallery shows: "search" (paged hits) or "slides" (similar slides)
 };
+// A hit scoring below this (cosine similarity) is marked "weak" (explained on the page).
+const WEAK_SCORE = 0.5;
 window.smily = { state, timings: [] };
 
 // -- API --------------------------------------------------------------------
@@ -114,6 +122,14 @@ function matches(slide, { pairs, words }) {
   return words.every((w) => text.includes(w));
 }
 
+const slideThumbs = new IntersectionObserver((entries) => {
+  for (const e of entries) {
+    if (!e.isIntersecting) continue;
+    slideThumbs.unobserve(e.target);
+    loadThumb(e.target);
+  }
+}, { rootMargin: "200px" });
+
 function renderSlides() {
   const f = filterTerms();
   const list = $("slide-list");
@@ -123,12 +139,17 @@ function renderSlides() {
     const b = document.createElement("button");
     b.type = "button";
     b.dataset.slideId = s.slideId;
-    b.textContent = s.slideId;
+    const thumb = document.createElement("img");
+    thumb.alt = "";
+    thumb.className = "thumb";
+    thumb.dataset.src = `${iiif(s.slideId)}/full/!64,64/0/default.jpg`;
+    slideThumbs.observe(thumb);
+    b.append(thumb, s.slideId);
     const meta = document.createElement("small");
     meta.textContent = Object.entries(s.metadata || {}).map(([k, v]) => `${k}=${v}`).join(", ");
     b.append(meta);
     if (state.slide && state.slide.slideId === s.slideId) b.setAttribute("aria-current", "true");
-    b.onclick = () => openSlide(s.slideId, null, true);
+    b.onclick = () => navigate({ slideId: s.slideId });
     li.append(b);
     list.append(li);
   }
@@ -141,14 +162,54 @@ const viewer = OpenSeadragon({
   showNavigator: true,
   loadTilesWithAjax: true, // so tile requests carry the token and view session
   ajaxHeaders: headers(),
-  gestureSettingsMouse: { clickToZoom: false },
+  gestureSettingsMouse: { clickToZoom: false, dblClickToZoom: false },
 });
 window.smily.viewer = viewer;
-let selectionEl = null;
-let outlineEl = null;
+const SVG_NS = "http://www.w3.org/2000/svg";
+// One SVG over the whole image, in level-0 pixels: the query region, hit outlines, the heatmap.
+let layer = null;
 
-function imageRect(r) {
-  return viewer.viewport.imageToViewportRectangle(new OpenSeadragon.Rect(r.x, r.y, r.width, r.height));
+function svgEl(name, attrs) {
+  const el = document.createElementNS(SVG_NS, name);
+  for (const [k, v] of Object.entries(attrs || {})) el.setAttribute(k, v);
+  return el;
+}
+
+function makeLayer() {
+  const { width, height } = state.slide;
+  const svg = svgEl("svg", { viewBox: `0 0 ${width} ${height}`, preserveAspectRatio: "none", class: "layer" });
+  layer = {
+    svg,
+    heat: svgEl("g", { class: "heatmap" }),
+    hits: svgEl("g", { class: "hit-outlines" }),
+    selection: svgEl("g", { class: "selection" }),
+  };
+  svg.append(layer.heat, layer.hits, layer.selection);
+  viewer.addOverlay(svg, new OpenSeadragon.Rect(0, 0, 1, height / width));
+}
+
+function rectPoints(r) {
+  return [[r.x, r.y], [r.x + r.width, r.y], [r.x + r.width, r.y + r.height], [r.x, r.y + r.height]];
+}
+
+function shape(group, points, cls, data) {
+  const el = svgEl("polygon", { points: points.map((p) => p.join(",")).join(" "), class: cls,
+                                "vector-effect": "non-scaling-stroke" });
+  Object.assign(el.dataset, data || {});
+  group.append(el);
+  return el;
+}
+
+// Where the viewer looks: the image point at the centre and OpenSeadragon's zoom.
+function viewport() {
+  if (!state.slide || !viewer.world.getItemCount()) return null;
+  const c = viewer.viewport.viewportToImageCoordinates(viewer.viewport.getCenter(true));
+  return { x: Math.round(c.x), y: Math.round(c.y), zoom: Number(viewer.viewport.getZoom(true).toPrecision(4)) };
+}
+
+function setViewport(v) {
+  viewer.viewport.zoomTo(v.zoom, null, true);
+  viewer.viewport.panTo(viewer.viewport.imageToViewportCoordinates(v.x, v.y), true);
 }
 
 // The slide's info.json, with a fresh view session for its tiles.
@@ -163,100 +224,184 @@ async function slideInfo(slideId) {
 // Sessions are short-lived: renew the open slide's while it stays open.
 let renewal = null;
 
-// Opens a slide; with `hit`, zooms to it and outlines it.
-async function openSlide(slideId, hit, record) {
+// Opens a slide (when not open already) and draws what belongs on it.
+async function showSlide(slideId) {
+  if (state.slide && state.slide.slideId === slideId && viewer.world.getItemCount()) return;
   say("Opening " + slideId + "…");
-  const info = await slideInfo(slideId);
+  const [info, meta] = await Promise.all([
+    slideInfo(slideId),
+    api("GET", "/v1/slides/" + encodeURIComponent(slideId)).catch(() => null),
+  ]);
   clearInterval(renewal);
   renewal = setInterval(() => slideInfo(slideId).catch(() => {}), 60000);
   const slide = state.slides.find((s) => s.slideId === slideId) || { slideId, metadata: {} };
   state.slide = Object.assign({}, slide, { width: info.width, height: info.height });
-  if (record) {
-    // Remember where we were (the query's slide and region) for the back button.
-    if (state.slide) history.replaceState({ slideId: state.slide.slideId, selection: state.selection }, "");
-    history.pushState({ slideId, hit }, "", "#" + encodeURIComponent(slideId));
-  }
-  clearSelection();
+  state.slideMpp = meta ? Number(meta.mpp) || 0 : 0;
+  viewer.clearOverlays();
   await new Promise((resolve) => {
     viewer.addOnceHandler("open", resolve);
     viewer.open(info);
   });
-  if (outlineEl) { viewer.removeOverlay(outlineEl); outlineEl = null; }
-  if (hit) {
-    outlineEl = document.createElement("div");
-    outlineEl.className = "hit-outline";
-    outlineEl.dataset.x = hit.x;
-    outlineEl.dataset.y = hit.y;
-    viewer.addOverlay(outlineEl, imageRect(hit));
-    const pad = Math.max(hit.width, hit.height) * 2;
-    viewer.viewport.fitBounds(imageRect({ x: hit.x - pad, y: hit.y - pad, width: hit.width + 2 * pad,
-                                          height: hit.height + 2 * pad }), true);
-  }
-  renderSlides();
+  makeLayer();
+  $("first-screen").hidden = true;
   $("search-slides").disabled = false;
-  say(slideId + (hit ? ` at ${hit.x},${hit.y}` : ""));
+  $("heatmap").disabled = !state.query;
+  renderSlides();
 }
 
-function clearSelection() {
-  if (selectionEl) viewer.removeOverlay(selectionEl);
-  selectionEl = null;
-  state.selection = null;
+function drawSelection() {
+  if (!layer) return;
+  layer.selection.replaceChildren();
+  const sel = state.selection;
+  if (!sel || !state.slide || sel.slideId !== state.slide.slideId) return;
+  shape(layer.selection, sel.polygon ? sel.polygon.map((p) => [p.x, p.y]) : rectPoints(sel), "query-region");
 }
 
-function select(rect) {
-  const r = {
-    x: Math.max(0, Math.round(rect.x)), y: Math.max(0, Math.round(rect.y)),
-    width: Math.round(rect.width), height: Math.round(rect.height),
-  };
-  if (r.width < 8 || r.height < 8) return;
-  clearSelection();
-  selectionEl = document.createElement("div");
-  selectionEl.className = "selection";
-  viewer.addOverlay(selectionEl, imageRect(r));
-  state.selection = r;
-  setQuery({ region: Object.assign({ slideId: state.slide.slideId }, r) },
-           `region ${r.x},${r.y} ${r.width}×${r.height} of ${state.slide.slideId}`);
+// This slide's hits as outlines; the hit opened from the gallery stands out.
+function drawHits(focus) {
+  if (!layer) return;
+  layer.hits.replaceChildren();
+  for (const { hit } of state.items) {
+    if (hit.slideId !== state.slide.slideId) continue;
+    const r = { x: Number(hit.x), y: Number(hit.y), width: Number(hit.width), height: Number(hit.height) };
+    const isFocus = focus && focus.x === r.x && focus.y === r.y;
+    shape(layer.hits, rectPoints(r), isFocus ? "hit-outline focus" : "hit-outline", { x: r.x, y: r.y });
+  }
+  if (focus && !layer.hits.querySelector(".focus")) {
+    shape(layer.hits, rectPoints(focus), "hit-outline focus", { x: focus.x, y: focus.y });
+  }
 }
 
-// Rectangle tool: while "Draw region" is pressed, a drag selects instead of panning.
-let dragStart = null;
+// -- scale bar and magnification (OpenSeadragon's scalebar pattern) ----------------
+function updateScale() {
+  const bar = $("scale-bar");
+  if (!state.slide || !viewer.world.getItemCount()) { bar.hidden = true; return; }
+  const screenPerImage = viewer.viewport.viewportToImageZoom(viewer.viewport.getZoom(true));
+  const mpp = state.slideMpp;
+  $("scale-readout").textContent = mpp
+    ? `${(mpp / screenPerImage).toPrecision(3)} µm/px on screen · ≈${(10 / (mpp / screenPerImage)).toPrecision(2)}× · `
+      + `slide ${mpp.toPrecision(3)} µm/px`
+    : "µm/px unknown (the slide records none)";
+  if (!mpp) { bar.hidden = true; return; }
+  const umPerScreenPx = mpp / screenPerImage;
+  const target = 120 * umPerScreenPx; // µm across ~120 screen pixels, rounded to 1, 2 or 5 × 10^n
+  const p = 10 ** Math.floor(Math.log10(target));
+  const um = [5, 2, 1].map((m) => m * p).find((v) => v <= target) || p;
+  bar.hidden = false;
+  $("scale-line").style.width = `${um / umPerScreenPx}px`;
+  $("scale-text").textContent = um >= 1000 ? `${um / 1000} mm` : `${um} µm`;
+}
+viewer.addHandler("update-viewport", updateScale);
+
+// -- query tools: rectangle, polygon, freehand -------------------------------------
+let tool = null; // "rect" | "polygon" | "freehand" while one is active
+let draft = null; // points (level-0) of the shape being drawn
+let draftEl = null;
+const TOOLS = { rect: "draw", polygon: "draw-polygon", freehand: "draw-freehand" };
+
+function setTool(name) {
+  tool = name;
+  for (const [t, id] of Object.entries(TOOLS)) $(id).setAttribute("aria-pressed", String(t === name));
+  viewer.setMouseNavEnabled(!name);
+  draft = null;
+  if (draftEl) { draftEl.remove(); draftEl = null; }
+  if (name === "polygon") say("Click the vertices; double-click, Enter or click the first vertex to close; Esc cancels");
+}
+
+for (const [t, id] of Object.entries(TOOLS)) $(id).onclick = () => setTool(tool === t ? null : t);
+
+function imagePoint(pos) {
+  const p = viewer.viewport.viewerElementToImageCoordinates(pos);
+  return [Math.round(p.x), Math.round(p.y)];
+}
+
+function drawDraft(points, closed) {
+  if (!layer) return;
+  if (!draftEl) {
+    draftEl = svgEl(closed ? "polygon" : "polyline", { class: "draft", "vector-effect": "non-scaling-stroke" });
+    layer.selection.append(draftEl);
+  }
+  draftEl.setAttribute("points", points.map((p) => p.join(",")).join(" "));
+}
+
+function bbox(points) {
+  const xs = points.map((p) => p[0]);
+  const ys = points.map((p) => p[1]);
+  const x = Math.max(0, Math.min(...xs));
+  const y = Math.max(0, Math.min(...ys));
+  return { x, y, width: Math.max(...xs) - x, height: Math.max(...ys) - y };
+}
+
+function finishPolygon(points) {
+  const clipped = points.map(([x, y]) => [Math.max(0, x), Math.max(0, y)]);
+  const b = bbox(clipped);
+  setTool(null);
+  if (clipped.length < 3 || b.width < 8 || b.height < 8) return say("Too small a region", true);
+  select(Object.assign(b, { polygon: clipped.map(([x, y]) => ({ x, y })) }));
+}
+
 new OpenSeadragon.MouseTracker({
   element: viewer.canvas,
   pressHandler: (e) => {
-    if (!drawing()) return;
-    dragStart = viewer.viewport.viewerElementToImageCoordinates(e.position);
+    if (tool === "rect" || tool === "freehand") draft = [imagePoint(e.position)];
   },
   dragHandler: (e) => {
-    if (!drawing() || !dragStart) return;
-    const p = viewer.viewport.viewerElementToImageCoordinates(e.position);
-    const r = new OpenSeadragon.Rect(Math.min(p.x, dragStart.x), Math.min(p.y, dragStart.y),
-                                     Math.abs(p.x - dragStart.x), Math.abs(p.y - dragStart.y));
-    if (!selectionEl) {
-      selectionEl = document.createElement("div");
-      selectionEl.className = "selection";
-      viewer.addOverlay(selectionEl, imageRect(r));
+    if (!draft || !(tool === "rect" || tool === "freehand")) return;
+    const p = imagePoint(e.position);
+    if (tool === "rect") {
+      draft[1] = p;
+      const b = bbox(draft);
+      drawDraft(rectPoints(b), true);
     } else {
-      viewer.updateOverlay(selectionEl, imageRect(r));
+      draft.push(p);
+      drawDraft(draft, false);
     }
   },
   releaseHandler: (e) => {
-    if (!drawing() || !dragStart) return;
-    const p = viewer.viewport.viewerElementToImageCoordinates(e.position);
-    select({ x: Math.min(p.x, dragStart.x), y: Math.min(p.y, dragStart.y),
-             width: Math.abs(p.x - dragStart.x), height: Math.abs(p.y - dragStart.y) });
-    dragStart = null;
-    setDrawing(false);
+    if (!draft || !(tool === "rect" || tool === "freehand")) return;
+    const points = draft.concat([imagePoint(e.position)]);
+    if (tool === "rect") {
+      const b = bbox(points);
+      setTool(null);
+      select(b);
+    } else {
+      finishPolygon(points);
+    }
+  },
+  clickHandler: (e) => {
+    if (tool !== "polygon") return;
+    const p = imagePoint(e.position);
+    draft = draft || [];
+    const first = draft[0];
+    const near = first && viewer.viewport.imageToViewerElementCoordinates(new OpenSeadragon.Point(...first))
+      .distanceTo(e.position) < 8;
+    if (near && draft.length >= 3) return finishPolygon(draft);
+    draft.push(p);
+    drawDraft(draft, false);
+  },
+  dblClickHandler: () => {
+    if (tool === "polygon" && draft && draft.length >= 3) finishPolygon(draft);
   },
 });
 
-function drawing() { return $("draw").getAttribute("aria-pressed") === "true"; }
+document.addEventListener("keydown", (e) => {
+  if (!tool) return;
+  if (e.key === "Escape") setTool(null);
+  if (e.key === "Enter" && tool === "polygon" && draft && draft.length >= 3) finishPolygon(draft);
+});
 
-function setDrawing(on) {
-  $("draw").setAttribute("aria-pressed", String(on));
-  viewer.setMouseNavEnabled(!on);
+function select(r) {
+  r.x = Math.max(0, Math.round(r.x));
+  r.y = Math.max(0, Math.round(r.y));
+  r.width = Math.round(r.width);
+  r.height = Math.round(r.height);
+  if (r.width < 8 || r.height < 8) return;
+  state.selection = Object.assign({ slideId: state.slide.slideId }, r);
+  drawSelection();
+  const region = { slideId: state.slide.slideId, x: r.x, y: r.y, width: r.width, height: r.height };
+  if (r.polygon) region.polygon = r.polygon;
+  setQuery({ region }, `${r.polygon ? "polygon" : "region"} ${r.x},${r.y} ${r.width}×${r.height} of ${state.slide.slideId}`);
 }
-
-$("draw").onclick = () => setDrawing(!drawing());
 
 $("select-centre").onclick = () => {
   if (!state.slide) return say("Open a slide first", true);
@@ -271,6 +416,12 @@ $("upload").onchange = async (e) => {
   const data = new Uint8Array(await file.arrayBuffer());
   let bin = "";
   for (let i = 0; i < data.length; i += 0x8000) bin += String.fromCharCode(...data.subarray(i, i + 0x8000));
+  // The patch replaces the region query: its box leaves the slide, its preview shows what is searched.
+  state.selection = null;
+  drawSelection();
+  $("upload-preview").src = URL.createObjectURL(file);
+  $("upload-preview").hidden = false;
+  $("upload-name").textContent = file.name;
   setQuery({ image: btoa(bin) }, "uploaded patch " + file.name);
 };
 
@@ -279,6 +430,8 @@ function setQuery(query, label) {
   state.queryLabel = label;
   $("query-label").textContent = label;
   $("search").disabled = false;
+  $("heatmap").disabled = !state.slide;
+  if (!query.image) { $("upload-preview").hidden = true; $("upload-name").textContent = "No file chosen"; }
 }
 
 // -- refine --------------------------------------------------------------------
@@ -328,19 +481,24 @@ function sameTile(a, b) {
 }
 
 // -- search --------------------------------------------------------------------
-function searchRequest() {
+function queryRequest() {
   const req = Object.assign({}, state.query, {
-    k: K,
-    pageSize: PAGE_SIZE,
-    pageToken: state.pageTokens[state.page],
     positives: state.positives,
-    negatives: state.negatives,
+    negatives: state.negatives, // the gateway leaves their tiles out, so pages stay full
     concepts: Object.entries(state.concepts).map(([name, weight]) => ({ name, weight })),
-    maxHitsPerSlide: Number($("max-per-slide").value) || 0,
     filters: filterTerms().pairs,
   });
   if ($("exclude-case").checked && state.query.region) req.excludeQueryCase = true;
   return req;
+}
+
+function searchRequest() {
+  return Object.assign(queryRequest(), {
+    k: K,
+    pageSize: PAGE_SIZE,
+    pageToken: state.pageTokens[state.page],
+    maxHitsPerSlide: Number($("max-per-slide").value) || 0,
+  });
 }
 
 async function search(fresh) {
@@ -349,22 +507,33 @@ async function search(fresh) {
   say("Searching…");
   try {
     const resp = await api("POST", "/v1/search", searchRequest());
-    // "Less like this" pushes the query away from those tiles and hides them.
-    const hits = resp.hits.filter((h) => !state.negatives.some((n) => sameTile(n.region, h)));
     state.pageTokens[state.page + 1] = resp.nextPageToken;
-    renderHits(hits.map((h) => ({ hit: h })));
+    state.searchId = resp.searchId;
+    state.labelStats = resp.labelStats || null;
+    state.mode = "search";
+    showResults(resp.hits.map((h) => ({ hit: h })));
     afterPaint(() => {
       performance.mark("gallery-painted");
       const m = performance.measure("search-to-paint", "search-start", "gallery-painted");
       window.smily.timings.push(m.duration);
     });
-    $("prev-page").disabled = state.page === 0;
-    $("next-page").disabled = !resp.nextPageToken;
-    $("page-label").textContent = `page ${state.page + 1}`;
-    say(`${hits.length} hits for ${state.queryLabel}${resp.cached ? " (cached query)" : ""}`);
+    say(`${resp.hits.length} hits for ${state.queryLabel}${resp.cached ? " (cached query)" : ""}`);
+    remember();
   } catch (err) {
     say(err.message, true);
   }
+}
+
+function showResults(items) {
+  state.items = items;
+  renderHits(items);
+  renderLabels();
+  drawHits(null);
+  const paged = state.mode === "search";
+  $("prev-page").disabled = !paged || state.page === 0;
+  $("next-page").disabled = !paged || !state.pageTokens[state.page + 1];
+  $("page-label").textContent = paged ? `page ${state.page + 1}` : "";
+  $("export").disabled = !(paged && state.searchId);
 }
 
 function afterPaint(fn) {
@@ -382,13 +551,99 @@ $("search-slides").onclick = async () => {
                            { slideId: state.slide.slideId, k: 10, excludeQuerySlide: true });
     const items = [];
     for (const s of resp.slides) for (const r of s.regions) items.push({ hit: r, slideScore: s.score });
-    renderHits(items);
-    $("prev-page").disabled = $("next-page").disabled = true;
-    $("page-label").textContent = "";
+    state.mode = "slides";
+    state.labelStats = null;
+    showResults(items);
     say(`${resp.slides.length} slides like ${state.slide.slideId}`);
+    remember();
   } catch (err) {
     say(err.message, true);
   }
+};
+
+// -- suggested diagnosis, with care: the labels of the top-k hits --------------------
+function renderLabels() {
+  const box = $("label-stats");
+  const st = state.labelStats;
+  box.hidden = !(st && st.key);
+  if (box.hidden) return;
+  $("label-key").textContent = st.key;
+  $("label-k").textContent = st.k;
+  $("label-majority").textContent = st.majority || "none";
+  const body = $("label-rows");
+  body.replaceChildren();
+  for (const l of st.labels) {
+    const tr = document.createElement("tr");
+    for (const v of [l.label || "(unlabelled)", String(l.count), `${Math.round(l.scoreShare * 100)}%`]) {
+      const td = document.createElement("td");
+      td.textContent = v;
+      tr.append(td);
+    }
+    body.append(tr);
+  }
+}
+
+// -- heatmap: the query's score over every indexed tile of the open slide ------------
+function heatColour(t) {
+  // Dark blue (low) to yellow (high), readable over H&E.
+  const stops = [[49, 54, 149], [69, 117, 180], [116, 173, 209], [254, 224, 144], [253, 174, 97], [215, 48, 39]];
+  const f = Math.min(1, Math.max(0, t)) * (stops.length - 1);
+  const i = Math.min(stops.length - 2, Math.floor(f));
+  const c = stops[i].map((v, j) => Math.round(v + (stops[i + 1][j] - v) * (f - i)));
+  return `rgb(${c.join(",")})`;
+}
+
+async function heatmap() {
+  if (!state.slide || !state.query) return;
+  if (layer.heat.childElementCount) return clearHeatmap();
+  performance.mark("heatmap-start");
+  say("Scoring every tile of " + state.slide.slideId + "…");
+  try {
+    const resp = await api("POST", `/v1/slides/${encodeURIComponent(state.slide.slideId)}:heatmap`,
+                           { search: queryRequest() });
+    const lo = resp.minScore;
+    const span = (resp.maxScore - lo) || 1;
+    layer.heat.replaceChildren();
+    for (const t of resp.tiles) {
+      const rect = svgEl("rect", { x: t.x, y: t.y, width: t.width, height: t.height,
+                                   fill: heatColour((t.score - lo) / span), "data-score": t.score.toFixed(4) });
+      layer.heat.append(rect);
+    }
+    $("legend-low").textContent = lo.toFixed(2);
+    $("legend-high").textContent = resp.maxScore.toFixed(2);
+    $("legend-note").textContent = `${resp.tiles.length} tiles${resp.truncated ? " (the best; the slide has more)" : ""}`;
+    $("heatmap-legend").hidden = false;
+    $("heatmap").setAttribute("aria-pressed", "true");
+    afterPaint(() => {
+      performance.mark("heatmap-painted");
+      window.smily.heatmapTimings.push(performance.measure("heatmap", "heatmap-start", "heatmap-painted").duration);
+    });
+    say(`Heatmap of ${resp.tiles.length} tiles on ${state.slide.slideId}`);
+  } catch (err) {
+    say(err.message, true);
+  }
+}
+
+function clearHeatmap() {
+  if (layer) layer.heat.replaceChildren();
+  $("heatmap-legend").hidden = true;
+  $("heatmap").setAttribute("aria-pressed", "false");
+}
+window.smily.heatmapTimings = [];
+$("heatmap").onclick = heatmap;
+
+// -- export ---------------------------------------------------------------------------
+$("export").onclick = async () => {
+  const q = new URLSearchParams({ format: "geojson" });
+  const onSlide = state.slide && state.items.some((i) => i.hit.slideId === state.slide.slideId);
+  if (onSlide) q.set("slideId", state.slide.slideId);
+  const resp = await fetch(`/v1/searches/${state.searchId}/export?${q}`, { headers: headers() });
+  if (!resp.ok) return say((await resp.json()).message, true);
+  const a = document.createElement("a");
+  a.href = URL.createObjectURL(await resp.blob());
+  a.download = `smily-${state.searchId.slice(0, 8)}${onSlide ? "-" + state.slide.slideId : ""}.geojson`;
+  a.click();
+  say("Exported the hits" + (onSlide ? " on " + state.slide.slideId : "") + " as GeoJSON (QuPath: File › Import objects)");
 };
 
 // -- gallery -----------------------------------------------------------------
@@ -439,6 +694,9 @@ function hitCard(hit) {
   Object.assign(fig.dataset, { slideId: hit.slideId, x: hit.x, y: hit.y, width: hit.width, height: hit.height,
                                score: hit.score.toFixed(4) });
   const region = { slideId: hit.slideId, x: hit.x, y: hit.y, width: hit.width, height: hit.height };
+  const rect = { x: Number(hit.x), y: Number(hit.y), width: Number(hit.width), height: Number(hit.height) };
+  const weak = hit.score < WEAK_SCORE;
+  if (weak) fig.classList.add("weak");
   if (state.positives.some((p) => sameTile(p.region, hit))) fig.classList.add("positive");
   const open = document.createElement("button");
   open.type = "button";
@@ -449,8 +707,7 @@ function hitCard(hit) {
   img.dataset.src = `${iiif(hit.slideId)}/${hit.x},${hit.y},${hit.width},${hit.height}/128,/0/default.jpg`;
   lazy.observe(img);
   open.append(img);
-  open.onclick = () => openSlide(hit.slideId, {
-    x: Number(hit.x), y: Number(hit.y), width: Number(hit.width), height: Number(hit.height) }, true);
+  open.onclick = () => navigate({ slideId: hit.slideId, hit: rect });
   const cap = document.createElement("figcaption");
   const more = document.createElement("button");
   more.type = "button";
@@ -459,8 +716,8 @@ function hitCard(hit) {
   more.setAttribute("aria-label", `More like this (${hit.slideId} ${hit.x},${hit.y})`);
   more.onclick = () => {
     state.positives.push({ region });
-    fig.classList.add("positive");
     renderExamples();
+    search(true);
   };
   const less = document.createElement("button");
   less.type = "button";
@@ -469,22 +726,219 @@ function hitCard(hit) {
   less.setAttribute("aria-label", `Less like this (${hit.slideId} ${hit.x},${hit.y})`);
   less.onclick = () => {
     state.negatives.push({ region });
-    fig.remove();
     renderExamples();
+    search(true);
   };
-  const score = document.createElement("span");
-  score.textContent = hit.score.toFixed(3);
-  cap.append(more, score, less);
-  fig.append(open, cap);
+  const score = document.createElement("meter");
+  Object.assign(score, { min: 0, max: 1, low: WEAK_SCORE, high: 0.8, optimum: 1, value: Math.max(0, hit.score) });
+  score.setAttribute("aria-label", `score ${hit.score.toFixed(3)}${weak ? ", weak" : ""}`);
+  const value = document.createElement("span");
+  value.className = "score";
+  value.textContent = hit.score.toFixed(3) + (weak ? " weak" : "");
+  cap.append(more, score, value, less);
+  const facts = document.createElement("small");
+  facts.className = "facts";
+  const md = hit.metadata || {};
+  facts.textContent = `${hit.x},${hit.y} · ${Number(hit.mpp || 0).toFixed(2)} µm/px`
+    + (md.case_id ? ` · case ${md.case_id}` : "");
+  const compare = document.createElement("button");
+  compare.type = "button";
+  compare.className = "compare";
+  compare.textContent = "Compare";
+  compare.setAttribute("aria-label", `Compare with the query (${hit.slideId} ${hit.x},${hit.y})`);
+  compare.disabled = !(state.query && state.query.region);
+  compare.onclick = () => openCompare(rect, hit.slideId);
+  fig.append(open, cap, facts, compare);
   return fig;
 }
 
-// Back from a hit returns to the query's slide; the gallery stays as it was.
-window.addEventListener("popstate", (e) => {
-  const s = e.state;
-  if (!s || !s.slideId) return;
-  openSlide(s.slideId, s.hit, false).then(() => s.selection && select(s.selection));
+// -- compare: query and hit side by side, pan and zoom locked together ------------------
+let compareViewers = null;
+
+async function openCompare(hitRect, hitSlide) {
+  const q = state.query.region;
+  $("compare").hidden = false;
+  const make = (id) => OpenSeadragon({ element: $(id), prefixUrl: "/vendor/openseadragon/images/",
+                                       loadTilesWithAjax: true, ajaxHeaders: headers(), showNavigationControl: false });
+  if (!compareViewers) compareViewers = { left: make("compare-query"), right: make("compare-hit") };
+  const { left, right } = compareViewers;
+  const mppOf = (id) => api("GET", "/v1/slides/" + encodeURIComponent(id)).then((r) => Number(r.mpp) || 1, () => 1);
+  const [qi, hi, qmpp, hmpp] = await Promise.all([api("GET", iiif(q.slideId) + "/info.json"),
+    api("GET", iiif(hitSlide) + "/info.json"), mppOf(q.slideId), mppOf(hitSlide)]);
+  const opened = (v, info) => new Promise((resolve) => { v.addOnceHandler("open", resolve); v.open(info); });
+  await Promise.all([opened(left, qi), opened(right, hi)]);
+  const pad = (r) => new OpenSeadragon.Rect(r.x - r.width, r.y - r.height, r.width * 3, r.height * 3);
+  left.viewport.fitBounds(left.viewport.imageToViewportRectangle(pad(q)), true);
+  right.viewport.fitBounds(right.viewport.imageToViewportRectangle(pad(hitRect)), true);
+  // Anchors: the centres of the query and the hit; the lock keeps equal offsets from them in µm,
+  // at equal physical scale (screen pixels per µm), whatever each slide's µm/px.
+  const anchor = (r) => new OpenSeadragon.Point(r.x + r.width / 2, r.y + r.height / 2);
+  const anchors = new Map([[left, anchor(q)], [right, anchor(hitRect)]]);
+  const mpps = new Map([[left, qmpp], [right, hmpp]]);
+  compareViewers.mpp = { left: qmpp, right: hmpp };
+  let syncing = false;
+  const follow = (from, to) => () => {
+    if (syncing || !$("compare-lock").checked) return;
+    syncing = true;
+    const c = from.viewport.viewportToImageCoordinates(from.viewport.getCenter(true));
+    const ratio = mpps.get(from) / mpps.get(to); // level-0 pixels of `to` per pixel of `from`
+    const offset = c.minus(anchors.get(from)).times(ratio);
+    const imageZoom = from.viewport.viewportToImageZoom(from.viewport.getZoom(true)) / ratio;
+    to.viewport.zoomTo(to.viewport.imageToViewportZoom(imageZoom), null, true);
+    to.viewport.panTo(to.viewport.imageToViewportCoordinates(anchors.get(to).plus(offset)), true);
+    syncing = false;
+  };
+  left.removeAllHandlers("viewport-change");
+  right.removeAllHandlers("viewport-change");
+  left.addHandler("viewport-change", follow(left, right));
+  right.addHandler("viewport-change", follow(right, left));
+  window.smily.compare = compareViewers;
+  $("compare-title").textContent = `Query (${q.slideId}) and hit (${hitSlide} ${hitRect.x},${hitRect.y})`;
+  $("compare-close").focus();
+}
+
+$("compare-close").onclick = () => { $("compare").hidden = true; };
+
+// -- navigation: every view is a history entry and a shareable link -----------------
+// A view: {slideId, viewport {x, y, zoom}, hit} plus the query, refinements and results shown.
+function snapshot() {
+  return {
+    slideId: state.slide && state.slide.slideId,
+    viewport: viewport(),
+    hit: state.atHit || null,
+    selection: state.selection,
+    query: state.query,
+    queryLabel: state.queryLabel,
+    positives: state.positives,
+    negatives: state.negatives,
+    concepts: state.concepts,
+    page: state.page,
+    pageTokens: state.pageTokens,
+    items: state.items,
+    mode: state.mode,
+    labelStats: state.labelStats,
+    searchId: state.searchId,
+  };
+}
+
+// The link of a view: #slide=…&x=…&y=…&zoom=… and a region query (q=x,y,w,h on qslide).
+function link(s) {
+  if (!s.slideId) return location.pathname + location.search;
+  const p = new URLSearchParams({ slide: s.slideId });
+  if (s.viewport) for (const k of ["x", "y", "zoom"]) p.set(k, s.viewport[k]);
+  const r = s.query && s.query.region;
+  if (r && !r.polygon) {
+    p.set("qslide", r.slideId);
+    p.set("q", [r.x, r.y, r.width, r.height].join(","));
+  }
+  return "#" + p;
+}
+
+// Saves the current view in the current history entry (before leaving it, after changing it).
+function remember() {
+  const s = snapshot();
+  history.replaceState(s, "", link(s));
+}
+
+let settleTimer = null;
+viewer.addHandler("animation-finish", () => {
+  clearTimeout(settleTimer);
+  settleTimer = setTimeout(() => { if (state.slide && !restoring) remember(); }, 150);
 });
+
+// Opens a slide (and a hit on it) as a new history entry; the entry being left keeps its view.
+async function navigate({ slideId, hit }) {
+  remember(); // where we were, before anything changes
+  state.atHit = hit || false;
+  clearHeatmap();
+  await showSlide(slideId);
+  if (hit) {
+    const pad = Math.max(hit.width, hit.height) * 2;
+    viewer.viewport.fitBounds(imageRect({ x: hit.x - pad, y: hit.y - pad, width: hit.width + 2 * pad,
+                                          height: hit.height + 2 * pad }), true);
+  } else {
+    viewer.viewport.goHome(true);
+  }
+  drawSelection();
+  drawHits(hit);
+  $("back-to-results").hidden = !hit;
+  const s = snapshot();
+  history.pushState(s, "", link(s));
+  say(slideId + (hit ? ` at ${hit.x},${hit.y}` : ""));
+}
+
+function imageRect(r) {
+  return viewer.viewport.imageToViewportRectangle(new OpenSeadragon.Rect(r.x, r.y, r.width, r.height));
+}
+
+let restoring = false;
+
+// Back, Forward or a link: the view exactly as it was left.
+async function restore(s) {
+  restoring = true;
+  try {
+    Object.assign(state, {
+      selection: s.selection || null,
+      query: s.query || null,
+      queryLabel: s.queryLabel || "",
+      positives: s.positives || [],
+      negatives: s.negatives || [],
+      concepts: s.concepts || {},
+      page: s.page || 0,
+      pageTokens: s.pageTokens || [""],
+      mode: s.mode,
+      labelStats: s.labelStats || null,
+      searchId: s.searchId || "",
+      atHit: s.hit || false,
+    });
+    $("query-label").textContent = state.queryLabel;
+    $("search").disabled = !state.query;
+    renderExamples();
+    for (const el of document.querySelectorAll("input[data-concept]")) {
+      el.value = String(state.concepts[el.dataset.concept] || 0);
+      el.previousElementSibling.querySelector("output").textContent = el.value;
+    }
+    clearHeatmap();
+    if (s.slideId) {
+      await showSlide(s.slideId);
+      if (s.viewport) setViewport(s.viewport);
+    }
+    showResults(s.items || []);
+    if (!(s.items || []).length) $("gallery").replaceChildren();
+    drawSelection();
+    drawHits(s.hit || null);
+    $("back-to-results").hidden = !s.hit;
+    if (s.slideId) say(s.slideId + (s.hit ? ` at ${s.hit.x},${s.hit.y}` : ""));
+  } finally {
+    restoring = false;
+  }
+}
+
+window.addEventListener("popstate", (e) => { if (e.state) restore(e.state); });
+
+$("back-to-results").onclick = () => history.back();
+
+// A shared or reloaded link: the slide at the place, and its query searched again.
+async function openLink() {
+  const p = new URLSearchParams(location.hash.slice(1));
+  if (!p.get("slide")) return false;
+  const view = ["x", "y", "zoom"].every((k) => p.has(k))
+    ? { x: Number(p.get("x")), y: Number(p.get("y")), zoom: Number(p.get("zoom")) } : null;
+  await showSlide(p.get("slide"));
+  if (view) setViewport(view);
+  const q = (p.get("q") || "").split(",").map(Number);
+  if (p.get("qslide") === p.get("slide") && q.length === 4 && q.every(Number.isFinite)) {
+    select({ x: q[0], y: q[1], width: q[2], height: q[3] });
+    await search(true);
+  } else if (p.get("qslide") && q.length === 4) {
+    const region = { slideId: p.get("qslide"), x: q[0], y: q[1], width: q[2], height: q[3] };
+    setQuery({ region }, `region ${q.slice(0, 2).join(",")} ${q[2]}×${q[3]} of ${region.slideId}`);
+    state.selection = Object.assign({}, region);
+    await search(true);
+  }
+  remember();
+  return true;
+}
 
 // -- ingest ------------------------------------------------------------------
 $("ingest-form").onsubmit = async (e) => {
@@ -536,6 +990,7 @@ $("slide-filter").oninput = renderSlides;
     if (userManager && !state.token) { say("Log in to see slides"); return; }
     await Promise.all([loadSlides(), loadConcepts()]);
     say(`${state.slides.length} slides`);
+    await openLink();
     window.smily.ready = true;
   } catch (err) {
     say(err.message, true);
