@@ -88,7 +88,9 @@ def test_every_string_setting_reads_from_its_file(tmp_path):
 def test_only_the_trailing_newline_is_stripped(tmp_path):
     path = tmp_path / "password"
     path.write_bytes(b" pass word\twith spaces \r\n")
-    assert Settings.from_env({"SMILY_REDIS_PASSWORD_FILE": str(path)}).gateway.redis_password == " pass word\twith spaces "
+    assert (
+        Settings.from_env({"SMILY_REDIS_PASSWORD_FILE": str(path)}).gateway.redis_password == " pass word\twith spaces "
+    )
 
 
 @pytest.mark.unit
