@@ -5,10 +5,14 @@ $(VAR) expansion, and `make images`' view of pip's settings. No images needed.""
 from __future__ import annotations
 
 import os
+import secrets
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import redis
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
@@ -16,6 +20,8 @@ from .cluster import policy
 from .cluster.certs import CertManager
 from .cluster.kubelet import expand
 from .cluster.manifests import render, replicas
+from .conftest import need
+from .helpers.wait import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -90,6 +96,44 @@ def test_kubernetes_variable_expansion():
     env = {"REDIS_PASSWORD": "s3cret"}
     assert expand("--requirepass $(REDIS_PASSWORD)", env) == "--requirepass s3cret"
     assert expand("$$(REDIS_PASSWORD) $(UNSET)", env) == "$(REDIS_PASSWORD) $(UNSET)"
+
+
+def test_redis_takes_its_password_from_the_mounted_file_not_its_command_line(tmp_path):
+    """The rendered Redis container's command, run here with redis-server: the password comes from
+    the Secret's file (mounted at the path the command reads), and is in neither its command line nor
+    its environment. Kubernetes' $(VAR) expansion leaves the shell's $(cat ...) alone."""
+    if not shutil.which("redis-server"):
+        need("redis-server", "install it with `apt-get install redis-server`")
+    objs = cpu_objects()
+    deploy = next(o for o in objs if o["kind"] == "Deployment" and o["metadata"]["name"] == "smily-redis")
+    spec = deploy["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    (volume,) = [v for v in spec["volumes"] if [i["key"] for i in v.get("secret", {}).get("items", [])] == ["password"]]
+    (mount,) = [m["mountPath"] for m in container["volumeMounts"] if m["name"] == volume["name"]]
+    command = [expand(a, {}) for a in container["command"]]
+    assert command == container["command"]
+    password = secrets.token_urlsafe(32)
+    files = tmp_path / "secret"
+    files.mkdir()
+    (files / volume["secret"]["items"][0]["path"]).write_text(password + "\n")  # as kubectl writes it
+    script = command[2].replace(mount, str(files))
+    assert script != command[2], "the command reads no file from the Secret's mount"
+    sock = tmp_path / "redis.sock"
+    # The rendered args name TLS files and /data: the box's concern; here a socket in tmp_path.
+    args = ["--port", "0", "--unixsocket", str(sock), "--save", "", "--appendonly", "no", "--dir", str(tmp_path)]
+    proc = subprocess.Popen([*command[:2], script, *command[3:], *args], env={"PATH": os.environ["PATH"]})
+    try:
+        wait_until("redis-server listens", sock.exists, deadline_s=30)
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(unix_socket_path=str(sock)).ping()
+        assert redis.Redis(unix_socket_path=str(sock), password=password).ping()
+        # exec: the shell is gone, Redis itself runs, the password in none of its /proc files.
+        assert Path(f"/proc/{proc.pid}/exe").resolve().name.startswith("redis")
+        for name in ("cmdline", "environ"):
+            assert password.encode() not in Path(f"/proc/{proc.pid}/{name}").read_bytes(), name
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def test_make_images_lists_every_image_the_overlays_name():

@@ -1,4 +1,4 @@
-"""Settings: grouped by concern, each field still set by SMILY_<FIELD>; booleans parse strictly."""
+"""Settings: grouped by concern, each field still set by SMILY_<FIELD> (or read from SMILY_<FIELD>_FILE); booleans parse strictly."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from smily.common.config import FIELDS, GROUP_OF, Settings, variable
+from smily.common.config import FIELDS, FROM_FILE, GROUP_OF, ConfigError, Settings, file_variable, variable
 
 
 def test_variables_set_fields_across_groups():
@@ -66,3 +66,66 @@ def test_replace_routes_field_names_to_their_groups():
     assert Settings.from_env({}, redis_url="redis://r").gateway.redis_url == "redis://r"
     with pytest.raises(TypeError, match="not a setting: gateway_prot"):
         Settings().replace(gateway_prot=0)
+
+
+# -- secrets as files (SMILY_<FIELD>_FILE, a mounted Secret) ----------------------
+
+
+@pytest.mark.unit
+def test_every_string_setting_reads_from_its_file(tmp_path):
+    assert {"redis_password", "cache_key", "index_database_url", "redis_url", "oidc_issuer"} <= FROM_FILE
+    env = {}
+    for name in sorted(FROM_FILE):
+        path = tmp_path / name
+        path.write_text(f"value of {name}\n")
+        env[file_variable(name)] = str(path)
+    s = Settings.from_env(env)
+    for name in FROM_FILE:
+        assert getattr(getattr(s, GROUP_OF[name]), name) == f"value of {name}", name
+
+
+@pytest.mark.unit
+def test_only_the_trailing_newline_is_stripped(tmp_path):
+    path = tmp_path / "password"
+    path.write_bytes(b" pass word\twith spaces \r\n")
+    assert (
+        Settings.from_env({"SMILY_REDIS_PASSWORD_FILE": str(path)}).gateway.redis_password == " pass word\twith spaces "
+    )
+
+
+@pytest.mark.unit
+def test_setting_both_the_value_and_its_file_is_an_error_naming_both(tmp_path):
+    path = tmp_path / "key"
+    path.write_text("from-file")
+    with pytest.raises(ConfigError, match="SMILY_CACHE_KEY and SMILY_CACHE_KEY_FILE are both set"):
+        Settings.from_env({"SMILY_CACHE_KEY": "from-env", "SMILY_CACHE_KEY_FILE": str(path)})
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("make", ["missing", "directory", "not-utf8"])
+def test_an_unreadable_file_names_its_variable_never_its_content(tmp_path, make):
+    path = tmp_path / "secret"
+    if make == "directory":
+        path.mkdir()
+    elif make == "not-utf8":
+        path.write_bytes(b"hunter2\xff\xfe")
+    with pytest.raises(ConfigError, match="^SMILY_INDEX_DATABASE_URL_FILE=") as err:
+        Settings.from_env({"SMILY_INDEX_DATABASE_URL_FILE": str(path)})
+    assert "hunter2" not in str(err.value) and "xff" not in str(err.value)
+
+
+@pytest.mark.unit
+def test_settings_with_a_file_twin_or_holding_a_path_keep_their_meaning(tmp_path):
+    # view_session_key_file is a setting of its own: its variable names the key's file (read by
+    # smily.common.viewsession), so SMILY_VIEW_SESSION_KEY_FILE is not read here.
+    assert "view_session_key" not in FROM_FILE and "tls_cert_file" not in FROM_FILE
+    s = Settings.from_env({"SMILY_VIEW_SESSION_KEY_FILE": "/no/such/key", "SMILY_TLS_CERT_FILE": "/no/such/crt"})
+    assert (s.auth.view_session_key_file, s.auth.view_session_key, s.tls.tls_cert_file) == (
+        "/no/such/key",
+        "",
+        "/no/such/crt",
+    )
+    # Numbers, booleans and lists are never secrets: no _FILE form.
+    assert not {"gateway_port", "plaintext", "slide_roots"} & FROM_FILE
+    # No _FILE variable is also a setting's own variable.
+    assert not {file_variable(n) for n in FROM_FILE} & {variable(n) for n in FIELDS}

@@ -32,7 +32,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 import yaml
 
-from smily.common.config import FIELDS, Settings, variable
+from smily.common.config import FIELDS, FROM_FILE, Settings, file_variable, variable
 
 from .conftest import need
 
@@ -82,8 +82,8 @@ def rendered(kubectl, tmp_path_factory) -> dict[str, tuple[str, list[dict]]]:
     from smily import k8s_secrets
 
     k8s = tmp_path_factory.mktemp("k8s") / "k8s"
-    shutil.copytree(K8S, k8s, ignore=shutil.ignore_patterns("redis.env"))
-    k8s_secrets.write(str(k8s / "base" / "secrets" / "redis.env"))  # what `make k8s-secrets` does once
+    shutil.copytree(K8S, k8s, ignore=shutil.ignore_patterns("*.env"))
+    k8s_secrets.write(str(k8s / "base" / "secrets"))  # what `make k8s-secrets` does once
     out = {}
     for name, (overlay, components) in RENDERS.items():
         target = k8s / overlay
@@ -176,6 +176,11 @@ def config(objs) -> dict[str, str]:
     return cm["data"]
 
 
+def config_name(objs) -> str:
+    (cm,) = [o for o in find(objs, "ConfigMap") if o["metadata"]["name"].startswith("smily-config")]
+    return cm["metadata"]["name"]
+
+
 def namespace(objs) -> str:
     (ns,) = find(objs, "Namespace")
     return ns["metadata"]["name"]
@@ -183,6 +188,34 @@ def namespace(objs) -> str:
 
 def selects(selector: dict, labels: dict) -> bool:
     return all(labels.get(k) == v for k, v in selector.items())
+
+
+def mounted_secret(workload, container, path: str) -> tuple[str, str]:
+    """The (Secret, key) a container reads at `path`: a read-only mount of a Secret volume,
+    readable by the owner, or by the pod's group (fsGroup) too, and nobody else."""
+    at = f"{workload['metadata']['name']}/{container['name']}: {path}"
+    mounts = [m for m in container.get("volumeMounts", []) if path.startswith(m["mountPath"].rstrip("/") + "/")]
+    assert mounts, f"{at} is in no mounted volume"
+    m = max(mounts, key=lambda m: len(m["mountPath"]))
+    assert m.get("readOnly") is True and not m.get("subPath"), at
+    (vol,) = [v for v in pod_spec(workload)["volumes"] if v["name"] == m["name"]]
+    assert "secret" in vol, f"{at} is not in a Secret volume"
+    source, rel = vol["secret"], path[len(m["mountPath"].rstrip("/")) + 1 :]
+    if source.get("items"):
+        (item,) = [i for i in source["items"] if i["path"] == rel]
+        key, mode = item["key"], item.get("mode", source.get("defaultMode"))
+    else:
+        key, mode = rel, source.get("defaultMode")
+    assert mode in (0o400, 0o440), f"{at}: mode {mode and oct(mode)}"
+    if mode == 0o440:
+        assert pod_spec(workload).get("securityContext", {}).get("fsGroup"), f"{at}: group-readable without fsGroup"
+    return source["secretName"], key
+
+
+def secret_file(workload, container, variable_name: str) -> tuple[str, str]:
+    """The (Secret, key) a SMILY_*_FILE variable of the container points at."""
+    (value,) = [e["value"] for e in container.get("env", []) if e["name"] == variable_name]
+    return mounted_secret(workload, container, value)
 
 
 def project_version() -> str:
@@ -443,7 +476,7 @@ def test_ports_args_and_images_agree_with_code_and_make_images(render):
 
 def test_config_names_only_real_settings(render):
     _, objs = render
-    fields = {variable(name) for name in FIELDS}
+    fields = {variable(name) for name in FIELDS} | {file_variable(name) for name in FROM_FILE}
     names = set(config(objs))
     for w in workloads(objs):
         for c in containers(w):
@@ -486,10 +519,7 @@ def test_index_shards_of_replicas_on_postgres(render):
         (c,) = [c for c in pod_spec(sts)["containers"] if c["name"] == "index"]
         env = {e["name"]: e for e in c["env"]}
         assert env["SMILY_INDEX_SHARD"]["value"] == str(n)
-        assert env["SMILY_INDEX_DATABASE_URL"]["valueFrom"]["secretKeyRef"]["name"] in (
-            "smily-index-database",
-            "smily-pg-app",
-        )
+        assert secret_file(sts, c, "SMILY_INDEX_DATABASE_URL_FILE")[0] in ("smily-index-database", "smily-pg-app")
         affinity = pod_spec(sts).get("affinity")
         if name.startswith("cpu"):  # one node: replicas share it
             assert affinity is None
@@ -499,31 +529,126 @@ def test_index_shards_of_replicas_on_postgres(render):
             assert term["labelSelector"]["matchLabels"] == sts["spec"]["selector"]["matchLabels"]
 
 
+# -- secrets as files, never the environment (issue 23) -------------------------
+
+# The settings that are secrets; each reaches its pods as SMILY_<FIELD>_FILE.
+SECRET_SETTINGS = ("redis_password", "cache_key", "view_session_key", "index_database_url", "redis_url")
+FILE_VARIABLES = {file_variable(n) for n in FROM_FILE} | {variable("view_session_key_file")}
+
+
+def test_no_container_takes_a_secret_from_its_environment(render):
+    _, objs = render
+    for w in workloads(objs):
+        for c in containers(w):
+            at = f"{w['metadata']['name']}/{c['name']}"
+            for e in c.get("env", []):
+                assert "secretKeyRef" not in e.get("valueFrom", {}), f"{at}: {e['name']}"
+            for source in c.get("envFrom", []):
+                assert "secretRef" not in source, at
+    # Nor does the shared ConfigMap hold one.
+    assert not {variable(n) for n in SECRET_SETTINGS if n != "redis_url"} & set(config(objs))
+
+
+def test_every_secret_file_is_a_mounted_secret_and_the_settings_parse(render):
+    name, objs = render
+    generated = {o["metadata"]["name"]: o for o in find(objs, "Secret")}
+    used: dict[str, set[str]] = {}
+    for w in workloads(objs):
+        for c in containers(w):
+            files = [e for e in c.get("env", []) if e["name"] in FILE_VARIABLES]
+            for e in files:
+                secret, key = secret_file(w, c, e["name"])
+                used.setdefault(e["name"], set()).add(w["metadata"]["name"].removeprefix("smily-").split("-")[0])
+                if secret in generated:  # made by `make k8s-secrets`: the key is there, 256 bits
+                    assert len(generated[secret]["data"][key]) >= 40, f"{secret}/{key}"
+            if c.get("envFrom") == [{"configMapRef": {"name": config_name(objs)}}]:
+                # What the process sees (each file readable): no value set twice, every one parses.
+                env = {e["name"]: e["value"] for e in c.get("env", []) if "value" in e}
+                Settings.from_env({**config(objs), **env, **{e["name"]: os.devnull for e in files}})
+    assert used["SMILY_REDIS_PASSWORD_FILE"] == used["SMILY_CACHE_KEY_FILE"] == {"gateway"}
+    assert used["SMILY_INDEX_DATABASE_URL_FILE"] == {"index"}
+    assert ("SMILY_REDIS_URL_FILE" in used) == ("external-redis" in name)
+    # One view-session key for the HTTP front end and every gateway replica.
+    assert used["SMILY_VIEW_SESSION_KEY_FILE"] == {"gateway", "http"}
+    gateway, http = smily_workload(objs, "gateway"), one(objs, "Deployment", "smily-http")
+    (http_c,) = pod_spec(http)["containers"]
+    shared = secret_file(gateway, container_of(objs, "gateway"), "SMILY_VIEW_SESSION_KEY_FILE")
+    assert shared == secret_file(http, http_c, "SMILY_VIEW_SESSION_KEY_FILE") and shared[0] in generated
+    # Every Secret volume anywhere is private to its pod's user (and group, under fsGroup).
+    for w in workloads(objs):
+        for v in pod_spec(w).get("volumes", []):
+            if "secret" in v:
+                assert v["secret"].get("defaultMode") in (0o400, 0o440), f"{w['metadata']['name']}: {v['name']}"
+                assert pod_spec(w)["securityContext"].get("fsGroup"), w["metadata"]["name"]
+
+
+DNS_PEER = {
+    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+    "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}},
+}
+
+
+def test_postgres_pods_reach_only_each_other_dns_and_the_api_server(render):
+    name, objs = render
+    policies = find(objs, "NetworkPolicy")
+    clusters = find(objs, "Cluster")
+    # The cpu overlays run CloudNativePG; the gpu ones the hospital's PostgreSQL (no pods here).
+    assert bool(clusters) == name.startswith("cpu")
+    for pg in clusters:
+        pg_name = pg["metadata"]["name"]
+        # The labels CloudNativePG puts on an instance pod.
+        labels = {"cnpg.io/cluster": pg_name, "cnpg.io/podRole": "instance", "role": "primary"}
+        kinds = set()
+        for r in _peers_allowed(policies, labels, "Egress"):
+            # A rule without peers or ports would allow every destination or every port.
+            assert r.get("to") and r.get("ports"), r
+            ports = {(p.get("protocol", "TCP"), p["port"]) for p in r["ports"]}
+            if r["to"] == [{"podSelector": {"matchLabels": {"cnpg.io/cluster": pg_name}}}]:
+                kinds.add("own")  # replication (5432), instance status (8000)
+                assert ports <= {("TCP", 5432), ("TCP", 8000)}, r
+            elif r["to"] == [DNS_PEER]:
+                kinds.add("dns")
+                assert ports == {("UDP", 53), ("TCP", 53)}, r
+            else:  # the instance manager -> the Kubernetes API server: HTTPS alone
+                kinds.add("api")
+                assert all(set(peer) == {"ipBlock"} for peer in r["to"]), r
+                assert ports == {("TCP", 443), ("TCP", 6443)}, r
+        assert kinds == {"own", "dns", "api"}, kinds
+
+
 def test_redis_is_a_bounded_lru_cache_without_persistence(render):
     name, objs = render
     external = "external-redis" in name
     gateway = container_of(objs, "gateway")
     env = {e["name"]: e for e in gateway.get("env", [])}
+    deploy = smily_workload(objs, "gateway")
     if external:
         assert not find(objs, "Deployment", "smily-redis") and not find(objs, "Service", "smily-redis")
-        assert env["SMILY_REDIS_URL"]["valueFrom"]["secretKeyRef"]["name"] == "smily-redis-external"
+        assert secret_file(deploy, gateway, "SMILY_REDIS_URL_FILE") == ("smily-redis-external", "url")
+        # The URL from the file alone: the shared settings name none (both would be an error).
+        assert "SMILY_REDIS_URL" not in config(objs) and "SMILY_REDIS_URL" not in env
+        Settings.from_env({**config(objs), "SMILY_REDIS_URL_FILE": os.devnull})
         return
-    assert "SMILY_REDIS_URL" not in env
+    assert "SMILY_REDIS_URL" not in env and "SMILY_REDIS_URL_FILE" not in env
     assert config(objs)["SMILY_REDIS_URL"] == f"rediss://smily-redis.{namespace(objs)}.svc.cluster.local:6379/0"
     one(objs, "Service", "smily-redis")
-    (redis,) = pod_spec(one(objs, "Deployment", "smily-redis"))["containers"]
+    redis_deploy = one(objs, "Deployment", "smily-redis")
+    (redis,) = pod_spec(redis_deploy)["containers"]
     args = redis["args"]
     flags = {args[i]: args[i + 1] for i in range(0, len(args), 2)}
     # A password from the generated Secret, shared with the gateway only; protected-mode on.
-    assert flags["--protected-mode"] == "yes" and flags["--requirepass"] == "$(REDIS_PASSWORD)"
+    # redis-server reads it as configuration on its stdin, from the mounted file: never from
+    # the environment or its command line.
+    assert flags["--protected-mode"] == "yes" and "--requirepass" not in flags and "env" not in redis
+    assert redis["command"][:2] == ["sh", "-c"] and 'exec redis-server - "$@" <<EOF' in redis["command"][2]
+    (password_file,) = re.findall(r"^requirepass \$\(cat (\S+)\)$", redis["command"][2], flags=re.M)
     (secret,) = [o for o in find(objs, "Secret") if o["metadata"]["name"].startswith("smily-redis")]
-    redis_env = {e["name"]: e for e in redis["env"]}
-    for ref, key in (
-        (redis_env["REDIS_PASSWORD"], "password"),
-        (env["SMILY_REDIS_PASSWORD"], "password"),
-        (env["SMILY_CACHE_KEY"], "cache-key"),
+    for workload, c, path, key in (
+        (redis_deploy, redis, password_file, "password"),
+        (deploy, gateway, env["SMILY_REDIS_PASSWORD_FILE"]["value"], "password"),
+        (deploy, gateway, env["SMILY_CACHE_KEY_FILE"]["value"], "cache-key"),
     ):
-        assert ref["valueFrom"]["secretKeyRef"] == {"name": secret["metadata"]["name"], "key": key}
+        assert mounted_secret(workload, c, path) == (secret["metadata"]["name"], key)
         assert len(secret["data"][key]) >= 40
     assert flags["--maxmemory-policy"] == "allkeys-lru"
     assert flags["--maxmemory"] and flags["--save"] == "" and flags["--appendonly"] == "no"
@@ -569,10 +694,13 @@ def test_redis_serves_tls_only_with_a_certificate_the_gateway_verifies(render):
     assert f"dir={mount}" in script and "CONFIG SET" in script and "--tls" in script
     host = re.search(r"-h (\S+)", script)
     assert host and host[1] in cert["dnsNames"] and f"-p {url.port}" in script
-    assert {m["mountPath"]: m["name"] for m in reload["volumeMounts"]} == {mount: mounts[mount]["name"]}
-    env = {e["name"]: e for e in reload["env"]}
-    redis_env = {e["name"]: e for e in redis["env"]}
-    assert env["REDISCLI_AUTH"]["valueFrom"] == redis_env["REDIS_PASSWORD"]["valueFrom"]
+    reload_mounts = {m["mountPath"]: m["name"] for m in reload["volumeMounts"]}
+    assert reload_mounts[mount] == mounts[mount]["name"] and "env" not in reload
+    # redis-cli's password: REDISCLI_AUTH set for the one call, from the file Redis reads too.
+    (password_file,) = re.findall(r"REDISCLI_AUTH=\$\(cat (\S+)\)", script)
+    assert f"$(cat {password_file})" in redis["command"][2]
+    deploy = one(objs, "Deployment", "smily-redis")
+    assert mounted_secret(deploy, reload, password_file) == mounted_secret(deploy, redis, password_file)
 
 
 def test_autoscaling(render):
@@ -795,11 +923,7 @@ def test_offline_custom_resources(render):
         assert spec["affinity"]["podAntiAffinityType"] in ("required", "preferred")
         for sts in index_shards(objs):  # the operator's Secret for the application role, key uri
             (c,) = pod_spec(sts)["containers"]
-            env = {e["name"]: e for e in c["env"]}
-            assert env["SMILY_INDEX_DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {
-                "name": f"{pg['metadata']['name']}-app",
-                "key": "uri",
-            }
+            assert secret_file(sts, c, "SMILY_INDEX_DATABASE_URL_FILE") == (f"{pg['metadata']['name']}-app", "uri")
     issuers = {o["metadata"]["name"]: o for o in find(objs, "Issuer")}
     for o in issuers.values():
         assert set(o["spec"]) <= {"selfSigned", "ca"} and len(o["spec"]) == 1

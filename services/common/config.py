@@ -10,6 +10,12 @@ process shares (bind host, metrics, health port, logging).
 Lists use the OS path separator (":" on Linux), except lists of addresses and
 numbers, which use ",". Booleans are 1/0, true/false, yes/no or on/off; anything
 else is an error naming the variable.
+
+Secrets come as files (a mounted Kubernetes Secret), not in the environment:
+every string setting is also read from the file SMILY_<FIELD>_FILE names, its
+trailing newline stripped (`SMILY_REDIS_PASSWORD_FILE=/etc/smily/redis/password`).
+Setting both is an error. A setting with a `_file` twin of its own
+(view_session_key_file) and a path setting (`*_file`) keep their meaning.
 """
 
 from __future__ import annotations
@@ -270,6 +276,10 @@ class Settings:
         values = {}
         for name, f in FIELDS.items():
             raw = env.get(variable(name))
+            if name in FROM_FILE and file_variable(name) in env:
+                if raw is not None:
+                    raise ConfigError(f"{variable(name)} and {file_variable(name)} are both set: set one")
+                raw = _read_file(file_variable(name), env[file_variable(name)])
             if raw is not None:
                 values[name] = _parse(f, raw)
         return cls().replace(**values, **overrides)
@@ -296,6 +306,28 @@ def variable(name: str) -> str:
     return "SMILY_" + name.upper()
 
 
+def file_variable(name: str) -> str:
+    """The variable naming a file that holds a field's value: `redis_password` -> SMILY_REDIS_PASSWORD_FILE."""
+    return variable(name) + "_FILE"
+
+
+def _read_file(var: str, path: str) -> str:
+    # The message names the variable and the path, never what the file holds.
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except OSError as exc:
+        raise ConfigError(f"{var}={path!r}: cannot read it ({exc.strerror or type(exc).__name__})") from None
+    try:
+        return data.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{var}={path!r}: not UTF-8 text") from None
+
+
+def _kind(f: dataclasses.Field) -> str:
+    return f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+
+
 def _groups() -> tuple[dict[str, str], dict[str, dataclasses.Field]]:
     group_of: dict[str, str] = {}
     fields: dict[str, dataclasses.Field] = {}
@@ -309,6 +341,12 @@ def _groups() -> tuple[dict[str, str], dict[str, dataclasses.Field]]:
 
 # Field name -> its group ("redis_url" -> "gateway"), and its dataclass field.
 GROUP_OF, FIELDS = _groups()
+
+# String settings SMILY_<FIELD>_FILE may set, except paths (`*_file`) and those with a
+# `<field>_file` setting of their own, whose SMILY_<FIELD>_FILE already names that one.
+FROM_FILE = frozenset(
+    n for n, f in FIELDS.items() if _kind(f) == "str" and not n.endswith("_file") and f"{n}_file" not in FIELDS
+)
 
 # Lists of network addresses or numbers cannot use ":".
 _SEPARATORS = {
@@ -326,7 +364,7 @@ _BOOLEANS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "fals
 
 
 def _parse(f: dataclasses.Field, raw: str) -> Any:
-    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    kind = _kind(f)
     try:
         if kind.startswith("tuple"):
             parts = tuple(p.strip() for p in raw.split(_SEPARATORS.get(f.name, os.pathsep)) if p.strip())
