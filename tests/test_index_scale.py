@@ -225,7 +225,7 @@ def test_reshard_two_to_three_during_searches(postgres, tmp_path):  # noqa: F811
         for ch in (ch for g in two_chans for ch in g):
             ch.close()
         everyone = sorted(f"m-{i:02d}" for i in range(24))
-        stop, failures, seen = threading.Event(), [], []
+        stop, failures, seen, listings = threading.Event(), [], [], []
 
         def loop():  # a bounded search loop over all three shards, as the reconfigured gateway sends
             n = 0
@@ -240,6 +240,14 @@ def test_reshard_two_to_three_during_searches(postgres, tmp_path):  # noqa: F811
                     continue
                 tiles = [(h.slide_id, h.tile.x) for h in hits]
                 seen.append((len(tiles) == len(set(tiles)) == 240, sorted({h.slide_id for h in hits}) == everyone))
+                # A listing, paged across the moving slides, names each slide once.
+                listed, token = [], ""
+                while True:
+                    page = c.index.ListSlides(index_pb2.ListSlidesRequest(page_size=5, page_token=token), timeout=60)
+                    listed += [s.slide_id for s in page.slides]
+                    if not (token := page.next_page_token):
+                        break
+                listings.append(listed == everyone)
 
         searcher = threading.Thread(target=loop)
         searcher.start()
@@ -253,6 +261,7 @@ def test_reshard_two_to_three_during_searches(postgres, tmp_path):  # noqa: F811
         assert len(seen) > 10 and all(once and complete for once, complete in seen), (
             f"{sum(1 for s in seen if s != (True, True))} of {len(seen)} searches saw a slide twice or not at all"
         )
+        assert all(listings), f"{listings.count(False)} of {len(listings)} listings named a slide twice or missed one"
         # Each replica ends with exactly the slides placed on its shard (once it has followed the last drops).
         placed = [sum(1 for s in everyone if shard_of(s, 3) == k) for k in range(3)]
         replicas = [c.replica(s, 0) for s in range(3)]
