@@ -21,12 +21,18 @@ from smily.index.pg_store import PgStorage
 from smily.index.shard import Query
 
 from .pg import fresh_database, postgres  # noqa: F401 (fixture)
-from .test_index_ann import clustered, fill, ivf_config
+from .test_index_ann import clustered, fill
+from .test_index_ann import ivf_config as _ivf_config
 from .test_index_store import MODEL, put, vecs
 
 
 def fp16_scores(q, slide_vectors, xs):
     return sorted((float(v.astype(np.float16).astype(np.float32) @ q) for v in slide_vectors[xs]), reverse=True)
+
+
+def ivf_config(**kw):
+    """An IVF index that trains in a moment (4-bit PQ codes): what the tests check is the re-rank."""
+    return _ivf_config(**{"factory": "IVF16,PQ4x4", **kw})
 
 
 @pytest.mark.parametrize("form", sorted(rerank.FORMS))
@@ -58,6 +64,14 @@ def test_an_exact_index_keeps_no_rerank_vectors(tmp_path):
     off = TileIndex(str(tmp_path / "off"), ivf_config(rerank=1))
     fill(off)
     assert off.info().factory.startswith("IVF") and off._refine is None
+    # "storage": none in RAM, the candidates re-scored from storage's rows.
+    lean = TileIndex(str(tmp_path / "lean"), ivf_config(rerank_form="storage"))
+    fill(lean)
+    assert lean.info().factory.startswith("IVF") and lean._refine is None
+    q = clustered(1, 4)[0]
+    for h in lean.search(Query(MODEL, q, 5)):
+        v = clustered(100, int(h.slide_id[1:]))[h.tile.x // 10]
+        assert abs(h.score - float(v.astype(np.float16).astype(np.float32) @ q)) < 1e-5  # the stored row's score
 
 
 def test_filters_deletes_and_compaction_keep_the_rerank_vectors_in_step(tmp_path):

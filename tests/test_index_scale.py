@@ -13,8 +13,11 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -86,7 +89,8 @@ def gateway(postgres, model_repo, tmp_path_factory):  # noqa: F811
                 )
             )
         gw, gs = stack.start(["gateway"], settings.replace(index_targets=tuple(t[0] for t in c.targets)))
-        ch = channel(f"127.0.0.1:{gs.gateway.gateway_port}")
+        c.gateway = f"127.0.0.1:{gs.gateway.gateway_port}"  # for the CLI
+        ch = channel(c.gateway)
         yield c, gateway_pb2_grpc.GatewayServiceStub(ch)
         ch.close()
     finally:
@@ -96,7 +100,28 @@ def gateway(postgres, model_repo, tmp_path_factory):  # noqa: F811
         c.close()
 
 
-def test_gateway_names_a_missing_shard_or_answers_partially(gateway):
+def smily_cli(gateway: str, *args) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "smily.cli", *args, "--gateway", gateway], capture_output=True, text=True, timeout=120
+    )
+
+
+def cli_partial(gateway: str, tmp_path) -> None:
+    """With shard 1 down: the CLI names the shard (no "is the stack up?": the gateway answered);
+    --partial answers from shard 0 and names the missing shard."""
+    image = tmp_path / "q.png"
+    image.write_bytes(png(1))
+    out = smily_cli(gateway, "search", "--image", str(image), "--k", "5")
+    assert out.returncode == 2 and "index shard 1 has no live replica" in out.stderr
+    assert "Is the stack up" not in out.stderr and "Traceback" not in out.stderr
+    out = smily_cli(gateway, "search", "--image", str(image), "--k", "5", "--partial")
+    assert out.returncode == 0, out.stderr
+    assert "5 hits" in out.stdout and "partial answer: index shard(s) 1 did not answer" in out.stderr
+    out = smily_cli(gateway, "search", "--image", str(image), "--k", "5", "--partial", "--json")
+    assert out.returncode == 0 and json.loads(out.stdout)["missing_shards"] == [1]
+
+
+def test_gateway_names_a_missing_shard_or_answers_partially(gateway, tmp_path):
     c, gw = gateway
     whole = gw.Search(gateway_pb2.SearchRequest(image=png(1), k=50))
     assert not whole.partial and not whole.missing_shards
@@ -125,6 +150,7 @@ def test_gateway_names_a_missing_shard_or_answers_partially(gateway):
         part = gw.SearchSlides(gateway_pb2.SearchSlidesRequest(source="q.tiff", k=20, partial=True))
         assert part.partial and list(part.missing_shards) == [1]
         assert part.slides and all(shard_of(s.slide_id, 2) == 0 for s in part.slides)
+        cli_partial(c.gateway, tmp_path)
     finally:
         c.restart(1, 0)
     again = gw.Search(gateway_pb2.SearchRequest(image=png(1), k=50, partial=True))

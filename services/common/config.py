@@ -167,7 +167,8 @@ class IndexSettings:
     index_nprobe: int = 32
     # ANN candidates per hit re-scored from re-rank vectors held in RAM (<= 1: off).
     index_rerank: int = 100
-    # The re-rank vectors' form: fp16 (2 B a dimension) or sq8 (1 B; docs/benchmarks.md).
+    # The re-rank vectors' form: fp16 (2 B a dimension in RAM), sq8 (1 B), or storage
+    # (none in RAM: read per search; docs/benchmarks.md).
     index_rerank_form: str = "fp16"
     index_snapshot_interval_s: float = 300.0
     # Cluster mode: postgresql://... makes this process a serving replica of shard

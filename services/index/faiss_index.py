@@ -117,9 +117,10 @@ class TileIndex:
         self.state = IndexState()
         if self.config.factory and self.dim:
             ann.validate(self.config.factory, self.dim)
-        if self.config.rerank_form not in reranking.FORMS:
+        if self.config.rerank_form not in (*reranking.FORMS, reranking.STORAGE):
             raise ValueError(
-                f"SMILY_INDEX_RERANK_FORM must be one of {sorted(reranking.FORMS)}, got {self.config.rerank_form!r}"
+                f"SMILY_INDEX_RERANK_FORM must be one of {sorted(reranking.FORMS)} or {reranking.STORAGE!r}, "
+                f"got {self.config.rerank_form!r}"
             )
         self._load()
         self._snapshotter = None
@@ -216,7 +217,7 @@ class TileIndex:
 
     def _refines(self, factory: str) -> bool:
         """Whether an index of this type is re-ranked (from re-rank vectors in RAM)."""
-        return factory != ann.FLAT and self.config.rerank > 1
+        return factory != ann.FLAT and self.config.rerank > 1 and self._form != reranking.STORAGE
 
     def _new_refine(self, factory: str, train: np.ndarray | None) -> Any:
         return reranking.build(self.dim, self._form, train) if self._refines(factory) else None
@@ -501,7 +502,7 @@ class TileIndex:
                 if not len(allowed):
                     return []
                 if not exact and len(allowed) <= EXACT_FILTER_MAX:
-                    return self._hits(list(zip(allowed.tolist(), self._scores(allowed, query))), k, query, False)
+                    return self._hits(self._scores(allowed, query), k, query, rescore=False)
                 selector, available = faiss.IDSelectorBatch(allowed), len(allowed)
             elif exclude_slide_ids or exclude_filters:
                 excluded = self.storage.excluded(exclude_slide_ids, exclude_filters)
@@ -510,7 +511,7 @@ class TileIndex:
                         faiss.IDSelectorNot(faiss.IDSelectorBatch(excluded)),
                         available - len(excluded),
                     )
-            rescore = self._refine is not None
+            rescore = not exact and self.config.rerank > 1
             want = min(max(k, min(k * self.config.rerank, RERANK_MAX)) if rescore else k, available)
             nprobe = nprobe or self.config.nprobe
             with span("index.search", candidates=want, exact=exact):
@@ -533,13 +534,17 @@ class TileIndex:
             self._at_mpp = cached
         return cached[1]
 
-    def _scores(self, ids: np.ndarray, query: np.ndarray) -> list[float]:
-        """Scores of these tiles: from the re-rank vectors in RAM, else (re-rank off) from storage.
-        Caller holds the read lock."""
+    def _scores(self, ids: np.ndarray, query: np.ndarray) -> list[tuple[int, float]]:
+        """(id, score) of these tiles: from the re-rank vectors in RAM, else (re-rank from
+        storage) from storage's rows. Caller holds the read lock."""
         if self._refine is not None:
-            return reranking.scores(self._refine, ids, query).tolist()
+            try:
+                return list(zip(ids.tolist(), reranking.scores(self._refine, ids, query).tolist()))
+            except RuntimeError:  # a filter's tile that another writer of a shared store committed, not yet here
+                pass
         parts = [self.storage.vectors(ids[i : i + SQL_CHUNK]) for i in range(0, len(ids), SQL_CHUNK)]
-        return (np.concatenate([p[1] for p in parts]) @ query[0]).tolist()
+        held, vectors = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        return list(zip(held.tolist(), (vectors @ query[0]).tolist()))
 
     def _hits(self, found: list[tuple[int, float]], k: int, query: np.ndarray, rescore: bool) -> list[Hit]:
         """Hits with their records, re-scored from the re-rank vectors when asked; records
@@ -549,7 +554,7 @@ class TileIndex:
         if rescore:
             with span("rerank", candidates=len(found)):
                 ids = np.fromiter((f[0] for f in found), np.int64, len(found))
-                found = list(zip(ids.tolist(), self._scores(ids, query)))
+                found = self._scores(ids, query)
         found.sort(key=lambda f: -f[1])
         found = found[:k]
         with span("index.records"):

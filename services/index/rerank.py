@@ -20,6 +20,9 @@ import numpy as np
 # Refine forms: FAISS scalar quantizer types. fp16 is the form storage holds.
 FORMS = {"fp16": faiss.ScalarQuantizer.QT_fp16, "sq8": faiss.ScalarQuantizer.QT_8bit}
 DEFAULT_FORM = "fp16"
+# No vectors in RAM: candidates are re-scored from rows read from storage per search (the
+# least RAM, for shards too large to hold 2 B a dimension a tile; ~25 ms per 1,000 candidates).
+STORAGE = "storage"
 
 
 def build(dim: int, form: str, train: np.ndarray | None) -> faiss.Index:
