@@ -160,6 +160,9 @@ def test_vectors_are_stored_as_float16_at_the_models_dimension(backend):
     store = backend()
     put(store, "a", vecs(5))
     assert {len(b) for b in _raw_vectors(store)} == {8 * 2}
+    if not isinstance(store.storage, PgStorage):  # pages that hold several 1280-d float16 rows
+        with store.storage._session():
+            assert store.storage._x("PRAGMA page_size").fetchone()[0] == 8192
     store.close()
 
 
