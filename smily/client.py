@@ -131,9 +131,12 @@ class Client:
         exclude_query_case: bool = False,
         nprobe: int = 0,
         image_mpp: float = 0.0,
+        partial: bool = False,
     ) -> gateway_pb2.SearchResponse:
-        """Examples in positives/negatives are image bytes or region dicts; image_mpp: µm/px of image queries."""
+        """Examples in positives/negatives are image bytes or region dicts; image_mpp: µm/px of image queries;
+        partial: answer from the live index shards when one has no live replica."""
         req = gateway_pb2.SearchRequest(
+            partial=partial,
             exclude_query_slide=exclude_query_slide,
             exclude_query_case=exclude_query_case,
             slide_ids=slide_ids,
@@ -167,8 +170,11 @@ class Client:
         mosaic_size: int | None = None,
         exclude_query_slide: bool = False,
         slide_mpp: float = 0.0,
+        partial: bool = False,
     ) -> gateway_pb2.SearchSlidesResponse:
-        req = gateway_pb2.SearchSlidesRequest(exclude_query_slide=exclude_query_slide, slide_mpp=slide_mpp)
+        req = gateway_pb2.SearchSlidesRequest(
+            exclude_query_slide=exclude_query_slide, slide_mpp=slide_mpp, partial=partial
+        )
         if slide_id:
             req.slide_id = slide_id
         if source:

@@ -13,8 +13,11 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -88,7 +91,8 @@ def gateway(postgres, model_repo, tmp_path_factory):  # noqa: F811
                 )
             )
         gw, gs = stack.start(["gateway"], settings.replace(index_targets=tuple(t[0] for t in c.targets)))
-        ch = channel(f"127.0.0.1:{gs.gateway.gateway_port}")
+        c.gateway = f"127.0.0.1:{gs.gateway.gateway_port}"  # for the CLI
+        ch = channel(c.gateway)
         yield c, gateway_pb2_grpc.GatewayServiceStub(ch)
         ch.close()
     finally:
@@ -98,7 +102,28 @@ def gateway(postgres, model_repo, tmp_path_factory):  # noqa: F811
         c.close()
 
 
-def test_gateway_names_a_missing_shard_or_answers_partially(gateway):
+def smily_cli(gateway: str, *args) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "smily.cli", *args, "--gateway", gateway], capture_output=True, text=True, timeout=120
+    )
+
+
+def cli_partial(gateway: str, tmp_path) -> None:
+    """With shard 1 down: the CLI names the shard (no "is the stack up?": the gateway answered);
+    --partial answers from shard 0 and names the missing shard."""
+    image = tmp_path / "q.png"
+    image.write_bytes(png(1))
+    out = smily_cli(gateway, "search", "--image", str(image), "--k", "5")
+    assert out.returncode == 2 and "index shard 1 has no live replica" in out.stderr
+    assert "Is the stack up" not in out.stderr and "Traceback" not in out.stderr
+    out = smily_cli(gateway, "search", "--image", str(image), "--k", "5", "--partial")
+    assert out.returncode == 0, out.stderr
+    assert "5 hits" in out.stdout and "partial answer: index shard(s) 1 did not answer" in out.stderr
+    out = smily_cli(gateway, "search", "--image", str(image), "--k", "5", "--partial", "--json")
+    assert out.returncode == 0 and json.loads(out.stdout)["missing_shards"] == [1]
+
+
+def test_gateway_names_a_missing_shard_or_answers_partially(gateway, tmp_path):
     c, gw = gateway
     whole = gw.Search(gateway_pb2.SearchRequest(image=png(1), k=50))
     assert not whole.partial and not whole.missing_shards
@@ -127,6 +152,7 @@ def test_gateway_names_a_missing_shard_or_answers_partially(gateway):
         part = gw.SearchSlides(gateway_pb2.SearchSlidesRequest(source="q.tiff", k=20, partial=True))
         assert part.partial and list(part.missing_shards) == [1]
         assert part.slides and all(shard_of(s.slide_id, 2) == 0 for s in part.slides)
+        cli_partial(c.gateway, tmp_path)
     finally:
         c.restart(1, 0)
     again = gw.Search(gateway_pb2.SearchRequest(image=png(1), k=50, partial=True))
@@ -227,7 +253,7 @@ def test_reshard_two_to_three_during_searches(postgres, tmp_path, monkeypatch): 
         for ch in (ch for g in two_chans for ch in g):
             ch.close()
         everyone = sorted(f"m-{i:02d}" for i in range(24))
-        stop, failures, seen = threading.Event(), [], []
+        stop, failures, seen, listings = threading.Event(), [], [], []
 
         def loop():  # a bounded search loop over all three shards, as the reconfigured gateway sends
             n = 0
@@ -242,6 +268,14 @@ def test_reshard_two_to_three_during_searches(postgres, tmp_path, monkeypatch): 
                     continue
                 tiles = [(h.slide_id, h.tile.x) for h in hits]
                 seen.append((len(tiles) == len(set(tiles)) == 240, sorted({h.slide_id for h in hits}) == everyone))
+                # A listing, paged across the moving slides, names each slide once.
+                listed, token = [], ""
+                while True:
+                    page = c.index.ListSlides(index_pb2.ListSlidesRequest(page_size=5, page_token=token), timeout=60)
+                    listed += [s.slide_id for s in page.slides]
+                    if not (token := page.next_page_token):
+                        break
+                listings.append(listed == everyone)
 
         def after_searches(step):
             """Each copy and drop of the reshard waits for two more searches: every phase is searched."""
@@ -267,6 +301,7 @@ def test_reshard_two_to_three_during_searches(postgres, tmp_path, monkeypatch): 
         assert len(seen) >= 4 * moved and all(once and complete for once, complete in seen), (
             f"{sum(1 for s in seen if s != (True, True))} of {len(seen)} searches saw a slide twice or not at all"
         )
+        assert all(listings), f"{listings.count(False)} of {len(listings)} listings named a slide twice or missed one"
         # Each replica ends with exactly the slides placed on its shard (once it has followed the last drops).
         placed = [sum(1 for s in everyone if shard_of(s, 3) == k) for k in range(3)]
         replicas = [c.replica(s, 0) for s in range(3)]

@@ -32,6 +32,9 @@ RETIRE_GRACE_S = 5.0
 # Methods that may run twice with the same effect and answer: `idempotency_level` in the protos.
 IDEMPOTENT = rpcmeta.IDEMPOTENT
 
+# Client keepalive ping interval; servers accept pings this often (server.SERVER_OPTIONS).
+KEEPALIVE_MS = 60_000
+
 _SERVICE_CONFIG = json.dumps(
     {
         "loadBalancingConfig": [{"round_robin": {}}],
@@ -64,6 +67,15 @@ def channel(target: str, credentials: grpc.ChannelCredentials | None = None) -> 
         # After a rolling restart every address a headless Service gave is gone: look the
         # name up again within a second, not gRPC's default 30 s (found by tests/cluster).
         ("grpc.dns_min_time_between_resolutions_ms", 1000),
+        # One warm connection per target, reused by every call: HTTP/2 keepalive pings find a
+        # dead peer between calls, and the channel never idles out (each search would
+        # otherwise pay a new connection after 30 idle minutes). round_robin reconnects at
+        # once when a server ends a connection (max_connection_age), not at the next call.
+        ("grpc.keepalive_time_ms", KEEPALIVE_MS),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.client_idle_timeout_ms", 2**31 - 1),
     ]
     if credentials is None:
         return tracing.intercept(grpc.insecure_channel(target, options=options))

@@ -177,8 +177,11 @@ class IndexSettings:
     index_factory: str = ""
     index_ivf_threshold: int = 200_000
     index_nprobe: int = 32
-    # ANN candidates per hit re-scored exactly from the journal (<= 1: off).
+    # ANN candidates per hit re-scored from re-rank vectors held in RAM (<= 1: off).
     index_rerank: int = 100
+    # The re-rank vectors' form: fp16 (2 B a dimension in RAM), sq8 (1 B), or storage
+    # (none in RAM: read per search; docs/benchmarks.md).
+    index_rerank_form: str = "fp16"
     index_snapshot_interval_s: float = 300.0
     # Cluster mode: postgresql://... makes this process a serving replica of shard
     # index_shard, with PostgreSQL as the system of record (empty: SQLite in index_dir).

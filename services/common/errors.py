@@ -38,6 +38,11 @@ class Unavailable(ServiceError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+# An index replica's answer when its system of record (PostgreSQL) cannot be reached:
+# the gateway tells it from a replica that is down by this text.
+INDEX_DATABASE_UNREACHABLE = "the index database is unreachable"
+
+
 def require(condition: bool, message: str) -> None:
     """Raise InvalidArgument(message) unless condition holds."""
     if not condition:

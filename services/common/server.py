@@ -57,6 +57,10 @@ SERVER_OPTIONS = [
     ("grpc.max_connection_age_ms", 5 * 60 * 1000),
     ("grpc.max_connection_age_grace_ms", 60 * 1000),
     ("grpc.keepalive_time_ms", 60 * 1000),
+    # Clients keep idle connections warm with a ping a minute (channels.KEEPALIVE_MS): allowed,
+    # where gRPC's default (one per 5 minutes) would end them with "too many pings".
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 30 * 1000),
 ]
 
 

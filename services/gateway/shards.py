@@ -43,7 +43,7 @@ import grpc
 import prometheus_client as prom
 
 from smily.common.channels import RotatingStub
-from smily.common.errors import Unavailable
+from smily.common.errors import INDEX_DATABASE_UNREACHABLE, Unavailable
 from smily.common.placement import shard_of
 from smily.index.v1 import index_pb2, index_pb2_grpc
 
@@ -70,11 +70,16 @@ HEDGES = prom.Counter("smily_index_hedges_total", "Searches sent to a second rep
 
 
 class NoReplica(Unavailable, grpc.RpcError):
-    """No replica of a shard served the call; an RpcError too, as gateway code expects of a backend."""
+    """No replica of a shard served the call; an RpcError too, as gateway code expects of a backend.
+    `database`: a replica answered that the shard's database is unreachable (so replicas are up)."""
 
-    def __init__(self, shard: int):
+    def __init__(self, shard: int, database: bool = False):
         # No backend's message: a transport error's names internal addresses.
-        super().__init__(f"index shard {shard} has no live replica (replicas or the index database unreachable)")
+        if database:
+            message = f"{INDEX_DATABASE_UNREACHABLE} (index shard {shard}; its replicas are up): retry later"
+        else:
+            message = f"index shard {shard} has no live replica"
+        super().__init__(message)
         self.shard = shard
 
     def code(self) -> grpc.StatusCode:
@@ -108,15 +113,18 @@ class Shard:
         return sorted(order, key=lambda i: self._down_until[i] > now)
 
     def call(self, method: str, request, timeout=None):
+        database = False
         for i in self._order():
             try:
                 return getattr(self.stubs[i], method)(request, timeout=timeout)
             except grpc.RpcError as exc:
                 if exc.code() != grpc.StatusCode.UNAVAILABLE:
                     raise
-                # Unreachable, or its database is: either way the next replica may serve.
+                if _database_down(exc):  # the replica is up: another one meets the same database
+                    database = True
+                    continue
                 self._down_until[i] = time.monotonic() + DOWN_S
-        raise NoReplica(self.number)
+        raise NoReplica(self.number, database)
 
     # -- hedged search ------------------------------------------------------------
     def hedge_delay(self) -> float | None:
@@ -212,6 +220,10 @@ class Shard:
                 time.sleep(0.02)
 
 
+def _database_down(exc: grpc.RpcError) -> bool:
+    return (exc.details() or "").startswith(INDEX_DATABASE_UNREACHABLE)
+
+
 def _tile_key(hit) -> tuple:
     t = hit.tile
     return hit.slide_id, t.x, t.y, t.width, t.height, t.mpp
@@ -302,7 +314,15 @@ class ShardedIndex:
     def ListSlides(self, request, timeout=None):
         size = min(request.page_size or 100, 1000)  # as each shard pages
         replies, _ = self._all("ListSlides", request, timeout)
-        slides = sorted((s for r in replies for s in r.slides), key=lambda s: s.slide_id)
+        # A slide that a reshard is moving (or left behind, interrupted) is on two shards:
+        # listed once, as the shard its placement names holds it. Each shard pages after the
+        # same slide id, so a page's slides do not depend on which shard holds them.
+        chosen: dict = {}
+        for shard, reply in zip(self.shards, replies):
+            for s in reply.slides:
+                if s.slide_id not in chosen or self._for(s.slide_id) is shard:
+                    chosen[s.slide_id] = s
+        slides = sorted(chosen.values(), key=lambda s: s.slide_id)
         more = len(slides) > size or any(r.next_page_token for r in replies)
         slides = slides[:size]
         token = base64.urlsafe_b64encode(slides[-1].slide_id.encode()).decode() if more and slides else ""

@@ -33,6 +33,7 @@ from smily.common.tiling import Tiling
 from smily.common.tracing import span
 
 from . import ann, snapshot
+from . import rerank as reranking
 from .shard import Hit, IndexInfo, Query, TileBatch
 from .sqlite_store import SqliteStorage
 from .storage import SQL_CHUNK, STALE_STAGED_S, Commit, Slide, Storage
@@ -40,7 +41,7 @@ from .storage import SQL_CHUNK, STALE_STAGED_S, Commit, Slide, Storage
 log = logging.getLogger("smily.index")
 
 TRAIN_MAX = 100_000
-# Filtered searches over at most this many tiles are scored exactly from storage.
+# Filtered searches over at most this many tiles are scored exactly, from the re-rank vectors.
 EXACT_FILTER_MAX = 4096
 # Deleted entries past this share of the index trigger a compacting copy.
 COMPACT_FRACTION = 0.25
@@ -54,9 +55,12 @@ class IndexConfig:
     factory: str = ""
     ivf_threshold: int = 200_000
     nprobe: int = 32
-    # ANN candidates per hit re-scored with the exact vectors from storage; <= 1 turns it off.
+    # ANN candidates per hit re-scored with the re-rank vectors held in RAM; <= 1 turns it off.
     # 100 (1,000 candidates for k=10) kept recall@10 >= 0.99 on 1M vectors in bench/index.py.
     rerank: int = 100
+    # The re-rank vectors' form (reranking.FORMS, or reranking.STORAGE): fp16 kept recall@10 at 0.9993 of
+    # exact float32 on real embeddings at nprobe 32, sq8 0.986 (bench/rerank.py, docs/benchmarks.md).
+    rerank_form: str = reranking.DEFAULT_FORM
     snapshot_interval_s: float = 300.0
 
 
@@ -107,11 +111,18 @@ class TileIndex:
         # Ids of the tiles at one resolution of a multi-resolution index, per (seq, range): searched often.
         self._at_mpp: tuple[tuple, np.ndarray] | None = None
         self._faiss: Any = None  # a faiss.Index once loaded
+        # The re-rank vectors refining an IVF index (rerank.py); None for an exact index.
+        self._refine: Any = None
         self._trainer: threading.Thread | None = None
         self._stop = threading.Event()
         self.state = IndexState()
         if self.config.factory and self.dim:
             ann.validate(self.config.factory, self.dim)
+        if self.config.rerank_form not in (*reranking.FORMS, reranking.STORAGE):
+            raise ValueError(
+                f"SMILY_INDEX_RERANK_FORM must be one of {sorted(reranking.FORMS)} or {reranking.STORAGE!r}, "
+                f"got {self.config.rerank_form!r}"
+            )
         self._load()
         self._snapshotter = None
         if self.config.snapshot_interval_s > 0:
@@ -149,7 +160,7 @@ class TileIndex:
         found = snapshot.read(self._dir)
         if found is None:
             return
-        index, man = found
+        index, man, refine = found
         if (man.get("model_id"), man.get("dim")) != (self.model_id, self.dim):
             raise snapshot.SnapshotError("the snapshot belongs to another model")
         if man["seq"] > self._seq:
@@ -159,18 +170,29 @@ class TileIndex:
         if man["factory"] != self._factory_for(committed, man["factory"]):
             log.info("index type changed by configuration or size; rebuilding", extra={"was": man["factory"]})
             return
+        if refine is not None and (not self._refines(man["factory"]) or reranking.form_of(refine) != self._form):
+            refine = None  # re-rank turned off or its form changed: built again below when needed
         gone = self.storage.removed_after(man["seq"])
         if len(gone):
-            index.remove_ids(faiss.IDSelectorBatch(gone))
+            for held in (index, refine):
+                if held is not None:
+                    held.remove_ids(faiss.IDSelectorBatch(gone))
         replayed = 0
         for ids, vecs in self.storage.added_after(man["seq"]):
             index.add_with_ids(vecs, ids)
+            if refine is not None:
+                refine.add_with_ids(vecs, ids)
             replayed += len(ids)
-        if index.ntotal != committed:
-            raise snapshot.SnapshotError(
-                f"snapshot plus journal replay holds {index.ntotal} vectors, the journal {committed}"
-            )
-        self._faiss = index
+        if refine is None and self._refines(man["factory"]):
+            # A snapshot from before re-rank vectors were kept: read them from storage once.
+            refine = reranking.build(self.dim, self._form, self._training_sample() if self._form != "fp16" else None)
+            self._fill(refine)
+        for held in (index, refine):
+            if held is not None and held.ntotal != committed:
+                raise snapshot.SnapshotError(
+                    f"snapshot plus journal replay holds {held.ntotal} vectors, the journal {committed}"
+                )
+        self._faiss, self._refine = index, refine
         self.state = IndexState(
             man["factory"],
             man.get("train_vectors", 0),
@@ -190,14 +212,26 @@ class TileIndex:
             return ann.FLAT
         return self.config.factory or ann.auto_factory(n, self.dim, self.config.ivf_threshold)
 
+    @property
+    def _form(self) -> str:
+        return self.config.rerank_form
+
+    def _refines(self, factory: str) -> bool:
+        """Whether an index of this type is re-ranked (from re-rank vectors in RAM)."""
+        return factory != ann.FLAT and self.config.rerank > 1 and self._form != reranking.STORAGE
+
+    def _new_refine(self, factory: str, train: np.ndarray | None) -> Any:
+        return reranking.build(self.dim, self._form, train) if self._refines(factory) else None
+
     def _rebuild(self, committed: int) -> None:
         """A fresh index of the right type from every published vector (training it first if needed).
         Start-up only: a live index trains in the background (_train_and_swap)."""
         factory = self._factory_for(committed)
         train = self._training_sample() if factory != ann.FLAT else None
         index, seconds = ann.build(factory, self.dim, train)
-        self._fill(index)
-        self._faiss = index
+        refine = self._new_refine(factory, train)
+        self._fill(index, refine)
+        self._faiss, self._refine = index, refine
         self.state = IndexState(
             factory, 0 if train is None else len(train), seconds, load_report=self.state.load_report
         )
@@ -212,8 +246,8 @@ class TileIndex:
             [self.storage.vectors(pick[i : i + SQL_CHUNK])[1] for i in range(0, len(pick), SQL_CHUNK)]
         )
 
-    def _fill(self, index) -> np.ndarray:
-        """Add every published vector to `index`, a chunk per storage read so searches and
+    def _fill(self, index, refine=None) -> np.ndarray:
+        """Add every published vector to `index` (and `refine`), a chunk per storage read so searches and
         commits interleave; returns the ids added. Tiles committed or removed meanwhile may be
         missed or included: _train_and_swap reconciles by id."""
         added, after = [], 0
@@ -222,6 +256,8 @@ class TileIndex:
             if not len(ids):
                 break
             index.add_with_ids(vecs, ids)
+            if refine is not None:
+                refine.add_with_ids(vecs, ids)
             added.append(ids)
             after = int(ids[-1])
         return np.concatenate(added) if added else np.empty(0, np.int64)
@@ -243,7 +279,8 @@ class TileIndex:
         try:
             train = self._training_sample()
             index, seconds = ann.build(factory, self.dim, train)
-            added = self._fill(index)
+            refine = self._new_refine(factory, train)
+            added = self._fill(index, refine)
             if self._stop.is_set():
                 return  # closing: the next start-up trains from the journal
             with self._rw.write():
@@ -253,10 +290,14 @@ class TileIndex:
                 for i in range(0, len(missing), SQL_CHUNK):
                     ids, vecs = self.storage.vectors(missing[i : i + SQL_CHUNK])
                     index.add_with_ids(vecs, ids)
+                    if refine is not None:
+                        refine.add_with_ids(vecs, ids)
                 gone = np.setdiff1d(added, live, assume_unique=True)
                 if len(gone):
-                    index.remove_ids(faiss.IDSelectorBatch(gone))
-                self._faiss = index
+                    for held in (index, refine):
+                        if held is not None:
+                            held.remove_ids(faiss.IDSelectorBatch(gone))
+                self._faiss, self._refine = index, refine
                 self.state = IndexState(
                     factory, len(train), seconds, self.state.snapshot_seq, len(gone), self.state.load_report
                 )
@@ -289,6 +330,7 @@ class TileIndex:
                     "train_vectors": self.state.train_vectors,
                     "train_seconds": self.state.train_seconds,
                 },
+                self._refine,
             )
             self.state.snapshot_seq = seq
             self.storage.forget_removed(seq)
@@ -394,6 +436,8 @@ class TileIndex:
         self._remove(commit.removed)
         if len(commit.ids):
             self._faiss.add_with_ids(commit.vectors, commit.ids)
+            if self._refine is not None:
+                self._refine.add_with_ids(commit.vectors, commit.ids)
         factory = self._factory_for(self._faiss.ntotal, self.state.factory)
         if factory != self.state.factory and not self._training():
             # Grown past the exact-search threshold: train the ANN index off the write lock.
@@ -406,7 +450,10 @@ class TileIndex:
         """Drop ids from FAISS; compact once removals are a large share. Caller holds the write lock."""
         if not len(ids):
             return
-        self._faiss.remove_ids(faiss.IDSelectorBatch(np.asarray(ids, np.int64)))
+        selector = faiss.IDSelectorBatch(np.asarray(ids, np.int64))
+        self._faiss.remove_ids(selector)
+        if self._refine is not None:
+            self._refine.remove_ids(selector)
         self.state.removed_since_compaction += len(ids)
         if self.state.removed_since_compaction > COMPACT_FRACTION * max(self._faiss.ntotal, 1):
             self._compact()
@@ -414,6 +461,8 @@ class TileIndex:
     def _compact(self) -> None:
         # remove_ids shrinks the arrays but keeps their capacity; a copy allocates only what is live.
         self._faiss = faiss.clone_index(self._faiss)
+        if self._refine is not None:
+            self._refine = faiss.clone_index(self._refine)
         log.info("index compacted", extra={"removed": self.state.removed_since_compaction, "tiles": self._faiss.ntotal})
         self.state.removed_since_compaction = 0
 
@@ -454,8 +503,7 @@ class TileIndex:
                 if not len(allowed):
                     return []
                 if not exact and len(allowed) <= EXACT_FILTER_MAX:
-                    ids, vecs = self._vectors(allowed)
-                    return self._hits(list(zip(ids.tolist(), (vecs @ query[0]).tolist())), k, query, rescore=False)
+                    return self._hits(self._scores(allowed, query), k, query, rescore=False)
                 selector, available = faiss.IDSelectorBatch(allowed), len(allowed)
             elif exclude_slide_ids or exclude_filters:
                 excluded = self.storage.excluded(exclude_slide_ids, exclude_filters)
@@ -487,22 +535,27 @@ class TileIndex:
             self._at_mpp = cached
         return cached[1]
 
-    def _vectors(self, ids) -> tuple[np.ndarray, np.ndarray]:
+    def _scores(self, ids: np.ndarray, query: np.ndarray) -> list[tuple[int, float]]:
+        """(id, score) of these tiles: from the re-rank vectors in RAM, else (re-rank from
+        storage) from storage's rows. Caller holds the read lock."""
+        if self._refine is not None:
+            try:
+                return list(zip(ids.tolist(), reranking.scores(self._refine, ids, query).tolist()))
+            except RuntimeError:  # a filter's tile that another writer of a shared store committed, not yet here
+                pass
         parts = [self.storage.vectors(ids[i : i + SQL_CHUNK]) for i in range(0, len(ids), SQL_CHUNK)]
-        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        held, vectors = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        return list(zip(held.tolist(), (vectors @ query[0]).tolist()))
 
     def _hits(self, found: list[tuple[int, float]], k: int, query: np.ndarray, rescore: bool) -> list[Hit]:
-        """Hits with their records, re-scored exactly from storage's vectors when asked.
-
-        Re-scoring reads only ids and vectors of the candidates; records (and
-        their metadata) are read for the k winners alone.
-        """
+        """Hits with their records, re-scored from the re-rank vectors when asked; records
+        (and their metadata) are read from storage for the k winners alone."""
         if not found:
             return []
         if rescore:
             with span("rerank", candidates=len(found)):
-                ids, vecs = self._vectors([f[0] for f in found])
-                found = list(zip(ids.tolist(), (vecs @ query[0]).tolist()))
+                ids = np.fromiter((f[0] for f in found), np.int64, len(found))
+                found = self._scores(ids, query)
         found.sort(key=lambda f: -f[1])
         found = found[:k]
         with span("index.records"):

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import psycopg
 
-from smily.common.errors import Unavailable
+from smily.common.errors import INDEX_DATABASE_UNREACHABLE, Unavailable
 
 from .concepts import ConceptTable
 from .journal import SLIDE_COLUMNS, Dialect, Journal, Sql
@@ -101,7 +101,7 @@ class _OnSchema(Sql):
                 if self._conn is not None:
                     self._conn.close()
                 self._conn = None
-                raise Unavailable("the index database is unavailable") from None
+                raise Unavailable(INDEX_DATABASE_UNREACHABLE) from None
 
     @contextlib.contextmanager
     def _writing(self):

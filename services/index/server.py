@@ -36,6 +36,7 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer, Servicer):
             ivf_threshold=settings.index.index_ivf_threshold,
             nprobe=settings.index.index_nprobe,
             rerank=settings.index.index_rerank,
+            rerank_form=settings.index.index_rerank_form,
             snapshot_interval_s=settings.index.index_snapshot_interval_s,
         )
         # One face whichever holds the record: mypy checks that both are a ShardIndex.

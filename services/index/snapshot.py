@@ -1,7 +1,8 @@
 """Crash-safe FAISS snapshots: the file, then a manifest that names and checks it.
 
 A snapshot is written to a temp file, fsynced and renamed; then a manifest
-(count, SHA-256, model id, journal sequence) is written the same way and the
+(count, SHA-256, model id, journal sequence; the same for the
+re-rank vectors' file, when the index has them) is written the same way and the
 directory fsynced. The manifest rename is the commit point: a crash at any
 moment leaves the previous snapshot, or none, never a half-written one that
 the manifest vouches for. Reading checks size, checksum and count.
@@ -40,16 +41,22 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def write(directory: str, index: faiss.Index, info: dict) -> dict:
-    """Persist `index`; `info` (model_id, dim, factory, seq...) goes into the manifest."""
-    name = f"snapshot-{info['seq']:012d}.faiss"
+def _write_file(directory: str, name: str, index: faiss.Index) -> dict:
+    """Write `index` to a temp file, fsync it and rename it to `name`; returns its manifest entry."""
     tmp = os.path.join(directory, name + ".tmp")
     faiss.write_index(index, tmp)
     _fsync_path(tmp)
-    manifest = dict(
-        info, format=FORMAT, file=name, count=int(index.ntotal), bytes=os.path.getsize(tmp), sha256=_sha256(tmp)
-    )
+    entry = dict(file=name, count=int(index.ntotal), bytes=os.path.getsize(tmp), sha256=_sha256(tmp))
     os.replace(tmp, os.path.join(directory, name))
+    return entry
+
+
+def write(directory: str, index: faiss.Index, info: dict, refine: faiss.Index | None = None) -> dict:
+    """Persist `index` (and the re-rank vectors that refine it, if any); `info` (model_id, dim,
+    factory, seq...) goes into the manifest."""
+    manifest = dict(info, format=FORMAT, **_write_file(directory, f"snapshot-{info['seq']:012d}.faiss", index))
+    if refine is not None:
+        manifest["refine"] = _write_file(directory, f"refine-{info['seq']:012d}.faiss", refine)
     mtmp = os.path.join(directory, MANIFEST + ".tmp")
     with open(mtmp, "w") as f:
         json.dump(manifest, f, sort_keys=True)
@@ -58,14 +65,35 @@ def write(directory: str, index: faiss.Index, info: dict) -> dict:
     _fsync_path(directory)  # the snapshot's name is durable before the manifest points at it
     os.replace(mtmp, os.path.join(directory, MANIFEST))
     _fsync_path(directory)
-    for old in glob.glob(os.path.join(directory, "snapshot-*.faiss*")):
-        if os.path.basename(old) != name:
+    kept = {manifest["file"], manifest.get("refine", {}).get("file")}
+    for old in glob.glob(os.path.join(directory, "snapshot-*.faiss*")) + glob.glob(
+        os.path.join(directory, "refine-*.faiss*")
+    ):
+        if os.path.basename(old) not in kept:
             os.remove(old)
     return manifest
 
 
-def read(directory: str) -> tuple[faiss.Index, dict] | None:
-    """The last snapshot and its manifest, None when there is none.
+def _read_file(directory: str, entry: dict) -> faiss.Index:
+    snap = os.path.join(directory, entry["file"])
+    if not os.path.exists(snap):
+        raise SnapshotError(f"snapshot file {entry['file']} is missing")
+    size = os.path.getsize(snap)
+    if size != entry["bytes"]:
+        raise SnapshotError(
+            f"snapshot file {entry['file']} is {size} bytes, the manifest says {entry['bytes']} (truncated?)"
+        )
+    if _sha256(snap) != entry["sha256"]:
+        raise SnapshotError(f"snapshot file {entry['file']}: checksum mismatch (corrupt)")
+    index = faiss.read_index(snap)
+    if index.ntotal != entry["count"]:
+        raise SnapshotError(f"snapshot holds {index.ntotal} vectors, the manifest says {entry['count']}")
+    return index
+
+
+def read(directory: str) -> tuple[faiss.Index, dict, faiss.Index | None] | None:
+    """The last snapshot, its manifest and its re-rank vectors (None in a snapshot without
+    them, such as one written before they were kept); None when there is no snapshot.
 
     Raises SnapshotError when a manifest exists but its snapshot does not
     check out: the caller must rebuild, never serve it.
@@ -78,21 +106,12 @@ def read(directory: str) -> tuple[faiss.Index, dict] | None:
     try:
         with open(path) as f:
             manifest = json.load(f)
-        snap = os.path.join(directory, manifest["file"])
         if manifest.get("format") != FORMAT:
             raise SnapshotError(f"unknown manifest format {manifest.get('format')!r}")
-        if not os.path.exists(snap):
-            raise SnapshotError(f"snapshot file {manifest['file']} is missing")
-        size = os.path.getsize(snap)
-        if size != manifest["bytes"]:
-            raise SnapshotError(f"snapshot is {size} bytes, the manifest says {manifest['bytes']} (truncated?)")
-        if _sha256(snap) != manifest["sha256"]:
-            raise SnapshotError("snapshot checksum mismatch (corrupt)")
-        index = faiss.read_index(snap)
+        index = _read_file(directory, manifest)
+        refine = _read_file(directory, manifest["refine"]) if "refine" in manifest else None
     except SnapshotError:
         raise
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
         raise SnapshotError(f"unreadable snapshot or manifest: {exc}") from None
-    if index.ntotal != manifest["count"]:
-        raise SnapshotError(f"snapshot holds {index.ntotal} vectors, the manifest says {manifest['count']}")
-    return index, manifest
+    return index, manifest, refine

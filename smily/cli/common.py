@@ -131,10 +131,29 @@ def _served_elsewhere(gateway: str) -> str:
     return ""
 
 
+# What gRPC's own transport says when no server answered (the gateway's own messages say none of these).
+_TRANSPORT_FAILURES = (
+    "failed to connect",
+    "connection refused",
+    "socket closed",
+    "dns resolution failed",
+    "connection reset",
+    "end of tcp stream",
+    "connections to all backends failing",
+)
+
+
+def _no_answer(details: str) -> bool:
+    """Whether an UNAVAILABLE came from the transport (the gateway did not answer), not from the gateway."""
+    return not details or any(f in details.lower() for f in _TRANSPORT_FAILURES)
+
+
 def explain(exc: grpc.RpcError, gateway: str) -> str:
     """What went wrong, and what to do about it."""
     code, details = exc.code(), flags(exc.details() or "")
     if code == grpc.StatusCode.UNAVAILABLE:
+        if not _no_answer(details):  # the gateway answered: a backend behind it is down
+            return f"UNAVAILABLE: {details}"
         what = "cannot connect" if "failed to connect" in details.lower() else details
         return (
             f"UNAVAILABLE: the gateway at {gateway}: {what}. Is the stack up? `make up` starts the local "

@@ -6,6 +6,15 @@ import sys
 
 from .common import EXAMPLE, api, client, example, key_values, parse_region, with_gateway
 
+PARTIAL_HELP = "answer from the live index shards when one has none live (the answer names the missing ones)"
+
+
+def print_missing(resp) -> None:
+    """Say which index shards a partial answer left out (on stderr: the hits stay on stdout)."""
+    if resp.partial:
+        shards = ", ".join(map(str, resp.missing_shards))
+        print(f"partial answer: index shard(s) {shards} did not answer; their slides are missing", file=sys.stderr)
+
 
 def _concept_weights(items) -> dict[str, float]:
     out = {}
@@ -51,6 +60,7 @@ def search(args) -> int:
         exclude_query_case=args.exclude_query_case,
         nprobe=args.nprobe,
         image_mpp=args.image_mpp,
+        partial=args.partial,
     )
     from smily.output import print_hits, print_json
 
@@ -58,6 +68,7 @@ def search(args) -> int:
         print_json(resp)
         return 0
     print_hits(resp)
+    print_missing(resp)
     if resp.next_page_token:
         print(f"next page: --page-token {resp.next_page_token}", file=sys.stderr)
     if resp.label_stats.key:
@@ -114,6 +125,7 @@ def search_slides(args) -> int:
         mosaic_size=args.mosaic_size,
         exclude_query_slide=args.exclude_query_slide,
         slide_mpp=args.slide_mpp,
+        partial=args.partial,
     )
     if args.json:
         from smily.output import print_json
@@ -135,6 +147,7 @@ def search_slides(args) -> int:
         best = s["regions"][0] if s["regions"] else None
         where = f"best region {best['x']},{best['y']},{best['width']},{best['height']}" if best else ""
         print(f"{i:>4}  {s['score']:>6.3f}  {s['slide_id']:<24} {s['matched_mosaic_tiles']:>3} tiles matched  {where}")
+    print_missing(resp)
     return 0
 
 
@@ -186,6 +199,7 @@ def register(sub) -> None:
     s.add_argument("--max-per-slide", type=int, default=0, help="at most this many hits per slide")
     s.add_argument("--page-size", type=int, default=0, help="hits per page (default: all k hits on one page)")
     s.add_argument("--page-token", default="", help="the next page, as the previous page printed it")
+    s.add_argument("--partial", action="store_true", help=PARTIAL_HELP)
     s.set_defaults(func=search)
 
     s = with_gateway(
@@ -211,6 +225,7 @@ def register(sub) -> None:
     s.add_argument("--mosaic-size", type=int, default=None, help="tiles in the query's mosaic (default 16)")
     s.add_argument("--exclude-query-slide", action="store_true", help="leave the query slide out of the answer")
     s.add_argument("--slide-mpp", type=float, default=0.0, help="with --source: as for ingest")
+    s.add_argument("--partial", action="store_true", help=PARTIAL_HELP)
     s.set_defaults(func=search_slides)
 
     s = api(sub.add_parser("read-region", help="save the image of a slide region (a hit)"))

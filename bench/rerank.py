@@ -1,0 +1,155 @@
+"""Re-rank forms on real embeddings: recall@10 of IVF-PQ + re-rank against exact float32.
+
+Tiles are cut from the project's slides (tests/data's CMU slide and the
+`make sample-data` slides) at several tile sizes, each in its 8 rotations and
+flips, and embedded with the default model in this process. The embeddings
+are cached (--cache), so later runs only search. The IVF-PQ index is the
+service's automatic factory at this size (ann.auto_factory), forced on
+(threshold 0); its k * rerank candidates are re-scored from each re-rank
+form, as services/index/rerank.py does, and compared with an exact float32
+search of the same base.
+
+    nice -n 10 .venv/bin/python bench/rerank.py --tiles 20000
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import sys
+import time
+
+import faiss
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from smily.index import ann, rerank  # noqa: E402
+
+SIZES = (224, 336, 448, 672)  # level-0 pixels per tile: several scales of one tissue
+
+
+def slides() -> list[str]:
+    found = [os.path.join(ROOT, "tests", "data", "cmu_small_region.svs")]
+    found += sorted(glob.glob(os.path.join(ROOT, "data", "samples", "*.*")))
+    return [p for p in found if p.endswith((".svs", ".tiff", ".tif", ".ndpi"))]
+
+
+def tiles(target: int):
+    """RGB tiles of 224 px: every slide, every size, a grid, each in its 8 dihedral forms."""
+    import openslide
+
+    from smily.embedder.preprocess import resize
+
+    made = 0
+    paths = slides()
+    for size in SIZES:
+        for path in paths:
+            slide = openslide.OpenSlide(path)
+            w, h = slide.dimensions
+            for y in range(0, h - size + 1, size):
+                for x in range(0, w - size + 1, size):
+                    rgb = np.asarray(slide.read_region((x, y), 0, (size, size)).convert("RGB"))
+                    if rgb.mean() > 225:  # background: the service's tissue filter would drop it
+                        continue
+                    rgb = resize(rgb, 224)
+                    for k in range(4):
+                        for flip in (False, True):
+                            t = np.rot90(rgb, k)
+                            yield np.ascontiguousarray(t[:, ::-1] if flip else t)
+                            made += 1
+                            if made >= target:
+                                return
+            slide.close()
+
+
+def embed(target: int) -> np.ndarray:
+    from smily.embedder.model_repo import load
+    from smily.embedder.runtime import Model
+
+    config, path = load(os.path.join(ROOT, "models"), "efficientnet-lite0/1")
+    model = Model(config, path)
+    out, batch, start = [], [], time.perf_counter()
+    for t in tiles(target):
+        batch.append(t)
+        if len(batch) == 32:
+            out.append(model.embed_tensor(model.preprocess(batch)))
+            batch = []
+            if len(out) % 20 == 0:
+                print(f"  {32 * len(out)} tiles embedded, {time.perf_counter() - start:.0f} s", flush=True)
+    if batch:
+        out.append(model.embed_tensor(model.preprocess(batch)))
+    v = np.concatenate(out).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def recall(got: np.ndarray, want: np.ndarray, k: int) -> float:
+    return float(np.mean([len(set(g[:k]) & set(w[:k])) / k for g, w in zip(got, want)]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tiles", type=int, default=20_000)
+    ap.add_argument("--cache", default=os.path.join(ROOT, "var", "bench-embeddings.npy"))
+    ap.add_argument("--queries", type=int, default=300)
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--rerank", type=int, default=100, help="candidates per hit, as SMILY_INDEX_RERANK")
+    ap.add_argument("--nprobe", type=int, nargs="+", default=[32, 8])
+    args = ap.parse_args()
+
+    if os.path.exists(args.cache) and len(np.load(args.cache, mmap_mode="r")) >= args.tiles:
+        vectors = np.load(args.cache)[: args.tiles]
+    else:
+        print(f"embedding {args.tiles} tiles of {len(slides())} slides at sizes {SIZES}, 8 dihedral forms each")
+        vectors = embed(args.tiles)
+        os.makedirs(os.path.dirname(args.cache), exist_ok=True)
+        np.save(args.cache, vectors)
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(vectors))
+    queries, base = vectors[order[: args.queries]], vectors[order[args.queries :]]
+    n, dim = base.shape
+    ids = np.arange(n, dtype=np.int64)
+    exact = faiss.IndexFlatIP(dim)
+    exact.add(base)
+    _, want = exact.search(queries, args.k)
+
+    factory = ann.auto_factory(n, dim, 0)
+    index, train_s = ann.build(factory, dim, base)
+    index.add_with_ids(base, ids)
+    print(f"{n} tiles x {dim} (real embeddings), {args.queries} held-out queries; {factory}, trained {train_s:.1f} s")
+    refines = {}
+    for form in rerank.FORMS:
+        refines[form] = rerank.build(dim, form, base)
+        refines[form].add_with_ids(base, ids)
+    candidates = min(args.k * args.rerank, ann_max())
+    print(f"| nprobe | re-rank | recall@{args.k} | re-rank RAM B/tile | re-rank ms/query |")
+    print("|---|---|---|---|---|")
+    for nprobe in args.nprobe:
+        _, cand = ann.search(index, queries, candidates, nprobe)
+        print(
+            f"| {nprobe} | none (PQ scores) | {recall(ann.search(index, queries, args.k, nprobe)[1], want, args.k):.4f} | 0 | 0 |"
+        )
+        rows = [("float32 (exact rows)", lambda c, q: base[c] @ q, 4 * dim)]
+        rows += [
+            (form, lambda c, q, r=r: rerank.scores(r, c, q), faiss.downcast_index(r.index).code_size)
+            for form, r in refines.items()
+        ]
+        for name, score, size in rows:
+            got, start = [], time.perf_counter()
+            for c, q in zip(cand, queries):
+                c = c[c >= 0]
+                got.append(c[np.argsort(-score(c, q))][: args.k])
+            ms = (time.perf_counter() - start) * 1000 / len(queries)
+            print(f"| {nprobe} | {name} | {recall(np.array(got), want, args.k):.4f} | {size} | {ms:.2f} |")
+
+
+def ann_max() -> int:
+    from smily.index.faiss_index import RERANK_MAX
+
+    return RERANK_MAX
+
+
+if __name__ == "__main__":
+    main()
