@@ -45,6 +45,8 @@ class Guard(grpc.ServerInterceptor):
         self._audit = audit.AuditLog(settings.auth.audit_log)
         self._case_key = settings.gateway.case_key
         self._quota = Admission(sys.maxsize, settings.limits.max_rpcs_per_caller)
+        # Issue 24: one tenant's load cannot take every slot from the others.
+        self._tenant_quota = Admission(sys.maxsize, settings.limits.max_rpcs_per_tenant, who="tenant")
         self._viewed: OrderedDict[tuple[str, str, str], None] = OrderedDict()
         self._viewed_lock = threading.Lock()
 
@@ -95,7 +97,11 @@ class Guard(grpc.ServerInterceptor):
                 # The per-caller quota counts verified identities, so it comes after authentication.
                 key = self._quota.enter("gateway", context)
                 try:
-                    response = serve()
+                    tenant = self._tenant_quota.enter("gateway", context, who.tenant)
+                    try:
+                        response = serve()
+                    finally:
+                        self._tenant_quota.leave(tenant)
                 finally:
                     self._quota.leave(key)
             finally:
@@ -139,6 +145,7 @@ class Guard(grpc.ServerInterceptor):
             code=code,
             subject=who.subject,
             issuer=who.issuer,
+            tenant=who.tenant if who is not callers.ANONYMOUS else "",
             peer=context.peer(),
             forwarded=audit.forwarded_for(metadata),
             request=request,

@@ -44,7 +44,8 @@ import prometheus_client as prom
 
 from smily.common.channels import RotatingStub
 from smily.common.errors import Unavailable
-from smily.common.placement import shard_of
+from smily.common import tenancy
+from smily.common.placement import shard_of, shard_of_slide
 from smily.index.v1 import index_pb2, index_pb2_grpc
 
 __all__ = ["ShardedIndex", "connect", "shard_of"]
@@ -214,7 +215,7 @@ class Shard:
 
 def _tile_key(hit) -> tuple:
     t = hit.tile
-    return hit.slide_id, t.x, t.y, t.width, t.height, t.mpp
+    return hit.tenant, hit.slide_id, t.x, t.y, t.width, t.height, t.mpp
 
 
 class ShardedIndex:
@@ -228,8 +229,8 @@ class ShardedIndex:
         self.shards = [Shard(n, g, balanced[n] if balanced else None) for n, g in enumerate(groups)]
         self._pool = ThreadPoolExecutor(max_workers=4 * len(self.shards), thread_name_prefix="shards")
 
-    def _for(self, slide_id: str) -> Shard:
-        return self.shards[shard_of(slide_id, len(self.shards))]
+    def _for(self, tenant: str, slide_id: str) -> Shard:
+        return self.shards[shard_of_slide(tenant, slide_id, len(self.shards))]
 
     def _all(self, method: str, request, timeout, shards=None, partial=False):
         """(replies, missing shard numbers) of one call per shard, in parallel."""
@@ -254,17 +255,17 @@ class ShardedIndex:
         return replies, missing
 
     def AddTiles(self, request, timeout=None):
-        return self._for(request.slide_id).call("AddTiles", request, timeout)
+        return self._for(request.tenant, request.slide_id).call("AddTiles", request, timeout)
 
     def CommitSlide(self, request, timeout=None):
-        shard = self._for(request.slide.slide_id)
+        shard = self._for(request.slide.tenant, request.slide.slide_id)
         reply = shard.call("CommitSlide", request, timeout)
         if len(shard.stubs) > 1:
             shard.wait_served(reply.journal_seq, timeout)
         return reply
 
     def GetSlide(self, request, timeout=None):
-        placed = self._for(request.slide_id)
+        placed = self._for(request.tenant, request.slide_id)
         try:
             return placed.call("GetSlide", request, timeout)
         except grpc.RpcError as exc:
@@ -282,12 +283,13 @@ class ShardedIndex:
             raise
 
     def DeleteSlide(self, request, timeout=None):
-        return self._for(request.slide_id).call("DeleteSlide", request, timeout)
+        return self._for(request.tenant, request.slide_id).call("DeleteSlide", request, timeout)
 
     def Search(self, request, timeout=None):
         shards = None
         if request.slide_ids:  # only the shards holding the named slides
-            shards = list({s.number: s for s in map(self._for, request.slide_ids)}.values())
+            placed = [self._for(t, i) for i in request.slide_ids for t in request.tenants]
+            shards = list({s.number: s for s in placed}.values())
         replies, missing = self._all("Search", request, timeout, shards, request.allow_partial)
         hits: list = []
         seen: set = set()
@@ -302,24 +304,26 @@ class ShardedIndex:
     def ListSlides(self, request, timeout=None):
         size = min(request.page_size or 100, 1000)  # as each shard pages
         replies, _ = self._all("ListSlides", request, timeout)
-        slides = sorted((s for r in replies for s in r.slides), key=lambda s: s.slide_id)
+        # In index key order, as each shard pages (tenancy.key).
+        slides = sorted((s for r in replies for s in r.slides), key=lambda s: tenancy.key(s.tenant, s.slide_id))
         more = len(slides) > size or any(r.next_page_token for r in replies)
         slides = slides[:size]
-        token = base64.urlsafe_b64encode(slides[-1].slide_id.encode()).decode() if more and slides else ""
+        last = tenancy.key(slides[-1].tenant, slides[-1].slide_id) if slides else ""
+        token = base64.urlsafe_b64encode(last.encode()).decode() if more and slides else ""
         return index_pb2.ListSlidesResponse(slides=slides, next_page_token=token)
 
     # Concepts are small and keyed by name: each lives on the shard its name hashes to.
-    def _for_concept(self, name: str) -> Shard:
-        return self._for("concept:" + name)
+    def _for_concept(self, tenant: str, name: str) -> Shard:
+        return self._for(tenant, "concept:" + name)
 
     def PutConcept(self, request, timeout=None):
-        return self._for_concept(request.concept.name).call("PutConcept", request, timeout)
+        return self._for_concept(request.concept.tenant, request.concept.name).call("PutConcept", request, timeout)
 
     def GetConcept(self, request, timeout=None):
-        return self._for_concept(request.name).call("GetConcept", request, timeout)
+        return self._for_concept(request.tenant, request.name).call("GetConcept", request, timeout)
 
     def DeleteConcept(self, request, timeout=None):
-        return self._for_concept(request.name).call("DeleteConcept", request, timeout)
+        return self._for_concept(request.tenant, request.name).call("DeleteConcept", request, timeout)
 
     def ListConcepts(self, request, timeout=None):
         replies, _ = self._all("ListConcepts", request, timeout)
