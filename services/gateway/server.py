@@ -219,6 +219,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer, Servicer):
         tiling_pb = tiling.to_pb(types_pb2.Tiling())
 
         missing: set[int] = set()
+        scope = tenants.readable()  # here: the pool's threads see no caller
 
         def search(v):
             reply = self._b.index.Search(
@@ -230,7 +231,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer, Servicer):
                     allow_partial=request.partial,
                     tiling=tiling_pb,
                     mpp=self._q.mosaic_mpp(tiling),
-                    tenants=tenants.readable(),
+                    tenants=scope,
                 ),
                 timeout=self._b.timeout(context),
             )

@@ -10,18 +10,26 @@ from __future__ import annotations
 import grpc
 
 from smily.common import caller as callers
-from smily.common.errors import NotFound
+from smily.common.errors import NotFound, ServiceError
 from smily.index.v1 import index_pb2
+
+
+def _me() -> callers.Caller:
+    me = callers.current()
+    if me is callers.ANONYMOUS:
+        # Outside the RPC's context (a pool thread, say): never fall back to some tenant's scope.
+        raise RuntimeError("no caller is bound here: read the tenant scope in the RPC's own thread")
+    return me
 
 
 def own() -> str:
     """The tenant the caller writes to."""
-    return callers.current().tenant
+    return _me().tenant
 
 
 def readable() -> list[str]:
     """The tenants the caller may search and read, its own first."""
-    me = callers.current()
+    me = _me()
     return list(me.readable or (me.tenant,))
 
 
@@ -41,8 +49,8 @@ def get_slide(index, slide_id: str, tenant: str, timeout: float) -> index_pb2.Sl
     for t in owner(tenant):
         try:
             return index.GetSlide(index_pb2.GetSlideRequest(slide_id=slide_id, tenant=t), timeout=timeout).slide
-        except grpc.RpcError as exc:
-            if exc.code() != grpc.StatusCode.NOT_FOUND:
+        except ServiceError as exc:  # as backends.Backend translates an index error
+            if exc.code != grpc.StatusCode.NOT_FOUND:
                 raise
     raise NotFound(f"slide {slide_id!r} is not in the index")
 
