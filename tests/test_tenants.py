@@ -205,7 +205,9 @@ def test_pixels_are_read_only_within_the_readable_tenants(world):
     assert own == granted
     assert who[B].ReadRegion(gateway_pb2.ReadRegionRequest(region=region("s1"))).image != own  # B's own s1
     for caller, rgn in ((A, region("b2")), (R, region("b2")), (R, region("s1", B)), (A, region("s1", B))):
-        assert code_of(who[caller].ReadRegion, gateway_pb2.ReadRegionRequest(region=rgn))[0] == grpc.StatusCode.NOT_FOUND
+        assert (
+            code_of(who[caller].ReadRegion, gateway_pb2.ReadRegionRequest(region=rgn))[0] == grpc.StatusCode.NOT_FOUND
+        )
 
 
 def test_concepts_are_per_tenant(world):
@@ -213,7 +215,9 @@ def test_concepts_are_per_tenant(world):
     made = gateway_pb2.CreateConceptRequest(
         name="glands",
         with_examples=[gateway_pb2.Example(region=region("s1"))],
-        without_examples=[gateway_pb2.Example(region=gateway_pb2.Region(slide_id="s1", x=512, y=512, width=512, height=512))],
+        without_examples=[
+            gateway_pb2.Example(region=gateway_pb2.Region(slide_id="s1", x=512, y=512, width=512, height=512))
+        ],
     )
     who[A].CreateConcept(made)
     assert [c.name for c in who[A].ListConcepts(gateway_pb2.ListConceptsRequest()).concepts] == ["glands"]
@@ -223,7 +227,10 @@ def test_concepts_are_per_tenant(world):
             region=region("s1"), concepts=[gateway_pb2.WeightedConcept(name="glands", weight=1)]
         )
         assert code_of(who[t].Search, steered)[0] == grpc.StatusCode.NOT_FOUND
-        assert code_of(who[t].DeleteConcept, gateway_pb2.DeleteConceptRequest(name="glands"))[0] == grpc.StatusCode.NOT_FOUND
+        assert (
+            code_of(who[t].DeleteConcept, gateway_pb2.DeleteConceptRequest(name="glands"))[0]
+            == grpc.StatusCode.NOT_FOUND
+        )
     who[A].DeleteConcept(gateway_pb2.DeleteConceptRequest(name="glands"))
 
 
@@ -245,7 +252,12 @@ def test_a_grant_gives_no_write_and_deletes_stay_in_the_tenant(world, idp, tenan
     assert listed(who[A]) == {(A, "s1", A)} and (B, "b2", B) in listed(who[B])
     # A third tenant ingests and deletes its own "s1": the others' s1 stay.
     c = As(stub, token(idp, "site-c"))
-    op = wait(c, c.IngestSlide(gateway_pb2.IngestSlideRequest(source="synth-a.tiff", slide_id="s1", metadata={"site": "c"})).operation)
+    op = wait(
+        c,
+        c.IngestSlide(
+            gateway_pb2.IngestSlideRequest(source="synth-a.tiff", slide_id="s1", metadata={"site": "c"})
+        ).operation,
+    )
     assert op.state == gateway_pb2.OPERATION_STATE_SUCCEEDED and op.tenant == "site-c"
     assert listed(c) == {("site-c", "s1", "c")}
     assert c.DeleteSlide(gateway_pb2.DeleteSlideRequest(slide_id="s1")).deleted_tiles > 0
@@ -258,3 +270,46 @@ def test_every_audit_record_names_the_tenant(world):
     with open(settings.auth.audit_log) as fh:
         records = {r["id"]: r for r in map(json.loads, fh)}
     assert records[who[B].last_request_id]["extension"] == [{"url": "urn:smily:tenant", "valueString": B}]
+
+
+@pytest.fixture(scope="module")
+def http(tenants):
+    """`smily serve http` in front of the tenants' gateway; it passes each caller's token on."""
+    from smily.http.server import Running
+
+    settings, _ = tenants
+    server = Running(settings.replace(http_port=0, http_gateway_target=f"127.0.0.1:{settings.gateway.gateway_port}"))
+    yield server.url
+    server.stop()
+
+
+def test_http_routes_and_iiif_obey_the_same_rule(world, http, idp):
+    import httpx
+
+    def get(path, tenant, **kw):
+        return httpx.get(http + path, headers={"authorization": f"Bearer {token(idp, tenant)}"}, timeout=300, **kw)
+
+    assert {(s["tenant"], s["slideId"]) for s in get("/v1/slides", A).json()["slides"]} == {(A, "s1")}
+    assert {(s["tenant"], s["slideId"]) for s in get("/v1/slides", R).json()["slides"]} == {(A, "s1")}
+    assert get("/v1/slides/b2", A).status_code == 404 and get("/v1/slides/b2", B).status_code == 200
+    assert get("/v1/index", A).json()["slideCount"] == "1"
+    assert get("/iiif/3/b2/info.json", A).status_code == 404 and get("/iiif/3/b2/info.json", B).status_code == 200
+    tile = "/iiif/3/s1/0,0,512,512/256,/0/default.png"
+    pixels = {t: get(tile, t) for t in (A, B, R)}
+    assert all(r.status_code == 200 for r in pixels.values())
+    assert pixels[A].content == pixels[R].content != pixels[B].content  # B's own s1 is another file
+    assert get("/iiif/3/b2/0,0,512,512/256,/0/default.png", R).status_code == 404
+    search = httpx.post(
+        http + "/v1/search",
+        json={"region": {"slideId": "b2", "x": 0, "y": 0, "width": 512, "height": 512}},
+        headers={"authorization": f"Bearer {token(idp, A)}"},
+        timeout=300,
+    )
+    assert search.status_code == 404
+    hits = httpx.post(
+        http + "/v1/search",
+        json={"region": {"slideId": "s1", "x": 0, "y": 0, "width": 512, "height": 512}, "k": 20},
+        headers={"authorization": f"Bearer {token(idp, R)}"},
+        timeout=300,
+    ).json()["hits"]
+    assert hits and {h["tenant"] for h in hits} == {A}

@@ -201,7 +201,5 @@ def authenticator(auth: AuthSettings):
     if mode == "none":
         return OpenAccess(tenants)
     if mode == "oidc":
-        return OidcVerifier(
-            auth.oidc_issuer, auth.oidc_audience, auth.oidc_jwks_url, auth.oidc_roles_claim, tenants
-        )
+        return OidcVerifier(auth.oidc_issuer, auth.oidc_audience, auth.oidc_jwks_url, auth.oidc_roles_claim, tenants)
     raise ConfigError(f"SMILY_AUTH must be oidc or none, got {auth.auth!r}")

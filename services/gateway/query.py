@@ -244,9 +244,7 @@ class QueryEngine:
         tiling = self.tilings.current(timeout)[0]
         mpp = self.mosaic_mpp(tiling)
         t = params(tiling, [mpp], stride=1.0)  # a mosaic samples the slide: overlap adds nothing
-        key = (
-            f"smily:mosaic:{tenants.own()}:{model_id}:{info.fingerprint}:{slide_mpp}:{mpp}:{t.tile_size}:{t.min_tissue_fraction}:{size}"
-        )
+        key = f"smily:mosaic:{tenants.own()}:{model_id}:{info.fingerprint}:{slide_mpp}:{mpp}:{t.tile_size}:{t.min_tissue_fraction}:{size}"
         flat = self._cache.get(key)
         if flat is not None:
             return flat.reshape(-1, self._dim), model_id, True

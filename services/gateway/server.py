@@ -86,6 +86,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer, Servicer):
         self._dedup_iou = settings.gateway.dedup_iou
         # Page tokens are HMAC'd, bound to the caller's tenant (paging.seal).
         self._page_key = paging.page_key(settings.gateway.cache_key)
+        self._default_tenant = settings.auth.default_tenant
         redis = (
             RedisGuard(
                 settings.gateway.redis_url,
@@ -136,13 +137,17 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer, Servicer):
     def GetOperation(self, request, context):
         requests.operation(request)
         op = self._cases.get(request.operation_id) or self._ingest.get(request.operation_id)
-        return gateway_pb2.GetOperationResponse(operation=tenants.check_operation(op, request.operation_id))
+        return gateway_pb2.GetOperationResponse(
+            operation=tenants.check_operation(op, request.operation_id, self._default_tenant)
+        )
 
     def CancelOperation(self, request, context):
         requests.operation(request)
         # Another tenant's operation is NOT_FOUND before anything is asked of it.
         tenants.check_operation(
-            self._cases.get(request.operation_id) or self._ingest.get(request.operation_id), request.operation_id
+            self._cases.get(request.operation_id) or self._ingest.get(request.operation_id),
+            request.operation_id,
+            self._default_tenant,
         )
         op = self._cases.cancel(request.operation_id) or self._ingest.cancel(request.operation_id)
         return gateway_pb2.CancelOperationResponse(operation=op)

@@ -42,9 +42,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import grpc
 import prometheus_client as prom
 
+from smily.common import tenancy
 from smily.common.channels import RotatingStub
 from smily.common.errors import Unavailable
-from smily.common import tenancy
 from smily.common.placement import shard_of, shard_of_slide
 from smily.index.v1 import index_pb2, index_pb2_grpc
 
@@ -222,7 +222,9 @@ class ShardedIndex:
     """Same call shapes as an IndexServiceStub, so callers need not know about shards.
     `shards`: per shard, its replicas' stubs (a bare stub is a shard of one replica)."""
 
-    def __init__(self, shards: list, balanced: list[list[bool]] | None = None):
+    def __init__(self, shards: list, balanced: list[list[bool]] | None = None, default_tenant: str = tenancy.DEFAULT):
+        # A request naming no tenant means the index's default tenant (SMILY_DEFAULT_TENANT): placed as its.
+        self._default_tenant = default_tenant
         if not shards:
             raise ValueError("at least one index shard is required")
         groups = [list(s) if isinstance(s, (list, tuple)) else [s] for s in shards]
@@ -230,7 +232,7 @@ class ShardedIndex:
         self._pool = ThreadPoolExecutor(max_workers=4 * len(self.shards), thread_name_prefix="shards")
 
     def _for(self, tenant: str, slide_id: str) -> Shard:
-        return self.shards[shard_of_slide(tenant, slide_id, len(self.shards))]
+        return self.shards[shard_of_slide(tenant or self._default_tenant, slide_id, len(self.shards))]
 
     def _all(self, method: str, request, timeout, shards=None, partial=False):
         """(replies, missing shard numbers) of one call per shard, in parallel."""
@@ -288,7 +290,7 @@ class ShardedIndex:
     def Search(self, request, timeout=None):
         shards = None
         if request.slide_ids:  # only the shards holding the named slides
-            placed = [self._for(t, i) for i in request.slide_ids for t in request.tenants]
+            placed = [self._for(t, i) for i in request.slide_ids for t in request.tenants or [""]]
             shards = list({s.number: s for s in placed}.values())
         replies, missing = self._all("Search", request, timeout, shards, request.allow_partial)
         hits: list = []
@@ -352,14 +354,16 @@ class ShardedIndex:
         self._pool.shutdown(wait=False)
 
 
-def connect(targets, credentials=None) -> tuple[ShardedIndex, list[list[RotatingStub]]]:
+def connect(
+    targets, credentials=None, default_tenant: str = tenancy.DEFAULT
+) -> tuple[ShardedIndex, list[list[RotatingStub]]]:
     """A ShardedIndex over SMILY_INDEX_TARGETS-style targets ("a1|a2" per shard)
     and its replicas' stubs, one list per shard. credentials: tls.ClientCredentials
     (each replica's channel is dialled again when they are renewed), None for plaintext."""
     names = [[t.strip() for t in target.split(REPLICA_SEPARATOR) if t.strip()] for target in targets]
     stubs = [[RotatingStub(t, credentials, index_pb2_grpc.IndexServiceStub) for t in replicas] for replicas in names]
     balanced = [[t.startswith(BALANCED_SCHEMES) for t in replicas] for replicas in names]
-    return ShardedIndex(stubs, balanced), stubs
+    return ShardedIndex(stubs, balanced, default_tenant), stubs
 
 
 class _Done:

@@ -55,8 +55,9 @@ def get_slide(index, slide_id: str, tenant: str, timeout: float) -> index_pb2.Sl
     raise NotFound(f"slide {slide_id!r} is not in the index")
 
 
-def check_operation(op, operation_id: str):
-    """An operation of the caller's tenant, else NOT_FOUND (as one that does not exist)."""
-    if op.tenant != own():
+def check_operation(op, operation_id: str, default_tenant: str):
+    """An operation of the caller's tenant, else NOT_FOUND (as one that does not exist). One recorded
+    before tenancy (no tenant) is the default tenant's."""
+    if (op.tenant or default_tenant) != own():
         raise NotFound(f"no operation {operation_id!r}")
     return op
