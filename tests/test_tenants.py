@@ -293,6 +293,7 @@ def test_http_routes_and_iiif_obey_the_same_rule(world, http, idp):
     assert {(s["tenant"], s["slideId"]) for s in get("/v1/slides", R).json()["slides"]} == {(A, "s1")}
     assert get("/v1/slides/b2", A).status_code == 404 and get("/v1/slides/b2", B).status_code == 200
     assert get("/v1/index", A).json()["slideCount"] == "1"
+    assert get("/v1/index", R).json()["tenant"] == R and get("/v1/index", R).json()["readableTenants"] == [R, A]
     assert get("/iiif/3/b2/info.json", A).status_code == 404 and get("/iiif/3/b2/info.json", B).status_code == 200
     tile = "/iiif/3/s1/0,0,512,512/256,/0/default.png"
     pixels = {t: get(tile, t) for t in (A, B, R)}

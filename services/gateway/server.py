@@ -385,7 +385,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer, Servicer):
         tiling, recorded = self._tilings.current(timeout)
         info = self._b.index.GetIndexInfo(index_pb2.GetIndexInfoRequest(tenants=tenants.readable()), timeout=timeout)
         out = gateway_pb2.GetIndexInfoResponse(
-            model_id=info.model_id, tile_count=info.tile_count, slide_count=info.slide_count, tiling_recorded=recorded
+            model_id=info.model_id,
+            tile_count=info.tile_count,
+            slide_count=info.slide_count,
+            tiling_recorded=recorded,
+            tenant=tenants.own(),
+            readable_tenants=tenants.readable(),
         )
         tiling.to_pb(out.tiling)
         return out
