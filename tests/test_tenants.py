@@ -17,9 +17,11 @@ import pytest
 
 from smily import stack
 from smily.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from smily.synthetic import SlideSpec, write_samples
 
 from . import oidc
 from .conftest import base_settings
+from .orthanc import Orthanc
 
 ROLES = ["smily.search", "smily.ingest", "smily.admin"]
 A, B, R = "site-a", "site-b", "research"
@@ -34,8 +36,23 @@ def idp():
     p.close()
 
 
+CASE = "ACC-TENANT-1"
+
+
 @pytest.fixture(scope="module")
-def tenants(idp, slide_dir, model_repo, redis_url, tmp_path_factory):
+def pacs(tmp_path_factory):
+    """Orthanc holding one case of one slide, for IngestCase."""
+    work = tmp_path_factory.mktemp("tenant-orthanc")
+    spec = SlideSpec("case.tiff", "tiff", 2048, 2048, 0.5, 41)
+    (path,) = write_samples(str(tmp_path_factory.mktemp("tenant-case")), (spec,))
+    orthanc = Orthanc(str(work))
+    orthanc.push_slide(path, spec.width, spec.height, spec.mpp, str(work), AccessionNumber=CASE)
+    yield orthanc
+    orthanc.stop()
+
+
+@pytest.fixture(scope="module")
+def tenants(idp, slide_dir, model_repo, redis_url, pacs, tmp_path_factory):
     audit_log = str(tmp_path_factory.mktemp("tenant-audit") / "audit.jsonl")
     s = base_settings(
         auth="oidc",
@@ -48,6 +65,7 @@ def tenants(idp, slide_dir, model_repo, redis_url, tmp_path_factory):
         index_dir=str(tmp_path_factory.mktemp("tenant-index")),
         redis_url=redis_url,
         audit_log=audit_log,
+        dicomweb_url=(f"pacs={pacs.dicomweb}",),
     )
     running, s = stack.start(stack.ORDER, s)
     stub = gateway_pb2_grpc.GatewayServiceStub(grpc.insecure_channel(f"127.0.0.1:{s.gateway.gateway_port}"))
@@ -234,14 +252,19 @@ def test_concepts_are_per_tenant(world):
     who[A].DeleteConcept(gateway_pb2.DeleteConceptRequest(name="glands"))
 
 
+def not_their_operation(caller: As, operation_id: str) -> bool:
+    """Both GetOperation and CancelOperation answer NOT_FOUND."""
+    get = code_of(caller.GetOperation, gateway_pb2.GetOperationRequest(operation_id=operation_id))[0]
+    cancel = code_of(caller.CancelOperation, gateway_pb2.CancelOperationRequest(operation_id=operation_id))[0]
+    return get == cancel == grpc.StatusCode.NOT_FOUND
+
+
 def test_operations_belong_to_their_tenant(world):
     _, who, ops = world
     op = ops[(A, "s1")]
     assert who[A].GetOperation(gateway_pb2.GetOperationRequest(operation_id=op.operation_id)).operation.tenant == A
     for t in (B, R):
-        for fn in (who[t].GetOperation, who[t].CancelOperation):
-            req = (gateway_pb2.GetOperationRequest if fn.__name__ else None)(operation_id=op.operation_id)
-            assert code_of(fn, req)[0] == grpc.StatusCode.NOT_FOUND
+        assert not_their_operation(who[t], op.operation_id)
 
 
 def test_a_grant_gives_no_write_and_deletes_stay_in_the_tenant(world, idp, tenants):
@@ -314,3 +337,18 @@ def test_http_routes_and_iiif_obey_the_same_rule(world, http, idp):
         timeout=300,
     ).json()["hits"]
     assert hits and {h["tenant"] for h in hits} == {A}
+
+
+def test_a_case_lands_in_the_callers_tenant_and_its_operation_is_its_own(world, idp, tenants):
+    _, who, _ = world
+    _, stub = tenants
+    d = As(stub, token(idp, "site-d"))
+    op = wait(d, d.IngestCase(gateway_pb2.IngestCaseRequest(accession_number=CASE, metadata={"site": "d"})).operation)
+    assert op.state == gateway_pb2.OPERATION_STATE_SUCCEEDED and op.tenant == "site-d", op.error_message
+    (series,) = [s.slide_id for s in op.slides]
+    assert listed(d) == {("site-d", series, "d")}
+    for t in (A, B, R):
+        assert all(tenant != "site-d" for tenant, _, _ in listed(who[t]))
+        assert code_of(who[t].GetSlide, gateway_pb2.GetSlideRequest(slide_id=series))[0] == grpc.StatusCode.NOT_FOUND
+        assert not_their_operation(who[t], op.operation_id)
+        assert not_their_operation(who[t], op.slides[0].operation_id)  # the case's slide ingest
