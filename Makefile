@@ -10,7 +10,7 @@ SAMPLES := data/samples/.done
 # The viewer's browser libraries (npm, pinned by package-lock.json; served from node_modules).
 WEB := services/http/vendor/node_modules/.installed
 
-.PHONY: all venv proto model web sample-data demo test bench up down clean up-cluster system-deps check buf-baseline
+.PHONY: all venv proto model web sample-data demo test unit test-cluster bench up down clean up-cluster system-deps check buf-baseline
 
 all: proto model web
 
@@ -46,6 +46,17 @@ demo: proto model sample-data
 
 test: system-deps proto model web check
 	$(PY) -m pytest -q
+
+# The fast lane while you work: the tests marked `unit`, which need no model and no server
+# (tests/conftest.py fails one that asks for them); under a minute. Only the files that
+# hold such tests are collected (importing the others costs more than running these).
+unit: proto
+	$(PY) -m pytest -q -m unit $(shell grep -l 'pytest.mark.unit' tests/test_*.py)
+
+# The deployment as rendered, in the cluster in a box (tests/cluster/, docs/deploy.md):
+# the resilience loop that `make test` leaves out. Needs root and `make images`.
+test-cluster: system-deps proto
+	$(PY) -m pytest -q -m cluster_full tests/test_cluster.py
 
 # What the tests need from the system (redis-server, ...): installed when root, else named.
 system-deps:
@@ -89,12 +100,13 @@ clean:
 	rm -rf $(VENV) models data/samples var build services/http/vendor/node_modules tools/node_modules
 	find protos -name '*_pb2*.py*' -delete
 
-# Container images for Kubernetes (deploy/docker/, deploy/k8s/). Needs a
-# container runtime (docker, or IMAGE_BUILDER=podman); not part of `make test`.
-# Names match deploy/k8s/base/kustomization.yaml: $(IMAGE_PREFIX)/<service>:<version>[-cpu|-gpu].
-IMAGE_BUILDER ?= docker
+# Container images for Kubernetes (deploy/docker/, deploy/k8s/), built from Debian
+# packages, PyPI and npm only (tools/images.py; docs/deploy.md). Needs docker with
+# BuildKit, run as root for the Debian base (debootstrap). VARIANTS="cpu gpu" adds
+# the CUDA images. Names match deploy/k8s/base/kustomization.yaml:
+# $(IMAGE_PREFIX)/<service>:<version>[-cpu|-gpu]; the digests go to
+# deploy/k8s/components/image-digests.
 IMAGE_PREFIX ?= localhost/smily
-IMAGE_TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 
 # The base's generated Secret values (Redis password, cache HMAC key); kept if present.
 .PHONY: k8s-secrets
@@ -103,9 +115,4 @@ k8s-secrets:
 
 .PHONY: images
 images:
-	$(IMAGE_BUILDER) build -f deploy/docker/tiler.Dockerfile -t $(IMAGE_PREFIX)/tiler:$(IMAGE_TAG) .
-	$(IMAGE_BUILDER) build -f deploy/docker/gateway.Dockerfile -t $(IMAGE_PREFIX)/gateway:$(IMAGE_TAG) .
-	$(IMAGE_BUILDER) build -f deploy/docker/embedder.Dockerfile --target cpu -t $(IMAGE_PREFIX)/embedder:$(IMAGE_TAG)-cpu .
-	$(IMAGE_BUILDER) build -f deploy/docker/embedder.Dockerfile --target gpu -t $(IMAGE_PREFIX)/embedder:$(IMAGE_TAG)-gpu .
-	$(IMAGE_BUILDER) build -f deploy/docker/index.Dockerfile --target cpu -t $(IMAGE_PREFIX)/index:$(IMAGE_TAG)-cpu .
-	$(IMAGE_BUILDER) build -f deploy/docker/index.Dockerfile --target gpu -t $(IMAGE_PREFIX)/index:$(IMAGE_TAG)-gpu .
+	IMAGE_PREFIX=$(IMAGE_PREFIX) nice -n 15 $(PYTHON) tools/images.py

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from smily.tiler.tissue import tissue_mask
-from tests import tissue_set
+from tests.helpers import tissue_set
 
 
 def otsu_saturation(rgb: np.ndarray) -> np.ndarray:

@@ -40,6 +40,15 @@ def credentials(
     return creds
 
 
+class OperationTimeout(TimeoutError):
+    """An operation was not done by the caller's deadline (it may still be running on the gateway)."""
+
+    def __init__(self, op: gateway_pb2.Operation, deadline_s: float):
+        state = gateway_pb2.OperationState.Name(op.state)
+        super().__init__(f"operation {op.operation_id} still {state} after {deadline_s:g} s")
+        self.operation = op
+
+
 class Client:
     """tls_ca, token, cert_file, key_file: see credentials(); they default to
     SMILY_TLS_CA_FILE, SMILY_TOKEN, SMILY_TLS_CERT_FILE and SMILY_TLS_KEY_FILE."""
@@ -87,8 +96,15 @@ class Client:
             timeout=self.timeout,
         ).operation
 
-    def wait(self, op: gateway_pb2.Operation, on_progress=None, poll_s: float = 0.2) -> gateway_pb2.Operation:
+    def wait(
+        self, op: gateway_pb2.Operation, on_progress=None, poll_s: float = 0.2, deadline_s: float | None = None
+    ) -> gateway_pb2.Operation:
+        """Poll op until it is done. deadline_s: seconds to wait at most, then OperationTimeout
+        (None waits as long as the operation runs: a person at a terminal can stop it)."""
+        start = time.monotonic()
         while op.state not in DONE:
+            if deadline_s is not None and time.monotonic() - start >= deadline_s:
+                raise OperationTimeout(op, deadline_s)
             time.sleep(poll_s)
             op = self.operation(op.operation_id)
             if on_progress:

@@ -16,7 +16,7 @@ from smily.client import Client
 from smily.common import logs
 from smily.common.channels import channel
 from smily.common.config import Settings
-from smily.localstack import local_stack
+from smily.localstack import keep_password, local_stack
 from smily.output import print_hits
 from smily.synthetic import BIG_SLIDE
 from smily.tiler.v1 import tiler_pb2, tiler_pb2_grpc
@@ -52,8 +52,12 @@ def run(slides_dir: str) -> int:
 
 def _ingest_and_search(settings: Settings, names: list[str], t0: float) -> int:
     """Ingest every slide, then search by region and by image; non-zero on failure."""
+    # The generated password goes to a file of the demo's own (0600), never to the terminal.
+    redis = keep_password(
+        settings.gateway.redis_url, os.path.join(os.path.dirname(settings.index.index_dir), "redis-password")
+    )
     _step(
-        f"started redis {'(' + settings.gateway.redis_url + ')' if settings.gateway.redis_url else '(none)'} and 4 services "
+        f"started redis {'(' + redis + ')' if settings.gateway.redis_url else '(none)'} and 4 services "
         f"(gateway on port {settings.gateway.gateway_port})",
         t0,
     )

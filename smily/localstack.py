@@ -20,9 +20,12 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 RUN_DIR = os.path.join("var", "run")
 LOG_DIR = os.path.join("var", "log")
+# Where `make up` keeps the generated Redis password (mode 0600), rather than printing it.
+REDIS_PASSWORD_FILE = os.path.join(RUN_DIR, "redis-password")
 
 
 def free_port() -> int:
@@ -80,6 +83,20 @@ def start_redis(
     raise RuntimeError("redis-server did not start")
 
 
+def keep_password(url: str, path: str) -> str:
+    """Write the URL's password to `path` (mode 0600) and return the URL without it, fit to print."""
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        os.fchmod(fd, 0o600)  # a file left by an earlier run keeps its mode otherwise
+        fh.write(unquote(parts.password) + "\n")
+    netloc = f"{parts.hostname}:{parts.port}" if parts.port else str(parts.hostname)
+    return f"{urlunsplit((parts.scheme, netloc, parts.path, parts.query, ''))} (password in {path})"
+
+
 @contextmanager
 def local_stack(slide_roots: tuple[str, ...], **overrides) -> Iterator:
     """Redis (when installed) and the four services on free loopback ports with a
@@ -106,6 +123,7 @@ def local_stack(slide_roots: tuple[str, ...], **overrides) -> Iterator:
                     "auth": "none",
                     "audit_log": os.path.join(tmp, "audit.jsonl"),
                     "cache_key": secrets.token_urlsafe(32),
+                    "view_session_key": secrets.token_urlsafe(32),
                     **overrides,
                 }
             )
@@ -127,6 +145,8 @@ def _local_env() -> dict[str, str]:
     env.setdefault("SMILY_AUTH", "none")
     env.setdefault("SMILY_AUDIT_LOG", os.path.join(LOG_DIR, "audit.jsonl"))
     env.setdefault("SMILY_CACHE_KEY", secrets.token_urlsafe(32))
+    # One view-session key for the HTTP front end and the gateway (both get this environment).
+    env.setdefault("SMILY_VIEW_SESSION_KEY", secrets.token_urlsafe(32))
     return env
 
 
@@ -205,7 +225,10 @@ def up() -> int:
         return 1
     gateway = f"{host}:{settings.gateway.gateway_port}"
     backends = ", ".join(f"{name} :{settings.port_of(name)}" for name in ("tiler", "embedder", "index"))
-    cache = f"Redis {env['SMILY_REDIS_URL']}" if env.get("SMILY_REDIS_URL") else "in-process cache"
+    if redis_port:
+        cache = f"Redis {keep_password(env['SMILY_REDIS_URL'], REDIS_PASSWORD_FILE)}"
+    else:
+        cache = "Redis at SMILY_REDIS_URL" if settings.gateway.redis_url else "in-process cache"
     metrics = (
         f"metrics http://{host}:{settings.server.metrics_port}/metrics"
         if settings.server.metrics_port
@@ -270,6 +293,8 @@ def down(quiet: bool = False) -> int:
             stopped.append(name)
         with contextlib.suppress(FileNotFoundError):
             os.remove(_pid_path(name))
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(REDIS_PASSWORD_FILE)
     if not quiet:
         print(
             f"stopped {' and '.join([', '.join(stopped[:-1]), stopped[-1]] if len(stopped) > 1 else stopped)}"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 import shutil
 
 import grpc
@@ -13,6 +15,8 @@ from smily.client import Client
 from smily.common.config import Settings
 from smily.localstack import start_redis
 from smily.synthetic import SlideSpec, write_samples
+
+from .helpers.wait import wait_done
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "tests", "data")
@@ -32,22 +36,49 @@ def need(what: str, why: str):
     pytest.fail(f"{what} is required: {why}", pytrace=False)
 
 
-# No test may pass by not running: a skip (pytest.skip, importorskip, a skip mark) is
-# reported as a failure, unless the test is marked may_skip(reason) for hardware that a
-# machine may lack. `make test` installs the system packages (tools/system-deps.sh).
+# No test may pass by not running: a skip (pytest.skip, importorskip, a skip mark) or an
+# expected failure (xfail) is reported as a failure, unless the test is marked
+# may_skip(reason) for hardware that a machine may lack. `make test` installs the system
+# packages (tools/system-deps.sh).
 NO_SKIP = (
     "skipped, and this suite allows no skips: {reason}. Install what is missing "
     "(`make test` does: tools/system-deps.sh, the dev extra) or mark the test may_skip."
 )
+NO_XFAIL = "an expected failure (xfail), and this suite allows none: {reason}. Fix the test or the code."
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
-    if report.skipped and not hasattr(report, "wasxfail") and not item.get_closest_marker("may_skip"):
+    if report.skipped and not item.get_closest_marker("may_skip"):
+        xfail = getattr(report, "wasxfail", None)
         report.outcome = "failed"
-        report.longrepr = NO_SKIP.format(reason=_skip_reason(report))
+        report.longrepr = (
+            NO_SKIP.format(reason=_skip_reason(report)) if xfail is None else NO_XFAIL.format(reason=xfail)
+        )
+
+
+# The `unit` lane (`make unit`) runs without a model or a server: a unit test that asks
+# for one of these fixtures is an error, not a slow lane.
+SERVER_FIXTURES = {
+    "services",
+    "settings",
+    "client",
+    "ingested",
+    "http_url",
+    "model_repo",
+    "redis_url",
+    "slide_dir",
+    "postgres",
+}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    needs = SERVER_FIXTURES & set(getattr(item, "fixturenames", ()))
+    if item.get_closest_marker("unit") and needs:
+        pytest.fail(f"marked unit, but needs {', '.join(sorted(needs))}: the unit lane has no model and no servers")
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -66,10 +97,50 @@ def _skip_reason(report) -> str:
 
 @pytest.fixture(scope="session")
 def slide_dir(tmp_path_factory):
+    """The test slides, read by every test; a test's own files go to `scratch`."""
     path = tmp_path_factory.mktemp("slides")
     write_samples(str(path), TEST_SLIDES)
     shutil.copy(os.path.join(DATA, CMU), path / CMU)
-    return str(path)
+    written = sorted(os.listdir(path))
+    yield str(path)
+    if sorted(os.listdir(path)) != written:
+        pytest.fail(f"a test wrote into the shared slide folder: {sorted(set(os.listdir(path)) - set(written))}")
+
+
+@pytest.fixture(scope="session")
+def scratch_root(tmp_path_factory) -> str:
+    """The services' second slide root, for the files tests make (broken, odd or extra slides):
+    slide_dir holds only the test slides, shared by every test, and no test writes there."""
+    return str(tmp_path_factory.mktemp("scratch-slides"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Scratch:
+    """A folder of one test's own under scratch_root: files go to path(name), and the
+    services know them as slide(name)."""
+
+    root: str
+    folder: str
+
+    @property
+    def dir(self) -> str:
+        return os.path.join(self.root, self.folder)
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.dir, name)
+
+    def slide(self, name: str) -> str:
+        return f"{self.folder}/{name}"
+
+
+def scratch_for(root: str, folder: str) -> Scratch:
+    os.makedirs(os.path.join(root, folder))
+    return Scratch(root, folder)
+
+
+@pytest.fixture
+def scratch(scratch_root, request) -> Scratch:
+    return scratch_for(scratch_root, re.sub(r"[^A-Za-z0-9_.-]", "_", request.node.name))
 
 
 @pytest.fixture(scope="session")
@@ -97,15 +168,23 @@ def base_settings(**overrides) -> Settings:
         embedder_port=0,
         index_port=0,
         metrics_port=0,
-        **{"plaintext": True, "auth": "none", **overrides},
+        # Keys shared as a Secret is: view sessions verify across the HTTP front end and the
+        # gateways, and every gateway replica trusts the others' writes to Redis.
+        **{
+            "plaintext": True,
+            "auth": "none",
+            "view_session_key": "test-view-session-key",
+            "cache_key": "test-cache-key",
+            **overrides,
+        },
     )
 
 
 @pytest.fixture(scope="session")
-def services(slide_dir, model_repo, redis_url, tmp_path_factory):
+def services(slide_dir, scratch_root, model_repo, redis_url, tmp_path_factory):
     """The four services on free loopback ports, sharing one fresh index."""
     settings = base_settings(
-        slide_roots=(slide_dir,),
+        slide_roots=(slide_dir, scratch_root),
         model_repository=model_repo,
         index_dir=str(tmp_path_factory.mktemp("index")),
         redis_url=redis_url,
@@ -134,7 +213,7 @@ def ingested(client):
 
     ops = {}
     for name in [s.name for s in TEST_SLIDES] + [CMU]:
-        op = client.wait(client.ingest(name, os.path.splitext(name)[0], {"file": name, "organ": "test"}))
+        op = wait_done(client, client.ingest(name, os.path.splitext(name)[0], {"file": name, "organ": "test"}))
         assert op.state == gateway_pb2.OPERATION_STATE_SUCCEEDED, (name, op.error_code, op.error_message)
         ops[name] = op
     return ops

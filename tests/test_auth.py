@@ -1,6 +1,6 @@
 """The gateway's trust boundary end to end: TLS, OIDC tokens, roles, the audit trail.
 
-A real identity provider (tests/oidc.py) serves its JWKS on loopback; the
+A real identity provider (tests/helpers/oidc.py) serves its JWKS on loopback; the
 backends run mTLS and accept only the gateway's certificate; the gateway
 runs TLS and verifies bearer tokens. Every refusal's status is asserted.
 """
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 import uuid
 
@@ -18,14 +20,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from smily import stack
 from smily.client import Client
+from smily.common import viewsession
 from smily.common.channels import channel
 from smily.gateway import auth
 from smily.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from smily.index.v1 import index_pb2, index_pb2_grpc
 
-from . import oidc
 from .conftest import base_settings
-from .pki import CA
+from .helpers import oidc
+from .helpers.pki import CA
+from .helpers.wait import wait_done
 from .test_tls import read
 
 SEARCH, INGEST, ADMIN = ["smily.search"], ["smily.ingest"], ["smily.admin"]
@@ -158,9 +162,9 @@ def test_a_valid_token_of_each_role(secured, idp):
         assert call(stub.ListSlides, LIST, idp.token(roles))[0] == expected, roles
     # An EC key from the same JWKS verifies too.
     assert call(stub.ListSlides, LIST, idp.token(SEARCH, kid="ec-1"))[0] == grpc.StatusCode.OK
-    # The ingest role's own RPCs (a concept without examples is the caller's error, after authorisation).
+    # The ingest role's own RPCs: authorised, so an unknown concept is the index's NOT_FOUND.
     code, _, _ = call(stub.DeleteConcept, gateway_pb2.DeleteConceptRequest(name="nothing"), idp.token(INGEST))
-    assert code not in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+    assert code == grpc.StatusCode.NOT_FOUND
     assert (
         call(stub.DeleteConcept, gateway_pb2.DeleteConceptRequest(name="x"), idp.token(SEARCH))[0]
         == grpc.StatusCode.PERMISSION_DENIED
@@ -205,7 +209,7 @@ def test_roles_follow_the_rpc_and_each_call_is_audited(secured, idp):
         tls_ca=secured.tls.tls_ca_file,
         token=idp.token(INGEST + SEARCH),
     )
-    op = ingest_client.wait(ingest_client.ingest("synth-a.tiff", "auth-a", {"case_id": "CASE-7"}))
+    op = wait_done(ingest_client, ingest_client.ingest("synth-a.tiff", "auth-a", {"case_id": "CASE-7"}))
     assert op.state == gateway_pb2.OPERATION_STATE_SUCCEEDED
     ingest_client.close()
     stub = gateway(secured)
@@ -229,18 +233,17 @@ def test_roles_follow_the_rpc_and_each_call_is_audited(secured, idp):
     assert ("urn:smily:slide", "auth-a") in returned and ("urn:smily:case", "CASE-7") in returned
     assert all("synth-a" not in json.dumps(r) for r in audit_records(secured).values()), "a file name leaked"
 
-    # A viewer's tiles: one record per slide and view session, not per tile.
+    # A session id the caller made up covers nothing: every read is recorded on its own.
     before = len(audit_records(secured))
     tiles = [
         gateway_pb2.ReadRegionRequest(region=gateway_pb2.Region(slide_id="auth-a", x=x, y=0, width=256, height=256))
         for x in (0, 256, 512)
     ]
-    first = [call(stub.ReadRegion, t, idp.token(SEARCH), x_smily_view_session="view-1") for t in tiles]
-    assert [c for c, _, _ in first] == [grpc.StatusCode.OK] * 3
-    assert len(audit_records(secured)) == before + 1 and record_of(secured, first[0][2])["outcomeDesc"] == "OK"
-    call(stub.ReadRegion, tiles[0], idp.token(SEARCH), x_smily_view_session="view-2")
-    call(stub.ReadRegion, tiles[0], idp.token(SEARCH))  # no session: every read is recorded
-    assert len(audit_records(secured)) == before + 3
+    made_up = f"{int(time.time())}.bm90LW1pbnRlZC1ieS10aGUtc2VydmVy"
+    for session in ("view-1", made_up):
+        reads = [call(stub.ReadRegion, t, idp.token(SEARCH), x_smily_view_session=session) for t in tiles]
+        assert [c for c, _, _ in reads] == [grpc.StatusCode.OK] * 3
+    assert len(audit_records(secured)) == before + 6
 
     code, details, rid = call(stub.DeleteSlide, gateway_pb2.DeleteSlideRequest(slide_id="auth-a"), idp.token(SEARCH))
     assert (code, details) == (grpc.StatusCode.PERMISSION_DENIED, "this call needs the role smily.admin")
@@ -279,12 +282,21 @@ def test_every_rpc_writes_one_record(secured, idp):
         "GetIndexInfo": gateway_pb2.GetIndexInfoRequest(),
     }
     assert set(calls) == {m.name for m in gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].methods}
+    writes = {"IngestSlide", "IngestCase", "CancelOperation", "CreateConcept", "DeleteConcept", "DeleteSlide"}
     before = len(audit_records(secured))
     for name, request in calls.items():
         code, _, rid = call(getattr(stub, name), request, token)
         rec = record_of(secured, rid)
         assert rec["subtype"][0]["display"] == name and rec["outcomeDesc"] == code.name, name
-    assert len(audit_records(secured)) == before + len(calls)
+        # A write was recorded as attempted, before it acted; a read was not.
+        attempt = audit_records(secured).get(f"{rid}.attempt")
+        assert (attempt is not None) == (name in writes), name
+        if attempt:
+            assert attempt["outcomeDesc"] == "ATTEMPTED" and "outcome" not in attempt
+            assert attempt["action"] == rec["action"] and attempt["entity"] == [
+                e for e in rec["entity"] if e["description"] != "returned"
+            ]
+    assert len(audit_records(secured)) == before + len(calls) + len(writes)
 
 
 def test_nested_roles_claim(secured, idp):
@@ -333,3 +345,158 @@ def test_a_rotated_key_is_fetched_once_and_unknown_kids_cannot_hammer_the_idp(id
 def test_oidc_without_issuer_refuses_to_start():
     with pytest.raises(ValueError, match="SMILY_OIDC_ISSUER"):
         auth.authenticator(base_settings().replace(auth="oidc").auth)
+
+
+# -- issue 23: the audit trail cannot be dodged, view sessions, integrations -------------------
+
+
+def _slide_ids(stub, token) -> set[str]:
+    return {
+        s.slide_id for s in stub.ListSlides(LIST, metadata=[("authorization", f"Bearer {token}")], timeout=30).slides
+    }
+
+
+def _readonly(path: str) -> None:
+    """A fresh audit file that cannot be written, as after a rotation onto a read-only file."""
+    os.rename(path, path + ".1")
+    with open(path, "w"):
+        pass
+    os.chmod(path, 0o444)
+    if os.geteuid() == 0:  # root writes through file modes; not through the immutable flag
+        subprocess.run(["chattr", "+i", path], check=True)
+
+
+@pytest.mark.parametrize("sink", ["full device", "read-only file"])
+def test_a_write_whose_attempt_cannot_be_recorded_is_refused_and_changes_nothing(secured, idp, tmp_path, sink):
+    admin = idp.token(ADMIN)
+    main = gateway(secured)
+    client = Client(
+        f"127.0.0.1:{secured.gateway.gateway_port}", timeout=300, tls_ca=secured.tls.tls_ca_file, token=admin
+    )
+    slide = f"audit-keep-{sink[0]}"
+    assert wait_done(client, client.ingest("synth-a.tiff", slide)).state == gateway_pb2.OPERATION_STATE_SUCCEEDED
+    client.close()
+    path = "/dev/full" if sink == "full device" else str(tmp_path / "audit.jsonl")
+    running, s = stack.start(["gateway"], secured.replace(gateway_port=0, audit_log=path))
+    try:
+        stub = gateway(s)
+        if sink == "read-only file":
+            assert call(stub.ListSlides, LIST, idp.token(SEARCH))[0] == grpc.StatusCode.OK
+            _readonly(path)
+        before = _slide_ids(main, admin)
+        for name, request in (
+            ("DeleteSlide", gateway_pb2.DeleteSlideRequest(slide_id=slide)),
+            ("IngestSlide", gateway_pb2.IngestSlideRequest(source="synth-b.svs", slide_id="audit-never")),
+            ("ListSlides", LIST),  # a read whose record cannot be written is refused too
+        ):
+            code, details, _ = call(getattr(stub, name), request, admin)
+            assert code == grpc.StatusCode.FAILED_PRECONDITION and "audit" in details, (sink, name)
+        assert _slide_ids(main, admin) == before and slide in before
+    finally:
+        stack.stop(running, 0)
+        if sink == "read-only file" and os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", path], check=True)
+    assert "audit-never" not in _slide_ids(main, admin)
+    assert call(main.DeleteSlide, gateway_pb2.DeleteSlideRequest(slide_id=slide), admin)[0] == grpc.StatusCode.OK
+
+
+def test_a_view_session_is_the_servers_and_its_record_counts_its_reads(secured, idp, tmp_path):
+    path = str(tmp_path / "audit.jsonl")
+    running, s = stack.start(["gateway"], secured.replace(gateway_port=0, audit_log=path))
+    admin, reader = idp.token(ADMIN), idp.token(SEARCH)
+    try:
+        client = Client(f"127.0.0.1:{s.gateway.gateway_port}", timeout=300, tls_ca=s.tls.tls_ca_file, token=admin)
+        assert (
+            wait_done(client, client.ingest("synth-a.tiff", "auth-view")).state == gateway_pb2.OPERATION_STATE_SUCCEEDED
+        )
+        client.close()
+        stub = gateway(s)
+
+        def read(x, y, token, session):
+            region = gateway_pb2.Region(slide_id="auth-view", x=x, y=y, width=256, height=256)
+            code, _, rid = call(
+                stub.ReadRegion, gateway_pb2.ReadRegionRequest(region=region), token, x_smily_view_session=session
+            )
+            assert code == grpc.StatusCode.OK
+            return rid
+
+        key = viewsession.key(s)
+        session = viewsession.mint(key, "user-1", "auth-view")
+        first = [read(x, y, reader, session) for x in (0, 256, 512, 768) for y in (0, 256, 512, 768)][0]
+        # The same id from another caller, an id for another slide, an expired one: each read on its own.
+        read(0, 0, idp.token(SEARCH, sub="user-2"), session)
+        read(0, 0, reader, viewsession.mint(key, "user-1", "another-slide"))
+        read(
+            0, 0, reader, viewsession.mint(key, "user-1", "auth-view", now=time.time() - s.auth.view_session_ttl_s - 60)
+        )
+        assert (
+            call(stub.DeleteSlide, gateway_pb2.DeleteSlideRequest(slide_id="auth-view"), admin)[0] == grpc.StatusCode.OK
+        )
+    finally:
+        stack.stop(running, 0)  # open sessions are recorded as the gateway stops
+    with open(path) as fh:
+        records = [json.loads(line) for line in fh]
+    reads = [r for r in records if r["subtype"][0]["display"] == "ReadRegion"]
+    assert [r["id"] for r in reads][0] == first and len(reads) == 4
+    (view,) = [r for r in records if r["subtype"][0]["display"] == "ViewSession"]
+    assert view["agent"][0]["who"]["identifier"]["value"] == "user-1" and view["outcome"] == "0"
+    (entity,) = view["entity"]
+    assert entity["what"]["identifier"]["value"] == "auth-view"
+    assert {d["type"]: d["valueString"] for d in entity["detail"]} == {"reads": "16", "boundingRegion": "0,0,1024,1024"}
+
+
+def test_an_ingest_only_caller_follows_the_ingests_it_started(secured, idp):
+    """An LIS holding smily.ingest alone: `smily ingest` succeeds; others' operations stay closed to it."""
+    lis, other = idp.token(INGEST, sub="lis-1"), idp.token(INGEST, sub="lis-2")
+    target = f"127.0.0.1:{secured.gateway.gateway_port}"
+    smily = os.path.join(os.path.dirname(sys.executable), "smily")
+    out = subprocess.run(
+        [
+            smily,
+            "ingest",
+            "synth-b.svs",
+            "--slide-id",
+            "auth-lis",
+            "--gateway",
+            target,
+            "--tls-ca",
+            secured.tls.tls_ca_file,
+        ],
+        env=dict(os.environ, SMILY_TOKEN=lis),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("ingested auth-lis: ") and " 0 tiles" not in out.stdout
+
+    stub = gateway(secured)
+    started = stub.IngestSlide(
+        gateway_pb2.IngestSlideRequest(source="synth-b.svs", slide_id="auth-lis-2"),
+        metadata=[("authorization", f"Bearer {lis}")],
+        timeout=60,
+    ).operation
+    get = gateway_pb2.GetOperationRequest(operation_id=started.operation_id)
+    cancel = gateway_pb2.CancelOperationRequest(operation_id=started.operation_id)
+    assert call(stub.GetOperation, get, lis)[0] == grpc.StatusCode.OK
+    assert call(stub.GetOperation, get, idp.token(SEARCH))[0] == grpc.StatusCode.OK  # search: any, as before
+    for fn, request in ((stub.GetOperation, get), (stub.CancelOperation, cancel)):
+        code, details, _ = call(fn, request, other)
+        assert (code, details) == (grpc.StatusCode.PERMISSION_DENIED, "this operation was started by another caller")
+    assert call(stub.CancelOperation, cancel, idp.token(SEARCH))[0] == grpc.StatusCode.PERMISSION_DENIED
+    assert call(stub.CancelOperation, cancel, lis)[0] == grpc.StatusCode.OK
+    # The roles still part: search cannot ingest, ingest cannot search.
+    ingest = gateway_pb2.IngestSlideRequest(source="synth-b.svs", slide_id="auth-never")
+    assert call(stub.IngestSlide, ingest, idp.token(SEARCH))[:2] == (
+        grpc.StatusCode.PERMISSION_DENIED,
+        "this call needs the role smily.ingest",
+    )
+    region = gateway_pb2.Region(slide_id="auth-lis", x=0, y=0, width=448, height=448)
+    assert call(stub.Search, gateway_pb2.SearchRequest(region=region, k=3), lis)[:2] == (
+        grpc.StatusCode.PERMISSION_DENIED,
+        "this call needs the role smily.search",
+    )
+    admin = idp.token(ADMIN)
+    wait_done(Client(target, timeout=300, tls_ca=secured.tls.tls_ca_file, token=admin), started)
+    for slide in ("auth-lis", "auth-lis-2"):
+        call(stub.DeleteSlide, gateway_pb2.DeleteSlideRequest(slide_id=slide), admin)

@@ -3,8 +3,6 @@ bounded queue that answers RESOURCE_EXHAUSTED, and its metrics."""
 
 from __future__ import annotations
 
-import time
-
 import grpc
 import numpy as np
 import pytest
@@ -17,6 +15,8 @@ from smily.embedder.v1 import embedder_pb2, embedder_pb2_grpc
 from smily.types.v1 import types_pb2
 
 from .conftest import base_settings
+from .helpers.gpu import CPU, expected_providers
+from .helpers.wait import wait_until
 from .test_embedder import patch
 
 
@@ -64,9 +64,12 @@ def test_concurrent_requests_are_coalesced(embedder):
 def test_full_queue_answers_resource_exhausted(embedder):
     servicer, stub = embedder
     first = stub.Embed.future(request(1))
-    while servicer.batcher.queued < 1:  # the first request waits for its batch to fill
+
+    def waiting():  # the first request waits for its batch to fill
         assert not first.done(), first.exception()
-        time.sleep(0.01)
+        return servicer.batcher.queued >= 1
+
+    wait_until("the first request queues", waiting, poll_s=0.01)
     with pytest.raises(grpc.RpcError) as info:
         stub.Embed(request(2))
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "queue is full" in info.value.details()
@@ -81,8 +84,10 @@ def test_batching_can_be_disabled(embedder):
 
 
 @pytest.mark.parametrize("embedder", [dict()], indirect=True)
-def test_batching_is_automatic_off_on_the_cpu(embedder):
-    # On the CPU a run costs per image: waiting for company would only add latency.
+def test_batching_is_automatic_off_on_the_cpu_and_on_on_a_gpu(embedder):
+    # On the CPU a run costs per image: waiting for company would only add latency. A GPU
+    # runs a fixed batch, which the batcher fills.
     servicer, stub = embedder
-    assert servicer.model.provider == "CPUExecutionProvider" and servicer.batcher is None
+    assert servicer.model.provider in expected_providers()
+    assert (servicer.batcher is None) == (servicer.model.provider == CPU)
     assert from_tensor(stub.Embed(request(3)).embeddings).shape == (1, 1280)

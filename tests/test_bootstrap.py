@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import urllib.request
 
 import grpc
@@ -17,6 +19,8 @@ from smily.localstack import free_port
 from smily.types.v1 import types_pb2
 
 from .conftest import base_settings, rpc_code
+from .helpers.procstack import NAMES, SERVING, ProcStack
+from .helpers.wait import wait_until
 
 
 def test_every_service_reports_serving(settings):
@@ -67,18 +71,38 @@ def test_metrics_endpoint_counts_rpcs(settings, client, ingested):
     assert "smily_grpc_request_seconds_bucket" in body
 
 
-def test_graceful_shutdown_says_not_serving(tmp_path):
-    running, s = stack.start(["index"], base_settings(index_dir=str(tmp_path)))
-    ch = grpc.insecure_channel(s.index.index_target)
-    health = health_pb2_grpc.HealthStub(ch)
-    assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
-    srv = running["index"]
-    srv.health.enter_graceful_shutdown()
-    assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.NOT_SERVING
-    stack.stop(running, 0.5)
-    assert rpc_code(health.Check, health_pb2.HealthCheckRequest(), timeout=2) == grpc.StatusCode.UNAVAILABLE
+def test_sigterm_drains_in_order(tmp_path):
+    """The process's own SIGTERM path: health watchers hear NOT_SERVING first, then new calls are
+    refused, then the process exits cleanly."""
+    procs = ProcStack(
+        {"SMILY_INDEX_DIR": str(tmp_path / "index"), "SMILY_SHUTDOWN_GRACE_S": "2"}, log_dir=str(tmp_path)
+    )
+    procs.start("index")
+    try:
+        check = health_pb2.HealthCheckRequest(service=NAMES["index"])
+        with grpc.insecure_channel(procs.target("index")) as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            watch = stub.Watch(check, timeout=120)
+            assert next(watch).status == SERVING
+            os.kill(procs.pid("index"), signal.SIGTERM)
+            assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+            def refused():  # a new caller, on a connection of its own
+                with grpc.insecure_channel(procs.target("index")) as fresh:
+                    try:
+                        status = health_pb2_grpc.HealthStub(fresh).Check(check, timeout=10).status
+                    except grpc.RpcError as exc:
+                        return exc.code()
+                assert status == health_pb2.HealthCheckResponse.NOT_SERVING  # never SERVING again
+                return None
+
+            assert wait_until("new calls refused while draining", refused) == grpc.StatusCode.UNAVAILABLE
+        assert procs.procs["index"].wait(60) == 0
+    finally:
+        procs.stop_all()
 
 
+@pytest.mark.unit
 def test_settings_from_env():
     s = Settings.from_env({"SMILY_TILER_PORT": "6000", "SMILY_SLIDE_ROOTS": "/a:/b", "SMILY_TILE_MPP": "0.5"})
     assert (s.tiler.tiler_port, s.tiler.slide_roots, s.gateway.tile_mpp) == (6000, ("/a", "/b"), 0.5)

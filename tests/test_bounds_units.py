@@ -14,6 +14,8 @@ from smily.common.server import Admission
 from smily.tiler import protocol
 from smily.tiler.arena import Arena, Slot
 
+pytestmark = pytest.mark.unit
+
 
 class Peer:
     def __init__(self, peer: str):

@@ -93,7 +93,7 @@ def test_redis_over_tls(tmp_path):
 
     from smily.gateway.cache import RedisCache, RedisGuard
 
-    from .pki import CA
+    from .helpers.pki import CA
 
     ca = CA(str(tmp_path))
     cert, key = ca.issue("smily-redis")

@@ -8,6 +8,8 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 from smily.cli import build_parser
 from smily.cli.common import flags
 from smily.output import Progress
@@ -120,7 +122,8 @@ def test_every_flag_and_argument_has_help():
     assert missing == []
 
 
-def test_service_messages_name_the_flags():
+@pytest.mark.unit
+def test_service_messages_name_theflags():
     message = "the slide does not record its resolution; state it in the request's slide_mpp (e.g. 0.25)"
     assert flags(message) == "the slide does not record its resolution; state it with --slide-mpp (e.g. 0.25)"
     assert flags("max_hits_per_slide must not be negative") == "--max-per-slide must not be negative"
@@ -209,6 +212,7 @@ class _Stream(io.StringIO):
         return self._tty
 
 
+@pytest.mark.unit
 def test_progress_is_a_bar_on_a_terminal_and_plain_lines_with_an_eta_elsewhere():
     log = _Stream(tty=False)
     progress = Progress("slide-x", log, every_s=0)

@@ -33,7 +33,7 @@ def test_variables_set_fields_across_groups():
     assert s.gateway.tile_mpps == (0.5, 1.0)
     assert s.http.http_port == 9 == s.port_of("http")
     # What was not set keeps its default.
-    assert s.gateway == Settings().gateway.replace(tile_mpps=(0.5, 1.0))
+    assert s.gateway == dataclasses.replace(Settings().gateway, tile_mpps=(0.5, 1.0))
 
 
 def test_every_field_has_one_group_and_its_own_variable():

@@ -6,6 +6,10 @@ import json
 import pathlib
 import re
 
+import pytest
+
+pytestmark = pytest.mark.unit
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 

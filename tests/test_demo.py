@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from .conftest import CMU, DATA, ROOT, TEST_SLIDES
 
 
 def test_demo_runs_end_to_end(slide_dir, model_repo, redis_url, tmp_path):
-    # Two readable slides of their own: the shared folder also holds deliberately broken files.
+    # A folder of its own: the demo ingests every slide of the folder it is given.
     for name in (TEST_SLIDES[1].name,):
         shutil.copy(os.path.join(slide_dir, name), tmp_path / name)
     shutil.copy(os.path.join(DATA, CMU), tmp_path / CMU)
@@ -34,3 +35,6 @@ def test_demo_runs_end_to_end(slide_dir, model_repo, redis_url, tmp_path):
     assert out.stdout.count("5 hits (model efficientnet-lite0/1)") == 2
     assert "cached=True" in out.stdout
     assert "stopped" in out.stdout and "Traceback" not in out.stderr
+    # The generated Redis password is never printed, only the file holding it.
+    assert "redis://127.0.0.1:" in out.stdout and "password in " in out.stdout
+    assert not re.search(r"redis://[^ ]*:[^ ]*@", out.stdout + out.stderr)

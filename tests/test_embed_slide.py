@@ -19,7 +19,7 @@ from smily.tiler.v1 import tiler_pb2, tiler_pb2_grpc
 from smily.types.v1 import types_pb2
 
 from .conftest import CMU, TEST_SLIDES, base_settings, rpc_code, streamed_tiles
-from .pki import CA
+from .helpers.pki import CA
 
 PARAMS = tiler_pb2.TilingParams(mpp=1.0, tile_size=224, min_tissue_fraction=0.5)
 

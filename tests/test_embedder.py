@@ -18,6 +18,7 @@ from smily.embedder.v1 import embedder_pb2, embedder_pb2_grpc
 from smily.types.v1 import types_pb2
 
 from .conftest import rpc_code
+from .helpers.gpu import expected_providers
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +59,7 @@ def test_batch_of_raw_and_png_images(embedder):
 def test_model_info(embedder):
     info = embedder.GetModelInfo(embedder_pb2.GetModelInfoRequest()).info
     assert (info.model_id, info.embedding_dim, info.input_size) == ("efficientnet-lite0/1", 1280, 224)
-    assert info.l2_normalized and info.execution_provider == "CPUExecutionProvider"
+    assert info.l2_normalized and info.execution_provider in expected_providers()
 
 
 def test_bad_images(embedder):

@@ -19,11 +19,13 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from smily import stack as local_stack
+from smily.client import Client
 from smily.common.server import MAX_MESSAGE_BYTES
 from smily.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from .conftest import CMU, base_settings
-from .procstack import SERVING, health
+from .helpers.procstack import SERVING, health
+from .helpers.wait import wait_done
 
 C = grpc.StatusCode
 # The documented statuses for a healthy stack. INTERNAL and UNKNOWN are bugs.
@@ -156,9 +158,9 @@ def gateway(slide_dir, model_repo, redis_url, tmp_path_factory):
         ],
     )
     stub = gateway_pb2_grpc.GatewayServiceStub(ch)
-    op = stub.IngestSlide(gateway_pb2.IngestSlideRequest(source=CMU, slide_id="cmu"), timeout=60).operation
-    while op.state in (gateway_pb2.OPERATION_STATE_QUEUED, gateway_pb2.OPERATION_STATE_RUNNING):
-        op = stub.GetOperation(gateway_pb2.GetOperationRequest(operation_id=op.operation_id), timeout=10).operation
+    client = Client(target, timeout=60)
+    op = wait_done(client, client.ingest(CMU, "cmu"))
+    client.close()
     assert op.state == gateway_pb2.OPERATION_STATE_SUCCEEDED, op.error_message
     yield stub, target
     ch.close()

@@ -12,6 +12,7 @@ import io
 import os
 import signal
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -27,7 +28,8 @@ from smily.gateway.v1 import gateway_pb2_grpc
 from smily.localstack import free_port
 
 from .conftest import CMU, TEST_SLIDES
-from .procstack import NAMES, SERVING, ProcStack, health
+from .helpers.procstack import NAMES, SERVING, ProcStack, health
+from .helpers.wait import wait_until
 
 C = grpc.StatusCode
 BAD, NOT_FOUND, BUSY, UNAVAILABLE = C.INVALID_ARGUMENT, C.NOT_FOUND, C.RESOURCE_EXHAUSTED, C.UNAVAILABLE
@@ -94,6 +96,12 @@ def status_of(fn) -> tuple[C, str]:
         return C.OK, ""
     except grpc.RpcError as exc:
         return exc.code(), exc.details() or ""
+
+
+def metric(port: int, sample: str) -> float:
+    """One sample of a process's /metrics (0 when it has none yet)."""
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return next((float(line.rsplit(" ", 1)[1]) for line in body.splitlines() if line.startswith(sample + " ")), 0.0)
 
 
 def alive(stack, gw) -> None:
@@ -268,13 +276,18 @@ def test_ingests_are_deduplicated_by_id_and_source_and_the_queue_is_bounded(stac
 def test_whole_slide_searches_by_file_are_bounded(stack, gw, frozen):
     gw.Search(g.SearchRequest(image=png(Image.new("RGB", (224, 224), (200, 120, 160))), k=1), timeout=60)
     frozen("embedder")  # the first whole-slide search holds its slot
+    port = int(stack.per_service["gateway"]["SMILY_METRICS_PORT"])
+    miss = 'smily_cache_lookups_total{result="miss"}'
+    misses = metric(port, miss)
     first = gw.SearchSlides.future(g.SearchSlidesRequest(source=TEST_SLIDES[1].name), timeout=60)
-    time.sleep(2)  # it reaches the embedder (a tiler read and a cache miss away) and waits there
+    # Its mosaic is not cached: after the miss it takes its slot at once (no I/O in between) and
+    # waits for the frozen embedder.
+    wait_until("the first whole-slide search misses the cache", lambda: metric(port, miss) > misses, deadline_s=60)
     code, details = status_of(lambda: gw.SearchSlides(g.SearchSlidesRequest(source=TEST_SLIDES[0].name), timeout=5))
     ROWS.append(("SearchSlides by file while one runs", code.name, "-", "-"))
     assert code == BUSY and "whole-slide searches" in details
     os.kill(stack.pid("embedder"), signal.SIGCONT)
-    assert first.result().slides is not None
+    assert first.result().slides  # the indexed slides, ranked
     alive(stack, gw)
 
 

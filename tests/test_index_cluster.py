@@ -34,7 +34,7 @@ from smily.index.v1 import index_pb2, index_pb2_grpc
 from smily.localstack import free_port
 
 from .conftest import ROOT, base_settings
-from .pg import fresh_database, postgres  # noqa: F401 (fixture)
+from .helpers.pg import fresh_database, postgres  # noqa: F401 (fixture)
 
 MODEL = "m/1"
 DIM = 16

@@ -19,6 +19,7 @@ from smily.common.tensors import to_tensor
 from smily.index.v1 import index_pb2, index_pb2_grpc
 
 from .conftest import ROOT
+from .helpers.wait import pages
 
 KILLS = 20
 DIM = 8
@@ -116,12 +117,12 @@ class Writer(threading.Thread):
 
 
 def check(stub, writer: Writer) -> None:
-    slides, token = {}, ""
-    while True:
-        page = stub.ListSlides(index_pb2.ListSlidesRequest(page_size=1000, page_token=token), timeout=10)
-        slides.update((s.slide_id, s.tile_count) for s in page.slides)
-        if not (token := page.next_page_token):
-            break
+
+    def page(token):
+        resp = stub.ListSlides(index_pb2.ListSlidesRequest(page_size=1000, page_token=token), timeout=10)
+        return [(s.slide_id, s.tile_count) for s in resp.slides], resp.next_page_token
+
+    slides = dict(item for p in pages(page) for item in p)
     info = stub.GetIndexInfo(index_pb2.GetIndexInfoRequest(), timeout=10)
     assert info.tile_count == sum(slides.values()), "the search index holds duplicated or orphaned vectors"
     assert set(slides) <= set(writer.acked) | set(writer.in_doubt)

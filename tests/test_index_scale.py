@@ -31,12 +31,14 @@ from smily.embedder.v1 import embedder_pb2, embedder_pb2_grpc
 from smily.gateway import shards as shards_module
 from smily.gateway.shards import connect
 from smily.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from smily.index import reshard as resharding
 from smily.index.reshard import reshard
 from smily.index.v1 import index_pb2
 from smily.synthetic import SlideSpec, write_samples
 
 from .conftest import base_settings
-from .pg import fresh_database, postgres  # noqa: F401 (fixture)
+from .helpers.pg import fresh_database, postgres  # noqa: F401 (fixture)
+from .helpers.wait import wait_until
 from .test_index_cluster import DIM, MODEL, Cluster, ingest, search, vectors
 
 QUERIES = np.random.default_rng(7).standard_normal((4, DIM)).astype(np.float32)
@@ -213,7 +215,7 @@ def test_one_multi_address_target_per_shard(pair):
 # -- resharding while searches run ----------------------------------------------------
 
 
-def test_reshard_two_to_three_during_searches(postgres, tmp_path):  # noqa: F811
+def test_reshard_two_to_three_during_searches(postgres, tmp_path, monkeypatch):  # noqa: F811
     url = fresh_database(postgres)
     c = Cluster(url, str(tmp_path), shards=3, replicas=1)
     try:
@@ -229,7 +231,7 @@ def test_reshard_two_to_three_during_searches(postgres, tmp_path):  # noqa: F811
 
         def loop():  # a bounded search loop over all three shards, as the reconfigured gateway sends
             n = 0
-            while not stop.is_set() and n < 5000:
+            while not stop.is_set() and n < 20000:
                 n += 1
                 try:
                     hits = c.index.Search(
@@ -241,6 +243,18 @@ def test_reshard_two_to_three_during_searches(postgres, tmp_path):  # noqa: F811
                 tiles = [(h.slide_id, h.tile.x) for h in hits]
                 seen.append((len(tiles) == len(set(tiles)) == 240, sorted({h.slide_id for h in hits}) == everyone))
 
+        def after_searches(step):
+            """Each copy and drop of the reshard waits for two more searches: every phase is searched."""
+
+            def gated(*args):
+                done = len(seen) + len(failures)
+                wait_until("searches between reshard steps", lambda: len(seen) + len(failures) >= done + 2)
+                return step(*args)
+
+            return gated
+
+        monkeypatch.setattr(resharding, "_copy", after_searches(resharding._copy))
+        monkeypatch.setattr(resharding, "_drop", after_searches(resharding._drop))
         searcher = threading.Thread(target=loop)
         searcher.start()
         try:
@@ -250,7 +264,7 @@ def test_reshard_two_to_three_during_searches(postgres, tmp_path):  # noqa: F811
             searcher.join()
         assert 0 < moved < 24
         assert not failures
-        assert len(seen) > 10 and all(once and complete for once, complete in seen), (
+        assert len(seen) >= 4 * moved and all(once and complete for once, complete in seen), (
             f"{sum(1 for s in seen if s != (True, True))} of {len(seen)} searches saw a slide twice or not at all"
         )
         # Each replica ends with exactly the slides placed on its shard (once it has followed the last drops).

@@ -12,6 +12,7 @@ from smily.gateway.shards import ShardedIndex, shard_of
 from smily.index.v1 import index_pb2, index_pb2_grpc
 
 from .conftest import base_settings, rpc_code
+from .helpers.wait import pages
 
 MODEL = "m/1"
 DIM = 16
@@ -78,16 +79,16 @@ def test_three_shards_equal_one_index(indexes):
             {"slide_ids": ["slide-03", "slide-11"]},
         ):
             assert search(sharded, q, 25, **kw) == search(single, q, 25, **kw), kw
-    pages = []
-    for index in (sharded, single):
-        token, ids = "", []
-        while True:
-            page = index.ListSlides(index_pb2.ListSlidesRequest(page_size=7, page_token=token))
-            ids.append([s.slide_id for s in page.slides])
-            if not (token := page.next_page_token):
-                break
-        pages.append(ids)
-    assert pages[0] == pages[1] and sum(map(len, pages[0])) == 30
+
+    def listing(index):
+        def page(token):
+            resp = index.ListSlides(index_pb2.ListSlidesRequest(page_size=7, page_token=token))
+            return [s.slide_id for s in resp.slides], resp.next_page_token
+
+        return pages(page)
+
+    both = [listing(index) for index in (sharded, single)]
+    assert both[0] == both[1] and sum(map(len, both[0])) == 30
     for index in (sharded, single):
         assert index.DeleteSlide(index_pb2.DeleteSlideRequest(slide_id="slide-07")).deleted_tiles == 20
     assert sharded.GetIndexInfo(index_pb2.GetIndexInfoRequest()).tile_count == 29 * 20

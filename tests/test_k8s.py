@@ -77,19 +77,22 @@ def kubectl() -> str:
 
 @pytest.fixture(scope="session")
 def rendered(kubectl, tmp_path_factory) -> dict[str, tuple[str, list[dict]]]:
-    """name -> (YAML text, objects) of every overlay and combination."""
+    """name -> (YAML text, objects) of every overlay and combination, rendered from a copy of
+    deploy/k8s: the Secret files `make k8s-secrets` writes go there, never into the source tree."""
     from smily import k8s_secrets
 
-    k8s_secrets.write(str(K8S / "base" / "secrets" / "redis.env"))  # what `make k8s-secrets` does once
+    k8s = tmp_path_factory.mktemp("k8s") / "k8s"
+    shutil.copytree(K8S, k8s, ignore=shutil.ignore_patterns("redis.env"))
+    k8s_secrets.write(str(k8s / "base" / "secrets" / "redis.env"))  # what `make k8s-secrets` does once
     out = {}
     for name, (overlay, components) in RENDERS.items():
-        target = K8S / overlay
+        target = k8s / overlay
         if components:
             # A throw-away overlay on top of the real one, as a user would write.
             target = tmp_path_factory.mktemp(name.replace("+", "_"))
 
             def rel(p, target=target):
-                return os.path.relpath(K8S / p, target)
+                return os.path.relpath(k8s / p, target)
 
             (target / "kustomization.yaml").write_text(
                 yaml.safe_dump(
@@ -408,12 +411,15 @@ def test_every_backend_the_gateway_dials_is_headless(render):
 
 def test_ports_args_and_images_agree_with_code_and_make_images(render):
     name, objs = render
-    built = set(
-        re.findall(
-            r"-t (\S+)",
-            subprocess.run(["make", "-s", "-n", "images"], cwd=ROOT, capture_output=True, text=True, check=True).stdout,
-        )
-    )
+    listed = subprocess.run(
+        [sys.executable, "tools/images.py", "--list"],
+        cwd=ROOT,
+        env={**os.environ, "VARIANTS": "cpu gpu"},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    built = set(listed.split())
     version = project_version()
     for s in SERVICES:
         c = container_of(objs, s)

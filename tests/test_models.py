@@ -24,13 +24,14 @@ from smily.embedder.v1 import embedder_pb2, embedder_pb2_grpc
 from smily.index.v1 import index_pb2, index_pb2_grpc
 from smily.types.v1 import types_pb2
 
-from . import backbones
 from .conftest import ROOT, TEST_SLIDES, base_settings, rpc_code
+from .helpers import backbones
+from .helpers.wait import wait_done
 
 ARCHITECTURES = {
     # name: (factory, input size)
-    "tiny-resnet": ("tests.backbones:tiny_resnet", 96),
-    "lite1-random": ("tests.backbones:efficientnet_lite1", 240),
+    "tiny-resnet": ("tests.helpers.backbones:tiny_resnet", 96),
+    "lite1-random": ("tests.helpers.backbones:efficientnet_lite1", 240),
 }
 
 
@@ -136,7 +137,7 @@ def test_export_rejects_bad_factories_and_weights(tmp_path):
         "model",
         "export",
         "--factory",
-        "tests.backbones:efficientnet_lite1",
+        "tests.helpers.backbones:efficientnet_lite1",
         "--weights",
         weights,
         "--name",
@@ -145,7 +146,9 @@ def test_export_rejects_bad_factories_and_weights(tmp_path):
         str(tmp_path),
     )
     assert out.returncode != 0 and "state_dict" in out.stderr  # weights of another architecture
-    out = smily("model", "export", "--factory", "tests.backbones:nothing", "--name", "x", "--output-dir", str(tmp_path))
+    out = smily(
+        "model", "export", "--factory", "tests.helpers.backbones:nothing", "--name", "x", "--output-dir", str(tmp_path)
+    )
     assert out.returncode != 0 and "cannot load factory" in out.stderr
     out = export(tmp_path, "tiny-resnet", weights, "--tolerance", "0")  # parity can never be exactly 0 here
     assert out.returncode == 1 and "differs from PyTorch" in out.stderr
@@ -164,7 +167,7 @@ def test_a_second_model_is_searched_end_to_end(repo, slide_dir, tmp_path):
     client = Client(f"127.0.0.1:{settings.gateway.gateway_port}", timeout=300)
     try:
         name = TEST_SLIDES[0].name
-        op = client.wait(client.ingest(name, "synth-a"))
+        op = wait_done(client, client.ingest(name, "synth-a"))
         assert op.model_id == "tiny-resnet/1" and op.progress.tiles_indexed > 10, op
         index = index_pb2_grpc.IndexServiceStub(channel(settings.index.index_target))
         info = index.GetIndexInfo(index_pb2.GetIndexInfoRequest())

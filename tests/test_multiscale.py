@@ -9,6 +9,7 @@ from smily.client import Client
 from smily.common import images
 from smily.gateway.v1 import gateway_pb2
 
+from .helpers.wait import wait_done
 from .test_search_e2e import _tissue_tile
 
 
@@ -24,7 +25,7 @@ def multiscale(settings, tmp_path_factory):
     )
     running, s = stack.start(["index", "gateway"], s)
     c = Client(f"127.0.0.1:{s.gateway.gateway_port}", timeout=300)
-    op = c.wait(c.ingest("synth-b.svs", "synth-b"))  # 0.5 µm/px, 3072 x 2304
+    op = wait_done(c, c.ingest("synth-b.svs", "synth-b"))  # 0.5 µm/px, 3072 x 2304
     assert op.state == gateway_pb2.OPERATION_STATE_SUCCEEDED, op.error_message
     yield c, op
     c.close()
@@ -54,8 +55,8 @@ def test_image_search_at_a_stated_resolution(settings, multiscale):
         images.decode(tile.image.data, tile.image.encoding, tile.image.width, tile.image.height), images.PNG
     )
     default = client.search(image=png, k=3).hits
-    assert all(h.mpp == 1.0 for h in default) and (default[0].x, default[0].y) == (tile.x, tile.y)
-    assert all(h.mpp == 2.0 for h in client.search(image=png, k=3, image_mpp=2.0).hits)
-    assert all(h.mpp == 0.5 for h in client.search(image=png, k=3, image_mpp=0.7).hits)  # nearest on a log scale
+    assert [h.mpp for h in default] == [1.0] * 3 and (default[0].x, default[0].y) == (tile.x, tile.y)
+    assert [h.mpp for h in client.search(image=png, k=3, image_mpp=2.0).hits] == [2.0] * 3
+    assert [h.mpp for h in client.search(image=png, k=3, image_mpp=0.7).hits] == [0.5] * 3  # nearest on a log scale
     # Stated at 1.2 µm/px: resampled to, and searched at, the nearest indexed scale, 1.0.
-    assert all(h.mpp == 1.0 for h in client.search(image=png, k=3, image_mpp=1.2).hits)
+    assert [h.mpp for h in client.search(image=png, k=3, image_mpp=1.2).hits] == [1.0] * 3

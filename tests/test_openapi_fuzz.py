@@ -20,7 +20,7 @@ import pytest
 from smily import stack as local_stack
 
 from .conftest import base_settings
-from .httpproc import HttpProcess
+from .helpers.httpproc import HttpProcess
 
 HOOKS = os.path.join(os.path.dirname(__file__), "schemathesis_hooks.py")
 SCHEMATHESIS = os.path.join(os.path.dirname(sys.executable), "schemathesis")

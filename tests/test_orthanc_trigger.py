@@ -17,10 +17,10 @@ from smily import stack
 from smily.localstack import free_port
 from smily.synthetic import SlideSpec, write_samples
 
-from . import oidc
 from .conftest import ROOT, base_settings
-from .httpproc import HttpProcess
-from .orthanc import PHI, Orthanc
+from .helpers import oidc
+from .helpers.httpproc import HttpProcess
+from .helpers.orthanc import PHI, Orthanc
 
 SCRIPT = os.path.join(ROOT, "deploy", "orthanc", "smily-ingest.lua")
 ACCESSION = "ACC-LUA-0001"
@@ -33,10 +33,12 @@ def _get(api: httpx.Client, path: str, bodies: list[str]) -> dict:
     return r.json()
 
 
-def _ingest_calls(audit) -> list[dict]:
-    """The gateway's audit records of IngestCase calls."""
+def _ingest_calls(audit, attempts: bool = False) -> list[dict]:
+    """The gateway's audit records of IngestCase calls: their outcomes, or the attempts recorded before them."""
     records = [json.loads(line) for line in audit.read_text().splitlines()] if audit.exists() else []
-    return [r for r in records if r["subtype"][0]["display"] == "IngestCase"]
+    return [
+        r for r in records if r["subtype"][0]["display"] == "IngestCase" and r["id"].endswith(".attempt") == attempts
+    ]
 
 
 def test_a_slide_pushed_to_orthanc_becomes_searchable_by_its_accession(redis_url, model_repo, tmp_path, capfd):
@@ -111,9 +113,12 @@ def test_a_slide_pushed_to_orthanc_becomes_searchable_by_its_accession(redis_url
     # One IngestCase per series, by the script's token, relayed by the HTTP API.
     (ingest,) = _ingest_calls(audit)
     assert ingest["outcome"] == "0"
+    (attempt,) = _ingest_calls(audit, attempts=True)  # recorded before the case was started
+    assert attempt["id"] == ingest["id"] + ".attempt" and attempt["outcomeDesc"] == "ATTEMPTED"
     assert ingest["agent"][0]["who"]["identifier"] == {"system": idp.issuer, "value": "orthanc-lua"}
     assert ingest["agent"][1]["who"]["display"] == "forwarding proxy"
     captured = capfd.readouterr()
     for where, text in {"responses": "".join(bodies), "logs": http.log() + captured.err + captured.out}.items():
+        assert text.strip(), f"no {where} captured: the PHI check would pass by seeing nothing"
         for value in PHI.values():
             assert value not in text, (where, value)

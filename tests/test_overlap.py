@@ -14,6 +14,8 @@ from smily.gateway.v1 import gateway_pb2
 from smily.tiler import slides as slide_files
 from smily.tiler import tiling
 
+from .helpers.wait import wait_done
+
 
 def _hit(slide_id, x, y, size=100, score=1.0):
     return NS(slide_id=slide_id, score=score, tile=NS(x=x, y=y, width=size, height=size))
@@ -54,7 +56,7 @@ def overlapping(settings, tmp_path_factory):
     )
     running, s = stack.start(["index", "gateway"], s)
     c = Client(f"127.0.0.1:{s.gateway.gateway_port}", timeout=300)
-    op = c.wait(c.ingest("synth-a.tiff", "synth-a"))
+    op = wait_done(c, c.ingest("synth-a.tiff", "synth-a"))
     assert op.state == gateway_pb2.OPERATION_STATE_SUCCEEDED, op.error_message
     yield c
     c.close()
@@ -69,7 +71,9 @@ def test_overlapping_tiles_localise_an_off_grid_crop(client, ingested, overlappi
     on_grid = client.search(region=crop, k=1, slide_ids=["synth-a"]).hits[0]
     best = overlapping.search(region=crop, k=1).hits[0]
     assert (best.x, best.y, best.width) == (672, 672, 448)  # the crop is a tile of the overlapping index
-    assert (on_grid.x - 672) % 448 and (on_grid.y - 672) % 448  # the grid index can only hold a neighbour
+    # The grid index holds only tiles on its 448 px grid, so its best is a neighbour, and matches less well.
+    assert on_grid.x % 448 == 0 and on_grid.y % 448 == 0 and (on_grid.x, on_grid.y) != (672, 672)
+    assert best.score > on_grid.score
 
 
 def test_top_k_holds_no_two_overlapping_tiles(overlapping):

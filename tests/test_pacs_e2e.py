@@ -24,8 +24,11 @@ from smily.synthetic import SlideSpec, write_samples
 from smily.tiler.v1 import tiler_pb2, tiler_pb2_grpc
 
 from .conftest import base_settings, rpc_code, streamed_tiles
-from .httpproc import HttpProcess
-from .orthanc import PHI, Orthanc
+from .helpers import oidc
+from .helpers.httpproc import SMILY, HttpProcess
+from .helpers.orthanc import PHI, Orthanc
+from .helpers.pki import CA
+from .helpers.wait import wait_done
 
 SLIDES = (SlideSpec("case-a.tiff", "tiff", 3072, 3072, 0.5, 31), SlideSpec("case-b.tiff", "tiff", 3072, 3072, 0.5, 32))
 CASES = ("ACC-E2E-0001", "ACC-E2E-0002")
@@ -95,7 +98,7 @@ def test_case_by_accession_end_to_end(pacs, redis_url, model_repo, tmp_path, cap
         client = Client(f"127.0.0.1:{settings.gateway.gateway_port}", timeout=300)
         tiler = tiler_pb2_grpc.TilerServiceStub(channel(settings.tiler.tiler_target))
 
-        ops = [client.wait(client.ingest_case(accession)) for accession in CASES]
+        ops = [wait_done(client, client.ingest_case(accession)) for accession in CASES]
         responses += ops
         for op, (study, series) in zip(ops, uids):
             assert op.state == gateway_pb2.OPERATION_STATE_SUCCEEDED, (op.error_code, op.error_message)
@@ -113,7 +116,7 @@ def test_case_by_accession_end_to_end(pacs, redis_url, model_repo, tmp_path, cap
             assert s.metadata["case_id"] == accession and s.metadata["container_identifier"] == f"SLIDE-{i}"
 
         # Re-running a case replaces its slides: nothing duplicated.
-        again = client.wait(client.ingest_case(CASES[0]))
+        again = wait_done(client, client.ingest_case(CASES[0]))
         responses.append(again)
         assert again.state == gateway_pb2.OPERATION_STATE_SUCCEEDED
         assert {s.slide_id: s.tile_count for s in client.slides()} == {k: v.tile_count for k, v in slides.items()}
@@ -135,7 +138,7 @@ def test_case_by_accession_end_to_end(pacs, redis_url, model_repo, tmp_path, cap
         assert by_region.hits and all(h.slide_id == series_b for h in by_region.hits)
 
         # The archive is searched in the operation, so an unknown case fails there.
-        missing = client.wait(client.ingest_case("NO-SUCH-CASE"))
+        missing = wait_done(client, client.ingest_case("NO-SUCH-CASE"))
         assert (missing.state, missing.error_code, len(missing.slides)) == (
             gateway_pb2.OPERATION_STATE_FAILED,
             "NOT_FOUND",
@@ -161,6 +164,7 @@ def test_case_by_accession_end_to_end(pacs, redis_url, model_repo, tmp_path, cap
     }
     assert '"slide_id"' in texts["logs"] and "case ingest started" in texts["logs"]
     for where, text in texts.items():
+        assert text.strip(), f"no {where} captured: the PHI check would pass by seeing nothing"
         for value in PHI.values():
             assert value not in text, (where, value)
 
@@ -278,5 +282,53 @@ def test_case_by_accession_over_http_with_curl(pacs, redis_url, model_repo, tmp_
     # No patient attribute in any HTTP response, nor in the HTTP process's or the services' logs.
     captured = capfd.readouterr()
     for where, text in {"responses": "".join(curl.bodies), "logs": http.log() + captured.err + captured.out}.items():
+        assert text.strip(), f"no {where} captured: the PHI check would pass by seeing nothing"
         for value in PHI.values():
             assert value not in text, (where, value)
+
+
+def test_an_lis_with_the_ingest_role_alone_ingests_a_case_with_the_cli(pacs, redis_url, model_repo, tmp_path):
+    """Issue 23: `smily ingest-case ACC` with an ingest-only token, against a TLS gateway that
+    verifies tokens, follows its case to the end; the same token cannot search."""
+    orthanc, _, uids = pacs
+    idp = oidc.IdP()
+    ca = CA(str(tmp_path / "pki"))
+    cert, key = ca.issue("smily-gateway")
+    (tmp_path / "roots").mkdir()
+    settings = base_settings(
+        slide_roots=(str(tmp_path / "roots"),),
+        model_repository=model_repo,
+        index_dir=str(tmp_path / "index"),
+        redis_url=redis_url,
+        tiler_readers=1,
+        dicomweb_url=(f"pacs={orthanc.dicomweb}",),
+        plaintext=False,
+        tls_cert_file=cert,
+        tls_key_file=key,
+        tls_ca_file=ca.path,
+        auth="oidc",
+        oidc_issuer=idp.issuer,
+        oidc_audience=oidc.AUDIENCE,
+        audit_log=str(tmp_path / "audit.jsonl"),
+    )
+    running, settings = stack.start(stack.ORDER, settings)
+    try:
+        env = dict(os.environ, SMILY_TOKEN=idp.token(["smily.ingest"], sub="lis"))
+        gateway = ["--gateway", f"127.0.0.1:{settings.gateway.gateway_port}", "--tls-ca", ca.path]
+        out = subprocess.run(
+            [SMILY, "ingest-case", CASES[1], *gateway], env=env, capture_output=True, text=True, timeout=300
+        )
+        assert out.returncode == 0, out.stderr
+        (study, series) = uids[1]
+        assert out.stdout.split("\t")[:2] == [series, "succeeded"] and f"study {study}" in out.stdout
+        search = subprocess.run(
+            [SMILY, "search", "--slide", series, "--region", "0,0,448,448", *gateway],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert search.returncode != 0 and "smily.search" in search.stderr
+    finally:
+        stack.stop(running, 0)
+        idp.close()

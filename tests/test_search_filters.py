@@ -17,6 +17,7 @@ from smily.client import Client
 from smily.gateway.v1 import gateway_pb2
 
 from .conftest import TEST_SLIDES, rpc_code
+from .helpers.wait import wait_done
 from .test_cli import smily
 
 # synth-a and synth-b are one case; synth-c-40x is another.
@@ -39,7 +40,7 @@ def cases(settings, tmp_path_factory):
     try:
         for spec in TEST_SLIDES:
             sid = spec.name.rsplit(".", 1)[0]
-            op = c.wait(c.ingest(spec.name, sid, META[sid]))
+            op = wait_done(c, c.ingest(spec.name, sid, META[sid]))
             assert op.state == gateway_pb2.OPERATION_STATE_SUCCEEDED, (sid, op.error_message)
         yield c, fresh, {s.slide_id: s.tile_count for s in c.slides()}
     finally:

@@ -5,7 +5,6 @@ whole-slide search, region images and cancelled ingests."""
 from __future__ import annotations
 
 import io
-import time
 
 import grpc
 import numpy as np
@@ -17,6 +16,7 @@ from smily.client import Client
 from smily.gateway.v1 import gateway_pb2
 
 from .conftest import CMU, TEST_SLIDES, rpc_code
+from .helpers.wait import pages, wait_done, wait_until
 
 
 def _region(hit) -> dict:
@@ -114,15 +114,14 @@ def test_concepts_are_shared_by_gateway_replicas(client, settings, archive):
 def test_pages_and_per_slide_cap(client, archive):
     q = archive["query"]
     whole = client.search(region=q, k=30).hits
-    pages, token = [], ""
-    while True:
+
+    def page(token):
         resp = client.search(region=q, k=30, page_size=7, page_token=token)
-        pages.append(resp.hits)
-        token = resp.next_page_token
-        if not token:
-            break
-    assert [len(p) for p in pages] == [7, 7, 7, 7, 2]
-    assert [(h.slide_id, h.x, h.y) for p in pages for h in p] == [(h.slide_id, h.x, h.y) for h in whole]
+        return list(resp.hits), resp.next_page_token
+
+    paged = pages(page, max_pages=10)
+    assert [len(p) for p in paged] == [7, 7, 7, 7, 2]
+    assert [(h.slide_id, h.x, h.y) for p in paged for h in p] == [(h.slide_id, h.x, h.y) for h in whole]
     # A token belongs to its request.
     first = client.search(region=q, k=30, page_size=7)
     assert (
@@ -184,13 +183,15 @@ def test_cancel_queued_and_running_ingests(settings, client, ingested):
         first = c.ingest(CMU, "cancel-running")
         second = c.ingest(TEST_SLIDES[0].name, "cancel-queued")
         assert c.cancel(second.operation_id).state == gateway_pb2.OPERATION_STATE_CANCELLED
-        op = first
-        while op.progress.tiles_embedded == 0:
-            time.sleep(0.01)
-            op = c.stub.GetOperation(gateway_pb2.GetOperationRequest(operation_id=first.operation_id)).operation
+
+        def progressed():
+            latest = c.operation(first.operation_id)
+            return latest if latest.progress.tiles_embedded else None
+
+        op = wait_until("the running ingest embeds tiles", progressed, poll_s=0.01)
         assert op.state == gateway_pb2.OPERATION_STATE_RUNNING and op.progress.tiles_embedded < op.progress.tiles_total
         assert c.cancel(first.operation_id).cancel_requested
-        done = c.wait(op, poll_s=0.05)
+        done = wait_done(c, op, poll_s=0.05)
         assert done.state == gateway_pb2.OPERATION_STATE_CANCELLED
         assert done.progress.tiles_indexed < done.progress.tiles_total
         assert not {"cancel-running", "cancel-queued"} & {s.slide_id for s in c.slides()}
@@ -198,7 +199,9 @@ def test_cancel_queued_and_running_ingests(settings, client, ingested):
         assert c.cancel(first.operation_id).state == gateway_pb2.OPERATION_STATE_CANCELLED
         assert rpc_code(c.cancel, "nope") == grpc.StatusCode.NOT_FOUND
         # The slide can be ingested after a cancel.
-        assert c.wait(c.ingest(TEST_SLIDES[0].name, "cancel-queued")).state == gateway_pb2.OPERATION_STATE_SUCCEEDED
+        assert (
+            wait_done(c, c.ingest(TEST_SLIDES[0].name, "cancel-queued")).state == gateway_pb2.OPERATION_STATE_SUCCEEDED
+        )
         assert c.delete("cancel-queued") > 0
     finally:
         c.close()

@@ -65,6 +65,10 @@ def test_readme_session_runs_top_to_bottom(stack_env, tmp_path):
         gateway = f"127.0.0.1:{stack_env['SMILY_GATEWAY_PORT']}"
         assert f"gateway {gateway}" in up.stdout and f":{stack_env['SMILY_LOCAL_REDIS_PORT']}" in up.stdout
         assert f":{stack_env['SMILY_METRICS_PORT']}/metrics" in up.stdout
+        # The generated Redis password: in a file only its owner reads, never on the terminal.
+        secret = tmp_path / "var" / "run" / "redis-password"
+        assert oct(secret.stat().st_mode & 0o777) == "0o600" and "password in var/run/redis-password" in up.stdout
+        assert secret.read_text().strip() not in up.stdout + up.stderr
 
         session = run(["bash", SCRIPT], stack_env, ROOT, timeout=600)
         assert session.returncode == 0, session.stdout[-3000:] + session.stderr[-3000:]

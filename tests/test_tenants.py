@@ -19,9 +19,9 @@ from smily import stack
 from smily.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from smily.synthetic import SlideSpec, write_samples
 
-from . import oidc
 from .conftest import base_settings
-from .orthanc import Orthanc
+from .helpers import oidc
+from .helpers.orthanc import Orthanc
 
 ROLES = ["smily.search", "smily.ingest", "smily.admin"]
 A, B, R = "site-a", "site-b", "research"

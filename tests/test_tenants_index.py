@@ -18,7 +18,7 @@ from smily.index.pg_store import PgStorage
 from smily.index.shard import Query, TileBatch
 from smily.index.storage import Slide, Tile
 
-from .pg import fresh_database, postgres  # noqa: F401 (fixture)
+from .helpers.pg import fresh_database, postgres  # noqa: F401 (fixture)
 
 MODEL = "m/1"
 DIM = 8

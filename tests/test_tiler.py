@@ -28,6 +28,7 @@ def tiler(settings):
     return tiler_pb2_grpc.TilerServiceStub(channel(settings.tiler.tiler_target))
 
 
+@pytest.mark.unit
 def test_roots_refuse_escapes(tmp_path):
     root = tmp_path / "root"
     root.mkdir()
@@ -129,34 +130,34 @@ def test_region_errors(tiler):
     assert rpc_code(read, slide="nope.svs") == grpc.StatusCode.NOT_FOUND
 
 
-def test_unreadable_files(tiler, slide_dir):
-    with open(os.path.join(slide_dir, "photo.svs"), "wb") as fh:
+def test_unreadable_files(tiler, scratch):
+    with open(scratch.path("photo.svs"), "wb") as fh:
         Image.new("RGB", (64, 64), "red").save(fh, format="JPEG")
-    open(os.path.join(slide_dir, "empty.svs"), "wb").close()
-    os.makedirs(os.path.join(slide_dir, "folder.svs"), exist_ok=True)
+    open(scratch.path("empty.svs"), "wb").close()
+    os.makedirs(scratch.path("folder.svs"))
     for name in ("photo.svs", "empty.svs"):
         assert (
-            rpc_code(tiler.GetSlideInfo, tiler_pb2.GetSlideInfoRequest(slide=name))
+            rpc_code(tiler.GetSlideInfo, tiler_pb2.GetSlideInfoRequest(slide=scratch.slide(name)))
             == grpc.StatusCode.FAILED_PRECONDITION
         )
     assert (
-        rpc_code(tiler.GetSlideInfo, tiler_pb2.GetSlideInfoRequest(slide="folder.svs"))
+        rpc_code(tiler.GetSlideInfo, tiler_pb2.GetSlideInfoRequest(slide=scratch.slide("folder.svs")))
         == grpc.StatusCode.INVALID_ARGUMENT
     )
 
 
-def test_slide_without_resolution(tiler, slide_dir):
+def test_slide_without_resolution(tiler, scratch):
     import tifffile
 
-    path = os.path.join(slide_dir, "no-mpp.tiff")
     img = np.full((1024, 1024, 3), 200, np.uint8)
-    tifffile.imwrite(path, img, tile=(256, 256), photometric="rgb", metadata=None)
+    tifffile.imwrite(scratch.path("no-mpp.tiff"), img, tile=(256, 256), photometric="rgb", metadata=None)
     with pytest.raises(grpc.RpcError) as info:
-        list(tiler.StreamTiles(tiler_pb2.StreamTilesRequest(slide="no-mpp.tiff")))
+        list(tiler.StreamTiles(tiler_pb2.StreamTilesRequest(slide=scratch.slide("no-mpp.tiff"))))
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "resolution" in info.value.details()
 
 
+@pytest.mark.unit
 def test_synthetic_slides_are_deterministic(tmp_path):
     spec = SlideSpec("a.tiff", "tiff", 1024, 768, 0.5, 7)
     write_slide(spec, str(tmp_path / "1.tiff"))

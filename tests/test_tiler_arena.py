@@ -9,6 +9,8 @@ from smily.common import memory
 from smily.common.errors import FailedPrecondition
 from smily.tiler.arena import Arena, Slot
 
+pytestmark = pytest.mark.unit
+
 
 def test_tiles_round_trip_and_overflow_goes_by_pipe():
     arena = Arena.create(1000)

@@ -18,8 +18,8 @@ from smily.tiler.v1 import tiler_pb2, tiler_pb2_grpc
 from smily.tiler.workers import WorkerPool
 from smily.types.v1 import types_pb2
 
-from .conftest import CMU, TEST_SLIDES, streamed_tiles
-from .tiler_files import fake_isyntax, huge_tile_tiff, jpeg_named, truncated_copy
+from .conftest import CMU, TEST_SLIDES, scratch_for, streamed_tiles
+from .helpers.tiler_files import fake_isyntax, huge_tile_tiff, jpeg_named, truncated_copy
 
 FAIL = grpc.StatusCode.FAILED_PRECONDITION
 BAD = grpc.StatusCode.INVALID_ARGUMENT
@@ -43,26 +43,27 @@ def error_of(fn, *args) -> grpc.RpcError:
     return info.value
 
 
-def test_a_file_that_crashes_the_decoder_costs_one_reader_only(tiler, readers, slide_dir):
-    huge_tile_tiff(os.path.join(slide_dir, "crash.tiff"))
-    info = tiler.GetSlideInfo(tiler_pb2.GetSlideInfoRequest(slide="crash.tiff")).info
+def test_a_file_that_crashes_the_decoder_costs_one_reader_only(tiler, readers, scratch):
+    huge_tile_tiff(scratch.path("crash.tiff"))
+    crash = scratch.slide("crash.tiff")
+    info = tiler.GetSlideInfo(tiler_pb2.GetSlideInfoRequest(slide=crash)).info
     assert info.width == 1 << 20  # opening is fine: only decoding pixels aborts
     before = readers.replaced
     for _ in range(readers.size + 1):  # more crashes than readers: replacements must work too
-        err = error_of(tiler.ReadRegion, tiler_pb2.ReadRegionRequest(slide="crash.tiff", width=64, height=64))
+        err = error_of(tiler.ReadRegion, tiler_pb2.ReadRegionRequest(slide=crash, width=64, height=64))
         assert err.code() == FAIL and "crashed the slide reader" in err.details()
-        assert slide_dir not in err.details()
+        assert scratch.root not in err.details()
     assert readers.replaced == before + readers.size + 1
     # The service keeps serving, on fresh readers.
     assert tiler.GetSlideInfo(tiler_pb2.GetSlideInfoRequest(slide=CMU)).info.width == 2220
     assert list(tiler.StreamTiles(tiler_pb2.StreamTilesRequest(slide=TEST_SLIDES[0].name)))
     # Tiling it is refused before any decode: at 0.5 um/px its grid is over the tile cap, and
     # at a coarse mpp there is no small level for the tissue mask.
-    err = error_of(tiler.StreamTiles, tiler_pb2.StreamTilesRequest(slide="crash.tiff", slide_mpp=0.5))
+    err = error_of(tiler.StreamTiles, tiler_pb2.StreamTilesRequest(slide=crash, slide_mpp=0.5))
     assert err.code() == BAD and "tiles per slide" in err.details()
     err = error_of(
         tiler.StreamTiles,
-        tiler_pb2.StreamTilesRequest(slide="crash.tiff", slide_mpp=0.5, params=tiler_pb2.TilingParams(mpp=1000)),
+        tiler_pb2.StreamTilesRequest(slide=crash, slide_mpp=0.5, params=tiler_pb2.TilingParams(mpp=1000)),
     )
     assert err.code() == FAIL and "pyramidal" in err.details()
 
@@ -85,9 +86,9 @@ def test_a_read_that_hangs_is_stopped_and_the_reader_replaced(tmp_path, slide_di
 
 
 @pytest.fixture(scope="module")
-def broken(slide_dir):
-    d = os.path.join(slide_dir, "broken")
-    os.makedirs(os.path.join(d, "folder.svs"), exist_ok=True)
+def broken(slide_dir, scratch_root):
+    d = scratch_for(scratch_root, "broken").dir
+    os.makedirs(os.path.join(d, "folder.svs"))
     open(os.path.join(d, "empty.svs"), "wb").close()
     jpeg_named(os.path.join(d, "photo.svs"))
     fake_isyntax(os.path.join(d, "scan.isyntax"))
@@ -113,30 +114,25 @@ def test_broken_inputs_get_clear_statuses(tiler, broken, slide_dir, name, code, 
     # Whichever step first meets the damage, the caller gets the same answer.
     err = error_of(tiler.StreamTiles, tiler_pb2.StreamTilesRequest(slide=name, slide_mpp=0.5))
     assert err.code() == code and words in err.details(), err.details()
-    assert slide_dir not in err.details()
+    assert slide_dir not in err.details() and os.path.dirname(broken) not in err.details()
 
 
-def test_symlink_out_of_the_roots(tiler, slide_dir, tmp_path_factory):
+def test_symlink_out_of_the_roots(tiler, scratch, tmp_path_factory):
     outside = tmp_path_factory.mktemp("outside") / "secret.svs"
     write_slide(SlideSpec("s.tiff", "tiff", 512, 512, 0.5, 3), str(outside))
-    link = os.path.join(slide_dir, "broken-link.svs")
-    if not os.path.islink(link):
-        os.symlink(outside, link)
-    err = error_of(tiler.GetSlideInfo, tiler_pb2.GetSlideInfoRequest(slide="broken-link.svs"))
+    os.symlink(outside, scratch.path("broken-link.svs"))
+    err = error_of(tiler.GetSlideInfo, tiler_pb2.GetSlideInfoRequest(slide=scratch.slide("broken-link.svs")))
     assert err.code() == BAD and "outside the slide roots" in err.details()
 
 
-def test_a_slide_without_resolution_needs_the_caller_to_state_it(tiler, slide_dir):
+def test_a_slide_without_resolution_needs_the_caller_to_state_it(tiler, scratch):
     rgb = render(SlideSpec("x", "tiff", 1536, 1024, 0.5, 5))
-    tifffile.imwrite(
-        os.path.join(slide_dir, "no-mpp-tissue.tiff"), rgb, tile=(256, 256), photometric="rgb", metadata=None
-    )
-    req = tiler_pb2.StreamTilesRequest(slide="no-mpp-tissue.tiff")
+    tifffile.imwrite(scratch.path("no-mpp-tissue.tiff"), rgb, tile=(256, 256), photometric="rgb", metadata=None)
+    name = scratch.slide("no-mpp-tissue.tiff")
+    req = tiler_pb2.StreamTilesRequest(slide=name)
     err = error_of(tiler.StreamTiles, req)
     assert err.code() == FAIL and "slide_mpp" in err.details()
-    err = error_of(
-        tiler.ReadRegion, tiler_pb2.ReadRegionRequest(slide="no-mpp-tissue.tiff", width=448, height=448, mpp=1.0)
-    )
+    err = error_of(tiler.ReadRegion, tiler_pb2.ReadRegionRequest(slide=name, width=448, height=448, mpp=1.0))
     assert err.code() == FAIL and "slide_mpp" in err.details()
 
     req.slide_mpp = 0.5
@@ -144,7 +140,7 @@ def test_a_slide_without_resolution_needs_the_caller_to_state_it(tiler, slide_di
     assert tiles and all(t.width == 448 and abs(t.mpp - 1.0) < 1e-9 for t in tiles)
     region = tiler.ReadRegion(
         tiler_pb2.ReadRegionRequest(
-            slide="no-mpp-tissue.tiff",
+            slide=name,
             x=tiles[0].x,
             y=tiles[0].y,
             width=448,
@@ -155,12 +151,13 @@ def test_a_slide_without_resolution_needs_the_caller_to_state_it(tiler, slide_di
         )
     )
     assert region.image.data == tiles[0].image.data
-    assert tiler.GetSlideInfo(tiler_pb2.GetSlideInfoRequest(slide="no-mpp-tissue.tiff")).info.mpp_x == 0
+    assert tiler.GetSlideInfo(tiler_pb2.GetSlideInfoRequest(slide=name)).info.mpp_x == 0
 
 
-def test_region_size_is_capped_before_reading(tiler, readers):
+def test_region_size_is_capped_before_reading(tiler, readers, scratch):
     # 2^20 x 2^20 at level 0 would crash a reader if it were read: the cap answers first.
-    huge = tiler_pb2.ReadRegionRequest(slide="crash.tiff", width=1 << 20, height=1 << 20)
+    huge_tile_tiff(scratch.path("crash.tiff"))
+    huge = tiler_pb2.ReadRegionRequest(slide=scratch.slide("crash.tiff"), width=1 << 20, height=1 << 20)
     before = readers.replaced
     err = error_of(tiler.ReadRegion, huge)
     assert err.code() == BAD and "exceeds the limit" in err.details()

@@ -10,6 +10,7 @@ import pytest
 from smily import stack
 from smily.client import Client
 
+from .helpers.wait import wait_done
 from .test_cli import smily
 
 
@@ -47,7 +48,8 @@ def test_gateway_uses_the_index_record_not_its_environment(misconfigured_gateway
     assert len(hits) == 3 and all(abs(h.mpp - 1.0) < 0.01 for h in hits)
     # An ingest through it cuts tiles as the index records them: the same tile count as before.
     before = {s.slide_id: s.tile_count for s in misconfigured_gateway.slides()}
-    op = misconfigured_gateway.wait(
-        misconfigured_gateway.ingest("synth-a.tiff", "synth-a", {"file": "synth-a.tiff", "organ": "test"})
+    op = wait_done(
+        misconfigured_gateway,
+        misconfigured_gateway.ingest("synth-a.tiff", "synth-a", {"file": "synth-a.tiff", "organ": "test"}),
     )
     assert op.error_code == "" and op.progress.tiles_indexed == before["synth-a"]

@@ -1,11 +1,13 @@
-"""Tissue detection on the labelled thumbnails of tests/data/tissue (tests/tissue_set.py):
+"""Tissue detection on the labelled thumbnails of tests/data/tissue (tests/helpers/tissue_set.py):
 every stain kept, glass and artefacts dropped."""
 
 import numpy as np
 import pytest
 
 from smily.tiler.tissue import glass_colour, tissue_mask
-from tests import tissue_set
+from tests.helpers import tissue_set
+
+pytestmark = pytest.mark.unit
 
 SET = tissue_set.load()
 

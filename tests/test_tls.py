@@ -20,7 +20,8 @@ from smily.localstack import free_port
 from smily.tiler.v1 import tiler_pb2, tiler_pb2_grpc
 
 from .conftest import TEST_SLIDES, base_settings, rpc_code
-from .pki import CA
+from .helpers.pki import CA
+from .helpers.wait import wait_done
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +36,9 @@ def pki(tmp_path_factory):
         "tooling": ca.issue("smily-tooling"),
         "stranger": ca.issue("stranger"),
         "outsider": ca.issue("outsider", ca=other),
+        # CN smily-gateway but SAN smily-http: a SAN-bearing certificate is its SANs only.
+        "masquerade": ca.issue("smily-http", cn="smily-gateway", directory=os.path.join(d, "masquerade")),
+        "cn-only": ca.issue("smily-gateway", san=False, directory=os.path.join(d, "cn-only")),
     }
 
 
@@ -98,6 +102,15 @@ def test_backends_accept_only_the_gateway_identity(pki, backends):
     assert _tiler(backends.tiler.tiler_target, creds(ca, pki["tooling"])) == grpc.StatusCode.PERMISSION_DENIED
     assert _tiler(backends.tiler.tiler_target, creds(ca, pki["stranger"])) == grpc.StatusCode.PERMISSION_DENIED
     assert _tiler(backends.tiler.tiler_target, creds(ca, pki["gateway"])) == grpc.StatusCode.OK
+
+
+def test_a_certificate_with_sans_is_not_matched_on_its_cn(pki, backends):
+    """RFC 6125: CN smily-gateway with SAN smily-http is smily-http, which no backend admits."""
+    ca = pki["ca"].path
+    assert _list(backends.index.index_target, creds(ca, pki["masquerade"])) == grpc.StatusCode.PERMISSION_DENIED
+    assert _tiler(backends.tiler.tiler_target, creds(ca, pki["masquerade"])) == grpc.StatusCode.PERMISSION_DENIED
+    # Without any SAN the CN is the identity.
+    assert _list(backends.index.index_target, creds(ca, pki["cn-only"])) == grpc.StatusCode.OK
 
 
 def test_the_gateway_dials_backends_with_its_certificate(pki, backends):
@@ -278,7 +291,7 @@ def test_the_gateway_presents_its_renewed_certificate_without_a_restart(slide_di
     )
     try:
         slide = TEST_SLIDES[0].name
-        op = client.wait(client.ingest(slide, "synth-a"))
+        op = wait_done(client, client.ingest(slide, "synth-a"))
         assert op.state == gateway_pb2.OPERATION_STATE_SUCCEEDED, op.error_message
 
         new_pair = new_ca.issue("smily-gateway")
@@ -308,7 +321,7 @@ def test_the_gateway_presents_its_renewed_certificate_without_a_restart(slide_di
         assert [x.slide_id for x in client.slides()] == ["synth-a"]
         hits = client.search(region=dict(slide_id="synth-a", x=0, y=0, width=224, height=224), k=3).hits
         assert len(hits) == 3 and {h.slide_id for h in hits} == {"synth-a"}
-        op = client.wait(client.ingest(slide, "synth-a-again"))
+        op = wait_done(client, client.ingest(slide, "synth-a-again"))
         assert op.state == gateway_pb2.OPERATION_STATE_SUCCEEDED, op.error_message
     finally:
         client.close()

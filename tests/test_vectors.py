@@ -12,6 +12,8 @@ from smily.common.errors import InvalidArgument
 from smily.gateway import paging, vectors
 from smily.gateway.v1 import gateway_pb2
 
+pytestmark = pytest.mark.unit
+
 
 def _unit_rows(rng, n, dim=32):
     x = rng.standard_normal((n, dim)).astype(np.float32)

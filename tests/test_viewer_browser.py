@@ -37,6 +37,8 @@ def browser():
         "--disable-extensions",
     ):
         opts.add_argument(arg)
+    # The console, to see any Content-Security-Policy violation.
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     # An explicit driver path: Selenium Manager never downloads one.
     driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=opts)
     driver.set_window_size(1280, 800)
@@ -213,8 +215,15 @@ def test_a_smily_session_in_the_browser(browser, http_url, ingested, concept):
     # Whole-slide search from the open slide.
     d.find_element(By.ID, "search-slides").click()
     wait(d, lambda d: "slides like synth-a" in d.find_element(By.ID, "status").text)
-    assert "synth-a" not in [h["slide"] for h in hits(d)]
+    similar = [h["slide"] for h in hits(d)]
+    assert similar and "synth-a" not in similar
     shot(d, "08-similar-slides")
+
+    # The open slide's tiles went under a view session the server minted (its info.json).
+    assert js(d, "return window.smily.state.viewSession").count(".") == 1
+    # The page runs under its CSP without a single violation (no inline script or style).
+    violations = [e["message"] for e in d.get_log("browser") if "Content Security Policy" in e["message"]]
+    assert not violations, violations
 
     # Click (or slider change) to the gallery painted, for every search of the session.
     timings = js(d, "return window.smily.timings")

@@ -6,6 +6,8 @@ import pytest
 
 from smily.gateway.dicom import ViewerLinks
 
+pytestmark = pytest.mark.unit
+
 
 def test_fills_and_quotes_fields():
     links = ViewerLinks("https://v.example/?s={study}&r={series}&id={slide_id}&x={x}&y={y}&w={width}&h={height}")

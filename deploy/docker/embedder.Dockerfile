@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # SMILY embedder, two variants (`make images` builds both):
 #   docker build -f deploy/docker/embedder.Dockerfile --target cpu -t localhost/smily/embedder:0.1.0-cpu .
 #   docker build -f deploy/docker/embedder.Dockerfile --target gpu -t localhost/smily/embedder:0.1.0-gpu .
@@ -11,28 +10,42 @@
 # one immutable, versioned artefact. Other models can still come from a
 # volume: mount a repository and set SMILY_MODEL_REPOSITORY / SMILY_MODEL
 # (docs/deploy.md). torch is never in a serving image.
-ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+# BASE_IMAGE: any Debian bookworm with python3.11 and its venv module: the public
+# python image, or `make images`'s own from Debian packages (deploy/docker/base.sh).
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+# torch's CPU wheels; empty: pip's configured indexes (`make images` passes what it finds).
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 
 # ---- build: gRPC stubs and the project's wheel ----
-FROM ${PYTHON_IMAGE} AS build
-ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+FROM ${BASE_IMAGE} AS build
+# pip's indexes as `make images` found them here (tools/images.py); unset, PyPI.
+ARG PIP_INDEX_URL
+ARG PIP_EXTRA_INDEX_URL
+ARG PIP_FIND_LINKS
+ARG PIP_TRUSTED_HOST
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PATH=/opt/build/bin:$PATH
+COPY deploy/docker/build-env.sh /usr/local/bin/build-env
 COPY deploy/docker/requirements/ /req/
-RUN python -m pip install -r /req/build.txt
+RUN --mount=type=secret,id=build-ca python3 -m venv /opt/build \
+ && build-env pip install -r /req/build.txt
 WORKDIR /src
 COPY pyproject.toml ./
 COPY protos/ protos/
 COPY services/ services/
 COPY smily/ smily/
-RUN python -m grpc_tools.protoc -I protos --python_out=protos --grpc_python_out=protos $(find protos -name '*.proto') \
- && python -m pip wheel --no-deps --no-build-isolation -w /wheels .
+RUN python3 -m grpc_tools.protoc -I protos --python_out=protos --grpc_python_out=protos $(find protos -name '*.proto') \
+ && pip wheel --no-deps --no-build-isolation -w /wheels .
 
 # ---- model: export the default model to /models with torch (build only) ----
 FROM build AS model
+ARG PIP_INDEX_URL
+ARG PIP_EXTRA_INDEX_URL
+ARG PIP_FIND_LINKS
+ARG PIP_TRUSTED_HOST
 ARG TORCH_INDEX_URL
-RUN python -m venv /opt/export \
- && /opt/export/bin/pip install --index-url "${TORCH_INDEX_URL}" torch==2.13.0 \
- && /opt/export/bin/pip install -r /req/export.txt \
+RUN --mount=type=secret,id=build-ca python3 -m venv /opt/export \
+ && build-env /opt/export/bin/pip install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} torch==2.13.0 \
+ && build-env /opt/export/bin/pip install -r /req/export.txt \
  && /opt/export/bin/pip install --no-deps /wheels/*.whl \
  && /opt/export/bin/smily model export --output-dir /models \
  && test -f /models/efficientnet-lite0/1/model.onnx \
@@ -40,17 +53,25 @@ RUN python -m venv /opt/export \
 
 # ---- serving venvs: pinned deps per variant ----
 FROM build AS venv-cpu
-RUN python -m venv /opt/venv \
- && /opt/venv/bin/pip install -r /req/embedder-cpu.txt \
+ARG PIP_INDEX_URL
+ARG PIP_EXTRA_INDEX_URL
+ARG PIP_FIND_LINKS
+ARG PIP_TRUSTED_HOST
+RUN --mount=type=secret,id=build-ca python3 -m venv /opt/venv \
+ && build-env /opt/venv/bin/pip install -r /req/embedder-cpu.txt \
  && /opt/venv/bin/pip install --no-deps /wheels/*.whl
 
 FROM build AS venv-gpu
-RUN python -m venv /opt/venv \
- && /opt/venv/bin/pip install -r /req/embedder-gpu.txt \
+ARG PIP_INDEX_URL
+ARG PIP_EXTRA_INDEX_URL
+ARG PIP_FIND_LINKS
+ARG PIP_TRUSTED_HOST
+RUN --mount=type=secret,id=build-ca python3 -m venv /opt/venv \
+ && build-env /opt/venv/bin/pip install -r /req/embedder-gpu.txt \
  && /opt/venv/bin/pip install --no-deps /wheels/*.whl
 
 # ---- runtime base: slim, non-root, read-only-root friendly ----
-FROM ${PYTHON_IMAGE} AS runtime
+FROM ${BASE_IMAGE} AS runtime
 RUN groupadd --system --gid 10001 smily \
  && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin smily
 COPY --from=model /models /opt/smily/models

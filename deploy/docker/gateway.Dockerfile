@@ -1,36 +1,47 @@
-# syntax=docker/dockerfile:1
 # SMILY gateway. Build from the repository root (`make images`):
 #   docker build -f deploy/docker/gateway.Dockerfile -t localhost/smily/gateway:0.1.0 .
 # Carries the Redis client: no OpenSlide, no torch, no ONNX Runtime, no FAISS.
 # The HTTP/JSON API and viewer run from the same image: `python -m smily.http`.
-ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+# BASE_IMAGE: any Debian bookworm with python3.11 and its venv module: the public
+# python image, or `make images`'s own from Debian packages (deploy/docker/base.sh).
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+# Any image with node and npm: the public one, or `make images`'s (node.Dockerfile).
 ARG NODE_IMAGE=node:20-bookworm-slim
 
 # ---- web: the viewer's browser libraries, pinned by package-lock.json ----
 FROM ${NODE_IMAGE} AS web
+ARG NPM_CONFIG_REGISTRY
 WORKDIR /web
+COPY deploy/docker/build-env.sh /usr/local/bin/build-env
 COPY services/http/vendor/package.json services/http/vendor/package-lock.json ./
-RUN npm ci --no-audit --no-fund --ignore-scripts
+RUN --mount=type=secret,id=build-ca build-env npm ci --no-audit --no-fund --ignore-scripts
 
 # ---- build: gRPC stubs, the project's wheel and a venv of pinned deps ----
-FROM ${PYTHON_IMAGE} AS build
-ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+FROM ${BASE_IMAGE} AS build
+# pip's indexes as `make images` found them here (tools/images.py); unset, PyPI.
+ARG PIP_INDEX_URL
+ARG PIP_EXTRA_INDEX_URL
+ARG PIP_FIND_LINKS
+ARG PIP_TRUSTED_HOST
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PATH=/opt/build/bin:$PATH
+COPY deploy/docker/build-env.sh /usr/local/bin/build-env
 COPY deploy/docker/requirements/ /req/
-RUN python -m pip install -r /req/build.txt
+RUN --mount=type=secret,id=build-ca python3 -m venv /opt/build \
+ && build-env pip install -r /req/build.txt
 WORKDIR /src
 COPY pyproject.toml ./
 COPY protos/ protos/
 COPY services/ services/
 COPY smily/ smily/
 COPY --from=web /web/node_modules/ services/http/vendor/node_modules/
-RUN python -m grpc_tools.protoc -I protos --python_out=protos --grpc_python_out=protos $(find protos -name '*.proto') \
- && python -m pip wheel --no-deps --no-build-isolation -w /wheels .
-RUN python -m venv /opt/venv \
- && /opt/venv/bin/pip install -r /req/gateway.txt \
+RUN python3 -m grpc_tools.protoc -I protos --python_out=protos --grpc_python_out=protos $(find protos -name '*.proto') \
+ && pip wheel --no-deps --no-build-isolation -w /wheels .
+RUN --mount=type=secret,id=build-ca python3 -m venv /opt/venv \
+ && build-env /opt/venv/bin/pip install -r /req/gateway.txt \
  && /opt/venv/bin/pip install --no-deps /wheels/*.whl
 
 # ---- runtime: slim, non-root, read-only-root friendly ----
-FROM ${PYTHON_IMAGE} AS runtime
+FROM ${BASE_IMAGE} AS runtime
 RUN groupadd --system --gid 10001 smily \
  && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin smily
 COPY --from=build /opt/venv /opt/venv

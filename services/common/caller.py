@@ -24,6 +24,11 @@ class Caller:
     # Tenants whose slides the caller may search and read: its own first, then SMILY_TENANT_GRANTS'.
     readable: tuple[str, ...] = (tenancy.DEFAULT,)
 
+    @property
+    def key(self) -> str:
+        """One string per identity (a subject is unique within its issuer), e.g. an operation's starter."""
+        return f"{self.issuer} {self.subject}"
+
 
 ANONYMOUS = Caller("anonymous")
 

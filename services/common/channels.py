@@ -61,6 +61,9 @@ def channel(target: str, credentials: grpc.ChannelCredentials | None = None) -> 
         # Fail fast when a backend is gone instead of waiting minutes.
         ("grpc.initial_reconnect_backoff_ms", 200),
         ("grpc.max_reconnect_backoff_ms", 2000),
+        # After a rolling restart every address a headless Service gave is gone: look the
+        # name up again within a second, not gRPC's default 30 s (found by tests/cluster).
+        ("grpc.dns_min_time_between_resolutions_ms", 1000),
     ]
     if credentials is None:
         return tracing.intercept(grpc.insecure_channel(target, options=options))

@@ -115,6 +115,12 @@ class AuthSettings:
     tenant_grants: str = ""
     # Audit trail: JSON lines appended to this file; empty = stdout (logger smily.audit).
     audit_log: str = ""
+    # Key the HTTP front end mints view-session ids with and the gateway verifies them with
+    # (a Secret shared by both; the _file form wins). Empty: no sessions, every read audited on its own.
+    view_session_key: str = ""
+    view_session_key_file: str = ""
+    # A view session's lifetime; its record (reads covered, bounding region) is written when it ends.
+    view_session_ttl_s: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -241,6 +247,13 @@ class HttpSettings:
     viewer_oidc_issuer: str = ""
     viewer_oidc_client_id: str = ""
     viewer_oidc_scope: str = "openid"
+    # CIDRs of proxies whose X-Forwarded-For is believed, ","-separated; empty: none.
+    http_trusted_proxies: tuple[str, ...] = ()
+    # Public base URL of the HTTP front end (https://smily.example), for IIIF ids; empty: path-only ids.
+    http_public_url: str = ""
+    # Seconds a cached tile may be served before the slide is checked again with the gateway
+    # (deleted or re-ingested slides are dropped from the cache; the caller is re-authorised).
+    http_slide_check_s: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -312,6 +325,7 @@ _SEPARATORS = {
     "dicomweb_url": ",",
     "tile_mpps": ",",
     "query_transforms": ",",
+    "http_trusted_proxies": ",",
 }
 
 _BOOLEANS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}

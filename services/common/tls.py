@@ -6,8 +6,9 @@ for the current certificate, and we re-read the files only when they changed
 channels have no such hook: ClientCredentials checks the files at most every
 CLIENT_CHECK_S and hands out new credentials when they changed, and
 channels.RotatingStub dials again with them. Under mTLS the backends also
-check who the client is: the identity in its certificate (SAN, else CN) must
-be on the service's allow-list.
+check who the client is: the identity in its certificate must be on the
+service's allow-list. Per RFC 6125 a certificate with SANs is matched on its
+SANs only; its CN counts only when it has none.
 """
 
 from __future__ import annotations
@@ -195,9 +196,9 @@ def allowed_clients(settings: Settings, service: str) -> frozenset[str] | None:
 
 
 def peer_identities(context) -> set[str]:
-    """The verified client certificate's SAN entries and CN."""
+    """The verified client certificate's SAN entries, or its CN when it has no SAN (RFC 6125 6.4.4)."""
     auth = context.auth_context() or {}
-    values = auth.get("x509_subject_alternative_name", []) + auth.get("x509_common_name", [])
+    values = auth.get("x509_subject_alternative_name") or auth.get("x509_common_name", [])
     return {v.decode() if isinstance(v, bytes) else v for v in values}
 
 

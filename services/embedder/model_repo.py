@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
@@ -36,6 +36,9 @@ class ModelConfig:
     color_order: str = "RGB"
     l2_normalize: bool = True
     description: str = ""
+    # Where the model came from (`smily model adapt`: source model, sample
+    # fingerprints, training settings, loss curve, gate figures). Not read by serving.
+    provenance: dict = field(default_factory=dict, compare=False, hash=False)
 
     @property
     def model_id(self) -> str:
@@ -100,6 +103,8 @@ def read_config(path: str) -> ModelConfig:
         problems.append(f"color_order must be RGB or BGR, got {config.color_order!r}")
     if not isinstance(config.input_size, int) or not 16 <= config.input_size <= 1024:
         problems.append(f"input_size must be an integer in [16, 1024], got {config.input_size!r}")
+    if not isinstance(config.provenance, dict):
+        problems.append("provenance must be an object")
     if not isinstance(config.embedding_dim, int) or config.embedding_dim <= 0:
         problems.append(f"embedding_dim must be a positive integer, got {config.embedding_dim!r}")
     if problems:

@@ -1,21 +1,23 @@
 """The audit trail: one FHIR AuditEvent (IHE BALP shape) per gateway RPC, as a JSON line.
 
 Records go to their own sink, apart from the service logs (stderr): a file
-(SMILY_AUDIT_LOG, reopened when rotated away) or stdout, under the logger
-name `smily.audit`. A record that cannot be written raises, so the caller
-can refuse to serve the call unrecorded. Entities are opaque slide ids and
-the case ids found in slide metadata; slide paths never appear.
+(SMILY_AUDIT_LOG, reopened when rotated away) or stdout. A record that cannot
+be written raises, so the caller can refuse to serve the call unrecorded. A
+write RPC is recorded twice: durably as attempted before it acts (id
+`<request id>.attempt`, no outcome yet), then with its outcome. Entities are
+opaque slide ids and the case ids found in slide metadata; slide paths never
+appear.
 """
 
 from __future__ import annotations
 
 import datetime
+import hashlib
 import ipaddress
 import json
-import logging
-import logging.handlers
 import os
 import socket
+import stat
 import sys
 import threading
 
@@ -50,56 +52,58 @@ _CLIENT_ERRORS = {
 }
 
 
-class _RaisingMixin:
-    def handleError(self, record):
-        # logging calls this inside its `except`: re-raise, an unwritten record must fail the call.
-        raise  # noqa: PLE0704
-
-
-class _FileHandler(_RaisingMixin, logging.handlers.WatchedFileHandler):
-    pass
-
-
-class _StdoutHandler(_RaisingMixin, logging.Handler):
-    """stdout looked up per record (it may be replaced, e.g. under test capture)."""
-
-    def emit(self, record):
-        sys.stdout.write(self.format(record) + "\n")
-        sys.stdout.flush()
-
-
-_handlers: dict[str, logging.Handler] = {}
-_handlers_lock = threading.Lock()
-
-
-def _handler(path: str) -> logging.Handler:
-    """One handler per sink per process, however many gateways run in it."""
-    with _handlers_lock:
-        if path not in _handlers:
-            if path:
-                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
-                _handlers[path] = _FileHandler(path, encoding="utf-8")
-            else:
-                _handlers[path] = _StdoutHandler()
-        return _handlers[path]
-
-
 class AuditLog:
+    """An append-only sink of JSON lines: a file (reopened when rotated away) or stdout.
+
+    Each record is one os.write of a whole line (O_APPEND, no user-space
+    buffer), so a record that returns was handed to the kernel; a durable one
+    is also fsynced when the sink is a regular file. Any failure raises: the
+    caller refuses to act, or to answer, unrecorded.
+    """
+
     def __init__(self, path: str):
-        self._handler = _handler(path)
+        self._path = path
+        self._lock = threading.Lock()
+        self._fd = -1
+        self._id: tuple[int, int] | None = None
+        if path:
+            with self._lock:
+                self._reopen_if_needed()
+
+    def _reopen_if_needed(self) -> None:
+        try:
+            st = os.stat(self._path)
+            current: tuple[int, int] | None = (st.st_dev, st.st_ino)
+        except FileNotFoundError:
+            current = None  # rotated away: start a new file
+        if self._fd >= 0 and current == self._id:
+            return
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd, self._id = -1, None
+        self._fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        st = os.fstat(self._fd)
+        self._id, self._regular = (st.st_dev, st.st_ino), stat.S_ISREG(st.st_mode)
 
     def check(self) -> None:
-        """Raise when the sink cannot take a record now (checked before a call runs)."""
-        handler = self._handler
-        if isinstance(handler, logging.handlers.WatchedFileHandler) and handler.lock is not None:
-            with handler.lock:
-                handler.reopenIfNeeded()
+        """Raise when the sink cannot be opened now (checked before a call runs)."""
+        if self._path:
+            with self._lock:
+                self._reopen_if_needed()
 
-    def write(self, event: dict) -> None:
-        record = logging.LogRecord(
-            "smily.audit", logging.INFO, __file__, 0, json.dumps(event, separators=(",", ":")), None, None
-        )
-        self._handler.handle(record)
+    def write(self, event: dict, durable: bool = False) -> None:
+        line = (json.dumps(event, separators=(",", ":")) + "\n").encode()
+        if not self._path:
+            sys.stdout.write(line.decode())
+            sys.stdout.flush()
+            return
+        with self._lock:
+            self._reopen_if_needed()
+            view = memoryview(line)
+            while view:
+                view = view[os.write(self._fd, view) :]
+            if durable and self._regular:
+                os.fsync(self._fd)
 
 
 def _address(peer: str) -> str:
@@ -168,6 +172,36 @@ class _Entities:
         return out
 
 
+def _agents(subject: str, issuer: str, peer: str, forwarded: str | None) -> list[dict]:
+    direct = _address(peer)
+    agents = [
+        {
+            "who": {"identifier": {"system": issuer or "urn:smily:anonymous", "value": subject}},
+            "requestor": True,
+            "network": {"address": forwarded or direct, "type": "2"},
+        }
+    ]
+    if forwarded:  # the HTTP front end that relayed the call
+        agents.append(
+            {"who": {"display": "forwarding proxy"}, "requestor": False, "network": {"address": direct, "type": "2"}}
+        )
+    return agents
+
+
+def _kind(method: str) -> tuple[tuple[str, str, str], str]:
+    name = method.rsplit("/", 1)[-1]
+    return EVENTS.get(name, (ACTIVITY, "E")) if method.startswith(_SERVICE) else (ACTIVITY, "E")
+
+
+def is_write(method: str) -> bool:
+    """Whether the RPC changes state (recorded as attempted before it acts)."""
+    return _kind(method)[1] in _WRITES
+
+
+def _when(t: datetime.datetime) -> str:
+    return t.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 def outcome(code: grpc.StatusCode) -> str:
     """FHIR AuditEvent.outcome: 0 success, 4 minor failure (the caller's), 8 serious failure (ours)."""
     if code == grpc.StatusCode.OK:
@@ -192,41 +226,73 @@ def event(
     response,
     case_key: str,
     recorded: datetime.datetime,
+    attempt: bool = False,
 ) -> dict:
+    """The call's record; attempt=True: the record written before a write acts (no outcome yet)."""
     name = method.rsplit("/", 1)[-1]
-    (system, type_code, display), action = (
-        EVENTS.get(name, (ACTIVITY, "E")) if method.startswith(_SERVICE) else (ACTIVITY, "E")
-    )
+    (system, type_code, display), action = _kind(method)
     entities = _Entities(case_key)
     entities.add(request, "written" if action in _WRITES else "read")
     entities.add(response, "returned")
-    direct = _address(peer)
-    agents = [
-        {
-            "who": {"identifier": {"system": issuer or "urn:smily:anonymous", "value": subject}},
-            "requestor": True,
-            "network": {"address": forwarded or direct, "type": "2"},
-        }
-    ]
-    if forwarded:  # the HTTP front end that relayed the call
-        agents.append(
-            {"who": {"display": "forwarding proxy"}, "requestor": False, "network": {"address": direct, "type": "2"}}
-        )
+    result = {"outcomeDesc": "ATTEMPTED"} if attempt else {"outcome": outcome(code), "outcomeDesc": code.name}
     return {
         "resourceType": "AuditEvent",
-        "id": request_id,
+        "id": f"{request_id}.attempt" if attempt else request_id,
         # The caller's tenant (issue 24); "" when the call was refused before a token named one.
         "extension": [{"url": TENANT_EXTENSION, "valueString": tenant}],
         "type": {"system": system, "code": type_code, "display": display},
         "subtype": [{"system": "urn:smily:rpc", "code": method, "display": name}],
         "action": action,
-        "recorded": recorded.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-        "outcome": outcome(code),
-        "outcomeDesc": code.name,
-        "agent": agents,
+        "recorded": _when(recorded),
+        **result,
+        "agent": _agents(subject, issuer, peer, forwarded),
         "source": {
             "observer": {"display": _OBSERVER},
             "type": [{"system": _SOURCE_TYPE, "code": "4", "display": "Application Server"}],
         },
         "entity": entities.fhir(),
+    }
+
+
+def session_event(
+    *,
+    session: str,
+    subject: str,
+    issuer: str,
+    peer: str,
+    forwarded: str | None,
+    slide_id: str,
+    reads: int,
+    box: tuple[int, int, int, int],
+    started: datetime.datetime,
+) -> dict:
+    """The record of a view session: the reads of one slide it covered and their bounding region."""
+    (system, type_code, display), action = EVENTS["ReadRegion"]
+    return {
+        "resourceType": "AuditEvent",
+        "id": "session." + hashlib.sha256(session.encode()).hexdigest()[:32],
+        "type": {"system": system, "code": type_code, "display": display},
+        "subtype": [{"system": "urn:smily:rpc", "code": _SERVICE + "ReadRegion", "display": "ViewSession"}],
+        "action": action,
+        "period": {"start": _when(started), "end": _when(datetime.datetime.now(datetime.timezone.utc))},
+        "recorded": _when(datetime.datetime.now(datetime.timezone.utc)),
+        "outcome": "0",
+        "outcomeDesc": "OK",
+        "agent": _agents(subject, issuer, peer, forwarded),
+        "source": {
+            "observer": {"display": _OBSERVER},
+            "type": [{"system": _SOURCE_TYPE, "code": "4", "display": "Application Server"}],
+        },
+        "entity": [
+            {
+                "what": {"identifier": {"system": "urn:smily:slide", "value": slide_id}},
+                "type": {"system": _ENTITY_TYPE, "code": "2", "display": "System Object"},
+                "role": {"system": _OBJECT_ROLE, "code": "4", "display": "Domain Resource"},
+                "description": "viewed",
+                "detail": [
+                    {"type": "reads", "valueString": str(reads)},
+                    {"type": "boundingRegion", "valueString": ",".join(str(v) for v in box)},
+                ],
+            }
+        ],
     }

@@ -25,7 +25,9 @@ log = logging.getLogger("smily.cache")
 
 LOOKUPS = prom.Counter("smily_cache_lookups_total", "Embedding cache lookups", ["result"])
 ERRORS = prom.Counter("smily_cache_errors_total", "Redis errors (cache misses, operations seen by one replica only)")
-REJECTED = prom.Counter("smily_cache_rejected_total", "Cached values that failed their HMAC check (served as misses)")
+REJECTED = prom.Counter(
+    "smily_cache_rejected_total", "Values in Redis that failed their HMAC check (cache misses, unknown operations)"
+)
 
 BREAKER_OPEN_S = 5.0
 
@@ -105,38 +107,58 @@ class RedisGuard:
         return result
 
 
-class RedisCache:
-    """Values are HMAC-SHA256(secret, len(key) | key | value) followed by the value."""
+TAG = 32
 
-    TAG = 32
+
+def tag(secret: bytes, key: str, value: bytes) -> bytes:
+    """HMAC-SHA256(secret, len(key) | key | value): binds a value to the Redis key it is stored under."""
+    k = key.encode()
+    return hmac.new(secret, len(k).to_bytes(4, "big") + k + value, hashlib.sha256).digest()
+
+
+def signed(secret: bytes, key: str, value: bytes) -> bytes:
+    return tag(secret, key, value) + value
+
+
+def verified(secret: bytes, key: str, data: bytes | None) -> bytes | None:
+    """The value of tag | value if its tag is right for this key, else None (counted and logged)."""
+    if not data:
+        return None
+    if not hmac.compare_digest(data[:TAG], tag(secret, key, data[TAG:])):
+        REJECTED.inc()
+        log.warning("a value in Redis failed its HMAC check; ignored")
+        return None
+    return data[TAG:]
+
+
+def hmac_key(secret: str) -> bytes:
+    """SMILY_CACHE_KEY, or a random key per process (a replica then trusts only its own writes)."""
+    if not secret:
+        log.warning("SMILY_CACHE_KEY is not set: a random key, so this replica trusts only its own Redis writes")
+        return secrets.token_bytes(32)
+    return secret.encode()
+
+
+class RedisCache:
+    """Values are tag(secret, key, value) followed by the value."""
 
     def __init__(self, redis: RedisGuard, ttl_s: int, secret: bytes):
         self._ttl = ttl_s
         self._redis = redis
         self._secret = secret
 
-    def _tag(self, key: str, value: bytes) -> bytes:
-        k = key.encode()
-        return hmac.new(self._secret, len(k).to_bytes(4, "big") + k + value, hashlib.sha256).digest()
-
     def get(self, key: str) -> np.ndarray | None:
-        data = self._redis.call(lambda r: r.get(key))
-        if data and not hmac.compare_digest(data[: self.TAG], self._tag(key, data[self.TAG :])):
-            REJECTED.inc()
-            log.warning("cached value failed its HMAC check; treated as a miss")
-            data = None
+        data = verified(self._secret, key, self._redis.call(lambda r: r.get(key)))
         LOOKUPS.labels("hit" if data else "miss").inc()
-        return _unpack(data[self.TAG :]) if data else None
+        return _unpack(data) if data else None
 
     def put(self, key: str, vector: np.ndarray) -> None:
-        value = _pack(vector)
-        self._redis.call(lambda r: r.set(key, self._tag(key, value) + value, ex=self._ttl))
+        value = signed(self._secret, key, _pack(vector))
+        self._redis.call(lambda r: r.set(key, value, ex=self._ttl))
 
 
-def make_cache(redis: RedisGuard | None, ttl_s: int, secret: str = ""):
+def make_cache(redis: RedisGuard | None, ttl_s: int, secret: bytes = b""):
     if redis is not None:
-        if not secret:
-            log.warning("SMILY_CACHE_KEY is not set: a random key, so this replica trusts only its own cache writes")
-        return RedisCache(redis, ttl_s, secret.encode() if secret else secrets.token_bytes(32))
+        return RedisCache(redis, ttl_s, secret)
     log.warning("SMILY_REDIS_URL is not set: using an in-process cache and operations (fine for one replica only)")
     return LocalCache(ttl_s)

@@ -40,11 +40,18 @@ class CaseIngestor:
         self._lock = threading.Lock()
         self._cases: dict[str, gateway_pb2.Operation] = {}
         self._published: dict[str, float] = {}
+        self._starters: dict[str, frozenset[str]] = {}  # operation id -> the caller who started it
         self._stop = threading.Event()
         threading.Thread(target=self._watch, name="case-watch", daemon=True).start()
 
     def start(
-        self, accession: str, archive: str, slide_ids: dict[str, str], metadata: dict[str, str], tenant: str
+        self,
+        accession: str,
+        archive: str,
+        slide_ids: dict[str, str],
+        metadata: dict[str, str],
+        tenant: str,
+        starter: str = "",
     ) -> gateway_pb2.Operation:
         """The case's operation, at once: the archive is searched in the background, never
         while the caller waits. An archive may call this from its own event handler and
@@ -58,6 +65,7 @@ class CaseIngestor:
         )
         with self._lock:
             self._cases[op.operation_id] = op
+            self._starters[op.operation_id] = frozenset({starter})
             self._trim()
         threading.Thread(
             target=self._find,
@@ -105,7 +113,14 @@ class CaseIngestor:
                 series_instance_uid=series.series_instance_uid,
             )
             try:  # one unreadable series fails its own entry, not the case
-                child = self._ingest.start(series.source, entry.slide_id, metadata, timeout, tenant=tenant)
+                child = self._ingest.start(
+                    series.source,
+                    entry.slide_id,
+                    metadata,
+                    timeout,
+                    starter=next(iter(self.starters(operation_id))),
+                    tenant=tenant,
+                )
                 entry.operation_id, entry.state = child.operation_id, child.state
             except (ServiceError, grpc.RpcError) as exc:
                 entry.state = State.OPERATION_STATE_FAILED
@@ -120,6 +135,11 @@ class CaseIngestor:
         if cancelled:  # asked while the archive was searched
             self.cancel(operation_id)
         self._refresh(operation_id, changed=True)
+
+    def starters(self, operation_id: str) -> frozenset[str]:
+        """Who started a case this replica runs; empty when it runs no such case."""
+        with self._lock:
+            return self._starters.get(operation_id, frozenset())
 
     def get(self, operation_id: str) -> gateway_pb2.Operation | None:
         """A case this replica runs, or None."""
@@ -165,8 +185,9 @@ class CaseIngestor:
                 publish = True
             else:
                 snapshot, publish = _copy(op), False
+            starters = self._starters.get(operation_id, frozenset())
         if publish:
-            self._shared.publish(snapshot)
+            self._shared.publish(snapshot, starters)
             if snapshot.state in FINISHED and changed:
                 log.info(
                     "case ingest finished", extra={"operation_id": operation_id, "state": State.Name(snapshot.state)}
@@ -190,6 +211,7 @@ class CaseIngestor:
         for key in done[: max(0, len(self._cases) - MAX_CASES_KEPT)]:
             del self._cases[key]
             self._published.pop(key, None)
+            self._starters.pop(key, None)
 
     def close(self) -> None:
         self._stop.set()

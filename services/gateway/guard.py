@@ -2,41 +2,38 @@
 
 Every RPC except health checks: the bearer token is verified, the caller's
 roles are checked against the RPC, the caller is bound for the handler
-(smily.common.caller.current()), and one audit record is written whatever
-the outcome. If the audit sink cannot be written the call fails with
-FAILED_PRECONDITION: checked before the handler runs (nothing happens
-unrecorded) and again after (nothing is returned unrecorded).
+(smily.common.caller.current()), and an audit record is written whatever
+the outcome. A write is first recorded durably as attempted: if that record
+cannot be written the call fails with FAILED_PRECONDITION and nothing
+changes. Every call's outcome record follows, and a call whose record cannot
+be written fails the same way (nothing is returned unrecorded).
 """
 
 from __future__ import annotations
 
 import datetime
+import functools
 import logging
 import re
 import sys
-import threading
 import uuid
-from collections import OrderedDict
 
 import grpc
 
 from smily.common import caller as callers
+from smily.common import viewsession
 from smily.common.config import Settings
 from smily.common.errors import FailedPrecondition, ServiceError, status_of
 from smily.common.server import Admission
 from smily.common.tls import HEALTH_SERVICE
 
 from . import audit, auth
+from .sessions import ViewSessions
 
 log = logging.getLogger("smily.guard")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-# A viewer reads a slide as many tiles (ReadRegion) under one view session
-# (x-smily-view-session, set by the HTTP process): the slide's first successful
-# read in a session is the audit record of the view, not each tile. Refusals
-# are always recorded. Sessions remembered, at most:
-VIEW_SESSIONS = 10_000
-_READ_REGION = "/smily.gateway.v1.GatewayService/ReadRegion"
+_SESSION_READS = frozenset({"/smily.gateway.v1.GatewayService/ReadRegion", "/smily.gateway.v1.GatewayService/GetSlide"})
 
 
 class Guard(grpc.ServerInterceptor):
@@ -47,8 +44,11 @@ class Guard(grpc.ServerInterceptor):
         self._quota = Admission(sys.maxsize, settings.limits.max_rpcs_per_caller)
         # Issue 24: one tenant's load cannot take every slot from the others.
         self._tenant_quota = Admission(sys.maxsize, settings.limits.max_rpcs_per_tenant, who="tenant")
-        self._viewed: OrderedDict[tuple[str, str, str], None] = OrderedDict()
-        self._viewed_lock = threading.Lock()
+        self._sessions = ViewSessions(viewsession.key(settings), settings.auth.view_session_ttl_s, self._audit)
+
+    def close(self) -> None:
+        """Write the records of the view sessions still open (the server is stopping)."""
+        self._sessions.close_all()
 
     def intercept_service(self, continuation, details):
         handler = continuation(details)
@@ -87,11 +87,15 @@ class Guard(grpc.ServerInterceptor):
         request_id = (
             next((v for k, v in metadata if k == "x-request-id" and _REQUEST_ID.match(v)), None) or uuid.uuid4().hex
         )
+        record = functools.partial(self._record, method, metadata, context, request, request_id=request_id)
+        self._sessions.sweep()
         who = callers.ANONYMOUS
         try:
             self._check_sink()
             who = self._auth.authenticate(metadata)
             auth.authorise(who, method)
+            if audit.is_write(method):
+                record(None, None, who, recorded, attempt=True)  # durably, before anything changes
             token = callers.bind(who)
             try:
                 # The per-caller quota counts verified identities, so it comes after authentication.
@@ -108,28 +112,22 @@ class Guard(grpc.ServerInterceptor):
                 callers.unbind(token)
         except Exception as exc:
             code, message = status_of(exc, context)
-            self._record(method, metadata, context, request, None, code, who, request_id, recorded)
+            record(None, code, who, recorded)
             if code == grpc.StatusCode.INTERNAL and not isinstance(exc, (ServiceError, grpc.RpcError)):
                 raise ServiceError(message) from exc  # logged once, by status_of, with the id the caller gets
             raise
-        if not self._viewed_before(method, metadata, who, request):
-            self._record(method, metadata, context, request, response, grpc.StatusCode.OK, who, request_id, recorded)
+        session = self._session_of(method, metadata, who, request)
+        if session is None or not self._sessions.covered(session, who, request, metadata, context.peer()):
+            record(response, grpc.StatusCode.OK, who, recorded)
         return response
 
-    def _viewed_before(self, method, metadata, who, request) -> bool:
-        """True for a tile of a slide this caller already viewed in this view session."""
-        session = next((v for k, v in metadata if k == "x-smily-view-session"), "")
-        if method != _READ_REGION or not session:
-            return False
-        key = (session[:128], who.subject, request.region.slide_id)
-        with self._viewed_lock:
-            if key in self._viewed:
-                self._viewed.move_to_end(key)
-                return True
-            self._viewed[key] = None
-            if len(self._viewed) > VIEW_SESSIONS:
-                self._viewed.popitem(last=False)
-        return False
+    def _session_of(self, method, metadata, who, request) -> str | None:
+        """The verified view session this read belongs to, if any (an unverifiable id is ignored)."""
+        if method not in _SESSION_READS:
+            return None
+        session = next((v for k, v in metadata if k == viewsession.HEADER), "")
+        slide_id = request.region.slide_id if hasattr(request, "region") else request.slide_id
+        return session if self._sessions.verify(session, who, slide_id) else None
 
     def _check_sink(self) -> None:
         try:
@@ -138,7 +136,7 @@ class Guard(grpc.ServerInterceptor):
             log.error("audit log cannot be written; refusing calls", extra={"error": type(exc).__name__})
             raise FailedPrecondition("the audit trail cannot be written; the call was not served") from None
 
-    def _record(self, method, metadata, context, request, response, code, who, request_id, recorded) -> None:
+    def _record(self, method, metadata, context, request, response, code, who, recorded, *, request_id, attempt=False):
         event = audit.event(
             request_id=request_id,
             method=method,
@@ -152,9 +150,10 @@ class Guard(grpc.ServerInterceptor):
             response=response,
             case_key=self._case_key,
             recorded=recorded,
+            attempt=attempt,
         )
         try:
-            self._audit.write(event)
+            self._audit.write(event, durable=attempt)
         except Exception as exc:
             log.error("audit record not written; failing the call", extra={"error": type(exc).__name__})
             raise FailedPrecondition("the audit trail cannot be written; the call was not served") from None

@@ -61,6 +61,7 @@ class Ingestor:
         self._max_queued_per_tenant = bounds.max_queued_ingests_per_tenant
         self._max_tiles = bounds.max_tiles_per_slide
         self._sources: dict[str, str] = {}  # operation id -> source, to tell ingests of one id apart
+        self._starters: dict[str, frozenset[str]] = {}  # operation id -> the callers who asked for it
         self._pool = ThreadPoolExecutor(max_workers=gateway.max_concurrent_ingests, thread_name_prefix="ingest")
         self._lock = threading.Lock()
         self._ops: dict[str, gateway_pb2.Operation] = {}  # the operations this replica runs
@@ -80,9 +81,11 @@ class Ingestor:
         metadata: dict[str, str],
         timeout: float,
         slide_mpp: float = 0.0,
+        starter: str = "",
         tenant: str = tenancy.DEFAULT,
     ) -> gateway_pb2.Operation:
-        """Queue an ingest of `source` into `tenant` (the caller's)."""
+        """Queue an ingest of `source` into `tenant` (the caller's). starter: the caller's identity
+        (Caller.key); it may follow the operation with the ingest role alone."""
         # Validates the name and reads the fingerprint now, so bad input fails the call itself.
         info = self._b.tiler.GetSlideInfo(tiler_pb2.GetSlideInfoRequest(slide=source), timeout=timeout).info
         tiling, _ = self._tilings.current(timeout)
@@ -96,7 +99,9 @@ class Ingestor:
                 if op.state not in FINISHED and not op.cancel_requested:
                     same = op.tenant == tenant and op.slide_id == slide_id
                     if same and self._sources.get(op.operation_id) == source:
-                        return _copy(op)  # the same slide from the same file is already on its way
+                        # The same slide from the same file is already on its way: this caller may follow it too.
+                        self._starters[op.operation_id] |= {starter}
+                        return _copy(op)
                     waiting = op.state == State.OPERATION_STATE_QUEUED
                     queued, mine = queued + waiting, mine + (waiting and op.tenant == tenant)
             if queued >= self._max_queued:
@@ -113,6 +118,7 @@ class Ingestor:
             )
             self._ops[op.operation_id] = op
             self._sources[op.operation_id] = source
+            self._starters[op.operation_id] = frozenset({starter})
             self._trim()
         log.info("ingest queued", extra={"operation_id": op.operation_id, "slide_id": slide_id})
         snapshot = self._publish(op.operation_id)
@@ -128,10 +134,18 @@ class Ingestor:
 
     def _elsewhere(self, operation_id: str) -> gateway_pb2.Operation:
         """An operation another replica runs (or ran)."""
-        op = self._shared.fetch(operation_id)
-        if op is None:
+        found = self._shared.fetch(operation_id)
+        if found is None:
             raise NotFound(f"no operation {operation_id!r}")
-        return op
+        return found[0]
+
+    def starters(self, operation_id: str) -> frozenset[str]:
+        """Who started an operation (here or on another replica); empty when unknown."""
+        with self._lock:
+            if operation_id in self._starters:
+                return self._starters[operation_id]
+        found = self._shared.fetch(operation_id)
+        return found[1] if found is not None else frozenset()
 
     def cancel(self, operation_id: str) -> gateway_pb2.Operation:
         stream = None
@@ -180,7 +194,8 @@ class Ingestor:
                 op = self._ops[operation_id]
                 op.updated_at = time.time()
                 snapshot = _copy(op)
-            self._shared.publish(snapshot)
+                starters = self._starters.get(operation_id, frozenset())
+            self._shared.publish(snapshot, starters)
         return snapshot
 
     def _heartbeat(self) -> None:
@@ -200,6 +215,7 @@ class Ingestor:
         for key in done[: max(0, len(self._ops) - MAX_OPERATIONS_KEPT)]:
             del self._ops[key]
             self._sources.pop(key, None)
+            self._starters.pop(key, None)
 
     def _run(self, op_id: str, source: str, slide_id: str, metadata: dict[str, str], slide_mpp: float) -> None:
         if self._shared.cancel_requested(op_id):  # cancelled on another replica while queued

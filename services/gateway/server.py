@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
+from smily.common import caller as callers
 from smily.common import images
 from smily.common.config import Settings
+from smily.common.errors import PermissionDenied
 from smily.common.server import Registration, Servicer
 from smily.common.tensors import to_tensor
 from smily.common.tiling import Tiling
@@ -14,9 +16,9 @@ from smily.index.v1 import index_pb2
 from smily.tiler.v1 import tiler_pb2
 from smily.types.v1 import types_pb2
 
-from . import dicom, dihedral, paging, requests, tenants, vectors
+from . import auth, dicom, dihedral, paging, requests, tenants, vectors
 from .backends import Backends
-from .cache import RedisGuard, make_cache
+from .cache import RedisGuard, hmac_key, make_cache
 from .cases import CaseIngestor
 from .guard import Guard
 from .ingest import Ingestor
@@ -97,19 +99,22 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer, Servicer):
             if settings.gateway.redis_url
             else None
         )
+        # Authenticates what this gateway reads back from Redis (cached embeddings, operations).
+        secret = hmac_key(settings.gateway.cache_key) if redis else b""
         self._q = QueryEngine(
             self._b,
             self._tilings,
-            make_cache(redis, settings.gateway.cache_ttl_s, settings.gateway.cache_key),
+            make_cache(redis, settings.gateway.cache_ttl_s, secret),
             settings.gateway,
             settings.limits,
         )
-        shared = SharedOperations(redis) if redis else LocalOperations()
+        shared = SharedOperations(redis, secret) if redis else LocalOperations()
         self._ingest = Ingestor(self._b, self._tilings, shared, settings.gateway, settings.limits)
         self._cases = CaseIngestor(self._b, self._ingest, shared)
         self._links = dicom.ViewerLinks(settings.gateway.viewer_url_template)
         # Fans a slide query's mosaic tiles out to the index.
         self._fanout = ThreadPoolExecutor(max_workers=8, thread_name_prefix="mosaic")
+        self._close_hooks: list = []
 
     def watch_readiness(self, set_ready) -> None:
         self._readiness.watch(set_ready)
@@ -123,23 +128,39 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer, Servicer):
             dict(request.metadata),
             self._b.timeout(context),
             request.slide_mpp,
-            tenants.own(),
+            starter=callers.current().key,
+            tenant=tenants.own(),
         )
         return gateway_pb2.IngestSlideResponse(operation=op)
 
     def IngestCase(self, request, context):
         requests.ingest_case(request)
         op = self._cases.start(
-            request.accession_number, request.archive, dict(request.slide_ids), dict(request.metadata), tenants.own()
+            request.accession_number,
+            request.archive,
+            dict(request.slide_ids),
+            dict(request.metadata),
+            tenant=tenants.own(),
+            starter=callers.current().key,
         )
         return gateway_pb2.IngestCaseResponse(operation=op)
+
+    def _follow(self, operation_id: str, any_operation: frozenset[str]) -> None:
+        """A caller without one of the any_operation roles follows only the operations it started."""
+        who = callers.current()
+        if who.roles & any_operation:
+            return
+        starters = self._cases.starters(operation_id) or self._ingest.starters(operation_id)
+        if who.key not in starters:
+            raise PermissionDenied("this operation was started by another caller")
 
     def GetOperation(self, request, context):
         requests.operation(request)
         op = self._cases.get(request.operation_id) or self._ingest.get(request.operation_id)
-        return gateway_pb2.GetOperationResponse(
-            operation=tenants.check_operation(op, request.operation_id, self._default_tenant)
-        )
+        # Another tenant's operation is NOT_FOUND (as a missing one), before whose it is counts.
+        tenants.check_operation(op, request.operation_id, self._default_tenant)
+        self._follow(request.operation_id, frozenset({auth.SEARCH, auth.ADMIN}))
+        return gateway_pb2.GetOperationResponse(operation=op)
 
     def CancelOperation(self, request, context):
         requests.operation(request)
@@ -149,6 +170,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer, Servicer):
             request.operation_id,
             self._default_tenant,
         )
+        self._follow(request.operation_id, frozenset({auth.ADMIN}))
         op = self._cases.cancel(request.operation_id) or self._ingest.cancel(request.operation_id)
         return gateway_pb2.CancelOperationResponse(operation=op)
 
@@ -395,7 +417,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer, Servicer):
         tiling.to_pb(out.tiling)
         return out
 
+    def on_close(self, hook) -> None:
+        self._close_hooks.append(hook)
+
     def close(self) -> None:
+        for hook in self._close_hooks:
+            hook()
         self._readiness.close()
         self._cases.close()
         self._ingest.close()
@@ -404,9 +431,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer, Servicer):
 
 
 def registration(settings: Settings) -> Registration:
+    guard = Guard(settings)
+    servicer = GatewayServicer(settings)
+    servicer.on_close(guard.close)  # open view sessions are recorded when the server stops
     return Registration(
         gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name,
-        GatewayServicer(settings),
+        servicer,
         gateway_pb2_grpc.add_GatewayServiceServicer_to_server,
-        interceptors=(Guard(settings),),
+        interceptors=(guard,),
     )

@@ -340,7 +340,10 @@ def _open_wsi(archive: Archive, study: str, series: str) -> DicomWebSlide:
 
 
 def _volume_instance(client, study: str, series: str) -> str:
-    for item in client.search_for_instances(study, series, fields=[_IMAGE_TYPE]):
+    instances = client.search_for_instances(study, series, fields=[_IMAGE_TYPE])
+    if not instances:  # QIDO answers an unknown study or series with no matches, not 404
+        raise NotFound("the archive has no such study or series")
+    for item in instances:
         if VOLUME in _values(item, _IMAGE_TYPE):
             return _value(item, "00080018")
     raise FailedPrecondition("the series holds no whole-slide image (no instance with ImageType VOLUME)")

@@ -37,6 +37,12 @@ def evaluate(args) -> int:
     from smily.common.config import Settings
     from smily.evaluation import archive, evaluate_manifest, manifest
 
+    if args.pathmnist:
+        from smily.evaluation import pathmnist
+
+        return pathmnist.run_cli(args)
+    if not args.manifest:
+        raise SystemExit("give --manifest FILE (or --pathmnist FILE.npz)")
     overrides: dict[str, Any] = {}
     if args.slide_root:
         overrides["slide_roots"] = tuple(args.slide_root)
@@ -77,7 +83,10 @@ def register(sub) -> None:
     s.set_defaults(func=eval_data)
 
     s = with_gateway(sub.add_parser("eval", help="measure retrieval quality on a labelled manifest"))
-    s.add_argument("--manifest", required=True, help="CSV or JSON: source, slide_id, [x,y,width,height], labels...")
+    s.add_argument("--manifest", help="CSV or JSON: source, slide_id, [x,y,width,height], labels...")
+    s.add_argument(
+        "--pathmnist", metavar="FILE.npz", help="instead: MedMNIST PathMNIST, train split indexed, test queried"
+    )
     s.add_argument("--k", type=int, nargs="+", default=[1, 5, 10], help="precision@k cut-offs (default 1 5 10)")
     s.add_argument("--out", default="var/eval", help="folder for evaluation.json and the plot")
     s.add_argument("--slide-root", action="append", help="slide root (default SMILY_SLIDE_ROOTS)")

@@ -1,4 +1,4 @@
-"""`smily model export`, `import` and `quantize`: the model repository."""
+"""`smily model export`, `import`, `quantize` and `adapt`: the model repository."""
 
 from __future__ import annotations
 
@@ -122,3 +122,7 @@ def register(sub) -> None:
     )
     s.add_argument("--output-dir", default="models", help=REPOSITORY_HELP)
     s.set_defaults(func=quantize)
+
+    from smily.models import adapt_cli
+
+    adapt_cli.add_parser(m)

@@ -7,9 +7,11 @@ and count how often the source tile is among the top k hits.
 
 from __future__ import annotations
 
+import io
 import time
 
 import numpy as np
+from PIL import Image
 
 from smily.common import images
 from smily.tiler import tiling
@@ -24,7 +26,19 @@ _HED_FROM_RGB = np.linalg.inv(_RGB_FROM_HED)
 # Stain jitter strength, as in Tellez et al. 2018 ("HED-light").
 STAIN_SIGMA = 0.05
 
-TRANSFORMS = ("identity", "shift 1/4 tile", "rotate 90", "flip", "scale +10%", "scale -10%", "stain jitter")
+# "scale +10%" reads a 10 % wider field into the same pixels: the content at 0.9x.
+TRANSFORMS = (
+    "identity",
+    "shift 1/4 tile",
+    "rotate 90",
+    "rotate 180",
+    "rotate 270",
+    "flip",
+    "scale +10%",
+    "scale -10%",
+    "stain jitter",
+    "JPEG q60",
+)
 
 
 def stain_jitter(rgb: np.ndarray, rng, sigma: float = STAIN_SIGMA) -> np.ndarray:
@@ -34,6 +48,13 @@ def stain_jitter(rgb: np.ndarray, rng, sigma: float = STAIN_SIGMA) -> np.ndarray
     hed = hed * rng.uniform(1 - sigma, 1 + sigma, 3) + rng.uniform(-sigma, sigma, 3)
     out = 255.0 * np.exp(-(hed @ _RGB_FROM_HED))
     return np.clip(out, 0, 255).reshape(rgb.shape).astype(np.uint8)
+
+
+def jpeg(rgb: np.ndarray, quality: int) -> np.ndarray:
+    """rgb after a JPEG round trip at this quality."""
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "JPEG", quality=int(quality))
+    return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
 
 
 def _read(slide, x: int, y: int, size: int, out: int) -> np.ndarray:
@@ -51,12 +72,14 @@ def perturbed(name: str, slide, rect, tile_size: int, rng) -> np.ndarray:
         grown = round(size * (1.1 if "+" in name else 0.9))
         return _read(slide, x - (grown - size) // 2, y - (grown - size) // 2, grown, tile_size)
     rgb = _read(slide, x, y, size, tile_size)
-    if name == "rotate 90":
-        return np.ascontiguousarray(np.rot90(rgb))
+    if name.startswith("rotate "):
+        return np.ascontiguousarray(np.rot90(rgb, int(name.split()[1]) // 90))
     if name == "flip":
         return np.ascontiguousarray(rgb[:, ::-1])
     if name == "stain jitter":
         return stain_jitter(rgb, rng)
+    if name == "JPEG q60":
+        return jpeg(rgb, 60)
     if name == "identity":
         return rgb
     raise ValueError(name)

@@ -17,6 +17,8 @@ import numpy as np
 
 from smily.synthetic import TEXTURES, SlideSpec, render, write_slide
 
+from .robustness import stain_jitter
+
 PURE = 0.8
 CELLULARITY = {"stroma": "low", "fat": "low", "glands": "low", "lymphocytes": "high", "tumour": "high"}
 
@@ -48,12 +50,16 @@ def labelled_tiles(class_map: np.ndarray, tile_level0: int) -> list[tuple[int, i
     return out
 
 
-def write(output_dir: str, specs=SMALL, tile_mpp: float = 1.0, tile_size: int = 224) -> str:
-    """Write the slides and manifest.csv (sources relative to output_dir); returns the manifest path."""
+def write(output_dir: str, specs=SMALL, tile_mpp: float = 1.0, tile_size: int = 224, stain_shift: float = 0.0) -> str:
+    """Write the slides and manifest.csv (sources relative to output_dir); returns the manifest path.
+    stain_shift > 0 stains each slide its own way (HED jitter of that strength,
+    seeded by the slide): the batch effect of slides from different labs."""
     os.makedirs(output_dir, exist_ok=True)
     records = []
     for spec in specs:
         level0, class_map = render(spec, with_classes=True)
+        if stain_shift:
+            level0 = stain_jitter(level0, np.random.default_rng(spec.seed), stain_shift)
         path = os.path.join(output_dir, spec.name)
         write_slide(spec, path + ".tmp", level0)
         os.replace(path + ".tmp", path)

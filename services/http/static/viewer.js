@@ -8,7 +8,7 @@ const K = 60;
 
 const state = {
   token: null, // OIDC access token, in memory only
-  viewSession: crypto.randomUUID(), // the gateway audits a viewed slide once per session
+  viewSession: "", // minted by the server with the open slide's info.json; its tiles are audited as one session
   slides: [],
   slide: null, // {slideId, metadata, width, height}
   tenant: "", // the caller's (issue 24)
@@ -25,15 +25,20 @@ window.smily = { state, timings: [] };
 
 // -- API --------------------------------------------------------------------
 function headers(extra) {
-  const h = Object.assign({ "X-Smily-View-Session": state.viewSession }, extra || {});
+  const h = Object.assign({}, extra || {});
+  if (state.viewSession) h["X-Smily-View-Session"] = state.viewSession;
   if (state.token) h.Authorization = "Bearer " + state.token;
   return h;
 }
 
 async function api(method, path, body) {
-  const opts = { method, headers: headers(body ? { "Content-Type": "application/json" } : {}) };
-  if (body) opts.body = JSON.stringify(body);
-  const resp = await fetch(path, opts);
+  // POSTs are always JSON (the server refuses other content types).
+  const opts = { method, headers: headers(method === "POST" ? { "Content-Type": "application/json" } : {}) };
+  if (method === "POST") opts.body = JSON.stringify(body || {});
+  return answer(await fetch(path, opts));
+}
+
+async function answer(resp) {
   const doc = await resp.json().catch(() => ({ code: "UNAVAILABLE", message: resp.statusText }));
   if (!resp.ok) {
     if (resp.status === 401 && userManager) $("login").hidden = false;
@@ -163,10 +168,24 @@ function imageRect(r) {
   return viewer.viewport.imageToViewportRectangle(new OpenSeadragon.Rect(r.x, r.y, r.width, r.height));
 }
 
+// The slide's info.json, with a fresh view session for its tiles.
+async function slideInfo(slideId) {
+  const resp = await fetch(iiif(slideId) + "/info.json", { headers: headers() });
+  const info = await answer(resp);
+  state.viewSession = resp.headers.get("X-Smily-View-Session") || "";
+  viewer.setAjaxHeaders(headers()); // the open image's (and the navigator's) next tiles carry it too
+  return info;
+}
+
+// Sessions are short-lived: renew the open slide's while it stays open.
+let renewal = null;
+
 // Opens a slide; with `hit`, zooms to it and outlines it.
 async function openSlide(slideId, hit, record) {
   say("Opening " + slideId + "…");
-  const info = await api("GET", iiif(slideId) + "/info.json");
+  const info = await slideInfo(slideId);
+  clearInterval(renewal);
+  renewal = setInterval(() => slideInfo(slideId).catch(() => {}), 60000);
   const slide = state.slides.find((s) => s.slideId === slideId) || { slideId, metadata: {} };
   state.slide = Object.assign({}, slide, { width: info.width, height: info.height });
   if (record) {
@@ -174,7 +193,6 @@ async function openSlide(slideId, hit, record) {
     if (state.slide) history.replaceState({ slideId: state.slide.slideId, selection: state.selection }, "");
     history.pushState({ slideId, hit }, "", "#" + encodeURIComponent(slideId));
   }
-  viewer.ajaxHeaders = headers();
   clearSelection();
   await new Promise((resolve) => {
     viewer.addOnceHandler("open", resolve);

@@ -18,7 +18,7 @@ SMILY = os.path.join(os.path.dirname(sys.executable), "smily")
 class HttpProcess:
     """The HTTP/JSON API on loopback; ready once its /readyz says the gateway serves."""
 
-    def __init__(self, gateway_target: str, log_path: str, port: int = 0):
+    def __init__(self, gateway_target: str, log_path: str, port: int = 0, env: dict[str, str] | None = None):
         if not os.path.isfile(SMILY):
             pytest.fail(f"the smily command is missing next to {sys.executable}: pip install -e .")
         self.port = port or free_port()
@@ -30,6 +30,7 @@ class HttpProcess:
             SMILY_HTTP_PORT=str(self.port),
             SMILY_PLAINTEXT="1",
             SMILY_HTTP_GATEWAY_TARGET=gateway_target,
+            **(env or {}),
         )
         with open(log_path, "ab") as log:
             self.proc = subprocess.Popen([SMILY, "serve", "http"], env=env, stdout=log, stderr=subprocess.STDOUT)

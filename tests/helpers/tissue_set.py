@@ -5,7 +5,7 @@ Each image NAME.png has a mask NAME.mask.png of hand-checked labels:
 tissue, part glass), anything else background: 0 glass, and the artefacts
 the detector must drop, by kind (ARTEFACTS).
 
-`python -m tests.tissue_set --ihc PATH/skimage/data/ihc.png` regenerates the
+`python -m tests.helpers.tissue_set --ihc PATH/skimage/data/ihc.png` regenerates the
 synthetic images and the IHC composite deterministically; the CMU images are
 cut from tests/data/cmu_small_region.svs and their masks were drawn by hand
 (cmu_masks below) and checked on overlays.
@@ -23,7 +23,7 @@ from scipy import ndimage as ndi
 
 from smily import synthetic
 
-DIR = os.path.join(os.path.dirname(__file__), "data", "tissue")
+DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "tissue")
 TISSUE, IGNORED = 255, 128
 ARTEFACTS = {"pen": 10, "dust": 20, "bubble": 30, "coverslip edge": 40, "border": 50}
 

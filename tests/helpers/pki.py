@@ -44,31 +44,40 @@ class CA:
             fh.write(self.cert.public_bytes(serialization.Encoding.PEM))
 
     def issue(
-        self, name: str, dns=("localhost",), ips=("127.0.0.1",), ca: CA | None = None, directory: str | None = None
+        self,
+        name: str,
+        dns=("localhost",),
+        ips=("127.0.0.1",),
+        ca: CA | None = None,
+        directory: str | None = None,
+        cn: str | None = None,
+        san: bool = True,
     ) -> tuple[str, str]:
         """A certificate for server and client use, SAN = name + dns + ips; returns (cert path, key path).
 
         ca: sign with another CA (a stranger's certificate). directory: where to write the
-        pair (default: the CA's own), e.g. to renew a certificate without touching the first."""
+        pair (default: the CA's own), e.g. to renew a certificate without touching the first.
+        cn: a subject CN other than name; san=False: no SAN extension at all (CN only)."""
         signer = ca or self
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.timezone.utc)
-        san = [x509.DNSName(n) for n in (name, *dns)] + [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
-        cert = (
+        names = [x509.DNSName(n) for n in (name, *dns)] + [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
+        builder = (
             x509.CertificateBuilder()
-            .subject_name(_name(name))
+            .subject_name(_name(cn or name))
             .issuer_name(signer.cert.subject)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5))
             .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName(san), critical=False)
             .add_extension(
                 x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
                 critical=False,
             )
-            .sign(signer.key, hashes.SHA256())
         )
+        if san:
+            builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+        cert = builder.sign(signer.key, hashes.SHA256())
         where = directory or self.dir
         os.makedirs(where, exist_ok=True)
         cert_path, key_path = (os.path.join(where, f"{name}.{ext}") for ext in ("crt", "key"))
