@@ -269,6 +269,7 @@ def example(e) -> gateway_pb2.Example:
 
 def hit_dict(hit: gateway_pb2.Hit) -> dict:
     return {
+        "tenant": hit.tenant,
         "slide_id": hit.slide_id,
         "x": hit.x,
         "y": hit.y,

@@ -28,7 +28,7 @@ from PIL import Image
 
 from smily import stack
 from smily.common.channels import channel
-from smily.common.placement import shard_of
+from smily.common.placement import shard_of_slide
 from smily.common.tensors import to_tensor
 from smily.embedder.v1 import embedder_pb2, embedder_pb2_grpc
 from smily.gateway import shards as shards_module
@@ -127,9 +127,9 @@ def test_gateway_names_a_missing_shard_or_answers_partially(gateway, tmp_path):
     c, gw = gateway
     whole = gw.Search(gateway_pb2.SearchRequest(image=png(1), k=50))
     assert not whole.partial and not whole.missing_shards
-    assert {shard_of(h.slide_id, 2) for h in whole.hits} == {0, 1}
+    assert {shard_of_slide(h.tenant, h.slide_id, 2) for h in whole.hits} == {0, 1}
     slides = gw.SearchSlides(gateway_pb2.SearchSlidesRequest(source="q.tiff", k=20, partial=True))
-    assert not slides.partial and {shard_of(s.slide_id, 2) for s in slides.slides} == {0, 1}
+    assert not slides.partial and {shard_of_slide(s.tenant, s.slide_id, 2) for s in slides.slides} == {0, 1}
 
     c.kill(1, 0)
     try:
@@ -145,13 +145,13 @@ def test_gateway_names_a_missing_shard_or_answers_partially(gateway, tmp_path):
 
         part = gw.Search(gateway_pb2.SearchRequest(image=png(1), k=50, partial=True))
         assert part.partial and list(part.missing_shards) == [1]
-        expected = [(h.slide_id, h.x) for h in whole.hits if shard_of(h.slide_id, 2) == 0]
+        expected = [(h.slide_id, h.x) for h in whole.hits if shard_of_slide(h.tenant, h.slide_id, 2) == 0]
         # Shard 0's best hits, in the order the whole index ranks them (then more of shard 0's).
         assert [(h.slide_id, h.x) for h in part.hits][: len(expected)] == expected
-        assert all(shard_of(h.slide_id, 2) == 0 for h in part.hits)
+        assert all(shard_of_slide(h.tenant, h.slide_id, 2) == 0 for h in part.hits)
         part = gw.SearchSlides(gateway_pb2.SearchSlidesRequest(source="q.tiff", k=20, partial=True))
         assert part.partial and list(part.missing_shards) == [1]
-        assert part.slides and all(shard_of(s.slide_id, 2) == 0 for s in part.slides)
+        assert part.slides and all(shard_of_slide(s.tenant, s.slide_id, 2) == 0 for s in part.slides)
         cli_partial(c.gateway, tmp_path)
     finally:
         c.restart(1, 0)
@@ -303,7 +303,8 @@ def test_reshard_two_to_three_during_searches(postgres, tmp_path, monkeypatch): 
         )
         assert all(listings), f"{listings.count(False)} of {len(listings)} listings named a slide twice or missed one"
         # Each replica ends with exactly the slides placed on its shard (once it has followed the last drops).
-        placed = [sum(1 for s in everyone if shard_of(s, 3) == k) for k in range(3)]
+        # Slides written without a tenant are the default tenant's, placed by that key.
+        placed = [sum(1 for s in everyone if shard_of_slide("default", s, 3) == k) for k in range(3)]
         replicas = [c.replica(s, 0) for s in range(3)]
         deadline = time.monotonic() + 60
         while True:

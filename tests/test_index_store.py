@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from smily.common.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
+from smily.common.tenancy import key
 from smily.common.tiling import Tiling
 from smily.index.concepts import Concept, ConceptStore
 from smily.index.faiss_index import IndexConfig, TileIndex
@@ -247,18 +248,22 @@ def concepts(request, tmp_path):
     table.close()
 
 
-def test_concepts_are_kept_per_model_and_listed_in_byte_order(concepts):
-    concepts.put(Concept("b", MODEL, np.array([3.0, 4.0])))
-    concepts.put(Concept("B", MODEL, np.array([1.0, 0.0]), with_examples=2))
-    concepts.put(Concept("b", "other/1", np.array([0.0, 2.0])))
-    got = concepts.get("b", MODEL)
+def test_concepts_are_kept_per_model_and_tenant_and_listed_in_byte_order(concepts):
+    b, B = key("t", "b"), key("t", "B")
+    concepts.put(Concept(b, MODEL, np.array([3.0, 4.0])))
+    concepts.put(Concept(B, MODEL, np.array([1.0, 0.0]), with_examples=2))
+    concepts.put(Concept(b, "other/1", np.array([0.0, 2.0])))
+    concepts.put(Concept(key("t2", "c"), MODEL, np.array([0.0, 2.0])))  # another tenant's
+    got = concepts.get(b, MODEL)
     assert got.vector.tolist() == pytest.approx([0.6, 0.8]) and got.created_at > 0  # stored unit length
-    assert [(c.name, c.with_examples, c.vector) for c in concepts.list(MODEL)] == [("B", 2, None), ("b", 0, None)]
-    concepts.put(Concept("b", MODEL, np.array([0.0, -1.0]), without_examples=5))  # replaces
-    assert concepts.get("b", MODEL).vector.tolist() == [0.0, -1.0] and concepts.get("b", MODEL).without_examples == 5
-    concepts.delete("b", MODEL)
+    assert [(c.name, c.with_examples, c.vector) for c in concepts.list(MODEL, "t")] == [(B, 2, None), (b, 0, None)]
+    concepts.put(Concept(b, MODEL, np.array([0.0, -1.0]), without_examples=5))  # replaces
+    assert concepts.get(b, MODEL).vector.tolist() == [0.0, -1.0] and concepts.get(b, MODEL).without_examples == 5
+    concepts.delete(b, MODEL)
     with pytest.raises(NotFound):
-        concepts.get("b", MODEL)
+        concepts.get(b, MODEL)
     with pytest.raises(NotFound):
-        concepts.delete("b", MODEL)
-    assert concepts.get("b", "other/1").vector.tolist() == [0.0, 1.0]
+        concepts.get(key("t", "c"), MODEL)  # t2's concept is not t's
+    with pytest.raises(NotFound):
+        concepts.delete(b, MODEL)
+    assert concepts.get(b, "other/1").vector.tolist() == [0.0, 1.0]

@@ -60,7 +60,8 @@ def test_rank_slides_uses_the_median_of_best_matches():
     ]
     ranked = vectors.rank_slides(per_tile)
     # a: median(0.9, 0.6, 0.85) = 0.85; b: median(0.7, 0.95, at most 0.5) = 0.7; c: median(0.7, 0.6, 0.5) = 0.6.
-    assert [(s, round(score, 3), n) for s, score, n, _ in ranked] == [("a", 0.85, 3), ("b", 0.7, 2), ("c", 0.6, 1)]
+    # Slides are (tenant, slide id); these hits name no tenant.
+    assert [(s, round(score, 3), n) for (_, s), score, n, _ in ranked] == [("a", 0.85, 3), ("b", 0.7, 2), ("c", 0.6, 1)]
     assert [x.score for x in ranked[0][3]] == [0.9, 0.85, 0.8, 0.6]
 
 

@@ -11,12 +11,18 @@ import contextvars
 from dataclasses import dataclass
 from urllib.parse import unquote
 
+from . import tenancy
+
 
 @dataclass(frozen=True)
 class Caller:
     subject: str  # the token's `sub` (or "anonymous" with SMILY_AUTH=none)
     issuer: str = ""
     roles: frozenset[str] = frozenset()
+    # The tenant the token names (issue 24): its slides are the ones the caller writes.
+    tenant: str = tenancy.DEFAULT
+    # Tenants whose slides the caller may search and read: its own first, then SMILY_TENANT_GRANTS'.
+    readable: tuple[str, ...] = (tenancy.DEFAULT,)
 
     @property
     def key(self) -> str:

@@ -67,10 +67,14 @@ class LimitsSettings:
     max_tiles_per_slide: int = 100_000
     # Ingests waiting for a worker on one gateway; more get RESOURCE_EXHAUSTED.
     max_queued_ingests: int = 32
+    # Of those, the most one tenant's ingests may hold (issue 24); 0 = no per-tenant cap.
+    max_queued_ingests_per_tenant: int = 0
     # Whole-slide queries (SearchSlides) streaming a slide at once on one gateway.
     max_slide_queries: int = 2
     # RPCs one caller (caller.caller_of: token subject, else peer host) may have in flight on the gateway; 0 = no quota.
     max_rpcs_per_caller: int = 32
+    # RPCs one tenant's callers together may have in flight on the gateway; 0 = no quota.
+    max_rpcs_per_tenant: int = 0
 
 
 @dataclass(frozen=True)
@@ -110,6 +114,11 @@ class AuthSettings:
     # Claim holding the caller's roles; a dotted path reaches nested claims
     # (Keycloak: realm_access.roles).
     oidc_roles_claim: str = "roles"
+    # Issue 24: the claim naming the caller's tenant (a dotted path, as oidc_roles_claim);
+    # empty: every caller is in default_tenant. Grants: "reader=owner,owner;reader=owner".
+    oidc_tenant_claim: str = ""
+    default_tenant: str = "default"
+    tenant_grants: str = ""
     # Audit trail: JSON lines appended to this file; empty = stdout (logger smily.audit).
     audit_log: str = ""
     # Key the HTTP front end mints view-session ids with and the gateway verifies them with

@@ -67,21 +67,24 @@ SERVER_OPTIONS = [
 class Admission:
     """Counts in-flight RPCs, in all and per caller, and refuses those over the limits."""
 
-    def __init__(self, limit: int, per_caller: int = 0):
-        self._limit, self._per_caller = limit, per_caller
+    def __init__(self, limit: int, per_caller: int = 0, who: str = "caller"):
+        # `who`: what enter's key counts ("caller": caller_of; "tenant": the key it is given).
+        self._limit, self._per_caller, self._who = limit, per_caller, who
         self._lock = threading.Lock()
         self._total = 0
         self._by_caller: dict[str, int] = {}
 
-    def enter(self, service: str, context) -> str:
-        caller = caller_of(context) if self._per_caller else ""
+    def enter(self, service: str, context, key: str = "") -> str:
+        caller = (key or caller_of(context)) if self._per_caller else ""
         with self._lock:
             if self._total >= self._limit:
                 REFUSED.labels(service, "server").inc()
                 raise Busy(f"the {service} is at its limit of {self._limit} concurrent requests")
             if self._per_caller and self._by_caller.get(caller, 0) >= self._per_caller:
-                REFUSED.labels(service, "caller").inc()
-                raise Busy(f"this caller has {self._per_caller} requests in flight, the most one caller may have")
+                REFUSED.labels(service, self._who).inc()
+                raise Busy(
+                    f"this {self._who} has {self._per_caller} requests in flight, the most one {self._who} may have"
+                )
             self._total += 1
             if self._per_caller:
                 self._by_caller[caller] = self._by_caller.get(caller, 0) + 1

@@ -29,6 +29,7 @@ _ENTITY_TYPE = "http://terminology.hl7.org/CodeSystem/audit-entity-type"
 _OBJECT_ROLE = "http://terminology.hl7.org/CodeSystem/object-role"
 _SOURCE_TYPE = "http://terminology.hl7.org/CodeSystem/security-source-type"
 
+TENANT_EXTENSION = "urn:smily:tenant"
 # Anything outside the gateway's service (reflection, say).
 ACTIVITY = (rpcmeta.DCM, "110100", "Application Activity")
 
@@ -219,6 +220,7 @@ def event(
     subject: str,
     issuer: str,
     peer: str,
+    tenant: str = "",
     forwarded: str | None,
     request,
     response,
@@ -236,6 +238,8 @@ def event(
     return {
         "resourceType": "AuditEvent",
         "id": f"{request_id}.attempt" if attempt else request_id,
+        # The caller's tenant (issue 24); "" when the call was refused before a token named one.
+        "extension": [{"url": TENANT_EXTENSION, "valueString": tenant}],
         "type": {"system": system, "code": type_code, "display": display},
         "subtype": [{"system": "urn:smily:rpc", "code": method, "display": name}],
         "action": action,

@@ -17,7 +17,7 @@ import urllib.request
 
 import jwt
 
-from smily.common import rpcmeta
+from smily.common import rpcmeta, tenancy
 from smily.common.caller import ANONYMOUS, Caller
 from smily.common.config import AuthSettings, ConfigError
 from smily.common.errors import PermissionDenied, Unauthenticated, Unavailable
@@ -25,6 +25,9 @@ from smily.common.errors import PermissionDenied, Unauthenticated, Unavailable
 log = logging.getLogger("smily.auth")
 
 SEARCH, INGEST, ADMIN = "smily.search", "smily.ingest", "smily.admin"
+# Issue 24: lists tenants and moves slides between them; no role of a tenant implies it.
+OPERATOR = "smily.operator"
+NO_TENANT = "the token names no tenant"
 # Method path -> the roles that may call it: (smily.options.v1.role) in gateway.proto.
 ROLES = rpcmeta.ROLES
 ASYMMETRIC = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"})
@@ -46,10 +49,16 @@ def authorise(caller: Caller, method: str) -> None:
         raise PermissionDenied(f"this call needs the role {' or '.join(sorted(allowed))}")
 
 
-def _roles(claims: dict, path: str) -> frozenset[str]:
+def _claim(claims: dict, path: str) -> object:
+    """The claim at a dotted path (realm_access.roles), None when absent."""
     value: object = claims
     for part in path.split("."):
         value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def _roles(claims: dict, path: str) -> frozenset[str]:
+    value = _claim(claims, path)
     if isinstance(value, str):
         return frozenset(value.split())
     if isinstance(value, list):
@@ -57,23 +66,54 @@ def _roles(claims: dict, path: str) -> frozenset[str]:
     return frozenset()
 
 
-class OpenAccess:
-    """SMILY_AUTH=none: everyone is the anonymous admin."""
+class Tenancy:
+    """Which tenant a verified token names, and what that tenant may read (SMILY_OIDC_TENANT_CLAIM,
+    SMILY_DEFAULT_TENANT, SMILY_TENANT_GRANTS)."""
 
-    def __init__(self):
+    def __init__(self, claim: str = "", default: str = tenancy.DEFAULT, grants: str = ""):
+        if not tenancy.valid(default):
+            raise ConfigError("SMILY_DEFAULT_TENANT must be 1-64 characters of A-Z a-z 0-9 . _ -")
+        try:
+            self._grants = tenancy.parse_grants(grants)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        self._claim, self.default = claim.strip(), default
+
+    def of(self, claims: dict) -> str:
+        """The token's tenant; PERMISSION_DENIED when a claim is configured and the token names none."""
+        if not self._claim:
+            return self.default
+        value = _claim(claims, self._claim)
+        if not tenancy.valid(value):
+            raise PermissionDenied(NO_TENANT)
+        return str(value)
+
+    def caller(self, subject: str, issuer: str, roles: frozenset[str], tenant: str) -> Caller:
+        return Caller(subject, issuer, roles, tenant, tenancy.readable(tenant, self._grants))
+
+
+class OpenAccess:
+    """SMILY_AUTH=none: everyone is the anonymous admin of the default tenant."""
+
+    def __init__(self, tenants: Tenancy | None = None):
         log.warning(NONE_WARNING)
+        self._tenants = tenants or Tenancy()
 
     def authenticate(self, metadata) -> Caller:
-        return Caller(ANONYMOUS.subject, roles=frozenset({ADMIN}))
+        t = self._tenants
+        return t.caller(ANONYMOUS.subject, "", frozenset({ADMIN}), t.default)
 
 
 class OidcVerifier:
-    def __init__(self, issuer: str, audience: str, jwks_url: str = "", roles_claim: str = "roles"):
+    def __init__(
+        self, issuer: str, audience: str, jwks_url: str = "", roles_claim: str = "roles", tenants: Tenancy | None = None
+    ):
         if not issuer or not audience:
             raise ConfigError(
                 "SMILY_AUTH=oidc needs SMILY_OIDC_ISSUER and SMILY_OIDC_AUDIENCE (or SMILY_AUTH=none for a local run)"
             )
         self._issuer, self._audience, self._roles_claim = issuer, audience, roles_claim
+        self._tenants = tenants or Tenancy()
         self._jwks_url = jwks_url
         self._jwks: jwt.PyJWKClient | None = None
         self._lock = threading.Lock()
@@ -142,7 +182,8 @@ class OidcVerifier:
             raise Unauthenticated("token not yet valid") from None
         except jwt.PyJWTError:
             raise Unauthenticated("invalid token") from None
-        return Caller(str(claims["sub"]), self._issuer, _roles(claims, self._roles_claim))
+        roles = _roles(claims, self._roles_claim)
+        return self._tenants.caller(str(claims["sub"]), self._issuer, roles, self._tenants.of(claims))
 
     def authenticate(self, metadata) -> Caller:
         values = [v for k, v in metadata if k == "authorization"]
@@ -156,8 +197,9 @@ class OidcVerifier:
 
 def authenticator(auth: AuthSettings):
     mode = auth.auth.strip().lower()
+    tenants = Tenancy(auth.oidc_tenant_claim, auth.default_tenant, auth.tenant_grants)
     if mode == "none":
-        return OpenAccess()
+        return OpenAccess(tenants)
     if mode == "oidc":
-        return OidcVerifier(auth.oidc_issuer, auth.oidc_audience, auth.oidc_jwks_url, auth.oidc_roles_claim)
+        return OidcVerifier(auth.oidc_issuer, auth.oidc_audience, auth.oidc_jwks_url, auth.oidc_roles_claim, tenants)
     raise ConfigError(f"SMILY_AUTH must be oidc or none, got {auth.auth!r}")

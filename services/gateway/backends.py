@@ -110,7 +110,9 @@ class Backends:
 
     def __init__(self, settings: Settings):
         creds = client_credentials(settings)
-        router, self._shards = connect(settings.index.index_targets or (settings.index.index_target,), creds)
+        router, self._shards = connect(
+            settings.index.index_targets or (settings.index.index_target,), creds, settings.auth.default_tenant
+        )
         self._router = router
         self._tiler = RotatingStub(settings.tiler.tiler_target, creds, tiler_pb2_grpc.TilerServiceStub)
         self._embedder = RotatingStub(settings.embedder.embedder_target, creds, embedder_pb2_grpc.EmbedderServiceStub)

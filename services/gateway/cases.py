@@ -45,14 +45,23 @@ class CaseIngestor:
         threading.Thread(target=self._watch, name="case-watch", daemon=True).start()
 
     def start(
-        self, accession: str, archive: str, slide_ids: dict[str, str], metadata: dict[str, str], starter: str = ""
+        self,
+        accession: str,
+        archive: str,
+        slide_ids: dict[str, str],
+        metadata: dict[str, str],
+        tenant: str,
+        starter: str = "",
     ) -> gateway_pb2.Operation:
         """The case's operation, at once: the archive is searched in the background, never
         while the caller waits. An archive may call this from its own event handler and
         answer no request until the call returns (Orthanc runs its Lua callbacks under a
         lock that every request to its REST API and DICOMweb takes)."""
         op = gateway_pb2.Operation(
-            operation_id=uuid.uuid4().hex, state=State.OPERATION_STATE_RUNNING, progress=gateway_pb2.IngestProgress()
+            operation_id=uuid.uuid4().hex,
+            tenant=tenant,  # its slides land in the caller's tenant
+            state=State.OPERATION_STATE_RUNNING,
+            progress=gateway_pb2.IngestProgress(),
         )
         with self._lock:
             self._cases[op.operation_id] = op
@@ -60,7 +69,7 @@ class CaseIngestor:
             self._trim()
         threading.Thread(
             target=self._find,
-            args=(op.operation_id, accession, archive, slide_ids, metadata),
+            args=(op.operation_id, accession, archive, slide_ids, metadata, tenant),
             name="case-find",
             daemon=True,
         ).start()
@@ -69,7 +78,13 @@ class CaseIngestor:
         return self._refresh(op.operation_id)
 
     def _find(
-        self, operation_id: str, accession: str, archive: str, slide_ids: dict[str, str], metadata: dict[str, str]
+        self,
+        operation_id: str,
+        accession: str,
+        archive: str,
+        slide_ids: dict[str, str],
+        metadata: dict[str, str],
+        tenant: str,
     ) -> None:
         """QIDO-RS (through the tiler) for the case's series, then one slide ingest each;
         no series, or an archive error, fails the case with its code."""
@@ -99,7 +114,12 @@ class CaseIngestor:
             )
             try:  # one unreadable series fails its own entry, not the case
                 child = self._ingest.start(
-                    series.source, entry.slide_id, metadata, timeout, starter=next(iter(self.starters(operation_id)))
+                    series.source,
+                    entry.slide_id,
+                    metadata,
+                    timeout,
+                    starter=next(iter(self.starters(operation_id))),
+                    tenant=tenant,
                 )
                 entry.operation_id, entry.state = child.operation_id, child.state
             except (ServiceError, grpc.RpcError) as exc:

@@ -42,6 +42,8 @@ class Guard(grpc.ServerInterceptor):
         self._audit = audit.AuditLog(settings.auth.audit_log)
         self._case_key = settings.gateway.case_key
         self._quota = Admission(sys.maxsize, settings.limits.max_rpcs_per_caller)
+        # Issue 24: one tenant's load cannot take every slot from the others.
+        self._tenant_quota = Admission(sys.maxsize, settings.limits.max_rpcs_per_tenant, who="tenant")
         self._sessions = ViewSessions(viewsession.key(settings), settings.auth.view_session_ttl_s, self._audit)
 
     def close(self) -> None:
@@ -99,7 +101,11 @@ class Guard(grpc.ServerInterceptor):
                 # The per-caller quota counts verified identities, so it comes after authentication.
                 key = self._quota.enter("gateway", context)
                 try:
-                    response = serve()
+                    tenant = self._tenant_quota.enter("gateway", context, who.tenant)
+                    try:
+                        response = serve()
+                    finally:
+                        self._tenant_quota.leave(tenant)
                 finally:
                     self._quota.leave(key)
             finally:
@@ -137,6 +143,7 @@ class Guard(grpc.ServerInterceptor):
             code=code,
             subject=who.subject,
             issuer=who.issuer,
+            tenant=who.tenant if who is not callers.ANONYMOUS else "",
             peer=context.peer(),
             forwarded=audit.forwarded_for(metadata),
             request=request,

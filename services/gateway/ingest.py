@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import prometheus_client as prom
 
+from smily.common import tenancy
 from smily.common.config import GatewaySettings, LimitsSettings
 from smily.common.errors import Busy, FailedPrecondition, NotFound, status_of
 from smily.gateway.v1 import gateway_pb2
@@ -57,6 +58,7 @@ class Ingestor:
         self._tilings = tilings
         self._batch = gateway.embed_batch
         self._max_queued = bounds.max_queued_ingests
+        self._max_queued_per_tenant = bounds.max_queued_ingests_per_tenant
         self._max_tiles = bounds.max_tiles_per_slide
         self._sources: dict[str, str] = {}  # operation id -> source, to tell ingests of one id apart
         self._starters: dict[str, frozenset[str]] = {}  # operation id -> the callers who asked for it
@@ -80,8 +82,10 @@ class Ingestor:
         timeout: float,
         slide_mpp: float = 0.0,
         starter: str = "",
+        tenant: str = tenancy.DEFAULT,
     ) -> gateway_pb2.Operation:
-        """starter: the caller's identity (Caller.key); it may follow the operation with the ingest role alone."""
+        """Queue an ingest of `source` into `tenant` (the caller's). starter: the caller's identity
+        (Caller.key); it may follow the operation with the ingest role alone."""
         # Validates the name and reads the fingerprint now, so bad input fails the call itself.
         info = self._b.tiler.GetSlideInfo(tiler_pb2.GetSlideInfoRequest(slide=source), timeout=timeout).info
         tiling, _ = self._tilings.current(timeout)
@@ -90,18 +94,24 @@ class Ingestor:
         # A DICOMweb series brings its identifiers; the caller's metadata wins.
         metadata = {**dicom.slide_metadata(info.dicom, self._case_key), **metadata}
         with self._lock:
-            queued = 0
+            queued = mine = 0
             for op in self._ops.values():
                 if op.state not in FINISHED and not op.cancel_requested:
-                    if op.slide_id == slide_id and self._sources.get(op.operation_id) == source:
+                    same = op.tenant == tenant and op.slide_id == slide_id
+                    if same and self._sources.get(op.operation_id) == source:
                         # The same slide from the same file is already on its way: this caller may follow it too.
                         self._starters[op.operation_id] |= {starter}
                         return _copy(op)
-                    queued += op.state == State.OPERATION_STATE_QUEUED
+                    waiting = op.state == State.OPERATION_STATE_QUEUED
+                    queued, mine = queued + waiting, mine + (waiting and op.tenant == tenant)
             if queued >= self._max_queued:
                 raise Busy(f"{queued} ingests are waiting on this gateway, the most it queues", retry_after_s=60)
+            if self._max_queued_per_tenant and mine >= self._max_queued_per_tenant:
+                # One tenant's bulk ingest leaves the other tenants their slots.
+                raise Busy(f"{mine} ingests of this tenant are waiting, the most one tenant queues", retry_after_s=60)
             op = gateway_pb2.Operation(
                 operation_id=uuid.uuid4().hex,
+                tenant=tenant,
                 slide_id=slide_id,
                 state=State.OPERATION_STATE_QUEUED,
                 progress=gateway_pb2.IngestProgress(),
@@ -243,6 +253,8 @@ class Ingestor:
     def _ingest(self, op_id: str, source: str, slide_id: str, metadata: dict[str, str], slide_mpp: float) -> str:
         b, timeout = self._b, self._b.default_timeout
         generation = op_id
+        with self._lock:
+            tenant = self._ops[op_id].tenant
         model_id = ""
         embedded = 0
         # The index's record, or this gateway's settings for the first ingest (which records them).
@@ -274,7 +286,12 @@ class Ingestor:
             ]
             # Passed on as bytes; the index validates them, and checks (or records) the tiling.
             add = index_pb2.AddTilesRequest(
-                model_id=model_id, slide_id=slide_id, generation=generation, embeddings=embeddings, tiles=rects
+                model_id=model_id,
+                tenant=tenant,
+                slide_id=slide_id,
+                generation=generation,
+                embeddings=embeddings,
+                tiles=rects,
             )
             tiling.to_pb(add.tiling)
             b.index.AddTiles(add, timeout=timeout)
@@ -290,7 +307,9 @@ class Ingestor:
                 model_id=model_id,
                 generation=generation,
                 expected_tiles=embedded,
-                slide=index_pb2.Slide(slide_id=slide_id, source=source, metadata=metadata, slide_mpp=slide_mpp),
+                slide=index_pb2.Slide(
+                    tenant=tenant, slide_id=slide_id, source=source, metadata=metadata, slide_mpp=slide_mpp
+                ),
             ),
             timeout=timeout,
         )

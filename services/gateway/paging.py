@@ -2,16 +2,43 @@
 
 Stateless: a page token is the offset plus a fingerprint of the request,
 so any gateway replica serves the next page (the query embedding is
-cached) and a token is refused for a different request.
+cached) and a token is refused for a different request. Every token the
+gateway hands out is sealed to the caller's tenant with an HMAC (seal):
+another tenant's token, replayed or forged, is NOT_FOUND (issue 24).
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 
-from smily.common.errors import InvalidArgument
+from smily.common.errors import InvalidArgument, NotFound
 from smily.common.limits import MAX_K
+
+
+def page_key(secret: str) -> bytes:
+    """The HMAC key of page tokens, derived from the gateway's secret (SMILY_CACHE_KEY) apart from its other uses."""
+    return hashlib.sha256(b"smily page token\0" + secret.encode()).digest()
+
+
+def _tag(key: bytes, token: str, tenant: str) -> str:
+    return hmac.new(key, f"{tenant}\0{token}".encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def seal(key: bytes, token: str, tenant: str) -> str:
+    """`token` bound to `tenant` ("." never occurs in the url-safe base64 of a token)."""
+    return f"{token}.{_tag(key, token, tenant)}" if token else ""
+
+
+def unseal(key: bytes, sealed: str, tenant: str) -> str:
+    """The token inside a sealed one; NOT_FOUND unless it was sealed for `tenant`."""
+    if not sealed:
+        return ""
+    token, dot, tag = sealed.rpartition(".")
+    if not dot or not hmac.compare_digest(tag.encode(), _tag(key, token, tenant).encode()):
+        raise NotFound("page_token is not one this service issued to the caller")
+    return token
 
 
 def fingerprint(request) -> str:
@@ -29,6 +56,7 @@ def make_token(offset: int, fp: str) -> str:
 def read_token(token: str, fp: str) -> int:
     if not token:
         return 0
+    token = token.partition(".")[0]  # the tenant seal, checked by the servicer (unseal)
     try:
         text, got = base64.urlsafe_b64decode(token.encode()).decode().split(":")
         offset = int(text)
@@ -42,13 +70,19 @@ def read_token(token: str, fp: str) -> int:
 def capped(hits, per_slide: int) -> list:
     if per_slide <= 0:
         return list(hits)
-    seen: dict[str, int] = {}
+    seen: dict[tuple[str, str], int] = {}
     out = []
     for h in hits:
-        if seen.get(h.slide_id, 0) < per_slide:
-            seen[h.slide_id] = seen.get(h.slide_id, 0) + 1
+        slide = _slide(h)
+        if seen.get(slide, 0) < per_slide:
+            seen[slide] = seen.get(slide, 0) + 1
             out.append(h)
     return out
+
+
+def _slide(hit) -> tuple[str, str]:
+    """A hit's slide: (tenant, slide id); the same id in two tenants is two slides."""
+    return getattr(hit, "tenant", ""), hit.slide_id
 
 
 def iou(a, b) -> float:
@@ -67,10 +101,10 @@ def distinct(hits, threshold: float) -> list:
     (overlapping tiles of one spot); threshold <= 0 keeps every hit."""
     if threshold <= 0:
         return list(hits)
-    kept: dict[str, list] = {}
+    kept: dict[tuple[str, str], list] = {}
     out = []
     for h in hits:
-        mine = kept.setdefault(h.slide_id, [])
+        mine = kept.setdefault(_slide(h), [])
         if all(iou(h, other) < threshold for other in mine):
             mine.append(h)
             out.append(h)

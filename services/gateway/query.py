@@ -23,7 +23,7 @@ from smily.index.v1 import index_pb2
 from smily.tiler.v1 import tiler_pb2
 from smily.types.v1 import types_pb2
 
-from . import dihedral, geometry, vectors
+from . import dihedral, geometry, tenants, vectors
 from .backends import BackendError, Backends
 from .streaming import check_tiling, embed_slide
 from .tilings import IndexTiling, params
@@ -76,7 +76,8 @@ class QueryEngine:
         """
         model_id = self.current_model(context)
         names = self.transforms
-        cache_key = f"smily:emb:{model_id}:{key}" + ("" if len(names) == 1 else ":" + ",".join(names))
+        # Per tenant: a hit would tell a caller that another tenant searched the same patch.
+        cache_key = f"smily:emb:{tenants.own()}:{model_id}:{key}" + ("" if len(names) == 1 else ":" + ",".join(names))
         with span("cache.get") as s:
             flat = self._cache.get(cache_key)
             s.set_attribute("hit", flat is not None)
@@ -120,11 +121,11 @@ class QueryEngine:
 
     def _region_query(self, region: gateway_pb2.Region, context):
         timeout = self._b.timeout(context)
-        slide = self._b.index.GetSlide(index_pb2.GetSlideRequest(slide_id=region.slide_id), timeout=timeout).slide
+        slide = tenants.get_slide(self._b.index, region.slide_id, region.tenant, timeout)
         tiling = self.tilings.current(timeout)[0]
         mpp = self._region_mpp(tiling, slide, region, timeout)
         key = hashlib.sha256(
-            f"region:{slide.slide_id}:{slide.indexed_at}:{region.x},{region.y},{region.width},{region.height}:"
+            f"region:{slide.tenant}:{slide.slide_id}:{slide.indexed_at}:{region.x},{region.y},{region.width},{region.height}:"
             f"{mpp}:{tiling.tile_size}".encode()
         ).hexdigest()
 
@@ -235,7 +236,8 @@ class QueryEngine:
         concepts = []
         for wc in request.concepts:
             c = self._b.index.GetConcept(
-                index_pb2.GetConceptRequest(name=wc.name, model_id=model_id), timeout=self._b.timeout(context)
+                index_pb2.GetConceptRequest(name=wc.name, model_id=model_id, tenant=tenants.own()),
+                timeout=self._b.timeout(context),
             ).concept
             concepts.append((wc.weight, from_tensor(c.vector)))
         if self.merge == "mean":
@@ -250,9 +252,8 @@ class QueryEngine:
 
     def query_case(self, request, context) -> dict[str, str]:
         """{case key: case id} of the query region's slide, for the index to leave that case out."""
-        slide = self._b.index.GetSlide(
-            index_pb2.GetSlideRequest(slide_id=request.region.slide_id), timeout=self._b.timeout(context)
-        ).slide
+        region = request.region
+        slide = tenants.get_slide(self._b.index, region.slide_id, region.tenant, self._b.timeout(context))
         case = slide.metadata.get(self._case_key, "")
         if not case:
             raise FailedPrecondition(
@@ -275,9 +276,7 @@ class QueryEngine:
         tiling = self.tilings.current(timeout)[0]
         mpp = self.mosaic_mpp(tiling)
         t = params(tiling, [mpp], stride=1.0)  # a mosaic samples the slide: overlap adds nothing
-        key = (
-            f"smily:mosaic:{model_id}:{info.fingerprint}:{slide_mpp}:{mpp}:{t.tile_size}:{t.min_tissue_fraction}:{size}"
-        )
+        key = f"smily:mosaic:{tenants.own()}:{model_id}:{info.fingerprint}:{slide_mpp}:{mpp}:{t.tile_size}:{t.min_tissue_fraction}:{size}"
         flat = self._cache.get(key)
         if flat is not None:
             return flat.reshape(-1, self._dim), model_id, True

@@ -17,7 +17,7 @@ from smily.index.v1 import index_pb2
 from smily.tiler.v1 import tiler_pb2
 from smily.types.v1 import types_pb2
 
-from . import auth, dicom, dihedral, export, labels, paging, requests, vectors
+from . import auth, dicom, dihedral, export, labels, paging, requests, tenants, vectors
 from .backends import Backends
 from .cache import RedisGuard, hmac_key, make_cache
 from .cases import CaseIngestor
@@ -40,6 +40,7 @@ MOSAIC_TILE_K = 200
 def _hit(h: index_pb2.Hit, links: dicom.ViewerLinks) -> gateway_pb2.Hit:
     t = h.tile
     return gateway_pb2.Hit(
+        tenant=h.tenant,
         slide_id=h.slide_id,
         x=t.x,
         y=t.y,
@@ -56,6 +57,7 @@ def _hit(h: index_pb2.Hit, links: dicom.ViewerLinks) -> gateway_pb2.Hit:
 
 def _slide(s: index_pb2.Slide) -> gateway_pb2.Slide:
     return gateway_pb2.Slide(
+        tenant=s.tenant,
         slide_id=s.slide_id,
         metadata=s.metadata,
         tile_count=s.tile_count,
@@ -86,6 +88,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer, Servicer):
         # The index's tiling record; these settings only for an index without one (its first ingest).
         self._tilings = IndexTiling(self._b.index, Tiling.from_settings(settings.gateway))
         self._dedup_iou = settings.gateway.dedup_iou
+        # Page tokens are HMAC'd, bound to the caller's tenant (paging.seal).
+        self._page_key = paging.page_key(settings.gateway.cache_key)
+        self._default_tenant = settings.auth.default_tenant
         redis = (
             RedisGuard(
                 settings.gateway.redis_url,
@@ -129,6 +134,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer, Servicer):
             self._b.timeout(context),
             request.slide_mpp,
             starter=callers.current().key,
+            tenant=tenants.own(),
         )
         return gateway_pb2.IngestSlideResponse(operation=op)
 
@@ -139,6 +145,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer, Servicer):
             request.archive,
             dict(request.slide_ids),
             dict(request.metadata),
+            tenant=tenants.own(),
             starter=callers.current().key,
         )
         return gateway_pb2.IngestCaseResponse(operation=op)
@@ -154,12 +161,20 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer, Servicer):
 
     def GetOperation(self, request, context):
         requests.operation(request)
-        self._follow(request.operation_id, frozenset({auth.SEARCH, auth.ADMIN}))
         op = self._cases.get(request.operation_id) or self._ingest.get(request.operation_id)
+        # Another tenant's operation is NOT_FOUND (as a missing one), before whose it is counts.
+        tenants.check_operation(op, request.operation_id, self._default_tenant)
+        self._follow(request.operation_id, frozenset({auth.SEARCH, auth.ADMIN}))
         return gateway_pb2.GetOperationResponse(operation=op)
 
     def CancelOperation(self, request, context):
         requests.operation(request)
+        # Another tenant's operation is NOT_FOUND before anything is asked of it.
+        tenants.check_operation(
+            self._cases.get(request.operation_id) or self._ingest.get(request.operation_id),
+            request.operation_id,
+            self._default_tenant,
+        )
         self._follow(request.operation_id, frozenset({auth.ADMIN}))
         op = self._cases.cancel(request.operation_id) or self._ingest.cancel(request.operation_id)
         return gateway_pb2.CancelOperationResponse(operation=op)
@@ -180,6 +195,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer, Servicer):
             nprobe=request.nprobe,
             mpp=mpp,
             allow_partial=request.partial,
+            tenants=tenants.readable(),
         )
         tiling.to_pb(base.tiling)
         tensors = [to_tensor(q) for q in queries]
@@ -218,9 +234,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer, Servicer):
     def Search(self, request, context):
         args = requests.search(request)
         offset = args.offset
+        paging.unseal(self._page_key, request.page_token, tenants.own())  # another tenant's: NOT_FOUND
         hits, model_id, cached, missing = self._ranked(request, args.negative_weight, args.k, context)
         end = len(hits) if request.page_size == 0 else min(len(hits), offset + request.page_size)
-        token = paging.make_token(end, args.fingerprint) if end < len(hits) else ""
+        token = (
+            paging.seal(self._page_key, paging.make_token(end, args.fingerprint), tenants.own())
+            if end < len(hits)
+            else ""
+        )
         resp = gateway_pb2.SearchResponse(
             model_id=model_id,
             cached=cached,
@@ -239,9 +260,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer, Servicer):
         q = request.search
         weight = q.negative_weight if q.HasField("negative_weight") else requests.DEFAULT_NEGATIVE_WEIGHT
         # The slide first: an unknown one is NOT_FOUND, not an empty heatmap.
-        slide = self._b.index.GetSlide(
-            index_pb2.GetSlideRequest(slide_id=request.slide_id), timeout=self._b.timeout(context)
-        ).slide
+        slide = tenants.get_slide(self._b.index, request.slide_id, "", self._b.timeout(context))
         hits, model_id, _, _ = self._ranked(q, weight, max_tiles, context, [request.slide_id], diverse=False)
         truncated = len(hits) >= max_tiles and slide.tile_count > len(hits)
         scores = [h.score for h in hits]
@@ -269,9 +288,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer, Servicer):
         k, size, per_slide = args.k, args.mosaic_size, args.regions_per_slide
         exclude = []
         if request.WhichOneof("query") == "slide_id":
-            slide = self._b.index.GetSlide(
-                index_pb2.GetSlideRequest(slide_id=request.slide_id), timeout=self._b.timeout(context)
-            ).slide
+            slide = tenants.get_slide(self._b.index, request.slide_id, "", self._b.timeout(context))
             source, slide_mpp = slide.source, slide.slide_mpp
             if request.exclude_query_slide:
                 exclude.append(request.slide_id)
@@ -282,6 +299,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer, Servicer):
         tiling_pb = tiling.to_pb(types_pb2.Tiling())
 
         missing: set[int] = set()
+        scope = tenants.readable()  # here: the pool's threads see no caller
 
         def search(v):
             reply = self._b.index.Search(
@@ -293,6 +311,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer, Servicer):
                     allow_partial=request.partial,
                     tiling=tiling_pb,
                     mpp=self._q.mosaic_mpp(tiling),
+                    tenants=scope,
                 ),
                 timeout=self._b.timeout(context),
             )
@@ -301,7 +320,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer, Servicer):
 
         per_tile = list(self._fanout.map(search, mosaic))
         out = []
-        for slide_id, score, found, hits in vectors.rank_slides(per_tile)[:k]:
+        for (tenant, slide_id), score, found, hits in vectors.rank_slides(per_tile)[:k]:
             regions: list[gateway_pb2.Hit] = []
             seen = set()
             for h in hits:
@@ -312,6 +331,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer, Servicer):
             meta = hits[0].metadata
             out.append(
                 gateway_pb2.SlideMatch(
+                    tenant=tenant,
                     slide_id=slide_id,
                     score=score,
                     matched_mosaic_tiles=found,
@@ -336,7 +356,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer, Servicer):
         max_side, fmt = requests.read_region(request)
         r = request.region
         timeout = self._b.timeout(context)
-        slide = self._b.index.GetSlide(index_pb2.GetSlideRequest(slide_id=r.slide_id), timeout=timeout).slide
+        slide = tenants.get_slide(self._b.index, r.slide_id, r.tenant, timeout)
         base = (
             slide.slide_mpp
             or self._b.tiler.GetSlideInfo(tiler_pb2.GetSlideInfoRequest(slide=slide.source), timeout=timeout).info.mpp_x
@@ -372,6 +392,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer, Servicer):
         saved = self._b.index.PutConcept(
             index_pb2.PutConceptRequest(
                 concept=index_pb2.Concept(
+                    tenant=tenants.own(),
                     name=request.name,
                     model_id=model_id,
                     vector=to_tensor(direction),
@@ -386,14 +407,17 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer, Servicer):
 
     def ListConcepts(self, request, context):
         resp = self._b.index.ListConcepts(
-            index_pb2.ListConceptsRequest(model_id=self._q.current_model(context)), timeout=self._b.timeout(context)
+            index_pb2.ListConceptsRequest(model_id=self._q.current_model(context), tenant=tenants.own()),
+            timeout=self._b.timeout(context),
         )
         return gateway_pb2.ListConceptsResponse(concepts=[_concept(c) for c in resp.concepts])
 
     def DeleteConcept(self, request, context):
         requests.concept_name(request)
         self._b.index.DeleteConcept(
-            index_pb2.DeleteConceptRequest(name=request.name, model_id=self._q.current_model(context)),
+            index_pb2.DeleteConceptRequest(
+                name=request.name, model_id=self._q.current_model(context), tenant=tenants.own()
+            ),
             timeout=self._b.timeout(context),
         )
         return gateway_pb2.DeleteConceptResponse()
@@ -401,25 +425,31 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer, Servicer):
     # -- catalogue -----------------------------------------------------------
     def ListSlides(self, request, context):
         requests.list_slides(request)
+        me = tenants.own()
         resp = self._b.index.ListSlides(
-            index_pb2.ListSlidesRequest(page_size=request.page_size, page_token=request.page_token),
+            index_pb2.ListSlidesRequest(
+                page_size=request.page_size,
+                page_token=paging.unseal(self._page_key, request.page_token, me),
+                tenants=tenants.readable(),
+            ),
             timeout=self._b.timeout(context),
         )
-        return gateway_pb2.ListSlidesResponse(
-            next_page_token=resp.next_page_token, slides=[_slide(s) for s in resp.slides]
-        )
+        token = paging.seal(self._page_key, resp.next_page_token, me) if resp.next_page_token else ""
+        return gateway_pb2.ListSlidesResponse(next_page_token=token, slides=[_slide(s) for s in resp.slides])
 
     def DeleteSlide(self, request, context):
         requests.slide(request)
         resp = self._b.index.DeleteSlide(
-            index_pb2.DeleteSlideRequest(slide_id=request.slide_id), timeout=self._b.timeout(context)
+            # Own tenant only: no grant gives write access.
+            index_pb2.DeleteSlideRequest(slide_id=request.slide_id, tenant=tenants.own()),
+            timeout=self._b.timeout(context),
         )
         return gateway_pb2.DeleteSlideResponse(deleted_tiles=resp.deleted_tiles)
 
     def GetSlide(self, request, context):
         requests.slide(request)
         timeout = self._b.timeout(context)
-        s = self._b.index.GetSlide(index_pb2.GetSlideRequest(slide_id=request.slide_id), timeout=timeout).slide
+        s = tenants.get_slide(self._b.index, request.slide_id, request.tenant, timeout)
         info = self._b.tiler.GetSlideInfo(tiler_pb2.GetSlideInfoRequest(slide=s.source), timeout=timeout).info
         return gateway_pb2.GetSlideResponse(
             slide=_slide(s), width=info.width, height=info.height, mpp=s.slide_mpp or info.mpp_x
@@ -428,9 +458,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer, Servicer):
     def GetIndexInfo(self, request, context):
         timeout = self._b.timeout(context)
         tiling, recorded = self._tilings.current(timeout)
-        info = self._b.index.GetIndexInfo(index_pb2.GetIndexInfoRequest(), timeout=timeout)
+        info = self._b.index.GetIndexInfo(index_pb2.GetIndexInfoRequest(tenants=tenants.readable()), timeout=timeout)
         out = gateway_pb2.GetIndexInfoResponse(
-            model_id=info.model_id, tile_count=info.tile_count, slide_count=info.slide_count, tiling_recorded=recorded
+            model_id=info.model_id,
+            tile_count=info.tile_count,
+            slide_count=info.slide_count,
+            tiling_recorded=recorded,
+            tenant=tenants.own(),
+            readable_tenants=tenants.readable(),
         )
         tiling.to_pb(out.tiling)
         return out

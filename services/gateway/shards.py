@@ -42,9 +42,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import grpc
 import prometheus_client as prom
 
+from smily.common import tenancy
 from smily.common.channels import RotatingStub
 from smily.common.errors import INDEX_DATABASE_UNREACHABLE, Unavailable
-from smily.common.placement import shard_of
+from smily.common.placement import shard_of, shard_of_slide
 from smily.index.v1 import index_pb2, index_pb2_grpc
 
 __all__ = ["ShardedIndex", "connect", "shard_of"]
@@ -226,22 +227,24 @@ def _database_down(exc: grpc.RpcError) -> bool:
 
 def _tile_key(hit) -> tuple:
     t = hit.tile
-    return hit.slide_id, t.x, t.y, t.width, t.height, t.mpp
+    return hit.tenant, hit.slide_id, t.x, t.y, t.width, t.height, t.mpp
 
 
 class ShardedIndex:
     """Same call shapes as an IndexServiceStub, so callers need not know about shards.
     `shards`: per shard, its replicas' stubs (a bare stub is a shard of one replica)."""
 
-    def __init__(self, shards: list, balanced: list[list[bool]] | None = None):
+    def __init__(self, shards: list, balanced: list[list[bool]] | None = None, default_tenant: str = tenancy.DEFAULT):
+        # A request naming no tenant means the index's default tenant (SMILY_DEFAULT_TENANT): placed as its.
+        self._default_tenant = default_tenant
         if not shards:
             raise ValueError("at least one index shard is required")
         groups = [list(s) if isinstance(s, (list, tuple)) else [s] for s in shards]
         self.shards = [Shard(n, g, balanced[n] if balanced else None) for n, g in enumerate(groups)]
         self._pool = ThreadPoolExecutor(max_workers=4 * len(self.shards), thread_name_prefix="shards")
 
-    def _for(self, slide_id: str) -> Shard:
-        return self.shards[shard_of(slide_id, len(self.shards))]
+    def _for(self, tenant: str, slide_id: str) -> Shard:
+        return self.shards[shard_of_slide(tenant or self._default_tenant, slide_id, len(self.shards))]
 
     def _all(self, method: str, request, timeout, shards=None, partial=False):
         """(replies, missing shard numbers) of one call per shard, in parallel."""
@@ -266,17 +269,17 @@ class ShardedIndex:
         return replies, missing
 
     def AddTiles(self, request, timeout=None):
-        return self._for(request.slide_id).call("AddTiles", request, timeout)
+        return self._for(request.tenant, request.slide_id).call("AddTiles", request, timeout)
 
     def CommitSlide(self, request, timeout=None):
-        shard = self._for(request.slide.slide_id)
+        shard = self._for(request.slide.tenant, request.slide.slide_id)
         reply = shard.call("CommitSlide", request, timeout)
         if len(shard.stubs) > 1:
             shard.wait_served(reply.journal_seq, timeout)
         return reply
 
     def GetSlide(self, request, timeout=None):
-        placed = self._for(request.slide_id)
+        placed = self._for(request.tenant, request.slide_id)
         try:
             return placed.call("GetSlide", request, timeout)
         except grpc.RpcError as exc:
@@ -294,12 +297,13 @@ class ShardedIndex:
             raise
 
     def DeleteSlide(self, request, timeout=None):
-        return self._for(request.slide_id).call("DeleteSlide", request, timeout)
+        return self._for(request.tenant, request.slide_id).call("DeleteSlide", request, timeout)
 
     def Search(self, request, timeout=None):
         shards = None
         if request.slide_ids:  # only the shards holding the named slides
-            shards = list({s.number: s for s in map(self._for, request.slide_ids)}.values())
+            placed = [self._for(t, i) for i in request.slide_ids for t in request.tenants or [""]]
+            shards = list({s.number: s for s in placed}.values())
         replies, missing = self._all("Search", request, timeout, shards, request.allow_partial)
         hits: list = []
         seen: set = set()
@@ -316,30 +320,33 @@ class ShardedIndex:
         replies, _ = self._all("ListSlides", request, timeout)
         # A slide that a reshard is moving (or left behind, interrupted) is on two shards:
         # listed once, as the shard its placement names holds it. Each shard pages after the
-        # same slide id, so a page's slides do not depend on which shard holds them.
+        # same index key, so a page's slides do not depend on which shard holds them.
         chosen: dict = {}
         for shard, reply in zip(self.shards, replies):
             for s in reply.slides:
-                if s.slide_id not in chosen or self._for(s.slide_id) is shard:
-                    chosen[s.slide_id] = s
-        slides = sorted(chosen.values(), key=lambda s: s.slide_id)
+                key = tenancy.key(s.tenant, s.slide_id)
+                if key not in chosen or self._for(s.tenant, s.slide_id) is shard:
+                    chosen[key] = s
+        # In index key order, as each shard pages (tenancy.key).
+        slides = [chosen[key] for key in sorted(chosen)]
         more = len(slides) > size or any(r.next_page_token for r in replies)
         slides = slides[:size]
-        token = base64.urlsafe_b64encode(slides[-1].slide_id.encode()).decode() if more and slides else ""
+        last = tenancy.key(slides[-1].tenant, slides[-1].slide_id) if slides else ""
+        token = base64.urlsafe_b64encode(last.encode()).decode() if more and slides else ""
         return index_pb2.ListSlidesResponse(slides=slides, next_page_token=token)
 
     # Concepts are small and keyed by name: each lives on the shard its name hashes to.
-    def _for_concept(self, name: str) -> Shard:
-        return self._for("concept:" + name)
+    def _for_concept(self, tenant: str, name: str) -> Shard:
+        return self._for(tenant, "concept:" + name)
 
     def PutConcept(self, request, timeout=None):
-        return self._for_concept(request.concept.name).call("PutConcept", request, timeout)
+        return self._for_concept(request.concept.tenant, request.concept.name).call("PutConcept", request, timeout)
 
     def GetConcept(self, request, timeout=None):
-        return self._for_concept(request.name).call("GetConcept", request, timeout)
+        return self._for_concept(request.tenant, request.name).call("GetConcept", request, timeout)
 
     def DeleteConcept(self, request, timeout=None):
-        return self._for_concept(request.name).call("DeleteConcept", request, timeout)
+        return self._for_concept(request.tenant, request.name).call("DeleteConcept", request, timeout)
 
     def ListConcepts(self, request, timeout=None):
         replies, _ = self._all("ListConcepts", request, timeout)
@@ -368,14 +375,16 @@ class ShardedIndex:
         self._pool.shutdown(wait=False)
 
 
-def connect(targets, credentials=None) -> tuple[ShardedIndex, list[list[RotatingStub]]]:
+def connect(
+    targets, credentials=None, default_tenant: str = tenancy.DEFAULT
+) -> tuple[ShardedIndex, list[list[RotatingStub]]]:
     """A ShardedIndex over SMILY_INDEX_TARGETS-style targets ("a1|a2" per shard)
     and its replicas' stubs, one list per shard. credentials: tls.ClientCredentials
     (each replica's channel is dialled again when they are renewed), None for plaintext."""
     names = [[t.strip() for t in target.split(REPLICA_SEPARATOR) if t.strip()] for target in targets]
     stubs = [[RotatingStub(t, credentials, index_pb2_grpc.IndexServiceStub) for t in replicas] for replicas in names]
     balanced = [[t.startswith(BALANCED_SCHEMES) for t in replicas] for replicas in names]
-    return ShardedIndex(stubs, balanced), stubs
+    return ShardedIndex(stubs, balanced, default_tenant), stubs
 
 
 class _Done:

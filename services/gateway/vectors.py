@@ -83,22 +83,23 @@ def _sq_dist(x: np.ndarray, c: np.ndarray) -> np.ndarray:
     return (x * x).sum(1)[:, None] - 2 * x @ c.T + (c * c).sum(1)[None]
 
 
-def rank_slides(per_tile_hits: list[list]) -> list[tuple[str, float, int, list]]:
+def rank_slides(per_tile_hits: list[list]) -> list[tuple[tuple[str, str], float, int, list]]:
     """Yottixel's rule on the hits of each mosaic tile (objects with
     slide_id and score, best first): a slide's score is the median over
     mosaic tiles of its best score. A tile whose top list misses the slide
     counts its last (lowest) score: the slide's true best there is at most
-    that. Returns (slide_id, score, tiles that found it, its hits best first),
+    that. Returns ((tenant, slide_id), score, tiles that found it, its hits best first),
     best slide first."""
-    best: dict[str, dict[int, float]] = defaultdict(dict)
-    hits_of: dict[str, list] = defaultdict(list)
+    best: dict[tuple[str, str], dict[int, float]] = defaultdict(dict)
+    hits_of: dict[tuple[str, str], list] = defaultdict(list)
     floors = []
     for i, hits in enumerate(per_tile_hits):
         floors.append(hits[-1].score if hits else -1.0)
         for h in hits:
-            if h.score > best[h.slide_id].get(i, -2.0):
-                best[h.slide_id][i] = h.score
-            hits_of[h.slide_id].append(h)
+            slide = (getattr(h, "tenant", ""), h.slide_id)  # the same id in two tenants: two slides
+            if h.score > best[slide].get(i, -2.0):
+                best[slide][i] = h.score
+            hits_of[slide].append(h)
     ranked = []
     for slide_id, scores in best.items():
         per_tile = [scores.get(i, floors[i]) for i in range(len(per_tile_hits))]

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from smily.common import tenancy
 from smily.common.errors import InvalidArgument, NotFound
 
 from .journal import Sql
@@ -47,8 +48,9 @@ def check_name(name: str) -> None:
 
 
 def normalised(c: Concept) -> Concept:
-    """The concept checked, its vector made unit length and its time set; InvalidArgument if unfit."""
-    check_name(c.name)
+    """The concept checked, its vector made unit length and its time set; InvalidArgument if unfit.
+    Its name is the per-tenant key, tenancy.key(tenant, name)."""
+    check_name(tenancy.split(c.name)[1])
     if not c.model_id:
         raise InvalidArgument("model_id is required")
     v = np.asarray(c.vector, np.float32).reshape(-1)
@@ -96,22 +98,33 @@ class ConceptTable(Sql):
                 (name, model_id),
             ).fetchone()
         if not row:
-            raise NotFound(f"no concept {name!r} for model {model_id}")
+            raise NotFound(f"no concept {tenancy.split(name)[1]!r} for model {model_id}")
         return Concept(row[0], row[1], np.frombuffer(bytes(row[2]), np.float32), *row[3:])
 
-    def list(self, model_id: str) -> list[Concept]:
+    def adopt_untenanted(self, default_tenant: str) -> None:
+        """Concepts named before tenancy become the default tenant's (names hold no "/" otherwise)."""
+        with self._session():
+            self._x(
+                "UPDATE {s}concepts SET name = ? || name WHERE name NOT LIKE ?",
+                (default_tenant + tenancy.SEP, f"%{tenancy.SEP}%"),
+            )
+
+    def list(self, model_id: str, tenant: str) -> list[Concept]:
+        """The tenant's concepts (names are keys: tenancy.key(tenant, name))."""
+        lo, hi = tenancy.key_range(tenant)
         with self._session():
             rows = self._x(
                 "SELECT name, model_id, with_examples, without_examples, train_accuracy, created_at "
-                "FROM {s}concepts WHERE model_id = ? ORDER BY name{text_order}",
-                (model_id,),
+                "FROM {s}concepts WHERE model_id = ? AND name{text_order} >= ? AND name{text_order} < ? "
+                "ORDER BY name{text_order}",
+                (model_id, lo, hi),
             ).fetchall()
         return [Concept(r[0], r[1], None, *r[2:]) for r in rows]
 
     def delete(self, name: str, model_id: str) -> None:
         with self._session():
             if not self._x("DELETE FROM {s}concepts WHERE name = ? AND model_id = ?", (name, model_id)).rowcount:
-                raise NotFound(f"no concept {name!r} for model {model_id}")
+                raise NotFound(f"no concept {tenancy.split(name)[1]!r} for model {model_id}")
 
 
 class ConceptStore(OnFile, ConceptTable):

@@ -25,6 +25,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from smily.common import tenancy
 from smily.common import tiling as tilings
 from smily.common.errors import FailedPrecondition, InvalidArgument
 from smily.common.limits import MAX_K
@@ -62,6 +63,8 @@ class IndexConfig:
     # exact float32 on real embeddings at nprobe 32, sq8 0.986 (bench/rerank.py, docs/benchmarks.md).
     rerank_form: str = reranking.DEFAULT_FORM
     snapshot_interval_s: float = 300.0
+    # Owner of the slides of an index written before tenancy (adopted once, on open).
+    default_tenant: str = tenancy.DEFAULT
 
 
 @dataclass
@@ -104,12 +107,14 @@ class TileIndex:
         self._dir = directory
         self.config = config or IndexConfig()
         self.storage = storage if storage is not None else SqliteStorage(directory)
+        self.storage.adopt_untenanted(self.config.default_tenant)
         self._rw = RWLock()
         self.model_id, self.dim = self.storage.binding()
         self.tiling = Tiling.from_json(self.storage.tiling())
         self._seq = self.storage.seq()
-        # Ids of the tiles at one resolution of a multi-resolution index, per (seq, range): searched often.
-        self._at_mpp: tuple[tuple, np.ndarray] | None = None
+        # Ids of the tiles of some tenants and/or at one resolution, per (seq, tenants, range): searched often.
+        self._scoped: dict[tuple, np.ndarray] = {}
+        self._scoped_seq = -1
         self._faiss: Any = None  # a faiss.Index once loaded
         # The re-rank vectors refining an IVF index (rerank.py); None for an exact index.
         self._refine: Any = None
@@ -471,7 +476,7 @@ class TileIndex:
         """Top-k tiles (shard.Query says which); restrictions apply inside FAISS, so k hits come
         back whenever k tiles match."""
         k, nprobe, mpp = q.k, q.nprobe, q.mpp
-        slide_ids, exclude_slide_ids = list(q.slide_ids), list(q.exclude_slide_ids)
+        slide_ids, exclude_slide_ids, tenants = list(q.slide_ids), list(q.exclude_slide_ids), tuple(q.tenants)
         filters, exclude_filters = dict(q.filters), dict(q.exclude_filters)
         if not 0 < k <= MAX_K:
             raise InvalidArgument(f"k must be in 1..{MAX_K}, got {k}")
@@ -495,11 +500,13 @@ class TileIndex:
                 mpp_range = tilings.mpp_range(self.tiling, mpp)
             exact = ann.is_exact(self._faiss)
             selector, available = None, self._faiss.ntotal
-            if slide_ids or filters or mpp_range:
-                if mpp_range is not None and not (slide_ids or filters or exclude_slide_ids or exclude_filters):
-                    allowed = self._ids_at(mpp_range)
+            if slide_ids or filters or mpp_range or tenants:
+                if not (slide_ids or filters or exclude_slide_ids or exclude_filters):
+                    allowed = self._ids_in(tenants, mpp_range)
                 else:
-                    allowed = self.storage.select(slide_ids, filters, exclude_slide_ids, exclude_filters, mpp_range)
+                    allowed = self.storage.select(
+                        slide_ids, filters, exclude_slide_ids, exclude_filters, mpp_range, tenants
+                    )
                 if not len(allowed):
                     return []
                 if not exact and len(allowed) <= EXACT_FILTER_MAX:
@@ -525,15 +532,16 @@ class TileIndex:
                     nprobe *= 2
             return self._hits(found, k, query, rescore)
 
-    def _ids_at(self, mpp_range: tuple[float, float]) -> np.ndarray:
-        """Ids of every published tile in the resolution range, kept until the next commit.
-        Caller holds the read lock (so the sequence cannot move meanwhile)."""
-        key = (self._seq, mpp_range)
-        cached = self._at_mpp
-        if cached is None or cached[0] != key:
-            cached = (key, self.storage.select((), {}, (), {}, mpp_range))
-            self._at_mpp = cached
-        return cached[1]
+    def _ids_in(self, tenants: tuple[str, ...], mpp_range: tuple[float, float] | None) -> np.ndarray:
+        """Ids of every published tile of the tenants (all: none named) in the resolution range (any:
+        None), kept until the next commit. Caller holds the read lock (the sequence cannot move meanwhile)."""
+        key = (tuple(sorted(set(tenants))), mpp_range)
+        if self._scoped_seq != self._seq or len(self._scoped) > 64:  # a commit, or many tenant sets
+            self._scoped, self._scoped_seq = {}, self._seq
+        ids = self._scoped.get(key)
+        if ids is None:
+            ids = self._scoped[key] = self.storage.select((), {}, (), {}, mpp_range, tenants)
+        return ids
 
     def _scores(self, ids: np.ndarray, query: np.ndarray) -> list[tuple[int, float]]:
         """(id, score) of these tiles: from the re-rank vectors in RAM, else (re-rank from
@@ -565,7 +573,7 @@ class TileIndex:
     def get_slide(self, slide_id: str) -> Slide:
         return self.storage.get_slide(slide_id)
 
-    def list_slides(self, page_size: int, page_token: str) -> tuple[list[Slide], str]:
+    def list_slides(self, page_size: int, page_token: str, tenants=()) -> tuple[list[Slide], str]:
         if page_size < 0:
             raise InvalidArgument("page_size must not be negative")
         page_size = min(page_size or 100, 1000)
@@ -573,12 +581,14 @@ class TileIndex:
             after = base64.b64decode(page_token, altchars=b"-_", validate=True).decode() if page_token else ""
         except Exception:
             raise InvalidArgument("page_token is not one this service issued") from None
-        rows = self.storage.list_slides(after, page_size + 1)
+        rows = self.storage.list_slides(after, page_size + 1, tenants)
         slides = rows[:page_size]
         token = base64.urlsafe_b64encode(slides[-1].slide_id.encode()).decode() if len(rows) > page_size else ""
         return slides, token
 
-    def counts(self) -> tuple[int, int]:
+    def counts(self, tenants=()) -> tuple[int, int]:
+        if tenants:
+            return self.storage.tenant_counts(tenants)
         slides = self.storage.slide_count()
         with self._rw.read():
             tiles = self._faiss.ntotal if self._faiss is not None else 0

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from smily.common import tenancy
 from smily.common.errors import Aborted, NotFound
 
 from .storage import Commit, Slide, Tile, staged_rows, vectors_from
@@ -43,6 +44,11 @@ class Dialect:
 
     def sql(self, text: str) -> str:
         return text.format(s=self.prefix, json=self.json_param, text_order=self.text_order).replace("?", self.param)
+
+
+def _missing(slide_key: str) -> NotFound:
+    # Names the slide id alone: the tenant is the caller's own, and keys are the index's business.
+    return NotFound(f"slide {tenancy.split(slide_key)[1]!r} is not in the index")
 
 
 def _ids(rows) -> np.ndarray:
@@ -137,6 +143,24 @@ class Journal(Sql):
             self._x("INSERT INTO {s}meta VALUES ('tiling', ?) ON CONFLICT (key) DO NOTHING", (record,))
             return self._x("SELECT value FROM {s}meta WHERE key = 'tiling'").fetchone()[0]
 
+    def adopt_untenanted(self, default_tenant: str, tables: tuple[str, ...] = ("slides", "tiles")) -> int:
+        """Once per store: the slides of an index written before tenancy become `default_tenant`'s
+        (their keys gain its prefix). Returns how many slides moved."""
+        tenancy.tenant(default_tenant, "SMILY_DEFAULT_TENANT")
+        with self._writing():
+            self._lock_seq()
+            if self._x("SELECT 1 FROM {s}meta WHERE key = 'tenancy'").fetchone():
+                return 0
+            moved = 0
+            for table in tables:
+                n = self._x(
+                    f"UPDATE {{s}}{table} SET slide_id = ? || slide_id WHERE slide_id NOT LIKE ?",
+                    (default_tenant + tenancy.SEP, f"%{tenancy.SEP}%"),
+                ).rowcount
+                moved = n if table == "slides" else moved
+            self._x("INSERT INTO {s}meta VALUES ('tenancy', ?)", (default_tenant,))
+            return moved
+
     # -- writes ---------------------------------------------------------------
     def drop_stale_staged(self, older_than: float) -> int:
         with self._session():
@@ -217,7 +241,7 @@ class Journal(Sql):
         with self._writing():
             self._lock_seq()
             if not self._x("DELETE FROM {s}slides WHERE slide_id = ?", (slide_id,)).rowcount:
-                raise NotFound(f"slide {slide_id!r} is not in the index")
+                raise _missing(slide_id)
             seq = self._next_seq(slide_id)
             ids = self._drop_tiles("slide_id = ?", (slide_id,))
             self._journal_removal(seq, ids)
@@ -269,6 +293,15 @@ class Journal(Sql):
                 self._x(f"SELECT id, vector FROM {{s}}tiles WHERE {cond} ORDER BY id", args).fetchall()
             )
 
+    @staticmethod
+    def _tenant_condition(column: str, tenants) -> tuple[list[str], list]:
+        """One condition: the key in `column` is in one of the tenants' key ranges (none: any tenant)."""
+        if not tenants:
+            return [], []
+        ranges = [tenancy.key_range(t) for t in sorted(set(tenants))]
+        cond = " OR ".join(f"({column}{{text_order}} >= ? AND {column}{{text_order}} < ?)" for _ in ranges)
+        return [f"({cond})"], [bound for r in ranges for bound in r]
+
     def _slide_conditions(self, slide_ids, pairs: dict) -> tuple[list[str], list]:
         """One SQL condition per slide id list and per metadata key=value, with their args."""
         conds: list[str] = []
@@ -292,9 +325,17 @@ class Journal(Sql):
             )
 
     def select(
-        self, slide_ids, filters: dict, exclude, exclude_filters: dict, mpp_range: tuple[float, float] | None = None
+        self,
+        slide_ids,
+        filters: dict,
+        exclude,
+        exclude_filters: dict,
+        mpp_range: tuple[float, float] | None = None,
+        tenants=(),
     ) -> np.ndarray:
         conds, args = self._slide_conditions(slide_ids, filters)
+        tenant_conds, tenant_args = self._tenant_condition("t.slide_id", tenants)
+        conds, args = conds + tenant_conds, args + tenant_args
         if mpp_range is not None:
             conds.append("t.mpp >= ? AND t.mpp < ?")
             args += list(mpp_range)
@@ -323,18 +364,29 @@ class Journal(Sql):
         with self._session():
             row = self._x(f"SELECT {SLIDE_COLUMNS} FROM {{s}}slides WHERE slide_id = ?", (slide_id,)).fetchone()
         if not row:
-            raise NotFound(f"slide {slide_id!r} is not in the index")
+            raise _missing(slide_id)
         return self._slide(row)
 
-    def list_slides(self, after: str, limit: int) -> list[Slide]:
+    def list_slides(self, after: str, limit: int, tenants=()) -> list[Slide]:
+        conds, args = self._tenant_condition("slide_id", tenants)
         with self._session():
             rows = self._x(
-                f"SELECT {SLIDE_COLUMNS} FROM {{s}}slides WHERE slide_id{{text_order}} > ? "
+                f"SELECT {SLIDE_COLUMNS} FROM {{s}}slides WHERE {' AND '.join(['slide_id{text_order} > ?', *conds])} "
                 "ORDER BY slide_id{text_order} LIMIT ?",
-                (after, limit),
+                (after, *args, limit),
             ).fetchall()
         return [self._slide(r) for r in rows]
 
     def slide_count(self) -> int:
         with self._session():
             return self._x("SELECT COUNT(*) FROM {s}slides").fetchone()[0]
+
+    def tenant_counts(self, tenants) -> tuple[int, int]:
+        slides, slide_args = self._tenant_condition("slide_id", tenants)
+        tiles, tile_args = self._tenant_condition("slide_id", tenants)
+        with self._session():
+            n_slides = self._x(f"SELECT COUNT(*) FROM {{s}}slides WHERE {slides[0]}", slide_args).fetchone()[0]
+            n_tiles = self._x(
+                f"SELECT COUNT(*) FROM {{s}}tiles WHERE committed > 0 AND {tiles[0]}", tile_args
+            ).fetchone()[0]
+        return n_tiles, n_slides

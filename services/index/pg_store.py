@@ -157,6 +157,10 @@ class PgStorage(_OnSchema, Journal):
                 if statement.strip():
                     self.conn.execute(statement)
 
+    def adopt_untenanted(self, default_tenant: str, tables: tuple[str, ...] = ("slides", "tiles", "commits")) -> int:
+        # The commit log names slides too: replicas follow it by key.
+        return super().adopt_untenanted(default_tenant, tables)
+
     # -- Journal's hooks ----------------------------------------------------
     def _lock_seq(self) -> None:
         # The seq row's lock: sequence order is commit order (see the module docstring).

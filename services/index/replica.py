@@ -42,6 +42,7 @@ class Replica:
 
     def __init__(self, directory: str, config: IndexConfig, url: str, shard: int, follow_interval_s: float = 0.2):
         self.store = PgStorage(url, shard)
+        self.store.adopt_untenanted(config.default_tenant)
         # The local copy the replica serves from: SQLite, mirrored from PostgreSQL.
         self._mirror = SqliteStorage(directory)
         self.local = TileIndex(directory, config, storage=self._mirror)
@@ -143,11 +144,11 @@ class Replica:
     def get_slide(self, slide_id: str) -> Slide:
         return self.local.get_slide(slide_id)
 
-    def list_slides(self, page_size: int, page_token: str) -> tuple[list[Slide], str]:
-        return self.local.list_slides(page_size, page_token)
+    def list_slides(self, page_size: int, page_token: str, tenants=()) -> tuple[list[Slide], str]:
+        return self.local.list_slides(page_size, page_token, tenants)
 
-    def counts(self) -> tuple[int, int]:
-        return self.local.counts()
+    def counts(self, tenants=()) -> tuple[int, int]:
+        return self.local.counts(tenants)
 
     def info(self) -> IndexInfo:
         return self.local.info()

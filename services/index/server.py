@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from smily.common import limits
+from smily.common import limits, tenancy
 from smily.common.config import Settings
 from smily.common.server import Registration, Servicer
 from smily.common.tensors import from_tensor, to_tensor
 from smily.common.tiling import Tiling
 from smily.index.v1 import index_pb2, index_pb2_grpc
 
-from .concepts import Concept, ConceptStore
+from .concepts import Concept, ConceptStore, check_name
 from .faiss_index import IndexConfig, TileIndex
 from .pg_store import PgConcepts
 from .replica import Replica
@@ -18,8 +18,10 @@ from .storage import Slide, Tile
 
 
 def _slide_pb(s: Slide, model_id: str) -> index_pb2.Slide:
+    tenant, slide_id = tenancy.split(s.slide_id)
     return index_pb2.Slide(
-        slide_id=s.slide_id,
+        tenant=tenant,
+        slide_id=slide_id,
         source=s.source,
         metadata=s.metadata,
         tile_count=s.tile_count,
@@ -38,7 +40,9 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer, Servicer):
             rerank=settings.index.index_rerank,
             rerank_form=settings.index.index_rerank_form,
             snapshot_interval_s=settings.index.index_snapshot_interval_s,
+            default_tenant=settings.auth.default_tenant,
         )
+        self.default_tenant = tenancy.tenant(settings.auth.default_tenant, "SMILY_DEFAULT_TENANT")
         # One face whichever holds the record: mypy checks that both are a ShardIndex.
         self.store: ShardIndex
         self.concepts: PgConcepts | ConceptStore
@@ -50,15 +54,24 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer, Servicer):
         else:
             self.store = TileIndex(settings.index.index_dir, config)
             self.concepts = ConceptStore(settings.index.index_dir)
+        self.concepts.adopt_untenanted(self.default_tenant)
+
+    def _key(self, tenant: str, slide_id: str) -> str:
+        """The index key of a slide named in a request (tenant empty: the default tenant)."""
+        return tenancy.key(tenancy.tenant(tenant) if tenant else self.default_tenant, limits.slide_id(slide_id))
+
+    def _tenants(self, tenants) -> list[str]:
+        """The tenants a search or listing covers; none named: the default tenant (as before tenancy)."""
+        return [tenancy.tenant(t, "tenants") for t in tenants] or [self.default_tenant]
 
     def AddTiles(self, request, context):
-        limits.slide_id(request.slide_id)
+        key = self._key(request.tenant, request.slide_id)
         tiles = [Tile(t.x, t.y, t.width, t.height, t.mpp, t.tissue_fraction) for t in request.tiles]
         tiling = Tiling.from_pb(request.tiling)
         n = self.store.stage(
             TileBatch(
                 request.model_id,
-                request.slide_id,
+                key,
                 request.generation,
                 from_tensor(request.embeddings),
                 tiles,
@@ -69,12 +82,12 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer, Servicer):
 
     def CommitSlide(self, request, context):
         s = request.slide
-        limits.slide_id(s.slide_id)  # the gateway checks these too: defence in depth
+        key = self._key(s.tenant, s.slide_id)  # the gateway checks these too: defence in depth
         limits.metadata(s.metadata)
         slide, replaced = self.store.commit_slide(
             request.model_id,
             request.generation,
-            Slide(s.slide_id, s.source, dict(s.metadata), slide_mpp=s.slide_mpp),
+            Slide(key, s.source, dict(s.metadata), slide_mpp=s.slide_mpp),
             request.expected_tiles,
         )
         return index_pb2.CommitSlideResponse(
@@ -86,25 +99,28 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer, Servicer):
         limits.filters(request.exclude_filters, "exclude_filters")
         limits.slide_ids(request.slide_ids, "slide_ids")
         limits.slide_ids(request.exclude_slide_ids, "exclude_slide_ids")
+        tenants = self._tenants(request.tenants)
         hits = self.store.search(
             Query(
                 request.model_id,
                 from_tensor(request.query),
                 request.k,
-                list(request.exclude_slide_ids),
-                list(request.slide_ids),
+                [tenancy.key(t, i) for i in request.exclude_slide_ids for t in tenants],
+                [tenancy.key(t, i) for i in request.slide_ids for t in tenants],
                 dict(request.filters),
                 request.nprobe,
                 dict(request.exclude_filters),
                 Tiling.from_pb(request.tiling),
                 request.mpp,
+                tenants,
             )
         )
         return index_pb2.SearchResponse(
             model_id=self.store.model_id,
             hits=[
                 index_pb2.Hit(
-                    slide_id=h.slide_id,
+                    tenant=tenancy.split(h.slide_id)[0],
+                    slide_id=tenancy.split(h.slide_id)[1],
                     score=h.score,
                     metadata=h.metadata,
                     tile=index_pb2.TileRect(
@@ -121,21 +137,21 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer, Servicer):
         )
 
     def GetSlide(self, request, context):
-        limits.slide_id(request.slide_id)
-        return index_pb2.GetSlideResponse(slide=_slide_pb(self.store.get_slide(request.slide_id), self.store.model_id))
+        key = self._key(request.tenant, request.slide_id)
+        return index_pb2.GetSlideResponse(slide=_slide_pb(self.store.get_slide(key), self.store.model_id))
 
     def ListSlides(self, request, context):
-        slides, token = self.store.list_slides(request.page_size, request.page_token)
+        slides, token = self.store.list_slides(request.page_size, request.page_token, self._tenants(request.tenants))
         return index_pb2.ListSlidesResponse(
             slides=[_slide_pb(s, self.store.model_id) for s in slides], next_page_token=token
         )
 
     def DeleteSlide(self, request, context):
-        limits.slide_id(request.slide_id)
-        return index_pb2.DeleteSlideResponse(deleted_tiles=self.store.delete_slide(request.slide_id))
+        key = self._key(request.tenant, request.slide_id)
+        return index_pb2.DeleteSlideResponse(deleted_tiles=self.store.delete_slide(key))
 
     def GetIndexInfo(self, request, context):
-        tiles, slides = self.store.counts()
+        tiles, slides = self.store.counts([tenancy.tenant(t, "tenants") for t in request.tenants])
         info = self.store.info()
         out = index_pb2.GetIndexInfoResponse(
             model_id=self.store.model_id,
@@ -156,21 +172,31 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer, Servicer):
         return out
 
     # -- concepts (their own table; see concepts.py) -------------------------
+    # Concepts are per tenant: stored under tenancy.key(tenant, name).
+    def _concept_key(self, tenant: str, name: str) -> str:
+        check_name(name)
+        return tenancy.key(self._tenants([tenant] if tenant else [])[0], name)
+
     def PutConcept(self, request, context):
         c = request.concept
+        key = self._concept_key(c.tenant, c.name)
         saved = self.concepts.put(
-            Concept(c.name, c.model_id, from_tensor(c.vector), c.with_examples, c.without_examples, c.train_accuracy)
+            Concept(key, c.model_id, from_tensor(c.vector), c.with_examples, c.without_examples, c.train_accuracy)
         )
         return index_pb2.PutConceptResponse(concept=_concept_pb(saved))
 
     def GetConcept(self, request, context):
-        return index_pb2.GetConceptResponse(concept=_concept_pb(self.concepts.get(request.name, request.model_id)))
+        key = self._concept_key(request.tenant, request.name)
+        return index_pb2.GetConceptResponse(concept=_concept_pb(self.concepts.get(key, request.model_id)))
 
     def ListConcepts(self, request, context):
-        return index_pb2.ListConceptsResponse(concepts=[_concept_pb(c) for c in self.concepts.list(request.model_id)])
+        tenant = self._tenants([request.tenant] if request.tenant else [])[0]
+        return index_pb2.ListConceptsResponse(
+            concepts=[_concept_pb(c) for c in self.concepts.list(request.model_id, tenant)]
+        )
 
     def DeleteConcept(self, request, context):
-        self.concepts.delete(request.name, request.model_id)
+        self.concepts.delete(self._concept_key(request.tenant, request.name), request.model_id)
         return index_pb2.DeleteConceptResponse()
 
     def close(self) -> None:
@@ -179,8 +205,10 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer, Servicer):
 
 
 def _concept_pb(c: Concept) -> index_pb2.Concept:
+    tenant, name = tenancy.split(c.name)
     return index_pb2.Concept(
-        name=c.name,
+        tenant=tenant,
+        name=name,
         model_id=c.model_id,
         vector=None if c.vector is None else to_tensor(c.vector),  # listed without
         with_examples=c.with_examples,

@@ -4,7 +4,8 @@ A ShardIndex is what the servicer calls: faiss_index.TileIndex (one
 machine: the search over its own SQLite record) and replica.Replica (a
 serving replica: writes to PostgreSQL, searches its local copy) both are
 one. Stages and searches travel as values (TileBatch, Query), so the two
-and this Protocol name their fields once.
+and this Protocol name their fields once. Slides are named by their key,
+smily.common.tenancy.key(tenant, slide id); the servicer makes and splits keys.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ class Query:
     exclude_filters: Mapping[str, str] = field(default_factory=dict)
     tiling: Tiling | None = None
     mpp: float = 0.0
+    # Only slides of these tenants (empty: every tenant); slide ids here are index keys (tenancy.key).
+    tenants: Sequence[str] = ()
 
 
 @dataclass
@@ -102,11 +105,12 @@ class ShardIndex(Protocol):
 
     def get_slide(self, slide_id: str) -> Slide: ...
 
-    def list_slides(self, page_size: int, page_token: str) -> tuple[list[Slide], str]:
-        """A page of slides in id order and the next page's token ("" after the last)."""
+    def list_slides(self, page_size: int, page_token: str, tenants: Sequence[str] = ()) -> tuple[list[Slide], str]:
+        """A page of slides (of these tenants; none named: all) in key order and the next page's token
+        ("" after the last)."""
 
-    def counts(self) -> tuple[int, int]:
-        """(tiles searched, slides)."""
+    def counts(self, tenants: Sequence[str] = ()) -> tuple[int, int]:
+        """(tiles searched, slides), of these tenants when any are named."""
 
     def info(self) -> IndexInfo: ...
 

@@ -1,6 +1,7 @@
 """The index's system of record, behind one small interface.
 
-A Storage holds, durably, what a shard serves: the model binding, slides,
+A Storage holds, durably, what a shard serves (slides keyed by
+smily.common.tenancy.key, "tenant/slide id"): the model binding, slides,
 tiles staged per ingest generation and published by a commit, and the
 commit sequence. Every commit or delete takes the next sequence number;
 published tiles carry it, and tile ids removed from the search are logged
@@ -148,10 +149,16 @@ class Storage(Protocol):
         """(ids, vectors) of these published tiles, in id order (SQL_CHUNK ids at most)."""
 
     def select(
-        self, slide_ids, filters: dict, exclude, exclude_filters: dict, mpp_range: tuple[float, float] | None = None
+        self,
+        slide_ids,
+        filters: dict,
+        exclude,
+        exclude_filters: dict,
+        mpp_range: tuple[float, float] | None = None,
+        tenants=(),
     ) -> np.ndarray:
         """Ids of published tiles of the slides matching every filter (metadata key=value) and no exclusion,
-        with mpp in [lo, hi) when a range is given."""
+        with mpp in [lo, hi) when a range is given, of these tenants when any are named."""
 
     def excluded(self, exclude, exclude_filters: dict) -> np.ndarray:
         """Ids of published tiles of slides left out by id or by any metadata key=value."""
@@ -162,9 +169,15 @@ class Storage(Protocol):
     def get_slide(self, slide_id: str) -> Slide:
         """Raises NotFound when the slide is not there."""
 
-    def list_slides(self, after: str, limit: int) -> list[Slide]:
-        """Up to `limit` slides with id > after, in id order."""
+    def list_slides(self, after: str, limit: int, tenants=()) -> list[Slide]:
+        """Up to `limit` slides with key > after, in key order, of these tenants when any are named."""
+
+    def adopt_untenanted(self, default_tenant: str) -> int:
+        """Once per store: slides written before tenancy become the default tenant's."""
 
     def slide_count(self) -> int: ...
+
+    def tenant_counts(self, tenants) -> tuple[int, int]:
+        """(published tiles, slides) of these tenants (at least one)."""
 
     def close(self) -> None: ...

@@ -14,7 +14,7 @@ def slides(args) -> int:
         return 0
     for s in listed:
         meta = ", ".join(f"{k}={v}" for k, v in sorted(s.metadata.items()))
-        print(f"{s.slide_id:<24} {s.tile_count:>7} tiles  {s.model_id}  {meta}")
+        print(f"{s.tenant:<12} {s.slide_id:<24} {s.tile_count:>7} tiles  {s.model_id}  {meta}")
     print(f"{len(listed)} slides")
     return 0
 

@@ -134,6 +134,7 @@ def search_slides(args) -> int:
         return 0
     slides = [
         {
+            "tenant": s.tenant,
             "slide_id": s.slide_id,
             "score": round(float(s.score), 4),
             "matched_mosaic_tiles": s.matched_mosaic_tiles,
@@ -146,7 +147,10 @@ def search_slides(args) -> int:
     for i, s in enumerate(slides, 1):
         best = s["regions"][0] if s["regions"] else None
         where = f"best region {best['x']},{best['y']},{best['width']},{best['height']}" if best else ""
-        print(f"{i:>4}  {s['score']:>6.3f}  {s['slide_id']:<24} {s['matched_mosaic_tiles']:>3} tiles matched  {where}")
+        print(
+            f"{i:>4}  {s['score']:>6.3f}  {s['tenant']:<12} {s['slide_id']:<24} "
+            f"{s['matched_mosaic_tiles']:>3} tiles matched  {where}"
+        )
     print_missing(resp)
     return 0
 

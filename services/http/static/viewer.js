@@ -11,6 +11,7 @@ const state = {
   viewSession: "", // minted by the server with the open slide's info.json; its tiles are audited as one session
   slides: [],
   slide: null, // {slideId, metadata, width, height}
+  tenant: "", // the caller's (issue 24)
   query: null, // {region} or {image}
   queryLabel: "",
   positives: [], // Examples: {region}
@@ -90,6 +91,21 @@ async function setupLogin() {
 }
 
 // -- slides ------------------------------------------------------------------
+// Issue 24: the caller's tenant in the header; another (granted) tenant's slides are labelled.
+async function loadTenant() {
+  const info = await api("GET", "/v1/index");
+  state.tenant = info.tenant || "";
+  $("tenant").textContent = state.tenant ? "Tenant: " + state.tenant : "";
+}
+
+function tenantLabel(tenant) {
+  const label = document.createElement("span");
+  label.className = "tenant";
+  label.textContent = tenant;
+  label.title = "a slide of tenant " + tenant + ", granted to yours";
+  return label;
+}
+
 async function loadSlides() {
   const slides = [];
   let token = "";
@@ -145,6 +161,7 @@ function renderSlides() {
     thumb.dataset.src = `${iiif(s.slideId)}/full/!64,64/0/default.jpg`;
     slideThumbs.observe(thumb);
     b.append(thumb, s.slideId);
+    if (s.tenant && s.tenant !== state.tenant) b.prepend(tenantLabel(s.tenant));
     const meta = document.createElement("small");
     meta.textContent = Object.entries(s.metadata || {}).map(([k, v]) => `${k}=${v}`).join(", ");
     b.append(meta);
@@ -666,11 +683,12 @@ function renderHits(items) {
   gallery.replaceChildren();
   const groups = new Map();
   for (const item of items) {
-    const id = item.hit.slideId;
+    const id = (item.hit.tenant || "") + "/" + item.hit.slideId; // the same id in two tenants: two slides
     if (!groups.has(id)) groups.set(id, []);
     groups.get(id).push(item);
   }
-  for (const [slideId, group] of groups) {
+  for (const group of groups.values()) {
+    const slideId = group[0].hit.slideId;
     const section = document.createElement("section");
     section.className = "slide-group";
     const h = document.createElement("h3");
@@ -678,6 +696,8 @@ function renderHits(items) {
     const small = document.createElement("small");
     small.textContent = (group[0].slideScore !== undefined ? ` slide score ${group[0].slideScore.toFixed(3)} · ` : " ")
       + meta;
+    const tenant = group[0].hit.tenant;
+    if (tenant && tenant !== state.tenant) h.append(tenantLabel(tenant));
     h.append(slideId, small);
     const grid = document.createElement("div");
     grid.className = "hits";
@@ -988,6 +1008,7 @@ $("slide-filter").oninput = renderSlides;
   try {
     await setupLogin();
     if (userManager && !state.token) { say("Log in to see slides"); return; }
+    await loadTenant();
     await Promise.all([loadSlides(), loadConcepts()]);
     say(`${state.slides.length} slides`);
     await openLink();
