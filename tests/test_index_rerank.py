@@ -20,7 +20,7 @@ from smily.index.faiss_index import IndexConfig, TileIndex
 from smily.index.pg_store import PgStorage
 from smily.index.shard import Query
 
-from .pg import fresh_database, postgres  # noqa: F401 (fixture)
+from .helpers.pg import fresh_database, postgres  # noqa: F401 (fixture)
 from .test_index_ann import clustered, fill
 from .test_index_ann import ivf_config as _ivf_config
 from .test_index_store import MODEL, put, vecs
