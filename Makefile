@@ -53,8 +53,8 @@ test: system-deps proto model web check
 unit: proto
 	$(PY) -m pytest -q -m unit $(shell grep -l 'pytest.mark.unit' tests/test_*.py)
 
-# The deployment as rendered, in the cluster in a box (tests/cluster/, docs/deploy.md):
-# the resilience loop that `make test` leaves out. Needs root and `make images`.
+# The deployment as rendered, in the cluster in a box (tests/cluster/, docs/deploy.md): every
+# box test, which `make test` leaves out. Needs root and `make images`.
 test-cluster: system-deps proto
 	$(PY) -m pytest -q -m cluster_full tests/test_cluster.py
 
