@@ -280,6 +280,8 @@ def test_every_rpc_writes_one_record(secured, idp):
         "IngestCase": gateway_pb2.IngestCaseRequest(accession_number="NO-SUCH-CASE"),
         "GetSlide": gateway_pb2.GetSlideRequest(slide_id="missing"),
         "GetIndexInfo": gateway_pb2.GetIndexInfoRequest(),
+        "GetSlideHeatmap": gateway_pb2.GetSlideHeatmapRequest(slide_id="missing"),
+        "ExportSearch": gateway_pb2.ExportSearchRequest(search_id="0" * 32, format="geojson"),
     }
     assert set(calls) == {m.name for m in gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].methods}
     writes = {"IngestSlide", "IngestCase", "CancelOperation", "CreateConcept", "DeleteConcept", "DeleteSlide"}

@@ -20,9 +20,10 @@ import psycopg
 import pytest
 
 from smily import stack
+from smily.common import tenancy
 from smily.common.channels import channel
 from smily.common.errors import Unavailable
-from smily.common.placement import shard_of
+from smily.common.placement import shard_of, shard_of_slide
 from smily.common.tensors import to_tensor
 from smily.gateway.shards import ShardedIndex, connect
 from smily.index.faiss_index import IndexConfig
@@ -230,7 +231,7 @@ def test_a_shard_without_replicas_is_named_or_left_out(cluster):
             index_pb2.SearchRequest(model_id=MODEL, query=to_tensor(QUERIES[0]), k=50, allow_partial=True)
         )
         assert list(reply.missing_shards) == [1]
-        assert reply.hits and all(shard_of(h.slide_id, 2) == 0 for h in reply.hits)
+        assert reply.hits and all(shard_of_slide(h.tenant, h.slide_id, 2) == 0 for h in reply.hits)
     finally:
         c.restart(1, 0)
         c.restart(1, 1)
@@ -242,7 +243,7 @@ def test_reshard_two_to_three_moves_each_slide_once(postgres, tmp_path):  # noqa
     placed = {}
     for i in range(30):
         sid = f"r-{i:02d}"
-        store = stores[shard_of(sid, 2)]
+        store = stores[shard_of_slide(tenancy.DEFAULT, sid, 2)]
         store.bind(MODEL, DIM)
         store.stage(sid, "g", [Tile(j, 0, 1, 1, 1.0) for j in range(10)], vectors(i))
         store.commit_slide("g", Slide(sid, "x", {"n": str(i)}), 10)
@@ -253,13 +254,15 @@ def test_reshard_two_to_three_moves_each_slide_once(postgres, tmp_path):  # noqa
     held = {}
     with psycopg.connect(url) as conn:
         for s in range(3):
-            for sid, count in conn.execute(f"SELECT slide_id, tile_count FROM {schema(s)}.slides"):
-                assert sid not in held and shard_of(sid, 3) == s and count == 10
+            for key, count in conn.execute(f"SELECT slide_id, tile_count FROM {schema(s)}.slides"):
+                # The index keys a slide by (tenant, slide id); a slide staged without one is the default tenant's.
+                tenant, sid = tenancy.split(key)
+                assert tenant == tenancy.DEFAULT and sid not in held and shard_of(key, 3) == s and count == 10
                 held[sid] = s
                 vecs = [
                     bytes(r[0])
                     for r in conn.execute(
-                        f"SELECT vector FROM {schema(s)}.tiles WHERE slide_id = %s ORDER BY x", (sid,)
+                        f"SELECT vector FROM {schema(s)}.tiles WHERE slide_id = %s ORDER BY x", (key,)
                     )
                 ]
                 assert b"".join(vecs) == placed[sid].astype(np.float16).tobytes()  # stored as float16

@@ -142,5 +142,6 @@ def test_a_search_returns_the_exact_top_k_of_its_tenants_and_nothing_else(
     hits = index.search(Query(MODEL, query, k, filters={"stain": "red"} if filtered else {}, tenants=sorted(readable)))
     assert all(split(h.slide_id)[0] in readable for h in hits)
     best = sorted((float(v @ query) for v in expected), reverse=True)[:k]
-    assert [h.score for h in hits] == pytest.approx(best, abs=1e-5)
+    # Filtered searches score from the stored vectors, which are float16 (issue 27).
+    assert [h.score for h in hits] == pytest.approx(best, abs=2e-3)
     index.close()

@@ -117,7 +117,11 @@ _RULES: dict[str, tuple[dict, dict]] = {
             "y": _POSITION,
             "width": _SIZE,
             "height": _SIZE,
-            "polygon": {"maxItems": limits.MAX_POLYGON_VERTICES},
+            "polygon": {
+                "anyOf": [{"maxItems": 0}, {"minItems": 3, "maxItems": limits.MAX_POLYGON_VERTICES}],
+                "description": "vertices inside the bounding box x, y, width, height",
+            },
+            "tenant": {"type": "string", "pattern": "^$|^[A-Za-z0-9._-]{1,64}$"},
         },
         {"required": ["slideId", "width", "height"]},
     ),
