@@ -9,6 +9,7 @@ for Kubernetes load balancing, and a graceful stop on SIGTERM.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import signal
@@ -130,45 +131,38 @@ class _Interceptor(grpc.ServerInterceptor):
                 context.set_trailing_metadata((("retry-after-s", f"{exc.retry_after_s:g}"),))
             context.abort(code, message)
 
+        @contextlib.contextmanager
+        def admitted(context):
+            # One admission, metrics and status path for unary and streaming handlers.
+            start = time.perf_counter()
+            try:
+                caller = admission.enter(service, context)
+            except Busy as exc:
+                fail(exc, context, start)
+            IN_FLIGHT.labels(service).inc()
+            try:
+                yield
+                record(start, grpc.StatusCode.OK)
+            except Exception as exc:
+                fail(exc, context, start)
+            finally:
+                IN_FLIGHT.labels(service).dec()
+                admission.leave(caller)
+
         if handler.unary_unary:
             inner = handler.unary_unary
 
             def unary(request, context):
-                start = time.perf_counter()
-                try:
-                    caller = admission.enter(service, context)
-                except Busy as exc:
-                    fail(exc, context, start)
-                IN_FLIGHT.labels(service).inc()
-                try:
-                    response = inner(request, context)
-                    record(start, grpc.StatusCode.OK)
-                    return response
-                except Exception as exc:
-                    fail(exc, context, start)
-                finally:
-                    IN_FLIGHT.labels(service).dec()
-                    admission.leave(caller)
+                with admitted(context):
+                    return inner(request, context)
 
             return grpc.unary_unary_rpc_method_handler(unary, handler.request_deserializer, handler.response_serializer)
         if handler.unary_stream:
             inner_stream = handler.unary_stream
 
             def stream(request, context):
-                start = time.perf_counter()
-                try:
-                    caller = admission.enter(service, context)
-                except Busy as exc:
-                    fail(exc, context, start)
-                IN_FLIGHT.labels(service).inc()
-                try:
+                with admitted(context):
                     yield from inner_stream(request, context)
-                    record(start, grpc.StatusCode.OK)
-                except Exception as exc:
-                    fail(exc, context, start)
-                finally:
-                    IN_FLIGHT.labels(service).dec()
-                    admission.leave(caller)
 
             return grpc.unary_stream_rpc_method_handler(
                 stream, handler.request_deserializer, handler.response_serializer

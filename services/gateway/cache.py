@@ -40,13 +40,14 @@ def _unpack(data: bytes) -> np.ndarray:
     return np.frombuffer(data, np.float32)
 
 
-class LocalCache:
-    """LRU with TTL, for a single gateway replica (`make demo` without redis-server)."""
+class _VectorCache:
+    """Vectors stored as raw float32 bytes; a subclass stores the bytes."""
 
-    def __init__(self, ttl_s: int, capacity: int = 10000):
-        self._ttl, self._capacity = ttl_s, capacity
-        self._data: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
-        self._lock = threading.Lock()
+    def get_raw(self, key: str) -> bytes | None:
+        raise NotImplementedError
+
+    def put_raw(self, key: str, value: bytes) -> None:
+        raise NotImplementedError
 
     def get(self, key: str) -> np.ndarray | None:
         data = self.get_raw(key)
@@ -54,6 +55,15 @@ class LocalCache:
 
     def put(self, key: str, vector: np.ndarray) -> None:
         self.put_raw(key, _pack(vector))
+
+
+class LocalCache(_VectorCache):
+    """LRU with TTL, for a single gateway replica (`make demo` without redis-server)."""
+
+    def __init__(self, ttl_s: int, capacity: int = 10000):
+        self._ttl, self._capacity = ttl_s, capacity
+        self._data: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+        self._lock = threading.Lock()
 
     def get_raw(self, key: str) -> bytes | None:
         with self._lock:
@@ -146,20 +156,13 @@ def hmac_key(secret: str) -> bytes:
     return secret.encode()
 
 
-class RedisCache:
+class RedisCache(_VectorCache):
     """Values are tag(secret, key, value) followed by the value."""
 
     def __init__(self, redis: RedisGuard, ttl_s: int, secret: bytes):
         self._ttl = ttl_s
         self._redis = redis
         self._secret = secret
-
-    def get(self, key: str) -> np.ndarray | None:
-        data = self.get_raw(key)
-        return None if data is None else _unpack(data)
-
-    def put(self, key: str, vector: np.ndarray) -> None:
-        self.put_raw(key, _pack(vector))
 
     def get_raw(self, key: str) -> bytes | None:
         data = verified(self._secret, key, self._redis.call(lambda r: r.get(key)))

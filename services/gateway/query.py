@@ -32,6 +32,22 @@ from .tilings import IndexTiling, params
 MPP_TOLERANCE = 0.02
 
 
+def region_request(
+    slide: index_pb2.Slide, region, mpp: float, encoding: types_pb2.ImageEncoding
+) -> tiler_pb2.ReadRegionRequest:
+    """The tiler read of a region (x, y, width, height in level-0 pixels) of an indexed slide."""
+    return tiler_pb2.ReadRegionRequest(
+        slide=slide.source,
+        x=region.x,
+        y=region.y,
+        width=region.width,
+        height=region.height,
+        mpp=mpp,
+        encoding=encoding,
+        slide_mpp=slide.slide_mpp,
+    )
+
+
 class QueryEngine:
     def __init__(
         self,
@@ -131,16 +147,7 @@ class QueryEngine:
 
         def read_region() -> types_pb2.Image:
             return self._b.tiler.ReadRegion(
-                tiler_pb2.ReadRegionRequest(
-                    slide=slide.source,
-                    x=region.x,
-                    y=region.y,
-                    width=region.width,
-                    height=region.height,
-                    mpp=mpp,
-                    encoding=types_pb2.IMAGE_ENCODING_RAW_RGB,
-                    slide_mpp=slide.slide_mpp,
-                ),
+                region_request(slide, region, mpp, types_pb2.IMAGE_ENCODING_RAW_RGB),
                 timeout=timeout,
             ).image
 

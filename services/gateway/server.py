@@ -24,7 +24,7 @@ from .cases import CaseIngestor
 from .guard import Guard
 from .ingest import Ingestor
 from .operations import LocalOperations, SharedOperations
-from .query import QueryEngine
+from .query import QueryEngine, region_request
 from .readiness import Readiness
 from .searches import SearchRecords
 from .tilings import IndexTiling
@@ -365,16 +365,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer, Servicer):
         if base > 0:  # coarsen so the longer side fits max_side
             mpp = max(mpp, max(r.width, r.height) * base / max_side)
         resp = self._b.tiler.ReadRegion(
-            tiler_pb2.ReadRegionRequest(
-                slide=slide.source,
-                x=r.x,
-                y=r.y,
-                width=r.width,
-                height=r.height,
-                mpp=mpp,
-                encoding=_ENCODINGS[fmt],
-                slide_mpp=slide.slide_mpp,
-            ),
+            region_request(slide, r, mpp, _ENCODINGS[fmt]),
             timeout=timeout,
         )
         return gateway_pb2.ReadRegionResponse(

@@ -32,6 +32,8 @@ from PIL import Image
 
 from smily.common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 
+from .slides import geometry
+
 SCHEME = "dicomweb:"
 _LOCATOR = SCHEME + "{"
 # "http:", "file:", "s3:", "gs:"... (a scheme, RFC 3986), also without "//".
@@ -269,15 +271,9 @@ class DicomWebSlide:
         return out
 
     def info(self) -> dict:
-        w, h = self.dimensions
         ids = self.identifiers
         return {
-            "width": w,
-            "height": h,
-            "levels": [
-                {"width": lw, "height": lh, "downsample": ds}
-                for (lw, lh), ds in zip(self.level_dimensions, self.level_downsamples)
-            ],
+            **geometry(self),
             "mpp_x": self.mpp_x,
             "mpp_y": self.mpp_y,
             "objective_power": 0.0,

@@ -130,13 +130,8 @@ def mpp(slide: openslide.OpenSlide) -> float:
     return (x + y) / 2 if x > 0 and y > 0 else 0.0
 
 
-def info(slide: openslide.OpenSlide) -> dict:
-    """The allow-listed facts about a slide."""
-    props = slide.properties
-    try:
-        objective = float(props.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER, 0) or 0)
-    except ValueError:
-        objective = 0.0
+def geometry(slide) -> dict:
+    """The size and levels part of a slide's info, for any slide with OpenSlide's level attributes."""
     w, h = slide.dimensions
     return {
         "width": w,
@@ -145,6 +140,18 @@ def info(slide: openslide.OpenSlide) -> dict:
             {"width": lw, "height": lh, "downsample": ds}
             for (lw, lh), ds in zip(slide.level_dimensions, slide.level_downsamples)
         ],
+    }
+
+
+def info(slide: openslide.OpenSlide) -> dict:
+    """The allow-listed facts about a slide."""
+    props = slide.properties
+    try:
+        objective = float(props.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER, 0) or 0)
+    except ValueError:
+        objective = 0.0
+    return {
+        **geometry(slide),
         "mpp_x": float(props.get(openslide.PROPERTY_NAME_MPP_X, 0) or 0),
         "mpp_y": float(props.get(openslide.PROPERTY_NAME_MPP_Y, 0) or 0),
         "objective_power": objective,

@@ -729,26 +729,22 @@ function hitCard(hit) {
   open.append(img);
   open.onclick = () => navigate({ slideId: hit.slideId, hit: rect });
   const cap = document.createElement("figcaption");
-  const more = document.createElement("button");
-  more.type = "button";
-  more.className = "more";
-  more.textContent = "+";
-  more.setAttribute("aria-label", `More like this (${hit.slideId} ${hit.x},${hit.y})`);
-  more.onclick = () => {
-    state.positives.push({ region });
-    renderExamples();
-    search(true);
+  // "+" and "−" add the hit to the positive or negative examples and search again.
+  const feedback = (className, text, label, key) => {  // key into state, read at click time
+    const b = document.createElement("button");
+    b.type = "button";
+    b.className = className;
+    b.textContent = text;
+    b.setAttribute("aria-label", `${label} (${hit.slideId} ${hit.x},${hit.y})`);
+    b.onclick = () => {
+      state[key].push({ region });
+      renderExamples();
+      search(true);
+    };
+    return b;
   };
-  const less = document.createElement("button");
-  less.type = "button";
-  less.className = "less";
-  less.textContent = "−";
-  less.setAttribute("aria-label", `Less like this (${hit.slideId} ${hit.x},${hit.y})`);
-  less.onclick = () => {
-    state.negatives.push({ region });
-    renderExamples();
-    search(true);
-  };
+  const more = feedback("more", "+", "More like this", "positives");
+  const less = feedback("less", "−", "Less like this", "negatives");
   const score = document.createElement("meter");
   Object.assign(score, { min: 0, max: 1, low: WEAK_SCORE, high: 0.8, optimum: 1, value: Math.max(0, hit.score) });
   score.setAttribute("aria-label", `score ${hit.score.toFixed(3)}${weak ? ", weak" : ""}`);
