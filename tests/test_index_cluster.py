@@ -242,8 +242,9 @@ def test_reshard_two_to_three_moves_each_slide_once(postgres, tmp_path):  # noqa
     stores = [PgStorage(url, s) for s in range(2)]
     placed = {}
     for i in range(30):
-        sid = f"r-{i:02d}"
-        store = stores[shard_of_slide(tenancy.DEFAULT, sid, 2)]
+        # Stored under its index key, as the gateway stores a slide (tenancy.key).
+        sid = tenancy.key(tenancy.DEFAULT, f"r-{i:02d}")
+        store = stores[shard_of(sid, 2)]
         store.bind(MODEL, DIM)
         store.stage(sid, "g", [Tile(j, 0, 1, 1, 1.0) for j in range(10)], vectors(i))
         store.commit_slide("g", Slide(sid, "x", {"n": str(i)}), 10)
@@ -254,15 +255,13 @@ def test_reshard_two_to_three_moves_each_slide_once(postgres, tmp_path):  # noqa
     held = {}
     with psycopg.connect(url) as conn:
         for s in range(3):
-            for key, count in conn.execute(f"SELECT slide_id, tile_count FROM {schema(s)}.slides"):
-                # The index keys a slide by (tenant, slide id); a slide staged without one is the default tenant's.
-                tenant, sid = tenancy.split(key)
-                assert tenant == tenancy.DEFAULT and sid not in held and shard_of(key, 3) == s and count == 10
+            for sid, count in conn.execute(f"SELECT slide_id, tile_count FROM {schema(s)}.slides"):
+                assert sid not in held and shard_of(sid, 3) == s and count == 10
                 held[sid] = s
                 vecs = [
                     bytes(r[0])
                     for r in conn.execute(
-                        f"SELECT vector FROM {schema(s)}.tiles WHERE slide_id = %s ORDER BY x", (key,)
+                        f"SELECT vector FROM {schema(s)}.tiles WHERE slide_id = %s ORDER BY x", (sid,)
                     )
                 ]
                 assert b"".join(vecs) == placed[sid].astype(np.float16).tobytes()  # stored as float16

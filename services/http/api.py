@@ -148,6 +148,8 @@ async def _from_body(method: Method, request: Request) -> tuple[dict, dict[str, 
                 else:
                     raise BadRequest(f"unexpected multipart part {key!r}: send `request` (JSON) and bytes fields")
         return doc, files
+    if not kind and not (await request.body()):
+        return {}, {}  # an empty POST (`:cancel`) carries nothing to misread
     if kind != "application/json":
         allowed = "application/json or multipart/form-data" if bytes_fields else "application/json"
         raise UnsupportedMediaType(f"send {allowed}, not {kind or 'no content type'}")
