@@ -24,25 +24,47 @@ SCRIPT = os.path.join(ROOT, "docs", "examples", "session.sh")
 CURL_SCRIPT = os.path.join(ROOT, "docs", "examples", "curl-session.sh")
 
 
+def _free_block(n: int, taken: set[int]) -> int:
+    """The first of n consecutive free loopback ports, none of them already taken."""
+    while True:
+        base = free_port()
+        block = range(base, base + n)
+        if taken.isdisjoint(block) and all(_bindable(p) for p in block[1:]):
+            return base
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 @pytest.fixture()
 def stack_env(tmp_path, model_repo):
     """The environment of a `make up` with every port moved; cwd (var/run, var/log) in tmp_path."""
     slides = tmp_path / "slides"
     write_samples(str(slides))
-    ports = {
-        v: str(free_port())
-        for v in (
-            "SMILY_GATEWAY_PORT",
-            "SMILY_TILER_PORT",
-            "SMILY_EMBEDDER_PORT",
-            "SMILY_INDEX_PORT",
-            "SMILY_METRICS_PORT",
-            "SMILY_HTTP_PORT",
-            "SMILY_LOCAL_REDIS_PORT",
-            "SMILY_LOCAL_PG_PORT",
-            "SMILY_LOCAL_INDEX_PORT",
-        )
-    }
+    # Metrics and the local index replicas take consecutive ports from theirs: a block each.
+    taken: set[int] = set()
+    blocks = {"SMILY_METRICS_PORT": 3, "SMILY_LOCAL_INDEX_PORT": 3}
+    ports = {}
+    for v in (
+        "SMILY_GATEWAY_PORT",
+        "SMILY_TILER_PORT",
+        "SMILY_EMBEDDER_PORT",
+        "SMILY_INDEX_PORT",
+        "SMILY_METRICS_PORT",
+        "SMILY_HTTP_PORT",
+        "SMILY_LOCAL_REDIS_PORT",
+        "SMILY_LOCAL_PG_PORT",
+        "SMILY_LOCAL_INDEX_PORT",
+    ):
+        base = _free_block(blocks.get(v, 1), taken)
+        taken.update(range(base, base + blocks.get(v, 1)))
+        ports[v] = str(base)
     env = {k: v for k, v in os.environ.items() if not k.startswith("SMILY_")}
     env.update(
         ports,
