@@ -4,11 +4,13 @@ $(VAR) expansion, and `make images`' view of pip's settings. No images needed.""
 
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -26,8 +28,20 @@ from .helpers.wait import wait_until
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@functools.cache
+def k8s_tree() -> Path:
+    """deploy/k8s with the Secret values `make k8s-secrets` generates (a fresh clone has none),
+    in a folder of its own: tests never write into the source tree."""
+    from smily import k8s_secrets
+
+    tree = Path(tempfile.mkdtemp(prefix="smily-k8s-")) / "k8s"
+    shutil.copytree(ROOT / "deploy" / "k8s", tree, ignore=shutil.ignore_patterns("*.env"))
+    k8s_secrets.write(str(tree / "base" / "secrets"))
+    return tree
+
+
 def cpu_objects() -> list[dict]:
-    return render(ROOT / "deploy" / "k8s" / "overlays" / "cpu")
+    return render(k8s_tree() / "overlays" / "cpu")
 
 
 def test_certificates_are_issued_exactly_as_declared():
@@ -154,7 +168,7 @@ def test_make_images_lists_every_image_the_overlays_name():
 def test_the_ingress_component_names_its_issuer_once(tmp_path):
     site = tmp_path / "site"
     site.mkdir()
-    base = ROOT / "deploy" / "k8s"
+    base = k8s_tree()
     (site / "kustomization.yaml").write_text(
         "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nnamespace: smily\n"
         f"resources: [{os.path.relpath(base / 'overlays' / 'cpu', site)}]\n"
