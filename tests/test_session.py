@@ -42,6 +42,13 @@ def _bindable(port: int) -> bool:
     return True
 
 
+def _listening(port: int) -> bool:
+    """Whether anything still accepts on the port. A plain bind would also fail on the
+    TIME_WAIT sockets a stopped server leaves behind, which is what failed in CI."""
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
 @pytest.fixture()
 def stack_env(tmp_path, model_repo):
     """The environment of a `make up` with every port moved; cwd (var/run, var/log) in tmp_path."""
@@ -124,8 +131,7 @@ def test_readme_session_runs_top_to_bottom(stack_env, tmp_path):
         down = run([SMILY, "down"], stack_env, tmp_path)
     assert down.returncode == 0 and "stopped http, smily and redis" in down.stdout, down.stdout + down.stderr
     assert not os.listdir(tmp_path / "var" / "run")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", int(stack_env["SMILY_GATEWAY_PORT"])))  # free again
+    assert not _listening(int(stack_env["SMILY_GATEWAY_PORT"]))
 
 
 def test_up_names_a_taken_port_and_starts_nothing(stack_env, tmp_path):
@@ -182,8 +188,7 @@ def test_up_cluster_stops_what_it_started_when_a_start_fails(stack_env, cluster_
     up = run([SMILY, "up", "--shards", "1", "--replicas", "1"], env, cluster_dir, timeout=400)
     assert up.returncode == 1 and "gateway exited" in up.stdout and "Stopped what was started" in up.stdout
     assert not os.listdir(cluster_dir / "var" / "run")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", int(stack_env["SMILY_LOCAL_PG_PORT"])))  # PostgreSQL is gone
+    assert not _listening(int(stack_env["SMILY_LOCAL_PG_PORT"]))  # PostgreSQL is gone
     with open(cluster_dir / "var" / "log" / "gateway.log") as fh:
         log = fh.read()
     assert "SMILY_OIDC_ISSUER" in log and "Traceback" not in log
