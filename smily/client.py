@@ -256,6 +256,17 @@ class Client:
         """The index's model and tiling record (the gateway's settings before the first ingest)."""
         return self.stub.GetIndexInfo(gateway_pb2.GetIndexInfoRequest(), timeout=self.timeout)
 
+    def tenants(self) -> list[gateway_pb2.TenantSummary]:
+        """Every tenant in the index with its counts (the smily.operator role)."""
+        return list(self.stub.ListTenants(gateway_pb2.ListTenantsRequest(), timeout=self.timeout).tenants)
+
+    def move_slide(self, slide_id: str, from_tenant: str, to_tenant: str) -> gateway_pb2.MoveSlideResponse:
+        """Move a slide with its tiles between tenants (the smily.operator role)."""
+        return self.stub.MoveSlide(
+            gateway_pb2.MoveSlideRequest(slide_id=slide_id, from_tenant=from_tenant, to_tenant=to_tenant),
+            timeout=self.timeout,
+        )
+
     def close(self) -> None:
         self._channel.close()
 

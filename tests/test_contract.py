@@ -28,12 +28,19 @@ def test_the_protos_declare_every_option():
 @pytest.mark.parametrize("method", _gateway_methods(), ids=lambda m: m.name)
 def test_every_gateway_rpc_has_a_role_an_audit_type_and_a_route(method):
     path = f"/{rpcmeta.GATEWAY.full_name}/{method.name}"
-    assert rpcmeta.ROLES[path] and rpcmeta.ROLES[path] <= {auth.SEARCH, auth.INGEST, auth.ADMIN}
+    assert rpcmeta.ROLES[path] and rpcmeta.ROLES[path] <= {auth.SEARCH, auth.INGEST, auth.ADMIN, auth.OPERATOR}
+    # The operator's RPCs cross tenants: no tenant's role may call them too (issue 24).
+    assert auth.OPERATOR not in rpcmeta.ROLES[path] or rpcmeta.ROLES[path] == {auth.OPERATOR}
     (system, code, display), action = rpcmeta.EVENTS[method.name]
     assert system == rpcmeta.DCM and code in DCM_TYPES and display and action in "CRUDE"
     rule = rpcmeta.RULES[method.name]
     assert rule.verb in ("GET", "POST", "DELETE") and rule.path.startswith("/v1/")
     assert set(rpcmeta.path_fields(rule)) <= {f.name for f in method.input_type.fields}
+
+
+def test_the_operator_may_call_two_rpcs_and_a_tenants_admin_neither():
+    ops = {p.rsplit("/", 1)[1] for p, roles in rpcmeta.ROLES.items() if auth.OPERATOR in roles}
+    assert ops == {"ListTenants", "MoveSlide"}
 
 
 @pytest.mark.parametrize("service", rpcmeta.SERVICES, ids=lambda s: s.name)

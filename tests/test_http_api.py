@@ -109,6 +109,23 @@ def tile(api, http_slide) -> dict:
     }
 
 
+def test_the_operator_routes_list_tenants_and_move_a_slide(api, http_slide):
+    # SMILY_AUTH=none: the anonymous caller is the default tenant's admin and the operator.
+    counts = {t["tenant"]: t for t in api.get("/v1/tenants").json()["tenants"]}
+    assert int(counts["default"]["slideCount"]) >= 1 and int(counts["default"]["tileCount"]) > 0
+    tiles = api.get("/v1/slides/http-b").json()["slide"]["tileCount"]
+    r = api.post("/v1/slides/http-b:move", json={"fromTenant": "default", "toTenant": "elsewhere"})
+    assert r.status_code == 200, r.text
+    assert r.json()["slide"]["tenant"] == "elsewhere" and r.json()["movedTiles"] == tiles
+    assert api.get("/v1/slides/http-b").status_code == 404  # the default tenant's no more
+    again = api.post("/v1/slides/http-b:move", json={"fromTenant": "default", "toTenant": "elsewhere"})
+    assert again.status_code == 404 and again.json()["code"] == "NOT_FOUND"
+    assert int({t["tenant"]: t for t in api.get("/v1/tenants").json()["tenants"]}["elsewhere"]["slideCount"]) == 1
+    back = api.post("/v1/slides/http-b:move", json={"fromTenant": "elsewhere", "toTenant": "default"})
+    assert back.status_code == 200, back.text
+    assert api.get("/v1/slides/http-b").json()["slide"]["tileCount"] == tiles
+
+
 def test_search_by_region_finds_the_region(api, tile):
     r = api.post("/v1/search", json={"region": tile, "k": 5})
     assert r.status_code == 200, r.text

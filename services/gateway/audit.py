@@ -30,6 +30,8 @@ _OBJECT_ROLE = "http://terminology.hl7.org/CodeSystem/object-role"
 _SOURCE_TYPE = "http://terminology.hl7.org/CodeSystem/security-source-type"
 
 TENANT_EXTENSION = "urn:smily:tenant"
+# The tenants a call crosses (MoveSlide's from_tenant and to_tenant), beside the caller's own.
+CROSSED_TENANTS = {"from_tenant": "urn:smily:tenant:from", "to_tenant": "urn:smily:tenant:to"}
 # Anything outside the gateway's service (reflection, say).
 ACTIVITY = (rpcmeta.DCM, "110100", "Application Activity")
 
@@ -239,7 +241,7 @@ def event(
         "resourceType": "AuditEvent",
         "id": f"{request_id}.attempt" if attempt else request_id,
         # The caller's tenant (issue 24); "" when the call was refused before a token named one.
-        "extension": [{"url": TENANT_EXTENSION, "valueString": tenant}],
+        "extension": [{"url": TENANT_EXTENSION, "valueString": tenant}, *_crossed(request)],
         "type": {"system": system, "code": type_code, "display": display},
         "subtype": [{"system": "urn:smily:rpc", "code": method, "display": name}],
         "action": action,
@@ -252,6 +254,14 @@ def event(
         },
         "entity": entities.fhir(),
     }
+
+
+def _crossed(request) -> list[dict]:
+    """An extension per tenant the request names as moved from or to (issue 24: the operator's calls)."""
+    if request is None:
+        return []
+    named = {f.name: v for f, v in request.ListFields()}
+    return [{"url": url, "valueString": named[f]} for f, url in CROSSED_TENANTS.items() if f in named]
 
 
 def session_event(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from smily.common import images, limits
+from smily.common import images, limits, tenancy
 from smily.common.errors import InvalidArgument, require
 from smily.gateway.v1 import gateway_pb2
 
@@ -193,6 +193,12 @@ def list_slides(request: gateway_pb2.ListSlidesRequest) -> None:
 def slide(request) -> None:
     """GetSlide, DeleteSlide."""
     limits.slide_id(request.slide_id)
+
+
+def move_slide(request: gateway_pb2.MoveSlideRequest) -> None:
+    limits.slide_id(request.slide_id)
+    tenancy.tenant(request.from_tenant, "from_tenant")
+    tenancy.tenant(request.to_tenant, "to_tenant")  # the same as from_tenant: ALREADY_EXISTS, as the id is there
 
 
 def slide_heatmap(request: gateway_pb2.GetSlideHeatmapRequest) -> int:

@@ -17,7 +17,7 @@ from smily.index.v1 import index_pb2
 from smily.tiler.v1 import tiler_pb2
 from smily.types.v1 import types_pb2
 
-from . import auth, dicom, dihedral, export, labels, paging, requests, tenants, vectors
+from . import auth, dicom, dihedral, export, labels, moves, paging, requests, tenants, vectors
 from .backends import Backends
 from .cache import RedisGuard, hmac_key, make_cache
 from .cases import CaseIngestor
@@ -460,6 +460,22 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer, Servicer):
         )
         tiling.to_pb(out.tiling)
         return out
+
+    # -- the operator's, across tenants (auth.OPERATOR) -------------------------
+    def ListTenants(self, request, context):
+        return moves.list_tenants(self._b.index, self._b.timeout(context))
+
+    def MoveSlide(self, request, context):
+        requests.move_slide(request)
+        slide, moved = moves.move_slide(
+            self._b.index,
+            self._tilings,
+            request.slide_id,
+            request.from_tenant,
+            request.to_tenant,
+            self._b.timeout(context),
+        )
+        return gateway_pb2.MoveSlideResponse(slide=_slide(slide), moved_tiles=moved)
 
     def on_close(self, hook) -> None:
         self._close_hooks.append(hook)

@@ -279,16 +279,23 @@ class ShardedIndex:
         return reply
 
     def GetSlide(self, request, timeout=None):
+        return self._placed_first("GetSlide", request, timeout)
+
+    def ReadSlideTiles(self, request, timeout=None):
+        return self._placed_first("ReadSlideTiles", request, timeout)
+
+    def _placed_first(self, method: str, request, timeout):
+        """A read of one slide: from the shard placement names, else from any shard holding it."""
         placed = self._for(request.tenant, request.slide_id)
         try:
-            return placed.call("GetSlide", request, timeout)
+            return placed.call(method, request, timeout)
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.NOT_FOUND or len(self.shards) == 1:
                 raise
             # Not where the current shard count puts it: maybe not moved there yet (resharding).
             others = [s for s in self.shards if s is not placed]
             for f in [
-                self._pool.submit(contextvars.copy_context().run, s.call, "GetSlide", request, timeout) for s in others
+                self._pool.submit(contextvars.copy_context().run, s.call, method, request, timeout) for s in others
             ]:
                 try:
                     return f.result()
@@ -370,6 +377,18 @@ class ShardedIndex:
         if recorded is not None:
             out.tiling.CopyFrom(recorded)
         return out
+
+    def ListTenants(self, request, timeout=None):
+        replies, _ = self._all("ListTenants", request, timeout)
+        counts: dict[str, list[int]] = {}
+        for t in (t for r in replies for t in r.tenants):
+            c = counts.setdefault(t.tenant, [0, 0])
+            c[0], c[1] = c[0] + t.slide_count, c[1] + t.tile_count
+        return index_pb2.ListTenantsResponse(
+            tenants=[
+                index_pb2.TenantCount(tenant=t, slide_count=n, tile_count=k) for t, (n, k) in sorted(counts.items())
+            ]
+        )
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)

@@ -79,6 +79,7 @@ _FILTERS = {
 }
 _TOKEN = {"type": "string", "maxLength": limits.MAX_TOKEN_CHARS, "pattern": _PRINTABLE}
 _PAGE_TOKEN = {**_TOKEN, "format": "page-token", "description": "the nextPageToken of the previous page"}
+_TENANT = {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,64}$"}
 _CONCEPT_NAME = {"type": "string", "pattern": f"^{limits.CONCEPT_NAME.pattern}$"}
 # 0 (the file's own) or a plausible scan resolution.
 _MPP = {
@@ -192,6 +193,10 @@ _RULES: dict[str, tuple[dict, dict]] = {
     _G + "ListSlidesRequest": ({"pageSize": {"minimum": 0}, "pageToken": _PAGE_TOKEN}, {}),
     _G + "DeleteSlideRequest": ({"slideId": _SLIDE_ID}, {"required": ["slideId"]}),
     _G + "GetSlideRequest": ({"slideId": _SLIDE_ID}, {"required": ["slideId"]}),
+    _G + "MoveSlideRequest": (
+        {"slideId": _SLIDE_ID, "fromTenant": _TENANT, "toTenant": _TENANT},
+        {"required": ["slideId", "fromTenant", "toTenant"]},
+    ),
     _G + "GetSlideHeatmapRequest": (
         {"slideId": _SLIDE_ID, "maxTiles": {"type": "integer", "minimum": 1, "maximum": limits.MAX_HEATMAP_TILES}},
         {"required": ["slideId", "search"]},

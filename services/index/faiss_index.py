@@ -37,7 +37,7 @@ from . import ann, snapshot
 from . import rerank as reranking
 from .shard import Hit, IndexInfo, Query, TileBatch
 from .sqlite_store import SqliteStorage
-from .storage import SQL_CHUNK, STALE_STAGED_S, Commit, Slide, Storage
+from .storage import SQL_CHUNK, STALE_STAGED_S, Commit, Slide, Storage, Tile
 
 log = logging.getLogger("smily.index")
 
@@ -572,6 +572,14 @@ class TileIndex:
 
     def get_slide(self, slide_id: str) -> Slide:
         return self.storage.get_slide(slide_id)
+
+    def slide_tiles(self, slide_id: str, after: int, limit: int) -> tuple[np.ndarray, list[Tile], np.ndarray]:
+        ids = np.sort(self.storage.select([slide_id], {}, (), {}))
+        ids = ids[ids > after][:limit]
+        parts = [self.storage.vectors(ids[i : i + SQL_CHUNK]) for i in range(0, len(ids), SQL_CHUNK)]
+        records = self.storage.records(ids.tolist())
+        vectors = np.concatenate([p[1] for p in parts]) if parts else np.empty((0, self.dim), np.float32)
+        return ids, [records[int(i)][1] for i in ids], vectors
 
     def list_slides(self, page_size: int, page_token: str, tenants=()) -> tuple[list[Slide], str]:
         if page_size < 0:

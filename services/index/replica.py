@@ -147,6 +147,9 @@ class Replica:
     def list_slides(self, page_size: int, page_token: str, tenants=()) -> tuple[list[Slide], str]:
         return self.local.list_slides(page_size, page_token, tenants)
 
+    def slide_tiles(self, slide_id: str, after: int, limit: int):
+        return self.local.slide_tiles(slide_id, after, limit)
+
     def counts(self, tenants=()) -> tuple[int, int]:
         return self.local.counts(tenants)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from smily.common import limits, tenancy
 from smily.common.config import Settings
+from smily.common.errors import InvalidArgument
 from smily.common.server import Registration, Servicer
 from smily.common.tensors import from_tensor, to_tensor
 from smily.common.tiling import Tiling
@@ -15,6 +16,9 @@ from .pg_store import PgConcepts
 from .replica import Replica
 from .shard import Query, ShardIndex, TileBatch
 from .storage import Slide, Tile
+
+# ReadSlideTiles: tiles per page when none is asked, and the most.
+TILE_PAGE, MAX_TILE_PAGE = 512, 4096
 
 
 def _slide_pb(s: Slide, model_id: str) -> index_pb2.Slide:
@@ -198,6 +202,39 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer, Servicer):
     def DeleteConcept(self, request, context):
         self.concepts.delete(self._concept_key(request.tenant, request.name), request.model_id)
         return index_pb2.DeleteConceptResponse()
+
+    # -- the operator's (issue 24) ------------------------------------------------
+    def ListTenants(self, request, context):
+        counts: dict[str, list[int]] = {}
+        token = ""
+        while True:  # every slide of every tenant: an operator's call, not a search's
+            slides, token = self.store.list_slides(1000, token, ())
+            for s in slides:
+                c = counts.setdefault(tenancy.split(s.slide_id)[0], [0, 0])
+                c[0], c[1] = c[0] + 1, c[1] + s.tile_count
+            if not token:
+                break
+        return index_pb2.ListTenantsResponse(
+            tenants=[
+                index_pb2.TenantCount(tenant=t, slide_count=n, tile_count=k) for t, (n, k) in sorted(counts.items())
+            ]
+        )
+
+    def ReadSlideTiles(self, request, context):
+        key = self._key(request.tenant, request.slide_id)
+        if request.after < 0 or not 0 <= request.page_size <= MAX_TILE_PAGE:
+            raise InvalidArgument(f"after must not be negative and page_size must be in 0..{MAX_TILE_PAGE}")
+        self.store.get_slide(key)  # NOT_FOUND when it is not here
+        size = request.page_size or TILE_PAGE
+        ids, tiles, vectors = self.store.slide_tiles(key, request.after, size)
+        return index_pb2.ReadSlideTilesResponse(
+            tiles=[
+                index_pb2.TileRect(x=t.x, y=t.y, width=t.w, height=t.h, mpp=t.mpp, tissue_fraction=t.tissue)
+                for t in tiles
+            ],
+            embeddings=to_tensor(vectors),
+            next_after=int(ids[-1]) if len(ids) == size else 0,
+        )
 
     def close(self) -> None:
         self.store.close()

@@ -109,6 +109,10 @@ class ShardIndex(Protocol):
         """A page of slides (of these tenants; none named: all) in key order and the next page's token
         ("" after the last)."""
 
+    def slide_tiles(self, slide_id: str, after: int, limit: int) -> tuple[np.ndarray, list[Tile], np.ndarray]:
+        """Up to `limit` published tiles of a slide with tile id > after, in id order:
+        (ids, tiles, embeddings [n, dim])."""
+
     def counts(self, tenants: Sequence[str] = ()) -> tuple[int, int]:
         """(tiles searched, slides), of these tenants when any are named."""
 

@@ -1,4 +1,4 @@
-"""`smily slides`, `delete`, `info` and `concept`: what the index holds."""
+"""`smily slides`, `delete`, `info`, `concept`, `tenants` and `move-slide`: what the index holds."""
 
 from __future__ import annotations
 
@@ -63,6 +63,30 @@ def info(args) -> int:
     return 0
 
 
+def tenants(args) -> int:
+    listed = client(args).tenants()
+    if args.json:
+        from smily.output import message_dict, print_json
+
+        print_json({"tenants": [message_dict(t) for t in listed]})
+        return 0
+    for t in listed:
+        print(f"{t.tenant:<24} {t.slide_count:>7} slides {t.tile_count:>9} tiles")
+    print(f"{len(listed)} tenants")
+    return 0
+
+
+def move_slide(args) -> int:
+    moved = client(args).move_slide(args.slide_id, args.from_tenant, args.to_tenant)
+    if args.json:
+        from smily.output import message_dict, print_json
+
+        print_json({"slide": message_dict(moved.slide), "moved_tiles": moved.moved_tiles})
+        return 0
+    print(f"moved {args.slide_id} from {args.from_tenant} to {moved.slide.tenant} ({moved.moved_tiles} tiles)")
+    return 0
+
+
 def concept(args) -> int:
     from smily.output import message_dict, print_json
 
@@ -102,6 +126,23 @@ def register(sub) -> None:
     s.set_defaults(func=delete)
 
     api(sub.add_parser("info", help="the index's model and tiling settings")).set_defaults(func=info)
+
+    operator = "; needs the smily.operator role (a tenant's admin is not enough)"
+    api(sub.add_parser("tenants", help="list the tenants in the index with their counts" + operator)).set_defaults(
+        func=tenants
+    )
+    s = api(
+        sub.add_parser(
+            "move-slide",
+            help="move a slide, with every tile, from one tenant to another" + operator,
+            description="Moves the slide's tiles and embeddings (nothing is re-embedded) to the tenant TO; "
+            "refused if FROM has no such slide or TO already has one. Audited with both tenants.",
+        )
+    )
+    s.add_argument("slide_id", help="the slide's id in FROM")
+    s.add_argument("--from", dest="from_tenant", required=True, metavar="FROM", help="the tenant holding it now")
+    s.add_argument("--to", dest="to_tenant", required=True, metavar="TO", help="the tenant to hold it")
+    s.set_defaults(func=move_slide)
 
     c = sub.add_parser("concept", help="concepts for steering searches").add_subparsers(
         dest="concept_command", required=True
