@@ -160,6 +160,15 @@ def test_json_on_every_gateway_command(settings, ingested, tmp_path):
     assert json.loads(smily(settings, "concept", "delete", "cli-json", "--json").stdout) == {
         "deleted_concept": "cli-json"
     }
+    # The operator's commands (SMILY_AUTH=none: the anonymous caller is the operator too).
+    tenants = {t["tenant"]: t for t in json.loads(smily(settings, "tenants", "--json").stdout)["tenants"]}
+    assert int(tenants["default"]["slide_count"]) >= 1
+    moved = json.loads(smily(settings, "move-slide", "cli-json", "--from", "default", "--to", "cli-t", "--json").stdout)
+    assert moved["slide"]["tenant"] == "cli-t" and moved["moved_tiles"] == op["progress"]["tiles_indexed"]
+    back = smily(settings, "move-slide", "cli-json", "--from", "cli-t", "--to", "default")
+    assert back.returncode == 0 and "moved cli-json from cli-t to default" in back.stdout, back.stderr
+    again = smily(settings, "move-slide", "cli-json", "--from", "cli-t", "--to", "default")
+    assert again.returncode == 2 and "NOT_FOUND" in again.stderr and "Traceback" not in again.stderr
     deleted = json.loads(smily(settings, "delete", "cli-json", "--json").stdout)
     assert deleted["slide_id"] == "cli-json" and deleted["deleted_tiles"] == int(op["progress"]["tiles_indexed"])
 

@@ -57,8 +57,8 @@ def move_slide(
     index, tilings: IndexTiling, slide_id: str, source: str, target: str, timeout: float
 ) -> tuple[index_pb2.Slide, int]:
     """Move a slide from tenant `source` to `target`: (the slide as the target holds it, tiles moved)."""
-    _absent(index, slide_id, target, timeout)
     slide = index.GetSlide(index_pb2.GetSlideRequest(slide_id=slide_id, tenant=source), timeout=timeout).slide
+    _absent(index, slide_id, target, timeout)
     tiling, _ = tilings.current(timeout)
     generation = uuid.uuid4().hex
     after = copied = 0
