@@ -282,6 +282,9 @@ def test_every_rpc_writes_one_record(secured, idp):
         "GetIndexInfo": gateway_pb2.GetIndexInfoRequest(),
         "GetSlideHeatmap": gateway_pb2.GetSlideHeatmapRequest(slide_id="missing"),
         "ExportSearch": gateway_pb2.ExportSearchRequest(search_id="0" * 32, format="geojson"),
+        # The operator's: refused to a tenant's admin, so this write is never attempted.
+        "ListTenants": gateway_pb2.ListTenantsRequest(),
+        "MoveSlide": gateway_pb2.MoveSlideRequest(slide_id="missing", from_tenant="a", to_tenant="b"),
     }
     assert set(calls) == {m.name for m in gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].methods}
     writes = {"IngestSlide", "IngestCase", "CancelOperation", "CreateConcept", "DeleteConcept", "DeleteSlide"}

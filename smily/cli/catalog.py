@@ -81,7 +81,7 @@ def move_slide(args) -> int:
     if args.json:
         from smily.output import message_dict, print_json
 
-        print_json({"slide": message_dict(moved.slide), "moved_tiles": moved.moved_tiles})
+        print_json(message_dict(moved))
         return 0
     print(f"moved {args.slide_id} from {args.from_tenant} to {moved.slide.tenant} ({moved.moved_tiles} tiles)")
     return 0
