@@ -238,6 +238,8 @@ def test_one_tenants_full_ingest_queue_leaves_another_tenant_ingesting_and_searc
     assert who[A].Search(gateway_pb2.SearchRequest(region=region("s1"), k=5)).hits
     assert wait(d, op).state == gateway_pb2.OPERATION_STATE_SUCCEEDED
     assert [s.slide_id for s in d.ListSlides(gateway_pb2.ListSlidesRequest()).slides] == ["d1"]
+    hits = d.Search(gateway_pb2.SearchRequest(region=region("d1"), k=5)).hits
+    assert hits and {(h.tenant, h.slide_id) for h in hits} == {(D, "d1")}
     for resp in started:  # site-c's own ingests were not harmed either
         assert wait(c, resp.operation).state == gateway_pb2.OPERATION_STATE_SUCCEEDED
 
