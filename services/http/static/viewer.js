@@ -91,6 +91,8 @@ async function setupLogin() {
     state.token = user.access_token;
     history.replaceState(null, "", location.pathname);
     $("login").hidden = true;
+    // Who is signed in, from the ID token the IdP returned with the code.
+    $("caller").textContent = "Signed in as " + (user.profile.name || user.profile.sub);
   }
 }
 
