@@ -18,6 +18,7 @@ from smily.index.faiss_index import IndexConfig, TileIndex
 from smily.index.pg_store import PgStorage
 from smily.index.shard import TileBatch
 from smily.index.storage import MetadataMatch, Slide, Tile
+from smily.index.v1 import index_pb2, index_pb2_grpc
 
 from .conftest import base_settings
 from .helpers import oidc
@@ -176,3 +177,24 @@ def test_bad_metadata_queries_are_invalid_arguments_that_do_not_echo_them(gatewa
         assert not req.metadata_query or req.metadata_query not in info.value.details()
     info = stub.GetIndexInfo(gateway_pb2.GetIndexInfoRequest(), metadata=md, timeout=60)
     assert info.case_key == "case_id" and tuple(info.slide_search_keys) == SEARCHABLE
+
+
+def test_the_index_checks_the_match_again(tmp_path):
+    """Defence in depth: the index refuses a prefix without keys, keys without a prefix, an
+    over-long prefix, as the gateway does."""
+    running, s = stack.start(["index"], base_settings(index_dir=str(tmp_path)))
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{s.index.index_port}") as channel:
+            stub = index_pb2_grpc.IndexServiceStub(channel)
+            for req in (
+                index_pb2.ListSlidesRequest(metadata_prefix="S24"),
+                index_pb2.ListSlidesRequest(metadata_keys=["case_id"]),
+                index_pb2.ListSlidesRequest(metadata_prefix="x" * 65, metadata_keys=["case_id"]),
+            ):
+                with pytest.raises(grpc.RpcError) as info:
+                    stub.ListSlides(req, timeout=30)
+                assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, req
+            ok = index_pb2.ListSlidesRequest(metadata_prefix="S24", metadata_keys=["case_id"])
+            assert list(stub.ListSlides(ok, timeout=30).slides) == []
+    finally:
+        stack.stop(running, 0)

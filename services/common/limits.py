@@ -161,7 +161,7 @@ def metadata_query(prefix: str, keys: Iterable[str], what: str = "metadata_query
     keys = tuple(keys)
     _text(prefix, what, MAX_METADATA_QUERY_CHARS)
     if bool(prefix) != bool(keys):
-        raise InvalidArgument(f"{what} needs the metadata keys it matches under, and they need it")
+        raise InvalidArgument(f"{what} and the metadata keys it is matched under go together: both or neither")
     if len(keys) > MAX_FILTERS:
         raise InvalidArgument(f"{what} matches under at most {MAX_FILTERS} metadata keys")
     for key in keys:

@@ -3,9 +3,10 @@
 Both stores hold the same tables (sqlite_store.py and pg_store.py create
 them) and run the same statements; a Dialect says what differs: the
 placeholder, the schema prefix, how a metadata key=value, a metadata value
-prefix and an id list are matched, and how metadata is stored. A store supplies its connection (one
-call at a time, `_session`), its write transaction (`_writing`, which also
-serialises commits) and its step of the commit sequence (`_next_seq`).
+prefix and an id list are matched, and how metadata is stored. A store
+supplies its connection (one call at a time, `_session`), its write
+transaction (`_writing`, which also serialises commits) and its step of the
+commit sequence (`_next_seq`).
 Statements here use `?` for parameters and `{s}` before a table name.
 """
 
