@@ -236,11 +236,16 @@ class Client:
             gateway_pb2.CancelOperationRequest(operation_id=operation_id), timeout=self.timeout
         ).operation
 
-    def slides(self) -> list[gateway_pb2.Slide]:
+    def slides(self, find: str = "", find_key: str = "") -> list[gateway_pb2.Slide]:
+        """Every slide the caller may read; with `find`, those whose searchable metadata (under
+        `find_key` alone when given) starts with it."""
         out, token = [], ""
         while True:
             resp = self.stub.ListSlides(
-                gateway_pb2.ListSlidesRequest(page_size=500, page_token=token), timeout=self.timeout
+                gateway_pb2.ListSlidesRequest(
+                    page_size=500, page_token=token, metadata_query=find, metadata_key=find_key
+                ),
+                timeout=self.timeout,
             )
             out.extend(resp.slides)
             token = resp.next_page_token

@@ -190,6 +190,8 @@ def services(slide_dir, scratch_root, model_repo, redis_url, tmp_path_factory):
         redis_url=redis_url,
         # Label statistics over the slides' `file` metadata (each test slide is its own "label").
         label_key="file",
+        # Find slides by metadata: by file name too (the viewer's search box).
+        slide_search_keys=("file", "organ"),
     )
     running, settings = stack.start(stack.ORDER, settings)
     yield running, settings

@@ -44,6 +44,13 @@ def test_search_image_and_slides(settings, ingested, tmp_path):
     assert "2 hits" in out.stdout
     listed = json.loads(smily(settings, "slides", "--json").stdout)["slides"]
     assert {"synth-a", "synth-b", "cmu_small_region"} <= {s["slide_id"] for s in listed}
+    # Find slides by metadata (the test stack searches the `file` key too).
+    found = json.loads(smily(settings, "slides", "--find", "SYNTH-B", "--json").stdout)["slides"]
+    assert [s["slide_id"] for s in found] == ["synth-b"]
+    by_organ = smily(settings, "slides", "--find", "synth", "--find-key", "organ", "--json")
+    assert json.loads(by_organ.stdout)["slides"] == []
+    bad = smily(settings, "slides", "--find", "synth", "--find-key", "stain")
+    assert bad.returncode != 0 and "searchable keys" in bad.stderr
 
 
 def test_errors_are_reported_not_raised(settings, ingested, tmp_path):

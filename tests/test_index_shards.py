@@ -80,15 +80,18 @@ def test_three_shards_equal_one_index(indexes):
         ):
             assert search(sharded, q, 25, **kw) == search(single, q, 25, **kw), kw
 
-    def listing(index):
+    def listing(index, **match):
         def page(token):
-            resp = index.ListSlides(index_pb2.ListSlidesRequest(page_size=7, page_token=token))
+            resp = index.ListSlides(index_pb2.ListSlidesRequest(page_size=7, page_token=token, **match))
             return [s.slide_id for s in resp.slides], resp.next_page_token
 
         return pages(page)
 
     both = [listing(index) for index in (sharded, single)]
     assert both[0] == both[1] and sum(map(len, both[0])) == 30
+    # Finding slides by metadata pages across the shards as one index does.
+    skin = [listing(index, metadata_keys=["organ"], metadata_prefix="SK") for index in (sharded, single)]
+    assert skin[0] == skin[1] and sum(map(len, skin[0])) == 10
     for index in (sharded, single):
         assert index.DeleteSlide(index_pb2.DeleteSlideRequest(slide_id="slide-07")).deleted_tiles == 20
     assert sharded.GetIndexInfo(index_pb2.GetIndexInfoRequest()).tile_count == 29 * 20

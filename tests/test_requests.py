@@ -55,6 +55,9 @@ REGION = g.Region(slide_id="s", x=0, y=0, width=10, height=10)
         (g.CreateConceptRequest(name="c"), "at least one example"),
         (g.DeleteConceptRequest(name=""), "concept name"),
         (g.ListSlidesRequest(page_size=-1), "page_size"),
+        (g.ListSlidesRequest(metadata_query="x" * 65), "metadata_query is longer than 64"),
+        (g.ListSlidesRequest(metadata_query="x", metadata_key="stain"), "one of the searchable keys: case_id"),
+        (g.ListSlidesRequest(metadata_key="case_id"), "metadata_key needs a metadata_query"),
         (g.GetSlideRequest(), "slide_id is required"),
     ],
     ids=lambda v: type(v).__name__ if not isinstance(v, str) else v[:24],
@@ -68,7 +71,7 @@ def test_each_rule_refuses(request_, message):
         g.IngestCaseRequest: requests.ingest_case,
         g.CreateConceptRequest: requests.create_concept,
         g.DeleteConceptRequest: requests.concept_name,
-        g.ListSlidesRequest: requests.list_slides,
+        g.ListSlidesRequest: lambda r: requests.list_slides(r, ("case_id", "organ")),
         g.GetSlideRequest: requests.slide,
     }[type(request_)]
     with pytest.raises(InvalidArgument, match=message):

@@ -14,6 +14,7 @@ from PIL import Image
 
 from smily import stack
 from smily.client import Client
+from smily.common.config import Settings
 from smily.gateway.v1 import gateway_pb2
 
 from .conftest import TEST_SLIDES, rpc_code
@@ -93,12 +94,19 @@ def test_exclude_query_case(cases):
 
 
 def test_case_key_is_configurable(cases):
+    """SMILY_CASE_KEY, a gateway setting: the case exclude_query_case leaves out, the key the viewer
+    names a hit's case by (GetIndexInfo), and a key ListSlides' metadata_query finds slides by."""
     _, fresh, counts = cases
-    running, gw = stack.start(["gateway"], fresh.replace(gateway_port=0, case_key="organ"))
+    env = Settings.from_env({"SMILY_CASE_KEY": "organ", "SMILY_SLIDE_SEARCH_KEYS": "barcode, stain"})
+    assert (env.gateway.case_key, env.gateway.slide_search_keys) == ("organ", ("barcode", "stain"))
+    running, gw = stack.start(["gateway"], fresh.replace(gateway_port=0, case_key=env.gateway.case_key))
     other = Client(f"127.0.0.1:{gw.gateway.gateway_port}", timeout=60)
     try:
         hits = other.search(region=QUERY, k=sum(counts.values()), exclude_query_case=True).hits
         assert {h.metadata["organ"] for h in hits} == {"breast"}
+        info = other.index_info()
+        assert info.case_key == "organ" and info.slide_search_keys[0] == "organ"
+        assert {s.slide_id for s in other.slides("PROST", "organ")} == {"synth-b"}
     finally:
         other.close()
         stack.stop(running, 0)

@@ -120,3 +120,13 @@ def test_export_a_search_as_geojson_over_http(http_url, ingested):
         assert unknown.status_code == 404 and unknown.json()["code"] == "NOT_FOUND"
         assert c.get("/v1/searches/nope/export").status_code == 400
         assert c.get(f"/v1/searches/{search_id}/export", params={"format": "shp"}).status_code == 400
+
+
+def test_find_slides_by_metadata_over_http(http_url, ingested):
+    with httpx.Client(base_url=http_url, timeout=60) as c:
+        got = c.get("/v1/slides", params={"metadataQuery": "Synth-C", "pageSize": 1}).json()
+        assert [s["slideId"] for s in got["slides"]] == ["synth-c-40x"] and not got.get("nextPageToken")
+        by_key = c.get("/v1/slides", params={"metadataQuery": "te", "metadataKey": "organ", "pageSize": 2}).json()
+        assert len(by_key["slides"]) == 2 and by_key["nextPageToken"]
+        too_long = c.get("/v1/slides", params={"metadataQuery": "x" * 65})
+        assert too_long.status_code == 400 and too_long.json()["code"] == "INVALID_ARGUMENT"

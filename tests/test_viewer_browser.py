@@ -16,6 +16,7 @@ from .conftest import ROOT
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 ARTIFACTS = os.path.join(ROOT, "var", "artifacts", "viewer")
+CMU_ID = "cmu_small_region"
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +98,11 @@ def hits(driver) -> list[dict]:
     )
 
 
+def listed(driver) -> list[str]:
+    """The slide ids the slide list shows."""
+    return js(driver, "return [...document.querySelectorAll('#slide-list button')].map(b => b.dataset.slideId)")
+
+
 def search_and_wait(driver, click) -> list[dict]:
     before = js(driver, "return window.smily.timings.length")
     click()
@@ -124,11 +130,20 @@ def test_a_smily_session_in_the_browser(browser, http_url, ingested, concept):
     assert not unlabelled, unlabelled
     shot(d, "01-page")
 
-    # Filter the slide list, then open a sample slide.
-    d.find_element(By.ID, "slide-filter").send_keys("synth-a")
-    assert [e.get_attribute("data-slide-id") for e in d.find_elements(By.CSS_SELECTOR, "#slide-list button")] == [
-        "synth-a"
-    ]
+    # Find a slide by its metadata (the test stack searches the `file` key too), then open it.
+    everything = listed(d)
+    assert len(everything) >= 4
+    assert d.find_element(By.ID, "case-key").text == "(case_id)"  # SMILY_CASE_KEY, from the gateway
+    find = d.find_element(By.ID, "slide-find")
+    find.send_keys("SYNTH-A")
+    wait(d, lambda d: listed(d) == ["synth-a"])
+    shot(d, "01-find-slides")
+    find.send_keys(Keys.CONTROL, "a", Keys.NULL, "organ=nothing-like-this")
+    wait(d, lambda d: d.find_element(By.ID, "slide-list").text == "No slide matches.")
+    find.send_keys(Keys.CONTROL, "a", Keys.NULL, "file=synth-")  # under one searchable key
+    wait(d, lambda d: {"synth-a", "synth-b", "synth-c-40x"} <= set(listed(d)) and CMU_ID not in listed(d))
+    find.send_keys(Keys.CONTROL, "a", Keys.NULL, "synth-a", Keys.ENTER)
+    wait(d, lambda d: listed(d) == ["synth-a"])
     d.find_element(By.CSS_SELECTOR, '#slide-list button[data-slide-id="synth-a"]').click()
     wait(
         d,
@@ -136,8 +151,9 @@ def test_a_smily_session_in_the_browser(browser, http_url, ingested, concept):
             d, "const w = window.smily.viewer.world; return w.getItemCount() === 1 && w.getItemAt(0).getFullyLoaded()"
         ),
     )
-    d.find_element(By.ID, "slide-filter").clear()
-    js(d, "document.getElementById('slide-filter').dispatchEvent(new Event('input'))")
+    find.clear()
+    find.send_keys(Keys.ENTER)
+    wait(d, lambda d: listed(d) == everything)
     shot(d, "02-slide")
 
     # Draw a region with the rectangle tool.
@@ -438,6 +454,22 @@ def test_a_pathologist_reads_navigates_and_compares(browser, http_url, ingested,
     assert by_polygon
     shot(d, "16-polygon")
 
+    # The polygon is in the link: reloaded (or shared), it runs the same polygon query.
+    timings = js(d, "return window.smily.timings")  # the page's, before the reload starts a new one
+    heat = js(d, "return window.smily.heatmapTimings")
+    link = d.current_url
+    assert "poly=" in link
+    d.get("about:blank")
+    d.get(link)
+    wait(d, lambda d: js(d, "return window.smily && window.smily.ready === true"))
+    wait(d, loaded)
+    assert js(d, "return window.smily.state.query.region.polygon") == polygon
+    assert d.find_element(By.ID, "query-label").text.startswith("polygon")
+    assert d.find_elements(By.CSS_SELECTOR, "#viewer .query-region")
+    assert hits(d) == by_polygon
+    shot(d, "16b-polygon-link")
+    canvas = d.find_element(By.CSS_SELECTOR, "#viewer .openseadragon-canvas")
+
     # Freehand: a drag around a region.
     d.find_element(By.ID, "draw-freehand").click()
     chain = ActionChains(d).move_to_element_with_offset(canvas, -80, -80).click_and_hold()
@@ -468,8 +500,7 @@ def test_a_pathologist_reads_navigates_and_compares(browser, http_url, ingested,
     search_and_wait(d, d.find_element(By.ID, "search").click)
     shot(d, "17-upload")
 
-    timings = js(d, "return window.smily.timings")
-    heat = js(d, "return window.smily.heatmapTimings")
+    timings += js(d, "return window.smily.timings")
     print(f"search-to-paint ms: {[round(t, 1) for t in timings]} (median {statistics.median(timings):.1f})")
     print(f"heatmap ms: {[round(t, 1) for t in heat]}")
 

@@ -223,6 +223,9 @@ class GatewaySettings:
     max_concurrent_ingests: int = 2
     # Slide metadata key naming a slide's case (patient/accession), for exclude_query_case.
     case_key: str = "case_id"
+    # Slide metadata keys ListSlides' metadata_query finds slides by, besides case_key
+    # (","-separated; container_identifier: the barcode a DICOM slide carries).
+    slide_search_keys: tuple[str, ...] = ("container_identifier", "barcode", "organ")
     # Slide metadata key whose values Search counts among its top-k hits (LabelStats, e.g.
     # "diagnosis"): a retrieval statistic shown with the results; empty: none.
     label_key: str = ""
@@ -369,6 +372,7 @@ _SEPARATORS = {
     "dicomweb_url": ",",
     "tile_mpps": ",",
     "query_transforms": ",",
+    "slide_search_keys": ",",
     "http_trusted_proxies": ",",
 }
 

@@ -41,6 +41,7 @@ MAX_HEATMAP_TILES = 1000  # one index search (MAX_K)
 MAX_CONCEPTS = 16
 MAX_CONCEPT_WEIGHT = 10.0
 MAX_QUERY_IMAGE_BYTES = 32 * 1024 * 1024
+MAX_METADATA_QUERY_CHARS = 64  # find slides by metadata: the text a value starts with
 CONCEPT_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 # A DICOM SH without QIDO wildcards, as the tiler requires.
 ACCESSION = re.compile(r"[^*?\\\x00-\x1f]{1,16}")
@@ -153,3 +154,16 @@ def tiles_per_slide(grid: int, cap: int, slide_mpp: float) -> None:
             f"the slide would be cut into {grid} tiles at {slide_mpp:g} microns per pixel, over the limit of "
             f"{cap} tiles per slide; check slide_mpp"
         )
+
+
+def metadata_query(prefix: str, keys: Iterable[str], what: str = "metadata_query") -> tuple[tuple[str, ...], str]:
+    """Find slides by metadata: (keys, prefix), bounded; the error never echoes the text (an accession number)."""
+    keys = tuple(keys)
+    _text(prefix, what, MAX_METADATA_QUERY_CHARS)
+    if bool(prefix) != bool(keys):
+        raise InvalidArgument(f"{what} and the metadata keys it is matched under go together: both or neither")
+    if len(keys) > MAX_FILTERS:
+        raise InvalidArgument(f"{what} matches under at most {MAX_FILTERS} metadata keys")
+    for key in keys:
+        _text(key, f"{what} key", MAX_KEY_CHARS)
+    return keys, prefix

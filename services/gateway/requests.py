@@ -185,9 +185,20 @@ def concept_name(request) -> None:
     )
 
 
-def list_slides(request: gateway_pb2.ListSlidesRequest) -> None:
+def list_slides(request: gateway_pb2.ListSlidesRequest, search_keys: tuple[str, ...]) -> tuple[str, ...]:
+    """The metadata keys metadata_query matches under (none without a query)."""
     require(request.page_size >= 0, "page_size must not be negative")
     limits.text(request.page_token, "page_token", limits.MAX_TOKEN_CHARS)
+    limits.text(request.metadata_query, "metadata_query", limits.MAX_METADATA_QUERY_CHARS)
+    if request.metadata_key:
+        require(
+            request.metadata_key in search_keys,
+            f"metadata_key must be one of the searchable keys: {', '.join(search_keys)}",
+        )
+    require(bool(request.metadata_query) or not request.metadata_key, "metadata_key needs a metadata_query")
+    if not request.metadata_query:
+        return ()
+    return (request.metadata_key,) if request.metadata_key else search_keys
 
 
 def slide(request) -> None:

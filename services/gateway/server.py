@@ -106,6 +106,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer, Servicer):
         cache = make_cache(redis, settings.gateway.cache_ttl_s, secret)
         self._searches = SearchRecords(cache)
         self._label_key = settings.gateway.label_key
+        self._case_key = settings.gateway.case_key
+        # Find slides by metadata: the case key and the other searchable keys, once each.
+        self._search_keys = tuple(dict.fromkeys((self._case_key, *settings.gateway.slide_search_keys)))
         self._q = QueryEngine(
             self._b,
             self._tilings,
@@ -415,13 +418,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer, Servicer):
 
     # -- catalogue -----------------------------------------------------------
     def ListSlides(self, request, context):
-        requests.list_slides(request)
+        keys = requests.list_slides(request, self._search_keys)
         me = tenants.own()
+        # The query text is an identifier (an accession number, a barcode): never logged.
         resp = self._b.index.ListSlides(
             index_pb2.ListSlidesRequest(
                 page_size=request.page_size,
                 page_token=paging.unseal(self._page_key, request.page_token, me),
                 tenants=tenants.readable(),
+                metadata_keys=keys,
+                metadata_prefix=request.metadata_query,
             ),
             timeout=self._b.timeout(context),
         )
@@ -457,6 +463,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer, Servicer):
             tiling_recorded=recorded,
             tenant=tenants.own(),
             readable_tenants=tenants.readable(),
+            case_key=self._case_key,
+            slide_search_keys=self._search_keys,
         )
         tiling.to_pb(out.tiling)
         return out

@@ -190,7 +190,14 @@ _RULES: dict[str, tuple[dict, dict]] = {
         {"required": ["name", "withExamples", "withoutExamples"]},
     ),
     _G + "DeleteConceptRequest": ({"name": _CONCEPT_NAME}, {"required": ["name"]}),
-    _G + "ListSlidesRequest": ({"pageSize": {"minimum": 0}, "pageToken": _PAGE_TOKEN}, {}),
+    _G + "ListSlidesRequest": (
+        {
+            "pageSize": {"minimum": 0},
+            "pageToken": _PAGE_TOKEN,
+            "metadataQuery": {"type": "string", "maxLength": limits.MAX_METADATA_QUERY_CHARS},
+        },
+        {},
+    ),
     _G + "DeleteSlideRequest": ({"slideId": _SLIDE_ID}, {"required": ["slideId"]}),
     _G + "GetSlideRequest": ({"slideId": _SLIDE_ID}, {"required": ["slideId"]}),
     _G + "MoveSlideRequest": (

@@ -37,7 +37,7 @@ from . import ann, snapshot
 from . import rerank as reranking
 from .shard import Hit, IndexInfo, Query, TileBatch
 from .sqlite_store import SqliteStorage
-from .storage import SQL_CHUNK, STALE_STAGED_S, Commit, Slide, Storage, Tile
+from .storage import SQL_CHUNK, STALE_STAGED_S, Commit, MetadataMatch, Slide, Storage, Tile
 
 log = logging.getLogger("smily.index")
 
@@ -581,7 +581,9 @@ class TileIndex:
         vectors = np.concatenate([p[1] for p in parts]) if parts else np.empty((0, self.dim), np.float32)
         return ids, [records[int(i)][1] for i in ids], vectors
 
-    def list_slides(self, page_size: int, page_token: str, tenants=()) -> tuple[list[Slide], str]:
+    def list_slides(
+        self, page_size: int, page_token: str, tenants=(), match: MetadataMatch | None = None
+    ) -> tuple[list[Slide], str]:
         if page_size < 0:
             raise InvalidArgument("page_size must not be negative")
         page_size = min(page_size or 100, 1000)
@@ -589,7 +591,7 @@ class TileIndex:
             after = base64.b64decode(page_token, altchars=b"-_", validate=True).decode() if page_token else ""
         except Exception:
             raise InvalidArgument("page_token is not one this service issued") from None
-        rows = self.storage.list_slides(after, page_size + 1, tenants)
+        rows = self.storage.list_slides(after, page_size + 1, tenants, match)
         slides = rows[:page_size]
         token = base64.urlsafe_b64encode(slides[-1].slide_id.encode()).decode() if len(rows) > page_size else ""
         return slides, token

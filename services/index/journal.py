@@ -2,10 +2,11 @@
 
 Both stores hold the same tables (sqlite_store.py and pg_store.py create
 them) and run the same statements; a Dialect says what differs: the
-placeholder, the schema prefix, how a metadata key=value and an id list are
-matched, and how metadata is stored. A store supplies its connection (one
-call at a time, `_session`), its write transaction (`_writing`, which also
-serialises commits) and its step of the commit sequence (`_next_seq`).
+placeholder, the schema prefix, how a metadata key=value, a metadata value
+prefix and an id list are matched, and how metadata is stored. A store
+supplies its connection (one call at a time, `_session`), its write
+transaction (`_writing`, which also serialises commits) and its step of the
+commit sequence (`_next_seq`).
 Statements here use `?` for parameters and `{s}` before a table name.
 """
 
@@ -23,7 +24,7 @@ import numpy as np
 from smily.common import tenancy
 from smily.common.errors import Aborted, NotFound
 
-from .storage import Commit, Slide, Tile, staged_rows, vectors_from
+from .storage import Commit, MetadataMatch, Slide, Tile, staged_rows, vectors_from
 
 SLIDE_COLUMNS = "slide_id, source, metadata, tile_count, indexed_at, slide_mpp"
 # Tiles read per step when replaying the commits after a sequence number.
@@ -40,6 +41,8 @@ class Dialect:
     text_order: str  # byte order of slide ids: "" (SQLite's default) or ' COLLATE "C"'
     in_ids: Callable[[str, list], tuple[str, list]]  # (column, values) -> (condition, args)
     has_pair: Callable[[str, str], tuple[str, list]]  # (key, value) -> condition on s.metadata, args
+    # (keys, LIKE pattern with escape \\) -> condition on s.metadata: a value under a key matches, ASCII case ignored
+    value_like: Callable[[list[str], str], tuple[str, list]]
     metadata: Callable[[Any], dict]  # the stored metadata column as a dict
 
     def sql(self, text: str) -> str:
@@ -367,11 +370,15 @@ class Journal(Sql):
             raise _missing(slide_id)
         return self._slide(row)
 
-    def list_slides(self, after: str, limit: int, tenants=()) -> list[Slide]:
+    def list_slides(self, after: str, limit: int, tenants=(), match: MetadataMatch | None = None) -> list[Slide]:
         conds, args = self._tenant_condition("slide_id", tenants)
+        if match is not None:
+            cond, match_args = self.dialect.value_like(list(match.keys), match.like())
+            conds, args = [*conds, cond], [*args, *match_args]
         with self._session():
             rows = self._x(
-                f"SELECT {SLIDE_COLUMNS} FROM {{s}}slides WHERE {' AND '.join(['slide_id{text_order} > ?', *conds])} "
+                f"SELECT {SLIDE_COLUMNS} FROM {{s}}slides s "
+                f"WHERE {' AND '.join(['slide_id{text_order} > ?', *conds])} "
                 "ORDER BY slide_id{text_order} LIMIT ?",
                 (after, *args, limit),
             ).fetchall()

@@ -74,9 +74,18 @@ def _has_pair(key: str, value: str) -> tuple[str, list]:
     return "s.metadata @> ?::jsonb", [json.dumps({key: value})]
 
 
+def _value_like(keys: list, pattern: str) -> tuple[str, list]:
+    # lower() under the "C" collation folds ASCII letters only, as SQLite's does and the pattern is.
+    return (
+        "EXISTS (SELECT 1 FROM jsonb_each_text(s.metadata) j WHERE j.key = ANY(?) "
+        "AND lower(j.value COLLATE \"C\") LIKE ? ESCAPE '\\')",
+        [keys, pattern],
+    )
+
+
 def dialect(shard: int) -> Dialect:
     # JSONB reads back as a dict already.
-    return Dialect("%s", f"{schema(shard)}.", "?::jsonb", ' COLLATE "C"', _in_ids, _has_pair, dict)
+    return Dialect("%s", f"{schema(shard)}.", "?::jsonb", ' COLLATE "C"', _in_ids, _has_pair, _value_like, dict)
 
 
 class _OnSchema(Sql):

@@ -27,7 +27,7 @@ from .faiss_index import IndexConfig, TileIndex, check_stage
 from .pg_store import PgStorage
 from .shard import Hit, IndexInfo, Query, TileBatch
 from .sqlite_store import SqliteStorage
-from .storage import Slide
+from .storage import MetadataMatch, Slide
 
 log = logging.getLogger("smily.index")
 
@@ -144,8 +144,10 @@ class Replica:
     def get_slide(self, slide_id: str) -> Slide:
         return self.local.get_slide(slide_id)
 
-    def list_slides(self, page_size: int, page_token: str, tenants=()) -> tuple[list[Slide], str]:
-        return self.local.list_slides(page_size, page_token, tenants)
+    def list_slides(
+        self, page_size: int, page_token: str, tenants=(), match: MetadataMatch | None = None
+    ) -> tuple[list[Slide], str]:
+        return self.local.list_slides(page_size, page_token, tenants, match)
 
     def slide_tiles(self, slide_id: str, after: int, limit: int):
         return self.local.slide_tiles(slide_id, after, limit)

@@ -15,7 +15,7 @@ from .faiss_index import IndexConfig, TileIndex
 from .pg_store import PgConcepts
 from .replica import Replica
 from .shard import Query, ShardIndex, TileBatch
-from .storage import Slide, Tile
+from .storage import MetadataMatch, Slide, Tile
 
 # ReadSlideTiles: tiles per page when none is asked, and the most.
 TILE_PAGE, MAX_TILE_PAGE = 512, 4096
@@ -145,7 +145,13 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer, Servicer):
         return index_pb2.GetSlideResponse(slide=_slide_pb(self.store.get_slide(key), self.store.model_id))
 
     def ListSlides(self, request, context):
-        slides, token = self.store.list_slides(request.page_size, request.page_token, self._tenants(request.tenants))
+        keys, prefix = limits.metadata_query(request.metadata_prefix, request.metadata_keys, "metadata_prefix")
+        slides, token = self.store.list_slides(
+            request.page_size,
+            request.page_token,
+            self._tenants(request.tenants),
+            MetadataMatch(keys, prefix) if prefix else None,
+        )
         return index_pb2.ListSlidesResponse(
             slides=[_slide_pb(s, self.store.model_id) for s in slides], next_page_token=token
         )

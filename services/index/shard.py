@@ -18,7 +18,7 @@ import numpy as np
 
 from smily.common.tiling import Tiling
 
-from .storage import Slide, Tile
+from .storage import MetadataMatch, Slide, Tile
 
 
 @dataclass(frozen=True)
@@ -105,9 +105,11 @@ class ShardIndex(Protocol):
 
     def get_slide(self, slide_id: str) -> Slide: ...
 
-    def list_slides(self, page_size: int, page_token: str, tenants: Sequence[str] = ()) -> tuple[list[Slide], str]:
-        """A page of slides (of these tenants; none named: all) in key order and the next page's token
-        ("" after the last)."""
+    def list_slides(
+        self, page_size: int, page_token: str, tenants: Sequence[str] = (), match: MetadataMatch | None = None
+    ) -> tuple[list[Slide], str]:
+        """A page of slides (of these tenants; none named: all; matching `match` when given) in key
+        order and the next page's token ("" after the last)."""
 
     def slide_tiles(self, slide_id: str, after: int, limit: int) -> tuple[np.ndarray, list[Tile], np.ndarray]:
         """Up to `limit` published tiles of a slide with tile id > after, in id order:

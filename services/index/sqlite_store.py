@@ -48,7 +48,16 @@ def _has_pair(key: str, value: str) -> tuple[str, list]:
     return "EXISTS (SELECT 1 FROM json_each(s.metadata) j WHERE j.key = ? AND j.value = ?)", [key, value]
 
 
-DIALECT = Dialect("?", "", "?", "", _in_ids, _has_pair, json.loads)
+def _value_like(keys: list, pattern: str) -> tuple[str, list]:
+    # SQLite's lower() folds ASCII letters only, as the pattern is folded.
+    return (
+        f"EXISTS (SELECT 1 FROM json_each(s.metadata) j WHERE j.key IN ({','.join('?' * len(keys))}) "
+        "AND lower(j.value) LIKE ? ESCAPE '\\')",
+        [*keys, pattern],
+    )
+
+
+DIALECT = Dialect("?", "", "?", "", _in_ids, _has_pair, _value_like, json.loads)
 
 # The most of the file read through a memory map (SQLite caps it at its build's limit).
 MMAP_BYTES = 1 << 40

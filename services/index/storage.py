@@ -53,6 +53,22 @@ class Slide:
     slide_mpp: float = 0.0  # stated at ingest; 0: the file's own
 
 
+@dataclass(frozen=True)
+class MetadataMatch:
+    """Find slides by metadata: a value under one of `keys` starts with `prefix`, ASCII case ignored."""
+
+    keys: tuple[str, ...]
+    prefix: str
+
+    def like(self) -> str:
+        """The prefix as a LIKE pattern (escape character \\), in lower case as the SQL compares."""
+        text = self.prefix.translate(_ASCII_LOWER)
+        return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
 @dataclass
 class Commit:
     """What one commit or delete changed: the search must drop `removed` and add `ids`/`vectors`."""
@@ -169,8 +185,9 @@ class Storage(Protocol):
     def get_slide(self, slide_id: str) -> Slide:
         """Raises NotFound when the slide is not there."""
 
-    def list_slides(self, after: str, limit: int, tenants=()) -> list[Slide]:
-        """Up to `limit` slides with key > after, in key order, of these tenants when any are named."""
+    def list_slides(self, after: str, limit: int, tenants=(), match: MetadataMatch | None = None) -> list[Slide]:
+        """Up to `limit` slides with key > after, in key order, of these tenants when any are named,
+        matching `match` when given."""
 
     def adopt_untenanted(self, default_tenant: str) -> int:
         """Once per store: slides written before tenancy become the default tenant's."""

@@ -6,7 +6,7 @@ from .common import EXAMPLE, api, client, example
 
 
 def slides(args) -> int:
-    listed = client(args).slides()
+    listed = client(args).slides(args.find, args.find_key)
     if args.json:
         from smily.output import message_dict, print_json
 
@@ -119,7 +119,15 @@ def concept(args) -> int:
 
 
 def register(sub) -> None:
-    api(sub.add_parser("slides", help="list indexed slides")).set_defaults(func=slides)
+    s = api(sub.add_parser("slides", help="list indexed slides, or find them by metadata"))
+    s.add_argument(
+        "--find",
+        default="",
+        metavar="TEXT",
+        help="only slides with a searchable metadata value (case, barcode, organ...) starting with TEXT",
+    )
+    s.add_argument("--find-key", default="", metavar="KEY", help="match --find under this searchable key only")
+    s.set_defaults(func=slides)
 
     s = api(sub.add_parser("delete", help="remove a slide from the index"))
     s.add_argument("slide_id", help="an indexed slide")

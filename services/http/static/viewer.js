@@ -5,11 +5,15 @@
 const $ = (id) => document.getElementById(id);
 const PAGE_SIZE = 12;
 const K = 60;
+const SLIDE_PAGE = 50; // slides listed (or found) per page
 
 const state = {
   token: null, // OIDC access token, in memory only
   viewSession: "", // minted by the server with the open slide's info.json; its tiles are audited as one session
-  slides: [],
+  slides: [], // the slides listed so far (pages of the list, or of what the search box found)
+  slidesNext: "", // the next page's token; "" after the last
+  caseKey: "case_id", // slide metadata key naming the case (SMILY_CASE_KEY, from GetIndexInfo)
+  searchKeys: [], // the metadata keys the search box finds slides by
   slide: null, // {slideId, metadata, width, height}
   tenant: "", // the caller's (issue 24)
   query: null, // {region} or {image}
@@ -87,6 +91,8 @@ async function setupLogin() {
     state.token = user.access_token;
     history.replaceState(null, "", location.pathname);
     $("login").hidden = true;
+    // Who is signed in, from the ID token the IdP returned with the code.
+    $("caller").textContent = "Signed in as " + (user.profile.name || user.profile.sub);
   }
 }
 
@@ -96,6 +102,10 @@ async function loadTenant() {
   const info = await api("GET", "/v1/index");
   state.tenant = info.tenant || "";
   $("tenant").textContent = state.tenant ? "Tenant: " + state.tenant : "";
+  state.caseKey = info.caseKey || state.caseKey;
+  state.searchKeys = info.slideSearchKeys || [];
+  $("case-key").textContent = `(${state.caseKey})`;
+  if (state.searchKeys.length) $("slide-find-keys").textContent = state.searchKeys.join(", ");
 }
 
 function tenantLabel(tenant) {
@@ -106,36 +116,38 @@ function tenantLabel(tenant) {
   return label;
 }
 
-async function loadSlides() {
-  const slides = [];
-  let token = "";
-  do {
-    const q = new URLSearchParams({ pageSize: "500" });
-    if (token) q.set("pageToken", token);
-    const page = await api("GET", "/v1/slides?" + q);
-    slides.push(...page.slides);
-    token = page.nextPageToken;
-  } while (token);
-  state.slides = slides;
+// The search box: "text" finds slides whose searchable metadata starts with it, "key=text" under
+// that searchable key alone. The gateway finds them (paged, within the caller's tenants).
+function findTerms() {
+  const text = $("slide-find").value.trim();
+  const i = text.indexOf("=");
+  if (i > 0 && state.searchKeys.includes(text.slice(0, i).trim())) {
+    return { metadataKey: text.slice(0, i).trim(), metadataQuery: text.slice(i + 1).trim() };
+  }
+  return text ? { metadataQuery: text } : {};
+}
+
+let slideRequest = 0; // the latest; an answer to an earlier one (the box changed since) is dropped
+
+// The first page of the list (or of what the box finds), or with `more` the next one.
+async function loadSlides(more) {
+  const mine = ++slideRequest;
+  const q = new URLSearchParams(Object.assign({ pageSize: String(SLIDE_PAGE) }, findTerms()));
+  if (more) q.set("pageToken", state.slidesNext);
+  const page = await api("GET", "/v1/slides?" + q);
+  if (mine !== slideRequest) return;
+  state.slides = more ? state.slides.concat(page.slides) : page.slides;
+  state.slidesNext = page.nextPageToken || "";
   renderSlides();
 }
 
 function filterTerms() {
-  const terms = $("slide-filter").value.trim().split(/\s+/).filter(Boolean);
   const pairs = {};
-  const words = [];
-  for (const t of terms) {
+  for (const t of $("slide-filter").value.trim().split(/\s+/).filter(Boolean)) {
     const i = t.indexOf("=");
-    if (i > 0) pairs[t.slice(0, i)] = t.slice(i + 1); else words.push(t.toLowerCase());
+    if (i > 0) pairs[t.slice(0, i)] = t.slice(i + 1);
   }
-  return { pairs, words };
-}
-
-function matches(slide, { pairs, words }) {
-  const md = slide.metadata || {};
-  for (const [k, v] of Object.entries(pairs)) if (md[k] !== v) return false;
-  const text = [slide.slideId, ...Object.values(md)].join(" ").toLowerCase();
-  return words.every((w) => text.includes(w));
+  return { pairs };
 }
 
 const slideThumbs = new IntersectionObserver((entries) => {
@@ -147,10 +159,15 @@ const slideThumbs = new IntersectionObserver((entries) => {
 }, { rootMargin: "200px" });
 
 function renderSlides() {
-  const f = filterTerms();
   const list = $("slide-list");
   list.replaceChildren();
-  for (const s of state.slides.filter((s) => matches(s, f))) {
+  $("more-slides").hidden = !state.slidesNext;
+  if (!state.slides.length) {
+    const li = document.createElement("li");
+    li.textContent = $("slide-find").value.trim() ? "No slide matches." : "No slides yet.";
+    list.append(li);
+  }
+  for (const s of state.slides) {
     const li = document.createElement("li");
     const b = document.createElement("button");
     b.type = "button";
@@ -251,7 +268,7 @@ async function showSlide(slideId) {
   ]);
   clearInterval(renewal);
   renewal = setInterval(() => slideInfo(slideId).catch(() => {}), 60000);
-  const slide = state.slides.find((s) => s.slideId === slideId) || { slideId, metadata: {} };
+  const slide = state.slides.find((s) => s.slideId === slideId) || (meta && meta.slide) || { slideId, metadata: {} };
   state.slide = Object.assign({}, slide, { width: info.width, height: info.height });
   state.slideMpp = meta ? Number(meta.mpp) || 0 : 0;
   viewer.clearOverlays();
@@ -756,7 +773,7 @@ function hitCard(hit) {
   facts.className = "facts";
   const md = hit.metadata || {};
   facts.textContent = `${hit.x},${hit.y} · ${Number(hit.mpp || 0).toFixed(2)} µm/px`
-    + (md.case_id ? ` · case ${md.case_id}` : "");
+    + (md[state.caseKey] ? ` · case ${md[state.caseKey]}` : "");
   const compare = document.createElement("button");
   compare.type = "button";
   compare.className = "compare";
@@ -837,17 +854,33 @@ function snapshot() {
   };
 }
 
-// The link of a view: #slide=…&x=…&y=…&zoom=… and a region query (q=x,y,w,h on qslide).
+// The link of a view: #slide=…&x=…&y=…&zoom=… and a region query (q=x,y,w,h on qslide), with
+// a polygon's vertices (poly=x,y;x,y;…) when it has one.
 function link(s) {
   if (!s.slideId) return location.pathname + location.search;
   const p = new URLSearchParams({ slide: s.slideId });
   if (s.viewport) for (const k of ["x", "y", "zoom"]) p.set(k, s.viewport[k]);
   const r = s.query && s.query.region;
-  if (r && !r.polygon) {
+  if (r) {
     p.set("qslide", r.slideId);
     p.set("q", [r.x, r.y, r.width, r.height].join(","));
+    if (r.polygon) p.set("poly", r.polygon.map((v) => `${v.x},${v.y}`).join(";"));
   }
   return "#" + p;
+}
+
+// A link's query region: {slideId, x, y, width, height[, polygon]}, or null when it holds none
+// (or a malformed one: the gateway judges the rest, as for any query).
+function linkRegion(p) {
+  const q = (p.get("q") || "").split(",").map(Number);
+  if (!p.get("qslide") || q.length !== 4 || !q.every(Number.isFinite)) return null;
+  const region = { slideId: p.get("qslide"), x: q[0], y: q[1], width: q[2], height: q[3] };
+  if (p.get("poly")) {
+    const polygon = p.get("poly").split(";").map((v) => v.split(",").map(Number));
+    if (polygon.length < 3 || !polygon.every((v) => v.length === 2 && v.every(Number.isFinite))) return null;
+    region.polygon = polygon.map(([x, y]) => ({ x, y }));
+  }
+  return region;
 }
 
 // Saves the current view in the current history entry (before leaving it, after changing it).
@@ -942,13 +975,13 @@ async function openLink() {
     ? { x: Number(p.get("x")), y: Number(p.get("y")), zoom: Number(p.get("zoom")) } : null;
   await showSlide(p.get("slide"));
   if (view) setViewport(view);
-  const q = (p.get("q") || "").split(",").map(Number);
-  if (p.get("qslide") === p.get("slide") && q.length === 4 && q.every(Number.isFinite)) {
-    select({ x: q[0], y: q[1], width: q[2], height: q[3] });
+  const region = linkRegion(p);
+  if (region && region.slideId === p.get("slide")) {
+    select(Object.assign({}, region));
     await search(true);
-  } else if (p.get("qslide") && q.length === 4) {
-    const region = { slideId: p.get("qslide"), x: q[0], y: q[1], width: q[2], height: q[3] };
-    setQuery({ region }, `region ${q.slice(0, 2).join(",")} ${q[2]}×${q[3]} of ${region.slideId}`);
+  } else if (region) {
+    setQuery({ region }, `${region.polygon ? "polygon" : "region"} ${region.x},${region.y} `
+      + `${region.width}×${region.height} of ${region.slideId}`);
     state.selection = Object.assign({}, region);
     await search(true);
   }
@@ -992,21 +1025,31 @@ function track(op) {
     op = (await api("GET", "/v1/operations/" + encodeURIComponent(op.operationId))).operation;
     show(op);
     if (["OPERATION_STATE_QUEUED", "OPERATION_STATE_RUNNING"].includes(op.state)) setTimeout(poll, 500);
-    else if (op.state === "OPERATION_STATE_SUCCEEDED") loadSlides();
+    else if (op.state === "OPERATION_STATE_SUCCEEDED") loadSlides(false);
   };
   setTimeout(poll, 500);
 }
 
 // -- start -------------------------------------------------------------------
-$("slide-filter").oninput = renderSlides;
+let findTimer = null;
+$("slide-find").oninput = () => {
+  clearTimeout(findTimer);
+  findTimer = setTimeout(() => loadSlides(false).catch((err) => say(err.message, true)), 250);
+};
+$("slide-find-form").onsubmit = (e) => {
+  e.preventDefault();
+  clearTimeout(findTimer);
+  loadSlides(false).catch((err) => say(err.message, true));
+};
+$("more-slides").onclick = () => loadSlides(true).catch((err) => say(err.message, true));
 
 (async () => {
   try {
     await setupLogin();
     if (userManager && !state.token) { say("Log in to see slides"); return; }
     await loadTenant();
-    await Promise.all([loadSlides(), loadConcepts()]);
-    say(`${state.slides.length} slides`);
+    await Promise.all([loadSlides(false), loadConcepts()]);
+    say(`${state.slides.length}${state.slidesNext ? "+" : ""} slides`);
     await openLink();
     window.smily.ready = true;
   } catch (err) {
