@@ -6,7 +6,10 @@ its own colour (identical examples with and without a concept teach nothing,
 an INVALID_ARGUMENT), and page tokens are the server's own (`format:
 page-token`), so a first page is asked for. A polygon's vertices must lie in
 its region's bounding box, which JSON Schema cannot state: generated polygons
-are dropped (tests/test_viewer_api.py queries by polygon).
+are dropped (tests/test_viewer_api.py queries by polygon). So is ListSlides'
+metadataKey: it must be one of the deployment's searchable keys
+(SMILY_SLIDE_SEARCH_KEYS), which a static document cannot enumerate
+(tests/test_slide_search.py covers it).
 """
 
 from __future__ import annotations
@@ -51,3 +54,8 @@ def _without_polygons(value):
 @schemathesis.hook
 def map_body(context, body):
     return _without_polygons(body)
+
+
+@schemathesis.hook
+def map_query(context, query):
+    return {k: v for k, v in (query or {}).items() if k != "metadataKey"} if query else query

@@ -155,6 +155,14 @@ def test_search_by_image_as_base64_and_multipart(api, tile):
     assert as_json["hits"][0]["slideId"] == "http-b" and as_json["hits"][0]["score"] > 0.99
     assert (as_json["hits"][0]["x"], as_json["hits"][0]["y"]) == (str(tile["x"]), str(tile["y"]))
     assert [h["score"] for h in multipart["hits"]] == pytest.approx([h["score"] for h in as_json["hits"]])
+    # An image part beside a region in the JSON is refused, not read as an image query
+    # (the part would clear the region, and exclude_query_case would then be blamed).
+    both = api.post(
+        "/v1/search",
+        files={"image": ("patch.png", png, "image/png")},
+        data={"request": json.dumps({"region": tile, "excludeQueryCase": True})},
+    )
+    assert both.status_code == 400 and "at most one of image, region" in both.json()["message"], both.text
 
 
 def test_search_paging(api, tile):

@@ -197,6 +197,13 @@ async def parse(method: Method, request: Request):
     except json_format.ParseError as exc:
         raise BadRequest(str(exc)) from None
     for name, data in files.items():
+        # A part must not silently replace what the JSON set in its oneof (an image part
+        # would clear the JSON's region, and the error would then name the wrong field).
+        oneof = message.DESCRIPTOR.fields_by_name[name].containing_oneof
+        if oneof is not None and message.WhichOneof(oneof.name) is not None:
+            raise BadRequest(
+                f"at most one of {', '.join(f.json_name for f in oneof.fields)}: {name} came as a part too"
+            )
         setattr(message, name, data)
     return message
 

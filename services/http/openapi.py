@@ -194,7 +194,8 @@ _RULES: dict[str, tuple[dict, dict]] = {
         {
             "pageSize": {"minimum": 0},
             "pageToken": _PAGE_TOKEN,
-            "metadataQuery": {"type": "string", "maxLength": limits.MAX_METADATA_QUERY_CHARS},
+            "metadataQuery": {**_TEXT, "maxLength": limits.MAX_METADATA_QUERY_CHARS},
+            "metadataKey": {**_KEY, "description": "one of GetIndexInfo's slideSearchKeys; needs metadataQuery"},
         },
         {},
     ),
@@ -301,6 +302,23 @@ def _content(output) -> dict:
     return {"application/json": {"schema": _ref(output)}}
 
 
+def _one_of_parts(files) -> dict:
+    """A bytes part excludes its oneof's other members from the JSON `request` part."""
+    rules = [
+        {
+            "if": {"required": [f.json_name]},
+            "then": {
+                "properties": {
+                    "request": {"not": {"anyOf": [{"required": [o.json_name]} for o in f.containing_oneof.fields]}}
+                }
+            },
+        }
+        for f in files
+        if f.containing_oneof is not None
+    ]
+    return {"allOf": rules} if rules else {}
+
+
 def document() -> dict:
     schemas: dict = {"Error": ERROR}
     paths: dict = {}
@@ -340,6 +358,7 @@ def document() -> dict:
                             if required
                             else {}
                         ),
+                        **_one_of_parts(files),
                     },
                     "encoding": {"request": {"contentType": "application/json"}},
                 }
