@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from smily.common import limits, tenancy
 from smily.common.config import Settings
+from smily.common.errors import InvalidArgument
 from smily.common.server import Registration, Servicer
 from smily.common.tensors import from_tensor, to_tensor
 from smily.common.tiling import Tiling
@@ -76,6 +77,7 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer, Servicer):
                 from_tensor(request.embeddings),
                 tiles,
                 tiling and tiling.validate(),
+                request.register_model,
             )
         )
         return index_pb2.AddTilesResponse(staged=n)
@@ -116,7 +118,8 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer, Servicer):
             )
         )
         return index_pb2.SearchResponse(
-            model_id=self.store.model_id,
+            # The model searched: the query's (a search never mixes models), "" before the first write.
+            model_id=request.model_id if self.store.model_id else "",
             hits=[
                 index_pb2.Hit(
                     tenant=tenancy.split(h.slide_id)[0],
@@ -170,6 +173,29 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer, Servicer):
         if self.store.tiling is not None:
             self.store.tiling.to_pb(out.tiling)
         return out
+
+    # -- models (see faiss_index.py) ------------------------------------------
+    def SetServingModel(self, request, context):
+        if not request.model_id:
+            raise InvalidArgument("model_id is required")
+        return index_pb2.SetServingModelResponse(journal_seq=self.store.serve(request.model_id))
+
+    def DropModel(self, request, context):
+        if not request.model_id:
+            raise InvalidArgument("model_id is required")
+        dropped = self.store.drop_model(request.model_id)
+        return index_pb2.DropModelResponse(dropped_tiles=dropped, journal_seq=self.store.info().journal_seq)
+
+    def ListModels(self, request, context):
+        serving = self.store.model_id
+        return index_pb2.ListModelsResponse(
+            models=[
+                index_pb2.HeldModel(model_id=m, dim=dim, tile_count=tiles, serving=m == serving)
+                for m, (dim, tiles) in sorted(self.store.models().items())
+            ],
+            serving_model_id=serving,
+            journal_seq=self.store.info().journal_seq,
+        )
 
     # -- concepts (their own table; see concepts.py) -------------------------
     # Concepts are per tenant: stored under tenancy.key(tenant, name).

@@ -24,7 +24,8 @@ from .storage import Slide, Tile
 @dataclass(frozen=True)
 class TileBatch:
     """Tiles of one ingest generation of a slide and their embeddings, [len(tiles), dim].
-    `tiling` (how they were cut) is recorded by the index's first write and checked after."""
+    `tiling` (how they were cut) is recorded by the index's first write and checked after.
+    A model the index does not hold is refused unless `register_model` (a migration adds it)."""
 
     model_id: str
     slide_id: str
@@ -32,6 +33,7 @@ class TileBatch:
     vectors: np.ndarray
     tiles: list[Tile]
     tiling: Tiling | None = None
+    register_model: bool = False
 
 
 @dataclass(frozen=True)
@@ -83,7 +85,7 @@ class ShardIndex(Protocol):
 
     @property
     def model_id(self) -> str:
-        """The model whose embeddings it holds; "" before the first write."""
+        """The model serving searches; "" before the first write."""
 
     @property
     def dim(self) -> int: ...
@@ -101,7 +103,17 @@ class ShardIndex(Protocol):
     def delete_slide(self, slide_id: str) -> int:
         """Drop a slide; returns how many tiles went. NotFound when it is not there."""
 
-    def search(self, query: Query) -> list[Hit]: ...
+    def search(self, query: Query) -> list[Hit]:
+        """Hits among the tiles of the query's model (any model held; one model per search)."""
+
+    def serve(self, model_id: str) -> int:
+        """Make a held model the serving one at the next journal sequence number, which it returns."""
+
+    def drop_model(self, model_id: str) -> int:
+        """Forget a model other than the serving one and its vectors; returns how many tiles went."""
+
+    def models(self) -> dict[str, tuple[int, int]]:
+        """(dimension, tiles searched) of every model held."""
 
     def get_slide(self, slide_id: str) -> Slide: ...
 
