@@ -53,6 +53,7 @@ def test_two_models_side_by_side_then_cutover_rollback_and_drop(make):
     with pytest.raises(FailedPrecondition):
         put(store, NEW, "a", new["a"], "n-a")
     put(store, NEW, "a", new["a"], "n-a", register=True)
+    assert store.missing_slides(NEW, 10) == (["b"], 1)  # what a cutover now would miss
     put(store, NEW, "b", new["b"], "n-b")  # held now: no flag needed
     assert store.models() == {OLD: (8, 8), NEW: (6, 8)}
     # Each model's search is its own: a query of either model finds its own vectors alone.

@@ -23,6 +23,8 @@ from .cache import RedisGuard, hmac_key, make_cache
 from .cases import CaseIngestor
 from .guard import Guard
 from .ingest import Ingestor
+from .migration import Migrator
+from .models import Models
 from .operations import LocalOperations, SharedOperations
 from .query import QueryEngine, region_request
 from .readiness import Readiness
@@ -106,16 +108,21 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer, Servicer):
         cache = make_cache(redis, settings.gateway.cache_ttl_s, secret)
         self._searches = SearchRecords(cache)
         self._label_key = settings.gateway.label_key
+        self._models = Models(self._b)
         self._q = QueryEngine(
             self._b,
             self._tilings,
             cache,
             settings.gateway,
             settings.limits,
+            self._models,
         )
         shared = SharedOperations(redis, secret) if redis else LocalOperations()
-        self._ingest = Ingestor(self._b, self._tilings, shared, settings.gateway, settings.limits)
+        self._ingest = Ingestor(self._b, self._tilings, shared, settings.gateway, settings.limits, self._models)
         self._cases = CaseIngestor(self._b, self._ingest, shared)
+        self._migrations = Migrator(
+            self._b, self._tilings, self._models, shared, settings.gateway.embed_batch, self._default_tenant
+        )
         self._links = dicom.ViewerLinks(settings.gateway.viewer_url_template)
         # Fans a slide query's mosaic tiles out to the index.
         self._fanout = ThreadPoolExecutor(max_workers=8, thread_name_prefix="mosaic")
@@ -155,13 +162,21 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer, Servicer):
         who = callers.current()
         if who.roles & any_operation:
             return
-        starters = self._cases.starters(operation_id) or self._ingest.starters(operation_id)
+        starters = (
+            self._cases.starters(operation_id)
+            or self._migrations.starters(operation_id)
+            or self._ingest.starters(operation_id)
+        )
         if who.key not in starters:
             raise PermissionDenied("this operation was started by another caller")
 
     def GetOperation(self, request, context):
         requests.operation(request)
-        op = self._cases.get(request.operation_id) or self._ingest.get(request.operation_id)
+        op = (
+            self._cases.get(request.operation_id)
+            or self._migrations.get(request.operation_id)
+            or self._ingest.get(request.operation_id)
+        )
         # Another tenant's operation is NOT_FOUND (as a missing one), before whose it is counts.
         tenants.check_operation(op, request.operation_id, self._default_tenant)
         self._follow(request.operation_id, frozenset({auth.SEARCH, auth.ADMIN}))
@@ -171,12 +186,18 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer, Servicer):
         requests.operation(request)
         # Another tenant's operation is NOT_FOUND before anything is asked of it.
         tenants.check_operation(
-            self._cases.get(request.operation_id) or self._ingest.get(request.operation_id),
+            self._cases.get(request.operation_id)
+            or self._migrations.get(request.operation_id)
+            or self._ingest.get(request.operation_id),
             request.operation_id,
             self._default_tenant,
         )
         self._follow(request.operation_id, frozenset({auth.ADMIN}))
-        op = self._cases.cancel(request.operation_id) or self._ingest.cancel(request.operation_id)
+        op = (
+            self._cases.cancel(request.operation_id)
+            or self._migrations.cancel(request.operation_id)
+            or self._ingest.cancel(request.operation_id)
+        )
         return gateway_pb2.CancelOperationResponse(operation=op)
 
     def _ranked(self, request, negative_weight: float, k: int, context, slide_ids=None, diverse: bool = True):
@@ -459,7 +480,33 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer, Servicer):
             readable_tenants=tenants.readable(),
         )
         tiling.to_pb(out.tiling)
+        held = self._b.index.ListModels(index_pb2.ListModelsRequest(), timeout=timeout)
+        for m in held.models:
+            out.models.add(model_id=m.model_id, tile_count=m.tile_count, serving=m.serving)
+        migration = self._migrations.current()
+        if migration is not None:
+            out.migration.CopyFrom(migration)
         return out
+
+    # -- model lifecycle (migration.py) ------------------------------------------
+    def MigrateIndex(self, request, context):
+        requests.migrate_index(request)
+        op = self._migrations.start(
+            request.model_id,
+            request.max_tiles_per_s,
+            request.cutover,
+            tenant=tenants.own(),
+            starter=callers.current().key,
+        )
+        return gateway_pb2.MigrateIndexResponse(operation=op)
+
+    def CutoverIndex(self, request, context):
+        requests.cutover_index(request)
+        return self._migrations.cutover(request.model_id, request.allow_missing)
+
+    def DropIndexModel(self, request, context):
+        requests.drop_index_model(request)
+        return gateway_pb2.DropIndexModelResponse(dropped_tiles=self._migrations.drop(request.model_id))
 
     def on_close(self, hook) -> None:
         self._close_hooks.append(hook)

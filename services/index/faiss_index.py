@@ -242,6 +242,15 @@ class TileIndex:
         with self._rw.read():
             return {m: (s.dim, s.count()) for m, s in self._searches.items()}
 
+    def missing_slides(self, model_id: str, limit: int) -> tuple[list[str], int]:
+        return self.storage.missing_slides(model_id, limit)
+
+    def add_model(self, model_id: str, dim: int) -> None:
+        if not self.model_id:
+            raise FailedPrecondition("the index holds nothing yet: ingest slides, which bind it to their model")
+        check_model(self._models(), self.model_id, model_id, dim, register=True)
+        self.hold(model_id, dim)
+
     # -- writes -------------------------------------------------------------
     def stage(self, batch: TileBatch) -> int:
         check_stage(batch)
@@ -373,7 +382,7 @@ class TileIndex:
     def get_slide(self, slide_id: str) -> Slide:
         return self.storage.get_slide(slide_id)
 
-    def list_slides(self, page_size: int, page_token: str, tenants=()) -> tuple[list[Slide], str]:
+    def list_slides(self, page_size: int, page_token: str, tenants=(), lacking: str = "") -> tuple[list[Slide], str]:
         if page_size < 0:
             raise InvalidArgument("page_size must not be negative")
         page_size = min(page_size or 100, 1000)
@@ -381,7 +390,7 @@ class TileIndex:
             after = base64.b64decode(page_token, altchars=b"-_", validate=True).decode() if page_token else ""
         except Exception:
             raise InvalidArgument("page_token is not one this service issued") from None
-        rows = self.storage.list_slides(after, page_size + 1, tenants)
+        rows = self.storage.list_slides(after, page_size + 1, tenants, lacking)
         slides = rows[:page_size]
         token = base64.urlsafe_b64encode(slides[-1].slide_id.encode()).decode() if len(rows) > page_size else ""
         return slides, token

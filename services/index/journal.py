@@ -183,6 +183,27 @@ class Journal(Sql):
             rows = self._x("SELECT model_id, COUNT(*) FROM {s}tiles WHERE committed > 0 GROUP BY model_id").fetchall()
         return {m: n for m, n in rows}
 
+    def _lacking(self, model_id: str) -> tuple[str, tuple]:
+        """Inside a session: the condition on slides `s` that hold tiles of the serving model and none of
+        `model_id` (what a cutover to it would miss), with its args."""
+        cond = (
+            "EXISTS (SELECT 1 FROM {s}tiles t WHERE t.slide_id = s.slide_id AND t.model_id = ? AND t.committed > 0) "
+            "AND NOT EXISTS (SELECT 1 FROM {s}tiles t WHERE t.slide_id = s.slide_id AND t.model_id = ? "
+            "AND t.committed > 0)"
+        )
+        return cond, (self._meta().get("model_id", ""), model_id)
+
+    def missing_slides(self, model_id: str, limit: int) -> tuple[list[str], int]:
+        """Keys of up to `limit` slides with tiles of the serving model and none of `model_id`, and how many."""
+        with self._session():
+            cond, args = self._lacking(model_id)
+            n = self._x(f"SELECT COUNT(*) FROM {{s}}slides s WHERE {cond}", args).fetchone()[0]
+            rows = self._x(
+                f"SELECT s.slide_id FROM {{s}}slides s WHERE {cond} ORDER BY s.slide_id{{text_order}} LIMIT ?",
+                (*args, limit),
+            ).fetchall()
+        return [r[0] for r in rows], n
+
     def _held_dim(self, model_id: str) -> int:
         """Inside _writing: the dimension of a held model; FAILED_PRECONDITION for one not held."""
         row = self._x("SELECT value FROM {s}meta WHERE key = ?", (DIM_OF + model_id,)).fetchone()
@@ -485,12 +506,15 @@ class Journal(Sql):
             raise _missing(slide_id)
         return self._slide(row)
 
-    def list_slides(self, after: str, limit: int, tenants=()) -> list[Slide]:
+    def list_slides(self, after: str, limit: int, tenants=(), lacking: str = "") -> list[Slide]:
         conds, args = self._tenant_condition("slide_id", tenants)
         with self._session():
+            if lacking:
+                cond, lacking_args = self._lacking(lacking)
+                conds, args = [*conds, cond], [*args, *lacking_args]
             rows = self._x(
-                f"SELECT {SLIDE_COLUMNS} FROM {{s}}slides WHERE {' AND '.join(['slide_id{text_order} > ?', *conds])} "
-                "ORDER BY slide_id{text_order} LIMIT ?",
+                f"SELECT {SLIDE_COLUMNS} FROM {{s}}slides s "
+                f"WHERE {' AND '.join(['slide_id{text_order} > ?', *conds])} ORDER BY slide_id{{text_order}} LIMIT ?",
                 (after, *args, limit),
             ).fetchall()
         return [self._slide(r) for r in rows]

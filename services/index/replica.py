@@ -20,7 +20,7 @@ import threading
 import time
 
 from smily.common import tiling as tilings
-from smily.common.errors import Unavailable
+from smily.common.errors import FailedPrecondition, Unavailable
 from smily.common.tiling import Tiling
 
 from .faiss_index import IndexConfig, TileIndex, check_model, check_stage
@@ -149,6 +149,9 @@ class Replica:
     def models(self) -> dict[str, tuple[int, int]]:
         return self.local.models()
 
+    def missing_slides(self, model_id: str, limit: int) -> tuple[list[str], int]:
+        return self.store.missing_slides(model_id, limit)
+
     def delete_slide(self, slide_id: str) -> int:
         commit = self.store.delete_slide(slide_id)
         self._serve(commit.seq)
@@ -168,8 +171,17 @@ class Replica:
     def get_slide(self, slide_id: str) -> Slide:
         return self.local.get_slide(slide_id)
 
-    def list_slides(self, page_size: int, page_token: str, tenants=()) -> tuple[list[Slide], str]:
-        return self.local.list_slides(page_size, page_token, tenants)
+    def list_slides(self, page_size: int, page_token: str, tenants=(), lacking: str = "") -> tuple[list[Slide], str]:
+        return self.local.list_slides(page_size, page_token, tenants, lacking)
+
+    def add_model(self, model_id: str, dim: int) -> None:
+        serving, _ = self.store.binding()
+        if not serving:
+            raise FailedPrecondition("the index holds nothing yet: ingest slides, which bind it to their model")
+        check_model(self.store.models(), serving, model_id, dim, register=True)
+        if self.store.add_model(model_id, dim) != dim:
+            check_model(self.store.models(), serving, model_id, dim)  # another writer added it with another dim
+        self._serve(self.local.info().journal_seq)
 
     def counts(self, tenants=()) -> tuple[int, int]:
         return self.local.counts(tenants)

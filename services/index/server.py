@@ -17,6 +17,9 @@ from .replica import Replica
 from .shard import Query, ShardIndex, TileBatch
 from .storage import Slide, Tile
 
+# Slides a ListModels names of those a model lacks; the count says how many in all.
+MISSING_LISTED = 100
+
 
 def _slide_pb(s: Slide, model_id: str) -> index_pb2.Slide:
     tenant, slide_id = tenancy.split(s.slide_id)
@@ -144,7 +147,8 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer, Servicer):
         return index_pb2.GetSlideResponse(slide=_slide_pb(self.store.get_slide(key), self.store.model_id))
 
     def ListSlides(self, request, context):
-        slides, token = self.store.list_slides(request.page_size, request.page_token, self._tenants(request.tenants))
+        tenants = () if request.all_tenants else self._tenants(request.tenants)
+        slides, token = self.store.list_slides(request.page_size, request.page_token, tenants, request.lacking_model_id)
         return index_pb2.ListSlidesResponse(
             slides=[_slide_pb(s, self.store.model_id) for s in slides], next_page_token=token
         )
@@ -180,6 +184,12 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer, Servicer):
             raise InvalidArgument("model_id is required")
         return index_pb2.SetServingModelResponse(journal_seq=self.store.serve(request.model_id))
 
+    def AddModel(self, request, context):
+        if not request.model_id or request.dim <= 0:
+            raise InvalidArgument("model_id and a positive dim are required")
+        self.store.add_model(request.model_id, request.dim)
+        return index_pb2.AddModelResponse()
+
     def DropModel(self, request, context):
         if not request.model_id:
             raise InvalidArgument("model_id is required")
@@ -188,7 +198,7 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer, Servicer):
 
     def ListModels(self, request, context):
         serving = self.store.model_id
-        return index_pb2.ListModelsResponse(
+        out = index_pb2.ListModelsResponse(
             models=[
                 index_pb2.HeldModel(model_id=m, dim=dim, tile_count=tiles, serving=m == serving)
                 for m, (dim, tiles) in sorted(self.store.models().items())
@@ -196,6 +206,12 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer, Servicer):
             serving_model_id=serving,
             journal_seq=self.store.info().journal_seq,
         )
+        if request.missing_model_id:
+            keys, out.missing_count = self.store.missing_slides(request.missing_model_id, MISSING_LISTED)
+            for key in keys:
+                tenant, slide_id = tenancy.split(key)
+                out.missing_slides.add(tenant=tenant, slide_id=slide_id)
+        return out
 
     # -- concepts (their own table; see concepts.py) -------------------------
     # Concepts are per tenant: stored under tenancy.key(tenant, name).

@@ -115,11 +115,19 @@ class ShardIndex(Protocol):
     def models(self) -> dict[str, tuple[int, int]]:
         """(dimension, tiles searched) of every model held."""
 
+    def missing_slides(self, model_id: str, limit: int) -> tuple[list[str], int]:
+        """Keys of up to `limit` slides the serving model holds tiles of and `model_id` none, and how many."""
+
     def get_slide(self, slide_id: str) -> Slide: ...
 
-    def list_slides(self, page_size: int, page_token: str, tenants: Sequence[str] = ()) -> tuple[list[Slide], str]:
+    def list_slides(
+        self, page_size: int, page_token: str, tenants: Sequence[str] = (), lacking: str = ""
+    ) -> tuple[list[Slide], str]:
         """A page of slides (of these tenants; none named: all) in key order and the next page's token
-        ("" after the last)."""
+        ("" after the last); with `lacking`, only slides the serving model holds tiles of and it none."""
+
+    def add_model(self, model_id: str, dim: int) -> None:
+        """Hold a model beside the serving one, before any of its tiles (a migration's start)."""
 
     def counts(self, tenants: Sequence[str] = ()) -> tuple[int, int]:
         """(tiles searched, slides), of these tenants when any are named."""

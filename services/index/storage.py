@@ -123,6 +123,9 @@ class Storage(Protocol):
     def model_counts(self) -> dict[str, int]:
         """Published tiles per model."""
 
+    def missing_slides(self, model_id: str, limit: int) -> tuple[list[str], int]:
+        """Keys of up to `limit` slides with tiles of the serving model and none of `model_id`, and how many."""
+
     def serve(self, model_id: str) -> Commit:
         """Make a held model the one serving searches: a journal entry of its own."""
 
@@ -200,8 +203,9 @@ class Storage(Protocol):
     def get_slide(self, slide_id: str) -> Slide:
         """Raises NotFound when the slide is not there."""
 
-    def list_slides(self, after: str, limit: int, tenants=()) -> list[Slide]:
-        """Up to `limit` slides with key > after, in key order, of these tenants when any are named."""
+    def list_slides(self, after: str, limit: int, tenants=(), lacking: str = "") -> list[Slide]:
+        """Up to `limit` slides with key > after, in key order, of these tenants when any are named; with
+        `lacking`, only those with tiles of the serving model and none of that model (a migration's work)."""
 
     def adopt_untenanted(self, default_tenant: str) -> int:
         """Once per store: slides written before tenancy become the default tenant's."""

@@ -1,0 +1,297 @@
+"""MigrateIndex: every slide of the index re-embedded with another model, in the background.
+
+Searches go on with the serving model throughout: the new model's vectors go
+into their own FAISS index beside it (the index holds vectors per model), and
+only a cutover (CutoverIndex: a journal entry per shard) makes them serve.
+Each slide is re-embedded from the source the index recorded for it, with
+the index's tiling record, as one commit of the new model; a slide whose
+source is gone is FAILED_PRECONDITION in the operation's list and the others
+go on. Ingests meanwhile write both models and deletes remove from both
+(ingest.py, the index), so a slide added or deleted during the migration is
+neither missing nor resurrected at cutover. The operation is published like
+an ingest's (operations.py), so any replica answers GetOperation and takes
+a cancel. A throttle (max_tiles_per_s) leaves the embedder to queries.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+
+from smily.common import tenancy
+from smily.common.errors import FailedPrecondition, status_of
+from smily.gateway.v1 import gateway_pb2
+from smily.index.v1 import index_pb2
+from smily.tiler.v1 import tiler_pb2
+
+from .backends import BackendError, Backends
+from .indexing import SlideSource, generation_for, index_slide
+from .ingest import Cancelled, _copy
+from .models import Models
+from .operations import FINISHED, LocalOperations, SharedOperations
+from .tilings import IndexTiling
+
+log = logging.getLogger("smily.migration")
+
+State = gateway_pb2.OperationState
+# Slides listed per index call.
+PAGE = 200
+
+
+class Throttle:
+    """At most `per_s` tiles a second on average (0: no limit): sleeps after each batch as needed."""
+
+    def __init__(self, per_s: float):
+        self._per_s, self._start, self._spent = per_s, time.monotonic(), 0
+
+    def spend(self, tiles: int) -> None:
+        self._spent += tiles
+        if self._per_s > 0:
+            ahead = self._spent / self._per_s - (time.monotonic() - self._start)
+            if ahead > 0:
+                time.sleep(ahead)
+
+
+class Migrator:
+    def __init__(
+        self,
+        backends: Backends,
+        tilings: IndexTiling,
+        models: Models,
+        shared: SharedOperations | LocalOperations,
+        batch: int,
+        default_tenant: str,
+    ):
+        self._b, self._tilings, self._models, self._shared = backends, tilings, models, shared
+        self._batch, self._default_tenant = batch, default_tenant
+        self._lock = threading.Lock()
+        self._ops: dict[str, gateway_pb2.Operation] = {}
+        self._starters: dict[str, frozenset[str]] = {}
+
+    # -- the operation -------------------------------------------------------
+    def start(
+        self, model_id: str, max_tiles_per_s: float, cutover: bool, tenant: str, starter: str
+    ) -> gateway_pb2.Operation:
+        timeout = self._b.timeout()
+        serving, _ = self._models.current(timeout)
+        if model_id == serving:
+            raise FailedPrecondition(f"model {model_id} already serves the index")
+        _, info = self._b.embedder_for(model_id, timeout)  # none serves it: fail the call, not the operation
+        with self._lock:
+            running = self.running()
+            if running is not None:
+                raise FailedPrecondition(f"migration {running.operation_id} is running: cancel it or wait")
+            # Held from now on: every ingest writes it too, so the slides listed below are all it misses.
+            self._b.index.AddModel(
+                index_pb2.AddModelRequest(model_id=model_id, dim=info.embedding_dim), timeout=timeout
+            )
+            self._models.changed()
+            op = gateway_pb2.Operation(
+                operation_id=uuid.uuid4().hex,
+                tenant=tenant,
+                model_id=model_id,
+                state=State.OPERATION_STATE_RUNNING,
+                progress=gateway_pb2.IngestProgress(),
+                updated_at=time.time(),
+            )
+            self._ops[op.operation_id] = op
+            self._starters[op.operation_id] = frozenset({starter})
+        threading.Thread(
+            target=self._run, args=(op.operation_id, model_id, max_tiles_per_s, cutover), name="migrate", daemon=True
+        ).start()
+        log.info("migration started", extra={"operation_id": op.operation_id, "model_id": model_id})
+        return self._publish(op.operation_id)
+
+    def running(self) -> gateway_pb2.Operation | None:
+        """The migration this gateway runs (caller holds the lock, or reads a snapshot)."""
+        return next((_copy(o) for o in self._ops.values() if o.state not in FINISHED), None)
+
+    def current(self) -> gateway_pb2.Operation | None:
+        with self._lock:
+            return self.running()
+
+    def get(self, operation_id: str) -> gateway_pb2.Operation | None:
+        """A migration this gateway runs or ran; None otherwise (another replica's is in `shared`)."""
+        with self._lock:
+            op = self._ops.get(operation_id)
+            return _copy(op) if op is not None else None
+
+    def starters(self, operation_id: str) -> frozenset[str]:
+        with self._lock:
+            return self._starters.get(operation_id, frozenset())
+
+    def cancel(self, operation_id: str) -> gateway_pb2.Operation | None:
+        with self._lock:
+            op = self._ops.get(operation_id)
+            if op is None:
+                return None
+            if op.state not in FINISHED:
+                op.cancel_requested = True
+        log.info("migration cancel requested", extra={"operation_id": operation_id})
+        return self._publish(operation_id)
+
+    def _publish(self, operation_id: str) -> gateway_pb2.Operation:
+        with self._lock:
+            op = self._ops[operation_id]
+            op.updated_at = time.time()
+            snapshot, starters = _copy(op), self._starters[operation_id]
+        self._shared.publish(snapshot, starters)
+        return snapshot
+
+    def _check_cancel(self, operation_id: str) -> None:
+        with self._lock:
+            requested = self._ops[operation_id].cancel_requested
+        if requested or self._shared.cancel_requested(operation_id):
+            raise Cancelled()
+
+    # -- the work -------------------------------------------------------------
+    def _run(self, operation_id: str, model_id: str, max_tiles_per_s: float, cutover: bool) -> None:
+        throttle = Throttle(max_tiles_per_s)
+        try:
+            slides = self._slides(model_id)
+            with self._lock:
+                op = self._ops[operation_id]
+                op.progress.tiles_total = sum(s.tile_count for s in slides)
+                for s in slides:
+                    op.slides.add(slide_id=self._name(s), state=State.OPERATION_STATE_QUEUED)
+            self._publish(operation_id)
+            for i, s in enumerate(slides):
+                self._check_cancel(operation_id)
+                self._one(operation_id, i, s, model_id, throttle)
+            if cutover:
+                self.cutover(model_id, allow_missing=False)
+            self._finish(operation_id, State.OPERATION_STATE_SUCCEEDED)
+        except Cancelled:
+            self._finish(operation_id, State.OPERATION_STATE_CANCELLED)
+        except Exception as exc:
+            code, message = status_of(exc)
+            self._finish(operation_id, State.OPERATION_STATE_FAILED, code.name, message)
+
+    def _finish(self, operation_id: str, state: int, code: str = "", message: str = "") -> None:
+        with self._lock:
+            op = self._ops[operation_id]
+            op.state, op.error_code, op.error_message = state, code, message  # type: ignore[assignment]
+            for entry in op.slides:
+                if entry.state == State.OPERATION_STATE_QUEUED and state == State.OPERATION_STATE_CANCELLED:
+                    entry.state = State.OPERATION_STATE_CANCELLED
+        self._publish(operation_id)
+        log.info("migration finished", extra={"operation_id": operation_id, "state": State.Name(state)})
+
+    def _slides(self, model_id: str) -> list[index_pb2.Slide]:
+        """Every slide of the index (of every tenant, in key order) that lacks the model: a migration run
+        again re-embeds only what the last one left (cancelled, or failed)."""
+        out, token = [], ""
+        while True:
+            page = self._b.index.ListSlides(
+                index_pb2.ListSlidesRequest(
+                    page_size=PAGE, page_token=token, all_tenants=True, lacking_model_id=model_id
+                ),
+                timeout=self._b.timeout(),
+            )
+            out += page.slides
+            token = page.next_page_token
+            if not token:
+                return out
+
+    def _name(self, s: index_pb2.Slide) -> str:
+        """A slide as the operation names it: its id, after its tenant's name when not the default's."""
+        tenant = s.tenant or self._default_tenant
+        return s.slide_id if tenant == self._default_tenant else tenancy.key(tenant, s.slide_id)
+
+    def _one(self, operation_id: str, i: int, s: index_pb2.Slide, model_id: str, throttle: Throttle) -> None:
+        """Re-embed one slide; its outcome goes into its entry, never out of the migration."""
+        timeout = self._b.timeout()
+        self._entry(operation_id, i, state=State.OPERATION_STATE_RUNNING)
+        done = [0]
+
+        def batch(n: int) -> None:
+            with self._lock:
+                op = self._ops[operation_id]
+                op.slides[i].progress.tiles_indexed = n
+                op.progress.tiles_indexed += n - done[0]
+                op.progress.tiles_embedded = op.progress.tiles_indexed
+            throttle.spend(n - done[0])
+            done[0] = n
+            self._publish(operation_id)
+
+        try:
+            try:
+                self._b.tiler.GetSlideInfo(tiler_pb2.GetSlideInfoRequest(slide=s.source), timeout=timeout)
+            except BackendError as exc:
+                raise FailedPrecondition("the slide's recorded source can no longer be read") from exc
+            embedder, _ = self._b.embedder_for(model_id, timeout)
+            tiling, _ = self._tilings.current(timeout)
+            index_slide(
+                self._b,
+                SlideSource(s.tenant, s.slide_id, s.source, dict(s.metadata), s.slide_mpp),
+                model_id,
+                embedder,
+                tiling,
+                generation_for(operation_id + "-" + str(i), model_id, serving=False),
+                self._batch,
+                timeout,
+                register=True,
+                before_batch=lambda: self._check_cancel(operation_id),
+                on_batch=batch,
+            )
+        except Cancelled:
+            raise
+        except Exception as exc:
+            code, message = status_of(exc)
+            if code.name == "NOT_FOUND":  # deleted while re-embedded: the delete removed it from both models
+                self._entry(operation_id, i, state=State.OPERATION_STATE_CANCELLED, error_message="deleted meanwhile")
+                return
+            self._entry(
+                operation_id, i, state=State.OPERATION_STATE_FAILED, error_code=code.name, error_message=message
+            )
+            log.warning(
+                "slide not migrated", extra={"operation_id": operation_id, "slide_id": s.slide_id, "code": code.name}
+            )
+            return
+        self._entry(operation_id, i, state=State.OPERATION_STATE_SUCCEEDED)
+
+    def _entry(self, operation_id: str, i: int, **fields) -> None:
+        with self._lock:
+            entry = self._ops[operation_id].slides[i]
+            for name, value in fields.items():
+                setattr(entry, name, value)
+        self._publish(operation_id)
+
+    # -- cutover and drop -----------------------------------------------------------
+    def cutover(self, model_id: str, allow_missing: bool) -> gateway_pb2.CutoverIndexResponse:
+        """Serve another held model (empty: the one other held model); refused while slides are missing in it."""
+        timeout = self._b.timeout()
+        serving, held = self._models.current(timeout)
+        others = [m for m in held if m != serving]
+        if not model_id:
+            if len(others) != 1:
+                raise FailedPrecondition(
+                    f"the index holds {len(others)} models besides the serving one: name the one to serve"
+                )
+            model_id = others[0]
+        if model_id not in held:
+            raise FailedPrecondition(f"the index holds no vectors of model {model_id}: migrate to it first")
+        reply = self._b.index.ListModels(index_pb2.ListModelsRequest(missing_model_id=model_id), timeout=timeout)
+        missing = [self._name(s) for s in reply.missing_slides]
+        if reply.missing_count and not allow_missing:
+            raise FailedPrecondition(
+                f"{reply.missing_count} slides are missing in model {model_id} ({', '.join(missing)}"
+                f"{', ...' if reply.missing_count > len(missing) else ''}): finish the migration, or allow missing"
+            )
+        self._b.index.SetServingModel(index_pb2.SetServingModelRequest(model_id=model_id), timeout=timeout)
+        self._models.changed()
+        log.info("index cut over", extra={"model_id": model_id, "previous": serving, "missing": reply.missing_count})
+        return gateway_pb2.CutoverIndexResponse(
+            model_id=model_id, previous_model_id=serving, missing_slide_ids=missing, missing_count=reply.missing_count
+        )
+
+    def drop(self, model_id: str) -> int:
+        timeout = self._b.timeout()
+        running = self.current()
+        if running is not None and running.model_id == model_id:
+            raise FailedPrecondition(f"migration {running.operation_id} is filling model {model_id}: cancel it first")
+        reply = self._b.index.DropModel(index_pb2.DropModelRequest(model_id=model_id), timeout=timeout)
+        self._models.changed()
+        return reply.dropped_tiles
