@@ -77,7 +77,7 @@ def register(sub) -> None:
         func=rollback
     )
     s = api(ix.add_parser("drop-model", help="free a model's vectors (never the serving model's)"))
-    s.add_argument("model", metavar="NAME/VERSION")
+    s.add_argument("model", metavar="NAME/VERSION", help="the model whose vectors to free")
     s.set_defaults(func=drop_model)
     s = ix.add_parser(
         "reshard", help="move slides to their shards for a new shard count (PostgreSQL at SMILY_INDEX_DATABASE_URL)"
