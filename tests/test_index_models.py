@@ -87,7 +87,7 @@ def test_two_models_side_by_side_then_cutover_rollback_and_drop(make):
     assert store.models() == {NEW: (6, 4)}
     with pytest.raises(FailedPrecondition):
         store.search(Query(OLD, old["b"][0], 1))
-    with pytest.raises(FailedPrecondition):
+    with pytest.raises(NotFound):
         store.serve(OLD)
     store.close()
     store = make()

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 
 import grpc
@@ -15,9 +18,11 @@ from smily import stack
 from smily.cli import main as smily_main
 from smily.client import Client
 from smily.gateway.v1 import gateway_pb2
+from smily.localstack import free_port
 
 from .conftest import base_settings, rpc_code
-from .helpers.wait import wait_done
+from .helpers.procstack import NAMES, SERVING, health
+from .helpers.wait import wait_done, wait_until
 
 OLD, NEW = "efficientnet-lite0/1", "efficientnet-lite0/1-int8"
 REGION = dict(slide_id="synth-a", x=1024, y=768, width=448, height=448)
@@ -188,8 +193,9 @@ def test_rollback_cutover_again_and_drop(world, capsys):
     assert f"also holds model {OLD}" in capsys.readouterr().out
     assert client.drop_index_model(OLD) > 0
     assert _models(client) == {NEW: (_models(client)[NEW][0], True)}
-    assert rpc_code(client.cutover_index, OLD) == grpc.StatusCode.FAILED_PRECONDITION  # dropped
-    assert rpc_code(client.migrate_index, "no-such/1") == grpc.StatusCode.FAILED_PRECONDITION  # no embedder
+    assert rpc_code(client.cutover_index, OLD) == grpc.StatusCode.NOT_FOUND  # dropped
+    assert rpc_code(client.drop_index_model, OLD) == grpc.StatusCode.NOT_FOUND
+    assert rpc_code(client.migrate_index, "no-such/1") == grpc.StatusCode.NOT_FOUND  # no embedder serves it
     assert rpc_code(client.migrate_index, "not a model") == grpc.StatusCode.INVALID_ARGUMENT
     # Back to the old model for the next test: the old one is migrated to like any other.
     assert wait_done(client, client.migrate_index(OLD, cutover=True)).state == OK
@@ -212,3 +218,63 @@ def test_a_vanished_source_is_failed_precondition_and_named_at_cutover(world, sc
     switched = client.cutover_index(allow_missing=True)
     assert switched.model_id == NEW and list(switched.missing_slide_ids) == ["vanishing"]
     client.delete("vanishing")
+
+
+def _gateway_process(settings, log_path: str) -> tuple[subprocess.Popen, Client]:
+    """A gateway of its own process, on the backends of `settings` (so it can be SIGKILLed)."""
+    port = free_port()
+    env = dict(
+        os.environ,
+        SMILY_PLAINTEXT="1",
+        SMILY_AUTH="none",
+        SMILY_BIND_HOST="127.0.0.1",
+        SMILY_METRICS_PORT="0",
+        SMILY_GATEWAY_PORT=str(port),
+        SMILY_TILER_TARGET=settings.tiler.tiler_target,
+        SMILY_EMBEDDER_TARGET=settings.embedder.embedder_target,
+        SMILY_MODEL_EMBEDDER_TARGETS=",".join(settings.embedder.model_embedder_targets),
+        SMILY_INDEX_TARGET=settings.index.index_target,
+        SMILY_REDIS_URL=settings.gateway.redis_url,
+        SMILY_CACHE_KEY="test-cache-key",
+        SMILY_VIEW_SESSION_KEY="test-view-session-key",
+    )
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "smily.gateway"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    target = f"127.0.0.1:{port}"
+    wait_until(f"a gateway process serving (log {log_path})", lambda: health(target, NAMES["gateway"]) == SERVING, 120)
+    return proc, Client(target, timeout=300)
+
+
+def test_a_migration_resumes_on_another_gateway_after_sigkill(world, tmp_path):
+    """Its state is in the system of record: another gateway takes the lease the dead one stopped renewing,
+    and re-embeds only the slides the index still lacks."""
+    client, settings, _ = world
+    _serve_old_only(client)
+    (a, on_a), (b, on_b) = (_gateway_process(settings, str(tmp_path / f"{n}.log")) for n in "ab")
+    try:
+        op = on_a.migrate_index(NEW, max_tiles_per_s=15)  # slow enough to be killed part way
+
+        def one_done():
+            seen = on_b.operation(op.operation_id)  # a's progress, through Redis
+            return seen if any(s.state == OK for s in seen.slides) else None
+
+        before = {
+            s.slide_id for s in wait_until("a slide migrated on gateway a", one_done, 300).slides if s.state == OK
+        }
+        os.kill(a.pid, signal.SIGKILL)
+        a.wait()
+        final = wait_done(on_b, op, deadline_s=600)
+        assert final.state == OK and final.operation_id == op.operation_id, (final.error_code, final.error_message)
+        resumed = {s.slide_id for s in final.slides}
+        assert all(s.state == OK for s in final.slides)
+        assert resumed and not resumed & before  # no slide embedded twice
+        assert resumed | before == {"synth-a", "synth-b"}
+        tiles = _models(on_b)
+        assert tiles[NEW][0] == tiles[OLD][0]
+    finally:
+        for proc in (a, b):
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(30)
+        on_a.close()
+        on_b.close()

@@ -366,6 +366,7 @@ FROM_FILE = frozenset(
 # Lists of network addresses or numbers cannot use ":".
 _SEPARATORS = {
     "index_targets": ",",
+    "model_embedder_targets": ",",
     "tls_backend_clients": ",",
     "tls_index_clients": ",",
     "tls_tiler_clients": ",",

@@ -20,7 +20,7 @@ import grpc
 from smily.common import rpcmeta
 from smily.common.channels import RotatingStub
 from smily.common.config import Settings
-from smily.common.errors import DeadlineExceeded, FailedPrecondition, ServiceError, Unavailable
+from smily.common.errors import DeadlineExceeded, NotFound, ServiceError, Unavailable
 from smily.common.tls import client_credentials
 from smily.embedder.v1 import embedder_pb2, embedder_pb2_grpc
 from smily.tiler.v1 import tiler_pb2_grpc
@@ -138,7 +138,7 @@ class Backends:
             with self._by_model_lock:
                 found = self._by_model.get(model_id)
         if found is None:
-            raise FailedPrecondition(
+            raise NotFound(
                 f"no embedder serves model {model_id}: run one with SMILY_MODEL={model_id} and name it in "
                 "the gateway's SMILY_MODEL_EMBEDDER_TARGETS"
             )

@@ -20,7 +20,7 @@ import prometheus_client as prom
 
 from smily.common import tenancy
 from smily.common.config import GatewaySettings, LimitsSettings
-from smily.common.errors import Busy, FailedPrecondition, NotFound, status_of
+from smily.common.errors import Busy, NotFound, status_of
 from smily.gateway.v1 import gateway_pb2
 from smily.tiler.v1 import tiler_pb2
 
@@ -277,7 +277,7 @@ class Ingestor:
         for model_id in held:
             try:
                 embedder, _ = b.embedder_for(model_id, timeout)
-            except FailedPrecondition:
+            except NotFound:
                 if model_id == serving:
                     raise
                 # A cutover to it names the slide as missing; the migration that added the model re-embeds it.

@@ -11,17 +11,25 @@ go on. Ingests meanwhile write both models and deletes remove from both
 neither missing nor resurrected at cutover. The operation is published like
 an ingest's (operations.py), so any replica answers GetOperation and takes
 a cancel. A throttle (max_tiles_per_s) leaves the embedder to queries.
+
+A migration survives its gateway: what it is lives in the system of record,
+under a lease (the index's LeaseMigration) that the running gateway renews.
+Every gateway watches the lease; when it expires (the runner died), one
+takes it and resumes the operation under the same id. What is left is what
+the index lacks (slides without the target model's tiles), so a slide
+committed before the runner died is not embedded again.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
 import uuid
 
 from smily.common import tenancy
-from smily.common.errors import FailedPrecondition, status_of
+from smily.common.errors import FailedPrecondition, NotFound, status_of
 from smily.gateway.v1 import gateway_pb2
 from smily.index.v1 import index_pb2
 from smily.tiler.v1 import tiler_pb2
@@ -38,6 +46,14 @@ log = logging.getLogger("smily.migration")
 State = gateway_pb2.OperationState
 # Slides listed per index call.
 PAGE = 200
+# The runner's lease on the migration, renewed every third of it; how often each gateway looks for an
+# expired one to resume.
+LEASE_S = 10.0
+WATCH_S = 2.0
+
+
+class Lost(Exception):
+    """Another gateway took the migration's lease (this one stalled past it): stop without a word."""
 
 
 class Throttle:
@@ -69,6 +85,10 @@ class Migrator:
         self._lock = threading.Lock()
         self._ops: dict[str, gateway_pb2.Operation] = {}
         self._starters: dict[str, frozenset[str]] = {}
+        self._owner = uuid.uuid4().hex  # this gateway process, as the lease knows it
+        self._lost: set[str] = set()
+        self._stop = threading.Event()
+        threading.Thread(target=self._watch, name="migration-watch", daemon=True).start()
 
     # -- the operation -------------------------------------------------------
     def start(
@@ -79,30 +99,72 @@ class Migrator:
         if model_id == serving:
             raise FailedPrecondition(f"model {model_id} already serves the index")
         _, info = self._b.embedder_for(model_id, timeout)  # none serves it: fail the call, not the operation
+        record = dict(
+            operation_id=uuid.uuid4().hex,
+            model_id=model_id,
+            max_tiles_per_s=max_tiles_per_s,
+            cutover=cutover,
+            tenant=tenant,
+            starters=[starter],
+        )
         with self._lock:
-            running = self.running()
-            if running is not None:
-                raise FailedPrecondition(f"migration {running.operation_id} is running: cancel it or wait")
+            held = self._lease(json.dumps(record))
+            if held is not None:
+                raise FailedPrecondition(f"migration {held['operation_id']} is running: cancel it or wait")
             # Held from now on: every ingest writes it too, so the slides listed below are all it misses.
             self._b.index.AddModel(
                 index_pb2.AddModelRequest(model_id=model_id, dim=info.embedding_dim), timeout=timeout
             )
             self._models.changed()
-            op = gateway_pb2.Operation(
-                operation_id=uuid.uuid4().hex,
-                tenant=tenant,
-                model_id=model_id,
-                state=State.OPERATION_STATE_RUNNING,
-                progress=gateway_pb2.IngestProgress(),
-                updated_at=time.time(),
-            )
+        log.info("migration started", extra={"operation_id": record["operation_id"], "model_id": model_id})
+        return self._launch(record)
+
+    def _launch(self, record: dict) -> gateway_pb2.Operation:
+        """Run (or resume) the migration the record describes, under its operation id."""
+        op = gateway_pb2.Operation(
+            operation_id=record["operation_id"],
+            tenant=record["tenant"],
+            model_id=record["model_id"],
+            state=State.OPERATION_STATE_RUNNING,
+            progress=gateway_pb2.IngestProgress(),
+            updated_at=time.time(),
+        )
+        with self._lock:
             self._ops[op.operation_id] = op
-            self._starters[op.operation_id] = frozenset({starter})
-        threading.Thread(
-            target=self._run, args=(op.operation_id, model_id, max_tiles_per_s, cutover), name="migrate", daemon=True
-        ).start()
-        log.info("migration started", extra={"operation_id": op.operation_id, "model_id": model_id})
+            self._starters[op.operation_id] = frozenset(record["starters"])
+        threading.Thread(target=self._run, args=(record,), name="migrate", daemon=True).start()
         return self._publish(op.operation_id)
+
+    def _lease(self, record: str) -> dict | None:
+        """Take or renew the lease with this record (empty: end it); None, or the record of the one holding it."""
+        reply = self._b.index.LeaseMigration(
+            index_pb2.LeaseMigrationRequest(owner=self._owner, lease_s=LEASE_S if record else 0.0, record=record),
+            timeout=self._b.timeout(),
+        )
+        return None if reply.granted else json.loads(reply.record or "{}")
+
+    def _watch(self) -> None:
+        """Resume a migration whose runner stopped renewing its lease."""
+        while not self._stop.wait(WATCH_S):
+            try:
+                if self.current() is not None:
+                    continue
+                reply = self._b.index.LeaseMigration(index_pb2.LeaseMigrationRequest(), timeout=self._b.timeout())
+                if not (reply.record and reply.expired):
+                    continue
+                with self._lock:
+                    if self._lease(reply.record) is not None:
+                        continue  # another gateway was quicker
+                record = json.loads(reply.record)
+                log.warning(
+                    "resuming a migration whose gateway stopped", extra={"operation_id": record["operation_id"]}
+                )
+                self._launch(record)
+            except Exception:
+                log.exception("looking for a migration to resume failed; retrying")
+
+    def close(self) -> None:
+        self._stop.set()
 
     def running(self) -> gateway_pb2.Operation | None:
         """The migration this gateway runs (caller holds the lock, or reads a snapshot)."""
@@ -142,13 +204,18 @@ class Migrator:
 
     def _check_cancel(self, operation_id: str) -> None:
         with self._lock:
+            if operation_id in self._lost:
+                raise Lost()
             requested = self._ops[operation_id].cancel_requested
         if requested or self._shared.cancel_requested(operation_id):
             raise Cancelled()
 
     # -- the work -------------------------------------------------------------
-    def _run(self, operation_id: str, model_id: str, max_tiles_per_s: float, cutover: bool) -> None:
-        throttle = Throttle(max_tiles_per_s)
+    def _run(self, record: dict) -> None:
+        operation_id, model_id = record["operation_id"], record["model_id"]
+        throttle = Throttle(record["max_tiles_per_s"])
+        done = threading.Event()
+        threading.Thread(target=self._renew, args=(record, done), name="migration-lease", daemon=True).start()
         try:
             slides = self._slides(model_id)
             with self._lock:
@@ -160,14 +227,35 @@ class Migrator:
             for i, s in enumerate(slides):
                 self._check_cancel(operation_id)
                 self._one(operation_id, i, s, model_id, throttle)
-            if cutover:
+            if record["cutover"]:
                 self.cutover(model_id, allow_missing=False)
             self._finish(operation_id, State.OPERATION_STATE_SUCCEEDED)
+        except Lost:
+            log.warning("migration taken over by another gateway", extra={"operation_id": operation_id})
+            return
         except Cancelled:
             self._finish(operation_id, State.OPERATION_STATE_CANCELLED)
         except Exception as exc:
             code, message = status_of(exc)
             self._finish(operation_id, State.OPERATION_STATE_FAILED, code.name, message)
+        finally:
+            done.set()
+        try:
+            self._lease("")  # finished: nothing to resume
+        except Exception:
+            log.exception("ending the migration's lease failed; it expires by itself")
+
+    def _renew(self, record: dict, done: threading.Event) -> None:
+        """Renew the lease while the migration runs; losing it stops the run (another gateway has it)."""
+        text = json.dumps(record)
+        while not done.wait(LEASE_S / 3):
+            try:
+                if self._lease(text) is not None:
+                    with self._lock:
+                        self._lost.add(record["operation_id"])
+                    return
+            except Exception:
+                log.warning("renewing the migration's lease failed; retrying", extra={"op": record["operation_id"]})
 
     def _finish(self, operation_id: str, state: int, code: str = "", message: str = "") -> None:
         with self._lock:
@@ -266,13 +354,15 @@ class Migrator:
         serving, held = self._models.current(timeout)
         others = [m for m in held if m != serving]
         if not model_id:
-            if len(others) != 1:
+            if not others:
+                raise NotFound("the index holds no model besides the serving one: migrate to one first")
+            if len(others) > 1:
                 raise FailedPrecondition(
                     f"the index holds {len(others)} models besides the serving one: name the one to serve"
                 )
             model_id = others[0]
         if model_id not in held:
-            raise FailedPrecondition(f"the index holds no vectors of model {model_id}: migrate to it first")
+            raise NotFound(f"the index holds no vectors of model {model_id}: migrate to it first")
         reply = self._b.index.ListModels(index_pb2.ListModelsRequest(missing_model_id=model_id), timeout=timeout)
         missing = [self._name(s) for s in reply.missing_slides]
         if reply.missing_count and not allow_missing:

@@ -516,6 +516,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer, Servicer):
             hook()
         self._readiness.close()
         self._cases.close()
+        self._migrations.close()
         self._ingest.close()
         self._fanout.shutdown(wait=False, cancel_futures=True)
         self._b.close()

@@ -401,6 +401,10 @@ class ShardedIndex:
                 shard.wait_served(reply.journal_seq, timeout)
         return index_pb2.SetServingModelResponse()
 
+    def LeaseMigration(self, request, timeout=None):
+        # One record for the index: the first shard holds it.
+        return self.shards[0].call("LeaseMigration", request, timeout)
+
     def AddModel(self, request, timeout=None):
         self._all("AddModel", request, timeout)
         return index_pb2.AddModelResponse()

@@ -245,6 +245,9 @@ class TileIndex:
     def missing_slides(self, model_id: str, limit: int) -> tuple[list[str], int]:
         return self.storage.missing_slides(model_id, limit)
 
+    def lease(self, owner: str, lease_s: float, record: str) -> tuple[bool, str, bool]:
+        return self.storage.lease(owner, lease_s, record)
+
     def add_model(self, model_id: str, dim: int) -> None:
         if not self.model_id:
             raise FailedPrecondition("the index holds nothing yet: ingest slides, which bind it to their model")

@@ -193,6 +193,28 @@ class Journal(Sql):
         )
         return cond, (self._meta().get("model_id", ""), model_id)
 
+    def lease(self, owner: str, lease_s: float, record: str) -> tuple[bool, str, bool]:
+        """The migration lease: `owner` holds it for lease_s from now, with `record` (what the migration is;
+        "" with lease_s 0 ends it), unless another owner holds it unexpired. Returns (granted, the record
+        in force, whether its lease has expired). owner "" only reads it."""
+        with self._writing():
+            self._lock_seq()
+            row = self._x("SELECT value FROM {s}meta WHERE key = 'migration'").fetchone()
+            held: dict[str, Any] = json.loads(row[0]) if row else {"owner": "", "until": 0.0, "record": ""}
+            now = time.time()
+            expired = float(held["until"]) < now
+            if not owner or not (held["owner"] in ("", owner) or expired):
+                return False, str(held["record"]), expired
+            if not record:
+                self._x("DELETE FROM {s}meta WHERE key = 'migration'")
+                return True, "", True
+            value = json.dumps({"owner": owner, "until": now + lease_s, "record": record})
+            self._x(
+                "INSERT INTO {s}meta VALUES ('migration', ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (value,),
+            )
+            return True, record, False
+
     def missing_slides(self, model_id: str, limit: int) -> tuple[list[str], int]:
         """Keys of up to `limit` slides with tiles of the serving model and none of `model_id`, and how many."""
         with self._session():
@@ -205,10 +227,10 @@ class Journal(Sql):
         return [r[0] for r in rows], n
 
     def _held_dim(self, model_id: str) -> int:
-        """Inside _writing: the dimension of a held model; FAILED_PRECONDITION for one not held."""
+        """Inside _writing: the dimension of a held model; NOT_FOUND for one not held."""
         row = self._x("SELECT value FROM {s}meta WHERE key = ?", (DIM_OF + model_id,)).fetchone()
         if row is None:
-            raise FailedPrecondition(f"this index holds no vectors of model {model_id}")
+            raise NotFound(f"this index holds no vectors of model {model_id}")
         return int(row[0])
 
     def serve(self, model_id: str) -> Commit:

@@ -152,6 +152,9 @@ class Replica:
     def missing_slides(self, model_id: str, limit: int) -> tuple[list[str], int]:
         return self.store.missing_slides(model_id, limit)
 
+    def lease(self, owner: str, lease_s: float, record: str) -> tuple[bool, str, bool]:
+        return self.store.lease(owner, lease_s, record)
+
     def delete_slide(self, slide_id: str) -> int:
         commit = self.store.delete_slide(slide_id)
         self._serve(commit.seq)

@@ -190,6 +190,12 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer, Servicer):
         self.store.add_model(request.model_id, request.dim)
         return index_pb2.AddModelResponse()
 
+    def LeaseMigration(self, request, context):
+        if request.lease_s < 0 or (request.record and not request.owner):
+            raise InvalidArgument("lease_s must not be negative, and a record needs its owner")
+        granted, record, expired = self.store.lease(request.owner, request.lease_s, request.record)
+        return index_pb2.LeaseMigrationResponse(granted=granted, record=record, expired=expired)
+
     def DropModel(self, request, context):
         if not request.model_id:
             raise InvalidArgument("model_id is required")

@@ -115,6 +115,9 @@ class ShardIndex(Protocol):
     def models(self) -> dict[str, tuple[int, int]]:
         """(dimension, tiles searched) of every model held."""
 
+    def lease(self, owner: str, lease_s: float, record: str) -> tuple[bool, str, bool]:
+        """The migration lease in the system of record: (granted, record in force, expired)."""
+
     def missing_slides(self, model_id: str, limit: int) -> tuple[list[str], int]:
         """Keys of up to `limit` slides the serving model holds tiles of and `model_id` none, and how many."""
 

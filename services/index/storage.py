@@ -123,6 +123,9 @@ class Storage(Protocol):
     def model_counts(self) -> dict[str, int]:
         """Published tiles per model."""
 
+    def lease(self, owner: str, lease_s: float, record: str) -> tuple[bool, str, bool]:
+        """The migration lease (a gateway's, so another resumes the migration if it dies): see journal.py."""
+
     def missing_slides(self, model_id: str, limit: int) -> tuple[list[str], int]:
         """Keys of up to `limit` slides with tiles of the serving model and none of `model_id`, and how many."""
 
