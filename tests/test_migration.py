@@ -17,6 +17,7 @@ import pytest
 from smily import stack
 from smily.cli import main as smily_main
 from smily.client import Client
+from smily.gateway.migration import GUARD_PAUSE_S, Latencies, Throttle
 from smily.gateway.v1 import gateway_pb2
 from smily.localstack import free_port
 
@@ -278,3 +279,23 @@ def test_a_migration_resumes_on_another_gateway_after_sigkill(world, tmp_path):
                 proc.wait(30)
         on_a.close()
         on_b.close()
+
+
+@pytest.mark.unit
+def test_the_p95_guard_pauses_the_migration_while_searches_are_slower():
+    latencies = Latencies()
+    for _ in range(50):
+        latencies.add(0.010)
+    # Searches 5x slower than when the migration started; the pause's cancellation point sees them recover.
+    throttle = Throttle(0, latencies, stop=lambda: [latencies.add(0.010) for _ in range(200)])
+    assert throttle.spend(10) == 0.0
+    for _ in range(200):
+        latencies.add(0.050)
+    assert throttle.spend(10) == GUARD_PAUSE_S
+    assert throttle.spend(10) == 0.0
+    # No baseline (too few searches before it started): no guard.
+    few = Latencies()
+    unguarded = Throttle(0, few)
+    for _ in range(200):
+        few.add(1.0)
+    assert unguarded.spend(10) == 0.0

@@ -10,7 +10,10 @@ go on. Ingests meanwhile write both models and deletes remove from both
 (ingest.py, the index), so a slide added or deleted during the migration is
 neither missing nor resurrected at cutover. The operation is published like
 an ingest's (operations.py), so any replica answers GetOperation and takes
-a cancel. A throttle (max_tiles_per_s) leaves the embedder to queries.
+a cancel. Two brakes leave the embedders and the index to queries: a rate
+(max_tiles_per_s), and a p95 guard that pauses the re-embedding while this
+gateway's search p95 is above GUARD_RATIO times what it was when the
+migration started.
 
 A migration survives its gateway: what it is lives in the system of record,
 under a lease (the index's LeaseMigration) that the running gateway renews.
@@ -22,11 +25,13 @@ committed before the runner died is not embedded again.
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 
 from smily.common import tenancy
 from smily.common.errors import FailedPrecondition, NotFound, status_of
@@ -56,18 +61,62 @@ class Lost(Exception):
     """Another gateway took the migration's lease (this one stalled past it): stop without a word."""
 
 
+# Search p95 above this multiple of the one before the migration pauses it, GUARD_PAUSE_S at a time.
+GUARD_RATIO = 1.5
+GUARD_PAUSE_S = 0.5
+# Searches the p95 is taken over, and how many before it is trusted.
+LATENCY_WINDOW, LATENCY_MIN_SAMPLES = 200, 20
+
+
+class Latencies:
+    """The gateway's recent search latencies, for the p95 guard."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._seconds: collections.deque[float] = collections.deque(maxlen=LATENCY_WINDOW)
+
+    def add(self, seconds: float) -> None:
+        with self._lock:
+            self._seconds.append(seconds)
+
+    def p95(self) -> float | None:
+        """None until LATENCY_MIN_SAMPLES searches were seen."""
+        with self._lock:
+            if len(self._seconds) < LATENCY_MIN_SAMPLES:
+                return None
+            ordered = sorted(self._seconds)
+        return ordered[int(0.95 * (len(ordered) - 1))]
+
+
 class Throttle:
-    """At most `per_s` tiles a second on average (0: no limit): sleeps after each batch as needed."""
+    """At most `per_s` tiles a second on average (0: no limit), and no work while search p95 is above
+    GUARD_RATIO times `latencies`' p95 at the start (none then: no guard)."""
 
-    def __init__(self, per_s: float):
+    def __init__(self, per_s: float, latencies: Latencies, stop: Callable[[], None] = lambda: None):
         self._per_s, self._start, self._spent = per_s, time.monotonic(), 0
+        self._latencies, self._stop = latencies, stop
+        self._baseline = latencies.p95()
 
-    def spend(self, tiles: int) -> None:
+    def spend(self, tiles: int) -> float:
+        """After a batch of `tiles`: sleeps as the brakes say; returns how long the p95 guard paused.
+        `stop` is called between pauses (a cancellation point)."""
         self._spent += tiles
         if self._per_s > 0:
             ahead = self._spent / self._per_s - (time.monotonic() - self._start)
             if ahead > 0:
                 time.sleep(ahead)
+        paused = 0.0
+        while self._over():
+            self._stop()
+            time.sleep(GUARD_PAUSE_S)
+            paused += GUARD_PAUSE_S
+        if paused:
+            self._start += paused  # the pause is no debt the rate should make up
+        return paused
+
+    def _over(self) -> bool:
+        now = self._latencies.p95()
+        return self._baseline is not None and now is not None and now > GUARD_RATIO * self._baseline
 
 
 class Migrator:
@@ -79,8 +128,10 @@ class Migrator:
         shared: SharedOperations | LocalOperations,
         batch: int,
         default_tenant: str,
+        latencies: Latencies,
     ):
         self._b, self._tilings, self._models, self._shared = backends, tilings, models, shared
+        self._latencies = latencies
         self._batch, self._default_tenant = batch, default_tenant
         self._lock = threading.Lock()
         self._ops: dict[str, gateway_pb2.Operation] = {}
@@ -174,6 +225,17 @@ class Migrator:
         with self._lock:
             return self.running()
 
+    def anywhere(self) -> gateway_pb2.Operation | None:
+        """The running migration, whichever gateway runs it (its record in the index names it)."""
+        mine = self.current()
+        if mine is not None:
+            return mine
+        reply = self._b.index.LeaseMigration(index_pb2.LeaseMigrationRequest(), timeout=self._b.timeout())
+        if not reply.record:
+            return None
+        found = self._shared.fetch(json.loads(reply.record)["operation_id"])
+        return found[0] if found is not None and found[0].state not in FINISHED else None
+
     def get(self, operation_id: str) -> gateway_pb2.Operation | None:
         """A migration this gateway runs or ran; None otherwise (another replica's is in `shared`)."""
         with self._lock:
@@ -213,7 +275,7 @@ class Migrator:
     # -- the work -------------------------------------------------------------
     def _run(self, record: dict) -> None:
         operation_id, model_id = record["operation_id"], record["model_id"]
-        throttle = Throttle(record["max_tiles_per_s"])
+        throttle = Throttle(record["max_tiles_per_s"], self._latencies, lambda: self._check_cancel(operation_id))
         done = threading.Event()
         threading.Thread(target=self._renew, args=(record, done), name="migration-lease", daemon=True).start()
         try:
@@ -232,6 +294,8 @@ class Migrator:
             self._finish(operation_id, State.OPERATION_STATE_SUCCEEDED)
         except Lost:
             log.warning("migration taken over by another gateway", extra={"operation_id": operation_id})
+            with self._lock:  # its state is the new runner's to tell (through `shared`)
+                self._ops.pop(operation_id, None)
             return
         except Cancelled:
             self._finish(operation_id, State.OPERATION_STATE_CANCELLED)

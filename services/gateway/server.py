@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from smily.common import caller as callers
@@ -23,7 +24,7 @@ from .cache import RedisGuard, hmac_key, make_cache
 from .cases import CaseIngestor
 from .guard import Guard
 from .ingest import Ingestor
-from .migration import Migrator
+from .migration import Latencies, Migrator
 from .models import Models
 from .operations import LocalOperations, SharedOperations
 from .query import QueryEngine, region_request
@@ -120,8 +121,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer, Servicer):
         shared = SharedOperations(redis, secret) if redis else LocalOperations()
         self._ingest = Ingestor(self._b, self._tilings, shared, settings.gateway, settings.limits, self._models)
         self._cases = CaseIngestor(self._b, self._ingest, shared)
+        # Search latencies, for the p95 guard that pauses a migration while searches slow down.
+        self._latencies = Latencies()
         self._migrations = Migrator(
-            self._b, self._tilings, self._models, shared, settings.gateway.embed_batch, self._default_tenant
+            self._b,
+            self._tilings,
+            self._models,
+            shared,
+            settings.gateway.embed_batch,
+            self._default_tenant,
+            self._latencies,
         )
         self._links = dicom.ViewerLinks(settings.gateway.viewer_url_template)
         # Fans a slide query's mosaic tiles out to the index.
@@ -253,6 +262,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer, Servicer):
         return paging.top_hits(search, k, request.max_hits_per_slide, iou), model_id, cached, missing
 
     def Search(self, request, context):
+        started = time.monotonic()
+        resp = self._search(request, context)
+        self._latencies.add(time.monotonic() - started)
+        return resp
+
+    def _search(self, request, context):
         args = requests.search(request)
         offset = args.offset
         paging.unseal(self._page_key, request.page_token, tenants.own())  # another tenant's: NOT_FOUND
@@ -483,7 +498,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer, Servicer):
         held = self._b.index.ListModels(index_pb2.ListModelsRequest(), timeout=timeout)
         for m in held.models:
             out.models.add(model_id=m.model_id, tile_count=m.tile_count, serving=m.serving)
-        migration = self._migrations.current()
+        migration = self._migrations.anywhere()
         if migration is not None:
             out.migration.CopyFrom(migration)
         return out
