@@ -283,21 +283,26 @@ class Ingestor:
                 # A cutover to it names the slide as missing; the migration that added the model re-embeds it.
                 log.warning("no embedder for a held model; slide not written for it", extra={"model_id": model_id})
                 continue
-            index_slide(
-                b,
-                slide,
-                model_id,
-                embedder,
-                tiling,
-                generation_for(op_id, model_id, model_id == serving),
-                self._batch,
-                timeout,
-                on_stream=registered,
-                on_total=(lambda n: self._update(op_id, tiles_total=n)) if model_id == serving else (lambda n: None),
-                before_batch=lambda: self._check_cancel(op_id),
-                on_batch=indexed if model_id == serving else (lambda n: None),
-                before_commit=lambda: self._check_cancel(op_id),  # after CommitSlide the slide is in
-            )
+            if model_id == serving:  # the operation's progress, and its cancellation points
+                index_slide(
+                    b,
+                    slide,
+                    model_id,
+                    embedder,
+                    tiling,
+                    generation_for(op_id, model_id, serving=True),
+                    self._batch,
+                    timeout,
+                    on_stream=registered,
+                    on_total=lambda n: self._update(op_id, tiles_total=n),
+                    before_batch=lambda: self._check_cancel(op_id),
+                    on_batch=indexed,
+                    before_commit=lambda: self._check_cancel(op_id),  # after CommitSlide the slide is in
+                )
+            else:  # the slide is in: the other models follow it, whatever a cancel asks now
+                index_slide(
+                    b, slide, model_id, embedder, tiling, generation_for(op_id, model_id, False), self._batch, timeout
+                )
             with self._lock:
                 self._streams.pop(op_id, None)
         return serving

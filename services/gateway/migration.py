@@ -64,8 +64,9 @@ class Lost(Exception):
 # Search p95 above this multiple of the one before the migration pauses it, GUARD_PAUSE_S at a time.
 GUARD_RATIO = 1.5
 GUARD_PAUSE_S = 0.5
-# Searches the p95 is taken over, and how many before it is trusted.
-LATENCY_WINDOW, LATENCY_MIN_SAMPLES = 200, 20
+# The p95 is taken over the searches of the last LATENCY_WINDOW_S (at most LATENCY_MAX of them), and
+# trusted from LATENCY_MIN_SAMPLES on: with no recent searches there is nothing to protect.
+LATENCY_WINDOW_S, LATENCY_MAX, LATENCY_MIN_SAMPLES = 30.0, 200, 20
 
 
 class Latencies:
@@ -73,19 +74,20 @@ class Latencies:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._seconds: collections.deque[float] = collections.deque(maxlen=LATENCY_WINDOW)
+        self._seen: collections.deque[tuple[float, float]] = collections.deque(maxlen=LATENCY_MAX)
 
     def add(self, seconds: float) -> None:
         with self._lock:
-            self._seconds.append(seconds)
+            self._seen.append((time.monotonic(), seconds))
 
     def p95(self) -> float | None:
-        """None until LATENCY_MIN_SAMPLES searches were seen."""
+        """None with fewer than LATENCY_MIN_SAMPLES searches in the window."""
+        since = time.monotonic() - LATENCY_WINDOW_S
         with self._lock:
-            if len(self._seconds) < LATENCY_MIN_SAMPLES:
-                return None
-            ordered = sorted(self._seconds)
-        return ordered[int(0.95 * (len(ordered) - 1))]
+            recent = sorted(s for at, s in self._seen if at >= since)
+        if len(recent) < LATENCY_MIN_SAMPLES:
+            return None
+        return recent[int(0.95 * (len(recent) - 1))]
 
 
 class Throttle:
