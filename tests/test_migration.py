@@ -181,9 +181,12 @@ def test_ingest_and_delete_during_migration_then_cutover(world):
 def test_rollback_cutover_again_and_drop(world, capsys):
     client, settings, _ = world
     _serve_old_only(client)
-    assert wait_done(client, client.migrate_index(NEW, cutover=True)).state == OK
+    op = wait_done(client, client.migrate_index(NEW, cutover=True))
+    assert op.state == OK
     assert client.index_info().model_id == NEW  # --cutover switched at the end
     gateway = ["--gateway", f"127.0.0.1:{settings.gateway.gateway_port}"]
+    assert smily_main(["status", op.operation_id, *gateway]) == 0  # progress per slide
+    assert "  synth-a: succeeded" in capsys.readouterr().out
     assert smily_main(["index", "rollback", *gateway]) == 0
     assert f"serving {OLD} (was {NEW})" in capsys.readouterr().out
     assert client.search(region=REGION, k=3).model_id == OLD
