@@ -272,6 +272,24 @@ class Client:
             timeout=self.timeout,
         )
 
+    def migrate_index(self, model_id: str, max_tiles_per_s: float = 0.0, cutover: bool = False):
+        """Start re-embedding the index with another model; returns its operation."""
+        return self.stub.MigrateIndex(
+            gateway_pb2.MigrateIndexRequest(model_id=model_id, max_tiles_per_s=max_tiles_per_s, cutover=cutover),
+            timeout=self.timeout,
+        ).operation
+
+    def cutover_index(self, model_id: str = "", allow_missing: bool = False) -> gateway_pb2.CutoverIndexResponse:
+        """Serve another model the index holds (none named: the one other; a rollback after a cutover)."""
+        return self.stub.CutoverIndex(
+            gateway_pb2.CutoverIndexRequest(model_id=model_id, allow_missing=allow_missing), timeout=self.timeout
+        )
+
+    def drop_index_model(self, model_id: str) -> int:
+        return self.stub.DropIndexModel(
+            gateway_pb2.DropIndexModelRequest(model_id=model_id), timeout=self.timeout
+        ).dropped_tiles
+
     def close(self) -> None:
         self._channel.close()
 

@@ -246,8 +246,8 @@ def test_reshard_two_to_three_moves_each_slide_once(postgres, tmp_path):  # noqa
         sid = tenancy.key(tenancy.DEFAULT, f"r-{i:02d}")
         store = stores[shard_of(sid, 2)]
         store.bind(MODEL, DIM)
-        store.stage(sid, "g", [Tile(j, 0, 1, 1, 1.0) for j in range(10)], vectors(i))
-        store.commit_slide("g", Slide(sid, "x", {"n": str(i)}), 10)
+        store.stage(sid, "g", [Tile(j, 0, 1, 1, 1.0) for j in range(10)], vectors(i), MODEL)
+        store.commit_slide("g", Slide(sid, "x", {"n": str(i)}), 10, MODEL)
         placed[sid] = vectors(i)
     follower = Replica(str(tmp_path / "r0"), IndexConfig(snapshot_interval_s=0), url, 0)
     moved = reshard(url, 2, 3)

@@ -40,7 +40,11 @@ def test_ivf_candidates_are_rescored_from_ram(tmp_path, form):
     store = TileIndex(str(tmp_path), ivf_config(rerank_form=form))
     fill(store)
     assert store.info().factory.startswith("IVF")
-    assert store._refine is not None and store._refine.ntotal == 1200 and rerank.form_of(store._refine) == form
+    assert (
+        store.serving.refine is not None
+        and store.serving.refine.ntotal == 1200
+        and rerank.form_of(store.serving.refine) == form
+    )
     # Re-scoring reads no vectors from storage: it would fail now.
     store.storage.vectors = None
     q = clustered(1, 4)[0]
@@ -60,14 +64,14 @@ def test_ivf_candidates_are_rescored_from_ram(tmp_path, form):
 def test_an_exact_index_keeps_no_rerank_vectors(tmp_path):
     store = TileIndex(str(tmp_path), IndexConfig(snapshot_interval_s=0))
     fill(store, slides=3)
-    assert store.info().factory == "Flat" and store._refine is None
+    assert store.info().factory == "Flat" and store.serving.refine is None
     off = TileIndex(str(tmp_path / "off"), ivf_config(rerank=1))
     fill(off)
-    assert off.info().factory.startswith("IVF") and off._refine is None
+    assert off.info().factory.startswith("IVF") and off.serving.refine is None
     # "storage": none in RAM, the candidates re-scored from storage's rows.
     lean = TileIndex(str(tmp_path / "lean"), ivf_config(rerank_form="storage"))
     fill(lean)
-    assert lean.info().factory.startswith("IVF") and lean._refine is None
+    assert lean.info().factory.startswith("IVF") and lean.serving.refine is None
     q = clustered(1, 4)[0]
     for h in lean.search(Query(MODEL, q, 5)):
         v = clustered(100, int(h.slide_id[1:]))[h.tile.x // 10]
@@ -85,9 +89,9 @@ def test_filters_deletes_and_compaction_keep_the_rerank_vectors_in_step(tmp_path
     for i in range(3):
         store.delete_slide(f"s{i:02d}")  # past the compaction share: both are copied
     assert store.info().removed_since_compaction == 0
-    assert store._refine.ntotal == store._faiss.ntotal == 900
+    assert store.serving.refine.ntotal == store.serving.faiss.ntotal == 900
     put(store, "late", clustered(30, 50))
-    assert store._refine.ntotal == store._faiss.ntotal == 930
+    assert store.serving.refine.ntotal == store.serving.faiss.ntotal == 930
     hits = store.search(Query(MODEL, clustered(1, 50)[0], 1000))
     assert len(hits) == 930 and not {"s00", "s01", "s02"} & {h.slide_id for h in hits}
     exact = TileIndex(str(tmp_path / "exact"), IndexConfig(factory="Flat", snapshot_interval_s=0))
@@ -116,7 +120,7 @@ def test_snapshot_round_trip_keeps_the_rerank_vectors(tmp_path):
     assert manifest["refine"]["count"] == 1200 and os.path.exists(tmp_path / manifest["refine"]["file"])
     again = TileIndex(str(tmp_path), ivf_config())
     assert "snapshot at sequence" in again.info().load_report
-    assert again._refine.ntotal == again._faiss.ntotal == 1120
+    assert again.serving.refine.ntotal == again.serving.faiss.ntotal == 1120
     assert [(h.slide_id, h.tile.x, round(h.score, 5)) for h in again.search(Query(MODEL, q, 20))] == before
     again.close()
     # A damaged re-rank file is caught like a damaged index file.
@@ -141,7 +145,7 @@ def test_a_snapshot_without_rerank_vectors_loads_and_reads_them_once(tmp_path):
     path.write_text(json.dumps(manifest))
     again = TileIndex(str(tmp_path), ivf_config())
     assert "snapshot at sequence" in again.info().load_report and again.info().train_vectors == 1000
-    assert again._refine.ntotal == 1200
+    assert again.serving.refine.ntotal == 1200
     assert [(h.slide_id, h.tile.x, round(h.score, 5)) for h in again.search(Query(MODEL, q, 10))] == before
 
 
@@ -189,7 +193,7 @@ def test_a_float32_store_opens_and_serves_without_reingest(backend):
     hits = again.search(Query(MODEL, q, 10))
     assert len(hits) == 10 and hits[0].slide_id == "old" and hits[0].tile.x == 20
     assert abs(hits[0].score - float(old[2] @ q)) < 1e-6  # the float32 row, exactly
-    ids, vectors = again.storage.vectors(again.storage.committed_ids())
+    ids, vectors = again.storage.vectors(again.storage.committed_ids(MODEL), MODEL)
     assert vectors.dtype == np.float32 and vectors.shape == (10, 8)
     again.close()
 

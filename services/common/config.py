@@ -155,6 +155,9 @@ class TilerSettings:
 class EmbedderSettings:
     embedder_port: int = 50052
     embedder_target: str = "127.0.0.1:50052"
+    # Embedders serving other models than embedder_target's (a migration's target; read by the gateway,
+    # which asks each its model). Empty: the index can serve and migrate to that one model alone.
+    model_embedder_targets: tuple[str, ...] = ()
     # Model repository and the model it serves, "<name>/<version>".
     model_repository: str = "models"
     model: str = "efficientnet-lite0/1"
@@ -366,6 +369,7 @@ FROM_FILE = frozenset(
 # Lists of network addresses or numbers cannot use ":".
 _SEPARATORS = {
     "index_targets": ",",
+    "model_embedder_targets": ",",
     "tls_backend_clients": ",",
     "tls_index_clients": ",",
     "tls_tiler_clients": ",",

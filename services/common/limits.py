@@ -43,6 +43,10 @@ MAX_CONCEPT_WEIGHT = 10.0
 MAX_QUERY_IMAGE_BYTES = 32 * 1024 * 1024
 MAX_METADATA_QUERY_CHARS = 64  # find slides by metadata: the text a value starts with
 CONCEPT_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+# A model id, "NAME/VERSION" as the model repository names them.
+MODEL_ID = re.compile(r"[A-Za-z0-9._-]{1,64}/[A-Za-z0-9._-]{1,64}")
+# The most tiles per second a migration may be asked to re-embed at (its throttle).
+MAX_MIGRATION_TILES_PER_S = 100_000.0
 # A DICOM SH without QIDO wildcards, as the tiler requires.
 ACCESSION = re.compile(r"[^*?\\\x00-\x1f]{1,16}")
 

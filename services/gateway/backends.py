@@ -12,6 +12,7 @@ INVALID_ARGUMENT), per method below.
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
 
 import grpc
@@ -19,9 +20,9 @@ import grpc
 from smily.common import rpcmeta
 from smily.common.channels import RotatingStub
 from smily.common.config import Settings
-from smily.common.errors import DeadlineExceeded, ServiceError, Unavailable
+from smily.common.errors import DeadlineExceeded, NotFound, ServiceError, Unavailable
 from smily.common.tls import client_credentials
-from smily.embedder.v1 import embedder_pb2_grpc
+from smily.embedder.v1 import embedder_pb2, embedder_pb2_grpc
 from smily.tiler.v1 import tiler_pb2_grpc
 
 from .shards import NoReplica, connect
@@ -118,8 +119,47 @@ class Backends:
         self._embedder = RotatingStub(settings.embedder.embedder_target, creds, embedder_pb2_grpc.EmbedderServiceStub)
         self.tiler = Backend("tiler", self._tiler, streams=("StreamTiles",))
         self.embedder = Backend("embedder", self._embedder, streams=("EmbedSlide",))
+        self._model_embedders = [
+            RotatingStub(t, creds, embedder_pb2_grpc.EmbedderServiceStub)
+            for t in settings.embedder.model_embedder_targets
+        ]
+        # model id -> (its embedder, its ModelInfo), learnt by asking each embedder.
+        self._by_model: dict[str, tuple[Backend, embedder_pb2.ModelInfo]] = {}
+        self._by_model_lock = threading.Lock()
         self.index = Backend("index", router)
         self.default_timeout = settings.gateway.backend_timeout_s
+
+    def embedder_for(self, model_id: str, timeout: float) -> tuple[Backend, embedder_pb2.ModelInfo]:
+        """The embedder serving a model and its ModelInfo; FAILED_PRECONDITION when none does."""
+        with self._by_model_lock:
+            found = self._by_model.get(model_id)
+        if found is None:
+            self._learn_models(timeout)
+            with self._by_model_lock:
+                found = self._by_model.get(model_id)
+        if found is None:
+            raise NotFound(
+                f"no embedder serves model {model_id}: run one with SMILY_MODEL={model_id} and name it in "
+                "the gateway's SMILY_MODEL_EMBEDDER_TARGETS"
+            )
+        return found
+
+    def _learn_models(self, timeout: float) -> None:
+        learnt: dict[str, tuple[Backend, embedder_pb2.ModelInfo]] = {}
+        for stub in (self._embedder, *self._model_embedders):
+            backend = Backend("embedder", stub, streams=("EmbedSlide",))
+            try:
+                info = backend.GetModelInfo(embedder_pb2.GetModelInfoRequest(), timeout=timeout).info
+            except ServiceError:
+                continue  # down now: asked again on the next miss
+            learnt.setdefault(info.model_id, (backend, info))
+        with self._by_model_lock:
+            self._by_model = learnt
+
+    def forget_models(self) -> None:
+        """An embedder answered with another model than it was known for (redeployed): ask again."""
+        with self._by_model_lock:
+            self._by_model = {}
 
     @property
     def stubs(self) -> dict[str, list[list[RotatingStub]]]:
@@ -136,5 +176,10 @@ class Backends:
 
     def close(self) -> None:
         self._router.close()
-        for stub in (self._tiler, self._embedder, *(s for shard in self._shards for s in shard)):
+        for stub in (
+            self._tiler,
+            self._embedder,
+            *self._model_embedders,
+            *(s for shard in self._shards for s in shard),
+        ):
             stub.close()

@@ -20,15 +20,16 @@ import prometheus_client as prom
 
 from smily.common import tenancy
 from smily.common.config import GatewaySettings, LimitsSettings
-from smily.common.errors import Busy, FailedPrecondition, NotFound, status_of
+from smily.common.errors import Busy, NotFound, status_of
 from smily.gateway.v1 import gateway_pb2
-from smily.index.v1 import index_pb2
 from smily.tiler.v1 import tiler_pb2
 
 from . import dicom
 from .backends import Backends
+from .indexing import SlideSource, generation_for, index_slide
+from .models import Models
 from .operations import FINISHED, HEARTBEAT_S, LocalOperations, SharedOperations, failed_unavailable
-from .streaming import check_tiling, embed_slide
+from .streaming import check_tiling
 from .tilings import IndexTiling, params
 
 log = logging.getLogger("smily.ingest")
@@ -52,8 +53,10 @@ class Ingestor:
         shared: SharedOperations | LocalOperations,
         gateway: GatewaySettings,
         bounds: LimitsSettings,
+        models: Models,
     ):
         self._b = backends
+        self._models = models
         self._case_key = gateway.case_key
         self._tilings = tilings
         self._batch = gateway.embed_batch
@@ -251,69 +254,58 @@ class Ingestor:
         log.info("ingest done", extra={"operation_id": op_id, "slide_id": slide_id})
 
     def _ingest(self, op_id: str, source: str, slide_id: str, metadata: dict[str, str], slide_mpp: float) -> str:
+        """Write the slide for the serving model, then for each other model the index holds (a migration's
+        target, or the model kept for rollback), so no model misses it; returns the serving model."""
         b, timeout = self._b, self._b.default_timeout
-        generation = op_id
         with self._lock:
             tenant = self._ops[op_id].tenant
-        model_id = ""
-        embedded = 0
+        slide = SlideSource(tenant, slide_id, source, metadata, slide_mpp)
         # The index's record, or this gateway's settings for the first ingest (which records them).
         tiling, _ = self._tilings.current(timeout)
+        serving, held = self._models.current(timeout)
 
         def registered(stream) -> None:
             with self._lock:
                 self._streams[op_id] = stream
             self._check_cancel(op_id)  # a cancel that came before the stream was registered
 
-        for tiles, embeddings, model_id in embed_slide(
-            b,
-            source,
-            params(tiling),
-            slide_mpp,
-            self._batch,
-            max(timeout, 3600.0),
-            on_stream=registered,
-            on_total=lambda n: self._update(op_id, tiles_total=n),
-            before_batch=lambda: self._check_cancel(op_id),
-        ):
-            embedded += len(tiles)
-            self._update(op_id, tiles_embedded=embedded)
-            rects = [
-                index_pb2.TileRect(
-                    x=t.x, y=t.y, width=t.width, height=t.height, mpp=t.mpp, tissue_fraction=t.tissue_fraction
+        def indexed(n: int) -> None:
+            with self._lock:
+                TILES.inc(n - self._ops[op_id].progress.tiles_indexed)
+            self._update(op_id, tiles_embedded=n, tiles_indexed=n)
+
+        for model_id in held:
+            try:
+                embedder, _ = b.embedder_for(model_id, timeout)
+            except NotFound:
+                if model_id == serving:
+                    raise
+                # A cutover to it names the slide as missing; the migration that added the model re-embeds it.
+                log.warning("no embedder for a held model; slide not written for it", extra={"model_id": model_id})
+                continue
+            if model_id == serving:  # the operation's progress, and its cancellation points
+                index_slide(
+                    b,
+                    slide,
+                    model_id,
+                    embedder,
+                    tiling,
+                    generation_for(op_id, model_id, serving=True),
+                    self._batch,
+                    timeout,
+                    on_stream=registered,
+                    on_total=lambda n: self._update(op_id, tiles_total=n),
+                    before_batch=lambda: self._check_cancel(op_id),
+                    on_batch=indexed,
+                    before_commit=lambda: self._check_cancel(op_id),  # after CommitSlide the slide is in
                 )
-                for t in tiles
-            ]
-            # Passed on as bytes; the index validates them, and checks (or records) the tiling.
-            add = index_pb2.AddTilesRequest(
-                model_id=model_id,
-                tenant=tenant,
-                slide_id=slide_id,
-                generation=generation,
-                embeddings=embeddings,
-                tiles=rects,
-            )
-            tiling.to_pb(add.tiling)
-            b.index.AddTiles(add, timeout=timeout)
-            self._update(op_id, tiles_indexed=embedded)
-            TILES.inc(len(tiles))
-        with self._lock:
-            self._streams.pop(op_id, None)
-        self._check_cancel(op_id)  # the last moment: after CommitSlide the slide is in
-        if embedded == 0:
-            raise FailedPrecondition("no tissue tiles found on the slide at the configured tiling parameters")
-        b.index.CommitSlide(
-            index_pb2.CommitSlideRequest(
-                model_id=model_id,
-                generation=generation,
-                expected_tiles=embedded,
-                slide=index_pb2.Slide(
-                    tenant=tenant, slide_id=slide_id, source=source, metadata=metadata, slide_mpp=slide_mpp
-                ),
-            ),
-            timeout=timeout,
-        )
-        return model_id
+            else:  # the slide is in: the other models follow it, whatever a cancel asks now
+                index_slide(
+                    b, slide, model_id, embedder, tiling, generation_for(op_id, model_id, False), self._batch, timeout
+                )
+            with self._lock:
+                self._streams.pop(op_id, None)
+        return serving
 
     def close(self) -> None:
         """The gateway is stopping: what it has not finished fails now, visibly to

@@ -25,6 +25,7 @@ from smily.types.v1 import types_pb2
 
 from . import dihedral, geometry, tenants, vectors
 from .backends import BackendError, Backends
+from .models import Models
 from .streaming import check_tiling, embed_slide
 from .tilings import IndexTiling, params
 
@@ -56,8 +57,10 @@ class QueryEngine:
         cache,
         gateway: GatewaySettings,
         bounds: LimitsSettings,
+        models: Models,
     ):
         self._b = backends
+        self.models = models
         self.tilings = tilings
         self._cache = cache
         self._batch = gateway.embed_batch
@@ -68,17 +71,14 @@ class QueryEngine:
         self._max_tiles = bounds.max_tiles_per_slide
         self.transforms = dihedral.parse(gateway.query_transforms or ("identity",))
         self.merge = dihedral.check_merge(gateway.query_merge)
-        self._model_id, self._dim = "", 0
-        self._model_lock = threading.Lock()
 
     def current_model(self, context) -> str:
-        with self._model_lock:
-            if not self._model_id:
-                info = self._b.embedder.GetModelInfo(
-                    embedder_pb2.GetModelInfoRequest(), timeout=self._b.timeout(context)
-                )
-                self._model_id, self._dim = info.info.model_id, info.info.embedding_dim
-            return self._model_id
+        """The model serving searches (models.py): every query is embedded with it."""
+        return self.models.serving(self._b.timeout(context))
+
+    def _embedder(self, model_id: str, context):
+        """(the embedder serving the model, its ModelInfo)."""
+        return self._b.embedder_for(model_id, self._b.timeout(context))
 
     def tiling(self, context) -> Tiling:
         return self.tilings.current(self._b.timeout(context))[0]
@@ -110,7 +110,8 @@ class QueryEngine:
             ]
         else:
             batch = [image]
-        resp = self._b.embedder.Embed(embedder_pb2.EmbedRequest(images=batch), timeout=self._b.timeout(context))
+        embedder, _ = self._embedder(model_id, context)
+        resp = embedder.Embed(embedder_pb2.EmbedRequest(images=batch), timeout=self._b.timeout(context))
         vectors_ = from_tensor(resp.embeddings)
         self._check_model(resp.model_id, model_id)
         with span("cache.put"):
@@ -119,8 +120,7 @@ class QueryEngine:
 
     def _check_model(self, got: str, expected: str) -> None:
         if got != expected:  # the embedder was redeployed: cache nothing, mix no models
-            with self._model_lock:
-                self._model_id = ""
+            self._b.forget_models()
             raise Aborted("the embedder's model changed during the query; retry")
 
     def _region_mpp(self, tiling: Tiling, slide: index_pb2.Slide, region: gateway_pb2.Region, timeout: float) -> float:
@@ -284,9 +284,10 @@ class QueryEngine:
         mpp = self.mosaic_mpp(tiling)
         t = params(tiling, [mpp], stride=1.0)  # a mosaic samples the slide: overlap adds nothing
         key = f"smily:mosaic:{tenants.own()}:{model_id}:{info.fingerprint}:{slide_mpp}:{mpp}:{t.tile_size}:{t.min_tissue_fraction}:{size}"
+        embedder, model = self._embedder(model_id, context)
         flat = self._cache.get(key)
         if flat is not None:
-            return flat.reshape(-1, self._dim), model_id, True
+            return flat.reshape(-1, model.embedding_dim), model_id, True
         check_tiling(info, slide_mpp, t, self._max_tiles)
         if not self._slide_queries.acquire(blocking=False):
             raise Busy(
@@ -295,7 +296,9 @@ class QueryEngine:
             )
         try:
             chunks = []
-            for _, embeddings, got in embed_slide(self._b, source, t, slide_mpp, self._batch, timeout):
+            for _, embeddings, got in embed_slide(
+                self._b, source, t, slide_mpp, self._batch, timeout, embedder=embedder
+            ):
                 self._check_model(got, model_id)
                 chunks.append(from_tensor(embeddings))
         finally:

@@ -235,3 +235,27 @@ def export_search(request: gateway_pb2.ExportSearchRequest) -> str:
     if request.slide_id:
         limits.slide_id(request.slide_id)
     return fmt
+
+
+def _model_id(model_id: str, what: str = "model_id") -> None:
+    require(
+        limits.MODEL_ID.fullmatch(model_id) is not None,
+        f"{what} must be NAME/VERSION (letters, digits, '.', '_', '-'; 64 characters each at most)",
+    )
+
+
+def migrate_index(request: gateway_pb2.MigrateIndexRequest) -> None:
+    _model_id(request.model_id)
+    require(
+        math.isfinite(request.max_tiles_per_s) and 0 <= request.max_tiles_per_s <= limits.MAX_MIGRATION_TILES_PER_S,
+        f"max_tiles_per_s must be in 0..{limits.MAX_MIGRATION_TILES_PER_S:g} (0: no limit)",
+    )
+
+
+def cutover_index(request: gateway_pb2.CutoverIndexRequest) -> None:
+    if request.model_id:
+        _model_id(request.model_id)
+
+
+def drop_index_model(request: gateway_pb2.DropIndexModelRequest) -> None:
+    _model_id(request.model_id)

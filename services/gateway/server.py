@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from smily.common import caller as callers
@@ -23,6 +24,8 @@ from .cache import RedisGuard, hmac_key, make_cache
 from .cases import CaseIngestor
 from .guard import Guard
 from .ingest import Ingestor
+from .migration import Latencies, Migrator
+from .models import Models
 from .operations import LocalOperations, SharedOperations
 from .query import QueryEngine, region_request
 from .readiness import Readiness
@@ -109,16 +112,29 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer, Servicer):
         self._case_key = settings.gateway.case_key
         # Find slides by metadata: the case key and the other searchable keys, once each.
         self._search_keys = tuple(dict.fromkeys((self._case_key, *settings.gateway.slide_search_keys)))
+        self._models = Models(self._b)
         self._q = QueryEngine(
             self._b,
             self._tilings,
             cache,
             settings.gateway,
             settings.limits,
+            self._models,
         )
         shared = SharedOperations(redis, secret) if redis else LocalOperations()
-        self._ingest = Ingestor(self._b, self._tilings, shared, settings.gateway, settings.limits)
+        self._ingest = Ingestor(self._b, self._tilings, shared, settings.gateway, settings.limits, self._models)
         self._cases = CaseIngestor(self._b, self._ingest, shared)
+        # Search latencies, for the p95 guard that pauses a migration while searches slow down.
+        self._latencies = Latencies()
+        self._migrations = Migrator(
+            self._b,
+            self._tilings,
+            self._models,
+            shared,
+            settings.gateway.embed_batch,
+            self._default_tenant,
+            self._latencies,
+        )
         self._links = dicom.ViewerLinks(settings.gateway.viewer_url_template)
         # Fans a slide query's mosaic tiles out to the index.
         self._fanout = ThreadPoolExecutor(max_workers=8, thread_name_prefix="mosaic")
@@ -158,13 +174,21 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer, Servicer):
         who = callers.current()
         if who.roles & any_operation:
             return
-        starters = self._cases.starters(operation_id) or self._ingest.starters(operation_id)
+        starters = (
+            self._cases.starters(operation_id)
+            or self._migrations.starters(operation_id)
+            or self._ingest.starters(operation_id)
+        )
         if who.key not in starters:
             raise PermissionDenied("this operation was started by another caller")
 
     def GetOperation(self, request, context):
         requests.operation(request)
-        op = self._cases.get(request.operation_id) or self._ingest.get(request.operation_id)
+        op = (
+            self._cases.get(request.operation_id)
+            or self._migrations.get(request.operation_id)
+            or self._ingest.get(request.operation_id)
+        )
         # Another tenant's operation is NOT_FOUND (as a missing one), before whose it is counts.
         tenants.check_operation(op, request.operation_id, self._default_tenant)
         self._follow(request.operation_id, frozenset({auth.SEARCH, auth.ADMIN}))
@@ -174,12 +198,18 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer, Servicer):
         requests.operation(request)
         # Another tenant's operation is NOT_FOUND before anything is asked of it.
         tenants.check_operation(
-            self._cases.get(request.operation_id) or self._ingest.get(request.operation_id),
+            self._cases.get(request.operation_id)
+            or self._migrations.get(request.operation_id)
+            or self._ingest.get(request.operation_id),
             request.operation_id,
             self._default_tenant,
         )
         self._follow(request.operation_id, frozenset({auth.ADMIN}))
-        op = self._cases.cancel(request.operation_id) or self._ingest.cancel(request.operation_id)
+        op = (
+            self._cases.cancel(request.operation_id)
+            or self._migrations.cancel(request.operation_id)
+            or self._ingest.cancel(request.operation_id)
+        )
         return gateway_pb2.CancelOperationResponse(operation=op)
 
     def _ranked(self, request, negative_weight: float, k: int, context, slide_ids=None, diverse: bool = True):
@@ -235,6 +265,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer, Servicer):
         return paging.top_hits(search, k, request.max_hits_per_slide, iou), model_id, cached, missing
 
     def Search(self, request, context):
+        started = time.monotonic()
+        resp = self._search(request, context)
+        self._latencies.add(time.monotonic() - started)
+        return resp
+
+    def _search(self, request, context):
         args = requests.search(request)
         offset = args.offset
         paging.unseal(self._page_key, request.page_token, tenants.own())  # another tenant's: NOT_FOUND
@@ -467,6 +503,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer, Servicer):
             slide_search_keys=self._search_keys,
         )
         tiling.to_pb(out.tiling)
+        held = self._b.index.ListModels(index_pb2.ListModelsRequest(), timeout=timeout)
+        for m in held.models:
+            out.models.add(model_id=m.model_id, tile_count=m.tile_count, serving=m.serving)
+        migration = self._migrations.anywhere()
+        if migration is not None:
+            out.migration.CopyFrom(migration)
         return out
 
     # -- the operator's, across tenants (auth.OPERATOR) -------------------------
@@ -485,6 +527,26 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer, Servicer):
         )
         return gateway_pb2.MoveSlideResponse(slide=_slide(slide), moved_tiles=moved)
 
+    # -- model lifecycle (migration.py) ------------------------------------------
+    def MigrateIndex(self, request, context):
+        requests.migrate_index(request)
+        op = self._migrations.start(
+            request.model_id,
+            request.max_tiles_per_s,
+            request.cutover,
+            tenant=tenants.own(),
+            starter=callers.current().key,
+        )
+        return gateway_pb2.MigrateIndexResponse(operation=op)
+
+    def CutoverIndex(self, request, context):
+        requests.cutover_index(request)
+        return self._migrations.cutover(request.model_id, request.allow_missing)
+
+    def DropIndexModel(self, request, context):
+        requests.drop_index_model(request)
+        return gateway_pb2.DropIndexModelResponse(dropped_tiles=self._migrations.drop(request.model_id))
+
     def on_close(self, hook) -> None:
         self._close_hooks.append(hook)
 
@@ -493,6 +555,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer, Servicer):
             hook()
         self._readiness.close()
         self._cases.close()
+        self._migrations.close()
         self._ingest.close()
         self._fanout.shutdown(wait=False, cancel_futures=True)
         self._b.close()

@@ -390,6 +390,48 @@ class ShardedIndex:
             ]
         )
 
+    # -- models: every shard holds each, and switches by its own journal entry --------
+    def ListModels(self, request, timeout=None):
+        replies, _ = self._all("ListModels", request, timeout)
+        tiles: dict[str, int] = collections.Counter()
+        dims: dict[str, int] = {}
+        for reply in replies:
+            for m in reply.models:
+                tiles[m.model_id] += m.tile_count
+                dims[m.model_id] = m.dim
+        # Mid-switch the shards may differ: the first shard's word until every one has switched.
+        serving = next((r.serving_model_id for r in replies if r.serving_model_id), "")
+        return index_pb2.ListModelsResponse(
+            models=[
+                index_pb2.HeldModel(model_id=m, dim=dims[m], tile_count=tiles[m], serving=m == serving)
+                for m in sorted(dims)
+            ],
+            serving_model_id=serving,
+            missing_slides=[s for r in replies for s in r.missing_slides][:100],
+            missing_count=sum(r.missing_count for r in replies),
+        )
+
+    def SetServingModel(self, request, timeout=None):
+        """Every shard switches, each at its own journal sequence number; a search in between is still
+        one model's, as every shard holds both."""
+        for shard in self.shards:
+            reply = shard.call("SetServingModel", request, timeout)
+            if len(shard.stubs) > 1:
+                shard.wait_served(reply.journal_seq, timeout)
+        return index_pb2.SetServingModelResponse()
+
+    def LeaseMigration(self, request, timeout=None):
+        # One record for the index: the first shard holds it.
+        return self.shards[0].call("LeaseMigration", request, timeout)
+
+    def AddModel(self, request, timeout=None):
+        self._all("AddModel", request, timeout)
+        return index_pb2.AddModelResponse()
+
+    def DropModel(self, request, timeout=None):
+        replies, _ = self._all("DropModel", request, timeout)
+        return index_pb2.DropModelResponse(dropped_tiles=sum(r.dropped_tiles for r in replies))
+
     def close(self) -> None:
         self._pool.shutdown(wait=False)
 

@@ -15,7 +15,7 @@ from smily.embedder.v1 import embedder_pb2
 from smily.tiler.v1 import tiler_pb2
 from smily.types.v1 import types_pb2
 
-from .backends import Backends
+from .backends import Backend, Backends
 
 
 def check_tiling(info: tiler_pb2.SlideInfo, slide_mpp: float, tiling: tiler_pb2.TilingParams, max_tiles: int) -> None:
@@ -48,13 +48,15 @@ def embed_slide(
     on_stream: Callable[[object], None] = lambda stream: None,
     on_total: Callable[[int], None] = lambda total: None,
     before_batch: Callable[[], None] = lambda: None,
+    embedder: Backend | None = None,
 ) -> Iterator[tuple[list[tiler_pb2.Tile], types_pb2.Tensor, str]]:
     """Yields (tiles without pixels, embeddings tensor, model id) per batch of at most `batch` tiles.
 
     on_stream gets the EmbedSlide call (cancelling it cancels the embedder's
     tile stream too), on_total the planned tile count whenever it changes,
-    and before_batch runs before each batch is handed on (a cancellation point)."""
-    stream = b.embedder.EmbedSlide(
+    and before_batch runs before each batch is handed on (a cancellation point). `embedder`: the one
+    serving the model to embed with (default: the gateway's embedder)."""
+    stream = (embedder or b.embedder).EmbedSlide(
         embedder_pb2.EmbedSlideRequest(
             tiles=tiler_pb2.StreamTilesRequest(slide=source, params=tiling, slide_mpp=slide_mpp), batch=batch
         ),

@@ -81,6 +81,7 @@ _TOKEN = {"type": "string", "maxLength": limits.MAX_TOKEN_CHARS, "pattern": _PRI
 _PAGE_TOKEN = {**_TOKEN, "format": "page-token", "description": "the nextPageToken of the previous page"}
 _TENANT = {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,64}$"}
 _CONCEPT_NAME = {"type": "string", "pattern": f"^{limits.CONCEPT_NAME.pattern}$"}
+_MODEL_ID = {"type": "string", "pattern": f"^{limits.MODEL_ID.pattern}$"}
 # 0 (the file's own) or a plausible scan resolution.
 _MPP = {
     "anyOf": [
@@ -209,6 +210,15 @@ _RULES: dict[str, tuple[dict, dict]] = {
         {"slideId": _SLIDE_ID, "maxTiles": {"type": "integer", "minimum": 1, "maximum": limits.MAX_HEATMAP_TILES}},
         {"required": ["slideId", "search"]},
     ),
+    _G + "MigrateIndexRequest": (
+        {
+            "modelId": _MODEL_ID,
+            "maxTilesPerS": {"minimum": 0, "maximum": limits.MAX_MIGRATION_TILES_PER_S},
+        },
+        {"required": ["modelId"]},
+    ),
+    _G + "CutoverIndexRequest": ({"modelId": {"anyOf": [{"const": ""}, _MODEL_ID]}}, {}),
+    _G + "DropIndexModelRequest": ({"modelId": _MODEL_ID}, {"required": ["modelId"]}),
     _G + "ExportSearchRequest": (
         {
             "searchId": {"type": "string", "pattern": "^[0-9a-f]{32}$"},

@@ -1,80 +1,52 @@
-"""The in-memory FAISS index over a Storage: load, replay, train, compact, search.
+"""The in-memory search of a shard over its Storage: one FAISS index per model it holds.
 
-TileIndex is a shard.ShardIndex: one machine's index over its own SQLite record.
+TileIndex is a shard.ShardIndex: one machine's index over its own SQLite record
+(and, inside replica.Replica, over a serving replica's local copy).
 
 Storage (storage.py) is the durable record; this module holds the search.
-A FAISS snapshot records the commit sequence it holds, so start-up loads the
-snapshot and replays only what storage logged after it; a snapshot that does
-not check out is reported and the index rebuilt from storage, never served
-partial. commit_slide swaps a slide's old tiles for the new ones in one
-storage transaction and one exclusive FAISS update: searches never see a
-half-added slide.
+A shard holds vectors of one or more models (a migration fills a second one
+beside the serving one); each has its own FAISS index (model_search.ModelSearch),
+and a search runs on the one index of the model its query was embedded with,
+so no search mixes models. Which model serves is a journal entry: applied
+here at its sequence number like a commit. commit_slide swaps a slide's old
+tiles for the new ones in one storage transaction and one exclusive FAISS
+update: searches never see a half-added slide.
 """
 
 from __future__ import annotations
 
 import base64
 import dataclasses
+import glob
+import hashlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
 
 import faiss
 import numpy as np
 
-from smily.common import tenancy
 from smily.common import tiling as tilings
 from smily.common.errors import FailedPrecondition, InvalidArgument
 from smily.common.limits import MAX_K
 from smily.common.rwlock import RWLock
 from smily.common.tiling import Tiling
-from smily.common.tracing import span
 
 from . import ann, snapshot
 from . import rerank as reranking
+from .model_search import IndexConfig, IndexState, ModelSearch
 from .shard import Hit, IndexInfo, Query, TileBatch
 from .sqlite_store import SqliteStorage
-from .storage import SQL_CHUNK, STALE_STAGED_S, Commit, MetadataMatch, Slide, Storage, Tile
+from .storage import DROP, SERVE, SQL_CHUNK, STALE_STAGED_S, Commit, MetadataMatch, Slide, Storage, Tile
+
+__all__ = ["IndexConfig", "TileIndex", "check_model", "check_stage"]
 
 log = logging.getLogger("smily.index")
 
-TRAIN_MAX = 100_000
 # Filtered searches over at most this many tiles are scored exactly, from the re-rank vectors.
 EXACT_FILTER_MAX = 4096
-# Deleted entries past this share of the index trigger a compacting copy.
-COMPACT_FRACTION = 0.25
-# Most candidates one search re-scores exactly, whatever k * rerank asks.
-RERANK_MAX = 4096
-
-
-@dataclass
-class IndexConfig:
-    # FAISS factory string used from `ivf_threshold` vectors on; "" = automatic, "Flat" = always exact.
-    factory: str = ""
-    ivf_threshold: int = 200_000
-    nprobe: int = 32
-    # ANN candidates per hit re-scored with the re-rank vectors held in RAM; <= 1 turns it off.
-    # 100 (1,000 candidates for k=10) kept recall@10 >= 0.99 on 1M vectors in bench/index.py.
-    rerank: int = 100
-    # The re-rank vectors' form (reranking.FORMS, or reranking.STORAGE): fp16 kept recall@10 at 0.9993 of
-    # exact float32 on real embeddings at nprobe 32, sq8 0.986 (bench/rerank.py, docs/benchmarks.md).
-    rerank_form: str = reranking.DEFAULT_FORM
-    snapshot_interval_s: float = 300.0
-    # Owner of the slides of an index written before tenancy (adopted once, on open).
-    default_tenant: str = tenancy.DEFAULT
-
-
-@dataclass
-class IndexState:
-    factory: str = ann.FLAT
-    train_vectors: int = 0
-    train_seconds: float = 0.0
-    snapshot_seq: int = 0
-    removed_since_compaction: int = 0
-    load_report: str = ""
 
 
 def check_stage(batch: TileBatch) -> None:
@@ -87,17 +59,22 @@ def check_stage(batch: TileBatch) -> None:
         raise InvalidArgument("embeddings contain NaN or infinity")
 
 
-def _log_trained(factory: str, train_vectors: int, seconds: float, tiles: int, **more) -> None:
-    log.info(
-        "index trained",
-        extra={
-            "factory": factory,
-            "train_vectors": train_vectors,
-            "train_seconds": round(seconds, 3),
-            "tiles": tiles,
-            **more,
-        },
-    )
+def check_model(
+    models: dict[str, int], serving: str, model_id: str, dim: int | None = None, register: bool = False
+) -> None:
+    """Refuse a model the index does not hold (unless `register`: a migration adds it), or the wrong dimension."""
+    if not model_id:
+        raise InvalidArgument("model_id is required")
+    held = models.get(model_id)
+    if held is None:
+        if serving and not register:
+            raise FailedPrecondition(
+                f"this index holds embeddings of model {serving}, not {model_id}: "
+                f"migrate the index to it (smily index migrate --to {model_id}) or re-ingest into a new index"
+            )
+        return
+    if dim is not None and dim != held:
+        raise InvalidArgument(f"embeddings must have {held} dimensions, got {dim}")
 
 
 class TileIndex:
@@ -112,15 +89,12 @@ class TileIndex:
         self.model_id, self.dim = self.storage.binding()
         self.tiling = Tiling.from_json(self.storage.tiling())
         self._seq = self.storage.seq()
-        # Ids of the tiles of some tenants and/or at one resolution, per (seq, tenants, range): searched often.
+        self._snapshot_seq = 0
+        # Ids of the tiles of some tenants and/or at one resolution, per (model, tenants, range): searched often.
         self._scoped: dict[tuple, np.ndarray] = {}
         self._scoped_seq = -1
-        self._faiss: Any = None  # a faiss.Index once loaded
-        # The re-rank vectors refining an IVF index (rerank.py); None for an exact index.
-        self._refine: Any = None
-        self._trainer: threading.Thread | None = None
         self._stop = threading.Event()
-        self.state = IndexState()
+        self._searches: dict[str, ModelSearch] = {}
         if self.config.factory and self.dim:
             ann.validate(self.config.factory, self.dim)
         if self.config.rerank_form not in (*reranking.FORMS, reranking.STORAGE):
@@ -137,178 +111,34 @@ class TileIndex:
     # -- start-up ---------------------------------------------------------
     def _load(self) -> None:
         dropped = self.storage.drop_stale_staged(time.time() - STALE_STAGED_S)
-        if not self.dim:
-            return
-        committed = self.storage.committed_count()
-        try:
-            self._load_snapshot(committed)
-        except snapshot.SnapshotError as exc:
-            # Reported loudly, then rebuilt from storage: never served partial.
-            log.error("index snapshot unusable, rebuilding from the journal", extra={"reason": str(exc)})
-            self._faiss = None
-            self.state.load_report = f"rebuilt from the journal: snapshot unusable: {exc}"
-        if self._faiss is None:
-            self._rebuild(committed)
-            self.state.load_report = self.state.load_report or "built from the journal"
-        log.info(
-            "index loaded",
-            extra={
-                "tiles": self._faiss.ntotal,
-                "model_id": self.model_id,
-                "factory": self.state.factory,
-                "report": self.state.load_report,
-                "stale_staged_dropped": dropped,
-            },
-        )
+        if dropped:
+            log.info("stale staged tiles dropped", extra={"tiles": dropped})
+        for model_id, dim in self.storage.models().items():
+            search = self._search_for(model_id, dim)
+            search.load(self._seq)
+            self._searches[model_id] = search
+        self._snapshot_seq = min((s.state.snapshot_seq for s in self._searches.values()), default=0)
 
-    def _load_snapshot(self, committed: int) -> None:
-        found = snapshot.read(self._dir)
-        if found is None:
-            return
-        index, man, refine = found
-        if (man.get("model_id"), man.get("dim")) != (self.model_id, self.dim):
-            raise snapshot.SnapshotError("the snapshot belongs to another model")
-        if man["seq"] > self._seq:
-            raise snapshot.SnapshotError(
-                f"the snapshot is at journal sequence {man['seq']}, the journal only at {self._seq}"
-            )
-        if man["factory"] != self._factory_for(committed, man["factory"]):
-            log.info("index type changed by configuration or size; rebuilding", extra={"was": man["factory"]})
-            return
-        if refine is not None and (not self._refines(man["factory"]) or reranking.form_of(refine) != self._form):
-            refine = None  # re-rank turned off or its form changed: built again below when needed
-        gone = self.storage.removed_after(man["seq"])
-        if len(gone):
-            for held in (index, refine):
-                if held is not None:
-                    held.remove_ids(faiss.IDSelectorBatch(gone))
-        replayed = 0
-        for ids, vecs in self.storage.added_after(man["seq"]):
-            index.add_with_ids(vecs, ids)
-            if refine is not None:
-                refine.add_with_ids(vecs, ids)
-            replayed += len(ids)
-        if refine is None and self._refines(man["factory"]):
-            # A snapshot from before re-rank vectors were kept: read them from storage once.
-            refine = reranking.build(self.dim, self._form, self._training_sample() if self._form != "fp16" else None)
-            self._fill(refine)
-        for held in (index, refine):
-            if held is not None and held.ntotal != committed:
-                raise snapshot.SnapshotError(
-                    f"snapshot plus journal replay holds {held.ntotal} vectors, the journal {committed}"
-                )
-        self._faiss, self._refine = index, refine
-        self.state = IndexState(
-            man["factory"],
-            man.get("train_vectors", 0),
-            man.get("train_seconds", 0.0),
-            man["seq"],
-            load_report=f"snapshot at sequence {man['seq']} plus {replayed} added and "
-            f"{len(gone)} removed from the journal",
-        )
+    def _search_for(self, model_id: str, dim: int) -> ModelSearch:
+        return ModelSearch(self.storage, self.config, model_id, dim, self._snapshot_dir(model_id), self._rw, self._stop)
 
-    def _factory_for(self, n: int, current: str = ann.FLAT) -> str:
-        """The index type for n vectors; an IVF index once trained is kept as it is."""
-        if self.config.factory == ann.FLAT:
-            return ann.FLAT
-        if current != ann.FLAT and (not self.config.factory or current == self.config.factory):
-            return current
-        if n < self.config.ivf_threshold:
-            return ann.FLAT
-        return self.config.factory or ann.auto_factory(n, self.dim, self.config.ivf_threshold)
+    def _snapshot_dir(self, model_id: str) -> str:
+        """Where a model's snapshots go: the directory itself for the first model (as before models were
+        many), a folder per model under models/ for the others."""
+        if model_id == self.storage.first_model():
+            return self._dir
+        path = os.path.join(self._dir, "models", hashlib.sha256(model_id.encode()).hexdigest()[:16])
+        os.makedirs(path, exist_ok=True)
+        return path
 
     @property
-    def _form(self) -> str:
-        return self.config.rerank_form
-
-    def _refines(self, factory: str) -> bool:
-        """Whether an index of this type is re-ranked (from re-rank vectors in RAM)."""
-        return factory != ann.FLAT and self.config.rerank > 1 and self._form != reranking.STORAGE
-
-    def _new_refine(self, factory: str, train: np.ndarray | None) -> Any:
-        return reranking.build(self.dim, self._form, train) if self._refines(factory) else None
-
-    def _rebuild(self, committed: int) -> None:
-        """A fresh index of the right type from every published vector (training it first if needed).
-        Start-up only: a live index trains in the background (_train_and_swap)."""
-        factory = self._factory_for(committed)
-        train = self._training_sample() if factory != ann.FLAT else None
-        index, seconds = ann.build(factory, self.dim, train)
-        refine = self._new_refine(factory, train)
-        self._fill(index, refine)
-        self._faiss, self._refine = index, refine
-        self.state = IndexState(
-            factory, 0 if train is None else len(train), seconds, load_report=self.state.load_report
-        )
-        if train is not None:
-            _log_trained(factory, len(train), seconds, index.ntotal)
-
-    def _training_sample(self) -> np.ndarray:
-        """Up to TRAIN_MAX published vectors, a fixed-seed random sample."""
-        ids = self.storage.committed_ids()
-        pick = np.sort(np.random.default_rng(0).choice(ids, min(len(ids), TRAIN_MAX), replace=False))
-        return np.concatenate(
-            [self.storage.vectors(pick[i : i + SQL_CHUNK])[1] for i in range(0, len(pick), SQL_CHUNK)]
-        )
-
-    def _fill(self, index, refine=None) -> np.ndarray:
-        """Add every published vector to `index` (and `refine`), a chunk per storage read so searches and
-        commits interleave; returns the ids added. Tiles committed or removed meanwhile may be
-        missed or included: _train_and_swap reconciles by id."""
-        added, after = [], 0
-        while not self._stop.is_set():
-            ids, vecs = self.storage.committed_chunk(after, 8192)
-            if not len(ids):
-                break
-            index.add_with_ids(vecs, ids)
-            if refine is not None:
-                refine.add_with_ids(vecs, ids)
-            added.append(ids)
-            after = int(ids[-1])
-        return np.concatenate(added) if added else np.empty(0, np.int64)
-
-    def _training(self) -> bool:
-        return self._trainer is not None and self._trainer.is_alive()
+    def serving(self) -> ModelSearch | None:
+        """The serving model's search; None before the first write."""
+        return self._searches.get(self.model_id)
 
     def wait_trained(self, timeout: float | None = None) -> bool:
-        """Wait for a background training (swap included); True when none is running."""
-        trainer = self._trainer
-        if trainer is not None:
-            trainer.join(timeout)
-        return not self._training()
-
-    def _train_and_swap(self, factory: str) -> None:
-        """Train and fill the ANN index from storage without the write lock, so searches
-        (on the exact index) and commits go on; then, under the write lock, add what was
-        committed since, drop what was removed, and swap."""
-        try:
-            train = self._training_sample()
-            index, seconds = ann.build(factory, self.dim, train)
-            refine = self._new_refine(factory, train)
-            added = self._fill(index, refine)
-            if self._stop.is_set():
-                return  # closing: the next start-up trains from the journal
-            with self._rw.write():
-                live = self.storage.committed_ids()
-                # Tile ids are never reused, so id sets tell exactly what changed.
-                missing = np.setdiff1d(live, added, assume_unique=True)
-                for i in range(0, len(missing), SQL_CHUNK):
-                    ids, vecs = self.storage.vectors(missing[i : i + SQL_CHUNK])
-                    index.add_with_ids(vecs, ids)
-                    if refine is not None:
-                        refine.add_with_ids(vecs, ids)
-                gone = np.setdiff1d(added, live, assume_unique=True)
-                if len(gone):
-                    for held in (index, refine):
-                        if held is not None:
-                            held.remove_ids(faiss.IDSelectorBatch(gone))
-                self._faiss, self._refine = index, refine
-                self.state = IndexState(
-                    factory, len(train), seconds, self.state.snapshot_seq, len(gone), self.state.load_report
-                )
-            _log_trained(factory, len(train), seconds, index.ntotal, caught_up=len(missing), dropped=len(gone))
-        except Exception:
-            log.exception("index training failed; searches stay exact and the next commit retries")
+        """Wait for every model's background training (swap included); True when none is running."""
+        return all(s.wait_trained(timeout) for s in list(self._searches.values()))
 
     # -- snapshots ----------------------------------------------------------
     def _snapshot_loop(self) -> None:
@@ -319,45 +149,21 @@ class TileIndex:
                 log.exception("index snapshot failed; the journal still holds everything")
 
     def snapshot(self) -> bool:
-        """Write a snapshot if the journal moved since the last one. Searches go on; mutations wait."""
+        """Write every model's snapshot if the journal moved since the last one. Searches go on; mutations wait."""
         with self._rw.read():
-            if self._faiss is None or self._seq == self.state.snapshot_seq:
+            if not self._searches or self._seq == self._snapshot_seq:
                 return False
             seq = self._seq
-            snapshot.write(
-                self._dir,
-                self._faiss,
-                {
-                    "seq": seq,
-                    "model_id": self.model_id,
-                    "dim": self.dim,
-                    "factory": self.state.factory,
-                    "train_vectors": self.state.train_vectors,
-                    "train_seconds": self.state.train_seconds,
-                },
-                self._refine,
-            )
-            self.state.snapshot_seq = seq
+            for search in self._searches.values():
+                search.snapshot(seq)
+            self._snapshot_seq = seq
             self.storage.forget_removed(seq)
         log.info("index snapshot written", extra={"seq": seq})
         return True
 
-    # -- model binding ----------------------------------------------------
-    def _check_model(self, model_id: str, dim: int | None = None) -> None:
-        self.check_binding((self.model_id, self.dim), model_id, dim)
-
-    @staticmethod
-    def check_binding(bound: tuple[str, int], model_id: str, dim: int | None = None) -> None:
-        """Refuse a model or dimension other than the (model_id, dim) an index is bound to."""
-        if not model_id:
-            raise InvalidArgument("model_id is required")
-        if bound[0] and model_id != bound[0]:
-            raise FailedPrecondition(
-                f"this index holds embeddings of model {bound[0]}, not {model_id}: "
-                "a new model needs a new index (re-ingest the slides into it)"
-            )
-        if dim is not None and bound[1] and dim != bound[1]:
-            raise InvalidArgument(f"embeddings must have {bound[1]} dimensions, got {dim}")
+    # -- models -------------------------------------------------------------
+    def _models(self) -> dict[str, int]:
+        return {m: s.dim for m, s in self._searches.items()}
 
     def record_tiling(self, tiling: Tiling) -> None:
         """Record the tiling if none is, else check it (FAILED_PRECONDITION on a mismatch)."""
@@ -371,48 +177,114 @@ class TileIndex:
             tilings.check(self.tiling, tiling)  # storage may hold another writer's record
 
     def bind(self, model_id: str, dim: int) -> None:
-        """Bind an empty index to the model its system of record holds (a replica's first change)."""
+        """Bind an empty index to the model its system of record serves (a replica's first change)."""
         with self._rw.write():
-            self._check_model(model_id, dim)
+            check_model(self._models(), self.model_id, model_id, dim)
             self._bind(model_id, dim)
 
     def _bind(self, model_id: str, dim: int) -> None:
         if self.model_id:
             return
+        self._check_factory(dim)
+        self.model_id, self.dim = self.storage.bind(model_id, dim)
+        check_model(self.storage.models(), self.model_id, model_id, dim)  # storage may hold another binding
+        self._add_search(model_id, dim)
+        log.info("index bound to model", extra={"model_id": model_id, "dim": dim})
+
+    def hold(self, model_id: str, dim: int) -> None:
+        """Hold vectors of a model beside the serving one (a migration's target, or a replica following one)."""
+        if model_id in self._searches:  # held already: the follower asks on every poll
+            return
+        with self._rw.write():
+            self._hold(model_id, dim)
+
+    def _hold(self, model_id: str, dim: int) -> None:
+        if model_id in self._searches:
+            return
+        self._check_factory(dim)
+        if self.storage.add_model(model_id, dim) != dim:
+            raise InvalidArgument(
+                f"embeddings of model {model_id} must have {self.storage.models()[model_id]} dimensions"
+            )
+        self._add_search(model_id, dim)
+        log.info("index holds another model", extra={"model_id": model_id, "dim": dim, "serving": self.model_id})
+
+    def _check_factory(self, dim: int) -> None:
         if self.config.factory:
             try:
                 ann.validate(self.config.factory, dim)
             except ValueError as exc:
                 raise FailedPrecondition(str(exc)) from None
-        self.model_id, self.dim = self.storage.bind(model_id, dim)
-        self._faiss, _ = ann.build(ann.FLAT, self.dim, None)
-        self._check_model(model_id, dim)  # storage may already hold another model's binding
-        log.info("index bound to model", extra={"model_id": model_id, "dim": dim})
+
+    def _add_search(self, model_id: str, dim: int) -> None:
+        search = self._search_for(model_id, dim)
+        search.empty()
+        self._searches[model_id] = search
+
+    def serve(self, model_id: str) -> int:
+        """Make a held model the serving one, at the next journal sequence number; returns it."""
+        with self._rw.write():
+            commit = self.storage.serve(model_id)
+            self._apply(commit)
+        log.info("serving model switched", extra={"model_id": model_id, "seq": commit.seq})
+        return commit.seq
+
+    def drop_model(self, model_id: str) -> int:
+        """Forget a model other than the serving one and its vectors; returns how many tiles went."""
+        with self._rw.write():
+            commit = self.storage.drop_model(model_id)
+            self._apply(commit)
+        log.info("model dropped", extra={"model_id": model_id, "tiles": len(commit.removed)})
+        return len(commit.removed)
+
+    def models(self) -> dict[str, tuple[int, int]]:
+        """(dimension, tiles searched) of every model held."""
+        with self._rw.read():
+            return {m: (s.dim, s.count()) for m, s in self._searches.items()}
+
+    def missing_slides(self, model_id: str, limit: int) -> tuple[list[str], int]:
+        return self.storage.missing_slides(model_id, limit)
+
+    def lease(self, owner: str, lease_s: float, record: str) -> tuple[bool, str, bool]:
+        return self.storage.lease(owner, lease_s, record)
+
+    def add_model(self, model_id: str, dim: int) -> None:
+        if not self.model_id:
+            raise FailedPrecondition("the index holds nothing yet: ingest slides, which bind it to their model")
+        check_model(self._models(), self.model_id, model_id, dim, register=True)
+        self.hold(model_id, dim)
 
     # -- writes -------------------------------------------------------------
     def stage(self, batch: TileBatch) -> int:
         check_stage(batch)
         dim = batch.vectors.shape[1]
         with self._rw.write():
-            self._check_model(batch.model_id, dim)
+            check_model(self._models(), self.model_id, batch.model_id, dim, batch.register_model)
             if batch.tiling is not None:
                 self._record_tiling(batch.tiling)
-            self._bind(batch.model_id, dim)
+            if not self.model_id:
+                self._bind(batch.model_id, dim)
+            self._hold(batch.model_id, dim)
             # Retried batches are ignored, not duplicated (unique per generation and rect).
-            return self.storage.stage(batch.slide_id, batch.generation, batch.tiles, batch.vectors)
+            return self.storage.stage(batch.slide_id, batch.generation, batch.tiles, batch.vectors, batch.model_id)
 
     def commit_slide(self, model_id: str, generation: str, slide: Slide, expected_tiles: int) -> tuple[Slide, int]:
         if not slide.slide_id or not generation:
             raise InvalidArgument("slide_id and generation are required")
         with self._rw.write():
             if self.model_id:
-                self._check_model(model_id)
-            commit = self.storage.commit_slide(generation, slide, expected_tiles)
+                check_model(self._models(), self.model_id, model_id)
+            commit = self.storage.commit_slide(generation, slide, expected_tiles, model_id)
             self._apply(commit)
         assert commit.slide is not None, "a commit publishes the slide"
         log.info(
             "slide committed",
-            extra={"slide_id": slide.slide_id, "tiles": commit.slide.tile_count, "replaced": len(commit.removed)},
+            extra={
+                "slide_id": slide.slide_id,
+                "model_id": model_id,
+                "tiles": sum(len(ids) for ids, _ in commit.added.values()),
+                "replaced": len(commit.removed),
+            },
         )
         return commit.slide, len(commit.removed)
 
@@ -436,45 +308,23 @@ class TileIndex:
         if commit.seq <= self._seq:
             return
         self._seq = commit.seq
-        if self._faiss is None:
+        if commit.event == SERVE:
+            self.model_id, self.dim = commit.event_model, self._searches[commit.event_model].dim
+        elif commit.event == DROP and (gone := self._searches.pop(commit.event_model, None)) is not None:
+            _forget_snapshots(gone.directory)
             return
-        self._remove(commit.removed)
-        if len(commit.ids):
-            self._faiss.add_with_ids(commit.vectors, commit.ids)
-            if self._refine is not None:
-                self._refine.add_with_ids(commit.vectors, commit.ids)
-        factory = self._factory_for(self._faiss.ntotal, self.state.factory)
-        if factory != self.state.factory and not self._training():
-            # Grown past the exact-search threshold: train the ANN index off the write lock.
-            self._trainer = threading.Thread(
-                target=self._train_and_swap, args=(factory,), name="index-train", daemon=True
-            )
-            self._trainer.start()
-
-    def _remove(self, ids: list[int]) -> None:
-        """Drop ids from FAISS; compact once removals are a large share. Caller holds the write lock."""
-        if not len(ids):
-            return
-        selector = faiss.IDSelectorBatch(np.asarray(ids, np.int64))
-        self._faiss.remove_ids(selector)
-        if self._refine is not None:
-            self._refine.remove_ids(selector)
-        self.state.removed_since_compaction += len(ids)
-        if self.state.removed_since_compaction > COMPACT_FRACTION * max(self._faiss.ntotal, 1):
-            self._compact()
-
-    def _compact(self) -> None:
-        # remove_ids shrinks the arrays but keeps their capacity; a copy allocates only what is live.
-        self._faiss = faiss.clone_index(self._faiss)
-        if self._refine is not None:
-            self._refine = faiss.clone_index(self._refine)
-        log.info("index compacted", extra={"removed": self.state.removed_since_compaction, "tiles": self._faiss.ntotal})
-        self.state.removed_since_compaction = 0
+        for search in self._searches.values():
+            if search.faiss is not None:
+                search.remove(commit.removed)
+        for model_id, (ids, vectors) in commit.added.items():
+            adding = self._searches.get(model_id)
+            if adding is not None and adding.faiss is not None:
+                adding.add(ids, vectors)
 
     # -- reads --------------------------------------------------------------
     def search(self, q: Query) -> list[Hit]:
-        """Top-k tiles (shard.Query says which); restrictions apply inside FAISS, so k hits come
-        back whenever k tiles match."""
+        """Top-k tiles (shard.Query says which) of the query's model; restrictions apply inside FAISS,
+        so k hits come back whenever k tiles match."""
         k, nprobe, mpp = q.k, q.nprobe, q.mpp
         slide_ids, exclude_slide_ids, tenants = list(q.slide_ids), list(q.exclude_slide_ids), tuple(q.tenants)
         filters, exclude_filters = dict(q.filters), dict(q.exclude_filters)
@@ -489,7 +339,8 @@ class TileIndex:
         with self._rw.read():
             if not self.model_id:
                 return []  # nothing indexed yet
-            self._check_model(q.model_id, query.shape[1])
+            check_model(self._models(), self.model_id, q.model_id, query.shape[1])
+            search = self._searches[q.model_id]
             if q.tiling is not None:
                 tilings.check(self.tiling, q.tiling, "this search")
             tilings.check_mpp(self.tiling, mpp)
@@ -498,91 +349,52 @@ class TileIndex:
             mpp_range = None
             if mpp and self.tiling is not None and len(self.tiling.mpps) > 1:
                 mpp_range = tilings.mpp_range(self.tiling, mpp)
-            exact = ann.is_exact(self._faiss)
-            selector, available = None, self._faiss.ntotal
+            selector, available = None, search.count()
             if slide_ids or filters or mpp_range or tenants:
                 if not (slide_ids or filters or exclude_slide_ids or exclude_filters):
-                    allowed = self._ids_in(tenants, mpp_range)
+                    allowed = self._ids_in(q.model_id, tenants, mpp_range)
                 else:
                     allowed = self.storage.select(
-                        slide_ids, filters, exclude_slide_ids, exclude_filters, mpp_range, tenants
+                        slide_ids, filters, exclude_slide_ids, exclude_filters, mpp_range, tenants, model_id=q.model_id
                     )
                 if not len(allowed):
                     return []
-                if not exact and len(allowed) <= EXACT_FILTER_MAX:
-                    return self._hits(self._scores(allowed, query), k, query, rescore=False)
+                if not search.is_exact() and len(allowed) <= EXACT_FILTER_MAX:
+                    return search.hits(search.scores(allowed, query), k, query, rescore=False)
                 selector, available = faiss.IDSelectorBatch(allowed), len(allowed)
             elif exclude_slide_ids or exclude_filters:
-                excluded = self.storage.excluded(exclude_slide_ids, exclude_filters)
+                excluded = self.storage.excluded(exclude_slide_ids, exclude_filters, q.model_id)
                 if len(excluded):
                     selector, available = (
                         faiss.IDSelectorNot(faiss.IDSelectorBatch(excluded)),
                         available - len(excluded),
                     )
-            rescore = not exact and self.config.rerank > 1
-            want = min(max(k, min(k * self.config.rerank, RERANK_MAX)) if rescore else k, available)
-            nprobe = nprobe or self.config.nprobe
-            with span("index.search", candidates=want, exact=exact):
-                while True:
-                    scores, ids = ann.search(self._faiss, query, max(want, 1), nprobe, selector)
-                    found = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
-                    # A selective filter can leave the probed lists short of hits: probe more, up to all lists.
-                    if len(found) >= want or exact or nprobe >= ann.nlist(self._faiss):
-                        break
-                    nprobe *= 2
-            return self._hits(found, k, query, rescore)
+            return search.search(query, k, nprobe, selector, available)
 
-    def _ids_in(self, tenants: tuple[str, ...], mpp_range: tuple[float, float] | None) -> np.ndarray:
-        """Ids of every published tile of the tenants (all: none named) in the resolution range (any:
+    def _ids_in(self, model_id: str, tenants: tuple[str, ...], mpp_range: tuple[float, float] | None) -> np.ndarray:
+        """Ids of a model's published tiles of the tenants (all: none named) in the resolution range (any:
         None), kept until the next commit. Caller holds the read lock (the sequence cannot move meanwhile)."""
-        key = (tuple(sorted(set(tenants))), mpp_range)
+        key = (model_id, tuple(sorted(set(tenants))), mpp_range)
         if self._scoped_seq != self._seq or len(self._scoped) > 64:  # a commit, or many tenant sets
             self._scoped, self._scoped_seq = {}, self._seq
         ids = self._scoped.get(key)
         if ids is None:
-            ids = self._scoped[key] = self.storage.select((), {}, (), {}, mpp_range, tenants)
+            ids = self._scoped[key] = self.storage.select((), {}, (), {}, mpp_range, tenants, model_id=model_id)
         return ids
-
-    def _scores(self, ids: np.ndarray, query: np.ndarray) -> list[tuple[int, float]]:
-        """(id, score) of these tiles: from the re-rank vectors in RAM, else (re-rank from
-        storage) from storage's rows. Caller holds the read lock."""
-        if self._refine is not None:
-            try:
-                return list(zip(ids.tolist(), reranking.scores(self._refine, ids, query).tolist()))
-            except RuntimeError:  # a filter's tile that another writer of a shared store committed, not yet here
-                pass
-        parts = [self.storage.vectors(ids[i : i + SQL_CHUNK]) for i in range(0, len(ids), SQL_CHUNK)]
-        held, vectors = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-        return list(zip(held.tolist(), (vectors @ query[0]).tolist()))
-
-    def _hits(self, found: list[tuple[int, float]], k: int, query: np.ndarray, rescore: bool) -> list[Hit]:
-        """Hits with their records, re-scored from the re-rank vectors when asked; records
-        (and their metadata) are read from storage for the k winners alone."""
-        if not found:
-            return []
-        if rescore:
-            with span("rerank", candidates=len(found)):
-                ids = np.fromiter((f[0] for f in found), np.int64, len(found))
-                found = self._scores(ids, query)
-        found.sort(key=lambda f: -f[1])
-        found = found[:k]
-        with span("index.records"):
-            records = self.storage.records([i for i, _ in found])
-        return [Hit(r[0], r[1], score, r[2]) for i, score in found if (r := records.get(i))]
 
     def get_slide(self, slide_id: str) -> Slide:
         return self.storage.get_slide(slide_id)
 
     def slide_tiles(self, slide_id: str, after: int, limit: int) -> tuple[np.ndarray, list[Tile], np.ndarray]:
-        ids = np.sort(self.storage.select([slide_id], {}, (), {}))
+        ids = np.sort(self.storage.select([slide_id], {}, (), {}, model_id=self.model_id))
         ids = ids[ids > after][:limit]
-        parts = [self.storage.vectors(ids[i : i + SQL_CHUNK]) for i in range(0, len(ids), SQL_CHUNK)]
+        parts = [self.storage.vectors(ids[i : i + SQL_CHUNK], self.model_id) for i in range(0, len(ids), SQL_CHUNK)]
         records = self.storage.records(ids.tolist())
         vectors = np.concatenate([p[1] for p in parts]) if parts else np.empty((0, self.dim), np.float32)
         return ids, [records[int(i)][1] for i in ids], vectors
 
     def list_slides(
-        self, page_size: int, page_token: str, tenants=(), match: MetadataMatch | None = None
+        self, page_size: int, page_token: str, tenants=(), match: MetadataMatch | None = None, lacking: str = ""
     ) -> tuple[list[Slide], str]:
         if page_size < 0:
             raise InvalidArgument("page_size must not be negative")
@@ -591,23 +403,27 @@ class TileIndex:
             after = base64.b64decode(page_token, altchars=b"-_", validate=True).decode() if page_token else ""
         except Exception:
             raise InvalidArgument("page_token is not one this service issued") from None
-        rows = self.storage.list_slides(after, page_size + 1, tenants, match)
+        rows = self.storage.list_slides(after, page_size + 1, tenants, match, lacking)
         slides = rows[:page_size]
         token = base64.urlsafe_b64encode(slides[-1].slide_id.encode()).decode() if len(rows) > page_size else ""
         return slides, token
 
     def counts(self, tenants=()) -> tuple[int, int]:
         if tenants:
-            return self.storage.tenant_counts(tenants)
+            return self.storage.tenant_counts(tenants, self.model_id)
         slides = self.storage.slide_count()
         with self._rw.read():
-            tiles = self._faiss.ntotal if self._faiss is not None else 0
+            serving = self.serving
+            tiles = serving.count() if serving is not None else 0
         return tiles, slides
 
     def info(self) -> IndexInfo:
         with self._rw.read():
-            nlist = ann.nlist(self._faiss) if self._faiss is not None else 0
-            return IndexInfo(self._seq, nlist, self.config.nprobe, **dataclasses.asdict(self.state))
+            serving = self.serving
+            faiss_index = serving.faiss if serving is not None else None
+            nlist = ann.nlist(faiss_index) if faiss_index is not None else 0
+            state = serving.state if serving is not None else IndexState()
+            return IndexInfo(self._seq, nlist, self.config.nprobe, **dataclasses.asdict(state))
 
     def close(self) -> None:
         self._stop.set()
@@ -617,3 +433,14 @@ class TileIndex:
         self.snapshot()
         with self._rw.write():
             self.storage.close()
+
+
+def _forget_snapshots(directory: str) -> None:
+    """A dropped model's snapshot files: its manifest first, so no half-removed snapshot is vouched for."""
+    manifest = os.path.join(directory, snapshot.MANIFEST)
+    if os.path.exists(manifest):
+        os.remove(manifest)
+    for path in glob.glob(os.path.join(directory, "snapshot-*.faiss")) + glob.glob(
+        os.path.join(directory, "refine-*.faiss")
+    ):
+        os.remove(path)

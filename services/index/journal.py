@@ -22,13 +22,17 @@ from typing import Any
 import numpy as np
 
 from smily.common import tenancy
-from smily.common.errors import Aborted, NotFound
+from smily.common.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
 
-from .storage import Commit, MetadataMatch, Slide, Tile, staged_rows, vectors_from
+from .storage import DROP, SERVE, Commit, MetadataMatch, Slide, Tile, staged_rows, vectors_from
 
 SLIDE_COLUMNS = "slide_id, source, metadata, tile_count, indexed_at, slide_mpp"
 # Tiles read per step when replaying the commits after a sequence number.
 REPLAY_CHUNK = 8192
+# meta keys: "model_id"/"dim" name the serving model (as before models were many); every model held
+# has "dim <model id>"; "models" marks a store whose tiles carry their model (done once, on open);
+# "first_model" is the model it was first bound to (whose snapshots keep the index directory's top level).
+DIM_OF = "dim "
 
 
 @dataclass(frozen=True)
@@ -96,8 +100,9 @@ class Journal(Sql):
     def _lock_seq(self) -> None:
         """Inside _writing: wait for the other writers' commits, which go one at a time."""
 
-    def _next_seq(self, slide_id: str) -> int:
-        """Inside _writing, after _lock_seq: take the next commit sequence number for a change of this slide."""
+    def _next_seq(self, slide_id: str, event: str = "") -> int:
+        """Inside _writing, after _lock_seq: take the next commit sequence number for a change of this
+        slide, or (slide "") for a model event ("serve <model>" or "drop <model>")."""
         raise NotImplementedError
 
     def _published(self, seq: int) -> None:
@@ -107,8 +112,16 @@ class Journal(Sql):
     def _slide(self, row) -> Slide:
         return Slide(row[0], row[1], self.dialect.metadata(row[2]), row[3], row[4], row[5])
 
-    def _vectors(self, rows) -> tuple[np.ndarray, np.ndarray]:
-        return _ids(rows), vectors_from([r[1] for r in rows], self._d())
+    def _vectors(self, rows, model_id: str = "") -> tuple[np.ndarray, np.ndarray]:
+        """(ids, vectors) of (id, vector) rows of one model (none: the serving one); inside a session."""
+        return _ids(rows), vectors_from([r[1] for r in rows], self._dim_of(model_id) if rows else 0)
+
+    def _dim_of(self, model_id: str) -> int:
+        """Inside a session: a held model's dimension (the serving one's for "")."""
+        if not model_id:
+            return self._d()
+        row = self._x("SELECT value FROM {s}meta WHERE key = ?", (DIM_OF + model_id,)).fetchone()
+        return int(row[0]) if row else 0
 
     def _meta(self) -> dict[str, str]:
         return dict(self._x("SELECT key, value FROM {s}meta").fetchall())
@@ -119,7 +132,7 @@ class Journal(Sql):
             self._dim = int(self._meta().get("dim", 0))
         return self._dim
 
-    # -- binding --------------------------------------------------------------
+    # -- models ---------------------------------------------------------------
     def binding(self) -> tuple[str, int]:
         with self._session():
             meta = self._meta()
@@ -127,12 +140,135 @@ class Journal(Sql):
         return self._model_id, self._dim
 
     def bind(self, model_id: str, dim: int) -> tuple[str, int]:
-        if not self._model_id:  # bound once, for good: later writes skip the lock
+        if not self._model_id:  # bound once: later writes skip the lock
             with self._writing():
                 self._lock_seq()
                 if not self._x("SELECT 1 FROM {s}meta WHERE key = 'model_id'").fetchone():
-                    self._x("INSERT INTO {s}meta VALUES ('model_id', ?), ('dim', ?)", (model_id, str(dim)))
+                    self._x(
+                        "INSERT INTO {s}meta VALUES ('model_id', ?), ('dim', ?), (?, ?), ('first_model', ?)",
+                        (model_id, str(dim), DIM_OF + model_id, str(dim), model_id),
+                    )
         return self.binding()
+
+    def adopt_models(self) -> None:
+        """Once per store: tiles written before models were many belong to the model the store is bound to
+        (their vectors stay where they are: no re-ingest)."""
+        with self._writing():
+            self._lock_seq()
+            meta = self._meta()
+            if "models" in meta:
+                return
+            if meta.get("model_id"):
+                self._x("UPDATE {s}tiles SET model_id = ? WHERE model_id = ''", (meta["model_id"],))
+                self._x(
+                    "INSERT INTO {s}meta VALUES (?, ?), ('first_model', ?)",
+                    (DIM_OF + meta["model_id"], meta["dim"], meta["model_id"]),
+                )
+            self._x("INSERT INTO {s}meta VALUES ('models', '1')")
+
+    def first_model(self) -> str:
+        with self._session():
+            return self._meta().get("first_model", "")
+
+    def models(self) -> dict[str, int]:
+        with self._session():
+            meta = self._meta()
+        return {k[len(DIM_OF) :]: int(v) for k, v in meta.items() if k.startswith(DIM_OF)}
+
+    def add_model(self, model_id: str, dim: int) -> int:
+        with self._writing():
+            self._lock_seq()
+            self._x("INSERT INTO {s}meta VALUES (?, ?) ON CONFLICT (key) DO NOTHING", (DIM_OF + model_id, str(dim)))
+            return int(self._x("SELECT value FROM {s}meta WHERE key = ?", (DIM_OF + model_id,)).fetchone()[0])
+
+    def model_counts(self) -> dict[str, int]:
+        with self._session():
+            rows = self._x("SELECT model_id, COUNT(*) FROM {s}tiles WHERE committed > 0 GROUP BY model_id").fetchall()
+        return {m: n for m, n in rows}
+
+    def _lacking(self, model_id: str) -> tuple[str, tuple]:
+        """Inside a session: the condition on slides `s` that hold tiles of the serving model and none of
+        `model_id` (what a cutover to it would miss), with its args."""
+        cond = (
+            "EXISTS (SELECT 1 FROM {s}tiles t WHERE t.slide_id = s.slide_id AND t.model_id = ? AND t.committed > 0) "
+            "AND NOT EXISTS (SELECT 1 FROM {s}tiles t WHERE t.slide_id = s.slide_id AND t.model_id = ? "
+            "AND t.committed > 0)"
+        )
+        return cond, (self._meta().get("model_id", ""), model_id)
+
+    def lease(self, owner: str, lease_s: float, record: str) -> tuple[bool, str, bool]:
+        """The migration lease: `owner` holds it for lease_s from now, with `record` (what the migration is;
+        "" with lease_s 0 ends it), unless another owner holds it unexpired. Returns (granted, the record
+        in force, whether its lease has expired). owner "" only reads it."""
+        with self._writing():
+            self._lock_seq()
+            row = self._x("SELECT value FROM {s}meta WHERE key = 'migration'").fetchone()
+            held: dict[str, Any] = json.loads(row[0]) if row else {"owner": "", "until": 0.0, "record": ""}
+            now = time.time()
+            expired = float(held["until"]) < now
+            if not owner or not (held["owner"] in ("", owner) or expired):
+                return False, str(held["record"]), expired
+            if not record:
+                self._x("DELETE FROM {s}meta WHERE key = 'migration'")
+                return True, "", True
+            value = json.dumps({"owner": owner, "until": now + lease_s, "record": record})
+            self._x(
+                "INSERT INTO {s}meta VALUES ('migration', ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (value,),
+            )
+            return True, record, False
+
+    def missing_slides(self, model_id: str, limit: int) -> tuple[list[str], int]:
+        """Keys of up to `limit` slides with tiles of the serving model and none of `model_id`, and how many."""
+        with self._session():
+            cond, args = self._lacking(model_id)
+            n = self._x(f"SELECT COUNT(*) FROM {{s}}slides s WHERE {cond}", args).fetchone()[0]
+            rows = self._x(
+                f"SELECT s.slide_id FROM {{s}}slides s WHERE {cond} ORDER BY s.slide_id{{text_order}} LIMIT ?",
+                (*args, limit),
+            ).fetchall()
+        return [r[0] for r in rows], n
+
+    def _held_dim(self, model_id: str) -> int:
+        """Inside _writing: the dimension of a held model; NOT_FOUND for one not held."""
+        row = self._x("SELECT value FROM {s}meta WHERE key = ?", (DIM_OF + model_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"this index holds no vectors of model {model_id}")
+        return int(row[0])
+
+    def serve(self, model_id: str) -> Commit:
+        with self._writing():
+            self._lock_seq()
+            dim = self._held_dim(model_id)
+            seq = self._next_seq("", f"{SERVE} {model_id}")
+            self._set_serving(model_id, dim)
+            commit = Commit(seq, None, [], event=SERVE, event_model=model_id)
+        self._published(seq)
+        self._model_id, self._dim = model_id, dim
+        return commit
+
+    def _set_serving(self, model_id: str, dim: int) -> None:
+        self._x("UPDATE {s}meta SET value = ? WHERE key = 'model_id'", (model_id,))
+        self._x("UPDATE {s}meta SET value = ? WHERE key = 'dim'", (str(dim),))
+
+    def drop_model(self, model_id: str) -> Commit:
+        with self._writing():
+            self._lock_seq()
+            self._held_dim(model_id)
+            if model_id == self._meta().get("model_id"):
+                raise FailedPrecondition(f"model {model_id} serves searches: cut over to another before dropping it")
+            seq = self._next_seq("", f"{DROP} {model_id}")
+            ids = self._drop_model(seq, model_id)
+            commit = Commit(seq, None, ids, event=DROP, event_model=model_id)
+        self._published(seq)
+        return commit
+
+    def _drop_model(self, seq: int, model_id: str) -> list[int]:
+        """Inside _writing: forget a model's tiles (logged as removed at `seq`) and its dimension."""
+        ids = self._drop_tiles("model_id = ?", (model_id,))
+        self._journal_removal(seq, ids)
+        self._x("DELETE FROM {s}meta WHERE key = ?", (DIM_OF + model_id,))
+        return ids
 
     def tiling(self) -> str:
         with self._session():
@@ -169,12 +305,18 @@ class Journal(Sql):
         with self._session():
             return self._x("DELETE FROM {s}tiles WHERE committed = 0 AND staged_at < ?", (older_than,)).rowcount
 
-    def stage(self, slide_id: str, generation: str, tiles: list[Tile], vectors: np.ndarray) -> int:
-        rows = staged_rows(slide_id, generation, tiles, vectors)
+    def stage(self, slide_id: str, generation: str, tiles: list[Tile], vectors: np.ndarray, model_id: str) -> int:
+        rows = staged_rows(slide_id, generation, tiles, vectors, model_id)
         with self._writing():
+            other = self._x(
+                "SELECT model_id FROM {s}tiles WHERE slide_id = ? AND generation = ? AND model_id != ? LIMIT 1",
+                (slide_id, generation, model_id),
+            ).fetchone()
+            if other is not None:
+                raise InvalidArgument("this generation holds another model's tiles: each model needs its own")
             self._x_many(
-                "INSERT INTO {s}tiles (slide_id, generation, x, y, w, h, mpp, tissue, staged_at, vector) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                "INSERT INTO {s}tiles (slide_id, generation, x, y, w, h, mpp, tissue, staged_at, vector, model_id) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                 rows,
             )
         return len(rows)
@@ -204,41 +346,53 @@ class Journal(Sql):
     def _journal_removal(self, seq: int, ids: list[int]) -> None:
         self._x_many("INSERT INTO {s}removed VALUES (?, ?)", [(seq, i) for i in ids])
 
-    def commit_slide(self, generation: str, slide: Slide, expected_tiles: int) -> Commit:
+    def commit_slide(self, generation: str, slide: Slide, expected_tiles: int, model_id: str) -> Commit:
         sid = slide.slide_id
         with self._writing():
             self._lock_seq()
             new = self._x(
-                "SELECT id, vector FROM {s}tiles WHERE slide_id = ? AND generation = ? AND committed = 0 ORDER BY id",
-                (sid, generation),
+                "SELECT id, vector FROM {s}tiles WHERE slide_id = ? AND generation = ? AND model_id = ? "
+                "AND committed = 0 ORDER BY id",
+                (sid, generation, model_id),
             ).fetchall()
             if not new:
-                done = self._already_committed(sid, generation, expected_tiles)
+                done = self._already_committed(sid, generation, expected_tiles, model_id)
                 if done is not None:
                     return done
             if len(new) != expected_tiles:
                 raise Aborted(
                     f"{len(new)} tiles staged for this ingest, {expected_tiles} expected: ingest the slide again"
                 )
+            serving = model_id == self._meta().get("model_id")
+            row = self._x(f"SELECT {SLIDE_COLUMNS} FROM {{s}}slides WHERE slide_id = ?", (sid,)).fetchone()
+            if not serving and row is None:
+                # Another model's vectors follow the serving one's: never resurrect a deleted slide.
+                self._drop_tiles("slide_id = ? AND generation = ?", (sid, generation))
+                raise _missing(sid)
             seq = self._next_seq(sid)
-            old = self._drop_tiles("slide_id = ? AND generation != ?", (sid, generation))
+            old = self._drop_tiles("slide_id = ? AND generation != ? AND model_id = ?", (sid, generation, model_id))
             self._x("UPDATE {s}tiles SET committed = ? WHERE slide_id = ? AND generation = ?", (seq, sid, generation))
             self._journal_removal(seq, old)
-            slide.tile_count, slide.indexed_at = len(new), time.time()
-            self._put_slide(slide, generation)
-            commit = Commit(seq, slide, *self._vectors(new), old)
+            if serving:
+                slide.tile_count, slide.indexed_at = len(new), time.time()
+                self._put_slide(slide, generation)
+            else:
+                slide = self._slide(row)  # the slide is the serving model's record; this adds vectors only
+            commit = Commit(seq, slide, old, {model_id: self._vectors(new, model_id)})
         self._published(seq)
         return commit
 
-    def _already_committed(self, slide_id: str, generation: str, expected_tiles: int) -> Commit | None:
+    def _already_committed(self, slide_id: str, generation: str, expected_tiles: int, model_id: str) -> Commit | None:
         """The earlier commit of this very generation (a retried call), else None."""
-        row = self._x(
-            f"SELECT {SLIDE_COLUMNS} FROM {{s}}slides WHERE slide_id = ? AND generation = ?", (slide_id, generation)
+        seq, n = self._x(
+            "SELECT MAX(committed), COUNT(*) FROM {s}tiles WHERE slide_id = ? AND generation = ? AND model_id = ? "
+            "AND committed > 0",
+            (slide_id, generation, model_id),
         ).fetchone()
-        if row is None or row[3] != expected_tiles:
+        row = self._x(f"SELECT {SLIDE_COLUMNS} FROM {{s}}slides WHERE slide_id = ?", (slide_id,)).fetchone()
+        if row is None or not n or n != expected_tiles:
             return None
-        seq = self._x("SELECT MAX(committed) FROM {s}tiles WHERE slide_id = ?", (slide_id,)).fetchone()[0]
-        return Commit(seq or 0, self._slide(row), *self._vectors([]), [])
+        return Commit(seq, self._slide(row), [])
 
     def delete_slide(self, slide_id: str) -> Commit:
         with self._writing():
@@ -248,34 +402,36 @@ class Journal(Sql):
             seq = self._next_seq(slide_id)
             ids = self._drop_tiles("slide_id = ?", (slide_id,))
             self._journal_removal(seq, ids)
-            commit = Commit(seq, None, *self._vectors([]), ids)
+            commit = Commit(seq, None, ids)
         self._published(seq)
         return commit
 
     # -- reads for a search index -----------------------------------------------
-    def committed_count(self) -> int:
+    def committed_count(self, model_id: str) -> int:
         with self._session():
-            return self._x("SELECT COUNT(*) FROM {s}tiles WHERE committed > 0").fetchone()[0]
+            return self._x(
+                "SELECT COUNT(*) FROM {s}tiles WHERE committed > 0 AND model_id = ?", (model_id,)
+            ).fetchone()[0]
 
-    def committed_ids(self) -> np.ndarray:
+    def committed_ids(self, model_id: str) -> np.ndarray:
         with self._session():
-            return _ids(self._x("SELECT id FROM {s}tiles WHERE committed > 0"))
+            return _ids(self._x("SELECT id FROM {s}tiles WHERE committed > 0 AND model_id = ?", (model_id,)))
 
-    def committed_chunk(self, after_id: int, limit: int) -> tuple[np.ndarray, np.ndarray]:
-        return self._chunk(0, after_id, limit)
+    def committed_chunk(self, after_id: int, limit: int, model_id: str) -> tuple[np.ndarray, np.ndarray]:
+        return self._chunk(0, after_id, limit, model_id)
 
-    def _chunk(self, seq: int, after_id: int, limit: int) -> tuple[np.ndarray, np.ndarray]:
+    def _chunk(self, seq: int, after_id: int, limit: int, model_id: str) -> tuple[np.ndarray, np.ndarray]:
         with self._session():
             rows = self._x(
-                "SELECT id, vector FROM {s}tiles WHERE committed > ? AND id > ? ORDER BY id LIMIT ?",
-                (seq, after_id, limit),
+                "SELECT id, vector FROM {s}tiles WHERE committed > ? AND model_id = ? AND id > ? ORDER BY id LIMIT ?",
+                (seq, model_id, after_id, limit),
             ).fetchall()
-            return self._vectors(rows)
+            return self._vectors(rows, model_id)
 
-    def added_after(self, seq: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def added_after(self, seq: int, model_id: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         after = 0
         while True:
-            ids, vecs = self._chunk(seq, after, REPLAY_CHUNK)
+            ids, vecs = self._chunk(seq, after, REPLAY_CHUNK, model_id)
             if not len(ids):
                 return
             after = int(ids[-1])
@@ -289,11 +445,14 @@ class Journal(Sql):
         with self._session():
             self._x("DELETE FROM {s}removed WHERE seq <= ?", (seq,))
 
-    def vectors(self, ids) -> tuple[np.ndarray, np.ndarray]:
+    def vectors(self, ids, model_id: str) -> tuple[np.ndarray, np.ndarray]:
         cond, args = self.dialect.in_ids("id", [int(i) for i in ids])
         with self._session():
             return self._vectors(
-                self._x(f"SELECT id, vector FROM {{s}}tiles WHERE {cond} ORDER BY id", args).fetchall()
+                self._x(
+                    f"SELECT id, vector FROM {{s}}tiles WHERE {cond} AND model_id = ? ORDER BY id", [*args, model_id]
+                ).fetchall(),
+                model_id,
             )
 
     @staticmethod
@@ -317,13 +476,13 @@ class Journal(Sql):
             args += cond_args
         return conds, args
 
-    def _tile_ids(self, conds: list[str], args: list) -> np.ndarray:
+    def _tile_ids(self, conds: list[str], args: list, model_id: str) -> np.ndarray:
         with self._session():
             return _ids(
                 self._x(
                     "SELECT t.id FROM {s}tiles t JOIN {s}slides s ON s.slide_id = t.slide_id "
-                    f"WHERE {' AND '.join(['t.committed > 0', *conds])}",
-                    args,
+                    f"WHERE {' AND '.join(['t.committed > 0 AND t.model_id = ?', *conds])}",
+                    [model_id, *args],
                 )
             )
 
@@ -335,6 +494,8 @@ class Journal(Sql):
         exclude_filters: dict,
         mpp_range: tuple[float, float] | None = None,
         tenants=(),
+        *,
+        model_id: str,
     ) -> np.ndarray:
         conds, args = self._slide_conditions(slide_ids, filters)
         tenant_conds, tenant_args = self._tenant_condition("t.slide_id", tenants)
@@ -346,11 +507,11 @@ class Journal(Sql):
         if excluded:
             conds.append(f"NOT ({' OR '.join(excluded)})")
             args += excluded_args
-        return self._tile_ids(conds, args)
+        return self._tile_ids(conds, args, model_id)
 
-    def excluded(self, exclude, exclude_filters: dict) -> np.ndarray:
+    def excluded(self, exclude, exclude_filters: dict, model_id: str) -> np.ndarray:
         conds, args = self._slide_conditions(exclude, exclude_filters)
-        return self._tile_ids([f"({' OR '.join(conds)})"], args)
+        return self._tile_ids([f"({' OR '.join(conds)})"], args, model_id)
 
     def records(self, ids) -> dict[int, tuple[str, Tile, dict]]:
         cond, args = self.dialect.in_ids("t.id", [int(i) for i in ids])
@@ -370,12 +531,17 @@ class Journal(Sql):
             raise _missing(slide_id)
         return self._slide(row)
 
-    def list_slides(self, after: str, limit: int, tenants=(), match: MetadataMatch | None = None) -> list[Slide]:
+    def list_slides(
+        self, after: str, limit: int, tenants=(), match: MetadataMatch | None = None, lacking: str = ""
+    ) -> list[Slide]:
         conds, args = self._tenant_condition("slide_id", tenants)
         if match is not None:
             cond, match_args = self.dialect.value_like(list(match.keys), match.like())
             conds, args = [*conds, cond], [*args, *match_args]
         with self._session():
+            if lacking:
+                cond, lacking_args = self._lacking(lacking)
+                conds, args = [*conds, cond], [*args, *lacking_args]
             rows = self._x(
                 f"SELECT {SLIDE_COLUMNS} FROM {{s}}slides s "
                 f"WHERE {' AND '.join(['slide_id{text_order} > ?', *conds])} "
@@ -388,12 +554,13 @@ class Journal(Sql):
         with self._session():
             return self._x("SELECT COUNT(*) FROM {s}slides").fetchone()[0]
 
-    def tenant_counts(self, tenants) -> tuple[int, int]:
+    def tenant_counts(self, tenants, model_id: str) -> tuple[int, int]:
         slides, slide_args = self._tenant_condition("slide_id", tenants)
         tiles, tile_args = self._tenant_condition("slide_id", tenants)
         with self._session():
             n_slides = self._x(f"SELECT COUNT(*) FROM {{s}}slides WHERE {slides[0]}", slide_args).fetchone()[0]
             n_tiles = self._x(
-                f"SELECT COUNT(*) FROM {{s}}tiles WHERE committed > 0 AND {tiles[0]}", tile_args
+                f"SELECT COUNT(*) FROM {{s}}tiles WHERE committed > 0 AND model_id = ? AND {tiles[0]}",
+                [model_id, *tile_args],
             ).fetchone()[0]
         return n_tiles, n_slides

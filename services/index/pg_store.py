@@ -1,8 +1,8 @@
 """PostgreSQL storage: the cluster's system of record, one schema per shard.
 
 The same tables as SQLite (storage.py says what they mean) plus `commits`,
-one row per commit or delete naming its slide, which the serving replicas
-follow by sequence. Commits take the next sequence number by updating the
+one row per commit or delete naming its slide (or, slide "", a model event:
+"serve M" or "drop M"), which the serving replicas follow by sequence. Commits take the next sequence number by updating the
 shard's one `seq` row: its row lock serialises them, so sequence order is
 commit order and a replica reading "commits after s" never misses one that
 commits later with a smaller number. A lost connection is UNAVAILABLE and
@@ -45,8 +45,11 @@ CREATE TABLE IF NOT EXISTS {s}.removed (seq BIGINT NOT NULL, tile_id BIGINT NOT 
 CREATE INDEX IF NOT EXISTS removed_by_seq ON {s}.removed (seq);
 CREATE TABLE IF NOT EXISTS {s}.commits (seq BIGINT PRIMARY KEY, slide_id TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS {s}.replicas (name TEXT PRIMARY KEY, seq BIGINT NOT NULL, seen_at DOUBLE PRECISION NOT NULL);
+ALTER TABLE {s}.tiles ADD COLUMN IF NOT EXISTS model_id TEXT NOT NULL DEFAULT '';
+CREATE INDEX IF NOT EXISTS tiles_by_model ON {s}.tiles (model_id, committed);
+ALTER TABLE {s}.commits ADD COLUMN IF NOT EXISTS event TEXT NOT NULL DEFAULT '';
 """
-TILE_COLUMNS = "id, x, y, w, h, mpp, tissue, vector"
+TILE_COLUMNS = "id, model_id, generation, x, y, w, h, mpp, tissue, vector"
 # Lock key under which schemas are created: replicas starting together would race on CREATE SCHEMA.
 SCHEMA_LOCK = 0x5311_7001
 
@@ -57,13 +60,16 @@ def schema(shard: int) -> str:
 
 @dataclass
 class SlideState:
-    """A slide as the store holds it after commit `seq`: None when deleted; rows are (id, Tile, vector)."""
+    """A slide as the store holds it after commit `seq`: None when deleted; rows are (id, model id, generation,
+    Tile, vector) of every model. A model event (storage.SERVE or DROP of `event_model`) has no slide."""
 
     seq: int
     slide_id: str
     slide: Slide | None
     generation: str
     rows: list
+    event: str = ""
+    event_model: str = ""
 
 
 def _in_ids(column: str, values: list) -> tuple[str, list]:
@@ -156,6 +162,7 @@ class PgStorage(_OnSchema, Journal):
     def __init__(self, url: str, shard: int = 0, connect_timeout_s: float = 5.0):
         super().__init__(url, shard, connect_timeout_s)
         self._create()
+        self.adopt_models()
         self.binding()
 
     @_db
@@ -175,9 +182,9 @@ class PgStorage(_OnSchema, Journal):
         # The seq row's lock: sequence order is commit order (see the module docstring).
         self._q("SELECT value FROM {s}.seq FOR UPDATE")
 
-    def _next_seq(self, slide_id: str) -> int:
+    def _next_seq(self, slide_id: str, event: str = "") -> int:
         seq = self._q("UPDATE {s}.seq SET value = value + 1 RETURNING value").fetchone()[0]
-        self._q("INSERT INTO {s}.commits VALUES (%s, %s)", (seq, slide_id))
+        self._q("INSERT INTO {s}.commits (seq, slide_id, event) VALUES (%s, %s, %s)", (seq, slide_id, event))
         return seq
 
     @_db
@@ -197,13 +204,18 @@ class PgStorage(_OnSchema, Journal):
     @_db
     def changes_after(self, seq: int, limit: int = 256) -> list[SlideState]:
         """The current state of each slide changed by the next `limit` commits after `seq`,
-        ordered by its last commit's sequence; read in one snapshot of the database."""
+        ordered by its last commit's sequence; read in one snapshot of the database. A model event
+        comes alone, after the slides before it: it is applied at its own sequence number."""
         with self.conn.transaction():
             self.conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
             commits = self._q(
-                "SELECT seq, slide_id FROM {s}.commits WHERE seq > %s ORDER BY seq LIMIT %s", (seq, limit)
+                "SELECT seq, slide_id, event FROM {s}.commits WHERE seq > %s ORDER BY seq LIMIT %s", (seq, limit)
             ).fetchall()
-            last = {sid: s for s, sid in commits}
+            events = [i for i, c in enumerate(commits) if c[2]]
+            if events and events[0] == 0:
+                event, model = commits[0][2].split(" ", 1)
+                return [SlideState(commits[0][0], "", None, "", [], event, model)]
+            last = {sid: s for s, sid, _ in commits[: events[0] if events else len(commits)]}
             states = []
             for sid, s in sorted(last.items(), key=lambda kv: kv[1]):
                 row = self._q(
@@ -213,11 +225,10 @@ class PgStorage(_OnSchema, Journal):
                     []
                     if row is None
                     else [
-                        (r[0], Tile(*r[1:7]), bytes(r[7]))
+                        (r[0], r[1], r[2], Tile(*r[3:9]), bytes(r[9]))
                         for r in self._q(
-                            f"SELECT {TILE_COLUMNS} FROM {{s}}.tiles WHERE slide_id = %s AND generation = %s "
-                            "AND committed > 0 ORDER BY id",
-                            (sid, row[6]),
+                            f"SELECT {TILE_COLUMNS} FROM {{s}}.tiles WHERE slide_id = %s AND committed > 0 ORDER BY id",
+                            (sid,),
                         )
                     ]
                 )

@@ -20,10 +20,10 @@ import threading
 import time
 
 from smily.common import tiling as tilings
-from smily.common.errors import Unavailable
+from smily.common.errors import FailedPrecondition, Unavailable
 from smily.common.tiling import Tiling
 
-from .faiss_index import IndexConfig, TileIndex, check_stage
+from .faiss_index import IndexConfig, TileIndex, check_model, check_stage
 from .pg_store import PgStorage
 from .shard import Hit, IndexInfo, Query, TileBatch
 from .sqlite_store import SqliteStorage
@@ -91,12 +91,21 @@ class Replica:
                     return seq
                 if not self.local.model_id:
                     self.local.bind(*self.store.binding())
+                models = self.store.models()
+                for model_id, dim in models.items():  # a migration's target, before its vectors arrive
+                    self.local.hold(model_id, dim)
                 if self.local.tiling is None and (recorded := Tiling.from_json(self.store.tiling())):
                     self.local.record_tiling(recorded)
                 for st in states:
-                    self.local.apply(
-                        functools.partial(self._mirror.mirror, st.seq, st.slide_id, st.slide, st.generation, st.rows)
-                    )
+                    if st.event:
+                        write = functools.partial(
+                            self._mirror.mirror_event, st.seq, st.event, st.event_model, models.get(st.event_model, 0)
+                        )
+                    else:
+                        write = functools.partial(
+                            self._mirror.mirror, st.seq, st.slide_id, st.slide, st.generation, st.rows
+                        )
+                    self.local.apply(write)
 
     def _report(self, seq: int) -> None:
         last_seq, last_at = self._reported
@@ -112,18 +121,39 @@ class Replica:
     def stage(self, batch: TileBatch) -> int:
         check_stage(batch)
         model_id, dim = batch.model_id, batch.vectors.shape[1]
-        TileIndex.check_binding(self.store.binding(), model_id, dim)
+        check_model(self.store.models(), self.store.binding()[0], model_id, dim, batch.register_model)
         if batch.tiling is not None:
             tilings.check(Tiling.from_json(self.store.record_tiling(batch.tiling.to_json())), batch.tiling)
-        TileIndex.check_binding(self.store.bind(model_id, dim), model_id, dim)
-        return self.store.stage(batch.slide_id, batch.generation, batch.tiles, batch.vectors)
+        serving, _ = self.store.bind(model_id, dim)
+        if self.store.add_model(model_id, dim) != dim:
+            check_model(self.store.models(), serving, model_id, dim)  # another writer added it with another dim
+        return self.store.stage(batch.slide_id, batch.generation, batch.tiles, batch.vectors, model_id)
 
     def commit_slide(self, model_id: str, generation: str, slide: Slide, expected_tiles: int) -> tuple[Slide, int]:
-        TileIndex.check_binding(self.store.binding(), model_id)
-        commit = self.store.commit_slide(generation, slide, expected_tiles)
+        check_model(self.store.models(), self.store.binding()[0], model_id)
+        commit = self.store.commit_slide(generation, slide, expected_tiles, model_id)
         self._serve(commit.seq)
         assert commit.slide is not None, "a commit publishes the slide"
         return commit.slide, len(commit.removed)
+
+    def serve(self, model_id: str) -> int:
+        commit = self.store.serve(model_id)
+        self._serve(commit.seq)
+        return commit.seq
+
+    def drop_model(self, model_id: str) -> int:
+        commit = self.store.drop_model(model_id)
+        self._serve(commit.seq)
+        return len(commit.removed)
+
+    def models(self) -> dict[str, tuple[int, int]]:
+        return self.local.models()
+
+    def missing_slides(self, model_id: str, limit: int) -> tuple[list[str], int]:
+        return self.store.missing_slides(model_id, limit)
+
+    def lease(self, owner: str, lease_s: float, record: str) -> tuple[bool, str, bool]:
+        return self.store.lease(owner, lease_s, record)
 
     def delete_slide(self, slide_id: str) -> int:
         commit = self.store.delete_slide(slide_id)
@@ -145,12 +175,21 @@ class Replica:
         return self.local.get_slide(slide_id)
 
     def list_slides(
-        self, page_size: int, page_token: str, tenants=(), match: MetadataMatch | None = None
+        self, page_size: int, page_token: str, tenants=(), match: MetadataMatch | None = None, lacking: str = ""
     ) -> tuple[list[Slide], str]:
-        return self.local.list_slides(page_size, page_token, tenants, match)
+        return self.local.list_slides(page_size, page_token, tenants, match, lacking)
 
     def slide_tiles(self, slide_id: str, after: int, limit: int):
         return self.local.slide_tiles(slide_id, after, limit)
+
+    def add_model(self, model_id: str, dim: int) -> None:
+        serving, _ = self.store.binding()
+        if not serving:
+            raise FailedPrecondition("the index holds nothing yet: ingest slides, which bind it to their model")
+        check_model(self.store.models(), serving, model_id, dim, register=True)
+        if self.store.add_model(model_id, dim) != dim:
+            check_model(self.store.models(), serving, model_id, dim)  # another writer added it with another dim
+        self._serve(self.local.info().journal_seq)
 
     def counts(self, tenants=()) -> tuple[int, int]:
         return self.local.counts(tenants)

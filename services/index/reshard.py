@@ -30,7 +30,7 @@ from .pg_store import PgStorage, schema
 
 log = logging.getLogger("smily.index")
 
-TILE_COPY = "slide_id, generation, x, y, w, h, mpp, tissue, staged_at, vector"
+TILE_COPY = "slide_id, generation, x, y, w, h, mpp, tissue, staged_at, vector, model_id"
 SLIDE_COPY = "slide_id, source, metadata, generation, tile_count, indexed_at, slide_mpp"
 # Slides copied before each wait for the new shards' replicas.
 BATCH = 64

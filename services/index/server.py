@@ -20,6 +20,9 @@ from .storage import MetadataMatch, Slide, Tile
 # ReadSlideTiles: tiles per page when none is asked, and the most.
 TILE_PAGE, MAX_TILE_PAGE = 512, 4096
 
+# Slides a ListModels names of those a model lacks; the count says how many in all.
+MISSING_LISTED = 100
+
 
 def _slide_pb(s: Slide, model_id: str) -> index_pb2.Slide:
     tenant, slide_id = tenancy.split(s.slide_id)
@@ -80,6 +83,7 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer, Servicer):
                 from_tensor(request.embeddings),
                 tiles,
                 tiling and tiling.validate(),
+                request.register_model,
             )
         )
         return index_pb2.AddTilesResponse(staged=n)
@@ -120,7 +124,8 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer, Servicer):
             )
         )
         return index_pb2.SearchResponse(
-            model_id=self.store.model_id,
+            # The model searched: the query's (a search never mixes models), "" before the first write.
+            model_id=request.model_id if self.store.model_id else "",
             hits=[
                 index_pb2.Hit(
                     tenant=tenancy.split(h.slide_id)[0],
@@ -149,8 +154,9 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer, Servicer):
         slides, token = self.store.list_slides(
             request.page_size,
             request.page_token,
-            self._tenants(request.tenants),
+            () if request.all_tenants else self._tenants(request.tenants),
             MetadataMatch(keys, prefix) if prefix else None,
+            request.lacking_model_id,
         )
         return index_pb2.ListSlidesResponse(
             slides=[_slide_pb(s, self.store.model_id) for s in slides], next_page_token=token
@@ -179,6 +185,47 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer, Servicer):
         )
         if self.store.tiling is not None:
             self.store.tiling.to_pb(out.tiling)
+        return out
+
+    # -- models (see faiss_index.py) ------------------------------------------
+    def SetServingModel(self, request, context):
+        if not request.model_id:
+            raise InvalidArgument("model_id is required")
+        return index_pb2.SetServingModelResponse(journal_seq=self.store.serve(request.model_id))
+
+    def AddModel(self, request, context):
+        if not request.model_id or request.dim <= 0:
+            raise InvalidArgument("model_id and a positive dim are required")
+        self.store.add_model(request.model_id, request.dim)
+        return index_pb2.AddModelResponse()
+
+    def LeaseMigration(self, request, context):
+        if request.lease_s < 0 or (request.record and not request.owner):
+            raise InvalidArgument("lease_s must not be negative, and a record needs its owner")
+        granted, record, expired = self.store.lease(request.owner, request.lease_s, request.record)
+        return index_pb2.LeaseMigrationResponse(granted=granted, record=record, expired=expired)
+
+    def DropModel(self, request, context):
+        if not request.model_id:
+            raise InvalidArgument("model_id is required")
+        dropped = self.store.drop_model(request.model_id)
+        return index_pb2.DropModelResponse(dropped_tiles=dropped, journal_seq=self.store.info().journal_seq)
+
+    def ListModels(self, request, context):
+        serving = self.store.model_id
+        out = index_pb2.ListModelsResponse(
+            models=[
+                index_pb2.HeldModel(model_id=m, dim=dim, tile_count=tiles, serving=m == serving)
+                for m, (dim, tiles) in sorted(self.store.models().items())
+            ],
+            serving_model_id=serving,
+            journal_seq=self.store.info().journal_seq,
+        )
+        if request.missing_model_id:
+            keys, out.missing_count = self.store.missing_slides(request.missing_model_id, MISSING_LISTED)
+            for key in keys:
+                tenant, slide_id = tenancy.split(key)
+                out.missing_slides.add(tenant=tenant, slide_id=slide_id)
         return out
 
     # -- concepts (their own table; see concepts.py) -------------------------

@@ -24,7 +24,8 @@ from .storage import MetadataMatch, Slide, Tile
 @dataclass(frozen=True)
 class TileBatch:
     """Tiles of one ingest generation of a slide and their embeddings, [len(tiles), dim].
-    `tiling` (how they were cut) is recorded by the index's first write and checked after."""
+    `tiling` (how they were cut) is recorded by the index's first write and checked after.
+    A model the index does not hold is refused unless `register_model` (a migration adds it)."""
 
     model_id: str
     slide_id: str
@@ -32,6 +33,7 @@ class TileBatch:
     vectors: np.ndarray
     tiles: list[Tile]
     tiling: Tiling | None = None
+    register_model: bool = False
 
 
 @dataclass(frozen=True)
@@ -83,7 +85,7 @@ class ShardIndex(Protocol):
 
     @property
     def model_id(self) -> str:
-        """The model whose embeddings it holds; "" before the first write."""
+        """The model serving searches; "" before the first write."""
 
     @property
     def dim(self) -> int: ...
@@ -101,19 +103,44 @@ class ShardIndex(Protocol):
     def delete_slide(self, slide_id: str) -> int:
         """Drop a slide; returns how many tiles went. NotFound when it is not there."""
 
-    def search(self, query: Query) -> list[Hit]: ...
+    def search(self, query: Query) -> list[Hit]:
+        """Hits among the tiles of the query's model (any model held; one model per search)."""
+
+    def serve(self, model_id: str) -> int:
+        """Make a held model the serving one at the next journal sequence number, which it returns."""
+
+    def drop_model(self, model_id: str) -> int:
+        """Forget a model other than the serving one and its vectors; returns how many tiles went."""
+
+    def models(self) -> dict[str, tuple[int, int]]:
+        """(dimension, tiles searched) of every model held."""
+
+    def lease(self, owner: str, lease_s: float, record: str) -> tuple[bool, str, bool]:
+        """The migration lease in the system of record: (granted, record in force, expired)."""
+
+    def missing_slides(self, model_id: str, limit: int) -> tuple[list[str], int]:
+        """Keys of up to `limit` slides the serving model holds tiles of and `model_id` none, and how many."""
 
     def get_slide(self, slide_id: str) -> Slide: ...
 
     def list_slides(
-        self, page_size: int, page_token: str, tenants: Sequence[str] = (), match: MetadataMatch | None = None
+        self,
+        page_size: int,
+        page_token: str,
+        tenants: Sequence[str] = (),
+        match: MetadataMatch | None = None,
+        lacking: str = "",
     ) -> tuple[list[Slide], str]:
         """A page of slides (of these tenants; none named: all; matching `match` when given) in key
-        order and the next page's token ("" after the last)."""
+        order and the next page's token ("" after the last); with `lacking`, only slides the serving
+        model holds tiles of and it none."""
 
     def slide_tiles(self, slide_id: str, after: int, limit: int) -> tuple[np.ndarray, list[Tile], np.ndarray]:
         """Up to `limit` published tiles of a slide with tile id > after, in id order:
         (ids, tiles, embeddings [n, dim])."""
+
+    def add_model(self, model_id: str, dim: int) -> None:
+        """Hold a model beside the serving one, before any of its tiles (a migration's start)."""
 
     def counts(self, tenants: Sequence[str] = ()) -> tuple[int, int]:
         """(tiles searched, slides), of these tenants when any are named."""

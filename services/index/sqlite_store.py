@@ -14,8 +14,8 @@ import os
 import sqlite3
 import threading
 
-from .journal import Dialect, Journal, Sql
-from .storage import Commit, Slide
+from .journal import DIM_OF, Dialect, Journal, Sql
+from .storage import DROP, SERVE, Commit, Slide
 
 PAGE_BYTES = 8192
 
@@ -31,6 +31,8 @@ CREATE TABLE IF NOT EXISTS tiles (
   -- 0 while staged, then the journal sequence number of the commit that published it.
   mpp REAL NOT NULL, tissue REAL NOT NULL, committed INTEGER NOT NULL DEFAULT 0,
   staged_at REAL NOT NULL, vector BLOB NOT NULL,
+  -- The model that embedded the vector (a generation holds one model's tiles).
+  model_id TEXT NOT NULL DEFAULT '',
   UNIQUE (slide_id, generation, x, y, w, h, mpp));
 CREATE INDEX IF NOT EXISTS tiles_by_slide ON tiles (slide_id, generation);
 CREATE INDEX IF NOT EXISTS tiles_by_commit ON tiles (committed);
@@ -117,6 +119,11 @@ class SqliteStorage(OnFile, Journal):
         if "slide_mpp" not in {r[1] for r in self._db.execute("PRAGMA table_info(slides)")}:
             # Indexes written before slides could state their resolution.
             self._db.execute("ALTER TABLE slides ADD COLUMN slide_mpp REAL NOT NULL DEFAULT 0")
+        if "model_id" not in {r[1] for r in self._db.execute("PRAGMA table_info(tiles)")}:
+            # Indexes written when an index held one model: adopt_models says whose their vectors are.
+            self._db.execute("ALTER TABLE tiles ADD COLUMN model_id TEXT NOT NULL DEFAULT ''")
+        self._db.execute("CREATE INDEX IF NOT EXISTS tiles_by_model ON tiles (model_id, committed)")
+        self.adopt_models()
         self.binding()
         self._seq = max(
             int(self._meta().get("seq", 0)),
@@ -127,7 +134,7 @@ class SqliteStorage(OnFile, Journal):
     def _record_seq(self, seq: int) -> None:
         self._x("INSERT OR REPLACE INTO meta VALUES ('seq', ?)", (str(seq),))
 
-    def _next_seq(self, slide_id: str) -> int:
+    def _next_seq(self, slide_id: str, event: str = "") -> int:
         self._record_seq(self._seq + 1)
         return self._seq + 1
 
@@ -140,7 +147,8 @@ class SqliteStorage(OnFile, Journal):
     # -- a serving replica's local copy -------------------------------------
     def mirror(self, seq: int, slide_id: str, slide: Slide | None, generation: str, rows: list) -> Commit:
         """Make a slide what the system of record holds after commit `seq` (None: deleted); rows are
-        (id, Tile, vector bytes) with the record's ids. A serving replica's local copy is kept so."""
+        (id, model id, generation, Tile, vector bytes) with the record's ids, of every model. A serving replica's
+        local copy is kept so."""
         with self._writing():
             old = {r[0] for r in self._db.execute("SELECT id FROM tiles WHERE slide_id = ?", (slide_id,))}
             keep = {r[0] for r in rows}
@@ -148,9 +156,9 @@ class SqliteStorage(OnFile, Journal):
             added = [r for r in rows if r[0] not in old]
             self._db.executemany("DELETE FROM tiles WHERE id = ?", [(i,) for i in removed])
             self._db.executemany(
-                "INSERT INTO tiles (id, slide_id, generation, x, y, w, h, mpp, tissue, committed, staged_at, vector) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [(i, slide_id, generation, t.x, t.y, t.w, t.h, t.mpp, t.tissue, seq, 0.0, v) for i, t, v in added],
+                "INSERT INTO tiles (id, slide_id, generation, x, y, w, h, mpp, tissue, committed, staged_at, vector, "
+                "model_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(i, slide_id, g, t.x, t.y, t.w, t.h, t.mpp, t.tissue, seq, 0.0, v, m) for i, m, g, t, v in added],
             )
             if slide is None:
                 self._db.execute("DELETE FROM slides WHERE slide_id = ?", (slide_id,))
@@ -158,6 +166,27 @@ class SqliteStorage(OnFile, Journal):
                 self._put_slide(slide, generation)
             self._journal_removal(seq, removed)
             self._record_seq(seq)
-            commit = Commit(seq, slide, *self._vectors([(r[0], r[2]) for r in added]), removed)
+            by_model = {m: self._vectors([(r[0], r[4]) for r in added if r[1] == m], m) for m in {r[1] for r in added}}
+            commit = Commit(seq, slide, removed, by_model)
         self._published(seq)
         return commit
+
+    def mirror_event(self, seq: int, event: str, model_id: str, dim: int) -> Commit:
+        """Apply a model event of the system of record at `seq` (SERVE or DROP) to the local copy."""
+        with self._writing():
+            removed: list[int] = []
+            if event == SERVE:
+                self.add_model_here(model_id, dim)
+                self._set_serving(model_id, dim)
+            elif event == DROP:
+                removed = self._drop_model(seq, model_id)
+            self._record_seq(seq)
+            commit = Commit(seq, None, removed, event=event, event_model=model_id)
+        self._published(seq)
+        if event == SERVE:
+            self._model_id, self._dim = model_id, dim
+        return commit
+
+    def add_model_here(self, model_id: str, dim: int) -> None:
+        """Inside _writing: hold a model (its dimension) if not yet held."""
+        self._x("INSERT INTO meta VALUES (?, ?) ON CONFLICT (key) DO NOTHING", (DIM_OF + model_id, str(dim)))

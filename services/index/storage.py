@@ -1,9 +1,13 @@
 """The index's system of record, behind one small interface.
 
 A Storage holds, durably, what a shard serves (slides keyed by
-smily.common.tenancy.key, "tenant/slide id"): the model binding, slides,
-tiles staged per ingest generation and published by a commit, and the
-commit sequence. Every commit or delete takes the next sequence number;
+smily.common.tenancy.key, "tenant/slide id"): the models it holds and the
+one serving searches, slides, tiles staged per (model, ingest generation) and
+published by a commit, and the commit sequence. Every tile row carries the
+model that embedded it: a slide has one published generation per model, so
+a migration writes a second model's vectors beside the serving one's.
+Every commit, delete, switch of the serving model or drop of a model takes
+the next sequence number (so every replica switches at the same one);
 published tiles carry it, and tile ids removed from the search are logged
 with it, so an in-memory index that holds the state at sequence s catches up
 by replaying what came after s. Tile ids are never reused.
@@ -69,15 +73,21 @@ class MetadataMatch:
 _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
 
+SERVE = "serve"  # a Commit's event: `event_model` serves searches from here on
+DROP = "drop"  # a Commit's event: `event_model`'s vectors are gone (in `removed`)
+
+
 @dataclass
 class Commit:
-    """What one commit or delete changed: the search must drop `removed` and add `ids`/`vectors`."""
+    """What one commit, delete or model event changed: the search must drop `removed` and add
+    `added`, (ids, vectors) per model."""
 
     seq: int
     slide: Slide | None
-    ids: np.ndarray
-    vectors: np.ndarray
     removed: list[int]
+    added: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    event: str = ""  # "", SERVE or DROP
+    event_model: str = ""
 
 
 def vectors_from(blobs, dim: int) -> np.ndarray:
@@ -98,12 +108,12 @@ def vector_bytes(vector: np.ndarray) -> bytes:
     return np.ascontiguousarray(vector, STORED).tobytes()
 
 
-def staged_rows(slide_id: str, generation: str, tiles: list[Tile], vectors: np.ndarray) -> list[tuple]:
+def staged_rows(slide_id: str, generation: str, tiles: list[Tile], vectors: np.ndarray, model_id: str) -> list[tuple]:
     """The tiles table's columns of a staged batch, in both stores' order: slide, generation,
-    x, y, w, h, mpp, tissue, staged_at, vector bytes."""
+    x, y, w, h, mpp, tissue, staged_at, vector bytes, model."""
     now = time.time()
     return [
-        (slide_id, generation, t.x, t.y, t.w, t.h, t.mpp, t.tissue, now, vector_bytes(v))
+        (slide_id, generation, t.x, t.y, t.w, t.h, t.mpp, t.tissue, now, vector_bytes(v), model_id)
         for t, v in zip(tiles, vectors)
     ]
 
@@ -112,10 +122,34 @@ class Storage(Protocol):
     """Durable record of one shard. Every method is thread-safe and each write is one transaction."""
 
     def binding(self) -> tuple[str, int]:
-        """(model_id, dim) this store holds; ("", 0) before the first write."""
+        """(model_id, dim) of the model serving searches; ("", 0) before the first write."""
 
     def bind(self, model_id: str, dim: int) -> tuple[str, int]:
         """Bind to a model if unbound; returns the binding in force (which may be another model's)."""
+
+    def first_model(self) -> str:
+        """The model the store was first bound to; "" before the first write."""
+
+    def models(self) -> dict[str, int]:
+        """Every model the store holds vectors of (or is ready to), and its dimension."""
+
+    def add_model(self, model_id: str, dim: int) -> int:
+        """Hold a model beside the serving one (a migration's target); returns its dimension in force."""
+
+    def model_counts(self) -> dict[str, int]:
+        """Published tiles per model."""
+
+    def lease(self, owner: str, lease_s: float, record: str) -> tuple[bool, str, bool]:
+        """The migration lease (a gateway's, so another resumes the migration if it dies): see journal.py."""
+
+    def missing_slides(self, model_id: str, limit: int) -> tuple[list[str], int]:
+        """Keys of up to `limit` slides with tiles of the serving model and none of `model_id`, and how many."""
+
+    def serve(self, model_id: str) -> Commit:
+        """Make a held model the one serving searches: a journal entry of its own."""
+
+    def drop_model(self, model_id: str) -> Commit:
+        """Forget a model and its vectors (never the serving one): a journal entry of its own."""
 
     def tiling(self) -> str:
         """The tiling record (smily.common.tiling.Tiling as JSON); "" before the first write."""
@@ -129,11 +163,12 @@ class Storage(Protocol):
     def drop_stale_staged(self, older_than: float) -> int:
         """Forget staged tiles of ingests abandoned before this time; returns how many."""
 
-    def stage(self, slide_id: str, generation: str, tiles: list[Tile], vectors: np.ndarray) -> int:
-        """Stage tiles of one ingest generation; a retried batch is ignored, not duplicated."""
+    def stage(self, slide_id: str, generation: str, tiles: list[Tile], vectors: np.ndarray, model_id: str) -> int:
+        """Stage tiles of one ingest generation of a model; a retried batch is ignored, not duplicated."""
 
-    def commit_slide(self, generation: str, slide: Slide, expected_tiles: int) -> Commit:
-        """Publish a generation in place of the slide's earlier ones, in one transaction.
+    def commit_slide(self, generation: str, slide: Slide, expected_tiles: int, model_id: str) -> Commit:
+        """Publish a generation in place of the slide's earlier ones of the same model, in one transaction.
+        A model other than the serving one only adds vectors to a slide that is there.
 
         Raises Aborted unless exactly `expected_tiles` are staged. Committing a
         generation that is already the slide's committed one is success: it
@@ -143,17 +178,17 @@ class Storage(Protocol):
     def delete_slide(self, slide_id: str) -> Commit:
         """Drop a slide and its tiles; raises NotFound when it is not there."""
 
-    def committed_count(self) -> int:
-        """Published tiles."""
+    def committed_count(self, model_id: str) -> int:
+        """Published tiles of a model."""
 
-    def committed_ids(self) -> np.ndarray:
-        """Ids of every published tile."""
+    def committed_ids(self, model_id: str) -> np.ndarray:
+        """Ids of every published tile of a model."""
 
-    def committed_chunk(self, after_id: int, limit: int) -> tuple[np.ndarray, np.ndarray]:
-        """(ids, vectors) of up to `limit` published tiles with id > after_id, in id order."""
+    def committed_chunk(self, after_id: int, limit: int, model_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, vectors) of up to `limit` published tiles of a model with id > after_id, in id order."""
 
-    def added_after(self, seq: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(ids, vectors) chunks of the tiles published by commits after `seq`."""
+    def added_after(self, seq: int, model_id: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(ids, vectors) chunks of a model's tiles published by commits after `seq`."""
 
     def removed_after(self, seq: int) -> np.ndarray:
         """Ids dropped from the search by commits and deletes after `seq`."""
@@ -161,8 +196,8 @@ class Storage(Protocol):
     def forget_removed(self, seq: int) -> None:
         """A snapshot holds the state at `seq`: the removals up to it are no longer needed."""
 
-    def vectors(self, ids) -> tuple[np.ndarray, np.ndarray]:
-        """(ids, vectors) of these published tiles, in id order (SQL_CHUNK ids at most)."""
+    def vectors(self, ids, model_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, vectors) of these published tiles of a model, in id order (SQL_CHUNK ids at most)."""
 
     def select(
         self,
@@ -172,12 +207,14 @@ class Storage(Protocol):
         exclude_filters: dict,
         mpp_range: tuple[float, float] | None = None,
         tenants=(),
+        *,
+        model_id: str,
     ) -> np.ndarray:
-        """Ids of published tiles of the slides matching every filter (metadata key=value) and no exclusion,
-        with mpp in [lo, hi) when a range is given, of these tenants when any are named."""
+        """Ids of a model's published tiles of the slides matching every filter (metadata key=value) and no
+        exclusion, with mpp in [lo, hi) when a range is given, of these tenants when any are named."""
 
-    def excluded(self, exclude, exclude_filters: dict) -> np.ndarray:
-        """Ids of published tiles of slides left out by id or by any metadata key=value."""
+    def excluded(self, exclude, exclude_filters: dict, model_id: str) -> np.ndarray:
+        """Ids of a model's published tiles of slides left out by id or by any metadata key=value."""
 
     def records(self, ids) -> dict[int, tuple[str, Tile, dict]]:
         """For these tile ids: (slide id, tile, slide metadata)."""
@@ -185,16 +222,19 @@ class Storage(Protocol):
     def get_slide(self, slide_id: str) -> Slide:
         """Raises NotFound when the slide is not there."""
 
-    def list_slides(self, after: str, limit: int, tenants=(), match: MetadataMatch | None = None) -> list[Slide]:
+    def list_slides(
+        self, after: str, limit: int, tenants=(), match: MetadataMatch | None = None, lacking: str = ""
+    ) -> list[Slide]:
         """Up to `limit` slides with key > after, in key order, of these tenants when any are named,
-        matching `match` when given."""
+        matching `match` when given; with `lacking`, only those with tiles of the serving model and
+        none of that model (a migration's work)."""
 
     def adopt_untenanted(self, default_tenant: str) -> int:
         """Once per store: slides written before tenancy become the default tenant's."""
 
     def slide_count(self) -> int: ...
 
-    def tenant_counts(self, tenants) -> tuple[int, int]:
-        """(published tiles, slides) of these tenants (at least one)."""
+    def tenant_counts(self, tenants, model_id: str) -> tuple[int, int]:
+        """(published tiles of a model, slides) of these tenants (at least one)."""
 
     def close(self) -> None: ...

@@ -8,9 +8,9 @@ import logging
 
 import grpc
 
-from . import catalog, common, data, local, models, operations, search
+from . import catalog, common, data, index, local, models, operations, search
 
-GROUPS = (local, operations, search, catalog, models, data)
+GROUPS = (local, operations, search, catalog, models, data, index)
 
 
 def build_parser() -> argparse.ArgumentParser:

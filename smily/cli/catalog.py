@@ -31,7 +31,8 @@ def delete(args) -> int:
 
 
 def info(args) -> int:
-    from smily.output import print_json
+    from smily.gateway.v1 import gateway_pb2
+    from smily.output import message_dict, print_json
 
     c = client(args)
     try:
@@ -50,7 +51,10 @@ def info(args) -> int:
             "min_tissue_fraction": t.min_tissue_fraction,
         },
         "tiling_recorded": got.tiling_recorded,
+        "models": [{"model_id": m.model_id, "tiles": m.tile_count, "serving": m.serving} for m in got.models],
     }
+    if got.HasField("migration"):
+        out["migration"] = message_dict(got.migration)
     if args.json:
         print_json(out)
         return 0
@@ -60,6 +64,16 @@ def info(args) -> int:
         f"tiling ({where}): {t.tile_size} px tiles at {', '.join(f'{m:g}' for m in t.mpps)} µm/px, "
         f"stride {t.stride:g}, min tissue {t.min_tissue_fraction:g}"
     )
+    for m in got.models:
+        if not m.serving:
+            print(f"also holds model {m.model_id}: {m.tile_count} tiles (cut over to it, or drop it)")
+    if got.HasField("migration"):
+        op = got.migration
+        done = sum(1 for s in op.slides if s.state == gateway_pb2.OPERATION_STATE_SUCCEEDED)
+        print(
+            f"migration {op.operation_id} to {op.model_id} running: {done}/{len(op.slides)} slides, "
+            f"{op.progress.tiles_indexed}/{op.progress.tiles_total} tiles"
+        )
     return 0
 
 

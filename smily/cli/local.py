@@ -1,4 +1,4 @@
-"""`smily serve`, `up`, `down`, `demo` and `index reshard`: running the services."""
+"""`smily serve`, `up`, `down`, `demo`, and the handler of `index reshard`: running the services."""
 
 from __future__ import annotations
 
@@ -74,11 +74,3 @@ def register(sub) -> None:
     s.add_argument("--replicas", type=int, default=0, help="index replicas per shard (cluster mode)")
     s.set_defaults(func=up)
     sub.add_parser("down", help="stop the local stack").set_defaults(func=down)
-
-    ix = sub.add_parser("index", help="index cluster tools").add_subparsers(dest="index_command", required=True)
-    s = ix.add_parser(
-        "reshard", help="move slides to their shards for a new shard count (PostgreSQL at SMILY_INDEX_DATABASE_URL)"
-    )
-    s.add_argument("--shards", type=int, required=True, help="the new shard count")
-    s.add_argument("--from", dest="from_shards", type=int, required=True, help="the current shard count")
-    s.set_defaults(func=reshard)

@@ -8,17 +8,25 @@ from .common import api, client, flags, key_values, wait
 
 
 def print_operation(op, as_json: bool) -> int:
-    """An ingest operation, as JSON or one line; non-zero when it failed."""
+    """An operation, as JSON or one line (after a line per slide of a case or migration); non-zero when it
+    failed."""
     from smily.gateway.v1 import gateway_pb2
     from smily.output import print_json
 
     failed = op.state == gateway_pb2.OPERATION_STATE_FAILED
     if as_json:
         print_json(op)
-    elif failed:
-        print(f"ingest of {op.slide_id} failed: {op.error_code}: {flags(op.error_message)}", file=sys.stderr)
+        return 1 if failed else 0
+    for s in op.slides:  # a case's or a migration's slides, each with its own state
+        state = gateway_pb2.OperationState.Name(s.state).removeprefix("OPERATION_STATE_").lower()
+        why = f" {s.error_code}: {flags(s.error_message)}" if s.error_code else ""
+        print(f"  {s.slide_id}: {state}, {s.progress.tiles_indexed} tiles{why}")
+    what = f"ingest of {op.slide_id}" if op.slide_id else f"operation {op.operation_id}"
+    if failed:
+        print(f"{what} failed: {op.error_code}: {flags(op.error_message)}", file=sys.stderr)
     elif op.state == gateway_pb2.OPERATION_STATE_SUCCEEDED:
-        print(f"ingested {op.slide_id}: {op.progress.tiles_indexed} tiles (model {op.model_id})")
+        done = f"ingested {op.slide_id}" if op.slide_id else f"{op.operation_id} done"
+        print(f"{done}: {op.progress.tiles_indexed} tiles (model {op.model_id})")
     else:
         print(
             f"{op.operation_id}: {gateway_pb2.OperationState.Name(op.state)} {op.slide_id}, "
