@@ -10,7 +10,7 @@ SAMPLES := data/samples/.done
 # The viewer's browser libraries (npm, pinned by package-lock.json; served from node_modules).
 WEB := services/http/vendor/node_modules/.installed
 
-.PHONY: all venv proto model web sample-data demo test unit test-cluster bench up down clean up-cluster system-deps check buf-baseline
+.PHONY: all venv proto model web sample-data demo test unit test-cluster test-cluster-fast bench up down clean up-cluster system-deps check buf-baseline
 
 all: proto model web
 
@@ -56,7 +56,13 @@ unit: proto
 # The deployment as rendered, in the cluster in a box (tests/cluster/, docs/deploy.md): every
 # box test, which `make test` leaves out. Needs root and `make images`.
 test-cluster: system-deps proto
-	$(PY) -m pytest -q -m cluster_full tests/test_cluster.py
+	$(PY) -m pytest -q -m 'cluster_fast or cluster_full' tests/test_cluster.py
+
+# Its end-to-end subset on one boot of the box (tests/test_cluster.py, marker cluster_fast):
+# token from the IdP, ingest over HTTP, search over gRPC with TLS and a token, a IIIF tile,
+# the policies, an index replica killed during a short search loop.
+test-cluster-fast: system-deps proto
+	$(PY) -m pytest -q -m cluster_fast tests/test_cluster.py
 
 # What the tests need from the system (redis-server, ...): installed when root, else named.
 system-deps:

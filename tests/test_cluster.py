@@ -4,8 +4,12 @@ Every pod runs from its built image (`make images`) in its own network namespace
 NetworkPolicies enforced, certificates issued from the tls component and kubelet's
 probes (tests/cluster/). A LIS in its own namespace takes a token from a real IdP
 (oidc-provider), ingests through smily-http and searches through the gateway Service
-over gRPC with TLS. The resilience loop runs in `make test-cluster`
-(tests/test_cluster_resilience.py).
+over gRPC with TLS.
+
+Two markers, one boot of the box per run: `cluster_fast` (`make test-cluster-fast`: the
+end-to-end path, the policies, one index replica killed during a short search loop, the
+deploy guide's check, kubelet's probes) and `cluster_full` (the long resilience loop).
+`make test-cluster` runs both; `make test` runs neither.
 """
 
 from __future__ import annotations
@@ -27,10 +31,6 @@ from .cluster.rootfs import DOCKER
 from .conftest import TEST_SLIDES, need
 
 SLIDE = TEST_SLIDES[0]
-
-# The whole box runs in `make test-cluster` (after `make images`), not in `make test`: after the
-# round's last merges its end-to-end cases fail (CHANGELOG, Known gaps), so CI runs it no more.
-pytestmark = pytest.mark.cluster_full
 
 
 def require_box() -> None:
@@ -87,6 +87,7 @@ def ingest(lis, source: str) -> str:
     raise AssertionError(f"ingest {op} did not finish")
 
 
+@pytest.mark.cluster_fast
 def test_every_workload_runs_from_its_image(box):
     digests = Path(__file__).resolve().parent.parent / "deploy/k8s/components/image-digests/kustomization.yaml"
     for w in box.cluster.workloads:
@@ -112,8 +113,14 @@ def test_every_workload_runs_from_its_image(box):
                 assert status["Uid"].split()[0] == str(uid)
 
 
-def test_ingest_through_http_then_search_through_the_gateway_with_tls_and_a_token(box, lis):
-    slide_id = ingest(lis, SLIDE.name)
+@pytest.fixture(scope="module")
+def slide_id(lis) -> str:
+    """The slide ingested through smily-http, once per run."""
+    return ingest(lis, SLIDE.name)
+
+
+@pytest.mark.cluster_fast
+def test_ingest_through_http_then_search_through_the_gateway_with_tls_and_a_token(lis, slide_id):
     found = lis.call("search", slide_id=slide_id, x=512, y=512, size=512)
     assert slide_id in found.get("hits", []), found
     listed = lis.call("http", method="GET", path="/v1/slides")
@@ -122,6 +129,7 @@ def test_ingest_through_http_then_search_through_the_gateway_with_tls_and_a_toke
     assert tile["status"] == 200 and tile["content_type"] == "image/jpeg" and tile["head"].startswith("ffd8"), tile
 
 
+@pytest.mark.cluster_fast
 def test_network_policies_admit_only_the_declared_edges(box, lis):
     index = next(p for p in box.cluster.pods if p.labels.get("app.kubernetes.io/name") == "smily-index")
     gateway = next(p for p in box.cluster.pods if p.labels.get("app.kubernetes.io/name") == "smily-gateway")
@@ -131,12 +139,33 @@ def test_network_policies_admit_only_the_declared_edges(box, lis):
     assert lis.call("connect", host=gateway.ip, port=9100)["connected"] is False
 
 
-# -- make test-cluster: the resilience loop ----------------------------------------
-
-
 def _blip(lis, before: dict) -> dict:
     now = lis.call("loop_status")
     return {"ok": now["ok"] - before["ok"], "failed": now["failed"] - before["failed"]}
+
+
+def _kill(cluster, name: str) -> None:
+    """`kubectl delete pod` of one running pod of app.kubernetes.io/name=name."""
+    pod = next(p for p in cluster.pods if p.labels.get("app.kubernetes.io/name") == name and not p.terminating)
+    pod.delete()
+
+
+@pytest.mark.cluster_fast
+def test_an_index_replica_killed_during_a_search_loop_fails_no_search(box, lis, slide_id):
+    cluster = box.cluster
+    assert lis.call("loop_start", query={"slide_id": slide_id, "x": 512, "y": 512, "size": 512}) == {"ok": True}
+    try:
+        time.sleep(2)  # searches before the kill
+        _kill(cluster, "smily-index")
+        time.sleep(2)
+        cluster.wait_settled(600)
+        time.sleep(2)  # and after the replacement serves
+    finally:
+        result = lis.call("loop_stop")
+    assert result["failed"] == [] and result["ok"] > 0, result["failed"][:5]
+
+
+# -- make test-cluster: the resilience loop ----------------------------------------
 
 
 @pytest.mark.cluster_full
@@ -154,12 +183,8 @@ def test_searches_survive_kills_rollouts_a_scale_up_and_certificate_reissue(box,
         figures[f"{name}_s"] = round(cluster.wait_settled(900, settle), 1)
         figures[f"{name}_failed"] = _blip(lis, before)["failed"]
 
-    def kill(name: str) -> None:
-        pod = next(p for p in cluster.pods if p.labels.get("app.kubernetes.io/name") == name and not p.terminating)
-        pod.delete()
-
-    step("kill_index_replica", lambda: kill("smily-index"))
-    step("kill_gateway_pod", lambda: kill("smily-gateway"))
+    step("kill_index_replica", lambda: _kill(cluster, "smily-index"))
+    step("kill_gateway_pod", lambda: _kill(cluster, "smily-gateway"))
     for w in [w for w in cluster.workloads if w.kind == "Deployment"]:
         step(f"rollout_{w.name}", w.restart, [w.name])
     shard = cluster.workload("smily-index-0")
@@ -185,6 +210,7 @@ def test_searches_survive_kills_rollouts_a_scale_up_and_certificate_reissue(box,
     assert acknowledged <= {s["slideId"] for s in listed["json"].get("slides", [])}, listed
 
 
+@pytest.mark.cluster_fast
 def test_the_deploy_guides_check_step_passes_on_the_box(box):
     out = box.deploy_script("check")
     assert "certificate" not in out.lower() or "error" not in out.lower(), out
@@ -212,6 +238,9 @@ spec:
           image: localhost/smily/base:bookworm
           command: [python3, -m, http.server, "8080", -d, /srv]
           ports: [{name: http, containerPort: 8080}]
+          # Liveness only once the server listens: on busy cores Python may take longer to
+          # start than two liveness periods, and the restart must come from the 404.
+          startupProbe: {tcpSocket: {port: http}, periodSeconds: 1, failureThreshold: 120}
           readinessProbe: {httpGet: {path: /, port: http}, periodSeconds: 1}
           # /healthz is not there: kubelet must restart the container.
           livenessProbe: {httpGet: {path: /healthz, port: http}, periodSeconds: 1, failureThreshold: 2}
@@ -242,6 +271,7 @@ spec: {podSelector: {matchLabels: {app: web}}, policyTypes: [Ingress]}
 """
 
 
+@pytest.mark.cluster_fast
 def test_the_box_restarts_on_liveness_and_enforces_default_deny(tmp_path):
     require_box()
     import yaml

@@ -37,10 +37,21 @@ MIRRORS = {"docker.io/library/redis": operators.STORES_IMAGE}
 ROLES = ["smily.ingest", "smily.search"]
 
 
-def site_overlay(directory: Path, overlay: str, extra_components: list[str] = ()) -> Path:
-    """An operator's overlay of deploy/k8s/overlays/<overlay>, with the box's IdP as issuer."""
+def k8s_tree(directory: Path) -> Path:
+    """deploy/k8s with its generated Secret values (`make k8s-secrets`, which a fresh clone
+    lacks), in the box's own folder: the tests never write into the source tree."""
+    from smily import k8s_secrets
+
+    tree = directory / "k8s"
+    shutil.copytree(REPO / "deploy" / "k8s", tree, ignore=shutil.ignore_patterns("*.env"))
+    k8s_secrets.write(str(tree / "base" / "secrets"))
+    return tree
+
+
+def site_overlay(directory: Path, base: Path, overlay: str, extra_components: list[str] = ()) -> Path:
+    """An operator's overlay of <base>/overlays/<overlay> (base: a copy of deploy/k8s), with the
+    box's IdP as issuer."""
     directory.mkdir(parents=True, exist_ok=True)
-    base = REPO / "deploy" / "k8s"
     components = [os.path.relpath(base / "components" / c, directory) for c in extra_components]
     digests = base / "components" / "image-digests"
     if (digests / "kustomization.yaml").exists():
@@ -115,7 +126,7 @@ class Box:
         self.agents: list[Agent] = []
         self.client_secret = secrets.token_urlsafe(32)
         started = time.monotonic()
-        site = site_overlay(state / "site", overlay)
+        site = site_overlay(state / "site", k8s_tree(state), overlay)
         # The deploy guide's own steps apply it (docs/examples/deploy.sh, with the box's kubectl).
         self.deploy_script("namespace", "apply", overlay=site)
         self.objs = self._applied()
@@ -184,10 +195,7 @@ class Box:
     def _outside(self, name: str, namespace: str, labels: dict) -> str:
         """A namespace outside the cluster's pods (IdP, LIS), known to policies and names."""
         netns = f"{self.prefix}-{name}"
-        address = self.cluster.network.add(netns)
-        with self.cluster.lock:
-            self.cluster.outside.append(Endpoint(name, namespace, labels, address, {}))
-            self.cluster.outside_netns[netns] = namespace
+        self.cluster.add_outside(netns, Endpoint(name, namespace, labels, self.cluster.network.add(netns), {}))
         return netns
 
     def _start_idp(self) -> None:

@@ -195,6 +195,15 @@ class Cluster:
             self._pods_changed = True
         self.sync_network()
 
+    def add_outside(self, netns: str, endpoint: policy.Endpoint) -> None:
+        """A namespace outside the pods (IdP, LIS) joins the policies' peers: every pod's rules
+        are rewritten, as a CNI does for a new peer (else a pod started before it never admits it)."""
+        with self.lock:
+            self.outside.append(endpoint)
+            self.outside_netns[netns] = endpoint.namespace
+            self._pods_changed = True
+        self.sync_network()
+
     def pod_removed(self, pod: Pod) -> None:
         with self.lock:
             if pod in self.pods:

@@ -131,6 +131,7 @@ class Container:
             raise RuntimeError(f"{pod.name}/{self.name}: the box needs runAsUser")
         if sec.get("runAsNonRoot") and int(uid) == 0:
             raise RuntimeError(f"{pod.name}/{self.name}: runAsNonRoot with uid 0")
+        self.pre_stop_seconds()  # a hook the box cannot run fails the pod at its start
         groups = [str(g) for g in [pod.spec.get("securityContext", {}).get("fsGroup")] if g is not None]
         root = pod.dir / "rootfs" / self.name
         upper, work = pod.dir / "upper" / self.name, pod.dir / "work" / self.name
@@ -221,16 +222,28 @@ class Container:
             return None
         return int(children[0]) if children else None
 
+    def pre_stop_seconds(self) -> float:
+        """The preStop hook's sleep (the only hook the manifests use); 0 without one."""
+        hook = (self.spec.get("lifecycle") or {}).get("preStop")
+        if not hook:
+            return 0.0
+        if "sleep" not in hook:
+            raise RuntimeError(f"{self.pod.name}/{self.name}: preStop {list(hook)} is not in the box")
+        return float(hook["sleep"]["seconds"])
+
     def stop(self, grace: float) -> None:
-        """SIGTERM, then SIGKILL after the grace period, as kubelet stops a container."""
+        """The preStop hook, then SIGTERM, then SIGKILL once the grace period (which counts the
+        hook) is over, as kubelet stops a container."""
         if not self.proc or self.proc.poll() is not None:
             return
+        deadline = time.monotonic() + grace
+        time.sleep(min(self.pre_stop_seconds(), grace))
         pid = self.main_pid()
         if pid and grace > 0:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
             try:
-                self.proc.wait(grace)
+                self.proc.wait(max(deadline - time.monotonic(), 0.1))
                 return
             except subprocess.TimeoutExpired:
                 pass
