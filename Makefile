@@ -44,7 +44,7 @@ $(SAMPLES): $(VENV)/.installed smily/synthetic.py
 demo: proto model sample-data
 	$(SMILY) demo --slides data/samples
 
-test: system-deps proto model web check
+test: system-deps proto model web check images
 	$(PY) -m pytest -q
 
 # The fast lane while you work: the tests marked `unit`, which need no model and no server
@@ -53,15 +53,15 @@ test: system-deps proto model web check
 unit: proto
 	$(PY) -m pytest -q -m unit $(shell grep -l 'pytest.mark.unit' tests/test_*.py)
 
-# The deployment as rendered, in the cluster in a box (tests/cluster/, docs/deploy.md): every
-# box test, which `make test` leaves out. Needs root and `make images`.
-test-cluster: system-deps proto
-	$(PY) -m pytest -q -m 'cluster_fast or cluster_full' tests/test_cluster.py
+# The deployment as rendered, in the cluster in a box (tests/cluster/, docs/deploy.md; root and
+# `make images`). `make test` runs its fast subset (marker cluster_fast: one boot, token from the
+# IdP, ingest over HTTP, search over gRPC with TLS and a token, a IIIF tile, the policies, an index
+# replica killed during a short search loop); `make test-cluster` runs the rest (cluster_full:
+# kills, rolling restarts, scale-up and certificate re-issue under a search loop).
+test-cluster: system-deps proto images
+	$(PY) -m pytest -q -m cluster_full tests/test_cluster.py
 
-# Its end-to-end subset on one boot of the box (tests/test_cluster.py, marker cluster_fast):
-# token from the IdP, ingest over HTTP, search over gRPC with TLS and a token, a IIIF tile,
-# the policies, an index replica killed during a short search loop.
-test-cluster-fast: system-deps proto
+test-cluster-fast: system-deps proto images
 	$(PY) -m pytest -q -m cluster_fast tests/test_cluster.py
 
 # What the tests need from the system (redis-server, ...): installed when root, else named.
