@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import grpc
@@ -218,6 +219,24 @@ def test_postgres_down_searches_go_on_ingests_unavailable(cluster, postgres):  #
     ingest(single, "late", vectors(50), {"organ": "lung"})
     for q in QUERIES:
         assert search(c.index, q) == search(single, q)
+
+
+def test_a_replica_started_before_its_database_waits_for_it(postgres, tmp_path):  # noqa: F811
+    """In a cluster the index pods may start before PostgreSQL listens: the replica waits
+    (replica.DATABASE_WAIT_S) instead of exiting into a crash-loop back-off."""
+    url = fresh_database(postgres)
+    PgStorage(url, 0).close()
+    postgres.stop()
+    started = threading.Timer(3.0, postgres.start)
+    started.start()
+    try:
+        replica = Replica(str(tmp_path / "r"), IndexConfig(snapshot_interval_s=0), url, 0)
+    finally:
+        started.join()
+    try:
+        assert replica.store.seq() == 0
+    finally:
+        replica.close()
 
 
 def test_a_shard_without_replicas_is_named_or_left_out(cluster):

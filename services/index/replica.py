@@ -35,13 +35,28 @@ log = logging.getLogger("smily.index")
 FOLLOW_BATCH = 256
 # How often a replica tells the store how far it serves when nothing changes (reshard waits on it).
 REPORT_S = 5.0
+# How long a starting replica waits for its database (in a cluster, PostgreSQL may come up
+# after the index pods: waiting beats exiting into kubelet's crash-loop back-off).
+DATABASE_WAIT_S = 120.0
+
+
+def _open_store(url: str, shard: int, wait_s: float = DATABASE_WAIT_S) -> PgStorage:
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return PgStorage(url, shard)
+        except Unavailable:
+            if time.monotonic() >= deadline:
+                raise
+            log.warning("waiting for the index database", extra={"shard": shard})
+            time.sleep(2.0)
 
 
 class Replica:
     """A shard.ShardIndex: writes go to the database, reads to the local copy."""
 
     def __init__(self, directory: str, config: IndexConfig, url: str, shard: int, follow_interval_s: float = 0.2):
-        self.store = PgStorage(url, shard)
+        self.store = _open_store(url, shard)
         self.store.adopt_untenanted(config.default_tenant)
         # The local copy the replica serves from: SQLite, mirrored from PostgreSQL.
         self._mirror = SqliteStorage(directory)
