@@ -260,3 +260,10 @@ def test_search_then_export_geojson(settings, ingested, tmp_path):
     assert all(f["properties"]["query_id"] == search_id for f in doc["features"])
     missing = smily(settings, "export", "0" * 32)
     assert missing.returncode == 2 and "NOT_FOUND" in missing.stderr
+    # DICOM annotations come from the gateway, of one slide from a DICOMweb archive (these are files).
+    no_slide = smily(settings, "export", search_id, "--format", "dicom-ann")
+    assert no_slide.returncode != 0 and "--slide-id" in no_slide.stderr
+    no_archive = smily(settings, "export", search_id, "--format", "dicom-ann", "--slide-id", "synth-b", "--stow")
+    assert no_archive.returncode != 0 and "--dicomweb" in no_archive.stderr
+    from_file = smily(settings, "export", search_id, "--format", "dicom-ann", "--slide-id", "synth-b")
+    assert from_file.returncode == 2 and "FAILED_PRECONDITION" in from_file.stderr, from_file.stderr

@@ -142,7 +142,8 @@ def test_case_by_accession_end_to_end(pacs, redis_url, model_repo, tmp_path, cap
         )
         assert top.metadata["case_id"] == CASES[0]
 
-        # The hits on the slide as DICOM bulk annotations, built beside the archive and stored in it.
+        # The hits on the slide as DICOM bulk annotations, built by the stack from the configured
+        # archive, got by the CLI from the gateway and stored by it in the archive (--stow).
         ann_file = tmp_path / "hits.dcm"
         cli = [sys.executable, "-m", "smily.cli", "export", resp.search_id, "--format", "dicom-ann"]
         cli += ["--slide-id", series_a, "--dicomweb", orthanc.dicomweb, "--stow", "--output", str(ann_file)]
@@ -287,12 +288,35 @@ def test_case_by_accession_over_http_with_curl(pacs, redis_url, model_repo, tmp_
         )
         (tmp_path / "patch.png").write_bytes(png)
         curl.shell(r'echo "{\"image\": \"$(base64 -w0 patch.png)\", \"k\": 2}" > search.json')
-        hits = curl("POST", "/v1/search", *as_json, "@search.json")["hits"]
+        found = curl("POST", "/v1/search", *as_json, "@search.json")
+        hits, search_id = found["hits"], found["searchId"]
         top = hits[0]
         assert (top["slideId"], top["studyInstanceUid"], top["seriesInstanceUid"]) == (series_b, study_b, series_b), [
             (h["slideId"], h["score"]) for h in hits
         ]
         assert top["metadata"]["case_id"] == CASES[1]
+
+        # Slide B's hits as DICOM bulk annotations, built by the stack from the configured
+        # archive, then stored in it (STOW-RS) as `smily export --stow` does.
+        export = f"/v1/searches/{search_id}/export?format=dicom-ann&slideId={series_b}"
+        curl.shell(f"curl -sS --fail-with-body -D ann.headers -o hits.dcm '{http.url}{export}'")
+        assert "content-type: application/dicom" in (tmp_path / "ann.headers").read_text().lower()
+        ds = pydicom.dcmread(tmp_path / "hits.dcm")
+        assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.91.1"  # Microscopy Bulk Simple Annotations Storage
+        ann = hd.ann.MicroscopyBulkSimpleAnnotations.from_dataset(ds)
+        assert (ann.StudyInstanceUID, ann.ReferencedSeriesSequence[0].SeriesInstanceUID) == (study_b, series_b)
+        (group,) = ann.get_annotation_groups()
+        on_b = [h for h in hits if h["slideId"] == series_b]
+        assert group.number_of_annotations == len(on_b)
+        assert group.get_graphic_data(ann.AnnotationCoordinateType)[0][0].tolist() == [
+            int(on_b[0]["x"]),
+            int(on_b[0]["y"]),
+        ]
+        DICOMwebClient(orthanc.dicomweb).store_instances([ds])
+        stored = DICOMwebClient(orthanc.dicomweb).search_for_series(
+            study_instance_uid=study_b, search_filters={"Modality": "ANN"}
+        )
+        assert ann.SeriesInstanceUID in [pydicom.Dataset.from_json(x).SeriesInstanceUID for x in stored]
     finally:
         if http is not None:
             http.stop()

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import os
 
 import grpc
+import highdicom as hd
 import numpy as np
+import pydicom
 import pytest
 
 from smily import stack
@@ -160,3 +163,41 @@ def test_archive_errors_are_clear(pacs):
         rpc_code(stub.ListCaseSeries, tiler_pb2.ListCaseSeriesRequest(accession_number=ACCESSION, archive="wrong"))
         == grpc.StatusCode.FAILED_PRECONDITION
     )
+
+
+def _regions(n: int = 2) -> list[tiler_pb2.AnnotatedRegion]:
+    return [
+        tiler_pb2.AnnotatedRegion(x=224 * i, y=448, width=224, height=224, score=0.9 - i / 10, rank=i + 1)
+        for i in range(n)
+    ]
+
+
+def test_bulk_annotations_join_the_series(pacs):
+    stub, study, series = pacs
+    got = stub.BuildBulkAnnotations(
+        tiler_pb2.BuildBulkAnnotationsRequest(
+            slide=f"dicomweb:pacs/{study}/{series}", regions=_regions(), description="SMILY search test"
+        )
+    )
+    ann = hd.ann.MicroscopyBulkSimpleAnnotations.from_dataset(pydicom.dcmread(io.BytesIO(got.dicom)))
+    assert (ann.StudyInstanceUID, ann.ReferencedSeriesSequence[0].SeriesInstanceUID) == (study, series)
+    (group,) = ann.get_annotation_groups()
+    corners = group.get_graphic_data(ann.AnnotationCoordinateType)
+    assert [c[0].tolist() for c in corners] == [[0, 448], [224, 448]]
+    assert group.AnnotationGroupDescription == "SMILY search test"
+
+
+def test_bulk_annotations_errors(pacs):
+    stub, study, series = pacs
+
+    def code(slide: str, n: int = 1) -> grpc.StatusCode:
+        request = tiler_pb2.BuildBulkAnnotationsRequest(slide=slide, regions=_regions(n))
+        return rpc_code(stub.BuildBulkAnnotations, request)
+
+    assert code(f"dicomweb:pacs/{study}/{series}", 0) == grpc.StatusCode.INVALID_ARGUMENT
+    assert code(SPEC.name) == grpc.StatusCode.FAILED_PRECONDITION  # a file slide
+    assert code("http://127.0.0.1:8042/dicom-web") == grpc.StatusCode.FAILED_PRECONDITION
+    assert code("dicomweb:unknown/1.2.3/4.5.6") == grpc.StatusCode.INVALID_ARGUMENT
+    assert code(f"dicomweb:wrong/{study}/{series}") == grpc.StatusCode.FAILED_PRECONDITION
+    assert code(f"dicomweb:down/{study}/{series}") == grpc.StatusCode.UNAVAILABLE
+    assert code(f"dicomweb:pacs/{study}/1.2.3.4") == grpc.StatusCode.NOT_FOUND

@@ -120,6 +120,17 @@ def test_export_a_search_as_geojson_over_http(http_url, ingested):
         assert unknown.status_code == 404 and unknown.json()["code"] == "NOT_FOUND"
         assert c.get("/v1/searches/nope/export").status_code == 400
         assert c.get(f"/v1/searches/{search_id}/export", params={"format": "shp"}).status_code == 400
+        # DICOM annotations: of one slide, and only of one ingested from a DICOMweb archive.
+        no_slide = c.get(f"/v1/searches/{search_id}/export", params={"format": "dicom-ann"})
+        assert (no_slide.status_code, no_slide.json()["code"]) == (400, "INVALID_ARGUMENT"), no_slide.text
+        assert "slide_id" in no_slide.json()["message"]
+        from_file = c.get(
+            f"/v1/searches/{search_id}/export", params={"format": "dicom-ann", "slideId": hits[0]["slideId"]}
+        )
+        assert (from_file.status_code, from_file.json()["code"]) == (400, "FAILED_PRECONDITION"), from_file.text
+        assert "DICOMweb" in from_file.json()["message"]
+        missing = c.get(f"/v1/searches/{search_id}/export", params={"format": "dicom-ann", "slideId": "no-such"})
+        assert (missing.status_code, missing.json()["code"]) == (404, "NOT_FOUND"), missing.text
 
 
 def test_find_slides_by_metadata_over_http(http_url, ingested):

@@ -221,7 +221,7 @@ def slide_heatmap(request: gateway_pb2.GetSlideHeatmapRequest) -> int:
     return n
 
 
-EXPORT_FORMATS = ("geojson",)
+EXPORT_FORMATS = ("geojson", DICOM_ANN := "dicom-ann")
 
 
 def export_search(request: gateway_pb2.ExportSearchRequest) -> str:
@@ -232,6 +232,7 @@ def export_search(request: gateway_pb2.ExportSearchRequest) -> str:
     )
     fmt = request.format or "geojson"
     require(fmt in EXPORT_FORMATS, f"format must be one of {', '.join(EXPORT_FORMATS)}")
+    require(fmt != DICOM_ANN or bool(request.slide_id), "format dicom-ann needs slide_id (one slide's hits)")
     if request.slide_id:
         limits.slide_id(request.slide_id)
     return fmt

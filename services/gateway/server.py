@@ -315,11 +315,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer, Servicer):
         )
 
     def ExportSearch(self, request, context):
-        requests.export_search(request)
+        fmt = requests.export_search(request)
         search = self._searches.recall(request.search_id)
+        if fmt == requests.DICOM_ANN:  # the slide first: an unknown one is NOT_FOUND, whatever the hits
+            source = tenants.get_slide(self._b.index, request.slide_id, "", self._b.timeout(context)).source
         args = requests.search(search)
         hits, _, _, _ = self._ranked(search, args.negative_weight, args.k, context)
         ranked = [(rank, h) for rank, h in enumerate(hits, 1) if not request.slide_id or h.slide_id == request.slide_id]
+        if fmt == requests.DICOM_ANN:
+            build = export.dicom_ann_request(ranked, request.search_id, source)
+            return export.dicom_ann(self._b.tiler.BuildBulkAnnotations(build, timeout=self._b.timeout(context)))
         return export.geojson(ranked, request.search_id)
 
     def SearchSlides(self, request, context):

@@ -308,7 +308,10 @@ def _parameters(method) -> list[dict]:
 
 def _content(output) -> dict:
     if output.full_name == "google.api.HttpBody":  # a file (an export), sent as it is
-        return {"application/geo+json": {"schema": {"type": "object"}}}
+        return {
+            "application/geo+json": {"schema": {"type": "object"}},
+            "application/dicom": {"schema": {"type": "string", "format": "binary"}},
+        }
     return {"application/json": {"schema": _ref(output)}}
 
 

@@ -117,6 +117,14 @@ class Archives:
         archive = self._archive(parts[0] or "-")
         return _LOCATOR[:-1] + json.dumps({**asdict(archive), "study": parts[1], "series": parts[2]}, sort_keys=True)
 
+    def series_client(self, name: str):
+        """(DICOMweb client, study UID, series UID) of a `dicomweb:` source, for use within http_errors()."""
+        if not name.startswith(SCHEME):
+            raise FailedPrecondition("the slide did not come from a DICOMweb archive")
+        self.locate(name)  # the source's shape and archive checked
+        archive_name, study, series = name[len(SCHEME) :].split("/")
+        return _client(self._archive(archive_name or "-")), study, series
+
     def case_series(self, archive_name: str, accession: str) -> list[dict[str, str]]:
         """QIDO-RS: the WSI series (modality SM with a VOLUME instance) of the
         studies with this accession number."""
@@ -125,7 +133,7 @@ class Archives:
         archive = self._archive(archive_name)
         client = _client(archive)
         out = []
-        with _http_errors():
+        with http_errors():
             found = client.search_for_series(
                 search_filters={"AccessionNumber": accession, "Modality": SM},
                 fields=[_IDENTIFIERS["container_identifier"]],
@@ -202,7 +210,7 @@ def _client(archive: Archive):
 
 
 @contextlib.contextmanager
-def _http_errors():
+def http_errors():
     """Archive failures as gRPC errors; requests' texts (which hold URLs) are not passed on."""
     try:
         yield
@@ -289,7 +297,7 @@ class DicomWebSlide:
 def _read_errors():
     from wsidicom.errors import WsiDicomError
 
-    with _http_errors():
+    with http_errors():
         try:
             yield
         except WsiDicomError:

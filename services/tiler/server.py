@@ -27,7 +27,7 @@ from smily.common.tracing import span
 from smily.tiler.v1 import tiler_pb2, tiler_pb2_grpc
 from smily.types.v1 import types_pb2
 
-from . import dicomweb, slides
+from . import dicom_ann, dicomweb, slides
 from .tiling import block_order
 from .workers import WorkerPool
 
@@ -176,6 +176,16 @@ class TilerServicer(tiler_pb2_grpc.TilerServiceServicer, Servicer):
     def ListCaseSeries(self, request, context):
         found = self._archives.case_series(request.archive, request.accession_number)
         return tiler_pb2.ListCaseSeriesResponse(series=[tiler_pb2.DicomSeries(**s) for s in found])
+
+    def BuildBulkAnnotations(self, request, context):
+        if not request.regions:
+            raise InvalidArgument("regions: give at least one")
+        client, study, series = self._archives.series_client(request.slide)
+        with dicomweb.http_errors():
+            source = dicom_ann.source_image(client, study, series)
+        return tiler_pb2.BuildBulkAnnotationsResponse(
+            dicom=dicom_ann.bulk_annotations(request.regions, request.description[:64], source)
+        )
 
 
 def registration(settings: Settings) -> Registration:

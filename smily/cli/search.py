@@ -81,30 +81,22 @@ def search(args) -> int:
 
 def export(args) -> int:
     """Writes an earlier search's results (its search id) as GeoJSON, or as a DICOM bulk
-    annotations object of one slide built beside its archive (--dicomweb), to --output or stdout;
-    --stow stores the DICOM object back in the archive."""
-    c = client(args)
-    data = c.export_search(args.search_id, "geojson", args.slide_id)[1]
-    if args.format == "dicom-ann":
-        if not (args.slide_id and args.dicomweb):
-            raise SystemExit("--format dicom-ann needs --slide-id and --dicomweb URL (the slide's archive)")
+    annotations object of one slide (built by the gateway from the slide's archive), to
+    --output or stdout; --stow stores the DICOM object in an archive (--dicomweb URL)."""
+    if args.format == "dicom-ann" and not args.slide_id:
+        raise SystemExit("--format dicom-ann needs --slide-id")
+    if args.stow and not (args.format == "dicom-ann" and args.dicomweb):
+        raise SystemExit("--stow needs --format dicom-ann and --dicomweb URL (the archive to store in)")
+    data = client(args).export_search(args.search_id, args.format, args.slide_id)[1]
+    if args.stow:
         import io
 
+        import pydicom
         from dicomweb_client.api import DICOMwebClient
 
-        from smily.annotations import bulk_annotations, source_image
-
-        slide = next((s for s in c.slides() if s.slide_id == args.slide_id), None)
-        if slide is None or not slide.series_instance_uid:
-            raise SystemExit(f"slide {args.slide_id!r} did not come from a DICOMweb archive")
-        archive = DICOMwebClient(args.dicomweb)
-        ann = bulk_annotations(data, source_image(archive, slide.study_instance_uid, slide.series_instance_uid))
-        if args.stow:
-            archive.store_instances([ann])
-            print(f"stored {ann.SOPInstanceUID} in series {ann.SeriesInstanceUID}", file=sys.stderr)
-        buf = io.BytesIO()
-        ann.save_as(buf, enforce_file_format=True)
-        data = buf.getvalue()
+        ann = pydicom.dcmread(io.BytesIO(data))
+        DICOMwebClient(args.dicomweb).store_instances([ann])
+        print(f"stored {ann.SOPInstanceUID} in series {ann.SeriesInstanceUID}", file=sys.stderr)
     if args.output:
         with open(args.output, "wb") as fh:
             fh.write(data)
@@ -217,8 +209,8 @@ def register(sub) -> None:
         help="geojson, or dicom-ann: a Microscopy Bulk Simple Annotations object of --slide-id",
     )
     s.add_argument("--slide-id", default="", help="only this slide's hits (one FeatureCollection per slide)")
-    s.add_argument("--dicomweb", help="dicom-ann: the DICOMweb URL of the slide's archive")
-    s.add_argument("--stow", action="store_true", help="dicom-ann: store the object in that archive (STOW-RS)")
+    s.add_argument("--dicomweb", help="with --stow: the DICOMweb URL of the archive to store in")
+    s.add_argument("--stow", action="store_true", help="dicom-ann: store the object in --dicomweb (STOW-RS)")
     s.add_argument("--output", help="file to write (default: stdout, unless --stow)")
     s.set_defaults(func=export)
 

@@ -1,21 +1,23 @@
-"""A search's hits as a DICOM Microscopy Bulk Simple Annotations object (Sup 222), built
-with highdicom beside the archive, for PACS viewers.
+"""Regions of a slide as a DICOM Microscopy Bulk Simple Annotations object (Sup 222), built
+with highdicom, for PACS viewers (BuildBulkAnnotations).
 
-The gateway never holds patient data, so the object is made where the archive is
-reachable: the hits come from ExportSearch (GeoJSON), the slide's level-0 image
-instance from the archive (DICOMweb), whose patient, study and frame of reference the
-annotations join. Coordinates are level-0 pixels of that image (2D, pixel origin VOLUME).
+Made in the tiler, which alone reaches the configured archives: the regions come from the
+gateway (a search's hits), the slide's level-0 image instance from the archive (DICOMweb),
+whose patient, study and frame of reference the annotations join. Coordinates are level-0
+pixels of that image (2D, pixel origin VOLUME).
 """
 
 from __future__ import annotations
 
-import json
+import io
 from importlib.metadata import version
 
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
+
+from smily.common.errors import FailedPrecondition, NotFound
 
 WSI = "1.2.840.10008.5.1.4.1.1.77.1.6"  # VL Whole Slide Microscopy Image Storage
 VERSION = version("smily")
@@ -39,16 +41,20 @@ def _no_bulk_data(tag, vr, uri):
 def source_image(dicomweb, study: str, series: str) -> Dataset:
     """The series' level-0 image (ImageType VOLUME, the largest), as metadata (no pixels)."""
     found = dicomweb.search_for_instances(study_instance_uid=study, series_instance_uid=series)
+    if not found:
+        raise NotFound("the archive has no such study or series")
     best, size = None, -1
     for item in found:
         ds = Dataset.from_json(item)
         if ds.get("SOPClassUID") != WSI:
             continue
-        meta = Dataset.from_json(dicomweb.retrieve_instance_metadata(study, series, ds.SOPInstanceUID))
+        meta = Dataset.from_json(
+            dicomweb.retrieve_instance_metadata(study, series, ds.SOPInstanceUID), bulk_data_uri_handler=_no_bulk_data
+        )
         if "VOLUME" in list(meta.get("ImageType", [])) and int(meta.TotalPixelMatrixColumns) > size:
             best, size = meta, int(meta.TotalPixelMatrixColumns)
     if best is None:
-        raise ValueError(f"series {series} holds no whole-slide VOLUME image")
+        raise FailedPrecondition("the series holds no whole-slide VOLUME image")
     # Type 2 attributes an archive may leave out are present, empty; an image without a frame of
     # reference (some converters write none) gets one for the annotations to share.
     for keyword in _TYPE2:
@@ -59,12 +65,15 @@ def source_image(dicomweb, study: str, series: str) -> Dataset:
     return best
 
 
-def bulk_annotations(geojson: bytes, source: Dataset, series_number: int = 99) -> Dataset:
-    """One annotation group: a rectangle per hit, with its score and rank as measurements."""
-    features = json.loads(geojson)["features"]
-    if not features:
-        raise ValueError("the search has no hits on this slide")
-    query = features[0]["properties"]["query_id"]
+def bulk_annotations(regions, description: str, source: Dataset, series_number: int = 99) -> bytes:
+    """One annotation group: a rectangle per region (tiler_pb2.AnnotatedRegion, best first),
+    with its score and rank as measurements; a DICOM Part 10 file."""
+
+    def corners(r) -> np.ndarray:
+        return np.array(
+            [[r.x, r.y], [r.x + r.width, r.y], [r.x + r.width, r.y + r.height], [r.x, r.y + r.height]], dtype=np.float32
+        )
+
     group = hd.ann.AnnotationGroup(
         number=1,
         uid=hd.UID(),
@@ -72,7 +81,7 @@ def bulk_annotations(geojson: bytes, source: Dataset, series_number: int = 99) -
         annotated_property_category=codes.SCT.MorphologicallyAbnormalStructure,
         annotated_property_type=codes.SCT.Tissue,
         graphic_type=hd.ann.GraphicTypeValues.POLYGON,
-        graphic_data=[np.array(f["geometry"]["coordinates"][0][:-1], dtype=np.float32) for f in features],
+        graphic_data=[corners(r) for r in regions],
         algorithm_type=hd.ann.AnnotationGroupGenerationTypeValues.AUTOMATIC,
         algorithm_identification=hd.AlgorithmIdentificationSequence(
             name="SMILY similar-image search", version=VERSION, family=codes.cid7162.ArtificialIntelligence
@@ -80,18 +89,18 @@ def bulk_annotations(geojson: bytes, source: Dataset, series_number: int = 99) -
         measurements=[
             hd.ann.Measurements(
                 name=hd.sr.CodedConcept("score", "99SMILY", "Cosine similarity to the query"),
-                values=np.array([f["properties"]["score"] for f in features], dtype=np.float32),
+                values=np.array([r.score for r in regions], dtype=np.float32),
                 unit=codes.UCUM.NoUnits,
             ),
             hd.ann.Measurements(
                 name=hd.sr.CodedConcept("rank", "99SMILY", "Rank among the search's hits"),
-                values=np.array([f["properties"]["rank"] for f in features], dtype=np.float32),
+                values=np.array([r.rank for r in regions], dtype=np.float32),
                 unit=codes.UCUM.NoUnits,
             ),
         ],
-        description=f"SMILY search {query}: similar tiles, best first",
+        description=description,
     )
-    return hd.ann.MicroscopyBulkSimpleAnnotations(
+    ann = hd.ann.MicroscopyBulkSimpleAnnotations(
         source_images=[source],
         annotation_coordinate_type=hd.ann.AnnotationCoordinateTypeValues.SCOORD,
         annotation_groups=[group],
@@ -106,3 +115,6 @@ def bulk_annotations(geojson: bytes, source: Dataset, series_number: int = 99) -
         content_description="SMILY search hits",
         content_label="SMILY",
     )
+    buf = io.BytesIO()
+    ann.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
