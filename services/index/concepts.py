@@ -171,9 +171,9 @@ class ConceptTable(Sql):
 
     def list(self, model_id: str, tenant: str | None) -> list[Concept]:
         """The tenant's concepts (names are keys: tenancy.key(tenant, name)); every tenant's with None."""
-        within, args = "", (model_id,)
+        within, args = "", [model_id]
         if tenant is not None:
-            within, args = " AND name{text_order} >= ? AND name{text_order} < ?", (model_id, *tenancy.key_range(tenant))
+            within, args = " AND name{text_order} >= ? AND name{text_order} < ?", [model_id, *tenancy.key_range(tenant)]
         with self._session():
             rows = self._x(
                 "SELECT name, model_id, with_examples, without_examples, train_accuracy, created_at "
