@@ -232,7 +232,7 @@ def _region(hit) -> dict:
     return dict(slide_id=hit.slide_id, x=hit.x, y=hit.y, width=hit.width, height=hit.height)
 
 
-def test_concepts_are_refitted_at_cutover(world):
+def test_concepts_are_refitted_at_cutover(world, capsys):
     """Fitted again from their stored examples (regions re-read, patches by content) with the new model,
     so they still steer; one whose example slide is gone is named, and refused for the new model."""
     client, settings, _ = world
@@ -260,7 +260,14 @@ def test_concepts_are_refitted_at_cutover(world):
 
     old_vector = vector("far", OLD)
     assert wait_done(client, client.migrate_index(NEW)).state == OK
-    switched = client.cutover_index()
+    gateway = ["--gateway", f"127.0.0.1:{settings.gateway.gateway_port}"]
+    assert smily_main(["index", "cutover", *gateway]) == 0
+    assert "concepts not refitted (create them again): " in capsys.readouterr().err
+    switched = client.cutover_index(OLD)  # a rollback refits too
+    assert switched.model_id == OLD
+    assert [tenancy.split(c)[1] for c in switched.unrefitted_concepts] == []  # doomed-concept's fit is OLD's
+    assert np.allclose(vector("far", OLD), old_vector, atol=1e-5)  # the same examples, the same model
+    switched = client.cutover_index(NEW)
     assert switched.model_id == NEW
     assert [tenancy.split(c)[1] for c in switched.unrefitted_concepts] == ["doomed-concept"]
     assert {c.name: c.model_id for c in client.concepts()} == {"far": NEW}
