@@ -11,7 +11,7 @@ import pytest
 from smily.common.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
 from smily.common.tenancy import key
 from smily.common.tiling import Tiling
-from smily.index.concepts import Concept, ConceptStore
+from smily.index.concepts import Concept, ConceptStore, Example
 from smily.index.faiss_index import IndexConfig, TileIndex
 from smily.index.pg_store import PgConcepts, PgStorage
 from smily.index.replica import Replica
@@ -259,11 +259,39 @@ def test_concepts_are_kept_per_model_and_tenant_and_listed_in_byte_order(concept
     assert [(c.name, c.with_examples, c.vector) for c in concepts.list(MODEL, "t")] == [(B, 2, None), (b, 0, None)]
     concepts.put(Concept(b, MODEL, np.array([0.0, -1.0]), without_examples=5))  # replaces
     assert concepts.get(b, MODEL).vector.tolist() == [0.0, -1.0] and concepts.get(b, MODEL).without_examples == 5
-    concepts.delete(b, MODEL)
-    with pytest.raises(NotFound):
-        concepts.get(b, MODEL)
+    assert concepts.get(b, "other/1").vector.tolist() == [0.0, 1.0]
     with pytest.raises(NotFound):
         concepts.get(key("t", "c"), MODEL)  # t2's concept is not t's
+    # Held for other models only: refused as fitted for them, not as missing.
+    with pytest.raises(FailedPrecondition, match=f"fitted for model {MODEL}, other/1, not third/1"):
+        concepts.get(b, "third/1")
+    # Deleted, a concept is gone for every model (a rollback must not bring back an old fit).
+    concepts.delete(b, MODEL)
+    for model in (MODEL, "other/1"):
+        with pytest.raises(NotFound):
+            concepts.get(b, model)
     with pytest.raises(NotFound):
         concepts.delete(b, MODEL)
-    assert concepts.get(b, "other/1").vector.tolist() == [0.0, 1.0]
+
+
+def test_a_concepts_examples_are_kept_with_it_and_patches_stored_once_by_content(concepts):
+    a, b = key("t", "a"), key("t", "b")
+    region, patch = b"a serialised region", b"\x89PNG patch bytes"
+    examples = [Example(True, region=region), Example(False, image=patch)]
+    concepts.put(Concept(a, MODEL, np.array([1.0, 0.0]), examples=examples))
+    concepts.put(Concept(b, MODEL, np.array([0.0, 1.0]), examples=[Example(True, image=patch)]))
+    assert concepts.get(a, MODEL).examples is None  # unless asked for
+    assert concepts.get(a, MODEL, with_examples=True).examples == examples
+    # Refitted for another model (no examples given): the stored ones are kept, whatever the model.
+    concepts.put(Concept(a, "other/1", np.array([1.0, 1.0])))
+    assert concepts.get(a, "other/1", with_examples=True).examples == examples
+
+    def patches() -> int:
+        with concepts._session():
+            return concepts._x("SELECT COUNT(*) FROM {s}concept_patches").fetchone()[0]
+
+    assert patches() == 1  # the same bytes in two concepts
+    concepts.delete(a, MODEL)
+    assert patches() == 1 and concepts.get(b, MODEL, with_examples=True).examples == [Example(True, image=patch)]
+    concepts.put(Concept(b, MODEL, np.array([0.0, 1.0]), examples=[Example(True, region=region)]))
+    assert patches() == 0  # referenced by no example any more

@@ -1,6 +1,6 @@
 """Changing the model without downtime, through the real servers (SQLite index): migrate to the INT8
 version of the default model while searches run, cut over, roll back, drop; ingests and deletes
-during a migration; a slide whose source vanished."""
+during a migration; a slide whose source vanished; concepts refitted at the cutover."""
 
 from __future__ import annotations
 
@@ -12,13 +12,17 @@ import sys
 import threading
 
 import grpc
+import numpy as np
 import pytest
 
 from smily import stack
 from smily.cli import main as smily_main
 from smily.client import Client
+from smily.common import tenancy
+from smily.common.tensors import from_tensor
 from smily.gateway.migration import GUARD_PAUSE_S, Latencies, Throttle
 from smily.gateway.v1 import gateway_pb2
+from smily.index.v1 import index_pb2, index_pb2_grpc
 from smily.localstack import free_port
 
 from .conftest import base_settings, rpc_code
@@ -222,6 +226,71 @@ def test_a_vanished_source_is_failed_precondition_and_named_at_cutover(world, sc
     switched = client.cutover_index(allow_missing=True)
     assert switched.model_id == NEW and list(switched.missing_slide_ids) == ["vanishing"]
     client.delete("vanishing")
+
+
+def _region(hit) -> dict:
+    return dict(slide_id=hit.slide_id, x=hit.x, y=hit.y, width=hit.width, height=hit.height)
+
+
+def test_concepts_are_refitted_at_cutover(world, capsys):
+    """Fitted again from their stored examples (regions re-read, patches by content) with the new model,
+    so they still steer; one whose example slide is gone is named, and refused for the new model."""
+    client, settings, _ = world
+    _serve_old_only(client)
+    ranked = client.search(region=REGION, k=200).hits
+    total = len(ranked)
+    # "with": the tiles least like the query; "without": the query and its neighbours, one as an upload.
+    with_ = [_region(h) for h in ranked[-4:]]
+    without = [_region(h) for h in ranked[:4]]
+    patch = client.read_region(without[0]).image
+    created = client.create_concept("far", with_, [patch, *without[1:]])
+    assert created.model_id == OLD
+    assert wait_done(client, client.ingest("synth-c-40x.svs", "doomed", {"file": "c"})).state == OK
+    doomed = client.search(region=REGION, k=1, slide_ids=["doomed"]).hits[0]
+    client.create_concept("doomed-concept", [_region(doomed)], [without[0]])
+    assert client.delete("doomed") > 0
+
+    index = index_pb2_grpc.IndexServiceStub(grpc.insecure_channel(settings.index.index_target))
+
+    def vector(name: str, model_id: str) -> np.ndarray:
+        got = index.GetConcept(index_pb2.GetConceptRequest(name=name, model_id=model_id, with_examples=True)).concept
+        assert [e.positive for e in got.examples] == [True] * 4 + [False] * 4
+        assert [e.WhichOneof("example") for e in got.examples] == ["region"] * 4 + ["image"] + ["region"] * 3
+        return from_tensor(got.vector)
+
+    old_vector = vector("far", OLD)
+    assert wait_done(client, client.migrate_index(NEW)).state == OK
+    gateway = ["--gateway", f"127.0.0.1:{settings.gateway.gateway_port}"]
+    assert smily_main(["index", "cutover", *gateway]) == 0
+    assert "concepts not refitted (create them again): " in capsys.readouterr().err
+    switched = client.cutover_index(OLD)  # a rollback refits too
+    assert switched.model_id == OLD
+    assert [tenancy.split(c)[1] for c in switched.unrefitted_concepts] == []  # doomed-concept's fit is OLD's
+    assert np.allclose(vector("far", OLD), old_vector, atol=1e-5)  # the same examples, the same model
+    switched = client.cutover_index(NEW)
+    assert switched.model_id == NEW
+    assert [tenancy.split(c)[1] for c in switched.unrefitted_concepts] == ["doomed-concept"]
+    assert {c.name: c.model_id for c in client.concepts()} == {"far": NEW}
+    new_vector = vector("far", NEW)
+    assert new_vector.shape == old_vector.shape and not np.allclose(new_vector, old_vector)
+
+    def mean_rank(weight: float) -> float:
+        resp = client.search(region=REGION, concepts={"far": weight} if weight else {}, k=total)
+        assert resp.model_id == NEW
+        order = [(h.slide_id, h.x, h.y) for h in resp.hits]
+        return float(np.mean([order.index((r["slide_id"], r["x"], r["y"])) for r in with_]))
+
+    plain, more, less = mean_rank(0), mean_rank(0.5), mean_rank(-0.5)
+    assert more < plain <= less
+    with pytest.raises(grpc.RpcError) as refused:
+        client.search(region=REGION, concepts={"doomed-concept": 0.5})
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION and OLD in refused.value.details()
+    # Deleted, a concept is gone for every model: its old fit and its examples with it.
+    client.delete_concept("far")
+    assert rpc_code(client.search, region=REGION, concepts={"far": 0.5}) == grpc.StatusCode.NOT_FOUND
+    client.cutover_index(OLD)
+    client.delete_concept("doomed-concept")
+    assert client.concepts() == []
 
 
 def _gateway_process(settings, log_path: str) -> tuple[subprocess.Popen, Client]:

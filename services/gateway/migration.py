@@ -131,7 +131,9 @@ class Migrator:
         batch: int,
         default_tenant: str,
         latencies: Latencies,
+        refit: Callable[[str, str], list[str]],
     ):
+        self._refit = refit  # (from model, to model) -> concepts not refitted (refit.py)
         self._b, self._tilings, self._models, self._shared = backends, tilings, models, shared
         self._latencies = latencies
         self._batch, self._default_tenant = batch, default_tenant
@@ -436,11 +438,25 @@ class Migrator:
                 f"{reply.missing_count} slides are missing in model {model_id} ({', '.join(missing)}"
                 f"{', ...' if reply.missing_count > len(missing) else ''}): finish the migration, or allow missing"
             )
+        # Before the switch, so that no search meets a concept not yet fitted for the new model.
+        unrefitted = self._refit(serving, model_id) if model_id != serving else []
         self._b.index.SetServingModel(index_pb2.SetServingModelRequest(model_id=model_id), timeout=timeout)
         self._models.changed()
-        log.info("index cut over", extra={"model_id": model_id, "previous": serving, "missing": reply.missing_count})
+        log.info(
+            "index cut over",
+            extra={
+                "model_id": model_id,
+                "previous": serving,
+                "missing": reply.missing_count,
+                "unrefitted_concepts": len(unrefitted),
+            },
+        )
         return gateway_pb2.CutoverIndexResponse(
-            model_id=model_id, previous_model_id=serving, missing_slide_ids=missing, missing_count=reply.missing_count
+            model_id=model_id,
+            previous_model_id=serving,
+            missing_slide_ids=missing,
+            missing_count=reply.missing_count,
+            unrefitted_concepts=unrefitted,
         )
 
     def drop(self, model_id: str) -> int:

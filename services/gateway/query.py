@@ -49,6 +49,20 @@ def region_request(
     )
 
 
+def _at_scale(data: bytes, scale: float) -> types_pb2.Image:
+    """An uploaded patch for the embedder: at the indexed resolution, as it is (the embedder decodes it,
+    once); stated at another, decoded here and resampled by `scale`."""
+    if abs(scale - 1) <= MPP_TOLERANCE:
+        return types_pb2.Image(data=data)
+    rgb = images.decode(data)
+    h, w = rgb.shape[:2]
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    rgb = np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.LANCZOS))
+    return types_pb2.Image(
+        data=images.encode(rgb, images.RAW_RGB), encoding=images.RAW_RGB, width=size[0], height=size[1]
+    )
+
+
 class QueryEngine:
     def __init__(
         self,
@@ -153,12 +167,9 @@ class QueryEngine:
 
         return (*self._embed(read_region, key, context), mpp)
 
-    def _polygon_query(self, region: gateway_pb2.Region, context):
-        """A polygon ROI: the mean embedding of the tile-sized cells of its bounding box whose
-        centres lie inside it (evenly thinned to MAX_POLYGON_CELLS), each cell a cached region query."""
-        timeout = self._b.timeout(context)
-        slide = self._b.index.GetSlide(index_pb2.GetSlideRequest(slide_id=region.slide_id), timeout=timeout).slide
-        tiling = self.tilings.current(timeout)[0]
+    def _polygon_cells(self, region: gateway_pb2.Region, slide: index_pb2.Slide, tiling: Tiling, timeout: float):
+        """A polygon ROI's tile-sized cells of its bounding box whose centres lie inside it (evenly
+        thinned to MAX_POLYGON_CELLS); none when it is smaller than a tile."""
         mpp = tiling.nearest_mpp(DEFAULT_MPPS[0])
         base = (
             slide.slide_mpp
@@ -175,6 +186,13 @@ class QueryEngine:
         if len(cells) > limits.MAX_POLYGON_CELLS:
             step = len(cells) / limits.MAX_POLYGON_CELLS
             cells = [cells[int(i * step)] for i in range(limits.MAX_POLYGON_CELLS)]
+        return cells
+
+    def _polygon_query(self, region: gateway_pb2.Region, context):
+        """A polygon ROI: the mean embedding of its cells (_polygon_cells), each a cached region query."""
+        timeout = self._b.timeout(context)
+        slide = self._b.index.GetSlide(index_pb2.GetSlideRequest(slide_id=region.slide_id), timeout=timeout).slide
+        cells = self._polygon_cells(region, slide, self.tilings.current(timeout)[0], timeout)
         if not cells:  # smaller than a tile: its bounding box as one region
             bbox = gateway_pb2.Region(
                 slide_id=region.slide_id, x=region.x, y=region.y, width=region.width, height=region.height
@@ -190,17 +208,7 @@ class QueryEngine:
         scale = stated / mpp  # output pixels per image pixel at the indexed resolution
 
         def checked() -> types_pb2.Image:
-            # A cache miss only. At the indexed resolution the embedder decodes the
-            # image, once; stated at another, it is decoded here and resampled.
-            if abs(scale - 1) <= MPP_TOLERANCE:
-                return types_pb2.Image(data=data)
-            rgb = images.decode(data)
-            h, w = rgb.shape[:2]
-            size = (max(1, round(w * scale)), max(1, round(h * scale)))
-            rgb = np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.LANCZOS))
-            return types_pb2.Image(
-                data=images.encode(rgb, images.RAW_RGB), encoding=images.RAW_RGB, width=size[0], height=size[1]
-            )
+            return _at_scale(data, scale)  # a cache miss only
 
         key = hashlib.sha256(data).hexdigest() + ("" if abs(scale - 1) <= MPP_TOLERANCE else f":{stated}:{mpp}")
         try:
@@ -226,6 +234,40 @@ class QueryEngine:
             mpps.append(mpp)
             cached = cached and hit
         return (np.stack(vecs) if vecs else np.empty((0, len(self.transforms), 0), np.float32)), cached, slides, mpps
+
+    def embed_stored(self, examples, model_id: str, timeout: float) -> np.ndarray:
+        """Embeddings [n, dim] of a concept's stored examples with `model_id`: untransformed (as
+        CreateConcept fits), uncached, outside any caller's request (the refit at a cutover).
+        Regions name their tenant; a polygon is the mean of its cells, as _polygon_query."""
+        tiling = self.tilings.current(timeout)[0]
+        embedder, _ = self._b.embedder_for(model_id, timeout)
+
+        def embed(batch: list[types_pb2.Image]) -> np.ndarray:
+            resp = embedder.Embed(embedder_pb2.EmbedRequest(images=batch), timeout=timeout)
+            self._check_model(resp.model_id, model_id)
+            return from_tensor(resp.embeddings)
+
+        out = []
+        for ex in examples:
+            if ex.WhichOneof("example") == "image":
+                out.append(embed([_at_scale(ex.image, DEFAULT_MPPS[0] / tiling.nearest_mpp(DEFAULT_MPPS[0]))])[0])
+                continue
+            r = ex.region
+            slide = self._b.index.GetSlide(
+                index_pb2.GetSlideRequest(slide_id=r.slide_id, tenant=r.tenant), timeout=timeout
+            ).slide
+            cells = (self._polygon_cells(r, slide, tiling, timeout) if r.polygon else []) or [r]
+            reads = [
+                self._b.tiler.ReadRegion(
+                    region_request(
+                        slide, c, self._region_mpp(tiling, slide, c, timeout), types_pb2.IMAGE_ENCODING_RAW_RGB
+                    ),
+                    timeout=timeout,
+                ).image
+                for c in cells
+            ]
+            out.append(embed(reads).mean(axis=0))
+        return np.stack(out)
 
     def query_vector(self, request, negative_weight: float, context):
         """(query vectors [q, dim], model id, all cached, region slide ids, µm/px to search at).

@@ -18,7 +18,7 @@ from smily.index.v1 import index_pb2
 from smily.tiler.v1 import tiler_pb2
 from smily.types.v1 import types_pb2
 
-from . import auth, dicom, dihedral, export, labels, moves, paging, requests, tenants, vectors
+from . import auth, dicom, dihedral, export, labels, moves, paging, refit, requests, tenants, vectors
 from .backends import Backends
 from .cache import RedisGuard, hmac_key, make_cache
 from .cases import CaseIngestor
@@ -134,6 +134,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer, Servicer):
             settings.gateway.embed_batch,
             self._default_tenant,
             self._latencies,
+            lambda old, new: refit.refit_all(self._b, self._q, old, new),
         )
         self._links = dicom.ViewerLinks(settings.gateway.viewer_url_template)
         # Fans a slide query's mosaic tiles out to the index.
@@ -434,11 +435,29 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer, Servicer):
                     with_examples=len(with_),
                     without_examples=len(without),
                     train_accuracy=accuracy,
+                    examples=refit.stored_examples(
+                        self._resolved(request.with_examples, context),
+                        self._resolved(request.without_examples, context),
+                    ),
                 )
             ),
             timeout=self._b.timeout(context),
         ).concept
         return gateway_pb2.CreateConceptResponse(concept=_concept(saved))
+
+    def _resolved(self, examples, context) -> list[gateway_pb2.Example]:
+        """Examples with each region's tenant stated (the one its slide was read from), so that a refit
+        outside the caller's request reads the same slide."""
+        out = []
+        for ex in examples:
+            if ex.WhichOneof("example") == "region" and not ex.region.tenant:
+                slide = tenants.get_slide(self._b.index, ex.region.slide_id, "", self._b.timeout(context))
+                resolved = gateway_pb2.Example()
+                resolved.CopyFrom(ex)
+                resolved.region.tenant = slide.tenant
+                ex = resolved
+            out.append(ex)
+        return out
 
     def ListConcepts(self, request, context):
         resp = self._b.index.ListConcepts(

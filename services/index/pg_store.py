@@ -257,3 +257,8 @@ class PgConcepts(_OnSchema, ConceptTable):
                 "train_accuracy DOUBLE PRECISION NOT NULL, created_at DOUBLE PRECISION NOT NULL, "
                 "PRIMARY KEY (name, model_id))"
             )
+            self._q(
+                "CREATE TABLE IF NOT EXISTS {s}.concept_examples (name TEXT NOT NULL, position INTEGER NOT NULL, "
+                "positive INTEGER NOT NULL, region BYTEA, image_sha256 TEXT, PRIMARY KEY (name, position))"
+            )
+            self._q("CREATE TABLE IF NOT EXISTS {s}.concept_patches (sha256 TEXT PRIMARY KEY, data BYTEA NOT NULL)")

@@ -10,7 +10,7 @@ from smily.common.tensors import from_tensor, to_tensor
 from smily.common.tiling import Tiling
 from smily.index.v1 import index_pb2, index_pb2_grpc
 
-from .concepts import Concept, ConceptStore, check_name
+from .concepts import MAX_CONCEPT_EXAMPLE_BYTES, Concept, ConceptStore, Example, check_name
 from .faiss_index import IndexConfig, TileIndex
 from .pg_store import PgConcepts
 from .replica import Replica
@@ -237,17 +237,33 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer, Servicer):
     def PutConcept(self, request, context):
         c = request.concept
         key = self._concept_key(c.tenant, c.name)
+        examples = [
+            Example(e.positive, e.region if e.WhichOneof("example") == "region" else None, e.image or None)
+            for e in c.examples
+        ]
+        if sum(len(e.region or e.image or b"") for e in examples) > MAX_CONCEPT_EXAMPLE_BYTES:
+            raise InvalidArgument(f"a concept's examples are at most {MAX_CONCEPT_EXAMPLE_BYTES} bytes in all")
         saved = self.concepts.put(
-            Concept(key, c.model_id, from_tensor(c.vector), c.with_examples, c.without_examples, c.train_accuracy)
+            Concept(
+                key,
+                c.model_id,
+                from_tensor(c.vector),
+                c.with_examples,
+                c.without_examples,
+                c.train_accuracy,
+                examples=examples or None,
+            )
         )
         return index_pb2.PutConceptResponse(concept=_concept_pb(saved))
 
     def GetConcept(self, request, context):
         key = self._concept_key(request.tenant, request.name)
-        return index_pb2.GetConceptResponse(concept=_concept_pb(self.concepts.get(key, request.model_id)))
+        return index_pb2.GetConceptResponse(
+            concept=_concept_pb(self.concepts.get(key, request.model_id, request.with_examples))
+        )
 
     def ListConcepts(self, request, context):
-        tenant = self._tenants([request.tenant] if request.tenant else [])[0]
+        tenant = None if request.all_tenants else self._tenants([request.tenant] if request.tenant else [])[0]
         return index_pb2.ListConceptsResponse(
             concepts=[_concept_pb(c) for c in self.concepts.list(request.model_id, tenant)]
         )
@@ -305,6 +321,12 @@ def _concept_pb(c: Concept) -> index_pb2.Concept:
         without_examples=c.without_examples,
         train_accuracy=c.train_accuracy,
         created_at=c.created_at,
+        examples=[
+            index_pb2.ConceptExample(positive=e.positive, region=e.region)
+            if e.region is not None
+            else index_pb2.ConceptExample(positive=e.positive, image=e.image)
+            for e in c.examples or ()
+        ],
     )
 
 

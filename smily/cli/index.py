@@ -42,6 +42,8 @@ def _switched(got, as_json: bool) -> int:
     print(f"serving {got.model_id} (was {got.previous_model_id})")
     if got.missing_count:
         print(f"{got.missing_count} slides missing in it: {', '.join(got.missing_slide_ids)}", file=sys.stderr)
+    if got.unrefitted_concepts:
+        print(f"concepts not refitted (create them again): {', '.join(got.unrefitted_concepts)}", file=sys.stderr)
     return 0
 
 
