@@ -8,7 +8,7 @@ name the bench prints the median start (from the client's call) and duration
 over the queries, so a serial hop shows as a span that starts only after
 another ends.
 
-    nice -n 10 .venv/bin/python bench/trace.py [--tiles 20000] [--queries 20] [--keep DIR]
+    nice -n 10 .venv/bin/python bench/trace.py [--tiles 20000] [--queries 20] [--keep DIR] [--keep-index DIR]
 """
 
 from __future__ import annotations
@@ -87,6 +87,7 @@ def main() -> int:
     ap.add_argument("--ivf-threshold", type=int, default=10_000)
     ap.add_argument("--queries", type=int, default=20)
     ap.add_argument("--keep", help="folder to keep the slide in between runs (bench/overhead.py's --keep)")
+    ap.add_argument("--keep-index", help="index folder kept between runs (bench/overhead.py's --keep-index)")
     args = ap.parse_args()
 
     collector = Collector()
@@ -113,7 +114,7 @@ def main() -> int:
     slide_path = os.path.join(slides, overhead.SLIDE)
     if not os.path.exists(slide_path):
         overhead.write_slide(slide_path)
-    index_dir = tempfile.mkdtemp(prefix="smily-trace-index-")
+    index_dir = args.keep_index or tempfile.mkdtemp(prefix="smily-trace-index-")
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())} (2 cores)")
     stack = overhead.Stack(slides, index_dir, args.ivf_threshold)
     try:
@@ -133,7 +134,8 @@ def main() -> int:
         time.sleep(2)  # the services' batch processors export every 200 ms
     finally:
         stack.stop()  # their providers flush at exit
-        shutil.rmtree(index_dir, ignore_errors=True)
+        if not args.keep_index:
+            shutil.rmtree(index_dir, ignore_errors=True)
         if not args.keep:
             shutil.rmtree(slides, ignore_errors=True)
     time.sleep(1)

@@ -113,7 +113,7 @@ class TileIndex:
         self.tiling = Tiling.from_json(self.storage.tiling())
         self._seq = self.storage.seq()
         # Ids of the tiles of some tenants and/or at one resolution, per (seq, tenants, range): searched often.
-        self._scoped: dict[tuple, np.ndarray] = {}
+        self._scoped: dict[tuple, tuple[np.ndarray, Any]] = {}
         self._scoped_seq = -1
         self._faiss: Any = None  # a faiss.Index once loaded
         # The re-rank vectors refining an IVF index (rerank.py); None for an exact index.
@@ -502,16 +502,19 @@ class TileIndex:
             selector, available = None, self._faiss.ntotal
             if slide_ids or filters or mpp_range or tenants:
                 if not (slide_ids or filters or exclude_slide_ids or exclude_filters):
-                    allowed = self._ids_in(tenants, mpp_range)
+                    allowed, selector = self._ids_in(tenants, mpp_range)
                 else:
                     allowed = self.storage.select(
                         slide_ids, filters, exclude_slide_ids, exclude_filters, mpp_range, tenants
                     )
+                    selector = None
                 if not len(allowed):
                     return []
                 if not exact and len(allowed) <= EXACT_FILTER_MAX:
                     return self._hits(self._scores(allowed, query), k, query, rescore=False)
-                selector, available = faiss.IDSelectorBatch(allowed), len(allowed)
+                if selector is None:
+                    selector = faiss.IDSelectorBatch(allowed)
+                available = len(allowed)
             elif exclude_slide_ids or exclude_filters:
                 excluded = self.storage.excluded(exclude_slide_ids, exclude_filters)
                 if len(excluded):
@@ -532,16 +535,20 @@ class TileIndex:
                     nprobe *= 2
             return self._hits(found, k, query, rescore)
 
-    def _ids_in(self, tenants: tuple[str, ...], mpp_range: tuple[float, float] | None) -> np.ndarray:
+    def _ids_in(self, tenants: tuple[str, ...], mpp_range: tuple[float, float] | None) -> tuple[np.ndarray, Any]:
         """Ids of every published tile of the tenants (all: none named) in the resolution range (any:
-        None), kept until the next commit. Caller holds the read lock (the sequence cannot move meanwhile)."""
+        None) and their FAISS selector (None for a scope searched exactly), kept until the next commit.
+        Every search is scoped to a tenant: building the selector per search cost 10-20 ms at 100k
+        tiles (docs/benchmarks.md, the query rows of issue 27). Caller holds the read
+        lock (the sequence cannot move meanwhile)."""
         key = (tuple(sorted(set(tenants))), mpp_range)
         if self._scoped_seq != self._seq or len(self._scoped) > 64:  # a commit, or many tenant sets
             self._scoped, self._scoped_seq = {}, self._seq
-        ids = self._scoped.get(key)
-        if ids is None:
-            ids = self._scoped[key] = self.storage.select((), {}, (), {}, mpp_range, tenants)
-        return ids
+        scope = self._scoped.get(key)
+        if scope is None:
+            ids = self.storage.select((), {}, (), {}, mpp_range, tenants)
+            scope = self._scoped[key] = (ids, faiss.IDSelectorBatch(ids) if len(ids) > EXACT_FILTER_MAX else None)
+        return scope
 
     def _scores(self, ids: np.ndarray, query: np.ndarray) -> list[tuple[int, float]]:
         """(id, score) of these tiles: from the re-rank vectors in RAM, else (re-rank from
