@@ -169,9 +169,7 @@ def served(base: np.ndarray, queries: np.ndarray, want: np.ndarray, k: int, npro
         index.wait_trained()
         info = index.info()
         for nprobe in nprobes:
-            got = np.array(
-                [[h.tile.x for h in index.search(Query(model, q, k, nprobe=nprobe))] for q in queries]
-            )
+            got = np.array([[h.tile.x for h in index.search(Query(model, q, k, nprobe=nprobe))] for q in queries])
             print(
                 f"| {nprobe} | served: TileIndex.search ({info.factory}, re-rank {index.config.rerank_form}) "
                 f"| {recall(got, want, k):.4f} | | |"

@@ -44,14 +44,19 @@ class Collector(trace_service_pb2_grpc.TraceServiceServicer):
     def Export(self, request, context):
         with self._lock:
             for rs in request.resource_spans:
-                service = next(
-                    (a.value.string_value for a in rs.resource.attributes if a.key == "service.name"), "?"
-                )
+                service = next((a.value.string_value for a in rs.resource.attributes if a.key == "service.name"), "?")
                 for ss in rs.scope_spans:
                     for s in ss.spans:
                         self.spans.append(
-                            (service, s.name, s.trace_id, s.span_id, s.parent_span_id, s.start_time_unix_nano,
-                             s.end_time_unix_nano)
+                            (
+                                service,
+                                s.name,
+                                s.trace_id,
+                                s.span_id,
+                                s.parent_span_id,
+                                s.start_time_unix_nano,
+                                s.end_time_unix_nano,
+                            )
                         )
         return trace_service_pb2.ExportTraceServiceResponse()
 
