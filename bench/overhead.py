@@ -100,7 +100,7 @@ class Stack:
 
         for s, t in self.targets.items():
             stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(t))
-            deadline = time.monotonic() + 300
+            deadline = time.monotonic() + 900  # an index trains a kept 100k-tile folder again on busy cores
             while True:
                 try:
                     if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
@@ -108,6 +108,7 @@ class Stack:
                 except grpc.RpcError:
                     pass
                 if time.monotonic() > deadline or self.procs[s].poll() is not None:
+                    self.stop()  # leave no service behind
                     raise RuntimeError(f"{s} did not start")
                 time.sleep(0.2)
 
