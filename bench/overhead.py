@@ -100,7 +100,7 @@ class Stack:
 
         for s, t in self.targets.items():
             stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(t))
-            deadline = time.monotonic() + 300
+            deadline = time.monotonic() + 900  # an index trains a kept 100k-tile folder again on busy cores
             while True:
                 try:
                     if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
@@ -108,6 +108,7 @@ class Stack:
                 except grpc.RpcError:
                     pass
                 if time.monotonic() > deadline or self.procs[s].poll() is not None:
+                    self.stop()  # leave no service behind
                     raise RuntimeError(f"{s} did not start")
                 time.sleep(0.2)
 
@@ -330,22 +331,19 @@ def interleaved_p50(cases: dict, queries: int) -> dict[str, float]:
     return {name: statistics.median(v) * 1000 for name, v in lat.items()}
 
 
-def query_part(args, stack: Stack) -> None:
-    import faiss
-    import redis
-
-    from smily.embedder.model_repo import load
-    from smily.embedder.runtime import Model
-
+def fill_index(stack: Stack, tiles: int, ivf_threshold: int):
+    """The slide ingested and `tiles` synthetic vectors added through AddTiles/CommitSlide (a kept
+    index has them), the IVF index trained; returns (index stub, model id, vectors, GetIndexInfo)."""
     client = Client(stack.targets["gateway"], timeout=600)
     if not client.slides():
         client.wait(client.ingest(SLIDE, "ingest-bench-0"))
+    client.close()
     index = index_pb2_grpc.IndexServiceStub(channel(stack.targets["index"]))
     model_id = index.GetIndexInfo(index_pb2.GetIndexInfoRequest()).model_id
-    vectors = synthetic(args.tiles, 1280)
+    vectors = synthetic(tiles, 1280)
     t0 = time.perf_counter()
     have = index.GetIndexInfo(index_pb2.GetIndexInfoRequest()).tile_count
-    for s in range(0, args.tiles if have < args.tiles else 0, PER_SLIDE):  # a kept index has them
+    for s in range(0, tiles if have < tiles else 0, PER_SLIDE):
         v = vectors[s : s + PER_SLIDE]
         slide_id = f"bench-{s // PER_SLIDE:03d}"
         rects = [
@@ -369,13 +367,25 @@ def query_part(args, stack: Stack) -> None:
         )
     while True:  # IVF trains in the background: measure the trained index
         info = index.GetIndexInfo(index_pb2.GetIndexInfoRequest())
-        if info.index_type.startswith("IVF") or args.tiles < args.ivf_threshold:
+        if info.index_type.startswith("IVF") or tiles < ivf_threshold:
             break
         time.sleep(1)
     print(
         f"\nindex: {info.tile_count} tiles ({info.index_type or 'Flat'}, nprobe {info.default_nprobe}), "
         f"built in {time.perf_counter() - t0:.0f} s"
     )
+    return index, model_id, vectors, info
+
+
+def query_part(args, stack: Stack) -> None:
+    import faiss
+    import redis
+
+    from smily.embedder.model_repo import load
+    from smily.embedder.runtime import Model
+
+    index, model_id, vectors, info = fill_index(stack, args.tiles, args.ivf_threshold)
+    client = Client(stack.targets["gateway"], timeout=600)
 
     # The bare side: the same factory and nprobe over the same vectors (+ nothing else), in this process.
     config, path = load(MODELS, "efficientnet-lite0/1")

@@ -7,7 +7,10 @@ are cached (--cache), so later runs only search. The IVF-PQ index is the
 service's automatic factory at this size (ann.auto_factory), forced on
 (threshold 0); its k * rerank candidates are re-scored from each re-rank
 form, as services/index/rerank.py does, and compared with an exact float32
-search of the same base.
+search of the same base. Then the served search itself: the index service's
+TileIndex (SQLite store, the default re-rank form in RAM) over the same base,
+trained with the same automatic factory, searched through TileIndex.search as
+the Search RPC does.
 
     nice -n 10 .venv/bin/python bench/rerank.py --tiles 20000
 """
@@ -18,6 +21,7 @@ import argparse
 import glob
 import os
 import sys
+import tempfile
 import time
 
 import faiss
@@ -143,6 +147,34 @@ def main() -> None:
                 got.append(c[np.argsort(-score(c, q))][: args.k])
             ms = (time.perf_counter() - start) * 1000 / len(queries)
             print(f"| {nprobe} | {name} | {recall(np.array(got), want, args.k):.4f} | {size} | {ms:.2f} |")
+    served(base, queries, want, args.k, args.nprobe)
+
+
+def served(base: np.ndarray, queries: np.ndarray, want: np.ndarray, k: int, nprobes: list[int]) -> None:
+    """recall@k of TileIndex.search (what the Search RPC runs) over the same base, at the given nprobes."""
+    from smily.index.faiss_index import IndexConfig, TileIndex
+    from smily.index.shard import Query, TileBatch
+    from smily.index.storage import Slide, Tile
+
+    model, per_slide = "bench/1", 1000
+    with tempfile.TemporaryDirectory() as tmp:
+        # Threshold n: the last commit trains the automatic factory for n tiles, as above.
+        index = TileIndex(tmp, IndexConfig(ivf_threshold=len(base), snapshot_interval_s=0))
+        for s in range(0, len(base), per_slide):
+            v = base[s : s + per_slide]
+            sid = f"r-{s:08d}"
+            tiles = [Tile(s + i, 0, 224, 224, 1.0) for i in range(len(v))]  # x: the tile's row in base
+            index.stage(TileBatch(model, sid, "g", v, tiles))
+            index.commit_slide(model, "g", Slide(sid, "x"), len(v))
+        index.wait_trained()
+        info = index.info()
+        for nprobe in nprobes:
+            got = np.array([[h.tile.x for h in index.search(Query(model, q, k, nprobe=nprobe))] for q in queries])
+            print(
+                f"| {nprobe} | served: TileIndex.search ({info.factory}, re-rank {index.config.rerank_form}) "
+                f"| {recall(got, want, k):.4f} | | |"
+            )
+        index.close()
 
 
 def ann_max() -> int:

@@ -275,6 +275,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer, Servicer):
         args = requests.search(request)
         offset = args.offset
         paging.unseal(self._page_key, request.page_token, tenants.own())  # another tenant's: NOT_FOUND
+        search_id = self._searches.remember(request)  # stored while the search runs
         hits, model_id, cached, missing = self._ranked(request, args.negative_weight, args.k, context)
         end = len(hits) if request.page_size == 0 else min(len(hits), offset + request.page_size)
         token = (
@@ -289,7 +290,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer, Servicer):
             hits=[_hit(h, self._links) for h in hits[offset:end]],
             partial=bool(missing),
             missing_shards=sorted(missing),
-            search_id=self._searches.remember(request),
+            search_id=search_id.result(),
         )
         if self._label_key:
             resp.label_stats.CopyFrom(labels.stats(hits, self._label_key))
@@ -582,6 +583,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer, Servicer):
         self._migrations.close()
         self._ingest.close()
         self._fanout.shutdown(wait=False, cancel_futures=True)
+        self._searches.close()
         self._b.close()
 
 

@@ -24,6 +24,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import faiss
 import numpy as np
@@ -90,8 +91,9 @@ class TileIndex:
         self.tiling = Tiling.from_json(self.storage.tiling())
         self._seq = self.storage.seq()
         self._snapshot_seq = 0
-        # Ids of the tiles of some tenants and/or at one resolution, per (model, tenants, range): searched often.
-        self._scoped: dict[tuple, np.ndarray] = {}
+        # Ids of the tiles of some tenants and/or at one resolution, and their FAISS selector, per
+        # (model, tenants, range): searched often.
+        self._scoped: dict[tuple, tuple[np.ndarray, Any]] = {}
         self._scoped_seq = -1
         self._stop = threading.Event()
         self._searches: dict[str, ModelSearch] = {}
@@ -352,16 +354,19 @@ class TileIndex:
             selector, available = None, search.count()
             if slide_ids or filters or mpp_range or tenants:
                 if not (slide_ids or filters or exclude_slide_ids or exclude_filters):
-                    allowed = self._ids_in(q.model_id, tenants, mpp_range)
+                    allowed, selector = self._ids_in(q.model_id, tenants, mpp_range)
                 else:
                     allowed = self.storage.select(
                         slide_ids, filters, exclude_slide_ids, exclude_filters, mpp_range, tenants, model_id=q.model_id
                     )
+                    selector = None
                 if not len(allowed):
                     return []
                 if not search.is_exact() and len(allowed) <= EXACT_FILTER_MAX:
                     return search.hits(search.scores(allowed, query), k, query, rescore=False)
-                selector, available = faiss.IDSelectorBatch(allowed), len(allowed)
+                if selector is None:
+                    selector = faiss.IDSelectorBatch(allowed)
+                available = len(allowed)
             elif exclude_slide_ids or exclude_filters:
                 excluded = self.storage.excluded(exclude_slide_ids, exclude_filters, q.model_id)
                 if len(excluded):
@@ -371,16 +376,22 @@ class TileIndex:
                     )
             return search.search(query, k, nprobe, selector, available)
 
-    def _ids_in(self, model_id: str, tenants: tuple[str, ...], mpp_range: tuple[float, float] | None) -> np.ndarray:
-        """Ids of a model's published tiles of the tenants (all: none named) in the resolution range (any:
-        None), kept until the next commit. Caller holds the read lock (the sequence cannot move meanwhile)."""
+    def _ids_in(
+        self, model_id: str, tenants: tuple[str, ...], mpp_range: tuple[float, float] | None
+    ) -> tuple[np.ndarray, Any]:
+        """Ids of a model's published tiles of the tenants (all: none named) in the resolution range
+        (any: None) and their FAISS selector (None for a scope searched exactly), kept until the next
+        commit. Every search is scoped to a tenant: building the selector per search cost 10-20 ms at
+        100k tiles (docs/benchmarks.md, the query rows of issue 27). Caller holds the read lock (the
+        sequence cannot move meanwhile)."""
         key = (model_id, tuple(sorted(set(tenants))), mpp_range)
         if self._scoped_seq != self._seq or len(self._scoped) > 64:  # a commit, or many tenant sets
             self._scoped, self._scoped_seq = {}, self._seq
-        ids = self._scoped.get(key)
-        if ids is None:
-            ids = self._scoped[key] = self.storage.select((), {}, (), {}, mpp_range, tenants, model_id=model_id)
-        return ids
+        scope = self._scoped.get(key)
+        if scope is None:
+            ids = self.storage.select((), {}, (), {}, mpp_range, tenants, model_id=model_id)
+            scope = self._scoped[key] = (ids, faiss.IDSelectorBatch(ids) if len(ids) > EXACT_FILTER_MAX else None)
+        return scope
 
     def get_slide(self, slide_id: str) -> Slide:
         return self.storage.get_slide(slide_id)
