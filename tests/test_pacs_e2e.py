@@ -21,6 +21,7 @@ from dicomweb_client.api import DICOMwebClient
 
 from smily import stack
 from smily.client import Client
+from smily.common import phi
 from smily.common.channels import channel
 from smily.common.logs import JsonFormatter
 from smily.gateway.v1 import gateway_pb2
@@ -152,6 +153,7 @@ def test_case_by_accession_end_to_end(pacs, redis_url, model_repo, tmp_path, cap
         assert done.returncode == 0, done.stderr
         ann = hd.ann.MicroscopyBulkSimpleAnnotations.from_dataset(pydicom.dcmread(ann_file))
         assert (ann.StudyInstanceUID, ann.Modality) == (study_a, "ANN")
+        assert (ann.PatientID, str(ann.PatientName)) == ("", "")  # the file it got names no one
         assert ann.ReferencedSeriesSequence[0].SeriesInstanceUID == series_a
         (group,) = ann.get_annotation_groups()
         on_slide = [h for h in resp.hits if h.slide_id == series_a]
@@ -312,10 +314,17 @@ def test_case_by_accession_over_http_with_curl(pacs, redis_url, model_repo, tmp_
             int(on_b[0]["x"]),
             int(on_b[0]["y"]),
         ]
-        DICOMwebClient(orthanc.dicomweb).store_instances([ds])
-        stored = DICOMwebClient(orthanc.dicomweb).search_for_series(
-            study_instance_uid=study_b, search_filters={"Modality": "ANN"}
-        )
+        # It names no patient, visit or specimen; restored from the archive, as `smily export
+        # --stow` does with the user's own access, it files with the slide's study.
+        raw = (tmp_path / "hits.dcm").read_bytes()
+        for value in PHI.values():
+            assert value.encode() not in raw, value
+        assert ds.PatientID == "" and ds.get("ContainerIdentifier", phi.WITHHELD) == phi.WITHHELD
+        archive = DICOMwebClient(orthanc.dicomweb)
+        phi.restore(ds, phi.annotated_image(archive, ds))
+        assert str(ds.PatientName) == PHI["PatientName"]
+        archive.store_instances([ds])
+        stored = archive.search_for_series(study_instance_uid=study_b, search_filters={"Modality": "ANN"})
         assert ann.SeriesInstanceUID in [pydicom.Dataset.from_json(x).SeriesInstanceUID for x in stored]
     finally:
         if http is not None:

@@ -3,8 +3,9 @@ with highdicom, for PACS viewers (BuildBulkAnnotations).
 
 Made in the tiler, which alone reaches the configured archives: the regions come from the
 gateway (a search's hits), the slide's level-0 image instance from the archive (DICOMweb),
-whose patient, study and frame of reference the annotations join. Coordinates are level-0
-pixels of that image (2D, pixel origin VOLUME).
+whose study and frame of reference the annotations join. What names the patient, the visit or
+the specimen is withheld (smily.common.phi): `smily export --stow` restores it from the archive.
+Coordinates are level-0 pixels of that image (2D, pixel origin VOLUME).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
+from smily.common import phi
 from smily.common.errors import FailedPrecondition, NotFound
 
 WSI = "1.2.840.10008.5.1.4.1.1.77.1.6"  # VL Whole Slide Microscopy Image Storage
@@ -115,6 +117,7 @@ def bulk_annotations(regions, description: str, source: Dataset, series_number: 
         content_description="SMILY search hits",
         content_label="SMILY",
     )
+    phi.withhold(ann)  # the API returns it: whoever stores it restores these from their archive
     buf = io.BytesIO()
     ann.save_as(buf, enforce_file_format=True)
     return buf.getvalue()

@@ -94,8 +94,17 @@ def export(args) -> int:
         import pydicom
         from dicomweb_client.api import DICOMwebClient
 
+        from smily.common import phi
+
         ann = pydicom.dcmread(io.BytesIO(data))
-        DICOMwebClient(args.dicomweb).store_instances([ann])
+        archive = DICOMwebClient(args.dicomweb)
+        # The API withholds the patient's, visit's and specimen's identifiers: they come back
+        # from the archive the object joins, with this user's own access to it.
+        try:
+            phi.restore(ann, phi.annotated_image(archive, ann))
+        except LookupError as exc:
+            raise SystemExit(str(exc)) from None
+        archive.store_instances([ann])
         print(f"stored {ann.SOPInstanceUID} in series {ann.SeriesInstanceUID}", file=sys.stderr)
     if args.output:
         with open(args.output, "wb") as fh:
