@@ -285,9 +285,14 @@ def test_every_rpc_writes_one_record(secured, idp):
         # The operator's: refused to a tenant's admin, so this write is never attempted.
         "ListTenants": gateway_pb2.ListTenantsRequest(),
         "MoveSlide": gateway_pb2.MoveSlideRequest(slide_id="missing", from_tenant="a", to_tenant="b"),
+        # The model lifecycle's, to a model no embedder serves or the index does not hold.
+        "MigrateIndex": gateway_pb2.MigrateIndexRequest(model_id="no-such/1"),
+        "CutoverIndex": gateway_pb2.CutoverIndexRequest(model_id="no-such/1"),
+        "DropIndexModel": gateway_pb2.DropIndexModelRequest(model_id="no-such/1"),
     }
     assert set(calls) == {m.name for m in gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].methods}
     writes = {"IngestSlide", "IngestCase", "CancelOperation", "CreateConcept", "DeleteConcept", "DeleteSlide"}
+    writes |= {"MigrateIndex", "CutoverIndex", "DropIndexModel"}
     before = len(audit_records(secured))
     for name, request in calls.items():
         code, _, rid = call(getattr(stub, name), request, token)
