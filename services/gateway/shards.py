@@ -392,7 +392,9 @@ class ShardedIndex:
 
     # -- models: every shard holds each, and switches by its own journal entry --------
     def ListModels(self, request, timeout=None):
-        replies, _ = self._all("ListModels", request, timeout)
+        # Every shard holds the serving model: asking which one serves needs only the shards that
+        # answer (a partial search goes on without one); counting what a model lacks needs all.
+        replies, _ = self._all("ListModels", request, timeout, partial=not request.missing_model_id)
         tiles: dict[str, int] = collections.Counter()
         dims: dict[str, int] = {}
         for reply in replies:

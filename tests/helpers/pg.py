@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import pathlib
 import shutil
 import tempfile
 import uuid
@@ -15,11 +17,17 @@ from smily.localstack import free_port
 @pytest.fixture(scope="module")
 def postgres():
     folder = tempfile.mkdtemp(prefix="smily-pg-")
-    try:
-        server = LocalPostgres(folder, free_port()).start()
-    except RuntimeError as exc:  # not installed: say how, never skip
-        shutil.rmtree(folder, ignore_errors=True)
-        pytest.fail(str(exc))
+    # A free port can be taken by another process before PostgreSQL binds it: another port then.
+    for attempt in range(3):
+        try:
+            server = LocalPostgres(folder, free_port()).start()
+            break
+        except RuntimeError as exc:  # not installed: say how, never skip
+            if attempt == 2:
+                log = os.path.join(folder, "postgres.log")
+                tail = pathlib.Path(log).read_text(errors="replace")[-1500:] if os.path.exists(log) else ""
+                shutil.rmtree(folder, ignore_errors=True)
+                pytest.fail(f"{exc}\n{tail}")
     yield server
     server.stop()
     shutil.rmtree(folder, ignore_errors=True)
