@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 
 import grpc
 import pytest
@@ -25,6 +24,7 @@ from smily.index.v1 import index_pb2
 
 from .conftest import base_settings
 from .helpers import oidc
+from .helpers.caller import As
 from .helpers.pg import fresh_database, postgres  # noqa: F401 (fixture)
 
 TENANT_ROLES = ["smily.search", "smily.ingest", "smily.admin"]
@@ -63,24 +63,6 @@ def deployment(request, idp, slide_dir, model_repo, redis_url, tmp_path_factory)
     stub = gateway_pb2_grpc.GatewayServiceStub(grpc.insecure_channel(f"127.0.0.1:{s.gateway.gateway_port}"))
     yield s, stub
     stack.stop(running, 0)
-
-
-class As:
-    """The gateway as one caller: each method is the RPC with that caller's token."""
-
-    def __init__(self, stub, bearer: str):
-        self._stub, self._bearer = stub, bearer
-        self.last_request_id = ""
-
-    def __getattr__(self, name):
-        fn = getattr(self._stub, name)
-
-        def call(request):
-            self.last_request_id = uuid.uuid4().hex
-            md = [("authorization", f"Bearer {self._bearer}"), ("x-request-id", self.last_request_id)]
-            return fn(request, metadata=md, timeout=300)
-
-        return call
 
 
 def caller(idp, stub, tenant: str, roles) -> As:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 
 import grpc
 import pytest
@@ -21,6 +20,7 @@ from smily.synthetic import SlideSpec, write_samples
 
 from .conftest import base_settings
 from .helpers import oidc
+from .helpers.caller import As
 from .helpers.orthanc import Orthanc
 
 ROLES = ["smily.search", "smily.ingest", "smily.admin"]
@@ -75,24 +75,6 @@ def tenants(idp, slide_dir, model_repo, redis_url, pacs, tmp_path_factory):
 
 def token(idp, tenant, roles=ROLES, **claims):
     return idp.token(roles, sub=f"user-of-{tenant}", org={"tenant": tenant}, **claims)
-
-
-class As:
-    """The gateway as one tenant's caller: each method is the RPC with that caller's token."""
-
-    def __init__(self, stub, bearer: str):
-        self._stub, self._bearer = stub, bearer
-        self.last_request_id = ""
-
-    def __getattr__(self, name):
-        fn = getattr(self._stub, name)
-
-        def call(request):
-            self.last_request_id = uuid.uuid4().hex
-            md = [("authorization", f"Bearer {self._bearer}"), ("x-request-id", self.last_request_id)]
-            return fn(request, metadata=md, timeout=300)
-
-        return call
 
 
 def code_of(fn, request) -> tuple[grpc.StatusCode, str]:
