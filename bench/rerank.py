@@ -125,8 +125,8 @@ def main() -> None:
     print(f"{n} tiles x {dim} (real embeddings), {args.queries} held-out queries; {factory}, trained {train_s:.1f} s")
     refines = {}
     for form in rerank.FORMS:
-        refines[form] = rerank.build(dim, form, base)
-        refines[form].add_with_ids(base, ids)
+        refines[form] = rerank.build(dim, form, base), rerank.Positions()
+        refines[form][0].add_with_ids(base, ids)
     candidates = min(args.k * args.rerank, ann_max())
     print(f"| nprobe | re-rank | recall@{args.k} | re-rank RAM B/tile | re-rank ms/query |")
     print("|---|---|---|---|---|")
@@ -137,8 +137,8 @@ def main() -> None:
         )
         rows = [("float32 (exact rows)", lambda c, q: base[c] @ q, 4 * dim)]
         rows += [
-            (form, lambda c, q, r=r: rerank.scores(r, c, q), faiss.downcast_index(r.index).code_size)
-            for form, r in refines.items()
+            (form, lambda c, q, r=r, at=at: rerank.scores(r, c, q, at), faiss.downcast_index(r.index).code_size)
+            for form, (r, at) in refines.items()
         ]
         for name, score, size in rows:
             got, start = [], time.perf_counter()

@@ -12,6 +12,7 @@ import glob
 import json
 import os
 
+import faiss
 import numpy as np
 import pytest
 
@@ -201,3 +202,37 @@ def test_a_float32_store_opens_and_serves_without_reingest(backend):
 def test_a_wrong_rerank_form_is_refused(tmp_path):
     with pytest.raises(ValueError, match="SMILY_INDEX_RERANK_FORM"):
         TileIndex(str(tmp_path), IndexConfig(rerank_form="pq", snapshot_interval_s=0))
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("form", sorted(rerank.FORMS))
+def test_candidates_are_found_by_position_after_writes_in_any_order(form):
+    """Scores come from the codes at each tile's position: out-of-order adds (concurrent
+    commits), removals (which shift positions) and ids never held must not mislead the lookup."""
+    rng = np.random.default_rng(7)
+    dim = 32
+    unit = rng.standard_normal((400, dim)).astype(np.float32)
+    unit /= np.linalg.norm(unit, axis=1, keepdims=True)  # as embeddings are
+    vectors = {i + 1: v for i, v in enumerate(unit)}
+    store, at = rerank.build(dim, form, np.stack(list(vectors.values()))), rerank.Positions()
+    query = vectors[7]
+    tol = 2e-3 if form == "fp16" else 5e-2
+
+    def check(ids):
+        got = rerank.scores(store, np.array(ids), query, at)
+        want = np.array([vectors[i] @ query for i in ids])
+        assert np.allclose(got, want, atol=tol), form
+
+    def add(ids):
+        store.add_with_ids(np.stack([vectors[i] for i in ids]), np.array(ids, np.int64))
+
+    add(list(range(1, 201)))  # in order
+    check([5, 150, 2, 200])
+    add(list(range(301, 401)))
+    add(list(range(201, 301)))  # a later commit of earlier ids: the id map is no longer sorted
+    check([350, 250, 1, 399, 201])
+    store.remove_ids(faiss.IDSelectorBatch(np.arange(1, 100, 2, dtype=np.int64)))  # positions shift
+    check([2, 100, 399, 250])
+    with pytest.raises(RuntimeError):
+        rerank.scores(store, np.array([2, 3]), query, at)  # 3 was removed
+    assert rerank.scores(store, np.array([], np.int64), query, at).shape == (0,)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import signal
 import sys
 import threading
@@ -32,6 +33,11 @@ from .config import ConfigError, Settings
 from .errors import Busy, status_of
 
 log = logging.getLogger("smily.server")
+
+# OpenMP's threads (FAISS's) spin after each parallel region by default, taking the cores from the
+# gRPC threads and numpy work that run next: on 2 cores a 1,000-candidate re-rank ran 3-4x slower
+# (docs/benchmarks.md). Read when OpenMP loads, so set before any service imports FAISS.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 

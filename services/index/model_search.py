@@ -97,6 +97,7 @@ class ModelSearch:
         self.faiss: Any = None  # a faiss.Index once loaded
         # The re-rank vectors refining an IVF index (rerank.py); None for an exact index.
         self.refine: Any = None
+        self._positions = reranking.Positions()  # where each tile's codes sit in `refine`
         self._trainer: threading.Thread | None = None
         self.state = IndexState()
 
@@ -349,7 +350,7 @@ class ModelSearch:
         storage) from storage's rows."""
         if self.refine is not None:
             try:
-                return list(zip(ids.tolist(), reranking.scores(self.refine, ids, query).tolist()))
+                return list(zip(ids.tolist(), reranking.scores(self.refine, ids, query, self._positions).tolist()))
             except RuntimeError:  # a filter's tile that another writer of a shared store committed, not yet here
                 pass
         parts = [self.storage.vectors(ids[i : i + SQL_CHUNK], self.model_id) for i in range(0, len(ids), SQL_CHUNK)]
