@@ -93,7 +93,7 @@ class TileIndex:
         self._snapshot_seq = 0
         # Ids of the tiles of some tenants and/or at one resolution, and their FAISS selector, per
         # (model, tenants, range): searched often.
-        self._scoped: dict[tuple, tuple[np.ndarray, Any]] = {}
+        self._scoped: dict[tuple, tuple[np.ndarray, Any, bool]] = {}
         self._scoped_seq = -1
         self._stop = threading.Event()
         self._searches: dict[str, ModelSearch] = {}
@@ -354,7 +354,9 @@ class TileIndex:
             selector, available = None, search.count()
             if slide_ids or filters or mpp_range or tenants:
                 if not (slide_ids or filters or exclude_slide_ids or exclude_filters):
-                    allowed, selector = self._ids_in(q.model_id, tenants, mpp_range)
+                    allowed, selector, whole = self._ids_in(q.model_id, tenants, mpp_range)
+                    if whole:  # the scope is every tile (one tenant, say): no check per scanned code
+                        return search.search(query, k, nprobe, None, available)
                 else:
                     allowed = self.storage.select(
                         slide_ids, filters, exclude_slide_ids, exclude_filters, mpp_range, tenants, model_id=q.model_id
@@ -378,19 +380,24 @@ class TileIndex:
 
     def _ids_in(
         self, model_id: str, tenants: tuple[str, ...], mpp_range: tuple[float, float] | None
-    ) -> tuple[np.ndarray, Any]:
+    ) -> tuple[np.ndarray, Any, bool]:
         """Ids of a model's published tiles of the tenants (all: none named) in the resolution range
-        (any: None) and their FAISS selector (None for a scope searched exactly), kept until the next
-        commit. Every search is scoped to a tenant: building the selector per search cost 10-20 ms at
-        100k tiles (docs/benchmarks.md, the query rows of issue 27). Caller holds the read lock (the
-        sequence cannot move meanwhile)."""
+        (any: None), their FAISS selector (None for a scope searched exactly) and whether they are all
+        the model's tiles (then no selector is needed), kept until the next commit. Every search is
+        scoped to a tenant: building the selector per search cost 10-20 ms at 100k tiles, and checking
+        it per scanned code ~3 ms (docs/benchmarks.md, the query rows of issue 27). Caller holds the
+        read lock (the sequence cannot move meanwhile)."""
         key = (model_id, tuple(sorted(set(tenants))), mpp_range)
         if self._scoped_seq != self._seq or len(self._scoped) > 64:  # a commit, or many tenant sets
             self._scoped, self._scoped_seq = {}, self._seq
         scope = self._scoped.get(key)
         if scope is None:
             ids = self.storage.select((), {}, (), {}, mpp_range, tenants, model_id=model_id)
-            scope = self._scoped[key] = (ids, faiss.IDSelectorBatch(ids) if len(ids) > EXACT_FILTER_MAX else None)
+            if len(ids) == len(self.storage.committed_ids(model_id)):
+                scope = (ids, None, True)
+            else:
+                scope = (ids, faiss.IDSelectorBatch(ids) if len(ids) > EXACT_FILTER_MAX else None, False)
+            self._scoped[key] = scope
         return scope
 
     def get_slide(self, slide_id: str) -> Slide:
