@@ -1,4 +1,5 @@
-"""Ingest operations seen from every gateway replica (shared through Redis)."""
+"""Ingest operations seen from every gateway replica, shared through the index (its SQLite store
+here; test_operation_records.py: PostgreSQL, with Redis flushed and stopped), with no Redis at all."""
 
 from __future__ import annotations
 
@@ -6,13 +7,14 @@ import time
 
 import grpc
 import pytest
-import redis
 
 from smily import stack
 from smily.client import Client
-from smily.gateway.cache import RedisGuard
-from smily.gateway.operations import FINISHED, STALE_S, SharedOperations
+from smily.common.channels import channel
+from smily.gateway.backends import Backend
+from smily.gateway.operations import FINISHED, KEEP_S, STALE_S, SharedOperations
 from smily.gateway.v1 import gateway_pb2
+from smily.index.v1 import index_pb2, index_pb2_grpc
 
 from .conftest import CMU, TEST_SLIDES, rpc_code
 from .helpers.wait import wait_done, wait_until
@@ -25,10 +27,20 @@ def _op(client: Client, operation_id: str) -> gateway_pb2.Operation:
 
 
 @pytest.fixture
+def index(settings):
+    """The index's own API, as a writer to its store (not a gateway) uses it."""
+    ch = channel(settings.index.index_target)
+    yield index_pb2_grpc.IndexServiceStub(ch)
+    ch.close()
+
+
+@pytest.fixture
 def two_gateways(settings):
-    """A: one slow ingest at a time (one tile per batch); B: any other replica."""
-    a_running, a = stack.start(["gateway"], settings.replace(gateway_port=0, max_concurrent_ingests=1, embed_batch=1))
-    b_running, b = stack.start(["gateway"], settings.replace(gateway_port=0))
+    """A: one slow ingest at a time (one tile per batch); B: any other replica. Neither has Redis:
+    what they share goes through the index."""
+    alone = settings.replace(gateway_port=0, redis_url="")
+    a_running, a = stack.start(["gateway"], alone.replace(max_concurrent_ingests=1, embed_batch=1))
+    b_running, b = stack.start(["gateway"], alone)
     ca, cb = Client(f"127.0.0.1:{a.gateway.gateway_port}"), Client(f"127.0.0.1:{b.gateway.gateway_port}")
     yield ca, cb, a_running
     ca.close()
@@ -74,34 +86,42 @@ def test_a_stopped_replica_fails_its_ingests_for_the_others(two_gateways):
     assert "ingest the slide again" in seen.error_message
 
 
-def test_an_operation_whose_replica_died_goes_stale(settings, client):
+def test_an_operation_whose_replica_died_goes_stale(settings, client, index):
     # What a replica killed without a chance to say so leaves behind.
     ghost = gateway_pb2.Operation(
         operation_id="ghost", slide_id="x", state=State.OPERATION_STATE_RUNNING, updated_at=time.time() - STALE_S - 1
     )
     # Written as a replica writes it, with the shared key.
-    SharedOperations(RedisGuard(settings.gateway.redis_url, 1.0), settings.gateway.cache_key.encode()).publish(
-        ghost, frozenset()
-    )
+    SharedOperations(Backend("index", index), settings.gateway.cache_key.encode()).publish(ghost, frozenset())
     seen = _op(client, "ghost")
     assert seen.state == State.OPERATION_STATE_FAILED and seen.error_code == "UNAVAILABLE"
     assert client.cancel("ghost").state == State.OPERATION_STATE_FAILED  # nothing left to cancel
 
 
-def test_a_redis_writer_without_the_key_cannot_forge_an_operation_or_cancel_an_ingest(settings, two_gateways):
+def test_an_index_writer_without_the_key_cannot_forge_an_operation_or_cancel_an_ingest(index, two_gateways):
     a, b, _ = two_gateways
-    r = redis.Redis.from_url(settings.gateway.redis_url)
+
+    def put(operation_id: str, record: bytes = b"", cancel: bytes = b"") -> None:
+        index.PutOperationRecord(
+            index_pb2.PutOperationRecordRequest(operation_id=operation_id, record=record, cancel=cancel, keep_s=60)
+        )
+
+    def stored(operation_id: str) -> index_pb2.GetOperationRecordResponse:
+        return index.GetOperationRecord(index_pb2.GetOperationRecordRequest(operation_id=operation_id))
+
     forged = gateway_pb2.Operation(
         operation_id="forged", slide_id="x", state=State.OPERATION_STATE_SUCCEEDED, updated_at=time.time()
     )
-    r.set("smily:op:forged", forged.SerializeToString(), ex=60)
+    put("forged", forged.SerializeToString())
+    assert stored("forged").found
     assert rpc_code(_op, b, "forged") == grpc.StatusCode.NOT_FOUND
-    # A genuine record copied under another operation's key fails its HMAC too.
+    # A genuine record copied under another operation's id fails its HMAC too.
     op = a.ingest(CMU, "forged-cancel")
-    r.set("smily:op:copied", r.get(f"smily:op:{op.operation_id}"), ex=60)
+    put("copied", stored(op.operation_id).record)
     assert rpc_code(_op, b, "copied") == grpc.StatusCode.NOT_FOUND
-    # A cancel flag without the HMAC: the ingest runs on past several batches (A checks between each).
-    r.set(f"smily:op:{op.operation_id}:cancel", b"1", ex=60)
+    # A cancel mark without the HMAC: the ingest runs on past several batches (A checks between each).
+    put(op.operation_id, cancel=b"1")
+    assert stored(op.operation_id).cancel == b"1"
     seen = _op(b, op.operation_id)
     while seen.state not in FINISHED and seen.progress.tiles_embedded < 3:
         time.sleep(0.01)
@@ -110,3 +130,22 @@ def test_a_redis_writer_without_the_key_cannot_forge_an_operation_or_cancel_an_i
     # A cancel asked through a replica still stops it.
     b.cancel(op.operation_id)
     assert b.wait(seen, poll_s=0.05, deadline_s=300).state == State.OPERATION_STATE_CANCELLED
+
+
+def test_the_index_keeps_records_for_a_while_and_checks_what_it_is_given(index):
+    def put(**fields) -> None:
+        index.PutOperationRecord(index_pb2.PutOperationRecordRequest(**fields))
+
+    put(operation_id="kept", record=b"r1", keep_s=KEEP_S)
+    put(operation_id="kept", cancel=b"c", keep_s=KEEP_S)  # marks it, keeping the record
+    put(operation_id="kept", record=b"r2", keep_s=KEEP_S)  # replaces the record, keeping the mark
+    got = index.GetOperationRecord(index_pb2.GetOperationRecordRequest(operation_id="kept"))
+    assert (got.found, got.record, got.cancel) == (True, b"r2", b"c")
+    assert not index.GetOperationRecord(index_pb2.GetOperationRecordRequest(operation_id="never")).found
+    for bad in (
+        dict(operation_id="", record=b"r", keep_s=1),
+        dict(operation_id="x", keep_s=1),  # neither a record nor a cancel mark
+        dict(operation_id="x", record=b"r", keep_s=0),
+        dict(operation_id="x", record=b"r", keep_s=float("nan")),
+    ):
+        assert rpc_code(put, **bad) == grpc.StatusCode.INVALID_ARGUMENT

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
 import os
 import shlex
+import sqlite3
 import subprocess
 import sys
 import time
@@ -189,11 +191,18 @@ def test_case_by_accession_end_to_end(pacs, redis_url, model_repo, tmp_path, cap
     captured = capfd.readouterr()
     r = redis.Redis.from_url(redis_url)
     stored = [k + b" " + (r.get(k) or b"") for k in r.scan_iter() if r.type(k) == b"string"]
-    assert any(s.startswith(b"smily:op:") for s in stored)  # the case's operations were published there
+    # The operation records every gateway reads, in the index's store.
+    with contextlib.closing(sqlite3.connect(str(tmp_path / "index" / "operations.sqlite3"))) as db:
+        records = [
+            b" ".join((i.encode(), r, c))
+            for i, r, c in db.execute("SELECT operation_id, record, cancel FROM operations")
+        ]
+    assert len(records) >= len(CASES)  # the case's operations were published there
     texts = {
         "responses": "".join(str(m) for m in responses),
         "logs": logged.getvalue() + captured.err + captured.out,
         "redis": b"\n".join(stored).decode("latin-1"),
+        "operation records": b"\n".join(records).decode("latin-1"),
     }
     assert '"slide_id"' in texts["logs"] and "case ingest started" in texts["logs"]
     for where, text in texts.items():

@@ -151,7 +151,10 @@ def verified(secret: bytes, key: str, data: bytes | None) -> bytes | None:
 def hmac_key(secret: str) -> bytes:
     """SMILY_CACHE_KEY, or a random key per process (a replica then trusts only its own writes)."""
     if not secret:
-        log.warning("SMILY_CACHE_KEY is not set: a random key, so this replica trusts only its own Redis writes")
+        log.warning(
+            "SMILY_CACHE_KEY is not set: a random key, so this replica trusts only its own writes "
+            "(to Redis, and the operation records in the index)"
+        )
         return secrets.token_bytes(32)
     return secret.encode()
 
@@ -177,5 +180,5 @@ class RedisCache(_VectorCache):
 def make_cache(redis: RedisGuard | None, ttl_s: int, secret: bytes = b""):
     if redis is not None:
         return RedisCache(redis, ttl_s, secret)
-    log.warning("SMILY_REDIS_URL is not set: using an in-process cache and operations (fine for one replica only)")
+    log.warning("SMILY_REDIS_URL is not set: using an in-process cache (fine for one replica only)")
     return LocalCache(ttl_s)

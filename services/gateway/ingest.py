@@ -28,7 +28,7 @@ from . import dicom
 from .backends import Backends
 from .indexing import SlideSource, generation_for, index_slide
 from .models import Models
-from .operations import FINISHED, HEARTBEAT_S, LocalOperations, SharedOperations, failed_unavailable
+from .operations import FINISHED, HEARTBEAT_S, SharedOperations, failed_unavailable
 from .streaming import check_tiling
 from .tilings import IndexTiling, params
 
@@ -50,7 +50,7 @@ class Ingestor:
         self,
         backends: Backends,
         tilings: IndexTiling,
-        shared: SharedOperations | LocalOperations,
+        shared: SharedOperations,
         gateway: GatewaySettings,
         bounds: LimitsSettings,
         models: Models,
@@ -71,7 +71,7 @@ class Ingestor:
         # The tile stream of each running ingest, so a cancel stops it at once.
         self._streams: dict[str, grpc.Future] = {}
         self._shared = shared
-        # Snapshots reach Redis in the order they were taken: a late heartbeat
+        # Snapshots reach the index in the order they were taken: a late heartbeat
         # never overwrites a finished state.
         self._publish_lock = threading.Lock()
         self._stop = threading.Event()

@@ -43,7 +43,7 @@ from .backends import BackendError, Backends
 from .indexing import SlideSource, generation_for, index_slide
 from .ingest import Cancelled, _copy
 from .models import Models
-from .operations import FINISHED, LocalOperations, SharedOperations
+from .operations import FINISHED, SharedOperations
 from .tilings import IndexTiling
 
 log = logging.getLogger("smily.migration")
@@ -127,7 +127,7 @@ class Migrator:
         backends: Backends,
         tilings: IndexTiling,
         models: Models,
-        shared: SharedOperations | LocalOperations,
+        shared: SharedOperations,
         batch: int,
         default_tenant: str,
         latencies: Latencies,

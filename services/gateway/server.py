@@ -26,7 +26,7 @@ from .guard import Guard
 from .ingest import Ingestor
 from .migration import Latencies, Migrator
 from .models import Models
-from .operations import LocalOperations, SharedOperations
+from .operations import SharedOperations
 from .query import QueryEngine, region_request
 from .readiness import Readiness
 from .searches import SearchRecords
@@ -104,8 +104,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer, Servicer):
             if settings.gateway.redis_url
             else None
         )
-        # Authenticates what this gateway reads back from Redis (cached embeddings, operations, searches).
-        secret = hmac_key(settings.gateway.cache_key) if redis else b""
+        # Authenticates what this gateway reads back from Redis (cached embeddings, searches) and the
+        # operation records it reads back from the index.
+        secret = hmac_key(settings.gateway.cache_key)
         cache = make_cache(redis, settings.gateway.cache_ttl_s, secret)
         self._searches = SearchRecords(cache)
         self._label_key = settings.gateway.label_key
@@ -121,7 +122,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer, Servicer):
             settings.limits,
             self._models,
         )
-        shared = SharedOperations(redis, secret) if redis else LocalOperations()
+        shared = SharedOperations(self._b.index, secret)
         self._ingest = Ingestor(self._b, self._tilings, shared, settings.gateway, settings.limits, self._models)
         self._cases = CaseIngestor(self._b, self._ingest, shared)
         # Search latencies, for the p95 guard that pauses a migration while searches slow down.

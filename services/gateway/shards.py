@@ -426,6 +426,13 @@ class ShardedIndex:
         # One record for the index: the first shard holds it.
         return self.shards[0].call("LeaseMigration", request, timeout)
 
+    # Gateway operation records: the first shard holds them all, as the migration's lease.
+    def PutOperationRecord(self, request, timeout=None):
+        return self.shards[0].call("PutOperationRecord", request, timeout)
+
+    def GetOperationRecord(self, request, timeout=None):
+        return self.shards[0].call("GetOperationRecord", request, timeout)
+
     def AddModel(self, request, timeout=None):
         self._all("AddModel", request, timeout)
         return index_pb2.AddModelResponse()

@@ -23,6 +23,7 @@ from smily.common.errors import INDEX_DATABASE_UNREACHABLE, Unavailable
 
 from .concepts import ConceptTable
 from .journal import SLIDE_COLUMNS, Dialect, Journal, Sql
+from .operations import OperationTable
 from .storage import Slide, Tile
 
 SCHEMA = """
@@ -262,3 +263,22 @@ class PgConcepts(_OnSchema, ConceptTable):
                 "positive INTEGER NOT NULL, region BYTEA, image_sha256 TEXT, PRIMARY KEY (name, position))"
             )
             self._q("CREATE TABLE IF NOT EXISTS {s}.concept_patches (sha256 TEXT PRIMARY KEY, data BYTEA NOT NULL)")
+
+
+class PgOperations(_OnSchema, OperationTable):
+    """operations.OperationTable on the shard's schema (the first shard's holds them all), so every
+    replica, and through it every gateway, reads the same records."""
+
+    def __init__(self, url: str, shard: int = 0):
+        super().__init__(url, shard, 5.0)
+        self._create()
+
+    @_db
+    def _create(self) -> None:
+        with self.conn.transaction():  # under the schema lock, as PgConcepts' tables
+            self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
+            self._q(
+                "CREATE TABLE IF NOT EXISTS {s}.operations (operation_id TEXT PRIMARY KEY, record BYTEA NOT NULL, "
+                "cancel BYTEA NOT NULL, expires_at DOUBLE PRECISION NOT NULL)"
+            )
+            self._q("CREATE INDEX IF NOT EXISTS operations_by_expiry ON {s}.operations (expires_at)")

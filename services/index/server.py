@@ -12,13 +12,17 @@ from smily.index.v1 import index_pb2, index_pb2_grpc
 
 from .concepts import MAX_CONCEPT_EXAMPLE_BYTES, Concept, ConceptStore, Example, check_name
 from .faiss_index import IndexConfig, TileIndex
-from .pg_store import PgConcepts
+from .operations import OperationStore
+from .pg_store import PgConcepts, PgOperations
 from .replica import Replica
 from .shard import Query, ShardIndex, TileBatch
 from .storage import MetadataMatch, Slide, Tile
 
 # ReadSlideTiles: tiles per page when none is asked, and the most.
 TILE_PAGE, MAX_TILE_PAGE = 512, 4096
+
+# How long a gateway operation's record is kept at most (the gateway keeps a week).
+OPERATION_KEEP_MAX_S = 90 * 24 * 3600.0
 
 # Slides a ListModels names of those a model lacks; the count says how many in all.
 MISSING_LISTED = 100
@@ -53,14 +57,17 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer, Servicer):
         # One face whichever holds the record: mypy checks that both are a ShardIndex.
         self.store: ShardIndex
         self.concepts: PgConcepts | ConceptStore
+        self.operations: PgOperations | OperationStore
         if settings.index.index_database_url:
             self.store = Replica(
                 settings.index.index_dir, config, settings.index.index_database_url, settings.index.index_shard
             )
             self.concepts = PgConcepts(settings.index.index_database_url, settings.index.index_shard)
+            self.operations = PgOperations(settings.index.index_database_url, settings.index.index_shard)
         else:
             self.store = TileIndex(settings.index.index_dir, config)
             self.concepts = ConceptStore(settings.index.index_dir)
+            self.operations = OperationStore(settings.index.index_dir)
         self.concepts.adopt_untenanted(self.default_tenant)
 
     def _key(self, tenant: str, slide_id: str) -> str:
@@ -228,6 +235,25 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer, Servicer):
                 out.missing_slides.add(tenant=tenant, slide_id=slide_id)
         return out
 
+    # -- gateway operations (their own table; see operations.py) ---------------
+    def _operation_id(self, operation_id: str) -> str:
+        if not operation_id:
+            raise InvalidArgument("operation_id is required")
+        return limits.text(operation_id, "operation_id", limits.MAX_TOKEN_CHARS)  # as the gateway bounds it
+
+    def PutOperationRecord(self, request, context):
+        operation_id = self._operation_id(request.operation_id)
+        if not (request.record or request.cancel) or not 0 < request.keep_s <= OPERATION_KEEP_MAX_S:
+            raise InvalidArgument(f"a record or a cancel mark is required, and keep_s in (0, {OPERATION_KEEP_MAX_S}]")
+        self.operations.put(operation_id, request.record, request.cancel, request.keep_s)
+        return index_pb2.PutOperationRecordResponse()
+
+    def GetOperationRecord(self, request, context):
+        found = self.operations.get(self._operation_id(request.operation_id))
+        if found is None:
+            return index_pb2.GetOperationRecordResponse()
+        return index_pb2.GetOperationRecordResponse(found=True, record=found[0], cancel=found[1])
+
     # -- concepts (their own table; see concepts.py) -------------------------
     # Concepts are per tenant: stored under tenancy.key(tenant, name).
     def _concept_key(self, tenant: str, name: str) -> str:
@@ -308,6 +334,7 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer, Servicer):
     def close(self) -> None:
         self.store.close()
         self.concepts.close()
+        self.operations.close()
 
 
 def _concept_pb(c: Concept) -> index_pb2.Concept:
