@@ -1,6 +1,9 @@
-"""Changing the model without downtime, through the real servers (SQLite index): migrate to the INT8
-version of the default model while searches run, cut over, roll back, drop; ingests and deletes
-during a migration; a slide whose source vanished; concepts refitted at the cutover."""
+"""Changing the model without downtime, through the real servers: migrate to the INT8 version of the
+default model while searches run, cut over, roll back, drop; ingests and deletes during a migration;
+a slide whose source vanished; concepts refitted at the cutover; a gateway SIGKILLed mid-migration.
+
+Each test runs twice: on one SQLite index, and on a cluster of 2 index shards x 2 replica processes on
+a real PostgreSQL behind the gateway's shard router (with more gateways where a test needs them)."""
 
 from __future__ import annotations
 
@@ -21,13 +24,16 @@ from smily.client import Client
 from smily.common import tenancy
 from smily.common.tensors import from_tensor
 from smily.gateway.migration import GUARD_PAUSE_S, Latencies, Throttle
+from smily.gateway.shards import connect
 from smily.gateway.v1 import gateway_pb2
-from smily.index.v1 import index_pb2, index_pb2_grpc
+from smily.index.v1 import index_pb2
 from smily.localstack import free_port
 
 from .conftest import base_settings, rpc_code
+from .helpers.pg import fresh_database, postgres  # noqa: F401 (fixture)
 from .helpers.procstack import NAMES, SERVING, health
 from .helpers.wait import wait_done, wait_until
+from .test_index_cluster import Cluster
 
 OLD, NEW = "efficientnet-lite0/1", "efficientnet-lite0/1-int8"
 REGION = dict(slide_id="synth-a", x=1024, y=768, width=448, height=448)
@@ -48,9 +54,10 @@ def repo(model_repo, tmp_path_factory):
     return str(path)
 
 
-@pytest.fixture(scope="module")
-def world(repo, slide_dir, scratch_root, redis_url, tmp_path_factory):
-    """tiler, an embedder per model, an index and a gateway that knows both embedders."""
+@pytest.fixture(scope="module", params=["sqlite", "cluster"])
+def world(request, repo, slide_dir, scratch_root, redis_url, tmp_path_factory):
+    """tiler, an embedder per model, an index and a gateway that knows both embedders. The index is one
+    SQLite index, or 2 shards x 2 replica processes on one PostgreSQL (settings.index.index_targets)."""
     base = base_settings(
         slide_roots=(slide_dir, scratch_root),
         model_repository=repo,
@@ -58,17 +65,36 @@ def world(repo, slide_dir, scratch_root, redis_url, tmp_path_factory):
         index_dir=str(tmp_path_factory.mktemp("index")),
         redis_url=redis_url,
     )
-    backends, settings = stack.start(["tiler", "embedder", "index"], base)
-    int8, int8_settings = stack.start(["embedder"], settings.replace(model=NEW, embedder_port=0))
-    settings = settings.replace(model_embedder_targets=(int8_settings.embedder.embedder_target,))
-    gateway, settings = stack.start(["gateway"], settings)
-    client = Client(f"127.0.0.1:{settings.gateway.gateway_port}", timeout=300)
-    for name, slide_id in (("synth-a.tiff", "synth-a"), ("synth-b.svs", "synth-b")):
-        assert wait_done(client, client.ingest(name, slide_id, {"file": name})).state == OK
-    yield client, settings, int8_settings
-    client.close()
-    for running in (gateway, int8, backends):
-        stack.stop(running, 0)
+    cluster, services = None, ["tiler", "embedder", "index"]
+    if request.param == "cluster":
+        url = fresh_database(request.getfixturevalue("postgres"))
+        cluster = Cluster(url, str(tmp_path_factory.mktemp("cluster")))
+        base, services = base.replace(index_targets=tuple("|".join(t) for t in cluster.targets)), services[:2]
+    running = []
+    try:
+        backends, settings = stack.start(services, base)
+        running.append(backends)
+        int8, int8_settings = stack.start(["embedder"], settings.replace(model=NEW, embedder_port=0))
+        running.append(int8)
+        settings = settings.replace(model_embedder_targets=(int8_settings.embedder.embedder_target,))
+        gateway, settings = stack.start(["gateway"], settings)
+        running.append(gateway)
+        client = Client(f"127.0.0.1:{settings.gateway.gateway_port}", timeout=300)
+        for name, slide_id in (("synth-a.tiff", "synth-a"), ("synth-b.svs", "synth-b")):
+            assert wait_done(client, client.ingest(name, slide_id, {"file": name})).state == OK
+        yield client, settings, int8_settings
+        client.close()
+    finally:
+        for started in reversed(running):
+            stack.stop(started, 0)
+        if cluster is not None:
+            cluster.close()
+
+
+def _index_stub(settings):
+    """The index as the gateway sees it: a call goes to the shard that holds what it asks for."""
+    index, _ = connect(settings.index.index_targets or (settings.index.index_target,))
+    return index
 
 
 def _models(client) -> dict[str, tuple[int, bool]]:
@@ -135,6 +161,7 @@ def test_migrate_to_int8_while_searching(world, tmp_path_factory):
             index_dir=str(tmp_path_factory.mktemp("fresh")),
             embedder_target=int8_settings.embedder.embedder_target,
             model_embedder_targets=(),
+            index_targets=(),  # a fresh single index, whatever the world's
             index_port=0,
             gateway_port=0,
         ),
@@ -228,6 +255,25 @@ def test_a_vanished_source_is_failed_precondition_and_named_at_cutover(world, sc
     client.delete("vanishing")
 
 
+def test_an_ingest_begun_before_the_migration_is_not_missing_in_the_new_model(world):
+    """The ingest read the models the index holds before the migration added its target, so it writes the
+    serving model only; the slide is in the new model all the same (the ingest asks again once its slide is
+    in, and the migration lists what the index lacks once more before it completes)."""
+    client, _, _ = world
+    _serve_old_only(client)
+    early = client.ingest("synth-c-40x.svs", "begun-early", {"file": "c"})
+    # Its tile count is known once it has read the models and tiled the slide; its embedding is under way.
+    wait_until("the ingest writing", lambda: client.operation(early.operation_id).progress.tiles_total > 0, 120)
+    op = client.migrate_index(NEW)
+    assert client.operation(early.operation_id).state == gateway_pb2.OPERATION_STATE_RUNNING, "ended too soon"
+    assert wait_done(client, early).state == OK
+    assert wait_done(client, op).state == OK
+    assert client.cutover_index().missing_count == 0
+    tiles = _models(client)
+    assert tiles[NEW][0] == tiles[OLD][0] > 0
+    client.delete("begun-early")
+
+
 def _region(hit) -> dict:
     return dict(slide_id=hit.slide_id, x=hit.x, y=hit.y, width=hit.width, height=hit.height)
 
@@ -250,7 +296,7 @@ def test_concepts_are_refitted_at_cutover(world, capsys):
     client.create_concept("doomed-concept", [_region(doomed)], [without[0]])
     assert client.delete("doomed") > 0
 
-    index = index_pb2_grpc.IndexServiceStub(grpc.insecure_channel(settings.index.index_target))
+    index = _index_stub(settings)
 
     def vector(name: str, model_id: str) -> np.ndarray:
         got = index.GetConcept(index_pb2.GetConceptRequest(name=name, model_id=model_id, with_examples=True)).concept
@@ -259,17 +305,20 @@ def test_concepts_are_refitted_at_cutover(world, capsys):
         return from_tensor(got.vector)
 
     old_vector = vector("far", OLD)
-    assert wait_done(client, client.migrate_index(NEW)).state == OK
+    # Cut over as the migration completes: the operation names what it could not refit.
+    op = wait_done(client, client.migrate_index(NEW, cutover=True))
+    assert op.state == OK and client.index_info().model_id == NEW
+    assert [tenancy.split(c)[1] for c in op.unrefitted_concepts] == ["doomed-concept"]
     gateway = ["--gateway", f"127.0.0.1:{settings.gateway.gateway_port}"]
-    assert smily_main(["index", "cutover", *gateway]) == 0
-    assert "concepts not refitted (create them again): " in capsys.readouterr().err
+    assert smily_main(["status", op.operation_id, *gateway]) == 0
+    assert f"concepts not refitted (create them again): {op.unrefitted_concepts[0]}" in capsys.readouterr().err
     switched = client.cutover_index(OLD)  # a rollback refits too
     assert switched.model_id == OLD
     assert [tenancy.split(c)[1] for c in switched.unrefitted_concepts] == []  # doomed-concept's fit is OLD's
     assert np.allclose(vector("far", OLD), old_vector, atol=1e-5)  # the same examples, the same model
-    switched = client.cutover_index(NEW)
-    assert switched.model_id == NEW
-    assert [tenancy.split(c)[1] for c in switched.unrefitted_concepts] == ["doomed-concept"]
+    assert smily_main(["index", "cutover", *gateway]) == 0
+    assert f"serving {NEW} (was {OLD})" in (out := capsys.readouterr()).out
+    assert f"concepts not refitted (create them again): {op.unrefitted_concepts[0]}" in out.err
     assert {c.name: c.model_id for c in client.concepts()} == {"far": NEW}
     new_vector = vector("far", NEW)
     assert new_vector.shape == old_vector.shape and not np.allclose(new_vector, old_vector)
@@ -307,6 +356,7 @@ def _gateway_process(settings, log_path: str) -> tuple[subprocess.Popen, Client]
         SMILY_EMBEDDER_TARGET=settings.embedder.embedder_target,
         SMILY_MODEL_EMBEDDER_TARGETS=",".join(settings.embedder.model_embedder_targets),
         SMILY_INDEX_TARGET=settings.index.index_target,
+        SMILY_INDEX_TARGETS=",".join(settings.index.index_targets),
         SMILY_REDIS_URL=settings.gateway.redis_url,
         SMILY_CACHE_KEY="test-cache-key",
         SMILY_VIEW_SESSION_KEY="test-view-session-key",

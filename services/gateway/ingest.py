@@ -274,7 +274,8 @@ class Ingestor:
                 TILES.inc(n - self._ops[op_id].progress.tiles_indexed)
             self._update(op_id, tiles_embedded=n, tiles_indexed=n)
 
-        for model_id in held:
+        models = list(held)  # grows by a model held meanwhile (below)
+        for model_id in models:
             try:
                 embedder, _ = b.embedder_for(model_id, timeout)
             except NotFound:
@@ -305,6 +306,10 @@ class Ingestor:
                 )
             with self._lock:
                 self._streams.pop(op_id, None)
+            if model_id == serving:
+                # A model the index came to hold while the slide was written (a migration started since,
+                # which may have listed the slides before this one was in): written too, not missed.
+                models += [m for m in self._models.current(timeout, fresh=True)[1] if m not in models]
         return serving
 
     def close(self) -> None:

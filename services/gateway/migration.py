@@ -20,7 +20,10 @@ under a lease (the index's LeaseMigration) that the running gateway renews.
 Every gateway watches the lease; when it expires (the runner died), one
 takes it and resumes the operation under the same id. What is left is what
 the index lacks (slides without the target model's tiles), so a slide
-committed before the runner died is not embedded again.
+committed before the runner died is not embedded again. Before it completes,
+it lists what the index lacks once more: a slide an ingest committed without
+the new model (it began before the migration held it) is re-embedded then,
+not left missing.
 """
 
 from __future__ import annotations
@@ -283,18 +286,26 @@ class Migrator:
         done = threading.Event()
         threading.Thread(target=self._renew, args=(record, done), name="migration-lease", daemon=True).start()
         try:
-            slides = self._slides(model_id)
-            with self._lock:
-                op = self._ops[operation_id]
-                op.progress.tiles_total = sum(s.tile_count for s in slides)
-                for s in slides:
-                    op.slides.add(slide_id=self._name(s), state=State.OPERATION_STATE_QUEUED)
-            self._publish(operation_id)
-            for i, s in enumerate(slides):
-                self._check_cancel(operation_id)
-                self._one(operation_id, i, s, model_id, throttle)
+            tried: set[tuple[str, str]] = set()
+            # The first listing is what the index lacked at the start; each later one catches a slide
+            # committed meanwhile without the model (an ingest that began before the model was held, so
+            # did not write it), until a listing finds none this run has not tried.
+            while slides := [s for s in self._slides(model_id) if (s.tenant, s.slide_id) not in tried]:
+                tried.update((s.tenant, s.slide_id) for s in slides)
+                with self._lock:
+                    op = self._ops[operation_id]
+                    first = len(op.slides)
+                    op.progress.tiles_total += sum(s.tile_count for s in slides)
+                    for s in slides:
+                        op.slides.add(slide_id=self._name(s), state=State.OPERATION_STATE_QUEUED)
+                self._publish(operation_id)
+                for i, s in enumerate(slides, first):
+                    self._check_cancel(operation_id)
+                    self._one(operation_id, i, s, model_id, throttle)
             if record["cutover"]:
-                self.cutover(model_id, allow_missing=False)
+                switched = self.cutover(model_id, allow_missing=False)
+                with self._lock:  # shown by GetOperation (`smily status`), not only logged
+                    self._ops[operation_id].unrefitted_concepts.extend(switched.unrefitted_concepts)
             self._finish(operation_id, State.OPERATION_STATE_SUCCEEDED)
         except Lost:
             log.warning("migration taken over by another gateway", extra={"operation_id": operation_id})

@@ -30,10 +30,10 @@ class Models:
         self._known: tuple[str, tuple[str, ...]] = ("", ())
         self._until = 0.0
 
-    def current(self, timeout: float) -> tuple[str, tuple[str, ...]]:
-        """(the serving model, every model held: the serving one first)."""
+    def current(self, timeout: float, fresh: bool = False) -> tuple[str, tuple[str, ...]]:
+        """(the serving model, every model held: the serving one first); `fresh`: asked of the index now."""
         with self._lock:
-            if time.monotonic() < self._until:
+            if time.monotonic() < self._until and not fresh:
                 return self._known
         reply = self._b.index.ListModels(index_pb2.ListModelsRequest(), timeout=timeout)
         serving = reply.serving_model_id

@@ -439,6 +439,11 @@ class ShardedIndex:
 
     def DropModel(self, request, timeout=None):
         replies, _ = self._all("DropModel", request, timeout)
+        # Every replica has forgotten it when this returns: one that still named it would have the next
+        # ingest write the model again (refused: it is no longer held).
+        for shard, reply in zip(self.shards, replies, strict=True):
+            if len(shard.stubs) > 1:
+                shard.wait_served(reply.journal_seq, timeout)
         return index_pb2.DropModelResponse(dropped_tiles=sum(r.dropped_tiles for r in replies))
 
     def close(self) -> None:

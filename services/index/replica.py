@@ -162,6 +162,17 @@ class Replica:
         return len(commit.removed)
 
     def models(self) -> dict[str, tuple[int, int]]:
+        # A model added through another replica is journalled by no commit until its first vectors: hold
+        # it from the store now, so that every replica names it at once (the gateway then writes every
+        # ingest for it too). With the database down, the local copy's word.
+        try:
+            # (An unbound copy binds at its first commit, holding every model then.)
+            if self.local.model_id and set(self.store.models()) - set(self.local.models()):
+                with self._follow_lock:  # read and held in one step, so a drop that follows is applied after
+                    for model_id, dim in self.store.models().items():
+                        self.local.hold(model_id, dim)
+        except Unavailable:
+            pass
         return self.local.models()
 
     def missing_slides(self, model_id: str, limit: int) -> tuple[list[str], int]:

@@ -21,6 +21,8 @@ def print_operation(op, as_json: bool) -> int:
         state = gateway_pb2.OperationState.Name(s.state).removeprefix("OPERATION_STATE_").lower()
         why = f" {s.error_code}: {flags(s.error_message)}" if s.error_code else ""
         print(f"  {s.slide_id}: {state}, {s.progress.tiles_indexed} tiles{why}")
+    if op.unrefitted_concepts:  # a migration that cut over
+        print(f"concepts not refitted (create them again): {', '.join(op.unrefitted_concepts)}", file=sys.stderr)
     what = f"ingest of {op.slide_id}" if op.slide_id else f"operation {op.operation_id}"
     if failed:
         print(f"{what} failed: {op.error_code}: {flags(op.error_message)}", file=sys.stderr)
