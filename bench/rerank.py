@@ -1,8 +1,9 @@
 """Re-rank forms on real embeddings: recall@10 of IVF-PQ + re-rank against exact float32.
 
 Tiles are cut from the project's slides (tests/data's CMU slide and the
-`make sample-data` slides) at several tile sizes, each in its 8 rotations and
-flips, and embedded with the default model in this process. The embeddings
+`make sample-data` slides) at several tile sizes, on grids shifted by a
+fraction of a tile (--offsets; overlapping tiles, as a stride below 1 cuts
+them), each in its 8 rotations and flips, and embedded with the default model in this process. The embeddings
 are cached (--cache), so later runs only search. The IVF-PQ index is the
 service's automatic factory at this size (ann.auto_factory), forced on
 (threshold 0); its k * rerank candidates are re-scored from each re-rank
@@ -12,7 +13,7 @@ TileIndex (SQLite store, the default re-rank form in RAM) over the same base,
 trained with the same automatic factory, searched through TileIndex.search as
 the Search RPC does.
 
-    nice -n 10 .venv/bin/python bench/rerank.py --tiles 20000
+    nice -n 10 .venv/bin/python bench/rerank.py --tiles 20000 [--offsets 2]
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ sys.path.insert(0, ROOT)
 
 from smily.index import ann, rerank  # noqa: E402
 
-SIZES = (224, 336, 448, 672)  # level-0 pixels per tile: several scales of one tissue
+SIZES = (224, 280, 336, 392, 448, 560, 672, 784)  # level-0 pixels per tile: several scales of one tissue
 
 
 def slides() -> list[str]:
@@ -41,20 +42,27 @@ def slides() -> list[str]:
     return [p for p in found if p.endswith((".svs", ".tiff", ".tif", ".ndpi"))]
 
 
-def tiles(target: int):
-    """RGB tiles of 224 px: every slide, every size, a grid, each in its 8 dihedral forms."""
+def tiles(target: int, offsets: int):
+    """RGB tiles of 224 px: every slide, every size, `offsets` x `offsets` grids each shifted by a
+    fraction of a tile, each tile in its 8 dihedral forms."""
     import openslide
 
     from smily.embedder.preprocess import resize
 
     made = 0
     paths = slides()
-    for size in SIZES:
+    grids = [
+        (size, size * i // offsets, size * j // offsets)
+        for size in SIZES
+        for i in range(offsets)
+        for j in range(offsets)
+    ]
+    for size, dx, dy in grids:
         for path in paths:
             slide = openslide.OpenSlide(path)
             w, h = slide.dimensions
-            for y in range(0, h - size + 1, size):
-                for x in range(0, w - size + 1, size):
+            for y in range(dy, h - size + 1, size):
+                for x in range(dx, w - size + 1, size):
                     rgb = np.asarray(slide.read_region((x, y), 0, (size, size)).convert("RGB"))
                     if rgb.mean() > 225:  # background: the service's tissue filter would drop it
                         continue
@@ -69,14 +77,14 @@ def tiles(target: int):
             slide.close()
 
 
-def embed(target: int) -> np.ndarray:
+def embed(target: int, offsets: int) -> np.ndarray:
     from smily.embedder.model_repo import load
     from smily.embedder.runtime import Model
 
     config, path = load(os.path.join(ROOT, "models"), "efficientnet-lite0/1")
     model = Model(config, path)
     out, batch, start = [], [], time.perf_counter()
-    for t in tiles(target):
+    for t in tiles(target, offsets):
         batch.append(t)
         if len(batch) == 32:
             out.append(model.embed_tensor(model.preprocess(batch)))
@@ -96,18 +104,20 @@ def recall(got: np.ndarray, want: np.ndarray, k: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiles", type=int, default=20_000)
-    ap.add_argument("--cache", default=os.path.join(ROOT, "var", "bench-embeddings.npy"))
+    ap.add_argument("--offsets", type=int, default=1, help="grids per axis, each shifted by 1/offsets of a tile")
+    ap.add_argument("--cache", help="embeddings kept between runs (default: var/bench-embeddings-oN.npy)")
     ap.add_argument("--queries", type=int, default=300)
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--rerank", type=int, default=100, help="candidates per hit, as SMILY_INDEX_RERANK")
     ap.add_argument("--nprobe", type=int, nargs="+", default=[32, 8])
     args = ap.parse_args()
 
+    args.cache = args.cache or os.path.join(ROOT, "var", f"bench-embeddings-o{args.offsets}.npy")
     if os.path.exists(args.cache) and len(np.load(args.cache, mmap_mode="r")) >= args.tiles:
         vectors = np.load(args.cache)[: args.tiles]
     else:
         print(f"embedding {args.tiles} tiles of {len(slides())} slides at sizes {SIZES}, 8 dihedral forms each")
-        vectors = embed(args.tiles)
+        vectors = embed(args.tiles, args.offsets)
         os.makedirs(os.path.dirname(args.cache), exist_ok=True)
         np.save(args.cache, vectors)
     rng = np.random.default_rng(0)
@@ -178,7 +188,7 @@ def served(base: np.ndarray, queries: np.ndarray, want: np.ndarray, k: int, npro
 
 
 def ann_max() -> int:
-    from smily.index.faiss_index import RERANK_MAX
+    from smily.index.model_search import RERANK_MAX
 
     return RERANK_MAX
 

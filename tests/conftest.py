@@ -180,6 +180,21 @@ def base_settings(**overrides) -> Settings:
     )
 
 
+def archive_settings(tmp_path, model_repo, redis_url, dicomweb: str, **extra) -> Settings:
+    """The stack's settings against a test archive (Orthanc's DICOMweb URL); slides only from
+    DICOMweb (an empty slide root)."""
+    (tmp_path / "roots").mkdir()
+    return base_settings(
+        slide_roots=(str(tmp_path / "roots"),),
+        model_repository=model_repo,
+        index_dir=str(tmp_path / "index"),
+        redis_url=redis_url,
+        tiler_readers=1,
+        dicomweb_url=(f"pacs={dicomweb}",),
+        **extra,
+    )
+
+
 @pytest.fixture(scope="session")
 def services(slide_dir, scratch_root, model_repo, redis_url, tmp_path_factory):
     """The four services on free loopback ports, sharing one fresh index."""

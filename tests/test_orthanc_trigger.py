@@ -17,7 +17,7 @@ from smily import stack
 from smily.localstack import free_port
 from smily.synthetic import SlideSpec, write_samples
 
-from .conftest import ROOT, base_settings
+from .conftest import ROOT, archive_settings
 from .helpers import oidc
 from .helpers.httpproc import HttpProcess
 from .helpers.orthanc import PHI, Orthanc
@@ -45,8 +45,7 @@ def test_a_slide_pushed_to_orthanc_becomes_searchable_by_its_accession(redis_url
     idp = oidc.IdP()
     spec = SlideSpec("trigger.tiff", "tiff", 1024, 1024, 0.5, 41)
     (tiff,) = write_samples(str(tmp_path / "slides"), (spec,))
-    for d in ("orthanc", "roots"):
-        (tmp_path / d).mkdir()
+    (tmp_path / "orthanc").mkdir()
     http_port = free_port()  # Orthanc's configuration names the HTTP API before it runs
     orthanc = Orthanc(
         str(tmp_path / "orthanc"),
@@ -56,17 +55,15 @@ def test_a_slide_pushed_to_orthanc_becomes_searchable_by_its_accession(redis_url
         },
     )
     audit = tmp_path / "audit.jsonl"
-    settings = base_settings(
+    settings = archive_settings(
+        tmp_path,
+        model_repo,
+        redis_url,
+        orthanc.dicomweb,
         auth="oidc",
         oidc_issuer=idp.issuer,
         oidc_audience=oidc.AUDIENCE,
         audit_log=str(audit),
-        slide_roots=(str(tmp_path / "roots"),),
-        model_repository=model_repo,
-        index_dir=str(tmp_path / "index"),
-        redis_url=redis_url,
-        tiler_readers=1,
-        dicomweb_url=(f"pacs={orthanc.dicomweb}",),
     )
     running: dict = {}
     http = None

@@ -30,7 +30,7 @@ from smily.gateway.v1 import gateway_pb2
 from smily.synthetic import SlideSpec, write_samples
 from smily.tiler.v1 import tiler_pb2, tiler_pb2_grpc
 
-from .conftest import base_settings, rpc_code, streamed_tiles
+from .conftest import archive_settings, rpc_code, streamed_tiles
 from .helpers import oidc
 from .helpers.httpproc import SMILY, HttpProcess
 from .helpers.orthanc import PHI, Orthanc
@@ -78,20 +78,6 @@ def _patch(tiler, source: str, tiff: str) -> tuple[bytes, dict]:
     return buf.getvalue(), rect
 
 
-def _pacs_settings(tmp_path, model_repo, redis_url, orthanc, **extra):
-    """The stack's settings against the test archive; slides only from DICOMweb (an empty root)."""
-    (tmp_path / "roots").mkdir()
-    return base_settings(
-        slide_roots=(str(tmp_path / "roots"),),
-        model_repository=model_repo,
-        index_dir=str(tmp_path / "index"),
-        redis_url=redis_url,
-        tiler_readers=1,
-        dicomweb_url=(f"pacs={orthanc.dicomweb}",),
-        **extra,
-    )
-
-
 def test_case_by_accession_end_to_end(pacs, redis_url, model_repo, tmp_path, capfd):
     orthanc, files, uids = pacs
     (study_a, series_a), (study_b, series_b) = uids
@@ -102,7 +88,9 @@ def test_case_by_accession_end_to_end(pacs, redis_url, model_repo, tmp_path, cap
     old_level = root.level
     root.addHandler(handler)
     root.setLevel(logging.DEBUG)
-    settings = _pacs_settings(tmp_path, model_repo, redis_url, orthanc, viewer_url_template=VIEWER, log_level="DEBUG")
+    settings = archive_settings(
+        tmp_path, model_repo, redis_url, orthanc.dicomweb, viewer_url_template=VIEWER, log_level="DEBUG"
+    )
     running, settings = stack.start(stack.ORDER, settings)
     responses = []
     try:
@@ -255,7 +243,7 @@ def test_case_by_accession_over_http_with_curl(pacs, redis_url, model_repo, tmp_
     through `smily serve http` (its own process) and the real curl."""
     orthanc, files, uids = pacs
     (study_a, series_a), (study_b, series_b) = uids
-    settings = _pacs_settings(tmp_path, model_repo, redis_url, orthanc)
+    settings = archive_settings(tmp_path, model_repo, redis_url, orthanc.dicomweb)
     running, settings = stack.start(stack.ORDER, settings)
     http = None
     try:
@@ -358,11 +346,11 @@ def test_an_lis_with_the_ingest_role_alone_ingests_a_case_with_the_cli(pacs, red
     idp = oidc.IdP()
     ca = CA(str(tmp_path / "pki"))
     cert, key = ca.issue("smily-gateway")
-    settings = _pacs_settings(
+    settings = archive_settings(
         tmp_path,
         model_repo,
         redis_url,
-        orthanc,
+        orthanc.dicomweb,
         plaintext=False,
         tls_cert_file=cert,
         tls_key_file=key,
