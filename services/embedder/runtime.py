@@ -75,6 +75,10 @@ class Model:
         self.preprocess = Preprocessor(config)
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # ONNX Runtime's threads spin between runs by default: CPU burnt while the embedder waits for
+        # tiles, and taken from whatever runs next on the node (docs/benchmarks.md, issue 27: ingest
+        # 83 tiles/s at 1.08x the plain loop's CPU without spinning, 73 tiles/s at 1.16x with it).
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if intra_op_threads:
             opts.intra_op_num_threads = intra_op_threads
         try:
