@@ -81,6 +81,7 @@ def ingest_case(request: gateway_pb2.IngestCaseRequest) -> None:
 
 def operation(request) -> None:
     """GetOperation, CancelOperation."""
+    require(bool(request.operation_id), "operation_id is required")
     limits.text(request.operation_id, "operation_id", limits.MAX_TOKEN_CHARS)
 
 
