@@ -393,7 +393,7 @@ class TileIndex:
         scope = self._scoped.get(key)
         if scope is None:
             ids = self.storage.select((), {}, (), {}, mpp_range, tenants, model_id=model_id)
-            if len(ids) == len(self.storage.committed_ids(model_id)):
+            if len(ids) == self.storage.committed_count(model_id):
                 scope = (ids, None, True)
             else:
                 scope = (ids, faiss.IDSelectorBatch(ids) if len(ids) > EXACT_FILTER_MAX else None, False)
